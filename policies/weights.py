@@ -1,0 +1,44 @@
+"""Turning routing fractions into whole numbers: request counts in the simulator, mesh weights
+in the cluster. One rule serves both so that what is trained is what is applied."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def largest_remainder(fractions: np.ndarray, total: np.ndarray | int) -> np.ndarray:
+    """Integers proportional to ``fractions`` (last axis) summing exactly to ``total``.
+
+    Floors every share, then hands the leftover units one each to the largest fractional
+    parts (ties to the lower index). Fractions need not be normalised; an all-zero row
+    puts everything in the first entry so a total is never lost.
+    """
+    f = np.clip(np.asarray(fractions, dtype=np.float64), 0.0, None)
+    s = f.sum(axis=-1, keepdims=True)
+    first = np.zeros_like(f)
+    first[..., 0] = 1.0
+    f = np.where(s > 0, f / np.where(s > 0, s, 1.0), first)
+    total = np.asarray(total)
+    exact = f * total[..., None]
+    base = np.floor(exact + 1e-9).astype(np.int64)
+    leftover = (total - base.sum(axis=-1)).astype(np.int64)
+    remainder = exact - base
+    rank = np.argsort(np.argsort(-remainder, axis=-1, kind="stable"), axis=-1, kind="stable")
+    return base + (rank < leftover[..., None])
+
+
+def reference_counts(fractions: np.ndarray, total: np.ndarray) -> np.ndarray:
+    """The DFaaS reference rounding: truncate each share, give *all* leftover requests to the
+    single largest fractional part (first on ties). Kept for faithful reproduction."""
+    f = np.asarray(fractions, dtype=np.float64)
+    exact = f * np.asarray(total)[..., None]
+    base = np.trunc(exact).astype(np.int64)
+    leftover = np.asarray(total) - base.sum(axis=-1)
+    winner = np.argmax(exact - base, axis=-1)
+    bonus = np.where(np.arange(f.shape[-1]) == winner[..., None], np.maximum(leftover, 0)[..., None], 0)
+    return base + bonus
+
+
+def mesh_weights(fractions: np.ndarray, total: int = 100) -> np.ndarray:
+    """Integer weights summing to ``total`` (100 for Istio), never all zero."""
+    return largest_remainder(fractions, np.full(np.shape(fractions)[:-1], total))

@@ -1,0 +1,355 @@
+"""The batched multi-agent environment: ``num_envs`` copies of a scenario stepped together.
+
+An agent is one (node, service) pair. Two action modes exist:
+
+* ``split3`` (the DFaaS reference): fractions (local, forward, reject) of this step's
+  arrivals; forwarded requests are split evenly over the node's neighbours. With the
+  reference's ``forward_split: floor`` the floor division drops ``forward % degree`` requests
+  (the known flaw, kept as the faithful default); ``exact`` hands them out one each.
+* ``neighbours``: fractions over [local, neighbour_1..K, reject], masked to the neighbours
+  that exist and are up. This is what maps onto mesh weights.
+
+Episodes have a fixed length, so all environments finish together: ``step`` returns
+``done=True`` on the last step and the caller resets.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+
+from policies.observation import (
+    DFAAS_FEATURES,
+    MeshTelemetry,
+    mesh_feature_dim,
+    mesh_observation,
+    neighbour_action_mask,
+)
+from policies.topology import Topology
+from policies.weights import largest_remainder, reference_counts
+from simulator import workloads
+from simulator.engine import LATENCY_BINS_MS, NodeModel, RequestTables
+from simulator.scenario import Scenario
+
+ActionMode = Literal["split3", "neighbours"]
+
+
+def topology_of(scenario: Scenario) -> Topology:
+    return Topology.build(
+        nodes=scenario.node_names,
+        services=scenario.service_names,
+        neighbours={n.name: n.neighbours for n in scenario.nodes},
+        link_ms=scenario.links_ms,
+    )
+
+
+@dataclass
+class Timeline:
+    """Per-step node resources after the scenario's events, ``(T, N)`` each."""
+
+    cpu: np.ndarray
+    ram: np.ndarray
+    queue: np.ndarray
+    active: np.ndarray
+    surge: np.ndarray
+
+    @classmethod
+    def of(cls, scenario: Scenario) -> Timeline:
+        t, names = scenario.steps, scenario.node_names
+        cpu = np.tile([n.cpu for n in scenario.nodes], (t, 1)).astype(np.float32)
+        ram = np.tile([n.ram for n in scenario.nodes], (t, 1)).astype(np.float32)
+        queue = np.tile([n.queue_capacity for n in scenario.nodes], (t, 1))
+        active = np.tile([n.active for n in scenario.nodes], (t, 1))
+        surge = np.ones((t, len(names)))
+        for ev in scenario.events:
+            j, span = names.index(ev.node), slice(ev.at, ev.until)
+            if ev.kind == "capacity":
+                cpu[span, j] *= ev.factor
+                ram[span, j] *= ev.factor
+            elif ev.kind == "fail":
+                active[span, j] = False
+            elif ev.kind == "add":
+                active[: ev.at, j] = False
+                active[ev.at :, j] = True
+            elif ev.kind == "surge":
+                surge[span, j] *= ev.factor
+        cpu = np.where(active, cpu, 0.0)
+        ram = np.where(active, ram, 0.0)
+        queue = np.where(active, queue, 0)
+        return cls(cpu=cpu, ram=ram, queue=queue, active=active, surge=surge)
+
+
+@dataclass
+class EpisodeTotals:
+    """Running sums over the current episode, per environment."""
+
+    num_envs: int
+    num_nodes: int
+    num_agents: int
+    input: np.ndarray = field(init=False)
+    processed: np.ndarray = field(init=False)
+    forwarded: np.ndarray = field(init=False)
+    action_rejects: np.ndarray = field(init=False)
+    queue_full_rejects: np.ndarray = field(init=False)
+    forward_rejects: np.ndarray = field(init=False)
+    split_dropped: np.ndarray = field(init=False)
+    lost_on_failure: np.ndarray = field(init=False)
+    agent_return: np.ndarray = field(init=False)
+    cpu_used: np.ndarray = field(init=False)
+    cpu_capacity: np.ndarray = field(init=False)
+    latency_sum_ms: np.ndarray = field(init=False)
+    latency_count: np.ndarray = field(init=False)
+    latency_hist: np.ndarray = field(init=False)
+
+    def __post_init__(self) -> None:
+        b = self.num_envs
+        for name in ("input", "processed", "forwarded", "action_rejects", "queue_full_rejects",
+                     "forward_rejects", "split_dropped", "lost_on_failure", "latency_sum_ms",
+                     "latency_count"):
+            setattr(self, name, np.zeros(b))
+        self.agent_return = np.zeros((b, self.num_agents))
+        self.cpu_used = np.zeros((b, self.num_nodes))
+        self.cpu_capacity = np.zeros((b, self.num_nodes))
+        self.latency_hist = np.zeros((b, len(LATENCY_BINS_MS)))
+
+
+class EdgeEnv:
+    """Vectorised multi-agent edge-routing environment (see module docstring)."""
+
+    def __init__(self, scenario: Scenario, num_envs: int = 1, action_mode: ActionMode | None = None,
+                 seed: int | None = None):
+        self.scenario = scenario
+        self.num_envs = num_envs
+        self.action_mode: ActionMode = action_mode or ("split3" if scenario.reward == "dfaas" else "neighbours")
+        if self.action_mode not in ("split3", "neighbours"):
+            raise ValueError(f"action_mode must be 'split3' or 'neighbours', got {self.action_mode!r}")
+        self.topology = topology_of(scenario)
+        self.timeline = Timeline.of(scenario)
+        self.tables = RequestTables.from_services(scenario.services)
+        self.num_agents = self.topology.num_agents
+        self.agents = self.topology.agent_names()
+        k = self.topology.max_degree
+        self.action_dim = 3 if self.action_mode == "split3" else k + 2
+        self.obs_dim = len(DFAAS_FEATURES) if self.action_mode == "split3" else mesh_feature_dim(k)
+        self.steps = scenario.steps
+        self._seed_rng(seed)
+        self.model = NodeModel(self.topology, self.tables, num_envs, int(self.timeline.queue.max()),
+                               self.rng, scenario.step_seconds, track_latency=scenario.models_latency)
+        mean_cpu = np.array([
+            sum(c.weight * c.cpu.mean for c in s.classes) / sum(c.weight for c in s.classes)
+            for s in scenario.services
+        ])
+        self.mean_cost = mean_cpu
+        self.target_ms = np.array([s.latency_target_ms or np.nan for s in scenario.services], dtype=float)
+        self.t = 0
+        self.totals = EpisodeTotals(num_envs, self.topology.num_nodes, self.num_agents)
+
+    def _seed_rng(self, seed: int | None) -> None:
+        self.rng = np.random.default_rng(seed)
+        if hasattr(self, "model"):
+            self.model.rng = self.rng
+
+    # ------------------------------------------------------------------------------------
+    def action_mask(self) -> np.ndarray:
+        """``(A, action_dim)`` valid action entries at the current step."""
+        if self.action_mode == "split3":
+            return np.ones((self.num_agents, 3), bool)
+        return neighbour_action_mask(self.topology, self.timeline.active[min(self.t, self.steps - 1)])
+
+    def reset(self, seed: int | None = None) -> np.ndarray:
+        """Start new episodes in every environment; returns ``(B, A, obs_dim)`` observations."""
+        if seed is not None:
+            self._seed_rng(seed)
+        b, t, n, s = self.num_envs, self.steps, self.topology.num_nodes, self.topology.num_services
+        arrivals = np.zeros((b, t, n, s), np.int64)
+        for j, node in enumerate(self.scenario.node_names):
+            for i, svc in enumerate(self.scenario.service_names):
+                spec = self.scenario.workloads[(node, svc)]
+                arrivals[:, :, j, i] = workloads.generate(spec, self.rng, b, t, clip_to=None)
+        arrivals = arrivals * self.timeline.surge[None, :, :, None]
+        arrivals = np.clip(np.trunc(arrivals), 0, self.scenario.max_arrivals).astype(np.int64)
+        self.arrivals = np.where(self.timeline.active[None, :, :, None], arrivals, 0)
+        self.model.reset()
+        self.t = 0
+        self.totals = EpisodeTotals(b, n, self.num_agents)
+        zeros = np.zeros((b, n, s), np.int64)
+        self.prev = {"local": zeros, "forward": zeros, "local_rejects": zeros,
+                     "forward_rejects": zeros, "rejected": zeros.astype(float),
+                     "latency_ms": np.full((b, n, s), np.nan), "utilisation": np.zeros((b, n)),
+                     "arrived": zeros}
+        return self._observe()
+
+    # ------------------------------------------------------------------------------------
+    def counts(self, actions: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Fractions ``(B, A, action_dim)`` -> (local ``(B,N,S)``, forward ``(B,N,K,S)``,
+        reject ``(B,N,S)``, dropped by the floor split ``(B,N,S)``)."""
+        b, n, s, k = self.num_envs, self.topology.num_nodes, self.topology.num_services, self.topology.max_degree
+        arrivals = self.arrivals[:, self.t].reshape(b, n * s)
+        actions = np.asarray(actions, dtype=np.float64).reshape(b, n * s, self.action_dim)
+        if self.action_mode == "split3":
+            c = reference_counts(actions, arrivals).reshape(b, n, s, 3)
+            local, fwd, reject = c[..., 0], c[..., 1], c[..., 2]
+            degree = self.topology.degree[None, :, None]
+            if self.scenario.forward_split == "floor":
+                share = fwd // np.maximum(degree, 1)
+                per_slot = np.broadcast_to(share[:, :, None, :], (b, n, k, s))
+                extra = np.zeros_like(per_slot)
+            else:
+                share, left = np.divmod(fwd, np.maximum(degree, 1))
+                per_slot = np.broadcast_to(share[:, :, None, :], (b, n, k, s))
+                extra = (np.arange(k)[None, None, :, None] < left[:, :, None, :]).astype(np.int64)
+            forward = np.where(self.topology.neighbour_mask[None, :, :, None], per_slot + extra, 0)
+            reject = np.where(degree == 0, reject + fwd, reject)  # nowhere to forward: counts as reject
+            forward = np.where(degree[..., None] == 0, 0, forward)
+            fwd_eff = np.where(degree == 0, 0, fwd)
+            dropped = fwd_eff - forward.sum(axis=2)
+            return local, forward, reject, dropped
+        mask = self.action_mask()[None]
+        c = largest_remainder(np.where(mask, actions, 0.0), arrivals).reshape(b, n, s, k + 2)
+        forward = c[..., 1 : k + 1].transpose(0, 1, 3, 2)
+        return c[..., 0], forward, c[..., k + 1], np.zeros((b, n, s), np.int64)
+
+    def step(self, actions: np.ndarray):
+        """Apply ``(B, A, action_dim)`` fractions; returns ``(obs, rewards (B, A), done, info)``."""
+        if self.t >= self.steps:
+            raise RuntimeError("episode is over: call reset()")
+        tl, t = self.timeline, self.t
+        if t > 0:
+            failed = tl.active[t - 1] & ~tl.active[t]
+            if failed.any():
+                self.totals.lost_on_failure += self.model.drop_queues(failed).sum(axis=1)
+        local, forward, reject, dropped = self.counts(actions)
+        out = self.model.step(t, local, forward, tl.cpu[t], tl.ram[t], tl.queue[t], tl.active[t])
+        fwd_total = forward.sum(axis=2)
+        fwd_rejects = out.forward_rejects.sum(axis=2)
+        arrivals = self.arrivals[:, t]
+        rejected = reject + out.local_rejects + fwd_rejects
+
+        if self.scenario.reward == "dfaas":
+            rewards = dfaas_reward(local, fwd_total + dropped, reject, out.local_rejects, fwd_rejects,
+                                   tl.queue[t][None, :, None] - out.queue_length[..., None])
+        else:
+            rewards = self._latency_reward(out, rejected, arrivals)
+        rewards = rewards.reshape(self.num_envs, -1)
+
+        tot = self.totals
+        tot.input += arrivals.sum(axis=(1, 2))
+        tot.processed += out.processed.sum(axis=1)
+        tot.forwarded += (fwd_total + dropped).sum(axis=(1, 2))
+        tot.action_rejects += reject.sum(axis=(1, 2))
+        tot.queue_full_rejects += out.local_rejects.sum(axis=(1, 2))
+        tot.forward_rejects += fwd_rejects.sum(axis=(1, 2))
+        tot.split_dropped += dropped.sum(axis=(1, 2))
+        tot.agent_return += rewards
+        tot.cpu_used += out.cpu_used
+        tot.cpu_capacity += tl.cpu[t][None, :]
+        if out.latency_sum_ms is not None:
+            tot.latency_sum_ms += out.latency_sum_ms.sum(axis=1)
+            tot.latency_count += out.latency_count.sum(axis=1)
+            tot.latency_hist += out.latency_hist
+
+        self.last_outcome = out
+        b, n, s = arrivals.shape
+        served_ms = np.full((b, n, s), np.nan)
+        if out.latency_sum_ms is not None:
+            cnt = out.latency_count.reshape(b, n, s)
+            served_ms = np.where(cnt > 0, out.latency_sum_ms.reshape(b, n, s) / np.maximum(cnt, 1), np.nan)
+        self.prev = {"local": local, "forward": fwd_total, "local_rejects": out.local_rejects,
+                     "forward_rejects": fwd_rejects, "rejected": rejected.astype(float),
+                     "latency_ms": served_ms, "utilisation": out.cpu_used / np.maximum(tl.cpu[t], 1e-9),
+                     "arrived": arrivals, "queue": out.queue_length}
+        self.t += 1
+        done = self.t >= self.steps
+        obs = self._observe()
+        info = {"arrivals": arrivals, "local": local, "forward": forward, "reject": reject,
+                "processed": out.processed, "queue_length": out.queue_length}
+        return obs, rewards, done, info
+
+    # ------------------------------------------------------------------------------------
+    def _observe(self) -> np.ndarray:
+        b = self.num_envs
+        t = min(self.t, self.steps - 1)
+        now = self.arrivals[:, t] if self.t < self.steps else np.zeros_like(self.arrivals[:, 0])
+        queue = self.model.q_len
+        if self.action_mode == "split3":
+            feats = [now, self.prev["forward_rejects"], self.prev["forward"], self.prev["local_rejects"],
+                     self.prev["local"], np.broadcast_to(queue[..., None], now.shape)]
+            return np.stack(feats, axis=-1).reshape(b, self.num_agents, -1).astype(np.float32)
+        return mesh_observation(self.topology, self.telemetry(now, queue, t))
+
+    def telemetry(self, offered: np.ndarray, queue: np.ndarray, t: int) -> MeshTelemetry:
+        """The simulator's state expressed as what a mesh would report for one interval."""
+        tl = self.timeline
+        per_step = tl.cpu[t] / float(np.mean(self.mean_cost))
+        backlog = queue * float(np.mean(self.mean_cost)) / np.maximum(tl.cpu[t], 1e-9)
+        return MeshTelemetry(
+            offered=offered.astype(float), latency_ms=self.prev["latency_ms"],
+            rejected=self.prev["rejected"], arrived_prev=self.prev["arrived"].astype(float),
+            utilisation=self.prev["utilisation"], backlog=np.where(tl.active[t], backlog, 0.0),
+            capacity=per_step, active=tl.active[t], target_ms=np.nan_to_num(self.target_ms, nan=1000.0),
+        )
+
+    def state(self) -> np.ndarray:
+        """Global state for a centralised critic: all agents' observations, ``(B, A * obs_dim)``."""
+        return self._observe().reshape(self.num_envs, -1)
+
+    def _latency_reward(self, out, rejected: np.ndarray, arrivals: np.ndarray) -> np.ndarray:
+        """Cost per request, negated: latency over target for served requests, a fixed penalty
+        for rejected ones, averaged over this step's arrivals of the agent."""
+        b, n, s = arrivals.shape
+        target = np.repeat(np.nan_to_num(self.target_ms, nan=1000.0)[None, :], n, 0).reshape(-1)
+        latency_cost = out.latency_sum_ms / target[None, :]
+        cost = latency_cost + self.scenario.reject_penalty * rejected.reshape(b, -1)
+        return -(cost / np.maximum(arrivals.reshape(b, -1), 1.0)).reshape(b, n, s)
+
+    # ------------------------------------------------------------------------------------
+    def episode_metrics(self) -> dict[str, np.ndarray]:
+        """Per-environment metrics of the episode so far (percentages of input requests)."""
+        tot = self.totals
+        inp = np.maximum(tot.input, 1.0)
+        util = tot.cpu_used / np.maximum(tot.cpu_capacity, 1e-9)
+        jain = util.sum(1) ** 2 / np.maximum(util.shape[1] * (util**2).sum(1), 1e-12)
+        rejected = tot.action_rejects + tot.queue_full_rejects + tot.forward_rejects
+        m = {
+            "input": tot.input,
+            "processed_pct": 100 * tot.processed / inp,
+            "rejected_pct": 100 * rejected / inp,
+            "rejected_action_pct": 100 * tot.action_rejects / inp,
+            "rejected_queue_full_pct": 100 * tot.queue_full_rejects / inp,
+            "rejected_forward_pct": 100 * tot.forward_rejects / inp,
+            "dropped_split_pct": 100 * tot.split_dropped / inp,
+            "lost_on_failure_pct": 100 * tot.lost_on_failure / inp,
+            "forwarded_pct": 100 * tot.forwarded / inp,
+            "return_per_agent": tot.agent_return.mean(axis=1),
+            "jain_utilisation": jain,
+        }
+        if self.scenario.models_latency:
+            m["latency_mean_ms"] = tot.latency_sum_ms / np.maximum(tot.latency_count, 1)
+            m["latency_p95_ms"] = _hist_quantile(tot.latency_hist, 0.95)
+        return m
+
+
+def dfaas_reward(local, forward, reject, local_rejects, forward_rejects, free) -> np.ndarray:
+    """The reference reward in [0, 1], vectorised (see the module's reference notes).
+
+    Penalises local queue-full rejects, forwards refused by neighbours, forwards that could
+    have been queued locally, and rejects that could have been queued or forwarded.
+    """
+    total = local + forward + reject
+    forward_ok = forward - forward_rejects
+    forward_excess = np.minimum(forward_ok, free)
+    reject_excess = np.minimum(reject, free - forward_excess)
+    valid_reject = reject - reject_excess
+    reject_excess = np.where((forward_rejects == 0) & (valid_reject > 0), reject, reject_excess)
+    wrong = local_rejects + forward_rejects + forward_excess + reject_excess
+    return np.where(total == 0, 1.0, 1.0 - wrong / np.maximum(total, 1))
+
+
+def _hist_quantile(hist: np.ndarray, q: float) -> np.ndarray:
+    cdf = np.cumsum(hist, axis=1)
+    total = cdf[:, -1:]
+    idx = (cdf < q * np.maximum(total, 1)).sum(axis=1)
+    upper = np.concatenate([LATENCY_BINS_MS[1:], [LATENCY_BINS_MS[-1]]])
+    return np.where(total[:, 0] > 0, upper[np.minimum(idx, len(upper) - 1)], np.nan)

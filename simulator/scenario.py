@@ -1,0 +1,407 @@
+"""Scenario files: the node graph, resources, services, workloads and timed events.
+
+A scenario is plain YAML so that people can write one without reading code. Every error
+names the offending field by its path (``nodes[2].neighbours[0]``) and says how to fix it,
+because a typo in a scenario otherwise surfaces as a wrong number hours later.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+RewardKind = Literal["dfaas", "latency"]
+ForwardSplit = Literal["floor", "exact"]
+EventKind = Literal["capacity", "fail", "add", "surge"]
+
+
+class ScenarioError(ValueError):
+    """A scenario file is malformed; the message names the field and the fix."""
+
+
+@dataclass(frozen=True)
+class ClippedNormal:
+    """``clip(N(mean, std), min, max)``: the reference's per-request resource demand."""
+
+    min: float
+    mean: float
+    max: float
+    std: float
+
+
+@dataclass(frozen=True)
+class RequestClass:
+    weight: float
+    cpu: ClippedNormal
+    ram: ClippedNormal
+
+
+@dataclass(frozen=True)
+class Service:
+    name: str
+    classes: tuple[RequestClass, ...]
+    latency_target_ms: float | None = None
+
+
+@dataclass(frozen=True)
+class Node:
+    name: str
+    cpu: float
+    ram: float
+    queue_capacity: int
+    neighbours: tuple[str, ...]
+    active: bool = True
+
+
+@dataclass(frozen=True)
+class Event:
+    at: int
+    kind: EventKind
+    node: str
+    factor: float = 1.0
+    until: int | None = None
+
+
+@dataclass(frozen=True)
+class WorkloadSpec:
+    """A workload generator by name plus its parameters (validated by ``simulator.workloads``)."""
+
+    kind: str
+    params: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Scenario:
+    name: str
+    nodes: tuple[Node, ...]
+    services: tuple[Service, ...]
+    workloads: Mapping[tuple[str, str], WorkloadSpec]
+    steps: int = 288
+    step_seconds: float = 300.0
+    links_ms: Mapping[frozenset[str], float] = field(default_factory=dict)
+    events: tuple[Event, ...] = ()
+    reward: RewardKind = "dfaas"
+    forward_split: ForwardSplit = "floor"
+    reject_penalty: float = 4.0
+    description: str = ""
+    max_arrivals: int = 150
+
+    @property
+    def node_names(self) -> list[str]:
+        return [n.name for n in self.nodes]
+
+    @property
+    def service_names(self) -> list[str]:
+        return [s.name for s in self.services]
+
+    @property
+    def max_degree(self) -> int:
+        return max((len(n.neighbours) for n in self.nodes), default=0)
+
+    @property
+    def models_latency(self) -> bool:
+        return any(s.latency_target_ms is not None for s in self.services)
+
+    def with_workload(self, spec: WorkloadSpec) -> Scenario:
+        """The same system fed by another workload on every (node, service)."""
+        return dataclasses.replace(self, workloads={key: spec for key in self.workloads})
+
+    def pooled(self) -> Scenario:
+        """One node holding all resources and all arrivals: the reference GlobalNode bound."""
+        pooled_node = Node(
+            name="global",
+            cpu=sum(n.cpu for n in self.nodes),
+            ram=sum(n.ram for n in self.nodes),
+            queue_capacity=sum(n.queue_capacity for n in self.nodes),
+            neighbours=(),
+        )
+        specs = {}
+        for svc in self.service_names:
+            parts = [self.workloads[(n, svc)] for n in self.node_names]
+            specs[("global", svc)] = WorkloadSpec("sum", {"parts": parts, "part_max": self.max_arrivals})
+        return dataclasses.replace(
+            self,
+            name=f"{self.name}:pooled",
+            nodes=(pooled_node,),
+            workloads=specs,
+            links_ms={},
+            events=(),
+            max_arrivals=self.max_arrivals * len(self.nodes),
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# Reading
+
+
+class _Reader:
+    """Walks a YAML mapping, remembering the path so errors can name the field."""
+
+    def __init__(self, data: Any, path: str, scenario: str):
+        self.path = path
+        self.scenario = scenario
+        if not isinstance(data, Mapping):
+            self.fail(f"expected a mapping, got {type(data).__name__}")
+        self.data = data
+        self.used: set[str] = set()
+
+    def fail(self, message: str, key: str | None = None) -> None:
+        where = f"{self.path}.{key}" if key and self.path else (key or self.path or "<top>")
+        raise ScenarioError(f"scenario {self.scenario!r}: field '{where}': {message}")
+
+    def child_path(self, key: str) -> str:
+        return f"{self.path}.{key}" if self.path else key
+
+    def get(self, key: str, kind: type | tuple[type, ...], default: Any = ..., fix: str = ""):
+        self.used.add(key)
+        if key not in self.data:
+            if default is ...:
+                self.fail(f"is required{'; ' + fix if fix else ''}", key)
+            return default
+        value = self.data[key]
+        if kind is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if not isinstance(value, kind) or (isinstance(value, bool) and kind in (int, float)):
+            names = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
+            self.fail(f"expected {names}, got {value!r}{'; ' + fix if fix else ''}", key)
+        return value
+
+    def positive(self, key: str, kind: type, default: Any = ..., allow_zero: bool = False):
+        value = self.get(key, kind, default)
+        if value is not None and (value < 0 or (value == 0 and not allow_zero)):
+            self.fail(f"must be {'>= 0' if allow_zero else '> 0'}, got {value!r}", key)
+        return value
+
+    def choice(self, key: str, options: tuple[str, ...], default: str) -> str:
+        value = self.get(key, str, default)
+        if value not in options:
+            self.fail(f"must be one of {list(options)}, got {value!r}", key)
+        return value
+
+    def sub(self, key: str) -> _Reader:
+        self.used.add(key)
+        return _Reader(self.data.get(key), self.child_path(key), self.scenario)
+
+    def items(self, key: str, default: Any = ...) -> list[tuple[str, Any]]:
+        value = self.get(key, list, default)
+        return [(f"{self.child_path(key)}[{i}]", v) for i, v in enumerate(value or [])]
+
+    def done(self) -> None:
+        unknown = sorted(set(self.data) - self.used)
+        if unknown:
+            self.fail(f"unknown key(s) {unknown}; allowed: {sorted(self.used)}")
+
+
+def _read_normal(r: _Reader) -> ClippedNormal:
+    d = ClippedNormal(
+        min=r.get("min", float), mean=r.get("mean", float), max=r.get("max", float),
+        std=r.positive("std", float, allow_zero=True),
+    )
+    if not d.min <= d.mean <= d.max:
+        r.fail(f"needs min <= mean <= max, got {d.min}, {d.mean}, {d.max}")
+    if d.min <= 0:
+        r.fail(f"min must be > 0 (a request always costs something), got {d.min}", "min")
+    r.done()
+    return d
+
+
+def _read_service(r: _Reader) -> Service:
+    name = r.get("name", str)
+    classes = []
+    for path, raw in r.items("request_classes"):
+        c = _Reader(raw, path, r.scenario)
+        classes.append(
+            RequestClass(
+                weight=c.positive("weight", float, 1.0),
+                cpu=_read_normal(c.sub("cpu")),
+                ram=_read_normal(c.sub("ram")),
+            )
+        )
+        c.done()
+    if not classes:
+        r.fail("needs at least one request class", "request_classes")
+    target = r.positive("latency_target_ms", float, None)
+    r.done()
+    return Service(name=name, classes=tuple(classes), latency_target_ms=target)
+
+
+def _read_workload(raw: Any, path: str, scenario: str) -> WorkloadSpec:
+    from simulator import workloads  # local import: workloads imports this module's types
+
+    r = _Reader(raw, path, scenario)
+    kind = r.get("kind", str, fix=f"one of {sorted(workloads.GENERATORS)}")
+    params = {k: v for k, v in r.data.items() if k != "kind"}
+    try:
+        workloads.validate(kind, params)
+    except ValueError as exc:
+        r.fail(str(exc))
+    return WorkloadSpec(kind=kind, params=params)
+
+
+def parse_scenario(data: Any, name: str = "<inline>", base_dir: Path | None = None) -> Scenario:
+    """Build a validated :class:`Scenario` from parsed YAML."""
+    r = _Reader(data, "", name)
+    name = r.get("name", str, name)
+    r.scenario = name
+    defaults = r.sub("defaults") if "defaults" in r.data else None
+    default_queue = defaults.positive("queue_capacity", int, 100) if defaults else 100
+    default_cpu = defaults.positive("cpu", float, 1000.0) if defaults else 1000.0
+    default_ram = defaults.positive("ram", float, 8000.0) if defaults else 8000.0
+    if defaults:
+        defaults.done()
+
+    nodes: list[Node] = []
+    for path, raw in r.items("nodes"):
+        n = _Reader(raw, path, name)
+        nodes.append(
+            Node(
+                name=n.get("name", str),
+                cpu=n.positive("cpu", float, default_cpu),
+                ram=n.positive("ram", float, default_ram),
+                queue_capacity=n.positive("queue_capacity", int, default_queue, allow_zero=True),
+                neighbours=tuple(n.get("neighbours", list, [])),
+                active=n.get("active", bool, True),
+            )
+        )
+        n.done()
+    if not nodes:
+        r.fail("needs at least one node", "nodes")
+    names = [n.name for n in nodes]
+    if len(set(names)) != len(names):
+        r.fail(f"node names must be unique, got {names}", "nodes")
+    for i, node in enumerate(nodes):
+        for k, other in enumerate(node.neighbours):
+            where = f"nodes[{i}].neighbours[{k}]"
+            if other not in names:
+                r.fail(f"unknown node {other!r}; known nodes: {names}", where)
+            if other == node.name:
+                r.fail("a node cannot be its own neighbour", where)
+            if node.name not in nodes[names.index(other)].neighbours:
+                r.fail(f"links are symmetric: add {node.name!r} to the neighbours of {other!r}", where)
+        if len(set(node.neighbours)) != len(node.neighbours):
+            r.fail("duplicate neighbour", f"nodes[{i}].neighbours")
+
+    services = [_read_service(_Reader(raw, p, name)) for p, raw in r.items("services")]
+    if not services:
+        r.fail("needs at least one service", "services")
+    svc_names = [s.name for s in services]
+    if len(set(svc_names)) != len(svc_names):
+        r.fail(f"service names must be unique, got {svc_names}", "services")
+
+    links: dict[frozenset[str], float] = {}
+    for path, raw in r.items("links", []):
+        lr = _Reader(raw, path, name)
+        between = lr.get("between", list)
+        if len(between) != 2 or any(b not in names for b in between):
+            lr.fail(f"must name two known nodes, got {between}; known: {names}", "between")
+        if between[1] not in nodes[names.index(between[0])].neighbours:
+            lr.fail(f"{between[0]!r} and {between[1]!r} are not neighbours", "between")
+        links[frozenset(between)] = lr.positive("latency_ms", float, allow_zero=True)
+        lr.done()
+
+    wr = r.sub("workload")
+    default_spec = _read_workload(wr.data["default"], f"{wr.path}.default", name) if "default" in wr.data else None
+    wr.used.add("default")
+    overrides: dict[tuple[str, str], WorkloadSpec] = {}
+    for path, raw in wr.items("overrides", []):
+        o = _Reader(raw, path, name)
+        node = o.get("node", str)
+        if node not in names:
+            o.fail(f"unknown node {node!r}; known nodes: {names}", "node")
+        svc = o.get("service", str, svc_names[0])
+        if svc not in svc_names:
+            o.fail(f"unknown service {svc!r}; known services: {svc_names}", "service")
+        overrides[(node, svc)] = _read_workload(o.data.get("workload"), f"{path}.workload", name)
+        o.used.add("workload")
+        o.done()
+    wr.done()
+    workload_map = {}
+    for node in names:
+        for svc in svc_names:
+            spec = overrides.get((node, svc), default_spec)
+            if spec is None:
+                wr.fail(f"no workload for node {node!r}, service {svc!r}: give 'default' or an override")
+            workload_map[(node, svc)] = spec
+    if base_dir is not None:
+        workload_map = {k: _resolve_paths(v, base_dir) for k, v in workload_map.items()}
+
+    steps = r.positive("steps", int, 288)
+    events: list[Event] = []
+    for path, raw in r.items("events", []):
+        e = _Reader(raw, path, name)
+        ev = Event(
+            at=e.positive("at", int, allow_zero=True),
+            kind=e.choice("kind", ("capacity", "fail", "add", "surge"), "capacity"),
+            node=e.get("node", str),
+            factor=e.positive("factor", float, 1.0, allow_zero=True),
+            until=e.positive("until", int, None),
+        )
+        if ev.node not in names:
+            e.fail(f"unknown node {ev.node!r}; known nodes: {names}", "node")
+        if ev.at >= steps:
+            e.fail(f"must be < steps ({steps}), got {ev.at}", "at")
+        if ev.until is not None and ev.until <= ev.at:
+            e.fail(f"must be > at ({ev.at}), got {ev.until}", "until")
+        e.done()
+        events.append(ev)
+
+    scenario = Scenario(
+        name=name,
+        description=r.get("description", str, ""),
+        nodes=tuple(nodes),
+        services=tuple(services),
+        workloads=workload_map,
+        steps=steps,
+        step_seconds=r.positive("step_seconds", float, 300.0),
+        links_ms=links,
+        events=tuple(events),
+        reward=r.choice("reward", ("dfaas", "latency"), "dfaas"),
+        forward_split=r.choice("forward_split", ("floor", "exact"), "floor"),
+        reject_penalty=r.positive("reject_penalty", float, 4.0),
+        max_arrivals=r.positive("max_arrivals", int, 150),
+    )
+    r.done()
+    if scenario.reward == "latency" and not scenario.models_latency:
+        r.fail("reward 'latency' needs latency_target_ms on every service", "reward")
+    return scenario
+
+
+def _resolve_paths(spec: WorkloadSpec, base_dir: Path) -> WorkloadSpec:
+    path = spec.params.get("path")
+    if isinstance(path, str) and not Path(path).is_absolute():
+        return WorkloadSpec(spec.kind, {**spec.params, "path": str(base_dir / path)})
+    return spec
+
+
+def bundled_names() -> list[str]:
+    """Names of the scenarios shipped with the package."""
+    folder = resources.files("simulator") / "scenarios"
+    return sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".yaml"))
+
+
+def load_scenario(name_or_path: str | Path) -> Scenario:
+    """Load a bundled scenario by name, or a YAML file by path."""
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        if not path.exists():
+            raise ScenarioError(f"scenario file {str(path)!r} does not exist")
+        text, base = path.read_text(), path.parent
+    else:
+        resource = resources.files("simulator") / "scenarios" / f"{name_or_path}.yaml"
+        if not resource.is_file():
+            raise ScenarioError(
+                f"unknown scenario {str(name_or_path)!r}; bundled: {bundled_names()} "
+                "(or give a path to a .yaml file)"
+            )
+        text, base = resource.read_text(), None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ScenarioError(f"scenario {str(name_or_path)!r} is not valid YAML: {exc}") from exc
+    return parse_scenario(data, name=path.stem, base_dir=base)

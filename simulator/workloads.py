@@ -1,0 +1,270 @@
+"""Arrival generators: how many requests reach each (node, service) in each step.
+
+Every generator draws a whole episode for a batch of environments at once, shape
+``(num_envs, steps)``, at reset time, so stepping never pays for workload generation. The
+``sinusoidal`` and ``normal`` generators follow the DFaaS reference formulas exactly,
+including truncation toward zero before clipping; the others cover the shapes edge traffic
+takes in practice (diurnal cycles, bursts, step changes, recorded traces).
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+Generator = Callable[[np.random.Generator, int, int, Any], np.ndarray]
+
+
+@dataclass(frozen=True)
+class Sinusoidal:
+    """``int(average + amplitude*sin(2*pi*t/P) + noise_ratio*N(0, amplitude))``, P ~ U per block."""
+
+    average: float = 50.0
+    amplitude: float = 100.0
+    noise_ratio: float = 0.1
+    blocks: int = 3
+    period_min: float = 15.0
+    period_max: float = 100.0
+
+
+@dataclass(frozen=True)
+class Normal:
+    """``int(N(mean, std))`` per step, independent."""
+
+    mean: float = 61.0
+    std: float = 32.0
+
+
+@dataclass(frozen=True)
+class Poisson:
+    rate: float = 50.0
+
+
+@dataclass(frozen=True)
+class Diurnal:
+    """Poisson arrivals around a daily cycle; ``period`` in steps (0 means one episode)."""
+
+    mean: float = 60.0
+    amplitude: float = 40.0
+    period: int = 0
+    phase: float = 0.0
+    random_phase: bool = False
+
+
+@dataclass(frozen=True)
+class Bursty:
+    """Markov-modulated Poisson: a calm and a burst state with per-step switch probabilities."""
+
+    calm_rate: float = 30.0
+    burst_rate: float = 120.0
+    p_burst: float = 0.05
+    p_calm: float = 0.25
+
+
+@dataclass(frozen=True)
+class Step:
+    """Piecewise-constant rate: ``levels`` is a list of ``[from_step, rate]``."""
+
+    levels: tuple[tuple[int, float], ...] = ((0, 50.0),)
+    poisson: bool = True
+
+
+@dataclass(frozen=True)
+class Replay:
+    """A recorded series: one column of a CSV file, one row per step, repeated if short."""
+
+    path: str = ""
+    column: str = ""
+    scale: float = 1.0
+    random_offset: bool = False
+
+
+@dataclass(frozen=True)
+class Azure:
+    """Azure Functions 2019 per-minute invocations (``HashOwner,HashApp,HashFunction,Trigger,1..1440``).
+
+    Preprocessed as in the DFaaS reference: one trigger kind, per-minute counts summed into
+    ``bins`` bins per day, min-max scaled per function to ``[0, scale_max]``, and kept only if
+    the scaled mean and standard deviation fall inside the given ranges. Each environment
+    replays a random kept function.
+    """
+
+    path: str = ""
+    trigger: str = "http"
+    bins: int = 288
+    scale_max: float = 150.0
+    mean_range: tuple[float, float] = (30.0, 130.0)
+    std_range: tuple[float, float] = (10.0, 60.0)
+
+
+@dataclass(frozen=True)
+class Sum:
+    """The sum of several workloads: the arrivals of a pooled node."""
+
+    parts: tuple[Any, ...] = field(default_factory=tuple)
+    part_max: int = 150
+
+
+def _sinusoidal(rng: np.random.Generator, b: int, t: int, p: Sinusoidal) -> np.ndarray:
+    periods = rng.uniform(p.period_min, p.period_max, size=(b, p.blocks))
+    per_step = np.repeat(periods, t // p.blocks, axis=1)
+    if per_step.shape[1] < t:  # steps not a multiple of blocks: wrap around, as np.resize does
+        per_step = np.concatenate([per_step, per_step[:, : t - per_step.shape[1]]], axis=1)
+    steps = np.arange(t)
+    base = p.average + p.amplitude * np.sin(2 * np.pi * steps / per_step)
+    noise = p.noise_ratio * rng.normal(0.0, p.amplitude, size=(b, t))
+    return np.trunc(base + noise)
+
+
+def _normal(rng: np.random.Generator, b: int, t: int, p: Normal) -> np.ndarray:
+    return np.trunc(rng.normal(p.mean, p.std, size=(b, t)))
+
+
+def _poisson(rng: np.random.Generator, b: int, t: int, p: Poisson) -> np.ndarray:
+    return rng.poisson(p.rate, size=(b, t)).astype(np.float64)
+
+
+def _diurnal(rng: np.random.Generator, b: int, t: int, p: Diurnal) -> np.ndarray:
+    period = p.period or t
+    phase = rng.uniform(0, 2 * np.pi, size=(b, 1)) if p.random_phase else p.phase
+    rate = p.mean + p.amplitude * np.sin(2 * np.pi * np.arange(t) / period + phase)
+    return rng.poisson(np.maximum(rate, 0.0) * np.ones((b, 1))).astype(np.float64)
+
+
+def _bursty(rng: np.random.Generator, b: int, t: int, p: Bursty) -> np.ndarray:
+    switches = rng.random((b, t))
+    stationary_burst = p.p_burst / (p.p_burst + p.p_calm)
+    state = rng.random(b) < stationary_burst
+    states = np.empty((b, t), dtype=bool)
+    for step in range(t):  # the chain is sequential in time; done once per episode
+        states[:, step] = state
+        state = np.where(state, switches[:, step] >= p.p_calm, switches[:, step] < p.p_burst)
+    return rng.poisson(np.where(states, p.burst_rate, p.calm_rate)).astype(np.float64)
+
+
+def _step(rng: np.random.Generator, b: int, t: int, p: Step) -> np.ndarray:
+    rate = np.zeros(t)
+    for start, level in sorted(p.levels):
+        rate[int(start) :] = level
+    rates = np.broadcast_to(rate, (b, t))
+    return rng.poisson(rates).astype(np.float64) if p.poisson else np.floor(rates).copy()
+
+
+@cache
+def _read_column(path: str, column: str) -> np.ndarray:
+    with open(path, newline="") as fh:
+        reader = csv.DictReader(fh)
+        if column not in (reader.fieldnames or []):
+            raise ValueError(f"column {column!r} not in {path} (columns: {reader.fieldnames})")
+        return np.array([float(row[column]) for row in reader])
+
+
+def _replay(rng: np.random.Generator, b: int, t: int, p: Replay) -> np.ndarray:
+    series = _read_column(p.path, p.column) * p.scale
+    offsets = rng.integers(0, len(series), size=b) if p.random_offset else np.zeros(b, int)
+    idx = (offsets[:, None] + np.arange(t)[None, :]) % len(series)
+    return np.floor(series[idx])
+
+
+@cache
+def azure_functions(
+    path: str, trigger: str, bins: int, scale_max: float,
+    mean_range: tuple[float, float], std_range: tuple[float, float],
+) -> np.ndarray:
+    """The reference preprocessing of one Azure day file: returns ``(functions, bins)``."""
+    with open(path, newline="") as fh:
+        reader = csv.reader(fh)
+        header = next(reader)
+        expected = ["HashOwner", "HashApp", "HashFunction", "Trigger"]
+        if header[:4] != expected or len(header) != 4 + 1440:
+            raise ValueError(
+                f"{path}: not the Azure Functions 2019 per-minute format "
+                f"(expected columns {expected} + '1'..'1440')"
+            )
+        rows = [r for r in reader if r[3] == trigger]
+    if not rows:
+        raise ValueError(f"{path}: no function with trigger {trigger!r}")
+    minutes = np.array([[float(v) for v in r[4:]] for r in rows])
+    if 1440 % bins:
+        raise ValueError(f"bins must divide 1440, got {bins}")
+    binned = minutes.reshape(len(rows), bins, 1440 // bins).sum(axis=2)
+    lo, hi = binned.min(axis=1, keepdims=True), binned.max(axis=1, keepdims=True)
+    span = np.where(hi > lo, hi - lo, 1.0)
+    scaled = np.trunc((binned - lo) / span * scale_max)
+    mean, std = scaled.mean(axis=1), scaled.std(axis=1)
+    keep = (mean >= mean_range[0]) & (mean <= mean_range[1])
+    keep &= (std >= std_range[0]) & (std <= std_range[1])
+    if not keep.any():
+        raise ValueError(f"{path}: no {trigger} function passes the mean/std filters")
+    return scaled[keep]
+
+
+def _azure(rng: np.random.Generator, b: int, t: int, p: Azure) -> np.ndarray:
+    funcs = azure_functions(p.path, p.trigger, p.bins, p.scale_max, tuple(p.mean_range), tuple(p.std_range))
+    chosen = funcs[rng.integers(0, len(funcs), size=b)]
+    return np.resize(chosen, (b, t)) if chosen.shape[1] != t else chosen
+
+
+def _sum(rng: np.random.Generator, b: int, t: int, p: Sum) -> np.ndarray:
+    return sum(generate(part, rng, b, t, clip_to=p.part_max) for part in p.parts).astype(np.float64)
+
+
+GENERATORS: dict[str, tuple[type, Generator]] = {
+    "sinusoidal": (Sinusoidal, _sinusoidal),
+    "normal": (Normal, _normal),
+    "poisson": (Poisson, _poisson),
+    "diurnal": (Diurnal, _diurnal),
+    "bursty": (Bursty, _bursty),
+    "step": (Step, _step),
+    "replay": (Replay, _replay),
+    "azure": (Azure, _azure),
+    "sum": (Sum, _sum),
+}
+
+
+def validate(kind: str, params: Mapping[str, Any]) -> Any:
+    """Turn raw parameters into the generator's dataclass, naming any bad key."""
+    if kind not in GENERATORS:
+        raise ValueError(f"unknown workload kind {kind!r}; choose one of {sorted(GENERATORS)}")
+    cls, _ = GENERATORS[kind]
+    allowed = {f.name: f for f in dataclasses.fields(cls)}
+    for key, value in params.items():
+        if key not in allowed:
+            raise ValueError(f"unknown parameter {key!r} for workload {kind!r}; allowed: {sorted(allowed)}")
+        default = allowed[key].default
+        if isinstance(default, float) and not isinstance(value, int | float):
+            raise ValueError(f"parameter {key!r} of workload {kind!r} must be a number, got {value!r}")
+    values = {k: tuple(map(tuple, v)) if k == "levels" else v for k, v in params.items()}
+    if kind == "sum":
+        values["parts"] = tuple(params.get("parts", ()))
+    for key in ("mean_range", "std_range"):
+        if key in values:
+            values[key] = tuple(values[key])
+    spec = cls(**values)
+    for key in ("path",):
+        if getattr(spec, key, None) is not None and kind in ("replay", "azure") and not spec.path:
+            raise ValueError(f"workload {kind!r} needs 'path' (a CSV file)")
+    if kind == "replay" and not spec.column:
+        raise ValueError("workload 'replay' needs 'column' (the CSV column to replay)")
+    return spec
+
+
+def generate(spec: Any, rng: np.random.Generator, num_envs: int, steps: int,
+             clip_to: int | None = 150) -> np.ndarray:
+    """Draw ``(num_envs, steps)`` arrivals for one (node, service); integers in ``[0, clip_to]``."""
+    kind, params = spec.kind, spec.params
+    cls, fn = GENERATORS[kind]
+    values = validate(kind, params)
+    if kind in ("replay", "azure") and not Path(values.path).exists():
+        raise ValueError(f"workload {kind!r}: file {values.path!r} does not exist")
+    out = fn(rng, num_envs, steps, values)
+    if clip_to is None:
+        return out
+    return np.clip(out, 0, clip_to).astype(np.int32)
