@@ -28,8 +28,22 @@ DFAAS_FEATURES = (
     "prev_local_requests",
     "queue_size",
 )
-MESH_LOCAL_FEATURES = ("offered_load", "utilisation", "latency_ratio", "reject_ratio", "backlog", "capacity_share")
-MESH_NEIGHBOUR_FEATURES = ("present", "capacity_share", "utilisation", "latency_ratio", "backlog", "link_ratio")
+MESH_LOCAL_FEATURES = (
+    "offered_load",
+    "utilisation",
+    "latency_ratio",
+    "reject_ratio",
+    "backlog",
+    "capacity_share",
+)
+MESH_NEIGHBOUR_FEATURES = (
+    "present",
+    "capacity_share",
+    "utilisation",
+    "latency_ratio",
+    "backlog",
+    "link_ratio",
+)
 LATENCY_RATIO_CAP = 10.0
 
 
@@ -68,30 +82,47 @@ def mesh_observation(topo: Topology, tel: MeshTelemetry) -> np.ndarray:
     node_util = np.clip(tel.utilisation, 0.0, 1.0)
     backlog = np.clip(tel.backlog, 0.0, LATENCY_RATIO_CAP)
 
-    local = np.stack([
-        tel.offered / np.maximum(tel.capacity, 1e-9)[None, :, None],
-        np.broadcast_to(node_util[..., None], (b, n, s)),
-        latency_ratio,
-        tel.rejected / np.maximum(tel.arrived_prev, 1.0),
-        np.broadcast_to(backlog[..., None], (b, n, s)),
-        np.broadcast_to(cap_share[None, :, None], (b, n, s)),
-    ], axis=-1)
+    local = np.stack(
+        [
+            tel.offered / np.maximum(tel.capacity, 1e-9)[None, :, None],
+            np.broadcast_to(node_util[..., None], (b, n, s)),
+            latency_ratio,
+            tel.rejected / np.maximum(tel.arrived_prev, 1.0),
+            np.broadcast_to(backlog[..., None], (b, n, s)),
+            np.broadcast_to(cap_share[None, :, None], (b, n, s)),
+        ],
+        axis=-1,
+    )
 
     present = topo.neighbour_mask & active[topo.neighbour_safe]
-    per_node = np.stack([
-        np.broadcast_to(cap_share[None, :], (b, n)), node_util, backlog,
-    ], axis=-1)
+    per_node = np.stack(
+        [
+            np.broadcast_to(cap_share[None, :], (b, n)),
+            node_util,
+            backlog,
+        ],
+        axis=-1,
+    )
     nb = topo.gather_from_neighbours(per_node)  # (B, N, K, 3)
     nb_latency = topo.gather_from_neighbours(latency_ratio)  # (B, N, K, S)
-    link = topo.link_matrix[np.arange(n)[:, None], topo.neighbour_safe][..., None] / tel.target_ms[None, None, :]
-    neighbour = np.stack([
-        np.broadcast_to(present[None, :, :, None], (b, n, k, s)).astype(np.float64),
-        np.broadcast_to(nb[..., 0:1], (b, n, k, s)),
-        np.broadcast_to(nb[..., 1:2], (b, n, k, s)),
-        nb_latency,
-        np.broadcast_to(nb[..., 2:3], (b, n, k, s)),
-        np.broadcast_to(np.where(present[..., None], link, 0.0)[None], (b, n, k, s)),
-    ], axis=-1) * present[None, :, :, None, None]
+    link = (
+        topo.link_matrix[np.arange(n)[:, None], topo.neighbour_safe][..., None]
+        / tel.target_ms[None, None, :]
+    )
+    neighbour = (
+        np.stack(
+            [
+                np.broadcast_to(present[None, :, :, None], (b, n, k, s)).astype(np.float64),
+                np.broadcast_to(nb[..., 0:1], (b, n, k, s)),
+                np.broadcast_to(nb[..., 1:2], (b, n, k, s)),
+                nb_latency,
+                np.broadcast_to(nb[..., 2:3], (b, n, k, s)),
+                np.broadcast_to(np.where(present[..., None], link, 0.0)[None], (b, n, k, s)),
+            ],
+            axis=-1,
+        )
+        * present[None, :, :, None, None]
+    )
     neighbour = neighbour.transpose(0, 1, 3, 2, 4).reshape(b, n, s, -1)
     obs = np.concatenate([local, neighbour], axis=-1)
     return obs.reshape(b, n * s, -1).astype(np.float32)

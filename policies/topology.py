@@ -100,11 +100,18 @@ class Topology:
         return np.where(self.neighbour_mask[..., None], out, 0)
 
     @classmethod
-    def build(cls, nodes: Sequence[str], services: Sequence[str],
-              neighbours: Mapping[str, Sequence[str]], link_ms: Mapping[frozenset[str], float] | None = None,
-              max_degree: int | None = None) -> Topology:
+    def build(
+        cls,
+        nodes: Sequence[str],
+        services: Sequence[str],
+        neighbours: Mapping[str, Sequence[str]],
+        link_ms: Mapping[frozenset[str], float] | None = None,
+        max_degree: int | None = None,
+    ) -> Topology:
         return cls(
-            nodes=tuple(nodes), services=tuple(services),
+            nodes=tuple(nodes),
+            services=tuple(services),
             neighbours=tuple(tuple(neighbours.get(n, ())) for n in nodes),
-            link_ms=dict(link_ms or {}), max_degree=max_degree,
+            link_ms=dict(link_ms or {}),
+            max_degree=max_degree,
         )

@@ -35,7 +35,9 @@ def reference_counts(fractions: np.ndarray, total: np.ndarray) -> np.ndarray:
     base = np.trunc(exact).astype(np.int64)
     leftover = np.asarray(total) - base.sum(axis=-1)
     winner = np.argmax(exact - base, axis=-1)
-    bonus = np.where(np.arange(f.shape[-1]) == winner[..., None], np.maximum(leftover, 0)[..., None], 0)
+    bonus = np.where(
+        np.arange(f.shape[-1]) == winner[..., None], np.maximum(leftover, 0)[..., None], 0
+    )
     return base + bonus
 
 

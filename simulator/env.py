@@ -105,9 +105,18 @@ class EpisodeTotals:
 
     def __post_init__(self) -> None:
         b = self.num_envs
-        for name in ("input", "processed", "forwarded", "action_rejects", "queue_full_rejects",
-                     "forward_rejects", "split_dropped", "lost_on_failure", "latency_sum_ms",
-                     "latency_count"):
+        for name in (
+            "input",
+            "processed",
+            "forwarded",
+            "action_rejects",
+            "queue_full_rejects",
+            "forward_rejects",
+            "split_dropped",
+            "lost_on_failure",
+            "latency_sum_ms",
+            "latency_count",
+        ):
             setattr(self, name, np.zeros(b))
         self.agent_return = np.zeros((b, self.num_agents))
         self.cpu_used = np.zeros((b, self.num_nodes))
@@ -118,13 +127,22 @@ class EpisodeTotals:
 class EdgeEnv:
     """Vectorised multi-agent edge-routing environment (see module docstring)."""
 
-    def __init__(self, scenario: Scenario, num_envs: int = 1, action_mode: ActionMode | None = None,
-                 seed: int | None = None):
+    def __init__(
+        self,
+        scenario: Scenario,
+        num_envs: int = 1,
+        action_mode: ActionMode | None = None,
+        seed: int | None = None,
+    ):
         self.scenario = scenario
         self.num_envs = num_envs
-        self.action_mode: ActionMode = action_mode or ("split3" if scenario.reward == "dfaas" else "neighbours")
+        self.action_mode: ActionMode = action_mode or (
+            "split3" if scenario.reward == "dfaas" else "neighbours"
+        )
         if self.action_mode not in ("split3", "neighbours"):
-            raise ValueError(f"action_mode must be 'split3' or 'neighbours', got {self.action_mode!r}")
+            raise ValueError(
+                f"action_mode must be 'split3' or 'neighbours', got {self.action_mode!r}"
+            )
         self.topology = topology_of(scenario)
         self.timeline = Timeline.of(scenario)
         self.tables = RequestTables.from_services(scenario.services)
@@ -135,28 +153,41 @@ class EdgeEnv:
         self.obs_dim = len(DFAAS_FEATURES) if self.action_mode == "split3" else mesh_feature_dim(k)
         self.steps = scenario.steps
         self._seed_rng(seed)
-        self.model = NodeModel(self.topology, self.tables, num_envs, int(self.timeline.queue.max()),
-                               self.rng, scenario.step_seconds, track_latency=scenario.models_latency)
-        mean_cpu = np.array([
-            sum(c.weight * c.cpu.mean for c in s.classes) / sum(c.weight for c in s.classes)
-            for s in scenario.services
-        ])
+        self.model = NodeModel(
+            self.topology,
+            self.tables,
+            num_envs,
+            int(self.timeline.queue.max()),
+            self.rng,
+            scenario.step_seconds,
+            track_latency=scenario.models_latency,
+        )
+        mean_cpu = np.array(
+            [
+                sum(c.weight * c.cpu.mean for c in s.classes) / sum(c.weight for c in s.classes)
+                for s in scenario.services
+            ]
+        )
         self.mean_cost = mean_cpu
-        self.target_ms = np.array([s.latency_target_ms or np.nan for s in scenario.services], dtype=float)
+        self.target_ms = np.array(
+            [s.latency_target_ms or np.nan for s in scenario.services], dtype=float
+        )
         self.t = 0
         self.totals = EpisodeTotals(num_envs, self.topology.num_nodes, self.num_agents)
 
     def _seed_rng(self, seed: int | None) -> None:
         self.rng = np.random.default_rng(seed)
         if hasattr(self, "model"):
-            self.model.rng = self.rng
+            self.model.reseed(self.rng)
 
     # ------------------------------------------------------------------------------------
     def action_mask(self) -> np.ndarray:
         """``(A, action_dim)`` valid action entries at the current step."""
         if self.action_mode == "split3":
             return np.ones((self.num_agents, 3), bool)
-        return neighbour_action_mask(self.topology, self.timeline.active[min(self.t, self.steps - 1)])
+        return neighbour_action_mask(
+            self.topology, self.timeline.active[min(self.t, self.steps - 1)]
+        )
 
     def reset(self, seed: int | None = None) -> np.ndarray:
         """Start new episodes in every environment; returns ``(B, A, obs_dim)`` observations."""
@@ -175,17 +206,28 @@ class EdgeEnv:
         self.t = 0
         self.totals = EpisodeTotals(b, n, self.num_agents)
         zeros = np.zeros((b, n, s), np.int64)
-        self.prev = {"local": zeros, "forward": zeros, "local_rejects": zeros,
-                     "forward_rejects": zeros, "rejected": zeros.astype(float),
-                     "latency_ms": np.full((b, n, s), np.nan), "utilisation": np.zeros((b, n)),
-                     "arrived": zeros}
+        self.prev = {
+            "local": zeros,
+            "forward": zeros,
+            "local_rejects": zeros,
+            "forward_rejects": zeros,
+            "rejected": zeros.astype(float),
+            "latency_ms": np.full((b, n, s), np.nan),
+            "utilisation": np.zeros((b, n)),
+            "arrived": zeros,
+        }
         return self._observe()
 
     # ------------------------------------------------------------------------------------
     def counts(self, actions: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """Fractions ``(B, A, action_dim)`` -> (local ``(B,N,S)``, forward ``(B,N,K,S)``,
         reject ``(B,N,S)``, dropped by the floor split ``(B,N,S)``)."""
-        b, n, s, k = self.num_envs, self.topology.num_nodes, self.topology.num_services, self.topology.max_degree
+        b, n, s, k = (
+            self.num_envs,
+            self.topology.num_nodes,
+            self.topology.num_services,
+            self.topology.max_degree,
+        )
         arrivals = self.arrivals[:, self.t].reshape(b, n * s)
         actions = np.asarray(actions, dtype=np.float64).reshape(b, n * s, self.action_dim)
         if self.action_mode == "split3":
@@ -201,7 +243,9 @@ class EdgeEnv:
                 per_slot = np.broadcast_to(share[:, :, None, :], (b, n, k, s))
                 extra = (np.arange(k)[None, None, :, None] < left[:, :, None, :]).astype(np.int64)
             forward = np.where(self.topology.neighbour_mask[None, :, :, None], per_slot + extra, 0)
-            reject = np.where(degree == 0, reject + fwd, reject)  # nowhere to forward: counts as reject
+            reject = np.where(
+                degree == 0, reject + fwd, reject
+            )  # nowhere to forward: counts as reject
             forward = np.where(degree[..., None] == 0, 0, forward)
             fwd_eff = np.where(degree == 0, 0, fwd)
             dropped = fwd_eff - forward.sum(axis=2)
@@ -228,8 +272,14 @@ class EdgeEnv:
         rejected = reject + out.local_rejects + fwd_rejects
 
         if self.scenario.reward == "dfaas":
-            rewards = dfaas_reward(local, fwd_total + dropped, reject, out.local_rejects, fwd_rejects,
-                                   tl.queue[t][None, :, None] - out.queue_length[..., None])
+            rewards = dfaas_reward(
+                local,
+                fwd_total + dropped,
+                reject,
+                out.local_rejects,
+                fwd_rejects,
+                tl.queue[t][None, :, None] - out.queue_length[..., None],
+            )
         else:
             rewards = self._latency_reward(out, rejected, arrivals)
         rewards = rewards.reshape(self.num_envs, -1)
@@ -255,16 +305,31 @@ class EdgeEnv:
         served_ms = np.full((b, n, s), np.nan)
         if out.latency_sum_ms is not None:
             cnt = out.latency_count.reshape(b, n, s)
-            served_ms = np.where(cnt > 0, out.latency_sum_ms.reshape(b, n, s) / np.maximum(cnt, 1), np.nan)
-        self.prev = {"local": local, "forward": fwd_total, "local_rejects": out.local_rejects,
-                     "forward_rejects": fwd_rejects, "rejected": rejected.astype(float),
-                     "latency_ms": served_ms, "utilisation": out.cpu_used / np.maximum(tl.cpu[t], 1e-9),
-                     "arrived": arrivals, "queue": out.queue_length}
+            served_ms = np.where(
+                cnt > 0, out.latency_sum_ms.reshape(b, n, s) / np.maximum(cnt, 1), np.nan
+            )
+        self.prev = {
+            "local": local,
+            "forward": fwd_total,
+            "local_rejects": out.local_rejects,
+            "forward_rejects": fwd_rejects,
+            "rejected": rejected.astype(float),
+            "latency_ms": served_ms,
+            "utilisation": out.cpu_used / np.maximum(tl.cpu[t], 1e-9),
+            "arrived": arrivals,
+            "queue": out.queue_length,
+        }
         self.t += 1
         done = self.t >= self.steps
         obs = self._observe()
-        info = {"arrivals": arrivals, "local": local, "forward": forward, "reject": reject,
-                "processed": out.processed, "queue_length": out.queue_length}
+        info = {
+            "arrivals": arrivals,
+            "local": local,
+            "forward": forward,
+            "reject": reject,
+            "processed": out.processed,
+            "queue_length": out.queue_length,
+        }
         return obs, rewards, done, info
 
     # ------------------------------------------------------------------------------------
@@ -274,8 +339,14 @@ class EdgeEnv:
         now = self.arrivals[:, t] if self.t < self.steps else np.zeros_like(self.arrivals[:, 0])
         queue = self.model.q_len
         if self.action_mode == "split3":
-            feats = [now, self.prev["forward_rejects"], self.prev["forward"], self.prev["local_rejects"],
-                     self.prev["local"], np.broadcast_to(queue[..., None], now.shape)]
+            feats = [
+                now,
+                self.prev["forward_rejects"],
+                self.prev["forward"],
+                self.prev["local_rejects"],
+                self.prev["local"],
+                np.broadcast_to(queue[..., None], now.shape),
+            ]
             return np.stack(feats, axis=-1).reshape(b, self.num_agents, -1).astype(np.float32)
         return mesh_observation(self.topology, self.telemetry(now, queue, t))
 
@@ -285,10 +356,15 @@ class EdgeEnv:
         per_step = tl.cpu[t] / float(np.mean(self.mean_cost))
         backlog = queue * float(np.mean(self.mean_cost)) / np.maximum(tl.cpu[t], 1e-9)
         return MeshTelemetry(
-            offered=offered.astype(float), latency_ms=self.prev["latency_ms"],
-            rejected=self.prev["rejected"], arrived_prev=self.prev["arrived"].astype(float),
-            utilisation=self.prev["utilisation"], backlog=np.where(tl.active[t], backlog, 0.0),
-            capacity=per_step, active=tl.active[t], target_ms=np.nan_to_num(self.target_ms, nan=1000.0),
+            offered=offered.astype(float),
+            latency_ms=self.prev["latency_ms"],
+            rejected=self.prev["rejected"],
+            arrived_prev=self.prev["arrived"].astype(float),
+            utilisation=self.prev["utilisation"],
+            backlog=np.where(tl.active[t], backlog, 0.0),
+            capacity=per_step,
+            active=tl.active[t],
+            target_ms=np.nan_to_num(self.target_ms, nan=1000.0),
         )
 
     def state(self) -> np.ndarray:

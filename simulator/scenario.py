@@ -124,7 +124,9 @@ class Scenario:
         specs = {}
         for svc in self.service_names:
             parts = [self.workloads[(n, svc)] for n in self.node_names]
-            specs[("global", svc)] = WorkloadSpec("sum", {"parts": parts, "part_max": self.max_arrivals})
+            specs[("global", svc)] = WorkloadSpec(
+                "sum", {"parts": parts, "part_max": self.max_arrivals}
+            )
         return dataclasses.replace(
             self,
             name=f"{self.name}:pooled",
@@ -168,7 +170,9 @@ class _Reader:
         if kind is float and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
         if not isinstance(value, kind) or (isinstance(value, bool) and kind in (int, float)):
-            names = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
+            names = (
+                kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
+            )
             self.fail(f"expected {names}, got {value!r}{'; ' + fix if fix else ''}", key)
         return value
 
@@ -200,7 +204,9 @@ class _Reader:
 
 def _read_normal(r: _Reader) -> ClippedNormal:
     d = ClippedNormal(
-        min=r.get("min", float), mean=r.get("mean", float), max=r.get("max", float),
+        min=r.get("min", float),
+        mean=r.get("mean", float),
+        max=r.get("max", float),
         std=r.positive("std", float, allow_zero=True),
     )
     if not d.min <= d.mean <= d.max:
@@ -283,7 +289,9 @@ def parse_scenario(data: Any, name: str = "<inline>", base_dir: Path | None = No
             if other == node.name:
                 r.fail("a node cannot be its own neighbour", where)
             if node.name not in nodes[names.index(other)].neighbours:
-                r.fail(f"links are symmetric: add {node.name!r} to the neighbours of {other!r}", where)
+                r.fail(
+                    f"links are symmetric: add {node.name!r} to the neighbours of {other!r}", where
+                )
         if len(set(node.neighbours)) != len(node.neighbours):
             r.fail("duplicate neighbour", f"nodes[{i}].neighbours")
 
@@ -306,7 +314,11 @@ def parse_scenario(data: Any, name: str = "<inline>", base_dir: Path | None = No
         lr.done()
 
     wr = r.sub("workload")
-    default_spec = _read_workload(wr.data["default"], f"{wr.path}.default", name) if "default" in wr.data else None
+    default_spec = (
+        _read_workload(wr.data["default"], f"{wr.path}.default", name)
+        if "default" in wr.data
+        else None
+    )
     wr.used.add("default")
     overrides: dict[tuple[str, str], WorkloadSpec] = {}
     for path, raw in wr.items("overrides", []):
@@ -326,7 +338,9 @@ def parse_scenario(data: Any, name: str = "<inline>", base_dir: Path | None = No
         for svc in svc_names:
             spec = overrides.get((node, svc), default_spec)
             if spec is None:
-                wr.fail(f"no workload for node {node!r}, service {svc!r}: give 'default' or an override")
+                wr.fail(
+                    f"no workload for node {node!r}, service {svc!r}: give 'default' or an override"
+                )
             workload_map[(node, svc)] = spec
     if base_dir is not None:
         workload_map = {k: _resolve_paths(v, base_dir) for k, v in workload_map.items()}

@@ -175,8 +175,12 @@ def _replay(rng: np.random.Generator, b: int, t: int, p: Replay) -> np.ndarray:
 
 @cache
 def azure_functions(
-    path: str, trigger: str, bins: int, scale_max: float,
-    mean_range: tuple[float, float], std_range: tuple[float, float],
+    path: str,
+    trigger: str,
+    bins: int,
+    scale_max: float,
+    mean_range: tuple[float, float],
+    std_range: tuple[float, float],
 ) -> np.ndarray:
     """The reference preprocessing of one Azure day file: returns ``(functions, bins)``."""
     with open(path, newline="") as fh:
@@ -207,7 +211,9 @@ def azure_functions(
 
 
 def _azure(rng: np.random.Generator, b: int, t: int, p: Azure) -> np.ndarray:
-    funcs = azure_functions(p.path, p.trigger, p.bins, p.scale_max, tuple(p.mean_range), tuple(p.std_range))
+    funcs = azure_functions(
+        p.path, p.trigger, p.bins, p.scale_max, tuple(p.mean_range), tuple(p.std_range)
+    )
     chosen = funcs[rng.integers(0, len(funcs), size=b)]
     return np.resize(chosen, (b, t)) if chosen.shape[1] != t else chosen
 
@@ -237,10 +243,14 @@ def validate(kind: str, params: Mapping[str, Any]) -> Any:
     allowed = {f.name: f for f in dataclasses.fields(cls)}
     for key, value in params.items():
         if key not in allowed:
-            raise ValueError(f"unknown parameter {key!r} for workload {kind!r}; allowed: {sorted(allowed)}")
+            raise ValueError(
+                f"unknown parameter {key!r} for workload {kind!r}; allowed: {sorted(allowed)}"
+            )
         default = allowed[key].default
         if isinstance(default, float) and not isinstance(value, int | float):
-            raise ValueError(f"parameter {key!r} of workload {kind!r} must be a number, got {value!r}")
+            raise ValueError(
+                f"parameter {key!r} of workload {kind!r} must be a number, got {value!r}"
+            )
     values = {k: tuple(map(tuple, v)) if k == "levels" else v for k, v in params.items()}
     if kind == "sum":
         values["parts"] = tuple(params.get("parts", ()))
@@ -256,11 +266,12 @@ def validate(kind: str, params: Mapping[str, Any]) -> Any:
     return spec
 
 
-def generate(spec: Any, rng: np.random.Generator, num_envs: int, steps: int,
-             clip_to: int | None = 150) -> np.ndarray:
+def generate(
+    spec: Any, rng: np.random.Generator, num_envs: int, steps: int, clip_to: int | None = 150
+) -> np.ndarray:
     """Draw ``(num_envs, steps)`` arrivals for one (node, service); integers in ``[0, clip_to]``."""
     kind, params = spec.kind, spec.params
-    cls, fn = GENERATORS[kind]
+    _, fn = GENERATORS[kind]
     values = validate(kind, params)
     if kind in ("replay", "azure") and not Path(values.path).exists():
         raise ValueError(f"workload {kind!r}: file {values.path!r} does not exist")
