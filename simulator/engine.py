@@ -134,12 +134,9 @@ class NodeModel:
         g = self.S * (1 + self.K)
         seg = np.arange(g)
         self.seg_service = seg % self.S
-        slot_of_seg = seg // self.S - 1  # -1 for local segments
-        origin_node = np.where(
-            slot_of_seg[None, :] < 0,
-            np.arange(self.N)[:, None],
-            topology.neighbour_safe[:, np.maximum(slot_of_seg, 0)],
-        )
+        # Segment g = (slot, service) with slot 0 the node itself, then its neighbour slots.
+        self_and_neighbours = np.concatenate([np.arange(self.N)[:, None], topology.neighbour_safe], axis=1)
+        origin_node = self_and_neighbours[:, seg // self.S]
         self.seg_agent = origin_node * self.S + self.seg_service[None, :]  # (N, G)
         self.seg_link_ms = topology.link_matrix[origin_node, np.arange(self.N)[:, None]]
         self.agent_node = np.arange(self.A) // self.S
