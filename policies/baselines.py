@@ -60,8 +60,13 @@ def _normalise(x: np.ndarray, mask: np.ndarray) -> np.ndarray:
     return np.where(total > 0, x / np.where(total > 0, total, 1.0), fallback)
 
 
-def _spread(local: np.ndarray, to_neighbours: np.ndarray, nb_weights: np.ndarray,
-            reject: np.ndarray, mask: np.ndarray) -> np.ndarray:
+def _spread(
+    local: np.ndarray,
+    to_neighbours: np.ndarray,
+    nb_weights: np.ndarray,
+    reject: np.ndarray,
+    mask: np.ndarray,
+) -> np.ndarray:
     """Assemble [local, neighbours..., reject] from a local share, a forwarded share split by
     ``nb_weights`` over present neighbours, and a reject share."""
     w = np.where(mask[..., 1:-1], np.maximum(nb_weights, 0.0), 0.0)
@@ -80,7 +85,7 @@ def _spread(local: np.ndarray, to_neighbours: np.ndarray, nb_weights: np.ndarray
 
 def always_local(ctx: PolicyContext) -> Policy:
     def act(obs, mask):
-        out = np.zeros(obs.shape[:-1] + (mask.shape[-1],))
+        out = np.zeros((*obs.shape[:-1], mask.shape[-1]))
         out[..., 0] = 1.0
         return out
 
@@ -91,7 +96,7 @@ def random_dirichlet(ctx: PolicyContext, seed: int = 0) -> Policy:
     rng = np.random.default_rng(seed)
 
     def act(obs, mask):
-        g = rng.gamma(1.0, size=obs.shape[:-1] + (mask.shape[-1],))
+        g = rng.gamma(1.0, size=(*obs.shape[:-1], mask.shape[-1]))
         return _normalise(g, np.broadcast_to(mask, g.shape))
 
     return act
@@ -100,15 +105,20 @@ def random_dirichlet(ctx: PolicyContext, seed: int = 0) -> Policy:
 def fixed_split(ctx: PolicyContext, local: float, forward: float, reject: float) -> Policy:
     total = local + forward + reject
     if min(local, forward, reject) < 0 or total <= 0:
-        raise PolicyError(f"fixed:L,F,R needs non-negative shares with a positive sum, got {local},{forward},{reject}")
+        raise PolicyError(
+            "fixed:L,F,R needs non-negative shares with a positive sum, "
+            f"got {local},{forward},{reject}"
+        )
     split = np.array([local, forward, reject]) / total
 
     def act(obs, mask):
         shape = obs.shape[:-1]
         if ctx.action_mode == "split3":
-            return np.broadcast_to(split, shape + (3,)).copy()
-        ones = np.ones(shape + (ctx.max_degree,))
-        return _spread(np.full(shape, split[0]), np.full(shape, split[1]), ones, np.full(shape, split[2]), mask)
+            return np.broadcast_to(split, (*shape, 3)).copy()
+        ones = np.ones((*shape, ctx.max_degree))
+        return _spread(
+            np.full(shape, split[0]), np.full(shape, split[1]), ones, np.full(shape, split[2]), mask
+        )
 
     return act
 
@@ -136,8 +146,9 @@ def fill_local_then_forward(ctx: PolicyContext) -> Policy:
 def _spare(obs: np.ndarray, ctx: PolicyContext) -> tuple[np.ndarray, np.ndarray]:
     """Spare capacity (in units of the mean node) of the agent's node and of each neighbour."""
     own = _local(obs, "capacity_share") * (1 - _local(obs, "utilisation")) - _local(obs, "backlog")
-    nb = (_neighbours(obs, ctx, "capacity_share") * (1 - _neighbours(obs, ctx, "utilisation"))
-          - _neighbours(obs, ctx, "backlog"))
+    nb = _neighbours(obs, ctx, "capacity_share") * (
+        1 - _neighbours(obs, ctx, "utilisation")
+    ) - _neighbours(obs, ctx, "backlog")
     return own, np.where(_neighbours(obs, ctx, "present") > 0, nb, -np.inf)
 
 
@@ -161,11 +172,14 @@ def capacity_proportional(ctx: PolicyContext) -> Policy:
     _need_neighbours(ctx, "capacity-proportional")
 
     def act(obs, mask):
-        weights = np.concatenate([
-            _local(obs, "capacity_share")[..., None],
-            _neighbours(obs, ctx, "capacity_share") * _neighbours(obs, ctx, "present"),
-            np.zeros(obs.shape[:-1] + (1,)),
-        ], axis=-1)
+        weights = np.concatenate(
+            [
+                _local(obs, "capacity_share")[..., None],
+                _neighbours(obs, ctx, "capacity_share") * _neighbours(obs, ctx, "present"),
+                np.zeros((*obs.shape[:-1], 1)),
+            ],
+            axis=-1,
+        )
         return _normalise(weights, np.broadcast_to(mask, weights.shape))
 
     return act
@@ -181,8 +195,10 @@ def least_request(ctx: PolicyContext, bias: float = 1.0) -> Policy:
         nb_active = _neighbours(obs, ctx, "backlog") + _neighbours(obs, ctx, "utilisation")
         own = _local(obs, "capacity_share") / (own_active + 1) ** bias
         nb = _neighbours(obs, ctx, "capacity_share") / (nb_active + 1) ** bias
-        weights = np.concatenate([own[..., None], nb * _neighbours(obs, ctx, "present"),
-                                  np.zeros(own.shape + (1,))], axis=-1)
+        weights = np.concatenate(
+            [own[..., None], nb * _neighbours(obs, ctx, "present"), np.zeros((*own.shape, 1))],
+            axis=-1,
+        )
         return _normalise(weights, np.broadcast_to(mask, weights.shape))
 
     return act
@@ -195,18 +211,26 @@ def peak_ewma(ctx: PolicyContext, decay: float = 0.7) -> Policy:
     state: dict[str, np.ndarray] = {}
 
     def act(obs, mask):
-        latency = np.concatenate([
-            _local(obs, "latency_ratio")[..., None],
-            _neighbours(obs, ctx, "latency_ratio") + _neighbours(obs, ctx, "link_ratio"),
-        ], axis=-1) + 1e-3
-        pending = np.concatenate([_local(obs, "backlog")[..., None], _neighbours(obs, ctx, "backlog")], axis=-1)
+        latency = (
+            np.concatenate(
+                [
+                    _local(obs, "latency_ratio")[..., None],
+                    _neighbours(obs, ctx, "latency_ratio") + _neighbours(obs, ctx, "link_ratio"),
+                ],
+                axis=-1,
+            )
+            + 1e-3
+        )
+        pending = np.concatenate(
+            [_local(obs, "backlog")[..., None], _neighbours(obs, ctx, "backlog")], axis=-1
+        )
         prev = state.get("ewma")
         if prev is None or prev.shape != latency.shape:
             prev = latency
         ewma = np.where(latency > prev, latency, decay * prev + (1 - decay) * latency)
         state["ewma"] = ewma
         cost = ewma * (pending + 1)
-        weights = np.concatenate([1.0 / cost, np.zeros(cost.shape[:-1] + (1,))], axis=-1)
+        weights = np.concatenate([1.0 / cost, np.zeros((*cost.shape[:-1], 1))], axis=-1)
         return _normalise(weights, np.broadcast_to(mask, weights.shape))
 
     return act
@@ -235,12 +259,14 @@ def make_heuristic(name: str, ctx: PolicyContext, seed: int = 0) -> Policy:
     """Build a heuristic by name: one of :data:`HEURISTICS` or ``fixed:L,F,R``."""
     if name.startswith("fixed:"):
         try:
-            local, forward, reject = (float(x) for x in name[len("fixed:"):].split(","))
+            local, forward, reject = (float(x) for x in name[len("fixed:") :].split(","))
         except ValueError as exc:
             raise PolicyError(f"fixed split must look like fixed:0.6,0.4,0, got {name!r}") from exc
         return fixed_split(ctx, local, forward, reject)
     if name not in HEURISTICS:
-        raise PolicyError(f"unknown policy {name!r}; heuristics: {sorted(HEURISTICS)} or fixed:L,F,R")
+        raise PolicyError(
+            f"unknown policy {name!r}; heuristics: {sorted(HEURISTICS)} or fixed:L,F,R"
+        )
     if name == "random":
         return random_dirichlet(ctx, seed)
     return HEURISTICS[name](ctx)

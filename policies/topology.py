@@ -86,7 +86,7 @@ class Topology:
         return [f"{n}/{s}" for n in self.nodes for s in self.services]
 
     def gather_from_neighbours(self, per_node: np.ndarray) -> np.ndarray:
-        """``(..., N, X) -> (..., N, K, X)``: each node's view of its neighbours (zeros in empty slots)."""
+        """``(..., N, X) -> (..., N, K, X)``: each node's view of its neighbours (0 if empty)."""
         out = per_node[..., self.neighbour_safe, :]
         return np.where(self.neighbour_mask[..., None], out, 0)
 

@@ -135,7 +135,9 @@ class NodeModel:
         seg = np.arange(g)
         self.seg_service = seg % self.S
         # Segment g = (slot, service) with slot 0 the node itself, then its neighbour slots.
-        self_and_neighbours = np.concatenate([np.arange(self.N)[:, None], topology.neighbour_safe], axis=1)
+        self_and_neighbours = np.concatenate(
+            [np.arange(self.N)[:, None], topology.neighbour_safe], axis=1
+        )
         origin_node = self_and_neighbours[:, seg // self.S]
         self.seg_agent = origin_node * self.S + self.seg_service[None, :]  # (N, G)
         self.seg_link_ms = topology.link_matrix[origin_node, np.arange(self.N)[:, None]]
@@ -159,7 +161,7 @@ class NodeModel:
         self.q_len = np.zeros((self.B, self.N), np.int64)
 
     def drop_queues(self, nodes: np.ndarray) -> np.ndarray:
-        """Empty the queues of failed nodes (bool ``(N,)``); returns the requests lost ``(B, N)``."""
+        """Empty the queues of failed nodes (bool ``(N,)``); returns requests lost ``(B, N)``."""
         lost = np.where(nodes[None, :], self.q_len, 0)
         self.q_len = np.where(nodes[None, :], 0, self.q_len)
         return lost

@@ -40,8 +40,15 @@ def policy_context(env: EdgeEnv) -> PolicyContext:
     )
 
 
-def run_episodes(scenario: Scenario, policy: str, episodes: int, seed: int, num_envs: int = 100,
-                 action_mode: ActionMode | None = None, progress: bool = False) -> dict[str, np.ndarray]:
+def run_episodes(
+    scenario: Scenario,
+    policy: str,
+    episodes: int,
+    seed: int,
+    num_envs: int = 100,
+    action_mode: ActionMode | None = None,
+    progress: bool = False,
+) -> dict[str, np.ndarray]:
     """Per-episode metrics of ``policy`` over ``episodes`` episodes (arrays of length episodes)."""
     if policy == "global-node":
         scenario, policy = scenario.pooled(), "apl"
@@ -50,8 +57,13 @@ def run_episodes(scenario: Scenario, policy: str, episodes: int, seed: int, num_
     act = make_heuristic(policy, policy_context(env), seed=seed)
     results: dict[str, list[np.ndarray]] = {}
     rounds = math.ceil(episodes / batch)
-    bar = tqdm(total=rounds * env.steps, desc=f"{scenario.name} {policy}", disable=not progress,
-               unit="step", leave=False)
+    bar = tqdm(
+        total=rounds * env.steps,
+        desc=f"{scenario.name} {policy}",
+        disable=not progress,
+        unit="step",
+        leave=False,
+    )
     for _ in range(rounds):
         obs, done = env.reset(), False
         while not done:
@@ -68,7 +80,7 @@ def summarise(per_episode: dict[str, np.ndarray]) -> dict[str, float]:
     for key, values in per_episode.items():
         out[key] = float(np.nanmean(values))
         out[f"{key}_std"] = float(np.nanstd(values))
-    out["episodes"] = int(len(next(iter(per_episode.values()))))
+    out["episodes"] = len(next(iter(per_episode.values())))
     return out
 
 
@@ -80,8 +92,9 @@ def main(argv: list[str] | None = None) -> int:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--scenario", default="dfaas-paise25", help="bundled name or YAML path")
-    parser.add_argument("--policy", default="apl",
-                        help="heuristic name, fixed:L,F,R, or global-node (bound)")
+    parser.add_argument(
+        "--policy", default="apl", help="heuristic name, fixed:L,F,R, or global-node (bound)"
+    )
     parser.add_argument("--episodes", type=int, default=100)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--envs", type=int, default=100, help="episodes simulated at once")
@@ -93,16 +106,30 @@ def main(argv: list[str] | None = None) -> int:
         scenario = load_scenario(args.scenario)
         if args.workload:
             scenario = scenario.with_workload(WorkloadSpec(args.workload, {}))
-        per_episode = run_episodes(scenario, args.policy, args.episodes, args.seed, args.envs,
-                                   args.action_mode, progress=not args.json and sys.stderr.isatty())
+        per_episode = run_episodes(
+            scenario,
+            args.policy,
+            args.episodes,
+            args.seed,
+            args.envs,
+            args.action_mode,
+            progress=not args.json and sys.stderr.isatty(),
+        )
     except (ScenarioError, PolicyError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    summary = {"scenario": scenario.name, "policy": args.policy, "seed": args.seed, **summarise(per_episode)}
+    summary = {
+        "scenario": scenario.name,
+        "policy": args.policy,
+        "seed": args.seed,
+        **summarise(per_episode),
+    }
     if args.json:
         print(json.dumps(summary))
         return 0
-    print(f"{scenario.name}  policy={args.policy}  episodes={summary['episodes']}  seed={args.seed}")
+    print(
+        f"{scenario.name}  policy={args.policy}  episodes={summary['episodes']}  seed={args.seed}"
+    )
     for key in per_episode:
         print(f"  {key:<26} {summary[key]:>12.3f}  +/- {summary[key + '_std']:.3f}")
     return 0

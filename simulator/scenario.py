@@ -414,8 +414,30 @@ def load_scenario(name_or_path: str | Path) -> Scenario:
                 "(or give a path to a .yaml file)"
             )
         text, base = resource.read_text(), None
+    data = _parse_yaml(text, str(name_or_path))
+    return parse_scenario(_resolve_extends(data, str(name_or_path)), name=path.stem, base_dir=base)
+
+
+def _parse_yaml(text: str, origin: str) -> Any:
     try:
-        data = yaml.safe_load(text)
+        return yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise ScenarioError(f"scenario {str(name_or_path)!r} is not valid YAML: {exc}") from exc
-    return parse_scenario(data, name=path.stem, base_dir=base)
+        raise ScenarioError(f"scenario {origin!r} is not valid YAML: {exc}") from exc
+
+
+def _resolve_extends(data: Any, origin: str, depth: int = 0) -> Any:
+    """``extends: NAME`` starts from a bundled scenario and replaces its top-level keys, so a
+    change scenario states only what changes."""
+    if not isinstance(data, Mapping) or "extends" not in data:
+        return data
+    if depth > 5:
+        raise ScenarioError(f"scenario {origin!r}: field 'extends': chain too deep (a cycle?)")
+    base_name = data["extends"]
+    resource = resources.files("simulator") / "scenarios" / f"{base_name}.yaml"
+    if not isinstance(base_name, str) or not resource.is_file():
+        raise ScenarioError(
+            f"scenario {origin!r}: field 'extends': unknown bundled scenario {base_name!r}; "
+            f"bundled: {bundled_names()}"
+        )
+    base = _resolve_extends(_parse_yaml(resource.read_text(), base_name), base_name, depth + 1)
+    return {**base, **{k: v for k, v in data.items() if k != "extends"}}

@@ -88,7 +88,9 @@ class Replay:
 
 @dataclass(frozen=True)
 class Azure:
-    """Azure Functions 2019 per-minute invocations (``HashOwner,HashApp,HashFunction,Trigger,1..1440``).
+    """Azure Functions 2019 per-minute invocations.
+
+    Columns ``HashOwner,HashApp,HashFunction,Trigger,1..1440``.
 
     Preprocessed as in the DFaaS reference: one trigger kind, per-minute counts summed into
     ``bins`` bins per day, min-max scaled per function to ``[0, scale_max]``, and kept only if

@@ -1,0 +1,87 @@
+"""Measure simulator throughput.
+
+Examples::
+
+    python -m simulator.bench --scenario dfaas-paise25 --envs 4096 --json
+    python -m simulator.bench --scenario mesh-10x3 --envs 512 --steps 50
+
+Steps a batch of ``--envs`` environments with a fixed-split policy after ``--warmup`` steps
+and reports env steps per second (one step of one environment), agent steps per second
+(env steps x agents), latency of one batch step, and peak memory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import time
+
+import numpy as np
+
+from policies.baselines import make_heuristic
+from simulator.env import EdgeEnv
+from simulator.evaluate import policy_context
+from simulator.scenario import load_scenario
+
+
+def measure(scenario_name: str, envs: int, steps: int, warmup: int, seed: int, policy: str) -> dict:
+    scenario = load_scenario(scenario_name)
+    env = EdgeEnv(scenario, num_envs=envs, seed=seed)
+    act = make_heuristic(policy, policy_context(env), seed=seed)
+    obs = env.reset()
+    actions = act(obs, env.action_mask())
+    durations = []
+    for i in range(warmup + steps):
+        if env.t >= env.steps:
+            env.reset()
+        start = time.perf_counter()
+        env.step(actions)
+        if i >= warmup:
+            durations.append(time.perf_counter() - start)
+    total = float(np.sum(durations))
+    ms = np.array(durations) * 1e3
+    return {
+        "scenario": scenario.name,
+        "envs": envs,
+        "agents": env.num_agents,
+        "steps_measured": steps,
+        "policy": policy,
+        "env_steps_per_s": envs * steps / total,
+        "agent_steps_per_s": envs * env.num_agents * steps / total,
+        "batch_step_ms_p50": float(np.percentile(ms, 50)),
+        "batch_step_ms_p95": float(np.percentile(ms, 95)),
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m simulator.bench",
+        description=__doc__.split("\n\n")[0],
+        epilog=__doc__.split("\n\n", 1)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--scenario", default="dfaas-paise25")
+    parser.add_argument("--envs", type=int, default=4096)
+    parser.add_argument("--steps", type=int, default=100, help="measured batch steps")
+    parser.add_argument("--warmup", type=int, default=20)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--policy",
+        default="fixed:0.6,0.4,0",
+        help="actions are computed once and replayed, so only the simulator is timed",
+    )
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args(argv)
+    result = measure(args.scenario, args.envs, args.steps, args.warmup, args.seed, args.policy)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        for key, value in result.items():
+            print(f"{key:<20} {value:,.1f}" if isinstance(value, float) else f"{key:<20} {value}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,111 @@
+"""The node model's order of operations, on queues and streams built by hand."""
+
+import numpy as np
+import pytest
+
+from policies.topology import Topology
+from simulator.engine import NodeModel, RequestTables
+from simulator.env import EdgeEnv
+
+
+class FixedSizes(RequestTables):
+    """Request tables whose draws come from a list, to build exact cases."""
+
+    def __init__(self, cpu_sizes):
+        object.__setattr__(self, "sizes", list(cpu_sizes))
+        object.__setattr__(self, "max_ram", 1.0)
+
+    def sample(self, gen, service):
+        out = np.array([self.sizes.pop(0) for _ in range(len(service))], np.float32)
+        return out, np.ones_like(out)
+
+
+def model(n_nodes=1, sizes=(), queue=10):
+    names = [f"n{i}" for i in range(n_nodes)]
+    nbrs = {a: [b for b in names if b != a] for a in names}
+    topo = Topology.build(names, ["f"], nbrs)
+    return NodeModel(topo, FixedSizes(sizes), 1, queue, np.random.default_rng(0))
+
+
+def put_queue(m, node, sizes):
+    m.q_cpu[0, node, : len(sizes)] = sizes
+    m.q_ram[0, node, : len(sizes)] = 1.0
+    m.q_len[0, node] = len(sizes)
+
+
+def step(m, local, forward=None, cpu=10.0, queue_cap=10):
+    n, k = m.N, m.K
+    forward = np.zeros((1, n, k, 1), np.int64) if forward is None else forward
+    return m.step(
+        0,
+        np.array(local).reshape(1, n, 1),
+        forward,
+        np.full(n, cpu, np.float32),
+        np.full(n, 1e6, np.float32),
+        np.full(n, queue_cap),
+        np.ones(n, bool),
+    )
+
+
+def test_queue_scan_is_first_fit_and_keeps_order():
+    m = model()
+    put_queue(m, 0, [6, 5, 3, 1, 4])
+    out = step(m, [0])
+    # 6 fits (4 left), 5 does not, 3 overtakes it (1 left), 1 fits (0 left), 4 does not.
+    assert out.processed[0, 0] == 3
+    assert m.q_cpu[0, 0, : m.q_len[0, 0]].tolist() == [5, 4]
+
+
+def test_new_requests_wait_behind_a_non_empty_queue():
+    m = model(sizes=[1, 1, 1])
+    put_queue(m, 0, [9, 9])
+    out = step(m, [3])
+    # 9 is processed, the second 9 stays; new requests are queued even though 1 would fit.
+    assert out.processed[0, 0] == 1 and m.q_len[0, 0] == 4
+    assert m.q_cpu[0, 0, :4].tolist() == [9, 1, 1, 1]
+
+
+def test_stream_prefix_stops_at_first_misfit_and_keeps_its_size():
+    # Draws: the stream window (4, 4, 3, 2, 2), then fresh sizes for the 3 queued requests,
+    # whose first (99) must be replaced by the observed size of the misfit (3).
+    m = model(sizes=[4, 4, 3, 2, 2, 99, 2, 2])
+    out = step(m, [5])
+    # 4+4 fit, 3 does not (2 left) and opens the queue; the later requests queue behind it.
+    assert out.processed[0, 0] == 2
+    assert m.q_cpu[0, 0, : m.q_len[0, 0]].tolist() == [3, 2, 2]
+
+
+def test_full_queue_rejects_and_blames_the_sender():
+    m = model(n_nodes=2, sizes=[20] * 9, queue=4)
+    forward = np.zeros((1, 2, 1, 1), np.int64)
+    forward[0, 0, 0, 0] = 3  # n0 forwards 3 requests to n1
+    out = step(m, [0, 2], forward, cpu=10.0, queue_cap=4)
+    # n1: its 2 local requests and 3 forwarded ones, none fits (20 > 10): 4 queue, 1 refused.
+    assert m.q_len[0, 1] == 4
+    assert out.local_rejects[0, 1, 0] == 0
+    assert out.forward_rejects[0, 0, 0, 0] == 1  # refused request counted for the sender n0
+
+
+@pytest.mark.parametrize("scenario", ["dfaas-paise25", "mesh-10x3-node-failure"])
+def test_every_request_is_accounted_for(scenario):
+    from simulator.scenario import load_scenario
+
+    env = EdgeEnv(load_scenario(scenario), num_envs=8, seed=5)
+    rng = np.random.default_rng(0)
+    _obs, done = env.reset(), False
+    while not done:
+        mask = env.action_mask()
+        a = rng.dirichlet(np.ones(env.action_dim), size=(8, env.num_agents)) * mask
+        _obs, _, done, _ = env.step(a)
+    t = env.totals
+    in_queue = env.model.q_len.sum(axis=1)
+    accounted = (
+        t.processed
+        + t.action_rejects
+        + t.queue_full_rejects
+        + t.forward_rejects
+        + t.split_dropped
+        + t.lost_on_failure
+        + in_queue
+    )
+    assert np.array_equal(accounted, t.input)

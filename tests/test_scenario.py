@@ -1,0 +1,83 @@
+import pytest
+
+from simulator.scenario import ScenarioError, bundled_names, load_scenario, parse_scenario
+
+BASE = {
+    "name": "tiny",
+    "nodes": [{"name": "a", "neighbours": ["b"]}, {"name": "b", "neighbours": ["a"]}],
+    "services": [
+        {
+            "name": "f",
+            "request_classes": [
+                {
+                    "cpu": {"min": 1, "mean": 2, "max": 3, "std": 1},
+                    "ram": {"min": 1, "mean": 2, "max": 3, "std": 1},
+                }
+            ],
+        }
+    ],
+    "workload": {"default": {"kind": "poisson", "rate": 5}},
+}
+
+
+def with_changes(**changes):
+    return {**BASE, **changes}
+
+
+def test_every_bundled_scenario_loads():
+    names = bundled_names()
+    assert {"dfaas-paise25", "dfaas-2", "mesh-10x3", "mesh-10x3-capacity-drop"} <= set(names)
+    for name in names:
+        assert load_scenario(name).name == name
+
+
+def test_reference_topology_keeps_adjacency_order(paise):
+    assert [n.neighbours for n in paise.nodes][3] == ("node_2", "node_0")
+    assert paise.max_degree == 3
+
+
+def test_extends_replaces_only_given_keys():
+    drop = load_scenario("mesh-10x3-capacity-drop")
+    base = load_scenario("mesh-10x3")
+    assert drop.nodes == base.nodes and len(drop.events) == 1 and drop.events[0].factor == 0.5
+
+
+@pytest.mark.parametrize(
+    ("data", "field", "hint"),
+    [
+        (
+            with_changes(nodes=[{"name": "a", "neighbours": ["c"]}, {"name": "b"}]),
+            "nodes[0].neighbours[0]",
+            "known nodes",
+        ),
+        (
+            with_changes(nodes=[{"name": "a", "neighbours": ["b"]}, {"name": "b"}]),
+            "nodes[0].neighbours[0]",
+            "symmetric",
+        ),
+        (
+            with_changes(workload={"default": {"kind": "poisson", "rat": 5}}),
+            "workload.default",
+            "allowed",
+        ),
+        (with_changes(workload={"default": {"kind": "sine"}}), "workload.default", "choose one of"),
+        (with_changes(steps=0), "steps", "> 0"),
+        (with_changes(reward="latency"), "reward", "latency_target_ms"),
+        (
+            with_changes(events=[{"at": 5, "kind": "fail", "node": "z"}]),
+            "events[0].node",
+            "known nodes",
+        ),
+        (with_changes(colour="blue"), "<top>", "unknown key"),
+        ({k: v for k, v in BASE.items() if k != "services"}, "services", "required"),
+    ],
+)
+def test_bad_scenarios_name_the_field(data, field, hint):
+    with pytest.raises(ScenarioError) as err:
+        parse_scenario(data, "tiny")
+    assert f"field '{field}'" in str(err.value) and hint in str(err.value)
+
+
+def test_unknown_bundled_name_lists_the_choices():
+    with pytest.raises(ScenarioError, match=r"bundled: .*dfaas-paise25"):
+        load_scenario("no-such-scenario")

@@ -1,0 +1,32 @@
+import numpy as np
+import pytest
+
+from policies.weights import largest_remainder, mesh_weights, reference_counts
+
+
+def test_largest_remainder_sums_exactly_and_is_proportional():
+    rng = np.random.default_rng(1)
+    f = rng.dirichlet(np.ones(5), size=1000)
+    total = rng.integers(0, 500, size=1000)
+    c = largest_remainder(f, total)
+    assert (c.sum(axis=-1) == total).all()
+    assert (np.abs(c - f * total[:, None]) < 1.0 + 1e-9).all()
+
+
+def test_mesh_weights_never_all_zero():
+    w = mesh_weights(np.array([[0.0, 0.0, 0.0], [1 / 3, 1 / 3, 1 / 3], [0.996, 0.002, 0.002]]))
+    assert (w.sum(axis=-1) == 100).all()
+    assert w[0].tolist() == [100, 0, 0]
+    assert w[1].tolist() == [34, 33, 33]
+
+
+@pytest.mark.parametrize(
+    ("fractions", "n", "expected"),
+    [
+        ([0.5, 0.3, 0.2], 10, [5, 3, 2]),
+        ([0.34, 0.33, 0.33], 10, [4, 3, 3]),  # floors 3,3,3; leftover 1 to the largest remainder
+        ([0.45, 0.45, 0.1], 11, [6, 4, 1]),  # floors 4,4,1; BOTH leftovers go to the first max
+    ],
+)
+def test_reference_counts_give_all_leftovers_to_one_share(fractions, n, expected):
+    assert reference_counts(np.array(fractions), np.array(n)).tolist() == expected

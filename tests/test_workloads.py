@@ -1,0 +1,85 @@
+import csv
+
+import numpy as np
+import pytest
+
+from simulator import workloads
+from simulator.scenario import WorkloadSpec
+
+
+def draw(kind, b=400, t=288, seed=0, **params):
+    return workloads.generate(WorkloadSpec(kind, params), np.random.default_rng(seed), b, t)
+
+
+def test_sinusoidal_matches_the_reference_statistics():
+    x = draw("sinusoidal")
+    assert x.dtype == np.int32 and x.min() >= 0 and x.max() <= 150
+    assert x.mean() == pytest.approx(62.8, abs=1.0)  # measured on the original: 62.8 per step
+    assert (x == 0).mean() == pytest.approx(0.32, abs=0.02)
+
+
+def test_normal_truncates_and_clips():
+    from scipy.stats import norm
+
+    x = draw("normal")
+    assert x.min() == 0 and x.max() <= 150
+    # int() truncates toward zero, then clip to [0, 150]: value k has P(k <= X < k + 1) for
+    # 1 <= k < 150, and 150 takes the whole upper tail.
+    k = np.arange(1, 150)
+    cdf = norm(61, 32).cdf
+    expected = (k * (cdf(k + 1) - cdf(k))).sum() + 150 * (1 - cdf(150))
+    assert x.mean() == pytest.approx(expected, abs=0.3)
+
+
+def test_same_seed_same_trace_and_different_seed_different_trace():
+    assert np.array_equal(draw("bursty", seed=3), draw("bursty", seed=3))
+    assert not np.array_equal(draw("bursty", seed=3), draw("bursty", seed=4))
+
+
+def test_bursty_spends_time_in_both_states():
+    x = draw("bursty", calm_rate=10, burst_rate=100, p_burst=0.05, p_calm=0.25)
+    assert 0.1 < (x > 55).mean() < 0.25  # stationary burst share 0.05 / 0.30 = 1/6
+
+
+def test_step_levels():
+    x = draw("step", b=2, t=10, levels=[[0, 5], [4, 50]], poisson=False)
+    assert x[0].tolist() == [5, 5, 5, 5, 50, 50, 50, 50, 50, 50]
+
+
+def test_replay_and_azure_formats(tmp_path):
+    replay = tmp_path / "series.csv"
+    replay.write_text("t,rate\n" + "".join(f"{i},{i * 10}\n" for i in range(5)))
+    x = draw("replay", b=1, t=7, path=str(replay), column="rate")
+    assert x[0].tolist() == [0, 10, 20, 30, 40, 0, 10]
+
+    azure = tmp_path / "invocations_per_function_md.anon.d01.csv"
+    minutes = np.arange(1440)
+    rows = {
+        "keep": 100 + 80 * np.sin(2 * np.pi * minutes / 1440),  # smooth daily cycle: passes filters
+        "flat": np.full(1440, 7.0),  # std 0 after scaling: filtered out
+        "timer": 100 + 80 * np.sin(2 * np.pi * minutes / 720),  # not http: filtered out
+    }
+    with open(azure, "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["HashOwner", "HashApp", "HashFunction", "Trigger", *map(str, range(1, 1441))])
+        for name, series in rows.items():
+            w.writerow(
+                [
+                    "o",
+                    "a",
+                    name,
+                    "timer" if name == "timer" else "http",
+                    *series.round().astype(int),
+                ]
+            )
+    kept = workloads.azure_functions(str(azure), "http", 288, 150.0, (30.0, 130.0), (10.0, 60.0))
+    assert kept.shape == (1, 288) and kept.max() == 150 and kept.min() == 0
+    x = draw("azure", b=3, t=288, path=str(azure))
+    assert (x == kept[0]).all()
+
+
+def test_azure_rejects_other_formats(tmp_path):
+    bad = tmp_path / "bad.csv"
+    bad.write_text("a,b,c\n1,2,3\n")
+    with pytest.raises(ValueError, match="Azure Functions 2019"):
+        draw("azure", b=1, t=288, path=str(bad))
