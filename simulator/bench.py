@@ -12,7 +12,6 @@ and reports env steps per second (one step of one environment), agent steps per 
 
 from __future__ import annotations
 
-import argparse
 import json
 import resource
 import time
@@ -20,6 +19,7 @@ import time
 import numpy as np
 
 from policies.baselines import make_heuristic
+from simulator.cli import parser_from_doc
 from simulator.env import EdgeEnv
 from simulator.evaluate import policy_context
 from simulator.scenario import load_scenario
@@ -56,12 +56,7 @@ def measure(scenario_name: str, envs: int, steps: int, warmup: int, seed: int, p
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m simulator.bench",
-        description=__doc__.split("\n\n")[0],
-        epilog=__doc__.split("\n\n", 1)[1],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    parser = parser_from_doc("python -m simulator.bench", __doc__)
     parser.add_argument("--scenario", default="dfaas-paise25")
     parser.add_argument("--envs", type=int, default=4096)
     parser.add_argument("--steps", type=int, default=100, help="measured batch steps")

@@ -14,7 +14,6 @@ with all resources and all arrivals, every request served locally.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import sys
@@ -23,6 +22,7 @@ import numpy as np
 from tqdm import tqdm
 
 from policies.baselines import PolicyContext, PolicyError, make_heuristic
+from simulator.cli import parser_from_doc
 from simulator.env import ActionMode, EdgeEnv
 from simulator.scenario import Scenario, ScenarioError, WorkloadSpec, load_scenario
 
@@ -85,12 +85,7 @@ def summarise(per_episode: dict[str, np.ndarray]) -> dict[str, float]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m simulator.evaluate",
-        description=__doc__.split("\n\n")[0],
-        epilog=__doc__.split("\n\n", 1)[1],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    parser = parser_from_doc("python -m simulator.evaluate", __doc__)
     parser.add_argument("--scenario", default="dfaas-paise25", help="bundled name or YAML path")
     parser.add_argument(
         "--policy", default="apl", help="heuristic name, fixed:L,F,R, or global-node (bound)"
