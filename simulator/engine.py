@@ -298,9 +298,13 @@ class NodeModel:
     def _stream_segments(
         self, lanes: np.ndarray, index: np.ndarray, seg_end: np.ndarray
     ) -> np.ndarray:
-        """Segment of stream position ``index`` (shape ``(m, W)``) in each lane."""
+        """Segment of stream position ``index`` (shape ``(m, W)``) in each lane.
+
+        Positions past the end of a lane's stream (padding of the window) map to the last
+        segment, so lookups stay in range; they are masked out by the caller."""
         ends = seg_end.reshape(-1, seg_end.shape[-1])[lanes]
-        return (ends[:, None, :] <= index[:, :, None]).sum(axis=-1)
+        seg = (ends[:, None, :] <= index[:, :, None]).sum(axis=-1)
+        return np.minimum(seg, ends.shape[-1] - 1)
 
     def _process_prefix(self, empty, total, seg_end, rem_cpu, rem_ram, cpu_cap, lat, t):
         """In lanes whose queue emptied, process the stream while requests fit."""
@@ -321,7 +325,7 @@ class NodeModel:
             need = index < tot[lanes][:, None]
             if self.needs_metadata:
                 seg = self._stream_segments(lanes, index, seg_end)
-                service = self.seg_service[np.minimum(seg, len(self.seg_service) - 1)]
+                service = self.seg_service[seg]
             else:
                 service = np.zeros(need.shape, np.int64)
             cpu = np.zeros(need.shape, np.float32)
@@ -340,13 +344,8 @@ class NodeModel:
                 cap = np.maximum(cpu_cap[node], 1e-9)
                 consumed_before = (cpu_cap[node] - rc)[:, None]
                 ms = (consumed_before + cum_cpu) / cap[:, None] * self.step_ms
-                ms = (
-                    ms
-                    + self.seg_link_ms[
-                        node[:, None], np.minimum(seg, self.seg_link_ms.shape[1] - 1)
-                    ]
-                )
-                agent = self.seg_agent[node[:, None], np.minimum(seg, self.seg_agent.shape[1] - 1)]
+                ms = ms + self.seg_link_ms[node[:, None], seg]
+                agent = self.seg_agent[node[:, None], seg]
                 lat.add_flat(lanes // self.N, agent, ms, fit)
             stopped = (k < width) & need[np.arange(len(k)), np.minimum(k, width - 1)]
             idx = np.minimum(k, width - 1)

@@ -162,13 +162,12 @@ class EdgeEnv:
             scenario.step_seconds,
             track_latency=scenario.models_latency,
         )
-        mean_cpu = np.array(
+        self.mean_cost = np.array(
             [
                 sum(c.weight * c.cpu.mean for c in s.classes) / sum(c.weight for c in s.classes)
                 for s in scenario.services
             ]
         )
-        self.mean_cost = mean_cpu
         self.target_ms = np.array(
             [s.latency_target_ms or np.nan for s in scenario.services], dtype=float
         )

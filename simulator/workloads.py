@@ -260,9 +260,8 @@ def validate(kind: str, params: Mapping[str, Any]) -> Any:
         if key in values:
             values[key] = tuple(values[key])
     spec = cls(**values)
-    for key in ("path",):
-        if getattr(spec, key, None) is not None and kind in ("replay", "azure") and not spec.path:
-            raise ValueError(f"workload {kind!r} needs 'path' (a CSV file)")
+    if kind in ("replay", "azure") and not spec.path:
+        raise ValueError(f"workload {kind!r} needs 'path' (a CSV file)")
     if kind == "replay" and not spec.column:
         raise ValueError("workload 'replay' needs 'column' (the CSV column to replay)")
     return spec
