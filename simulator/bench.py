@@ -21,7 +21,7 @@ import numpy as np
 from policies.baselines import make_heuristic
 from simulator.cli import parser_from_doc
 from simulator.env import EdgeEnv
-from simulator.evaluate import policy_context
+from simulator.episodes import policy_context
 from simulator.scenario import load_scenario
 
 

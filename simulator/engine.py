@@ -158,6 +158,7 @@ class NodeModel:
         self.q_ram = np.zeros(shape, np.float32)
         self.q_born = np.zeros(shape, np.int32)
         self.q_agent = np.zeros(shape, np.int32)
+        self.q_arrival_ms = np.zeros(shape, np.float32)
         self.q_len = np.zeros((self.B, self.N), np.int64)
 
     def drop_queues(self, nodes: np.ndarray) -> np.ndarray:
@@ -188,9 +189,8 @@ class NodeModel:
         # (a) first-fit scan of the old queue.
         processed_q, remaining_cpu, remaining_ram, position = self._scan_queue(cpu_cap, ram_cap)
         if lat is not None:
-            wait = (t - self.q_born) * self.step_ms + position / np.maximum(cpu_cap, 1e-9)[
-                :, None
-            ] * self.step_ms
+            finish = position / np.maximum(cpu_cap, 1e-9)[:, None] * self.step_ms
+            wait = (t - self.q_born) * self.step_ms + finish - self.q_arrival_ms
             wait = (
                 wait + self.topo.link_matrix[self.agent_node[self.q_agent], np.arange(N)[:, None]]
             )
@@ -214,7 +214,7 @@ class NodeModel:
         queued = np.clip(total - prefix, 0, room)
         reject_from = prefix + queued
         rejected = np.clip(seg_end - np.maximum(seg_start, reject_from[..., None]), 0, seg_n)
-        self._append(t, queued, prefix, seg_end, failed_cpu, failed_ram, has_failed)
+        self._append(t, queued, prefix, total, seg_end, failed_cpu, failed_ram, has_failed)
 
         out = StepOutcome(
             processed=processed,
@@ -287,13 +287,20 @@ class NodeModel:
         """Move kept requests to the front of each queue, preserving their order."""
         order = torch.from_numpy(np.argsort(~keep, axis=-1, kind="stable"))
         fields = (
-            ("q_cpu", "q_ram", "q_born", "q_agent") if self.needs_metadata else ("q_cpu", "q_ram")
+            ("q_cpu", "q_ram", "q_born", "q_agent", "q_arrival_ms")
+            if self.needs_metadata
+            else ("q_cpu", "q_ram")
         )
         for name in fields:
             setattr(
                 self, name, torch.gather(torch.from_numpy(getattr(self, name)), -1, order).numpy()
             )
         self.q_len = keep.sum(axis=-1, dtype=np.int16).astype(np.int64)
+
+    def _arrival_ms(self, position: np.ndarray, total: np.ndarray) -> np.ndarray:
+        """Arrival time within the step of stream ``position`` out of ``total``: a step's
+        requests arrive evenly spread over it, in stream order."""
+        return (position / np.maximum(total, 1) * self.step_ms).astype(np.float32)
 
     def _stream_segments(
         self, lanes: np.ndarray, index: np.ndarray, seg_end: np.ndarray
@@ -314,6 +321,7 @@ class NodeModel:
         failed_ram = np.zeros(L, np.float32)
         has_failed = np.zeros(L, bool)
         prefix_used = np.zeros(L, np.float32)
+        idle_carry = np.full(L, -np.inf)
         lanes = np.flatnonzero(empty.reshape(-1))
         tot = total.reshape(-1)
         rc = rem_cpu.reshape(-1)[lanes].astype(np.float32)
@@ -341,10 +349,16 @@ class NodeModel:
             prefix_used[lanes] += used_here
             if lat is not None:
                 node = lanes % self.N
-                cap = np.maximum(cpu_cap[node], 1e-9)
-                consumed_before = (cpu_cap[node] - rc)[:, None]
-                ms = (consumed_before + cum_cpu) / cap[:, None] * self.step_ms
-                ms = ms + self.seg_link_ms[node[:, None], seg]
+                ms_per_cpu = self.step_ms / np.maximum(cpu_cap[node], 1e-9)[:, None]
+                busy_until = (cpu_cap[node] - rc)[:, None] + cum_cpu  # CPU consumed, in order
+                arrival = self._arrival_ms(index, tot[lanes][:, None])
+                # Lindley's recursion as a running maximum: a request finishes when the work
+                # before it is done, unless the server idled waiting for a later arrival.
+                idle = np.where(need, arrival - (busy_until - cpu) * ms_per_cpu, -np.inf)
+                idle = np.maximum.accumulate(np.maximum(idle, idle_carry[lanes][:, None]), axis=1)
+                idle_carry[lanes] = idle[:, -1]
+                finish = busy_until * ms_per_cpu + np.maximum(idle, 0.0)
+                ms = finish - arrival + self.seg_link_ms[node[:, None], seg]
                 agent = self.seg_agent[node[:, None], seg]
                 lat.add_flat(lanes // self.N, agent, ms, fit)
             stopped = (k < width) & need[np.arange(len(k)), np.minimum(k, width - 1)]
@@ -372,7 +386,9 @@ class NodeModel:
             has_failed.reshape(shape),
         )
 
-    def _append(self, t, queued, prefix, seg_end, failed_cpu, failed_ram, has_failed) -> None:
+    def _append(
+        self, t, queued, prefix, total, seg_end, failed_cpu, failed_ram, has_failed
+    ) -> None:
         """Write the queued part of the stream behind the kept requests."""
         rel = self.slot - self.q_len[..., None]
         new = (rel >= 0) & (rel < queued[..., None])
@@ -381,11 +397,11 @@ class NodeModel:
             if self.needs_metadata:
                 b, n, s = np.nonzero(new)
                 lane = b * self.N + n
-                seg = self._stream_segments(
-                    lane, (prefix[b, n] + s - self.q_len[b, n])[:, None], seg_end
-                )[:, 0]
+                position = prefix[b, n] + s - self.q_len[b, n]
+                seg = self._stream_segments(lane, position[:, None], seg_end)[:, 0]
                 service = self.seg_service[seg]
                 self.q_born[new] = t
+                self.q_arrival_ms[new] = self._arrival_ms(position, total[b, n])
                 self.q_agent[new] = self.seg_agent[n, seg]
             else:
                 service = np.zeros(count, np.int64)

@@ -36,6 +36,11 @@ from simulator.scenario import Scenario
 ActionMode = Literal["split3", "neighbours"]
 
 
+def default_action_mode(scenario: Scenario) -> ActionMode:
+    """The reference scenarios keep the reference's 3-way split; meshes route per neighbour."""
+    return "split3" if scenario.reward == "dfaas" else "neighbours"
+
+
 def topology_of(scenario: Scenario) -> Topology:
     return Topology.build(
         nodes=scenario.node_names,
@@ -81,6 +86,22 @@ class Timeline:
         return cls(cpu=cpu, ram=ram, queue=queue, active=active, surge=surge)
 
 
+def sample_arrivals(
+    scenario: Scenario, timeline: Timeline, rng: np.random.Generator, num_envs: int
+) -> np.ndarray:
+    """``(B, T, N, S)`` request counts per step: each (node, service) workload, times the
+    surges, clipped to ``max_arrivals``, zero while a node is down."""
+    b, t = num_envs, scenario.steps
+    arrivals = np.zeros((b, t, len(scenario.nodes), len(scenario.services)), np.int64)
+    for j, node in enumerate(scenario.node_names):
+        for i, svc in enumerate(scenario.service_names):
+            spec = scenario.workloads[(node, svc)]
+            arrivals[:, :, j, i] = workloads.generate(spec, rng, b, t, clip_to=None)
+    arrivals = arrivals * timeline.surge[None, :, :, None]
+    arrivals = np.clip(np.trunc(arrivals), 0, scenario.max_arrivals).astype(np.int64)
+    return np.where(timeline.active[None, :, :, None], arrivals, 0)
+
+
 @dataclass
 class EpisodeTotals:
     """Running sums over the current episode, per environment."""
@@ -102,6 +123,7 @@ class EpisodeTotals:
     latency_sum_ms: np.ndarray = field(init=False)
     latency_count: np.ndarray = field(init=False)
     latency_hist: np.ndarray = field(init=False)
+    cost_s: np.ndarray = field(init=False)
 
     def __post_init__(self) -> None:
         b = self.num_envs
@@ -116,6 +138,7 @@ class EpisodeTotals:
             "lost_on_failure",
             "latency_sum_ms",
             "latency_count",
+            "cost_s",
         ):
             setattr(self, name, np.zeros(b))
         self.agent_return = np.zeros((b, self.num_agents))
@@ -136,9 +159,7 @@ class EdgeEnv:
     ):
         self.scenario = scenario
         self.num_envs = num_envs
-        self.action_mode: ActionMode = action_mode or (
-            "split3" if scenario.reward == "dfaas" else "neighbours"
-        )
+        self.action_mode: ActionMode = action_mode or default_action_mode(scenario)
         if self.action_mode not in ("split3", "neighbours"):
             raise ValueError(
                 f"action_mode must be 'split3' or 'neighbours', got {self.action_mode!r}"
@@ -162,12 +183,7 @@ class EdgeEnv:
             scenario.step_seconds,
             track_latency=scenario.models_latency,
         )
-        self.mean_cost = np.array(
-            [
-                sum(c.weight * c.cpu.mean for c in s.classes) / sum(c.weight for c in s.classes)
-                for s in scenario.services
-            ]
-        )
+        self.mean_cost = np.array([s.mean_cpu for s in scenario.services])
         self.target_ms = np.array(
             [s.latency_target_ms or np.nan for s in scenario.services], dtype=float
         )
@@ -192,15 +208,8 @@ class EdgeEnv:
         """Start new episodes in every environment; returns ``(B, A, obs_dim)`` observations."""
         if seed is not None:
             self._seed_rng(seed)
-        b, t, n, s = self.num_envs, self.steps, self.topology.num_nodes, self.topology.num_services
-        arrivals = np.zeros((b, t, n, s), np.int64)
-        for j, node in enumerate(self.scenario.node_names):
-            for i, svc in enumerate(self.scenario.service_names):
-                spec = self.scenario.workloads[(node, svc)]
-                arrivals[:, :, j, i] = workloads.generate(spec, self.rng, b, t, clip_to=None)
-        arrivals = arrivals * self.timeline.surge[None, :, :, None]
-        arrivals = np.clip(np.trunc(arrivals), 0, self.scenario.max_arrivals).astype(np.int64)
-        self.arrivals = np.where(self.timeline.active[None, :, :, None], arrivals, 0)
+        b, n, s = self.num_envs, self.topology.num_nodes, self.topology.num_services
+        self.arrivals = sample_arrivals(self.scenario, self.timeline, self.rng, b)
         self.model.reset()
         self.t = 0
         self.totals = EpisodeTotals(b, n, self.num_agents)
@@ -280,7 +289,11 @@ class EdgeEnv:
                 tl.queue[t][None, :, None] - out.queue_length[..., None],
             )
         else:
-            rewards = self._latency_reward(out, rejected, arrivals)
+            # Cost per arriving request in units of the mean latency target, negated.
+            cost_s = self._latency_cost_s(out, rejected)
+            self.totals.cost_s += cost_s.sum(axis=1)
+            per_request = cost_s / np.maximum(arrivals.reshape(self.num_envs, -1), 1)
+            rewards = -per_request / (np.mean(self.target_ms) / 1000.0)
         rewards = rewards.reshape(self.num_envs, -1)
 
         tot = self.totals
@@ -370,14 +383,14 @@ class EdgeEnv:
         """Global state for a centralised critic: all agents' observations, ``(B, A * obs_dim)``."""
         return self._observe().reshape(self.num_envs, -1)
 
-    def _latency_reward(self, out, rejected: np.ndarray, arrivals: np.ndarray) -> np.ndarray:
-        """Cost per request, negated: latency over target for served requests, a fixed penalty
-        for rejected ones, averaged over this step's arrivals of the agent."""
-        b, n, s = arrivals.shape
-        target = np.repeat(np.nan_to_num(self.target_ms, nan=1000.0)[None, :], n, 0).reshape(-1)
-        latency_cost = out.latency_sum_ms / target[None, :]
-        cost = latency_cost + self.scenario.reject_penalty * rejected.reshape(b, -1)
-        return -(cost / np.maximum(arrivals.reshape(b, -1), 1.0)).reshape(b, n, s)
+    def _latency_cost_s(self, out, rejected: np.ndarray) -> np.ndarray:
+        """``(B, A)`` this step's cost in seconds: every served request's latency plus, for
+        every rejected one, ``reject_penalty`` times its service's latency target. This is the
+        fluid-model oracle's objective, so simulated costs and the oracle's are comparable."""
+        b = rejected.shape[0]
+        n = self.topology.num_nodes
+        penalty_ms = self.scenario.reject_penalty * np.tile(self.target_ms, n)
+        return (out.latency_sum_ms + penalty_ms[None, :] * rejected.reshape(b, -1)) / 1000.0
 
     # ------------------------------------------------------------------------------------
     def episode_metrics(self) -> dict[str, np.ndarray]:
@@ -403,6 +416,7 @@ class EdgeEnv:
         if self.scenario.models_latency:
             m["latency_mean_ms"] = tot.latency_sum_ms / np.maximum(tot.latency_count, 1)
             m["latency_p95_ms"] = _hist_quantile(tot.latency_hist, 0.95)
+            m["cost_per_request_s"] = tot.cost_s / inp
         return m
 
 

@@ -6,89 +6,36 @@ Examples::
     python -m simulator.evaluate --scenario dfaas-paise25 --policy fixed:0.6,0.4,0 --json
     python -m simulator.evaluate --scenario dfaas-paise25 --policy global-node --episodes 100
     python -m simulator.evaluate --scenario dfaas-paise25 --workload normal --policy apl
+    python -m simulator.evaluate --scenario mesh-10x3 --policy oracle --episodes 20
+    python -m simulator.evaluate --scenario mesh-10x3 --compare --episodes 20 --plot cmp.png
 
 Episodes run as one vectorised batch (``--envs`` at a time), so 100 episodes cost about as
 much as a few. ``global-node`` is the reference upper bound: the scenario pooled into one node
-with all resources and all arrivals, every request served locally.
+with all resources and all arrivals, every request served locally. ``oracle`` (scenarios with
+latency targets) plays the fluid-model optimum, re-solved after every event. ``--compare`` runs
+every baseline and the bound or oracle side by side, with costs relative to the oracle.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import sys
 
-import numpy as np
-from tqdm import tqdm
-
-from policies.baselines import PolicyContext, PolicyError, make_heuristic
+from policies.baselines import PolicyError
 from simulator.cli import parser_from_doc
-from simulator.env import ActionMode, EdgeEnv
+from simulator.compare import compare, default_policies, format_table, plot
+from simulator.env import default_action_mode
+from simulator.episodes import run_episodes, summarise
 from simulator.scenario import Scenario, ScenarioError, WorkloadSpec, load_scenario
-
-BOUNDS = ("global-node",)
-
-
-def policy_context(env: EdgeEnv) -> PolicyContext:
-    scenario = env.scenario
-    node = scenario.nodes[0]
-    return PolicyContext(
-        action_mode=env.action_mode,
-        max_degree=env.topology.max_degree,
-        local_capacity=math.floor(node.cpu / float(np.mean(env.mean_cost))),
-        queue_capacity=float(node.queue_capacity),
-    )
-
-
-def run_episodes(
-    scenario: Scenario,
-    policy: str,
-    episodes: int,
-    seed: int,
-    num_envs: int = 100,
-    action_mode: ActionMode | None = None,
-    progress: bool = False,
-) -> dict[str, np.ndarray]:
-    """Per-episode metrics of ``policy`` over ``episodes`` episodes (arrays of length episodes)."""
-    if policy == "global-node":
-        scenario, policy = scenario.pooled(), "apl"
-    batch = max(1, min(num_envs, episodes))
-    env = EdgeEnv(scenario, num_envs=batch, action_mode=action_mode, seed=seed)
-    act = make_heuristic(policy, policy_context(env), seed=seed)
-    results: dict[str, list[np.ndarray]] = {}
-    rounds = math.ceil(episodes / batch)
-    bar = tqdm(
-        total=rounds * env.steps,
-        desc=f"{scenario.name} {policy}",
-        disable=not progress,
-        unit="step",
-        leave=False,
-    )
-    for _ in range(rounds):
-        obs, done = env.reset(), False
-        while not done:
-            obs, _, done, _ = env.step(act(obs, env.action_mask()))
-            bar.update(1)
-        for key, value in env.episode_metrics().items():
-            results.setdefault(key, []).append(value)
-    bar.close()
-    return {k: np.concatenate(v)[:episodes] for k, v in results.items()}
-
-
-def summarise(per_episode: dict[str, np.ndarray]) -> dict[str, float]:
-    out: dict[str, float] = {}
-    for key, values in per_episode.items():
-        out[key] = float(np.nanmean(values))
-        out[f"{key}_std"] = float(np.nanstd(values))
-    out["episodes"] = len(next(iter(per_episode.values())))
-    return out
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = parser_from_doc("python -m simulator.evaluate", __doc__)
     parser.add_argument("--scenario", default="dfaas-paise25", help="bundled name or YAML path")
     parser.add_argument(
-        "--policy", default="apl", help="heuristic name, fixed:L,F,R, or global-node (bound)"
+        "--policy",
+        help="heuristic name, fixed:L,F,R, oracle, or global-node (default apl; with "
+        "--compare, an extra policy to add to the table)",
     )
     parser.add_argument("--episodes", type=int, default=100)
     parser.add_argument("--seed", type=int, default=0)
@@ -96,11 +43,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workload", help="replace every workload by this kind (e.g. normal)")
     parser.add_argument("--action-mode", choices=("split3", "neighbours"))
     parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument(
+        "--compare", action="store_true", help="run every baseline and the bound/oracle too"
+    )
+    parser.add_argument("--plot", metavar="PNG", help="with --compare: save a bar chart")
     args = parser.parse_args(argv)
     try:
         scenario = load_scenario(args.scenario)
         if args.workload:
             scenario = scenario.with_workload(WorkloadSpec(args.workload, {}))
+        if args.compare:
+            return _compare(scenario, args)
+        args.policy = args.policy or "apl"
         per_episode = run_episodes(
             scenario,
             args.policy,
@@ -127,6 +81,30 @@ def main(argv: list[str] | None = None) -> int:
     )
     for key in per_episode:
         print(f"  {key:<26} {summary[key]:>12.3f}  +/- {summary[key + '_std']:.3f}")
+    return 0
+
+
+def _compare(scenario: Scenario, args) -> int:
+    mode = args.action_mode or default_action_mode(scenario)
+    names = default_policies(scenario, mode)
+    if args.policy and args.policy not in names:
+        names.insert(0, args.policy)
+    rows = compare(
+        scenario,
+        names,
+        args.episodes,
+        args.seed,
+        args.envs,
+        mode,
+        progress=not args.json and sys.stderr.isatty(),
+    )
+    if args.plot:
+        plot(rows, args.plot, f"{scenario.name}: {args.episodes} episodes, seed {args.seed}")
+    if args.json:
+        print(json.dumps({"scenario": scenario.name, "seed": args.seed, "policies": rows}))
+    else:
+        print(f"{scenario.name}  episodes={args.episodes}  seed={args.seed}")
+        print(format_table(rows))
     return 0
 
 

@@ -48,6 +48,12 @@ class Service:
     classes: tuple[RequestClass, ...]
     latency_target_ms: float | None = None
 
+    @property
+    def mean_cpu(self) -> float:
+        """Mean CPU of one request over the class mix (the work unit of the fluid model)."""
+        total = sum(c.weight for c in self.classes)
+        return sum(c.weight * c.cpu.mean for c in self.classes) / total
+
 
 @dataclass(frozen=True)
 class Node:

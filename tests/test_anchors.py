@@ -7,7 +7,7 @@ split, the reward) moves the numbers out of them.
 
 import pytest
 
-from simulator.evaluate import run_episodes, summarise
+from simulator.episodes import run_episodes, summarise
 from simulator.scenario import WorkloadSpec
 
 ANCHORS = [

@@ -109,3 +109,62 @@ def test_every_request_is_accounted_for(scenario):
         + in_queue
     )
     assert np.array_equal(accounted, t.input)
+
+
+@pytest.mark.parametrize(
+    ("sizes", "expected_ms"),
+    [
+        # Arrivals at 0 and 500 ms; 10 CPU at 100 CPU/s takes 100 ms: nobody waits.
+        ([10, 10], [100, 100]),
+        # 60 CPU takes 600 ms: the second request arrives at 500 ms and waits 100 ms.
+        ([60, 30], [600, 400]),
+    ],
+)
+def test_latency_spreads_arrivals_over_the_step_and_queues_behind_work(sizes, expected_ms):
+    names = ["n0"]
+    topo = Topology.build(names, ["f"], {"n0": []})
+    m = NodeModel(
+        topo,
+        FixedSizes(sizes),
+        1,
+        10,
+        np.random.default_rng(0),
+        step_seconds=1.0,
+        track_latency=True,
+    )
+    out = m.step(
+        0,
+        np.array([[[2]]]),
+        np.zeros((1, 1, 0, 1), np.int64),
+        np.array([100.0], np.float32),
+        np.array([1e6], np.float32),
+        np.array([10]),
+        np.ones(1, bool),
+    )
+    assert out.latency_count[0, 0] == 2
+    assert out.latency_sum_ms[0, 0] == pytest.approx(sum(expected_ms), rel=1e-5)
+
+
+def test_queued_request_latency_counts_from_its_arrival():
+    topo = Topology.build(["n0"], ["f"], {"n0": []})
+    # 80 fits; 40 arrives at 500 ms, does not fit (20 CPU left) and waits for the next step.
+    m = NodeModel(
+        topo,
+        FixedSizes([80, 40, 0]),
+        1,
+        10,
+        np.random.default_rng(0),
+        step_seconds=1.0,
+        track_latency=True,
+    )
+    args = (
+        np.zeros((1, 1, 0, 1), np.int64),
+        np.array([100.0], np.float32),
+        np.array([1e6], np.float32),
+        np.array([10]),
+        np.ones(1, bool),
+    )
+    m.step(0, np.array([[[2]]]), *args)
+    out = m.step(1, np.array([[[0]]]), *args)
+    # It starts the next step at 1000 ms and takes 400 ms: 900 ms after it arrived.
+    assert out.latency_sum_ms[0, 0] == pytest.approx(900.0, rel=1e-5)

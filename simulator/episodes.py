@@ -1,0 +1,89 @@
+"""Running policies over batches of episodes: the one loop that evaluation, comparison and
+benchmarks share."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from tqdm import tqdm
+
+from policies.baselines import Policy, PolicyContext, PolicyError, make_heuristic
+from simulator.env import ActionMode, EdgeEnv
+from simulator.fluid import oracle_schedule
+from simulator.scenario import Scenario
+
+BOUNDS = ("global-node",)
+
+
+def policy_context(env: EdgeEnv) -> PolicyContext:
+    scenario = env.scenario
+    node = scenario.nodes[0]
+    return PolicyContext(
+        action_mode=env.action_mode,
+        max_degree=env.topology.max_degree,
+        local_capacity=math.floor(node.cpu / float(np.mean(env.mean_cost))),
+        queue_capacity=float(node.queue_capacity),
+    )
+
+
+def build_policy(policy: str, env: EdgeEnv, seed: int) -> Policy:
+    """A heuristic by name, or ``oracle``: the fluid-model optimum of the current piece of
+    the scenario (re-solved after every event), played open-loop."""
+    if policy != "oracle":
+        return make_heuristic(policy, policy_context(env), seed=seed)
+    if env.action_mode != "neighbours":
+        raise PolicyError("policy 'oracle' routes per neighbour: use --action-mode neighbours")
+    try:
+        schedule = oracle_schedule(env.scenario, seed=seed)
+    except ValueError as exc:
+        raise PolicyError(f"policy 'oracle': {exc}") from exc
+
+    def act(obs: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        return np.broadcast_to(schedule.weights_at(env.t), (*obs.shape[:2], env.action_dim))
+
+    return act
+
+
+def run_episodes(
+    scenario: Scenario,
+    policy: str,
+    episodes: int,
+    seed: int,
+    num_envs: int = 100,
+    action_mode: ActionMode | None = None,
+    progress: bool = False,
+) -> dict[str, np.ndarray]:
+    """Per-episode metrics of ``policy`` over ``episodes`` episodes (arrays of length episodes)."""
+    if policy == "global-node":
+        scenario, policy = scenario.pooled(), "apl"
+    batch = max(1, min(num_envs, episodes))
+    env = EdgeEnv(scenario, num_envs=batch, action_mode=action_mode, seed=seed)
+    act = build_policy(policy, env, seed)
+    results: dict[str, list[np.ndarray]] = {}
+    rounds = math.ceil(episodes / batch)
+    bar = tqdm(
+        total=rounds * env.steps,
+        desc=f"{scenario.name} {policy}",
+        disable=not progress,
+        unit="step",
+        leave=False,
+    )
+    for _ in range(rounds):
+        obs, done = env.reset(), False
+        while not done:
+            obs, _, done, _ = env.step(act(obs, env.action_mask()))
+            bar.update(1)
+        for key, value in env.episode_metrics().items():
+            results.setdefault(key, []).append(value)
+    bar.close()
+    return {k: np.concatenate(v)[:episodes] for k, v in results.items()}
+
+
+def summarise(per_episode: dict[str, np.ndarray]) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for key, values in per_episode.items():
+        out[key] = float(np.nanmean(values))
+        out[f"{key}_std"] = float(np.nanstd(values))
+    out["episodes"] = len(next(iter(per_episode.values())))
+    return out
