@@ -339,6 +339,7 @@ class EdgeEnv:
             "local": local,
             "forward": forward,
             "reject": reject,
+            "lost": rejected + dropped,  # (B, N, S) by the agent that routed them, all causes
             "processed": out.processed,
             "queue_length": out.queue_length,
         }

@@ -4,10 +4,12 @@ benchmarks share."""
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
+from policies import checkpoint
 from policies.baselines import Policy, PolicyContext, PolicyError, make_heuristic
 from simulator.env import ActionMode, EdgeEnv
 from simulator.fluid import oracle_schedule
@@ -27,9 +29,24 @@ def policy_context(env: EdgeEnv) -> PolicyContext:
     )
 
 
-def build_policy(policy: str, env: EdgeEnv, seed: int) -> Policy:
-    """A heuristic by name, or ``oracle``: the fluid-model optimum of the current piece of
-    the scenario (re-solved after every event), played open-loop."""
+def is_checkpoint(policy: str) -> bool:
+    return policy.endswith((".pt", ".json")) or Path(policy).is_dir()
+
+
+def build_policy(policy: str | Policy, env: EdgeEnv, seed: int) -> Policy:
+    """A policy object as is; a checkpoint path (directory, ``policy.pt`` or ``policy.json``),
+    checked against the environment's layout; a heuristic by name; or ``oracle``: the
+    fluid-model optimum of the current piece of the scenario (re-solved after every event),
+    played open-loop."""
+    if callable(policy):
+        return policy
+    if is_checkpoint(policy):
+        try:
+            loaded = checkpoint.load(policy)
+            loaded.check(env.action_mode, env.topology.max_degree)
+        except checkpoint.CheckpointError as exc:
+            raise PolicyError(str(exc)) from exc
+        return loaded
     if policy != "oracle":
         return make_heuristic(policy, policy_context(env), seed=seed)
     if env.action_mode != "neighbours":
@@ -47,7 +64,7 @@ def build_policy(policy: str, env: EdgeEnv, seed: int) -> Policy:
 
 def run_episodes(
     scenario: Scenario,
-    policy: str,
+    policy: str | Policy,
     episodes: int,
     seed: int,
     num_envs: int = 100,
@@ -64,7 +81,7 @@ def run_episodes(
     rounds = math.ceil(episodes / batch)
     bar = tqdm(
         total=rounds * env.steps,
-        desc=f"{scenario.name} {policy}",
+        desc=f"{scenario.name} {policy if isinstance(policy, str) else 'policy'}",
         disable=not progress,
         unit="step",
         leave=False,

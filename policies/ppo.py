@@ -1,0 +1,143 @@
+"""The pieces of PPO that deserve unit tests: advantages, the clipped objective, value
+normalisation, and every hyperparameter in one place.
+
+Defaults follow the MAPPO paper's practice for easy cooperative tasks (few large
+minibatches, clip 0.2, Huber value loss, gradient-norm limit) adapted to this environment:
+the DFaaS reward is almost immediate, so a short horizon (gamma 0.7, lambda 0.3, as the
+reference's later work used) learns faster without losing anything real.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass
+class PPOConfig:
+    """Every hyperparameter of training; the CLI and a YAML/JSON config file override them."""
+
+    algo: str = "mappo"  # "mappo" (centralised critic) or "ippo" (local critics)
+    num_envs: int = 32
+    rollout_steps: int = 96  # steps per environment between updates
+    accept_bonus: float = 0.0
+    """Training-only reward term: this much times the share of the agent's arrivals that were
+    not rejected or lost. The reference reward alone stops counting a reject as a mistake once
+    any forward was refused; the bonus keeps the value of a served request visible."""
+    gamma: float = 0.7
+    gae_lambda: float = 0.3
+    learning_rate: float = 1e-3
+    anneal_lr: bool = True
+    update_epochs: int = 5
+    num_minibatches: int = 2
+    clip_coef: float = 0.2
+    value_clip: float = 0.2
+    huber_delta: float = 10.0
+    ent_coef_start: float = 0.01
+    ent_coef_end: float = 0.0
+    vf_coef: float = 0.5
+    max_grad_norm: float = 10.0
+    hidden: int = 64
+    layers: int = 2
+    eval_every: int = 20  # updates between evaluations
+    eval_episodes: int = 16
+
+    def entropy_coef(self, progress: float) -> float:
+        """Linear schedule from start to end over training (``progress`` in [0, 1])."""
+        return self.ent_coef_start + (self.ent_coef_end - self.ent_coef_start) * progress
+
+    def replace(self, **changes) -> PPOConfig:
+        unknown = set(changes) - {f.name for f in dataclasses.fields(self)}
+        if unknown:
+            raise ValueError(
+                f"unknown hyperparameter(s) {sorted(unknown)}; known: "
+                f"{sorted(f.name for f in dataclasses.fields(self))}"
+            )
+        return dataclasses.replace(self, **changes)
+
+
+def gae(
+    rewards: torch.Tensor,
+    values: torch.Tensor,
+    next_value: torch.Tensor,
+    dones: torch.Tensor,
+    gamma: float,
+    lam: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalised advantage estimation over a ``(T, ...)`` rollout.
+
+    ``dones[t]`` is 1 when the episode ended *after* step ``t``: the value after it is not
+    bootstrapped (the next observation belongs to a new episode). Returns advantages and
+    returns (advantages + values)."""
+    advantages = torch.zeros_like(rewards)
+    last = torch.zeros_like(next_value)
+    for t in reversed(range(rewards.shape[0])):
+        following = next_value if t == rewards.shape[0] - 1 else values[t + 1]
+        alive = 1.0 - dones[t]
+        delta = rewards[t] + gamma * following * alive - values[t]
+        last = delta + gamma * lam * alive * last
+        advantages[t] = last
+    return advantages, advantages + values
+
+
+class ValueNormaliser(nn.Module):
+    """Running statistics of the returns; the critic learns the z-scored target (as in the
+    MAPPO code), so reward scale never needs hand tuning."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("mean", torch.zeros((), dtype=torch.float64))
+        self.register_buffer("var", torch.ones((), dtype=torch.float64))
+        self.register_buffer("count", torch.tensor(1e-4, dtype=torch.float64))
+
+    @torch.no_grad()
+    def update(self, x: torch.Tensor) -> None:
+        x = x.reshape(-1).to(torch.float64)
+        n = x.numel()
+        mean, var = x.mean(), x.var(unbiased=False)
+        delta = mean - self.mean
+        total = self.count + n
+        self.mean += delta * n / total
+        self.var.copy_(
+            (self.var * self.count + var * n + delta**2 * self.count * n / total) / total
+        )
+        self.count.copy_(total)
+
+    def normalise(self, x: torch.Tensor) -> torch.Tensor:
+        return ((x - self.mean) / torch.sqrt(self.var + 1e-8)).to(x.dtype)
+
+    def denormalise(self, x: torch.Tensor) -> torch.Tensor:
+        return (x * torch.sqrt(self.var + 1e-8) + self.mean).to(x.dtype)
+
+
+def policy_loss(
+    new_logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, clip: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The clipped surrogate (to minimise), approximate KL and the clipped fraction."""
+    log_ratio = new_logp - old_logp
+    ratio = log_ratio.exp()
+    unclipped = ratio * advantages
+    clipped = ratio.clamp(1 - clip, 1 + clip) * advantages
+    loss = -torch.min(unclipped, clipped).mean()
+    with torch.no_grad():
+        approx_kl = ((ratio - 1) - log_ratio).mean()
+        clip_frac = ((ratio - 1).abs() > clip).float().mean()
+    return loss, approx_kl, clip_frac
+
+
+def value_loss(
+    new_value: torch.Tensor,
+    old_value: torch.Tensor,
+    target: torch.Tensor,
+    clip: float,
+    huber_delta: float,
+) -> torch.Tensor:
+    """Huber loss, pessimistic over the clipped and unclipped value (all normalised)."""
+    clipped = old_value + (new_value - old_value).clamp(-clip, clip)
+    huber = nn.functional.huber_loss
+    a = huber(new_value, target, reduction="none", delta=huber_delta)
+    b = huber(clipped, target, reduction="none", delta=huber_delta)
+    return torch.max(a, b).mean()

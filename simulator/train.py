@@ -1,0 +1,316 @@
+"""Train a routing policy on a scenario with multi-agent PPO.
+
+Examples::
+
+    python -m simulator.train --scenario dfaas-paise25 --algo mappo --env-steps 1296000 \\
+        --seed 0 --out runs/paise-mappo-0
+    python -m simulator.train --scenario mesh-10x3 --algo ippo --env-steps 200000 --out runs/mesh
+    python -m simulator.train --scenario dfaas-2 --env-steps 20000 --set learning_rate=3e-4
+    python -m simulator.train --config my-hparams.yaml --out runs/x --resume
+    torchrun --standalone --nproc-per-node 2 -m simulator.train --scenario dfaas-paise25 \\
+        --out runs/ddp
+
+The output directory receives the checkpoint (``policy.pt`` + ``policy.json``, loadable by
+``simulator.evaluate --policy DIR`` and by the operator), ``train_state.pt`` for
+``--resume``, ``progress.csv``, TensorBoard logs under ``tb/`` and ``learning_curve.png``.
+Ctrl-C saves a checkpoint before exiting. ``--env-steps`` counts environment steps (each
+steps every agent once) over all processes.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import random
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import yaml
+from tqdm import tqdm
+
+from policies import checkpoint
+from policies.baselines import PolicyError
+from policies.checkpoint import LoadedPolicy
+from policies.mappo import Trainer
+from policies.ppo import PPOConfig
+from simulator.cli import parser_from_doc
+from simulator.env import EdgeEnv, default_action_mode
+from simulator.episodes import run_episodes, summarise
+from simulator.scenario import Scenario, ScenarioError, load_scenario
+
+STATE_FILE = "train_state.pt"
+
+
+def reference_baselines(action_mode: str) -> list[str]:
+    """The heuristics drawn beside the learning curve: the naive and the strongest one."""
+    return ["apl", "fill-local-then-forward" if action_mode == "split3" else "least-request"]
+
+
+def git_revision() -> str:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            cwd=Path(__file__).resolve().parent,
+            capture_output=True,
+            text=True,
+            timeout=5,
+        )
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def load_config(path: str | None, overrides: list[str]) -> PPOConfig:
+    """Defaults, then the config file (YAML or JSON mapping), then ``--set key=value``."""
+    cfg = PPOConfig()
+    if path:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+        if not isinstance(data, dict):
+            raise ValueError(f"config {path}: expected a mapping of hyperparameters")
+        cfg = cfg.replace(**data)
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep:
+            raise ValueError(f"--set expects key=value, got {item!r}")
+        cfg = cfg.replace(**{key: yaml.safe_load(raw)})
+    return cfg
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)  # noqa: NPY002 - libraries that still read the global state
+    torch.manual_seed(seed)
+
+
+def evaluate_model(trainer: Trainer, scenario: Scenario, episodes: int, seed: int) -> dict:
+    policy = LoadedPolicy(trainer.model, {}, Path("."))
+    per_episode = run_episodes(
+        scenario, policy, episodes, seed, num_envs=episodes, action_mode=trainer.env.action_mode
+    )
+    return summarise(per_episode)
+
+
+def plot_curve(rows: list[dict], evals: list[dict], baselines: dict, path: Path, title: str):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, key, label in (
+        (axes[0], "return_per_agent", "return per agent"),
+        (axes[1], "processed_pct", "processed %"),
+    ):
+        train = [(r["env_steps"], r[key]) for r in rows if r.get(key) is not None]
+        if train:
+            ax.plot(*zip(*train, strict=True), color="#4c72b0", alpha=0.6, label="training")
+        if evals:
+            ax.plot(
+                [e["env_steps"] for e in evals],
+                [e[key] for e in evals],
+                "o-",
+                color="#c44e52",
+                label="evaluation (mean action)",
+            )
+        for (name, values), style in zip(baselines.items(), ("--", ":"), strict=False):
+            ax.axhline(values[key], color="gray", linestyle=style, label=name)
+        ax.set_xlabel("environment steps")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = parser_from_doc("python -m simulator.train", __doc__)
+    parser.add_argument("--scenario", default="dfaas-paise25", help="bundled name or YAML path")
+    parser.add_argument("--algo", choices=("mappo", "ippo"), help="default: mappo")
+    parser.add_argument("--env-steps", type=int, default=1_296_000)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", help="output directory (default runs/SCENARIO__ALGO__SEED)")
+    parser.add_argument("--config", help="YAML/JSON file of hyperparameters (PPOConfig fields)")
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="override one"
+    )
+    parser.add_argument("--action-mode", choices=("split3", "neighbours"))
+    parser.add_argument("--eval-episodes", type=int, default=50, help="final evaluation")
+    parser.add_argument("--resume", action="store_true", help="continue from OUT/train_state.pt")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
+    parser.add_argument("--json", action="store_true", help="print the final metrics as JSON")
+    args = parser.parse_args(argv)
+
+    world, rank = 1, 0
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        dist.init_process_group("gloo")
+        world, rank = dist.get_world_size(), dist.get_rank()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        cfg = load_config(args.config, args.set)
+        if args.algo:
+            cfg = cfg.replace(algo=args.algo)
+        scenario = load_scenario(args.scenario)
+        mode = args.action_mode or default_action_mode(scenario)
+    except (ScenarioError, PolicyError, ValueError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    out = Path(args.out or f"runs/{scenario.name}__{cfg.algo}__{args.seed}")
+    seed_everything(args.seed + 1000 * rank)
+    env = EdgeEnv(scenario, num_envs=cfg.num_envs, action_mode=mode, seed=args.seed + 1000 * rank)
+    per_update = cfg.num_envs * cfg.rollout_steps * world
+    total_updates = math.ceil(args.env_steps / per_update)
+    trainer = Trainer(env, cfg, total_updates)
+    lead = rank == 0
+    if args.resume and (out / STATE_FILE).is_file():
+        trainer.load_state_dict(torch.load(out / STATE_FILE, weights_only=True))
+
+    baselines = {}
+    if lead:
+        out.mkdir(parents=True, exist_ok=True)
+        for name in reference_baselines(mode):
+            baselines[name] = summarise(
+                run_episodes(
+                    scenario, name, cfg.eval_episodes, 10_000 + args.seed, action_mode=mode
+                )
+            )
+    meta = {
+        **checkpoint.spec_for(mode, env.topology.max_degree),
+        "algo": cfg.algo,
+        "scenario": scenario.name,
+        "hyperparameters": vars(cfg),
+        "seed": args.seed,
+        "processes": world,
+        "git_revision": git_revision(),
+    }
+
+    rows: list[dict] = []
+    evals: list[dict] = []
+    writer = None
+    if lead:
+        from torch.utils.tensorboard import SummaryWriter
+
+        writer = SummaryWriter(str(out / "tb"))
+
+    def save_all(final_metrics: dict | None = None) -> None:
+        if not lead:
+            return
+        checkpoint.save(
+            out,
+            trainer.model,
+            {
+                **meta,
+                "trained_env_steps": trainer.env_steps * world,
+                "metrics": final_metrics or (evals[-1] if evals else {}),
+            },
+        )
+        torch.save(trainer.state_dict(), out / STATE_FILE)
+
+    started = time.perf_counter()
+    bar = tqdm(
+        total=total_updates * per_update,
+        initial=trainer.updates * per_update,
+        unit="step",
+        disable=not lead or args.json or not sys.stderr.isatty(),
+        desc=f"{scenario.name} {cfg.algo}",
+    )
+    interrupted = False
+    try:
+        while trainer.updates < total_updates:
+            batch = trainer.collect()
+            stats = trainer.update(batch)
+            bar.update(per_update)
+            recent = trainer.finished[-4:]
+            row = {
+                "update": trainer.updates,
+                "env_steps": trainer.env_steps * world,
+                "seconds": time.perf_counter() - started,
+                "return_per_agent": np.mean([e["return_per_agent"] for e in recent])
+                if recent
+                else None,
+                "processed_pct": np.mean([e["processed_pct"] for e in recent]) if recent else None,
+                **stats,
+            }
+            row["env_steps_per_s"] = row["env_steps"] / max(row["seconds"], 1e-9)
+            rows.append(row)
+            if recent:
+                bar.set_postfix(
+                    ret=f"{row['return_per_agent']:.1f}", proc=f"{row['processed_pct']:.1f}%"
+                )
+            if lead:
+                for key, value in row.items():
+                    if value is not None and key != "update":
+                        writer.add_scalar(
+                            key if "/" in key else f"train/{key}", value, row["env_steps"]
+                        )
+                if trainer.updates % cfg.eval_every == 0:
+                    result = evaluate_model(
+                        trainer, scenario, cfg.eval_episodes, 20_000 + args.seed
+                    )
+                    evals.append({"env_steps": row["env_steps"], **result})
+                    for key in ("return_per_agent", "processed_pct"):
+                        writer.add_scalar(f"eval/{key}", result[key], row["env_steps"])
+                    save_all()
+    except KeyboardInterrupt:
+        interrupted = True
+    bar.close()
+
+    final = {}
+    if lead:
+        if not interrupted:
+            final = evaluate_model(trainer, scenario, args.eval_episodes, 30_000 + args.seed)
+            final["eval_episodes"] = args.eval_episodes
+        final["wall_seconds"] = time.perf_counter() - started
+        final["trained_env_steps"] = trainer.env_steps * world
+        final["env_steps_per_s"] = final["trained_env_steps"] / max(final["wall_seconds"], 1e-9)
+        save_all(final)
+        _write_csv(out / "progress.csv", rows)
+        plot_curve(
+            rows, evals, baselines, out / "learning_curve.png", f"{scenario.name} {cfg.algo}"
+        )
+        writer.close()
+        summary = {"out": str(out), "interrupted": interrupted, **final}
+        summary.update(
+            {
+                f"baseline/{k}/{m}": v[m]
+                for k, v in baselines.items()
+                for m in ("return_per_agent", "processed_pct")
+            }
+        )
+        print(json.dumps(summary) if args.json else _readable(summary))
+    if world > 1:
+        dist.destroy_process_group()
+    return 130 if interrupted else 0
+
+
+def _write_csv(path: Path, rows: list[dict]) -> None:
+    if not rows:
+        return
+    fields = list(rows[0])
+    mode = "a" if path.exists() else "w"
+    with path.open(mode, newline="") as f:
+        w = csv.DictWriter(f, fieldnames=fields)
+        if mode == "w":
+            w.writeheader()
+        w.writerows(rows)
+
+
+def _readable(summary: dict) -> str:
+    lines = [f"checkpoint: {summary['out']}/policy.pt"]
+    for key, value in summary.items():
+        if isinstance(value, float):
+            lines.append(f"  {key:<44} {value:>12.3f}")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

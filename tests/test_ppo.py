@@ -1,0 +1,97 @@
+"""PPO's loss pieces on cases small enough to compute by hand, and the action head."""
+
+import numpy as np
+import pytest
+import torch
+
+from policies.distributions import MaskedDirichlet
+from policies.network import RunningNorm
+from policies.ppo import PPOConfig, ValueNormaliser, gae, policy_loss, value_loss
+
+
+def test_gae_by_hand():
+    # Two steps, one environment; the episode ends after step 1.
+    rewards = torch.tensor([[1.0], [2.0]])
+    values = torch.tensor([[0.5], [1.0]])
+    dones = torch.tensor([[0.0], [1.0]])
+    next_value = torch.tensor([9.0])  # belongs to the next episode: must be ignored
+    gamma, lam = 0.9, 0.5
+    adv, ret = gae(rewards, values, next_value, dones, gamma, lam)
+    delta1 = 2.0 - 1.0  # no bootstrap after the end
+    delta0 = 1.0 + gamma * 1.0 - 0.5
+    assert adv[1, 0] == pytest.approx(delta1)
+    assert adv[0, 0] == pytest.approx(delta0 + gamma * lam * delta1)
+    assert ret[:, 0].tolist() == pytest.approx([adv[0, 0] + 0.5, adv[1, 0] + 1.0])
+
+
+def test_gae_bootstraps_when_the_episode_goes_on():
+    adv, _ = gae(
+        torch.tensor([[0.0]]),
+        torch.tensor([[0.0]]),
+        torch.tensor([2.0]),
+        torch.tensor([[0.0]]),
+        0.5,
+        1.0,
+    )
+    assert adv[0, 0] == pytest.approx(1.0)
+
+
+def test_policy_loss_clips_the_ratio():
+    old = torch.zeros(2)
+    new = torch.log(torch.tensor([1.5, 0.5]))  # ratios 1.5 and 0.5
+    adv = torch.tensor([1.0, -1.0])
+    loss, _, clip_frac = policy_loss(new, old, adv, clip=0.2)
+    # min(1.5*1, 1.2*1) = 1.2 ; min(0.5*-1, 0.8*-1) = -0.8 ; loss = -(1.2 - 0.8)/2
+    assert loss.item() == pytest.approx(-0.2)
+    assert clip_frac.item() == 1.0
+
+
+def test_value_loss_is_pessimistic_over_the_clipped_value():
+    new, old, target = torch.tensor([2.0]), torch.tensor([0.0]), torch.tensor([2.0])
+    # Unclipped error 0, clipped value 0.2 has error 1.8: the max is taken.
+    assert value_loss(new, old, target, clip=0.2, huber_delta=10.0).item() == pytest.approx(
+        0.5 * 1.8**2
+    )
+
+
+def test_value_normaliser_matches_numpy_and_round_trips():
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(5, 3, 1000), rng.normal(-2, 1, 500)
+    norm = ValueNormaliser()
+    norm.update(torch.tensor(a))
+    norm.update(torch.tensor(b))
+    both = np.concatenate([a, b])
+    assert norm.mean.item() == pytest.approx(both.mean(), rel=1e-4)
+    assert norm.var.item() == pytest.approx(both.var(), rel=1e-4)
+    x = torch.tensor([1.0, 7.0])
+    assert norm.denormalise(norm.normalise(x)).tolist() == pytest.approx(x.tolist())
+
+
+def test_running_norm_matches_numpy():
+    rng = np.random.default_rng(1)
+    data = rng.normal([1.0, 100.0], [2.0, 50.0], (3, 200, 2))
+    norm = RunningNorm(2)
+    for chunk in data:
+        norm.update(torch.tensor(chunk))
+    flat = data.reshape(-1, 2)
+    assert norm.mean.numpy() == pytest.approx(flat.mean(0), rel=1e-3)
+    assert norm.var.numpy() == pytest.approx(flat.var(0), rel=1e-3)
+
+
+def test_masked_dirichlet_is_the_dirichlet_of_the_valid_entries():
+    torch.manual_seed(0)
+    alpha = torch.tensor([[2.0, 9.0, 1.5, 3.0]])
+    mask = torch.tensor([[True, False, True, True]])
+    d = MaskedDirichlet(alpha, mask)
+    ref = torch.distributions.Dirichlet(alpha[0, [0, 2, 3]])
+    x = d.sample()
+    assert x[0, 1] == 0 and x.sum().item() == pytest.approx(1.0)
+    assert d.log_prob(x).item() == pytest.approx(ref.log_prob(x[0, [0, 2, 3]]).item(), abs=1e-4)
+    assert d.entropy().item() == pytest.approx(ref.entropy().item(), abs=1e-5)
+    assert d.mean[0].tolist() == pytest.approx([2 / 6.5, 0.0, 1.5 / 6.5, 3 / 6.5])
+
+
+def test_config_rejects_unknown_hyperparameters():
+    with pytest.raises(ValueError, match="learning_rat"):
+        PPOConfig().replace(learning_rat=1e-3)
+    assert PPOConfig().entropy_coef(1.0) == PPOConfig().ent_coef_end

@@ -1,0 +1,168 @@
+"""Training end to end on small budgets: it learns, checkpoints round-trip safely, a layout
+mismatch is refused by name, runs resume, and two processes train one policy."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from policies import checkpoint
+from policies.baselines import PolicyError
+from simulator.env import EdgeEnv
+from simulator.episodes import build_policy, run_episodes, summarise
+from simulator.scenario import load_scenario
+from simulator.train import main as train_main
+
+SMALL = ["--set", "num_envs=16", "--set", "eval_every=1000", "--eval-episodes", "16"]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    out = tmp_path_factory.mktemp("run") / "dfaas-2"
+    code = train_main(
+        [
+            "--scenario",
+            "dfaas-2",
+            "--env-steps",
+            "40000",
+            "--seed",
+            "0",
+            "--out",
+            str(out),
+            "--json",
+            *SMALL,
+        ]
+    )
+    assert code == 0
+    return out
+
+
+def test_smoke_training_beats_random(trained):
+    scenario = load_scenario("dfaas-2")
+    learned = summarise(run_episodes(scenario, str(trained), 32, seed=5))
+    random = summarise(run_episodes(scenario, "random", 32, seed=5))
+    assert learned["return_per_agent"] > random["return_per_agent"] + 5
+
+
+def test_checkpoint_files_and_safe_round_trip(trained):
+    meta = json.loads((trained / "policy.json").read_text())
+    for key in (
+        "format_version",
+        "observation",
+        "action",
+        "scenario",
+        "hyperparameters",
+        "git_revision",
+        "metrics",
+    ):
+        assert key in meta
+    assert meta["metrics"]["eval_episodes"] == 16
+    state = torch.load(trained / "policy.pt", weights_only=True)
+    assert all(isinstance(v, torch.Tensor) for v in state.values())
+    policy = checkpoint.load(trained / "policy.pt")
+    env = EdgeEnv(load_scenario("dfaas-2"), num_envs=3, seed=1)
+    obs = env.reset()
+    again = checkpoint.load(trained)
+    np.testing.assert_array_equal(policy(obs, env.action_mask()), again(obs, env.action_mask()))
+    assert (trained / "learning_curve.png").stat().st_size > 1000
+    assert (trained / "progress.csv").read_text().startswith("update,env_steps")
+
+
+def test_spec_mismatch_names_the_field(trained):
+    env = EdgeEnv(load_scenario("mesh-10x3"), num_envs=1)
+    with pytest.raises(PolicyError, match=r"observation\.schema"):
+        build_policy(str(trained), env, seed=0)
+    neighbours = EdgeEnv(load_scenario("dfaas-2"), num_envs=1, action_mode="neighbours")
+    with pytest.raises(PolicyError, match=r"'observation\.schema' is 'dfaas'"):
+        build_policy(str(trained), neighbours, seed=0)
+
+
+def test_a_bad_checkpoint_directory_is_explained(tmp_path):
+    with pytest.raises(checkpoint.CheckpointError, match=r"policy\.pt"):
+        checkpoint.load(tmp_path)
+
+
+def test_resume_continues_from_the_saved_state(trained, tmp_path):
+    out = tmp_path / "resumed"
+    shutil.copytree(trained, out)
+    before = torch.load(out / "train_state.pt", weights_only=True)["updates"]
+    code = train_main(
+        [
+            "--scenario",
+            "dfaas-2",
+            "--env-steps",
+            "60000",
+            "--out",
+            str(out),
+            "--resume",
+            "--json",
+            *SMALL,
+        ]
+    )
+    assert code == 0
+    after = torch.load(out / "train_state.pt", weights_only=True)["updates"]
+    assert before < after == int(np.ceil(60000 / (16 * 96)))
+
+
+def test_same_seed_same_policy(tmp_path):
+    outs = []
+    for name in ("a", "b"):
+        out = tmp_path / name
+        train_main(
+            [
+                "--scenario",
+                "dfaas-2",
+                "--env-steps",
+                "3000",
+                "--out",
+                str(out),
+                "--json",
+                "--eval-episodes",
+                "2",
+                "--set",
+                "num_envs=8",
+            ]
+        )
+        outs.append(torch.load(out / "policy.pt", weights_only=True))
+    for key in outs[0]:
+        torch.testing.assert_close(outs[0][key], outs[1][key])
+
+
+def test_two_processes_train_one_policy_with_torchrun(tmp_path):
+    torchrun = shutil.which("torchrun") or os.path.join(os.path.dirname(sys.executable), "torchrun")
+    out = tmp_path / "ddp"
+    p = subprocess.run(
+        [
+            torchrun,
+            "--standalone",
+            "--nproc-per-node",
+            "2",
+            "-m",
+            "simulator.train",
+            "--scenario",
+            "dfaas-2",
+            "--env-steps",
+            "6000",
+            "--out",
+            str(out),
+            "--json",
+            "--eval-episodes",
+            "2",
+            "--set",
+            "num_envs=8",
+            "--threads",
+            "1",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert p.returncode == 0, p.stderr[-2000:]
+    meta = json.loads((out / "policy.json").read_text())
+    assert meta["processes"] == 2
+    assert meta["trained_env_steps"] >= 6000
