@@ -4,7 +4,7 @@
 PYTHON ?= python3
 PIP := $(PYTHON) -m pip install --quiet --disable-pip-version-check
 
-.PHONY: install demo test bench
+.PHONY: install demo test bench checkpoints
 
 install:
 	# torch first and pinned: the CPU build; an unpinned torch would pull CUDA packages.
@@ -12,9 +12,9 @@ install:
 	$(PIP) -e '.[dev]'
 
 demo: install
-	$(PYTHON) -m simulator.evaluate --scenario dfaas-paise25 --policy apl --episodes 100 --seed 0
-	$(PYTHON) -m simulator.evaluate --scenario dfaas-paise25 --policy fill-local-then-forward --episodes 100 --seed 0
-	$(PYTHON) -m simulator.evaluate --scenario dfaas-paise25 --policy global-node --episodes 100 --seed 0
+	$(PYTHON) -m simulator.train --scenario dfaas-paise25 --seed 0 --out runs/demo
+	$(PYTHON) -m simulator.evaluate --scenario dfaas-paise25 --compare --policy runs/demo \
+		--episodes 50 --plot runs/demo/compare.png
 
 test: install
 	$(PYTHON) -m ruff check .
@@ -23,3 +23,12 @@ test: install
 
 bench: install
 	$(PYTHON) -m simulator.bench --scenario dfaas-paise25 --envs 4096 --json
+
+# The bundled default policies (kilobytes): retrain them with exactly these commands.
+checkpoints: install
+	$(PYTHON) -m simulator.train --scenario dfaas-paise25 --seed 0 --out runs/bundled-dfaas
+	$(PYTHON) -m simulator.train --scenario mesh-10x3 --seed 0 --out runs/bundled-mesh \
+		--env-steps 300000 --eval-episodes 20
+	for f in policy.pt policy.json; do \
+		cp runs/bundled-dfaas/$$f policies/checkpoints/dfaas-paise25/$$f; \
+		cp runs/bundled-mesh/$$f policies/checkpoints/mesh-10x3/$$f; done

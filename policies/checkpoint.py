@@ -118,6 +118,28 @@ class LoadedPolicy:
         check_spec(self.meta, spec_for(action_mode, max_degree), f"checkpoint {self.path}")
 
 
+BUNDLED = Path(__file__).resolve().parent / "checkpoints"
+"""Small default policies shipped with the package, one per scenario family (see the
+``checkpoints`` target of the Makefile for the commands that reproduce them)."""
+
+
+def bundled_for(action_mode: str, max_degree: int) -> Path:
+    """The bundled checkpoint whose layout fits an environment, or an error listing them."""
+    want = spec_for(action_mode, max_degree)
+    found = []
+    for meta_file in sorted(BUNDLED.glob(f"*/{META_FILE}")):
+        meta = json.loads(meta_file.read_text())
+        found.append(
+            f"{meta_file.parent.name} ({meta['action']['mode']}, obs {meta['observation']['dim']})"
+        )
+        if meta.get("observation") == want["observation"] and meta.get("action") == want["action"]:
+            return meta_file.parent
+    raise CheckpointError(
+        f"no bundled checkpoint fits action mode {action_mode!r} with max degree {max_degree}; "
+        f"bundled: {found or 'none'}; train one with python -m simulator.train"
+    )
+
+
 def resolve(path: str | Path) -> Path:
     """Accept the directory, ``policy.pt`` or ``policy.json``; return the directory."""
     p = Path(path)

@@ -23,10 +23,12 @@ class PPOConfig:
     algo: str = "mappo"  # "mappo" (centralised critic) or "ippo" (local critics)
     num_envs: int = 32
     rollout_steps: int = 96  # steps per environment between updates
-    accept_bonus: float = 0.0
+    accept_bonus: float = 3.0
     """Training-only reward term: this much times the share of the agent's arrivals that were
-    not rejected or lost. The reference reward alone stops counting a reject as a mistake once
-    any forward was refused; the bonus keeps the value of a served request visible."""
+    not rejected or lost. The reference reward stops counting a reject as a mistake once any
+    forward was refused, so PPO on it alone learns to reject: on dfaas-paise25 (1.296 M steps,
+    50 evaluation episodes) bonus 0 gave return 274.7 and 73.4% processed; 0.5: 273.7, 74.1%;
+    3: 265.8, 76.5%; 5: 262.0, 76.5%. Evaluation always reports the reference reward."""
     gamma: float = 0.7
     gae_lambda: float = 0.3
     learning_rate: float = 1e-3
@@ -40,7 +42,7 @@ class PPOConfig:
     ent_coef_end: float = 0.0
     vf_coef: float = 0.5
     max_grad_norm: float = 10.0
-    hidden: int = 64
+    hidden: int = 128  # 64: 265.4 / 76.3%; 128: 265.8 / 76.5%; 256: 265.3 / 76.6% (2x slower)
     layers: int = 2
     eval_every: int = 20  # updates between evaluations
     eval_episodes: int = 16

@@ -34,12 +34,18 @@ def is_checkpoint(policy: str) -> bool:
 
 
 def build_policy(policy: str | Policy, env: EdgeEnv, seed: int) -> Policy:
-    """A policy object as is; a checkpoint path (directory, ``policy.pt`` or ``policy.json``),
-    checked against the environment's layout; a heuristic by name; or ``oracle``: the
-    fluid-model optimum of the current piece of the scenario (re-solved after every event),
-    played open-loop."""
+    """Whatever ``policy`` names, ready to act on ``env``: a policy object as is;
+    ``default``, the bundled checkpoint that fits; a checkpoint path (directory, ``policy.pt``
+    or ``policy.json``), checked against the environment's layout; a heuristic by name; or
+    ``oracle``, the fluid-model optimum of the current piece of the scenario (re-solved after
+    every event), played open-loop."""
     if callable(policy):
         return policy
+    if policy == "default":
+        try:
+            policy = str(checkpoint.bundled_for(env.action_mode, env.topology.max_degree))
+        except checkpoint.CheckpointError as exc:
+            raise PolicyError(str(exc)) from exc
     if is_checkpoint(policy):
         try:
             loaded = checkpoint.load(policy)

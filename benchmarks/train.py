@@ -1,0 +1,75 @@
+"""Benchmark training: wall time, env steps/s and final metrics over several seeds, as JSON.
+
+Examples::
+
+    python benchmarks/train.py --scenario dfaas-paise25 --seeds 0 1 2
+    python benchmarks/train.py --scenario dfaas-2 --seeds 0 --env-steps 50000 --eval-episodes 10
+    python benchmarks/train.py --scenario mesh-10x3 --seeds 0 --env-steps 300000 --set lr=1e-3
+
+Each seed is one ``python -m simulator.train ... --json`` run in a fresh process (so the
+measured time includes start-up, as a user would see it). Prints one JSON object: the
+per-seed results and their mean.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+KEYS = ("return_per_agent", "processed_pct", "latency_mean_ms", "wall_seconds", "env_steps_per_s")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--scenario", default="dfaas-paise25")
+    parser.add_argument("--algo", default="mappo", choices=("mappo", "ippo"))
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--env-steps", type=int, default=1_296_000)
+    parser.add_argument("--eval-episodes", type=int, default=50)
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--out", help="keep the runs here (default: a temporary directory)")
+    args = parser.parse_args()
+
+    runs = []
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(args.out or tmp)
+        for seed in args.seeds:
+            cmd = [
+                sys.executable, "-m", "simulator.train", "--scenario", args.scenario,
+                "--algo", args.algo, "--env-steps", str(args.env_steps), "--seed", str(seed),
+                "--eval-episodes", str(args.eval_episodes), "--out", str(root / f"seed{seed}"),
+                "--json",
+            ]  # fmt: skip
+            for item in args.set:
+                cmd += ["--set", item]
+            done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+            if done.returncode != 0:
+                print(done.stderr, file=sys.stderr)
+                return done.returncode
+            result = json.loads(done.stdout.strip().splitlines()[-1])
+            runs.append({"seed": seed, **{k: result[k] for k in KEYS if k in result}})
+    mean = {k: sum(r[k] for r in runs) / len(runs) for k in KEYS if k in runs[0]}
+    print(
+        json.dumps(
+            {
+                "scenario": args.scenario,
+                "algo": args.algo,
+                "env_steps": args.env_steps,
+                "eval_episodes": args.eval_episodes,
+                "overrides": args.set,
+                "seeds": runs,
+                "mean": mean,
+            }
+        )
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
