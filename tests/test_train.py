@@ -166,3 +166,16 @@ def test_two_processes_train_one_policy_with_torchrun(tmp_path):
     meta = json.loads((out / "policy.json").read_text())
     assert meta["processes"] == 2
     assert meta["trained_env_steps"] >= 6000
+
+
+def test_ippo_trains_with_local_critics(tmp_path):
+    out = tmp_path / "ippo"
+    code = train_main(
+        ["--scenario", "dfaas-2", "--algo", "ippo", "--env-steps", "3000", "--out", str(out),
+         "--json", "--eval-episodes", "2", "--set", "num_envs=8"]
+    )  # fmt: skip
+    assert code == 0
+    meta = json.loads((out / "policy.json").read_text())
+    assert meta["network"]["critic"] == "ippo" and meta["algo"] == "ippo"
+    model = checkpoint.load(out).model
+    assert model.critic[0].in_features == model.obs_dim  # local observation only
