@@ -1,0 +1,76 @@
+"""Train one shared policy with Ray RLlib through the PettingZoo wrapper (optional extra).
+
+Examples::
+
+    pip install -e '.[rllib]'
+    python -m simulator.rllib_train --scenario dfaas-2 --iterations 5 --json
+
+The project's own learner (``simulator.train``) is the fast path: it steps batches of
+environments without the single-environment PettingZoo view. This entry point exists for
+teams that already run RLlib clusters: the same environment, a shared policy for every agent,
+RLlib's PPO. It reports RLlib's mean episode return per iteration.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from simulator.cli import parser_from_doc
+from simulator.pettingzoo_env import EdgeParallelEnv
+
+ENV_NAME = "marl-edge-routing"
+
+
+def build_config(scenario: str, seed: int, batch: int):
+    """An RLlib PPO config with one policy ("shared") mapped to every agent."""
+    from ray.rllib.algorithms.ppo import PPOConfig
+    from ray.rllib.env.wrappers.pettingzoo_env import ParallelPettingZooEnv
+    from ray.tune.registry import register_env
+
+    register_env(ENV_NAME, lambda cfg: ParallelPettingZooEnv(EdgeParallelEnv(cfg["scenario"])))
+    return (
+        PPOConfig()
+        .environment(ENV_NAME, env_config={"scenario": scenario})
+        .multi_agent(policies={"shared"}, policy_mapping_fn=lambda agent_id, *a, **k: "shared")
+        .env_runners(num_env_runners=0)
+        .training(train_batch_size=batch, minibatch_size=min(batch, 256), num_epochs=5)
+        .debugging(seed=seed)
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = parser_from_doc("python -m simulator.rllib_train", __doc__)
+    parser.add_argument("--scenario", default="dfaas-2")
+    parser.add_argument("--iterations", type=int, default=5)
+    parser.add_argument("--batch", type=int, default=1000, help="env steps per iteration")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args(argv)
+    try:
+        import ray
+    except ImportError:
+        print("error: Ray RLlib is not installed: pip install -e '.[rllib]'", file=sys.stderr)
+        return 2
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        algo = build_config(args.scenario, args.seed, args.batch).build()
+        history = []
+        for i in range(args.iterations):
+            result = algo.train()
+            runners = result.get("env_runners", {})
+            history.append(
+                {"iteration": i + 1, "episode_return_mean": runners.get("episode_return_mean")}
+            )
+            if not args.json:
+                print(history[-1])
+        algo.stop()
+    finally:
+        ray.shutdown()
+    if args.json:
+        print(json.dumps({"scenario": args.scenario, "history": history}))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
