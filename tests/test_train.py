@@ -2,7 +2,6 @@
 mismatch is refused by name, runs resume, and two processes train one policy."""
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -134,11 +133,13 @@ def test_same_seed_same_policy(tmp_path):
 
 
 def test_two_processes_train_one_policy_with_torchrun(tmp_path):
-    torchrun = shutil.which("torchrun") or os.path.join(os.path.dirname(sys.executable), "torchrun")
+    # torch.distributed.run is what the torchrun script runs; the module form guarantees the
+    # same interpreter (and installed project) as the tests.
+    torchrun = [sys.executable, "-m", "torch.distributed.run"]
     out = tmp_path / "ddp"
     p = subprocess.run(
         [
-            torchrun,
+            *torchrun,
             "--standalone",
             "--nproc-per-node",
             "2",
