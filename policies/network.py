@@ -24,18 +24,20 @@ from policies.distributions import MaskedDirichlet
 
 
 class RunningNorm(nn.Module):
-    """Running mean/variance (Chan's parallel update), applied as a clipped z-score."""
+    """Running mean/variance (Chan's parallel update), applied as a clipped z-score.
 
-    def __init__(self, size: int, clip: float = 10.0):
+    ``shape`` is one sample's shape: ``(features,)`` for observations, ``()`` for returns."""
+
+    def __init__(self, shape: int | tuple[int, ...], clip: float = 10.0):
         super().__init__()
-        self.register_buffer("mean", torch.zeros(size, dtype=torch.float64))
-        self.register_buffer("var", torch.ones(size, dtype=torch.float64))
+        self.register_buffer("mean", torch.zeros(shape, dtype=torch.float64))
+        self.register_buffer("var", torch.ones(shape, dtype=torch.float64))
         self.register_buffer("count", torch.tensor(1e-4, dtype=torch.float64))
         self.clip = clip
 
     @torch.no_grad()
     def update(self, x: torch.Tensor) -> None:
-        x = x.reshape(-1, x.shape[-1]).to(torch.float64)
+        x = x.reshape(-1, *self.mean.shape).to(torch.float64)
         n = x.shape[0]
         if n == 0:
             return

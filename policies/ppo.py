@@ -15,6 +15,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from policies.network import RunningNorm
+
 
 @dataclass
 class PPOConfig:
@@ -85,28 +87,12 @@ def gae(
     return advantages, advantages + values
 
 
-class ValueNormaliser(nn.Module):
+class ValueNormaliser(RunningNorm):
     """Running statistics of the returns; the critic learns the z-scored target (as in the
     MAPPO code), so reward scale never needs hand tuning."""
 
     def __init__(self):
-        super().__init__()
-        self.register_buffer("mean", torch.zeros((), dtype=torch.float64))
-        self.register_buffer("var", torch.ones((), dtype=torch.float64))
-        self.register_buffer("count", torch.tensor(1e-4, dtype=torch.float64))
-
-    @torch.no_grad()
-    def update(self, x: torch.Tensor) -> None:
-        x = x.reshape(-1).to(torch.float64)
-        n = x.numel()
-        mean, var = x.mean(), x.var(unbiased=False)
-        delta = mean - self.mean
-        total = self.count + n
-        self.mean += delta * n / total
-        self.var.copy_(
-            (self.var * self.count + var * n + delta**2 * self.count * n / total) / total
-        )
-        self.count.copy_(total)
+        super().__init__(())
 
     def normalise(self, x: torch.Tensor) -> torch.Tensor:
         return ((x - self.mean) / torch.sqrt(self.var + 1e-8)).to(x.dtype)
