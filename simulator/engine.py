@@ -13,18 +13,33 @@ order of a step, per node, is the reference's:
 
 How it is vectorised:
 
-* First-fit over the queue is a cumulative-sum prefix, then a short "tail" loop over the
-  few lanes that still have a fitting request; each tail round processes one request in
-  every such lane, so rounds are bounded by the tail length, not by requests.
+* A node's queue (a *lane*) is one row of a ``(fields, B*N, 2Q)`` float32 array: ``Q`` slots,
+  then ``Q`` slots of padding. Slots past the end of a queue hold +inf sizes, so cumulative
+  sums and "fits" tests need no validity mask (an empty slot never fits), and a row read
+  from any start within its queue is a window of the flat buffer that ends in +inf.
+* First-fit over the queue is a cumulative-sum prefix (found by binary search), then a short
+  "tail" loop over the few lanes that still have a fitting request; each tail round
+  processes one request in every such lane, so rounds are bounded by the tail length, not by
+  requests. The served prefix is dropped by gathering each row's window from its first
+  unserved slot; only tail lanes are compacted.
 * The stream is only materialised where it matters: the prefix that may be processed (in
   lanes whose queue emptied) and the requests that enter the queue. Rejected requests are
-  counted per segment by interval arithmetic and never sampled. Queued requests' sizes are
-  drawn when they enter the queue (their size is not observed before), except the one that
-  failed to fit, whose observed size is kept.
+  counted per segment by interval arithmetic and never sampled. The window's draws past the
+  first misfit were never observed, so they become the sizes of the requests queued there
+  (the misfit keeps its observed size); only queued requests outside any window are drawn
+  when they enter the queue.
+* Request sizes do not depend on the state, so they are drawn ahead of need on a worker
+  thread (:class:`DrawAhead`) while this thread steps the queues.
 """
 
 from __future__ import annotations
 
+import os
+import weakref
+from collections import deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -34,6 +49,135 @@ from policies.topology import Topology
 
 LATENCY_BINS_MS = np.concatenate([[0.0], np.geomspace(1.0, 3.6e6, 255)])
 """Histogram edges for per-request latency (1 ms .. 1 h, log-spaced)."""
+
+Sizes = tuple[np.ndarray, ...]
+"""CPU, then (unless not wanted) RAM of a batch of requests."""
+Draw = Callable[[np.random.Generator, int], Sizes]
+"""``draw(rng, n)``: the sizes of ``n`` fresh requests."""
+
+_worker: ThreadPoolExecutor | None = None
+
+
+def _draw_worker() -> ThreadPoolExecutor:
+    """One shared worker thread: draws are cheap to queue, and one thread per environment
+    batch would oversubscribe a small machine."""
+    global _worker
+    if _worker is None:
+        _worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="request-sizes")
+    return _worker
+
+
+def _settle_before_fork() -> None:
+    """Finish every block being drawn before a fork: the child must not inherit a generator
+    the worker is in the middle of using, nor wait for blocks no thread of its will draw."""
+    for stream in list(_live_streams):
+        stream.settle()
+
+
+def _forget_worker() -> None:
+    """A forked child has no worker thread, only its parent's handle: start afresh."""
+    global _worker
+    _worker = None
+
+
+_live_streams: weakref.WeakSet[_Stream] = weakref.WeakSet()
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(before=_settle_before_fork, after_in_child=_forget_worker)
+
+
+@contextmanager
+def _single_threaded_torch() -> Iterator[None]:
+    """Run torch ops on this thread only. The second core draws request sizes; an OpenMP
+    team fighting that worker for it costs far more than it gains (a 2M-element cumsum
+    takes ~5x longer on two busy cores than on one)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+class DrawAhead:
+    """Seeded streams of request sizes, one per service, drawn ahead on a worker thread.
+
+    Drawing about a million clipped normals a step is a large share of a step, and the
+    numbers depend on nothing but the seed, so a second core can produce them while the
+    first one steps the queues. Each stream's blocks are drawn by one generator in order and
+    handed out in order, so a seed fixes every number whatever the thread timing.
+    """
+
+    BLOCK = 1 << 20
+
+    def __init__(self, seed: int):
+        self.seed = seed
+        self._streams: dict[tuple[int, ...], _Stream] = {}
+
+    def take(self, key: tuple[int, ...], n: int, draw: Draw) -> Sizes:
+        """The next ``n`` draws of stream ``key``; ``draw(rng, n)`` produces new ones."""
+        stream = self._streams.get(key)
+        if stream is None:
+            seeds = np.random.SeedSequence(self.seed, spawn_key=key)
+            rng = np.random.Generator(np.random.SFC64(seeds))  # fast, with good statistics
+            stream = self._streams[key] = _Stream(rng, draw)
+        return stream.take(n)
+
+
+class _Stream:
+    """Ready blocks plus blocks being drawn, topped up to twice the largest request seen."""
+
+    def __init__(self, rng: np.random.Generator, draw: Draw):
+        self.rng, self.draw = rng, draw
+        self.ready: deque[Sizes] = deque()
+        self.ready_n = 0
+        self.pending: deque[tuple[int, Future]] = deque()
+        self.pending_n = 0
+        self.ahead = 0
+        _live_streams.add(self)
+
+    def take(self, n: int) -> Sizes:
+        """The next ``n >= 1`` draws."""
+        self.ahead = max(self.ahead, 2 * n)
+        self._top_up(n)
+        while self.ready_n < n:
+            self._collect()
+        parts: list[Sizes] = []
+        left = n
+        while left:
+            block = self.ready[0]
+            if len(block[0]) <= left:
+                parts.append(self.ready.popleft())
+                left -= len(block[0])
+            else:
+                parts.append(tuple(x[:left] for x in block))
+                self.ready[0] = tuple(x[left:] for x in block)
+                left = 0
+        self.ready_n -= n
+        self._top_up(0)
+        if len(parts) == 1:  # within one block: views, no copy
+            return parts[0]
+        return tuple(np.concatenate(x) for x in zip(*parts, strict=True))
+
+    def settle(self) -> None:
+        """Wait for every block being drawn."""
+        while self.pending:
+            self._collect()
+
+    def _collect(self) -> None:
+        count, future = self.pending.popleft()
+        self.pending_n -= count
+        self.ready.append(future.result())
+        self.ready_n += count
+
+    def _top_up(self, need: int) -> None:
+        """Queue blocks until ``need`` and the look-ahead are covered. Only the worker touches
+        the generator, one block after the other, so the order of draws is fixed."""
+        missing = max(need, self.ahead) - self.ready_n - self.pending_n
+        while missing > 0:
+            count = min(DrawAhead.BLOCK, max(missing, DrawAhead.BLOCK // 4))
+            self.pending.append((count, _draw_worker().submit(self.draw, self.rng, count)))
+            self.pending_n += count
+            missing -= count
 
 
 @dataclass(frozen=True)
@@ -45,14 +189,22 @@ class RequestTables:
     ram: np.ndarray
 
     def __post_init__(self) -> None:
-        s, c = self.class_cdf.shape
-        # One row per (service, class): cpu min/mean/max/std, ram min/mean/max/std.
-        table = np.concatenate([self.cpu, self.ram]).reshape(8, s * c).T
-        object.__setattr__(self, "table", torch.from_numpy(np.ascontiguousarray(table, np.float32)))
         object.__setattr__(self, "max_ram", float(self.ram[2].max()))
-        object.__setattr__(
-            self, "thresholds", torch.from_numpy(self.class_cdf[:, :-1].astype(np.float32))
-        )
+        object.__setattr__(self, "spread", [self._shared_spread(t) for t in (self.cpu, self.ram)])
+
+    def _shared_spread(self, table: np.ndarray) -> list[tuple[np.float32, ...] | None]:
+        """Per service: ``(std, low, high)`` in standard units if its classes differ only by
+        their mean (as the reference's do), else None. Then a size is ``mean[class] + std *
+        clip(z, low, high)``: one gather per request instead of four."""
+        out: list[tuple[np.float32, ...] | None] = []
+        weights = np.diff(self.class_cdf, axis=1, prepend=0.0) > 0  # padded classes: 0
+        for service, real in enumerate(weights):
+            low, mean, high, std = table[:, service, real]
+            scale = np.where(std > 0, std, 1)
+            shape = np.stack([std, (low - mean) / scale, (high - mean) / scale])
+            shared = (std > 0).all() and (shape == shape[:, :1]).all()
+            out.append(tuple(shape[:, 0]) if shared else None)
+        return out
 
     @classmethod
     def from_services(cls, services) -> RequestTables:
@@ -68,24 +220,61 @@ class RequestTables:
                 ram[:, i, j] = (k.ram.min, k.ram.mean, k.ram.max, k.ram.std)
         return cls(class_cdf=cdf, cpu=cpu, ram=ram)
 
-    def sample(self, gen: torch.Generator, service: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Draw CPU and RAM of ``len(service)`` requests of the given services.
+    def sample(
+        self, gen: DrawAhead, service: np.ndarray, ram: bool = True
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        """CPU and RAM of ``len(service)`` requests of the given services, in order; with
+        ``ram=False`` only CPU (RAM None), for requests whose RAM can never matter.
 
-        Torch's generator is used for speed (normals are ~3x faster than numpy's here); it is
-        seeded from the environment's seed, so runs stay reproducible."""
-        m = service.shape[0]
-        num_classes = self.class_cdf.shape[1]
-        svc = torch.from_numpy(np.ascontiguousarray(service, dtype=np.int64))
-        u = torch.rand(m, generator=gen)
-        if self.thresholds.shape[0] == 1:
-            klass = (u[:, None] >= self.thresholds[0][None, :]).sum(dim=1)
+        Each service (and kind) has its own seeded stream of draws, handed out in order."""
+        num_services = self.class_cdf.shape[0]
+        if num_services == 1 and len(service):
+            sizes = gen.take((0, ram), len(service), self._drawer(0, ram))
         else:
-            klass = (u[:, None] >= self.thresholds[svc]).sum(dim=1)
-        p = self.table[svc * num_classes + klass]
-        z = torch.randn((m, 2), generator=gen)
-        cpu = torch.clamp(p[:, 1] + p[:, 3] * z[:, 0], p[:, 0], p[:, 2])
-        ram = torch.clamp(p[:, 5] + p[:, 7] * z[:, 1], p[:, 4], p[:, 6])
-        return cpu.numpy(), ram.numpy()
+            sizes = tuple(np.empty(len(service), np.float32) for _ in range(1 + ram))
+            for s in range(num_services):
+                mine = service == s
+                count = int(np.count_nonzero(mine))
+                if count:
+                    drawn = gen.take((s, ram), count, self._drawer(s, ram))
+                    for out, values in zip(sizes, drawn, strict=True):
+                        out[mine] = values
+        return sizes[0], sizes[1] if ram else None
+
+    def _drawer(self, service: int, ram: bool) -> Draw:
+        return lambda rng, n: self.draw(rng, service, n, ram)
+
+    def draw(self, rng: np.random.Generator, service: int, n: int, ram: bool = True) -> Sizes:
+        """``n`` fresh requests of one service: class by inverse CDF, then clipped normals.
+
+        The normals come from Box-Muller pairs (exactly two independent standard normals
+        each: CPU and RAM of one request, or the CPU of two), cheaper than numpy's float32
+        ziggurat."""
+        pairs = n if ram else (n + 1) // 2
+        u = rng.random(n + 2 * pairs, dtype=np.float32)
+        klass = np.zeros(n, np.intp)
+        for threshold in self.class_cdf[service, :-1].astype(np.float32):
+            klass += u[:n] >= threshold
+        radius = np.sqrt(np.log1p(-u[n : n + pairs]) * np.float32(-2.0))
+        angle = u[n + pairs :] * np.float32(2.0 * np.pi)
+        normals = (radius * np.cos(angle), radius * np.sin(angle))
+        if not ram:
+            normals = (np.concatenate(normals)[:n],)
+        sizes = []
+        for table, spread, z in zip((self.cpu, self.ram), self.spread, normals, strict=False):
+            if spread[service] is not None:
+                std, low, high = spread[service]
+                np.clip(z, low, high, out=z)
+                z *= std
+                z += table[1, service].take(klass)
+                sizes.append(z)
+                continue
+            low, mean, high, std = (table[i, service].take(klass) for i in range(4))
+            z *= std
+            z += mean
+            np.maximum(z, low, out=z)  # not np.clip: with array bounds it is much slower
+            sizes.append(np.minimum(z, high, out=z))
+        return tuple(sizes)
 
 
 @dataclass
@@ -102,6 +291,14 @@ class StepOutcome:
     latency_hist: np.ndarray | None = None  # (B, bins)
 
 
+def ragged_index(start: np.ndarray, count: np.ndarray) -> np.ndarray:
+    """Flat indices ``start[i] + 0 .. start[i] + count[i] - 1`` for every ``i``, in order:
+    the positions of a ragged batch of runs, without a mask over the padded array."""
+    total = int(count.sum())
+    first = np.cumsum(count) - count
+    return np.repeat(start - first, count) + np.arange(total)
+
+
 class NodeModel:
     """Queues and resources of ``num_envs`` copies of a mesh; :meth:`step` advances all of them."""
 
@@ -114,8 +311,12 @@ class NodeModel:
         rng: np.random.Generator,
         step_seconds: float = 300.0,
         track_latency: bool = False,
-        chunk: int = 96,
+        chunk: int = 32,
+        ram_floor: float | None = None,
     ):
+        """``ram_floor``, the least RAM any active node will have, lets the model drop queued
+        requests' RAM altogether when a full queue of the largest requests fits in it: RAM
+        can then never bind in a queue (``None``: always keep it)."""
         self.topo = topology
         self.tables = tables
         self.B, self.N, self.S, self.K = (
@@ -124,13 +325,13 @@ class NodeModel:
             topology.num_services,
             topology.max_degree,
         )
+        self.L = self.B * self.N
         self.A = self.N * self.S
         self.Q = max(int(queue_slots), 1)
         self.reseed(rng)
         self.step_ms = 1000.0 * step_seconds
         self.track_latency = track_latency
         self.chunk = chunk
-        self.slot = np.arange(self.Q)
         g = self.S * (1 + self.K)
         seg = np.arange(g)
         self.seg_service = seg % self.S
@@ -145,27 +346,51 @@ class NodeModel:
         # Per-request origin, service and birth step matter only with several services or a
         # latency model; the reference scenario needs neither, so it skips that bookkeeping.
         self.needs_metadata = track_latency or self.S > 1
+        self.keeps_ram = ram_floor is None or self.Q * tables.max_ram > ram_floor
+        self.fields = ("cpu",) + ("ram",) * self.keeps_ram
+        self.size_fields = len(self.fields)  # +inf past a queue's end; metadata stays finite
+        if self.needs_metadata:
+            self.fields += ("born", "agent", "arrival_ms")
         self.reset()
 
     def reseed(self, rng: np.random.Generator) -> None:
-        """Derive the request-size generator from the environment's numpy generator."""
+        """Derive the request-size streams from the environment's numpy generator."""
         self.rng = rng
-        self.gen = torch.Generator().manual_seed(int(rng.integers(0, 2**63 - 1)))
+        self.gen = DrawAhead(int(rng.integers(0, 2**63 - 1)))
 
     def reset(self) -> None:
-        shape = (self.B, self.N, self.Q)
-        self.q_cpu = np.zeros(shape, np.float32)
-        self.q_ram = np.zeros(shape, np.float32)
-        self.q_born = np.zeros(shape, np.int32)
-        self.q_agent = np.zeros(shape, np.int32)
-        self.q_arrival_ms = np.zeros(shape, np.float32)
+        # Each queue row has Q slots plus Q slots of padding (+inf sizes, forever), so any
+        # row read from any start within its queue runs into +inf, never into the next row.
+        shape = (len(self.fields), self.L, 2 * self.Q)
+        self._queue = np.zeros(shape, np.float32)
+        self._queue[: self.size_fields] = np.inf
+        self._spare = self._queue.copy()
+        self._cum = torch.empty((self.L, self.Q))
         self.q_len = np.zeros((self.B, self.N), np.int64)
+
+    # Views of the queues as (B, N, Q), for tests and readers.
+    def _field(self, name: str) -> np.ndarray:
+        return self._queue[self.fields.index(name), :, : self.Q].reshape(self.B, self.N, self.Q)
+
+    q_cpu = property(lambda self: self._field("cpu"))
+    q_ram = property(lambda self: self._field("ram") if self.keeps_ram else None)
+    q_born = property(lambda self: self._field("born"))
+    q_agent = property(lambda self: self._field("agent"))
+    q_arrival_ms = property(lambda self: self._field("arrival_ms"))
 
     def drop_queues(self, nodes: np.ndarray) -> np.ndarray:
         """Empty the queues of failed nodes (bool ``(N,)``); returns requests lost ``(B, N)``."""
         lost = np.where(nodes[None, :], self.q_len, 0)
         self.q_len = np.where(nodes[None, :], 0, self.q_len)
+        self._queue[: self.size_fields, np.tile(nodes, self.B)] = np.inf
         return lost
+
+    def _sample(self, service: np.ndarray, ram: bool = True):
+        """Sizes of requests at these services; RAM only if asked (which happens only when
+        ``ram_floor`` shows that queues never need it)."""
+        if ram:
+            return self.tables.sample(self.gen, service)
+        return self.tables.sample(self.gen, service, ram=False)
 
     # ------------------------------------------------------------------------------------
     def step(
@@ -183,242 +408,346 @@ class NodeModel:
         ``local`` ``(B, N, S)`` and ``forward`` ``(B, N, K, S)`` are request counts decided by
         the agents; ``cpu_cap``, ``ram_cap``, ``queue_cap``, ``active`` are ``(N,)`` for this step.
         """
+        with _single_threaded_torch():
+            return self._step(t, local, forward, cpu_cap, ram_cap, queue_cap, active)
+
+    def _step(self, t, local, forward, cpu_cap, ram_cap, queue_cap, active) -> StepOutcome:
         B, N, S, K = self.B, self.N, self.S, self.K
-        lat = _LatencyAccumulator(B, self.A) if self.track_latency else None
-
-        # (a) first-fit scan of the old queue.
-        processed_q, remaining_cpu, remaining_ram, position = self._scan_queue(cpu_cap, ram_cap)
-        if lat is not None:
-            finish = position / np.maximum(cpu_cap, 1e-9)[:, None] * self.step_ms
-            wait = (t - self.q_born) * self.step_ms + finish - self.q_arrival_ms
-            wait = (
-                wait + self.topo.link_matrix[self.agent_node[self.q_agent], np.arange(N)[:, None]]
-            )
-            lat.add(processed_q, self.q_agent, wait)
-        processed = processed_q.sum(axis=-1, dtype=np.int16).astype(np.int64)
-        self._compact(~processed_q & (self.slot < self.q_len[..., None]))
-
-        # (b)+(c) the new stream: local, then forwarded by neighbour slot.
+        lane_cpu = np.tile(np.asarray(cpu_cap, np.float32), B)
+        lane_ram = np.tile(np.asarray(ram_cap, np.float32), B)
+        # The new stream per lane: local, then forwarded by neighbour slot, as segments.
         incoming = self.topo.other_end(forward)
-        seg_n = np.concatenate([local, incoming.reshape(B, N, K * S)], axis=-1).astype(np.int64)
+        seg_n = np.concatenate([local, incoming.reshape(B, N, K * S)], axis=-1)
+        seg_n = seg_n.reshape(self.L, -1)
         seg_end = np.cumsum(seg_n, axis=-1)
-        seg_start = seg_end - seg_n
-        total = seg_end[..., -1]
-        empty = (self.q_len == 0) & active[None, :] & (total > 0)
-        prefix, prefix_cpu, failed_cpu, failed_ram, has_failed = self._process_prefix(
-            empty, total, seg_end, remaining_cpu, remaining_ram, cpu_cap, lat, t
+        total = seg_end[:, -1]
+        stream = _Segments(seg_end) if self.needs_metadata else None
+        lat = _LatencyAccumulator(B, self.A, stream) if self.track_latency else None
+
+        # (a) first-fit scan of the old queue, which then keeps only what was not served.
+        processed, rem_cpu, rem_ram = self._serve_queue(lane_cpu, lane_ram, lat, t)
+        q_len = self.q_len.reshape(-1) - processed
+
+        # (b)+(c) the stream is served while it fits where the queue emptied, then queued.
+        room = np.maximum(np.tile(queue_cap, B) - q_len, 0)
+        empty = (q_len == 0) & np.tile(active, B) & (total > 0)
+        prefix, prefix_cpu, reused = self._serve_stream(
+            np.flatnonzero(empty), total, stream, rem_cpu, rem_ram, room, lane_cpu, lat
         )
         processed += prefix
 
-        room = np.maximum(queue_cap[None, :] - self.q_len, 0)
         queued = np.clip(total - prefix, 0, room)
         reject_from = prefix + queued
-        rejected = np.clip(seg_end - np.maximum(seg_start, reject_from[..., None]), 0, seg_n)
-        self._append(t, queued, prefix, total, seg_end, failed_cpu, failed_ram, has_failed)
+        seg_start = seg_end - seg_n
+        rejected = np.clip(seg_end - np.maximum(seg_start, reject_from[:, None]), 0, seg_n)
+        self._append(t, q_len, queued, prefix, stream, reused)
+        self.q_len = (q_len + queued).reshape(B, N)
 
         out = StepOutcome(
-            processed=processed,
-            local_rejects=rejected[..., :S],
-            forward_rejects=self.topo.other_end(rejected[..., S:].reshape(B, N, K, S)),
-            queue_length=self.q_len.copy(),
-            cpu_used=np.maximum(cpu_cap[None, :] - remaining_cpu, 0.0) + prefix_cpu,
+            processed=processed.reshape(B, N),
+            local_rejects=rejected[:, :S].reshape(B, N, S),
+            forward_rejects=self.topo.other_end(rejected[:, S:].reshape(B, N, K, S)),
+            queue_length=self.q_len,
+            cpu_used=(np.maximum(lane_cpu - rem_cpu, 0.0) + prefix_cpu).reshape(B, N),
         )
         if lat is not None:
             out.latency_sum_ms, out.latency_count, out.latency_hist = lat.result()
         return out
 
     # ------------------------------------------------------------------------------------
-    def _scan_queue(self, cpu_cap: np.ndarray, ram_cap: np.ndarray):
-        """First-fit over each queue; returns processed mask, remaining capacity, and each
-        processed request's completion position (CPU consumed up to and including it)."""
-        valid = self.slot < self.q_len[..., None]
-        cum_cpu = np.cumsum(self.q_cpu, axis=-1)
-        done = valid & (cum_cpu <= cpu_cap[None, :, None])
+    def _serve_queue(self, cap_cpu: np.ndarray, cap_ram: np.ndarray, lat, t: int):
+        """First-fit over each queue, then drop the served requests keeping the order.
+
+        Returns requests served per lane and the CPU and RAM left for the new stream."""
+        Q = self.Q
+        queue = torch.from_numpy(self._queue)
+        cum_cpu = torch.cumsum(queue[0, :, :Q], 1, out=self._cum)  # +inf past each end
+        served = torch.searchsorted(cum_cpu, torch.from_numpy(cap_cpu)[:, None], right=True)
         # RAM can only bind if a full queue of the largest requests exceeds a node's RAM; when
         # it provably cannot (the reference: 100 x 75 MB <= 8000 MB) the check is skipped.
-        ram_binds = self.Q * self.tables.max_ram > ram_cap[ram_cap > 0].min(initial=np.inf)
-        cum_ram = np.cumsum(self.q_ram, axis=-1) if ram_binds else cum_cpu
+        ram_binds = Q * self.tables.max_ram > cap_ram[cap_ram > 0].min(initial=np.inf)
+        if ram_binds and not self.keeps_ram:
+            raise ValueError("RAM fell below the model's ram_floor")
         if ram_binds:
-            done &= cum_ram <= ram_cap[None, :, None]
-        n_done = done.sum(axis=-1, dtype=np.int16).astype(np.int64)
-        last = np.maximum(n_done - 1, 0)[..., None]
-        used_cpu = np.where(n_done > 0, np.take_along_axis(cum_cpu, last, -1)[..., 0], 0.0)
-        used_ram = (
-            np.where(n_done > 0, np.take_along_axis(cum_ram, last, -1)[..., 0], 0.0)
-            if ram_binds
-            else np.zeros_like(used_cpu)
-        )
-        rem_cpu = (cpu_cap[None, :] - used_cpu).astype(np.float32)
-        rem_ram = (ram_cap[None, :] - used_ram).astype(np.float32)
-        position = np.where(done, cum_cpu, 0.0).astype(np.float32) if self.track_latency else None
+            cum_ram = torch.cumsum(queue[1, :, :Q], 1)
+            served_ram = torch.searchsorted(cum_ram, torch.from_numpy(cap_ram)[:, None], right=True)
+            served = torch.minimum(served, served_ram)
+        last = (served - 1).clamp_(min=0)
+        served = served[:, 0].numpy()
+        rem_cpu = cap_cpu - np.where(served > 0, cum_cpu.gather(1, last)[:, 0].numpy(), 0)
+        rem_ram = cap_ram.copy()
+        if ram_binds:
+            rem_ram -= np.where(served > 0, cum_ram.gather(1, last)[:, 0].numpy(), 0)
 
-        candidates = (
-            valid & ~done & (self.q_cpu <= rem_cpu[..., None]) & (self.q_ram <= rem_ram[..., None])
-        )
-        lanes = np.flatnonzero(candidates.any(axis=-1))
-        if lanes.size:
-            flat = (self.B * self.N, self.Q)
-            cand = candidates.reshape(flat)[lanes]
-            qc, qr = self.q_cpu.reshape(flat)[lanes], self.q_ram.reshape(flat)[lanes]
-            rc, rr = rem_cpu.reshape(-1)[lanes], rem_ram.reshape(-1)[lanes]
-            cap = cpu_cap[lanes % self.N]
-            extra = np.zeros_like(cand)
-            pos = np.zeros(cand.shape, np.float32) if position is not None else None
-            while True:
-                rows = np.flatnonzero(cand.any(axis=1))
-                if not rows.size:
-                    break
-                first = cand[rows].argmax(axis=1)
-                extra[rows, first] = True
-                rc[rows] -= qc[rows, first]
-                rr[rows] -= qr[rows, first]
-                if pos is not None:
-                    pos[rows, first] = cap[rows] - rc[rows]
-                after = self.slot[None, :] > first[:, None]
-                cand[rows] &= after & (qc[rows] <= rc[rows, None]) & (qr[rows] <= rr[rows, None])
-            done.reshape(flat)[lanes] |= extra
-            if position is not None:
-                position.reshape(flat)[lanes] += pos
-            rem_cpu.reshape(-1)[lanes] = rc
-            rem_ram.reshape(-1)[lanes] = rr
-        return done, rem_cpu, rem_ram, position
+        # Drop the served prefix: the new row l is old row l read from slot served[l]. Rows
+        # are windows of the flat buffer, so this is one row gather (no per-slot index), and
+        # only as wide as the longest remaining queue; past it the new rows are +inf.
+        width = int((self.q_len.reshape(-1) - served).max(initial=0))
+        start = torch.from_numpy(np.arange(self.L) * (2 * Q) + served)
+        spare = torch.from_numpy(self._spare)
+        for field in range(len(self.fields) if width else 0):
+            rows = queue[field].view(-1).unfold(0, width, 1)
+            torch.index_select(rows, 0, start, out=spare[field, :, :width])
+        spare[: self.size_fields, :, width:Q] = np.inf
+        self._queue, self._spare = self._spare, self._queue
 
-    def _compact(self, keep: np.ndarray) -> None:
-        """Move kept requests to the front of each queue, preserving their order."""
-        order = torch.from_numpy(np.argsort(~keep, axis=-1, kind="stable"))
-        fields = (
-            ("q_cpu", "q_ram", "q_born", "q_agent", "q_arrival_ms")
-            if self.needs_metadata
-            else ("q_cpu", "q_ram")
+        # The tail: later requests that fit what the prefix left, taken one per round.
+        tail_served, tail_log = self._serve_tail(
+            width, rem_cpu, rem_ram if ram_binds else None, cap_cpu, lat
         )
-        for name in fields:
-            setattr(
-                self, name, torch.gather(torch.from_numpy(getattr(self, name)), -1, order).numpy()
-            )
-        self.q_len = keep.sum(axis=-1, dtype=np.int16).astype(np.int64)
+        if lat is not None:  # the old queue and its sums stay untouched until the next step
+            self._queue_latency(lat, t, self._spare, served, cum_cpu.numpy(), cap_cpu, tail_log)
+        if tail_served is not None:
+            served = served + tail_served
+        return served, rem_cpu, rem_ram
+
+    def _serve_tail(self, width, rem_cpu, rem_ram, cap_cpu, lat):
+        """First-fit past the prefix's misfit (slot 0 of the shifted queue, which by definition
+        does not fit): each round serves the first fitting request in every lane that has
+        one. Updates ``rem_cpu``/``rem_ram`` in place and compacts the affected lanes.
+
+        Returns requests served per lane (None if no lane has a tail) and, with latency,
+        ``(lane, shifted slot, CPU position)`` of each."""
+        if width < 2:
+            return None, None
+        part = slice(1, width)
+        fit = self._fit(self._queue[: self.size_fields, :, part], rem_cpu, rem_ram)
+        first = fit.argmax(axis=1)
+        lanes = np.flatnonzero(fit[np.arange(self.L), first])
+        if not lanes.size:
+            return None, None
+        # Served requests become +inf in this copy of the tail lanes: they never fit again,
+        # and compacting a lane is keeping its finite sizes in order.
+        sizes = self._queue[: self.size_fields, lanes, part]
+        rc = rem_cpu[lanes]
+        rr = rem_ram[lanes] if rem_ram is not None else None
+        served = np.zeros(lanes.size, np.int64)
+        log: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+        rows, first, active = np.arange(lanes.size), first[lanes], sizes.copy()
+        while rows.size:
+            each = np.arange(rows.size)
+            rc[rows] -= active[0, each, first]
+            if rr is not None:
+                rr[rows] -= active[1, each, first]
+            active[:, each, first] = np.inf
+            sizes[:, rows, first] = np.inf
+            served[rows] += 1
+            if lat is not None:
+                log.append((rows, first, cap_cpu[lanes[rows]] - rc[rows]))
+            # What is left only shrinks, so nothing before a served request fits any more.
+            fit = self._fit(active, rc[rows], rr[rows] if rr is not None else None)
+            first = fit.argmax(axis=1)
+            found = fit[each, first]
+            rows, first, active = rows[found], first[found], active[:, found]
+        rem_cpu[lanes] = rc
+        if rr is not None:
+            rem_ram[lanes] = rr
+
+        kept = sizes[0] < np.inf
+        dest = np.arange(width - 1) < np.count_nonzero(kept, axis=1)[:, None]
+        for field in range(len(self.fields)):
+            values = sizes[field] if field < self.size_fields else self._queue[field, lanes, part]
+            block = np.full(dest.shape, np.inf if field < self.size_fields else 0, np.float32)
+            block[dest] = values[kept]
+            self._queue[field, lanes, part] = block
+
+        per_lane = np.zeros(self.L, np.int64)
+        per_lane[lanes] = served
+        if not log:
+            return per_lane, None
+        rows, slot, position = (np.concatenate(x) for x in zip(*log, strict=True))
+        return per_lane, (lanes[rows], slot + 1, position)
+
+    @staticmethod
+    def _fit(sizes: np.ndarray, rem_cpu: np.ndarray, rem_ram: np.ndarray | None) -> np.ndarray:
+        """Which requests (``sizes``: CPU, then RAM if it binds) fit what is left per row."""
+        fit = sizes[0] <= rem_cpu[:, None]
+        if rem_ram is not None:
+            fit &= sizes[1] <= rem_ram[:, None]
+        return fit
+
+    def _queue_latency(self, lat, t, old_queue, served, cum_cpu, cap_cpu, tail_log) -> None:
+        """Latency of every request served from the queue, read from its unshifted copy."""
+        Q = self.Q
+        old = old_queue[..., :Q].reshape(len(self.fields), self.B, self.N, Q)
+        done = np.arange(Q) < served[:, None]
+        position = np.where(done, cum_cpu, 0.0)
+        if tail_log is not None:
+            lane, slot, cpu_position = tail_log
+            done[lane, served[lane] + slot] = True
+            position[lane, served[lane] + slot] = cpu_position
+        shape = (self.B, self.N, Q)
+        done, position = done.reshape(shape), position.reshape(shape)
+        agent = old[self.fields.index("agent")].astype(np.int64)
+        born = old[self.fields.index("born")]
+        finish = position / np.maximum(cap_cpu[: self.N], 1e-9)[:, None] * self.step_ms
+        wait = (t - born) * self.step_ms + finish - old[self.fields.index("arrival_ms")]
+        wait = wait + self.topo.link_matrix[self.agent_node[agent], np.arange(self.N)[:, None]]
+        lat.add(done, agent, wait)
 
     def _arrival_ms(self, position: np.ndarray, total: np.ndarray) -> np.ndarray:
         """Arrival time within the step of stream ``position`` out of ``total``: a step's
         requests arrive evenly spread over it, in stream order."""
         return (position / np.maximum(total, 1) * self.step_ms).astype(np.float32)
 
-    def _stream_segments(
-        self, lanes: np.ndarray, index: np.ndarray, seg_end: np.ndarray
-    ) -> np.ndarray:
-        """Segment of stream position ``index`` (shape ``(m, W)``) in each lane.
+    def _services(self, lanes: np.ndarray, position: np.ndarray, stream) -> np.ndarray:
+        """Service of the request at stream ``position`` of each lane (flat arrays)."""
+        if stream is None:
+            return np.broadcast_to(0, position.shape)  # one service: nothing to look up
+        return self.seg_service[stream.segment(lanes, position)]
 
-        Positions past the end of a lane's stream (padding of the window) map to the last
-        segment, so lookups stay in range; they are masked out by the caller."""
-        ends = seg_end.reshape(-1, seg_end.shape[-1])[lanes]
-        seg = (ends[:, None, :] <= index[:, :, None]).sum(axis=-1)
-        return np.minimum(seg, ends.shape[-1] - 1)
+    def _serve_stream(self, lanes, total, stream, rem_cpu, rem_ram, room, cap_cpu, lat):
+        """In lanes whose queue emptied, process the stream while requests fit.
 
-    def _process_prefix(self, empty, total, seg_end, rem_cpu, rem_ram, cpu_cap, lat, t):
-        """In lanes whose queue emptied, process the stream while requests fit."""
-        L = self.B * self.N
-        prefix = np.zeros(L, np.int64)
-        failed_cpu = np.zeros(L, np.float32)
-        failed_ram = np.zeros(L, np.float32)
-        has_failed = np.zeros(L, bool)
-        prefix_used = np.zeros(L, np.float32)
-        idle_carry = np.full(L, -np.inf)
-        lanes = np.flatnonzero(empty.reshape(-1))
-        tot = total.reshape(-1)
-        rc = rem_cpu.reshape(-1)[lanes].astype(np.float32)
-        rr = rem_ram.reshape(-1)[lanes].astype(np.float32)
+        The window's draws from the misfit on were never observed, so they go straight into
+        the (empty) queue as the first queued requests. Returns requests served, CPU used and
+        requests queued this way, per lane."""
+        prefix = np.zeros(self.L, np.int64)
+        prefix_used = np.zeros(self.L, np.float32)
+        reused = np.zeros(self.L, np.int64)
+        idle = np.full(self.L, -np.inf)
+        rc, rr = rem_cpu[lanes], rem_ram[lanes]
         start = 0
         while lanes.size:
-            width = int(min(self.chunk, (tot[lanes] - start).max()))
-            index = start + np.arange(width)[None, :]
-            need = index < tot[lanes][:, None]
+            count = np.minimum(total[lanes] - start, self.chunk)
+            width = int(count.max())
+            need = self._below(np.arange(width), count)
             if self.needs_metadata:
-                seg = self._stream_segments(lanes, index, seg_end)
-                service = self.seg_service[seg]
+                row, col = np.nonzero(need)
+                service = self._services(lanes[row], start + col, stream)
             else:
-                service = np.zeros(need.shape, np.int64)
-            cpu = np.zeros(need.shape, np.float32)
-            ram = np.zeros(need.shape, np.float32)
-            cpu[need], ram[need] = self.tables.sample(self.gen, service[need])
-            cum_cpu, cum_ram = np.cumsum(cpu, axis=1), np.cumsum(ram, axis=1)
-            fit = need & (cum_cpu <= rc[:, None]) & (cum_ram <= rr[:, None])
-            k = fit.sum(axis=1)
-            prefix[lanes] += k
-            used_here = np.where(
-                k > 0, np.take_along_axis(cum_cpu, np.maximum(k - 1, 0)[:, None], 1)[:, 0], 0.0
-            )
-            prefix_used[lanes] += used_here
-            if lat is not None:
-                node = lanes % self.N
-                ms_per_cpu = self.step_ms / np.maximum(cpu_cap[node], 1e-9)[:, None]
-                busy_until = (cpu_cap[node] - rc)[:, None] + cum_cpu  # CPU consumed, in order
-                arrival = self._arrival_ms(index, tot[lanes][:, None])
-                # Lindley's recursion as a running maximum: a request finishes when the work
-                # before it is done, unless the server idled waiting for a later arrival.
-                idle = np.where(need, arrival - (busy_until - cpu) * ms_per_cpu, -np.inf)
-                idle = np.maximum.accumulate(np.maximum(idle, idle_carry[lanes][:, None]), axis=1)
-                idle_carry[lanes] = idle[:, -1]
-                finish = busy_until * ms_per_cpu + np.maximum(idle, 0.0)
-                ms = finish - arrival + self.seg_link_ms[node[:, None], seg]
-                agent = self.seg_agent[node[:, None], seg]
-                lat.add_flat(lanes // self.N, agent, ms, fit)
-            stopped = (k < width) & need[np.arange(len(k)), np.minimum(k, width - 1)]
-            idx = np.minimum(k, width - 1)
-            rows = np.arange(len(k))
-            failed_cpu[lanes[stopped]] = cpu[rows[stopped], idx[stopped]]
-            failed_ram[lanes[stopped]] = ram[rows[stopped], idx[stopped]]
-            has_failed[lanes[stopped]] = True
-            go_on = (k == width) & (start + width < tot[lanes])
-            rc = (rc - used_here)[go_on]
-            rr = (
-                rr
-                - np.where(
-                    k > 0, np.take_along_axis(cum_ram, np.maximum(k - 1, 0)[:, None], 1)[:, 0], 0.0
+                service = np.broadcast_to(0, int(count.sum()))
+            cpu, ram = self._sample(service)
+            # RAM is only looked at where this window could exhaust it; queued requests keep
+            # it only if RAM can bind in queues at all.
+            ram_binds = width * self.tables.max_ram > rr.min()
+            drawn = (cpu, ram) if ram_binds or self.keeps_ram else (cpu,)
+            window = np.full((len(drawn), lanes.size, width), np.inf, np.float32)
+            for field, values in enumerate(drawn):
+                window[field][need] = values
+            cum = torch.from_numpy(np.empty(window.shape, np.float32))
+            torch.cumsum(torch.from_numpy(window), 2, out=cum)
+            fit = torch.searchsorted(cum[0], torch.from_numpy(rc)[:, None], right=True)
+            if ram_binds:
+                fit = torch.minimum(
+                    fit, torch.searchsorted(cum[1], torch.from_numpy(rr)[:, None], right=True)
                 )
-            )[go_on]
+            k = fit[:, 0].numpy()
+            last = (fit - 1).clamp_(min=0)
+            used = np.where(k > 0, cum[0].gather(1, last)[:, 0].numpy(), 0)
+            prefix[lanes] += k
+            prefix_used[lanes] += used
+            if lat is not None:
+                self._stream_latency(lat, lanes, start, window[0], count, k, rc, cap_cpu, idle)
+
+            stopped = np.flatnonzero(k < count)
+            n = np.minimum(count[stopped] - k[stopped], room[lanes[stopped]])
+            source = ragged_index(stopped * width + k[stopped], n)
+            target = ragged_index(lanes[stopped] * (2 * self.Q), n)
+            for field in range(self.size_fields):
+                self._queue[field].reshape(-1)[target] = window[field].reshape(-1)[source]
+            reused[lanes[stopped]] = n
+
+            go_on = (k == width) & (start + width < total[lanes])
+            if go_on.any():
+                # Lanes that go on served their whole window, so used all of its RAM.
+                window_ram = np.add.reduceat(ram, np.cumsum(count) - count)
+                rc, rr = (rc - used)[go_on], (rr - window_ram)[go_on]
             lanes = lanes[go_on]
             start += width
-        shape = (self.B, self.N)
-        return (
-            prefix.reshape(shape),
-            prefix_used.reshape(shape),
-            failed_cpu.reshape(shape),
-            failed_ram.reshape(shape),
-            has_failed.reshape(shape),
-        )
+        return prefix, prefix_used, reused
 
-    def _append(
-        self, t, queued, prefix, total, seg_end, failed_cpu, failed_ram, has_failed
-    ) -> None:
-        """Write the queued part of the stream behind the kept requests."""
-        rel = self.slot - self.q_len[..., None]
-        new = (rel >= 0) & (rel < queued[..., None])
-        count = int(queued.sum())
-        if count:
+    def _stream_latency(self, lat, lanes, start, window, count, k, rc, cap_cpu, idle) -> None:
+        """Latency of the stream requests served in this window (CPU sizes ``window``);
+        ``idle`` carries each lane's running maximum of Lindley's recursion over windows."""
+        width = window.shape[1]
+        index = start + np.arange(width)[None, :]
+        need = index - start < count[:, None]
+        cpu = np.where(need, window, 0.0)
+        cum_cpu = np.cumsum(cpu, axis=1)
+        node = lanes % self.N
+        seg = lat.stream.segment(lanes[:, None], index)
+        ms_per_cpu = self.step_ms / np.maximum(cap_cpu[node], 1e-9)[:, None]
+        busy_until = (cap_cpu[node] - rc)[:, None] + cum_cpu  # CPU consumed, in order
+        arrival = self._arrival_ms(index, lat.stream.total[lanes][:, None])
+        # Lindley's recursion as a running maximum: a request finishes when the work before
+        # it is done, unless the server idled waiting for a later arrival.
+        wait = np.where(need, arrival - (busy_until - cpu) * ms_per_cpu, -np.inf)
+        wait = np.maximum.accumulate(np.maximum(wait, idle[lanes][:, None]), axis=1)
+        idle[lanes] = wait[:, -1]
+        finish = busy_until * ms_per_cpu + np.maximum(wait, 0.0)
+        ms = finish - arrival + self.seg_link_ms[node[:, None], seg]
+        agent = self.seg_agent[node[:, None], seg]
+        lat.add_flat(lanes // self.N, agent, ms, index - start < k[:, None])
+
+    def _append(self, t, q_len, queued, prefix, stream, reused) -> None:
+        """Write the queued part of the stream behind the kept requests: past the ``reused``
+        window draws already in place, fresh draws where no window reached."""
+        fresh = self._slots(q_len + reused, q_len + queued)
+        if fresh.any():
             if self.needs_metadata:
-                b, n, s = np.nonzero(new)
-                lane = b * self.N + n
-                position = prefix[b, n] + s - self.q_len[b, n]
-                seg = self._stream_segments(lane, position[:, None], seg_end)[:, 0]
-                service = self.seg_service[seg]
-                self.q_born[new] = t
-                self.q_arrival_ms[new] = self._arrival_ms(position, total[b, n])
-                self.q_agent[new] = self.seg_agent[n, seg]
+                lane, slot = np.nonzero(fresh)
+                position = prefix[lane] + slot - q_len[lane]
+                service = self._services(lane, position, stream)
             else:
-                service = np.zeros(count, np.int64)
-            cpu, ram = self.tables.sample(self.gen, service)
-            self.q_cpu[new], self.q_ram[new] = cpu, ram
-            # The request that failed to fit opened the queue: it keeps its observed size.
-            first = has_failed & (queued > 0)
-            self.q_cpu[..., 0][first] = failed_cpu[first]
-            self.q_ram[..., 0][first] = failed_ram[first]
-        self.q_len = self.q_len + queued
+                service = np.broadcast_to(0, int((queued - reused).sum()))
+            sizes = self._sample(service, ram=self.keeps_ram)
+            for field in range(self.size_fields):
+                self._queue[field, :, : self.Q][fresh] = sizes[field]
+        if self.needs_metadata:
+            new = self._slots(q_len, q_len + queued)
+            lane, slot = np.nonzero(new)
+            position = prefix[lane] + slot - q_len[lane]
+            seg = stream.segment(lane, position)
+            field = self.fields.index
+            self._queue[field("born"), :, : self.Q][new] = t
+            self._queue[field("arrival_ms"), :, : self.Q][new] = self._arrival_ms(
+                position, stream.total[lane]
+            )
+            self._queue[field("agent"), :, : self.Q][new] = self.seg_agent[lane % self.N, seg]
+
+    def _slots(self, begin: np.ndarray, end: np.ndarray) -> np.ndarray:
+        """``(L, Q)`` mask of the queue slots ``begin <= slot < end`` of every lane."""
+        slot = np.arange(self.Q)
+        return ~self._below(slot, begin) & self._below(slot, end)
+
+    def _below(self, index: np.ndarray, bound: np.ndarray) -> np.ndarray:
+        """``index[None, :] < bound[:, None]``, compared in int16 when the values allow: these
+        masks span every lane and slot, and narrow compares are several times faster."""
+        narrow = np.int16 if self.Q < 2**15 and self.chunk < 2**15 else np.int32
+        return index.astype(narrow) < bound.astype(narrow)[:, None]
+
+
+class _Segments:
+    """The step's stream of each lane as segments (local requests, then forwarded ones by
+    neighbour slot, by service): where a stream position falls says who sent the request,
+    for which service, and (with ``total``) when it arrived."""
+
+    def __init__(self, seg_end: np.ndarray):
+        self.end, self.total = seg_end, seg_end[:, -1]
+        # All lanes' ends in one sorted array: lane l's live in [l * span, l * span + total],
+        # so one binary search finds a position's segment in any lane.
+        self.span = int(self.total.max(initial=0)) + 1
+        self.flat = (seg_end + np.arange(len(seg_end))[:, None] * self.span).reshape(-1)
+
+    def segment(self, lanes: np.ndarray, position: np.ndarray) -> np.ndarray:
+        """Segment of stream ``position`` in lane ``lanes`` (broadcast together). Positions
+        past a lane's stream (padding of a window) map to its last segment, so lookups stay
+        in range; callers mask them out."""
+        count = self.end.shape[1]
+        key = lanes * self.span + np.minimum(position, self.span - 1)
+        seg = np.searchsorted(self.flat, key, side="right") - lanes * count
+        return np.minimum(seg, count - 1)
 
 
 class _LatencyAccumulator:
-    """Per-agent latency sums and a per-environment histogram, filled with bincount."""
+    """Per-agent latency sums and a per-environment histogram, filled with bincount.
 
-    def __init__(self, num_envs: int, num_agents: int):
+    It also holds the step's stream, from which a request's origin and arrival time follow."""
+
+    def __init__(self, num_envs: int, num_agents: int, stream: _Segments):
         self.B, self.A = num_envs, num_agents
+        self.stream = stream
         self.sum = np.zeros(num_envs * num_agents)
         self.count = np.zeros(num_envs * num_agents)
         self.hist = np.zeros(num_envs * len(LATENCY_BINS_MS))
