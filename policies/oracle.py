@@ -152,7 +152,11 @@ def solve(model: FluidModel, tol: float = 1e-12, max_iter: int = 500) -> Routing
     per_agent[agent, np.arange(agent.size)] = 1.0
     constant = float((arrivals * rc).sum())
 
-    def objective(y: np.ndarray, norm: float) -> tuple[float, np.ndarray]:
+    # SLSQP's line search wants gradients of order one: measure cost relative to rejecting
+    # everything (the objective is 1 at the start, y = 0).
+    norm = max(constant, 1e-12)
+
+    def objective(y: np.ndarray) -> tuple[float, np.ndarray]:
         value, grad = _delay_cost(to_node @ y, model.capacity, model.max_utilisation)
         cost = float(value.sum() + linear @ y) + constant
         return cost / norm, (to_node.T @ grad + linear) / norm
@@ -164,13 +168,9 @@ def solve(model: FluidModel, tol: float = 1e-12, max_iter: int = 500) -> Routing
             LinearConstraint(per_agent[per_agent.any(1)], -np.inf, 1.0),
             LinearConstraint(to_node[to_node.any(1)], -np.inf, cap[to_node.any(1)]),
         ]
-        # SLSQP's line search wants gradients of order one: measure cost relative to
-        # rejecting everything (the objective is 1 at the start, y = 0).
-        norm = max(constant, 1e-12)
         result = minimize(
             objective,
             np.zeros(agent.size),
-            args=(norm,),
             jac=True,
             method="SLSQP",
             bounds=[(0.0, 1.0)] * agent.size,
@@ -179,8 +179,7 @@ def solve(model: FluidModel, tol: float = 1e-12, max_iter: int = 500) -> Routing
         )
         if not result.success:
             raise OracleError(f"fluid-model oracle did not converge: {result.message}")
-        y = result.x
-        weights[agent, slot] = np.clip(y, 0.0, 1.0)
+        weights[agent, slot] = np.clip(result.x, 0.0, 1.0)
     leftover = 1.0 - weights[:, :-1].sum(axis=1)
     idle = arrivals <= 0
     weights[:, -1] = np.where(idle, 0.0, np.clip(leftover, 0.0, 1.0))
