@@ -18,25 +18,19 @@ from simulator.scenario import load_scenario
 from simulator.train import main as train_main
 
 SMALL = ["--set", "num_envs=16", "--set", "eval_every=1000", "--eval-episodes", "16"]
+TINY = ["--eval-episodes", "2", "--set", "num_envs=8"]
+
+
+def train(out, env_steps: int, *extra: str) -> int:
+    """``simulator.train`` on dfaas-2 into ``out``, JSON output."""
+    args = ["--scenario", "dfaas-2", "--env-steps", str(env_steps), "--out", str(out), "--json"]
+    return train_main([*args, *extra])
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     out = tmp_path_factory.mktemp("run") / "dfaas-2"
-    code = train_main(
-        [
-            "--scenario",
-            "dfaas-2",
-            "--env-steps",
-            "40000",
-            "--seed",
-            "0",
-            "--out",
-            str(out),
-            "--json",
-            *SMALL,
-        ]
-    )
+    code = train(out, 40000, "--seed", "0", *SMALL)
     assert code == 0
     return out
 
@@ -90,19 +84,7 @@ def test_resume_continues_from_the_saved_state(trained, tmp_path):
     out = tmp_path / "resumed"
     shutil.copytree(trained, out)
     before = torch.load(out / "train_state.pt", weights_only=True)["updates"]
-    code = train_main(
-        [
-            "--scenario",
-            "dfaas-2",
-            "--env-steps",
-            "60000",
-            "--out",
-            str(out),
-            "--resume",
-            "--json",
-            *SMALL,
-        ]
-    )
+    code = train(out, 60000, "--resume", *SMALL)
     assert code == 0
     after = torch.load(out / "train_state.pt", weights_only=True)["updates"]
     assert before < after == int(np.ceil(60000 / (16 * 96)))
@@ -112,21 +94,7 @@ def test_same_seed_same_policy(tmp_path):
     outs = []
     for name in ("a", "b"):
         out = tmp_path / name
-        train_main(
-            [
-                "--scenario",
-                "dfaas-2",
-                "--env-steps",
-                "3000",
-                "--out",
-                str(out),
-                "--json",
-                "--eval-episodes",
-                "2",
-                "--set",
-                "num_envs=8",
-            ]
-        )
+        train(out, 3000, *TINY)
         outs.append(torch.load(out / "policy.pt", weights_only=True))
     for key in outs[0]:
         torch.testing.assert_close(outs[0][key], outs[1][key])
@@ -171,10 +139,7 @@ def test_two_processes_train_one_policy_with_torchrun(tmp_path):
 
 def test_ippo_trains_with_local_critics(tmp_path):
     out = tmp_path / "ippo"
-    code = train_main(
-        ["--scenario", "dfaas-2", "--algo", "ippo", "--env-steps", "3000", "--out", str(out),
-         "--json", "--eval-episodes", "2", "--set", "num_envs=8"]
-    )  # fmt: skip
+    code = train(out, 3000, "--algo", "ippo", *TINY)
     assert code == 0
     meta = json.loads((out / "policy.json").read_text())
     assert meta["network"]["critic"] == "ippo" and meta["algo"] == "ippo"
