@@ -1,0 +1,29 @@
+"""Pick the mesh writer for an EdgeService's ``spec.mesh.provider``.
+
+An unknown provider is an error, never a silent fall-back to another mesh: writing Istio
+objects into a Gateway API cluster would do nothing and say nothing.
+"""
+
+from __future__ import annotations
+
+from marl_operator.mesh.gatewayapi import GatewayAPIWriter
+from marl_operator.mesh.istio import IstioWriter
+from marl_operator.mesh.model import MeshError
+from marl_operator.mesh.writer import MeshWriter
+
+_WRITERS: dict[str, type[MeshWriter]] = {
+    IstioWriter.provider: IstioWriter,
+    GatewayAPIWriter.provider: GatewayAPIWriter,
+}
+
+PROVIDERS = tuple(_WRITERS)
+
+
+def writer_for(provider: str) -> MeshWriter:
+    """The writer for ``provider`` (``istio`` or ``gateway-api``)."""
+    try:
+        return _WRITERS[provider]()
+    except KeyError:
+        raise MeshError(
+            f"unknown mesh provider {provider!r}: choose one of {', '.join(PROVIDERS)}"
+        ) from None

@@ -1,0 +1,69 @@
+"""The names generated mesh objects and the cluster must agree on.
+
+A DestinationRule subset per edge node, a Service per edge node for the Gateway API, the route
+names: each is derived here, checked against the rule the receiving API enforces (Istio's
+webhook wants subset names that are DNS labels; Service names are DNS-1035 labels), and parsed
+back when reading a live object.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+
+from marl_operator.mesh.model import MeshError
+
+SUBSET_PREFIX = "node-"
+"""DestinationRule subset of edge node N: ``node-N``."""
+
+SOURCE_RULE_PREFIX = "from-"
+"""Route rule for clients on edge node N: ``from-N``."""
+
+CATCH_ALL_RULE = "default"
+"""Name of the last rule, for clients on no edge node."""
+
+_DNS1123_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+_DNS1035_LABEL = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
+
+
+def subset_name(node: str) -> str:
+    """The DestinationRule subset that selects edge node ``node``'s pods."""
+    name = SUBSET_PREFIX + node
+    if len(name) > 63 or not _DNS1123_LABEL.match(name):
+        raise MeshError(
+            f"subset {name!r} for edge node {node!r} is not a DNS label of at most 63 "
+            "characters (Istio refuses it): use EdgeNode names of at most 58 lowercase "
+            "letters, digits and '-'"
+        )
+    return name
+
+
+def node_of_subset(subset: str, nodes: Iterable[str]) -> str:
+    """The edge node a subset name stands for."""
+    node = subset.removeprefix(SUBSET_PREFIX)
+    if subset.startswith(SUBSET_PREFIX) and node in set(nodes):
+        return node
+    raise MeshError(f"subset {subset!r} is not node-<edge node> for a known edge node")
+
+
+def node_service_name(prefix: str, node: str) -> str:
+    """The Service that selects the service's pods on edge node ``node`` (Gateway API)."""
+    name = f"{prefix}-{node}"
+    if len(name) > 63 or not _DNS1035_LABEL.match(name):
+        raise MeshError(
+            f"Service name {name!r} for edge node {node!r} is not a DNS-1035 label of at most "
+            "63 characters: shorten nodeServicePrefix or the EdgeNode name"
+        )
+    return name
+
+
+def node_of_service(prefix: str, service: str, nodes: Iterable[str]) -> str:
+    """The edge node a per-node Service name stands for."""
+    node = service.removeprefix(f"{prefix}-")
+    if service.startswith(f"{prefix}-") and node in set(nodes):
+        return node
+    raise MeshError(f"Service {service!r} is not {prefix}-<edge node> for a known edge node")
+
+
+def source_rule_name(node: str) -> str:
+    return SOURCE_RULE_PREFIX + node

@@ -1,0 +1,72 @@
+"""Marks on the mesh objects marl-operator writes, and the user's own spec kept aside.
+
+A user may already have a VirtualService or HTTPRoute for the service. The operator then takes
+over the fields it writes, but first stores the whole spec it found in an annotation, so that
+deleting the RoutingPolicy can put the object back as the user left it. Objects the operator
+created itself carry no such annotation and are deleted instead.
+
+Ownership is a label (``marl.dev/managed-by``), so that ``kubectl get -l`` and watches can
+select the managed objects; ``app.kubernetes.io/managed-by`` is left alone because tools such
+as Helm claim adopted objects through it.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from typing import Any
+
+from marl_operator.mesh.model import MeshError, MeshService
+
+MANAGED_BY_LABEL = "marl.dev/managed-by"
+MANAGER = "marl-operator"
+SERVICE_ANNOTATION = "marl.dev/edge-service"
+"""``namespace/name`` of the EdgeService whose routes the object carries."""
+ORIGINAL_SPEC_ANNOTATION = "marl.dev/original-spec"
+"""JSON of the spec the object had before marl-operator took it over."""
+
+ANNOTATIONS_LIMIT = 256 * 1024
+"""The API server refuses objects whose annotations total more bytes than this."""
+
+
+def managed_metadata(service: MeshService) -> dict[str, dict[str, str]]:
+    """Labels and annotations every generated object carries."""
+    return {
+        "labels": {MANAGED_BY_LABEL: MANAGER},
+        "annotations": {SERVICE_ANNOTATION: service.ref},
+    }
+
+
+def is_managed(obj: Mapping[str, Any]) -> bool:
+    labels = obj.get("metadata", {}).get("labels") or {}
+    return labels.get(MANAGED_BY_LABEL) == MANAGER
+
+
+def original_spec_annotation(live: Mapping[str, Any]) -> dict[str, str]:
+    """The annotation that keeps ``live``'s current spec, to be added when taking it over."""
+    text = json.dumps(live.get("spec", {}), separators=(",", ":"), sort_keys=True)
+    annotations = live.get("metadata", {}).get("annotations") or {}
+    used = sum(len(k) + len(v) for k, v in annotations.items() if k != ORIGINAL_SPEC_ANNOTATION)
+    if used + len(ORIGINAL_SPEC_ANNOTATION) + len(text.encode()) > ANNOTATIONS_LIMIT:
+        name = live.get("metadata", {}).get("name", "?")
+        raise MeshError(
+            f"the spec of {live.get('kind', 'object')} {name!r} is too large to keep in the "
+            f"{ORIGINAL_SPEC_ANNOTATION} annotation ({ANNOTATIONS_LIMIT} bytes for all "
+            "annotations): give the EdgeService its own mesh object name instead"
+        )
+    return {ORIGINAL_SPEC_ANNOTATION: text}
+
+
+def original_spec(obj: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The spec saved before takeover, or None if marl-operator created the object."""
+    annotations = obj.get("metadata", {}).get("annotations") or {}
+    text = annotations.get(ORIGINAL_SPEC_ANNOTATION)
+    if text is None:
+        return None
+    try:
+        spec = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise MeshError(f"annotation {ORIGINAL_SPEC_ANNOTATION} is not JSON: {error}") from error
+    if not isinstance(spec, dict):
+        raise MeshError(f"annotation {ORIGINAL_SPEC_ANNOTATION} does not hold an object spec")
+    return spec

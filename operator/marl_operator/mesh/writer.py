@@ -1,0 +1,32 @@
+"""The one interface every mesh provider implements.
+
+A writer only builds and reads objects; the reconcile loop gets live objects, diffs them with
+:mod:`marl_operator.mesh.patching` and patches only when something changed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol
+
+from marl_operator.mesh.model import Manifest, MeshNode, MeshRoutes, MeshService
+
+
+class MeshWriter(Protocol):
+    """Writes per-source-node weights of one service into a provider's objects."""
+
+    provider: str
+    """The ``spec.mesh.provider`` value of an EdgeService that selects this writer."""
+
+    def desired(self, service: MeshService, routes: MeshRoutes) -> list[Manifest]:
+        """Every object the provider needs for these routes, complete (with the values the API
+        server would default, so a live copy compares equal), in the order to apply them."""
+        ...
+
+    def read(
+        self, service: MeshService, nodes: Sequence[MeshNode], objects: Sequence[Manifest]
+    ) -> MeshRoutes:
+        """The weights the live objects carry, as written or edited by hand (not checked
+        against the sum of 100). Raises :class:`~marl_operator.mesh.model.MeshError` when an
+        object is not in the shape this writer generates."""
+        ...

@@ -1,0 +1,468 @@
+"""Mesh writers: generated VirtualService, DestinationRule and HTTPRoute objects are accepted by
+the upstream CRD schemas (and their CEL rules), carry integer weights summing to 100 per rule,
+read back to the routes they were built from, and the patches correct drift, take over a
+user's object and give it back."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import numpy as np
+import pytest
+from kube_schema import CRDValidator, load_documents
+from marl_operator.mesh import naming, routing
+from marl_operator.mesh.factory import PROVIDERS, writer_for
+from marl_operator.mesh.gatewayapi import GatewayAPIWriter, http_route
+from marl_operator.mesh.istio import IstioWriter, destination_rule, virtual_service
+from marl_operator.mesh.model import (
+    MeshError,
+    MeshNode,
+    MeshRoutes,
+    MeshService,
+    RouteLimitError,
+    node_from_edge_node,
+)
+from marl_operator.mesh.ownership import ORIGINAL_SPEC_ANNOTATION, is_managed
+from marl_operator.mesh.patching import apply_merge_patch, reconcile_patch, restore_patch
+
+from policies.weights import mesh_weights
+
+ROOT = Path(__file__).resolve().parents[1]
+UPSTREAM = Path(__file__).resolve().parents[2] / "shared" / "data" / "upstream-crds"
+UPSTREAM_FILES = {
+    "VirtualService": "istio-virtualservices.yaml",
+    "DestinationRule": "istio-destinationrules.yaml",
+    "HTTPRoute": "gatewayapi-httproutes.yaml",
+}
+
+
+@pytest.fixture(scope="module")
+def upstream() -> dict[str, CRDValidator]:
+    """Validators for the upstream mesh CRDs (kept beside the project, not in it)."""
+    if not UPSTREAM.is_dir():
+        pytest.skip(f"upstream mesh CRDs not found at {UPSTREAM} (kept outside the repository)")
+    return {
+        kind: CRDValidator(load_documents(UPSTREAM / f)[0]) for kind, f in UPSTREAM_FILES.items()
+    }
+
+
+def _examples(name: str) -> list[dict]:
+    return load_documents(ROOT / "examples" / name)
+
+
+ISTIO_SERVICE = MeshService.from_edge_service(_examples("edgeservice.yaml")[0])
+GATEWAY_SERVICE = MeshService.from_edge_service(_examples("edgeservice-httproute.yaml")[0])
+TRIANGLE = tuple(node_from_edge_node(obj) for obj in _examples("edgenodes.yaml"))
+WRITERS = {
+    "istio": (IstioWriter(), ISTIO_SERVICE),
+    "gateway-api": (GatewayAPIWriter(), GATEWAY_SERVICE),
+}
+
+
+def triangle_routes(min_weight: int = 0):
+    fractions = {
+        "edge-0": {"edge-0": 0.62, "edge-1": 0.31, "edge-2": 0.07},
+        "edge-1": {"edge-1": 1.0, "edge-0": 0.0, "edge-2": 0.0},
+        "edge-2": {"edge-2": 1 / 3, "edge-0": 1 / 3, "edge-1": 1 / 3},
+    }
+    table = routing.weights_from_fractions(fractions, min_weight=min_weight)
+    return routing.build_routes(table, TRIANGLE)
+
+
+def ring_routes(n: int, *, sources: int | None = None, labelled: bool = False):
+    """n nodes in a ring, each keeping 60% and sending 20% to either side."""
+    nodes = [MeshNode(f"n{i}", f"site-{i}" if labelled else "") for i in range(n)]
+    table = {}
+    for i in range(n if sources is None else sources):
+        row = {f"n{i}": 0.6, f"n{(i + 1) % n}": 0.2, f"n{(i - 1) % n}": 0.2}
+        table[f"n{i}"] = routing.integer_weights(row)
+    return routing.build_routes(table, nodes)
+
+
+CASES = {
+    "triangle": triangle_routes,
+    "triangle-min-weight": lambda: triangle_routes(min_weight=5),
+    "ring-10-labelled": lambda: ring_routes(10, labelled=True),
+    "ring-15": lambda: ring_routes(15),  # 16 HTTPRoute rules: exactly the limit
+    "one-node": lambda: routing.build_routes({"solo": {"solo": 100}}, ["solo"]),
+    "no-source-rows": lambda: routing.build_routes({}, ["a", "b", "c"]),
+}
+
+
+def _server_copy(obj: dict) -> dict:
+    """``obj`` as the API server returns it: with the fields it adds."""
+    live = copy.deepcopy(obj)
+    live["metadata"] |= {"uid": "0b8e", "resourceVersion": "41", "generation": 1}
+    return live
+
+
+# --- the validator itself is trustworthy ---------------------------------------------------
+
+
+def test_upstream_validator_enforces_bounds_and_cel(upstream):
+    """The refusals below come from the upstream schemas (bounds, formats, CEL), so a clean
+    result for generated objects means something."""
+    routes = triangle_routes()
+    (route,) = GatewayAPIWriter().desired(GATEWAY_SERVICE, routes)
+    assert upstream["HTTPRoute"].errors(route) == []
+    ref = "spec.rules[0].backendRefs[0]"
+
+    too_heavy = copy.deepcopy(route)
+    too_heavy["spec"]["rules"][0]["backendRefs"][0]["weight"] = 1_000_001
+    assert upstream["HTTPRoute"].errors(too_heavy) == [
+        f"{ref}.weight: 1000001 is greater than the maximum of 1000000"
+    ]
+    negative = copy.deepcopy(route)
+    negative["spec"]["rules"][0]["backendRefs"][0]["weight"] = -1
+    assert upstream["HTTPRoute"].errors(negative) == [
+        f"{ref}.weight: -1 is less than the minimum of 0"
+    ]
+    no_port = copy.deepcopy(route)
+    del no_port["spec"]["rules"][0]["backendRefs"][0]["port"]
+    assert upstream["HTTPRoute"].errors(no_port) == [f"{ref}: Must have port for Service reference"]
+    seventeen = copy.deepcopy(route)
+    seventeen["spec"]["rules"] = [route["spec"]["rules"][-1]] * 17
+    assert any("is too long" in e for e in upstream["HTTPRoute"].errors(seventeen))
+
+    vs = virtual_service(ISTIO_SERVICE, routes)
+    assert upstream["VirtualService"].errors(vs) == []
+    overflow = copy.deepcopy(vs)
+    overflow["spec"]["http"][0]["route"][0]["weight"] = 2**31
+    assert upstream["VirtualService"].errors(overflow) == [
+        "spec.http[0].route[0].weight: 2147483648 is not a 'int32'"
+    ]
+    unknown = copy.deepcopy(vs)
+    unknown["spec"]["http"][0]["route"][0]["wieght"] = 5
+    assert "'wieght' was unexpected" in upstream["VirtualService"].errors(unknown)[0]
+    dr = destination_rule(ISTIO_SERVICE, routes.nodes)
+    del dr["spec"]["subsets"][0]["name"]
+    assert upstream["DestinationRule"].errors(dr) == [
+        "spec.subsets[0]: 'name' is a required property"
+    ]
+
+
+# --- generated objects ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.parametrize("provider", sorted(WRITERS))
+def test_generated_objects_pass_upstream_schemas(upstream, provider, case):
+    writer, service = WRITERS[provider]
+    for obj in writer.desired(service, CASES[case]()):
+        validator = upstream[obj["kind"]]
+        assert validator.errors(obj) == [], obj["kind"]
+        # Nothing left for the server to default: a live copy compares equal, no endless patching.
+        assert validator.defaulted(obj) == obj, obj["kind"]
+        assert obj["metadata"]["namespace"] == service.namespace
+
+
+def _rules(obj: dict) -> list[tuple[list, list[int]]]:
+    """(match, weights) of every rule of a VirtualService or HTTPRoute."""
+    if obj["kind"] == "VirtualService":
+        return [
+            (r.get("match", []), [d["weight"] for d in r["route"]]) for r in obj["spec"]["http"]
+        ]
+    return [
+        (
+            [h for m in r["matches"] for h in m.get("headers", [])],
+            [b["weight"] for b in r["backendRefs"]],
+        )
+        for r in obj["spec"]["rules"]
+    ]
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.parametrize("provider", sorted(WRITERS))
+def test_every_rule_sums_to_100_and_the_catch_all_is_last(provider, case):
+    writer, service = WRITERS[provider]
+    routes = CASES[case]()
+    (obj,) = [o for o in writer.desired(service, routes) if o["kind"] != "DestinationRule"]
+    rules = _rules(obj)
+    assert len(rules) == len(routes.by_source) + 1
+    for _, weights in rules:
+        assert sum(weights) == 100 and min(weights) > 0, weights
+    assert rules[-1][0] == []  # catch-all: no source match, last
+    assert all(match for match, _ in rules[:-1])
+
+
+def test_istio_rules_match_the_source_pod_label_and_subsets_select_it():
+    nodes = [MeshNode("edge-a", "paris"), MeshNode("edge-b")]
+    routes = routing.build_routes({"edge-a": {"edge-a": 70, "edge-b": 30}}, nodes)
+    dr, vs = IstioWriter().desired(ISTIO_SERVICE, routes)
+    assert vs["spec"]["hosts"] == ["fn.edge.svc.cluster.local"]
+    first = vs["spec"]["http"][0]
+    assert first["match"] == [{"sourceLabels": {"marl.dev/node": "paris"}}]
+    assert [(r["destination"]["subset"], r["weight"]) for r in first["route"]] == [
+        ("node-edge-a", 70),
+        ("node-edge-b", 30),
+    ]
+    assert first["route"][0]["destination"]["port"] == {"number": 8080}
+    assert dr["spec"]["subsets"] == [
+        {"name": "node-edge-a", "labels": {"marl.dev/node": "paris"}},
+        {"name": "node-edge-b", "labels": {"marl.dev/node": "edge-b"}},
+    ]
+
+
+def test_httproute_matches_the_source_header_and_targets_per_node_services():
+    (route,) = GatewayAPIWriter().desired(GATEWAY_SERVICE, triangle_routes())
+    spec = route["spec"]
+    assert spec["parentRefs"] == [{"group": "", "kind": "Service", "name": "fn-gw", "port": 8080}]
+    first = spec["rules"][0]
+    assert first["matches"][0]["headers"] == [
+        {"type": "Exact", "name": "x-marl-source-node", "value": "edge-0"}
+    ]
+    assert [(b["name"], b["weight"]) for b in first["backendRefs"]] == [
+        ("fn-gw-edge-0", 62),
+        ("fn-gw-edge-1", 31),
+        ("fn-gw-edge-2", 7),
+    ]
+    # Default parent: the Service named by the host, for services that do not set parentRefs.
+    bare = MeshService(name="fn", namespace="edge", host="fn.edge.svc.cluster.local", port=80)
+    assert http_route(bare, triangle_routes())["spec"]["parentRefs"][0]["name"] == "fn"
+
+
+def test_zero_weight_routes_are_left_out():
+    routes = triangle_routes()
+    assert routes.by_source["edge-1"] == {"edge-1": 100}
+    vs = virtual_service(ISTIO_SERVICE, routes)
+    assert [r["destination"]["subset"] for r in vs["spec"]["http"][1]["route"]] == ["node-edge-1"]
+
+
+@pytest.mark.parametrize("provider", sorted(WRITERS))
+def test_writers_drop_zero_routes_and_refuse_all_zero_rules(provider):
+    """Routes read back from an edited object may hold zeros; writers never emit them."""
+    writer, service = WRITERS[provider]
+    nodes = (MeshNode("a"), MeshNode("b"))
+    with_zero = MeshRoutes(nodes, {"a": {"a": 100, "b": 0}}, {"a": 50, "b": 50})
+    obj = writer.desired(service, with_zero)[-1]
+    assert [len(w) for _, w in _rules(obj)] == [1, 2]
+    all_zero = MeshRoutes(nodes, {"a": {"a": 0, "b": 0}}, {"a": 50, "b": 50})
+    with pytest.raises(MeshError, match="source node 'a' has no positive weight"):
+        writer.desired(service, all_zero)
+
+
+# --- read back, drift, takeover ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.parametrize("provider", sorted(WRITERS))
+def test_round_trip(provider, case):
+    writer, service = WRITERS[provider]
+    routes = CASES[case]()
+    live = [_server_copy(o) for o in writer.desired(service, routes)]
+    assert writer.read(service, routes.nodes, live) == routes
+
+
+@pytest.mark.parametrize("provider", sorted(WRITERS))
+def test_out_of_band_edit_is_seen_and_corrected(provider):
+    writer, service = WRITERS[provider]
+    routes = triangle_routes()
+    desired = writer.desired(service, routes)[-1]
+    live = _server_copy(desired)
+    assert reconcile_patch(live, desired) == {}  # in sync: nothing to send
+
+    rules = live["spec"]["http" if provider == "istio" else "rules"]
+    target = rules[0]["route" if provider == "istio" else "backendRefs"]
+    target[0]["weight"], target[1]["weight"] = 10, 83
+    live["metadata"]["annotations"]["team"] = "payments"
+    assert writer.read(service, routes.nodes, [live]).by_source["edge-0"]["edge-0"] == 10
+
+    patch = reconcile_patch(live, desired)
+    assert patch["metadata"] == {"resourceVersion": "41"}  # guarded by the version read
+    fixed = apply_merge_patch(live, patch)
+    assert writer.read(service, routes.nodes, [fixed]) == routes
+    assert fixed["spec"] == desired["spec"]
+    assert fixed["metadata"]["annotations"]["team"] == "payments"  # not ours: kept
+    assert reconcile_patch(fixed, desired) == {}
+
+
+def _user_virtual_service() -> dict:
+    return {
+        "apiVersion": "networking.istio.io/v1",
+        "kind": "VirtualService",
+        "metadata": {
+            "name": "fn",
+            "namespace": "edge",
+            "resourceVersion": "7",
+            "labels": {"app.kubernetes.io/managed-by": "Helm"},
+            "annotations": {"team": "payments"},
+        },
+        "spec": {
+            "hosts": ["fn.edge.svc.cluster.local"],
+            "gateways": ["mesh"],
+            "http": [{"route": [{"destination": {"host": "fn.edge.svc.cluster.local"}}]}],
+        },
+    }
+
+
+def test_takeover_saves_the_users_spec_once_and_restores_it():
+    user = _user_virtual_service()
+    assert restore_patch(user) is None
+    desired = virtual_service(ISTIO_SERVICE, triangle_routes())
+
+    taken = apply_merge_patch(user, reconcile_patch(user, desired))
+    assert is_managed(taken)
+    assert taken["spec"]["http"] == desired["spec"]["http"]
+    assert taken["spec"]["gateways"] == ["mesh"]  # fields the writer does not own stay
+    assert taken["metadata"]["labels"]["app.kubernetes.io/managed-by"] == "Helm"
+    assert reconcile_patch(taken, desired) == {}
+
+    # Later decisions change the routes; the saved spec stays the user's.
+    moved = routing.build_routes({"edge-0": {"edge-0": 50, "edge-1": 50}}, TRIANGLE)
+    later = apply_merge_patch(taken, reconcile_patch(taken, virtual_service(ISTIO_SERVICE, moved)))
+    assert later["spec"]["http"] != taken["spec"]["http"]
+    saved = ORIGINAL_SPEC_ANNOTATION
+    assert later["metadata"]["annotations"][saved] == taken["metadata"]["annotations"][saved]
+
+    restored = apply_merge_patch(later, restore_patch(later))
+    assert restored == user
+
+
+def test_objects_the_operator_created_are_deleted_not_restored():
+    created = _server_copy(virtual_service(ISTIO_SERVICE, triangle_routes()))
+    assert restore_patch(created) is None
+
+
+def test_a_spec_too_large_for_an_annotation_is_refused():
+    user = _user_virtual_service()
+    user["spec"]["http"] = [{"name": "r" * 1000, "route": []}] * 300
+    with pytest.raises(MeshError, match=ORIGINAL_SPEC_ANNOTATION):
+        reconcile_patch(user, virtual_service(ISTIO_SERVICE, triangle_routes()))
+
+
+@pytest.mark.parametrize(
+    ("edit", "words"),
+    [
+        (lambda s: s["http"][0]["match"][0].update(uri={"prefix": "/a"}), "matches more than"),
+        (lambda s: s["http"][0]["match"][0]["sourceLabels"].update({"marl.dev/node": "x"}),
+         "the label of no known edge node"),
+        (lambda s: s["http"][0]["route"][0]["destination"].update(subset="v1"),
+         "not node-<edge node>"),
+        (lambda s: s.update(http=s["http"][:-1]), "no catch-all rule"),
+    ],
+)  # fmt: skip
+def test_reading_a_virtual_service_of_another_shape_fails_clearly(edit, words):
+    vs = virtual_service(ISTIO_SERVICE, triangle_routes())
+    edit(vs["spec"])
+    with pytest.raises(MeshError, match=words):
+        IstioWriter().read(ISTIO_SERVICE, TRIANGLE, [vs])
+
+
+def test_reading_an_httproute_of_another_shape_fails_clearly():
+    route = http_route(GATEWAY_SERVICE, triangle_routes())
+    route["spec"]["rules"][0]["backendRefs"][0]["name"] = "fn-gw-v2"
+    with pytest.raises(MeshError, match="'fn-gw-v2' is not fn-gw-<edge node>"):
+        GatewayAPIWriter().read(GATEWAY_SERVICE, TRIANGLE, [route])
+
+
+# --- weights and checks --------------------------------------------------------------------
+
+
+def test_integer_weights_follow_the_shared_rounding_rule():
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        k = int(rng.integers(1, 6))
+        fractions = rng.dirichlet(np.ones(k))
+        row = routing.integer_weights({f"n{j}": f for j, f in enumerate(fractions)})
+        assert list(row.values()) == mesh_weights(fractions).tolist()
+        assert sum(row.values()) == 100
+
+
+def test_all_zero_fractions_keep_traffic_on_the_first_route():
+    assert routing.integer_weights({"self": 0.0, "nb": 0.0}) == {"self": 100, "nb": 0}
+
+
+@pytest.mark.parametrize("min_weight", [1, 5, 20, 33])
+def test_min_weight_floor(min_weight):
+    row = routing.integer_weights({"a": 0.98, "b": 0.02, "c": 0.0}, min_weight=min_weight)
+    assert sum(row.values()) == 100
+    assert min(row.values()) == min_weight
+    assert row["a"] == max(row.values())
+
+
+def test_min_weight_that_cannot_fit_is_refused():
+    with pytest.raises(MeshError, match="at most 33"):
+        routing.integer_weights({"a": 1.0, "b": 0.0, "c": 0.0}, min_weight=34)
+
+
+@pytest.mark.parametrize(
+    ("table", "words"),
+    [
+        ({"edge-0": {"edge-0": 60, "edge-1": 39}}, "must sum to 100, got 99"),
+        ({"edge-0": {"edge-0": 0, "edge-1": 0}}, "must sum to 100, got 0"),
+        ({"edge-0": {"edge-0": 110, "edge-1": -10}}, "negative"),
+        ({"edge-0": {"edge-0": 60.0, "edge-1": 40}}, "must be an integer"),
+        ({"edge-0": {"edge-0": True, "edge-1": 99}}, "must be an integer"),
+        ({"edge-0": {"edge-9": 100}}, "'edge-9', which is not one of"),
+        ({"edge-9": {"edge-0": 100}}, "source node 'edge-9' is not one of"),
+    ],
+)
+def test_bad_route_tables_are_refused(table, words):
+    with pytest.raises(MeshError, match=words):
+        routing.build_routes(table, TRIANGLE)
+
+
+def test_nodes_must_be_distinct():
+    with pytest.raises(MeshError, match="repeat"):
+        routing.build_routes({}, ["a", "a"])
+    with pytest.raises(MeshError, match="share a pod label"):
+        routing.build_routes({}, [MeshNode("a", "x"), MeshNode("b", "x")])
+
+
+def test_catch_all_is_the_mean_of_the_rows():
+    routes = routing.build_routes(
+        {"edge-0": {"edge-0": 80, "edge-1": 20}, "edge-1": {"edge-1": 100}}, TRIANGLE
+    )
+    assert routes.default == {"edge-0": 40, "edge-1": 60}
+
+
+# --- limits and names ----------------------------------------------------------------------
+
+
+def test_httproute_rule_limit_names_the_limit():
+    routes = ring_routes(16)
+    with pytest.raises(RouteLimitError, match="at most 16 rules"):
+        GatewayAPIWriter().desired(GATEWAY_SERVICE, routes)
+    assert len(IstioWriter().desired(ISTIO_SERVICE, routes)[1]["spec"]["http"]) == 17
+
+
+def test_httproute_backend_limit_names_the_limit():
+    nodes = [f"n{i}" for i in range(17)]
+    row = routing.integer_weights(dict.fromkeys(nodes, 1.0))
+    routes = routing.build_routes({"n0": row}, nodes)
+    with pytest.raises(RouteLimitError, match="at most 16 backendRefs"):
+        GatewayAPIWriter().desired(GATEWAY_SERVICE, routes)
+
+
+def test_names_that_the_mesh_would_refuse_raise():
+    with pytest.raises(MeshError, match="not a DNS label"):
+        naming.subset_name("e" * 59)
+    assert naming.subset_name("e" * 58) == "node-" + "e" * 58
+    with pytest.raises(MeshError, match="DNS-1035"):
+        naming.node_service_name("9fn", "edge-0")
+    with pytest.raises(MeshError, match="not a DNS label"):
+        IstioWriter().desired(ISTIO_SERVICE, routing.build_routes({}, ["Edge_0"]))
+
+
+# --- the factory ---------------------------------------------------------------------------
+
+
+def test_factory_covers_exactly_the_providers_the_crd_allows():
+    (crd,) = load_documents(ROOT / "crds" / "edgeservices.marl.dev.yaml")
+    schema = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+    mesh = schema["properties"]["spec"]["properties"]["mesh"]["properties"]
+    assert sorted(PROVIDERS) == sorted(mesh["provider"]["enum"])
+    for provider in PROVIDERS:
+        assert writer_for(provider).provider == provider
+    with pytest.raises(MeshError, match=r"unknown mesh provider 'linkerd'.*istio"):
+        writer_for("linkerd")
+
+
+def test_edge_service_examples_map_to_writer_settings():
+    assert (ISTIO_SERVICE.provider, ISTIO_SERVICE.virtual_service_name) == ("istio", "fn")
+    assert ISTIO_SERVICE.node_label == "marl.dev/node"
+    assert GATEWAY_SERVICE.provider == "gateway-api"
+    assert GATEWAY_SERVICE.source_header == "x-marl-source-node"
+    assert GATEWAY_SERVICE.service_prefix == "fn-gw"
+    assert [n.name for n in TRIANGLE] == ["edge-0", "edge-1", "edge-2"]
