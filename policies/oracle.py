@@ -102,12 +102,16 @@ def _delay_cost(load: np.ndarray, capacity: np.ndarray, rho_max: float) -> tuple
     return np.where(up, value, 0.0), np.where(up, grad, 0.0)
 
 
-def _route_flows(model: FluidModel, weights: np.ndarray) -> tuple:
+def route_flows(
+    model: FluidModel, weights: np.ndarray, arrivals: np.ndarray | None = None
+) -> tuple:
     """Requests per second on every route ``(..., A, K+1)``, work per second arriving at every
-    node ``(..., N)``, and the route-to-node incidence ``(A, K+1, N)``."""
+    node ``(..., N)``, and the route-to-node incidence ``(A, K+1, N)``. ``arrivals``
+    ``(..., A)`` replaces the model's own, e.g. sampled forecasts in a batch."""
     w = np.asarray(weights, dtype=float)
     w = w / np.maximum(w.sum(axis=-1, keepdims=True), 1e-12)
-    flow = np.where(model.routes >= 0, w[..., :-1], 0.0) * model.arrivals[:, None]
+    rates = model.arrivals if arrivals is None else np.asarray(arrivals, dtype=float)
+    flow = np.where(model.routes >= 0, w[..., :-1], 0.0) * rates[..., :, None]
     work = model.work[model.service_of_agent()][:, None]
     onehot = model.routes[..., None] == np.arange(model.topology.num_nodes)
     load = np.einsum("...ak,akn->...n", flow * work, onehot)
@@ -121,7 +125,7 @@ def fluid_cost(model: FluidModel, weights: np.ndarray) -> np.ndarray:
     utilisation serves up to that level and rejects the excess of every incoming flow in
     proportion (what a bounded queue does), so overloaded weights get a finite, fair cost.
     """
-    flow, load, onehot = _route_flows(model, weights)
+    flow, load, onehot = route_flows(model, weights)
     cap = model.max_utilisation * model.capacity
     served_share = np.where(load > cap, cap / np.maximum(load, 1e-12), 1.0)  # (..., N)
     served = flow * np.einsum("...n,akn->...ak", served_share, onehot.astype(float))
@@ -186,7 +190,7 @@ def solve(model: FluidModel, tol: float = 1e-12, max_iter: int = 500) -> Routing
     weights[idle, 0] = np.where(model.routes[idle, 0] >= 0, 1.0, 0.0)
     weights[idle, -1] = np.where(model.routes[idle, 0] >= 0, 0.0, 1.0)
     weights /= weights.sum(axis=1, keepdims=True)
-    load = _route_flows(model, weights)[1]
+    load = route_flows(model, weights)[1]
     util = np.where(model.capacity > 0, load / np.maximum(model.capacity, 1e-12), 0.0)
     cost = float(fluid_cost(model, weights))
     return Routing(

@@ -50,6 +50,17 @@ from policies.topology import Topology
 LATENCY_BINS_MS = np.concatenate([[0.0], np.geomspace(1.0, 3.6e6, 255)])
 """Histogram edges for per-request latency (1 ms .. 1 h, log-spaced)."""
 
+
+def hist_quantile(hist: np.ndarray, q: float) -> np.ndarray:
+    """Quantile ``q`` of latency histograms over LATENCY_BINS_MS (last axis), read as the
+    upper edge of the bin it falls in (conservative); NaN where a histogram is empty."""
+    cdf = np.cumsum(hist, axis=-1)
+    total = cdf[..., -1:]
+    idx = (cdf < q * np.maximum(total, 1)).sum(axis=-1)
+    upper = np.concatenate([LATENCY_BINS_MS[1:], [LATENCY_BINS_MS[-1]]])
+    return np.where(total[..., 0] > 0, upper[np.minimum(idx, len(upper) - 1)], np.nan)
+
+
 Sizes = tuple[np.ndarray, ...]
 """CPU, then (unless not wanted) RAM of a batch of requests."""
 Draw = Callable[[np.random.Generator, int], Sizes]
@@ -289,6 +300,23 @@ class StepOutcome:
     latency_sum_ms: np.ndarray | None = None  # (B, A) by the agent that routed the request
     latency_count: np.ndarray | None = None  # (B, A)
     latency_hist: np.ndarray | None = None  # (B, bins)
+    server: ServerStats | None = None  # by serving node, with ``track_servers``
+
+
+@dataclass
+class ServerStats:
+    """What each serving node saw, by service: requests arriving (local and forwarded),
+    refused for a full queue, and latency at the node (queueing and service, no link). This
+    is what a mesh's destination-side metrics report, and what a model of each node's
+    behaviour is fitted to."""
+
+    incoming: np.ndarray  # (B, N, S)
+    rejected: np.ndarray  # (B, N, S)
+
+    sum_ms: np.ndarray  # (B, N, S)
+    count: np.ndarray  # (B, N, S)
+    hist: np.ndarray  # (B, N, S, bins) over LATENCY_BINS_MS
+    service_hist: np.ndarray  # (B, S, bins) client-perceived (with the link), per service
 
 
 def ragged_index(start: np.ndarray, count: np.ndarray) -> np.ndarray:
@@ -313,10 +341,13 @@ class NodeModel:
         track_latency: bool = False,
         chunk: int = 32,
         ram_floor: float | None = None,
+        track_servers: bool = False,
     ):
         """``ram_floor``, the least RAM any active node will have, lets the model drop queued
         requests' RAM altogether when a full queue of the largest requests fits in it: RAM
-        can then never bind in a queue (``None``: always keep it)."""
+        can then never bind in a queue (``None``: always keep it). ``track_servers`` adds
+        per-node latency histograms (:class:`ServerLatency`): cheap for a few environments,
+        too much for training batches, hence optional."""
         self.topo = topology
         self.tables = tables
         self.B, self.N, self.S, self.K = (
@@ -330,7 +361,8 @@ class NodeModel:
         self.Q = max(int(queue_slots), 1)
         self.reseed(rng)
         self.step_ms = 1000.0 * step_seconds
-        self.track_latency = track_latency
+        self.track_latency = track_latency or track_servers
+        self.track_servers = track_servers
         self.chunk = chunk
         g = self.S * (1 + self.K)
         seg = np.arange(g)
@@ -345,7 +377,7 @@ class NodeModel:
         self.agent_node = np.arange(self.A) // self.S
         # Per-request origin, service and birth step matter only with several services or a
         # latency model; the reference scenario needs neither, so it skips that bookkeeping.
-        self.needs_metadata = track_latency or self.S > 1
+        self.needs_metadata = self.track_latency or self.S > 1
         self.keeps_ram = ram_floor is None or self.Q * tables.max_ram > ram_floor
         self.fields = ("cpu",) + ("ram",) * self.keeps_ram
         self.size_fields = len(self.fields)  # +inf past a queue's end; metadata stays finite
@@ -373,6 +405,12 @@ class NodeModel:
         return self._queue[self.fields.index(name), :, : self.Q].reshape(self.B, self.N, self.Q)
 
     q_cpu = property(lambda self: self._field("cpu"))
+
+    def queued_work(self) -> np.ndarray:
+        """``(B, N)`` CPU work waiting in each queue (the padding past a queue's end is +inf)."""
+        cpu = self.q_cpu
+        return np.where(np.isfinite(cpu), cpu, 0.0).sum(axis=-1)
+
     q_ram = property(lambda self: self._field("ram") if self.keeps_ram else None)
     q_born = property(lambda self: self._field("born"))
     q_agent = property(lambda self: self._field("agent"))
@@ -422,7 +460,9 @@ class NodeModel:
         seg_end = np.cumsum(seg_n, axis=-1)
         total = seg_end[:, -1]
         stream = _Segments(seg_end) if self.needs_metadata else None
-        lat = _LatencyAccumulator(B, self.A, stream) if self.track_latency else None
+        lat = (
+            _LatencyAccumulator(B, N, S, stream, self.track_servers) if self.track_latency else None
+        )
 
         # (a) first-fit scan of the old queue, which then keeps only what was not served.
         processed, rem_cpu, rem_ram = self._serve_queue(lane_cpu, lane_ram, lat, t)
@@ -452,6 +492,11 @@ class NodeModel:
         )
         if lat is not None:
             out.latency_sum_ms, out.latency_count, out.latency_hist = lat.result()
+            if self.track_servers:
+                out.server = lat.server_result(
+                    seg_n.reshape(B, N, 1 + K, S).sum(axis=2),
+                    rejected.reshape(B, N, 1 + K, S).sum(axis=2),
+                )
         return out
 
     # ------------------------------------------------------------------------------------
@@ -582,8 +627,8 @@ class NodeModel:
         born = old[self.fields.index("born")]
         finish = position / np.maximum(cap_cpu[: self.N], 1e-9)[:, None] * self.step_ms
         wait = (t - born) * self.step_ms + finish - old[self.fields.index("arrival_ms")]
-        wait = wait + self.topo.link_matrix[self.agent_node[agent], np.arange(self.N)[:, None]]
-        lat.add(done, agent, wait)
+        link = self.topo.link_matrix[self.agent_node[agent], np.arange(self.N)[:, None]]
+        lat.add(done, agent, wait, link)
 
     def _arrival_ms(self, position: np.ndarray, total: np.ndarray) -> np.ndarray:
         """Arrival time within the step of stream ``position`` out of ``total``: a step's
@@ -676,9 +721,9 @@ class NodeModel:
         wait = np.maximum.accumulate(np.maximum(wait, idle[lanes][:, None]), axis=1)
         idle[lanes] = wait[:, -1]
         finish = busy_until * ms_per_cpu + np.maximum(wait, 0.0)
-        ms = finish - arrival + self.seg_link_ms[node[:, None], seg]
         agent = self.seg_agent[node[:, None], seg]
-        lat.add_flat(lanes // self.N, agent, ms, index - start < k[:, None])
+        link = self.seg_link_ms[node[:, None], seg]
+        lat.add_flat(lanes, agent, finish - arrival, link, index - start < k[:, None])
 
     def _append(self, t, q_len, queued, prefix, stream, reused) -> None:
         """Write the queued part of the stream behind the kept requests: past the ``reused``
@@ -741,32 +786,54 @@ class _Segments:
 
 
 class _LatencyAccumulator:
-    """Per-agent latency sums and a per-environment histogram, filled with bincount.
+    """Per-agent latency sums and a per-environment histogram, filled with bincount; with
+    ``by_server``, the same by serving node and service without the link (ServerLatency).
 
     It also holds the step's stream, from which a request's origin and arrival time follow."""
 
-    def __init__(self, num_envs: int, num_agents: int, stream: _Segments):
-        self.B, self.A = num_envs, num_agents
+    def __init__(self, B: int, N: int, S: int, stream: _Segments, by_server: bool = False):
+        self.B, self.N, self.S, self.A = B, N, S, N * S
         self.stream = stream
-        self.sum = np.zeros(num_envs * num_agents)
-        self.count = np.zeros(num_envs * num_agents)
-        self.hist = np.zeros(num_envs * len(LATENCY_BINS_MS))
+        self.sum = np.zeros(B * self.A)
+        self.count = np.zeros(B * self.A)
+        self.hist = np.zeros(B * len(LATENCY_BINS_MS))
+        self.by_server = by_server
+        if by_server:
+            self.server_sum = np.zeros(B * self.A)
+            self.server_count = np.zeros(B * self.A)
+            self.server_hist = np.zeros(B * self.A * len(LATENCY_BINS_MS))
+            self.service_hist = np.zeros(B * S * len(LATENCY_BINS_MS))
 
-    def add(self, mask: np.ndarray, agent: np.ndarray, ms: np.ndarray) -> None:
-        env = np.broadcast_to(np.arange(self.B)[:, None, None], mask.shape)
-        self.add_flat(env[mask], agent[mask], ms[mask], None)
+    def add(self, mask: np.ndarray, agent: np.ndarray, server_ms: np.ndarray, link_ms) -> None:
+        """Requests served from the queues: arrays ``(B, N, Q)``, lanes along the first two."""
+        lane = np.broadcast_to(np.arange(self.B * self.N).reshape(self.B, self.N, 1), mask.shape)
+        link = np.broadcast_to(link_ms, mask.shape)
+        self.add_flat(lane[mask], agent[mask], server_ms[mask], link[mask], None)
 
-    def add_flat(self, env, agent, ms, mask) -> None:
+    def add_flat(self, lane, agent, server_ms, link_ms, mask) -> None:
+        """Requests of ``lane`` (env * N + serving node); ``mask`` selects along a 2nd axis."""
         if mask is not None:
-            env = np.broadcast_to(env[:, None], mask.shape)[mask]
-            agent, ms = agent[mask], ms[mask]
+            lane = np.broadcast_to(lane[:, None], mask.shape)[mask]
+            agent, server_ms, link_ms = agent[mask], server_ms[mask], link_ms[mask]
+        env = lane // self.N
+        ms = server_ms + link_ms
         key = env * self.A + agent
         self.sum += np.bincount(key, weights=ms, minlength=self.sum.size)
         self.count += np.bincount(key, minlength=self.count.size)
-        bins = np.clip(
-            np.searchsorted(LATENCY_BINS_MS, ms, side="right") - 1, 0, len(LATENCY_BINS_MS) - 1
-        )
+        bins = _bin(ms)
         self.hist += np.bincount(env * len(LATENCY_BINS_MS) + bins, minlength=self.hist.size)
+        if self.by_server:
+            service = agent % self.S
+            self.service_hist += np.bincount(
+                (env * self.S + service) * len(LATENCY_BINS_MS) + bins,
+                minlength=self.service_hist.size,
+            )
+            server = lane * self.S + service
+            self.server_sum += np.bincount(server, weights=server_ms, minlength=self.sum.size)
+            self.server_count += np.bincount(server, minlength=self.count.size)
+            self.server_hist += np.bincount(
+                server * len(LATENCY_BINS_MS) + _bin(server_ms), minlength=self.server_hist.size
+            )
 
     def result(self):
         return (
@@ -774,3 +841,21 @@ class _LatencyAccumulator:
             self.count.reshape(self.B, self.A),
             self.hist.reshape(self.B, -1),
         )
+
+    def server_result(self, incoming: np.ndarray, rejected: np.ndarray) -> ServerStats:
+        shape = (self.B, self.N, self.S)
+        return ServerStats(
+            incoming=incoming,
+            rejected=rejected,
+            sum_ms=self.server_sum.reshape(shape),
+            count=self.server_count.reshape(shape),
+            hist=self.server_hist.reshape(*shape, -1),
+            service_hist=self.service_hist.reshape(self.B, self.S, -1),
+        )
+
+
+def _bin(ms: np.ndarray) -> np.ndarray:
+    """Histogram bin of each latency over LATENCY_BINS_MS."""
+    return np.clip(
+        np.searchsorted(LATENCY_BINS_MS, ms, side="right") - 1, 0, len(LATENCY_BINS_MS) - 1
+    )

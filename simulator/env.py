@@ -30,7 +30,7 @@ from policies.observation import (
 from policies.topology import Topology
 from policies.weights import largest_remainder, reference_counts
 from simulator import workloads
-from simulator.engine import LATENCY_BINS_MS, NodeModel, RequestTables
+from simulator.engine import LATENCY_BINS_MS, NodeModel, RequestTables, hist_quantile
 from simulator.scenario import Scenario
 
 ActionMode = Literal["split3", "neighbours"]
@@ -156,7 +156,10 @@ class EdgeEnv:
         num_envs: int = 1,
         action_mode: ActionMode | None = None,
         seed: int | None = None,
+        track_servers: bool = False,
     ):
+        """``track_servers`` adds per-node latency detail to ``info["server"]`` (see
+        :class:`simulator.engine.ServerStats`), the telemetry a live controller reads."""
         self.scenario = scenario
         self.num_envs = num_envs
         self.action_mode: ActionMode = action_mode or default_action_mode(scenario)
@@ -182,6 +185,7 @@ class EdgeEnv:
             self.rng,
             scenario.step_seconds,
             track_latency=scenario.models_latency,
+            track_servers=track_servers and scenario.models_latency,
             ram_floor=float(self.timeline.ram[self.timeline.ram > 0].min(initial=np.inf)),
         )
         self.mean_cost = np.array([s.mean_cpu for s in scenario.services])
@@ -342,6 +346,8 @@ class EdgeEnv:
             "lost": rejected + dropped,  # (B, N, S) by the agent that routed them, all causes
             "processed": out.processed,
             "queue_length": out.queue_length,
+            "cpu_used": out.cpu_used,
+            "server": out.server,
         }
         return obs, rewards, done, info
 
@@ -419,7 +425,7 @@ class EdgeEnv:
         }
         if self.scenario.models_latency:
             m["latency_mean_ms"] = tot.latency_sum_ms / np.maximum(tot.latency_count, 1)
-            m["latency_p95_ms"] = _hist_quantile(tot.latency_hist, 0.95)
+            m["latency_p95_ms"] = hist_quantile(tot.latency_hist, 0.95)
             m["cost_per_request_s"] = tot.cost_s / inp
         return m
 
@@ -444,11 +450,3 @@ def dfaas_reward(local, forward, reject, local_rejects, forward_rejects, free) -
     reject_excess = np.where((forward_rejects == 0) & (valid_reject > 0), reject, reject_excess)
     wrong = local_rejects + forward_rejects + forward_excess + reject_excess
     return np.where(total == 0, 1.0, 1.0 - wrong / np.maximum(total, 1))
-
-
-def _hist_quantile(hist: np.ndarray, q: float) -> np.ndarray:
-    cdf = np.cumsum(hist, axis=1)
-    total = cdf[:, -1:]
-    idx = (cdf < q * np.maximum(total, 1)).sum(axis=1)
-    upper = np.concatenate([LATENCY_BINS_MS[1:], [LATENCY_BINS_MS[-1]]])
-    return np.where(total[:, 0] > 0, upper[np.minimum(idx, len(upper) - 1)], np.nan)

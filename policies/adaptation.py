@@ -1,0 +1,138 @@
+"""The live controller, the same in the simulator and in the cluster: one interval's telemetry
+in, the next routing out.
+
+Per interval it learns (the telemetry's per-node rows go to the system model, which refits
+when due or on drift), forecasts arrivals, and decides by rollout on the model. It falls back
+to the base policy's action, and says why, whenever the model cannot be trusted: too little
+data, held-out error above a bound, or a state outside the data it was fitted on.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from policies.model_env import MeshState, ModelEnv
+from policies.observation import MeshTelemetry
+from policies.rollout import Decision, Policy, Rollout, RolloutSettings
+from policies.system_model import FEATURES, TARGETS, SystemModel
+
+
+@dataclass(frozen=True)
+class IntervalTelemetry:
+    """One control interval's readings; rates are per second, arrays are ``(N, S)`` by node
+    and service unless noted.
+
+    ``incoming``, ``rejected`` and the latencies are seen at the *serving* node (what
+    destination-side mesh metrics report); ``offered`` at each ingress. ``mesh`` is the same
+    interval as the policy's observation expects it.
+    """
+
+    offered: np.ndarray
+    incoming: np.ndarray
+    rejected: np.ndarray
+    mean_ms: np.ndarray  # NaN where nothing was served
+    p95_ms: np.ndarray
+    capacity: np.ndarray  # (N,) work per second, 0 where the node is down
+    backlog_start: np.ndarray  # (N,) seconds of queued work when the interval began
+    backlog_end: np.ndarray  # (N,) ... and when it ended
+    mesh: MeshTelemetry
+
+
+def model_rows(
+    tel: IntervalTelemetry, work: np.ndarray, seconds: float, min_requests: float = 5.0
+) -> tuple[np.ndarray, np.ndarray]:
+    """The system model's rows of one interval: features ``(N*S, 2)``, targets ``(N*S, 3)``
+    (NaN targets where a node saw fewer than ``min_requests`` of a service: too noisy)."""
+    cap = np.asarray(tel.capacity, dtype=float)
+    up = cap > 0
+    load = (tel.incoming * work[None, :]).sum(axis=1)
+    util = np.where(up, load / np.maximum(cap, 1e-9), np.nan)
+    service_ms = np.where(
+        up[:, None], 1000.0 * work[None, :] / np.maximum(cap, 1e-9)[:, None], np.nan
+    )
+    features = np.stack(
+        [
+            np.broadcast_to(util[:, None], service_ms.shape),
+            service_ms,
+            np.broadcast_to(tel.backlog_start[:, None], service_ms.shape),
+        ],
+        axis=-1,
+    )
+    enough = tel.incoming * seconds >= min_requests
+    success = 1.0 - tel.rejected / np.maximum(tel.incoming, 1e-12)
+    backlog = np.broadcast_to(tel.backlog_end[:, None], service_ms.shape)
+    targets = np.stack([tel.mean_ms, tel.p95_ms, np.clip(success, 0.0, 1.0), backlog], axis=-1)
+    targets = np.where(enough[..., None], targets, np.nan)
+    return features.reshape(-1, len(FEATURES)), targets.reshape(-1, len(TARGETS))
+
+
+class Adapter:
+    """Telemetry -> system model -> rollout decision, for one mesh.
+
+    Args:
+        env: the model environment (topology, request work, targets, reject penalty).
+        policy: the trained base policy.
+        model: the system model (possibly warm-started from simulator data).
+        settings: rollout settings.
+        interval_seconds: length of a control interval.
+        forecast_alpha: weight of the newest interval in the arrival forecast (an
+            exponentially weighted mean: a surge shows in the forecast within a few intervals).
+        max_nmae: held-out error above which the model is not trusted.
+    """
+
+    def __init__(
+        self,
+        env: ModelEnv,
+        policy: Policy,
+        model: SystemModel,
+        settings: RolloutSettings | None = None,
+        interval_seconds: float = 5.0,
+        forecast_alpha: float = 0.6,
+        max_nmae: float = 0.3,
+    ):
+        self.env = env
+        self.model = model
+        self.rollout = Rollout(env, policy, settings)
+        self.interval_seconds = interval_seconds
+        self.forecast_alpha = forecast_alpha
+        self.max_nmae = max_nmae
+        self.forecast: np.ndarray | None = None
+        self.last: IntervalTelemetry | None = None
+
+    def observe(self, tel: IntervalTelemetry) -> None:
+        features, targets = model_rows(tel, self.env.work, self.interval_seconds)
+        self.model.observe(features, targets)
+        offered = np.asarray(tel.offered, dtype=float).reshape(-1)
+        a = self.forecast_alpha
+        self.forecast = offered if self.forecast is None else a * offered + (1 - a) * self.forecast
+        self.last = tel
+
+    def state(self) -> MeshState:
+        if self.last is None or self.forecast is None:
+            raise RuntimeError("adapter: decide() before any observe()")
+        return MeshState(
+            arrivals=self.forecast,
+            capacity=self.last.capacity,
+            backlog=self.last.backlog_end,
+            telemetry=self.last.mesh,
+        )
+
+    def trust(self) -> str | None:
+        """Why the model must not be used now, or None."""
+        if not self.model.ready:
+            return f"the system model has too little data ({self.model.rows} rows)"
+        accuracy = self.model.accuracy()
+        if accuracy is not None and accuracy.worst_nmae > self.max_nmae:
+            return (
+                f"the system model's held-out error {accuracy.worst_nmae:.2f} exceeds "
+                f"{self.max_nmae:.2f}"
+            )
+        return None
+
+    def decide(self) -> Decision:
+        state = self.state()
+        reason = self.trust()
+        table = None if reason else self.model.table(self.env.service_ms(state.capacity))
+        return self.rollout.decide(state, table, fallback=reason)

@@ -1,0 +1,150 @@
+"""The mesh as the system model sees it: weights in, next telemetry and cost out.
+
+Flows are arithmetic, not estimates: given arrivals and weights, the requests on every route
+and the work reaching every node follow exactly (the same :func:`policies.oracle.route_flows`
+the oracle uses). Only what queues do with that work comes from the learned model
+(:class:`policies.system_model.LatencyTable`). The result is expressed as the same
+:class:`policies.observation.MeshTelemetry` the simulator and the operator produce, so the
+trained policy can be rolled forward on it unchanged.
+
+Every quantity is batched over a leading axis ``C`` (candidate routings), which is what
+makes one model call per lookahead step possible.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from policies.observation import MeshTelemetry, neighbour_action_mask
+from policies.oracle import FluidModel, route_flows
+from policies.system_model import BACKLOG_S, MEAN_MS, P95_MS, SUCCESS, LatencyTable
+from policies.topology import Topology
+
+
+@dataclass(frozen=True)
+class MeshState:
+    """Where a decision starts: the arrival forecast and the nodes' capacities."""
+
+    arrivals: np.ndarray  # (A,) requests per second expected in the coming intervals
+    capacity: np.ndarray  # (N,) work per second, 0 for a node that is down
+    backlog: np.ndarray  # (N,) seconds of queued work now
+    telemetry: MeshTelemetry  # the last observed interval (batch of one)
+
+    @property
+    def active(self) -> np.ndarray:
+        return np.asarray(self.capacity) > 0
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """One model step for a batch of routings."""
+
+    telemetry: MeshTelemetry  # batched (C, ...)
+    cost: np.ndarray  # (C,) seconds of latency (and reject penalty) per offered request
+    p95_ms: np.ndarray  # (C, N, S) predicted p95 at each serving node
+    backlog: np.ndarray  # (C, N) seconds of queued work at the interval's end
+    known: np.ndarray  # (C,) every loaded node inside the model's data
+
+
+class ModelEnv:
+    """One-interval dynamics of the mesh under a learned latency model.
+
+    Args:
+        topology: nodes, services, neighbour slots.
+        work: ``(S,)`` mean work of one request of each service.
+        target_ms: ``(S,)`` latency targets.
+        reject_penalty: a lost request costs this many latency targets (as in training).
+        step_seconds: the time unit of the policy's observations (its training step).
+    """
+
+    def __init__(
+        self,
+        topology: Topology,
+        work: np.ndarray,
+        target_ms: np.ndarray,
+        reject_penalty: float,
+        step_seconds: float = 1.0,
+    ):
+        self.topology = topology
+        self.work = np.asarray(work, dtype=float)
+        self.target_ms = np.asarray(target_ms, dtype=float)
+        self.reject_penalty = float(reject_penalty)
+        self.step_seconds = float(step_seconds)
+
+    def service_ms(self, capacity: np.ndarray) -> np.ndarray:
+        """``(N, S)`` time to serve one request of each service at each node."""
+        cap = np.asarray(capacity, dtype=float)
+        return np.where(
+            cap[:, None] > 0, 1000.0 * self.work[None, :] / np.maximum(cap, 1e-9)[:, None], 0.0
+        )
+
+    def action_mask(self, state: MeshState) -> np.ndarray:
+        return neighbour_action_mask(self.topology, state.active)
+
+    def fluid(self, state: MeshState) -> FluidModel:
+        return FluidModel(
+            topology=self.topology,
+            capacity=np.asarray(state.capacity, dtype=float),
+            arrivals=np.asarray(state.arrivals, dtype=float),
+            work=self.work,
+            reject_cost=self.reject_penalty * self.target_ms / 1000.0,
+        )
+
+    def step(
+        self,
+        state: MeshState,
+        weights: np.ndarray,
+        table: LatencyTable,
+        backlog: np.ndarray | None = None,
+        arrivals: np.ndarray | None = None,
+    ) -> Prediction:
+        """Apply ``weights`` ``(C, A, K+2)`` for one interval starting from ``backlog``
+        ``(C, N)`` (default: the state's); ``arrivals`` ``(C, A)`` overrides the forecast
+        (sampled futures)."""
+        topo = self.topology
+        n, s = topo.num_nodes, topo.num_services
+        fluid = self.fluid(state)
+        rates = fluid.arrivals if arrivals is None else np.asarray(arrivals, dtype=float)
+        rates = np.broadcast_to(rates, weights.shape[:-1])
+        flow, load, onehot = route_flows(fluid, weights, rates)  # (C, A, K+1), (C, N)
+        cap = np.asarray(state.capacity, dtype=float)
+        util = np.where(cap > 0, load / np.maximum(cap, 1e-9), 0.0)
+        start = np.broadcast_to(state.backlog if backlog is None else backlog, util.shape)
+        pred, inside = table.lookup(util, start)  # (C, N, S, T), (C, N, S)
+
+        routes = fluid.routes  # (A, K+1)
+        node = np.where(routes >= 0, routes, 0)
+        service = (np.arange(topo.num_agents) % s)[:, None]
+        at_server = pred[:, node, service]  # (C, A, K+1, T)
+        success = np.where(routes >= 0, at_server[..., SUCCESS], 0.0)
+        served = flow * success
+        latency_ms = at_server[..., MEAN_MS] + fluid.delay * 1000.0
+        lost = rates - served.sum(axis=-1)  # explicit rejects, dead routes, overflow
+        penalty_s = (self.reject_penalty * self.target_ms / 1000.0)[service[:, 0]]
+        cost_s = (served * latency_ms).sum((-2, -1)) / 1000.0 + (lost * penalty_s).sum(-1)
+        cost = cost_s / np.maximum(rates.sum(-1), 1e-12)
+
+        by_service = np.arange(s) == service  # (A, S)
+        incoming = np.einsum("cak,akn,as->cns", flow, onehot, by_service)  # requests/s
+        loaded = incoming > 1e-9
+        known = np.all(inside | ~loaded, axis=(1, 2))
+
+        step = self.step_seconds
+        after = np.where(cap > 0, pred[..., BACKLOG_S].mean(axis=-1), 0.0)  # (C, N)
+        agent_ms = (served * latency_ms).sum(-1) / np.maximum(served.sum(-1), 1e-12)
+        agent_ms = np.where(served.sum(-1) > 0, agent_ms, np.nan)
+        mean_work = float(np.mean(self.work))
+        telemetry = MeshTelemetry(
+            offered=(rates * step).reshape(-1, n, s),
+            latency_ms=agent_ms.reshape(-1, n, s),
+            rejected=(lost * step).reshape(-1, n, s),
+            arrived_prev=(rates * step).reshape(-1, n, s),
+            utilisation=np.minimum(util, 1.0),
+            backlog=after / step,
+            capacity=cap * step / mean_work,
+            active=cap > 0,
+            target_ms=self.target_ms,
+        )
+        return Prediction(telemetry, cost, pred[..., P95_MS], after, known)

@@ -1,0 +1,289 @@
+"""A model of how each node serves requests, learned from telemetry while the system runs.
+
+What it predicts, per serving node and service, is what routing changes: the mean and p95
+latency at the node and the share of incoming requests it completes. Flows are not learned:
+given weights and arrivals they follow exactly (:mod:`policies.model_env`). The inputs are
+two scale-free quantities every node has, the offered utilisation (work arriving per second
+over capacity) and the service time of one request (``work / capacity``), so one regressor
+pools the rows of all nodes and services, and a node that loses half its capacity lands on
+rows other, slower nodes already produced.
+
+The regressor is scikit-learn's (a random forest by default: measured to reach a lower
+held-out error than histogram gradient boosting on a few hundred intervals, see
+``benchmarks/system_model.py``). It does not extrapolate, so the model also answers "is this
+state inside my data?": a state no training row is near is left to the base policy.
+
+Accuracy is measured the honest way for a stream: each new interval's rows are predicted
+before they are learned from, so every score is on held-out, recent samples.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+from sklearn.ensemble import HistGradientBoostingRegressor, RandomForestRegressor
+from sklearn.multioutput import MultiOutputRegressor
+from sklearn.neighbors import KDTree
+
+FEATURES = ("utilisation", "service_ms", "backlog_s")
+TARGETS = ("mean_ms", "p95_ms", "success", "backlog_s")
+Regressor = Literal["forest", "boosting"]
+MEAN_MS, P95_MS, SUCCESS, BACKLOG_S = range(len(TARGETS))
+
+
+@dataclass(frozen=True)
+class Accuracy:
+    """Held-out accuracy over recent intervals, per target."""
+
+    nmae: dict[str, float]  # mean absolute error over the mean absolute target
+    r2: dict[str, float]
+    rows: int
+
+    @property
+    def worst_nmae(self) -> float:
+        return max(self.nmae.values()) if self.nmae else float("nan")
+
+    def as_dict(self) -> dict:
+        return {"nmae": self.nmae, "r2": self.r2, "rows": self.rows}
+
+
+@dataclass(frozen=True)
+class LatencyTable:
+    """The model evaluated on a grid of each node's utilisation and backlog, for fast
+    lookups in a decision.
+
+    A decision scores hundreds of candidate routings; all they change is how much work
+    reaches each node and, later in the lookahead, how much is left queued. So the model is
+    evaluated once on a (utilisation, backlog) grid per (node, service) and interpolated.
+    Exact at the grid points: the remaining input, the service time, is fixed by the node
+    and the service.
+    """
+
+    utilisation: np.ndarray  # (G,) evenly spaced from 0
+    backlog: np.ndarray  # (H,) seconds, evenly spaced from 0
+    values: np.ndarray  # (N, S, G, H, len(TARGETS))
+    known: np.ndarray  # (N, S, G, H) grid points inside the model's data
+
+    def lookup(self, utilisation: np.ndarray, backlog: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``(..., N)`` utilisation and backlog -> predictions ``(..., N, S, T)`` and in-data
+        ``(..., N, S)``. Past the grid's end the edge value holds and the state counts as
+        outside the data."""
+        n, s = self.known.shape[:2]
+        (u0, fu, nu, u_in), (b0, fb, nb, b_in) = (
+            _cell(np.asarray(x, dtype=float), grid)
+            for x, grid in ((utilisation, self.utilisation), (backlog, self.backlog))
+        )
+        node, service = np.arange(n)[:, None], np.arange(s)[None, :]
+
+        def at(i, j):
+            return self.values[node, service, i[..., :, None], j[..., :, None]]
+
+        fu, fb = fu[..., :, None, None], fb[..., :, None, None]
+        low = at(u0, b0) * (1 - fb) + at(u0, b0 + 1) * fb
+        high = at(u0 + 1, b0) * (1 - fb) + at(u0 + 1, b0 + 1) * fb
+        inside = self.known[node, service, nu[..., :, None], nb[..., :, None]]
+        inside &= (u_in & b_in)[..., :, None]
+        return low + (high - low) * fu, inside
+
+    @classmethod
+    def from_function(
+        cls, predict, service_ms: np.ndarray, utilisation: np.ndarray, backlog: np.ndarray
+    ) -> LatencyTable:
+        """Tabulate ``predict(features (R, 3)) -> (R, T)`` for every node and service (every
+        grid point counts as known: for exact models in tests and benchmarks)."""
+        n, s = service_ms.shape
+        rows = _feature_grid(service_ms, utilisation, backlog)
+        shape = (n, s, len(utilisation), len(backlog))
+        values = np.asarray(predict(rows)).reshape(*shape, len(TARGETS))
+        return cls(utilisation, backlog, values, np.ones(shape, bool))
+
+
+def _cell(x: np.ndarray, grid: np.ndarray) -> tuple:
+    """Lower grid index, fraction towards the next, nearest index, and within-grid flag."""
+    g = len(grid)
+    position = np.clip(x / grid[1], 0.0, g - 1.0)
+    low = np.minimum(position.astype(np.int64), g - 2)
+    frac = position - low
+    nearest = np.where(frac < 0.5, low, low + 1)
+    return low, frac, nearest, x <= grid[-1] * (1 + 1e-9)
+
+
+def _feature_grid(service_ms: np.ndarray, utilisation: np.ndarray, backlog: np.ndarray):
+    n, s = service_ms.shape
+    u, b = np.meshgrid(utilisation, backlog, indexing="ij")
+    shape = (n, s, *u.shape)
+    return np.stack(
+        [
+            np.broadcast_to(u, shape),
+            np.broadcast_to(service_ms[..., None, None], shape),
+            np.broadcast_to(b, shape),
+        ],
+        axis=-1,
+    ).reshape(-1, len(FEATURES))
+
+
+class SystemModel:
+    """A sliding window of telemetry rows and the regressor fitted on it.
+
+    Args:
+        window: intervals kept (360 is 30 minutes of 5-second telemetry).
+        regressor: ``forest`` or ``boosting``.
+        refit_every: intervals between refits; a refit also happens on drift, when the
+            recent held-out error exceeds ``drift_nmae``.
+        min_rows: rows needed before the first fit.
+        radius: how near (in standardised features) a training row must be for a state to
+            count as inside the data.
+        seed: the regressor's random state.
+    """
+
+    def __init__(
+        self,
+        window: int = 360,
+        regressor: Regressor = "forest",
+        refit_every: int = 5,
+        drift_nmae: float = 0.2,
+        min_rows: int = 50,
+        radius: float = 0.25,
+        grid: tuple[int, int] = (33, 9),
+        max_utilisation: float = 1.6,
+        seed: int = 0,
+    ):
+        if regressor not in ("forest", "boosting"):
+            raise ValueError(f"regressor must be 'forest' or 'boosting', got {regressor!r}")
+        self.window = window
+        self.regressor: Regressor = regressor
+        self.refit_every = refit_every
+        self.drift_nmae = drift_nmae
+        self.min_rows = min_rows
+        self.radius = radius
+        self.grid = grid
+        self.max_utilisation = max_utilisation
+        self.seed = seed
+        self._intervals: deque[tuple[np.ndarray, np.ndarray]] = deque(maxlen=window)
+        self._scores: deque[tuple[np.ndarray, np.ndarray]] = deque(maxlen=12)
+        self._estimator = None
+        self._since_fit = 0
+        self._table_cache: tuple[bytes, LatencyTable] | None = None
+
+    # ---------------------------------------------------------------------------- data
+    def observe(self, features: np.ndarray, targets: np.ndarray) -> bool:
+        """Add one interval's rows (``(R, 2)`` features, ``(R, 3)`` targets; rows with a NaN
+        are dropped). Scores them first if a fit exists, refits when due; returns whether it
+        refitted."""
+        features = np.asarray(features, dtype=float).reshape(-1, len(FEATURES))
+        targets = np.asarray(targets, dtype=float).reshape(-1, len(TARGETS))
+        keep = np.isfinite(features).all(axis=1) & np.isfinite(targets).all(axis=1)
+        features, targets = features[keep], targets[keep]
+        if self._estimator is not None and len(features):
+            self._scores.append((targets, self.predict(features)))
+        self._intervals.append((features, targets))
+        self._since_fit += 1
+        due = self._estimator is None or self._since_fit >= self.refit_every
+        drifted = self._estimator is not None and self._recent_nmae() > self.drift_nmae
+        if (due or drifted) and self.rows >= self.min_rows:
+            self.fit()
+            return True
+        return False
+
+    @property
+    def rows(self) -> int:
+        return sum(len(f) for f, _ in self._intervals)
+
+    @property
+    def ready(self) -> bool:
+        return self._estimator is not None
+
+    def data(self) -> tuple[np.ndarray, np.ndarray]:
+        if not self._intervals:
+            return np.zeros((0, len(FEATURES))), np.zeros((0, len(TARGETS)))
+        x = np.concatenate([f for f, _ in self._intervals])
+        y = np.concatenate([t for _, t in self._intervals])
+        return x, y
+
+    # ---------------------------------------------------------------------------- model
+    def fit(self) -> None:
+        x, y = self.data()
+        if len(x) < self.min_rows:
+            raise ValueError(
+                f"system model: {len(x)} telemetry rows, at least min_rows={self.min_rows} "
+                "are needed; wait for more intervals or warm-start from simulator data"
+            )
+        if self.regressor == "forest":
+            est = RandomForestRegressor(
+                n_estimators=60, min_samples_leaf=3, random_state=self.seed, n_jobs=1
+            )
+        else:
+            est = MultiOutputRegressor(
+                HistGradientBoostingRegressor(max_iter=150, random_state=self.seed)
+            )
+        est.fit(x, y)
+        self._estimator = est
+        self._scale = np.maximum(x.std(axis=0), 1e-9)
+        self._tree = KDTree(x / self._scale)
+        self._since_fit = 0
+        self._table_cache = None
+
+    def predict(self, features: np.ndarray) -> np.ndarray:
+        if self._estimator is None:
+            raise RuntimeError("system model: predict() before the first fit()")
+        out = np.asarray(self._estimator.predict(np.asarray(features, dtype=float)))
+        out = out.reshape(len(features), len(TARGETS))
+        out[:, [0, 1, 3]] = np.maximum(out[:, [0, 1, 3]], 0.0)
+        out[:, 2] = np.clip(out[:, 2], 0.0, 1.0)
+        return out
+
+    def in_data(self, features: np.ndarray) -> np.ndarray:
+        """``(R,)`` True where a training row lies within ``radius`` (standardised)."""
+        if self._estimator is None:
+            return np.zeros(len(features), bool)
+        x = np.asarray(features, dtype=float) / self._scale
+        return self._tree.query_radius(x, r=self.radius, count_only=True) > 0
+
+    def table(self, service_ms: np.ndarray) -> LatencyTable:
+        """The model tabulated for these nodes' service times ``(N, S)``; cached until the
+        next fit or a change of service times by more than about 2% (measurement noise)."""
+        service_ms = np.asarray(service_ms, dtype=float)
+        key = np.round(np.log(np.maximum(service_ms, 1e-6)) / 0.02).tobytes()
+        if self._table_cache is not None and self._table_cache[0] == key:
+            return self._table_cache[1]
+        x, _ = self.data()
+        top = float(np.clip(np.percentile(x[:, 2], 99), 0.5, 30.0)) if len(x) else 1.0
+        util = np.linspace(0.0, self.max_utilisation, self.grid[0])
+        backlog = np.linspace(0.0, top, self.grid[1])
+        rows = _feature_grid(service_ms, util, backlog)
+        shape = (*service_ms.shape, len(util), len(backlog))
+        table = LatencyTable(
+            utilisation=util,
+            backlog=backlog,
+            values=self.predict(rows).reshape(*shape, len(TARGETS)),
+            known=self.in_data(rows).reshape(shape),
+        )
+        self._table_cache = (key, table)
+        return table
+
+    # ---------------------------------------------------------------------------- accuracy
+    def accuracy(self) -> Accuracy | None:
+        """Held-out accuracy over the last scored intervals (None before any)."""
+        if not self._scores:
+            return None
+        y = np.concatenate([t for t, _ in self._scores])
+        p = np.concatenate([q for _, q in self._scores])
+        return score(y, p)
+
+    def _recent_nmae(self) -> float:
+        acc = self.accuracy()
+        return acc.worst_nmae if acc is not None else 0.0
+
+
+def score(y: np.ndarray, p: np.ndarray) -> Accuracy:
+    """Normalised MAE and R^2 of predictions ``p`` against targets ``y`` (rows, TARGETS)."""
+    nmae, r2 = {}, {}
+    for i, name in enumerate(TARGETS):
+        err = np.abs(y[:, i] - p[:, i])
+        nmae[name] = float(err.mean() / max(np.abs(y[:, i]).mean(), 1e-12))
+        var = float(((y[:, i] - y[:, i].mean()) ** 2).sum())
+        r2[name] = float(1.0 - ((y[:, i] - p[:, i]) ** 2).sum() / var) if var > 0 else 1.0
+    return Accuracy(nmae=nmae, r2=r2, rows=len(y))

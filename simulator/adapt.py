@@ -1,0 +1,396 @@
+"""Run the live adaptation loop inside the simulator, through a scenario's timed changes.
+
+Examples::
+
+    python -m simulator.adapt --scenario mesh-10x3-capacity-drop
+    python -m simulator.adapt --scenario mesh-10x3-surge --json
+    python -m simulator.adapt --scenario mesh-10x3-node-failure --plot adapt.png
+    python -m simulator.adapt --list-scenarios --json
+
+Every control interval (``--interval`` simulator steps) the controller reads noisy telemetry,
+refits its system model when due, decides the next routing and applies it for the next
+interval. Three controllers see the same arrivals: the base policy alone (``--policy``,
+default the bundled checkpoint), rollout on top of it, and the oracle (the fluid-model
+optimum, recomputed at each change with perfect knowledge). The system model starts from
+``--warmup`` intervals of simulator data of the scenario before its changes.
+
+With ``--json`` the last line is one object; ``*_after_3_cycles`` figures cover the cycles
+from the third after each change to the next change or the end.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+from dataclasses import dataclass, field
+
+import numpy as np
+from tqdm import tqdm
+
+from policies import checkpoint
+from policies.adaptation import Adapter, IntervalTelemetry, model_rows
+from policies.baselines import PolicyError
+from policies.model_env import ModelEnv
+from policies.observation import MeshTelemetry, mesh_observation
+from policies.rollout import Policy, RolloutSettings
+from policies.system_model import SystemModel
+from simulator.cli import parser_from_doc
+from simulator.engine import hist_quantile
+from simulator.env import EdgeEnv, Timeline
+from simulator.episodes import build_policy
+from simulator.fluid import oracle_schedule, segments
+from simulator.scenario import Scenario, ScenarioError, load_scenario
+
+CHANGE_SCENARIOS = (
+    "mesh-10x3-capacity-drop",
+    "mesh-10x3-surge",
+    "mesh-10x3-node-failure",
+    "mesh-10x3-node-added",
+)
+ARMS = ("base", "rollout", "oracle")
+
+
+@dataclass
+class Cycle:
+    """What really happened in one control interval (the simulator's truth, not telemetry)."""
+
+    cost: float  # seconds per offered request (latency, plus the penalty for lost ones)
+    latency_ms: float
+    p95_ms: dict[str, float]  # per service
+    lost_pct: float
+    slo_violations: list[str]  # services whose p95 exceeded their target
+    decision_ms: float = 0.0
+    fallback: str | None = None
+    weights: list[list[float]] = field(default_factory=list)
+
+
+class IntervalRecorder:
+    """Adds up one interval of simulator steps into true metrics and noisy telemetry."""
+
+    def __init__(self, env: EdgeEnv):
+        self.env = env
+        n, s = env.topology.num_nodes, env.topology.num_services
+        self.steps = 0
+        self.cost = self.input = 0.0
+        self.offered = np.zeros((n, s))
+        self.lost = np.zeros((n, s))
+        self.incoming = np.zeros((n, s))
+        self.rejected = np.zeros((n, s))
+        self.server_sum = np.zeros((n, s))
+        self.server_count = np.zeros((n, s))
+        self.server_hist = 0.0
+        self.service_hist = 0.0
+        self.agent_sum = np.zeros(n * s)
+        self.agent_count = np.zeros(n * s)
+        self.cpu_used = np.zeros(n)
+        self.cpu = np.zeros(n)
+        self._cost0 = float(env.totals.cost_s[0])
+        self.backlog_start = self._backlog()
+
+    def _backlog(self) -> np.ndarray:
+        """Seconds each node needs to clear its queue."""
+        env = self.env
+        cpu = env.timeline.cpu[min(env.t, env.steps - 1)] / env.scenario.step_seconds
+        return env.model.queued_work()[0] / np.maximum(cpu, 1e-9)
+
+    def add(self, info: dict) -> None:
+        env, out = self.env, self.env.last_outcome
+        t = env.t - 1
+        self.steps += 1
+        self.offered += info["arrivals"][0]
+        self.lost += info["lost"][0]
+        server = info["server"]
+        self.incoming += server.incoming[0]
+        self.rejected += server.rejected[0]
+        self.server_sum += server.sum_ms[0]
+        self.server_count += server.count[0]
+        self.server_hist = self.server_hist + server.hist[0]
+        self.service_hist = self.service_hist + server.service_hist[0]
+        self.agent_sum += out.latency_sum_ms[0]
+        self.agent_count += out.latency_count[0]
+        self.cpu_used += info["cpu_used"][0]
+        self.cpu += env.timeline.cpu[t]
+
+    def cycle(self) -> Cycle:
+        env = self.env
+        offered = self.offered.sum()
+        cost = (float(env.totals.cost_s[0]) - self._cost0) / max(offered, 1.0)
+        p95 = hist_quantile(self.service_hist, 0.95)
+        names = env.scenario.service_names
+        violations = [
+            name
+            for name, q, target in zip(names, p95, env.target_ms, strict=True)
+            if np.isfinite(q) and q > target
+        ]
+        return Cycle(
+            cost=cost,
+            latency_ms=float(self.agent_sum.sum() / max(self.agent_count.sum(), 1.0)),
+            p95_ms={name: float(q) for name, q in zip(names, p95, strict=True)},
+            lost_pct=float(100.0 * self.lost.sum() / max(offered, 1.0)),
+            slo_violations=violations,
+        )
+
+    def telemetry(self, rng: np.random.Generator, noise: float) -> IntervalTelemetry:
+        """The interval as a mesh would report it: rates per second, with multiplicative
+        measurement noise of relative size ``noise``."""
+        env = self.env
+        seconds = self.steps * env.scenario.step_seconds
+        n, s = self.offered.shape
+
+        def noisy(x):
+            return np.asarray(x, dtype=float) * rng.lognormal(0.0, noise, np.shape(x))
+
+        t = env.t - 1
+        cpu_now = env.timeline.cpu[t]
+        capacity = noisy(cpu_now / env.scenario.step_seconds)
+        mean_ms = np.where(
+            self.server_count > 0, self.server_sum / np.maximum(self.server_count, 1), np.nan
+        )
+        agent_ms = np.where(
+            self.agent_count > 0, self.agent_sum / np.maximum(self.agent_count, 1), np.nan
+        )
+        step = env.scenario.step_seconds
+        mean_work = float(np.mean(env.mean_cost))
+        per_step = self.steps
+        offered = noisy(self.offered / seconds)
+        mesh = MeshTelemetry(
+            offered=(offered * step)[None],
+            latency_ms=noisy(agent_ms.reshape(n, s))[None],
+            rejected=noisy(self.lost / per_step)[None],
+            arrived_prev=(offered * step)[None],
+            utilisation=np.minimum(self.cpu_used / np.maximum(self.cpu, 1e-9), 1.0)[None],
+            backlog=(env.model.q_len[0] * mean_work / np.maximum(cpu_now, 1e-9))[None],
+            capacity=capacity * step / mean_work,
+            active=env.timeline.active[t],
+            target_ms=env.target_ms,
+        )
+        return IntervalTelemetry(
+            offered=offered,
+            incoming=noisy(self.incoming / seconds),
+            rejected=noisy(self.rejected / seconds),
+            mean_ms=noisy(mean_ms),
+            p95_ms=noisy(hist_quantile(self.server_hist, 0.95)),
+            capacity=np.where(env.timeline.active[t], capacity, 0.0),
+            backlog_start=noisy(self.backlog_start),
+            backlog_end=noisy(self._backlog()),
+            mesh=mesh,
+        )
+
+
+def model_env_for(scenario: Scenario) -> ModelEnv:
+    env = EdgeEnv(scenario, num_envs=1, action_mode="neighbours")
+    return ModelEnv(
+        topology=env.topology,
+        work=env.mean_cost,
+        target_ms=env.target_ms,
+        reject_penalty=scenario.reject_penalty,
+        step_seconds=scenario.step_seconds,
+    )
+
+
+def warm_start(
+    model: SystemModel,
+    scenario: Scenario,
+    policy: Policy,
+    intervals: int,
+    interval_steps: int,
+    seed: int,
+    noise: float,
+) -> None:
+    """Feed ``model`` ``intervals`` intervals of the scenario *without its changes*, played
+    by the base policy mixed with random routings (so the data covers more than the base
+    policy's own states, as a commissioning run would)."""
+    calm = dataclasses.replace(scenario, events=())
+    per_episode = calm.steps // interval_steps
+    envs = max(1, -(-intervals // per_episode))
+    rng = np.random.default_rng(seed + 7919)
+    env = EdgeEnv(calm, num_envs=1, action_mode="neighbours", seed=seed + 1, track_servers=True)
+    fed = 0
+    for _ in range(envs):
+        obs = env.reset()
+        for _ in range(per_episode):
+            mask = env.action_mask()
+            base = policy(obs, mask)[0]
+            mix = rng.uniform(0.0, 0.7)
+            noise_w = rng.dirichlet(np.ones(mask.shape[1]), size=mask.shape[0]) * mask
+            weights = (1 - mix) * base + mix * noise_w / noise_w.sum(1, keepdims=True)
+            rec = IntervalRecorder(env)
+            for _ in range(interval_steps):
+                obs, _, _, info = env.step(weights[None])
+                rec.add(info)
+            tel = rec.telemetry(rng, noise)
+            model.observe(*model_rows(tel, env.mean_cost, interval_steps * calm.step_seconds))
+            fed += 1
+            if fed >= intervals:
+                return
+
+
+def run_arm(
+    arm: str,
+    scenario: Scenario,
+    policy: Policy,
+    args,
+    model: SystemModel | None = None,
+) -> list[Cycle]:
+    """One controller through the whole scenario; returns its cycles."""
+    env = EdgeEnv(
+        scenario, num_envs=1, action_mode="neighbours", seed=args.seed, track_servers=True
+    )
+    obs = env.reset()
+    rng = np.random.default_rng(args.seed + 104729)
+    schedule = oracle_schedule(scenario, seed=args.seed) if arm == "oracle" else None
+    adapter = None
+    if arm == "rollout":
+        settings = RolloutSettings(
+            horizon=args.horizon, margin=args.margin, samples=args.samples, seed=args.seed
+        )
+        adapter = Adapter(
+            model_env_for(scenario),
+            policy,
+            model,
+            settings,
+            interval_seconds=args.interval * scenario.step_seconds,
+        )
+    weights = schedule.weights_at(0) if schedule is not None else policy(obs, env.action_mask())[0]
+    cycles = []
+    for _ in range(scenario.steps // args.interval):
+        rec = IntervalRecorder(env)
+        for _ in range(args.interval):
+            if schedule is not None:
+                weights = schedule.weights_at(env.t)
+            obs, _, _, info = env.step(weights[None])
+            rec.add(info)
+        cycle = rec.cycle()
+        cycle.weights = np.round(weights, 4).tolist()
+        tel = rec.telemetry(rng, args.noise)
+        if arm == "base":
+            weights = policy(_observation(env, tel), env.action_mask())[0]
+        elif arm == "rollout":
+            adapter.observe(tel)
+            decision = adapter.decide()
+            weights = decision.weights
+            cycle.decision_ms = decision.decision_ms
+            cycle.fallback = decision.fallback
+        cycles.append(cycle)
+    return cycles
+
+
+def _observation(env: EdgeEnv, tel: IntervalTelemetry) -> np.ndarray:
+    return mesh_observation(env.topology, tel.mesh)
+
+
+def change_cycles(scenario: Scenario, interval: int) -> list[int]:
+    """Cycles in which the scenario's resources or loads change."""
+    starts = [start for start, _ in segments(Timeline.of(scenario))[1:]]
+    return [start // interval for start in starts]
+
+
+def summarise(scenario: Scenario, results: dict[str, list[Cycle]], interval: int) -> dict:
+    cycles = len(results["oracle"])
+    changes = change_cycles(scenario, interval)
+    windows = [
+        (c + 3, nxt) for c, nxt in zip(changes, [*changes[1:], cycles], strict=True) if c + 3 < nxt
+    ]
+    after = [i for lo, hi in windows for i in range(lo, hi)]
+    out: dict = {"scenario": scenario.name, "cycles": cycles, "change_cycles": changes}
+    oracle = np.array([c.cost for c in results["oracle"]])
+    for arm in ("base", "rollout"):
+        cost = np.array([c.cost for c in results[arm]])
+        ratios = [cost[lo:hi].sum() / max(oracle[lo:hi].sum(), 1e-12) for lo, hi in windows]
+        out[f"{arm}_cost_over_oracle_after_3_cycles"] = float(np.mean(ratios)) if ratios else None
+        out[f"{arm}_cost_after_change"] = float(cost[after].mean()) if after else None
+    for arm in ARMS:
+        cs = results[arm]
+        out[f"{arm}_cost_per_request_s"] = float(np.mean([c.cost for c in cs]))
+        out[f"{arm}_latency_ms"] = float(np.mean([c.latency_ms for c in cs]))
+        out[f"{arm}_lost_pct"] = float(np.mean([c.lost_pct for c in cs]))
+    oracle_ok = {i for i in after if not results["oracle"][i].slo_violations}
+    for arm in ("base", "rollout"):
+        out[f"{arm}_slo_violations_after_3_cycles"] = sum(
+            len(results[arm][i].slo_violations) for i in sorted(oracle_ok)
+        )
+    out["slo_violations_after_3_cycles"] = out["rollout_slo_violations_after_3_cycles"]
+    times = [c.decision_ms for c in results["rollout"]]
+    out["decision_ms_p50"] = float(np.percentile(times, 50))
+    out["decision_ms_p95"] = float(np.percentile(times, 95))
+    out["fallback_cycles"] = sum(c.fallback is not None for c in results["rollout"])
+    return out
+
+
+def plot(scenario: Scenario, results: dict[str, list[Cycle]], interval: int, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(10, 7), sharex=True)
+    seconds = interval * scenario.step_seconds
+    for arm in ARMS:
+        t = np.arange(len(results[arm])) * seconds
+        ax1.plot(t, [c.cost * 1000 for c in results[arm]], label=arm)
+    ax1.set_ylabel("cost per request (ms)")
+    ax1.set_yscale("log")
+    ax1.legend()
+    rollout = np.array([c.weights for c in results["rollout"]])  # (cycles, A, K+2)
+    t = np.arange(len(rollout)) * seconds
+    ax2.plot(t, rollout[:, :, 0].mean(axis=1), label="local")
+    ax2.plot(t, rollout[:, :, 1:-1].sum(axis=2).mean(axis=1), label="forwarded")
+    ax2.plot(t, rollout[:, :, -1].mean(axis=1), label="rejected")
+    ax2.set_ylabel("rollout weights (mean over agents)")
+    ax2.set_xlabel("time (s)")
+    ax2.legend()
+    for c in change_cycles(scenario, interval):
+        for ax in (ax1, ax2):
+            ax.axvline(c * seconds, color="k", ls="--", lw=0.8)
+    fig.suptitle(f"{scenario.name}: adaptation after changes (dashed)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = parser_from_doc("python -m simulator.adapt", __doc__)
+    parser.add_argument("--scenario", default="mesh-10x3-capacity-drop")
+    parser.add_argument("--policy", default="default", help="checkpoint (default: bundled)")
+    parser.add_argument("--interval", type=int, default=5, help="simulator steps per cycle")
+    parser.add_argument("--warmup", type=int, default=360, help="warm-start intervals")
+    parser.add_argument("--noise", type=float, default=0.05, help="relative telemetry noise")
+    parser.add_argument("--horizon", type=int, default=5)
+    parser.add_argument("--margin", type=float, default=0.01)
+    parser.add_argument("--samples", type=int, default=1)
+    parser.add_argument("--regressor", choices=("forest", "boosting"), default="forest")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", action="store_true", help="end with one JSON object")
+    parser.add_argument("--plot", metavar="PNG")
+    parser.add_argument("--list-scenarios", action="store_true")
+    args = parser.parse_args(argv)
+    if args.list_scenarios:
+        print(json.dumps(list(CHANGE_SCENARIOS)) if args.json else "\n".join(CHANGE_SCENARIOS))
+        return 0
+    try:
+        scenario = load_scenario(args.scenario)
+        env = EdgeEnv(scenario, num_envs=1, action_mode="neighbours")
+        policy = build_policy(args.policy, env, args.seed)
+    except (ScenarioError, PolicyError, checkpoint.CheckpointError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    model = SystemModel(regressor=args.regressor, seed=args.seed)
+    warm_start(model, scenario, policy, args.warmup, args.interval, args.seed, args.noise)
+    results = {}
+    for arm in tqdm(ARMS, desc=scenario.name, disable=args.json):
+        results[arm] = run_arm(arm, scenario, policy, args, model if arm == "rollout" else None)
+    summary = summarise(scenario, results, args.interval)
+    accuracy = model.accuracy()
+    summary["model_accuracy"] = accuracy.as_dict() if accuracy else None
+    if args.plot:
+        plot(scenario, results, args.interval, args.plot)
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        for key, value in summary.items():
+            print(f"{key:45s} {value}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

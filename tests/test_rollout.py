@@ -1,0 +1,206 @@
+"""The adaptation pieces on problems small enough to check by hand: the model environment's
+flow arithmetic, the agent-by-agent loop, no-worse-than-base under an exact model, and the
+fall-back outside the model's data."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from policies.model_env import MeshState, ModelEnv
+from policies.observation import MeshTelemetry
+from policies.rollout import Rollout, RolloutSettings, candidates
+from policies.system_model import TARGETS, LatencyTable, SystemModel
+from policies.topology import Topology
+
+UTIL = np.linspace(0.0, 1.6, 33)
+BACKLOG = np.linspace(0.0, 2.0, 5)
+
+
+def exact(features: np.ndarray) -> np.ndarray:
+    """An M/M/1-like node: latency service / (1 - rho) (capped), everything served below
+    rho = 1 and the excess lost above; no backlog carried."""
+    rho, service_ms = features[:, 0], features[:, 1]
+    mean = service_ms / np.maximum(1.0 - np.minimum(rho, 0.95), 0.05)
+    success = np.minimum(1.0, 1.0 / np.maximum(rho, 1e-9))
+    out = np.stack([mean, 3 * mean, success, np.zeros_like(rho)], axis=1)
+    assert out.shape[1] == len(TARGETS)
+    return out
+
+
+def pair(capacity=(1000.0, 1000.0), arrivals=(60.0, 0.0), link_ms=0.0):
+    """Two nodes, one service of 10 work units, linked both ways."""
+    topo = Topology.build(
+        ["a", "b"], ["fn"], {"a": ["b"], "b": ["a"]}, {frozenset(["a", "b"]): link_ms}
+    )
+    env = ModelEnv(topo, work=np.array([10.0]), target_ms=np.array([100.0]), reject_penalty=4)
+    cap = np.array(capacity)
+    table = LatencyTable.from_function(exact, env.service_ms(cap), UTIL, BACKLOG)
+    state = MeshState(
+        arrivals=np.array(arrivals),
+        capacity=cap,
+        backlog=np.zeros(2),
+        telemetry=telemetry(topo, np.array(arrivals), cap),
+    )
+    return topo, env, table, state
+
+
+def telemetry(topo: Topology, arrivals: np.ndarray, capacity: np.ndarray) -> MeshTelemetry:
+    n, s = topo.num_nodes, topo.num_services
+    return MeshTelemetry(
+        offered=arrivals.reshape(1, n, s),
+        latency_ms=np.full((1, n, s), 10.0),
+        rejected=np.zeros((1, n, s)),
+        arrived_prev=arrivals.reshape(1, n, s),
+        utilisation=np.zeros((1, n)),
+        backlog=np.zeros((1, n)),
+        capacity=capacity / 10.0,
+        active=capacity > 0,
+        target_ms=np.array([100.0] * s),
+    )
+
+
+def always_local(obs: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    w = np.zeros((*obs.shape[:-1], mask.shape[-1]))
+    w[..., 0] = 1.0
+    return w
+
+
+def test_model_env_flows_and_cost_by_hand():
+    # a: 60 req/s, half local, 30% to b, 20% rejected. Node a: 30 req/s x 10 = 300 of 1000
+    # work/s -> rho 0.3, latency 10 / 0.7 ms; node b: rho 0.18 -> 10 / 0.82 ms plus a 5 ms link.
+    _, env, table, state = pair(link_ms=5.0)
+    w = np.array([[[0.5, 0.3, 0.2], [1.0, 0.0, 0.0]]])
+    pred = env.step(state, w, table)
+    lat_a, lat_b = 10 / 0.7, 10 / 0.82
+    cost_s = (30 * lat_a + 18 * (lat_b + 5.0)) / 1000 + 12 * 4 * 0.1
+    assert pred.cost[0] == pytest.approx(cost_s / 60, rel=1e-3)
+    assert pred.telemetry.utilisation[0] == pytest.approx([0.3, 0.18], rel=1e-9)
+    assert pred.telemetry.rejected[0, 0, 0] == pytest.approx(12.0)
+    assert pred.telemetry.latency_ms[0, 0, 0] == pytest.approx(
+        (30 * lat_a + 18 * (lat_b + 5)) / 48, rel=1e-3
+    )
+    assert np.isnan(pred.telemetry.latency_ms[0, 1, 0])  # b sent nothing
+    assert pred.known.all()
+
+
+def test_model_env_counts_overflow_as_lost():
+    # Everything to a node of capacity 300 work/s: rho 2 -> beyond the grid: outside data,
+    # and half the requests lost by the model's success ratio (clamped at the grid's end).
+    _, env, table, state = pair(capacity=(300.0, 1000.0))
+    pred = env.step(state, np.array([[[1.0, 0.0, 0.0], [1.0, 0.0, 0.0]]]), table)
+    assert not pred.known[0]
+    assert pred.telemetry.rejected[0, 0, 0] == pytest.approx(60 * (1 - 1 / 1.6), rel=1e-6)
+
+
+def test_candidates_keep_the_action_first_and_stay_on_valid_entries():
+    action = np.array([0.6, 0.4, 0.0, 0.0])
+    mask = np.array([True, True, False, True])
+    c = candidates(action, mask, (0.1, 0.3))
+    assert np.array_equal(c[0], action)
+    assert np.allclose(c.sum(axis=1), 1.0)
+    assert (c[:, 2] == 0).all()  # the masked entry never gets mass
+    assert (c >= -1e-12).all()
+    assert len({tuple(np.round(r, 6)) for r in c}) == len(c)
+
+
+def test_agent_by_agent_finds_the_best_joint_action_on_a_tiny_problem():
+    # a is swamped (60 req/s on 1000 work/s at 10 per request -> rho 0.6 alone is fine, so
+    # use capacity 700: rho 0.86); b idles. The best split equalises marginal costs; with
+    # steps 0.1/0.3 on always-local the exhaustive optimum over the candidate grid is known.
+    _, env, table, state = pair(capacity=(700.0, 1000.0))
+    rollout = Rollout(env, always_local, RolloutSettings(horizon=0, steps=(0.1, 0.3), margin=0))
+    decision = rollout.decide(state, table)
+    grid = candidates(np.array([1.0, 0.0, 0.0]), np.ones(3, bool), (0.1, 0.3))
+    joint = np.repeat(np.array([[[1.0, 0.0, 0.0], [1.0, 0.0, 0.0]]]), len(grid), axis=0)
+    joint[:, 0] = grid
+    best = joint[int(np.argmin(env.step(state, joint, table).cost))]
+    assert np.allclose(decision.weights, best)
+    assert decision.changed_agents == (0,)
+    assert decision.predicted_cost < decision.base_predicted_cost
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_rollout_is_never_worse_than_the_base_policy_under_an_exact_model(seed):
+    rng = np.random.default_rng(seed)
+    n = 4
+    names = [f"n{i}" for i in range(n)]
+    ring = {x: [names[(i - 1) % n], names[(i + 1) % n]] for i, x in enumerate(names)}
+    links = {frozenset([names[i], names[(i + 1) % n]]): float(rng.uniform(1, 10)) for i in range(n)}
+    topo = Topology.build(names, ["s0", "s1"], ring, links)
+    env = ModelEnv(topo, np.array([5.0, 15.0]), np.array([100.0, 300.0]), reject_penalty=4)
+    cap = rng.uniform(400, 1500, n)
+    arrivals = rng.uniform(0, 40, topo.num_agents)
+    table = LatencyTable.from_function(exact, env.service_ms(cap), UTIL, BACKLOG)
+    state = MeshState(arrivals, cap, np.zeros(n), telemetry(topo, arrivals, cap))
+
+    def random_base(obs, mask):  # deterministic in the observation, arbitrary otherwise
+        w = np.abs(np.sin(obs[..., :1] * 7.0 + np.arange(mask.shape[-1]))) * mask
+        return w / w.sum(axis=-1, keepdims=True)
+
+    settings = RolloutSettings(horizon=2, margin=0.0)
+    rollout = Rollout(env, random_base, settings)
+    decision = rollout.decide(state, table)
+    assert decision.predicted_cost <= decision.base_predicted_cost + 1e-12
+    # Checked independently: play both routings forward on the exact model.
+    assert (
+        _play(env, state, table, decision.weights, random_base, settings)
+        <= _play(env, state, table, decision.base_weights, random_base, settings) + 1e-12
+    )
+
+
+def _play(env, state, table, first, policy, settings) -> float:
+    from policies.observation import mesh_observation
+
+    pred = env.step(state, first[None], table)
+    total, norm = float(pred.cost[0]), 1.0
+    mask = env.action_mask(state)
+    for h in range(1, settings.horizon + 1):
+        w = policy(mesh_observation(env.topology, pred.telemetry), mask)
+        pred = env.step(state, w, table, pred.backlog)
+        total += settings.discount**h * float(pred.cost[0])
+        norm += settings.discount**h
+    return total / norm
+
+
+def test_states_outside_the_model_data_fall_back_to_the_base_policy():
+    _, env, _, state = pair(capacity=(700.0, 1000.0))
+    model = SystemModel(min_rows=10, radius=0.2)
+    # Data only at low utilisation: the busy node's state lies outside it.
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        rho = rng.uniform(0.0, 0.3, 4)
+        svc = rng.choice([10 / 0.7, 10.0], 4)
+        x = np.stack([rho, svc, np.zeros(4)], axis=1)
+        model.observe(x, exact(x))
+    assert model.ready
+    assert model.in_data(np.array([[0.1, 10.0, 0.0]]))[0]
+    assert not model.in_data(np.array([[0.86, 10 / 0.7, 0.0]]))[0]
+    table = model.table(env.service_ms(state.capacity))
+    rollout = Rollout(env, always_local, RolloutSettings(horizon=1, margin=0))
+    decision = rollout.decide(state, table)
+    assert decision.fallback is not None and "outside" in decision.fallback
+    assert np.array_equal(decision.weights, decision.base_weights)
+    assert decision.changed_agents == ()
+
+
+def test_an_untrusted_model_returns_the_base_action_with_the_reason():
+    _, env, table, state = pair(capacity=(700.0, 1000.0))
+    rollout = Rollout(env, always_local)
+    decision = rollout.decide(state, table, fallback="model error too high")
+    assert decision.fallback == "model error too high"
+    assert np.array_equal(decision.weights, always_local(np.zeros((1, 2, 1)), np.ones((2, 3)))[0])
+
+
+def test_system_model_scores_new_rows_before_learning_them():
+    model = SystemModel(min_rows=20, refit_every=1)
+    rng = np.random.default_rng(1)
+    for _ in range(40):
+        x = np.stack([rng.uniform(0, 0.9, 10), rng.uniform(5, 40, 10), np.zeros(10)], axis=1)
+        model.observe(x, exact(x))
+    acc = model.accuracy()
+    assert acc is not None and acc.rows > 0
+    assert acc.nmae["mean_ms"] < 0.2  # a smooth function, learned from a few hundred rows
+    assert acc.r2["mean_ms"] > 0.5
+    with pytest.raises(ValueError, match="min_rows"):
+        SystemModel(min_rows=10**6).fit()
