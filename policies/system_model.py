@@ -173,20 +173,26 @@ class SystemModel:
         """Add one interval's rows (``(R, 2)`` features, ``(R, 3)`` targets; rows with a NaN
         are dropped). Scores them first if a fit exists, refits when due; returns whether it
         refitted."""
-        features = np.asarray(features, dtype=float).reshape(-1, len(FEATURES))
-        targets = np.asarray(targets, dtype=float).reshape(-1, len(TARGETS))
-        keep = np.isfinite(features).all(axis=1) & np.isfinite(targets).all(axis=1)
-        features, targets = features[keep], targets[keep]
+        features, targets = self.add(features, targets)
         if self._estimator is not None and len(features):
             self._scores.append((targets, self.predict(features)))
-        self._intervals.append((features, targets))
-        self._since_fit += 1
         due = self._estimator is None or self._since_fit >= self.refit_every
         drifted = self._estimator is not None and self._recent_nmae() > self.drift_nmae
         if (due or drifted) and self.rows >= self.min_rows:
             self.fit()
             return True
         return False
+
+    def add(self, features: np.ndarray, targets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Append one interval's rows without scoring or fitting (bulk loading, e.g. a warm
+        start from simulator data followed by one :meth:`fit`); returns the rows kept."""
+        features = np.asarray(features, dtype=float).reshape(-1, len(FEATURES))
+        targets = np.asarray(targets, dtype=float).reshape(-1, len(TARGETS))
+        keep = np.isfinite(features).all(axis=1) & np.isfinite(targets).all(axis=1)
+        features, targets = features[keep], targets[keep]
+        self._intervals.append((features, targets))
+        self._since_fit += 1
+        return features, targets
 
     @property
     def rows(self) -> int:

@@ -206,10 +206,9 @@ def warm_start(
     envs = max(1, -(-intervals // per_episode))
     rng = np.random.default_rng(seed + 7919)
     env = EdgeEnv(calm, num_envs=1, action_mode="neighbours", seed=seed + 1, track_servers=True)
-    fed = 0
-    for _ in range(envs):
+    for episode in range(envs):
         obs = env.reset()
-        for _ in range(per_episode):
+        for _ in range(min(per_episode, intervals - episode * per_episode)):
             mask = env.action_mask()
             base = policy(obs, mask)[0]
             mix = rng.uniform(0.0, 0.7)
@@ -220,10 +219,8 @@ def warm_start(
                 obs, _, _, info = env.step(weights[None])
                 rec.add(info)
             tel = rec.telemetry(rng, noise)
-            model.observe(*model_rows(tel, env.mean_cost, interval_steps * calm.step_seconds))
-            fed += 1
-            if fed >= intervals:
-                return
+            model.add(*model_rows(tel, env.mean_cost, interval_steps * calm.step_seconds))
+    model.fit()
 
 
 def run_arm(

@@ -1,0 +1,122 @@
+"""Decision latency of multi-agent rollout with the bundled mesh policy, as JSON.
+
+    python benchmarks/decision.py                       # 10 and 100 agent instances
+    python benchmarks/decision.py --agents 30 --horizon 5 --trials 50
+
+Each trial draws new arrivals on a ring-with-chords mesh (maximum degree 3, one service per
+node, so agent instances = nodes), and times one full decision: every agent visited, every
+candidate scored by one step plus ``horizon`` base-policy steps on the model. The latency
+table comes from a system model fitted on synthetic rows once (refits happen between
+decisions, not inside them).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import time
+
+import numpy as np
+import torch
+
+from policies import checkpoint
+from policies.model_env import MeshState, ModelEnv
+from policies.observation import MeshTelemetry
+from policies.rollout import Rollout, RolloutSettings
+from policies.system_model import SystemModel
+from policies.topology import Topology
+
+
+def ring_with_chords(n: int, rng: np.random.Generator) -> Topology:
+    names = [f"edge-{i}" for i in range(n)]
+    nbrs: dict[str, list[str]] = {x: [] for x in names}
+    links = {}
+    for i in range(n):
+        a, b = names[i], names[(i + 1) % n]
+        nbrs[a].append(b)
+        nbrs[b].append(a)
+        links[frozenset([a, b])] = float(rng.uniform(2, 8))
+    for i in range(0, n - n % 2, 4):  # chords across the ring keep the degree at most 3
+        a, b = names[i], names[(i + n // 2) % n]
+        if len(nbrs[a]) < 3 and len(nbrs[b]) < 3 and b not in nbrs[a]:
+            nbrs[a].append(b)
+            nbrs[b].append(a)
+            links[frozenset([a, b])] = float(rng.uniform(8, 15))
+    return Topology.build(names, ["fn"], nbrs, links, max_degree=3)
+
+
+def synthetic_model(seed: int) -> SystemModel:
+    """A forest fitted on rows of a queue-like latency curve with noise."""
+    rng = np.random.default_rng(seed)
+    model = SystemModel(min_rows=100, refit_every=10**9, seed=seed)
+    for _ in range(360):
+        rho = rng.uniform(0.0, 1.3, 10)
+        svc = rng.uniform(5.0, 40.0, 10)
+        backlog = rng.exponential(0.2, 10)
+        mean = svc / np.maximum(1 - np.minimum(rho, 0.95), 0.05) + 1000 * backlog
+        success = np.minimum(1.0, 1.0 / np.maximum(rho, 1e-9))
+        after = np.maximum(rho - 1.0, 0.0) * 5.0
+        y = np.stack([mean, 2.5 * mean, success, after], axis=1) * rng.lognormal(0, 0.05, (10, 4))
+        model.observe(np.stack([rho, svc, backlog], axis=1), y)
+    return model
+
+
+def measure(agents: int, horizon: int, trials: int, seed: int) -> dict:
+    rng = np.random.default_rng(seed)
+    topo = ring_with_chords(agents, rng)
+    env = ModelEnv(topo, work=np.array([10.0]), target_ms=np.array([200.0]), reject_penalty=4)
+    policy = checkpoint.load(checkpoint.bundled_for("neighbours", 3))
+    model = synthetic_model(seed)
+    rollout = Rollout(env, policy, RolloutSettings(horizon=horizon, seed=seed))
+    times, changed = [], []
+    for trial in range(trials + 1):
+        cap = rng.uniform(600, 1500, agents)
+        arrivals = cap / 10.0 * rng.uniform(0.3, 0.95, agents)
+        n = topo.num_nodes
+        tel = MeshTelemetry(
+            offered=arrivals.reshape(1, n, 1),
+            latency_ms=np.full((1, n, 1), 50.0),
+            rejected=np.zeros((1, n, 1)),
+            arrived_prev=arrivals.reshape(1, n, 1),
+            utilisation=np.minimum(arrivals * 10 / cap, 1.0)[None],
+            backlog=np.zeros((1, n)),
+            capacity=cap / 10.0,
+            active=np.ones(n, bool),
+            target_ms=np.array([200.0]),
+        )
+        state = MeshState(arrivals, cap, np.zeros(n), tel)
+        table = model.table(env.service_ms(cap))
+        start = time.perf_counter()
+        decision = rollout.decide(state, table)
+        elapsed = 1000.0 * (time.perf_counter() - start)
+        if trial:  # the first call warms caches and torch
+            times.append(elapsed)
+            changed.append(len(decision.changed_agents))
+    return {
+        "agents": agents,
+        "horizon": horizon,
+        "trials": trials,
+        "decision_ms_p50": float(np.percentile(times, 50)),
+        "decision_ms_p95": float(np.percentile(times, 95)),
+        "decision_ms_max": float(np.max(times)),
+        "agents_changed_mean": float(np.mean(changed)),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--agents", type=int, nargs="+", default=[10, 100])
+    parser.add_argument("--horizon", type=int, default=5)
+    parser.add_argument("--trials", type=int, default=30)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    results = [measure(a, args.horizon, args.trials, args.seed) for a in args.agents]
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps({"results": results, "peak_rss_mb": round(peak_mb, 1)}))
+
+
+if __name__ == "__main__":
+    main()
