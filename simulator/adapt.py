@@ -248,6 +248,7 @@ def run_arm(
             model,
             settings,
             interval_seconds=args.interval * scenario.step_seconds,
+            max_nmae=args.max_nmae,
         )
     weights = schedule.weights_at(0) if schedule is not None else policy(obs, env.action_mask())[0]
     cycles = []
@@ -355,6 +356,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--horizon", type=int, default=5)
     parser.add_argument("--margin", type=float, default=0.01)
     parser.add_argument("--samples", type=int, default=1)
+    parser.add_argument(
+        "--max-nmae", type=float, default=0.3, help="model error above which rollout falls back"
+    )
     parser.add_argument("--regressor", choices=("forest", "boosting"), default="forest")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", action="store_true", help="end with one JSON object")
