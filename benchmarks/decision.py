@@ -49,7 +49,7 @@ def ring_with_chords(n: int, rng: np.random.Generator) -> Topology:
 def synthetic_model(seed: int) -> SystemModel:
     """A forest fitted on rows of a queue-like latency curve with noise."""
     rng = np.random.default_rng(seed)
-    model = SystemModel(min_rows=100, refit_every=10**9, seed=seed)
+    model = SystemModel(seed=seed)
     for _ in range(360):
         rho = rng.uniform(0.0, 1.3, 10)
         svc = rng.uniform(5.0, 40.0, 10)
@@ -58,7 +58,8 @@ def synthetic_model(seed: int) -> SystemModel:
         success = np.minimum(1.0, 1.0 / np.maximum(rho, 1e-9))
         after = np.maximum(rho - 1.0, 0.0) * 5.0
         y = np.stack([mean, 2.5 * mean, success, after], axis=1) * rng.lognormal(0, 0.05, (10, 4))
-        model.observe(np.stack([rho, svc, backlog], axis=1), y)
+        model.add(np.stack([rho, svc, backlog], axis=1), y)
+    model.fit()
     return model
 
 
@@ -69,7 +70,7 @@ def measure(agents: int, horizon: int, trials: int, seed: int) -> dict:
     policy = checkpoint.load(checkpoint.bundled_for("neighbours", 3))
     model = synthetic_model(seed)
     rollout = Rollout(env, policy, RolloutSettings(horizon=horizon, seed=seed))
-    times, changed = [], []
+    times, changed, fallbacks = [], [], 0
     for trial in range(trials + 1):
         cap = rng.uniform(600, 1500, agents)
         arrivals = cap / 10.0 * rng.uniform(0.3, 0.95, agents)
@@ -93,6 +94,7 @@ def measure(agents: int, horizon: int, trials: int, seed: int) -> dict:
         if trial:  # the first call warms caches and torch
             times.append(elapsed)
             changed.append(len(decision.changed_agents))
+            fallbacks += decision.fallback is not None
     return {
         "agents": agents,
         "horizon": horizon,
@@ -101,6 +103,7 @@ def measure(agents: int, horizon: int, trials: int, seed: int) -> dict:
         "decision_ms_p95": float(np.percentile(times, 95)),
         "decision_ms_max": float(np.max(times)),
         "agents_changed_mean": float(np.mean(changed)),
+        "fallbacks": fallbacks,
     }
 
 
