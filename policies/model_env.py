@@ -72,6 +72,7 @@ class ModelEnv:
         self.target_ms = np.asarray(target_ms, dtype=float)
         self.reject_penalty = float(reject_penalty)
         self.step_seconds = float(step_seconds)
+        self._fluid: tuple[MeshState, FluidModel] | None = None
 
     def service_ms(self, capacity: np.ndarray) -> np.ndarray:
         """``(N, S)`` time to serve one request of each service at each node."""
@@ -84,13 +85,18 @@ class ModelEnv:
         return neighbour_action_mask(self.topology, state.active)
 
     def fluid(self, state: MeshState) -> FluidModel:
-        return FluidModel(
-            topology=self.topology,
-            capacity=np.asarray(state.capacity, dtype=float),
-            arrivals=np.asarray(state.arrivals, dtype=float),
-            work=self.work,
-            reject_cost=self.reject_penalty * self.target_ms / 1000.0,
-        )
+        """The flow arithmetic of ``state``; kept for the last state, because one decision
+        steps the same state hundreds of times."""
+        if self._fluid is None or self._fluid[0] is not state:
+            model = FluidModel(
+                topology=self.topology,
+                capacity=np.asarray(state.capacity, dtype=float),
+                arrivals=np.asarray(state.arrivals, dtype=float),
+                work=self.work,
+                reject_cost=self.reject_penalty * self.target_ms / 1000.0,
+            )
+            self._fluid = (state, model)
+        return self._fluid[1]
 
     def step(
         self,

@@ -152,12 +152,11 @@ class IntervalRecorder:
         )
         step = env.scenario.step_seconds
         mean_work = float(np.mean(env.mean_cost))
-        per_step = self.steps
         offered = noisy(self.offered / seconds)
         mesh = MeshTelemetry(
             offered=(offered * step)[None],
             latency_ms=noisy(agent_ms.reshape(n, s))[None],
-            rejected=noisy(self.lost / per_step)[None],
+            rejected=noisy(self.lost / self.steps)[None],
             arrived_prev=(offered * step)[None],
             utilisation=np.minimum(self.cpu_used / np.maximum(self.cpu, 1e-9), 1.0)[None],
             backlog=(env.model.q_len[0] * mean_work / np.maximum(cpu_now, 1e-9))[None],
@@ -178,14 +177,14 @@ class IntervalRecorder:
         )
 
 
-def model_env_for(scenario: Scenario) -> ModelEnv:
-    env = EdgeEnv(scenario, num_envs=1, action_mode="neighbours")
+def model_env_for(env: EdgeEnv) -> ModelEnv:
+    """The model environment of a simulated mesh (same topology, work and targets)."""
     return ModelEnv(
         topology=env.topology,
         work=env.mean_cost,
         target_ms=env.target_ms,
-        reject_penalty=scenario.reject_penalty,
-        step_seconds=scenario.step_seconds,
+        reject_penalty=env.scenario.reject_penalty,
+        step_seconds=env.scenario.step_seconds,
     )
 
 
@@ -243,7 +242,7 @@ def run_arm(
             horizon=args.horizon, margin=args.margin, samples=args.samples, seed=args.seed
         )
         adapter = Adapter(
-            model_env_for(scenario),
+            model_env_for(env),
             policy,
             model,
             settings,
@@ -263,7 +262,7 @@ def run_arm(
         cycle.weights = np.round(weights, 4).tolist()
         tel = rec.telemetry(rng, args.noise)
         if arm == "base":
-            weights = policy(_observation(env, tel), env.action_mask())[0]
+            weights = policy(mesh_observation(env.topology, tel.mesh), env.action_mask())[0]
         elif arm == "rollout":
             adapter.observe(tel)
             decision = adapter.decide()
@@ -272,10 +271,6 @@ def run_arm(
             cycle.fallback = decision.fallback
         cycles.append(cycle)
     return cycles
-
-
-def _observation(env: EdgeEnv, tel: IntervalTelemetry) -> np.ndarray:
-    return mesh_observation(env.topology, tel.mesh)
 
 
 def change_cycles(scenario: Scenario, interval: int) -> list[int]:
