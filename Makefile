@@ -10,6 +10,9 @@ install:
 	# torch first and pinned: the CPU build; an unpinned torch would pull CUDA packages.
 	$(PIP) torch==2.13.0
 	$(PIP) -e '.[dev]'
+	# The live Prometheus tests run a real server; Debian's package provides it (CI is root).
+	command -v prometheus >/dev/null 2>&1 || (apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus)
 
 demo: install
 	$(PYTHON) -m simulator.train --scenario dfaas-paise25 --seed 0 --out runs/demo

@@ -1,0 +1,105 @@
+"""``python -m marl_operator``: the operator process (kopf handlers + the HTTP API).
+
+Examples:
+  python -m marl_operator                          # in a cluster: in-cluster config, peering
+  python -m marl_operator --kubeconfig ~/.kube/config --standalone --api-port 8080
+  python -m marl_operator --namespace edge --namespace edge-2 --log-format text
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import threading
+from pathlib import Path
+
+import kopf
+from kubernetes import client, config
+
+from marl_operator import logs
+from marl_operator.api import ApiServer, create_app
+from marl_operator.handlers import register
+from marl_operator.kube import Kube
+from marl_operator.runtime import DEFAULT_PROMETHEUS_URL, Runtime
+
+log = logging.getLogger("marl_operator")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m marl_operator",
+        description="Run trained routing policies for edge services and write their weights "
+        "to the service mesh.",
+        epilog="examples:" + __doc__.split("Examples:", 1)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--kubeconfig", type=Path, help="kubeconfig file (default: in-cluster)")
+    parser.add_argument(
+        "--namespace",
+        action="append",
+        default=[],
+        help="watch only this namespace (repeatable; default: every namespace)",
+    )
+    parser.add_argument(
+        "--standalone", action="store_true", help="no peering: act even if other replicas run"
+    )
+    parser.add_argument("--peering", default="marl-operator", help="kopf peering object name")
+    parser.add_argument("--priority", type=int, default=0, help="peering priority of this replica")
+    parser.add_argument(
+        "--prometheus-url",
+        default=DEFAULT_PROMETHEUS_URL,
+        help="Prometheus of policies that set no spec.prometheus.url (default: %(default)s)",
+    )
+    parser.add_argument("--api-host", default="0.0.0.0", help="address of the HTTP API")
+    parser.add_argument("--api-port", type=int, default=8080, help="port of the HTTP API")
+    parser.add_argument("--log-format", choices=("json", "text"), default="json")
+    parser.add_argument("--verbose", action="store_true", help="debug logs")
+    return parser.parse_args(argv)
+
+
+def api_client(kubeconfig: Path | None) -> client.ApiClient:
+    """The Kubernetes client, configured from an explicit file or the pod's service account.
+
+    kopf logs in through the same source: with a kubeconfig, KUBECONFIG is set for it."""
+    if kubeconfig is not None:
+        os.environ["KUBECONFIG"] = str(kubeconfig)
+        configuration = client.Configuration()
+        config.load_kube_config(config_file=str(kubeconfig), client_configuration=configuration)
+    else:
+        configuration = client.Configuration()
+        config.load_incluster_config(client_configuration=configuration)
+    return client.ApiClient(configuration)
+
+
+async def run(args: argparse.Namespace) -> None:
+    runtime = Runtime(Kube(api_client(args.kubeconfig)), prometheus_url=args.prometheus_url)
+    registry = kopf.OperatorRegistry()
+    register(registry, runtime)
+    ready = threading.Event()
+    app = create_app(runtime.store, runtime.instruments, ready.is_set)
+    api = ApiServer(app, args.api_host, args.api_port)
+    await api.start()  # before kopf starts: it cancels tasks created after it at shutdown
+    try:
+        await kopf.operator(
+            registry=registry,
+            clusterwide=not args.namespace,
+            namespaces=args.namespace,
+            standalone=args.standalone,
+            peering_name=args.peering,
+            priority=args.priority,
+            ready_flag=ready,
+        )
+    finally:
+        await api.stop()
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    logs.setup(args.log_format, logging.DEBUG if args.verbose else logging.INFO)
+    asyncio.run(run(args))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,271 @@
+"""The operator's read-only HTTP API: probes, its own metrics, and what each policy decided.
+
+Everything it serves comes from the cycle reports (:mod:`marl_operator.report`) the store and
+the instruments were given, so the API can never tell a different story from the resource
+status, the events or the metrics. It has no mutating endpoint: the resources are the only way
+to change what the operator does.
+
+The store, the instruments and the readiness check reach the handlers through FastAPI
+dependencies (held in ``app.state``), not module globals, so tests and several apps in one
+process stay apart, and a test can swap any of them with ``app.dependency_overrides``.
+
+:class:`ApiServer` runs the app with uvicorn on the event loop kopf runs on, without uvicorn's
+signal handlers (kopf owns SIGINT and SIGTERM). Start it before ``kopf.operator()``: kopf
+cancels, at shutdown, the tasks created after it started::
+
+    server = ApiServer(create_app(store, instruments, ready), "0.0.0.0", 8080)
+    await server.start()
+    try:
+        await kopf.operator(...)
+    finally:
+        await server.stop()
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Callable, Iterator
+from typing import Annotated, Any, Literal, Self
+
+import uvicorn
+from fastapi import Depends, FastAPI, HTTPException, Request, Response
+from pydantic import BaseModel, ConfigDict, Field
+
+from marl_operator.instruments import Instruments
+from marl_operator.report import CycleReport, Outcome, RouteTable
+from marl_operator.store import ReportStore
+
+# --- response models -----------------------------------------------------------------------
+# They mirror report.py field for field and are only ever built from a CycleReport, which stays
+# the one source of truth. ``extra="forbid"`` on the full report makes a field added there and
+# not here fail the tests instead of vanishing from the API.
+
+
+class Health(BaseModel):
+    status: Literal["ok"] = "ok"
+
+
+class Readiness(BaseModel):
+    status: Literal["ready", "not ready"]
+    reason: str | None = None
+
+
+class NodeInputsModel(BaseModel):
+    """One edge node's readings for one service, as the decision used them."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    offered_rps: float
+    incoming_rps: float
+    success: float | None
+    mean_ms: float | None
+    p95_ms: float | None
+    capacity_rps: float
+
+
+class ModelAccuracy(BaseModel):
+    """Held-out accuracy of the system model (``Accuracy.as_dict``); open to further keys."""
+
+    model_config = ConfigDict(extra="allow")
+
+    nmae: dict[str, float | None] = Field(default_factory=dict)
+    r2: dict[str, float | None] = Field(default_factory=dict)
+    rows: int | None = None
+
+
+class PolicySummary(BaseModel):
+    """One line per policy: how its last cycle ended."""
+
+    policy: str = Field(description="namespace/name of the RoutingPolicy")
+    outcome: Outcome
+    reason: str
+    time: float = Field(description="unix seconds when the cycle ended")
+    generation: int
+    fallback: str | None
+    decision_ms: float
+
+
+class HistoryEntry(BaseModel):
+    """One kept cycle, in brief."""
+
+    outcome: Outcome
+    time: float
+    reason: str
+
+
+class ReportModel(BaseModel):
+    """A :class:`~marl_operator.report.CycleReport` in full."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    policy: str = Field(description="namespace/name of the RoutingPolicy")
+    time: float = Field(description="unix seconds when the cycle ended")
+    generation: int = Field(description="metadata.generation of the spec the cycle ran")
+    outcome: Outcome
+    reason: str
+    weights: RouteTable = Field(description="service -> source -> destination -> weight")
+    proposed: RouteTable | None = Field(description="the decision before the guard")
+    fallback: str | None
+    changed_agents: list[str] = Field(description='agents ("node/service") moved off the base')
+    predicted_p95_ms: dict[str, float]
+    observed_p95_ms: dict[str, float]
+    model: ModelAccuracy | None
+    decision_ms: float
+    inputs: dict[str, dict[str, NodeInputsModel]] = Field(description="service -> node")
+
+    @classmethod
+    def of(cls, report: CycleReport, **extra: Any) -> Self:
+        """Built from ``report.as_dict()``, the same JSON the status and events use."""
+        return cls.model_validate({**report.as_dict(), **extra})
+
+
+class PolicyDetail(ReportModel):
+    """The latest report plus the kept history."""
+
+    history: list[HistoryEntry] = Field(description="kept cycles, oldest first, latest last")
+
+
+# --- dependencies --------------------------------------------------------------------------
+
+
+def get_store(request: Request) -> ReportStore:
+    return request.app.state.store
+
+
+def get_instruments(request: Request) -> Instruments:
+    return request.app.state.instruments
+
+
+def get_ready(request: Request) -> Callable[[], bool]:
+    return request.app.state.ready
+
+
+StoreDep = Annotated[ReportStore, Depends(get_store)]
+InstrumentsDep = Annotated[Instruments, Depends(get_instruments)]
+ReadyDep = Annotated[Callable[[], bool], Depends(get_ready)]
+
+NOT_READY = "the operator has not finished starting, or is shutting down"
+
+
+def create_app(store: ReportStore, instruments: Instruments, ready: Callable[[], bool]) -> FastAPI:
+    """The API over ``store`` and ``instruments``; ``ready()`` answers the readiness probe."""
+    app = FastAPI(
+        title="marl-operator",
+        summary="What the operator's routing policies decided, its probes and its metrics.",
+    )
+    app.state.store = store
+    app.state.instruments = instruments
+    app.state.ready = ready
+
+    # Probes are async: they must answer even when the thread pool is busy.
+    @app.get("/healthz", response_model=Health, tags=["probes"])
+    async def healthz() -> Health:
+        return Health()
+
+    @app.get(
+        "/readyz",
+        response_model=Readiness,
+        responses={503: {"model": Readiness}},
+        tags=["probes"],
+    )
+    async def readyz(ready: ReadyDep, response: Response) -> Readiness:
+        if ready():
+            return Readiness(status="ready")
+        response.status_code = 503
+        return Readiness(status="not ready", reason=NOT_READY)
+
+    @app.get("/metrics", response_class=Response, tags=["metrics"])
+    def metrics(instruments: InstrumentsDep, request: Request) -> Response:
+        body, content_type = instruments.exposition(request.headers.get("accept"))
+        return Response(content=body, media_type=content_type)
+
+    @app.get("/api/v1/policies", response_model=list[PolicySummary], tags=["policies"])
+    def list_policies(store: StoreDep) -> list[PolicySummary]:
+        latest = (store.latest(policy) for policy in store.policies())
+        return [
+            PolicySummary.model_validate(report, from_attributes=True)
+            for report in latest
+            if report is not None  # forgotten between the two reads
+        ]
+
+    @app.get(
+        "/api/v1/policies/{namespace}/{name}",
+        response_model=PolicyDetail,
+        responses={404: {"description": "no cycle report for this policy"}},
+        tags=["policies"],
+    )
+    def get_policy(namespace: str, name: str, store: StoreDep) -> PolicyDetail:
+        policy = f"{namespace}/{name}"
+        kept = store.history(policy)
+        if not kept:
+            raise HTTPException(
+                status_code=404,
+                detail=f"RoutingPolicy {policy} has no cycle report: it does not exist, "
+                "or its first cycle has not finished yet",
+            )
+        history = [HistoryEntry.model_validate(r, from_attributes=True) for r in kept]
+        return PolicyDetail.of(kept[-1], history=history)
+
+    return app
+
+
+# --- serving next to kopf ------------------------------------------------------------------
+
+
+class _QuietServer(uvicorn.Server):
+    """uvicorn without signal handling: kopf owns the process's signals and stops us itself."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+class ApiServer:
+    """uvicorn serving an app as a task on the running event loop (the one kopf runs on)."""
+
+    def __init__(self, app: FastAPI, host: str, port: int, *, access_log: bool = False) -> None:
+        # log_config=None keeps the operator's logging setup; probes make access logs noise.
+        config = uvicorn.Config(app, host=host, port=port, log_config=None, access_log=access_log)
+        self._server = _QuietServer(config)
+        self._address = f"{host}:{port}"
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self, timeout: float = 10.0) -> asyncio.Task[None]:
+        """Start serving and return once the socket listens; raise if it cannot."""
+        if self._task is not None:
+            raise RuntimeError("the HTTP API server was already started")
+        self._task = asyncio.create_task(self._serve(), name="marl-operator-http-api")
+        async with asyncio.timeout(timeout):
+            while not self._server.started:
+                if self._task.done():
+                    self._task.result()  # raises why it stopped
+                    raise RuntimeError(f"the HTTP API on {self._address} stopped while starting")
+                await asyncio.sleep(0.01)
+        return self._task
+
+    @property
+    def port(self) -> int:
+        """The port actually bound (the one asked for, or the one picked for port 0)."""
+        if not self._server.started:
+            raise RuntimeError("the HTTP API server is not listening")
+        return self._server.servers[0].sockets[0].getsockname()[1]
+
+    async def stop(self, timeout: float = 5.0) -> None:
+        """Stop accepting, let open requests finish for up to ``timeout``, then close them."""
+        if self._task is None:
+            return
+        self._server.should_exit = True
+        try:
+            await asyncio.wait_for(asyncio.shield(self._task), timeout)
+        except TimeoutError:
+            self._server.force_exit = True
+            await asyncio.wait_for(self._task, timeout)
+
+    async def _serve(self) -> None:
+        try:
+            await self._server.serve()
+        except SystemExit as exc:
+            # uvicorn exits the process when it cannot bind; keep that a failure of this
+            # task, which start() reports, instead of an exit of the event loop under kopf.
+            raise RuntimeError(f"the HTTP API could not start on {self._address}") from exc

@@ -1,0 +1,276 @@
+"""One RoutingPolicy's control cycle: metrics -> telemetry -> model -> rollout -> guard -> mesh.
+
+Nothing here talks to Kubernetes or Prometheus directly: the reader and the mesh client are
+passed in, so the cycle runs the same under kopf, in the tests and in the benchmark. The kopf
+handlers only build a :class:`PolicyController` per resource and call :meth:`cycle` on a timer.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping
+from typing import Protocol
+
+import numpy as np
+
+from marl_operator.guard import FailureCounter, fallback_table, limit_table
+from marl_operator.mesh.model import MeshError, MeshNode, MeshRoutes, MeshService
+from marl_operator.mesh.routing import build_routes, integer_weights
+from marl_operator.observer import InsufficientData, Observer
+from marl_operator.problem import MeshProblem
+from marl_operator.prometheus import MetricsUnavailable, QueryError, ServiceReadings
+from marl_operator.report import CycleReport, Outcome, RouteTable
+from marl_operator.spec import PolicySpec
+from policies.adaptation import Adapter
+from policies.model_env import ModelEnv
+from policies.rollout import Decision, Policy, RolloutSettings
+from policies.system_model import SystemModel
+
+DEFAULT_REJECT_PENALTY = 4.0
+"""Cost of a lost request in latency targets, as in the generic training scenarios."""
+
+
+class MetricsSource(Protocol):
+    def read(
+        self,
+        *,
+        namespace: str,
+        service: str,
+        host: str,
+        window: str,
+        overrides: Mapping[str, str] | None = None,
+    ) -> ServiceReadings: ...
+
+
+class MeshClient(Protocol):
+    """Reads and writes one service's routes in the cluster."""
+
+    def read(self, service: MeshService, nodes: tuple[MeshNode, ...]) -> MeshRoutes | None:
+        """The routes the live objects carry, or None when there are none yet."""
+        ...
+
+    def write(self, service: MeshService, routes: MeshRoutes) -> bool:
+        """Bring the objects to ``routes``; True if anything was changed."""
+        ...
+
+
+def decision_table(problem: MeshProblem, weights: np.ndarray, min_weight: int) -> RouteTable:
+    """Integer mesh weights from a policy action ``(A, K+2)`` ([local, neighbours, reject]).
+
+    A mesh cannot reject, so the reject share is spread over the node's routes in proportion
+    (a node the policy wanted to shed load from still serves it, as it would without the
+    operator); every route of the node and its neighbours is listed so ``minWeight`` applies.
+    """
+    topo = problem.topology
+    s = topo.num_services
+    table: RouteTable = {service: {} for service in topo.services}
+    for agent, row in enumerate(np.asarray(weights, dtype=float)):
+        node, service = topo.nodes[agent // s], topo.services[agent % s]
+        neighbours = problem.neighbours_of(node)
+        fractions = {node: row[0]} | {nb: row[1 + m] for m, nb in enumerate(neighbours)}
+        if not all(np.isfinite(v) and v >= 0 for v in fractions.values()):
+            raise ValueError(f"the decision for {node}/{service} is not a distribution: {row}")
+        if sum(fractions.values()) <= 0:
+            fractions = {n: float(n == node) for n in fractions}
+        table[service][node] = integer_weights(fractions, min_weight=min_weight)
+    return table
+
+
+def even_table(problem: MeshProblem) -> RouteTable:
+    """What a plain Kubernetes Service does without route objects: every node equally."""
+    names = problem.topology.nodes
+    row = integer_weights(dict.fromkeys(names, 1.0))
+    return {
+        service: {source: dict(row) for source in names} for service in problem.topology.services
+    }
+
+
+class PolicyController:
+    """The live state of one RoutingPolicy: its model, its failure count, its last report."""
+
+    def __init__(
+        self,
+        key: str,
+        spec: PolicySpec,
+        generation: int,
+        problem: MeshProblem,
+        policy: Policy,
+        reader: MetricsSource,
+        mesh: MeshClient,
+        *,
+        meta: Mapping | None = None,
+        clock: Callable[[], float] = time.time,
+        seed: int = 0,
+    ):
+        self.key, self.spec, self.generation = key, spec, generation
+        self.namespace = key.split("/", 1)[0]
+        self.problem, self.reader, self.mesh, self.clock = problem, reader, mesh, clock
+        meta = meta or {}
+        step = float(meta.get("step_seconds", 1.0))
+        env = ModelEnv(
+            problem.topology,
+            work=np.ones(problem.topology.num_services),
+            target_ms=problem.target_ms,
+            reject_penalty=float(meta.get("reject_penalty", DEFAULT_REJECT_PENALTY)),
+            step_seconds=step,
+        )
+        settings = RolloutSettings(
+            horizon=spec.rollout.horizon,
+            steps=spec.rollout.steps,
+            margin=spec.rollout.margin,
+            seed=seed,
+        )
+        self.adapter = Adapter(
+            env, policy, SystemModel(seed=seed), settings, interval_seconds=spec.interval_s
+        )
+        self.observer = Observer(problem, step_seconds=step)
+        self.failures = FailureCounter(spec.safety)
+        self.last: CycleReport | None = None
+
+    # -- the cycle --------------------------------------------------------------------------
+
+    def cycle(self) -> CycleReport:
+        """Run one interval and return what happened (never raises for metrics or mesh
+        trouble: those become the report's outcome)."""
+        if self.spec.suspend:
+            return self._report(Outcome.SUSPENDED, "spec.suspend is true", self._live())
+        live = self._live()
+        try:
+            readings = self._read()
+            telemetry = self.observer.telemetry(readings)
+        except (MetricsUnavailable, InsufficientData) as error:
+            return self._failed(f"metrics: {error}", live)
+        self.adapter.observe(telemetry)
+        decision = self._decide()
+        try:
+            proposed = decision_table(self.problem, decision.weights, self.spec.safety.min_weight)
+        except ValueError as error:
+            return self._failed(f"inconsistent decision: {error}", live)
+        limited = limit_table(live, proposed, self.spec.safety.max_weight_change)
+        self.failures.succeeded()
+        extra = dict(
+            proposed=proposed,
+            fallback=decision.fallback,
+            changed_agents=self._agent_names(decision.changed_agents),
+            predicted_p95_ms=self._predicted_p95(decision),
+            observed_p95_ms=self.observer.observed_p95_ms(readings),
+            decision_ms=decision.decision_ms,
+        )
+        if self.spec.dry_run:
+            return self._report(Outcome.DRY_RUN, "spec.dryRun: decided, not written", live, **extra)
+        try:
+            changed = self._write(limited)
+        except MeshError as error:
+            return self._failed(f"mesh: {error}", live)
+        outcome = Outcome.APPLIED if changed else Outcome.UNCHANGED
+        reason = (
+            "rollout decision applied"
+            if decision.fallback is None
+            else (f"base policy applied ({decision.fallback})")
+        )
+        return self._report(outcome, reason, limited, **extra)
+
+    def _read(self) -> dict[str, ServiceReadings]:
+        prom = self.spec.prometheus
+        out = {}
+        for service in self.problem.services:
+            try:
+                out[service.name] = self.reader.read(
+                    namespace=service.namespace,
+                    service=service.name,
+                    host=service.host,
+                    window=prom.window,
+                    overrides=prom.queries,
+                )
+            except QueryError as error:  # a template problem is a spec problem, not an outage
+                raise MetricsUnavailable(str(error)) from error
+        return out
+
+    def _decide(self) -> Decision:
+        adapter = self.adapter
+        if not self.spec.rollout.enabled:
+            return adapter.rollout.decide(adapter.state(), None, fallback="rollout disabled")
+        return adapter.decide()
+
+    def _failed(self, reason: str, live: RouteTable) -> CycleReport:
+        if not self.failures.failed():
+            left = self.spec.safety.failure_threshold - self.failures.count
+            return self._report(
+                Outcome.HELD, f"{reason}; weights held ({left} more before the fallback)", live
+            )
+        kind = self.spec.safety.fallback
+        table = fallback_table(kind, self.problem, self.spec.safety.min_weight)
+        if table is not None and not self.spec.dry_run:
+            try:
+                self._write(table)
+                live = table
+            except MeshError as error:
+                reason = f"{reason}; writing the {kind} fallback failed: {error}"
+        return self._report(
+            Outcome.FALLBACK,
+            f"{reason}; {self.failures.count} failed intervals in a row, fallback {kind}",
+            live,
+            fallback=kind,
+        )
+
+    # -- the mesh -----------------------------------------------------------------------------
+
+    def _live(self) -> RouteTable:
+        """What the mesh carries now; an absent object counts as the even split."""
+        table = even_table(self.problem)
+        for service in self.problem.services:
+            try:
+                routes = self.mesh.read(service, self.problem.nodes)
+            except MeshError:
+                routes = None  # hand-edited beyond recognition: the next write replaces it
+            if routes is not None:
+                table[service.name] = {src: dict(row) for src, row in routes.by_source.items()}
+        return table
+
+    def _write(self, table: RouteTable) -> bool:
+        changed = False
+        for service in self.problem.services:
+            routes = build_routes(table[service.name], self.problem.nodes)
+            changed |= self.mesh.write(service, routes)
+        return changed
+
+    # -- reporting ----------------------------------------------------------------------------
+
+    def _agent_names(self, agents: tuple[int, ...]) -> tuple[str, ...]:
+        topo = self.problem.topology
+        s = topo.num_services
+        return tuple(f"{topo.nodes[a // s]}/{topo.services[a % s]}" for a in agents)
+
+    def _predicted_p95(self, decision: Decision) -> dict[str, float]:
+        """Server-side p95 the model expects under the decision, per service (rate-weighted
+        over nodes), when the model is trusted."""
+        adapter = self.adapter
+        if decision.fallback is not None or adapter.trust() is not None:
+            return {}
+        state = adapter.state()
+        table = adapter.model.table(adapter.env.service_ms(state.capacity))
+        pred = adapter.env.step(state, decision.weights[None], table)
+        load = np.asarray(adapter.last.incoming) if adapter.last is not None else None
+        out = {}
+        for k, service in enumerate(self.problem.topology.services):
+            p95, w = pred.p95_ms[0, :, k], load[:, k] if load is not None else None
+            ok = np.isfinite(p95) & (w > 0)
+            if ok.any():
+                out[service] = float((p95[ok] * w[ok]).sum() / w[ok].sum())
+        return out
+
+    def _report(self, outcome: Outcome, reason: str, weights: RouteTable, **extra) -> CycleReport:
+        accuracy = self.adapter.model.accuracy()
+        report = CycleReport(
+            policy=self.key,
+            time=self.clock(),
+            generation=self.generation,
+            outcome=outcome,
+            reason=reason,
+            weights=weights,
+            model=accuracy.as_dict() if accuracy is not None else None,
+            inputs=dict(self.observer.inputs),
+            **extra,
+        )
+        self.last = report
+        return report

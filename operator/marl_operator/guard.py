@@ -1,0 +1,91 @@
+"""Safety between a decision and the mesh: bounded steps, and what to write when deciding fails.
+
+A learned policy and a learned model can both be wrong; the guard keeps their mistakes small
+and visible. Every written route moves at most ``maxWeightChange`` points per interval, so a
+bad decision is corrected before it has moved much traffic. When no decision can be made
+(metrics missing or stale, inputs inconsistent), the weights in place are held; after
+``failureThreshold`` such intervals in a row the configured fallback is written, because a
+routing chosen for conditions that no longer hold gets worse the longer it stays.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+
+from marl_operator.mesh.routing import TOTAL, integer_weights
+from marl_operator.problem import MeshProblem
+from marl_operator.report import RouteTable
+from marl_operator.spec import SafetySpec
+from policies.weights import largest_remainder
+
+
+def limit_step(
+    previous: Mapping[str, int] | None, proposed: Mapping[str, int], max_change: int
+) -> dict[str, int]:
+    """``proposed``, moved from ``previous`` by at most ``max_change`` points per route.
+
+    The whole move is scaled down (not each route clipped), so the weights still sum to 100
+    and the direction of the decision is kept; rounding picks the floor or ceiling of values
+    that lie within the bound, so integers stay within it too.
+    """
+    if not previous:
+        return dict(proposed)
+    names = list(dict.fromkeys([*proposed, *previous]))
+    old = np.array([previous.get(n, 0) for n in names], dtype=float)
+    new = np.array([proposed.get(n, 0) for n in names], dtype=float)
+    if old.sum() != TOTAL:  # a hand-edited object: start from its proportions
+        old = TOTAL * old / old.sum() if old.sum() > 0 else new
+    delta = new - old
+    biggest = np.abs(delta).max()
+    scale = min(1.0, max_change / biggest) if biggest > 0 else 1.0
+    weights = largest_remainder(old + scale * delta, TOTAL)
+    return {n: int(w) for n, w in zip(names, weights, strict=True) if w > 0 or n in proposed}
+
+
+def limit_table(previous: RouteTable, proposed: RouteTable, max_change: int) -> RouteTable:
+    """:func:`limit_step` for every service and source node."""
+    return {
+        service: {
+            source: limit_step(previous.get(service, {}).get(source), row, max_change)
+            for source, row in rows.items()
+        }
+        for service, rows in proposed.items()
+    }
+
+
+def fallback_table(kind: str, problem: MeshProblem, min_weight: int) -> RouteTable | None:
+    """The fallback routing: None for ``hold`` (keep what is there); ``local`` keeps each
+    node's traffic on the node; ``static`` splits it over the node and its neighbours in
+    proportion to their capacity hints (what a capacity-aware static mesh would do)."""
+    if kind == "hold":
+        return None
+    names = problem.topology.nodes
+    capacity = dict(zip(names, problem.capacity_rps, strict=True))
+    rows = {}
+    for source in names:
+        routes = [source, *problem.neighbours_of(source)]
+        if kind == "local":
+            fractions = {n: float(n == source) for n in routes}
+            rows[source] = integer_weights(fractions, min_weight=0)
+        else:
+            fractions = {n: float(capacity[n]) for n in routes}
+            rows[source] = integer_weights(fractions, min_weight=min_weight)
+    return {service: dict(rows) for service in problem.topology.services}
+
+
+class FailureCounter:
+    """Counts intervals in a row without a usable decision, against the threshold."""
+
+    def __init__(self, safety: SafetySpec):
+        self.safety = safety
+        self.count = 0
+
+    def failed(self) -> bool:
+        """Record a failed interval; True when the fallback is due."""
+        self.count += 1
+        return self.count >= self.safety.failure_threshold
+
+    def succeeded(self) -> None:
+        self.count = 0

@@ -1,0 +1,84 @@
+"""kopf handlers, kept thin: they schedule cycles and deletions; :mod:`runtime` does the work.
+
+One daemon per RoutingPolicy runs its control loop at the spec's ``intervalSeconds`` (a kopf
+timer's interval is fixed when the handler is registered, a daemon can follow the spec). kopf
+keeps the daemon's ``body`` current, so a spec change is picked up at the next cycle, where
+the runtime sees the new generation and rebuilds the controller. Deletion is held by a
+finalizer until the original routes are restored.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+import kopf
+
+from marl_operator.report import CycleReport, Outcome
+from marl_operator.runtime import Runtime
+from marl_operator.status import status_of
+
+GROUP, VERSION, PLURAL = "marl.dev", "v1alpha1", "routingpolicies"
+INVALID_RETRY_S = 10.0
+"""How soon an invalid policy is read again (its EdgeServices may be created meanwhile)."""
+
+EVENTS: dict[Outcome, tuple[str, str]] = {
+    # outcome -> (event type, CamelCase reason), posted when the outcome changes
+    Outcome.APPLIED: ("Normal", "WeightsApplied"),
+    Outcome.UNCHANGED: ("Normal", "WeightsApplied"),
+    Outcome.DRY_RUN: ("Normal", "DryRunDecision"),
+    Outcome.HELD: ("Warning", "WeightsHeld"),
+    Outcome.FALLBACK: ("Warning", "FallbackActivated"),
+    Outcome.SUSPENDED: ("Normal", "Suspended"),
+    Outcome.INVALID: ("Warning", "InvalidSpec"),
+}
+
+
+def configure(settings: kopf.OperatorSettings) -> None:
+    """The operator's kopf settings: its own finalizer and annotation prefix, so that it
+    never collides with another kopf-based operator on the same objects."""
+    settings.persistence.finalizer = "marl.dev/finalizer"
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="marl.dev")
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+        prefix="marl.dev", key="last-handled-configuration"
+    )
+    settings.posting.level = logging.WARNING  # events come from the handlers, not kopf's log
+
+
+def register(registry: kopf.OperatorRegistry, runtime: Runtime) -> None:
+    """Attach the handlers to ``registry``, closing over ``runtime``."""
+
+    @kopf.on.startup(registry=registry)
+    def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
+        configure(settings)
+
+    @kopf.daemon(GROUP, VERSION, PLURAL, registry=registry, cancellation_timeout=30.0)
+    async def control_loop(
+        body: kopf.Body, name: str, namespace: str, stopped: kopf.DaemonStopped, **_: Any
+    ) -> None:
+        key = f"{namespace}/{name}"
+        previous: CycleReport | None = None
+        while not stopped:
+            snapshot = {"metadata": dict(body.metadata), "spec": dict(body.spec)}
+            report = await asyncio.to_thread(runtime.cycle, key, snapshot)
+            status = status_of(report, dict(body.status))
+            await asyncio.to_thread(runtime.kube.patch_policy_status, namespace, name, status)
+            if previous is None or previous.outcome != report.outcome:
+                kind, reason = EVENTS[report.outcome]
+                kopf.event(body, type=kind, reason=reason, message=report.reason[:1000])
+            previous = report
+            wait = (
+                INVALID_RETRY_S
+                if report.outcome == Outcome.INVALID
+                else runtime.interval(key, snapshot)
+            )
+            await stopped.wait(wait)
+
+    @kopf.on.delete(GROUP, VERSION, PLURAL, registry=registry)
+    async def restore_routes(body: kopf.Body, name: str, namespace: str, **_: Any) -> None:
+        key = f"{namespace}/{name}"
+        snapshot = {"metadata": dict(body.metadata), "spec": dict(body.spec)}
+        done = await asyncio.to_thread(runtime.delete, key, snapshot)
+        if done:
+            kopf.info(body, reason="RoutesRestored", message="; ".join(done))

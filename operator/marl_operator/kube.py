@@ -1,0 +1,207 @@
+"""Every Kubernetes API call the operator makes (besides kopf's own), in one module.
+
+Keeping them here has two uses: the handlers and the cycle stay free of client plumbing, and
+the chart's RBAC rules can be checked against :data:`API_CALLS`, the list of
+(group, resource, verb) this module uses, so a new call without a rule fails a test.
+
+The ``kubernetes`` client is synchronous; the operator calls it from worker threads.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from kubernetes import client
+from kubernetes.client.rest import ApiException
+
+from marl_operator.mesh.factory import writer_for
+from marl_operator.mesh.model import Manifest, MeshError, MeshNode, MeshRoutes, MeshService
+from marl_operator.mesh.ownership import is_managed
+from marl_operator.mesh.patching import reconcile_patch, restore_patch
+from marl_operator.mesh.routing import build_routes
+
+log = logging.getLogger(__name__)
+
+MARL = ("marl.dev", "v1alpha1")
+KINDS: dict[str, tuple[str, str, str]] = {
+    # kind -> (group, version, plural) of the objects the mesh writers generate
+    "VirtualService": ("networking.istio.io", "v1", "virtualservices"),
+    "DestinationRule": ("networking.istio.io", "v1", "destinationrules"),
+    "HTTPRoute": ("gateway.networking.k8s.io", "v1", "httproutes"),
+}
+
+API_CALLS: tuple[tuple[str, str, str], ...] = (
+    ("marl.dev", "edgenodes", "list"),
+    ("marl.dev", "edgeservices", "get"),
+    ("marl.dev", "routingpolicies/status", "patch"),
+    ("", "configmaps", "get"),
+    *(
+        (group, plural, verb)
+        for group, _, plural in KINDS.values()
+        for verb in ("get", "create", "patch", "delete")
+    ),
+)
+"""(API group, resource, verb) of every call below; the chart's RBAC must grant each."""
+
+CONFLICT_RETRIES = 3
+
+
+class Kube:
+    """The operator's view of the cluster: custom resources, mesh objects, checkpoints."""
+
+    def __init__(self, api: client.ApiClient):
+        self.custom = client.CustomObjectsApi(api)
+        self.core = client.CoreV1Api(api)
+
+    # -- marl.dev resources --------------------------------------------------------------
+
+    def edge_nodes(self) -> list[dict[str, Any]]:
+        return self.custom.list_cluster_custom_object(*MARL, "edgenodes").get("items", [])
+
+    def edge_services(self, namespace: str, names: tuple[str, ...]) -> dict[str, dict]:
+        """The named EdgeServices that exist (absent ones are left out for the caller to
+        report)."""
+        out = {}
+        for name in names:
+            try:
+                out[name] = self.custom.get_namespaced_custom_object(
+                    *MARL, namespace, "edgeservices", name
+                )
+            except ApiException as error:
+                if error.status != 404:
+                    raise
+        return out
+
+    def patch_policy_status(self, namespace: str, name: str, status: Mapping[str, Any]) -> None:
+        self.custom.patch_namespaced_custom_object_status(
+            *MARL, namespace, "routingpolicies", name, {"status": dict(status)}
+        )
+
+    def checkpoint_from_configmap(self, namespace: str, name: str, key: str) -> Path:
+        """Write a ConfigMap-held checkpoint (``<key>.pt`` in binaryData, ``<key>.json`` in
+        data) to a private directory and return it; the caller loads it tensors-only."""
+        cm = self.core.read_namespaced_config_map(name, namespace)
+        weights = (cm.binary_data or {}).get(f"{key}.pt")
+        meta = (cm.data or {}).get(f"{key}.json")
+        if weights is None or meta is None:
+            raise FileNotFoundError(
+                f"ConfigMap {namespace}/{name} needs binaryData {key}.pt and data {key}.json"
+            )
+        directory = Path(tempfile.mkdtemp(prefix="marl-checkpoint-"))
+        (directory / "policy.pt").write_bytes(base64.b64decode(weights))
+        (directory / "policy.json").write_text(meta)
+        return directory
+
+    # -- mesh objects ------------------------------------------------------------------------
+
+    def get(self, namespace: str, kind: str, name: str) -> dict[str, Any] | None:
+        group, version, plural = KINDS[kind]
+        try:
+            return self.custom.get_namespaced_custom_object(group, version, namespace, plural, name)
+        except ApiException as error:
+            if error.status == 404:
+                return None
+            raise
+
+    def create(self, manifest: Manifest) -> None:
+        group, version, plural = KINDS[manifest["kind"]]
+        namespace = manifest["metadata"]["namespace"]
+        self.custom.create_namespaced_custom_object(group, version, namespace, plural, manifest)
+
+    def patch(self, namespace: str, kind: str, name: str, patch: Mapping[str, Any]) -> None:
+        group, version, plural = KINDS[kind]
+        self.custom.patch_namespaced_custom_object(
+            group, version, namespace, plural, name, dict(patch)
+        )
+
+    def delete(self, namespace: str, kind: str, name: str) -> None:
+        group, version, plural = KINDS[kind]
+        try:
+            self.custom.delete_namespaced_custom_object(group, version, namespace, plural, name)
+        except ApiException as error:
+            if error.status != 404:
+                raise
+
+
+def _identities(service: MeshService, nodes: tuple[MeshNode, ...]) -> list[tuple[str, str]]:
+    """(kind, name) of every object the service's writer manages."""
+    even = build_routes({}, nodes)
+    return [
+        (m["kind"], m["metadata"]["name"])
+        for m in writer_for(service.provider).desired(service, even)
+    ]
+
+
+class KubeMesh:
+    """:class:`marl_operator.controller.MeshClient` over the Kubernetes API."""
+
+    def __init__(self, kube: Kube):
+        self.kube = kube
+
+    def read(self, service: MeshService, nodes: tuple[MeshNode, ...]) -> MeshRoutes | None:
+        writer = writer_for(service.provider)
+        objects = [
+            obj
+            for kind, name in _identities(service, nodes)
+            if (obj := self.kube.get(service.namespace, kind, name)) is not None
+        ]
+        if not objects:
+            return None
+        try:
+            return writer.read(service, nodes, objects)
+        except MeshError:
+            if not any(is_managed(obj) for obj in objects):
+                return None  # the user's own object, not taken over yet
+            raise
+
+    def write(self, service: MeshService, routes: MeshRoutes) -> bool:
+        """Create or patch each object; a 409 (someone changed it since it was read) is
+        retried on a fresh read, since the desired state does not depend on the old one."""
+        changed = False
+        for manifest in writer_for(service.provider).desired(service, routes):
+            changed |= self._apply(manifest)
+        return changed
+
+    def _apply(self, manifest: Manifest) -> bool:
+        kind, name = manifest["kind"], manifest["metadata"]["name"]
+        namespace = manifest["metadata"]["namespace"]
+        for attempt in range(CONFLICT_RETRIES + 1):
+            live = self.kube.get(namespace, kind, name)
+            try:
+                if live is None:
+                    self.kube.create(manifest)
+                    return True
+                patch = reconcile_patch(live, manifest)
+                if not patch:
+                    return False
+                self.kube.patch(namespace, kind, name, patch)
+                return True
+            except ApiException as error:
+                if error.status not in (409, 422) or attempt == CONFLICT_RETRIES:
+                    raise MeshError(
+                        f"{kind} {namespace}/{name}: {error.status} {error.reason}"
+                    ) from error
+                log.info("conflict on %s %s/%s, retrying", kind, namespace, name)
+        return False  # unreachable: the loop returns or raises
+
+    def restore(self, service: MeshService, nodes: tuple[MeshNode, ...]) -> list[str]:
+        """Give back the user's objects as they were and delete the ones the operator
+        created; returns what was done, one entry per object."""
+        done = []
+        for kind, name in _identities(service, nodes):
+            live = self.kube.get(service.namespace, kind, name)
+            if live is None or not is_managed(live):
+                continue
+            patch = restore_patch(live)
+            if patch is None:
+                self.kube.delete(service.namespace, kind, name)
+                done.append(f"deleted {kind}/{name}")
+            else:
+                self.kube.patch(service.namespace, kind, name, patch)
+                done.append(f"restored {kind}/{name}")
+        return done

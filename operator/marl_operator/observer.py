@@ -1,0 +1,216 @@
+"""Prometheus readings -> the interval telemetry the simulator produces for the same mesh.
+
+This is the operator's side of the shared observation contract. Istio reports per pair of
+workloads what the clients saw; the policy and the system model want per node what the
+simulator reports. The translation:
+
+- a workload belongs to the edge node whose pod-label value ends its name after a dash
+  (``fn-edge-1``, ``loadgen-edge-1``: per-node Deployments, as DESIGN.md assumes); the longest
+  matching suffix wins, so ``edge-11`` is not mistaken for ``edge-1``;
+- offered load of node *i* is what its clients sent, wherever it went; incoming load of node
+  *j* is what reached it;
+- the serving node's latency is the client's minus the link's one-way latency (declared on
+  the EdgeNodes), averaged over the senders by request rate; the same for the p95, which is an
+  approximation (a quantile of a mixture is not the mean of the quantiles);
+- capacity is measured where it can be: requests served over the busy fraction of the node's
+  CPU (cAdvisor), smoothed across intervals; the EdgeNode's hint serves until then. A node that
+  slows down thus shows a lower capacity, which is what the policy was trained to react to;
+- queued work follows from Little's law: the wait beyond the service time, times utilisation,
+  is the seconds of work queued (what the simulator calls backlog).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+
+from marl_operator.problem import MeshProblem
+from marl_operator.prometheus import ServiceReadings
+from marl_operator.report import NodeInputs
+from policies.adaptation import IntervalTelemetry
+from policies.observation import MeshTelemetry
+
+MIN_BUSY = 0.05
+"""Below this CPU busy fraction, requests over busy time is too noisy to estimate capacity."""
+
+
+class InsufficientData(Exception):
+    """The readings cannot describe the interval (no traffic reported for a service)."""
+
+
+def node_of(workload: str, labels: Mapping[str, int]) -> int | None:
+    """Index of the edge node a workload runs on (longest ``-<label>`` suffix), or None."""
+    best, length = None, -1
+    for label, index in labels.items():
+        if (workload == label or workload.endswith("-" + label)) and len(label) > length:
+            best, length = index, len(label)
+    return best
+
+
+@dataclass
+class PairMatrices:
+    """One service's readings as ``(N, N)`` source x destination matrices (NaN = no data)."""
+
+    rate: np.ndarray
+    success: np.ndarray
+    mean_ms: np.ndarray
+    p95_ms: np.ndarray
+    cpu_cores: np.ndarray  # (N,) by destination node, NaN where not reported
+
+
+def pair_matrices(readings: ServiceReadings, labels: Mapping[str, int], n: int) -> PairMatrices:
+    out = PairMatrices(*(np.full((n, n), np.nan) for _ in range(4)), np.full(n, np.nan))
+    for name, source in (
+        ("rate", readings.rate),
+        ("success", readings.success),
+        ("mean_ms", readings.mean_ms),
+        ("p95_ms", readings.p95_ms),
+    ):
+        matrix = getattr(out, name)
+        for (src, dst), value in source.items():
+            i, j = node_of(src, labels), node_of(dst, labels)
+            if i is None or j is None:
+                continue
+            if name == "rate":
+                matrix[i, j] = np.nan_to_num(matrix[i, j]) + value  # several workloads per node
+            else:
+                matrix[i, j] = value
+    for workload, cores in readings.cpu_cores.items():
+        j = node_of(workload, labels)
+        if j is not None:
+            out.cpu_cores[j] = np.nan_to_num(out.cpu_cores[j]) + cores
+    return out
+
+
+def _weighted(values: np.ndarray, weights: np.ndarray, axis: int) -> np.ndarray:
+    """Rate-weighted mean over ``axis`` ignoring NaN values; NaN where nothing is known."""
+    ok = np.isfinite(values) & (weights > 0)
+    total = np.where(ok, weights, 0.0).sum(axis=axis)
+    num = np.where(ok, values * weights, 0.0).sum(axis=axis)
+    return np.where(total > 0, num / np.where(total > 0, total, 1.0), np.nan)
+
+
+class Observer:
+    """Turns each interval's readings into :class:`IntervalTelemetry` for one problem.
+
+    Args:
+        problem: the mesh.
+        step_seconds: the policy's time unit (its training step); its observation counts
+            requests per step.
+        capacity_alpha: weight of the newest capacity measurement in the running estimate
+            (smoothing keeps measurement noise out of the decision and the model's table cache).
+    """
+
+    def __init__(self, problem: MeshProblem, step_seconds: float = 1.0, capacity_alpha=0.5):
+        self.problem = problem
+        self.step_seconds = step_seconds
+        self.capacity_alpha = capacity_alpha
+        self.capacity = problem.capacity_rps.astype(float).copy()
+        self.backlog = np.zeros(problem.topology.num_nodes)
+        self.labels = {node.label: i for i, node in enumerate(problem.nodes)}
+        self.inputs: dict[str, dict[str, NodeInputs]] = {}
+
+    def telemetry(self, readings: Mapping[str, ServiceReadings]) -> IntervalTelemetry:
+        """The interval's telemetry, or :class:`InsufficientData` saying which service lacks it."""
+        problem = self.problem
+        topo = problem.topology
+        n, _s = topo.num_nodes, topo.num_services
+        mats = []
+        for service in topo.services:
+            got = readings.get(service)
+            if got is None or got.empty:
+                raise InsufficientData(f"no request rate reported for service {service}")
+            m = pair_matrices(got, self.labels, n)
+            if not np.isfinite(m.rate).any():
+                raise InsufficientData(
+                    f"no series of service {service} names an edge node's workload "
+                    f"(expected names ending in -{'/-'.join(self.labels)})"
+                )
+            mats.append(m)
+
+        rate = np.stack([np.nan_to_num(m.rate) for m in mats], axis=-1)  # (N, N, S)
+        success = np.stack([np.where(np.isnan(m.success), 1.0, m.success) for m in mats], -1)
+        link = topo.link_matrix[..., None]
+        client_ms = np.stack([m.mean_ms for m in mats], axis=-1)
+        client_p95 = np.stack([m.p95_ms for m in mats], axis=-1)
+
+        offered = rate.sum(axis=1)  # (N, S) by source
+        incoming = rate.sum(axis=0)  # by destination
+        failed_pairs = rate * (1.0 - np.clip(success, 0.0, 1.0))
+        rejected = failed_pairs.sum(axis=0)
+        server_mean = _weighted(client_ms - link, rate, axis=0)  # (N, S)
+        server_p95 = _weighted(client_p95 - link, rate, axis=0)
+        agent_ms = _weighted(client_ms, rate, axis=1)  # what each source's clients saw
+
+        served = (incoming - rejected).sum(axis=1)  # (N,) requests/s completed
+        cpu = np.stack([m.cpu_cores for m in mats]).sum(axis=0)  # NaN unless reported
+        busy = cpu / problem.cpu_cores
+        measured = np.isfinite(busy) & (busy >= MIN_BUSY)
+        estimate = np.where(measured, served / np.where(measured, busy, 1.0), self.capacity)
+        a = self.capacity_alpha
+        self.capacity = np.where(measured, a * estimate + (1 - a) * self.capacity, self.capacity)
+        capacity = self.capacity
+        load = incoming.sum(axis=1)
+        utilisation = np.where(measured, np.clip(busy, 0.0, 1.0), load / capacity)
+
+        wait_ms = np.clip(server_mean - 1000.0 / capacity[:, None], 0.0, None)
+        wait_s = _weighted(wait_ms, incoming, axis=1) / 1000.0
+        backlog_end = np.nan_to_num(np.minimum(utilisation, 1.0) * wait_s)
+        backlog_start, self.backlog = self.backlog, backlog_end
+
+        step = self.step_seconds
+        mesh = MeshTelemetry(
+            offered=(offered * step)[None],
+            latency_ms=agent_ms[None],
+            rejected=(failed_pairs.sum(axis=1) * step)[None],
+            arrived_prev=(offered * step)[None],
+            utilisation=np.minimum(utilisation, 1.0)[None],
+            backlog=(backlog_end / step)[None],
+            capacity=capacity * step,
+            active=capacity > 0,
+            target_ms=problem.target_ms,
+        )
+        self.inputs = {
+            service: {
+                node.name: NodeInputs(
+                    offered_rps=float(offered[i, k]),
+                    incoming_rps=float(incoming[i, k]),
+                    success=_finite(1.0 - rejected[i, k] / incoming[i, k])
+                    if incoming[i, k] > 0
+                    else None,
+                    mean_ms=_finite(server_mean[i, k]),
+                    p95_ms=_finite(server_p95[i, k]),
+                    capacity_rps=float(capacity[i]),
+                )
+                for i, node in enumerate(problem.nodes)
+            }
+            for k, service in enumerate(topo.services)
+        }
+        return IntervalTelemetry(
+            offered=offered,
+            incoming=incoming,
+            rejected=rejected,
+            mean_ms=server_mean,
+            p95_ms=server_p95,
+            capacity=capacity,
+            backlog_start=backlog_start,
+            backlog_end=backlog_end,
+            mesh=mesh,
+        )
+
+    def observed_p95_ms(self, readings: Mapping[str, ServiceReadings]) -> dict[str, float]:
+        """Client-perceived p95 per service: the rate-weighted mean over pairs."""
+        out = {}
+        n = self.problem.topology.num_nodes
+        for service, got in readings.items():
+            m = pair_matrices(got, self.labels, n)
+            value = _weighted(m.p95_ms.reshape(-1), np.nan_to_num(m.rate).reshape(-1), axis=0)
+            if np.isfinite(value):
+                out[service] = float(value)
+        return out
+
+
+def _finite(x: float) -> float | None:
+    return float(x) if np.isfinite(x) else None

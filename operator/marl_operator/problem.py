@@ -1,0 +1,158 @@
+"""The routing problem a RoutingPolicy governs, read from EdgeNode and EdgeService objects.
+
+The simulator builds a :class:`policies.topology.Topology` from a scenario file; here the same
+value comes from the cluster's custom resources, so the trained policy sees the same layout:
+nodes in a stable (sorted) order, each node's neighbours in the order its EdgeNode lists them
+(that order decides which output of the policy means which neighbour), padded to the
+checkpoint's maximum degree.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from marl_operator.mesh.model import MeshError, MeshNode, MeshService, node_from_edge_node
+from marl_operator.spec import PolicySpec, SpecError
+from policies.topology import Topology
+
+
+@dataclass(frozen=True, eq=False)
+class MeshProblem:
+    """Everything about the mesh a decision needs that does not change every interval."""
+
+    topology: Topology
+    nodes: tuple[MeshNode, ...]
+    services: tuple[MeshService, ...]
+    capacity_rps: np.ndarray  # (N,) the EdgeNodes' capacity hints, requests per second
+    cpu_cores: np.ndarray  # (N,) CPU the services may use on each node, NaN if not given
+    target_ms: np.ndarray  # (S,) latency targets
+
+    def neighbours_of(self, node: str) -> tuple[str, ...]:
+        return self.topology.neighbours[self.topology.nodes.index(node)]
+
+
+_QUANTITY = re.compile(r"^([0-9]+(?:\.[0-9]*)?|\.[0-9]+)(m?)$")
+
+
+def cpu_quantity(value: Any, where: str) -> float:
+    """Cores from a Kubernetes CPU quantity (``4``, ``2.5``, ``3500m``)."""
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    match = _QUANTITY.match(str(value))
+    if not match:
+        raise SpecError(where, f"is not a CPU quantity such as 4 or 3500m: {value!r}")
+    return float(match.group(1)) / (1000.0 if match.group(2) else 1.0)
+
+
+def selector_matches(selector: Mapping[str, Any], labels: Mapping[str, str]) -> bool:
+    """Kubernetes label-selector semantics (matchLabels and matchExpressions)."""
+    for key, value in (selector.get("matchLabels") or {}).items():
+        if labels.get(key) != value:
+            return False
+    for expr in selector.get("matchExpressions") or ():
+        key, op, values = expr["key"], expr["operator"], expr.get("values") or []
+        present = key in labels
+        if (
+            (op == "In" and labels.get(key) not in values)
+            or (op == "NotIn" and present and labels[key] in values)
+            or (op == "Exists" and not present)
+            or (op == "DoesNotExist" and present)
+        ):
+            return False
+    return True
+
+
+def select_nodes(spec: PolicySpec, edge_nodes: Sequence[Mapping[str, Any]]) -> list[Mapping]:
+    """The EdgeNodes the policy governs, sorted by name."""
+    by_name = {obj["metadata"]["name"]: obj for obj in edge_nodes}
+    if spec.node_names is not None:
+        missing = [n for n in spec.node_names if n not in by_name]
+        if missing:
+            raise SpecError(
+                "spec.nodes.names",
+                f"no EdgeNode named {', '.join(missing)}; create it or remove it",
+            )
+        chosen = [by_name[n] for n in spec.node_names]
+    elif spec.node_selector is not None:
+        chosen = [
+            obj
+            for obj in edge_nodes
+            if selector_matches(spec.node_selector, obj["metadata"].get("labels") or {})
+        ]
+    else:
+        chosen = list(edge_nodes)
+    if not chosen:
+        raise SpecError("spec.nodes", "selects no EdgeNode; create EdgeNodes or widen the selector")
+    return sorted(chosen, key=lambda obj: obj["metadata"]["name"])
+
+
+def build_problem(
+    spec: PolicySpec,
+    edge_nodes: Sequence[Mapping[str, Any]],
+    edge_services: Mapping[str, Mapping[str, Any]],
+    max_degree: int,
+) -> MeshProblem:
+    """The problem of ``spec`` over the given objects; ``max_degree`` is the checkpoint's.
+
+    Neighbours outside the governed set are left out (traffic is only routed between the
+    policy's nodes). A node with more neighbours than the checkpoint has slots is an error:
+    cutting links silently would route differently from what the user declared.
+    """
+    chosen = select_nodes(spec, edge_nodes)
+    names = [obj["metadata"]["name"] for obj in chosen]
+    governed = set(names)
+    neighbours: dict[str, list[str]] = {}
+    links: dict[frozenset[str], float] = {}
+    capacity, cores = [], []
+    for obj in chosen:
+        name = obj["metadata"]["name"]
+        body = obj.get("spec") or {}
+        listed = [nb for nb in body.get("neighbours") or () if nb.get("name") in governed]
+        listed = [nb for nb in listed if nb["name"] != name]
+        if len(listed) > max_degree:
+            raise SpecError(
+                "spec.checkpoint",
+                f"EdgeNode {name} has {len(listed)} neighbours but the checkpoint handles at "
+                f"most {max_degree}: use a checkpoint trained with a larger maximum degree",
+            )
+        neighbours[name] = [nb["name"] for nb in listed]
+        for nb in listed:
+            links.setdefault(frozenset((name, nb["name"])), float(nb.get("latencyMs", 0.0)))
+        cap = body.get("capacity") or {}
+        cpu = cap.get("cpu")
+        cores.append(cpu_quantity(cpu, f"EdgeNode {name} spec.capacity.cpu") if cpu else np.nan)
+        rps = cap.get("requestsPerSecond")
+        # Without a request rate, cores give the relative capacity until measurements take over.
+        capacity.append(float(rps) if rps else (cores[-1] if cpu else 1.0))
+
+    services = []
+    for name in spec.services:
+        obj = edge_services.get(name)
+        if obj is None:
+            raise SpecError(
+                "spec.services", f"no EdgeService {name!r} in this namespace; create it first"
+            )
+        try:
+            services.append(MeshService.from_edge_service(obj))
+        except (KeyError, TypeError, ValueError, MeshError) as error:
+            raise SpecError("spec.services", f"EdgeService {name!r} is unusable: {error}") from None
+    targets = [
+        float(edge_services[s].get("spec", {}).get("latencyTargetMs", 0.0)) for s in spec.services
+    ]
+    if not all(t > 0 for t in targets):
+        raise SpecError("spec.services", "every EdgeService needs spec.latencyTargetMs > 0")
+
+    topology = Topology.build(names, spec.services, neighbours, links, max_degree=max_degree)
+    return MeshProblem(
+        topology=topology,
+        nodes=tuple(node_from_edge_node(obj) for obj in chosen),
+        services=tuple(services),
+        capacity_rps=np.array(capacity, dtype=float),
+        cpu_cores=np.array(cores, dtype=float),
+        target_ms=np.array(targets, dtype=float),
+    )

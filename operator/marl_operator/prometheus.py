@@ -1,0 +1,386 @@
+"""Reading the Istio metrics the policies need from Prometheus.
+
+One read of one service is five instant queries, one per named template (``TEMPLATE_NAMES``).
+Each built-in template takes the client-side view (``reporter="source"``), because the latency a
+client sees, network and queueing included, is what routing should optimise.
+
+Templates and placeholders
+    A RoutingPolicy may override any template by name in ``spec.prometheus.queries``. Only four
+    placeholders are substituted: ``$namespace``, ``$service`` (the destination service name),
+    ``$host`` and ``$window`` (also written ``${namespace}`` and so on). ``$$`` is a literal
+    ``$``. A ``$`` followed by digits (``$1``, ``${1}``) is left as it is, so that the
+    replacement of ``label_replace`` can refer to its regular expression's groups without
+    escaping. Any other ``$`` (an unknown name, or a ``$`` ending a regular expression such as
+    ``=~"fn-.+$"``) is refused before a query is sent: write ``$$`` there.
+
+What an override must return
+    An instant vector. ``requestRate``, ``successRate``, ``latencyMean`` and ``latencyP95``:
+    one series per client and server, labelled ``source_workload`` and ``destination_workload``
+    (aggregate with ``sum by (source_workload, destination_workload)``). ``cpuUsage``: one series
+    per server, labelled ``destination_workload``. Series without those labels are dropped, as
+    are NaN and infinite values: NaN is what Prometheus answers for 0/0 when a pair saw no
+    traffic, so it means "no data", never zero.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import requests
+
+# The submodule, not the package: prometheus-api-client before 0.7 imported pandas and
+# matplotlib (about 50 MB and a second of start-up) in its package __init__ for the DataFrame
+# and plotting helpers the operator never uses. From 0.7 the package loads them lazily, and
+# naming the submodule keeps this import light whatever the package's __init__ does next.
+from prometheus_api_client.exceptions import PrometheusApiClientException
+from prometheus_api_client.prometheus_connect import PrometheusConnect
+from urllib3.util.retry import Retry
+
+logger = logging.getLogger(__name__)
+
+TEMPLATE_NAMES = ("requestRate", "successRate", "latencyMean", "latencyP95", "cpuUsage")
+"""The query templates a read runs, by their names in ``spec.prometheus.queries``."""
+
+PLACEHOLDERS = ("namespace", "service", "host", "window")
+"""The names a template may use after ``$``."""
+
+PAIR_LABELS = ("source_workload", "destination_workload")
+"""Labels that key a per-pair series (client workload, server workload)."""
+
+WORKLOAD_LABELS = ("destination_workload",)
+"""Label that keys a per-server series (``cpuUsage``)."""
+
+_ISTIO_SELECTOR = (
+    'reporter="source", destination_service_name="$service", '
+    'destination_service_namespace="$namespace"'
+)
+_BY_PAIR = "sum by (source_workload, destination_workload)"
+
+DEFAULT_TEMPLATES: dict[str, str] = {
+    "requestRate": f"{_BY_PAIR} (rate(istio_requests_total{{{_ISTIO_SELECTOR}}}[$window]))",
+    # A pair whose every answer was a 5xx has no non-5xx series at all, and dividing nothing
+    # gives nothing: "or 0 * total" gives it a zero numerator, so it reads 0, not "no data".
+    "successRate": (
+        f"({_BY_PAIR} (rate(istio_requests_total{{{_ISTIO_SELECTOR}, "
+        'response_code!~"5.."}[$window]))'
+        f" or 0 * {_BY_PAIR} (rate(istio_requests_total{{{_ISTIO_SELECTOR}}}[$window])))"
+        f" / {_BY_PAIR} (rate(istio_requests_total{{{_ISTIO_SELECTOR}}}[$window]))"
+    ),
+    "latencyMean": (
+        f"{_BY_PAIR} (rate(istio_request_duration_milliseconds_sum{{{_ISTIO_SELECTOR}}}"
+        "[$window]))"
+        f" / {_BY_PAIR} (rate(istio_request_duration_milliseconds_count{{{_ISTIO_SELECTOR}}}"
+        "[$window]))"
+    ),
+    "latencyP95": (
+        "histogram_quantile(0.95, sum by (le, source_workload, destination_workload) "
+        f"(rate(istio_request_duration_milliseconds_bucket{{{_ISTIO_SELECTOR}}}[$window])))"
+    ),
+    # cAdvisor sees pods, not workloads: the per-node server Deployments' pods
+    # (fn-edge-1-7d4b9c8f6-x2kq9) are mapped to their workload (fn-edge-1) by dropping the
+    # ReplicaSet hash and the pod suffix. container!="" drops the pod-level cgroup total and
+    # container!="POD" the pause container, which would otherwise count twice.
+    "cpuUsage": (
+        "label_replace(sum by (pod) (rate(container_cpu_usage_seconds_total{"
+        'namespace="$namespace", container!="", container!="POD", pod=~"$service-.+"}'
+        "[$window])), "
+        '"destination_workload", "$1", "pod", "(.+)-[a-z0-9]+-[a-z0-9]+")'
+    ),
+}
+"""The built-in PromQL templates (Istio's standard metrics and cAdvisor), one per name."""
+
+_KEY_LABELS: dict[str, tuple[str, ...]] = {
+    "requestRate": PAIR_LABELS,
+    "successRate": PAIR_LABELS,
+    "latencyMean": PAIR_LABELS,
+    "latencyP95": PAIR_LABELS,
+    "cpuUsage": WORKLOAD_LABELS,
+}
+
+# Series of these queries add up when a template returns several per key (it forgot to
+# aggregate); ratios and latencies do not, so duplicates of those are dropped as ambiguous.
+_ADDITIVE = frozenset({"requestRate", "cpuUsage"})
+
+_PLACEHOLDER = re.compile(
+    r"\$(?:(?P<escaped>\$)"
+    r"|(?P<group>[0-9]+|\{[0-9]+\})"
+    r"|(?P<named>[A-Za-z_][A-Za-z0-9_]*)"
+    r"|\{(?P<braced>[A-Za-z_][A-Za-z0-9_]*)\}"
+    r"|(?P<invalid>))"
+)
+_DURATION = re.compile(r"^([0-9]+(ms|s|m|h|d|w|y))+$")
+# Values land inside PromQL string literals; these characters would end or escape them.
+_UNSAFE_VALUE = re.compile(r"[\"'`\\\s]")
+_USERINFO = re.compile(r"(?<=://)[^/@\s]+@")
+
+
+class QueryError(ValueError):
+    """A query template the operator cannot use. Permanent: the message names the field,
+    ``spec.prometheus.queries.<name>``, and says what to change."""
+
+
+class MetricsUnavailable(RuntimeError):
+    """Prometheus could not be asked or did not answer. Transient as far as the operator knows:
+    it keeps the current weights and tries again next interval."""
+
+
+def _field(name: str) -> str:
+    return f"spec.prometheus.queries.{name}"
+
+
+def _placeholder_help() -> str:
+    names = ", ".join(f"${p}" for p in PLACEHOLDERS)
+    return f"the placeholders are {names}; write $$ for a literal $"
+
+
+def _substitute(name: str, template: str, values: Mapping[str, str]) -> str:
+    """Substitute, or raise QueryError for the first unusable ``$``. With empty ``values`` it
+    only checks, which is how ``check_templates`` validates a template without a service."""
+
+    def replace(match: re.Match[str]) -> str:
+        if match.group("escaped") is not None:
+            return "$"
+        if match.group("group") is not None:
+            return match.group(0)
+        key = match.group("named") or match.group("braced")
+        if key is None:
+            snippet = template[match.start() : match.start() + 12]
+            raise QueryError(
+                f"{_field(name)}: malformed placeholder at character {match.start()} "
+                f"({snippet!r}); {_placeholder_help()}"
+            )
+        if key not in PLACEHOLDERS:
+            raise QueryError(
+                f"{_field(name)}: unknown placeholder ${key} at character {match.start()}; "
+                f"{_placeholder_help()}"
+            )
+        return values.get(key, match.group(0))
+
+    return _PLACEHOLDER.sub(replace, template)
+
+
+def render(
+    name: str, template: str, *, namespace: str, service: str, host: str, window: str
+) -> str:
+    """The PromQL for one template and one service.
+
+    The values are checked too, because they are pasted into PromQL string literals and a
+    range selector: a quote or backslash would change the query rather than select a series.
+    """
+    if not _DURATION.match(window):
+        raise ValueError(
+            f"spec.prometheus.window: {window!r} is not a PromQL duration such as 30s or 1m"
+        )
+    values = {"namespace": namespace, "service": service, "host": host, "window": window}
+    for key in ("namespace", "service", "host"):
+        if not values[key] or _UNSAFE_VALUE.search(values[key]):
+            raise ValueError(
+                f"{key} {values[key]!r} cannot be placed in a PromQL query: it must be non-empty"
+                " and free of quotes, backslashes and spaces"
+            )
+    return _substitute(name, template, values)
+
+
+def check_templates(overrides: Mapping[str, str]) -> None:
+    """Refuse overrides that could never run, before the first read, so that the policy's
+    status can point at the field instead of the operator failing every interval."""
+    for name, template in overrides.items():
+        if name not in TEMPLATE_NAMES:
+            known = ", ".join(TEMPLATE_NAMES)
+            raise QueryError(f"{_field(name)}: unknown query name; the names are {known}")
+        if not isinstance(template, str):
+            raise QueryError(f"{_field(name)}: must be a string of PromQL")
+        _substitute(name, template, {})
+
+
+def _template(name: str, overrides: Mapping[str, str] | None) -> str:
+    """An empty override means the built-in template, as the CRD documents."""
+    override = (overrides or {}).get(name) or ""
+    return override if override.strip() else DEFAULT_TEMPLATES[name]
+
+
+@dataclass(frozen=True)
+class ServiceReadings:
+    """One service's metrics over one window, keyed by Istio workload names.
+
+    Pairs are (source_workload, destination_workload). A pair missing from a dict had no
+    usable series: the caller must treat it as unknown, not as zero.
+    """
+
+    service: str
+    rate: dict[tuple[str, str], float] = field(default_factory=dict)
+    success: dict[tuple[str, str], float] = field(default_factory=dict)
+    mean_ms: dict[tuple[str, str], float] = field(default_factory=dict)
+    p95_ms: dict[tuple[str, str], float] = field(default_factory=dict)
+    cpu_cores: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def empty(self) -> bool:
+        """No request-rate series at all. That is "insufficient data" (no traffic in the
+        window, or the selectors match nothing), which must never be read as zero load."""
+        return not self.rate
+
+
+def redact_url(url: str) -> str:
+    """The URL without ``user:password@``, for messages, logs and conditions."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return _USERINFO.sub("", url)
+    if "@" not in parts.netloc:
+        return url
+    return urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
+
+
+def _redact_text(text: str, url: str) -> str:
+    """Exception texts may quote the URL or its credentials; remove both forms."""
+    text = _USERINFO.sub("", text)
+    try:
+        userinfo = urlsplit(url).netloc.rpartition("@")[0]
+    except ValueError:
+        userinfo = ""
+    for secret in (userinfo, *userinfo.split(":", 1)):
+        if secret:
+            text = text.replace(secret, "***")
+    return text
+
+
+def _parse_series(name: str, result: Any, labels: tuple[str, ...]) -> dict[tuple[str, ...], float]:
+    """Key each usable series by its label values; drop the rest (see the module docstring)."""
+    values: dict[tuple[str, ...], float] = {}
+    ambiguous: set[tuple[str, ...]] = set()
+    unlabelled = 0
+    items = result if isinstance(result, list) else []
+    for item in items:
+        if not isinstance(item, Mapping):
+            unlabelled += 1
+            continue
+        metric = item.get("metric")
+        sample = item.get("value")
+        metric = metric if isinstance(metric, Mapping) else {}
+        key = tuple(metric.get(label) or "" for label in labels)
+        if not all(key):
+            unlabelled += 1
+            continue
+        try:
+            value = float(sample[1])
+        except (TypeError, ValueError, IndexError, KeyError):
+            continue
+        if not math.isfinite(value):
+            continue
+        if key in values:
+            if name in _ADDITIVE:
+                value += values[key]
+            else:
+                ambiguous.add(key)
+        values[key] = value
+    for key in ambiguous:
+        del values[key]
+    if unlabelled and not values and not ambiguous:
+        logger.warning(
+            "%s returned %d series without the labels %s; they are ignored",
+            _field(name),
+            unlabelled,
+            ", ".join(labels),
+        )
+    if ambiguous:
+        logger.warning(
+            "%s returned several series for %d keys; aggregate by %s",
+            _field(name),
+            len(ambiguous),
+            ", ".join(labels),
+        )
+    return values
+
+
+QueryFunction = Callable[[str], Sequence[Mapping[str, Any]]]
+"""PromQL in, the ``data.result`` list of an instant query out (PrometheusConnect's shape)."""
+
+
+class PrometheusReader:
+    """Reads one service's metrics with five instant queries.
+
+    ``query`` replaces the HTTP client (tests inject a fake); by default it is
+    PrometheusConnect.custom_query with the timeout and at most one immediate retry of a failed
+    connection, so that a read is bounded by about twice the timeout rather than by the
+    library's default of three retries with backoff on every 5xx.
+    """
+
+    def __init__(
+        self, url: str, timeout_s: float = 5.0, *, query: QueryFunction | None = None
+    ) -> None:
+        self.url = url
+        self.timeout_s = timeout_s
+        self._query = query or self._connect(url, timeout_s)
+
+    @staticmethod
+    def _connect(url: str, timeout_s: float) -> QueryFunction:
+        retry = Retry(total=1, connect=1, read=0, status=0, other=0, backoff_factor=0)
+        client = PrometheusConnect(url=url.rstrip("/"), timeout=timeout_s, retry=retry)
+        return client.custom_query
+
+    def _fail(self, name: str, reason: str) -> MetricsUnavailable:
+        return MetricsUnavailable(
+            f"Prometheus at {redact_url(self.url)} {_redact_text(reason, self.url)} (query {name})"
+        )
+
+    def _run(self, name: str, promql: str) -> Any:
+        try:
+            return self._query(promql)
+        except requests.Timeout as exc:
+            raise self._fail(name, f"did not answer within {self.timeout_s:g} s") from exc
+        except requests.ConnectionError as exc:
+            raise self._fail(name, f"is unreachable: {type(exc).__name__}: {exc}") from exc
+        except PrometheusApiClientException as exc:
+            raise self._fail(name, f"answered an error: {str(exc)[:500]}") from exc
+        except (requests.RequestException, ValueError, KeyError, TypeError) as exc:
+            # A 200 answer that is not Prometheus's JSON (a proxy's login page, say).
+            raise self._fail(name, f"gave an unreadable answer: {type(exc).__name__}") from exc
+
+    def read(
+        self,
+        *,
+        namespace: str,
+        service: str,
+        host: str,
+        window: str,
+        overrides: Mapping[str, str] | None = None,
+    ) -> ServiceReadings:
+        """All five queries for one service; QueryError before any is sent if a template is
+        unusable, MetricsUnavailable at the first that fails (the rest would fail alike)."""
+        if overrides:
+            check_templates(overrides)
+        queries = {
+            name: render(
+                name,
+                _template(name, overrides),
+                namespace=namespace,
+                service=service,
+                host=host,
+                window=window,
+            )
+            for name in TEMPLATE_NAMES
+        }
+        parsed = {
+            name: _parse_series(name, self._run(name, promql), _KEY_LABELS[name])
+            for name, promql in queries.items()
+        }
+        pairs = {
+            name: {(key[0], key[1]): value for key, value in parsed[name].items()}
+            for name in TEMPLATE_NAMES
+            if _KEY_LABELS[name] == PAIR_LABELS
+        }
+        return ServiceReadings(
+            service=service,
+            rate=pairs["requestRate"],
+            success=pairs["successRate"],
+            mean_ms=pairs["latencyMean"],
+            p95_ms=pairs["latencyP95"],
+            cpu_cores={key[0]: value for key, value in parsed["cpuUsage"].items()},
+        )

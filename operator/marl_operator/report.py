@@ -1,0 +1,68 @@
+"""What one control cycle of a RoutingPolicy did, in one value.
+
+The cycle builds a :class:`CycleReport`; everything that tells people about it reads the same
+value: the resource's status, the events, the operator's own Prometheus metrics and the JSON
+decisions API. Keeping it plain data (JSON-compatible through :meth:`CycleReport.as_dict`)
+is what lets those four stay consistent.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+RouteTable = dict[str, dict[str, dict[str, int]]]
+"""``service -> source edge node -> destination edge node -> integer weight``."""
+
+
+class Outcome(StrEnum):
+    """How a cycle ended, from best to worst."""
+
+    APPLIED = "Applied"  # new weights written to the mesh
+    UNCHANGED = "Unchanged"  # the decision equals what the mesh already carries
+    DRY_RUN = "DryRun"  # decided, not written (spec.dryRun)
+    HELD = "Held"  # the previous weights kept (metrics missing or stale, model untrusted)
+    FALLBACK = "Fallback"  # the safety fallback written (failureThreshold cycles in a row)
+    SUSPENDED = "Suspended"  # spec.suspend: nothing read, nothing written
+    INVALID = "Invalid"  # the spec or the resources it names cannot be used
+
+
+@dataclass(frozen=True)
+class NodeInputs:
+    """One edge node's readings for one service, as the decision used them."""
+
+    offered_rps: float
+    incoming_rps: float
+    success: float | None
+    mean_ms: float | None
+    p95_ms: float | None
+    capacity_rps: float
+
+
+@dataclass(frozen=True)
+class CycleReport:
+    """One cycle of one RoutingPolicy (``policy`` is ``namespace/name``)."""
+
+    policy: str
+    time: float  # unix seconds when the cycle ended
+    generation: int  # metadata.generation of the spec it ran
+    outcome: Outcome
+    reason: str  # one sentence for people: why this outcome
+    weights: RouteTable = field(default_factory=dict)  # what the mesh carries after the cycle
+    proposed: RouteTable | None = None  # the decision before the guard, when one was made
+    fallback: str | None = None  # why rollout kept the base policy, or why the guard fell back
+    changed_agents: tuple[str, ...] = ()  # agents ("node/service") rollout moved off the base
+    predicted_p95_ms: dict[str, float] = field(default_factory=dict)  # service -> ms
+    observed_p95_ms: dict[str, float] = field(default_factory=dict)  # service -> ms
+    model: dict[str, Any] | None = None  # held-out accuracy (nmae, r2 per target)
+    decision_ms: float = 0.0
+    inputs: dict[str, dict[str, NodeInputs]] = field(default_factory=dict)  # service -> node
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-compatible (enums as their values)."""
+        out = dataclasses.asdict(self)
+        out["outcome"] = self.outcome.value
+        out["changed_agents"] = list(self.changed_agents)
+        return out

@@ -1,0 +1,160 @@
+"""A cycle report as the RoutingPolicy's status: phase, conditions, applied routes, decision.
+
+Conditions follow ``metav1.Condition`` (type, status, reason, message, lastTransitionTime,
+observedGeneration); a condition's transition time moves only when its status changes, so
+``kubectl get`` shows how long a policy has been ready or falling back, not when it last ran.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from marl_operator.report import CycleReport, Outcome
+
+PHASES = {
+    Outcome.APPLIED: "Active",
+    Outcome.UNCHANGED: "Active",
+    Outcome.DRY_RUN: "DryRun",
+    Outcome.HELD: "Holding",
+    Outcome.FALLBACK: "Fallback",
+    Outcome.SUSPENDED: "Suspended",
+    Outcome.INVALID: "Failed",
+}
+
+
+def timestamp(seconds: float) -> str:
+    return dt.datetime.fromtimestamp(seconds, dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _condition(kind: str, ok: bool, reason: str, message: str) -> dict[str, Any]:
+    return {
+        "type": kind,
+        "status": "True" if ok else "False",
+        "reason": reason,
+        "message": message[:1024],
+    }
+
+
+def conditions_of(report: CycleReport) -> list[dict[str, Any]]:
+    """The five conditions a report implies (without times)."""
+    o = report.outcome
+    metrics_failed = o in (Outcome.HELD, Outcome.FALLBACK) and report.reason.startswith("metrics")
+    decided = o in (Outcome.APPLIED, Outcome.UNCHANGED, Outcome.DRY_RUN)
+    written = o in (Outcome.APPLIED, Outcome.UNCHANGED)
+    return [
+        _condition(
+            "Ready",
+            decided,
+            o.value if not decided else "Deciding",
+            report.reason,
+        ),
+        _condition(
+            "MetricsAvailable",
+            o not in (Outcome.SUSPENDED, Outcome.INVALID) and not metrics_failed,
+            "MetricsMissing" if metrics_failed else ("Read" if o != Outcome.INVALID else o.value),
+            report.reason if metrics_failed else "the last cycle read every service's metrics",
+        ),
+        _condition(
+            "WeightsApplied",
+            written or (o == Outcome.FALLBACK and report.fallback != "hold"),
+            "Written" if written else o.value,
+            report.reason,
+        ),
+        _condition(
+            "Fallback",
+            o == Outcome.FALLBACK,
+            "FailureThreshold" if o == Outcome.FALLBACK else "NotNeeded",
+            report.reason if o == Outcome.FALLBACK else "decisions are being made",
+        ),
+        _condition(
+            "Suspended",
+            o == Outcome.SUSPENDED,
+            "SpecSuspend" if o == Outcome.SUSPENDED else "Running",
+            "spec.suspend is true" if o == Outcome.SUSPENDED else "spec.suspend is false",
+        ),
+    ]
+
+
+def merge_conditions(
+    previous: Sequence[Mapping[str, Any]],
+    current: Sequence[Mapping[str, Any]],
+    when: str,
+    generation: int,
+) -> list[dict[str, Any]]:
+    """``current`` with each condition's lastTransitionTime kept from ``previous`` unless its
+    status changed."""
+    before = {c.get("type"): c for c in previous or ()}
+    out = []
+    for cond in current:
+        old = before.get(cond["type"])
+        same = old is not None and old.get("status") == cond["status"]
+        out.append(
+            {
+                **cond,
+                "observedGeneration": generation,
+                "lastTransitionTime": old.get("lastTransitionTime", when) if same else when,
+            }
+        )
+    return out
+
+
+def status_of(report: CycleReport, previous: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The status patch for a report (``previous`` is the resource's current status)."""
+    previous = previous or {}
+    when = timestamp(report.time)
+    services = []
+    for name, rows in sorted(report.weights.items()):
+        services.append(
+            {
+                "name": name,
+                "routes": [
+                    {"sourceNode": source, "weights": dict(row)}
+                    for source, row in sorted(rows.items())
+                ],
+                **(
+                    {"lastAppliedTime": when}
+                    if report.outcome in (Outcome.APPLIED, Outcome.FALLBACK)
+                    else {}
+                ),
+            }
+        )
+    decision: dict[str, Any] = {
+        "time": when,
+        "action": _action(report),
+        "decisionMs": round(report.decision_ms, 3),
+        "message": report.reason[:1024],
+    }
+    if report.predicted_p95_ms:
+        decision["predictedLatencyMs"] = _mean(report.predicted_p95_ms.values())
+    if report.observed_p95_ms:
+        decision["observedLatencyMs"] = _mean(report.observed_p95_ms.values())
+    r2 = [
+        v for v in (report.model or {}).get("r2", {}).values() if v is not None and math.isfinite(v)
+    ]
+    if r2:
+        decision["modelAccuracy"] = min(1.0, min(r2))
+    return {
+        "phase": PHASES[report.outcome],
+        "observedGeneration": report.generation,
+        "services": services,
+        "lastDecision": decision,
+        "conditions": merge_conditions(
+            previous.get("conditions") or [], conditions_of(report), when, report.generation
+        ),
+    }
+
+
+def _action(report: CycleReport) -> str:
+    if report.outcome in (Outcome.HELD, Outcome.SUSPENDED, Outcome.INVALID):
+        return "hold"
+    if report.outcome == Outcome.FALLBACK:
+        return "fallback"
+    return "candidate" if report.changed_agents else "base"
+
+
+def _mean(values) -> float:
+    values = list(values)
+    return round(sum(values) / len(values), 3)

@@ -1,0 +1,140 @@
+"""A real Prometheus server for tests: started on a free local port with a throw-away
+configuration and TSDB, ready when ``/-/ready`` answers, stopped and removed on exit.
+
+Tests use the real server rather than canned JSON because what the reader must get right
+(rate extrapolation, histogram_quantile, label_replace, NaN for 0/0) is Prometheus's own
+arithmetic, which a fake would only restate.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+DEBIAN_BINARY = "/usr/bin/prometheus"
+
+
+class PrometheusMissing(RuntimeError):
+    """No Prometheus binary: the live tests cannot run and must say how to get one."""
+
+
+def find_binary() -> str:
+    """The Prometheus server binary, or PrometheusMissing with the fix."""
+    found = shutil.which("prometheus") or (
+        DEBIAN_BINARY if os.access(DEBIAN_BINARY, os.X_OK) else None
+    )
+    if found is None:
+        raise PrometheusMissing(
+            "the Prometheus server binary is not installed (looked for `prometheus` on PATH and "
+            f"{DEBIAN_BINARY}); `make test` installs the Debian package `prometheus`, or run "
+            "`apt-get install -y prometheus`"
+        )
+    return found
+
+
+def free_port() -> int:
+    """A port that was free a moment ago (Prometheus must bind it itself)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def config_yaml(targets: Sequence[str], interval: str = "1s") -> str:
+    """One scrape job over ``targets`` (host:port); JSON is YAML, so no YAML writer is needed."""
+    quoted = ", ".join(f'"{target}"' for target in targets)
+    return (
+        f'global: {{scrape_interval: "{interval}", evaluation_interval: "{interval}"}}\n'
+        "scrape_configs:\n"
+        f'  - {{job_name: "test", scrape_interval: "{interval}", '
+        f'scrape_timeout: "{interval}", static_configs: [{{targets: [{quoted}]}}]}}\n'
+    )
+
+
+@dataclass(frozen=True)
+class PrometheusServer:
+    """A running server: its base URL and its process (for tests that stop it early)."""
+
+    url: str
+    process: subprocess.Popen[bytes]
+    log: Path
+
+    def stop(self) -> None:
+        """Terminate and reap, killing it if it does not exit within 10 s."""
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(timeout=10)
+
+
+def _ready(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(f"{url}/-/ready", timeout=1) as response:
+            return response.status == 200
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+def _log_tail(log: Path, lines: int = 20) -> str:
+    try:
+        return "\n".join(log.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+@contextlib.contextmanager
+def prometheus(
+    targets: Sequence[str], *, interval: str = "1s", ready_timeout_s: float = 30.0
+) -> Iterator[PrometheusServer]:
+    """Run Prometheus scraping ``targets`` for the duration of the ``with`` block."""
+    binary = find_binary()
+    with tempfile.TemporaryDirectory(prefix="prometheus-test-") as tmp:
+        root = Path(tmp)
+        config = root / "prometheus.yml"
+        config.write_text(config_yaml(targets, interval))
+        log = root / "prometheus.log"
+        port = free_port()
+        url = f"http://127.0.0.1:{port}"
+        with log.open("wb") as log_file:
+            process = subprocess.Popen(
+                [
+                    binary,
+                    f"--config.file={config}",
+                    f"--storage.tsdb.path={root / 'data'}",
+                    f"--web.listen-address=127.0.0.1:{port}",
+                    "--log.level=warn",
+                ],
+                stdin=subprocess.DEVNULL,
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+                cwd=root,
+            )
+        server = PrometheusServer(url=url, process=process, log=log)
+        try:
+            deadline = time.monotonic() + ready_timeout_s
+            while not _ready(url):
+                if process.poll() is not None:
+                    raise RuntimeError(
+                        f"Prometheus exited with code {process.returncode} before it was ready:"
+                        f"\n{_log_tail(log)}"
+                    )
+                if time.monotonic() > deadline:
+                    raise RuntimeError(
+                        f"Prometheus was not ready within {ready_timeout_s:g} s:\n{_log_tail(log)}"
+                    )
+                time.sleep(0.1)
+            yield server
+        finally:
+            server.stop()

@@ -1,0 +1,308 @@
+"""The operator's control cycle without Kubernetes: spec, problem, observer, guard, runtime."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from marl_operator.controller import decision_table
+from marl_operator.guard import fallback_table, limit_step
+from marl_operator.observer import InsufficientData, Observer
+from marl_operator.problem import build_problem, cpu_quantity
+from marl_operator.prometheus import ServiceReadings
+from marl_operator.report import Outcome
+from marl_operator.runtime import Runtime
+from marl_operator.spec import SpecError, parse_policy_spec
+from marl_operator.status import status_of
+from operator_fakes import FakeKube, QueueingMesh, Reader, example, example_policy_body
+
+NODES = example("edgenodes.yaml")
+SERVICES = example("edgeservice.yaml")
+LINKS = {
+    frozenset(("edge-0", "edge-1")): 5.0,
+    frozenset(("edge-0", "edge-2")): 12.0,
+    frozenset(("edge-1", "edge-2")): 8.0,
+}
+
+
+def problem(**spec):
+    parsed = parse_policy_spec(example_policy_body(**spec)["spec"])
+    return build_problem(parsed, NODES, {s["metadata"]["name"]: s for s in SERVICES}, 3)
+
+
+def queueing_mesh(load=(60.0, 40.0, 20.0), capacity=(150.0, 100.0, 60.0)) -> QueueingMesh:
+    names = ("edge-0", "edge-1", "edge-2")
+    return QueueingMesh(
+        dict(zip(names, load, strict=True)),
+        dict(zip(names, capacity, strict=True)),
+        {"edge-0": 4.0, "edge-1": 2.5, "edge-2": 1.0},
+        LINKS,
+    )
+
+
+def runtime_over(mesh: QueueingMesh) -> tuple[Runtime, FakeKube]:
+    kube = FakeKube(NODES, SERVICES)
+    return Runtime(kube, mesh=mesh, reader_for=lambda url: Reader(mesh)), kube
+
+
+# -- spec --------------------------------------------------------------------------------
+
+
+def test_spec_defaults_match_the_crd():
+    spec = parse_policy_spec({"services": ["fn"], "checkpoint": {"bundled": "mesh-10x3"}})
+    assert spec.interval_s == 30 and spec.safety.max_weight_change == 20
+    assert spec.safety.fallback == "hold" and spec.rollout.steps == (0.1, 0.3)
+    assert spec.prometheus.window == "1m" and not spec.dry_run
+
+
+@pytest.mark.parametrize(
+    ("change", "field"),
+    [
+        ({"safety": {"minWeight": 150}}, "spec.safety.minWeight"),
+        ({"safety": {"fallback": "panic"}}, "spec.safety.fallback"),
+        ({"intervalSeconds": 1}, "spec.intervalSeconds"),
+        ({"rollout": {"candidateSteps": [0.5, 2]}}, "spec.rollout.candidateSteps"),
+        ({"checkpoint": {"bundled": "x", "path": "/y"}}, "spec.checkpoint"),
+        ({"prometheus": {"queries": {"latencyP99": "up"}}}, "spec.prometheus.queries.latencyP99"),
+        ({"nodes": {"names": ["a"], "selector": {}}}, "spec.nodes"),
+        ({"services": []}, "spec.services"),
+        ({"dryRun": "yes"}, "spec.dryRun"),
+    ],
+)
+def test_bad_spec_names_the_field(change, field):
+    body = example_policy_body(**change)
+    with pytest.raises(SpecError) as caught:
+        parse_policy_spec(body["spec"])
+    assert caught.value.field == field
+    assert str(caught.value).startswith(field)
+
+
+# -- problem ------------------------------------------------------------------------------
+
+
+def test_problem_from_the_example_resources():
+    p = problem()
+    assert p.topology.nodes == ("edge-0", "edge-1", "edge-2")
+    assert p.neighbours_of("edge-0") == ("edge-1", "edge-2")
+    assert p.topology.max_degree == 3  # padded to the checkpoint's slots
+    assert p.topology.link_matrix[0, 2] == 12.0
+    np.testing.assert_allclose(p.capacity_rps, [150, 100, 60])
+    np.testing.assert_allclose(p.cpu_cores[:2], [4.0, 2.5])
+    assert np.isnan(p.cpu_cores[2])
+    assert p.target_ms.tolist() == [200.0]
+
+
+def test_problem_errors_name_what_to_fix():
+    with pytest.raises(SpecError, match="no EdgeNode named edge-9"):
+        problem(nodes={"names": ["edge-0", "edge-9"]})
+    with pytest.raises(SpecError, match="no EdgeService 'other'"):
+        problem(services=["other"])
+    parsed = parse_policy_spec(example_policy_body()["spec"])
+    with pytest.raises(SpecError, match="at most 1"):
+        build_problem(parsed, NODES, {"fn": SERVICES[0]}, 1)
+    assert cpu_quantity("3500m", "x") == 3.5 and cpu_quantity(2, "x") == 2.0
+    with pytest.raises(SpecError, match="CPU quantity"):
+        cpu_quantity("lots", "EdgeNode e spec.capacity.cpu")
+
+
+def test_selector_and_names_choose_a_subset():
+    p = problem(nodes={"names": ["edge-1", "edge-0"]})
+    assert p.topology.nodes == ("edge-0", "edge-1")
+    assert p.neighbours_of("edge-0") == ("edge-1",)  # edge-2 is not governed
+    labelled = [dict(n, metadata={**n["metadata"], "labels": {"site": "a"}}) for n in NODES[:2]]
+    parsed = parse_policy_spec(
+        example_policy_body(nodes={"selector": {"matchLabels": {"site": "a"}}})["spec"]
+    )
+    p = build_problem(parsed, [*labelled, NODES[2]], {"fn": SERVICES[0]}, 3)
+    assert p.topology.nodes == ("edge-0", "edge-1")
+
+
+# -- observer ------------------------------------------------------------------------------
+
+
+def test_observer_translates_pairs_into_node_telemetry():
+    p = problem()
+    mesh = queueing_mesh()
+    readings = {"fn": mesh.read_metrics(namespace="edge", service="fn", host="", window="1m")}
+    tel = Observer(p, capacity_alpha=1.0).telemetry(readings)
+    np.testing.assert_allclose(tel.offered[:, 0], [60, 40, 20])  # by source
+    np.testing.assert_allclose(tel.incoming[:, 0], [40, 40, 40])  # even split by destination
+    truth = mesh.node_latency_ms("fn")
+    # The link is taken off the client's latency: what remains is the node's own.
+    np.testing.assert_allclose(tel.mean_ms[:, 0], [truth[j][1] for j in truth], rtol=1e-9)
+    # Capacity from CPU: served / busy fraction recovers mu where CPU is reported.
+    np.testing.assert_allclose(tel.capacity[:2], [150, 100], rtol=1e-9)
+    assert tel.capacity[2] == 60  # no CPU metric: the EdgeNode's hint
+    assert tel.mesh.offered.shape == (1, 3, 1)
+    # Backlog from Little's law: utilisation x wait beyond the service time.
+    _lam, mean = truth["edge-1"]
+    assert tel.backlog_end[1] == pytest.approx(0.4 * (mean - 10.0) / 1000.0)
+
+
+def test_observer_insufficient_data():
+    obs = Observer(problem())
+    with pytest.raises(InsufficientData, match="fn"):
+        obs.telemetry({"fn": ServiceReadings("fn", {}, {}, {}, {}, {})})
+    foreign = ServiceReadings("fn", {("a", "b"): 3.0}, {}, {}, {}, {})
+    with pytest.raises(InsufficientData, match="edge node"):
+        obs.telemetry({"fn": foreign})
+
+
+# -- guard ---------------------------------------------------------------------------------
+
+
+def test_limit_step_bounds_every_route_and_keeps_the_sum():
+    rng = np.random.default_rng(0)
+    names = ["a", "b", "c", "d"]
+    for _ in range(200):
+        old = dict(
+            zip(names, rng.multinomial(100, rng.dirichlet(np.ones(4))).tolist(), strict=True)
+        )
+        new = dict(
+            zip(names, rng.multinomial(100, rng.dirichlet(np.ones(4))).tolist(), strict=True)
+        )
+        cap = int(rng.integers(1, 40))
+        out = limit_step(old, new, cap)
+        assert sum(out.values()) == 100
+        assert all(abs(out.get(n, 0) - old[n]) <= cap for n in names)
+    assert limit_step({"a": 100}, {"a": 50, "b": 50}, 20) == {"a": 80, "b": 20}
+    assert limit_step(None, {"a": 50, "b": 50}, 20) == {"a": 50, "b": 50}
+
+
+def test_fallback_tables():
+    p = problem()
+    assert fallback_table("hold", p, 0) is None
+    local = fallback_table("local", p, 0)["fn"]
+    assert local["edge-1"] == {"edge-1": 100, "edge-0": 0, "edge-2": 0}
+    static = fallback_table("static", p, 0)["fn"]
+    assert static["edge-0"] == {"edge-0": 49, "edge-1": 32, "edge-2": 19}  # 150:100:60
+
+
+def test_decision_table_spreads_reject_and_respects_min_weight():
+    p = problem()
+    weights = np.zeros((3, 5))
+    weights[0] = [0.5, 0.0, 0.0, 0.0, 0.5]  # half rejected: the mesh serves it locally
+    weights[1] = [0.0, 1.0, 0.0, 0.0, 0.0]  # edge-1 sends all to its first neighbour, edge-0
+    weights[2] = [0.0, 0.0, 0.0, 0.0, 1.0]  # all rejected: stays local
+    table = decision_table(p, weights, min_weight=5)["fn"]
+    assert table["edge-0"] == {"edge-0": 90, "edge-1": 5, "edge-2": 5}
+    assert table["edge-1"] == {"edge-1": 5, "edge-0": 90, "edge-2": 5}
+    assert table["edge-2"]["edge-2"] == 90
+    with pytest.raises(ValueError, match="not a distribution"):
+        decision_table(p, np.full((3, 5), np.nan), 0)
+
+
+# -- the cycle ---------------------------------------------------------------------------
+
+
+def test_cycle_applies_bounded_weights_and_reports():
+    mesh = queueing_mesh()
+    runtime, _ = runtime_over(mesh)
+    report = runtime.cycle("edge/edge-routing", example_policy_body())
+    assert report.outcome == Outcome.APPLIED, report.reason
+    assert mesh.writes == 1
+    for row in report.weights["fn"].values():
+        assert sum(row.values()) == 100
+        assert all(abs(w - 33) <= 21 for w in row.values())  # from the even split, <= 20 + 1
+    assert report.inputs["fn"]["edge-0"].offered_rps == pytest.approx(60)
+    assert report.observed_p95_ms["fn"] > 0
+    assert "base policy" in report.reason  # the model has too little data at first
+    assert runtime.store.latest("edge/edge-routing") == report
+
+
+def test_closed_loop_moves_traffic_off_a_degraded_node():
+    """The core promise, on the independent queueing fake: after a node loses half its
+    capacity, the operator cuts p95 against static equal weights within 5 intervals."""
+    mesh = queueing_mesh(load=(50.0, 50.0, 50.0), capacity=(150.0, 100.0, 100.0))
+    runtime, _ = runtime_over(mesh)
+    body = example_policy_body(safety={"maxWeightChange": 20})
+    for _ in range(5):
+        runtime.cycle("edge/edge-routing", body)
+    mesh.capacity["edge-1"] = 55.0
+    static = queueing_mesh(load=(50.0, 50.0, 50.0), capacity=(150.0, 55.0, 100.0))
+    for _ in range(5):
+        runtime.cycle("edge/edge-routing", body)
+    assert mesh.p95_ms("fn") <= 0.7 * static.p95_ms("fn"), (
+        mesh.p95_ms("fn"),
+        static.p95_ms("fn"),
+        mesh.routes["fn"].by_source,
+    )
+
+
+def test_metrics_outage_holds_then_falls_back_then_recovers():
+    mesh = queueing_mesh()
+    runtime, _ = runtime_over(mesh)
+    body = example_policy_body(safety={"failureThreshold": 3, "fallback": "local"})
+    first = runtime.cycle("edge/p", body)
+    assert first.outcome == Outcome.APPLIED
+    applied = mesh.routes["fn"].by_source
+    mesh.down = True
+    held = [runtime.cycle("edge/p", body) for _ in range(2)]
+    assert [r.outcome for r in held] == [Outcome.HELD, Outcome.HELD]
+    assert "unreachable" in held[0].reason and mesh.routes["fn"].by_source == applied
+    fallback = runtime.cycle("edge/p", body)
+    assert fallback.outcome == Outcome.FALLBACK and fallback.fallback == "local"
+    assert mesh.routes["fn"].by_source["edge-0"] == {"edge-0": 100}
+    status = status_of(fallback, None)
+    conditions = {c["type"]: c for c in status["conditions"]}
+    assert status["phase"] == "Fallback"
+    assert conditions["MetricsAvailable"]["status"] == "False"
+    assert conditions["Fallback"]["status"] == "True"
+    mesh.down = False
+    back = runtime.cycle("edge/p", body)
+    assert back.outcome == Outcome.APPLIED
+    assert runtime.controllers["edge/p"].failures.count == 0
+
+
+def test_dry_run_and_suspend_write_nothing():
+    mesh = queueing_mesh()
+    runtime, _ = runtime_over(mesh)
+    dry = runtime.cycle("edge/p", example_policy_body(dryRun=True))
+    assert dry.outcome == Outcome.DRY_RUN and dry.proposed and mesh.writes == 0
+    body = example_policy_body(suspend=True)
+    body["metadata"]["generation"] = 2
+    assert runtime.cycle("edge/p", body).outcome == Outcome.SUSPENDED and mesh.writes == 0
+
+
+def test_invalid_policy_reports_the_field_and_never_writes():
+    mesh = queueing_mesh()
+    runtime, _ = runtime_over(mesh)
+    report = runtime.cycle("edge/p", example_policy_body(services=["missing"]))
+    assert report.outcome == Outcome.INVALID and report.reason.startswith("spec.services")
+    report = runtime.cycle("edge/p", example_policy_body(checkpoint={"bundled": "nope"}))
+    assert report.outcome == Outcome.INVALID
+    assert "spec.checkpoint.bundled" in report.reason and "mesh-10x3" in report.reason
+    status = status_of(report, None)
+    assert status["phase"] == "Failed"
+    ready = next(c for c in status["conditions"] if c["type"] == "Ready")
+    assert ready["status"] == "False" and "spec.checkpoint.bundled" in ready["message"]
+    assert mesh.writes == 0
+
+
+def test_restart_changes_nothing_unless_the_decision_does():
+    mesh = queueing_mesh()
+    runtime, _ = runtime_over(mesh)
+    body = example_policy_body()
+    for _ in range(6):
+        runtime.cycle("edge/p", body)
+    before, writes = mesh.routes["fn"].by_source, mesh.writes
+    restarted, _ = runtime_over(mesh)  # a new process: no model, same mesh
+    report = restarted.cycle("edge/p", body)
+    assert report.outcome == Outcome.UNCHANGED and mesh.writes == writes
+    assert mesh.routes["fn"].by_source == before
+
+
+def test_condition_times_move_only_on_transitions():
+    mesh = queueing_mesh()
+    runtime, _ = runtime_over(mesh)
+    body = example_policy_body()
+    a = status_of(runtime.cycle("edge/p", body), None)
+    runtime.clock = lambda: 4_000_000_000.0
+    runtime.controllers["edge/p"].clock = runtime.clock
+    b = status_of(runtime.cycle("edge/p", body), a)
+    ta = {c["type"]: c["lastTransitionTime"] for c in a["conditions"]}
+    tb = {c["type"]: c["lastTransitionTime"] for c in b["conditions"]}
+    assert ta == tb  # same statuses: times kept
+    mesh.down = True
+    c = status_of(runtime.cycle("edge/p", body), b)
+    tc = {x["type"]: x["lastTransitionTime"] for x in c["conditions"]}
+    assert tc["MetricsAvailable"] != tb["MetricsAvailable"] and tc["Suspended"] == tb["Suspended"]

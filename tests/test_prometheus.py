@@ -1,0 +1,323 @@
+"""The Prometheus reader without a Prometheus: templates render and are refused with the field's
+name, query answers become ServiceReadings (NaN, Inf and unlabelled series dropped, nothing
+means "no data"), and failures become MetricsUnavailable without the URL's credentials."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import pytest
+import requests
+from marl_operator.prometheus import (
+    DEFAULT_TEMPLATES,
+    TEMPLATE_NAMES,
+    MetricsUnavailable,
+    PrometheusReader,
+    QueryError,
+    ServiceReadings,
+    check_templates,
+    redact_url,
+    render,
+)
+from prometheus_api_client.exceptions import PrometheusApiClientException
+
+VALUES = {"namespace": "edge", "service": "fn", "host": "fn.edge.svc.cluster.local", "window": "1m"}
+
+
+def pair(source: str, dest: str, value: Any) -> dict[str, Any]:
+    return {
+        "metric": {"source_workload": source, "destination_workload": dest},
+        "value": [1700000000.0, str(value)],
+    }
+
+
+def workload(dest: str, value: Any) -> dict[str, Any]:
+    return {
+        "metric": {"destination_workload": dest, "pod": f"{dest}-abc-xyz"},
+        "value": [1700000000.0, str(value)],
+    }
+
+
+class FakePrometheus:
+    """Answers each query by which template it came from (found by a metric name in it)."""
+
+    def __init__(self, answers: Mapping[str, list[Any]]) -> None:
+        self.answers = answers
+        self.queries: list[str] = []
+
+    def __call__(self, promql: str) -> Sequence[Mapping[str, Any]]:
+        self.queries.append(promql)
+        if promql.startswith("histogram_quantile"):
+            return self.answers.get("latencyP95", [])
+        if "container_cpu_usage_seconds_total" in promql:
+            return self.answers.get("cpuUsage", [])
+        if "duration_milliseconds_sum" in promql:
+            return self.answers.get("latencyMean", [])
+        if 'response_code!~"5.."' in promql:
+            return self.answers.get("successRate", [])
+        return self.answers.get("requestRate", [])
+
+
+def read(fake, **kwargs) -> ServiceReadings:
+    reader = PrometheusReader("http://prometheus:9090", query=fake)
+    return reader.read(**(VALUES | kwargs))
+
+
+# --- templates --------------------------------------------------------------------------------
+
+
+def test_every_name_has_a_default_template():
+    assert tuple(DEFAULT_TEMPLATES) == TEMPLATE_NAMES
+
+
+@pytest.mark.parametrize("name", TEMPLATE_NAMES)
+def test_defaults_render_without_placeholders_left(name):
+    promql = render(name, DEFAULT_TEMPLATES[name], **VALUES)
+    for placeholder in ("$namespace", "$service", "$host", "$window", "${"):
+        assert placeholder not in promql
+    assert "[1m]" in promql
+    assert 'namespace="edge"' in promql
+
+
+@pytest.mark.parametrize("name", TEMPLATE_NAMES[:4])
+def test_istio_defaults_take_the_client_side_view_of_the_service(name):
+    promql = render(name, DEFAULT_TEMPLATES[name], **VALUES)
+    assert 'reporter="source"' in promql
+    assert 'destination_service_name="fn"' in promql
+    assert 'destination_service_namespace="edge"' in promql
+    assert "source_workload, destination_workload" in promql
+
+
+def test_render_substitutes_all_four_placeholders_both_spellings():
+    template = "$namespace ${service} $host ${window} $window"
+    assert render("requestRate", template, **VALUES) == "edge fn fn.edge.svc.cluster.local 1m 1m"
+
+
+def test_render_keeps_regex_group_references_and_unescapes_dollars():
+    promql = render("cpuUsage", DEFAULT_TEMPLATES["cpuUsage"], **VALUES)
+    assert '"destination_workload", "$1", "pod"' in promql
+    assert 'pod=~"fn-.+"' in promql
+    assert (
+        render("cpuUsage", 'x{pod=~"$service-.+$$"} "${1}"', **VALUES) == 'x{pod=~"fn-.+$"} "${1}"'
+    )
+
+
+@pytest.mark.parametrize(
+    ("template", "words"),
+    [
+        ('rate(x{a="$cluster"}[$window])', ["unknown placeholder $cluster"]),
+        ('rate(x{a="$services"}[1m])', ["unknown placeholder $services"]),
+        ('x{pod=~"fn-.+$"}', ["malformed placeholder"]),
+        ("x[${window]", ["malformed placeholder"]),
+    ],
+)
+def test_render_refuses_bad_placeholders_naming_the_field(template, words):
+    with pytest.raises(QueryError) as info:
+        render("latencyP95", template, **VALUES)
+    message = str(info.value)
+    assert message.startswith("spec.prometheus.queries.latencyP95:")
+    assert "$$" in message  # says how to write a literal $
+    for word in words:
+        assert word in message
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("window", "1 minute"),
+        ("window", ""),
+        ("service", 'fn"}'),
+        ("namespace", ""),
+        ("host", "a\\b"),
+    ],
+)
+def test_render_refuses_values_that_would_change_the_query(key, value):
+    with pytest.raises(ValueError, match=key):
+        render("requestRate", DEFAULT_TEMPLATES["requestRate"], **(VALUES | {key: value}))
+
+
+def test_check_templates_accepts_good_overrides_and_empty_ones():
+    check_templates({"requestRate": "sum(rate(x[$window]))", "latencyP95": ""})
+    check_templates({})
+
+
+def test_check_templates_refuses_unknown_names():
+    with pytest.raises(QueryError, match=r"spec\.prometheus\.queries\.latency95: unknown query"):
+        check_templates({"latency95": "x"})
+
+
+def test_check_templates_refuses_a_bad_placeholder():
+    with pytest.raises(QueryError, match=r"spec\.prometheus\.queries\.cpuUsage: unknown"):
+        check_templates({"cpuUsage": 'rate(x{pod=~"$pod"}[$window])'})
+
+
+def test_read_refuses_bad_overrides_before_querying():
+    fake = FakePrometheus({})
+    with pytest.raises(QueryError, match="successRate"):
+        read(fake, overrides={"successRate": "x{$nope}"})
+    assert fake.queries == []
+
+
+# --- parsing ----------------------------------------------------------------------------------
+
+
+def full_answers() -> dict[str, list[Any]]:
+    return {
+        "requestRate": [pair("a", "fn-edge-0", 10), pair("a", "fn-edge-1", 30.5)],
+        "successRate": [pair("a", "fn-edge-0", 1), pair("a", "fn-edge-1", 0.9)],
+        "latencyMean": [pair("a", "fn-edge-0", 38), pair("a", "fn-edge-1", 12.5)],
+        "latencyP95": [pair("a", "fn-edge-0", 175), pair("a", "fn-edge-1", 24)],
+        "cpuUsage": [workload("fn-edge-0", 0.25), workload("fn-edge-1", 0.6)],
+    }
+
+
+def test_read_runs_five_queries_and_keys_them_by_workload():
+    fake = FakePrometheus(full_answers())
+    readings = read(fake)
+    assert len(fake.queries) == 5
+    assert readings.service == "fn"
+    assert readings.rate == {("a", "fn-edge-0"): 10.0, ("a", "fn-edge-1"): 30.5}
+    assert readings.success == {("a", "fn-edge-0"): 1.0, ("a", "fn-edge-1"): 0.9}
+    assert readings.mean_ms == {("a", "fn-edge-0"): 38.0, ("a", "fn-edge-1"): 12.5}
+    assert readings.p95_ms == {("a", "fn-edge-0"): 175.0, ("a", "fn-edge-1"): 24.0}
+    assert readings.cpu_cores == {"fn-edge-0": 0.25, "fn-edge-1": 0.6}
+    assert not readings.empty
+
+
+def test_overrides_replace_only_their_template():
+    fake = FakePrometheus(full_answers())
+    read(fake, overrides={"requestRate": 'my_rate{ns="$namespace"}', "latencyP95": ""})
+    assert 'my_rate{ns="edge"}' in fake.queries
+    assert sum(q.startswith("histogram_quantile") for q in fake.queries) == 1
+
+
+@pytest.mark.parametrize("bad", ["NaN", "+Inf", "-Inf"])
+def test_nan_and_infinite_values_are_no_data(bad):
+    answers = full_answers()
+    answers["successRate"] = [pair("a", "fn-edge-0", bad), pair("a", "fn-edge-1", 0.9)]
+    answers["latencyP95"] = [pair("a", "fn-edge-0", bad)]
+    answers["cpuUsage"] = [workload("fn-edge-0", bad), workload("fn-edge-1", 0.6)]
+    readings = read(FakePrometheus(answers))
+    assert readings.success == {("a", "fn-edge-1"): 0.9}
+    assert readings.p95_ms == {}
+    assert readings.cpu_cores == {"fn-edge-1": 0.6}
+
+
+def test_series_without_the_grouping_labels_are_dropped():
+    answers = full_answers()
+    answers["requestRate"] = [
+        pair("a", "fn-edge-0", 10),
+        {"metric": {"destination_workload": "fn-edge-1"}, "value": [0, "5"]},
+        {"metric": {"source_workload": "", "destination_workload": "fn-edge-1"}, "value": [0, "5"]},
+        {"metric": {}, "value": [0, "7"]},
+    ]
+    answers["cpuUsage"] = [{"metric": {"pod": "fn-edge-0-abc-xyz"}, "value": [0, "0.5"]}]
+    readings = read(FakePrometheus(answers))
+    assert readings.rate == {("a", "fn-edge-0"): 10.0}
+    assert readings.cpu_cores == {}
+
+
+def test_unaggregated_rates_add_up_and_ambiguous_latencies_are_dropped():
+    answers = full_answers()
+    answers["requestRate"] = [pair("a", "fn-edge-0", 4), pair("a", "fn-edge-0", 6)]
+    answers["latencyMean"] = [pair("a", "fn-edge-0", 10), pair("a", "fn-edge-0", 90)]
+    readings = read(FakePrometheus(answers))
+    assert readings.rate == {("a", "fn-edge-0"): 10.0}
+    assert readings.mean_ms == {}
+
+
+def test_no_series_means_empty_not_zero():
+    readings = read(FakePrometheus({}))
+    assert readings.empty
+    assert readings.rate == readings.success == readings.mean_ms == readings.p95_ms == {}
+    assert readings.cpu_cores == {}
+
+
+def test_one_empty_query_leaves_only_its_dict_empty():
+    answers = full_answers()
+    answers["latencyP95"] = []
+    readings = read(FakePrometheus(answers))
+    assert readings.p95_ms == {}
+    assert len(readings.mean_ms) == 2
+    assert not readings.empty
+
+
+def test_cpu_alone_does_not_make_readings_non_empty():
+    readings = read(FakePrometheus({"cpuUsage": [workload("fn-edge-0", 0.3)]}))
+    assert readings.empty
+    assert readings.cpu_cores == {"fn-edge-0": 0.3}
+
+
+# --- failures ---------------------------------------------------------------------------------
+
+SECRET_URL = "http://alice:s3cret@prometheus.example:9090"
+
+
+def failing(exc: Exception):
+    def query(promql: str):
+        raise exc
+
+    return query
+
+
+@pytest.mark.parametrize(
+    ("exc", "words"),
+    [
+        (requests.ConnectionError(f"cannot reach {SECRET_URL}/api/v1/query"), "unreachable"),
+        (requests.ReadTimeout("read timed out"), "did not answer within 2 s"),
+        (PrometheusApiClientException("HTTP Status Code 503 (b'alice:s3cret')"), "503"),
+        (ValueError("Expecting value: line 1 column 1"), "unreadable"),
+    ],
+)
+def test_failures_are_metrics_unavailable_without_credentials(exc, words):
+    reader = PrometheusReader(SECRET_URL, timeout_s=2, query=failing(exc))
+    with pytest.raises(MetricsUnavailable) as info:
+        reader.read(**VALUES)
+    message = str(info.value)
+    assert "http://prometheus.example:9090" in message
+    assert words in message
+    assert "s3cret" not in message
+    assert "alice" not in message
+    assert info.value.__cause__ is exc
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_a_closed_port_is_metrics_unavailable_through_the_real_client():
+    url = f"http://bob:hunter2@127.0.0.1:{free_port()}/"
+    with pytest.raises(MetricsUnavailable, match="unreachable") as info:
+        PrometheusReader(url, timeout_s=1).read(**VALUES)
+    assert "hunter2" not in str(info.value)
+    assert "bob" not in str(info.value)
+    assert "127.0.0.1" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("url", "safe"),
+    [
+        ("https://u:p@prom.example:9090/prom", "https://prom.example:9090/prom"),
+        ("http://token@prom:9090", "http://prom:9090"),
+        ("http://prom:9090", "http://prom:9090"),
+    ],
+)
+def test_redact_url(url, safe):
+    assert redact_url(url) == safe
+
+
+def test_importing_the_reader_does_not_import_pandas_or_matplotlib():
+    code = (
+        "import sys, marl_operator.prometheus; "
+        "print(sorted(m for m in ('pandas', 'matplotlib') if m in sys.modules))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
+    )
+    assert out.stdout.strip() == "[]"
