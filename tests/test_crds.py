@@ -199,7 +199,7 @@ def test_routing_policy_defaults(validators):
         "checkpoint": {"configMap": {"name": "cm", "key": "policy"}},
         "nodes": {},
         "intervalSeconds": 30,
-        "prometheus": {"url": "http://prometheus.istio-system.svc:9090", "window": "1m"},
+        "prometheus": {"window": "1m"},
         "rollout": {"enabled": True, "horizon": 5, "candidateSteps": [0.1, 0.3], "margin": 0.02},
         "safety": {
             "maxWeightChange": 20,
@@ -365,3 +365,18 @@ def test_invalid_status_is_refused(validators, path, value, field):
     obj = example("RoutingPolicy") | {"status": STATUS | {path: value}}
     errors = validators["RoutingPolicy"].errors(obj)
     assert any(e.startswith(f"{field}: ") for e in errors), errors
+
+
+def test_operator_defaults_equal_the_crd_defaults(validators):
+    """The operator fills in defaults itself (not every server applies them): the values must
+    be the CRD's, or a policy would behave differently depending on who defaulted it."""
+    from marl_operator.spec import parse_policy_spec
+
+    minimal = {
+        "apiVersion": "marl.dev/v1alpha1",
+        "kind": "RoutingPolicy",
+        "metadata": {"name": "p", "namespace": "edge"},
+        "spec": {"services": ["fn"], "checkpoint": {"bundled": "mesh-10x3"}},
+    }
+    defaulted = validators["RoutingPolicy"].defaulted(minimal)["spec"]
+    assert parse_policy_spec(minimal["spec"]) == parse_policy_spec(defaulted)
