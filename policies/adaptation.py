@@ -15,8 +15,9 @@ import numpy as np
 
 from policies.model_env import MeshState, ModelEnv
 from policies.observation import MeshTelemetry
+from policies.queueing import prior_table
 from policies.rollout import Decision, Policy, Rollout, RolloutSettings
-from policies.system_model import FEATURES, TARGETS, SystemModel
+from policies.system_model import FEATURES, TARGETS, LatencyTable, SystemModel
 
 
 @dataclass(frozen=True)
@@ -80,6 +81,11 @@ class Adapter:
         forecast_alpha: weight of the newest interval in the arrival forecast (an
             exponentially weighted mean: a surge shows in the forecast within a few intervals).
         max_nmae: held-out error above which the model is not trusted.
+        prior: while the learned model is not trusted, decide on the queueing prior
+            (:mod:`policies.queueing`) instead of keeping the base policy's action. The
+            simulator's experiments leave it off, to measure the learned model alone; the
+            operator turns it on, because a node that just slowed down cannot wait for a
+            window of data.
     """
 
     def __init__(
@@ -91,6 +97,7 @@ class Adapter:
         interval_seconds: float = 5.0,
         forecast_alpha: float = 0.6,
         max_nmae: float = 0.3,
+        prior: bool = False,
     ):
         self.env = env
         self.model = model
@@ -98,6 +105,9 @@ class Adapter:
         self.interval_seconds = interval_seconds
         self.forecast_alpha = forecast_alpha
         self.max_nmae = max_nmae
+        self.prior = prior
+        self.model_source = "none"  # which model the last decision used, for reports
+        self.table: LatencyTable | None = None  # ... and its tabulation
         self.forecast: np.ndarray | None = None
         self.last: IntervalTelemetry | None = None
 
@@ -134,5 +144,13 @@ class Adapter:
     def decide(self) -> Decision:
         state = self.state()
         reason = self.trust()
-        table = None if reason else self.model.table(self.env.service_ms(state.capacity))
-        return self.rollout.decide(state, table, fallback=reason)
+        service_ms = self.env.service_ms(state.capacity)
+        if reason is None:
+            self.model_source, self.table = "learned", self.model.table(service_ms)
+        elif self.prior:
+            self.model_source = f"queueing prior, because {reason}"
+            self.table = prior_table(self.interval_seconds, service_ms, state.backlog)
+        else:
+            self.model_source, self.table = "none", None
+            return self.rollout.decide(state, None, fallback=reason)
+        return self.rollout.decide(state, self.table)

@@ -231,6 +231,27 @@ class EdgeEnv:
         }
         return self._observe()
 
+    def continue_episode(self) -> None:
+        """Start the next episode where this one ended: fresh arrivals, the scenario's
+        timeline from its first step, zeroed totals, but the queues kept. A run longer than
+        one episode (a live demo stepping in real time) goes on this way without the jump
+        that emptying every queue in :meth:`reset` would be. Resources set with
+        :meth:`set_node_cpu` belong to the episode that set them: set them again."""
+        self.timeline = Timeline.of(self.scenario)
+        self.arrivals = sample_arrivals(self.scenario, self.timeline, self.rng, self.num_envs)
+        self.t = 0
+        self.totals = EpisodeTotals(self.num_envs, self.topology.num_nodes, self.num_agents)
+
+    def set_node_cpu(self, node: str, cpu: float) -> None:
+        """Give ``node`` ``cpu`` per step from the current step to the end of the episode
+        (zero while it is down). Scenario events are fixed before an episode starts; this is
+        a change decided while it runs, such as a degradation injected into a live demo."""
+        if cpu < 0 or not np.isfinite(cpu):
+            raise ValueError(f"cpu must be finite and >= 0, got {cpu!r}")
+        j = self.scenario.node_names.index(node)
+        rest = slice(self.t, None)
+        self.timeline.cpu[rest, j] = np.where(self.timeline.active[rest, j], cpu, 0.0)
+
     # ------------------------------------------------------------------------------------
     def counts(self, actions: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """Fractions ``(B, A, action_dim)`` -> (local ``(B,N,S)``, forward ``(B,N,K,S)``,

@@ -13,3 +13,18 @@ def paise():
 @pytest.fixture(scope="session")
 def mesh():
     return load_scenario("mesh-10x3")
+
+
+@pytest.fixture()
+def apiserver(tmp_path):
+    """An emulated Kubernetes API server (``demo.apiserver``) in a thread of its own, for
+    synchronous clients (kubectl, the ``kubernetes`` client): ``.url``, ``.kubeconfig`` (a file
+    pointing at it) and ``.api`` (the ApiServer, to inspect its objects). A fresh one per test."""
+    from types import SimpleNamespace
+
+    from demo.apiserver import ApiServer, serve_in_thread, write_kubeconfig
+
+    api = ApiServer()
+    with serve_in_thread(api) as url:
+        kubeconfig = write_kubeconfig(url, tmp_path / "kubeconfig")
+        yield SimpleNamespace(url=url, kubeconfig=kubeconfig, api=api)

@@ -16,7 +16,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 from marl_operator.prometheus import MetricsUnavailable, PrometheusReader, ServiceReadings
-from prometheus_server import PrometheusServer, find_binary, prometheus
+
+from demo.prometheus import PrometheusServer, find_binary, prometheus
 
 pytestmark = pytest.mark.integration
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import os
 import threading
 from pathlib import Path
 
@@ -59,24 +58,42 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def api_client(kubeconfig: Path | None) -> client.ApiClient:
-    """The Kubernetes client, configured from an explicit file or the pod's service account.
-
-    kopf logs in through the same source: with a kubeconfig, KUBECONFIG is set for it."""
+def client_configuration(kubeconfig: Path | None) -> client.Configuration:
+    """The Kubernetes connection, from an explicit file or the pod's service account."""
+    configuration = client.Configuration()
     if kubeconfig is not None:
-        os.environ["KUBECONFIG"] = str(kubeconfig)
-        configuration = client.Configuration()
         config.load_kube_config(config_file=str(kubeconfig), client_configuration=configuration)
     else:
-        configuration = client.Configuration()
         config.load_incluster_config(client_configuration=configuration)
-    return client.ApiClient(configuration)
+    return configuration
+
+
+def connection_info(configuration: client.Configuration) -> kopf.ConnectionInfo:
+    """The same connection for kopf, re-read at each login so that a refreshed service
+    account token is picked up."""
+    if configuration.refresh_api_key_hook is not None:
+        configuration.refresh_api_key_hook(configuration)
+    scheme, token = None, None
+    header = (configuration.api_key or {}).get("authorization")
+    if header:
+        scheme, _, token = header.partition(" ")
+    return kopf.ConnectionInfo(
+        server=configuration.host,
+        ca_path=configuration.ssl_ca_cert,
+        insecure=not configuration.verify_ssl,
+        scheme=scheme.capitalize() if scheme else None,
+        token=token or None,
+        certificate_path=configuration.cert_file,
+        private_key_path=configuration.key_file,
+    )
 
 
 async def run(args: argparse.Namespace) -> None:
-    runtime = Runtime(Kube(api_client(args.kubeconfig)), prometheus_url=args.prometheus_url)
+    configuration = client_configuration(args.kubeconfig)
+    kube = Kube(client.ApiClient(configuration))
+    runtime = Runtime(kube, prometheus_url=args.prometheus_url)
     registry = kopf.OperatorRegistry()
-    register(registry, runtime)
+    register(registry, runtime, login=lambda: connection_info(configuration))
     ready = threading.Event()
     app = create_app(runtime.store, runtime.instruments, ready.is_set)
     api = ApiServer(app, args.api_host, args.api_port)
@@ -87,7 +104,8 @@ async def run(args: argparse.Namespace) -> None:
             clusterwide=not args.namespace,
             namespaces=args.namespace,
             standalone=args.standalone,
-            peering_name=args.peering,
+            # Naming a peering makes it mandatory in kopf, even next to standalone=True.
+            peering_name=None if args.standalone else args.peering,
             priority=args.priority,
             ready_flag=ready,
         )

@@ -121,7 +121,12 @@ class PolicyController:
             seed=seed,
         )
         self.adapter = Adapter(
-            env, policy, SystemModel(seed=seed), settings, interval_seconds=spec.interval_s
+            env,
+            policy,
+            SystemModel(seed=seed),
+            settings,
+            interval_seconds=spec.interval_s,
+            prior=True,
         )
         self.observer = Observer(problem, step_seconds=step)
         self.failures = FailureCounter(spec.safety)
@@ -164,9 +169,9 @@ class PolicyController:
             return self._failed(f"mesh: {error}", live)
         outcome = Outcome.APPLIED if changed else Outcome.UNCHANGED
         reason = (
-            "rollout decision applied"
+            f"rollout decision applied (model: {self.adapter.model_source})"
             if decision.fallback is None
-            else (f"base policy applied ({decision.fallback})")
+            else f"base policy applied ({decision.fallback})"
         )
         return self._report(outcome, reason, limited, **extra)
 
@@ -243,13 +248,12 @@ class PolicyController:
 
     def _predicted_p95(self, decision: Decision) -> dict[str, float]:
         """Server-side p95 the model expects under the decision, per service (rate-weighted
-        over nodes), when the model is trusted."""
+        over nodes), by the model the decision was made on."""
         adapter = self.adapter
-        if decision.fallback is not None or adapter.trust() is not None:
+        if decision.fallback is not None or adapter.table is None:
             return {}
         state = adapter.state()
-        table = adapter.model.table(adapter.env.service_ms(state.capacity))
-        pred = adapter.env.step(state, decision.weights[None], table)
+        pred = adapter.env.step(state, decision.weights[None], adapter.table)
         load = np.asarray(adapter.last.incoming) if adapter.last is not None else None
         out = {}
         for k, service in enumerate(self.problem.topology.services):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import kopf
@@ -46,8 +47,20 @@ def configure(settings: kopf.OperatorSettings) -> None:
     settings.posting.level = logging.WARNING  # events come from the handlers, not kopf's log
 
 
-def register(registry: kopf.OperatorRegistry, runtime: Runtime) -> None:
-    """Attach the handlers to ``registry``, closing over ``runtime``."""
+def register(
+    registry: kopf.OperatorRegistry,
+    runtime: Runtime,
+    login: Callable[[], kopf.ConnectionInfo] | None = None,
+) -> None:
+    """Attach the handlers to ``registry``, closing over ``runtime``; ``login`` gives kopf
+    its connection (tests attach their own login handler instead)."""
+
+    if login is not None:
+        # A registry made by hand has none of kopf's default login handlers: kopf connects
+        # with the credentials the operator's own client was configured with.
+        @kopf.on.login(registry=registry)
+        def connect(**_: Any) -> kopf.ConnectionInfo:
+            return login()
 
     @kopf.on.startup(registry=registry)
     def startup(settings: kopf.OperatorSettings, **_: Any) -> None:

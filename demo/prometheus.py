@@ -1,5 +1,6 @@
-"""A real Prometheus server for tests: started on a free local port with a throw-away
-configuration and TSDB, ready when ``/-/ready`` answers, stopped and removed on exit.
+"""A real Prometheus server for the embedded demo and the tests: started on a free local port
+with a throw-away configuration and TSDB, ready when ``/-/ready`` answers, stopped and removed
+on exit.
 
 Tests use the real server rather than canned JSON because what the reader must get right
 (rate extrapolation, histogram_quantile, label_replace, NaN for 0/0) is Prometheus's own

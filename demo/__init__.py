@@ -1,0 +1,3 @@
+"""The embedded demo, for people without a cluster: an emulated Kubernetes API server, a simulated
+mesh data plane, a real Prometheus and the operator, all on this machine. The operator's tests use
+the same emulated API server, so what the demo shows is what the tests check."""

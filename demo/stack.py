@@ -1,0 +1,223 @@
+"""The whole closed loop on one machine: emulated API server, simulated data plane, a real
+Prometheus and the real operator process, each started the way a user would start it.
+
+The embedded demo and the closed-loop integration test both run this stack, so what the demo
+shows is what the test proves. Every component is a separate process (Prometheus is the
+Debian binary), talking over loopback only; logs go to files in the stack's directory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from demo.prometheus import PrometheusServer, free_port, prometheus
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLES = ROOT / "examples"
+DEFAULT_LOAD = {"edge-0": 40.0, "edge-1": 40.0, "edge-2": 40.0}
+"""Requests per second at each example edge node: comfortable for the example's capacities
+(150, 100, 60) under equal weights, until edge-2 loses half its capacity."""
+
+
+class StackError(RuntimeError):
+    """A component did not start; the message carries the end of its log."""
+
+
+def _tail(path: Path, lines: int = 30) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+def get_json(url: str, timeout: float = 5.0) -> Any:
+    with urllib.request.urlopen(url, timeout=timeout) as response:
+        return json.loads(response.read())
+
+
+def post(url: str, timeout: float = 5.0) -> Any:
+    request = urllib.request.Request(url, method="POST", data=b"")
+    with urllib.request.urlopen(request, timeout=timeout) as response:
+        return json.loads(response.read() or b"null")
+
+
+@dataclass
+class Stack:
+    """Handles on the running components."""
+
+    directory: Path
+    kubeconfig: Path
+    api_url: str = ""
+    dataplane_url: str = ""
+    operator_url: str = ""
+    prometheus: PrometheusServer | None = None
+    processes: dict[str, subprocess.Popen] = field(default_factory=dict)
+
+    # -- starting -------------------------------------------------------------------------
+
+    def spawn(self, name: str, args: Sequence[str], first_line: bool = False) -> str:
+        """Start ``python -m ...`` as component ``name``; with ``first_line``, wait for and
+        return the first line it prints (its address)."""
+        log = self.directory / f"{name}.log"
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        env.pop("KUBECONFIG", None)  # every component gets the stack's kubeconfig explicitly
+        process = subprocess.Popen(
+            [sys.executable, "-m", *args],
+            stdout=subprocess.PIPE if first_line else log.open("wb"),
+            stderr=log.open("ab") if first_line else subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=env,
+        )
+        self.processes[name] = process
+        if not first_line:
+            return ""
+        line = process.stdout.readline().decode().strip() if process.stdout else ""
+        if not line:
+            raise StackError(f"{name} exited before printing its address:\n{_tail(log)}")
+        return line
+
+    def wait_http(self, name: str, url: str, timeout: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            process = self.processes.get(name)
+            if process is not None and process.poll() is not None:
+                raise StackError(
+                    f"{name} exited with code {process.returncode}:\n"
+                    f"{_tail(self.directory / f'{name}.log')}"
+                )
+            try:
+                with urllib.request.urlopen(url, timeout=2):
+                    return
+            except OSError:
+                time.sleep(0.2)
+        raise StackError(f"{name} did not answer {url} in {timeout:g} s")
+
+    def kubectl(self, *args: str) -> str:
+        """Run the real kubectl against the emulated API server."""
+        binary = shutil.which("kubectl")
+        if binary is None:
+            raise StackError("kubectl is not installed (the stack applies resources with it)")
+        done = subprocess.run(
+            [binary, "--kubeconfig", str(self.kubeconfig), *args],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        if done.returncode != 0:
+            raise StackError(f"kubectl {' '.join(args)} failed: {done.stderr.strip()}")
+        return done.stdout
+
+    def apply(self, *files: Path) -> None:
+        for path in files:
+            self.kubectl("apply", "--server-side", "-f", str(path))
+
+    # -- observing and acting ----------------------------------------------------------------
+
+    def truth(self, seconds: int = 10) -> dict[str, Any]:
+        """The data plane's ground truth over the last ``seconds`` (latency, routes)."""
+        return get_json(f"{self.dataplane_url}/truth?seconds={seconds}")
+
+    def degrade(self, node: str, factor: float) -> None:
+        post(f"{self.dataplane_url}/degrade?node={node}&factor={factor}")
+
+    def policy(self, namespace: str = "edge", name: str = "edge-routing") -> dict[str, Any]:
+        return json.loads(self.kubectl("get", "routingpolicy", name, "-n", namespace, "-o", "json"))
+
+    def decisions(self, namespace: str = "edge", name: str = "edge-routing") -> dict[str, Any]:
+        return get_json(f"{self.operator_url}/api/v1/policies/{namespace}/{name}")
+
+    def stop(self, name: str) -> None:
+        process = self.processes.pop(name, None)
+        if process is None or process.poll() is not None:
+            return
+        process.terminate()
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=10)
+
+
+    def stop_all(self) -> None:
+        for name in reversed(list(self.processes)):
+            self.stop(name)
+
+
+def start_operator(stack: Stack, prometheus_url: str) -> None:
+    port = free_port()
+    stack.spawn(
+        "operator",
+        [
+            "marl_operator",
+            "--kubeconfig",
+            str(stack.kubeconfig),
+            "--standalone",
+            "--prometheus-url",
+            prometheus_url,
+            "--api-host",
+            "127.0.0.1",
+            "--api-port",
+            str(port),
+        ],
+    )
+    stack.operator_url = f"http://127.0.0.1:{port}"
+    stack.wait_http("operator", f"{stack.operator_url}/readyz")
+
+
+@contextlib.contextmanager
+def running_stack(
+    load: Mapping[str, float] = DEFAULT_LOAD,
+    seed: int = 0,
+    directory: Path | None = None,
+    operator: bool = True,
+) -> Iterator[Stack]:
+    """Start everything (the operator unless ``operator`` is False), yield, stop everything.
+
+    The EdgeNodes and the EdgeService of ``examples/`` are applied; the RoutingPolicy is left
+    to the caller (``stack.apply(EXAMPLES / "policy.yaml")``), as a user would apply it."""
+    with contextlib.ExitStack() as cleanup:
+        if directory is None:
+            directory = Path(cleanup.enter_context(tempfile.TemporaryDirectory(prefix="marl-")))
+        directory.mkdir(parents=True, exist_ok=True)
+        stack = Stack(directory=directory, kubeconfig=directory / "kubeconfig")
+        cleanup.callback(stack.stop_all)
+        stack.api_url = stack.spawn(
+            "apiserver", ["demo.apiserver", "--kubeconfig", str(stack.kubeconfig)], True
+        )
+        stack.apply(EXAMPLES / "edgenodes.yaml", EXAMPLES / "edgeservice.yaml")
+        loads = ",".join(f"{node}={rps:g}" for node, rps in load.items())
+        line = stack.spawn(
+            "dataplane",
+            [
+                "demo.dataplane",
+                "--kubeconfig",
+                str(stack.kubeconfig),
+                "--namespace",
+                "edge",
+                "--port",
+                "0",
+                "--load",
+                loads,
+                "--seed",
+                str(seed),
+            ],
+            first_line=True,
+        )
+        port = line.rsplit("port=", 1)[-1]
+        stack.dataplane_url = f"http://127.0.0.1:{port}"
+        stack.prometheus = cleanup.enter_context(prometheus([f"127.0.0.1:{port}"]))
+        if operator:
+            start_operator(stack, stack.prometheus.url)
+        yield stack
