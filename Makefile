@@ -1,10 +1,10 @@
 # Two entry points for a fresh machine:
-#   make demo   install, then run the main job on the bundled default scenario
+#   make demo   install, then run the embedded demo: the operator in a closed loop, locally
 #   make test   install what the tests need, lint, and run the whole test suite (CI runs this)
 PYTHON ?= python3
 PIP := $(PYTHON) -m pip install --quiet --disable-pip-version-check
 
-.PHONY: install demo test bench checkpoints
+.PHONY: install demo train test bench checkpoints
 
 install:
 	# torch first and pinned: the CPU build; an unpinned torch would pull CUDA packages.
@@ -15,9 +15,12 @@ install:
 		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus)
 
 demo: install
-	$(PYTHON) -m simulator.train --scenario dfaas-paise25 --seed 0 --out runs/demo
-	$(PYTHON) -m simulator.evaluate --scenario dfaas-paise25 --compare --policy runs/demo \
-		--episodes 50 --plot runs/demo/compare.png
+	$(PYTHON) -m demo --plot runs/demo/closed-loop.png --logs runs/demo/logs
+
+train: install
+	$(PYTHON) -m simulator.train --scenario dfaas-paise25 --seed 0 --out runs/train
+	$(PYTHON) -m simulator.evaluate --scenario dfaas-paise25 --compare --policy runs/train \
+		--episodes 50 --plot runs/train/compare.png
 
 test: install
 	$(PYTHON) -m ruff check .

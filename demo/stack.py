@@ -149,7 +149,6 @@ class Stack:
             process.kill()
             process.wait(timeout=10)
 
-
     def stop_all(self) -> None:
         for name in reversed(list(self.processes)):
             self.stop(name)
