@@ -154,25 +154,30 @@ class Stack:
             self.stop(name)
 
 
-def start_operator(stack: Stack, prometheus_url: str) -> None:
+def start_operator(
+    stack: Stack, prometheus_url: str, name: str = "operator", options: Sequence[str] = ()
+) -> str:
+    """Start an operator process (standalone unless ``options`` set up peering); returns
+    its HTTP API's URL once ready."""
     port = free_port()
     stack.spawn(
-        "operator",
+        name,
         [
             "marl_operator",
             "--kubeconfig",
             str(stack.kubeconfig),
-            "--standalone",
             "--prometheus-url",
             prometheus_url,
             "--api-host",
             "127.0.0.1",
             "--api-port",
             str(port),
+            *(options or ["--standalone"]),
         ],
     )
-    stack.operator_url = f"http://127.0.0.1:{port}"
-    stack.wait_http("operator", f"{stack.operator_url}/readyz")
+    url = f"http://127.0.0.1:{port}"
+    stack.wait_http(name, f"{url}/readyz")
+    return url
 
 
 @contextlib.contextmanager
@@ -218,5 +223,5 @@ def running_stack(
         stack.dataplane_url = f"http://127.0.0.1:{port}"
         stack.prometheus = cleanup.enter_context(prometheus([f"127.0.0.1:{port}"]))
         if operator:
-            start_operator(stack, stack.prometheus.url)
+            stack.operator_url = start_operator(stack, stack.prometheus.url)
         yield stack

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import secrets
 import threading
 from pathlib import Path
 
@@ -45,7 +46,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--standalone", action="store_true", help="no peering: act even if other replicas run"
     )
     parser.add_argument("--peering", default="marl-operator", help="kopf peering object name")
-    parser.add_argument("--priority", type=int, default=0, help="peering priority of this replica")
+    parser.add_argument(
+        "--priority",
+        type=int,
+        help="peering priority of this replica; the highest acts, the others stand by "
+        "(default: a random one, so that replicas of one Deployment never tie)",
+    )
     parser.add_argument(
         "--prometheus-url",
         default=DEFAULT_PROMETHEUS_URL,
@@ -88,6 +94,12 @@ def connection_info(configuration: client.Configuration) -> kopf.ConnectionInfo:
     )
 
 
+def standby_priority() -> int:
+    """A random peering priority: kopf lets every replica act when priorities tie, and the
+    replicas of a Deployment cannot be given distinct ones by hand."""
+    return secrets.randbelow(2**31 - 1) + 1
+
+
 async def run(args: argparse.Namespace) -> None:
     configuration = client_configuration(args.kubeconfig)
     kube = Kube(client.ApiClient(configuration))
@@ -106,7 +118,7 @@ async def run(args: argparse.Namespace) -> None:
             standalone=args.standalone,
             # Naming a peering makes it mandatory in kopf, even next to standalone=True.
             peering_name=None if args.standalone else args.peering,
-            priority=args.priority,
+            priority=args.priority if args.priority is not None else standby_priority(),
             ready_flag=ready,
         )
     finally:
