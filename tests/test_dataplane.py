@@ -1,4 +1,4 @@
-"""The simulated data plane (demo/dataplane.py): built from the example custom resources, it
+"""The simulated data plane (demo/dataplane/): built from the example custom resources, it
 routes requests by the weights it is given, exports Istio-style metrics that agree with its
 own ground truth, and shows the property the closed-loop test relies on: after a node loses
 half its capacity, static equal weights make p95 explode and weights that move traffic away
@@ -568,7 +568,7 @@ def test_main_stops_cleanly_on_sigterm(capsys):
     captured = capsys.readouterr()
     assert re.search(r"^ready port=\d+$", captured.out, re.MULTILINE)
     logs = [json.loads(line) for line in captured.err.splitlines()]
-    assert {"serving", "truth", "stopped"} <= {entry["msg"] for entry in logs}
+    assert {"serving", "truth", "stopped"} <= {entry["message"] for entry in logs}
     assert signal.getsignal(signal.SIGTERM) is handler_before
     # Nothing to read: refused with a message and exit code 1, not a traceback.
     empty = FakeApi()
