@@ -10,6 +10,7 @@ finalizer until the original routes are restored.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -66,6 +67,13 @@ def register(
     def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
         configure(settings)
 
+    # The cycle each policy's daemon runs now, kept apart from the daemon's task: on deletion
+    # kopf stops the daemon (cancelling it at once: there is no cancellation_backoff) while the
+    # delete handler runs, but a cancelled daemon's cycle goes on in its worker thread. The
+    # delete handler waits for that cycle, or its write would take the restored objects over
+    # again after the policy is gone.
+    cycles: dict[str, asyncio.Future[CycleReport]] = {}
+
     @kopf.daemon(GROUP, VERSION, PLURAL, registry=registry, cancellation_timeout=30.0)
     async def control_loop(
         body: kopf.Body, name: str, namespace: str, stopped: kopf.DaemonStopped, **_: Any
@@ -74,7 +82,9 @@ def register(
         previous: CycleReport | None = None
         while not stopped:
             snapshot = {"metadata": dict(body.metadata), "spec": dict(body.spec)}
-            report = await asyncio.to_thread(runtime.cycle, key, snapshot)
+            running = asyncio.ensure_future(asyncio.to_thread(runtime.cycle, key, snapshot))
+            cycles[key] = running
+            report = await asyncio.shield(running)
             status = status_of(report, dict(body.status))
             await asyncio.to_thread(runtime.kube.patch_policy_status, namespace, name, status)
             if previous is None or previous.outcome != report.outcome:
@@ -92,6 +102,12 @@ def register(
     async def restore_routes(body: kopf.Body, name: str, namespace: str, **_: Any) -> None:
         key = f"{namespace}/{name}"
         snapshot = {"metadata": dict(body.metadata), "spec": dict(body.spec)}
+        running = cycles.pop(key, None)
+        if running is not None:
+            with contextlib.suppress(Exception):  # how it ended is the daemon's to report
+                await asyncio.shield(running)
         done = await asyncio.to_thread(runtime.delete, key, snapshot)
         if done:
-            kopf.info(body, reason="RoutesRestored", message="; ".join(done))
+            # kopf.event, not kopf.info: configure() raises kopf's posting level to WARNING,
+            # which silently drops kopf.info.
+            kopf.event(body, type="Normal", reason="RoutesRestored", message="; ".join(done))

@@ -1,0 +1,564 @@
+"""The operator as kopf runs it, against the emulated API server.
+
+The handlers of :mod:`marl_operator.handlers` are registered as the operator registers them and
+driven by kopf in-process (:mod:`kopf_harness`); every Kubernetes call goes through the real
+:class:`~marl_operator.kube.Kube` and :class:`~marl_operator.kube.KubeMesh` over a
+``kubernetes`` client configured from the emulator's kubeconfig, so VirtualServices, statuses,
+events and finalizers really land in the emulator. Only Prometheus is a fake: the in-memory
+M/M/1 mesh of :mod:`operator_fakes`, whose traffic follows the routes of the VirtualService
+that is actually in the emulator (:class:`LiveRoutesReader`).
+
+The daemon waits ``runtime.interval()`` between cycles; the tests shorten it to
+:data:`FAST_INTERVAL_S` (the spec keeps its minimum of 5 s, which the model is built for).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import copy
+import threading
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import kopf
+import pytest
+from kopf_harness import ApiError, eventually, kube, running_operator
+from kubernetes import client
+from marl_operator.__main__ import client_configuration
+from marl_operator.handlers import register
+from marl_operator.kube import Kube, KubeMesh
+from marl_operator.mesh.istio import read_virtual_service
+from marl_operator.mesh.model import MeshService, node_from_edge_node
+from marl_operator.mesh.ownership import (
+    MANAGED_BY_LABEL,
+    ORIGINAL_SPEC_ANNOTATION,
+    SERVICE_ANNOTATION,
+)
+from marl_operator.mesh.routing import build_routes
+from marl_operator.report import Outcome
+from marl_operator.runtime import Runtime
+from operator_fakes import QueueingMesh, Reader, example
+
+NAMESPACE, POLICY, SERVICE = "edge", "edge-routing", "fn"
+KEY = f"{NAMESPACE}/{POLICY}"
+FAST_INTERVAL_S = 0.5
+
+MARL = "/apis/marl.dev/v1alpha1"
+EDGE_NODES = f"{MARL}/edgenodes"
+EDGE_SERVICES = f"{MARL}/namespaces/{NAMESPACE}/edgeservices"
+POLICIES = f"{MARL}/namespaces/{NAMESPACE}/routingpolicies"
+ISTIO = f"/apis/networking.istio.io/v1/namespaces/{NAMESPACE}"
+VIRTUAL_SERVICES, DESTINATION_RULES = f"{ISTIO}/virtualservices", f"{ISTIO}/destinationrules"
+EVENTS = f"/api/v1/namespaces/{NAMESPACE}/events"
+
+NODES = example("edgenodes.yaml")
+EDGE_SERVICE = next(s for s in example("edgeservice.yaml") if s["metadata"]["name"] == SERVICE)
+MESH_SERVICE = MeshService.from_edge_service(EDGE_SERVICE)
+MESH_NODES = tuple(node_from_edge_node(n) for n in NODES)
+NODE_NAMES = tuple(n.name for n in MESH_NODES)
+LINKS = {
+    frozenset(("edge-0", "edge-1")): 5.0,
+    frozenset(("edge-0", "edge-2")): 12.0,
+    frozenset(("edge-1", "edge-2")): 8.0,
+}
+
+
+def queueing_fake() -> QueueingMesh:
+    """Offered load and capacity as the example EdgeNodes describe them."""
+    return QueueingMesh(
+        dict(zip(NODE_NAMES, (60.0, 40.0, 20.0), strict=True)),
+        dict(zip(NODE_NAMES, (150.0, 100.0, 60.0), strict=True)),
+        {"edge-0": 4.0, "edge-1": 2.5, "edge-2": 1.0},
+        LINKS,
+    )
+
+
+class LiveRoutesReader(Reader):
+    """The fake's metrics under the routes the emulator's VirtualService carries now (the
+    equal split while there is none, or while it is the user's own), so its physics follow
+    what the operator really wrote. While ``gate`` is closed (cleared), a read waits for it
+    to open, and says so in ``held``."""
+
+    def __init__(self, fake: QueueingMesh, kube: Kube):
+        super().__init__(fake)
+        self.live = KubeMesh(kube)
+        self.gate = threading.Event()
+        self.gate.set()
+        self.held = threading.Event()
+
+    def read(self, **kwargs: Any) -> Any:
+        if not self.gate.is_set():
+            self.held.set()
+            self.gate.wait(timeout=30)
+        routes = self.live.read(MESH_SERVICE, MESH_NODES)
+        if routes is None:
+            self.mesh.routes.pop(SERVICE, None)
+        else:
+            self.mesh.routes[SERVICE] = routes
+        return super().read(**kwargs)
+
+
+def new_runtime(kubeconfig: Path, fake: QueueingMesh) -> tuple[Runtime, LiveRoutesReader]:
+    """A Runtime as ``python -m marl_operator`` builds it (from an explicit kubeconfig), with
+    the queueing fake in place of Prometheus and a short interval between cycles."""
+    cluster = Kube(client.ApiClient(client_configuration(kubeconfig)))
+    reader = LiveRoutesReader(fake, cluster)
+    runtime = Runtime(cluster, mesh=KubeMesh(cluster), reader_for=lambda url: reader)
+    runtime.interval = lambda key, body: FAST_INTERVAL_S  # type: ignore[method-assign]
+    return runtime, reader
+
+
+@contextlib.asynccontextmanager
+async def operating(url: str, runtime: Runtime) -> AsyncIterator[None]:
+    """kopf running the operator's handlers over ``runtime`` (a fresh registry each time)."""
+    registry = kopf.OperatorRegistry()
+    register(registry, runtime)
+    async with running_operator(registry, url):
+        yield
+
+
+@pytest.fixture()
+def cluster(apiserver: Any, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Any:
+    """The emulated API server; nothing may fall back to $KUBECONFIG."""
+    monkeypatch.setenv("KUBECONFIG", str(tmp_path / "no-such-kubeconfig"))
+    return apiserver
+
+
+# --- talking to the emulator -------------------------------------------------------------------
+
+
+def policy_body(**spec_changes: Any) -> dict[str, Any]:
+    body = copy.deepcopy(example("policy.yaml")[0])
+    body["spec"]["intervalSeconds"] = 5
+    body["spec"].update(spec_changes)
+    return body
+
+
+async def create_resources(url: str, policy: dict[str, Any] | None = None) -> None:
+    """The example EdgeNodes and EdgeService, then ``policy`` (if any), through the API."""
+    with contextlib.suppress(ApiError):  # already there from an earlier step
+        await kube(url, "POST", "/api/v1/namespaces", {"metadata": {"name": NAMESPACE}})
+    for node in NODES:
+        await kube(url, "POST", EDGE_NODES, node)
+    await kube(url, "POST", EDGE_SERVICES, EDGE_SERVICE)
+    if policy is not None:
+        await kube(url, "POST", POLICIES, policy)
+
+
+async def get(url: str, path: str) -> dict[str, Any] | None:
+    try:
+        return await kube(url, "GET", path)
+    except ApiError as error:
+        if error.status == 404:
+            return None
+        raise
+
+
+async def policy_status(url: str) -> dict[str, Any]:
+    return ((await get(url, f"{POLICIES}/{POLICY}")) or {}).get("status") or {}
+
+
+def conditions(status: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {c["type"]: c for c in status.get("conditions", [])}
+
+
+async def phase_is(url: str, phase: str) -> dict[str, Any] | None:
+    status = await policy_status(url)
+    return status if status.get("phase") == phase else None
+
+
+async def events(url: str, reason: str) -> list[dict[str, Any]]:
+    """The policy's events with this reason (every one of them for ``""``)."""
+    listed = await kube(url, "GET", EVENTS)
+    return [
+        e
+        for e in listed["items"]
+        if reason in ("", e.get("reason"))
+        and e.get("involvedObject", {}).get("kind") == "RoutingPolicy"
+        and e["involvedObject"].get("name") == POLICY
+    ]
+
+
+def route_table(vs: dict[str, Any]) -> dict[str, dict[str, int]]:
+    routes = read_virtual_service(MESH_SERVICE, MESH_NODES, vs)
+    return {source: dict(row) for source, row in routes.by_source.items()}
+
+
+def positive(rows: dict[str, dict[str, int]]) -> dict[str, dict[str, int]]:
+    return {s: {n: w for n, w in row.items() if w > 0} for s, row in rows.items()}
+
+
+def latest(runtime: Runtime) -> Any:
+    async def probe() -> Any:
+        return runtime.store.latest(KEY)
+
+    return probe
+
+
+def is_set(flag: threading.Event) -> Any:
+    async def probe() -> bool:
+        return flag.is_set()
+
+    return probe
+
+
+def outcome_is(runtime: Runtime, outcome: Outcome) -> Any:
+    async def probe() -> bool:
+        report = runtime.store.latest(KEY)
+        return report is not None and report.outcome == outcome
+
+    return probe
+
+
+# --- the tests ---------------------------------------------------------------------------------
+
+
+def test_applied_policy_writes_routes_status_and_an_event(cluster: Any) -> None:
+    runtime, _ = new_runtime(cluster.kubeconfig, queueing_fake())
+    written: list[dict[str, Any]] = []  # every status the operator sent
+    patch_status = runtime.kube.patch_policy_status
+
+    def record(namespace: str, name: str, status: Any) -> None:
+        written.append(copy.deepcopy(dict(status)))
+        patch_status(namespace, name, status)
+
+    runtime.kube.patch_policy_status = record  # type: ignore[method-assign]
+
+    async def scenario() -> None:
+        url = cluster.url
+        async with operating(url, runtime):
+            await create_resources(url, policy_body())
+            vs = await eventually(
+                lambda: get(url, f"{VIRTUAL_SERVICES}/{SERVICE}"), what="the VirtualService"
+            )
+            dr = await eventually(
+                lambda: get(url, f"{DESTINATION_RULES}/{SERVICE}"), what="the DestinationRule"
+            )
+            for obj in (vs, dr):
+                assert obj["metadata"]["labels"][MANAGED_BY_LABEL] == "marl-operator"
+                assert obj["metadata"]["annotations"][SERVICE_ANNOTATION] == f"{NAMESPACE}/fn"
+            assert [s["name"] for s in dr["spec"]["subsets"]] == [f"node-{n}" for n in NODE_NAMES]
+            rules = vs["spec"]["http"]
+            assert [r["name"] for r in rules] == [*(f"from-{n}" for n in NODE_NAMES), "default"]
+            for rule in rules:
+                assert sum(route["weight"] for route in rule["route"]) == 100, rule
+
+            # The status reports the routes the mesh carries: compare them once both settled.
+            async def settled() -> dict[str, Any] | None:
+                status = await policy_status(url)
+                vs = await get(url, f"{VIRTUAL_SERVICES}/{SERVICE}")
+                routes = {
+                    r["sourceNode"]: r["weights"]
+                    for r in (status.get("services") or [{}])[0].get("routes", [])
+                }
+                return status if vs and positive(routes) == route_table(vs) else None
+
+            status = await eventually(settled, what="status routes equal to the VirtualService")
+            policy = await kube(url, "GET", f"{POLICIES}/{POLICY}")
+            generation = policy["metadata"]["generation"]
+            assert "marl.dev/finalizer" in policy["metadata"]["finalizers"]
+            assert status["phase"] == "Active"
+            assert status["observedGeneration"] == generation
+            assert status["services"][0]["name"] == SERVICE
+            assert {r["sourceNode"] for r in status["services"][0]["routes"]} == set(NODE_NAMES)
+            found = conditions(status)
+            for kind in ("Ready", "MetricsAvailable", "WeightsApplied"):
+                assert found[kind]["status"] == "True", found[kind]
+                assert found[kind]["observedGeneration"] == generation
+            assert found["Fallback"]["status"] == "False"
+            assert status["lastDecision"]["observedLatencyMs"] > 0
+
+            applied = await eventually(lambda: events(url, "WeightsApplied"), what="the event")
+            assert applied[0]["type"] == "Normal"
+            assert applied[0]["involvedObject"]["uid"] == policy["metadata"]["uid"]
+
+            # Once the decision is steady (Unchanged), the policy is still Active, and every
+            # event it got says that its weights are applied.
+            await eventually(outcome_is(runtime, Outcome.UNCHANGED), what="a steady decision")
+            history = runtime.store.history(KEY)
+            await eventually(
+                lambda: asyncio.sleep(0, len(written) >= len(history)), what="every status"
+            )
+            assert {w["phase"] for w in written} == {"Active"}
+            assert {e["reason"] for e in await events(url, "")} == {"WeightsApplied"}
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.parametrize(
+    ("change", "field"),
+    [
+        ({"services": ["missing"]}, "spec.services"),
+        ({"safety": {"fallback": "panic"}}, "spec.safety.fallback"),
+    ],
+    ids=["unknown-service", "unknown-fallback"],
+)
+def test_invalid_policy_fails_naming_the_field_and_writes_nothing(
+    cluster: Any, change: dict[str, Any], field: str
+) -> None:
+    runtime, _ = new_runtime(cluster.kubeconfig, queueing_fake())
+
+    async def scenario() -> None:
+        url = cluster.url
+        async with operating(url, runtime):
+            # The emulator validates no schema, so the operator's own checks must catch it.
+            await create_resources(url, policy_body(**change))
+            status = await eventually(lambda: phase_is(url, "Failed"), what="phase Failed")
+            ready = conditions(status)["Ready"]
+            assert ready["status"] == "False" and ready["message"].startswith(field), ready
+            assert conditions(status)["WeightsApplied"]["status"] == "False"
+            invalid = await eventually(lambda: events(url, "InvalidSpec"), what="the event")
+            assert invalid[0]["type"] == "Warning" and field in invalid[0]["message"]
+            assert runtime.store.latest(KEY).outcome == Outcome.INVALID
+        for plural in (VIRTUAL_SERVICES, DESTINATION_RULES):
+            assert (await kube(url, "GET", plural))["items"] == []
+
+    asyncio.run(scenario())
+
+
+USER_VIRTUAL_SERVICE = {
+    "apiVersion": "networking.istio.io/v1",
+    "kind": "VirtualService",
+    "metadata": {
+        "name": SERVICE,
+        "namespace": NAMESPACE,
+        "labels": {"app": "fn"},
+        "annotations": {"owner": "the user"},
+    },
+    "spec": {
+        "hosts": [MESH_SERVICE.host],
+        "gateways": ["mesh"],  # a field the Istio writer does not generate
+        "http": [{"route": [{"destination": {"host": MESH_SERVICE.host}}], "timeout": "3s"}],
+    },
+}
+
+
+class CycleCounter:
+    """Wraps a Runtime's cycle and delete: how many cycles run now, and whether a delete
+    has begun."""
+
+    def __init__(self, runtime: Runtime):
+        self.running = 0
+        self.lock = threading.Lock()
+        self.deleting = threading.Event()
+        cycle, delete = runtime.cycle, runtime.delete
+
+        def counted_cycle(key: str, body: Any) -> Any:
+            with self.lock:
+                self.running += 1
+            try:
+                return cycle(key, body)
+            finally:
+                with self.lock:
+                    self.running -= 1
+
+        def announced_delete(key: str, body: Any) -> list[str]:
+            self.deleting.set()
+            return delete(key, body)
+
+        runtime.cycle = counted_cycle  # type: ignore[method-assign]
+        runtime.delete = announced_delete  # type: ignore[method-assign]
+
+    async def idle(self) -> bool:
+        with self.lock:
+            return self.running == 0
+
+
+async def take_over_then_delete(
+    url: str, runtime: Runtime, reader: LiveRoutesReader, *, mid_cycle: bool = False
+) -> list[dict[str, Any]]:
+    """Create the user's VirtualService and the policy, wait for the operator's takeover,
+    delete the policy (``mid_cycle``: while a cycle is held reading metrics) and wait until
+    it is gone; returns the policy's RoutesRestored events."""
+    await create_resources(url)
+    await kube(url, "POST", VIRTUAL_SERVICES, USER_VIRTUAL_SERVICE)
+    in_flight = CycleCounter(runtime)
+    async with operating(url, runtime):
+        await kube(url, "POST", POLICIES, policy_body())
+
+        async def taken_over() -> bool:
+            vs = await get(url, f"{VIRTUAL_SERVICES}/{SERVICE}")
+            return vs is not None and MANAGED_BY_LABEL in (vs["metadata"].get("labels") or {})
+
+        await eventually(taken_over, what="the takeover")
+        await eventually(
+            lambda: get(url, f"{DESTINATION_RULES}/{SERVICE}"), what="the DestinationRule"
+        )
+        try:
+            if mid_cycle:
+                reader.gate.clear()
+                reader.held.clear()
+                await eventually(is_set(reader.held), what="a cycle held at the gate")
+            await kube(url, "DELETE", f"{POLICIES}/{POLICY}")
+            if mid_cycle:
+                # A delete handler that does not wait for the held cycle restores the routes
+                # now; one that waits does not reach runtime.delete before the cycle ends.
+                with contextlib.suppress(TimeoutError):
+                    await eventually(is_set(in_flight.deleting), timeout=1.5)
+                    await asyncio.sleep(0.3)  # time for that restore to finish
+        finally:
+            reader.gate.set()  # the held cycle goes on
+
+        async def deleted() -> bool:
+            return await get(url, f"{POLICIES}/{POLICY}") is None
+
+        await eventually(deleted, timeout=20, what="the policy's deletion")
+        # kopf may have cancelled the daemon, but not the thread running its cycle.
+        await eventually(in_flight.idle, what="the end of every cycle")
+        return await eventually(
+            lambda: events(url, "RoutesRestored"), what="the RoutesRestored event"
+        )
+
+
+def assert_restored(vs: dict[str, Any]) -> None:
+    meta, user = vs["metadata"], USER_VIRTUAL_SERVICE["metadata"]
+    assert vs["spec"] == USER_VIRTUAL_SERVICE["spec"]
+    assert meta.get("labels") == user["labels"]  # marl.dev/managed-by is gone, the user's kept
+    assert meta.get("annotations") == user["annotations"]
+    for key in (SERVICE_ANNOTATION, ORIGINAL_SPEC_ANNOTATION):
+        assert key not in (meta.get("annotations") or {})
+
+
+def test_deleting_the_policy_restores_the_users_routes(cluster: Any) -> None:
+    runtime, reader = new_runtime(cluster.kubeconfig, queueing_fake())
+
+    async def scenario() -> None:
+        url = cluster.url
+        restored = await take_over_then_delete(url, runtime, reader)
+        assert_restored(await kube(url, "GET", f"{VIRTUAL_SERVICES}/{SERVICE}"))
+        # The DestinationRule was the operator's own: gone with the policy.
+        assert await get(url, f"{DESTINATION_RULES}/{SERVICE}") is None
+        assert restored[0]["type"] == "Normal"
+        assert "restored VirtualService/fn" in restored[0]["message"]
+        assert "deleted DestinationRule/fn" in restored[0]["message"]
+        assert KEY not in runtime.controllers and runtime.store.latest(KEY) is None
+
+    asyncio.run(scenario())
+
+
+def test_deleting_the_policy_during_a_cycle_still_restores(cluster: Any) -> None:
+    """kopf stops a deleted policy's daemon and runs the delete handler at the same time, so a
+    cycle may still be running (here: held while reading metrics) when the routes are
+    restored; what it writes afterwards must not take the user's object over again."""
+    runtime, reader = new_runtime(cluster.kubeconfig, queueing_fake())
+
+    async def scenario() -> None:
+        url = cluster.url
+        await take_over_then_delete(url, runtime, reader, mid_cycle=True)
+        assert_restored(await kube(url, "GET", f"{VIRTUAL_SERVICES}/{SERVICE}"))
+        assert await get(url, f"{DESTINATION_RULES}/{SERVICE}") is None
+        assert KEY not in runtime.controllers
+
+    asyncio.run(scenario())
+
+
+def test_metrics_outage_holds_falls_back_and_recovers(cluster: Any) -> None:
+    fake = queueing_fake()
+    runtime, _ = new_runtime(cluster.kubeconfig, fake)
+    body = policy_body(safety={"failureThreshold": 2, "fallback": "local"})
+
+    async def scenario() -> None:
+        url = cluster.url
+        async with operating(url, runtime):
+            await create_resources(url, body)
+            await eventually(lambda: phase_is(url, "Active"), what="phase Active")
+            fake.down = True
+            held = await eventually(lambda: phase_is(url, "Holding"), what="phase Holding")
+            assert conditions(held)["MetricsAvailable"]["status"] == "False"
+            assert "unreachable" in conditions(held)["MetricsAvailable"]["message"]
+            assert conditions(held)["Fallback"]["status"] == "False"
+            fallen = await eventually(lambda: phase_is(url, "Fallback"), what="phase Fallback")
+            assert conditions(fallen)["Fallback"]["status"] == "True"
+            assert conditions(fallen)["MetricsAvailable"]["status"] == "False"
+            # The local fallback keeps every node's traffic on the node.
+            vs = await kube(url, "GET", f"{VIRTUAL_SERVICES}/{SERVICE}")
+            assert route_table(vs) == {n: {n: 100} for n in NODE_NAMES}
+            assert await eventually(lambda: events(url, "WeightsHeld"), what="WeightsHeld")
+            assert await eventually(lambda: events(url, "FallbackActivated"), what="the event")
+            fake.down = False
+            back = await eventually(lambda: phase_is(url, "Active"), what="Active again")
+            assert conditions(back)["MetricsAvailable"]["status"] == "True"
+            assert conditions(back)["Fallback"]["status"] == "False"
+        outcomes = [r.outcome for r in runtime.store.history(KEY)]
+        first_held = outcomes.index(Outcome.HELD)
+        assert outcomes[first_held : first_held + 2] == [Outcome.HELD, Outcome.FALLBACK]
+
+    asyncio.run(scenario())
+
+
+class ConflictingKube(Kube):
+    """Kube where another writer changes the VirtualService between KubeMesh's read and its
+    first patch of it (once), so that patch carries a stale resourceVersion."""
+
+    def __init__(self, api: client.ApiClient):
+        super().__init__(api)
+        self.interfered = False
+        self.conflicts = 0
+
+    def patch(self, namespace: str, kind: str, name: str, patch: Any) -> None:
+        if kind == "VirtualService" and not self.interfered:
+            self.interfered = True
+            other = {"metadata": {"annotations": {"other-writer": "was here"}}}
+            super().patch(namespace, kind, name, other)
+        try:
+            super().patch(namespace, kind, name, patch)
+        except client.ApiException as error:
+            self.conflicts += error.status == 409
+            raise
+
+
+def test_a_conflicting_write_is_retried(cluster: Any) -> None:
+    cluster_kube = ConflictingKube(client.ApiClient(client_configuration(cluster.kubeconfig)))
+    mesh = KubeMesh(cluster_kube)
+    even = {n: {m: w for m, w in zip(NODE_NAMES, (34, 33, 33), strict=True)} for n in NODE_NAMES}
+    assert mesh.write(MESH_SERVICE, build_routes(even, MESH_NODES))  # creates both objects
+    before = cluster_kube.get(NAMESPACE, "VirtualService", SERVICE)
+    assert not cluster_kube.interfered  # creates are not patches
+    local = {n: {n: 80, **{m: 10 for m in NODE_NAMES if m != n}} for n in NODE_NAMES}
+
+    assert mesh.write(MESH_SERVICE, build_routes(local, MESH_NODES))
+
+    assert cluster_kube.interfered and cluster_kube.conflicts == 1
+    after = cluster_kube.get(NAMESPACE, "VirtualService", SERVICE)
+    assert route_table(after) == local
+    assert after["metadata"]["annotations"]["other-writer"] == "was here"  # not undone
+    assert int(after["metadata"]["resourceVersion"]) > int(before["metadata"]["resourceVersion"])
+    assert mesh.read(MESH_SERVICE, MESH_NODES).by_source == local
+
+
+def test_a_restarted_operator_rewrites_nothing(cluster: Any) -> None:
+    """After a restart the model is fresh, so a rollout decision could legitimately differ
+    from the last one before it. Here it cannot: the fake's load and capacity do not change,
+    the first operator runs until its decision is a fixed point (outcome Unchanged: the
+    decision equals what the mesh carries), and both its model and the fresh one decide on the
+    queueing prior (too few intervals for a learned model) from the same readings; with
+    controller seed 0 that decision is deterministic. So the restarted operator's first
+    cycle must be Unchanged and must not write: same resourceVersions."""
+    fake = queueing_fake()
+
+    async def scenario() -> None:
+        url = cluster.url
+        first, _ = new_runtime(cluster.kubeconfig, fake)
+        async with operating(url, first):
+            await create_resources(url, policy_body())
+            await eventually(outcome_is(first, Outcome.UNCHANGED), timeout=20, what="a fixed point")
+            assert "queueing prior" in first.store.latest(KEY).reason
+        versions = {
+            path: (await kube(url, "GET", f"{path}/{SERVICE}"))["metadata"]["resourceVersion"]
+            for path in (VIRTUAL_SERVICES, DESTINATION_RULES)
+        }
+        weights = first.store.latest(KEY).weights
+
+        restarted, _ = new_runtime(cluster.kubeconfig, fake)
+        async with operating(url, restarted):
+            report = await eventually(latest(restarted), what="the first cycle after restart")
+            assert report.outcome == Outcome.UNCHANGED, report.reason
+            assert "queueing prior" in report.reason
+            assert report.weights == weights
+            for path, version in versions.items():
+                now = await kube(url, "GET", f"{path}/{SERVICE}")
+                assert now["metadata"]["resourceVersion"] == version, path
+
+    asyncio.run(scenario())
