@@ -61,23 +61,52 @@ def config_yaml(targets: Sequence[str], interval: str = "1s") -> str:
     )
 
 
-@dataclass(frozen=True)
+@dataclass
 class PrometheusServer:
-    """A running server: its base URL and its process (for tests that stop it early)."""
+    """A server process on a fixed port and data directory: tests stop it to cause an
+    outage and start it again, with its data, to end one."""
 
     url: str
-    process: subprocess.Popen[bytes]
+    command: list[str]
+    root: Path
     log: Path
+    ready_timeout_s: float = 30.0
+    process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        """Start the process and wait until it answers ``/-/ready``."""
+        with self.log.open("ab") as log_file:
+            self.process = subprocess.Popen(
+                self.command,
+                stdin=subprocess.DEVNULL,
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+                cwd=self.root,
+            )
+        deadline = time.monotonic() + self.ready_timeout_s
+        while not _ready(self.url):
+            if self.process.poll() is not None:
+                raise RuntimeError(
+                    f"Prometheus exited with code {self.process.returncode} before it was "
+                    f"ready:\n{_log_tail(self.log)}"
+                )
+            if time.monotonic() > deadline:
+                raise RuntimeError(
+                    f"Prometheus was not ready within {self.ready_timeout_s:g} s:\n"
+                    f"{_log_tail(self.log)}"
+                )
+            time.sleep(0.1)
 
     def stop(self) -> None:
         """Terminate and reap, killing it if it does not exit within 10 s."""
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(timeout=10)
+        if self.process is None or self.process.poll() is not None:
+            return
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait(timeout=10)
 
 
 def _ready(url: str) -> bool:
@@ -105,37 +134,22 @@ def prometheus(
         root = Path(tmp)
         config = root / "prometheus.yml"
         config.write_text(config_yaml(targets, interval))
-        log = root / "prometheus.log"
         port = free_port()
-        url = f"http://127.0.0.1:{port}"
-        with log.open("wb") as log_file:
-            process = subprocess.Popen(
-                [
-                    binary,
-                    f"--config.file={config}",
-                    f"--storage.tsdb.path={root / 'data'}",
-                    f"--web.listen-address=127.0.0.1:{port}",
-                    "--log.level=warn",
-                ],
-                stdin=subprocess.DEVNULL,
-                stdout=log_file,
-                stderr=subprocess.STDOUT,
-                cwd=root,
-            )
-        server = PrometheusServer(url=url, process=process, log=log)
+        server = PrometheusServer(
+            url=f"http://127.0.0.1:{port}",
+            command=[
+                binary,
+                f"--config.file={config}",
+                f"--storage.tsdb.path={root / 'data'}",
+                f"--web.listen-address=127.0.0.1:{port}",
+                "--log.level=warn",
+            ],
+            root=root,
+            log=root / "prometheus.log",
+            ready_timeout_s=ready_timeout_s,
+        )
         try:
-            deadline = time.monotonic() + ready_timeout_s
-            while not _ready(url):
-                if process.poll() is not None:
-                    raise RuntimeError(
-                        f"Prometheus exited with code {process.returncode} before it was ready:"
-                        f"\n{_log_tail(log)}"
-                    )
-                if time.monotonic() > deadline:
-                    raise RuntimeError(
-                        f"Prometheus was not ready within {ready_timeout_s:g} s:\n{_log_tail(log)}"
-                    )
-                time.sleep(0.1)
+            server.start()
             yield server
         finally:
             server.stop()

@@ -94,3 +94,36 @@ def test_closed_loop_cuts_p95_after_a_capacity_drop(tmp_path):
     assert after < before, (before, after)  # traffic moved off the degraded node
     assert policy["status"]["phase"] == "Active"
     assert decisions["observed_p95_ms"]["fn"] > 0
+
+
+def condition(policy: dict, kind: str) -> str | None:
+    for cond in policy.get("status", {}).get("conditions", []):
+        if cond["type"] == kind:
+            return cond["status"]
+    return None
+
+
+def test_closed_loop_holds_then_falls_back_when_prometheus_stops(tmp_path):
+    """The real Prometheus goes away: the weights are held (MetricsAvailable=False), the
+    example's ``hold`` fallback is declared after ``failureThreshold`` (3) intervals, and
+    the policy is Active again once Prometheus is back."""
+    with running_stack(directory=tmp_path / "stack") as stack:
+        stack.apply(EXAMPLES / "policy.yaml")
+        wait_for(lambda: condition(stack.policy(), "WeightsApplied") == "True", 90, "weights")
+        vs = lambda: yaml.safe_load(  # noqa: E731
+            stack.kubectl("get", "virtualservice", "fn", "-n", "edge", "-o", "yaml")
+        )
+        stack.prometheus.stop()
+        wait_for(lambda: stack.policy()["status"]["phase"] == "Holding", 30, "Holding")
+        assert condition(stack.policy(), "MetricsAvailable") == "False"
+        held = vs()["spec"]  # read once holding: no cycle may write from here on
+        wait_for(lambda: stack.policy()["status"]["phase"] == "Fallback", 45, "Fallback")
+        policy = stack.policy()
+        assert condition(policy, "Fallback") == "True"
+        assert "metrics" in policy["status"]["lastDecision"]["message"]
+        assert vs()["spec"] == held  # hold: the weights in place stay
+
+        stack.prometheus.start()
+        wait_for(lambda: stack.policy()["status"]["phase"] == "Active", 60, "recovery")
+        assert condition(stack.policy(), "MetricsAvailable") == "True"
+        assert condition(stack.policy(), "Fallback") == "False"
