@@ -52,6 +52,7 @@ import attrs
 import jsonpatch
 import kmock
 import yaml
+from marl_operator.mesh.patching import apply_merge_patch
 
 REPO_CRD_DIR = Path(__file__).resolve().parent.parent / "crds"
 CRD_RESOURCE = kmock.resource("apiextensions.k8s.io", "v1", "customresourcedefinitions")
@@ -99,19 +100,6 @@ OBJECT_HISTORY = 20  # versions kept per object
 def api_error(status: int, reason: str, message: str, **details: Any) -> kmock.KubernetesError:
     """A Kubernetes ``Status`` failure, which kmock renders as the response."""
     return kmock.KubernetesError(status, reason, message, details or {"causes": []})
-
-
-def merge_patch(target: Any, patch: Any) -> Any:
-    """``target`` with an RFC 7386 merge ``patch`` applied (None deletes); a new value."""
-    if not isinstance(patch, Mapping):
-        return copy.deepcopy(patch)
-    result = dict(target) if isinstance(target, Mapping) else {}
-    for key, value in patch.items():
-        if value is None:
-            result.pop(key, None)
-        else:
-            result[key] = merge_patch(result.get(key), value)
-    return result
 
 
 _SELECTOR_TERMS = re.compile(r",(?![^(]*\))")  # commas outside "in (a,b)"
@@ -477,7 +465,7 @@ class ApiServer(kmock.KubernetesEmulator):
                 "couldn't get version/kind; json parse error: cannot unmarshal array into an "
                 f"object (Content-Type {content_type or 'none'}; a JSON patch needs {JSON_PATCH})",
             )
-        return merge_patch(old, data)
+        return apply_merge_patch(old, data)
 
     @staticmethod
     def _isolate_status(

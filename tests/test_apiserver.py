@@ -26,8 +26,9 @@ from kopf_harness import ApiError, eventually, kube, running_operator
 from kubernetes import client as k8s
 from kubernetes import config as k8s_config
 from kubernetes.client.rest import ApiException
+from marl_operator.mesh.patching import apply_merge_patch as merge_patch
 
-from demo.apiserver import ApiServer, matches_labels, merge_patch, serve, write_kubeconfig
+from demo.apiserver import ApiServer, matches_labels, serve, write_kubeconfig
 
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLES = sorted((REPO / "examples").glob("*.yaml"))
