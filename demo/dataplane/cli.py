@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import logging
 import math
 import signal
@@ -56,16 +55,6 @@ def _load_argument(text: str) -> dict[str, Any]:
         return parse_load(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
-
-
-class _FieldsFormatter(JsonFormatter):
-    """The operator's JSON lines plus the ``fields`` this package's records carry
-    (``extra={"fields": {...}}``), which the operator's formatter does not know."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        line = super().format(record)
-        fields = getattr(record, "fields", None)
-        return json.dumps({**json.loads(line), **fields}, default=str) if fields else line
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -206,7 +195,7 @@ def _json_logging() -> Iterator[None]:
     """This module's records as JSON lines on stderr, for as long as ``main`` runs (the
     root logger is left alone, so an embedding process keeps its own logging)."""
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(_FieldsFormatter())
+    handler.setFormatter(JsonFormatter())
     level, propagate = logger.level, logger.propagate
     logger.addHandler(handler)
     logger.setLevel(logging.INFO)

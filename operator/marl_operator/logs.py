@@ -17,9 +17,11 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "message": record.getMessage(),
         }
-        for key in ("k8s_obj", "policy"):  # kopf's object reference, the runtime's policy key
-            if key in record.__dict__:
-                entry[key] = record.__dict__[key]
+        if "k8s_obj" in record.__dict__:  # kopf's reference to the object being handled
+            entry["k8s_obj"] = record.__dict__["k8s_obj"]
+        entry.update(
+            getattr(record, "fields", None) or {}
+        )  # logger.info(..., extra={"fields": {}})
         if record.exc_info:
             entry["error"] = self.formatException(record.exc_info)
         return json.dumps(entry, default=str)

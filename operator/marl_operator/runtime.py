@@ -176,9 +176,15 @@ class Runtime:
         self.store.put(report)
         self.instruments.record(report)
         log.info(
-            "cycle policy=%s outcome=%s decision_ms=%.1f reason=%r",
+            "cycle %s: %s (%s)",
             report.policy,
             report.outcome.value,
-            report.decision_ms,
             report.reason,
+            extra={
+                "fields": {
+                    "policy": report.policy,
+                    "outcome": report.outcome.value,
+                    "decision_ms": round(report.decision_ms, 2),
+                }
+            },
         )
