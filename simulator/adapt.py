@@ -248,6 +248,7 @@ def run_arm(
             settings,
             interval_seconds=args.interval * scenario.step_seconds,
             max_nmae=args.max_nmae,
+            prior=args.prior,
         )
     weights = schedule.weights_at(0) if schedule is not None else policy(obs, env.action_mask())[0]
     cycles = []
@@ -355,6 +356,12 @@ def main(argv: list[str] | None = None) -> int:
         "--max-nmae", type=float, default=0.3, help="model error above which rollout falls back"
     )
     parser.add_argument("--regressor", choices=("forest", "boosting"), default="forest")
+    parser.add_argument(
+        "--prior",
+        action="store_true",
+        help="decide on the queueing prior while the learned model is not trusted (as the "
+        "operator does) instead of keeping the base policy's action",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", action="store_true", help="end with one JSON object")
     parser.add_argument("--plot", metavar="PNG")

@@ -27,3 +27,58 @@ def test_prior_table_covers_the_current_backlog():
     assert table.backlog[-1] >= 24.0 and table.known.all()
     pred, inside = table.lookup(np.array([[0.5, 1.5]]), np.array([[0.0, 12.0]]))
     assert inside.all() and pred[0, 1, 0, BACKLOG_S] > 12.0
+
+
+def _overloaded_adapter(prior: bool):
+    from policies.adaptation import Adapter, IntervalTelemetry
+    from policies.model_env import ModelEnv
+    from policies.observation import MeshTelemetry
+    from policies.system_model import SystemModel
+    from policies.topology import Topology
+
+    topo = Topology.build(["a", "b"], ["fn"], {"a": ["b"], "b": ["a"]}, max_degree=1)
+    env = ModelEnv(topo, work=np.ones(1), target_ms=np.array([100.0]), reject_penalty=4)
+
+    def always_local(obs, mask):
+        w = np.zeros((*obs.shape[:-1], mask.shape[-1]))
+        w[..., 0] = 1.0
+        return w
+
+    offered, capacity = np.array([[90.0], [10.0]]), np.array([60.0, 100.0])
+    mesh = MeshTelemetry(
+        offered=offered[None],
+        latency_ms=np.full((1, 2, 1), 50.0),
+        rejected=np.zeros((1, 2, 1)),
+        arrived_prev=offered[None],
+        utilisation=np.array([[1.0, 0.1]]),
+        backlog=np.zeros((1, 2)),
+        capacity=capacity,
+        active=np.ones(2, bool),
+        target_ms=np.array([100.0]),
+    )
+    tel = IntervalTelemetry(
+        offered=offered,
+        incoming=offered,
+        rejected=np.zeros((2, 1)),
+        mean_ms=np.array([[500.0], [11.0]]),
+        p95_ms=np.array([[1500.0], [30.0]]),
+        capacity=capacity,
+        backlog_start=np.zeros(2),
+        backlog_end=np.array([2.0, 0.0]),
+        mesh=mesh,
+    )
+    adapter = Adapter(env, always_local, SystemModel(), interval_seconds=10.0, prior=prior)
+    adapter.observe(tel)
+    return adapter
+
+
+def test_an_untrusted_model_hands_the_decision_to_the_prior_when_asked():
+    """Node a gets 90 req/s for a capacity of 60: with the prior, rollout moves part of a's
+    traffic to idle b at once; without it, the base policy's all-local action stays."""
+    decision = _overloaded_adapter(prior=True).decide()
+    assert decision.fallback is None and decision.weights[0, 1] > 0.2
+    assert decision.predicted_cost < decision.base_predicted_cost
+    kept = _overloaded_adapter(prior=False)
+    decision = kept.decide()
+    assert "too little data" in decision.fallback and decision.weights[0, 0] == 1.0
+    assert kept.model_source == "none"
