@@ -93,7 +93,8 @@ _NAMESPACES_ALIAS = "namespaces~"
 
 JSON_PATCH = "application/json-patch+json"
 APPLY_PATCH = "application/apply-patch+yaml"
-REQUEST_LOG = 1000  # requests (and errors) kmock keeps for assertions
+REQUEST_LOG = 20  # requests (and errors) kmock keeps for assertions; it scans them all on
+# every request, so a long log makes every call slow (about 50 ms each at 1000)
 OBJECT_HISTORY = 20  # versions kept per object
 
 

@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import kopf
@@ -73,6 +74,9 @@ def register(
     # delete handler waits for that cycle, or its write would take the restored objects over
     # again after the policy is gone.
     cycles: dict[str, asyncio.Future[CycleReport]] = {}
+    # Cycles are CPU-bound Python and numpy that hold the GIL: one worker runs them in turn at
+    # less CPU than several contending for it, and the event loop stays free for kopf.
+    worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="marl-cycle")
 
     @kopf.daemon(GROUP, VERSION, PLURAL, registry=registry, cancellation_timeout=30.0)
     async def control_loop(
@@ -80,9 +84,11 @@ def register(
     ) -> None:
         key = f"{namespace}/{name}"
         previous: CycleReport | None = None
+        loop = asyncio.get_running_loop()
         while not stopped:
+            started = loop.time()
             snapshot = {"metadata": dict(body.metadata), "spec": dict(body.spec)}
-            running = asyncio.ensure_future(asyncio.to_thread(runtime.cycle, key, snapshot))
+            running = loop.run_in_executor(worker, runtime.cycle, key, snapshot)
             cycles[key] = running
             report = await asyncio.shield(running)
             status = status_of(report, dict(body.status))
@@ -96,7 +102,8 @@ def register(
                 if report.outcome == Outcome.INVALID
                 else runtime.interval(key, snapshot)
             )
-            await stopped.wait(wait)
+            # The interval runs from the cycle's start, so a slow cycle does not stretch it.
+            await stopped.wait(max(0.0, wait - (loop.time() - started)))
 
     @kopf.on.delete(GROUP, VERSION, PLURAL, registry=registry)
     async def restore_routes(body: kopf.Body, name: str, namespace: str, **_: Any) -> None:

@@ -1,0 +1,67 @@
+"""The operator scale benchmark: its stub Prometheus speaks the operator's templates, its mesh
+fits the bundled checkpoint, and a tiny run prints the JSON it promises."""
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from marl_operator.observer import Observer
+from marl_operator.problem import build_problem
+from marl_operator.prometheus import PrometheusReader
+from marl_operator.spec import parse_policy_spec
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "operator_scale.py"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("operator_scale", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up while defined
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_mesh_fits_the_checkpoint_and_the_stub_answers_every_template(bench):
+    mesh = bench.ring_with_chords(10, np.random.default_rng(0))
+    assert max(len(v) for v in mesh.neighbours.values()) <= bench.MAX_DEGREE
+    policy = bench.routing_policy("bench-0", 10, "http://127.0.0.1:9")
+    problem = build_problem(
+        parse_policy_spec(policy["spec"]),
+        mesh.edge_nodes(),
+        {"fn": bench.edge_service("bench-0")},
+        max_degree=bench.MAX_DEGREE,
+    )
+    stub = bench.StubPrometheus(mesh, seed=0)
+    reader = PrometheusReader("http://stub", query=stub.answer)
+    readings = reader.read(
+        namespace="bench-0", service="fn", host="fn.bench-0.svc.cluster.local", window="30s"
+    )
+    pairs = {(f"loadgen-{a}", f"fn-{b}") for a in mesh.names for b in (a, *mesh.neighbours[a])}
+    for series in (readings.rate, readings.success, readings.mean_ms, readings.p95_ms):
+        assert set(series) == pairs
+    assert set(readings.cpu_cores) == {f"fn-{x}" for x in mesh.names}
+    assert "unknown" not in stub.queries
+    telemetry = Observer(problem).telemetry({"fn": readings})
+    assert np.all(telemetry.offered > 0) and np.all(np.isfinite(telemetry.mean_ms))
+
+
+@pytest.mark.integration
+def test_tiny_run_prints_the_json_contract():
+    args = ["--policies", "2", "--nodes", "3", "--interval", "5", "--duration", "6"]
+    done = subprocess.run(
+        [sys.executable, str(SCRIPT), *args, "--warmup", "2"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+    for key in ("cpu_cores_mean", "rss_mb_peak", "cycles_per_s", "expected_cycles_per_s"):
+        assert isinstance(out[key], float), key
+    assert out["policies_cycled"] == 2 and out["cycles"] >= 2
+    assert set(out["meets_target"]) == {"cpu", "memory", "cycles"}
