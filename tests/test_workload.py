@@ -154,7 +154,11 @@ def serving(app):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
+    server = uvicorn.Server(
+        # log_config=None: uvicorn would bind its handlers to the stream pytest captures now
+        # and closes after the test, and later records would then fail at exit.
+        uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None)
+    )
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 10
