@@ -158,7 +158,7 @@ class PolicyController:
             fallback=decision.fallback,
             changed_agents=self._agent_names(decision.changed_agents),
             predicted_p95_ms=self._predicted_p95(decision),
-            observed_p95_ms=self.observer.observed_p95_ms(readings),
+            observed_p95_ms=self.observer.observed_p95_ms,
             decision_ms=decision.decision_ms,
         )
         if self.spec.dry_run:

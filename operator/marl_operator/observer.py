@@ -84,7 +84,7 @@ def pair_matrices(readings: ServiceReadings, labels: Mapping[str, int], n: int) 
     return out
 
 
-def _weighted(values: np.ndarray, weights: np.ndarray, axis: int) -> np.ndarray:
+def _weighted(values: np.ndarray, weights: np.ndarray, axis) -> np.ndarray:
     """Rate-weighted mean over ``axis`` ignoring NaN values; NaN where nothing is known."""
     ok = np.isfinite(values) & (weights > 0)
     total = np.where(ok, weights, 0.0).sum(axis=axis)
@@ -111,6 +111,7 @@ class Observer:
         self.backlog = np.zeros(problem.topology.num_nodes)
         self.labels = {node.label: i for i, node in enumerate(problem.nodes)}
         self.inputs: dict[str, dict[str, NodeInputs]] = {}
+        self.observed_p95_ms: dict[str, float] = {}  # client-perceived, per service
 
     def telemetry(self, readings: Mapping[str, ServiceReadings]) -> IntervalTelemetry:
         """The interval's telemetry, or :class:`InsufficientData` saying which service lacks it."""
@@ -131,6 +132,12 @@ class Observer:
             mats.append(m)
 
         rate = np.stack([np.nan_to_num(m.rate) for m in mats], axis=-1)  # (N, N, S)
+        overall = _weighted(np.stack([m.p95_ms for m in mats], -1), rate, axis=(0, 1))
+        self.observed_p95_ms = {
+            service: float(value)
+            for service, value in zip(topo.services, overall, strict=True)
+            if np.isfinite(value)
+        }
         success = np.stack([np.where(np.isnan(m.success), 1.0, m.success) for m in mats], -1)
         link = topo.link_matrix[..., None]
         client_ms = np.stack([m.mean_ms for m in mats], axis=-1)
@@ -199,17 +206,6 @@ class Observer:
             backlog_end=backlog_end,
             mesh=mesh,
         )
-
-    def observed_p95_ms(self, readings: Mapping[str, ServiceReadings]) -> dict[str, float]:
-        """Client-perceived p95 per service: the rate-weighted mean over pairs."""
-        out = {}
-        n = self.problem.topology.num_nodes
-        for service, got in readings.items():
-            m = pair_matrices(got, self.labels, n)
-            value = _weighted(m.p95_ms.reshape(-1), np.nan_to_num(m.rate).reshape(-1), axis=0)
-            if np.isfinite(value):
-                out[service] = float(value)
-        return out
 
 
 def _finite(x: float) -> float | None:
