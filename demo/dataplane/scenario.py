@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 from marl_operator.mesh.model import node_from_edge_node
+from marl_operator.problem import cpu_quantity
 
 logger = logging.getLogger("demo.dataplane")
 
@@ -34,17 +35,8 @@ DEFAULT_CORES = 1.0
 
 
 def cpu_cores(quantity: str | int | float) -> float:
-    """Cores of a Kubernetes CPU quantity (``"4"``, ``"2500m"``, ``2``, ``"0.5"``)."""
-    text = str(quantity).strip()
-    try:
-        value = float(text[:-1]) / 1000 if text.endswith("m") else float(text)
-    except ValueError:
-        raise ValueError(
-            f"CPU quantity {quantity!r} is not a number of cores or millicores"
-        ) from None
-    if not math.isfinite(value) or value <= 0:
-        raise ValueError(f"CPU quantity {quantity!r} must be positive")
-    return value
+    """Cores of a Kubernetes CPU quantity, read exactly as the operator reads it."""
+    return cpu_quantity(quantity, "spec.capacity.cpu")
 
 
 @dataclass(frozen=True)

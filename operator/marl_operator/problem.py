@@ -40,13 +40,18 @@ _QUANTITY = re.compile(r"^([0-9]+(?:\.[0-9]*)?|\.[0-9]+)(m?)$")
 
 
 def cpu_quantity(value: Any, where: str) -> float:
-    """Cores from a Kubernetes CPU quantity (``4``, ``2.5``, ``3500m``)."""
+    """Cores from a Kubernetes CPU quantity (``4``, ``2.5``, ``3500m``); the operator and
+    the demo data plane read EdgeNodes through this one parser, so they agree on every node."""
     if isinstance(value, int | float) and not isinstance(value, bool):
-        return float(value)
-    match = _QUANTITY.match(str(value))
-    if not match:
-        raise SpecError(where, f"is not a CPU quantity such as 4 or 3500m: {value!r}")
-    return float(match.group(1)) / (1000.0 if match.group(2) else 1.0)
+        cores = float(value)
+    else:
+        match = _QUANTITY.match(str(value).strip())
+        if not match:
+            raise SpecError(where, f"is not a CPU quantity such as 4 or 3500m: {value!r}")
+        cores = float(match.group(1)) / (1000.0 if match.group(2) else 1.0)
+    if not cores > 0 or not np.isfinite(cores):  # CPU use is divided by it
+        raise SpecError(where, f"must be a positive number of cores, got {value!r}")
+    return cores
 
 
 def selector_matches(selector: Mapping[str, Any], labels: Mapping[str, str]) -> bool:
