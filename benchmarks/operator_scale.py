@@ -9,7 +9,7 @@ The target it checks: 100 RoutingPolicies over 10-node meshes on one operator at
 interval use less than half a core and less than 500 MB of memory.
 
 What runs, each part as a user would start it: the emulated API server (``python -m
-demo.apiserver``, keeping a short request log: see ``APISERVER_REQUEST_LOG``); ``--nodes``
+demo.apiserver``); ``--nodes``
 EdgeNodes on a ring with chords (maximum degree 3, the bundled checkpoint's neighbour slots);
 per policy a namespace ``bench-<i>`` with the EdgeService ``fn`` (Istio) and the RoutingPolicy
 ``routing`` (bundled ``mesh-10x3``, ``intervalSeconds`` = ``--interval``); a stub Prometheus
@@ -36,8 +36,6 @@ import json
 import os
 import re
 import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import threading
@@ -57,15 +55,9 @@ import numpy as np
 from kubernetes import client, config
 from tqdm import tqdm
 
+from demo.prometheus import free_port
 from demo.stack import Stack, StackError
 
-APISERVER_REQUEST_LOG = 20
-"""Requests the emulated API server keeps for test assertions. kmock matches every request
-against every kept one, so at the emulator's default (1000) a request costs about 50 ms and
-the emulator, not the operator, limits the run to a few cycles per second; with 20 it costs
-about 3 ms. Nothing here asserts on the log."""
-# ``python -m demo.apiserver`` with that one module constant changed.
-APISERVER_MAIN = "import sys, demo.apiserver as a; a.REQUEST_LOG = int(sys.argv.pop(1)); a.main()"
 TARGET_CPU_CORES = 0.5
 TARGET_RSS_MB = 500.0
 CPU_WINDOW_S = 10
@@ -356,39 +348,6 @@ def serve_stub(stub: StubPrometheus) -> Iterator[str]:
         thread.join(timeout=10)
 
 
-def free_port() -> int:
-    """A loopback port that was free a moment ago (the operator must bind it itself)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def start_apiserver(stack: Stack, request_log: int) -> None:
-    """The emulated API server, as ``python -m demo.apiserver --kubeconfig K`` starts it but
-    keeping only ``request_log`` requests; waits for its URL (the kubeconfig is then written)."""
-    env = {k: v for k, v in os.environ.items() if k != "KUBECONFIG"} | {"PYTHONUNBUFFERED": "1"}
-    log = stack.directory / "apiserver.log"
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-c",
-            APISERVER_MAIN,
-            str(request_log),
-            "--kubeconfig",
-            str(stack.kubeconfig),
-        ],
-        stdout=subprocess.PIPE,
-        stderr=log.open("ab"),
-        stdin=subprocess.DEVNULL,
-        env=env,
-    )
-    stack.processes["apiserver"] = process
-    line = process.stdout.readline().decode().strip() if process.stdout else ""
-    if not line:
-        raise StackError(f"the API server exited before printing its URL:\n{log.read_text()}")
-    stack.api_url = line
-
-
 # --- measuring --------------------------------------------------------------------------------
 
 CLOCK_TICK = os.sysconf("SC_CLK_TCK")
@@ -522,7 +481,9 @@ def measure(args: argparse.Namespace, directory: Path) -> dict[str, Any]:
     with contextlib.ExitStack() as cleanup:
         stub_url = cleanup.enter_context(serve_stub(stub))
         cleanup.callback(stack.stop_all)  # before the stub stops: the operator goes first
-        start_apiserver(stack, args.apiserver_request_log)
+        stack.api_url = stack.spawn(
+            "apiserver", ["demo.apiserver", "--kubeconfig", str(stack.kubeconfig)], first_line=True
+        )
         create_objects(stack.kubeconfig, mesh, args.policies, args.interval, stub_url)
 
         port = free_port()
@@ -662,13 +623,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=30, help="seconds after ready, unmeasured")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--noise", type=float, default=0.03, help="relative jitter of readings")
-    parser.add_argument(
-        "--apiserver-request-log",
-        type=int,
-        default=APISERVER_REQUEST_LOG,
-        help="requests the emulated API server keeps (its own default, 1000, makes it the "
-        "bottleneck); default %(default)s",
-    )
     parser.add_argument("--startup-timeout", type=float, default=120.0)
     parser.add_argument("--logs", type=Path, help="keep the components' logs in this directory")
     args = parser.parse_args(argv)
