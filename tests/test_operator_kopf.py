@@ -106,7 +106,7 @@ def new_runtime(kubeconfig: Path, fake: QueueingMesh) -> tuple[Runtime, LiveRout
     cluster = Kube(client.ApiClient(client_configuration(kubeconfig)))
     reader = LiveRoutesReader(fake, cluster)
     runtime = Runtime(cluster, mesh=KubeMesh(cluster), reader_for=lambda url: reader)
-    runtime.interval = lambda key, body: FAST_INTERVAL_S  # type: ignore[method-assign]
+    runtime.interval = lambda key: FAST_INTERVAL_S  # type: ignore[method-assign]
     return runtime, reader
 
 

@@ -97,11 +97,7 @@ def register(
                 kind, reason = EVENTS[report.outcome]
                 kopf.event(body, type=kind, reason=reason, message=report.reason[:1000])
             previous = report
-            wait = (
-                INVALID_RETRY_S
-                if report.outcome == Outcome.INVALID
-                else runtime.interval(key, snapshot)
-            )
+            wait = INVALID_RETRY_S if report.outcome == Outcome.INVALID else runtime.interval(key)
             # The interval runs from the cycle's start, so a slow cycle does not stretch it.
             await stopped.wait(max(0.0, wait - (loop.time() - started)))
 

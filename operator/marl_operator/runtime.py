@@ -147,8 +147,9 @@ class Runtime:
         self._publish(report)
         return report
 
-    def interval(self, key: str, body: Mapping[str, Any]) -> float:
-        """Seconds until the next cycle: the spec's interval, or a short retry while invalid."""
+    def interval(self, key: str) -> float:
+        """Seconds from one cycle's start to the next: the spec's interval (30 s, the CRD's
+        default, for a policy without a controller)."""
         controller = self.controllers.get(key)
         if controller is None:
             return 30.0
