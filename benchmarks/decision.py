@@ -47,13 +47,14 @@ def ring_with_chords(n: int, rng: np.random.Generator) -> Topology:
 
 
 def synthetic_model(seed: int) -> SystemModel:
-    """A forest fitted on rows of a queue-like latency curve with noise."""
+    """A forest fitted on rows of a queue-like latency curve with noise, covering overload
+    and queues of a few seconds (so that decisions are timed, not fallbacks)."""
     rng = np.random.default_rng(seed)
     model = SystemModel(seed=seed)
     for _ in range(360):
-        rho = rng.uniform(0.0, 1.3, 10)
+        rho = rng.uniform(0.0, 2.0, 10)
         svc = rng.uniform(5.0, 40.0, 10)
-        backlog = rng.exponential(0.2, 10)
+        backlog = rng.exponential(1.0, 10)
         mean = svc / np.maximum(1 - np.minimum(rho, 0.95), 0.05) + 1000 * backlog
         success = np.minimum(1.0, 1.0 / np.maximum(rho, 1e-9))
         after = np.maximum(rho - 1.0, 0.0) * 5.0

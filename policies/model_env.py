@@ -73,6 +73,7 @@ class ModelEnv:
         self.reject_penalty = float(reject_penalty)
         self.step_seconds = float(step_seconds)
         self._fluid: tuple[MeshState, FluidModel] | None = None
+        self._by_service: tuple[FluidModel, np.ndarray] | None = None
 
     def service_ms(self, capacity: np.ndarray) -> np.ndarray:
         """``(N, S)`` time to serve one request of each service at each node."""
@@ -98,6 +99,19 @@ class ModelEnv:
             self._fluid = (state, model)
         return self._fluid[1]
 
+    def _incoming(self, fluid: FluidModel, flow: np.ndarray) -> np.ndarray:
+        """Requests per second of each service arriving at each node ``(C, N, S)``."""
+        topo = self.topology
+        n, s = topo.num_nodes, topo.num_services
+        if self._by_service is None or self._by_service[0] is not fluid:
+            service = np.arange(topo.num_agents) % s
+            slots = fluid.routes.shape[1]
+            by_service = np.repeat(np.arange(s) == service[:, None], slots, axis=0)  # (A*(K+1), S)
+            matrix = fluid.incidence[:, :, None] * by_service[:, None, :]
+            self._by_service = (fluid, matrix.reshape(len(matrix), n * s))
+        flat = flow.reshape(*flow.shape[:-2], -1) @ self._by_service[1]
+        return flat.reshape(*flow.shape[:-2], n, s)
+
     def step(
         self,
         state: MeshState,
@@ -114,7 +128,7 @@ class ModelEnv:
         fluid = self.fluid(state)
         rates = fluid.arrivals if arrivals is None else np.asarray(arrivals, dtype=float)
         rates = np.broadcast_to(rates, weights.shape[:-1])
-        flow, load, onehot = route_flows(fluid, weights, rates)  # (C, A, K+1), (C, N)
+        flow, load = route_flows(fluid, weights, rates)  # (C, A, K+1), (C, N)
         cap = np.asarray(state.capacity, dtype=float)
         util = np.where(cap > 0, load / np.maximum(cap, 1e-9), 0.0)
         start = np.broadcast_to(state.backlog if backlog is None else backlog, util.shape)
@@ -132,9 +146,7 @@ class ModelEnv:
         cost_s = (served * latency_ms).sum((-2, -1)) / 1000.0 + (lost * penalty_s).sum(-1)
         cost = cost_s / np.maximum(rates.sum(-1), 1e-12)
 
-        by_service = np.arange(s) == service  # (A, S)
-        incoming = np.einsum("cak,akn,as->cns", flow, onehot, by_service)  # requests/s
-        loaded = incoming > 1e-9
+        loaded = self._incoming(fluid, flow) > 1e-9  # (C, N, S) requests/s
         known = np.all(inside | ~loaded, axis=(1, 2))
 
         step = self.step_seconds

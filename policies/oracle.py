@@ -54,6 +54,9 @@ class FluidModel:
     """``(A, K+1)`` serving node of each route slot (local first), -1 where there is none."""
     delay: np.ndarray = field(init=False, repr=False)
     """``(A, K+1)`` one-way link delay of each route slot, seconds."""
+    incidence: np.ndarray = field(init=False, repr=False)
+    """``(A*(K+1), N)`` 1 where a route slot is served by a node: flows times it are loads,
+    one matrix product instead of a scatter (a model step does this for hundreds of rows)."""
 
     def __post_init__(self) -> None:
         topo = self.topology
@@ -65,8 +68,10 @@ class FluidModel:
         routes = np.repeat(np.where(usable, per_node, -1), s, axis=0)
         safe = np.where(per_node >= 0, per_node, 0)
         delay = np.where(per_node >= 0, topo.link_matrix[nodes[:, None], safe] / 1000.0, 0.0)
+        incidence = routes.reshape(-1)[:, None] == np.arange(topo.num_nodes)
         object.__setattr__(self, "routes", routes)
         object.__setattr__(self, "delay", np.repeat(delay, s, axis=0))
+        object.__setattr__(self, "incidence", incidence.astype(float))
 
     @property
     def action_dim(self) -> int:
@@ -105,17 +110,16 @@ def _delay_cost(load: np.ndarray, capacity: np.ndarray, rho_max: float) -> tuple
 def route_flows(
     model: FluidModel, weights: np.ndarray, arrivals: np.ndarray | None = None
 ) -> tuple:
-    """Requests per second on every route ``(..., A, K+1)``, work per second arriving at every
-    node ``(..., N)``, and the route-to-node incidence ``(A, K+1, N)``. ``arrivals``
-    ``(..., A)`` replaces the model's own, e.g. sampled forecasts in a batch."""
+    """Requests per second on every route ``(..., A, K+1)`` and work per second arriving at
+    every node ``(..., N)``. ``arrivals`` ``(..., A)`` replaces the model's own, e.g. sampled
+    forecasts in a batch."""
     w = np.asarray(weights, dtype=float)
     w = w / np.maximum(w.sum(axis=-1, keepdims=True), 1e-12)
     rates = model.arrivals if arrivals is None else np.asarray(arrivals, dtype=float)
     flow = np.where(model.routes >= 0, w[..., :-1], 0.0) * rates[..., :, None]
     work = model.work[model.service_of_agent()][:, None]
-    onehot = model.routes[..., None] == np.arange(model.topology.num_nodes)
-    load = np.einsum("...ak,akn->...n", flow * work, onehot)
-    return flow, load, onehot
+    by_route = (flow * work).reshape(*flow.shape[:-2], -1)
+    return flow, by_route @ model.incidence
 
 
 def fluid_cost(model: FluidModel, weights: np.ndarray) -> np.ndarray:
@@ -125,10 +129,10 @@ def fluid_cost(model: FluidModel, weights: np.ndarray) -> np.ndarray:
     utilisation serves up to that level and rejects the excess of every incoming flow in
     proportion (what a bounded queue does), so overloaded weights get a finite, fair cost.
     """
-    flow, load, onehot = route_flows(model, weights)
+    flow, load = route_flows(model, weights)
     cap = model.max_utilisation * model.capacity
     served_share = np.where(load > cap, cap / np.maximum(load, 1e-12), 1.0)  # (..., N)
-    served = flow * np.einsum("...n,akn->...ak", served_share, onehot.astype(float))
+    served = flow * (served_share @ model.incidence.T).reshape(flow.shape)
     delay, _ = _delay_cost(np.minimum(load, cap), model.capacity, model.max_utilisation)
     rc = model.reject_cost[model.service_of_agent()]
     rejected = model.arrivals - served.sum(axis=-1)

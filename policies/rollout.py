@@ -7,9 +7,21 @@ interval under that joint routing and then ``horizon`` intervals in which *every
 follows the base policy, all on the model (:class:`policies.model_env.ModelEnv`). The
 candidates of one agent form one batch, so each lookahead step is one model evaluation.
 
-Each agent's candidate set contains the action already in place, so the joint routing's
-predicted cost can only go down agent after agent: under an exact model the decision is
-never worse than the base policy. The cost of a decision grows linearly with the number
+Visiting every agent in turn costs one model call per agent and lookahead step, and with
+tens of agents the per-call overhead, not arithmetic, dominates. So a decision runs in
+rounds of two batched calls. The *screen* scores the candidates of all agents at once, each
+agent deviating alone from the current joint routing. Agents whose best move beats the
+current routing by the margin are then taken in order of their gain, and every prefix of
+that order (the first agent's move; the first two; ...) is scored as one joint routing in a
+second batch: agent ``k``'s move is judged with the moves of the agents before it in place,
+and the best prefix is kept. The next round screens again from there, so an agent whose move
+stopped paying once an earlier one moved (two nodes shedding load onto the same neighbour)
+chooses again against what the others did. On small meshes two rounds find a lower
+predicted cost than one sequential pass over every agent, in less time
+(``benchmarks/decision.py``).
+
+Each accepted move lowers the joint routing's predicted cost, so under an exact model the
+decision is never worse than the base policy. The candidates grow linearly with the number
 of agents, not exponentially as a joint search would.
 
 The reference implementation scored 9 candidates of one agent by a single model step and a
@@ -48,6 +60,15 @@ class RolloutSettings:
             candidates on average over forecast errors of relative size ``arrival_noise``.
         arrival_noise: relative spread of the sampled arrival futures.
         seed: seeds the sampled futures.
+        screen_horizon: lookahead of the screen that picks which agents to visit (the
+            visit itself scores with ``horizon``): short, because the screen scores every
+            agent's candidates at once.
+        visit_candidates: candidates an agent's visit re-scores: its best ones by the screen
+            (a visit costs a full-horizon simulation of the whole mesh per candidate).
+        rounds: screen-then-visit rounds at most (each starts from the previous round's
+            routing; a round in which no agent moves ends the decision).
+        batch_rows: joint routings scored per model call in a screen; bounds memory (each
+            row holds every agent's observation for every lookahead step).
     """
 
     horizon: int = 5
@@ -57,6 +78,9 @@ class RolloutSettings:
     samples: int = 1
     arrival_noise: float = 0.1
     seed: int = 0
+    screen_horizon: int | None = None
+    rounds: int = 2
+    batch_rows: int = 2048
 
     def __post_init__(self) -> None:
         if self.horizon < 0:
@@ -67,6 +91,12 @@ class RolloutSettings:
             raise ValueError(f"rollout margin must lie in [0, 1), got {self.margin}")
         if self.samples < 1:
             raise ValueError(f"rollout samples must be >= 1, got {self.samples}")
+        if self.screen_horizon is not None and self.screen_horizon < 0:
+            raise ValueError(f"rollout screen_horizon must be >= 0, got {self.screen_horizon}")
+        if self.rounds < 1:
+            raise ValueError(f"rollout rounds must be >= 1, got {self.rounds}")
+        if self.batch_rows < 1:
+            raise ValueError(f"rollout batch_rows must be >= 1, got {self.batch_rows}")
 
 
 @dataclass(frozen=True)
@@ -80,6 +110,7 @@ class Decision:
     changed_agents: tuple[int, ...]
     fallback: str | None  # why the base action was kept as a whole, if it was
     decision_ms: float
+    reused: bool = False  # the previous decision, kept because the inputs barely moved
 
     @property
     def predicted_gain(self) -> float:
@@ -139,15 +170,13 @@ class Rollout:
         if not np.isfinite(base_score):
             fallback = "the base routing leads outside the model's data"
         else:
-            for agent in self._order(state, mask):
-                options = candidates(current[agent], mask[agent], self.settings.steps)
-                joint = np.repeat(current[None], len(options), axis=0)
-                joint[:, agent] = options
-                scores = self._score(state, joint, mask, table, futures)
-                best = int(np.argmin(scores))
-                if scores[best] < current_score * (1.0 - self.settings.margin):
-                    current, current_score = joint[best], float(scores[best])
-                    changed.append(int(agent))
+            for _ in range(self.settings.rounds):
+                current, current_score, moved = self._round(
+                    state, current, current_score, mask, table, futures
+                )
+                changed += moved
+                if not moved:
+                    break
         if not np.isfinite(base_score):
             base_score = float("nan")
         return Decision(
@@ -155,10 +184,58 @@ class Rollout:
             base_weights=base,
             predicted_cost=current_score if changed else base_score,
             base_predicted_cost=base_score,
-            changed_agents=tuple(changed),
+            changed_agents=tuple(dict.fromkeys(changed)),
             fallback=fallback,
             decision_ms=1000.0 * (time.perf_counter() - start),
         )
+
+    def _round(self, state, current, current_score, mask, table, futures):
+        """One screen, then the best prefix of the promising agents' moves in order of gain.
+        Returns the new joint routing, its score and the agents that moved."""
+        margin = 1.0 - self.settings.margin
+        reference, screened = self._screen(state, current, mask, table, futures)
+        promising = sorted(
+            (float(scores.min()), agent)
+            for agent, (_, scores) in screened.items()
+            if scores.min() < reference * margin
+        )
+        if not promising:
+            return current, current_score, []
+        prefixes = np.repeat(current[None], len(promising), axis=0)
+        for i, (_, agent) in enumerate(promising):
+            options, scores = screened[agent]
+            prefixes[i:, agent] = options[int(np.argmin(scores))]
+        scores = self._score(state, prefixes, mask, table, futures)
+        best = int(np.argmin(scores))
+        if not scores[best] < current_score * margin:
+            return current, current_score, []
+        return prefixes[best], float(scores[best]), [agent for _, agent in promising[: best + 1]]
+
+    def _screen(self, state, current, mask, table, futures) -> tuple[float, dict]:
+        """Every agent's candidate moves away from ``current``, each scored over the screen
+        horizon with the other agents kept, in batches of ``batch_rows``. Returns the score
+        of ``current`` itself over that horizon and ``{agent: (options, scores)}``."""
+        agents, options = [-1], [current[:1]]  # row 0: current itself (agent -1: no move)
+        for agent in self._order(state, mask):
+            moves = candidates(current[agent], mask[agent], self.settings.steps)[1:]
+            agents += [int(agent)] * len(moves)
+            options.append(moves)
+        options = np.concatenate(options)
+        agents = np.asarray(agents)
+        scores = np.empty(len(options))
+        s = self.settings
+        for lo in range(0, len(options), s.batch_rows):
+            hi = min(lo + s.batch_rows, len(options))
+            joint = np.repeat(current[None], hi - lo, axis=0)
+            moving = np.flatnonzero(agents[lo:hi] >= 0)
+            joint[moving, agents[lo:hi][moving]] = options[lo:hi][moving]
+            scores[lo:hi] = self._score(state, joint, mask, table, futures, self._screen_horizon())
+        found = {int(a): (options[agents == a], scores[agents == a]) for a in set(agents[1:])}
+        return float(scores[0]), found
+
+    def _screen_horizon(self) -> int:
+        s = self.settings
+        return s.horizon if s.screen_horizon is None else min(s.screen_horizon, s.horizon)
 
     def _order(self, state: MeshState, mask: np.ndarray) -> np.ndarray:
         """Agents with a choice, busiest first: they move the most load."""
@@ -175,10 +252,12 @@ class Rollout:
         noise = self._rng.lognormal(0.0, s.arrival_noise, (s.samples, len(state.arrivals)))
         return np.asarray(state.arrivals)[None] * noise
 
-    def _score(self, state, joint, mask, table, futures) -> np.ndarray:
+    def _score(self, state, joint, mask, table, futures, horizon=None) -> np.ndarray:
         """``(C,)`` discounted mean predicted cost per request of each joint routing followed
-        by the base policy; +inf where the first interval leaves the model's data."""
+        by ``horizon`` (default: the settings') intervals of the base policy; +inf where the
+        first interval leaves the model's data."""
         s = self.settings
+        horizon = s.horizon if horizon is None else horizon
         c = len(joint)
         arrivals = None
         if futures is not None:
@@ -187,7 +266,7 @@ class Rollout:
         pred = self.env.step(state, joint, table, arrivals=arrivals)
         known = pred.known
         total, norm = pred.cost.copy(), 1.0
-        for h in range(1, s.horizon + 1):
+        for h in range(1, horizon + 1):
             obs = mesh_observation(self.env.topology, pred.telemetry)
             weights = self.policy(obs, mask)
             pred = self.env.step(state, weights, table, pred.backlog, arrivals)

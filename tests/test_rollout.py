@@ -4,6 +4,8 @@ fall-back outside the model's data."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
@@ -109,8 +111,8 @@ def test_agent_by_agent_finds_the_best_joint_action_on_a_tiny_problem():
     # use capacity 700: rho 0.86); b idles. The best split equalises marginal costs; with
     # steps 0.1/0.3 on always-local the exhaustive optimum over the candidate grid is known.
     _, env, table, state = pair(capacity=(700.0, 1000.0))
-    rollout = Rollout(env, always_local, RolloutSettings(horizon=0, steps=(0.1, 0.3), margin=0))
-    decision = rollout.decide(state, table)
+    settings = RolloutSettings(horizon=0, steps=(0.1, 0.3), margin=0, rounds=1)
+    decision = Rollout(env, always_local, settings).decide(state, table)
     grid = candidates(np.array([1.0, 0.0, 0.0]), np.ones(3, bool), (0.1, 0.3))
     joint = np.repeat(np.array([[[1.0, 0.0, 0.0], [1.0, 0.0, 0.0]]]), len(grid), axis=0)
     joint[:, 0] = grid
@@ -119,9 +121,56 @@ def test_agent_by_agent_finds_the_best_joint_action_on_a_tiny_problem():
     assert decision.changed_agents == (0,)
     assert decision.predicted_cost < decision.base_predicted_cost
 
+    # A second round moves on from the first round's choice, to the best of its grid.
+    again = Rollout(env, always_local, replace(settings, rounds=2)).decide(state, table)
+    grid = candidates(best[0], np.ones(3, bool), (0.1, 0.3))
+    joint = np.repeat(best[None], len(grid), axis=0)
+    joint[:, 0] = grid
+    assert np.allclose(again.weights, joint[int(np.argmin(env.step(state, joint, table).cost))])
+    assert again.predicted_cost < decision.predicted_cost
 
+
+def test_later_agents_choose_against_earlier_agents_moves():
+    # a and c are swamped and share a small idle neighbour b: each alone would shed 30% onto
+    # b, both together would swamp it. The screen finds both; scored together, c's move no
+    # longer pays, and the second round lets c choose again with a's move in place: the
+    # result is the one-at-a-time scheme's.
+    names = ["a", "b", "c"]
+    topo = Topology.build(
+        names,
+        ["fn"],
+        {"a": ["b"], "b": ["a", "c"], "c": ["b"]},
+        {frozenset(["a", "b"]): 1.0, frozenset(["b", "c"]): 1.0},
+    )
+    env = ModelEnv(topo, work=np.array([10.0]), target_ms=np.array([100.0]), reject_penalty=4)
+    cap = np.array([700.0, 400.0, 700.0])
+    arrivals = np.array([62.0, 0.0, 60.0])
+    table = LatencyTable.from_function(exact, env.service_ms(cap), UTIL, BACKLOG)
+    state = MeshState(arrivals, cap, np.zeros(3), telemetry(topo, arrivals, cap))
+    settings = RolloutSettings(horizon=0, margin=0, rounds=2)
+    decision = Rollout(env, always_local, settings).decide(state, table)
+
+    mask = env.action_mask(state)
+    base = always_local(np.zeros((3, 1)), mask)
+
+    def best_move(joint: np.ndarray, agent: int) -> np.ndarray:
+        options = candidates(joint[agent], mask[agent], settings.steps)
+        tried = np.repeat(joint[None], len(options), axis=0)
+        tried[:, agent] = options
+        return tried[int(np.argmin(env.step(state, tried, table).cost))]
+
+    one_at_a_time = best_move(best_move(base, 0), 2)  # a is busier, so it goes first
+    each_alone = base.copy()
+    each_alone[[0, 2]] = best_move(base, 0)[0], best_move(base, 2)[2]
+    assert np.allclose(decision.weights, one_at_a_time)
+    assert decision.changed_agents == (0, 2)
+    assert not np.allclose(decision.weights, each_alone)  # c yields because a moved first
+    assert decision.predicted_cost < float(env.step(state, each_alone[None], table).cost[0])
+
+
+@pytest.mark.parametrize("screen_horizon", [None, 0])
 @pytest.mark.parametrize("seed", range(8))
-def test_rollout_is_never_worse_than_the_base_policy_under_an_exact_model(seed):
+def test_rollout_is_never_worse_than_the_base_policy_under_an_exact_model(seed, screen_horizon):
     rng = np.random.default_rng(seed)
     n = 4
     names = [f"n{i}" for i in range(n)]
@@ -138,7 +187,7 @@ def test_rollout_is_never_worse_than_the_base_policy_under_an_exact_model(seed):
         w = np.abs(np.sin(obs[..., :1] * 7.0 + np.arange(mask.shape[-1]))) * mask
         return w / w.sum(axis=-1, keepdims=True)
 
-    settings = RolloutSettings(horizon=2, margin=0.0)
+    settings = RolloutSettings(horizon=2, margin=0.0, screen_horizon=screen_horizon)
     rollout = Rollout(env, random_base, settings)
     decision = rollout.decide(state, table)
     assert decision.predicted_cost <= decision.base_predicted_cost + 1e-12
