@@ -9,12 +9,13 @@ data, held-out error above a bound, or a state outside the data it was fitted on
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, replace
 
 import numpy as np
 
 from policies.model_env import MeshState, ModelEnv
-from policies.observation import MeshTelemetry
+from policies.observation import MeshTelemetry, mesh_observation
 from policies.queueing import prior_table
 from policies.rollout import Decision, Policy, Rollout, RolloutSettings
 from policies.system_model import FEATURES, TARGETS, LatencyTable, SystemModel
@@ -86,6 +87,12 @@ class Adapter:
             simulator's experiments leave it off, to measure the learned model alone; the
             operator turns it on, because a node that just slowed down cannot wait for a
             window of data.
+        reuse_tolerance: keep the previous decision while the arrival forecast and the
+            capacities, and the base policy's observations, stay within this relative
+            distance of the ones it was computed from, the backlogs within this many
+            seconds, and the model is the same (0: decide anew every interval). A steady
+            mesh then costs almost nothing per interval, and its weights do not wander with
+            measurement noise.
     """
 
     def __init__(
@@ -98,6 +105,7 @@ class Adapter:
         forecast_alpha: float = 0.6,
         max_nmae: float = 0.3,
         prior: bool = False,
+        reuse_tolerance: float = 0.0,
     ):
         self.env = env
         self.model = model
@@ -106,10 +114,12 @@ class Adapter:
         self.forecast_alpha = forecast_alpha
         self.max_nmae = max_nmae
         self.prior = prior
+        self.reuse_tolerance = reuse_tolerance
         self.model_source = "none"  # which model the last decision used, for reports
         self.table: LatencyTable | None = None  # ... and its tabulation
         self.forecast: np.ndarray | None = None
         self.last: IntervalTelemetry | None = None
+        self._decided: tuple[MeshState, str, LatencyTable | None, Decision] | None = None
 
     def observe(self, tel: IntervalTelemetry) -> None:
         features, targets = model_rows(tel, self.env.work, self.interval_seconds)
@@ -142,15 +152,52 @@ class Adapter:
         return None
 
     def decide(self) -> Decision:
+        start = time.perf_counter()
         state = self.state()
         reason = self.trust()
         service_ms = self.env.service_ms(state.capacity)
         if reason is None:
             self.model_source, self.table = "learned", self.model.table(service_ms)
+            kind = "learned"
         elif self.prior:
             self.model_source = f"queueing prior, because {reason}"
-            self.table = prior_table(self.interval_seconds, service_ms, state.backlog)
+            kind = "prior"
         else:
-            self.model_source, self.table = "none", None
-            return self.rollout.decide(state, None, fallback=reason)
-        return self.rollout.decide(state, self.table)
+            self.model_source, self.table, kind = "none", None, "none"
+        if self._unchanged(state, kind):
+            last = self._decided[-1]
+            ms = 1000.0 * (time.perf_counter() - start)
+            return replace(last, decision_ms=ms, reused=True)
+        if kind == "prior":
+            self.table = prior_table(self.interval_seconds, service_ms, state.backlog)
+        if kind == "none":
+            decision = self.rollout.decide(state, None, fallback=reason)
+        else:
+            decision = self.rollout.decide(state, self.table)
+        self._decided = (state, kind, self.table, decision)
+        return decision
+
+    def _unchanged(self, state: MeshState, kind: str) -> bool:
+        """Whether the last computed decision still answers ``state`` (see reuse_tolerance)."""
+        tol = self.reuse_tolerance
+        if tol <= 0 or self._decided is None:
+            return False
+        then, then_kind, then_table, _ = self._decided
+        if kind != then_kind or (kind == "learned" and self.table is not then_table):
+            return False
+
+        def close(now, before) -> bool:
+            now, before = np.asarray(now, dtype=float), np.asarray(before, dtype=float)
+            return bool(np.all(np.abs(now - before) <= tol * np.maximum(np.abs(before), 1.0)))
+
+        return (
+            close(state.arrivals, then.arrivals)
+            and close(state.capacity, then.capacity)
+            and bool(np.all(np.abs(np.asarray(state.backlog) - then.backlog) <= tol))
+            and close(self._observation(state), self._observation(then))
+        )
+
+    def _observation(self, state: MeshState) -> np.ndarray:
+        """What the base policy sees: once the mesh has reacted to a decision (latencies,
+        utilisations moved), the decision is made again from the settled state."""
+        return mesh_observation(self.env.topology, state.telemetry)

@@ -200,7 +200,13 @@ def test_routing_policy_defaults(validators):
         "nodes": {},
         "intervalSeconds": 30,
         "prometheus": {"window": "1m"},
-        "rollout": {"enabled": True, "horizon": 5, "candidateSteps": [0.1, 0.3], "margin": 0.02},
+        "rollout": {
+            "enabled": True,
+            "horizon": 5,
+            "candidateSteps": [0.1, 0.3],
+            "margin": 0.02,
+            "reuseTolerance": 0.05,
+        },
         "safety": {
             "maxWeightChange": 20,
             "minWeight": 0,

@@ -292,6 +292,18 @@ def test_restart_changes_nothing_unless_the_decision_does():
     assert mesh.routes["fn"].by_source == before
 
 
+def test_a_steady_mesh_keeps_its_decision_instead_of_recomputing_it():
+    def reasons(tolerance: float) -> list[str]:
+        mesh = queueing_mesh()
+        runtime, _ = runtime_over(mesh)
+        body = example_policy_body(rollout={"reuseTolerance": tolerance})
+        return [runtime.cycle("edge/p", body).reason for _ in range(8)]
+
+    kept = [r for r in reasons(0.05) if r.startswith("previous rollout decision kept")]
+    assert kept and "within 5%" in kept[0]
+    assert not any(r.startswith("previous") for r in reasons(0.0))
+
+
 def test_condition_times_move_only_on_transitions():
     mesh = queueing_mesh()
     runtime, _ = runtime_over(mesh)

@@ -9,6 +9,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
+from policies.adaptation import Adapter, IntervalTelemetry
 from policies.model_env import MeshState, ModelEnv
 from policies.observation import MeshTelemetry
 from policies.rollout import Rollout, RolloutSettings, candidates
@@ -253,3 +254,50 @@ def test_system_model_scores_new_rows_before_learning_them():
     assert acc.r2["mean_ms"] > 0.5
     with pytest.raises(ValueError, match="min_rows"):
         SystemModel(min_rows=10**6).fit()
+
+
+def _interval(topo: Topology, arrivals: np.ndarray, capacity: np.ndarray) -> IntervalTelemetry:
+    n, s = topo.num_nodes, topo.num_services
+    rates = arrivals.reshape(n, s)
+    return IntervalTelemetry(
+        offered=rates,
+        incoming=rates,
+        rejected=np.zeros((n, s)),
+        mean_ms=np.full((n, s), 20.0),
+        p95_ms=np.full((n, s), 60.0),
+        capacity=capacity,
+        backlog_start=np.zeros(n),
+        backlog_end=np.zeros(n),
+        mesh=telemetry(topo, arrivals, capacity),
+    )
+
+
+def test_a_steady_mesh_reuses_the_last_decision_until_its_inputs_move():
+    topo, env, _, _ = pair(capacity=(700.0, 1000.0))
+    adapter = Adapter(
+        env,
+        always_local,
+        SystemModel(),
+        RolloutSettings(horizon=1),
+        prior=True,
+        reuse_tolerance=0.05,
+    )
+    cap, load = np.array([700.0, 1000.0]), np.array([60.0, 0.0])
+    adapter.observe(_interval(topo, load, cap))
+    first = adapter.decide()
+    assert not first.reused and first.changed_agents == (0,)  # a sheds load onto b
+
+    adapter.observe(_interval(topo, load * 1.02, cap * 0.99))  # noise
+    again = adapter.decide()
+    assert again.reused
+    assert np.array_equal(again.weights, first.weights)
+
+    adapter.observe(_interval(topo, load, cap * np.array([1.0, 0.3])))  # b slows down
+    moved = adapter.decide()
+    assert not moved.reused
+    assert moved.weights[0, 1] < first.weights[0, 1]  # ... so a sends it less
+
+    never = Adapter(env, always_local, SystemModel(), RolloutSettings(horizon=1), prior=True)
+    for _ in range(2):
+        never.observe(_interval(topo, load, cap))
+        assert not never.decide().reused

@@ -127,6 +127,7 @@ class PolicyController:
             settings,
             interval_seconds=spec.interval_s,
             prior=True,
+            reuse_tolerance=spec.rollout.reuse_tolerance,
         )
         self.observer = Observer(problem, step_seconds=step)
         self.failures = FailureCounter(spec.safety)
@@ -168,11 +169,16 @@ class PolicyController:
         except MeshError as error:
             return self._failed(f"mesh: {error}", live)
         outcome = Outcome.APPLIED if changed else Outcome.UNCHANGED
-        reason = (
-            f"rollout decision applied (model: {self.adapter.model_source})"
-            if decision.fallback is None
-            else f"base policy applied ({decision.fallback})"
-        )
+        if decision.fallback is not None:
+            reason = f"base policy applied ({decision.fallback})"
+        elif decision.reused:
+            reason = (
+                f"previous rollout decision kept: inputs within "
+                f"{self.spec.rollout.reuse_tolerance:.0%} of its own (model: "
+                f"{self.adapter.model_source})"
+            )
+        else:
+            reason = f"rollout decision applied (model: {self.adapter.model_source})"
         return self._report(outcome, reason, limited, **extra)
 
     def _read(self) -> dict[str, ServiceReadings]:

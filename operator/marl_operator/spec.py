@@ -49,6 +49,7 @@ class RolloutSpec:
     horizon: int = 5
     steps: tuple[float, ...] = (0.1, 0.3)
     margin: float = 0.02
+    reuse_tolerance: float = 0.05
 
 
 @dataclass(frozen=True)
@@ -162,6 +163,7 @@ def parse_policy_spec(spec: Mapping[str, Any] | None) -> PolicySpec:
             horizon=rollout.get("horizon", int, 5, 1, 50),
             steps=tuple(float(x) for x in steps),
             margin=rollout.get("margin", float, 0.02, 0.0, 1.0),
+            reuse_tolerance=rollout.get("reuseTolerance", float, 0.05, 0.0, 1.0),
         ),
         safety=SafetySpec(
             max_weight_change=safety.get("maxWeightChange", int, 20, 1, 100),
