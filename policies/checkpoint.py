@@ -3,11 +3,16 @@
 A checkpoint is a directory with two files:
 
 * ``policy.pt``: the actor-critic's ``state_dict``, tensors only, so it loads with
-  ``torch.load(..., weights_only=True)`` (no pickle of arbitrary objects: a checkpoint from
-  elsewhere cannot run code);
+  ``torch.load(..., weights_only=True)`` or, without torch, with
+  :func:`policies.tensor_archive.load_state_dict` (no pickle of arbitrary objects either way:
+  a checkpoint from elsewhere cannot run code);
 * ``policy.json``: everything needed to rebuild and trust it: format version, network shape,
   the observation and action spec, scenario, hyperparameters, git revision and the final
   evaluation metrics.
+
+Acting (:func:`load`, what evaluation and the operator use) is numpy only, so this module does
+not import torch: the operator process never loads it. Training and resuming get the torch
+module from :func:`load_module`; :func:`save` needs torch and imports it when called.
 
 A policy only makes sense on the observation and action layout it was trained on; loading it
 against another layout fails with the name of the field that differs.
@@ -16,19 +21,23 @@ against another layout fails with the name of the field that differs.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
-from policies.network import ActorCritic
+from policies.actor import NumpyActor, state_layout
 from policies.observation import (
     DFAAS_FEATURES,
     MESH_LOCAL_FEATURES,
     MESH_NEIGHBOUR_FEATURES,
     mesh_feature_dim,
 )
+from policies.tensor_archive import ArchiveError, load_state_dict
+
+if TYPE_CHECKING:
+    from policies.network import ActorCritic
 
 FORMAT_VERSION = 1
 WEIGHTS_FILE = "policy.pt"
@@ -77,21 +86,26 @@ def check_spec(meta: dict, expected: dict, where: str) -> None:
     walk(meta, expected, "")
 
 
+def network_of(model: ActorCritic) -> dict:
+    """The ``network`` section of ``policy.json``: what rebuilds ``model``'s architecture."""
+    from torch import nn
+
+    return {
+        "obs_dim": model.obs_dim,
+        "action_dim": model.action_dim,
+        "hidden": model.actor[0].out_features,
+        "layers": sum(isinstance(m, nn.Linear) for m in model.actor) - 1,
+        "critic": model.critic_kind,
+    }
+
+
 def save(directory: str | Path, model: ActorCritic, meta: dict) -> Path:
     """Write ``policy.pt`` and ``policy.json`` atomically (temp file, then rename)."""
+    import torch
+
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
-    full = {
-        "format_version": FORMAT_VERSION,
-        "network": {
-            "obs_dim": model.obs_dim,
-            "action_dim": model.action_dim,
-            "hidden": model.actor[0].out_features,
-            "layers": sum(isinstance(m, torch.nn.Linear) for m in model.actor) - 1,
-            "critic": model.critic_kind,
-        },
-        **meta,
-    }
+    full = {"format_version": FORMAT_VERSION, "network": network_of(model), **meta}
     tmp = out / (WEIGHTS_FILE + ".tmp")
     torch.save(model.state_dict(), tmp)
     tmp.replace(out / WEIGHTS_FILE)
@@ -105,14 +119,22 @@ def save(directory: str | Path, model: ActorCritic, meta: dict) -> Path:
 class LoadedPolicy:
     """A checkpoint ready to act: numpy in, numpy out, deterministic (the Dirichlet mean)."""
 
-    model: ActorCritic
-    meta: dict
-    path: Path
+    actor: NumpyActor
+    meta: dict = field(default_factory=dict)
+    path: Path = Path(".")
+
+    @classmethod
+    def from_module(cls, model: ActorCritic) -> LoadedPolicy:
+        """The numpy policy of a live torch module (evaluation during training acts exactly
+        as the saved checkpoint will)."""
+        state = {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()}
+        network = network_of(model)
+        check_state(state, network, "module")
+        return cls(NumpyActor.from_state_dict(state, network["layers"]))
 
     def __call__(self, obs: np.ndarray, mask: np.ndarray) -> np.ndarray:
-        o = torch.as_tensor(obs, dtype=torch.float32)
-        m = torch.as_tensor(np.broadcast_to(mask, (*obs.shape[:-1], mask.shape[-1])).copy())
-        return self.model.act(o, m).numpy().astype(np.float64)
+        """``obs (..., A, D)``, ``mask (A, K)`` or broadcastable -> float64 ``(..., A, K)``."""
+        return self.actor(obs, mask)
 
     def check(self, action_mode: str, max_degree: int) -> None:
         check_spec(self.meta, spec_for(action_mode, max_degree), f"checkpoint {self.path}")
@@ -153,32 +175,100 @@ def resolve(path: str | Path) -> Path:
     return directory
 
 
-def load(path: str | Path) -> LoadedPolicy:
-    directory = resolve(path)
+def read_meta(directory: Path) -> dict:
+    """``policy.json``, checked for its format version and a usable ``network`` section."""
     try:
         meta = json.loads((directory / META_FILE).read_text())
     except json.JSONDecodeError as exc:
         raise CheckpointError(f"checkpoint {directory}: {META_FILE} is not JSON: {exc}") from exc
-    if meta.get("format_version") != FORMAT_VERSION:
+    if not isinstance(meta, dict) or meta.get("format_version") != FORMAT_VERSION:
+        version = meta.get("format_version") if isinstance(meta, dict) else None
         raise CheckpointError(
             f"checkpoint {directory}: field 'format_version' is "
-            f"{meta.get('format_version')!r}, this code reads {FORMAT_VERSION}"
+            f"{version!r}, this code reads {FORMAT_VERSION}"
         )
-    net = meta.get("network", {})
-    try:
-        model = ActorCritic(
-            net["obs_dim"], net["action_dim"], net["hidden"], net["layers"], net["critic"]
+    net = meta.get("network")
+    if not isinstance(net, dict):
+        raise CheckpointError(f"checkpoint {directory}: field 'network' missing")
+    for key in ("obs_dim", "action_dim", "hidden", "layers", "critic"):
+        if key not in net:
+            raise CheckpointError(f"checkpoint {directory}: field 'network.{key}' missing")
+        value = net[key]
+        ok = (
+            value in ("mappo", "ippo")
+            if key == "critic"
+            else isinstance(value, int) and not isinstance(value, bool) and value >= 1
         )
-    except KeyError as exc:
+        if not ok:
+            want = "'mappo' or 'ippo'" if key == "critic" else "a positive integer"
+            raise CheckpointError(
+                f"checkpoint {directory}: field 'network.{key}' is {value!r}, expected {want}"
+            )
+    return meta
+
+
+def check_state(state: dict[str, np.ndarray], network: dict, where: str) -> None:
+    """Raise naming the first weight that is missing, unexpected, misshapen or not floating
+    point (the strictness of torch's ``load_state_dict``)."""
+    layout = state_layout(
+        network["obs_dim"],
+        network["action_dim"],
+        network["hidden"],
+        network["layers"],
+        network["critic"],
+    )
+    for key, shape in layout.items():
+        if key not in state:
+            raise CheckpointError(f"{where}: field {key!r} missing from the weights")
+        have = state[key]
+        if tuple(have.shape) != shape:
+            raise CheckpointError(
+                f"{where}: field {key!r} has shape {tuple(have.shape)} but the network in "
+                f"{META_FILE} needs {shape}"
+            )
+        if not np.issubdtype(have.dtype, np.floating):
+            raise CheckpointError(f"{where}: field {key!r} is {have.dtype}, not floating point")
+    unexpected = sorted(set(state) - set(layout))
+    if unexpected:
         raise CheckpointError(
-            f"checkpoint {directory}: field 'network.{exc.args[0]}' missing"
-        ) from exc
-    state = torch.load(directory / WEIGHTS_FILE, weights_only=True, map_location="cpu")
+            f"{where}: field {unexpected[0]!r} is not part of the network in {META_FILE}"
+        )
+
+
+def load(path: str | Path) -> LoadedPolicy:
+    """The numpy policy of a checkpoint (directory, ``policy.pt`` or ``policy.json``), read
+    without torch and without running anything from the file."""
+    directory = resolve(path)
+    meta = read_meta(directory)
+    where = f"checkpoint {directory}"
     try:
+        state = load_state_dict(directory / WEIGHTS_FILE)
+    except ArchiveError as exc:
+        raise CheckpointError(f"{where}: {exc}") from exc
+    check_state(state, meta["network"], where)
+    return LoadedPolicy(
+        NumpyActor.from_state_dict(state, meta["network"]["layers"]), meta, directory
+    )
+
+
+def load_module(path: str | Path) -> ActorCritic:
+    """The torch actor-critic of a checkpoint, for training and inspection (weights only)."""
+    import pickle
+
+    import torch
+
+    from policies.network import ActorCritic
+
+    directory = resolve(path)
+    net = read_meta(directory)["network"]
+    model = ActorCritic(
+        net["obs_dim"], net["action_dim"], net["hidden"], net["layers"], net["critic"]
+    )
+    try:
+        state = torch.load(directory / WEIGHTS_FILE, weights_only=True, map_location="cpu")
         model.load_state_dict(state)
-    except RuntimeError as exc:
+    except (RuntimeError, pickle.UnpicklingError) as exc:
         raise CheckpointError(
             f"checkpoint {directory}: weights do not fit the network: {exc}"
         ) from exc
-    model.eval()
-    return LoadedPolicy(model, meta, directory)
+    return model.eval()

@@ -10,7 +10,8 @@ another of the same maximum degree. The critic is used only in training:
 
 Observation normalisation lives inside the module (running mean and variance as buffers),
 so the environment keeps the reference's raw numbers and a checkpoint carries its own
-normalisation to the operator.
+normalisation to the operator. The operator acts with :class:`policies.actor.NumpyActor`, the
+same forward pass in numpy: keep the two in step (tests/test_inference.py compares them).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import math
 import torch
 from torch import nn
 
+from policies.actor import NORM_EPS, OBS_CLIP
 from policies.distributions import MaskedDirichlet
 
 
@@ -28,7 +30,7 @@ class RunningNorm(nn.Module):
 
     ``shape`` is one sample's shape: ``(features,)`` for observations, ``()`` for returns."""
 
-    def __init__(self, shape: int | tuple[int, ...], clip: float = 10.0):
+    def __init__(self, shape: int | tuple[int, ...], clip: float = OBS_CLIP):
         super().__init__()
         self.register_buffer("mean", torch.zeros(shape, dtype=torch.float64))
         self.register_buffer("var", torch.ones(shape, dtype=torch.float64))
@@ -50,7 +52,7 @@ class RunningNorm(nn.Module):
         self.count.copy_(total)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        z = (x - self.mean.to(x.dtype)) / torch.sqrt(self.var.to(x.dtype) + 1e-8)
+        z = (x - self.mean.to(x.dtype)) / torch.sqrt(self.var.to(x.dtype) + NORM_EPS)
         return z.clamp(-self.clip, self.clip)
 
 

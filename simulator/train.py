@@ -90,7 +90,7 @@ def seed_everything(seed: int) -> None:
 
 
 def evaluate_model(trainer: Trainer, scenario: Scenario, episodes: int, seed: int) -> dict:
-    policy = LoadedPolicy(trainer.model, {}, Path("."))
+    policy = LoadedPolicy.from_module(trainer.model)
     per_episode = run_episodes(
         scenario, policy, episodes, seed, num_envs=episodes, action_mode=trainer.env.action_mode
     )

@@ -143,5 +143,5 @@ def test_ippo_trains_with_local_critics(tmp_path):
     assert code == 0
     meta = json.loads((out / "policy.json").read_text())
     assert meta["network"]["critic"] == "ippo" and meta["algo"] == "ippo"
-    model = checkpoint.load(out).model
+    model = checkpoint.load_module(out)
     assert model.critic[0].in_features == model.obs_dim  # local observation only

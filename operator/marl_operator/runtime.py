@@ -88,7 +88,7 @@ class Runtime:
             except FileNotFoundError as error:
                 raise SpecError("spec.checkpoint.configMap", str(error)) from None
         try:
-            policy = checkpoint.load(directory)  # tensors only (weights_only=True)
+            policy = checkpoint.load(directory)  # tensors only, read without torch
         except CheckpointError as error:
             raise SpecError(f"spec.checkpoint.{source.kind}", str(error)) from None
         if policy.meta.get("action", {}).get("mode") != "neighbours":

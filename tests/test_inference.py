@@ -1,0 +1,304 @@
+"""Acting without torch: the numpy policy matches torch's ActorCritic.act, the weights reader
+refuses anything but plain tensors without running it, and the operator never imports torch."""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import pickle
+import shutil
+import subprocess
+import sys
+import textwrap
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from policies import checkpoint
+from policies.network import ActorCritic
+from policies.tensor_archive import ArchiveError, load_state_dict
+
+TESTS = Path(__file__).resolve().parent
+BUNDLED = ["dfaas-paise25", "mesh-10x3"]
+
+
+def observations(model: ActorCritic, shape: tuple[int, ...], rng: np.random.Generator):
+    """Raw observations around the model's running mean, about a tenth beyond the clip."""
+    mean = model.obs_norm.mean.numpy()
+    std = np.sqrt(model.obs_norm.var.numpy())
+    return mean + std * rng.normal(scale=6.0, size=(*shape, model.obs_dim))
+
+
+def random_mask(shape: tuple[int, ...], rng: np.random.Generator) -> np.ndarray:
+    """About 40% of entries masked, at least one valid entry per row."""
+    mask = rng.random(shape) < 0.6
+    rows = np.argwhere(~mask.any(-1))
+    mask[(*rows.T, rng.integers(0, shape[-1], len(rows)))] = True
+    return mask
+
+
+def torch_act(model: ActorCritic, obs: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    o = torch.as_tensor(obs, dtype=torch.float32)
+    m = torch.as_tensor(np.broadcast_to(mask, (*obs.shape[:-1], mask.shape[-1])).copy())
+    return model.act(o, m).numpy().astype(np.float64)
+
+
+def assert_matches_torch(policy, model: ActorCritic, seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    agents, k = 10, model.action_dim
+    obs = observations(model, (17, agents), rng)
+    for mask in (random_mask((agents, k), rng), random_mask((17, agents, k), rng)):
+        assert (~mask).sum() > 0.2 * mask.size  # masked entries are exercised
+        ours, theirs = policy(obs, mask), torch_act(model, obs, mask)
+        assert ours.dtype == np.float64 and ours.shape == (17, agents, k)
+        np.testing.assert_allclose(ours, theirs, rtol=0, atol=1e-5)
+        assert (ours[..., ~mask] == 0).all()
+        np.testing.assert_allclose(ours.sum(-1), 1.0, atol=1e-6)
+    # A comparison of near-uniform outputs would prove little: the weights must vary.
+    assert ours[..., mask].std() > 0.02
+
+
+def randomised(obs_dim: int, action_dim: int, hidden: int, layers: int, critic: str, seed: int):
+    """A freshly initialised ActorCritic with every actor weight and the normaliser at random
+    scales (the orthogonal init's 0.01 head alone would give near-uniform actions)."""
+    torch.manual_seed(seed)
+    model = ActorCritic(obs_dim, action_dim, hidden, layers, critic)
+    with torch.no_grad():
+        for p in model.actor.parameters():
+            p.normal_(0.0, 1.5 / math.sqrt(p.shape[-1]))
+        model.obs_norm.mean.normal_(0.0, 50.0)
+        model.obs_norm.var.uniform_(0.01, 400.0)
+    return model.eval()
+
+
+# -- the numpy policy against torch --------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", BUNDLED)
+def test_numpy_policy_matches_torch_on_the_bundled_checkpoints(name):
+    directory = checkpoint.BUNDLED / name
+    policy = checkpoint.load(directory)
+    model = checkpoint.load_module(directory)
+    assert_matches_torch(policy, model, seed=1)
+    # From the live module, the same numbers as from the file.
+    obs = observations(model, (3, 10), np.random.default_rng(2))
+    mask = random_mask((10, model.action_dim), np.random.default_rng(3))
+    live = checkpoint.LoadedPolicy.from_module(model)
+    np.testing.assert_array_equal(live(obs, mask), policy(obs, mask))
+
+
+@pytest.mark.parametrize(
+    ("hidden", "layers", "critic"), [(64, 2, "mappo"), (16, 1, "ippo"), (32, 3, "mappo")]
+)
+def test_numpy_policy_matches_torch_on_a_random_saved_network(tmp_path, hidden, layers, critic):
+    model = randomised(24, 5, hidden, layers, critic, seed=hidden + layers)
+    checkpoint.save(tmp_path, model, {"scenario": "test"})
+    policy = checkpoint.load(tmp_path)
+    assert policy.meta["network"]["layers"] == layers and policy.path == tmp_path
+    assert_matches_torch(policy, model, seed=layers)
+    assert_matches_torch(checkpoint.LoadedPolicy.from_module(model), model, seed=7)
+    again = checkpoint.load_module(tmp_path)
+    for key, value in model.state_dict().items():
+        torch.testing.assert_close(again.state_dict()[key], value)
+
+
+def test_extremes_match_torch_huge_logits_and_a_fully_masked_row():
+    model = randomised(6, 3, 8, 1, "ippo", seed=0)
+    with torch.no_grad():
+        model.actor[-1].bias[0] = 200.0  # softplus's linear branch; e^200 overflows float32
+        model.actor[-1].bias[1] = 15.0
+    policy = checkpoint.LoadedPolicy.from_module(model)
+    obs = observations(model, (3,), np.random.default_rng(0))
+    mask = np.array([[True, False, True], [False, True, True], [False, False, False]])
+    ours, theirs = policy(obs, mask), torch_act(model, obs, mask)
+    np.testing.assert_allclose(ours[:2], theirs[:2], rtol=0, atol=1e-6)
+    assert ours[0, 0] > 0.95 and ours[1, 1] > 0.7  # the large logits do dominate
+    assert np.isnan(ours[2]).all() and np.isnan(theirs[2]).all()  # no distribution: NaN
+
+
+# -- the weights reader --------------------------------------------------------------------
+
+
+def test_reader_returns_what_torch_load_returns(tmp_path):
+    base = torch.arange(12, dtype=torch.float64)
+    state = {
+        "f64": base,
+        "view_at_offset": base[3:9].view(2, 3),  # shares base's storage, offset 3
+        "f32": torch.randn(4, 5),
+        "f16": torch.randn(3).half(),
+        "i64": torch.tensor([-(2**40), 7]),
+        "u8": torch.tensor([0, 255], dtype=torch.uint8),
+        "bool": torch.tensor([True, False]),
+        "scalar": torch.tensor(1e-4, dtype=torch.float64),
+        "empty": torch.zeros(0, 3),
+        "column": torch.randn(4, 1),
+    }
+    torch.save(state, tmp_path / "w.pt")
+    ours = load_state_dict(tmp_path / "w.pt")
+    assert list(ours) == list(state)
+    for key, tensor in state.items():
+        expected = tensor.numpy()
+        assert ours[key].dtype == expected.dtype and ours[key].shape == expected.shape, key
+        np.testing.assert_array_equal(ours[key], expected)
+
+
+def test_reader_honours_a_big_endian_byteorder_record(tmp_path):
+    values = torch.randn(3, 4)
+    torch.save({"w": values}, tmp_path / "little.pt")
+    with (
+        zipfile.ZipFile(tmp_path / "little.pt") as src,
+        zipfile.ZipFile(tmp_path / "big.pt", "w") as dst,
+    ):
+        for info in src.infolist():
+            data = src.read(info)
+            if info.filename.endswith("/byteorder"):
+                data = b"big"
+            elif "/data/" in info.filename and not info.filename.endswith("serialization_id"):
+                data = np.frombuffer(data, "<f4").astype(">f4").tobytes()
+            dst.writestr(info, data)
+    np.testing.assert_array_equal(load_state_dict(tmp_path / "big.pt")["w"], values.numpy())
+
+
+def evil_pickle(module: str, name: str, argument: str) -> bytes:
+    """Protocol-2 opcodes for ``module.name(argument)``, written by hand (no object needed)."""
+    arg = argument.encode()
+    return (
+        b"\x80\x02c" + f"{module}\n{name}\n".encode()
+        + b"X" + len(arg).to_bytes(4, "little") + arg
+        + b"\x85R."
+    )  # fmt: skip
+
+
+def write_archive(path: Path, pickle_bytes: bytes) -> None:
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("policy/data.pkl", pickle_bytes)
+        archive.writestr("policy/byteorder", b"little")
+
+
+@pytest.mark.parametrize(("module", "name"), [("os", "system"), ("builtins", "exec")])
+def test_a_pickle_calling_a_forbidden_global_is_refused_unexecuted(tmp_path, module, name):
+    marker = tmp_path / "ran"
+    code = f"touch {marker}" if name == "system" else f"open({str(marker)!r}, 'w')"
+    payload = evil_pickle(module, name, code)
+    # The payload is live: an unrestricted unpickler runs it.
+    pickle.loads(payload)
+    assert marker.exists()
+    marker.unlink()
+    directory = tmp_path / "ckpt"
+    shutil.copytree(checkpoint.BUNDLED / "mesh-10x3", directory)
+    write_archive(directory / "policy.pt", payload)
+    with pytest.raises(checkpoint.CheckpointError, match=rf"refused global {module}\.{name}"):
+        checkpoint.load(directory)
+    with pytest.raises(ArchiveError, match=rf"refused global {module}\.{name}"):
+        load_state_dict(directory / "policy.pt")
+    assert not marker.exists()
+
+
+def test_a_parameter_or_a_strided_tensor_is_refused_by_name(tmp_path):
+    torch.save({"w": torch.nn.Parameter(torch.ones(2))}, tmp_path / "param.pt")
+    with pytest.raises(ArchiveError, match=r"refused global torch\._utils\._rebuild_parameter"):
+        load_state_dict(tmp_path / "param.pt")
+    torch.save({"w": torch.ones(2, 3).t()}, tmp_path / "strided.pt")
+    with pytest.raises(ArchiveError, match="only contiguous tensors"):
+        load_state_dict(tmp_path / "strided.pt")
+    (tmp_path / "legacy.pt").write_bytes(io.BytesIO(b"\x80\x02}q\x00.").getvalue())
+    with pytest.raises(ArchiveError, match="not a torch zip archive"):
+        load_state_dict(tmp_path / "legacy.pt")
+
+
+# -- checkpoint errors name the field ------------------------------------------------------
+
+
+@pytest.fixture()
+def saved(tmp_path) -> tuple[Path, ActorCritic]:
+    model = randomised(24, 5, 16, 2, "mappo", seed=0)
+    checkpoint.save(tmp_path, model, {})
+    return tmp_path, model
+
+
+def test_a_missing_weight_is_named(saved):
+    directory, model = saved
+    state = model.state_dict()
+    del state["actor.2.weight"]
+    torch.save(state, directory / "policy.pt")
+    with pytest.raises(checkpoint.CheckpointError, match=r"'actor\.2\.weight' missing"):
+        checkpoint.load(directory)
+    with pytest.raises(checkpoint.CheckpointError, match=r"actor\.2\.weight"):
+        checkpoint.load_module(directory)
+
+
+def test_a_misshapen_or_unexpected_weight_is_named(saved):
+    directory, model = saved
+    state = model.state_dict()
+    state["critic.0.weight"] = torch.zeros(16, 24)  # mappo's critic sees 2 x 24 features
+    torch.save(state, directory / "policy.pt")
+    with pytest.raises(checkpoint.CheckpointError, match=r"'critic\.0\.weight' has shape"):
+        checkpoint.load(directory)
+    state = model.state_dict()
+    state["actor.9.weight"] = torch.zeros(1)
+    torch.save(state, directory / "policy.pt")
+    with pytest.raises(checkpoint.CheckpointError, match=r"'actor\.9\.weight' is not part"):
+        checkpoint.load(directory)
+
+
+def test_a_missing_network_field_is_named(saved):
+    directory, _ = saved
+    meta = json.loads((directory / "policy.json").read_text())
+    del meta["network"]["hidden"]
+    (directory / "policy.json").write_text(json.dumps(meta))
+    with pytest.raises(checkpoint.CheckpointError, match=r"'network\.hidden' missing"):
+        checkpoint.load(directory)
+    meta["network"]["hidden"], meta["network"]["critic"] = 16, "central"
+    (directory / "policy.json").write_text(json.dumps(meta))
+    with pytest.raises(checkpoint.CheckpointError, match=r"'network\.critic' is 'central'"):
+        checkpoint.load(directory)
+
+
+# -- the operator process ------------------------------------------------------------------
+
+
+def test_the_operator_decides_without_importing_torch():
+    """In a fresh interpreter: import the operator, load the bundled checkpoint and run one
+    control cycle on the in-memory fakes; torch must never have been imported."""
+    script = textwrap.dedent(
+        f"""
+        import json, sys
+        sys.path.insert(0, {str(TESTS)!r})
+        import marl_operator.__main__, marl_operator.runtime
+        from marl_operator.runtime import Runtime
+        from operator_fakes import FakeKube, QueueingMesh, Reader, example, example_policy_body
+        from policies import checkpoint
+
+        calls = []
+        act = checkpoint.LoadedPolicy.__call__
+        checkpoint.LoadedPolicy.__call__ = lambda self, o, m: calls.append(1) or act(self, o, m)
+        checkpoint.load(checkpoint.BUNDLED / "mesh-10x3")
+        names = ("edge-0", "edge-1", "edge-2")
+        mesh = QueueingMesh(
+            dict(zip(names, (60.0, 40.0, 20.0))),
+            dict(zip(names, (150.0, 100.0, 60.0))),
+            dict(zip(names, (4.0, 2.5, 1.0))),
+            {{frozenset(("edge-0", "edge-1")): 5.0, frozenset(("edge-0", "edge-2")): 12.0,
+              frozenset(("edge-1", "edge-2")): 8.0}},
+        )
+        kube = FakeKube(example("edgenodes.yaml"), example("edgeservice.yaml"))
+        runtime = Runtime(kube, mesh=mesh, reader_for=lambda url: Reader(mesh))
+        report = runtime.cycle("edge/p", example_policy_body())
+        print(json.dumps({{"torch": "torch" in sys.modules, "outcome": report.outcome.value,
+                          "reason": report.reason, "calls": len(calls)}}))
+        """
+    )
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=300, env=env
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["outcome"] == "Applied", result
+    assert result["calls"] > 0, result  # the policy did act
+    assert result["torch"] is False, result
