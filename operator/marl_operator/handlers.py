@@ -49,6 +49,10 @@ def configure(settings: kopf.OperatorSettings) -> None:
     settings.posting.level = logging.WARNING  # events come from the handlers, not kopf's log
 
 
+CYCLE_WORKERS = 4
+"""Cycles of different policies that may run at once."""
+
+
 def register(
     registry: kopf.OperatorRegistry,
     runtime: Runtime,
@@ -74,9 +78,10 @@ def register(
     # delete handler waits for that cycle, or its write would take the restored objects over
     # again after the policy is gone.
     cycles: dict[str, asyncio.Future[CycleReport]] = {}
-    # Cycles are CPU-bound Python and numpy that hold the GIL: one worker runs them in turn at
-    # less CPU than several contending for it, and the event loop stays free for kopf.
-    worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="marl-cycle")
+    # Cycles wait on Prometheus and the API server for most of their time and hold the GIL for
+    # the rest (numpy, the decision): a few workers overlap the waits, more would only contend
+    # for the GIL. The event loop stays free for kopf.
+    worker = ThreadPoolExecutor(max_workers=CYCLE_WORKERS, thread_name_prefix="marl-cycle")
 
     @kopf.daemon(GROUP, VERSION, PLURAL, registry=registry, cancellation_timeout=30.0)
     async def control_loop(
