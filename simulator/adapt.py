@@ -174,6 +174,7 @@ class IntervalRecorder:
             backlog_start=noisy(self.backlog_start),
             backlog_end=noisy(self._backlog()),
             mesh=mesh,
+            busy=noisy(self.cpu_used / np.maximum(self.cpu, 1e-9)),
         )
 
 

@@ -3,6 +3,7 @@ to end on a short scenario with one change."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -31,6 +32,33 @@ def test_server_stats_add_up_to_the_routing_agents_view():
         assert server.sum_ms.sum() <= out.latency_sum_ms.sum() + 1e-6
         rejected = info["lost"].sum() - info["reject"].sum()
         assert server.rejected.sum() == rejected
+
+
+def test_model_rows_average_the_rate_and_cpu_measurements_of_utilisation():
+    from policies.adaptation import IntervalTelemetry, model_rows
+
+    incoming = np.array([[40.0], [10.0], [30.0]])  # requests/s of work 10, capacity 1000
+    tel = IntervalTelemetry(
+        offered=incoming,
+        incoming=incoming,
+        rejected=np.zeros((3, 1)),
+        mean_ms=np.full((3, 1), 20.0),
+        p95_ms=np.full((3, 1), 60.0),
+        capacity=np.array([1000.0, 1000.0, 0.0]),
+        backlog_start=np.array([0.0, 1.0, 0.0]),
+        backlog_end=np.array([0.5, 0.0, 0.0]),
+        mesh=None,
+        busy=np.array([0.3, np.nan, 0.0]),
+    )
+    features, _ = model_rows(tel, np.array([10.0]), seconds=5.0)
+    # node 0: 0.4 by rate, 0.3 busy + 0.1 of queue growth by CPU; node 1: CPU not measured;
+    # node 2: down
+    assert np.allclose(features[:2, 0], [0.4, 0.1]) and np.isnan(features[2, 0])
+    features, _ = model_rows(dataclasses.replace(tel, busy=None), np.array([10.0]), 5.0)
+    assert np.allclose(features[:2, 0], [0.4, 0.1])
+    tel = dataclasses.replace(tel, busy=np.array([0.5, 0.3, 0.0]))
+    features, _ = model_rows(tel, np.array([10.0]), seconds=5.0)
+    assert np.allclose(features[:2, 0], [(0.4 + 0.6) / 2, (0.1 + 0.1) / 2])
 
 
 def test_list_scenarios_prints_loadable_names(capsys):

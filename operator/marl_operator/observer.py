@@ -17,6 +17,9 @@ simulator reports. The translation:
   slows down thus shows a lower capacity, which is what the policy was trained to react to;
 - queued work follows from Little's law: the wait beyond the service time, times utilisation,
   is the seconds of work queued (what the simulator calls backlog).
+- the CPU busy fraction (cAdvisor CPU seconds over the node's cores) is passed on as well:
+  the system model averages it with the rate-based utilisation, two independent
+  measurements of the same load.
 """
 
 from __future__ import annotations
@@ -205,6 +208,7 @@ class Observer:
             backlog_start=backlog_start,
             backlog_end=backlog_end,
             mesh=mesh,
+            busy=busy,
         )
 
 
