@@ -209,6 +209,7 @@ def test_routing_policy_defaults(validators):
         },
         "safety": {
             "maxWeightChange": 20,
+            "minWeightChange": 2,
             "minWeight": 0,
             "failureThreshold": 3,
             "fallback": "hold",
@@ -258,6 +259,9 @@ INVALID = [
      "spec.checkpoint", "exactly one checkpoint source"),
     ("max-change-0", "RoutingPolicy", None, _set("spec.safety.maxWeightChange", 0),
      "spec.safety.maxWeightChange", "less than the minimum of 1"),
+    ("min-change-above-max", "RoutingPolicy", None,
+     _set("spec.safety", {"maxWeightChange": 5, "minWeightChange": 10}),
+     "spec.safety", "minWeightChange must not exceed safety.maxWeightChange"),
     ("min-weight-100", "RoutingPolicy", None, _set("spec.safety.minWeight", 100),
      "spec.safety.minWeight", "greater than the maximum of 99"),
     ("failure-threshold-0", "RoutingPolicy", None, _set("spec.safety.failureThreshold", 0),

@@ -168,6 +168,18 @@ def test_limit_step_bounds_every_route_and_keeps_the_sum():
     assert limit_step(None, {"a": 50, "b": 50}, 20) == {"a": 50, "b": 50}
 
 
+def test_limit_step_leaves_a_route_whose_weights_barely_move():
+    old = {"a": 52, "b": 25, "c": 23}
+    assert limit_step(old, {"a": 51, "b": 26, "c": 23}, 20, min_change=2) == old
+    assert limit_step(old, {"a": 50, "b": 27, "c": 23}, 20, min_change=2) == {
+        "a": 50,
+        "b": 27,
+        "c": 23,
+    }
+    # a hand edit that broke the sum is corrected however small the move
+    assert limit_step({"a": 52, "b": 25, "c": 22}, old, 20, min_change=2) == old
+
+
 def test_fallback_tables():
     p = problem()
     assert fallback_table("hold", p, 0) is None

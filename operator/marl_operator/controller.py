@@ -152,7 +152,8 @@ class PolicyController:
             proposed = decision_table(self.problem, decision.weights, self.spec.safety.min_weight)
         except ValueError as error:
             return self._failed(f"inconsistent decision: {error}", live)
-        limited = limit_table(live, proposed, self.spec.safety.max_weight_change)
+        safety = self.spec.safety
+        limited = limit_table(live, proposed, safety.max_weight_change, safety.min_weight_change)
         self.failures.succeeded()
         extra = dict(
             proposed=proposed,

@@ -2,10 +2,13 @@
 
 A learned policy and a learned model can both be wrong; the guard keeps their mistakes small
 and visible. Every written route moves at most ``maxWeightChange`` points per interval, so a
-bad decision is corrected before it has moved much traffic. When no decision can be made
-(metrics missing or stale, inputs inconsistent), the weights in place are held; after
-``failureThreshold`` such intervals in a row the configured fallback is written, because a
-routing chosen for conditions that no longer hold gets worse the longer it stays.
+bad decision is corrected before it has moved much traffic, and a route whose weights would
+all move by less than ``minWeightChange`` points stays as it is: such a move is rounding and
+measurement noise, and every write is a configuration push to every sidecar of the mesh. When
+no decision can be made (metrics missing or stale, inputs inconsistent), the weights in place
+are held; after ``failureThreshold`` such intervals in a row the configured fallback is
+written, because a routing chosen for conditions that no longer hold gets worse the longer it
+stays.
 """
 
 from __future__ import annotations
@@ -22,9 +25,13 @@ from policies.weights import largest_remainder
 
 
 def limit_step(
-    previous: Mapping[str, int] | None, proposed: Mapping[str, int], max_change: int
+    previous: Mapping[str, int] | None,
+    proposed: Mapping[str, int],
+    max_change: int,
+    min_change: int = 1,
 ) -> dict[str, int]:
-    """``proposed``, moved from ``previous`` by at most ``max_change`` points per route.
+    """``proposed``, moved from ``previous`` by at most ``max_change`` points per route, or
+    ``previous`` itself when no route would move by ``min_change`` points.
 
     The whole move is scaled down (not each route clipped), so the weights still sum to 100
     and the direction of the decision is kept; rounding picks the floor or ceiling of values
@@ -37,6 +44,8 @@ def limit_step(
     new = np.array([proposed.get(n, 0) for n in names], dtype=float)
     if old.sum() != TOTAL:  # a hand-edited object: start from its proportions
         old = TOTAL * old / old.sum() if old.sum() > 0 else new
+    elif np.abs(new - old).max() < min_change:
+        return dict(previous)
     delta = new - old
     biggest = np.abs(delta).max()
     scale = min(1.0, max_change / biggest) if biggest > 0 else 1.0
@@ -44,11 +53,13 @@ def limit_step(
     return {n: int(w) for n, w in zip(names, weights, strict=True) if w > 0 or n in proposed}
 
 
-def limit_table(previous: RouteTable, proposed: RouteTable, max_change: int) -> RouteTable:
+def limit_table(
+    previous: RouteTable, proposed: RouteTable, max_change: int, min_change: int = 1
+) -> RouteTable:
     """:func:`limit_step` for every service and source node."""
     return {
         service: {
-            source: limit_step(previous.get(service, {}).get(source), row, max_change)
+            source: limit_step(previous.get(service, {}).get(source), row, max_change, min_change)
             for source, row in rows.items()
         }
         for service, rows in proposed.items()

@@ -55,6 +55,7 @@ class RolloutSpec:
 @dataclass(frozen=True)
 class SafetySpec:
     max_weight_change: int = 20
+    min_weight_change: int = 2
     min_weight: int = 0
     failure_threshold: int = 3
     fallback: str = "hold"
@@ -167,6 +168,7 @@ def parse_policy_spec(spec: Mapping[str, Any] | None) -> PolicySpec:
         ),
         safety=SafetySpec(
             max_weight_change=safety.get("maxWeightChange", int, 20, 1, 100),
+            min_weight_change=safety.get("minWeightChange", int, 2, 1, 100),
             min_weight=safety.get("minWeight", int, 0, 0, 99),
             failure_threshold=safety.get("failureThreshold", int, 3, 1, 1000),
             fallback=fallback,
