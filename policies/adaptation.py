@@ -15,9 +15,9 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from policies.model_env import MeshState, ModelEnv
-from policies.observation import MeshTelemetry, mesh_observation
+from policies.observation import MeshTelemetry
 from policies.queueing import prior_table
-from policies.rollout import Decision, Policy, Rollout, RolloutSettings
+from policies.rollout import OUTSIDE_DATA, Decision, Policy, Rollout, RolloutSettings
 from policies.system_model import FEATURES, TARGETS, LatencyTable, SystemModel
 
 
@@ -113,11 +113,13 @@ class Adapter:
             operator turns it on, because a node that just slowed down cannot wait for a
             window of data.
         reuse_tolerance: keep the previous decision while the arrival forecast and the
-            capacities, and the base policy's observations, stay within this relative
-            distance of the ones it was computed from, the backlogs within this many
-            seconds, and the model is the same (0: decide anew every interval). A steady
-            mesh then costs almost nothing per interval, and its weights do not wander with
-            measurement noise.
+            capacities stay within this relative distance of the ones it was computed from,
+            the backlogs within this many seconds, the base policy's routing within this
+            share of the traffic, and the model is the same fit (0: decide anew every
+            interval). The base policy's action stands in for its observation: the
+            observation has dozens of noisy readings, and the action is what they mean for
+            routing. A steady mesh then costs almost nothing per interval, and its weights
+            do not wander with measurement noise.
     """
 
     def __init__(
@@ -144,7 +146,7 @@ class Adapter:
         self.table: LatencyTable | None = None  # ... and its tabulation
         self.forecast: np.ndarray | None = None
         self.last: IntervalTelemetry | None = None
-        self._decided: tuple[MeshState, str, LatencyTable | None, Decision] | None = None
+        self._decided: tuple[MeshState, tuple[str, int], Decision] | None = None
 
     def observe(self, tel: IntervalTelemetry) -> None:
         features, targets = model_rows(tel, self.env.work, self.interval_seconds)
@@ -181,42 +183,40 @@ class Adapter:
         state = self.state()
         reason = self.trust()
         service_ms = self.env.service_ms(state.capacity)
-        if reason is None:
-            self.model_source, self.table = "learned", self.model.table(service_ms)
-            kind = "learned"
-        elif self.prior:
-            self.model_source = f"queueing prior, because {reason}"
-            kind = "prior"
-        else:
-            self.model_source, self.table, kind = "none", None, "none"
-        if self._unchanged(state, kind):
+        kind = "learned" if reason is None else "prior" if self.prior else "none"
+        base = self.rollout.base_action(state)
+        learned = self.model.table(service_ms) if kind == "learned" else None
+        if learned is not None and self.prior and self.rollout.leaves_data(state, learned, base):
+            # Outside the learned model's data (a surge, a failure) the prior answers, as
+            # it does while the model is not trusted.
+            reason, kind = OUTSIDE_DATA, "prior"
+        # What the decision is computed on: the model's kind and, for the learned one, its fit.
+        inputs = (kind, self.model.fits if kind == "learned" else 0)
+        if self._unchanged(state, inputs, base):
             last = self._decided[-1]
             ms = 1000.0 * (time.perf_counter() - start)
             return replace(last, decision_ms=ms, reused=True)
-        if kind == "prior":
+        if kind == "learned":
+            self.model_source, self.table = "learned", learned
+            decision = self.rollout.decide(state, learned, base=base)
+        elif kind == "prior":
+            self.model_source = f"queueing prior, because {reason}"
             self.table = prior_table(self.interval_seconds, service_ms, state.backlog)
-        if kind == "none":
-            decision = self.rollout.decide(state, None, fallback=reason)
-        else:
-            decision = self.rollout.decide(state, self.table)
-        if kind == "learned" and self.prior and decision.fallback is not None:
-            # The base routing leads outside the learned model's data (a surge, a failure):
-            # the prior answers there, as it does while the model is not trusted.
-            self.model_source = f"queueing prior, because {decision.fallback}"
-            self.table = prior_table(self.interval_seconds, service_ms, state.backlog)
-            decision = self.rollout.decide(state, self.table)
-            decision = replace(decision, decision_ms=1000.0 * (time.perf_counter() - start))
-            kind = "prior"
-        self._decided = (state, kind, self.table, decision)
+            decision = self.rollout.decide(state, self.table, base=base)
+        elif kind == "none":
+            self.model_source, self.table = "none", None
+            decision = self.rollout.decide(state, None, fallback=reason, base=base)
+        decision = replace(decision, decision_ms=1000.0 * (time.perf_counter() - start))
+        self._decided = (state, inputs, decision)
         return decision
 
-    def _unchanged(self, state: MeshState, kind: str) -> bool:
+    def _unchanged(self, state: MeshState, inputs: tuple[str, int], base: np.ndarray) -> bool:
         """Whether the last computed decision still answers ``state`` (see reuse_tolerance)."""
         tol = self.reuse_tolerance
-        if tol <= 0 or self._decided is None:
+        if tol <= 0 or self._decided is None or inputs[0] == "none":
             return False
-        then, then_kind, then_table, _ = self._decided
-        if kind != then_kind or (kind == "learned" and self.table is not then_table):
+        then, then_inputs, decision = self._decided
+        if inputs != then_inputs:
             return False
 
         def close(now, before) -> bool:
@@ -227,10 +227,5 @@ class Adapter:
             close(state.arrivals, then.arrivals)
             and close(state.capacity, then.capacity)
             and bool(np.all(np.abs(np.asarray(state.backlog) - then.backlog) <= tol))
-            and close(self._observation(state), self._observation(then))
+            and bool(np.all(np.abs(base - decision.base_weights) <= tol))
         )
-
-    def _observation(self, state: MeshState) -> np.ndarray:
-        """What the base policy sees: once the mesh has reacted to a decision (latencies,
-        utilisations moved), the decision is made again from the settled state."""
-        return mesh_observation(self.env.topology, state.telemetry)

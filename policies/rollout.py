@@ -138,6 +138,9 @@ def candidates(action: np.ndarray, mask: np.ndarray, steps) -> np.ndarray:
     return np.stack(out)
 
 
+OUTSIDE_DATA = "the base routing leads outside the model's data"
+
+
 class Rollout:
     """Decides routings for one mesh with a base policy, a model and settings."""
 
@@ -152,24 +155,30 @@ class Rollout:
         return self.policy(obs, self.env.action_mask(state))[0]
 
     def decide(
-        self, state: MeshState, table: LatencyTable | None, fallback: str | None = None
+        self,
+        state: MeshState,
+        table: LatencyTable | None,
+        fallback: str | None = None,
+        base: np.ndarray | None = None,
     ) -> Decision:
         """The rollout routing for ``state``. With ``fallback`` set (e.g. the model is not
         trusted), or when the base routing itself leads outside the model's data, the base
-        action is returned unchanged with the reason."""
+        action is returned unchanged with the reason. ``base`` is the base policy's action
+        for ``state`` when the caller has it already."""
         start = time.perf_counter()
         mask = self.env.action_mask(state)
-        base = self.base_action(state)
+        base = self.base_action(state) if base is None else base
         if fallback is not None:
             ms = 1000.0 * (time.perf_counter() - start)
             return Decision(base, base, float("nan"), float("nan"), (), fallback, ms)
-        futures = self._futures(state)
-        base_score = float(self._score(state, base[None], mask, table, futures)[0])
-        current, current_score = base.copy(), base_score
+        current, current_score = base.copy(), float("nan")
         changed: list[int] = []
-        if not np.isfinite(base_score):
-            fallback = "the base routing leads outside the model's data"
+        if self.leaves_data(state, table, base):
+            fallback, base_score = OUTSIDE_DATA, current_score
         else:
+            futures = self._futures(state)
+            base_score = float(self._score(state, base[None], mask, table, futures)[0])
+            current_score = base_score
             for _ in range(self.settings.rounds):
                 current, current_score, moved = self._round(
                     state, current, current_score, mask, table, futures
@@ -188,6 +197,11 @@ class Rollout:
             fallback=fallback,
             decision_ms=1000.0 * (time.perf_counter() - start),
         )
+
+    def leaves_data(self, state: MeshState, table: LatencyTable, weights: np.ndarray) -> bool:
+        """Whether routing by ``weights`` leads outside the model's data in the next interval
+        (under the arrival forecast): no decision is made on the model there."""
+        return not bool(self.env.step(state, weights[None], table).known[0])
 
     def _round(self, state, current, current_score, mask, table, futures):
         """One screen, then the best prefix of the promising agents' moves in order of gain.

@@ -72,9 +72,8 @@ class LatencyTable:
 
     A decision scores hundreds of candidate routings; all they change is how much work
     reaches each node and, later in the lookahead, how much is left queued. So the model is
-    evaluated once on a (utilisation, backlog) grid per (node, service) and interpolated.
-    Exact at the grid points: the remaining input, the service time, is fixed by the node
-    and the service.
+    evaluated on a (utilisation, backlog) grid per (node, service) and interpolated; the
+    remaining input, the service time, is fixed by the node and the service.
     """
 
     utilisation: np.ndarray  # (G,) evenly spaced from 0
@@ -140,14 +139,46 @@ def _feature_grid(service_ms: np.ndarray, utilisation: np.ndarray, backlog: np.n
     ).reshape(-1, len(FEATURES))
 
 
+SERVICE_STEP = 0.05
+"""Spacing of the tabulated service times, in log: 5 % apart, about the measurement noise
+of a node's capacity."""
+
+
+@dataclass(frozen=True)
+class _ServiceGrid:
+    """The fitted model on a grid of (service time, utilisation, backlog), shared by every
+    node and service."""
+
+    log_ms: np.ndarray  # (L,) evenly spaced log service times
+    utilisation: np.ndarray  # (G,)
+    backlog: np.ndarray  # (H,)
+    values: np.ndarray  # (L, G, H, len(TARGETS))
+    known: np.ndarray  # (L, G, H)
+
+
+def _grid_range(x: np.ndarray) -> tuple[float, float, float]:
+    """The log service times to tabulate (the data's, a step beyond each end) and the
+    largest backlog (the data's 99th percentile)."""
+    log_ms = np.log(np.maximum(x[:, 1], 1e-9))
+    top = float(np.clip(np.percentile(x[:, 2], 99), 0.5, 30.0))
+    return float(log_ms.min()) - SERVICE_STEP, float(log_ms.max()) + SERVICE_STEP, top
+
+
 class SystemModel:
     """A sliding window of telemetry rows and the regressor fitted on it.
 
     Args:
         window: intervals kept (360 is 30 minutes of 5-second telemetry).
         regressor: ``forest`` or ``boosting``.
-        refit_every: intervals between refits; a refit also happens on drift, when the
-            recent held-out error exceeds ``drift_nmae``.
+        refit_share: refit once the rows added since the last fit reach this share of the
+            rows it was fitted on, and at least ``min_rows`` (0: every interval). Fitting
+            costs time in proportion to the rows (plus about 20 ms for the forest itself),
+            so this keeps the cost per interval flat as the window fills: a full window is
+            refitted every 36 intervals. A refit also happens on drift, when
+            at least ``drift_outside`` of the newest interval's rows lie outside the fitted
+            data (the system moved to states a forest cannot extrapolate to). The held-out
+            error is no drift signal: per interval it is mostly measurement noise, the same
+            before and after a refit.
         min_rows: rows needed before the first fit.
         radius: how near (in standardised features) a training row must be for a state to
             count as inside the data.
@@ -158,8 +189,8 @@ class SystemModel:
         self,
         window: int = 360,
         regressor: Regressor = "forest",
-        refit_every: int = 5,
-        drift_nmae: float = 0.2,
+        refit_share: float = 0.1,
+        drift_outside: float = 0.1,
         min_rows: int = 50,
         radius: float = 0.25,
         grid: tuple[int, int] = (33, 9),
@@ -170,8 +201,8 @@ class SystemModel:
             raise ValueError(f"regressor must be 'forest' or 'boosting', got {regressor!r}")
         self.window = window
         self.regressor: Regressor = regressor
-        self.refit_every = refit_every
-        self.drift_nmae = drift_nmae
+        self.refit_share = refit_share
+        self.drift_outside = drift_outside
         self.min_rows = min_rows
         self.radius = radius
         self.grid = grid
@@ -180,8 +211,10 @@ class SystemModel:
         self._intervals: deque[tuple[np.ndarray, np.ndarray]] = deque(maxlen=window)
         self._scores: deque[tuple[np.ndarray, np.ndarray]] = deque(maxlen=12)
         self._estimator = None
-        self._since_fit = 0
-        self._table_cache: tuple[bytes, LatencyTable] | None = None
+        self._new_rows = 0  # since the last fit
+        self._fitted_rows = 0
+        self._grid: _ServiceGrid | None = None
+        self.fits = 0
 
     # ---------------------------------------------------------------------------- data
     def observe(self, features: np.ndarray, targets: np.ndarray) -> bool:
@@ -189,10 +222,12 @@ class SystemModel:
         are dropped). Scores them first if a fit exists, refits when due; returns whether it
         refitted."""
         features, targets = self.add(features, targets)
+        drifted = False
         if self._estimator is not None and len(features):
             self._scores.append((targets, self.predict(features)))
-        due = self._estimator is None or self._since_fit >= self.refit_every
-        drifted = self._estimator is not None and self._recent_nmae() > self.drift_nmae
+            drifted = float(np.mean(~self.in_data(features))) >= self.drift_outside
+        enough = max(self.refit_share * self._fitted_rows, self.min_rows * (self.refit_share > 0))
+        due = self._estimator is None or (self._new_rows > 0 and self._new_rows >= enough)
         if (due or drifted) and self.rows >= self.min_rows:
             self.fit()
             return True
@@ -206,7 +241,7 @@ class SystemModel:
         keep = np.isfinite(features).all(axis=1) & np.isfinite(targets).all(axis=1)
         features, targets = features[keep], targets[keep]
         self._intervals.append((features, targets))
-        self._since_fit += 1
+        self._new_rows += len(features)
         return features, targets
 
     @property
@@ -246,8 +281,10 @@ class SystemModel:
         self._estimator = est
         self._scale = np.maximum(x.std(axis=0), 1e-9)
         self._tree = KDTree(x / self._scale)
-        self._since_fit = 0
-        self._table_cache = None
+        self._new_rows, self._fitted_rows = 0, len(x)
+        self._grid = None
+        self._grid_range = _grid_range(x)
+        self.fits += 1
 
     def predict(self, features: np.ndarray) -> np.ndarray:
         if self._estimator is None:
@@ -266,26 +303,45 @@ class SystemModel:
         return self._tree.query_radius(x, r=self.radius, count_only=True) > 0
 
     def table(self, service_ms: np.ndarray) -> LatencyTable:
-        """The model tabulated for these nodes' service times ``(N, S)``; cached until the
-        next fit or a change of service times by more than about 2% (measurement noise)."""
-        service_ms = np.asarray(service_ms, dtype=float)
-        key = np.round(np.log(np.maximum(service_ms, 1e-6)) / 0.02).tobytes()
-        if self._table_cache is not None and self._table_cache[0] == key:
-            return self._table_cache[1]
-        x, _ = self.data()
-        top = float(np.clip(np.percentile(x[:, 2], 99), 0.5, 30.0)) if len(x) else 1.0
-        util = np.linspace(0.0, self.max_utilisation, self.grid[0])
-        backlog = np.linspace(0.0, top, self.grid[1])
-        rows = _feature_grid(service_ms, util, backlog)
-        shape = (*service_ms.shape, len(util), len(backlog))
-        table = LatencyTable(
-            utilisation=util,
-            backlog=backlog,
-            values=self.predict(rows).reshape(*shape, len(TARGETS)),
-            known=self.in_data(rows).reshape(shape),
-        )
-        self._table_cache = (key, table)
-        return table
+        """The model tabulated for these nodes' service times ``(N, S)``.
+
+        Interpolated, in log service time, from one grid over every input that is built once
+        per fit: a node's service time is measured afresh every interval, and its noise alone
+        would otherwise call for a new tabulation of the regressor every cycle. Service times
+        beyond the data's range take the edge value and count as outside the data.
+        """
+        grid = self._service_grid()
+        log_ms = np.log(np.maximum(np.asarray(service_ms, dtype=float), 1e-9))
+        last = len(grid.log_ms) - 1
+        step = grid.log_ms[1] - grid.log_ms[0]
+        position = np.clip((log_ms - grid.log_ms[0]) / step, 0.0, last)
+        low = np.minimum(position.astype(np.int64), last - 1)
+        frac = (position - low)[..., None, None, None]
+        values = grid.values[low] * (1.0 - frac) + grid.values[low + 1] * frac
+        nearest = np.where(frac[..., 0, 0, 0] < 0.5, low, low + 1)
+        inside = (log_ms >= grid.log_ms[0] - 1e-9) & (log_ms <= grid.log_ms[-1] + 1e-9)
+        known = grid.known[nearest] & inside[..., None, None]
+        return LatencyTable(grid.utilisation, grid.backlog, values, known)
+
+    def _service_grid(self) -> _ServiceGrid:
+        if self._estimator is None:
+            raise RuntimeError("system model: table() before the first fit()")
+        if self._grid is None:
+            log_lo, log_hi, top = self._grid_range
+            count = int(np.clip(np.ceil((log_hi - log_lo) / SERVICE_STEP) + 1, 2, 64))
+            log_ms = np.linspace(log_lo, log_hi, count)
+            util = np.linspace(0.0, self.max_utilisation, self.grid[0])
+            backlog = np.linspace(0.0, top, self.grid[1])
+            rows = _feature_grid(np.exp(log_ms)[:, None], util, backlog)
+            shape = (count, len(util), len(backlog))
+            self._grid = _ServiceGrid(
+                log_ms=log_ms,
+                utilisation=util,
+                backlog=backlog,
+                values=self.predict(rows).reshape(*shape, len(TARGETS)),
+                known=self.in_data(rows).reshape(shape),
+            )
+        return self._grid
 
     # ---------------------------------------------------------------------------- accuracy
     def accuracy(self) -> Accuracy | None:
@@ -295,10 +351,6 @@ class SystemModel:
         y = np.concatenate([t for t, _ in self._scores])
         p = np.concatenate([q for _, q in self._scores])
         return score(y, p)
-
-    def _recent_nmae(self) -> float:
-        acc = self.accuracy()
-        return acc.worst_nmae if acc is not None else 0.0
 
 
 def score(y: np.ndarray, p: np.ndarray) -> Accuracy:

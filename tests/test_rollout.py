@@ -243,7 +243,7 @@ def test_an_untrusted_model_returns_the_base_action_with_the_reason():
 
 
 def test_system_model_scores_new_rows_before_learning_them():
-    model = SystemModel(min_rows=20, refit_every=1)
+    model = SystemModel(min_rows=20, refit_share=0.0)
     rng = np.random.default_rng(1)
     for _ in range(40):
         x = np.stack([rng.uniform(0, 0.9, 10), rng.uniform(5, 40, 10), np.zeros(10)], axis=1)
@@ -254,6 +254,58 @@ def test_system_model_scores_new_rows_before_learning_them():
     assert acc.r2["mean_ms"] > 0.5
     with pytest.raises(ValueError, match="min_rows"):
         SystemModel(min_rows=10**6).fit()
+
+
+def test_system_model_refits_on_a_share_of_new_rows_or_when_the_data_moves():
+    model = SystemModel(min_rows=20, refit_share=0.5, drift_outside=2.0)  # no drift first
+    rng = np.random.default_rng(2)
+
+    def rows(low: float, high: float) -> np.ndarray:
+        return np.stack([rng.uniform(low, high, 10), np.full(10, 10.0), np.zeros(10)], axis=1)
+
+    fitted = [model.observe(x, exact(x)) for x in (rows(0.0, 0.4) for _ in range(6))]
+    # the first fit at 20 rows, the next ones once min_rows (more than half of 20, of 40) more
+    assert fitted == [False, True, False, True, False, True]
+    assert model.fits == 3
+    model.drift_outside = 0.1
+    x = rows(0.8, 0.9)  # states the fit never saw: refit at once
+    assert model.observe(x, exact(x)) and model.fits == 4
+
+
+def test_system_model_table_interpolates_service_times_within_the_data():
+    model = SystemModel(min_rows=20, refit_share=0.0)
+    rng = np.random.default_rng(3)
+    for _ in range(40):
+        x = np.stack([rng.uniform(0, 0.9, 10), rng.uniform(5, 40, 10), np.zeros(10)], axis=1)
+        model.observe(x, exact(x))
+    service_ms = np.array([[6.0], [15.0], [38.0], [80.0]])
+    table = model.table(service_ms)
+    values, known = table.lookup(np.full(4, 0.5), np.zeros(4))
+    direct = model.predict(np.stack([np.full(4, 0.5), service_ms[:, 0], np.zeros(4)], axis=1))
+    assert np.allclose(values[:3, 0, 0], direct[:3, 0], rtol=0.1)
+    assert known[:3, 0].all() and not known[3, 0]  # 80 ms: beyond every row seen
+    assert table is not model.table(service_ms) and model.table(service_ms * 1.01) is not None
+
+
+def test_the_adapter_decides_on_the_prior_where_the_base_routing_leaves_the_data():
+    topo, env, _, _ = pair(capacity=(700.0, 1000.0))
+    cap, load = np.array([700.0, 1000.0]), np.array([60.0, 0.0])
+    for prior in (False, True):
+        model = SystemModel(min_rows=10, radius=0.2)
+        rng = np.random.default_rng(0)
+        for _ in range(20):  # data only at low utilisation
+            x = np.stack([rng.uniform(0.0, 0.3, 4), np.full(4, 10 / 0.7), np.zeros(4)], axis=1)
+            model.observe(x, exact(x))
+        model.drift_outside = 2.0  # keep it so: no refit on the next interval's rows
+        adapter = Adapter(env, always_local, model, RolloutSettings(horizon=1), prior=prior)
+        adapter.observe(_interval(topo, load, cap))
+        decision = adapter.decide()
+        if prior:
+            assert decision.fallback is None and decision.changed_agents == (0,)
+            assert adapter.model_source.startswith("queueing prior, because the base routing")
+        else:
+            assert decision.fallback is not None and "outside" in decision.fallback
+            assert np.array_equal(decision.weights, decision.base_weights)
 
 
 def _interval(topo: Topology, arrivals: np.ndarray, capacity: np.ndarray) -> IntervalTelemetry:
@@ -296,6 +348,28 @@ def test_a_steady_mesh_reuses_the_last_decision_until_its_inputs_move():
     moved = adapter.decide()
     assert not moved.reused
     assert moved.weights[0, 1] < first.weights[0, 1]  # ... so a sends it less
+
+    def sends(share: float):
+        def policy(obs: np.ndarray, mask: np.ndarray) -> np.ndarray:
+            w = always_local(obs, mask)
+            w[..., 0], w[..., 1] = 1.0 - share, share
+            return w
+
+        return policy
+
+    # The base policy's observation is not compared, its action is: noisy latencies alone
+    # keep the decision, a base routing that moved by more than the tolerance does not.
+    adapter.rollout.policy = sends(0.0)
+    adapter.observe(replace(_interval(topo, load, cap), mesh=telemetry(topo, load, cap)))
+    settled = adapter.decide()
+    assert not settled.reused
+    tel = _interval(topo, load, cap)
+    tel.mesh.latency_ms[...] *= 1.3
+    adapter.observe(tel)
+    assert adapter.decide().reused
+    adapter.rollout.policy = sends(0.1)
+    adapter.observe(_interval(topo, load, cap))
+    assert not adapter.decide().reused
 
     never = Adapter(env, always_local, SystemModel(), RolloutSettings(horizon=1), prior=True)
     for _ in range(2):
