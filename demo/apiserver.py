@@ -20,13 +20,18 @@ that, so :class:`ApiServer` adds, where the operator depends on it:
   needs ``kind``); lists and watches honour ``labelSelector`` and simple ``fieldSelector``;
   a watch from a ``resourceVersion`` replays only newer objects (ADDED), and it does not lose
   events written while it replays (kmock's does);
-- deletion with finalizers: ``deletionTimestamp`` first, gone when the last finalizer goes.
+- deletion with finalizers: ``deletionTimestamp`` first, gone when the last finalizer goes;
+- ``dryRun=All`` on creates, patches, PUTs and deletes: every check runs and the answer is the
+  object as it would be stored, but nothing is stored and no watch event is sent;
+- RBAC refusals, for tests: :meth:`ApiServer.deny` makes a verb on a resource (in one namespace
+  or all) answer 403 Forbidden with a real server's message, until :meth:`ApiServer.allow`.
 
 Not emulated: schema validation, defaulting and CEL rules, admission, namespace existence,
 field managers, ``deletecollection``, pagination, watch bookmarks and ``410 Gone``, DELETED
 events for objects that stop matching a watch's selector, garbage collection of owned objects,
-authentication and TLS. Several API versions of one resource are separate stores (so only one
-version of HTTPRoute is served).
+authentication (every request is one user's, allowed everything not denied) and TLS. Several
+API versions of one resource are separate stores (so only one version of HTTPRoute is
+served).
 """
 
 from __future__ import annotations
@@ -176,6 +181,7 @@ class ApiServer(kmock.KubernetesEmulator):
 
     crd_dir: Path | None = REPO_CRD_DIR
     _revision: int = attrs.field(default=0, init=False)
+    _denied: set[tuple[str, str, str | None]] = attrs.field(factory=set, init=False)
 
     def __attrs_post_init__(self) -> None:
         super().__attrs_post_init__()
@@ -271,6 +277,64 @@ class ApiServer(kmock.KubernetesEmulator):
             kind=resource.plural,
         )
 
+    # --- authorization --------------------------------------------------------------------
+
+    def deny(self, verb: str, resource: str, namespace: str | None = None) -> None:
+        """Refuse ``verb`` (``get``, ``list``, ``watch``, ``create``, ``patch``, ``update``,
+        ``delete``) on ``resource`` (``plural.group``, ``plural`` for the core group, with
+        ``/subresource`` for one) in ``namespace`` (every namespace by default) with 403
+        Forbidden, as a real server does for a service account that no RBAC rule covers."""
+        self._denied.add((verb, resource, namespace))
+
+    def allow(self, verb: str, resource: str, namespace: str | None = None) -> None:
+        """Undo :meth:`deny` (the rule was granted)."""
+        self._denied.discard((verb, resource, namespace))
+
+    @staticmethod
+    def _verb(request: kmock.Request) -> str:
+        if request.method == kmock.method.PUT:
+            return "update"
+        if request.action == kmock.action.DELETE and request.name is None:
+            return "deletecollection"
+        verbs = {
+            kmock.action.LIST: "list",
+            kmock.action.WATCH: "watch",
+            kmock.action.FETCH: "get",
+            kmock.action.CREATE: "create",
+            kmock.action.UPDATE: "patch",
+            kmock.action.DELETE: "delete",
+        }
+        return verbs.get(request.action, str(request.method).lower())
+
+    def _authorize(self, request: kmock.Request) -> None:
+        assert request.resource is not None  # checked by the caller; for type checkers
+        resource = request.resource
+        verb = self._verb(request)
+        plural = resource.plural + (f"/{request.subresource}" if request.subresource else "")
+        qualified = f"{plural}.{resource.group}" if resource.group else plural
+        if not any(
+            rule in self._denied
+            for rule in ((verb, qualified, request.namespace), (verb, qualified, None))
+        ):
+            return
+        name = request.name
+        if name is None and isinstance(request.data, Mapping):
+            name = (request.data.get("metadata") or {}).get("name")
+        subject = f"{resource.plural}.{resource.group}" if resource.group else resource.plural
+        named = f' "{name}"' if name else ""
+        where = f' in the namespace "{request.namespace}"' if request.namespace else ""
+        scope = "" if request.namespace else " at the cluster scope"
+        raise api_error(
+            403,
+            "Forbidden",
+            f"{subject}{named} is forbidden: "
+            f'User "system:serviceaccount:default:default" cannot {verb} resource "{plural}" '
+            f'in API group "{resource.group}"{where}{scope}',
+            name=name,
+            group=resource.group,
+            kind=resource.plural,
+        )
+
     # --- writes ---------------------------------------------------------------------------
 
     async def __call__(self, raw_request: aiohttp.web.BaseRequest) -> aiohttp.web.StreamResponse:
@@ -290,26 +354,35 @@ class ApiServer(kmock.KubernetesEmulator):
             self._requests[self._requests.index(request)] = namespaces_request
             request = namespaces_request
         if request.resource is not None and request.resource.plural is not None:
+            self._authorize(request)
+            dry_run = bool(request.params.get("dryRun"))
             async with self._lock:
-                await self._write(request)
+                result = await self._write(request, dry_run=dry_run)
+            if dry_run and request.method != kmock.method.GET:
+                status = 201 if request.action == kmock.action.CREATE else 200
+                self._trim_logs()
+                return aiohttp.web.json_response(result, status=status)
         try:
             return await super(kmock.KubernetesEmulator, self)._handle(request)
         finally:
             self._trim_logs()
 
-    async def _write(self, request: kmock.Request) -> None:
+    async def _write(self, request: kmock.Request, *, dry_run: bool = False) -> Any:
+        """Store what a write request changes; with ``dry_run``, only return the object as it
+        would be stored."""
         assert request.resource is not None  # checked by the caller; for type checkers
         if "protobuf" in _content_type(request):
             raise api_error(415, "UnsupportedMediaType", "the emulator speaks JSON, not protobuf")
         if request.action == kmock.action.CREATE:
-            await self._create(request, request.data)
+            return await self._create(request, request.data, dry_run=dry_run)
         elif request.name is None:
             if request.method == kmock.method.DELETE:
                 raise api_error(405, "MethodNotAllowed", "deletecollection is not emulated")
         elif request.action == kmock.action.UPDATE or request.method == kmock.method.PUT:
-            await self._update(request)
+            return await self._update(request, dry_run=dry_run)
         elif request.action == kmock.action.DELETE:
-            await self._delete(request)
+            return await self._delete(request, dry_run=dry_run)
+        return None
 
     def _next_revision(self) -> str:
         self._revision += 1
@@ -341,7 +414,9 @@ class ApiServer(kmock.KubernetesEmulator):
         )
         return body
 
-    async def _create(self, request: kmock.Request, data: Any) -> None:
+    async def _create(
+        self, request: kmock.Request, data: Any, *, dry_run: bool = False
+    ) -> dict[str, Any]:
         assert request.resource is not None  # for type checkers
         info = self._info(request.resource)
         if request.subresource is not None:
@@ -374,6 +449,8 @@ class ApiServer(kmock.KubernetesEmulator):
                 409, "AlreadyExists", f'{request.resource.plural} "{name}" already exists'
             )
         body = self._stamp_new(request.resource, namespace, body)
+        if dry_run:
+            return body
         if key in self._objects:
             self._objects[key].create(body)
         else:
@@ -386,8 +463,9 @@ class ApiServer(kmock.KubernetesEmulator):
             # matches requests by identity), so the stored name and namespace go into it.
             request.data.clear()
             request.data.update(copy.deepcopy(body))
+        return body
 
-    async def _update(self, request: kmock.Request) -> None:
+    async def _update(self, request: kmock.Request, *, dry_run: bool = False) -> dict[str, Any]:
         assert request.resource is not None and request.name is not None  # for type checkers
         info = self._info(request.resource)
         if request.subresource not in (None, "status") or (
@@ -401,8 +479,7 @@ class ApiServer(kmock.KubernetesEmulator):
         key = (request.resource, request.namespace, request.name)
         if key not in self._objects or self._objects[key].deleted:
             if content_type == APPLY_PATCH and request.subresource is None:
-                await self._create(request, data)  # server-side apply creates
-                return
+                return await self._create(request, data, dry_run=dry_run)  # apply creates
             raise self._not_found(request.resource, request.name)
         stored = self._objects[key]
         old = copy.deepcopy(stored.raw)
@@ -433,7 +510,9 @@ class ApiServer(kmock.KubernetesEmulator):
                 del meta[field]
         new["apiVersion"], new["kind"] = _api_version(request.resource), info.kind
         if new == old:
-            return  # a no-op write: no new version, no event
+            return old  # a no-op write: no new version, no event
+        if dry_run:
+            return new
         if self._generation_part(new, info) != self._generation_part(old, info):
             meta["generation"] = old_meta.get("generation", 0) + 1
         meta["resourceVersion"] = self._next_revision()
@@ -443,6 +522,7 @@ class ApiServer(kmock.KubernetesEmulator):
             await self._buses[request.resource].put({"type": "DELETED", "object": new})
         else:
             await self._buses[request.resource].put({"type": "MODIFIED", "object": new})
+        return new
 
     @staticmethod
     def _patched(old: dict[str, Any], data: Any, content_type: str, *, put: bool) -> Any:
@@ -488,7 +568,7 @@ class ApiServer(kmock.KubernetesEmulator):
         skipped = {"metadata", "status"} if "status" in info.subresources else {"metadata"}
         return {key: value for key, value in obj.items() if key not in skipped}
 
-    async def _delete(self, request: kmock.Request) -> None:
+    async def _delete(self, request: kmock.Request, *, dry_run: bool = False) -> dict[str, Any]:
         assert request.resource is not None  # for type checkers
         self._info(request.resource)
         key = (request.resource, request.namespace, request.name)
@@ -497,8 +577,8 @@ class ApiServer(kmock.KubernetesEmulator):
         stored = self._objects[key]
         obj = copy.deepcopy(stored.raw)
         meta = obj.setdefault("metadata", {})
-        if meta.get("deletionTimestamp"):
-            return  # already being deleted: waiting for its finalizers
+        if dry_run or meta.get("deletionTimestamp"):
+            return obj  # already being deleted: waiting for its finalizers
         meta["resourceVersion"] = self._next_revision()
         if meta.get("finalizers"):
             meta.update(deletionTimestamp=_now(), deletionGracePeriodSeconds=0)
@@ -509,6 +589,7 @@ class ApiServer(kmock.KubernetesEmulator):
             self._record(stored, obj)
             stored.delete()
             await self._buses[request.resource].put({"type": "DELETED", "object": obj})
+        return obj
 
     @staticmethod
     def _record(stored: kmock.Object, obj: dict[str, Any]) -> None:

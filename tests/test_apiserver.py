@@ -196,6 +196,69 @@ def test_kubernetes_client_create_get_patch_with_optimistic_concurrency(apiserve
     assert unchanged["metadata"]["resourceVersion"] == json_patched["metadata"]["resourceVersion"]
 
 
+def test_dry_run_checks_everything_and_stores_nothing(apiserver: Any) -> None:
+    api = k8s.CustomObjectsApi(k8s_config.new_client_from_config(str(apiserver.kubeconfig)))
+    where = (VS_GROUP, VS_VERSION, "edge", VS_PLURAL)
+
+    would = api.create_namespaced_custom_object(*where, virtual_service("fn"), dry_run="All")
+    assert would["metadata"]["name"] == "fn" and would["metadata"]["namespace"] == "edge"
+    with pytest.raises(ApiException) as missing:
+        api.get_namespaced_custom_object(*where, "fn")
+    assert missing.value.status == 404  # nothing was stored
+
+    created = api.create_namespaced_custom_object(*where, virtual_service("fn"))
+    version = created["metadata"]["resourceVersion"]
+    with pytest.raises(ApiException) as exists:
+        api.create_namespaced_custom_object(*where, virtual_service("fn"), dry_run="All")
+    assert exists.value.status == 409
+    change = {"metadata": {"resourceVersion": version}, "spec": {"hosts": ["other"]}}
+    would = api.patch_namespaced_custom_object(*where, "fn", change, dry_run="All")
+    assert would["spec"]["hosts"] == ["other"]
+    stale = {"metadata": {"resourceVersion": "1"}, "spec": {"hosts": ["other"]}}
+    with pytest.raises(ApiException) as conflict:
+        api.patch_namespaced_custom_object(*where, "fn", stale, dry_run="All")
+    assert conflict.value.status == 409
+    api.delete_namespaced_custom_object(*where, "fn", dry_run="All")
+    assert api.get_namespaced_custom_object(*where, "fn") == created  # untouched
+
+
+def test_denied_verbs_answer_403_until_allowed(apiserver: Any) -> None:
+    api = k8s.CustomObjectsApi(k8s_config.new_client_from_config(str(apiserver.kubeconfig)))
+    where = (VS_GROUP, VS_VERSION, "edge", VS_PLURAL)
+    apiserver.api.deny("create", "virtualservices.networking.istio.io", "edge")
+    with pytest.raises(ApiException) as refused:
+        api.create_namespaced_custom_object(*where, virtual_service("fn"))
+    assert refused.value.status == 403
+    status = json.loads(refused.value.body)
+    assert status["reason"] == "Forbidden"
+    assert status["message"] == (
+        'virtualservices.networking.istio.io "fn" is forbidden: User '
+        '"system:serviceaccount:default:default" cannot create resource "virtualservices" '
+        'in API group "networking.istio.io" in the namespace "edge"'
+    )
+    with pytest.raises(ApiException) as dry:
+        api.create_namespaced_custom_object(*where, virtual_service("fn"), dry_run="All")
+    assert dry.value.status == 403  # a dry run is authorized as the real call
+    # Another namespace, and other verbs, are not denied; nothing was stored by the refusal.
+    other = {**virtual_service("b"), "metadata": {"name": "b", "namespace": "edge-b"}}
+    api.create_namespaced_custom_object(VS_GROUP, VS_VERSION, "edge-b", VS_PLURAL, other)
+    with pytest.raises(ApiException) as missing:
+        api.get_namespaced_custom_object(*where, "fn")
+    assert missing.value.status == 404
+
+    apiserver.api.deny("patch", "virtualservices.networking.istio.io")  # every namespace
+    apiserver.api.allow("create", "virtualservices.networking.istio.io", "edge")
+    api.create_namespaced_custom_object(*where, virtual_service("fn"))
+    for namespace in ("edge", "edge-b"):
+        name = "fn" if namespace == "edge" else "b"
+        with pytest.raises(ApiException) as refused:
+            api.patch_namespaced_custom_object(
+                VS_GROUP, VS_VERSION, namespace, VS_PLURAL, name, {"spec": {"hosts": ["x"]}}
+            )
+        assert refused.value.status == 403
+    assert api.get_namespaced_custom_object(*where, "fn")["spec"]["hosts"] == ["fn"]
+
+
 def test_status_subresource_is_isolated(apiserver: Any) -> None:
     api = k8s.CustomObjectsApi(k8s_config.new_client_from_config(str(apiserver.kubeconfig)))
     where = (VS_GROUP, VS_VERSION, "edge", VS_PLURAL)

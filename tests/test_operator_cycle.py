@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 import pytest
 from marl_operator.controller import decision_table
 from marl_operator.guard import fallback_table, limit_step
+from marl_operator.kube import Forbidden
 from marl_operator.observer import InsufficientData, Observer
 from marl_operator.problem import build_problem, cpu_quantity
 from marl_operator.prometheus import ServiceReadings
-from marl_operator.report import Outcome
+from marl_operator.report import CycleReport, Outcome
 from marl_operator.runtime import Runtime
 from marl_operator.spec import SpecError, parse_policy_spec
 from marl_operator.status import status_of
@@ -331,3 +336,171 @@ def test_condition_times_move_only_on_transitions():
     c = status_of(runtime.cycle("edge/p", body), b)
     tc = {x["type"]: x["lastTransitionTime"] for x in c["conditions"]}
     assert tc["MetricsAvailable"] != tb["MetricsAvailable"] and tc["Suspended"] == tb["Suspended"]
+
+
+# -- refused writes (403) -------------------------------------------------------------------
+
+
+class RefusingMesh(QueueingMesh):
+    """The queueing mesh behind an API server that refuses ``verb`` on VirtualServices while
+    ``refusing`` is set (as the real KubeMesh does: :class:`Forbidden` before any change)."""
+
+    def __init__(self, *args, verb: str = "patch", **kwargs):
+        super().__init__(*args, **kwargs)
+        self.verb, self.refusing = verb, True
+
+    def read(self, service, nodes):
+        if self.refusing and self.verb == "get":
+            raise Forbidden("get", "VirtualService", service.namespace, service.name)
+        return super().read(service, nodes)
+
+    def write(self, service, routes):
+        if self.refusing:
+            raise Forbidden(self.verb, "VirtualService", service.namespace, service.name)
+        return super().write(service, routes)
+
+
+def refusing_mesh(verb: str = "patch") -> RefusingMesh:
+    base = queueing_mesh()
+    return RefusingMesh(base.offered, base.capacity, base.cores, base.link_ms, verb=verb)
+
+
+def test_a_forbidden_write_becomes_a_condition_not_a_crash():
+    mesh = refusing_mesh("patch")
+    runtime, _ = runtime_over(mesh)
+    body = example_policy_body(safety={"failureThreshold": 2, "fallback": "local"})
+    report = runtime.cycle("edge/p", body)
+    assert report.outcome == Outcome.HELD and mesh.writes == 0 and not mesh.routes
+    for words in ("patch", "virtualservices.networking.istio.io", "namespace edge", "RBAC"):
+        assert words in report.forbidden, words
+    assert "ClusterRole" in report.forbidden and "meshProvider=istio" in report.forbidden
+    status = status_of(report, None)
+    applied = next(c for c in status["conditions"] if c["type"] == "WeightsApplied")
+    assert applied["status"] == "False" and applied["reason"] == "Forbidden"
+    assert applied["message"] == report.forbidden
+    assert runtime.store.latest("edge/p").forbidden == report.forbidden  # the API shows it
+
+    # Retried every interval, visibly: each cycle (held, or past failureThreshold falling back
+    # to a write that is refused as well) writes nothing and says why.
+    for _ in range(3):
+        again = runtime.cycle("edge/p", body)
+        assert again.outcome in (Outcome.HELD, Outcome.FALLBACK) and not mesh.routes
+        assert again.forbidden == report.forbidden
+        status = status_of(again, status)
+        applied = next(c for c in status["conditions"] if c["type"] == "WeightsApplied")
+        assert applied["status"] == "False" and applied["reason"] == "Forbidden"
+
+    mesh.refusing = False  # the rule was granted
+    back = runtime.cycle("edge/p", body)
+    assert back.outcome == Outcome.APPLIED and back.forbidden is None and mesh.writes == 1
+    conditions = status_of(back, status)["conditions"]
+    applied = next(c for c in conditions if c["type"] == "WeightsApplied")
+    assert applied["status"] == "True" and applied["reason"] == "Written"
+
+
+def test_a_forbidden_read_is_reported_even_without_a_write():
+    mesh = refusing_mesh("get")
+    runtime, _ = runtime_over(mesh)
+    report = runtime.cycle("edge/p", example_policy_body(dryRun=True))
+    assert report.outcome == Outcome.DRY_RUN
+    assert report.forbidden.startswith("forbidden: the operator may not get virtualservices")
+
+
+# -- one cycle per policy at a time ----------------------------------------------------------
+
+
+class SlowController:
+    """Stands in for a PolicyController whose cycle blocks until released."""
+
+    def __init__(self, key: str, generation: int):
+        self.key, self.generation = key, generation
+        self.mesh = None
+        self.spec = parse_policy_spec(example_policy_body()["spec"])
+        self.entered, self.release = threading.Event(), threading.Event()
+        self.active = self.most_active = self.calls = 0
+        self.guard = threading.Lock()
+
+    def cycle(self) -> CycleReport:
+        with self.guard:
+            self.calls += 1
+            self.active += 1
+            self.most_active = max(self.most_active, self.active)
+        self.entered.set()
+        self.release.wait(timeout=30)
+        with self.guard:
+            self.active -= 1
+        return CycleReport(self.key, 0.0, self.generation, Outcome.UNCHANGED, "slow cycle")
+
+
+def test_two_cycles_of_one_policy_never_overlap():
+    runtime, _ = runtime_over(queueing_mesh())
+    body = example_policy_body()
+    slow = {key: SlowController(key, 1) for key in ("edge/a", "edge/b")}
+    runtime.build = lambda key, body: slow[key]  # type: ignore[method-assign]
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        first = pool.submit(runtime.cycle, "edge/a", body)
+        assert slow["edge/a"].entered.wait(timeout=10)
+        # A second cycle of edge/a (a resumed daemon, a timer) while the first one runs: it is
+        # skipped at once, not queued behind it; edge/b's cycle runs alongside.
+        again = pool.submit(runtime.cycle, "edge/a", body)
+        assert again.result(timeout=10) is None
+        other = pool.submit(runtime.cycle, "edge/b", body)
+        assert slow["edge/b"].entered.wait(timeout=10)
+        slow["edge/b"].release.set()
+        assert other.result(timeout=10).policy == "edge/b"
+        assert not first.done()
+        slow["edge/a"].release.set()
+        assert first.result(timeout=10).outcome == Outcome.UNCHANGED
+    assert slow["edge/a"].calls == 1 and slow["edge/a"].most_active == 1
+    assert runtime.skipped == {"edge/a": 1}
+    skipped = runtime.instruments.registry.get_sample_value(
+        "marl_operator_cycles_skipped_total", {"policy": "edge/a"}
+    )
+    assert skipped == 1.0
+    # Once the running cycle is over, the next one runs again.
+    slow["edge/a"].release.set()
+    assert runtime.cycle("edge/a", body).outcome == Outcome.UNCHANGED
+    assert slow["edge/a"].calls == 2
+
+
+def test_many_concurrent_cycles_of_one_policy_run_one_at_a_time():
+    """Hammering one policy from four workers (the handlers' pool): never two at once, and
+    every call either ran or was counted as skipped."""
+    runtime, _ = runtime_over(queueing_mesh())
+    slow = SlowController("edge/a", 1)
+    slow.release.set()  # cycles return at once: overlaps come only from the scheduling
+    runtime.build = lambda key, body: slow  # type: ignore[method-assign]
+    real_cycle = slow.cycle
+
+    def cycle() -> CycleReport:
+        time.sleep(0.002)  # long enough for the other workers to try
+        return real_cycle()
+
+    slow.cycle = cycle  # type: ignore[method-assign]
+    body = example_policy_body()
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        results = list(pool.map(lambda _: runtime.cycle("edge/a", body), range(200)))
+    ran = [r for r in results if r is not None]
+    assert slow.most_active == 1
+    assert len(ran) == slow.calls and len(ran) + runtime.skipped["edge/a"] == 200
+    assert runtime.skipped["edge/a"] > 0  # the workers did collide
+
+
+def test_delete_waits_for_the_running_cycle():
+    runtime, _ = runtime_over(queueing_mesh())
+    slow = SlowController("edge/a", 1)
+    runtime.build = lambda key, body: slow  # type: ignore[method-assign]
+    order: list[str] = []
+    runtime._delete = lambda key, body: order.append("restored") or []  # type: ignore[method-assign]
+    body = example_policy_body()
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        running = pool.submit(runtime.cycle, "edge/a", body)
+        assert slow.entered.wait(timeout=10)
+        deleting = pool.submit(runtime.delete, "edge/a", body)
+        time.sleep(0.2)
+        assert not deleting.done()  # held until the cycle is over
+        order.append("cycle released")
+        slow.release.set()
+        running.result(timeout=10)
+        deleting.result(timeout=10)
+    assert order == ["cycle released", "restored"]

@@ -28,7 +28,7 @@ from kopf_harness import ApiError, eventually, kube, running_operator
 from kubernetes import client
 from marl_operator.__main__ import client_configuration
 from marl_operator.handlers import register
-from marl_operator.kube import Kube, KubeMesh
+from marl_operator.kube import Forbidden, Kube, KubeMesh
 from marl_operator.mesh.istio import read_virtual_service
 from marl_operator.mesh.model import MeshService, node_from_edge_node
 from marl_operator.mesh.ownership import (
@@ -560,5 +560,162 @@ def test_a_restarted_operator_rewrites_nothing(cluster: Any) -> None:
             for path, version in versions.items():
                 now = await kube(url, "GET", f"{path}/{SERVICE}")
                 assert now["metadata"]["resourceVersion"] == version, path
+
+    asyncio.run(scenario())
+
+
+# --- refused by RBAC (403) ----------------------------------------------------------------------
+
+VS_RESOURCE = "virtualservices.networking.istio.io"
+
+
+def test_a_refused_write_leaves_every_object_of_the_service_as_it_was(cluster: Any) -> None:
+    """KubeMesh against the emulator refusing verbs as a real API server does: a write that
+    would change two objects is rehearsed (server-side dry run) first, so a 403 on the second
+    one leaves the first untouched, and the error names the verb, resource and namespace."""
+    cluster_kube = Kube(client.ApiClient(client_configuration(cluster.kubeconfig)))
+    mesh = KubeMesh(cluster_kube)
+    even = {n: {m: w for m, w in zip(NODE_NAMES, (34, 33, 33), strict=True)} for n in NODE_NAMES}
+    local = {n: {n: 80, **{m: 10 for m in NODE_NAMES if m != n}} for n in NODE_NAMES}
+
+    # Nothing yet: the DestinationRule (created first) must not appear without its route.
+    cluster.api.deny("create", VS_RESOURCE, NAMESPACE)
+    with pytest.raises(Forbidden) as refused:
+        mesh.write(MESH_SERVICE, build_routes(even, MESH_NODES))
+    error = refused.value
+    assert (error.verb, error.resource, error.group, error.namespace) == (
+        "create",
+        "virtualservices",
+        "networking.istio.io",
+        NAMESPACE,
+    )
+    assert f"may not create {VS_RESOURCE} in namespace {NAMESPACE}" in str(error)
+    assert cluster_kube.get(NAMESPACE, "DestinationRule", SERVICE) is None
+    assert cluster_kube.get(NAMESPACE, "VirtualService", SERVICE) is None
+    cluster.api.allow("create", VS_RESOURCE, NAMESPACE)
+    assert mesh.write(MESH_SERVICE, build_routes(even, MESH_NODES))
+
+    # Both objects to patch (someone emptied the subsets, and the weights change): the
+    # refused VirtualService patch leaves the DestinationRule as it was found, too.
+    cluster_kube.patch(NAMESPACE, "DestinationRule", SERVICE, {"spec": {"subsets": []}})
+    edited = cluster_kube.get(NAMESPACE, "DestinationRule", SERVICE)
+    vs = cluster_kube.get(NAMESPACE, "VirtualService", SERVICE)
+    cluster.api.deny("patch", VS_RESOURCE)
+    with pytest.raises(Forbidden, match=f"may not patch {VS_RESOURCE} in namespace {NAMESPACE}"):
+        mesh.write(MESH_SERVICE, build_routes(local, MESH_NODES))
+    assert cluster_kube.get(NAMESPACE, "DestinationRule", SERVICE) == edited
+    assert cluster_kube.get(NAMESPACE, "VirtualService", SERVICE) == vs
+    cluster.api.allow("patch", VS_RESOURCE)
+    assert mesh.write(MESH_SERVICE, build_routes(local, MESH_NODES))
+    assert mesh.read(MESH_SERVICE, MESH_NODES).by_source == local
+    dr = cluster_kube.get(NAMESPACE, "DestinationRule", SERVICE)
+    assert [s["name"] for s in dr["spec"]["subsets"]] == [f"node-{n}" for n in NODE_NAMES]
+
+    # Not even allowed to read: the same error, for get.
+    cluster.api.deny("get", VS_RESOURCE, NAMESPACE)
+    with pytest.raises(Forbidden, match=f"may not get {VS_RESOURCE}"):
+        mesh.read(MESH_SERVICE, MESH_NODES)
+    with pytest.raises(Forbidden, match=f"may not get {VS_RESOURCE}"):
+        mesh.write(MESH_SERVICE, build_routes(even, MESH_NODES))
+
+
+def test_a_forbidden_mesh_write_is_a_condition_and_an_event(cluster: Any) -> None:
+    """The operator without the rule to create VirtualServices: the policy's status says
+    WeightsApplied=False (Forbidden) with what to grant, a Warning event says it too, nothing
+    is written (not even the DestinationRule), and granting the rule lets the next cycle
+    apply."""
+    runtime, _ = new_runtime(cluster.kubeconfig, queueing_fake())
+    cluster.api.deny("create", VS_RESOURCE, NAMESPACE)
+
+    async def forbidden_condition(url: str) -> dict[str, Any] | None:
+        applied = conditions(await policy_status(url)).get("WeightsApplied", {})
+        return applied if applied.get("reason") == "Forbidden" else None
+
+    async def scenario() -> None:
+        url = cluster.url
+        async with operating(url, runtime):
+            await create_resources(url, policy_body())
+            applied = await eventually(lambda: forbidden_condition(url), what="Forbidden")
+            assert applied["status"] == "False"
+            message = applied["message"]
+            for words in (f"may not create {VS_RESOURCE}", f"namespace {NAMESPACE}", "RBAC"):
+                assert words in message, words
+            assert "ClusterRole" in message
+            (event,) = await eventually(lambda: events(url, "Forbidden"), what="the event")
+            assert event["type"] == "Warning" and event["message"] == message
+            await eventually(lambda: events(url, "WeightsHeld"), what="WeightsHeld")
+            for plural in (VIRTUAL_SERVICES, DESTINATION_RULES):
+                assert (await kube(url, "GET", plural))["items"] == []
+            # Retried every interval, but announced once.
+            await eventually(
+                lambda: asyncio.sleep(0, len(runtime.store.history(KEY)) >= 3), what="3 cycles"
+            )
+            assert len(await events(url, "Forbidden")) == 1
+
+            cluster.api.allow("create", VS_RESOURCE, NAMESPACE)
+            status = await eventually(lambda: phase_is(url, "Active"), what="phase Active")
+            applied = conditions(status)["WeightsApplied"]
+            assert applied["status"] == "True" and applied["reason"] == "Written"
+            assert await get(url, f"{VIRTUAL_SERVICES}/{SERVICE}")
+            assert await get(url, f"{DESTINATION_RULES}/{SERVICE}")
+
+    asyncio.run(scenario())
+
+
+# --- one cycle per policy at a time -------------------------------------------------------------
+
+
+def test_a_daemon_skips_cycles_while_an_earlier_cycle_of_its_policy_runs(cluster: Any) -> None:
+    """A cycle started before this daemon (by a daemon kopf has since stopped, say, on a
+    peering pause) is still held reading metrics when the daemon starts: the daemon's cycles
+    are skipped (counted, no status written), never run alongside it, and once it ends the
+    daemon's next cycle runs as usual."""
+    runtime, reader = new_runtime(cluster.kubeconfig, queueing_fake())
+    overlap = {"now": 0, "most": 0}
+    guard = threading.Lock()
+    build = runtime.build
+
+    def counting_build(key: str, body: Any) -> Any:
+        controller = build(key, body)
+        cycle = controller.cycle
+
+        def counted() -> Any:
+            with guard:
+                overlap["now"] += 1
+                overlap["most"] = max(overlap["most"], overlap["now"])
+            try:
+                return cycle()
+            finally:
+                with guard:
+                    overlap["now"] -= 1
+
+        controller.cycle = counted
+        return controller
+
+    runtime.build = counting_build  # type: ignore[method-assign]
+
+    async def scenario() -> None:
+        url = cluster.url
+        await create_resources(url, policy_body())
+        policy = await kube(url, "GET", f"{POLICIES}/{POLICY}")
+        reader.gate.clear()
+        earlier = threading.Thread(
+            target=runtime.cycle, args=(KEY, {"metadata": policy["metadata"], **policy})
+        )
+        earlier.start()
+        try:
+            await eventually(is_set(reader.held), what="the earlier cycle held at the gate")
+            async with operating(url, runtime):
+                await eventually(
+                    lambda: asyncio.sleep(0, runtime.skipped[KEY] >= 2), what="skipped cycles"
+                )
+                assert await policy_status(url) == {}  # a skipped cycle reports nothing
+                reader.gate.set()
+                await eventually(lambda: phase_is(url, "Active"), what="phase Active")
+        finally:
+            reader.gate.set()
+            await asyncio.to_thread(earlier.join, 30)
+        assert overlap["most"] == 1
+        assert len(runtime.store.history(KEY)) >= 2  # the earlier cycle's and the daemon's
 
     asyncio.run(scenario())

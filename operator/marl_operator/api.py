@@ -113,6 +113,10 @@ class ReportModel(BaseModel):
     model: ModelAccuracy | None
     decision_ms: float
     inputs: dict[str, dict[str, NodeInputsModel]] = Field(description="service -> node")
+    forbidden: str | None = Field(
+        description="a mesh object call the API server refused (403 Forbidden) in the cycle, "
+        "naming the verb, resource and namespace the operator needs an RBAC rule for",
+    )
 
     @classmethod
     def of(cls, report: CycleReport, **extra: Any) -> Self:

@@ -36,6 +36,9 @@ EVENTS: dict[Outcome, tuple[str, str]] = {
     Outcome.SUSPENDED: ("Normal", "Suspended"),
     Outcome.INVALID: ("Warning", "InvalidSpec"),
 }
+FORBIDDEN_EVENT = ("Warning", "Forbidden")
+"""Posted when a cycle's mesh call is refused (403), or refused for another rule than before;
+its message names the verb, the resource, the namespace and the RBAC rule to grant."""
 
 
 def configure(settings: kopf.OperatorSettings) -> None:
@@ -96,11 +99,19 @@ def register(
             running = loop.run_in_executor(worker, runtime.cycle, key, snapshot)
             cycles[key] = running
             report = await asyncio.shield(running)
+            if report is None:
+                # Skipped: a cycle of this policy started before this daemon still runs (the
+                # runtime counted and logged it); it reports for itself. Try again next interval.
+                await stopped.wait(max(0.0, runtime.interval(key) - (loop.time() - started)))
+                continue
             status = status_of(report, dict(body.status))
             await asyncio.to_thread(runtime.kube.patch_policy_status, namespace, name, status)
             if previous is None or previous.outcome != report.outcome:
                 kind, reason = EVENTS[report.outcome]
                 kopf.event(body, type=kind, reason=reason, message=report.reason[:1000])
+            if report.forbidden and (previous is None or previous.forbidden != report.forbidden):
+                kind, reason = FORBIDDEN_EVENT
+                kopf.event(body, type=kind, reason=reason, message=report.forbidden[:1000])
             previous = report
             wait = INVALID_RETRY_S if report.outcome == Outcome.INVALID else runtime.interval(key)
             # The interval runs from the cycle's start, so a slow cycle does not stretch it.

@@ -1,4 +1,5 @@
-"""The operator's own Prometheus metrics, all updated from one CycleReport.
+"""The operator's own Prometheus metrics, all updated from one CycleReport (but the count of
+cycles skipped because the policy's previous one still ran, which produced no report).
 
 The metrics live in a registry owned by :class:`Instruments`, not in prometheus_client's global
 default one: tests, and several operators in one process, then never see each other's series.
@@ -83,6 +84,12 @@ class Instruments:
             ["policy", "service"],
             registry=reg,
         )
+        self.cycles_skipped = Counter(
+            PREFIX + "cycles_skipped",
+            "Cycles not run because the policy's previous cycle was still running.",
+            ["policy"],
+            registry=reg,
+        )
         self.last_cycle = Gauge(
             PREFIX + "last_cycle_timestamp_seconds",
             "Unix time the last cycle of the policy ended.",
@@ -135,6 +142,12 @@ class Instruments:
             )
             self._replace(self.observed_p95, policy, _per_service(policy, report.observed_p95_ms))
             self._replace(self.predicted_p95, policy, _per_service(policy, report.predicted_p95_ms))
+
+    def skipped(self, policy: str) -> None:
+        """Count a cycle that was not run: the policy's previous one still ran."""
+        with self._lock:
+            self.cycles_skipped.labels(policy).inc()
+            self._series[policy][self.cycles_skipped].add((policy,))
 
     def forget(self, policy: str) -> None:
         """Remove every series of a deleted policy."""

@@ -10,9 +10,10 @@ The ``kubernetes`` client is synchronous; the operator calls it from worker thre
 from __future__ import annotations
 
 import base64
+import contextlib
 import logging
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -76,6 +77,43 @@ KOPF_NAMESPACED_PEERING_CALLS: tuple[tuple[str, str, str], ...] = tuple(
 
 CONFLICT_RETRIES = 3
 
+CHART_MESH_PROVIDER = {"networking.istio.io": "istio", "gateway.networking.k8s.io": "gateway-api"}
+"""API group of the mesh objects -> the chart's ``meshProvider`` value whose rules grant them."""
+
+
+class Forbidden(MeshError):
+    """The API server refused a call on a mesh object with 403 Forbidden: the operator's
+    service account has no RBAC rule for ``verb`` on ``resource`` in ``namespace``.
+
+    A :class:`MeshError`, so the cycle reports it (weights held) instead of failing; its
+    message says what to grant. :meth:`KubeMesh.write` raises it before writing anything of a
+    service whose objects it cannot all write. The RoutingPolicy's WeightsApplied condition
+    and its event then carry the reason ``Forbidden``."""
+
+    def __init__(self, verb: str, kind: str, namespace: str, name: str, detail: str = ""):
+        group, _, plural = KINDS[kind]
+        self.verb, self.group, self.resource = verb, group, plural
+        self.kind, self.namespace, self.name, self.detail = kind, namespace, name, detail
+        provider = CHART_MESH_PROVIDER.get(group, "all")
+        super().__init__(
+            f"forbidden: the operator may not {verb} {plural}.{group} in namespace {namespace} "
+            f"({kind} {name}); grant its service account that RBAC rule (apiGroups "
+            f"[{group}], resources [{plural}], verbs [{verb}]), e.g. through the Helm chart's "
+            f"ClusterRole: rbac.create=true with meshProvider={provider} or all (and "
+            f"{namespace} among watchNamespaces if those are set)"
+        )
+
+
+@contextlib.contextmanager
+def _refusal(verb: str, kind: str, namespace: str, name: str) -> Iterator[None]:
+    """A 403 from the call in the block as :class:`Forbidden`; other errors unchanged."""
+    try:
+        yield
+    except ApiException as error:
+        if error.status == 403:
+            raise Forbidden(verb, kind, namespace, name, str(error.body or "")) from error
+        raise
+
 
 class Kube:
     """The operator's view of the cluster: custom resources, mesh objects, checkpoints."""
@@ -125,33 +163,68 @@ class Kube:
 
     # -- mesh objects ------------------------------------------------------------------------
 
+    # A 403 on any of these raises Forbidden (naming the verb, the resource, the namespace).
+    # ``dry_run``: the API server checks the call (RBAC, admission, validation, conflicts) and
+    # answers as if it were made, but changes nothing.
+
     def get(self, namespace: str, kind: str, name: str) -> dict[str, Any] | None:
         group, version, plural = KINDS[kind]
         try:
-            return self.custom.get_namespaced_custom_object(group, version, namespace, plural, name)
+            with _refusal("get", kind, namespace, name):
+                return self.custom.get_namespaced_custom_object(
+                    group, version, namespace, plural, name
+                )
         except ApiException as error:
             if error.status == 404:
                 return None
             raise
 
-    def create(self, manifest: Manifest) -> None:
-        group, version, plural = KINDS[manifest["kind"]]
-        namespace = manifest["metadata"]["namespace"]
-        self.custom.create_namespaced_custom_object(group, version, namespace, plural, manifest)
-
-    def patch(self, namespace: str, kind: str, name: str, patch: Mapping[str, Any]) -> None:
+    def create(self, manifest: Manifest, *, dry_run: bool = False) -> None:
+        kind, name = manifest["kind"], manifest["metadata"]["name"]
         group, version, plural = KINDS[kind]
-        self.custom.patch_namespaced_custom_object(
-            group, version, namespace, plural, name, dict(patch)
-        )
+        namespace = manifest["metadata"]["namespace"]
+        with _refusal("create", kind, namespace, name):
+            self.custom.create_namespaced_custom_object(
+                group, version, namespace, plural, manifest, dry_run="All" if dry_run else None
+            )
+
+    def patch(
+        self,
+        namespace: str,
+        kind: str,
+        name: str,
+        patch: Mapping[str, Any],
+        *,
+        dry_run: bool = False,
+    ) -> None:
+        group, version, plural = KINDS[kind]
+        with _refusal("patch", kind, namespace, name):
+            self.custom.patch_namespaced_custom_object(
+                group,
+                version,
+                namespace,
+                plural,
+                name,
+                dict(patch),
+                dry_run="All" if dry_run else None,
+            )
 
     def delete(self, namespace: str, kind: str, name: str) -> None:
         group, version, plural = KINDS[kind]
         try:
-            self.custom.delete_namespaced_custom_object(group, version, namespace, plural, name)
+            with _refusal("delete", kind, namespace, name):
+                self.custom.delete_namespaced_custom_object(group, version, namespace, plural, name)
         except ApiException as error:
             if error.status != 404:
                 raise
+
+
+def _where(manifest: Manifest) -> str:
+    return f"{manifest['kind']} {manifest['metadata']['namespace']}/{manifest['metadata']['name']}"
+
+
+def _failure(manifest: Manifest, error: ApiException) -> MeshError:
+    return MeshError(f"{_where(manifest)}: {error.status} {error.reason}")
 
 
 def _identities(service: MeshService, nodes: tuple[MeshNode, ...]) -> list[tuple[str, str]]:
@@ -187,32 +260,71 @@ class KubeMesh:
 
     def write(self, service: MeshService, routes: MeshRoutes) -> bool:
         """Create or patch each object; a 409 (someone changed it since it was read) is
-        retried on a fresh read, since the desired state does not depend on the old one."""
+        retried on a fresh read, since the desired state does not depend on the old one.
+
+        All or nothing: when more than one object must change, every change is first sent as
+        a server-side dry run, so a refusal (403 :class:`Forbidden`, or an invalid object)
+        leaves the service's objects as they were instead of a DestinationRule without its
+        VirtualService. One change alone needs no rehearsal."""
+        manifests = writer_for(service.provider).desired(service, routes)
+        lives = [self._read(manifest) for manifest in manifests]
+        if sum(self._pending(m, live) for m, live in zip(manifests, lives, strict=True)) > 1:
+            lives = self._rehearse(manifests, lives)
         changed = False
-        for manifest in writer_for(service.provider).desired(service, routes):
-            changed |= self._apply(manifest)
+        for manifest, live in zip(manifests, lives, strict=True):
+            changed |= self._apply(manifest, live)
         return changed
 
-    def _apply(self, manifest: Manifest) -> bool:
-        kind, name = manifest["kind"], manifest["metadata"]["name"]
-        namespace = manifest["metadata"]["namespace"]
+    def _read(self, manifest: Manifest) -> dict[str, Any] | None:
+        meta = manifest["metadata"]
+        return self.kube.get(meta["namespace"], manifest["kind"], meta["name"])
+
+    @staticmethod
+    def _pending(manifest: Manifest, live: Mapping[str, Any] | None) -> bool:
+        return live is None or bool(reconcile_patch(live, manifest))
+
+    def _send(self, manifest: Manifest, live: Mapping[str, Any] | None, dry_run: bool) -> bool:
+        """Create or patch one object from its live copy; False when nothing differs."""
+        options = {"dry_run": True} if dry_run else {}
+        if live is None:
+            self.kube.create(manifest, **options)
+            return True
+        patch = reconcile_patch(live, manifest)
+        if not patch:
+            return False
+        meta = manifest["metadata"]
+        self.kube.patch(meta["namespace"], manifest["kind"], meta["name"], patch, **options)
+        return True
+
+    def _rehearse(
+        self, manifests: list[Manifest], lives: list[dict[str, Any] | None]
+    ) -> list[dict[str, Any] | None]:
+        """Dry-run every change; returns the live copies they were checked against (read
+        again after a conflict). Raises :class:`Forbidden` or :class:`MeshError`."""
         for attempt in range(CONFLICT_RETRIES + 1):
-            live = self.kube.get(namespace, kind, name)
+            for manifest, live in zip(manifests, lives, strict=True):
+                try:
+                    self._send(manifest, live, dry_run=True)
+                except ApiException as error:
+                    if error.status not in (409, 422) or attempt == CONFLICT_RETRIES:
+                        raise _failure(manifest, error) from error
+                    break
+            else:
+                return lives
+            log.info("conflict rehearsing the writes of %s, retrying", _where(manifests[0]))
+            lives = [self._read(manifest) for manifest in manifests]
+        return lives  # unreachable: the loop returns or raises
+
+    def _apply(self, manifest: Manifest, live: Mapping[str, Any] | None) -> bool:
+        for attempt in range(CONFLICT_RETRIES + 1):
+            if attempt:
+                live = self._read(manifest)
             try:
-                if live is None:
-                    self.kube.create(manifest)
-                    return True
-                patch = reconcile_patch(live, manifest)
-                if not patch:
-                    return False
-                self.kube.patch(namespace, kind, name, patch)
-                return True
+                return self._send(manifest, live, dry_run=False)
             except ApiException as error:
                 if error.status not in (409, 422) or attempt == CONFLICT_RETRIES:
-                    raise MeshError(
-                        f"{kind} {namespace}/{name}: {error.status} {error.reason}"
-                    ) from error
-                log.info("conflict on %s %s/%s, retrying", kind, namespace, name)
+                    raise _failure(manifest, error) from error
+                log.info("conflict on %s, retrying", _where(manifest))
         return False  # unreachable: the loop returns or raises
 
     def restore(self, service: MeshService, nodes: tuple[MeshNode, ...]) -> list[str]:

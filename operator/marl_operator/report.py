@@ -59,6 +59,7 @@ class CycleReport:
     model: dict[str, Any] | None = None  # held-out accuracy (nmae, r2 per target)
     decision_ms: float = 0.0
     inputs: dict[str, dict[str, NodeInputs]] = field(default_factory=dict)  # service -> node
+    forbidden: str | None = None  # a mesh call the API server refused (403): what to grant
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-compatible (enums as their values)."""

@@ -5,21 +5,30 @@ rebuilds it when the spec's generation changes, turns unusable specs into an ``I
 report (never into a write), and hands every report to the store and the instruments. The
 kopf handlers call :meth:`Runtime.cycle` and :meth:`Runtime.delete`; tests and the benchmark
 call them directly.
+
+Cycles of different policies run in parallel (the handlers' worker threads), two cycles of one
+policy never: a cycle that finds the policy's previous one still running (its daemon was
+stopped and started again meanwhile, say, by a peering pause and resume) is skipped, counted
+and logged, not queued. A mesh call the API server refuses (403) is recorded per cycle and
+ends up in the report (``forbidden``), hence in the status and the events.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 from marl_operator.controller import MeshClient, MetricsSource, PolicyController
 from marl_operator.instruments import Instruments
-from marl_operator.kube import Kube, KubeMesh
+from marl_operator.kube import Forbidden, Kube, KubeMesh
+from marl_operator.mesh.model import MeshNode, MeshRoutes, MeshService
 from marl_operator.problem import build_problem
 from marl_operator.prometheus import PrometheusReader
 from marl_operator.report import CycleReport, Outcome
@@ -33,6 +42,35 @@ log = logging.getLogger(__name__)
 DEFAULT_PROMETHEUS_URL = "http://prometheus.istio-system.svc:9090"
 """Where Istio's Prometheus add-on listens; policies without ``spec.prometheus.url`` use the
 operator's ``--prometheus-url``, which defaults to this."""
+
+DELETE_WAIT_S = 120.0
+"""How long restoring a deleted policy's routes waits for its running cycle to end."""
+
+
+class RefusalRecorder:
+    """The runtime's mesh client as one controller sees it: the same calls, and the refusals
+    (403, :class:`~marl_operator.kube.Forbidden`) of the cycle running, by service, for its
+    report. A later successful write of the service clears its refusal."""
+
+    def __init__(self, mesh: MeshClient):
+        self.mesh = mesh
+        self.refused: dict[str, Forbidden] = {}
+
+    def read(self, service: MeshService, nodes: tuple[MeshNode, ...]) -> MeshRoutes | None:
+        try:
+            return self.mesh.read(service, nodes)
+        except Forbidden as error:
+            self.refused[service.name] = error
+            raise
+
+    def write(self, service: MeshService, routes: MeshRoutes) -> bool:
+        try:
+            changed = self.mesh.write(service, routes)
+        except Forbidden as error:
+            self.refused[service.name] = error
+            raise
+        self.refused.pop(service.name, None)
+        return changed
 
 
 class Runtime:
@@ -56,7 +94,9 @@ class Runtime:
         self.clock = clock
         self.prometheus_url = prometheus_url
         self.controllers: dict[str, PolicyController] = {}
+        self.skipped: Counter[str] = Counter()  # policy -> cycles skipped (previous one ran)
         self._checkpoints: dict[tuple, tuple[LoadedPolicy, str]] = {}
+        self._running: dict[str, threading.Lock] = {}  # policy -> held while a cycle runs
         self._lock = threading.Lock()
 
     # -- building --------------------------------------------------------------------------
@@ -117,15 +157,35 @@ class Runtime:
             problem,
             policy,
             self.reader_for(spec.prometheus.url or self.prometheus_url),
-            self.mesh,
+            RefusalRecorder(self.mesh),
             meta=meta,
             clock=self.clock,
         )
 
     # -- running -----------------------------------------------------------------------------
 
-    def cycle(self, key: str, body: Mapping[str, Any]) -> CycleReport:
-        """One interval of the policy ``key`` (``namespace/name``) as ``body`` now reads."""
+    def cycle(self, key: str, body: Mapping[str, Any]) -> CycleReport | None:
+        """One interval of the policy ``key`` (``namespace/name``) as ``body`` now reads; None
+        when the policy's previous cycle is still running: this one is skipped (counted in
+        :attr:`skipped` and ``marl_operator_cycles_skipped_total``, logged), not queued."""
+        with self._lock:
+            running = self._running.setdefault(key, threading.Lock())
+            started = running.acquire(blocking=False)
+        if not started:
+            self.skipped[key] += 1
+            self.instruments.skipped(key)
+            log.warning(
+                "cycle %s skipped: its previous cycle is still running",
+                key,
+                extra={"fields": {"policy": key, "skipped": self.skipped[key]}},
+            )
+            return None
+        try:
+            return self._cycle(key, body)
+        finally:
+            running.release()
+
+    def _cycle(self, key: str, body: Mapping[str, Any]) -> CycleReport:
         generation = int(body.get("metadata", {}).get("generation", 0))
         controller = self.controllers.get(key)
         if controller is None or controller.generation != generation:
@@ -143,7 +203,14 @@ class Runtime:
                 self._publish(report)
                 return report
             self.controllers[key] = controller
+        recorder = controller.mesh if isinstance(controller.mesh, RefusalRecorder) else None
+        if recorder is not None:
+            recorder.refused.clear()
         report = controller.cycle()
+        if recorder is not None and recorder.refused:
+            refusal = next(iter(recorder.refused.values()))
+            report = dataclasses.replace(report, forbidden=str(refusal))
+            log.warning("cycle %s: %s", key, refusal, extra={"fields": {"policy": key}})
         self._publish(report)
         return report
 
@@ -158,7 +225,23 @@ class Runtime:
     def delete(self, key: str, body: Mapping[str, Any]) -> list[str]:
         """Restore the mesh objects of a deleted policy and forget it. A policy this process
         never ran (deleted right after a restart) is rebuilt from ``body`` to find its
-        objects; one that cannot be built never wrote anything."""
+        objects; one that cannot be built never wrote anything. A cycle of the policy still
+        running (its daemon already stopped) ends first, so that its write cannot take the
+        restored objects over again."""
+        with self._lock:
+            running = self._running.setdefault(key, threading.Lock())
+        if not running.acquire(timeout=DELETE_WAIT_S):
+            log.warning("restoring %s while a cycle of it still runs", key)
+            return self._delete(key, body)
+        try:
+            return self._delete(key, body)
+        finally:
+            with self._lock:
+                if self._running.get(key) is running:
+                    del self._running[key]
+                running.release()
+
+    def _delete(self, key: str, body: Mapping[str, Any]) -> list[str]:
         controller = self.controllers.pop(key, None)
         if controller is None:
             try:

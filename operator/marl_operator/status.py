@@ -39,7 +39,9 @@ def _condition(kind: str, ok: bool, reason: str, message: str) -> dict[str, Any]
 
 
 def conditions_of(report: CycleReport) -> list[dict[str, Any]]:
-    """The five conditions a report implies (without times)."""
+    """The five conditions a report implies (without times). A mesh call the API server
+    refused (403) makes WeightsApplied False with reason Forbidden, whatever the outcome: the
+    message names the RBAC rule to grant."""
     o = report.outcome
     metrics_failed = o in (Outcome.HELD, Outcome.FALLBACK) and report.reason.startswith("metrics")
     decided = o in (Outcome.APPLIED, Outcome.UNCHANGED, Outcome.DRY_RUN)
@@ -57,11 +59,15 @@ def conditions_of(report: CycleReport) -> list[dict[str, Any]]:
             "MetricsMissing" if metrics_failed else ("Read" if o != Outcome.INVALID else o.value),
             report.reason if metrics_failed else "the last cycle read every service's metrics",
         ),
-        _condition(
-            "WeightsApplied",
-            written or (o == Outcome.FALLBACK and report.fallback != "hold"),
-            "Written" if written else o.value,
-            report.reason,
+        (
+            _condition("WeightsApplied", False, "Forbidden", report.forbidden)
+            if report.forbidden
+            else _condition(
+                "WeightsApplied",
+                written or (o == Outcome.FALLBACK and report.fallback != "hold"),
+                "Written" if written else o.value,
+                report.reason,
+            )
         ),
         _condition(
             "Fallback",
