@@ -112,14 +112,20 @@ class Adapter:
             simulator's experiments leave it off, to measure the learned model alone; the
             operator turns it on, because a node that just slowed down cannot wait for a
             window of data.
-        reuse_tolerance: keep the previous decision while the arrival forecast and the
-            capacities stay within this relative distance of the ones it was computed from,
-            the backlogs within this many seconds, the base policy's routing within this
-            share of the traffic, and the model is the same fit (0: decide anew every
-            interval). The base policy's action stands in for its observation: the
-            observation has dozens of noisy readings, and the action is what they mean for
-            routing. A steady mesh then costs almost nothing per interval, and its weights
+        reuse_tolerance: keep the previous decision while its predicted gain over the base
+            policy's routing on the current state (1 - the ratio of their costs) stays within
+            this distance of the gain it had when decided, the base policy's routing moves
+            by less than this share of the traffic, and the model is the same (0: decide
+            anew every interval). The test asks what the inputs mean for the decision rather
+            than whether each input moved: every reading carries a few percent of noise and
+            a mesh has dozens of them, so some reading always moves by more than a few
+            percent; and near saturation the cost itself moves several times more than the
+            load, while the two costs' ratio, moved alike by the same noise, does not. A
+            steady mesh then costs one scoring of two routings per interval, and its weights
             do not wander with measurement noise.
+        reuse_intervals: a kept decision is computed anew after this many intervals: the
+            test above sees the decision's outcome get worse, not a better one appear (a
+            neighbour that recovered, say), so a kept decision must not age without bound.
     """
 
     def __init__(
@@ -133,6 +139,7 @@ class Adapter:
         max_nmae: float = 0.3,
         prior: bool = False,
         reuse_tolerance: float = 0.0,
+        reuse_intervals: int = 6,
     ):
         self.env = env
         self.model = model
@@ -142,11 +149,13 @@ class Adapter:
         self.max_nmae = max_nmae
         self.prior = prior
         self.reuse_tolerance = reuse_tolerance
+        self.reuse_intervals = reuse_intervals
+        self._reused = 0  # intervals the last computed decision has been kept
         self.model_source = "none"  # which model the last decision used, for reports
         self.table: LatencyTable | None = None  # ... and its tabulation
         self.forecast: np.ndarray | None = None
         self.last: IntervalTelemetry | None = None
-        self._decided: tuple[MeshState, tuple[str, int], Decision] | None = None
+        self._decided: tuple[tuple[str, int], float, Decision] | None = None
 
     def observe(self, tel: IntervalTelemetry) -> None:
         features, targets = model_rows(tel, self.env.work, self.interval_seconds)
@@ -192,40 +201,49 @@ class Adapter:
             reason, kind = OUTSIDE_DATA, "prior"
         # What the decision is computed on: the model's kind and, for the learned one, its fit.
         inputs = (kind, self.model.fits if kind == "learned" else 0)
-        if self._unchanged(state, inputs, base):
+        if kind == "learned":
+            table = learned
+        elif kind == "prior":
+            table = prior_table(self.interval_seconds, service_ms, state.backlog)
+        else:
+            table = None
+        if self._unchanged(state, inputs, base, table):
+            self._reused += 1
             last = self._decided[-1]
             ms = 1000.0 * (time.perf_counter() - start)
             return replace(last, decision_ms=ms, reused=True)
-        if kind == "learned":
-            self.model_source, self.table = "learned", learned
-            decision = self.rollout.decide(state, learned, base=base)
-        elif kind == "prior":
-            self.model_source = f"queueing prior, because {reason}"
-            self.table = prior_table(self.interval_seconds, service_ms, state.backlog)
-            decision = self.rollout.decide(state, self.table, base=base)
-        elif kind == "none":
-            self.model_source, self.table = "none", None
+        self._reused = 0
+        self.table = table
+        if kind == "none":
+            self.model_source = "none"
             decision = self.rollout.decide(state, None, fallback=reason, base=base)
+        else:
+            self.model_source = (
+                "learned" if kind == "learned" else f"queueing prior, because {reason}"
+            )
+            decision = self.rollout.decide(state, table, base=base)
         decision = replace(decision, decision_ms=1000.0 * (time.perf_counter() - start))
-        self._decided = (state, inputs, decision)
+        gain = float("nan")
+        if table is not None and self.reuse_tolerance > 0:
+            gain = self.rollout.predicted_gain(state, decision.weights, base, table)
+        self._decided = (inputs, gain, decision)
         return decision
 
-    def _unchanged(self, state: MeshState, inputs: tuple[str, int], base: np.ndarray) -> bool:
+    def _unchanged(
+        self, state: MeshState, inputs: tuple[str, int], base: np.ndarray, table
+    ) -> bool:
         """Whether the last computed decision still answers ``state`` (see reuse_tolerance)."""
         tol = self.reuse_tolerance
-        if tol <= 0 or self._decided is None or inputs[0] == "none":
+        if tol <= 0 or self._decided is None or table is None:
             return False
-        then, then_inputs, decision = self._decided
-        if inputs != then_inputs:
+        if self._reused + 1 >= self.reuse_intervals:
             return False
-
-        def close(now, before) -> bool:
-            now, before = np.asarray(now, dtype=float), np.asarray(before, dtype=float)
-            return bool(np.all(np.abs(now - before) <= tol * np.maximum(np.abs(before), 1.0)))
-
-        return (
-            close(state.arrivals, then.arrivals)
-            and close(state.capacity, then.capacity)
-            and bool(np.all(np.abs(np.asarray(state.backlog) - then.backlog) <= tol))
-            and bool(np.all(np.abs(base - decision.base_weights) <= tol))
-        )
+        then_inputs, then_gain, decision = self._decided
+        if inputs != then_inputs or not np.isfinite(then_gain):
+            return False
+        if base.shape != decision.base_weights.shape:
+            return False
+        if np.any(np.abs(base - decision.base_weights) > tol):
+            return False
+        gain = self.rollout.predicted_gain(state, decision.weights, base, table)
+        return bool(abs(gain - then_gain) <= tol)

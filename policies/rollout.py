@@ -198,6 +198,19 @@ class Rollout:
             decision_ms=1000.0 * (time.perf_counter() - start),
         )
 
+    def predicted_gain(
+        self, state: MeshState, weights: np.ndarray, base: np.ndarray, table: LatencyTable
+    ) -> float:
+        """How much cheaper routing by ``weights`` is predicted to be than by ``base`` over
+        the next interval (1 - the ratio of their costs per request), under the arrival
+        forecast; NaN where either leaves the model's data. One model step: cheap enough to
+        ask every interval whether a kept decision still holds."""
+        mask = self.env.action_mask(state)
+        pair = np.stack([weights, base])
+        cost, base_cost = self._score(state, pair, mask, table, None, horizon=0)
+        gain = 1.0 - cost / max(base_cost, 1e-12)
+        return float(gain) if np.isfinite(gain) else float("nan")
+
     def leaves_data(self, state: MeshState, table: LatencyTable, weights: np.ndarray) -> bool:
         """Whether routing by ``weights`` leads outside the model's data in the next interval
         (under the arrival forecast): no decision is made on the model there."""

@@ -317,7 +317,7 @@ def test_a_steady_mesh_keeps_its_decision_instead_of_recomputing_it():
         return [runtime.cycle("edge/p", body).reason for _ in range(8)]
 
     kept = [r for r in reasons(0.05) if r.startswith("previous rollout decision kept")]
-    assert kept and "within 5%" in kept[0]
+    assert kept and "less than 5%" in kept[0]
     assert not any(r.startswith("previous") for r in reasons(0.0))
 
 

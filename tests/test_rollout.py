@@ -359,17 +359,22 @@ def test_a_steady_mesh_reuses_the_last_decision_until_its_inputs_move():
 
     # The base policy's observation is not compared, its action is: noisy latencies alone
     # keep the decision, a base routing that moved by more than the tolerance does not.
-    adapter.rollout.policy = sends(0.0)
-    adapter.observe(replace(_interval(topo, load, cap), mesh=telemetry(topo, load, cap)))
-    settled = adapter.decide()
-    assert not settled.reused
-    tel = _interval(topo, load, cap)
+    slow = cap * np.array([1.0, 0.3])
+    adapter.rollout.policy = sends(0.0)  # the same routing as always_local
+    tel = _interval(topo, load, slow)
     tel.mesh.latency_ms[...] *= 1.3
     adapter.observe(tel)
     assert adapter.decide().reused
     adapter.rollout.policy = sends(0.1)
-    adapter.observe(_interval(topo, load, cap))
+    adapter.observe(_interval(topo, load, slow))
     assert not adapter.decide().reused
+
+    # However steady the mesh, a kept decision is computed anew every reuse_intervals.
+    kept = []
+    for _ in range(2 * adapter.reuse_intervals):
+        adapter.observe(_interval(topo, load, slow))
+        kept.append(adapter.decide().reused)
+    assert kept == ([True] * (adapter.reuse_intervals - 1) + [False]) * 2
 
     never = Adapter(env, always_local, SystemModel(), RolloutSettings(horizon=1), prior=True)
     for _ in range(2):

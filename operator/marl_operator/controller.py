@@ -174,8 +174,8 @@ class PolicyController:
             reason = f"base policy applied ({decision.fallback})"
         elif decision.reused:
             reason = (
-                f"previous rollout decision kept: inputs within "
-                f"{self.spec.rollout.reuse_tolerance:.0%} of its own (model: "
+                f"previous rollout decision kept: its predicted gain and the base routing "
+                f"moved less than {self.spec.rollout.reuse_tolerance:.0%} (model: "
                 f"{self.adapter.model_source})"
             )
         else:
