@@ -53,6 +53,7 @@ from typing import Any
 
 import numpy as np
 from kubernetes import client, config
+from marl_operator.prometheus import label_answers, split_combined
 from tqdm import tqdm
 
 from demo.prometheus import free_port
@@ -264,6 +265,10 @@ class StubPrometheus:
             return self._rng.lognormal(0.0, self.noise, size)
 
     def answer(self, query: str) -> list[dict[str, Any]]:
+        """The answer to one template's query, or to a read's combined query part by part."""
+        parts = split_combined(query)
+        if parts:
+            return label_answers({name: self.answer(q) for name, q in parts.items()})
         kind = classify(query)
         namespace = _NAMESPACE.search(query)
         service = _SERVICE.search(query)

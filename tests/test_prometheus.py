@@ -20,8 +20,10 @@ from marl_operator.prometheus import (
     QueryError,
     ServiceReadings,
     check_templates,
+    label_answers,
     redact_url,
     render,
+    split_combined,
 )
 from prometheus_api_client.exceptions import PrometheusApiClientException
 
@@ -43,13 +45,23 @@ def workload(dest: str, value: Any) -> dict[str, Any]:
 
 
 class FakePrometheus:
-    """Answers each query by which template it came from (found by a metric name in it)."""
+    """Answers each query by which template it came from (found by a metric name in it), and
+    the combined query of a read part by part. ``queries`` lists the templates' expressions
+    asked, ``requests`` the expressions sent."""
 
     def __init__(self, answers: Mapping[str, list[Any]]) -> None:
         self.answers = answers
         self.queries: list[str] = []
+        self.requests: list[str] = []
 
     def __call__(self, promql: str) -> Sequence[Mapping[str, Any]]:
+        self.requests.append(promql)
+        parts = split_combined(promql)
+        if parts:
+            return label_answers({name: self.one(q) for name, q in parts.items()})
+        return self.one(promql)
+
+    def one(self, promql: str) -> Sequence[Mapping[str, Any]]:
         self.queries.append(promql)
         if promql.startswith("histogram_quantile"):
             return self.answers.get("latencyP95", [])
@@ -283,6 +295,23 @@ def test_failures_are_metrics_unavailable_without_credentials(exc, words):
     assert "s3cret" not in message
     assert "alice" not in message
     assert info.value.__cause__ is exc
+
+
+def test_a_read_is_one_request_and_a_refused_combination_names_the_template():
+    answers = {"requestRate": [pair("fn-a", "fn-b", 2.0)], "cpuUsage": [workload("fn-b", 0.5)]}
+    fake = FakePrometheus(answers)
+    readings = read(fake)
+    assert len(fake.requests) == 1 and len(fake.queries) == 5
+    assert readings.rate == {("fn-a", "fn-b"): 2.0} and readings.cpu_cores == {"fn-b": 0.5}
+
+    def refusing(promql: str) -> Sequence[Mapping[str, Any]]:
+        if split_combined(promql) or "bad_metric" in promql:
+            raise PrometheusApiClientException("HTTP Status Code 400 (bad_data)")
+        return fake(promql)
+
+    reader = PrometheusReader("http://prometheus:9090", query=refusing)
+    with pytest.raises(MetricsUnavailable, match=r"400.*query latencyMean"):
+        reader.read(**VALUES, overrides={"latencyMean": "bad_metric"})
 
 
 def free_port() -> int:

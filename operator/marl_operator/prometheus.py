@@ -1,6 +1,11 @@
 """Reading the Istio metrics the policies need from Prometheus.
 
-One read of one service is five instant queries, one per named template (``TEMPLATE_NAMES``).
+One read of one service asks five named templates (``TEMPLATE_NAMES``) in one instant query:
+each template's expression is labelled with its name (``marl_query``) and the five are joined
+with ``or`` (:func:`combined`), which halves the operator's CPU per read against five requests
+and spares Prometheus four. Should Prometheus refuse the combined expression (an override
+that is not an instant vector, say), each template is asked alone, so that the error names the
+one at fault.
 Each built-in template takes the client-side view (``reporter="source"``), because the latency a
 client sees, network and queueing included, is what routing should optimise.
 
@@ -94,6 +99,54 @@ DEFAULT_TEMPLATES: dict[str, str] = {
     ),
 }
 """The built-in PromQL templates (Istio's standard metrics and cAdvisor), one per name."""
+
+QUERY_LABEL = "marl_query"
+"""The label that names, in the combined query's answer, the template a series answers."""
+
+_PART = re.compile(
+    r'label_replace\((?P<promql>.*?), "' + QUERY_LABEL + r'", "(?P<name>\w+)", "__name__", "\.\*"\)'
+    r"(?: or |$)",
+    re.S,
+)
+
+
+def combined(queries: Mapping[str, str]) -> str:
+    """Every query as one expression, each series labelled with its query's name. The names
+    differ, so ``or`` (which drops right-hand series whose labels match a left-hand one) keeps
+    every series of every query."""
+    return " or ".join(
+        f'label_replace({promql}, "{QUERY_LABEL}", "{name}", "__name__", ".*")'
+        for name, promql in queries.items()
+    )
+
+
+def split_combined(promql: str) -> dict[str, str]:
+    """The queries :func:`combined` joined, by name (empty for any other expression): for
+    stand-ins of Prometheus that answer one template at a time."""
+    parts = {m.group("name"): m.group("promql") for m in _PART.finditer(promql)}
+    return parts if combined(parts) == promql else {}
+
+
+def label_answers(answers: Mapping[str, Sequence[Mapping[str, Any]]]) -> list[dict[str, Any]]:
+    """What Prometheus answers to :func:`combined`, given each query's answer by name."""
+    return [
+        {**item, "metric": {**item.get("metric", {}), QUERY_LABEL: name}}
+        for name, items in answers.items()
+        for item in items
+    ]
+
+
+def _by_query(result: Any) -> dict[str, list[Any]]:
+    """The combined answer's series, by the query they answer (the label removed)."""
+    out: dict[str, list[Any]] = {}
+    for item in result if isinstance(result, list) else []:
+        metric = item.get("metric") if isinstance(item, Mapping) else None
+        if not isinstance(metric, Mapping) or QUERY_LABEL not in metric:
+            continue
+        rest = {k: v for k, v in metric.items() if k != QUERY_LABEL}
+        out.setdefault(metric[QUERY_LABEL], []).append({**item, "metric": rest})
+    return out
+
 
 _KEY_LABELS: dict[str, tuple[str, ...]] = {
     "requestRate": PAIR_LABELS,
@@ -304,7 +357,7 @@ QueryFunction = Callable[[str], Sequence[Mapping[str, Any]]]
 
 
 class PrometheusReader:
-    """Reads one service's metrics with five instant queries.
+    """Reads one service's metrics with one instant query (five when Prometheus refuses it).
 
     ``query`` replaces the HTTP client (tests inject a fake); by default it is
     PrometheusConnect.custom_query with the timeout and at most one immediate retry of a failed
@@ -352,8 +405,9 @@ class PrometheusReader:
         window: str,
         overrides: Mapping[str, str] | None = None,
     ) -> ServiceReadings:
-        """All five queries for one service; QueryError before any is sent if a template is
-        unusable, MetricsUnavailable at the first that fails (the rest would fail alike)."""
+        """All five templates for one service; QueryError before any is sent if a template is
+        unusable, MetricsUnavailable when Prometheus cannot answer (naming the template at
+        fault when it refuses one)."""
         if overrides:
             check_templates(overrides)
         queries = {
@@ -367,9 +421,15 @@ class PrometheusReader:
             )
             for name in TEMPLATE_NAMES
         }
+        try:
+            answers = _by_query(self._run("combining all five", combined(queries)))
+        except MetricsUnavailable as error:
+            if not isinstance(error.__cause__, PrometheusApiClientException):
+                raise  # unreachable or unreadable: asking five times would not help
+            answers = {name: self._run(name, promql) for name, promql in queries.items()}
         parsed = {
-            name: _parse_series(name, self._run(name, promql), _KEY_LABELS[name])
-            for name, promql in queries.items()
+            name: _parse_series(name, answers.get(name, []), _KEY_LABELS[name])
+            for name in TEMPLATE_NAMES
         }
         pairs = {
             name: {(key[0], key[1]): value for key, value in parsed[name].items()}
