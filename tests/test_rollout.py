@@ -242,12 +242,18 @@ def test_an_untrusted_model_returns_the_base_action_with_the_reason():
     assert np.array_equal(decision.weights, always_local(np.zeros((1, 2, 1)), np.ones((2, 3)))[0])
 
 
-def test_system_model_scores_new_rows_before_learning_them():
+def streamed_model(seed: int) -> SystemModel:
+    """A model that saw 40 intervals of 10 random rows of the exact node, refitting each."""
     model = SystemModel(min_rows=20, refit_share=0.0)
-    rng = np.random.default_rng(1)
+    rng = np.random.default_rng(seed)
     for _ in range(40):
         x = np.stack([rng.uniform(0, 0.9, 10), rng.uniform(5, 40, 10), np.zeros(10)], axis=1)
         model.observe(x, exact(x))
+    return model
+
+
+def test_system_model_scores_new_rows_before_learning_them():
+    model = streamed_model(seed=1)
     acc = model.accuracy()
     assert acc is not None and acc.rows > 0
     assert acc.nmae["mean_ms"] < 0.2  # a smooth function, learned from a few hundred rows
@@ -273,11 +279,7 @@ def test_system_model_refits_on_a_share_of_new_rows_or_when_the_data_moves():
 
 
 def test_system_model_table_interpolates_service_times_within_the_data():
-    model = SystemModel(min_rows=20, refit_share=0.0)
-    rng = np.random.default_rng(3)
-    for _ in range(40):
-        x = np.stack([rng.uniform(0, 0.9, 10), rng.uniform(5, 40, 10), np.zeros(10)], axis=1)
-        model.observe(x, exact(x))
+    model = streamed_model(seed=3)
     service_ms = np.array([[6.0], [15.0], [38.0], [80.0]])
     table = model.table(service_ms)
     values, known = table.lookup(np.full(4, 0.5), np.zeros(4))
