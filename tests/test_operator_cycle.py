@@ -365,6 +365,21 @@ def refusing_mesh(verb: str = "patch") -> RefusingMesh:
     return RefusingMesh(base.offered, base.capacity, base.cores, base.link_ms, verb=verb)
 
 
+def test_a_fallback_that_cannot_be_written_is_reported_as_held():
+    mesh = refusing_mesh()
+    runtime, _ = runtime_over(mesh)
+    body = example_policy_body(safety={"failureThreshold": 1, "fallback": "local"})
+    mesh.down = True
+    report = runtime.cycle("edge/p", body)
+    assert report.outcome == Outcome.HELD and report.fallback is None
+    assert "writing the local fallback failed" in report.reason and not mesh.routes
+    conditions = {c["type"]: c for c in status_of(report, None)["conditions"]}
+    assert conditions["Fallback"]["status"] == "False"
+    mesh.refusing = False
+    report = runtime.cycle("edge/p", body)
+    assert report.outcome == Outcome.FALLBACK and report.fallback == "local"
+
+
 def test_a_forbidden_write_becomes_a_condition_not_a_crash():
     mesh = refusing_mesh("patch")
     runtime, _ = runtime_over(mesh)

@@ -217,7 +217,12 @@ class PolicyController:
                 self._write(table)
                 live = table
             except MeshError as error:
-                reason = f"{reason}; writing the {kind} fallback failed: {error}"
+                # Nothing was written: the weights in place hold, and the report says so.
+                return self._report(
+                    Outcome.HELD,
+                    f"{reason}; writing the {kind} fallback failed, weights held: {error}",
+                    live,
+                )
         return self._report(
             Outcome.FALLBACK,
             f"{reason}; {self.failures.count} failed intervals in a row, fallback {kind}",
