@@ -230,7 +230,11 @@ class Adapter:
         return decision
 
     def _unchanged(
-        self, state: MeshState, inputs: tuple[str, int], base: np.ndarray, table
+        self,
+        state: MeshState,
+        inputs: tuple[str, int],
+        base: np.ndarray,
+        table: LatencyTable | None,
     ) -> bool:
         """Whether the last computed decision still answers ``state`` (see reuse_tolerance)."""
         tol = self.reuse_tolerance
