@@ -116,13 +116,14 @@ class LatencyTable:
 
 
 def _cell(x: np.ndarray, grid: np.ndarray) -> tuple:
-    """Lower grid index, fraction towards the next, nearest index, and within-grid flag."""
+    """On an evenly spaced grid: lower grid index, fraction towards the next, nearest index,
+    and whether ``x`` is not past the grid's end (below its start, the start holds)."""
     g = len(grid)
-    position = np.clip(x / grid[1], 0.0, g - 1.0)
+    position = np.clip((x - grid[0]) / (grid[1] - grid[0]), 0.0, g - 1.0)
     low = np.minimum(position.astype(np.int64), g - 2)
     frac = position - low
     nearest = np.where(frac < 0.5, low, low + 1)
-    return low, frac, nearest, x <= grid[-1] * (1 + 1e-9)
+    return low, frac, nearest, x <= grid[-1] + 1e-9 * abs(grid[-1])
 
 
 def _feature_grid(service_ms: np.ndarray, utilisation: np.ndarray, backlog: np.ndarray):
@@ -226,7 +227,9 @@ class SystemModel:
         if self._estimator is not None and len(features):
             self._scores.append((targets, self.predict(features)))
             drifted = float(np.mean(~self.in_data(features))) >= self.drift_outside
-        enough = max(self.refit_share * self._fitted_rows, self.min_rows * (self.refit_share > 0))
+        enough = self.refit_share * self._fitted_rows
+        if self.refit_share > 0:
+            enough = max(enough, self.min_rows)
         due = self._estimator is None or (self._new_rows > 0 and self._new_rows >= enough)
         if (due or drifted) and self.rows >= self.min_rows:
             self.fit()
@@ -321,14 +324,10 @@ class SystemModel:
         """
         grid = self._service_grid()
         log_ms = np.log(np.maximum(np.asarray(service_ms, dtype=float), 1e-9))
-        last = len(grid.log_ms) - 1
-        step = grid.log_ms[1] - grid.log_ms[0]
-        position = np.clip((log_ms - grid.log_ms[0]) / step, 0.0, last)
-        low = np.minimum(position.astype(np.int64), last - 1)
-        frac = (position - low)[..., None, None, None]
+        low, frac, nearest, not_past = _cell(log_ms, grid.log_ms)
+        frac = frac[..., None, None, None]
         values = grid.values[low] * (1.0 - frac) + grid.values[low + 1] * frac
-        nearest = np.where(frac[..., 0, 0, 0] < 0.5, low, low + 1)
-        inside = (log_ms >= grid.log_ms[0] - 1e-9) & (log_ms <= grid.log_ms[-1] + 1e-9)
+        inside = not_past & (log_ms >= grid.log_ms[0] - 1e-9 * abs(grid.log_ms[0]))
         known = grid.known[nearest] & inside[..., None, None]
         return LatencyTable(grid.utilisation, grid.backlog, values, known)
 
