@@ -240,7 +240,11 @@ def run_arm(
     adapter = None
     if arm == "rollout":
         settings = RolloutSettings(
-            horizon=args.horizon, margin=args.margin, samples=args.samples, seed=args.seed
+            horizon=args.horizon,
+            margin=args.margin,
+            samples=args.samples,
+            screen_horizon=args.screen_horizon,
+            seed=args.seed,
         )
         adapter = Adapter(
             model_env_for(env),
@@ -353,6 +357,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--horizon", type=int, default=5)
     parser.add_argument("--margin", type=float, default=0.01)
     parser.add_argument("--samples", type=int, default=1)
+    parser.add_argument(
+        "--screen-horizon",
+        type=int,
+        default=None,
+        help="lookahead of the screen that picks which agents to visit (default: --horizon)",
+    )
     parser.add_argument(
         "--max-nmae", type=float, default=0.3, help="model error above which rollout falls back"
     )

@@ -213,6 +213,27 @@ def _play(env, state, table, first, policy, settings) -> float:
     return total / norm
 
 
+def test_lookahead_runs_the_actor_only_where_a_row_sees_something_new():
+    _, env, _, _ = pair()
+    rng = np.random.default_rng(0)
+    obs = np.repeat(rng.normal(size=(1, 6, 4)).astype(np.float32), 5, axis=0)
+    obs[2, 1] += 1.0  # rows 1-4 repeat row 0 except for these three agents
+    obs[4, [3, 5]] -= 0.5
+    mask = rng.random((6, 3)) < 0.7
+    mask[:, -1] = True
+    seen = []
+
+    def policy(o, m):  # deterministic per agent row, records how many rows it computes
+        seen.append(o.reshape(-1, o.shape[-1]).shape[0])
+        w = np.abs(np.cos(o[..., :1] + o[..., 1:2] * np.arange(m.shape[-1]))) * m
+        return w / w.sum(axis=-1, keepdims=True)
+
+    acted = Rollout(env, policy)._act(obs, mask)
+    assert sum(seen) == 6 + 3
+    seen.clear()
+    assert np.array_equal(acted, policy(obs, mask))
+
+
 def test_states_outside_the_model_data_fall_back_to_the_base_policy():
     _, env, _, state = pair(capacity=(700.0, 1000.0))
     model = SystemModel(min_rows=10, radius=0.2)
