@@ -243,6 +243,8 @@ def run_arm(
             horizon=args.horizon,
             margin=args.margin,
             samples=args.samples,
+            steps=tuple(args.steps),
+            rounds=args.rounds,
             screen_horizon=args.screen_horizon,
             seed=args.seed,
         )
@@ -358,10 +360,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--margin", type=float, default=0.01)
     parser.add_argument("--samples", type=int, default=1)
     parser.add_argument(
+        "--steps",
+        type=float,
+        nargs="+",
+        default=list(RolloutSettings.steps),
+        help="sizes of the candidate moves (shares of weight shifted)",
+    )
+    parser.add_argument("--rounds", type=int, default=RolloutSettings.rounds)
+    parser.add_argument(
         "--screen-horizon",
         type=int,
-        default=None,
-        help="lookahead of the screen that picks which agents to visit (default: --horizon)",
+        default=RolloutSettings.screen_horizon,
+        help="lookahead of the screen that ranks every agent's moves",
     )
     parser.add_argument(
         "--max-nmae", type=float, default=0.3, help="model error above which rollout falls back"
