@@ -57,6 +57,11 @@ class ModelEnv:
         target_ms: ``(S,)`` latency targets.
         reject_penalty: a lost request costs this many latency targets (as in training).
         step_seconds: the time unit of the policy's observations (its training step).
+        can_reject: whether the reject entry of an action is carried out. A simulated node
+            rejects; a service mesh cannot, so the operator's reject share would be spread
+            over the routes anyway. Without it the entry is masked (unless an agent has no
+            live route), so the policy's Dirichlet mean spreads that share in proportion and
+            rollout scores, and moves between, only routings the mesh can carry.
     """
 
     def __init__(
@@ -66,12 +71,14 @@ class ModelEnv:
         target_ms: np.ndarray,
         reject_penalty: float,
         step_seconds: float = 1.0,
+        can_reject: bool = True,
     ):
         self.topology = topology
         self.work = np.asarray(work, dtype=float)
         self.target_ms = np.asarray(target_ms, dtype=float)
         self.reject_penalty = float(reject_penalty)
         self.step_seconds = float(step_seconds)
+        self.can_reject = can_reject
         self._fluid: tuple[MeshState, FluidModel] | None = None
         self._by_service: tuple[FluidModel, np.ndarray] | None = None
 
@@ -83,7 +90,10 @@ class ModelEnv:
         )
 
     def action_mask(self, state: MeshState) -> np.ndarray:
-        return neighbour_action_mask(self.topology, state.active)
+        mask = neighbour_action_mask(self.topology, state.active)
+        if not self.can_reject:
+            mask[:, -1] = ~mask[:, :-1].any(axis=1)
+        return mask
 
     def fluid(self, state: MeshState) -> FluidModel:
         """The flow arithmetic of ``state``; kept for the last state, because one decision

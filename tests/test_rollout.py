@@ -234,6 +234,28 @@ def test_lookahead_runs_the_actor_only_where_a_row_sees_something_new():
     assert np.array_equal(acted, policy(obs, mask))
 
 
+def test_a_mesh_that_cannot_reject_is_decided_on_routes_alone():
+    _, env, table, state = pair(capacity=(700.0, 1000.0), arrivals=(60.0, 20.0))
+    mesh = ModelEnv(env.topology, env.work, env.target_ms, env.reject_penalty, can_reject=False)
+
+    def even(obs, mask):  # every allowed entry alike: what it does with rejects shows
+        return np.broadcast_to(mask, (*obs.shape[:-1], mask.shape[-1])) / mask.sum(
+            -1, keepdims=True
+        )
+
+    assert np.allclose(Rollout(env, even).base_action(state), 1 / 3)
+    decision = Rollout(mesh, even, RolloutSettings(margin=0)).decide(state, table)
+    assert np.allclose(decision.base_weights, [[0.5, 0.5, 0.0], [0.5, 0.5, 0.0]])
+    assert (decision.weights[:, -1] == 0).all()
+    assert decision.changed_agents  # it still moves load between the two nodes
+    # Node b down: each agent keeps its one live route. Both down: no route is left, the
+    # requests are lost anyway, and the reject entry stays open so the policy has an action.
+    down = MeshState(state.arrivals, np.array([700.0, 0.0]), state.backlog, state.telemetry)
+    assert mesh.action_mask(down).tolist() == [[True, False, False], [False, True, False]]
+    down = MeshState(state.arrivals, np.zeros(2), state.backlog, state.telemetry)
+    assert mesh.action_mask(down).tolist() == [[False, False, True]] * 2
+
+
 def test_states_outside_the_model_data_fall_back_to_the_base_policy():
     _, env, _, state = pair(capacity=(700.0, 1000.0))
     model = SystemModel(min_rows=10, radius=0.2)

@@ -113,6 +113,7 @@ class PolicyController:
             target_ms=problem.target_ms,
             reject_penalty=float(meta.get("reject_penalty", DEFAULT_REJECT_PENALTY)),
             step_seconds=step,
+            can_reject=False,
         )
         settings = RolloutSettings(
             horizon=spec.rollout.horizon,
