@@ -157,12 +157,20 @@ class _ServiceGrid:
     known: np.ndarray  # (L, G, H)
 
 
-def _grid_range(x: np.ndarray) -> tuple[float, float, float]:
-    """The log service times to tabulate (the data's, a step beyond each end) and the
-    largest backlog (the data's 99th percentile)."""
-    log_ms = np.log(np.maximum(x[:, 1], 1e-9))
-    top = float(np.clip(np.percentile(x[:, 2], 99), 0.5, 30.0))
-    return float(log_ms.min()) - SERVICE_STEP, float(log_ms.max()) + SERVICE_STEP, top
+def _regressor_predict(est, x: np.ndarray) -> np.ndarray:
+    """A fitted regressor's ``(R, 4)`` predictions, clipped to what the targets can be."""
+    if isinstance(est, RandomForestRegressor):
+        # The forest's own predict dispatches its trees through joblib and validates the
+        # input once per tree. The trees' mean, input checked once, is the same number.
+        x32 = np.ascontiguousarray(x, dtype=np.float32)
+        out = sum(tree.predict(x32, check_input=False) for tree in est.estimators_)
+        out = out / len(est.estimators_)
+    else:
+        out = np.asarray(est.predict(x))
+    out = out.reshape(len(x), len(TARGETS))
+    out[:, [MEAN_MS, P95_MS, BACKLOG_S]] = np.maximum(out[:, [MEAN_MS, P95_MS, BACKLOG_S]], 0.0)
+    out[:, SUCCESS] = np.clip(out[:, SUCCESS], 0.0, 1.0)
+    return out
 
 
 class SystemModel:
@@ -211,10 +219,10 @@ class SystemModel:
         self.seed = seed
         self._intervals: deque[tuple[np.ndarray, np.ndarray]] = deque(maxlen=window)
         self._scores: deque[tuple[np.ndarray, np.ndarray]] = deque(maxlen=12)
-        self._estimator = None
         self._new_rows = 0  # since the last fit
         self._fitted_rows = 0
         self._grid: _ServiceGrid | None = None
+        self._tree: KDTree | None = None
         self.fits = 0
 
     # ---------------------------------------------------------------------------- data
@@ -224,13 +232,13 @@ class SystemModel:
         refitted."""
         features, targets = self.add(features, targets)
         drifted = False
-        if self._estimator is not None and len(features):
+        if self._grid is not None and len(features):
             self._scores.append((targets, self.predict(features)))
             drifted = float(np.mean(~self.in_data(features))) >= self.drift_outside
         enough = self.refit_share * self._fitted_rows
         if self.refit_share > 0:
             enough = max(enough, self.min_rows)
-        due = self._estimator is None or (self._new_rows > 0 and self._new_rows >= enough)
+        due = self._grid is None or (self._new_rows > 0 and self._new_rows >= enough)
         if (due or drifted) and self.rows >= self.min_rows:
             self.fit()
             return True
@@ -253,7 +261,7 @@ class SystemModel:
 
     @property
     def ready(self) -> bool:
-        return self._estimator is not None
+        return self._grid is not None
 
     def data(self) -> tuple[np.ndarray, np.ndarray]:
         if not self._intervals:
@@ -264,6 +272,8 @@ class SystemModel:
 
     # ---------------------------------------------------------------------------- model
     def fit(self) -> None:
+        """Fit the regressor on the window and tabulate it; the regressor itself is not kept
+        (see :meth:`predict`)."""
         x, y = self.data()
         if len(x) < self.min_rows:
             raise ValueError(
@@ -281,35 +291,58 @@ class SystemModel:
                 HistGradientBoostingRegressor(max_iter=150, random_state=self.seed)
             )
         est.fit(x, y)
-        self._estimator = est
         self._scale = np.maximum(x.std(axis=0), 1e-9)
         self._tree = KDTree(x / self._scale)
         self._new_rows, self._fitted_rows = 0, len(x)
-        self._grid = None
-        self._grid_range = _grid_range(x)
+        self._grid = self._tabulate(est, x)
         self.fits += 1
 
+    def _tabulate(self, est, x: np.ndarray) -> _ServiceGrid:
+        """The regressor on a grid over the service times of the data ``x`` (a step beyond
+        each end), utilisation up to ``max_utilisation`` and backlog up to the data's 99th
+        percentile."""
+        log_ms = np.log(np.maximum(x[:, 1], 1e-9))
+        log_lo, log_hi = float(log_ms.min()) - SERVICE_STEP, float(log_ms.max()) + SERVICE_STEP
+        top = float(np.clip(np.percentile(x[:, 2], 99), 0.5, 30.0))
+        count = int(np.clip(np.ceil((log_hi - log_lo) / SERVICE_STEP) + 1, 2, 64))
+        log_ms = np.linspace(log_lo, log_hi, count)
+        util = np.linspace(0.0, self.max_utilisation, self.grid[0])
+        backlog = np.linspace(0.0, top, self.grid[1])
+        rows = _feature_grid(np.exp(log_ms)[:, None], util, backlog)
+        shape = (count, len(util), len(backlog))
+        return _ServiceGrid(
+            log_ms=log_ms,
+            utilisation=util,
+            backlog=backlog,
+            values=_regressor_predict(est, rows).reshape(*shape, len(TARGETS)),
+            known=self.in_data(rows).reshape(shape),
+        )
+
     def predict(self, features: np.ndarray) -> np.ndarray:
-        if self._estimator is None:
-            raise RuntimeError("system model: predict() before the first fit()")
-        x = np.asarray(features, dtype=float)
-        if isinstance(self._estimator, RandomForestRegressor):
-            # The forest's own predict dispatches its trees through joblib and validates the
-            # input once per tree: milliseconds for the ten rows of an interval. The trees'
-            # mean, input checked once, is the same number.
-            x32 = np.ascontiguousarray(x, dtype=np.float32)
-            trees = self._estimator.estimators_
-            out = sum(tree.predict(x32, check_input=False) for tree in trees) / len(trees)
-        else:
-            out = np.asarray(self._estimator.predict(x))
-        out = out.reshape(len(features), len(TARGETS))
-        out[:, [0, 1, 3]] = np.maximum(out[:, [0, 1, 3]], 0.0)
-        out[:, 2] = np.clip(out[:, 2], 0.0, 1.0)
+        """``(R, 3)`` features -> ``(R, 4)`` predictions, read off the tabulated model.
+
+        The fitted regressor is tabulated once and dropped: decisions read the table, so the
+        held-out scores judge what decisions use, and a policy keeps a table of a few hundred
+        kB instead of a forest (about 1 MB at a full window, per policy in the operator)."""
+        grid = self._fitted_grid()
+        x = np.asarray(features, dtype=float).reshape(-1, len(FEATURES))
+        axes = (
+            _cell(np.log(np.maximum(x[:, 1], 1e-9)), grid.log_ms),
+            _cell(x[:, 0], grid.utilisation),
+            _cell(x[:, 2], grid.backlog),
+        )
+        out = np.zeros((len(x), len(TARGETS)))
+        for corner in np.ndindex(2, 2, 2):  # trilinear: the cell's eight corners
+            weight, index = np.ones(len(x)), []
+            for (low, frac, _, _), up in zip(axes, corner, strict=True):
+                weight = weight * (frac if up else 1.0 - frac)
+                index.append(low + up)
+            out += weight[:, None] * grid.values[tuple(index)]
         return out
 
     def in_data(self, features: np.ndarray) -> np.ndarray:
         """``(R,)`` True where a training row lies within ``radius`` (standardised)."""
-        if self._estimator is None:
+        if self._tree is None:
             return np.zeros(len(features), bool)
         x = np.asarray(features, dtype=float) / self._scale
         return self._tree.query_radius(x, r=self.radius, count_only=True) > 0
@@ -317,12 +350,12 @@ class SystemModel:
     def table(self, service_ms: np.ndarray) -> LatencyTable:
         """The model tabulated for these nodes' service times ``(N, S)``.
 
-        Interpolated, in log service time, from one grid over every input that is built once
+        Interpolated, in log service time, from the grid over every input that is built once
         per fit: a node's service time is measured afresh every interval, and its noise alone
         would otherwise call for a new tabulation of the regressor every cycle. Service times
         beyond the data's range take the edge value and count as outside the data.
         """
-        grid = self._service_grid()
+        grid = self._fitted_grid()
         log_ms = np.log(np.maximum(np.asarray(service_ms, dtype=float), 1e-9))
         low, frac, nearest, not_past = _cell(log_ms, grid.log_ms)
         frac = frac[..., None, None, None]
@@ -331,24 +364,9 @@ class SystemModel:
         known = grid.known[nearest] & inside[..., None, None]
         return LatencyTable(grid.utilisation, grid.backlog, values, known)
 
-    def _service_grid(self) -> _ServiceGrid:
-        if self._estimator is None:
-            raise RuntimeError("system model: table() before the first fit()")
+    def _fitted_grid(self) -> _ServiceGrid:
         if self._grid is None:
-            log_lo, log_hi, top = self._grid_range
-            count = int(np.clip(np.ceil((log_hi - log_lo) / SERVICE_STEP) + 1, 2, 64))
-            log_ms = np.linspace(log_lo, log_hi, count)
-            util = np.linspace(0.0, self.max_utilisation, self.grid[0])
-            backlog = np.linspace(0.0, top, self.grid[1])
-            rows = _feature_grid(np.exp(log_ms)[:, None], util, backlog)
-            shape = (count, len(util), len(backlog))
-            self._grid = _ServiceGrid(
-                log_ms=log_ms,
-                utilisation=util,
-                backlog=backlog,
-                values=self.predict(rows).reshape(*shape, len(TARGETS)),
-                known=self.in_data(rows).reshape(shape),
-            )
+            raise RuntimeError("system model: used before the first fit()")
         return self._grid
 
     # ---------------------------------------------------------------------------- accuracy

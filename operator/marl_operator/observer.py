@@ -65,6 +65,13 @@ class PairMatrices:
 
 def pair_matrices(readings: ServiceReadings, labels: Mapping[str, int], n: int) -> PairMatrices:
     out = PairMatrices(*(np.full((n, n), np.nan) for _ in range(4)), np.full(n, np.nan))
+    nodes: dict[str, int | None] = {}  # each workload recurs in every pair and metric
+
+    def node_of_workload(workload: str) -> int | None:
+        if workload not in nodes:
+            nodes[workload] = node_of(workload, labels)
+        return nodes[workload]
+
     for name, source in (
         ("rate", readings.rate),
         ("success", readings.success),
@@ -73,7 +80,7 @@ def pair_matrices(readings: ServiceReadings, labels: Mapping[str, int], n: int) 
     ):
         matrix = getattr(out, name)
         for (src, dst), value in source.items():
-            i, j = node_of(src, labels), node_of(dst, labels)
+            i, j = node_of_workload(src), node_of_workload(dst)
             if i is None or j is None:
                 continue
             if name == "rate":
@@ -81,7 +88,7 @@ def pair_matrices(readings: ServiceReadings, labels: Mapping[str, int], n: int) 
             else:
                 matrix[i, j] = value
     for workload, cores in readings.cpu_cores.items():
-        j = node_of(workload, labels)
+        j = node_of_workload(workload)
         if j is not None:
             out.cpu_cores[j] = np.nan_to_num(out.cpu_cores[j]) + cores
     return out
