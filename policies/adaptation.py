@@ -16,8 +16,8 @@ import numpy as np
 
 from policies.model_env import MeshState, ModelEnv
 from policies.observation import MeshTelemetry
-from policies.queueing import prior_table
-from policies.rollout import OUTSIDE_DATA, Decision, Policy, Rollout, RolloutSettings
+from policies.queueing import prior_table, with_prior
+from policies.rollout import Decision, Policy, Rollout, RolloutSettings
 from policies.system_model import FEATURES, TARGETS, LatencyTable, SystemModel
 
 
@@ -106,12 +106,12 @@ class Adapter:
         forecast_alpha: weight of the newest interval in the arrival forecast (an
             exponentially weighted mean: a surge shows in the forecast within a few intervals).
         max_nmae: held-out error above which the model is not trusted.
-        prior: while the learned model is not trusted, or the state is outside its data,
-            decide on the queueing prior (:mod:`policies.queueing`) instead of keeping the
-            base policy's action. The
-            simulator's experiments leave it off, to measure the learned model alone; the
-            operator turns it on, because a node that just slowed down cannot wait for a
-            window of data.
+        prior: while the learned model is not trusted, decide on the queueing prior
+            (:mod:`policies.queueing`) instead of keeping the base policy's action, and once
+            it is, price the states outside its data by the prior
+            (:func:`policies.queueing.with_prior`). The simulator's experiments leave it off
+            by default, to measure the learned model alone; the operator turns it on,
+            because a node that just slowed down cannot wait for a window of data.
         reuse_tolerance: keep the previous decision while its predicted gain over the base
             policy's routing on the current state (1 - the ratio of their costs) stays within
             this distance of the gain it had when decided, the base policy's routing moves
@@ -194,19 +194,14 @@ class Adapter:
         service_ms = self.env.service_ms(state.capacity)
         kind = "learned" if reason is None else "prior" if self.prior else "none"
         base = self.rollout.base_action(state)
-        learned = self.model.table(service_ms) if kind == "learned" else None
-        if learned is not None and self.prior and self.rollout.leaves_data(state, learned, base):
-            # Outside the learned model's data (a surge, a failure) the prior answers, as
-            # it does while the model is not trusted.
-            reason, kind = OUTSIDE_DATA, "prior"
         # What the decision is computed on: the model's kind and, for the learned one, its fit.
         inputs = (kind, self.model.fits if kind == "learned" else 0)
-        if kind == "learned":
-            table = learned
-        elif kind == "prior":
+        table = None
+        if kind != "none" and self.prior:
             table = prior_table(self.interval_seconds, service_ms, state.backlog)
-        else:
-            table = None
+        if kind == "learned":
+            learned = self.model.table(service_ms)
+            table = learned if table is None else with_prior(learned, table)
         if self._unchanged(state, inputs, base, table):
             self._reused += 1
             last = self._decided[-1]
@@ -218,9 +213,10 @@ class Adapter:
             self.model_source = "none"
             decision = self.rollout.decide(state, None, fallback=reason, base=base)
         else:
-            self.model_source = (
-                "learned" if kind == "learned" else f"queueing prior, because {reason}"
-            )
+            self.model_source = {
+                "learned": "learned, queueing prior outside its data" if self.prior else "learned",
+                "prior": f"queueing prior, because {reason}",
+            }[kind]
             decision = self.rollout.decide(state, table, base=base)
         decision = replace(decision, decision_ms=1000.0 * (time.perf_counter() - start))
         gain = float("nan")

@@ -102,6 +102,25 @@ class LatencyTable:
         inside &= (u_in & b_in)[..., :, None]
         return low + (high - low) * fu, inside
 
+    def on_grid(self, utilisation: np.ndarray, backlog: np.ndarray) -> LatencyTable:
+        """The same table interpolated onto another (utilisation, backlog) grid: what
+        :meth:`lookup` answers at every point of it, computed axis by axis."""
+        (u0, fu, nu, u_in), (b0, fb, nb, b_in) = (
+            _cell(np.asarray(x, dtype=float), grid)
+            for x, grid in ((utilisation, self.utilisation), (backlog, self.backlog))
+        )
+
+        def at(i, j):  # (N, S, G', H', T)
+            return self.values[:, :, i][:, :, :, j]
+
+        fu, fb = fu[:, None, None], fb[None, :, None]
+        low = at(u0, b0) * (1 - fb) + at(u0, b0 + 1) * fb
+        high = at(u0 + 1, b0) * (1 - fb) + at(u0 + 1, b0 + 1) * fb
+        known = self.known[:, :, nu][:, :, :, nb] & (u_in[:, None] & b_in[None, :])
+        return LatencyTable(
+            np.asarray(utilisation), np.asarray(backlog), low + (high - low) * fu, known
+        )
+
     @classmethod
     def from_function(
         cls, predict, service_ms: np.ndarray, utilisation: np.ndarray, backlog: np.ndarray

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from policies.queueing import prior_table, queueing_prior
-from policies.system_model import BACKLOG_S, MEAN_MS, P95_MS, SUCCESS
+from policies.queueing import prior_table, queueing_prior, with_prior
+from policies.system_model import BACKLOG_S, MEAN_MS, P95_MS, SUCCESS, LatencyTable
 
 
 def test_prior_latency_grows_with_load_and_overload_queues_up():
@@ -20,6 +20,40 @@ def test_prior_latency_grows_with_load_and_overload_queues_up():
     assert np.all(out[:, SUCCESS] == 1.0)
     draining = predict(np.array([[0.5, 20.0, 8.0]]))[0]
     assert draining[BACKLOG_S] == 3.0  # 8 s of work drains at 0.5 s per second
+
+
+def test_the_learned_table_answers_inside_its_data_and_the_prior_elsewhere():
+    service_ms = np.array([[10.0], [20.0]])
+    prior = prior_table(10.0, service_ms, backlog_now=np.zeros(2))
+
+    def learned_fn(x):  # a different function, so that who answered shows
+        return queueing_prior(10.0)(x) * 0.5
+
+    learned = LatencyTable.from_function(
+        learned_fn, service_ms, np.linspace(0.0, 1.2, 7), np.linspace(0.0, 2.0, 3)
+    )
+    known = learned.known.copy()
+    known[1, 0, 4:] = False  # node 1 only seen up to utilisation 0.6
+    learned = LatencyTable(learned.utilisation, learned.backlog, learned.values, known)
+    # Resampling onto another grid answers what a lookup answers at each of its points.
+    moved = learned.on_grid(prior.utilisation, prior.backlog)
+    u, b = np.meshgrid(prior.utilisation, prior.backlog, indexing="ij")
+    values, inside = learned.lookup(
+        np.repeat(u[..., None], 2, axis=-1), np.repeat(b[..., None], 2, axis=-1)
+    )
+    assert np.allclose(moved.values, values.transpose(2, 3, 0, 1, 4))
+    assert np.array_equal(moved.known, inside.transpose(2, 3, 0, 1))
+
+    both = with_prior(learned, prior)
+    assert both.known.all() and both.utilisation[-1] == prior.utilisation[-1]
+    got, _ = both.lookup(np.array([0.4, 0.4]), np.zeros(2))  # inside both nodes' data
+    assert np.allclose(got[:, 0], learned_fn(np.array([[0.4, 10.0, 0], [0.4, 20.0, 0]])))
+    got, _ = both.lookup(np.array([1.0, 1.0]), np.zeros(2))  # node 1: past its data
+    want = np.array([[1.0, 10.0, 0.0], [1.0, 20.0, 0.0]])
+    assert np.allclose(got[0, 0], learned_fn(want)[0])
+    assert np.allclose(got[1, 0], queueing_prior(10.0)(want)[1])
+    got, _ = both.lookup(np.array([2.5, 2.5]), np.zeros(2))  # past the learned grid: prior
+    assert np.allclose(got[:, 0], queueing_prior(10.0)(np.array([[2.5, 10.0, 0], [2.5, 20.0, 0]])))
 
 
 def test_prior_table_covers_the_current_backlog():

@@ -12,6 +12,7 @@ import pytest
 from policies.adaptation import Adapter, IntervalTelemetry
 from policies.model_env import MeshState, ModelEnv
 from policies.observation import MeshTelemetry
+from policies.queueing import queueing_prior
 from policies.rollout import Rollout, RolloutSettings, candidates
 from policies.system_model import TARGETS, LatencyTable, SystemModel
 from policies.topology import Topology
@@ -336,7 +337,7 @@ def test_system_model_table_interpolates_service_times_within_the_data():
     assert table is not model.table(service_ms) and model.table(service_ms * 1.01) is not None
 
 
-def test_the_adapter_decides_on_the_prior_where_the_base_routing_leaves_the_data():
+def test_the_adapter_prices_states_outside_the_data_by_the_prior():
     topo, env, _, _ = pair(capacity=(700.0, 1000.0))
     cap, load = np.array([700.0, 1000.0]), np.array([60.0, 0.0])
     for prior in (False, True):
@@ -351,7 +352,18 @@ def test_the_adapter_decides_on_the_prior_where_the_base_routing_leaves_the_data
         decision = adapter.decide()
         if prior:
             assert decision.fallback is None and decision.changed_agents == (0,)
-            assert adapter.model_source.startswith("queueing prior, because the base routing")
+            assert adapter.model_source == "learned, queueing prior outside its data"
+            # Inside the data the table is the learned model's, outside it the prior's.
+            table, cap_ms = adapter.table, env.service_ms(cap)
+            learned = model.table(cap_ms)
+            got, _ = table.lookup(np.array([0.2, 0.0]), np.zeros(2))
+            want, _ = learned.lookup(np.array([0.2, 0.0]), np.zeros(2))
+            assert np.allclose(got[0], want[0], rtol=1e-6)
+            got, known = table.lookup(np.array([0.9, 0.0]), np.zeros(2))
+            prior_value = queueing_prior(adapter.interval_seconds)(
+                np.array([[0.9, cap_ms[0, 0], 0.0]])
+            )
+            assert known.all() and np.allclose(got[0, 0], prior_value[0])
         else:
             assert decision.fallback is not None and "outside" in decision.fallback
             assert np.array_equal(decision.weights, decision.base_weights)
