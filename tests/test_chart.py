@@ -43,6 +43,8 @@ from marl_operator.kube import (
     KOPF_CLUSTER_PEERING_CALLS,
     KOPF_NAMESPACED_MODE_CALLS,
     KOPF_NAMESPACED_PEERING_CALLS,
+    READ_KINDS,
+    Forbidden,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -464,6 +466,29 @@ def test_rbac_check_fails_for_a_rule_without_a_call():
     required = required_calls(values) - {("marl.dev", "edgeservices", "get")}
     problems = rbac_problems(render(*values), values, required)
     assert problems == ["rule without a call: ('marl.dev', 'edgeservices', 'get')"]
+
+
+def test_refusal_hints_say_where_the_chart_grants_each_read():
+    """What Forbidden tells the user to do about a refused read of what a policy is built from
+    is what the chart does: edgenodes in its ClusterRole whatever watchNamespaces says,
+    edgeservices and configmaps cluster-wide without watchNamespaces and in a Role of each
+    watched namespace (only) with them; rbac.create=true is all it takes."""
+    cluster_wide = grants(render(), (NAMESPACE, RELEASE))
+    watched = grants(render(*VALUE_SETS["namespaces"]), (NAMESPACE, RELEASE))
+    for kind, (group, resource, namespaced) in READ_KINDS.items():
+        (verb,) = [v for g, r, v in API_CALLS if (g, r) == (group, resource)]
+        hint = str(Forbidden(verb, kind, "edge" if namespaced else "", "x"))
+        assert "rbac.create=true grants it" in hint, kind
+        assert (group, resource, verb) in cluster_wide[0], kind
+        if namespaced:
+            assert "with watchNamespaces set, in a Role of each watched namespace" in hint
+            assert (group, resource, verb) not in watched[0], kind
+            for namespace in ("edge", "edge-b"):
+                assert (group, resource, verb) in watched[1][namespace], (kind, namespace)
+        else:
+            assert "in the chart's ClusterRole, whatever watchNamespaces says" in hint
+            assert (group, resource) in CLUSTER_SCOPED and "in namespace" not in hint
+            assert (group, resource, verb) in watched[0], kind
 
 
 @pytest.mark.parametrize("name", ["no-rbac", "combined"])

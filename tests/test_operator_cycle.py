@@ -20,6 +20,8 @@ from marl_operator.spec import SpecError, parse_policy_spec
 from marl_operator.status import status_of
 from operator_fakes import FakeKube, QueueingMesh, Reader, example, example_policy_body
 
+from policies import checkpoint
+
 NODES = example("edgenodes.yaml")
 SERVICES = example("edgeservice.yaml")
 LINKS = {
@@ -419,6 +421,155 @@ def test_a_forbidden_read_is_reported_even_without_a_write():
     report = runtime.cycle("edge/p", example_policy_body(dryRun=True))
     assert report.outcome == Outcome.DRY_RUN
     assert report.forbidden.startswith("forbidden: the operator may not get virtualservices")
+
+
+# -- refused reads while building (403) ------------------------------------------------------
+
+
+class RefusingKube(FakeKube):
+    """The example objects behind an API server that refuses the reads of the kinds in
+    ``refusing`` (as the real Kube does: :class:`Forbidden`); ConfigMap checkpoints are the
+    bundled mesh-10x3."""
+
+    def __init__(self, *args, refusing=()):
+        super().__init__(*args)
+        self.refusing = set(refusing)
+
+    def edge_nodes(self):
+        if "EdgeNode" in self.refusing:
+            raise Forbidden("list", "EdgeNode", "", "")
+        return super().edge_nodes()
+
+    def edge_services(self, namespace, names):
+        if "EdgeService" in self.refusing:
+            raise Forbidden("get", "EdgeService", namespace, names[0])
+        return super().edge_services(namespace, names)
+
+    def checkpoint_from_configmap(self, namespace, name, key):
+        if "ConfigMap" in self.refusing:
+            raise Forbidden("get", "ConfigMap", namespace, name)
+        return checkpoint.BUNDLED / "mesh-10x3"
+
+
+def refused_runtime(*refusing: str) -> tuple[Runtime, RefusingKube, QueueingMesh, list[str]]:
+    """A runtime over the queueing mesh whose kube refuses ``refusing``; the last value lists
+    every mesh read, by service."""
+    mesh = queueing_mesh()
+    reads: list[str] = []
+    read = mesh.read
+
+    def counted(service, nodes):
+        reads.append(service.name)
+        return read(service, nodes)
+
+    mesh.read = counted
+    kube = RefusingKube(NODES, SERVICES, refusing=refusing)
+    return Runtime(kube, mesh=mesh, reader_for=lambda url: Reader(mesh)), kube, mesh, reads
+
+
+def test_a_forbidden_edge_service_read_holds_the_policy_and_says_what_to_grant():
+    """The operator may not get the policy's EdgeService: the cycle is reported (not raised),
+    held, with WeightsApplied=False (Forbidden) naming the rule; nothing is read from or
+    written to the mesh, no controller is kept, and once the rule is granted the next cycle
+    builds the policy and applies its weights."""
+    runtime, kube, mesh, reads = refused_runtime("EdgeService")
+    body = example_policy_body()
+    status = None
+    for _ in range(2):  # retried every cycle, refused every time
+        report = runtime.cycle("edge/p", body)
+        assert report.outcome == Outcome.HELD and report.reason.startswith("forbidden")
+        assert "may not get edgeservices.marl.dev in namespace edge (EdgeService fn)" in (
+            report.reason
+        )
+        for words in (
+            "forbidden: the operator may not get edgeservices.marl.dev in namespace edge",
+            "RBAC rule (apiGroups [marl.dev], resources [edgeservices], verbs [get])",
+            "rbac.create=true",
+            "watchNamespaces",
+        ):
+            assert words in report.forbidden, words
+        assert mesh.writes == 0 and not mesh.routes and reads == []
+        assert "edge/p" not in runtime.controllers
+        assert runtime.store.latest("edge/p") == report  # published: the API shows it
+        status = status_of(report, status)
+        assert status["phase"] == "Holding"
+        conditions = {c["type"]: c for c in status["conditions"]}
+        applied = conditions["WeightsApplied"]
+        assert (applied["status"], applied["reason"]) == ("False", "Forbidden")
+        assert applied["message"] == report.forbidden
+        assert (conditions["Ready"]["status"], conditions["Ready"]["reason"]) == ("False", "Held")
+        metrics = conditions["MetricsAvailable"]
+        assert (metrics["status"], metrics["reason"]) == ("Unknown", "NotRead")
+        assert conditions["Fallback"]["status"] == "False"
+
+    kube.refusing.clear()  # the rule was granted
+    back = runtime.cycle("edge/p", body)
+    assert back.outcome == Outcome.APPLIED and back.forbidden is None, back.reason
+    assert mesh.writes == 1 and mesh.routes and "edge/p" in runtime.controllers
+    conditions = {c["type"]: c for c in status_of(back, status)["conditions"]}
+    assert (conditions["WeightsApplied"]["status"], conditions["WeightsApplied"]["reason"]) == (
+        "True",
+        "Written",
+    )
+    assert conditions["Ready"]["status"] == "True"
+    assert conditions["MetricsAvailable"]["status"] == "True"
+
+
+@pytest.mark.parametrize(
+    ("refused", "call", "scope"),
+    [
+        (
+            "EdgeService",
+            "get edgeservices.marl.dev in namespace edge (EdgeService fn)",
+            "in a Role of each watched namespace (edge must be among them)",
+        ),
+        (
+            "EdgeNode",
+            "list edgenodes.marl.dev at the cluster scope",
+            "in a ClusterRole (edgenodes are cluster-scoped)",
+        ),
+        (
+            "ConfigMap",
+            "get configmaps in namespace edge (ConfigMap my-policy)",
+            "in a Role of each watched namespace (edge must be among them)",
+        ),
+    ],
+)
+def test_each_refused_read_names_its_rule_and_scope(refused, call, scope):
+    runtime, _, mesh, reads = refused_runtime(refused)
+    body = example_policy_body(checkpoint={"configMap": {"name": "my-policy"}})
+    report = runtime.cycle("edge/p", body)
+    assert report.outcome == Outcome.HELD and mesh.writes == 0 and reads == []
+    assert report.forbidden.startswith(f"forbidden: the operator may not {call}; ")
+    assert scope in report.forbidden and "rbac.create=true" in report.forbidden
+    group, resource = {
+        "EdgeService": ("marl.dev", "edgeservices"),
+        "EdgeNode": ("marl.dev", "edgenodes"),
+        "ConfigMap": ('""', "configmaps"),
+    }[refused]
+    assert f"(apiGroups [{group}], resources [{resource}], verbs [" in report.forbidden
+    if refused == "EdgeNode":  # cluster-scoped: no namespace to name or to watch
+        assert "namespace edge" not in report.forbidden and "Role of" not in report.forbidden
+    conditions = {c["type"]: c for c in status_of(report, None)["conditions"]}
+    assert conditions["WeightsApplied"]["message"] == report.forbidden
+
+
+def test_a_refused_rebuild_keeps_the_weights_last_reported():
+    """A new generation whose build is refused: the mesh keeps what the last cycle wrote (the
+    report says so, writing nothing), and the old controller is not used any more."""
+    runtime, kube, mesh, _ = refused_runtime()
+    body = example_policy_body()
+    first = runtime.cycle("edge/p", body)
+    assert first.outcome == Outcome.APPLIED and mesh.writes == 1
+    kube.refusing.add("EdgeNode")
+    changed = example_policy_body()
+    changed["metadata"]["generation"] = 2
+    report = runtime.cycle("edge/p", changed)
+    assert report.outcome == Outcome.HELD and report.generation == 2 and mesh.writes == 1
+    assert report.weights == first.weights and "edge/p" not in runtime.controllers
+    kube.refusing.clear()
+    assert runtime.cycle("edge/p", changed).generation == 2
+    assert runtime.controllers["edge/p"].generation == 2
 
 
 # -- one cycle per policy at a time ----------------------------------------------------------

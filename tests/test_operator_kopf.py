@@ -15,6 +15,7 @@ The daemon waits ``runtime.interval()`` between cycles; the tests shorten it to
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import copy
 import threading
@@ -40,6 +41,8 @@ from marl_operator.mesh.routing import build_routes
 from marl_operator.report import Outcome
 from marl_operator.runtime import Runtime
 from operator_fakes import QueueingMesh, Reader, example
+
+from policies import checkpoint
 
 NAMESPACE, POLICY, SERVICE = "edge", "edge-routing", "fn"
 KEY = f"{NAMESPACE}/{POLICY}"
@@ -619,6 +622,19 @@ def test_a_refused_write_leaves_every_object_of_the_service_as_it_was(cluster: A
         mesh.write(MESH_SERVICE, build_routes(even, MESH_NODES))
 
 
+async def forbidden_message(url: str) -> str:
+    """The message of the policy's WeightsApplied condition, once it is False for the reason
+    Forbidden."""
+
+    async def forbidden() -> dict[str, Any] | None:
+        applied = conditions(await policy_status(url)).get("WeightsApplied", {})
+        return applied if applied.get("reason") == "Forbidden" else None
+
+    applied = await eventually(forbidden, what="Forbidden")
+    assert applied["status"] == "False"
+    return applied["message"]
+
+
 def test_a_forbidden_mesh_write_is_a_condition_and_an_event(cluster: Any) -> None:
     """The operator without the rule to create VirtualServices: the policy's status says
     WeightsApplied=False (Forbidden) with what to grant, a Warning event says it too, nothing
@@ -627,17 +643,11 @@ def test_a_forbidden_mesh_write_is_a_condition_and_an_event(cluster: Any) -> Non
     runtime, _ = new_runtime(cluster.kubeconfig, queueing_fake())
     cluster.api.deny("create", VS_RESOURCE, NAMESPACE)
 
-    async def forbidden_condition(url: str) -> dict[str, Any] | None:
-        applied = conditions(await policy_status(url)).get("WeightsApplied", {})
-        return applied if applied.get("reason") == "Forbidden" else None
-
     async def scenario() -> None:
         url = cluster.url
         async with operating(url, runtime):
             await create_resources(url, policy_body())
-            applied = await eventually(lambda: forbidden_condition(url), what="Forbidden")
-            assert applied["status"] == "False"
-            message = applied["message"]
+            message = await forbidden_message(url)
             for words in (f"may not create {VS_RESOURCE}", f"namespace {NAMESPACE}", "RBAC"):
                 assert words in message, words
             assert "ClusterRole" in message
@@ -656,6 +666,116 @@ def test_a_forbidden_mesh_write_is_a_condition_and_an_event(cluster: Any) -> Non
             status = await eventually(lambda: phase_is(url, "Active"), what="phase Active")
             applied = conditions(status)["WeightsApplied"]
             assert applied["status"] == "True" and applied["reason"] == "Written"
+            assert await get(url, f"{VIRTUAL_SERVICES}/{SERVICE}")
+            assert await get(url, f"{DESTINATION_RULES}/{SERVICE}")
+
+    asyncio.run(scenario())
+
+
+def test_refused_reads_of_what_a_policy_is_built_from_raise_forbidden(cluster: Any) -> None:
+    """Kube's reads of EdgeNodes, EdgeServices and ConfigMap checkpoints turn the emulator's
+    403 into Forbidden naming the verb, the resource and its scope (a namespace, or the cluster
+    for EdgeNodes); granted, they read as before."""
+    api = client.ApiClient(client_configuration(cluster.kubeconfig))
+    cluster_kube = Kube(api)
+    for node in NODES:
+        cluster_kube.custom.create_cluster_custom_object("marl.dev", "v1alpha1", "edgenodes", node)
+    cluster_kube.custom.create_namespaced_custom_object(
+        "marl.dev", "v1alpha1", NAMESPACE, "edgeservices", EDGE_SERVICE
+    )
+    bundled = checkpoint.BUNDLED / "mesh-10x3"
+    client.CoreV1Api(api).create_namespaced_config_map(
+        NAMESPACE,
+        {
+            "metadata": {"name": "my-policy"},
+            "binaryData": {
+                "policy.pt": base64.b64encode((bundled / "policy.pt").read_bytes()).decode()
+            },
+            "data": {"policy.json": (bundled / "policy.json").read_text()},
+        },
+    )
+
+    cluster.api.deny("list", "edgenodes.marl.dev")
+    with pytest.raises(Forbidden) as refused:
+        cluster_kube.edge_nodes()
+    error = refused.value
+    assert (error.verb, error.group, error.resource, error.namespace) == (
+        "list",
+        "marl.dev",
+        "edgenodes",
+        "",
+    )
+    assert str(error).startswith(
+        "forbidden: the operator may not list edgenodes.marl.dev at the cluster scope; "
+    )
+    assert "ClusterRole" in str(error) and "in namespace" not in str(error)
+    cluster.api.allow("list", "edgenodes.marl.dev")
+    assert {n["metadata"]["name"] for n in cluster_kube.edge_nodes()} == set(NODE_NAMES)
+
+    cluster.api.deny("get", "edgeservices.marl.dev", NAMESPACE)
+    with pytest.raises(Forbidden) as refused:
+        cluster_kube.edge_services(NAMESPACE, (SERVICE,))
+    assert (refused.value.resource, refused.value.namespace) == ("edgeservices", NAMESPACE)
+    called = f"get edgeservices.marl.dev in namespace {NAMESPACE} (EdgeService {SERVICE})"
+    assert f"may not {called}; " in str(refused.value)
+    cluster.api.allow("get", "edgeservices.marl.dev", NAMESPACE)
+    assert list(cluster_kube.edge_services(NAMESPACE, (SERVICE, "absent"))) == [SERVICE]
+
+    cluster.api.deny("get", "configmaps", NAMESPACE)
+    with pytest.raises(Forbidden) as refused:
+        cluster_kube.checkpoint_from_configmap(NAMESPACE, "my-policy", "policy")
+    assert (refused.value.group, refused.value.resource) == ("", "configmaps")
+    assert f"may not get configmaps in namespace {NAMESPACE} (ConfigMap my-policy)" in str(
+        refused.value
+    )
+    assert 'apiGroups [""], resources [configmaps], verbs [get]' in str(refused.value)
+    cluster.api.allow("get", "configmaps", NAMESPACE)
+    directory = cluster_kube.checkpoint_from_configmap(NAMESPACE, "my-policy", "policy")
+    assert (directory / "policy.pt").read_bytes() == (bundled / "policy.pt").read_bytes()
+    # An absent ConfigMap is the spec's mistake (a condition naming the field), not a crash.
+    with pytest.raises(FileNotFoundError, match=f"no ConfigMap {NAMESPACE}/absent"):
+        cluster_kube.checkpoint_from_configmap(NAMESPACE, "absent", "policy")
+
+
+def test_a_forbidden_edge_service_read_is_a_condition_and_an_event(cluster: Any) -> None:
+    """The operator without the rule to get EdgeServices cannot build the policy: its status
+    says WeightsApplied=False (Forbidden) naming edgeservices and the rule, Ready=False, a
+    Warning event says it too, nothing is written to the mesh, and granting the rule lets the
+    next cycle build the policy and apply its weights (no restart)."""
+    runtime, _ = new_runtime(cluster.kubeconfig, queueing_fake())
+    cluster.api.deny("get", "edgeservices.marl.dev", NAMESPACE)
+
+    async def scenario() -> None:
+        url = cluster.url
+        async with operating(url, runtime):
+            await create_resources(url, policy_body())
+            message = await forbidden_message(url)
+            for words in (
+                f"may not get edgeservices.marl.dev in namespace {NAMESPACE}",
+                "RBAC rule (apiGroups [marl.dev], resources [edgeservices], verbs [get])",
+                "rbac.create=true",
+            ):
+                assert words in message, words
+            status = await policy_status(url)
+            assert status["phase"] == "Holding"
+            ready = conditions(status)["Ready"]
+            assert ready["status"] == "False" and ready["message"].startswith("forbidden")
+            (event,) = await eventually(lambda: events(url, "Forbidden"), what="the event")
+            assert event["type"] == "Warning" and event["message"] == message
+            await eventually(lambda: events(url, "WeightsHeld"), what="WeightsHeld")
+            # Retried every interval, but announced once; nothing reaches the mesh.
+            await eventually(
+                lambda: asyncio.sleep(0, len(runtime.store.history(KEY)) >= 3), what="3 cycles"
+            )
+            assert len(await events(url, "Forbidden")) == 1
+            for plural in (VIRTUAL_SERVICES, DESTINATION_RULES):
+                assert (await kube(url, "GET", plural))["items"] == []
+
+            cluster.api.allow("get", "edgeservices.marl.dev", NAMESPACE)
+            status = await eventually(lambda: phase_is(url, "Active"), what="phase Active")
+            applied = conditions(status)["WeightsApplied"]
+            assert applied["status"] == "True" and applied["reason"] == "Written"
+            assert conditions(status)["Ready"]["status"] == "True"
             assert await get(url, f"{VIRTUAL_SERVICES}/{SERVICE}")
             assert await get(url, f"{DESTINATION_RULES}/{SERVICE}")
 

@@ -114,8 +114,9 @@ class ReportModel(BaseModel):
     decision_ms: float
     inputs: dict[str, dict[str, NodeInputsModel]] = Field(description="service -> node")
     forbidden: str | None = Field(
-        description="a mesh object call the API server refused (403 Forbidden) in the cycle, "
-        "naming the verb, resource and namespace the operator needs an RBAC rule for",
+        description="a call the API server refused (403 Forbidden) in the cycle, on a mesh "
+        "object or on a resource the policy is built from, naming the verb, resource and "
+        "namespace (or the cluster scope) the operator needs an RBAC rule for",
     )
 
     @classmethod

@@ -37,8 +37,9 @@ EVENTS: dict[Outcome, tuple[str, str]] = {
     Outcome.INVALID: ("Warning", "InvalidSpec"),
 }
 FORBIDDEN_EVENT = ("Warning", "Forbidden")
-"""Posted when a cycle's mesh call is refused (403), or refused for another rule than before;
-its message names the verb, the resource, the namespace and the RBAC rule to grant."""
+"""Posted when a cycle's mesh call, or a read the policy is built from, is refused (403), or
+refused for another rule than before; its message names the verb, the resource, the namespace
+(or the cluster scope) and the RBAC rule to grant."""
 
 
 def configure(settings: kopf.OperatorSettings) -> None:

@@ -77,36 +77,79 @@ KOPF_NAMESPACED_PEERING_CALLS: tuple[tuple[str, str, str], ...] = tuple(
 
 CONFLICT_RETRIES = 3
 
+READ_KINDS: dict[str, tuple[str, str, bool]] = {
+    # kind -> (group, plural, namespaced) of what the operator reads to build a policy
+    "EdgeNode": (MARL[0], "edgenodes", False),
+    "EdgeService": (MARL[0], "edgeservices", True),
+    "ConfigMap": ("", "configmaps", True),
+}
+
 CHART_MESH_PROVIDER = {"networking.istio.io": "istio", "gateway.networking.k8s.io": "gateway-api"}
 """API group of the mesh objects -> the chart's ``meshProvider`` value whose rules grant them."""
 
 
 class Forbidden(MeshError):
-    """The API server refused a call on a mesh object with 403 Forbidden: the operator's
-    service account has no RBAC rule for ``verb`` on ``resource`` in ``namespace``.
+    """The API server refused a call with 403 Forbidden: the operator's service account has no
+    RBAC rule for ``verb`` on ``resource`` (of API ``group``, "" for the core group) in
+    ``namespace`` ("" for a cluster-scoped resource).
 
-    A :class:`MeshError`, so the cycle reports it (weights held) instead of failing; its
-    message says what to grant. :meth:`KubeMesh.write` raises it before writing anything of a
-    service whose objects it cannot all write. The RoutingPolicy's WeightsApplied condition
-    and its event then carry the reason ``Forbidden``."""
+    ``kind`` is a mesh object's (:data:`KINDS`), or one of the resources the operator reads to
+    build a policy (:data:`READ_KINDS`); the message says what to grant, and how the Helm
+    chart grants it. A :class:`MeshError`, so the cycle reports it (weights held) instead of
+    failing: :meth:`KubeMesh.write` raises it before writing anything of a service whose
+    objects it cannot all write, :class:`~marl_operator.runtime.Runtime` turns one raised while
+    building a policy into a held cycle. The RoutingPolicy's WeightsApplied condition and its
+    event then carry the reason ``Forbidden``."""
 
     def __init__(self, verb: str, kind: str, namespace: str, name: str, detail: str = ""):
-        group, _, plural = KINDS[kind]
+        if kind in KINDS:
+            group, _, plural = KINDS[kind]
+            namespaced = True
+        else:
+            group, plural, namespaced = READ_KINDS[kind]
         self.verb, self.group, self.resource = verb, group, plural
         self.kind, self.namespace, self.name, self.detail = kind, namespace, name, detail
-        provider = CHART_MESH_PROVIDER.get(group, "all")
+        qualified = f"{plural}.{group}" if group else plural
+        where = f"in namespace {namespace}" if namespaced else "at the cluster scope"
+        self.call = f"{verb} {qualified} {where}" + (f" ({kind} {name})" if name else "")
+        """What was refused: ``get edgeservices.marl.dev in namespace edge (EdgeService fn)``."""
+        groups = group or '""'  # the core group, as RBAC rules spell it
+        rule = f"apiGroups [{groups}], resources [{plural}], verbs [{verb}]"
         super().__init__(
-            f"forbidden: the operator may not {verb} {plural}.{group} in namespace {namespace} "
-            f"({kind} {name}); grant its service account that RBAC rule (apiGroups "
-            f"[{group}], resources [{plural}], verbs [{verb}]), e.g. through the Helm chart's "
-            f"ClusterRole: rbac.create=true with meshProvider={provider} or all (and "
-            f"{namespace} among watchNamespaces if those are set)"
+            f"forbidden: the operator may not {self.call}; grant its service account that RBAC "
+            f"rule ({rule}){self._chart(namespaced)}"
+        )
+
+    def _chart(self, namespaced: bool) -> str:
+        """How the Helm chart grants the rule (templates/rbac.yaml): the mesh objects with its
+        namespaced rules when meshProvider covers their group; edgeservices and configmaps with
+        those rules too, whatever the other values; edgenodes in its ClusterRole. The
+        namespaced rules are a ClusterRole bound cluster-wide, or a Role in each of
+        watchNamespaces. Nothing without rbac.create."""
+        if self.kind in KINDS:
+            provider = CHART_MESH_PROVIDER.get(self.group, "all")
+            return (
+                f", e.g. through the Helm chart's ClusterRole: rbac.create=true with "
+                f"meshProvider={provider} or all (and {self.namespace} among watchNamespaces if "
+                "those are set)"
+            )
+        if namespaced:
+            return (
+                ", e.g. through the Helm chart: rbac.create=true grants it in every namespace (a "
+                "ClusterRole) or, with watchNamespaces set, in a Role of each watched namespace "
+                f"({self.namespace} must be among them)"
+            )
+        return (
+            f" in a ClusterRole ({self.resource} are cluster-scoped), e.g. through the Helm "
+            "chart: rbac.create=true grants it in the chart's ClusterRole, whatever "
+            "watchNamespaces says"
         )
 
 
 @contextlib.contextmanager
 def _refusal(verb: str, kind: str, namespace: str, name: str) -> Iterator[None]:
-    """A 403 from the call in the block as :class:`Forbidden`; other errors unchanged."""
+    """A 403 from the call in the block as :class:`Forbidden` (``kind`` as it takes them:
+    a mesh kind, or one of :data:`READ_KINDS`); other errors unchanged."""
     try:
         yield
     except ApiException as error:
@@ -124,8 +167,11 @@ class Kube:
 
     # -- marl.dev resources --------------------------------------------------------------
 
+    # A 403 on any of these reads raises Forbidden, as on the mesh objects below.
+
     def edge_nodes(self) -> list[dict[str, Any]]:
-        return self.custom.list_cluster_custom_object(*MARL, "edgenodes").get("items", [])
+        with _refusal("list", "EdgeNode", "", ""):
+            return self.custom.list_cluster_custom_object(*MARL, "edgenodes").get("items", [])
 
     def edge_services(self, namespace: str, names: tuple[str, ...]) -> dict[str, dict]:
         """The named EdgeServices that exist (absent ones are left out for the caller to
@@ -133,9 +179,10 @@ class Kube:
         out = {}
         for name in names:
             try:
-                out[name] = self.custom.get_namespaced_custom_object(
-                    *MARL, namespace, "edgeservices", name
-                )
+                with _refusal("get", "EdgeService", namespace, name):
+                    out[name] = self.custom.get_namespaced_custom_object(
+                        *MARL, namespace, "edgeservices", name
+                    )
             except ApiException as error:
                 if error.status != 404:
                     raise
@@ -149,7 +196,16 @@ class Kube:
     def checkpoint_from_configmap(self, namespace: str, name: str, key: str) -> Path:
         """Write a ConfigMap-held checkpoint (``<key>.pt`` in binaryData, ``<key>.json`` in
         data) to a private directory and return it; the caller loads it tensors-only."""
-        cm = self.core.read_namespaced_config_map(name, namespace)
+        try:
+            with _refusal("get", "ConfigMap", namespace, name):
+                cm = self.core.read_namespaced_config_map(name, namespace)
+        except ApiException as error:
+            if error.status != 404:
+                raise
+            raise FileNotFoundError(
+                f"no ConfigMap {namespace}/{name}; create it with the checkpoint (binaryData "
+                f"{key}.pt, data {key}.json) or point spec.checkpoint elsewhere"
+            ) from None
         weights = (cm.binary_data or {}).get(f"{key}.pt")
         meta = (cm.data or {}).get(f"{key}.json")
         if weights is None or meta is None:

@@ -29,6 +29,12 @@ class Outcome(StrEnum):
     INVALID = "Invalid"  # the spec or the resources it names cannot be used
 
 
+BUILD_FORBIDDEN = "forbidden: the policy cannot be built"
+"""How the reason of a held cycle starts when the API server refused (403) a read the policy is
+built from (its EdgeServices, the EdgeNodes, a ConfigMap checkpoint): no metrics were read and
+nothing was written; ``forbidden`` says what to grant."""
+
+
 @dataclass(frozen=True)
 class NodeInputs:
     """One edge node's readings for one service, as the decision used them."""
@@ -59,7 +65,7 @@ class CycleReport:
     model: dict[str, Any] | None = None  # held-out accuracy (nmae, r2 per target)
     decision_ms: float = 0.0
     inputs: dict[str, dict[str, NodeInputs]] = field(default_factory=dict)  # service -> node
-    forbidden: str | None = None  # a mesh call the API server refused (403): what to grant
+    forbidden: str | None = None  # a call the API server refused (403): what to grant
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-compatible (enums as their values)."""

@@ -10,7 +10,10 @@ Cycles of different policies run in parallel (the handlers' worker threads), two
 policy never: a cycle that finds the policy's previous one still running (its daemon was
 stopped and started again meanwhile, say, by a peering pause and resume) is skipped, counted
 and logged, not queued. A mesh call the API server refuses (403) is recorded per cycle and
-ends up in the report (``forbidden``), hence in the status and the events.
+ends up in the report (``forbidden``), hence in the status and the events; so does a refused
+read of what a policy is built from (its EdgeServices, the EdgeNodes, a ConfigMap checkpoint):
+that cycle holds the weights without reading or writing the mesh, and the next one builds
+again, so granting the rule is enough.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ from marl_operator.kube import Forbidden, Kube, KubeMesh
 from marl_operator.mesh.model import MeshNode, MeshRoutes, MeshService
 from marl_operator.problem import build_problem
 from marl_operator.prometheus import PrometheusReader
-from marl_operator.report import CycleReport, Outcome
+from marl_operator.report import BUILD_FORBIDDEN, CycleReport, Outcome
 from marl_operator.spec import CheckpointSource, SpecError, parse_policy_spec
 from marl_operator.store import ReportStore
 from policies import checkpoint
@@ -202,6 +205,12 @@ class Runtime:
                 )
                 self._publish(report)
                 return report
+            except Forbidden as error:
+                self.controllers.pop(key, None)  # the next cycle builds again
+                report = self._refused(key, generation, error)
+                log.warning("cycle %s: %s", key, error, extra={"fields": {"policy": key}})
+                self._publish(report)
+                return report
             self.controllers[key] = controller
         recorder = controller.mesh if isinstance(controller.mesh, RefusalRecorder) else None
         if recorder is not None:
@@ -213,6 +222,22 @@ class Runtime:
             log.warning("cycle %s: %s", key, refusal, extra={"fields": {"policy": key}})
         self._publish(report)
         return report
+
+    def _refused(self, key: str, generation: int, error: Forbidden) -> CycleReport:
+        """The report of a cycle whose policy could not be built: the API server refused a
+        read (403). Nothing was read from the mesh or written to it: the weights are held, as
+        the last report saw them."""
+        last = self.store.latest(key)
+        return CycleReport(
+            policy=key,
+            time=self.clock(),
+            generation=generation,
+            outcome=Outcome.HELD,
+            reason=f"{BUILD_FORBIDDEN}: the operator may not {error.call}; nothing read or "
+            "written, weights held",
+            weights=last.weights if last is not None else {},
+            forbidden=str(error),
+        )
 
     def interval(self, key: str) -> float:
         """Seconds from one cycle's start to the next: the spec's interval (30 s, the CRD's

@@ -12,7 +12,7 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from marl_operator.report import CycleReport, Outcome
+from marl_operator.report import BUILD_FORBIDDEN, CycleReport, Outcome
 
 PHASES = {
     Outcome.APPLIED: "Active",
@@ -29,21 +29,24 @@ def timestamp(seconds: float) -> str:
     return dt.datetime.fromtimestamp(seconds, dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def _condition(kind: str, ok: bool, reason: str, message: str) -> dict[str, Any]:
+def _condition(kind: str, ok: bool | None, reason: str, message: str) -> dict[str, Any]:
+    """``ok`` None: the status is Unknown."""
     return {
         "type": kind,
-        "status": "True" if ok else "False",
+        "status": "Unknown" if ok is None else ("True" if ok else "False"),
         "reason": reason,
         "message": message[:1024],
     }
 
 
 def conditions_of(report: CycleReport) -> list[dict[str, Any]]:
-    """The five conditions a report implies (without times). A mesh call the API server
-    refused (403) makes WeightsApplied False with reason Forbidden, whatever the outcome: the
-    message names the RBAC rule to grant."""
+    """The five conditions a report implies (without times). A call the API server refused
+    (403) makes WeightsApplied False with reason Forbidden, whatever the outcome: the message
+    names the RBAC rule to grant. A cycle held because a read the policy is built from was
+    refused read no metrics either: MetricsAvailable is Unknown (NotRead) then, not missing."""
     o = report.outcome
     metrics_failed = o in (Outcome.HELD, Outcome.FALLBACK) and report.reason.startswith("metrics")
+    unread = o == Outcome.HELD and report.reason.startswith(BUILD_FORBIDDEN)
     decided = o in (Outcome.APPLIED, Outcome.UNCHANGED, Outcome.DRY_RUN)
     written = o in (Outcome.APPLIED, Outcome.UNCHANGED)
     return [
@@ -53,11 +56,17 @@ def conditions_of(report: CycleReport) -> list[dict[str, Any]]:
             o.value if not decided else "Deciding",
             report.reason,
         ),
-        _condition(
-            "MetricsAvailable",
-            o not in (Outcome.SUSPENDED, Outcome.INVALID) and not metrics_failed,
-            "MetricsMissing" if metrics_failed else ("Read" if o != Outcome.INVALID else o.value),
-            report.reason if metrics_failed else "the last cycle read every service's metrics",
+        (
+            _condition("MetricsAvailable", None, "NotRead", report.reason)
+            if unread
+            else _condition(
+                "MetricsAvailable",
+                o not in (Outcome.SUSPENDED, Outcome.INVALID) and not metrics_failed,
+                "MetricsMissing"
+                if metrics_failed
+                else ("Read" if o != Outcome.INVALID else o.value),
+                report.reason if metrics_failed else "the last cycle read every service's metrics",
+            )
         ),
         (
             _condition("WeightsApplied", False, "Forbidden", report.forbidden)
