@@ -11,7 +11,9 @@ Every control interval (``--interval`` simulator steps) the controller reads noi
 refits its system model when due, decides the next routing and applies it for the next
 interval. Three controllers see the same arrivals: the base policy alone (``--policy``,
 default the bundled checkpoint), rollout on top of it, and the oracle (the fluid-model
-optimum, recomputed at each change with perfect knowledge). The system model starts from
+optimum, recomputed at each change with perfect knowledge). Rollout routes as the operator
+must, without a reject route (the base policy's reject share spread over its routes), unless
+``--allow-reject``. The system model starts from
 ``--warmup`` intervals of simulator data of the scenario before its changes.
 
 With ``--json`` the last line is one object; ``*_after_3_cycles`` figures cover the cycles
@@ -178,14 +180,17 @@ class IntervalRecorder:
         )
 
 
-def model_env_for(env: EdgeEnv) -> ModelEnv:
-    """The model environment of a simulated mesh (same topology, work and targets)."""
+def model_env_for(env: EdgeEnv, can_reject: bool = False) -> ModelEnv:
+    """The model environment of a simulated mesh (same topology, work and targets). Rollout
+    routes without rejecting unless ``can_reject``: a service mesh cannot reject, so this is
+    what the operator decides with."""
     return ModelEnv(
         topology=env.topology,
         work=env.mean_cost,
         target_ms=env.target_ms,
         reject_penalty=env.scenario.reject_penalty,
         step_seconds=env.scenario.step_seconds,
+        can_reject=can_reject,
     )
 
 
@@ -249,7 +254,7 @@ def run_arm(
             seed=args.seed,
         )
         adapter = Adapter(
-            model_env_for(env),
+            model_env_for(env, can_reject=args.allow_reject),
             policy,
             model,
             settings,
@@ -367,6 +372,12 @@ def main(argv: list[str] | None = None) -> int:
         help="sizes of the candidate moves (shares of weight shifted)",
     )
     parser.add_argument("--rounds", type=int, default=RolloutSettings.rounds)
+    parser.add_argument(
+        "--allow-reject",
+        action="store_true",
+        help="let rollout move weight onto the reject entry, as the simulator's nodes allow "
+        "(the operator cannot: a mesh has no reject route)",
+    )
     parser.add_argument(
         "--screen-horizon",
         type=int,

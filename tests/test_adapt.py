@@ -93,3 +93,32 @@ def test_adapt_runs_the_three_controllers_through_a_change(tmp_path, capsys):
     assert adapt.main(argv) == 0
     again = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert again["rollout_cost_per_request_s"] == summary["rollout_cost_per_request_s"]
+
+
+def test_rollout_routes_without_rejecting_unless_allowed(tmp_path, monkeypatch, capsys):
+    path = tmp_path / "short.yaml"
+    path.write_text(
+        "name: short-surge\nextends: mesh-10x3\nsteps: 40\n"
+        "events:\n  - {at: 10, kind: surge, node: edge-2, factor: 2.0}\n"
+    )
+    arms: dict[str, list] = {}
+    run_arm = adapt.run_arm
+
+    def recording(arm, *args, **kwargs):
+        arms[arm] = run_arm(arm, *args, **kwargs)
+        return arms[arm]
+
+    monkeypatch.setattr(adapt, "run_arm", recording)
+    argv = ["--scenario", str(path), "--warmup", "16", "--horizon", "1", "--json", "--prior"]
+
+    def reject_share(arm: str) -> np.ndarray:
+        return np.array([cycle.weights for cycle in arms[arm]])[..., -1]
+
+    assert adapt.main(argv) == 0
+    assert (reject_share("base") > 0).all()  # the trained policy always keeps a reject share
+    # Every decided interval (the first runs the base policy: nothing is observed yet) is
+    # routed as a mesh would: the reject share spread over the routes.
+    assert (reject_share("rollout")[1:] == 0).all()
+    assert adapt.main([*argv, "--allow-reject"]) == 0
+    assert (reject_share("rollout")[1:] > 0).any()
+    capsys.readouterr()
