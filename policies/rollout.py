@@ -69,8 +69,8 @@ class RolloutSettings:
         rounds: screen-then-prefix rounds at most (each starts from the previous round's
             routing; a round in which no agent moves ends the decision). After a surge or a
             node failure the mesh needs several moves that only pay together: 4 rounds
-            reached 1.19 and 1.14 of the oracle's cost where 2 reached 1.29 and 1.80
-            (``python -m simulator.adapt --rounds``); 8 did no better.
+            came clearly closer to the oracle's cost there than 2 (by 8 and 37 %,
+            ``python -m simulator.adapt --rounds``); 8 did no better.
         batch_rows: joint routings scored per model call in a screen; bounds memory (each
             row holds every agent's observation for every lookahead step).
     """
