@@ -115,14 +115,16 @@ class Adapter:
         reuse_tolerance: keep the previous decision while its predicted gain over the base
             policy's routing on the current state (1 - the ratio of their costs) stays within
             this distance of the gain it had when decided, the base policy's routing moves
-            by less than this share of the traffic, and the model is the same (0: decide
-            anew every interval). The test asks what the inputs mean for the decision rather
-            than whether each input moved: every reading carries a few percent of noise and
-            a mesh has dozens of them, so some reading always moves by more than a few
-            percent; and near saturation the cost itself moves several times more than the
-            load, while the two costs' ratio, moved alike by the same noise, does not. A
-            steady mesh then costs one scoring of two routings per interval, and its weights
-            do not wander with measurement noise.
+            by less than this share of the traffic, and the model is of the same kind, the
+            learned one or the prior (0: decide anew every interval). A refit does not
+            discard a kept decision: the test scores it on the new fit, and while the window
+            is small the model refits every few intervals. The test asks what the inputs
+            mean for the decision rather than whether each input moved: every reading carries
+            a few percent of noise and a mesh has dozens of them, so some reading always
+            moves by more than a few percent; and near saturation the cost itself moves
+            several times more than the load, while the two costs' ratio, moved alike by the
+            same noise, does not. A steady mesh then costs one scoring of two routings per
+            interval, and its weights do not wander with measurement noise.
         reuse_intervals: a kept decision is computed anew after this many intervals: the
             test above sees the decision's outcome get worse, not a better one appear (a
             neighbour that recovered, say), so a kept decision must not age without bound.
@@ -155,7 +157,7 @@ class Adapter:
         self.table: LatencyTable | None = None  # ... and its tabulation
         self.forecast: np.ndarray | None = None
         self.last: IntervalTelemetry | None = None
-        self._decided: tuple[tuple[str, int], float, Decision] | None = None
+        self._decided: tuple[str, float, Decision] | None = None
 
     def observe(self, tel: IntervalTelemetry) -> None:
         features, targets = model_rows(tel, self.env.work, self.interval_seconds)
@@ -194,8 +196,7 @@ class Adapter:
         service_ms = self.env.service_ms(state.capacity)
         kind = "learned" if reason is None else "prior" if self.prior else "none"
         base = self.rollout.base_action(state)
-        # What the decision is computed on: the model's kind and, for the learned one, its fit.
-        inputs = (kind, self.model.fits if kind == "learned" else 0)
+        inputs = kind  # what the decision is computed on
         table = None
         if kind != "none" and self.prior:
             table = prior_table(self.interval_seconds, service_ms, state.backlog)
@@ -228,7 +229,7 @@ class Adapter:
     def _unchanged(
         self,
         state: MeshState,
-        inputs: tuple[str, int],
+        inputs: str,
         base: np.ndarray,
         table: LatencyTable | None,
     ) -> bool:

@@ -385,6 +385,33 @@ def _interval(topo: Topology, arrivals: np.ndarray, capacity: np.ndarray) -> Int
     )
 
 
+def test_a_kept_decision_survives_a_refit_that_predicts_the_same():
+    topo, env, _, _ = pair(capacity=(700.0, 1000.0))
+    model = SystemModel(min_rows=8, refit_share=0.0, radius=1.0)  # refits every interval
+    rng = np.random.default_rng(0)
+    for _ in range(30):
+        x = np.stack([rng.uniform(0.0, 1.0, 4), rng.choice([10 / 0.7, 10.0], 4), np.zeros(4)], 1)
+        model.observe(x, exact(x))
+    adapter = Adapter(
+        env,
+        always_local,
+        model,
+        RolloutSettings(horizon=1),
+        max_nmae=10.0,
+        prior=True,
+        reuse_tolerance=0.05,
+    )
+    cap, load = np.array([700.0, 1000.0]), np.array([60.0, 0.0])
+    adapter.observe(_interval(topo, load, cap))
+    first = adapter.decide()
+    assert adapter.model_source.startswith("learned") and first.changed_agents == (0,)
+    fits = model.fits
+    adapter.observe(_interval(topo, load * 1.02, cap * 0.99))
+    again = adapter.decide()
+    assert model.fits > fits  # the model refitted on the new interval's rows ...
+    assert again.reused and np.array_equal(again.weights, first.weights)  # ... same decision
+
+
 def test_a_steady_mesh_reuses_the_last_decision_until_its_inputs_move():
     topo, env, _, _ = pair(capacity=(700.0, 1000.0))
     adapter = Adapter(
