@@ -343,21 +343,10 @@ class SystemModel:
         The fitted regressor is tabulated once and dropped: decisions read the table, so the
         held-out scores judge what decisions use, and a policy keeps a table of a few hundred
         kB instead of a forest (about 1 MB at a full window, per policy in the operator)."""
-        grid = self._fitted_grid()
         x = np.asarray(features, dtype=float).reshape(-1, len(FEATURES))
-        axes = (
-            _cell(np.log(np.maximum(x[:, 1], 1e-9)), grid.log_ms),
-            _cell(x[:, 0], grid.utilisation),
-            _cell(x[:, 2], grid.backlog),
-        )
-        out = np.zeros((len(x), len(TARGETS)))
-        for corner in np.ndindex(2, 2, 2):  # trilinear: the cell's eight corners
-            weight, index = np.ones(len(x)), []
-            for (low, frac, _, _), up in zip(axes, corner, strict=True):
-                weight = weight * (frac if up else 1.0 - frac)
-                index.append(low + up)
-            out += weight[:, None] * grid.values[tuple(index)]
-        return out
+        # Each row as a node of its own: its service time picks the table, then the lookup.
+        values, _ = self.table(x[:, 1:2]).lookup(x[:, 0], x[:, 2])
+        return values[:, 0]
 
     def in_data(self, features: np.ndarray) -> np.ndarray:
         """``(R,)`` True where a training row lies within ``radius`` (standardised)."""
