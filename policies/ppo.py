@@ -31,6 +31,11 @@ class PPOConfig:
     forward was refused, so PPO on it alone learns to reject: on dfaas-paise25 (1.296 M steps,
     50 evaluation episodes) bonus 0 gave return 274.7 and 73.4% processed; 0.5: 273.7, 74.1%;
     3: 265.8, 76.5%; 5: 262.0, 76.5%. Evaluation always reports the reference reward."""
+    imitate: str = ""
+    """A heuristic to clone before PPO (``policies.imitation``; empty: start from a random
+    actor). Its data counts towards the environment-step budget."""
+    imitate_steps: int = 200  # batched environment steps of teacher data
+    critic_warmup: int = 5  # first updates train the critic only (when imitating)
     gamma: float = 0.7
     gae_lambda: float = 0.3
     learning_rate: float = 1e-3
@@ -60,7 +65,22 @@ class PPOConfig:
                 f"unknown hyperparameter(s) {sorted(unknown)}; known: "
                 f"{sorted(f.name for f in dataclasses.fields(self))}"
             )
-        return dataclasses.replace(self, **changes)
+        return dataclasses.replace(
+            self, **{k: _typed(k, v, type(getattr(self, k))) for k, v in changes.items()}
+        )
+
+
+def _typed(name: str, value, kind: type):
+    """``value`` as the hyperparameter's type. YAML reads ``3e-4`` as a string (its 1.1
+    floats need a dot), and an int is a fine float; anything else is refused by name."""
+    if kind is float and isinstance(value, int | float | str) and not isinstance(value, bool):
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    elif isinstance(value, kind) and (kind is bool or not isinstance(value, bool)):
+        return value
+    raise ValueError(f"hyperparameter {name}: expected {kind.__name__}, got {value!r}")
 
 
 def gae(

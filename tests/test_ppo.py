@@ -95,3 +95,12 @@ def test_config_rejects_unknown_hyperparameters():
     with pytest.raises(ValueError, match="learning_rat"):
         PPOConfig().replace(learning_rat=1e-3)
     assert PPOConfig().entropy_coef(1.0) == PPOConfig().ent_coef_end
+
+
+def test_config_reads_numbers_as_the_field_type_and_names_a_wrong_one():
+    cfg = PPOConfig().replace(learning_rate="3e-4", gamma=1)
+    assert cfg.learning_rate == 3e-4 and isinstance(cfg.gamma, float)
+    with pytest.raises(ValueError, match="num_envs: expected int"):
+        PPOConfig().replace(num_envs="many")
+    with pytest.raises(ValueError, match="anneal_lr"):
+        PPOConfig().replace(anneal_lr=1)
