@@ -19,6 +19,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from policies import imitation
 from policies.network import ActorCritic
 from policies.ppo import PPOConfig, ValueNormaliser, gae, policy_loss, value_loss
 
@@ -102,9 +103,23 @@ class Trainer:
             }
         )
 
+    def imitate(self, teacher: imitation.Teacher, seed: int) -> float:
+        """Clone ``teacher`` into the actor (see :mod:`policies.imitation`); the teacher's
+        environment steps count as trained ones. Returns the clone's squared error."""
+        rng = np.random.default_rng(seed)
+        data = imitation.teacher_data(self.env, teacher, self.cfg.imitate_steps, 50.0, rng)
+        error = imitation.clone(self.model, *data, seed=seed)
+        self.env_steps += self.cfg.imitate_steps * self.obs.shape[0]
+        self.obs = torch.as_tensor(self.env.reset(), dtype=torch.float32)
+        if _distributed():  # every replica continues from rank 0's clone
+            for tensor in self.model.state_dict().values():
+                dist.broadcast(tensor, src=0)
+        return error
+
     # ------------------------------------------------------------------------------------
     def update(self, batch: Rollout) -> dict[str, float]:
         cfg = self.cfg
+        actor_frozen = bool(cfg.imitate) and self.updates < cfg.critic_warmup
         progress = self.updates / self.total_updates
         if cfg.anneal_lr:
             for group in self.optimiser.param_groups:
@@ -152,7 +167,9 @@ class Trainer:
                     cfg.value_clip,
                     cfg.huber_delta,
                 )
-                loss = pg + cfg.vf_coef * vf - ent_coef * entropy
+                loss = cfg.vf_coef * vf
+                if not actor_frozen:
+                    loss = loss + pg - ent_coef * entropy
                 self.optimiser.zero_grad()
                 loss.backward()
                 self._average_gradients()

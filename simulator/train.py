@@ -42,7 +42,7 @@ from policies.mappo import Trainer
 from policies.ppo import PPOConfig
 from simulator.cli import parser_from_doc
 from simulator.env import EdgeEnv, default_action_mode
-from simulator.episodes import run_episodes, summarise
+from simulator.episodes import build_policy, run_episodes, summarise
 from simulator.scenario import Scenario, ScenarioError, load_scenario
 
 STATE_FILE = "train_state.pt"
@@ -173,6 +173,15 @@ def main(argv: list[str] | None = None) -> int:
     lead = rank == 0
     if args.resume and (out / STATE_FILE).is_file():
         trainer.load_state_dict(torch.load(out / STATE_FILE, weights_only=True))
+    elif cfg.imitate:
+        try:
+            teacher = build_policy(cfg.imitate, env, args.seed)
+        except PolicyError as exc:
+            print(f"error: imitate: {exc}", file=sys.stderr)
+            return 2
+        error = trainer.imitate(teacher, args.seed + 1000 * rank)
+        if rank == 0 and not args.json:
+            print(f"cloned {cfg.imitate}: Hellinger distance of the weights {error:.4f}")
 
     baselines = {}
     if lead:
