@@ -34,7 +34,7 @@ bench: install
 checkpoints: install
 	$(PYTHON) -m simulator.train --scenario dfaas-paise25 --seed 0 --out runs/bundled-dfaas
 	$(PYTHON) -m simulator.train --scenario mesh-10x3 --seed 0 --out runs/bundled-mesh \
-		--env-steps 300000 --eval-episodes 20 --set imitate=least-request
+		--env-steps 300000 --eval-episodes 20
 	for f in policy.pt policy.json; do \
 		cp runs/bundled-dfaas/$$f policies/checkpoints/dfaas-paise25/$$f; \
 		cp runs/bundled-mesh/$$f policies/checkpoints/mesh-10x3/$$f; done
