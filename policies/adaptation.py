@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, replace
+from typing import NamedTuple
 
 import numpy as np
 
@@ -94,6 +95,20 @@ def model_rows(
     return features.reshape(-1, len(FEATURES)), targets.reshape(-1, len(TARGETS))
 
 
+class _Kept(NamedTuple):
+    """The last computed decision and what the reuse test compares against."""
+
+    inputs: str  # the kind of model it was computed on
+    gain: float  # its predicted gain over the base routing, when decided
+    decision: Decision
+    capacity: np.ndarray  # the nodes' capacities it was decided for
+
+
+CAPACITY_CHANGE = 0.2
+"""A node's capacity moving by more than this share since a kept decision was made calls for
+a new one (measurement noise is a few percent)."""
+
+
 class Adapter:
     """Telemetry -> system model -> rollout decision, for one mesh.
 
@@ -128,6 +143,10 @@ class Adapter:
         reuse_intervals: a kept decision is computed anew after this many intervals: the
             test above sees the decision's outcome get worse, not a better one appear (a
             neighbour that recovered, say), so a kept decision must not age without bound.
+            It is also computed anew at once when a node's capacity moved by more than
+            ``CAPACITY_CHANGE`` since it was decided (a node slowed down, failed or joined):
+            the test above can miss that, because the kept decision and the base routing
+            get worse alike, and such changes are rare and worth a decision of their own.
     """
 
     def __init__(
@@ -157,7 +176,7 @@ class Adapter:
         self.table: LatencyTable | None = None  # ... and its tabulation
         self.forecast: np.ndarray | None = None
         self.last: IntervalTelemetry | None = None
-        self._decided: tuple[str, float, Decision] | None = None
+        self._decided: _Kept | None = None
 
     def observe(self, tel: IntervalTelemetry) -> None:
         features, targets = model_rows(tel, self.env.work, self.interval_seconds)
@@ -205,7 +224,7 @@ class Adapter:
             table = learned if table is None else with_prior(learned, table)
         if self._unchanged(state, inputs, base, table):
             self._reused += 1
-            last = self._decided[-1]
+            last = self._decided.decision
             ms = 1000.0 * (time.perf_counter() - start)
             return replace(last, decision_ms=ms, reused=True)
         self._reused = 0
@@ -223,7 +242,7 @@ class Adapter:
         gain = float("nan")
         if table is not None and self.reuse_tolerance > 0:
             gain = self.rollout.predicted_gain(state, decision.weights, base, table)
-        self._decided = (inputs, gain, decision)
+        self._decided = _Kept(inputs, gain, decision, np.asarray(state.capacity, dtype=float))
         return decision
 
     def _unchanged(
@@ -239,8 +258,13 @@ class Adapter:
             return False
         if self._reused + 1 >= self.reuse_intervals:
             return False
-        then_inputs, then_gain, decision = self._decided
+        then_inputs, then_gain, decision, then_capacity = self._decided
         if inputs != then_inputs or not np.isfinite(then_gain):
+            return False
+        capacity = np.asarray(state.capacity, dtype=float)
+        if capacity.shape != then_capacity.shape or np.any(
+            np.abs(capacity - then_capacity) > CAPACITY_CHANGE * then_capacity
+        ):
             return False
         if base.shape != decision.base_weights.shape:
             return False

@@ -9,7 +9,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from policies.adaptation import Adapter, IntervalTelemetry
+from policies.adaptation import CAPACITY_CHANGE, Adapter, IntervalTelemetry
 from policies.model_env import MeshState, ModelEnv
 from policies.observation import MeshTelemetry
 from policies.queueing import queueing_prior
@@ -468,3 +468,24 @@ def test_a_steady_mesh_reuses_the_last_decision_until_its_inputs_move():
     for _ in range(2):
         never.observe(_interval(topo, load, cap))
         assert not never.decide().reused
+
+
+def test_a_capacity_change_is_decided_anew_even_where_the_gain_test_would_keep():
+    """With a tolerance so wide that the gain test keeps everything, b's capacity moving by
+    more than CAPACITY_CHANGE still calls for a decision of its own."""
+    topo, env, _, _ = pair(capacity=(700.0, 1000.0))
+    adapter = Adapter(
+        env,
+        always_local,
+        SystemModel(),
+        RolloutSettings(horizon=1),
+        prior=True,
+        reuse_tolerance=0.9,
+    )
+    cap, load = np.array([700.0, 1000.0]), np.array([60.0, 0.0])
+    adapter.observe(_interval(topo, load, cap))
+    assert not adapter.decide().reused
+    adapter.observe(_interval(topo, load, cap * np.array([1.0, 1.0 - CAPACITY_CHANGE / 2])))
+    assert adapter.decide().reused
+    adapter.observe(_interval(topo, load, cap * np.array([1.0, 1.0 - 1.5 * CAPACITY_CHANGE])))
+    assert not adapter.decide().reused
