@@ -6,6 +6,8 @@ Examples::
         --seed 0 --out runs/paise-mappo-0
     python -m simulator.train --scenario mesh-10x3 --algo ippo --env-steps 200000 --out runs/mesh
     python -m simulator.train --scenario dfaas-2 --env-steps 20000 --set learning_rate=3e-4
+    python -m simulator.train --scenario mesh-10x3 --env-steps 300000 \\
+        --set imitate=least-request --out runs/mesh-clone
     python -m simulator.train --config my-hparams.yaml --out runs/x --resume
     torchrun --standalone --nproc-per-node 2 -m simulator.train --scenario dfaas-paise25 \\
         --out runs/ddp
