@@ -412,7 +412,8 @@ def test_a_kept_decision_survives_a_refit_that_predicts_the_same():
     assert again.reused and np.array_equal(again.weights, first.weights)  # ... same decision
 
 
-def test_a_steady_mesh_reuses_the_last_decision_until_its_inputs_move():
+def _reusing_pair(tolerance: float):
+    """A pair where a's load is worth shedding onto b, decided on the prior with reuse."""
     topo, env, _, _ = pair(capacity=(700.0, 1000.0))
     adapter = Adapter(
         env,
@@ -420,9 +421,13 @@ def test_a_steady_mesh_reuses_the_last_decision_until_its_inputs_move():
         SystemModel(),
         RolloutSettings(horizon=1),
         prior=True,
-        reuse_tolerance=0.05,
+        reuse_tolerance=tolerance,
     )
-    cap, load = np.array([700.0, 1000.0]), np.array([60.0, 0.0])
+    return topo, env, adapter, np.array([700.0, 1000.0]), np.array([60.0, 0.0])
+
+
+def test_a_steady_mesh_reuses_the_last_decision_until_its_inputs_move():
+    topo, env, adapter, cap, load = _reusing_pair(0.05)
     adapter.observe(_interval(topo, load, cap))
     first = adapter.decide()
     assert not first.reused and first.changed_agents == (0,)  # a sheds load onto b
@@ -473,16 +478,7 @@ def test_a_steady_mesh_reuses_the_last_decision_until_its_inputs_move():
 def test_a_capacity_change_is_decided_anew_even_where_the_gain_test_would_keep():
     """With a tolerance so wide that the gain test keeps everything, b's capacity moving by
     more than CAPACITY_CHANGE still calls for a decision of its own."""
-    topo, env, _, _ = pair(capacity=(700.0, 1000.0))
-    adapter = Adapter(
-        env,
-        always_local,
-        SystemModel(),
-        RolloutSettings(horizon=1),
-        prior=True,
-        reuse_tolerance=0.9,
-    )
-    cap, load = np.array([700.0, 1000.0]), np.array([60.0, 0.0])
+    topo, _, adapter, cap, load = _reusing_pair(0.9)
     adapter.observe(_interval(topo, load, cap))
     assert not adapter.decide().reused
     adapter.observe(_interval(topo, load, cap * np.array([1.0, 1.0 - CAPACITY_CHANGE / 2])))
