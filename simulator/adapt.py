@@ -33,7 +33,7 @@ from tqdm import tqdm
 from policies import checkpoint
 from policies.adaptation import Adapter, IntervalTelemetry, model_rows
 from policies.baselines import PolicyError
-from policies.model_env import ModelEnv
+from policies.model_env import SAFE_UTILISATION, ModelEnv
 from policies.observation import MeshTelemetry, mesh_observation
 from policies.rollout import Policy, RolloutSettings
 from policies.system_model import SystemModel
@@ -180,10 +180,12 @@ class IntervalRecorder:
         )
 
 
-def model_env_for(env: EdgeEnv, can_reject: bool = False) -> ModelEnv:
+def model_env_for(
+    env: EdgeEnv, can_reject: bool = False, max_utilisation: float | None = SAFE_UTILISATION
+) -> ModelEnv:
     """The model environment of a simulated mesh (same topology, work and targets). Rollout
     routes without rejecting unless ``can_reject``: a service mesh cannot reject, so this is
-    what the operator decides with."""
+    what the operator decides with; so is the utilisation cap."""
     return ModelEnv(
         topology=env.topology,
         work=env.mean_cost,
@@ -191,6 +193,7 @@ def model_env_for(env: EdgeEnv, can_reject: bool = False) -> ModelEnv:
         reject_penalty=env.scenario.reject_penalty,
         step_seconds=env.scenario.step_seconds,
         can_reject=can_reject,
+        max_utilisation=max_utilisation,
     )
 
 
@@ -254,7 +257,9 @@ def run_arm(
             seed=args.seed,
         )
         adapter = Adapter(
-            model_env_for(env, can_reject=args.allow_reject),
+            model_env_for(
+                env, can_reject=args.allow_reject, max_utilisation=args.max_utilisation or None
+            ),
             policy,
             model,
             settings,
@@ -377,6 +382,12 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="let rollout move weight onto the reject entry, as the simulator's nodes allow "
         "(the operator cannot: a mesh has no reject route)",
+    )
+    parser.add_argument(
+        "--max-utilisation",
+        type=float,
+        default=SAFE_UTILISATION,
+        help="price work beyond this share of a node's capacity as rejected (0: no cap)",
     )
     parser.add_argument(
         "--screen-horizon",

@@ -8,6 +8,7 @@ import json
 
 import numpy as np
 
+from policies.model_env import SAFE_UTILISATION
 from simulator import adapt
 from simulator.env import EdgeEnv
 from simulator.scenario import load_scenario
@@ -95,12 +96,31 @@ def test_adapt_runs_the_three_controllers_through_a_change(tmp_path, capsys):
     assert again["rollout_cost_per_request_s"] == summary["rollout_cost_per_request_s"]
 
 
-def test_rollout_routes_without_rejecting_unless_allowed(tmp_path, monkeypatch, capsys):
+def short_surge(tmp_path) -> list[str]:
+    """``simulator.adapt`` arguments for a 40-step surge, decided on the prior."""
     path = tmp_path / "short.yaml"
     path.write_text(
         "name: short-surge\nextends: mesh-10x3\nsteps: 40\n"
         "events:\n  - {at: 10, kind: surge, node: edge-2, factor: 2.0}\n"
     )
+    return ["--scenario", str(path), "--warmup", "16", "--horizon", "1", "--json", "--prior"]
+
+
+def test_rollout_decides_under_the_utilisation_cap_unless_it_is_off(tmp_path, monkeypatch):
+    caps = []
+    real = adapt.model_env_for
+
+    def recording(*args, **kwargs):
+        caps.append(kwargs["max_utilisation"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(adapt, "model_env_for", recording)
+    argv = short_surge(tmp_path)
+    assert adapt.main(argv) == 0 and adapt.main([*argv, "--max-utilisation", "0"]) == 0
+    assert caps == [SAFE_UTILISATION, None]
+
+
+def test_rollout_routes_without_rejecting_unless_allowed(tmp_path, monkeypatch, capsys):
     arms: dict[str, list] = {}
     run_arm = adapt.run_arm
 
@@ -109,7 +129,7 @@ def test_rollout_routes_without_rejecting_unless_allowed(tmp_path, monkeypatch, 
         return arms[arm]
 
     monkeypatch.setattr(adapt, "run_arm", recording)
-    argv = ["--scenario", str(path), "--warmup", "16", "--horizon", "1", "--json", "--prior"]
+    argv = short_surge(tmp_path)
 
     def reject_share(arm: str) -> np.ndarray:
         return np.array([cycle.weights for cycle in arms[arm]])[..., -1]

@@ -97,6 +97,19 @@ def test_model_env_counts_overflow_as_lost():
     assert pred.telemetry.rejected[0, 0, 0] == pytest.approx(60 * (1 - 1 / 1.6), rel=1e-6)
 
 
+def test_model_env_prices_work_past_the_utilisation_cap_as_rejected():
+    # All of a's 60 req/s local: 600 of 1000 work/s. Under a cap of 0.5 the 100 work/s
+    # (10 requests/s) beyond it cost 4 targets of 100 ms each, spread over the 60 offered.
+    topo, env, table, state = pair()
+    capped = ModelEnv(topo, env.work, env.target_ms, env.reject_penalty, max_utilisation=0.5)
+    local = np.array([[[1.0, 0.0, 0.0], [1.0, 0.0, 0.0]]])
+    split = np.array([[[0.5, 0.5, 0.0], [1.0, 0.0, 0.0]]])  # 300 work/s on each: under it
+    free, paid = env.step(state, local, table), capped.step(state, local, table)
+    assert paid.cost[0] - free.cost[0] == pytest.approx(10 * 4 * 0.1 / 60, rel=1e-9)
+    assert capped.step(state, split, table).cost[0] == env.step(state, split, table).cost[0]
+    assert paid.telemetry.rejected[0, 0, 0] == 0.0  # priced, not carried out
+
+
 def test_candidates_keep_the_action_first_and_stay_on_valid_entries():
     action = np.array([0.6, 0.4, 0.0, 0.0])
     mask = np.array([True, True, False, True])

@@ -22,7 +22,7 @@ from marl_operator.prometheus import MetricsUnavailable, QueryError, ServiceRead
 from marl_operator.report import CycleReport, Outcome, RouteTable
 from marl_operator.spec import PolicySpec
 from policies.adaptation import Adapter
-from policies.model_env import ModelEnv
+from policies.model_env import SAFE_UTILISATION, ModelEnv
 from policies.rollout import Decision, Policy, RolloutSettings
 from policies.system_model import SystemModel
 
@@ -114,6 +114,7 @@ class PolicyController:
             reject_penalty=float(meta.get("reject_penalty", DEFAULT_REJECT_PENALTY)),
             step_seconds=step,
             can_reject=False,
+            max_utilisation=SAFE_UTILISATION,
         )
         settings = RolloutSettings(
             horizon=spec.rollout.horizon,
