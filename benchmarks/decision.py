@@ -5,7 +5,8 @@
 
 Each trial draws new arrivals on a ring-with-chords mesh (maximum degree 3, one service per
 node, so agent instances = nodes), and times one full decision: every agent visited, every
-candidate scored by one step plus ``horizon`` base-policy steps on the model. The latency
+candidate scored by one step plus ``horizon`` base-policy steps on the model, decided as the
+operator decides (routes only, under the utilisation cap). The latency
 table comes from a system model fitted on synthetic rows once (refits happen between
 decisions, not inside them).
 """
@@ -21,7 +22,7 @@ import numpy as np
 from threadpoolctl import threadpool_limits
 
 from policies import checkpoint
-from policies.model_env import MeshState, ModelEnv
+from policies.model_env import SAFE_UTILISATION, MeshState, ModelEnv
 from policies.observation import MeshTelemetry
 from policies.rollout import Rollout, RolloutSettings
 from policies.system_model import SystemModel
@@ -67,7 +68,14 @@ def synthetic_model(seed: int) -> SystemModel:
 def measure(agents: int, horizon: int, trials: int, seed: int) -> dict:
     rng = np.random.default_rng(seed)
     topo = ring_with_chords(agents, rng)
-    env = ModelEnv(topo, work=np.array([10.0]), target_ms=np.array([200.0]), reject_penalty=4)
+    env = ModelEnv(  # as the operator decides: routes only, under the utilisation cap
+        topo,
+        work=np.array([10.0]),
+        target_ms=np.array([200.0]),
+        reject_penalty=4,
+        can_reject=False,
+        max_utilisation=SAFE_UTILISATION,
+    )
     policy = checkpoint.load(checkpoint.bundled_for("neighbours", 3))
     model = synthetic_model(seed)
     rollout = Rollout(env, policy, RolloutSettings(horizon=horizon, seed=seed))
