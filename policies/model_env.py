@@ -96,6 +96,11 @@ class ModelEnv:
         self.step_seconds = float(step_seconds)
         self.can_reject = can_reject
         self.max_utilisation = max_utilisation
+        # Seconds charged per unit of work/s past the cap: the mean reject cost of a request
+        # over the mean work of one, fixed by the mesh, so computed once and not per step.
+        self._excess_cost = float(np.mean(self.reject_penalty * self.target_ms / 1000.0)) / float(
+            np.mean(self.work)
+        )
         self._fluid: tuple[MeshState, FluidModel] | None = None
         self._by_service: tuple[FluidModel, np.ndarray] | None = None
 
@@ -173,7 +178,7 @@ class ModelEnv:
         cost_s = (served * latency_ms).sum((-2, -1)) / 1000.0 + (lost * penalty_s).sum(-1)
         if self.max_utilisation is not None:
             excess = np.maximum(load - self.max_utilisation * cap, 0.0).sum(-1)  # work/s
-            cost_s = cost_s + excess / float(np.mean(self.work)) * float(np.mean(penalty_s))
+            cost_s = cost_s + excess * self._excess_cost
         cost = cost_s / np.maximum(rates.sum(-1), 1e-12)
 
         loaded = self._incoming(fluid, flow) > 1e-9  # (C, N, S) requests/s
