@@ -105,7 +105,7 @@ class Trainer:
 
     def imitate(self, teacher: imitation.Teacher, seed: int) -> float:
         """Clone ``teacher`` into the actor (see :mod:`policies.imitation`); the teacher's
-        environment steps count as trained ones. Returns the clone's squared error."""
+        environment steps count as trained ones. Returns the clone's Hellinger distance."""
         rng = np.random.default_rng(seed)
         data = imitation.teacher_data(self.env, teacher, self.cfg.imitate_steps, 50.0, rng)
         error = imitation.clone(self.model, *data, seed=seed)
