@@ -3,6 +3,7 @@
 Examples::
 
     python benchmarks/train.py --scenario dfaas-paise25 --seeds 0 1 2
+    python benchmarks/train.py --scenario dfaas-paise25 --seeds 0 1 2 --action-mode neighbours
     python benchmarks/train.py --scenario dfaas-2 --seeds 0 --env-steps 50000 --eval-episodes 10
     python benchmarks/train.py --scenario mesh-10x3 --seeds 0 --env-steps 300000 --set lr=1e-3
 
@@ -32,6 +33,11 @@ def main() -> int:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--env-steps", type=int, default=1_296_000)
     parser.add_argument("--eval-episodes", type=int, default=50)
+    parser.add_argument(
+        "--action-mode",
+        choices=("split3", "neighbours"),
+        help="the action head (default: the scenario's; see simulator.train --help)",
+    )
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--out", help="keep the runs here (default: a temporary directory)")
     args = parser.parse_args()
@@ -46,6 +52,8 @@ def main() -> int:
                 "--eval-episodes", str(args.eval_episodes), "--out", str(root / f"seed{seed}"),
                 "--json",
             ]  # fmt: skip
+            if args.action_mode:
+                cmd += ["--action-mode", args.action_mode]
             for item in args.set:
                 cmd += ["--set", item]
             done = subprocess.run(cmd, capture_output=True, text=True, check=False)
@@ -60,6 +68,7 @@ def main() -> int:
             {
                 "scenario": args.scenario,
                 "algo": args.algo,
+                "action_mode": args.action_mode or "default",
                 "env_steps": args.env_steps,
                 "eval_episodes": args.eval_episodes,
                 "overrides": args.set,
