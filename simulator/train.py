@@ -4,6 +4,8 @@ Examples::
 
     python -m simulator.train --scenario dfaas-paise25 --algo mappo --env-steps 1296000 \\
         --seed 0 --out runs/paise-mappo-0
+    python -m simulator.train --scenario dfaas-paise25 --action-mode neighbours --seed 0 \\
+        --out runs/paise-neighbours-0
     python -m simulator.train --scenario mesh-10x3 --algo ippo --env-steps 200000 --out runs/mesh
     python -m simulator.train --scenario dfaas-2 --env-steps 20000 --set learning_rate=3e-4
     python -m simulator.train --scenario mesh-10x3 --env-steps 300000 \\
@@ -144,7 +146,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE", help="override one"
     )
-    parser.add_argument("--action-mode", choices=("split3", "neighbours"))
+    parser.add_argument(
+        "--action-mode",
+        choices=("split3", "neighbours"),
+        help="split3: the reference's (local, forward evenly, reject), the default of dfaas "
+        "scenarios; neighbours: a share per neighbour, as a mesh routes (default elsewhere)",
+    )
     parser.add_argument("--eval-episodes", type=int, default=50, help="final evaluation")
     parser.add_argument("--resume", action="store_true", help="continue from OUT/train_state.pt")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
