@@ -16,8 +16,8 @@ Examples::
 
 The output directory receives the checkpoint (``policy.pt`` + ``policy.json``, loadable by
 ``simulator.evaluate --policy DIR`` and by the operator), ``train_state.pt`` for
-``--resume``, ``progress.csv``, TensorBoard logs under ``tb/`` and ``learning_curve.png``.
-Ctrl-C saves a checkpoint before exiting. ``--env-steps`` counts environment steps (each
+``--resume``, ``progress.csv`` (written at every periodic evaluation), TensorBoard logs
+under ``tb/`` and ``learning_curve.png``. Ctrl-C saves a checkpoint before exiting. ``--env-steps`` counts environment steps (each
 steps every agent once) over all processes.
 """
 
@@ -195,6 +195,8 @@ def main(argv: list[str] | None = None) -> int:
     baselines = {}
     if lead:
         out.mkdir(parents=True, exist_ok=True)
+        if not args.resume:  # a new run's curve starts a new file; a resumed one appends
+            (out / "progress.csv").unlink(missing_ok=True)
         for name in reference_baselines(mode):
             baselines[name] = summarise(
                 run_episodes(
@@ -219,9 +221,16 @@ def main(argv: list[str] | None = None) -> int:
 
         writer = SummaryWriter(str(out / "tb"))
 
+    written = 0  # rows already in progress.csv
+
     def save_all(final_metrics: dict | None = None) -> None:
+        """Checkpoint, training state and the progress rows so far: what a crash or a kill
+        leaves behind is the last evaluation's state, with its curve up to there."""
+        nonlocal written
         if not lead:
             return
+        _write_csv(out / "progress.csv", rows[written:])
+        written = len(rows)
         checkpoint.save(
             out,
             trainer.model,
@@ -291,7 +300,6 @@ def main(argv: list[str] | None = None) -> int:
         final["trained_env_steps"] = trainer.env_steps * world
         final["env_steps_per_s"] = final["trained_env_steps"] / max(final["wall_seconds"], 1e-9)
         save_all(final)
-        _write_csv(out / "progress.csv", rows)
         plot_curve(
             rows, evals, baselines, out / "learning_curve.png", f"{scenario.name} {cfg.algo}"
         )

@@ -1,6 +1,7 @@
 """Training end to end on small budgets: it learns, checkpoints round-trip safely, a layout
 mismatch is refused by name, runs resume, and two processes train one policy."""
 
+import csv
 import json
 import shutil
 import subprocess
@@ -12,6 +13,7 @@ import torch
 
 from policies import checkpoint
 from policies.baselines import PolicyError
+from simulator import train as train_module
 from simulator.env import EdgeEnv
 from simulator.episodes import build_policy, run_episodes, summarise
 from simulator.scenario import load_scenario
@@ -88,6 +90,31 @@ def test_resume_continues_from_the_saved_state(trained, tmp_path):
     assert code == 0
     after = torch.load(out / "train_state.pt", weights_only=True)["updates"]
     assert before < after == int(np.ceil(60000 / (16 * 96)))
+
+
+def test_progress_rows_are_on_disk_at_every_evaluation(tmp_path, monkeypatch):
+    out, updates = tmp_path / "run", 0
+    update = train_module.Trainer.update
+
+    def dies_on_the_third(self, batch):
+        nonlocal updates
+        updates += 1
+        if updates == 3:
+            raise RuntimeError("killed")
+        return update(self, batch)
+
+    monkeypatch.setattr(train_module.Trainer, "update", dies_on_the_third)
+    with pytest.raises(RuntimeError, match="killed"):
+        train(out, 3000, *TINY, "--set", "eval_every=1")
+    assert _progress_updates(out) == [1, 2]
+    monkeypatch.undo()
+    assert train(out, 3000, *TINY) == 0  # a new run into the directory: a new curve
+    assert _progress_updates(out) == [1, 2, 3, 4]
+
+
+def _progress_updates(out) -> list[int]:
+    with (out / "progress.csv").open() as f:
+        return [int(row["update"]) for row in csv.DictReader(f)]
 
 
 def test_same_seed_same_policy(tmp_path):
