@@ -178,6 +178,12 @@ class Adapter:
         self.last: IntervalTelemetry | None = None
         self._decided: _Kept | None = None
 
+    @property
+    def kept_intervals(self) -> int:
+        """Intervals in a row the last computed decision has been kept (0: decided anew);
+        ``model_source`` describes the model it was computed on, not the model now."""
+        return self._reused
+
     def observe(self, tel: IntervalTelemetry) -> None:
         features, targets = model_rows(tel, self.env.work, self.interval_seconds)
         self.model.observe(features, targets)

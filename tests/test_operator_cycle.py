@@ -320,6 +320,10 @@ def test_a_steady_mesh_keeps_its_decision_instead_of_recomputing_it():
 
     kept = [r for r in reasons(0.05) if r.startswith("previous rollout decision kept")]
     assert kept and "less than 5%" in kept[0]
+    # The reason names how long the decision has stood and the model it was computed on
+    # (which may have learned more since), not the model as it is now.
+    assert kept[0].startswith("previous rollout decision kept for 1 interval:")
+    assert "(decided on: " in kept[0]
     assert not any(r.startswith("previous") for r in reasons(0.0))
 
 

@@ -175,9 +175,11 @@ class PolicyController:
         if decision.fallback is not None:
             reason = f"base policy applied ({decision.fallback})"
         elif decision.reused:
+            kept = self.adapter.kept_intervals
             reason = (
-                f"previous rollout decision kept: its predicted gain and the base routing "
-                f"moved less than {self.spec.rollout.reuse_tolerance:.0%} (model: "
+                f"previous rollout decision kept for {kept} interval{'s' if kept > 1 else ''}: "
+                f"its predicted gain and the base routing moved less than "
+                f"{self.spec.rollout.reuse_tolerance:.0%} (decided on: "
                 f"{self.adapter.model_source})"
             )
         else:
