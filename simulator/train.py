@@ -17,8 +17,8 @@ Examples::
 The output directory receives the checkpoint (``policy.pt`` + ``policy.json``, loadable by
 ``simulator.evaluate --policy DIR`` and by the operator), ``train_state.pt`` for
 ``--resume``, ``progress.csv`` (written at every periodic evaluation), TensorBoard logs
-under ``tb/`` and ``learning_curve.png``. Ctrl-C saves a checkpoint before exiting. ``--env-steps`` counts environment steps (each
-steps every agent once) over all processes.
+under ``tb/`` and ``learning_curve.png``. Ctrl-C saves a checkpoint before exiting.
+``--env-steps`` counts environment steps (each steps every agent once) over all processes.
 """
 
 from __future__ import annotations
