@@ -53,11 +53,11 @@ SAFE_UTILISATION = 0.85
 with ``python -m simulator.adapt --scenario mesh-10x3-<change> --json --prior --seed S`` on
 the four change scenarios and seeds 0-2 (twelve runs): SLO violations after the third cycle
 in total, and the mean cost over the oracle after 3 cycles, for caps 0.9, 0.85 and 0.8:
-13 / 0.697, 8 / 0.678, 8 / 0.682 (seed 0 alone: no cap 7 violations, 0.9 3,
-0.85 4; 0.95 was worse than 0.9). The violations are single intervals where a node's realised load
-ran a few percent over its routed share (Poisson arrivals) and the p95 of the tightest
-service (200 ms) crossed its target; the headroom absorbs most of them, and below 0.85
-the cost rises without fewer violations."""
+13 / 0.697, 8 / 0.678, 8 / 0.682 (seed 0 alone: no cap 7 violations, 0.9 3, 0.85 4;
+0.95 was worse than 0.9). The violations are single intervals where a node's realised
+load ran a few percent over its routed share (Poisson arrivals) and the p95 of the
+tightest service (200 ms) crossed its target; the headroom absorbs most of them, and
+below 0.85 the cost rises without fewer violations."""
 
 
 class ModelEnv:
