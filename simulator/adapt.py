@@ -300,9 +300,8 @@ def change_cycles(scenario: Scenario, interval: int) -> list[int]:
 def summarise(scenario: Scenario, results: dict[str, list[Cycle]], interval: int) -> dict:
     cycles = len(results["oracle"])
     changes = change_cycles(scenario, interval)
-    windows = [
-        (c + 3, nxt) for c, nxt in zip(changes, [*changes[1:], cycles], strict=True) if c + 3 < nxt
-    ]
+    ends = [*changes[1:], cycles] if changes else []  # a scenario without changes has none
+    windows = [(c + 3, nxt) for c, nxt in zip(changes, ends, strict=True) if c + 3 < nxt]
     after = [i for lo, hi in windows for i in range(lo, hi)]
     out: dict = {"scenario": scenario.name, "cycles": cycles, "change_cycles": changes}
     oracle = np.array([c.cost for c in results["oracle"]])

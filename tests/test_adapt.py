@@ -96,6 +96,19 @@ def test_adapt_runs_the_three_controllers_through_a_change(tmp_path, capsys):
     assert again["rollout_cost_per_request_s"] == summary["rollout_cost_per_request_s"]
 
 
+def test_adapt_reports_a_scenario_without_changes(tmp_path, capsys):
+    """A steady scenario has no post-change window: those figures are null, the rest stand."""
+    path = tmp_path / "steady.yaml"
+    path.write_text("name: steady\nextends: mesh-10x3\nsteps: 20\n")
+    argv = ["--scenario", str(path), "--warmup", "16", "--horizon", "1", "--json"]
+    assert adapt.main(argv) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["change_cycles"] == [] and summary["cycles"] == 4
+    assert summary["rollout_cost_over_oracle_after_3_cycles"] is None
+    assert summary["slo_violations_after_3_cycles"] == 0
+    assert summary["rollout_cost_per_request_s"] > 0
+
+
 def short_surge(tmp_path) -> list[str]:
     """``simulator.adapt`` arguments for a 40-step surge, decided on the prior."""
     path = tmp_path / "short.yaml"
