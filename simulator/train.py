@@ -180,7 +180,8 @@ def main(argv: list[str] | None = None) -> int:
     total_updates = math.ceil(args.env_steps / per_update)
     trainer = Trainer(env, cfg, total_updates)
     lead = rank == 0
-    if args.resume and (out / STATE_FILE).is_file():
+    resumed = args.resume and (out / STATE_FILE).is_file()
+    if resumed:
         trainer.load_state_dict(torch.load(out / STATE_FILE, weights_only=True))
     elif cfg.imitate:
         try:
@@ -195,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     baselines = {}
     if lead:
         out.mkdir(parents=True, exist_ok=True)
-        if not args.resume:  # a new run's curve starts a new file; a resumed one appends
+        if not resumed:  # a new run's curve starts a new file; a resumed one appends
             (out / "progress.csv").unlink(missing_ok=True)
         for name in reference_baselines(mode):
             baselines[name] = summarise(

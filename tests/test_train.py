@@ -110,6 +110,10 @@ def test_progress_rows_are_on_disk_at_every_evaluation(tmp_path, monkeypatch):
     monkeypatch.undo()
     assert train(out, 3000, *TINY) == 0  # a new run into the directory: a new curve
     assert _progress_updates(out) == [1, 2, 3, 4]
+    # --resume with nothing to resume from starts afresh, so its curve starts afresh too.
+    (out / train_module.STATE_FILE).unlink()
+    assert train(out, 3000, *TINY, "--resume") == 0
+    assert _progress_updates(out) == [1, 2, 3, 4]
 
 
 def _progress_updates(out) -> list[int]:
