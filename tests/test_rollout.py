@@ -335,6 +335,24 @@ def test_system_model_refits_on_a_share_of_new_rows_or_when_the_data_moves():
     assert model.observe(x, exact(x)) and model.fits == 4
 
 
+def test_the_longest_queues_seen_are_inside_the_table():
+    """One row in a hundred began with 3 s of queued work: rare, and the slowest there are."""
+    rng = np.random.default_rng(4)
+    util = rng.uniform(0.0, 0.9, 3000)
+    backlog = np.where(np.arange(3000) % 100 == 7, 3.0, 0.0)
+    x = np.stack([util, np.full(3000, 10.0), backlog], axis=1)
+    y = exact(x)
+    y[:, 0] += 1000.0 * backlog
+    model = SystemModel(min_rows=50)
+    model.add(x, y)
+    model.fit()
+    table = model.table(np.array([[10.0]]))
+    assert table.backlog[-1] >= 3.0
+    queued, known = table.lookup(util[[7]], np.array([3.0]))
+    calm, _ = table.lookup(util[[7]], np.array([0.0]))
+    assert known.all() and queued[0, 0, 0] > 5 * calm[0, 0, 0]
+
+
 def test_system_model_table_interpolates_service_times_within_the_data():
     model = streamed_model(seed=3)
     service_ms = np.array([[6.0], [15.0], [38.0], [80.0]])
