@@ -96,6 +96,34 @@ def test_adapt_runs_the_three_controllers_through_a_change(tmp_path, capsys):
     assert again["rollout_cost_per_request_s"] == summary["rollout_cost_per_request_s"]
 
 
+def test_slo_violations_are_counted_after_the_third_cycle_where_the_oracle_met_its_targets(
+    tmp_path,
+):
+    path = tmp_path / "short.yaml"
+    path.write_text(
+        "name: short-drop\nextends: mesh-10x3\nsteps: 60\n"
+        "events:\n  - {at: 20, kind: capacity, node: edge-5, factor: 0.5}\n"
+    )
+    missed = {"oracle": {8: ["auth"]}, "rollout": {8: ["auth"], 9: ["auth", "infer"]}}
+    missed["base"] = {2: ["auth"], 10: ["resize"]}  # cycle 2: before the change
+    results = {
+        arm: [
+            adapt.Cycle(1.0, 10.0, {}, 0.0, missed[arm].get(i, []), decision_ms=1.0)
+            for i in range(12)
+        ]
+        for arm in adapt.ARMS
+    }
+    summary = adapt.summarise(load_scenario(str(path)), results, interval=5)
+    assert summary["change_cycles"] == [4]  # so cycles 7..11 count
+    assert summary["rollout_slo_violations_after_3_cycles"] == 2  # cycle 8 is the oracle's too
+    assert summary["base_slo_violations_after_3_cycles"] == 1
+    assert summary["slo_violations_after_3_cycles_by_arm"] == {
+        "base": 1,
+        "rollout": 3,
+        "oracle": 1,
+    }
+
+
 def test_adapt_reports_a_scenario_without_changes(tmp_path, capsys):
     """A steady scenario has no post-change window: those figures are null, the rest stand."""
     path = tmp_path / "steady.yaml"
