@@ -55,9 +55,11 @@ class Accuracy:
 
     @property
     def worst_nmae(self) -> float:
-        """The largest error among what decisions are priced on: latency and success. (The
-        backlog is near zero most of the time, so its *normalised* error is large even when
-        its absolute error is a few milliseconds; it is reported, not gated on.)"""
+        """The largest error among the mean and p95 latency and the success ratio. Decisions
+        are priced on the mean and the success ratio only, but a model that misses the tail
+        is not trusted with the mean either. (The backlog is near zero most of the time, so
+        its *normalised* error is large even when its absolute error is a few milliseconds;
+        it is reported, not gated on.)"""
         gated = [v for k, v in self.nmae.items() if k != "backlog_s"]
         return max(gated) if gated else float("nan")
 
