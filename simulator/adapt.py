@@ -25,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -197,18 +198,18 @@ def model_env_for(
     )
 
 
-def warm_start(
-    model: SystemModel,
+def commissioning_rows(
     scenario: Scenario,
     policy: Policy,
     intervals: int,
     interval_steps: int,
     seed: int,
     noise: float,
-) -> None:
-    """Feed ``model`` ``intervals`` intervals of the scenario *without its changes*, played
-    by the base policy mixed with random routings (so the data covers more than the base
-    policy's own states, as a commissioning run would)."""
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """The system model's rows of ``intervals`` intervals of the scenario *without its
+    changes*, one interval at a time, played by the base policy mixed with random routings
+    (so the data covers more than the base policy's own states, as a commissioning run
+    would)."""
     calm = dataclasses.replace(scenario, events=())
     per_episode = calm.steps // interval_steps
     envs = max(1, -(-intervals // per_episode))
@@ -227,7 +228,24 @@ def warm_start(
                 obs, _, _, info = env.step(weights[None])
                 rec.add(info)
             tel = rec.telemetry(rng, noise)
-            model.add(*model_rows(tel, env.mean_cost, interval_steps * calm.step_seconds))
+            yield model_rows(tel, env.mean_cost, interval_steps * calm.step_seconds)
+
+
+def warm_start(
+    model: SystemModel,
+    scenario: Scenario,
+    policy: Policy,
+    intervals: int,
+    interval_steps: int,
+    seed: int,
+    noise: float,
+) -> None:
+    """Feed ``model`` the rows of ``intervals`` commissioning intervals
+    (:func:`commissioning_rows`) and fit it once."""
+    for features, targets in commissioning_rows(
+        scenario, policy, intervals, interval_steps, seed, noise
+    ):
+        model.add(features, targets)
     model.fit()
 
 

@@ -1,0 +1,33 @@
+"""The model accuracy benchmark: a tiny run prints the JSON it promises, scored on rows the
+model never learned from, and the same seed gives the same numbers."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "model_accuracy.py"
+
+
+def run() -> dict:
+    argv = ["--scenarios", "mesh-6x3", "--seeds", "0", "--train", "60", "--test", "12"]
+    out = subprocess.run(
+        [sys.executable, str(SCRIPT), *argv],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=300,
+    )
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_a_tiny_run_scores_held_out_rows_and_is_reproducible():
+    report = run()
+    assert report["train_intervals"] == 60 and report["test_intervals"] == 12
+    (result,) = report["runs"]
+    assert result["scenario"] == "mesh-6x3" and result["seed"] == 0
+    assert result["train_rows"] > 100 and result["rows"] > 20  # 18 (node, service) per interval
+    assert 0 < result["nmae"]["mean_ms"] < 1 and result["r2"]["mean_ms"] <= 1
+    assert result["worst_nmae"] >= result["nmae"]["mean_ms"]
+    assert report["mean_nmae"]["mean_ms"] == result["nmae"]["mean_ms"]
+    assert run() == report
