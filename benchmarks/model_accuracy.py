@@ -2,6 +2,7 @@
 
     python benchmarks/model_accuracy.py                       # mesh-10x3 and mesh-6x3, seeds 0-2
     python benchmarks/model_accuracy.py --scenarios mesh-6x3 --seeds 0 --train 120
+    python benchmarks/model_accuracy.py --plot accuracy.png   # held-out predicted vs observed
 
 Per scenario and seed, the model sees ``--train`` intervals of 5-second telemetry of the calm
 scenario (5% measurement noise; the base policy mixed with random routings, as
@@ -25,8 +26,11 @@ from simulator.episodes import build_policy
 from simulator.scenario import load_scenario
 
 
-def held_out(scenario_name: str, seed: int, train: int, test: int, interval: int) -> dict:
-    """Fit on ``train`` intervals, score on the ``test`` intervals that follow."""
+def held_out(
+    scenario_name: str, seed: int, train: int, test: int, interval: int
+) -> tuple[dict, np.ndarray, np.ndarray]:
+    """Fit on ``train`` intervals, score on the ``test`` intervals that follow. Returns the
+    scores, and the held-out targets and predictions for the plot."""
     scenario = load_scenario(scenario_name)
     env = EdgeEnv(scenario, num_envs=1, action_mode="neighbours")
     policy = build_policy("default", env, seed)
@@ -38,14 +42,39 @@ def held_out(scenario_name: str, seed: int, train: int, test: int, interval: int
     x = np.concatenate([f for f, _ in rows[train:]])
     y = np.concatenate([t for _, t in rows[train:]])
     keep = np.isfinite(x).all(axis=1) & np.isfinite(y).all(axis=1)
-    accuracy = score(y[keep], model.predict(x[keep]))
-    return {
+    predicted = model.predict(x[keep])
+    accuracy = score(y[keep], predicted)
+    result = {
         "scenario": scenario_name,
         "seed": seed,
         "train_rows": model.rows,
         **accuracy.as_dict(),
         "worst_nmae": accuracy.worst_nmae,
     }
+    return result, y[keep], predicted
+
+
+def plot(held: list[tuple[dict, np.ndarray, np.ndarray]], path: str) -> None:
+    """Held-out predicted against observed mean and p95 latency, one colour per scenario."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4.8))
+    for ax, target in zip(axes, ("mean_ms", "p95_ms"), strict=True):
+        column = TARGETS.index(target)
+        for name in dict.fromkeys(r["scenario"] for r, _, _ in held):
+            y = np.concatenate([t[:, column] for r, t, _ in held if r["scenario"] == name])
+            p = np.concatenate([q[:, column] for r, _, q in held if r["scenario"] == name])
+            ax.scatter(y, p, s=4, alpha=0.3, label=name)
+        ax.axline((1, 1), slope=1, color="k", lw=0.8)
+        ax.set(xscale="log", yscale="log", xlabel=f"observed {target}", title=target)
+        ax.set_ylabel(f"predicted {target}")
+        ax.legend(markerscale=3)
+    fig.suptitle("system model on held-out intervals")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
 
 
 def main() -> None:
@@ -55,13 +84,17 @@ def main() -> None:
     parser.add_argument("--train", type=int, default=360, help="intervals learned from")
     parser.add_argument("--test", type=int, default=60, help="held-out intervals scored")
     parser.add_argument("--interval", type=int, default=5, help="simulator steps per interval")
+    parser.add_argument("--plot", metavar="PNG", help="held-out predicted vs observed latency")
     args = parser.parse_args()
-    runs = [
+    held = [
         held_out(name, seed, args.train, args.test, args.interval)
         for name, seed in tqdm(
             [(n, s) for n in args.scenarios for s in args.seeds], desc="model accuracy"
         )
     ]
+    if args.plot:
+        plot(held, args.plot)
+    runs = [result for result, _, _ in held]
     mean = {t: float(np.mean([r["nmae"][t] for r in runs])) for t in TARGETS}
     print(
         json.dumps(

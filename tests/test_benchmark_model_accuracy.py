@@ -9,8 +9,8 @@ from pathlib import Path
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "model_accuracy.py"
 
 
-def run() -> dict:
-    argv = ["--scenarios", "mesh-6x3", "--seeds", "0", "--train", "60", "--test", "12"]
+def run(*extra: str) -> dict:
+    argv = ["--scenarios", "mesh-6x3", "--seeds", "0", "--train", "60", "--test", "12", *extra]
     out = subprocess.run(
         [sys.executable, str(SCRIPT), *argv],
         capture_output=True,
@@ -21,8 +21,9 @@ def run() -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def test_a_tiny_run_scores_held_out_rows_and_is_reproducible():
-    report = run()
+def test_a_tiny_run_scores_held_out_rows_and_is_reproducible(tmp_path):
+    report = run("--plot", str(tmp_path / "accuracy.png"))
+    assert (tmp_path / "accuracy.png").stat().st_size > 10_000
     assert report["train_intervals"] == 60 and report["test_intervals"] == 12
     (result,) = report["runs"]
     assert result["scenario"] == "mesh-6x3" and result["seed"] == 0
