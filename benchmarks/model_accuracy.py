@@ -20,7 +20,7 @@ import numpy as np
 from tqdm import tqdm
 
 from policies.system_model import TARGETS, SystemModel, score
-from simulator.adapt import commissioning_rows
+from simulator.adapt import commissioning_rows, warm_start
 from simulator.env import EdgeEnv
 from simulator.episodes import build_policy
 from simulator.scenario import load_scenario
@@ -36,9 +36,7 @@ def held_out(
     policy = build_policy("default", env, seed)
     rows = list(commissioning_rows(scenario, policy, train + test, interval, seed, noise=0.05))
     model = SystemModel(seed=seed)
-    for features, targets in rows[:train]:
-        model.add(features, targets)
-    model.fit()
+    warm_start(model, rows[:train])
     x = np.concatenate([f for f, _ in rows[train:]])
     y = np.concatenate([t for _, t in rows[train:]])
     keep = np.isfinite(x).all(axis=1) & np.isfinite(y).all(axis=1)

@@ -25,7 +25,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -231,20 +231,10 @@ def commissioning_rows(
             yield model_rows(tel, env.mean_cost, interval_steps * calm.step_seconds)
 
 
-def warm_start(
-    model: SystemModel,
-    scenario: Scenario,
-    policy: Policy,
-    intervals: int,
-    interval_steps: int,
-    seed: int,
-    noise: float,
-) -> None:
-    """Feed ``model`` the rows of ``intervals`` commissioning intervals
-    (:func:`commissioning_rows`) and fit it once."""
-    for features, targets in commissioning_rows(
-        scenario, policy, intervals, interval_steps, seed, noise
-    ):
+def warm_start(model: SystemModel, rows: Iterable[tuple[np.ndarray, np.ndarray]]) -> None:
+    """Feed ``model`` every interval's rows (say, :func:`commissioning_rows`), then fit it
+    once."""
+    for features, targets in rows:
         model.add(features, targets)
     model.fit()
 
@@ -443,7 +433,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     model = SystemModel(regressor=args.regressor, seed=args.seed)
-    warm_start(model, scenario, policy, args.warmup, args.interval, args.seed, args.noise)
+    warm_start(
+        model,
+        commissioning_rows(scenario, policy, args.warmup, args.interval, args.seed, args.noise),
+    )
     results = {}
     for arm in tqdm(ARMS, desc=scenario.name, disable=args.json):
         results[arm] = run_arm(arm, scenario, policy, args, model if arm == "rollout" else None)
