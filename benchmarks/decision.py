@@ -22,7 +22,7 @@ import numpy as np
 from threadpoolctl import threadpool_limits
 
 from policies import checkpoint
-from policies.model_env import SAFE_UTILISATION, MeshState, ModelEnv
+from policies.model_env import RAMP_FROM_UTILISATION, SAFE_UTILISATION, MeshState, ModelEnv
 from policies.observation import MeshTelemetry
 from policies.rollout import Rollout, RolloutSettings
 from policies.system_model import SystemModel
@@ -75,6 +75,7 @@ def measure(agents: int, horizon: int, trials: int, seed: int) -> dict:
         reject_penalty=4,
         can_reject=False,
         max_utilisation=SAFE_UTILISATION,
+        ramp_from=RAMP_FROM_UTILISATION,
     )
     policy = checkpoint.load(checkpoint.bundled_for("neighbours", 3))
     model = synthetic_model(seed)

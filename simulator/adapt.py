@@ -34,7 +34,7 @@ from tqdm import tqdm
 from policies import checkpoint
 from policies.adaptation import Adapter, IntervalTelemetry, model_rows
 from policies.baselines import PolicyError
-from policies.model_env import SAFE_UTILISATION, ModelEnv
+from policies.model_env import RAMP_FROM_UTILISATION, SAFE_UTILISATION, ModelEnv
 from policies.observation import MeshTelemetry, mesh_observation
 from policies.rollout import Policy, RolloutSettings
 from policies.system_model import SystemModel
@@ -182,11 +182,14 @@ class IntervalRecorder:
 
 
 def model_env_for(
-    env: EdgeEnv, can_reject: bool = False, max_utilisation: float | None = SAFE_UTILISATION
+    env: EdgeEnv,
+    can_reject: bool = False,
+    max_utilisation: float | None = SAFE_UTILISATION,
+    ramp_from: float | None = RAMP_FROM_UTILISATION,
 ) -> ModelEnv:
     """The model environment of a simulated mesh (same topology, work and targets). Rollout
     routes without rejecting unless ``can_reject``: a service mesh cannot reject, so this is
-    what the operator decides with; so is the utilisation cap."""
+    what the operator decides with; so is the utilisation cap and its ramp."""
     return ModelEnv(
         topology=env.topology,
         work=env.mean_cost,
@@ -195,6 +198,7 @@ def model_env_for(
         step_seconds=env.scenario.step_seconds,
         can_reject=can_reject,
         max_utilisation=max_utilisation,
+        ramp_from=ramp_from if max_utilisation is not None else None,
     )
 
 
@@ -266,7 +270,10 @@ def run_arm(
         )
         adapter = Adapter(
             model_env_for(
-                env, can_reject=args.allow_reject, max_utilisation=args.max_utilisation or None
+                env,
+                can_reject=args.allow_reject,
+                max_utilisation=args.max_utilisation or None,
+                ramp_from=min(args.ramp_from, args.max_utilisation) or None,
             ),
             policy,
             model,
@@ -400,6 +407,13 @@ def main(argv: list[str] | None = None) -> int:
         type=float,
         default=SAFE_UTILISATION,
         help="price work beyond this share of a node's capacity as rejected (0: no cap)",
+    )
+    parser.add_argument(
+        "--ramp-from",
+        type=float,
+        default=RAMP_FROM_UTILISATION,
+        help="below the cap, price work past this share of a node's capacity at a share of "
+        "the reject price rising to all of it at the cap (equal to the cap: a step)",
     )
     parser.add_argument(
         "--screen-horizon",

@@ -8,7 +8,7 @@ import json
 
 import numpy as np
 
-from policies.model_env import SAFE_UTILISATION
+from policies.model_env import RAMP_FROM_UTILISATION, SAFE_UTILISATION
 from simulator import adapt
 from simulator.env import EdgeEnv
 from simulator.scenario import load_scenario
@@ -152,13 +152,18 @@ def test_rollout_decides_under_the_utilisation_cap_unless_it_is_off(tmp_path, mo
     real = adapt.model_env_for
 
     def recording(*args, **kwargs):
-        caps.append(kwargs["max_utilisation"])
+        caps.append((kwargs["max_utilisation"], kwargs["ramp_from"]))
         return real(*args, **kwargs)
 
     monkeypatch.setattr(adapt, "model_env_for", recording)
     argv = short_surge(tmp_path)
     assert adapt.main(argv) == 0 and adapt.main([*argv, "--max-utilisation", "0"]) == 0
-    assert caps == [SAFE_UTILISATION, None]
+    assert adapt.main([*argv, "--ramp-from", "0.9"]) == 0  # past the cap: a step at it
+    assert caps == [
+        (SAFE_UTILISATION, RAMP_FROM_UTILISATION),
+        (None, None),
+        (SAFE_UTILISATION, SAFE_UTILISATION),
+    ]
 
 
 def test_rollout_routes_without_rejecting_unless_allowed(tmp_path, monkeypatch, capsys):

@@ -110,6 +110,27 @@ def test_model_env_prices_work_past_the_utilisation_cap_as_rejected():
     assert paid.telemetry.rejected[0, 0, 0] == 0.0  # priced, not carried out
 
 
+def test_model_env_ramps_the_price_of_load_up_to_the_cap():
+    # a's 600 work/s local: 100 past the ramp's start at 0.5, a third of the way to the cap
+    # at 0.8, priced as 100^2 / (2 * 300) work/s rejected; split evenly, both under 0.5.
+    topo, env, table, state = pair()
+    args = (topo, env.work, env.target_ms, env.reject_penalty)
+    step = ModelEnv(*args, max_utilisation=0.8)
+    ramp = ModelEnv(*args, max_utilisation=0.8, ramp_from=0.5)
+    local = np.array([[[1.0, 0.0, 0.0], [1.0, 0.0, 0.0]]])
+    split = np.array([[[0.5, 0.5, 0.0], [1.0, 0.0, 0.0]]])
+    free, paid = step.step(state, local, table), ramp.step(state, local, table)
+    assert paid.cost[0] - free.cost[0] == pytest.approx(100**2 / 600 * 4 * 0.1 / 10 / 60)
+    assert ramp.step(state, split, table).cost[0] == step.step(state, split, table).cost[0]
+    # Past the cap, each further unit of work costs what the step charges.
+    load = np.array([[790.0, 0.0], [810.0, 0.0], [830.0, 0.0]])
+    capacity = np.array([1000.0, 1000.0])
+    priced = ramp.priced_as_rejected(load, capacity)[:, 0]
+    assert priced == pytest.approx([290**2 / 600, 300**2 / 600 + 10, 300**2 / 600 + 30])
+    with pytest.raises(ValueError, match="ramp_from"):
+        ModelEnv(*args, max_utilisation=0.8, ramp_from=0.9)
+
+
 def test_candidates_keep_the_action_first_and_stay_on_valid_entries():
     action = np.array([0.6, 0.4, 0.0, 0.0])
     mask = np.array([True, True, False, True])

@@ -22,7 +22,7 @@ from marl_operator.prometheus import MetricsUnavailable, QueryError, ServiceRead
 from marl_operator.report import CycleReport, Outcome, RouteTable
 from marl_operator.spec import PolicySpec
 from policies.adaptation import Adapter
-from policies.model_env import SAFE_UTILISATION, ModelEnv
+from policies.model_env import RAMP_FROM_UTILISATION, SAFE_UTILISATION, ModelEnv
 from policies.rollout import Decision, Policy, RolloutSettings
 from policies.system_model import SystemModel
 
@@ -115,6 +115,7 @@ class PolicyController:
             step_seconds=step,
             can_reject=False,
             max_utilisation=SAFE_UTILISATION,
+            ramp_from=RAMP_FROM_UTILISATION,
         )
         settings = RolloutSettings(
             horizon=spec.rollout.horizon,
