@@ -273,7 +273,9 @@ def run_arm(
                 env,
                 can_reject=args.allow_reject,
                 max_utilisation=args.max_utilisation or None,
-                ramp_from=min(args.ramp_from, args.max_utilisation) or None,
+                ramp_from=(
+                    min(args.ramp_from, args.max_utilisation) if args.max_utilisation else None
+                ),
             ),
             policy,
             model,
