@@ -8,7 +8,8 @@ Per scenario and seed, the model sees ``--train`` intervals of 5-second telemetr
 scenario (5% measurement noise; the base policy mixed with random routings, as
 ``simulator.adapt`` warm-starts it), is fitted once, and is scored on the rows of the next
 ``--test`` intervals, which it never learned from: normalised MAE (mean absolute error over
-the mean absolute target) and R^2 per target. The last line is one JSON object.
+the mean absolute target) and R^2 per target. The last line is one JSON object. How low
+that error could go at all is ``benchmarks/model_noise_floor.py``'s question.
 """
 
 from __future__ import annotations

@@ -202,6 +202,18 @@ def model_env_for(
     )
 
 
+def commissioning_routing(
+    policy: Policy, obs: np.ndarray, mask: np.ndarray, rng: np.random.Generator
+) -> np.ndarray:
+    """``(A, action_dim)`` routing of one commissioning interval: the base policy's, mixed
+    with a random routing by a random share of up to 70%, so the data covers more than the
+    base policy's own states."""
+    base = policy(obs, mask)[0]
+    mix = rng.uniform(0.0, 0.7)
+    noise = rng.dirichlet(np.ones(mask.shape[1]), size=mask.shape[0]) * mask
+    return (1 - mix) * base + mix * noise / noise.sum(1, keepdims=True)
+
+
 def commissioning_rows(
     scenario: Scenario,
     policy: Policy,
@@ -211,9 +223,8 @@ def commissioning_rows(
     noise: float,
 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """The system model's rows of ``intervals`` intervals of the scenario *without its
-    changes*, one interval at a time, played by the base policy mixed with random routings
-    (so the data covers more than the base policy's own states, as a commissioning run
-    would)."""
+    changes*, one interval at a time, played by :func:`commissioning_routing` (as a
+    commissioning run would)."""
     calm = dataclasses.replace(scenario, events=())
     per_episode = calm.steps // interval_steps
     envs = max(1, -(-intervals // per_episode))
@@ -222,11 +233,7 @@ def commissioning_rows(
     for episode in range(envs):
         obs = env.reset()
         for _ in range(min(per_episode, intervals - episode * per_episode)):
-            mask = env.action_mask()
-            base = policy(obs, mask)[0]
-            mix = rng.uniform(0.0, 0.7)
-            noise_w = rng.dirichlet(np.ones(mask.shape[1]), size=mask.shape[0]) * mask
-            weights = (1 - mix) * base + mix * noise_w / noise_w.sum(1, keepdims=True)
+            weights = commissioning_routing(policy, obs, env.action_mask(), rng)
             rec = IntervalRecorder(env)
             for _ in range(interval_steps):
                 obs, _, _, info = env.step(weights[None])

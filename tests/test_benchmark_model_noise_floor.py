@@ -1,0 +1,73 @@
+"""The noise-floor benchmark: its estimate of chance recovers a known noise, and a tiny run
+prints the JSON it promises, the same for the same seed."""
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "model_noise_floor.py"
+
+
+def load_benchmark():
+    spec = importlib.util.spec_from_file_location("model_noise_floor", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_chance_errors_measure_the_noise_around_the_true_function_in_small_groups():
+    """In groups of 12 rows, raw residuals of a four-term fit come out about a fifth below the
+    noise and leave-one-out ones about a fifth above; the estimate must land on it."""
+    chance_errors = load_benchmark().chance_errors
+    rng = np.random.default_rng(0)
+    sigma, errors = 3.0, []
+    for _ in range(2000):
+        u, backlog = rng.uniform(0.2, 1.0, 12), rng.exponential(0.3, 12)
+        truth = 20.0 + 40.0 * u + 80.0 * u**2 + 50.0 * backlog
+        errors.append(chance_errors(u, backlog, truth + rng.normal(0.0, sigma, 12)))
+    expected = sigma * np.sqrt(2.0 / np.pi)  # mean |N(0, sigma)|
+    assert np.mean(np.concatenate(errors)) == pytest.approx(expected, rel=0.03)
+
+
+def test_chance_errors_are_zero_when_the_latency_is_a_function_of_the_state():
+    u = np.linspace(0.1, 1.2, 20)
+    backlog = np.sin(7 * u) ** 2
+    errors = load_benchmark().chance_errors(u, backlog, 5.0 + 9.0 * u**2 + 3.0 * backlog)
+    assert errors.max() < 1e-9
+
+
+def run(*extra: str) -> dict:
+    argv = ["--scenarios", "mesh-6x3", "--replicas", "10", "--intervals", "6", "--train", "60"]
+    out = subprocess.run(
+        [sys.executable, str(SCRIPT), *argv, *extra],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=300,
+    )
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_a_tiny_run_reports_floor_spread_pooled_and_model_on_the_same_rows():
+    report = run()
+    assert report["replicas"] == 10 and report["intervals"] == 6 and report["noise"] == 0.05
+    (result,) = report["runs"]
+    assert result["scenario"] == "mesh-6x3"
+    assert result["groups"] > 50 and result["rows"] >= 10 * result["groups"] * 0.8
+    for target in ("mean_ms", "p95_ms"):
+        # The state explains part of the replicas' spread; a model knows less than the group.
+        assert 0 < result["floor_nmae"][target] < result["spread_nmae"][target]
+        assert result["model_nmae"][target] > 0 and result["pooled_nmae"][target] > 0
+    assert run() == report
+
+
+def test_too_few_replicas_for_the_fit_is_refused_naming_the_flag():
+    out = subprocess.run(
+        [sys.executable, str(SCRIPT), "--replicas", "4"], capture_output=True, text=True
+    )
+    assert out.returncode == 2 and "--replicas must be at least 8" in out.stderr
