@@ -30,7 +30,6 @@ the same rows. The last line is one JSON object.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 
@@ -42,6 +41,7 @@ from tqdm import tqdm
 from policies.adaptation import model_rows
 from policies.system_model import MEAN_MS, P95_MS, SystemModel
 from simulator.adapt import IntervalRecorder, commissioning_routing, commissioning_rows, warm_start
+from simulator.cli import parser_from_doc
 from simulator.env import EdgeEnv
 from simulator.episodes import build_policy
 from simulator.scenario import load_scenario
@@ -163,11 +163,7 @@ def noise_floor(
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0],
-        epilog="\n\n".join(__doc__.split("\n\n")[1:2]),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    parser = parser_from_doc("model_noise_floor.py", __doc__)
     parser.add_argument("--scenarios", nargs="+", default=["mesh-10x3", "mesh-6x3"])
     parser.add_argument("--replicas", type=int, default=40, help="copies under one routing")
     parser.add_argument("--intervals", type=int, default=60, help="intervals per replica")
