@@ -6,26 +6,27 @@
 
 The system model predicts a node's mean and p95 latency over an interval from its utilisation,
 service time and queued work. What no model of those inputs can predict is how the arrivals
-and request sizes of that particular interval fall. To measure that part, ``--replicas``
-copies of the calm scenario run side by side, each with its own arrivals and request sizes,
-under the same routing every interval (``simulator.adapt``'s commissioning routing: the base
-policy mixed with random routings). Rows that share an interval, a node and a service differ
-only in that chance, and in the utilisation and backlog it led to. Within each such group the
-best possible prediction is a smooth function of those two, estimated by a least-squares
-fit on 1, u, u^2 and the backlog. Each residual is scaled by 1 / sqrt(1 - leverage), which
-makes it as large, on average, as the chance around the true function is: the error of the
-best possible prediction rather than of a fit on a few dozen rows. A richer basis (cubic,
-with interactions) gave the same floor to within 0.01. The group's knowledge of the time of
-day and the routing is more than a model is given, so the floor is, if anything, optimistic.
+and request sizes of that particular interval fall. To estimate that part, ``--replicas``
+copies of the calm scenario run side by side, each with its own arrivals, request sizes and
+telemetry noise, under the same routing every interval (``simulator.adapt``'s commissioning
+routing: the base policy mixed with random routings). Rows that share an interval, a node and
+a service then differ by chance: this interval's, and the queues and measurements that
+earlier chance left. Within each such group the prediction is taken to be a smooth function of
+the utilisation and the backlog, fitted by least squares on 1, u, u^2 and the backlog, and
+each residual is scaled by 1 / sqrt(1 - its leverage): so scaled, residuals are as large as
+the noise around the fitted function itself, not as small as a fit on a few dozen rows
+makes them. The floor is an estimate: a group knows its interval's routing, time and node,
+which no model is told, and the quadratic may miss some of how latency bends near saturation.
 
 Reported per scenario, each as normalised MAE (mean absolute error over the mean target, the
-figure the system model is judged by): ``floor``, that error; ``spread``, the
-error of each group's median (what is left knowing nothing of the replica's own state);
-``pooled``, the error of one gradient-boosted model of the system model's three inputs fitted
-on the replicas' own rows, scored on intervals it did not see (five folds by interval): what
-a model of these inputs reaches with plenty of data from the same routings; and ``model``,
-the error of the system model fitted on ``--train`` intervals of commissioning data, scored on
-the same rows. The last line is one JSON object.
+figure the system model is judged by), all on the same rows (those of groups with at least 8
+rows whose fit leaves them a residual): ``floor``, that error; ``spread``, the error of each
+group's median (what is left knowing nothing of the replica's own state); ``pooled``, the
+error of one gradient-boosted model of the system model's three inputs fitted on the
+replicas' own rows, scored on a fifth of the intervals it did not see (five contiguous
+blocks in turn): what a model of these inputs reaches with five times the system model's
+data, from the same routings; and ``model``, the error of the system model fitted on
+``--train`` intervals of commissioning data. The last line is one JSON object.
 """
 
 from __future__ import annotations
@@ -53,48 +54,43 @@ UTILISATION, BACKLOG = 0, 2  # feature columns
 def chance_errors(utilisation: np.ndarray, backlog: np.ndarray, y: np.ndarray) -> np.ndarray:
     """``|y - E[y | u, backlog]|`` per row of one group, estimated: residuals of a
     least-squares fit on 1, u, u^2 and the backlog, each over sqrt(1 - its leverage). Raw
-    residuals are smaller than the chance they measure (the fit bends towards every row), and
+    residuals are smaller than the chance they measure (the fit bends towards every row),
     leave-one-out ones larger (they add the fit's own error); scaled this way, their squares
-    average the noise variance exactly."""
+    average the noise variance where it is the same size for every row. A row the fit must
+    pass through (leverage 1, say the only one with a backlog) has no residual to tell: NaN.
+    """
     basis = np.stack([np.ones_like(utilisation), utilisation, utilisation**2, backlog], axis=1)
     hat = basis @ np.linalg.pinv(basis)
-    residual = y - hat @ y
-    return np.abs(residual) / np.sqrt(np.maximum(1.0 - np.diag(hat), 1e-6))
+    free = 1.0 - np.diag(hat)
+    residual = np.abs(y - hat @ y) / np.sqrt(np.maximum(free, 1e-12))
+    return np.where(free > 1e-8, residual, np.nan)
 
 
-def pooled_errors(x: np.ndarray, y: np.ndarray, interval: np.ndarray, seed: int) -> dict:
-    """Normalised MAE per latency of one boosted model per target on all rows but a fifth of
-    the intervals, scored on that fifth, five times over."""
-    nmae = {}
-    for name, column in LATENCIES.items():
-        error = np.zeros(len(y))
-        for fit, held in GroupKFold(n_splits=5).split(x, groups=interval):
-            est = HistGradientBoostingRegressor(max_iter=300, random_state=seed)
-            est.fit(x[fit], y[fit, column])
-            error[held] = np.abs(est.predict(x[held]) - y[held, column])
-        nmae[name] = float(error.sum() / max(np.abs(y[:, column]).sum(), 1e-12))
-    return nmae
+def nmae(error: np.ndarray, target: np.ndarray) -> float:
+    """Mean absolute error over the mean absolute target, from per-row errors."""
+    return float(np.sum(error) / max(np.abs(target).sum(), 1e-12))
 
 
 def replica_rows(
     scenario_name: str, replicas: int, intervals: int, interval: int, seed: int, noise: float
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Every replica's rows: features, targets, group (the same interval, node and service
-    across replicas) and interval index."""
+    across replicas) and interval index. The replicas' seeds are spawned apart from the ones
+    commissioning uses, so none of them replays the system model's training data."""
     scenario = dataclasses.replace(load_scenario(scenario_name), events=())
+    streams = np.random.SeedSequence([seed, 0xF100]).spawn(replicas + 2)
     envs = [
         EdgeEnv(
             scenario,
             num_envs=1,
             action_mode="neighbours",
-            seed=seed * 10_000 + r,
+            seed=int(stream.generate_state(1)[0]),
             track_servers=True,
         )
-        for r in range(replicas)
+        for stream in streams[:replicas]
     ]
     policy = build_policy("default", envs[0], seed)
-    routing_rng = np.random.default_rng(seed + 7919)
-    telemetry_rng = np.random.default_rng(seed + 104729)
+    routing_rng, telemetry_rng = (np.random.default_rng(s) for s in streams[replicas:])
     obs = [env.reset() for env in envs]
     features, targets, groups, indices = [], [], [], []
     for t in tqdm(range(intervals), desc=scenario_name, leave=False):
@@ -117,22 +113,33 @@ def replica_rows(
     return x[keep], y[keep], g[keep], t[keep]
 
 
-def group_errors(x: np.ndarray, y: np.ndarray, group: np.ndarray) -> dict:
-    """The floor and the spread (normalised MAE per latency) over groups of at least eight
-    rows (fewer replicas served it: too few rows for a four-term fit)."""
-    ids, sizes = np.unique(group, return_counts=True)
-    members = [group == g for g in ids[sizes >= 8]]
-    result: dict = {"groups": len(members), "floor_nmae": {}, "spread_nmae": {}}
-    for name, column in LATENCIES.items():
-        floor = spread = total = 0.0
-        for rows in members:
+def group_errors(x: np.ndarray, y: np.ndarray, group: np.ndarray) -> tuple[np.ndarray, ...]:
+    """Per row and latency ``(R, 2)``: the chance error and the distance to the group's
+    median; NaN for rows of groups under 8 rows (too few for a four-term fit) and rows the
+    fit passes through."""
+    floor = np.full((len(y), len(LATENCIES)), np.nan)
+    spread = floor.copy()
+    order = np.argsort(group, kind="stable")
+    members = np.split(order, np.flatnonzero(np.diff(group[order])) + 1)
+    for rows in (m for m in members if len(m) >= 8):
+        for k, column in enumerate(LATENCIES.values()):
             target = y[rows, column]
-            floor += chance_errors(x[rows, UTILISATION], x[rows, BACKLOG], target).sum()
-            spread += np.abs(target - np.median(target)).sum()
-            total += np.abs(target).sum()
-        result["floor_nmae"][name] = float(floor / max(total, 1e-12))
-        result["spread_nmae"][name] = float(spread / max(total, 1e-12))
-    return result
+            floor[rows, k] = chance_errors(x[rows, UTILISATION], x[rows, BACKLOG], target)
+            spread[rows, k] = np.abs(target - np.median(target))
+    return floor, spread
+
+
+def pooled_errors(x: np.ndarray, y: np.ndarray, block: np.ndarray, seed: int) -> np.ndarray:
+    """Per row and latency ``(R, 2)``: the error of a boosted model fitted on the other
+    blocks of intervals (contiguous, so neighbouring intervals' shared queues do not leak
+    from the fit into the score)."""
+    error = np.zeros((len(y), len(LATENCIES)))
+    for k, column in enumerate(LATENCIES.values()):
+        for fit, held in GroupKFold(n_splits=len(np.unique(block))).split(x, groups=block):
+            est = HistGradientBoostingRegressor(max_iter=300, random_state=seed)
+            est.fit(x[fit], y[fit, column])
+            error[held, k] = np.abs(est.predict(x[held]) - y[held, column])
+    return error
 
 
 def noise_floor(
@@ -145,21 +152,35 @@ def noise_floor(
     noise: float,
 ) -> dict:
     x, y, group, index = replica_rows(scenario_name, replicas, intervals, interval, seed, noise)
+    floor, spread = group_errors(x, y, group)
+    scored = np.isfinite(floor).all(axis=1)
+    if not scored.any():
+        raise ValueError(
+            f"{scenario_name}: no group of at least 8 rows to fit; raise --replicas or --intervals"
+        )
+    pooled = pooled_errors(x, y, index * 5 // intervals, seed)
     scenario = load_scenario(scenario_name)
     model = SystemModel(seed=seed)
     policy = build_policy("default", EdgeEnv(scenario, num_envs=1, action_mode="neighbours"), seed)
     warm_start(model, commissioning_rows(scenario, policy, train, interval, seed, noise))
-    predicted = model.predict(x)
-    return {
-        "scenario": scenario_name,
-        "rows": len(y),
-        **group_errors(x, y, group),
-        "pooled_nmae": pooled_errors(x, y, index, seed),
-        "model_nmae": {
-            name: float(np.abs(predicted[:, c] - y[:, c]).sum() / max(np.abs(y[:, c]).sum(), 1e-12))
-            for name, c in LATENCIES.items()
-        },
+    columns = list(LATENCIES.values())
+    target = y[scored][:, columns]
+    errors = {
+        "floor": floor[scored],
+        "spread": spread[scored],
+        "pooled": pooled[scored],
+        "model": np.abs(model.predict(x[scored])[:, columns] - target),
     }
+    result: dict = {
+        "scenario": scenario_name,
+        "rows": int(scored.sum()),
+        "groups": len(np.unique(group[scored])),
+    }
+    for label, error in errors.items():
+        result[f"{label}_nmae"] = {
+            name: nmae(error[:, k], target[:, k]) for k, name in enumerate(LATENCIES)
+        }
+    return result
 
 
 def main() -> None:
@@ -174,6 +195,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.replicas < 8:
         parser.error("--replicas must be at least 8: the floor fits four terms per group")
+    if args.intervals < 5:
+        parser.error("--intervals must be at least 5: the pooled model is scored on 5 blocks")
     runs = [
         noise_floor(
             name, args.replicas, args.intervals, args.interval, args.train, args.seed, args.noise

@@ -19,14 +19,12 @@ made the held-out error larger, not smaller.
 How accurate can it be? Not very, per interval: a 5-second interval of a node and a
 service is a few dozen requests, and its mean and p95 latency vary a lot with the exact
 arrivals and request sizes even when the features are known exactly. Replicas of the mesh
-under one routing measure that chance (``benchmarks/model_noise_floor.py``): the best
-prediction of the mean latency that knows the routing, the time and the node as well as the
-utilisation and the backlog still errs by 0.14
-(mesh-10x3) and 0.16 (mesh-6x3) of it with 5% measurement noise, 0.10 and 0.12 with none.
-This model errs by 0.22 on the same rows, and so does a boosted model of the same inputs
-fitted on forty times the data from those replicas (0.22 and 0.21): the rest is state that
-the inputs do not carry (the node's identity, the time of day or the routing's expected load
-as further inputs did not lower it, measured once with noise-free replicas).
+under one routing estimate that chance (``benchmarks/model_noise_floor.py``): even knowing
+each interval's routing, time and node besides its utilisation and backlog, a prediction of
+the mean latency errs by about 0.14 (mesh-10x3) and 0.16 (mesh-6x3) of it with 5%
+measurement noise, 0.11 and 0.12 with none. This model errs by 0.21 and 0.22 on the same
+rows, and a boosted model of the same inputs fitted on five times the data from those
+replicas does no better (0.25 and 0.23).
 More rows do not help either: a forest on 360 intervals is as accurate as boosting on 3,000.
 
 Accuracy is measured the honest way for a stream: each new interval's rows are predicted

@@ -210,8 +210,8 @@ def commissioning_routing(
     base policy's own states."""
     base = policy(obs, mask)[0]
     mix = rng.uniform(0.0, 0.7)
-    noise = rng.dirichlet(np.ones(mask.shape[1]), size=mask.shape[0]) * mask
-    return (1 - mix) * base + mix * noise / noise.sum(1, keepdims=True)
+    random_routing = rng.dirichlet(np.ones(mask.shape[1]), size=mask.shape[0]) * mask
+    return (1 - mix) * base + mix * random_routing / random_routing.sum(1, keepdims=True)
 
 
 def commissioning_rows(
