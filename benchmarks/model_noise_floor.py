@@ -2,6 +2,7 @@
 
     python benchmarks/model_noise_floor.py                     # mesh-10x3 and mesh-6x3
     python benchmarks/model_noise_floor.py --noise 0           # exact telemetry
+    python benchmarks/model_noise_floor.py --plot floor.png    # the four errors as bars
     python benchmarks/model_noise_floor.py --scenarios mesh-6x3 --replicas 12 --intervals 10
 
 The system model predicts a node's mean and p95 latency over an interval from its utilisation,
@@ -49,6 +50,8 @@ from simulator.scenario import load_scenario
 
 LATENCIES = {"mean_ms": MEAN_MS, "p95_ms": P95_MS}
 UTILISATION, BACKLOG = 0, 2  # feature columns
+TARGET_NMAE = 0.10
+"""The held-out error asked of the system model, drawn in the plot for comparison."""
 
 
 def chance_errors(utilisation: np.ndarray, backlog: np.ndarray, y: np.ndarray) -> np.ndarray:
@@ -183,6 +186,28 @@ def noise_floor(
     return result
 
 
+def plot(runs: list[dict], path: str, target: float = TARGET_NMAE) -> None:
+    """The four errors of the mean latency per scenario as bars, against the target."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = ("floor", "spread", "pooled", "model")
+    fig, ax = plt.subplots(figsize=(7, 4))
+    width = 0.8 / len(labels)
+    for i, label in enumerate(labels):
+        heights = [r[f"{label}_nmae"]["mean_ms"] for r in runs]
+        ax.bar(np.arange(len(runs)) + i * width, heights, width, label=label)
+    ax.axhline(target, color="k", ls="--", lw=0.8, label=f"target {target:g}")
+    ax.set_xticks(np.arange(len(runs)) + width * (len(labels) - 1) / 2)
+    ax.set_xticklabels([r["scenario"] for r in runs])
+    ax.set(ylabel="normalised MAE of the mean latency", title="how much of an interval is chance")
+    ax.legend(ncols=5, fontsize="small", loc="upper center", bbox_to_anchor=(0.5, -0.1))
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
 def main() -> None:
     parser = parser_from_doc("model_noise_floor.py", __doc__)
     parser.add_argument("--scenarios", nargs="+", default=["mesh-10x3", "mesh-6x3"])
@@ -192,6 +217,7 @@ def main() -> None:
     parser.add_argument("--train", type=int, default=360, help="intervals the model learns")
     parser.add_argument("--noise", type=float, default=0.05, help="relative telemetry noise")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--plot", metavar="PNG", help="the four errors per scenario as bars")
     args = parser.parse_args()
     if args.replicas < 8:
         parser.error("--replicas must be at least 8: the floor fits four terms per group")
@@ -203,6 +229,8 @@ def main() -> None:
         )
         for name in tqdm(args.scenarios, desc="noise floor")
     ]
+    if args.plot:
+        plot(runs, args.plot)
     print(
         json.dumps(
             {

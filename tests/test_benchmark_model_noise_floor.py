@@ -66,8 +66,9 @@ def run(*extra: str) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def test_a_tiny_run_reports_floor_spread_pooled_and_model_on_the_same_rows():
-    report = run()
+def test_a_tiny_run_reports_floor_spread_pooled_and_model_on_the_same_rows(tmp_path):
+    report = run("--plot", str(tmp_path / "floor.png"))
+    assert (tmp_path / "floor.png").stat().st_size > 10_000
     assert report["replicas"] == 8 and report["intervals"] == 14 and report["noise"] == 0.05
     (result,) = report["runs"]
     assert result["scenario"] == "mesh-6x3"
