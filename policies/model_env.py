@@ -71,7 +71,11 @@ over six seeds (24 runs): with a step at 0.85, 21 SLO violations after the third
 mean cost over the oracle of 0.729; ramping from 0.7, 16 and 0.723. Ramping from 0.6 (seeds
 0-2) did worse: 13 violations and 0.710, against the step's 10 and 0.690. The gain from 0.7 is
 within what equivalent settings spread over, but it points the same way on both halves of the
-seeds (6 against 10, 10 against 11), and the cost is lower too."""
+seeds (6 against 10, 10 against 11), and the cost is lower too. Two other prices were
+measured against this one and not kept: a share that keeps rising past the cap, so nodes all
+over it are still pushed to balance (nine seeds: 29 violations against 27, cost 0.709
+against 0.716), and a price on each request's predicted p95 past its service's target
+(seeds 0-2: 8 violations against 6, cost 0.694 against 0.685)."""
 
 
 class ModelEnv:
