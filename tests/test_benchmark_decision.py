@@ -1,23 +1,11 @@
 """The decision latency benchmark: a tiny run prints the JSON it promises, with real
 decisions timed (not fall-backs) on a mesh that fits the bundled checkpoint."""
 
-import json
-import subprocess
-import sys
-from pathlib import Path
-
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "decision.py"
+from benchmark_runner import run_benchmark
 
 
 def test_a_tiny_run_times_decisions_and_prints_one_json_object():
-    out = subprocess.run(
-        [sys.executable, str(SCRIPT), "--agents", "6", "12", "--trials", "3", "--horizon", "2"],
-        capture_output=True,
-        text=True,
-        check=True,
-        timeout=300,
-    )
-    report = json.loads(out.stdout.strip().splitlines()[-1])
+    report = run_benchmark("decision", "--agents", "6", "12", "--trials", "3", "--horizon", "2")
     assert [r["agents"] for r in report["results"]] == [6, 12]
     for result in report["results"]:
         assert result["horizon"] == 2 and result["trials"] == 3

@@ -1,24 +1,12 @@
 """The model accuracy benchmark: a tiny run prints the JSON it promises, scored on rows the
 model never learned from, and the same seed gives the same numbers."""
 
-import json
-import subprocess
-import sys
-from pathlib import Path
-
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "model_accuracy.py"
+from benchmark_runner import run_benchmark
 
 
 def run(*extra: str) -> dict:
     argv = ["--scenarios", "mesh-6x3", "--seeds", "0", "--train", "60", "--test", "12", *extra]
-    out = subprocess.run(
-        [sys.executable, str(SCRIPT), *argv],
-        capture_output=True,
-        text=True,
-        check=True,
-        timeout=300,
-    )
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return run_benchmark("model_accuracy", *argv)
 
 
 def test_a_tiny_run_scores_held_out_rows_and_is_reproducible(tmp_path):

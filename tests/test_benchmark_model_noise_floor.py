@@ -2,15 +2,14 @@
 prints the JSON it promises, the same for the same seed."""
 
 import importlib.util
-import json
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
+from benchmark_runner import BENCHMARKS, run_benchmark
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "model_noise_floor.py"
+SCRIPT = BENCHMARKS / "model_noise_floor.py"
 
 
 def load_benchmark():
@@ -56,14 +55,7 @@ def run(*extra: str) -> dict:
     # 25-step intervals: mesh-6x3's 300-step episode ends after 12, so the run starts another.
     argv = ["--scenarios", "mesh-6x3", "--replicas", "8", "--intervals", "14", "--interval", "25"]
     argv += ["--train", "30"]
-    out = subprocess.run(
-        [sys.executable, str(SCRIPT), *argv, *extra],
-        capture_output=True,
-        text=True,
-        check=True,
-        timeout=300,
-    )
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return run_benchmark("model_noise_floor", *argv, *extra)
 
 
 def test_a_tiny_run_reports_floor_spread_pooled_and_model_on_the_same_rows(tmp_path):

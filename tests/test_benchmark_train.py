@@ -2,21 +2,17 @@
 head it is asked for is the one the runs train."""
 
 import json
-import subprocess
-import sys
-from pathlib import Path
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "train.py"
+from benchmark_runner import run_benchmark
 
 
 def test_a_tiny_run_reports_every_seed_and_trains_the_requested_action_head(tmp_path):
-    cmd = [
-        sys.executable, str(SCRIPT), "--scenario", "dfaas-2", "--seeds", "0", "1",
+    argv = [
+        "--scenario", "dfaas-2", "--seeds", "0", "1",
         "--env-steps", "1500", "--eval-episodes", "2", "--action-mode", "neighbours",
         "--set", "num_envs=4", "--set", "rollout_steps=32", "--out", str(tmp_path),
     ]  # fmt: skip
-    out = subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=600)
-    report = json.loads(out.stdout.strip().splitlines()[-1])
+    report = run_benchmark("train", *argv)
     assert report["action_mode"] == "neighbours"
     assert [run["seed"] for run in report["seeds"]] == [0, 1]
     for run in report["seeds"]:

@@ -2,19 +2,17 @@
 fits the bundled checkpoint, and a tiny run prints the JSON it promises."""
 
 import importlib.util
-import json
-import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
+from benchmark_runner import BENCHMARKS, run_benchmark
 from marl_operator.observer import Observer
 from marl_operator.problem import build_problem
 from marl_operator.prometheus import PrometheusReader
 from marl_operator.spec import parse_policy_spec
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "operator_scale.py"
+SCRIPT = BENCHMARKS / "operator_scale.py"
 
 
 @pytest.fixture(scope="module")
@@ -53,14 +51,7 @@ def test_mesh_fits_the_checkpoint_and_the_stub_answers_every_template(bench):
 @pytest.mark.integration
 def test_tiny_run_prints_the_json_contract():
     args = ["--policies", "2", "--nodes", "3", "--interval", "5", "--duration", "6"]
-    done = subprocess.run(
-        [sys.executable, str(SCRIPT), *args, "--warmup", "2"],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    out = json.loads(done.stdout.strip().splitlines()[-1])
+    out = run_benchmark("operator_scale", *args, "--warmup", "2", timeout=300)
     for key in ("cpu_cores_mean", "rss_mb_peak", "cycles_per_s", "expected_cycles_per_s"):
         assert isinstance(out[key], float), key
     assert out["policies_cycled"] == 2 and out["cycles"] >= 2

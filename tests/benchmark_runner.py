@@ -1,0 +1,21 @@
+"""Runs a benchmark script as its users do and reads the JSON object its output ends with."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def run_benchmark(name: str, *argv: str, timeout: float = 600) -> dict:
+    """``python benchmarks/<name>.py ARGV``; the last line it prints, parsed. A failed run
+    fails the test with the end of its stderr, where the reason is."""
+    done = subprocess.run(
+        [sys.executable, str(BENCHMARKS / f"{name}.py"), *argv],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
