@@ -14,7 +14,6 @@ that error could go at all is ``benchmarks/model_noise_floor.py``'s question.
 
 from __future__ import annotations
 
-import argparse
 import json
 
 import numpy as np
@@ -22,6 +21,7 @@ from tqdm import tqdm
 
 from policies.system_model import TARGETS, SystemModel, score
 from simulator.adapt import commissioning_rows, warm_start
+from simulator.cli import parser_from_doc
 from simulator.env import EdgeEnv
 from simulator.episodes import build_policy
 from simulator.scenario import load_scenario
@@ -77,7 +77,7 @@ def plot(held: list[tuple[dict, np.ndarray, np.ndarray]], path: str) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = parser_from_doc("model_accuracy.py", __doc__)
     parser.add_argument("--scenarios", nargs="+", default=["mesh-10x3", "mesh-6x3"])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--train", type=int, default=360, help="intervals learned from")

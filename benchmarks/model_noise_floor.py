@@ -41,12 +41,13 @@ from sklearn.model_selection import GroupKFold
 from tqdm import tqdm
 
 from policies.adaptation import model_rows
+from policies.rollout import Policy
 from policies.system_model import MEAN_MS, P95_MS, SystemModel
 from simulator.adapt import IntervalRecorder, commissioning_routing, commissioning_rows, warm_start
 from simulator.cli import parser_from_doc
 from simulator.env import EdgeEnv
 from simulator.episodes import build_policy
-from simulator.scenario import load_scenario
+from simulator.scenario import Scenario, load_scenario
 
 LATENCIES = {"mean_ms": MEAN_MS, "p95_ms": P95_MS}
 UTILISATION, BACKLOG = 0, 2  # feature columns
@@ -75,12 +76,18 @@ def nmae(error: np.ndarray, target: np.ndarray) -> float:
 
 
 def replica_rows(
-    scenario_name: str, replicas: int, intervals: int, interval: int, seed: int, noise: float
+    scenario: Scenario,
+    policy: Policy,
+    replicas: int,
+    intervals: int,
+    interval: int,
+    seed: int,
+    noise: float,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Every replica's rows: features, targets, group (the same interval, node and service
     across replicas) and interval index. The replicas' seeds are spawned apart from the ones
     commissioning uses, so none of them replays the system model's training data."""
-    scenario = dataclasses.replace(load_scenario(scenario_name), events=())
+    scenario = dataclasses.replace(scenario, events=())
     streams = np.random.SeedSequence([seed, 0xF100]).spawn(replicas + 2)
     envs = [
         EdgeEnv(
@@ -92,11 +99,10 @@ def replica_rows(
         )
         for stream in streams[:replicas]
     ]
-    policy = build_policy("default", envs[0], seed)
     routing_rng, telemetry_rng = (np.random.default_rng(s) for s in streams[replicas:])
     obs = [env.reset() for env in envs]
     features, targets, groups, indices = [], [], [], []
-    for t in tqdm(range(intervals), desc=scenario_name, leave=False):
+    for t in tqdm(range(intervals), desc=scenario.name, leave=False):
         if envs[0].t + interval > scenario.steps:  # a new episode, as commissioning starts one
             obs = [env.reset() for env in envs]
         weights = commissioning_routing(policy, obs[0], envs[0].action_mask(), routing_rng)
@@ -154,7 +160,9 @@ def noise_floor(
     seed: int,
     noise: float,
 ) -> dict:
-    x, y, group, index = replica_rows(scenario_name, replicas, intervals, interval, seed, noise)
+    scenario = load_scenario(scenario_name)
+    policy = build_policy("default", EdgeEnv(scenario, num_envs=1, action_mode="neighbours"), seed)
+    x, y, group, index = replica_rows(scenario, policy, replicas, intervals, interval, seed, noise)
     floor, spread = group_errors(x, y, group)
     scored = np.isfinite(floor).all(axis=1)
     if not scored.any():
@@ -162,9 +170,7 @@ def noise_floor(
             f"{scenario_name}: no group of at least 8 rows to fit; raise --replicas or --intervals"
         )
     pooled = pooled_errors(x, y, index * 5 // intervals, seed)
-    scenario = load_scenario(scenario_name)
     model = SystemModel(seed=seed)
-    policy = build_policy("default", EdgeEnv(scenario, num_envs=1, action_mode="neighbours"), seed)
     warm_start(model, commissioning_rows(scenario, policy, train, interval, seed, noise))
     columns = list(LATENCIES.values())
     target = y[scored][:, columns]
