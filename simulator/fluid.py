@@ -94,11 +94,22 @@ class OracleSchedule:
         return float(cost / max(load, 1e-12))
 
 
-def oracle_schedule(scenario: Scenario, samples: int = 64, seed: int = 0) -> OracleSchedule:
-    """Solve the best static routing of every piece of ``scenario``."""
+def oracle_schedule(
+    scenario: Scenario, samples: int = 64, seed: int = 0, every: int | None = None
+) -> OracleSchedule:
+    """Solve the best static routing of every piece of ``scenario``; with ``every``, pieces
+    are cut further into spans of at most that many steps, each solved for its own
+    expected arrivals (a clairvoyant controller that follows slow load drift, such as a
+    diurnal cycle, which one routing per piece cannot)."""
+    if every is not None and every < 1:
+        raise ValueError(f"every must be at least 1 step, got {every}")
     timeline = Timeline.of(scenario)
     rates = expected_arrivals(scenario, samples, seed)
     pieces = segments(timeline)
+    if every is not None:
+        pieces = [
+            (a, min(a + every, end)) for start, end in pieces for a in range(start, end, every)
+        ]
     models = tuple(
         fluid_model(scenario, rates[start:end].mean(axis=0), timeline.cpu[start])
         for start, end in pieces

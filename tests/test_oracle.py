@@ -116,6 +116,21 @@ def test_scenario_pieces_follow_its_events():
     assert costs[1] > costs[0] and costs[1] > costs[2]
 
 
+def test_oracle_re_solved_every_interval_follows_drift_within_a_piece():
+    surge = load_scenario("mesh-10x3-surge")  # edge-6's infer load is diurnal
+    schedule = oracle_schedule(surge, every=40)
+    # Spans of at most 40 steps, cut at the changes too.
+    assert schedule.pieces[:4] == ((0, 40), (40, 80), (80, 100), (100, 140))
+    assert schedule.pieces[-1] == (280, 300) and len(schedule.pieces) == 9
+    # The diurnal load rises between two spans of one piece, and the routing follows it.
+    edge6_infer = surge.node_names.index("edge-6") * len(surge.services) + 1
+    arrivals = [m.arrivals[edge6_infer] for m in schedule.models]
+    assert arrivals[2] < 0.6 * arrivals[1]  # steps 80-100 against 40-80
+    assert not np.allclose(schedule.weights_at(80), schedule.weights_at(40), atol=1e-3)
+    with pytest.raises(ValueError, match="every"):
+        oracle_schedule(surge, every=0)
+
+
 def test_oracle_policy_routes_around_a_failed_node():
     scenario = load_scenario("mesh-10x3-node-failure")
     env = EdgeEnv(scenario, num_envs=1, seed=0)
