@@ -22,6 +22,7 @@ from the third after each change to the next change or the end.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import sys
@@ -42,7 +43,7 @@ from simulator.cli import parser_from_doc
 from simulator.engine import hist_quantile
 from simulator.env import EdgeEnv, Timeline
 from simulator.episodes import build_policy
-from simulator.fluid import oracle_schedule, segments
+from simulator.fluid import OracleSchedule, oracle_schedule, segments
 from simulator.scenario import Scenario, ScenarioError, load_scenario
 
 CHANGE_SCENARIOS = (
@@ -256,14 +257,20 @@ def run_arm(
     policy: Policy,
     args,
     model: SystemModel | None = None,
+    schedule: OracleSchedule | None = None,
 ) -> list[Cycle]:
-    """One controller through the whole scenario; returns its cycles."""
+    """One controller through the whole scenario; returns its cycles. ``schedule`` is the
+    routing an ``oracle`` arm plays (default: re-solved at each change); callers that run
+    many seeds solve it once."""
     env = EdgeEnv(
         scenario, num_envs=1, action_mode="neighbours", seed=args.seed, track_servers=True
     )
     obs = env.reset()
     rng = np.random.default_rng(args.seed + 104729)
-    schedule = oracle_schedule(scenario, seed=args.seed) if arm == "oracle" else None
+    if arm != "oracle":
+        schedule = None
+    elif schedule is None:
+        schedule = oracle_schedule(scenario, seed=args.seed)
     adapter = None
     if arm == "rollout":
         settings = RolloutSettings(
@@ -321,11 +328,24 @@ def change_cycles(scenario: Scenario, interval: int) -> list[int]:
     return [start // interval for start in starts]
 
 
+def settled_windows(scenario: Scenario, interval: int, cycles: int) -> list[tuple[int, int]]:
+    """``[(first, end), ...]`` cycles from the third after each change to the next change or
+    the end: where the ``*_after_3_cycles`` figures are taken (none without changes)."""
+    changes = change_cycles(scenario, interval)
+    ends = [*changes[1:], cycles]
+    return [(c + 3, nxt) for c, nxt in zip(changes, ends, strict=False) if c + 3 < nxt]
+
+
+def violations_where_clean(cycles: list[Cycle], reference: list[Cycle], at: Iterable[int]) -> int:
+    """Services that missed their target in ``cycles``, counted over the cycles ``at`` in
+    which ``reference`` (the oracle) missed none."""
+    return sum(len(cycles[i].slo_violations) for i in at if not reference[i].slo_violations)
+
+
 def summarise(scenario: Scenario, results: dict[str, list[Cycle]], interval: int) -> dict:
     cycles = len(results["oracle"])
     changes = change_cycles(scenario, interval)
-    ends = [*changes[1:], cycles] if changes else []  # a scenario without changes has none
-    windows = [(c + 3, nxt) for c, nxt in zip(changes, ends, strict=True) if c + 3 < nxt]
+    windows = settled_windows(scenario, interval, cycles)
     after = [i for lo, hi in windows for i in range(lo, hi)]
     out: dict = {"scenario": scenario.name, "cycles": cycles, "change_cycles": changes}
     oracle = np.array([c.cost for c in results["oracle"]])
@@ -339,10 +359,9 @@ def summarise(scenario: Scenario, results: dict[str, list[Cycle]], interval: int
         out[f"{arm}_cost_per_request_s"] = float(np.mean([c.cost for c in cs]))
         out[f"{arm}_latency_ms"] = float(np.mean([c.latency_ms for c in cs]))
         out[f"{arm}_lost_pct"] = float(np.mean([c.lost_pct for c in cs]))
-    oracle_ok = {i for i in after if not results["oracle"][i].slo_violations}
     for arm in ("base", "rollout"):
-        out[f"{arm}_slo_violations_after_3_cycles"] = sum(
-            len(results[arm][i].slo_violations) for i in sorted(oracle_ok)
+        out[f"{arm}_slo_violations_after_3_cycles"] = violations_where_clean(
+            results[arm], results["oracle"], after
         )
     out["slo_violations_after_3_cycles"] = out["rollout_slo_violations_after_3_cycles"]
     # The same count over every interval after the third cycle, the oracle's own included:
@@ -387,7 +406,8 @@ def plot(scenario: Scenario, results: dict[str, list[Cycle]], interval: int, pat
     fig.savefig(path, dpi=110)
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of the loop, also the settings other scripts run it with."""
     parser = parser_from_doc("python -m simulator.adapt", __doc__)
     parser.add_argument("--scenario", default="mesh-10x3-capacity-drop")
     parser.add_argument("--policy", default="default", help="checkpoint (default: bundled)")
@@ -444,22 +464,39 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true", help="end with one JSON object")
     parser.add_argument("--plot", metavar="PNG")
     parser.add_argument("--list-scenarios", action="store_true")
-    args = parser.parse_args(argv)
-    if args.list_scenarios:
-        print(json.dumps(list(CHANGE_SCENARIOS)) if args.json else "\n".join(CHANGE_SCENARIOS))
-        return 0
-    try:
-        scenario = load_scenario(args.scenario)
-        env = EdgeEnv(scenario, num_envs=1, action_mode="neighbours")
-        policy = build_policy(args.policy, env, args.seed)
-    except (ScenarioError, PolicyError, checkpoint.CheckpointError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    return parser
+
+
+def load(args) -> tuple[Scenario, Policy]:
+    """The scenario and the base policy ``args`` name (ScenarioError, PolicyError or
+    CheckpointError saying what is wrong)."""
+    scenario = load_scenario(args.scenario)
+    env = EdgeEnv(scenario, num_envs=1, action_mode="neighbours")
+    return scenario, build_policy(args.policy, env, args.seed)
+
+
+def warm_model(scenario: Scenario, policy: Policy, args) -> SystemModel:
+    """The system model rollout starts from: fitted on ``args.warmup`` commissioning
+    intervals of the scenario without its changes."""
     model = SystemModel(regressor=args.regressor, seed=args.seed)
     warm_start(
         model,
         commissioning_rows(scenario, policy, args.warmup, args.interval, args.seed, args.noise),
     )
+    return model
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.list_scenarios:
+        print(json.dumps(list(CHANGE_SCENARIOS)) if args.json else "\n".join(CHANGE_SCENARIOS))
+        return 0
+    try:
+        scenario, policy = load(args)
+    except (ScenarioError, PolicyError, checkpoint.CheckpointError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    model = warm_model(scenario, policy, args)
     results = {}
     for arm in tqdm(ARMS, desc=scenario.name, disable=args.json):
         results[arm] = run_arm(arm, scenario, policy, args, model if arm == "rollout" else None)
