@@ -21,6 +21,10 @@ shedding load onto the same neighbour) chooses again against what the others did
 meshes two rounds already find a lower predicted cost than one sequential pass over every
 agent, in less time (``benchmarks/decision.py``).
 
+The search may also start from the last decision, where that is predicted cheaper than the
+base policy's action: after a change the base action can lie far from a good routing, and a
+few rounds from it reach less far than the same rounds from where the last interval got to.
+
 Each accepted move lowers the joint routing's predicted cost, so under an exact model the
 decision is never worse than the base policy. The candidates grow linearly with the number
 of agents, not exponentially as a joint search would.
@@ -145,6 +149,14 @@ def candidates(action: np.ndarray, mask: np.ndarray, steps) -> np.ndarray:
 OUTSIDE_DATA = "the base routing leads outside the model's data"
 
 
+def routable(weights: np.ndarray | None, mask: np.ndarray) -> bool:
+    """Whether ``weights`` ``(A, K+2)`` is a routing of the mesh ``mask`` describes: the same
+    agents and slots, and nothing on a masked entry."""
+    if weights is None or weights.shape != mask.shape:
+        return False
+    return not np.any(np.where(mask, 0.0, weights) > 1e-9)
+
+
 class Rollout:
     """Decides routings for one mesh with a base policy, a model and settings."""
 
@@ -164,11 +176,20 @@ class Rollout:
         table: LatencyTable | None,
         fallback: str | None = None,
         base: np.ndarray | None = None,
+        incumbent: np.ndarray | None = None,
     ) -> Decision:
         """The rollout routing for ``state``. With ``fallback`` set (e.g. the model is not
         trusted), or when the base routing itself leads outside the model's data, the base
         action is returned unchanged with the reason. ``base`` is the base policy's action
-        for ``state`` when the caller has it already."""
+        for ``state`` when the caller has it already.
+
+        ``incumbent`` (say, the last decision) is a second place for the search to start:
+        after a change the base action can lie far from a good routing, and the rounds of
+        moves from it reach less far than the same rounds from where the last decision got
+        to. It is scored with the base action in one model call, and the search starts from
+        it only if it is predicted cheaper by the margin, so the decision is still never
+        predicted worse than the base action. One that routes onto a masked entry (a node
+        that went down) is ignored."""
         start = time.perf_counter()
         mask = self.env.action_mask(state)
         base = self.base_action(state) if base is None else base
@@ -181,8 +202,12 @@ class Rollout:
             fallback, base_score = OUTSIDE_DATA, current_score
         else:
             futures = self._futures(state)
-            base_score = float(self._score(state, base[None], mask, table, futures)[0])
-            current_score = base_score
+            starts = [base] if not routable(incumbent, mask) else [base, incumbent]
+            scores = self._score(state, np.stack(starts), mask, table, futures)
+            base_score = current_score = float(scores[0])
+            if len(starts) > 1 and scores[1] < base_score * (1.0 - self.settings.margin):
+                current, current_score = incumbent.copy(), float(scores[1])
+                changed = np.flatnonzero(np.any(current != base, axis=1)).tolist()
             for _ in range(self.settings.rounds):
                 current, current_score, moved = self._round(
                     state, current, current_score, mask, table, futures

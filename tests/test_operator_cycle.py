@@ -8,7 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
-from marl_operator.controller import decision_table
+from marl_operator.controller import decision_table, table_weights
 from marl_operator.guard import fallback_table, limit_step
 from marl_operator.kube import Forbidden
 from marl_operator.observer import InsufficientData, Observer
@@ -208,6 +208,25 @@ def test_decision_table_spreads_reject_and_respects_min_weight():
     assert table["edge-2"]["edge-2"] == 90
     with pytest.raises(ValueError, match="not a distribution"):
         decision_table(p, np.full((3, 5), np.nan), 0)
+
+
+def test_the_routing_in_place_reads_back_as_the_action_it_was_written_from():
+    p = problem()
+    rng = np.random.default_rng(0)
+    mask = np.zeros((3, 5), bool)
+    for agent, node in enumerate(p.topology.nodes):
+        mask[agent, : 1 + len(p.neighbours_of(node))] = True
+    weights = rng.dirichlet(np.ones(5), size=3) * mask
+    weights /= weights.sum(axis=1, keepdims=True)
+    read = table_weights(p, decision_table(p, weights, min_weight=0))
+    assert np.allclose(read, weights, atol=0.006)  # whole points of 100, rounded
+    # A hand-edited row: a route to a node that is no neighbour is left out; a row with no
+    # route of its own keeps everything local.
+    table = decision_table(p, weights, min_weight=0)
+    table["fn"]["edge-1"] = {"edge-1": 50, "elsewhere": 50}
+    table["fn"]["edge-2"] = {}
+    read = table_weights(p, table)
+    assert read[1, 0] == 1.0 and read[2, 0] == 1.0 and read[2, 1:].sum() == 0
 
 
 # -- the cycle ---------------------------------------------------------------------------

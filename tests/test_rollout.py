@@ -166,6 +166,42 @@ def test_agent_by_agent_finds_the_best_joint_action_on_a_tiny_problem():
     assert again.predicted_cost < decision.predicted_cost
 
 
+def fixed(weights: np.ndarray):
+    """A base policy that always answers ``weights`` ``(A, K+2)``."""
+
+    def policy(obs: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        return np.broadcast_to(weights, (*obs.shape[:-2], *weights.shape)).copy()
+
+    return policy
+
+
+def test_the_search_starts_from_the_last_decision_where_it_is_predicted_cheaper():
+    # Small steps and one round: from always-local, a can shed at most a tenth onto b; the
+    # last decision already shed 40%, which the model prices lower. (No lookahead: a fixed
+    # base policy then scores a routing exactly as a start is scored.)
+    _, env, table, state = pair(capacity=(700.0, 1000.0))
+    settings = RolloutSettings(horizon=0, steps=(0.1,), margin=0.01, rounds=1)
+    rollout = Rollout(env, always_local, settings)
+    last = np.array([[0.6, 0.4, 0.0], [1.0, 0.0, 0.0]])
+    from_base = rollout.decide(state, table)
+    assert from_base.weights[0, 1] == pytest.approx(0.1)
+    decision = rollout.decide(state, table, incumbent=last)
+    last_cost = Rollout(env, fixed(last), settings).decide(state, table).base_predicted_cost
+    assert decision.predicted_cost <= last_cost < from_base.predicted_cost
+    assert decision.base_predicted_cost == pytest.approx(from_base.base_predicted_cost)
+    assert decision.changed_agents == (0,) and decision.weights[0, 1] >= 0.4 - 1e-9
+
+    # A last decision predicted worse than the base action (a rejecting everything), or
+    # one routing onto a node that went down, changes nothing.
+    worse = np.array([[0.0, 0.0, 1.0], [1.0, 0.0, 0.0]])
+    assert np.array_equal(rollout.decide(state, table, incumbent=worse).weights, from_base.weights)
+    _, env, table, alone = pair(capacity=(700.0, 0.0))
+    rollout = Rollout(env, always_local, settings)
+    assert np.array_equal(
+        rollout.decide(alone, table, incumbent=last).weights, rollout.decide(alone, table).weights
+    )
+
+
 def test_later_agents_choose_against_earlier_agents_moves():
     # a and c are swamped and share a small idle neighbour b: each alone would shed 30% onto
     # b, both together would swamp it. The screen finds both; scored together, c's move no
@@ -225,13 +261,17 @@ def test_rollout_is_never_worse_than_the_base_policy_under_an_exact_model(seed, 
 
     settings = RolloutSettings(horizon=2, margin=0.0, screen_horizon=screen_horizon)
     rollout = Rollout(env, random_base, settings)
-    decision = rollout.decide(state, table)
-    assert decision.predicted_cost <= decision.base_predicted_cost + 1e-12
-    # Checked independently: play both routings forward on the exact model.
-    assert (
-        _play(env, state, table, decision.weights, random_base, settings)
-        <= _play(env, state, table, decision.base_weights, random_base, settings) + 1e-12
-    )
+    # With or without a last decision to start from (a random routing of the mesh).
+    mask = env.action_mask(state)
+    last = rng.dirichlet(np.ones(mask.shape[1]), size=mask.shape[0]) * mask
+    for incumbent in (None, last / last.sum(axis=1, keepdims=True)):
+        decision = rollout.decide(state, table, incumbent=incumbent)
+        assert decision.predicted_cost <= decision.base_predicted_cost + 1e-12
+        # Checked independently: play both routings forward on the exact model.
+        assert (
+            _play(env, state, table, decision.weights, random_base, settings)
+            <= _play(env, state, table, decision.base_weights, random_base, settings) + 1e-12
+        )
 
 
 def _play(env, state, table, first, policy, settings) -> float:
@@ -537,3 +577,58 @@ def test_a_capacity_change_is_decided_anew_even_where_the_gain_test_would_keep()
     assert adapter.decide().reused
     adapter.observe(_interval(topo, load, cap * np.array([1.0, 1.0 - 1.5 * CAPACITY_CHANGE])))
     assert not adapter.decide().reused
+
+
+def test_the_adapter_offers_its_last_decision_for_a_bounded_chain_of_intervals():
+    """Each decision's search may start from the previous one, until the chain reaches
+    incumbent_intervals or a node's capacity moves past CAPACITY_CHANGE since it began; a
+    fallback leaves nothing to build on."""
+    topo, _, adapter, cap, load = _reusing_pair(0.0)
+    offered = []
+    decide = adapter.rollout.decide
+
+    def spy(*args, incumbent=None, **kwargs):
+        offered.append(incumbent is not None)
+        return decide(*args, incumbent=incumbent, **kwargs)
+
+    adapter.rollout.decide = spy
+    n = adapter.incumbent_intervals
+    for _ in range(n + 2):
+        adapter.observe(_interval(topo, load, cap))
+        adapter.decide()
+    assert offered == [False] + [True] * n + [False]
+
+    offered.clear()
+    drifted = cap * np.array([1.0, 1.0 - CAPACITY_CHANGE / 2])
+    for c in (cap, drifted, drifted * np.array([1.0, 1.0 - CAPACITY_CHANGE])):
+        adapter.observe(_interval(topo, load, c))
+        adapter.decide()
+    # Within the bound since the chain began, then past it (though each step is within it).
+    assert offered == [True, True, False]
+
+    adapter.max_nmae, adapter.prior = -1.0, False  # no model to trust: the base action
+    adapter.observe(_interval(topo, load, cap))
+    assert adapter.decide().fallback is not None
+    adapter.prior = True
+    offered.clear()
+    adapter.observe(_interval(topo, load, cap))
+    adapter.decide()
+    assert offered == [False]
+
+    # A new controller (a restart) is offered the routing it finds in place, if told it.
+    _, _, fresh, _, _ = _reusing_pair(0.0)
+    starts = []
+    fresh_decide = fresh.rollout.decide
+
+    def record(*args, incumbent=None, **kwargs):
+        starts.append(incumbent)
+        return fresh_decide(*args, incumbent=incumbent, **kwargs)
+
+    fresh.rollout.decide = record
+    in_place = np.array([[0.7, 0.3, 0.0], [1.0, 0.0, 0.0]])
+    fresh.observe(_interval(topo, load, cap))
+    fresh.decide(applied=in_place)
+    fresh.observe(_interval(topo, load, cap))
+    fresh.decide(applied=np.array([[0.85, 0.15, 0.0], [1.0, 0.0, 0.0]]))
+    assert np.array_equal(starts[0], in_place)
+    assert np.allclose(starts[1][0], [0.85, 0.15, 0.0])  # what is in place, not the decision

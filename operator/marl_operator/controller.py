@@ -76,6 +76,25 @@ def decision_table(problem: MeshProblem, weights: np.ndarray, min_weight: int) -
     return table
 
 
+def table_weights(problem: MeshProblem, table: RouteTable) -> np.ndarray:
+    """The policy action ``(A, K+2)`` a route table carries (the inverse of
+    :func:`decision_table` up to rounding): each source node's share to itself and to each
+    neighbour, none rejected. Routes to other nodes are left out and the rest renormalised; a
+    node with none of its own routes keeps everything local."""
+    topo = problem.topology
+    s = topo.num_services
+    weights = np.zeros((topo.num_agents, topo.max_degree + 2))
+    for agent in range(topo.num_agents):
+        node, service = topo.nodes[agent // s], topo.services[agent % s]
+        row = table.get(service, {}).get(node, {})
+        targets = [node, *problem.neighbours_of(node)]
+        shares = np.array([float(row.get(target, 0)) for target in targets])
+        if shares.sum() <= 0:
+            shares[0] = 1.0
+        weights[agent, : len(targets)] = shares / shares.sum()
+    return weights
+
+
 def even_table(problem: MeshProblem) -> RouteTable:
     """What a plain Kubernetes Service does without route objects: every node equally."""
     names = problem.topology.nodes
@@ -150,7 +169,7 @@ class PolicyController:
         except (MetricsUnavailable, InsufficientData) as error:
             return self._failed(f"metrics: {error}", live)
         self.adapter.observe(telemetry)
-        decision = self._decide()
+        decision = self._decide(live)
         try:
             proposed = decision_table(self.problem, decision.weights, self.spec.safety.min_weight)
         except ValueError as error:
@@ -203,11 +222,13 @@ class PolicyController:
                 raise MetricsUnavailable(str(error)) from error
         return out
 
-    def _decide(self) -> Decision:
+    def _decide(self, live: RouteTable) -> Decision:
         adapter = self.adapter
         if not self.spec.rollout.enabled:
             return adapter.rollout.decide(adapter.state(), None, fallback="rollout disabled")
-        return adapter.decide()
+        # The routing in place, not this process's last decision: the guard may have written
+        # less of it, and after a restart it is all there is to build on.
+        return adapter.decide(applied=table_weights(self.problem, live))
 
     def _failed(self, reason: str, live: RouteTable) -> CycleReport:
         if not self.failures.failed():
