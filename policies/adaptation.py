@@ -114,7 +114,8 @@ class _Chain(NamedTuple):
 
 CAPACITY_CHANGE = 0.2
 """A node's capacity moving by more than this share since a kept decision was made calls for
-a new one (measurement noise is a few percent)."""
+a new one, and ends a chain of decisions built on each other (measurement noise is a few
+percent)."""
 
 
 class Adapter:
@@ -160,8 +161,8 @@ class Adapter:
             intervals instead of being found again from the base action each time; after this
             many decisions in a row, or once a node's capacity moved by more than
             ``CAPACITY_CHANGE`` since the chain began, one decision starts from the base action
-            alone (0: always). A chain builds on what the model predicted, so the longer it
-            runs the more it follows the model's errors rather than the mesh.
+            alone (0: every decision does). A chain builds on what the model predicted, so
+            the longer it runs the more it follows the model's errors rather than the mesh.
             Measured with ``python -m simulator.adapt --prior`` on the four change scenarios,
             seeds 0-2, against always starting from the base action (6 SLO violations after
             the third cycle, mean cost over the oracle 0.685): with no bound, 4 and 0.703
