@@ -6,9 +6,9 @@
 Each trial draws new arrivals on a ring-with-chords mesh (maximum degree 3, one service per
 node, so agent instances = nodes), and times one full decision: every agent visited, every
 candidate scored by one step plus ``horizon`` base-policy steps on the model, decided as the
-operator decides (routes only, under the utilisation cap). The latency
-table comes from a system model fitted on synthetic rows once (refits happen between
-decisions, not inside them).
+operator decides (routes only, under the utilisation cap, the routing in place offered as a
+second start: here the last trial's decision). The latency table comes from a system model
+fitted on synthetic rows once (refits happen between decisions, not inside them).
 """
 
 from __future__ import annotations
@@ -81,6 +81,7 @@ def measure(agents: int, horizon: int, trials: int, seed: int) -> dict:
     model = synthetic_model(seed)
     rollout = Rollout(env, policy, RolloutSettings(horizon=horizon, seed=seed))
     times, changed, fallbacks = [], [], 0
+    in_place = None  # the routing the operator finds written: the last decision
     for trial in range(trials + 1):
         cap = rng.uniform(600, 1500, agents)
         arrivals = cap / 10.0 * rng.uniform(0.3, 0.95, agents)
@@ -99,8 +100,9 @@ def measure(agents: int, horizon: int, trials: int, seed: int) -> dict:
         state = MeshState(arrivals, cap, np.zeros(n), tel)
         table = model.table(env.service_ms(cap))
         start = time.perf_counter()
-        decision = rollout.decide(state, table)
+        decision = rollout.decide(state, table, incumbent=in_place)
         elapsed = 1000.0 * (time.perf_counter() - start)
+        in_place = decision.weights
         if not trial:  # the first call warms caches
             continue
         if decision.fallback is not None:  # no lookahead ran: not a decision's latency
