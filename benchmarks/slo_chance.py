@@ -61,16 +61,16 @@ def slo_chance(name: str, seeds: list[int], arms: list[str], interval: int) -> d
     """Every arm of ``arms`` on scenario ``name`` for each seed; miss rates per interval."""
     args = build_parser().parse_args(["--scenario", name, "--prior", "--interval", str(interval)])
     scenario, _ = load(args)
-    every = None
+    per_interval = None
     if "oracle-per-interval" in arms:  # solved once: it depends on the scenario, not the seed
-        every = oracle_schedule(scenario, samples=256, every=interval)
+        per_interval = oracle_schedule(scenario, samples=256, every=interval)
     runs: dict[str, list[list[Cycle]]] = {arm: [] for arm in dict.fromkeys(["oracle", *arms])}
     for seed in tqdm(seeds, desc=name):
         run_args = argparse.Namespace(**{**vars(args), "seed": seed})
         _, policy = load(run_args)
         model = warm_model(scenario, policy, run_args) if "rollout" in runs else None
         for arm in runs:
-            schedule = every if arm == "oracle-per-interval" else None
+            schedule = per_interval if arm == "oracle-per-interval" else None
             kind = "oracle" if arm.startswith("oracle") else arm
             runs[arm].append(run_arm(kind, scenario, policy, run_args, model, schedule))
     summary = chance_summary(runs, settled_windows(scenario, interval, len(runs["oracle"][0])))

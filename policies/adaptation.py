@@ -290,24 +290,23 @@ class Adapter:
     def _incumbent(self, state: MeshState, applied: np.ndarray | None) -> np.ndarray | None:
         """Where the next search may start besides the base action: the routing in place, or
         else the last decision (see incumbent_intervals); None where it must not."""
-        if self._chain is None and applied is not None:  # found in place: a chain of its own
-            self._chain = _Chain(applied, np.asarray(state.capacity, dtype=float), 0)
         chain = self._chain
-        if chain is None or chain.length >= self.incumbent_intervals:
+        if chain is None:  # a routing found in place begins a chain of its own
+            return applied if self.incumbent_intervals > 0 else None
+        if chain.length >= self.incumbent_intervals:
             return None
         if _capacity_moved(state.capacity, chain.capacity):
             return None
         return chain.weights if applied is None else applied
 
     def _extend_chain(self, decision: Decision, state: MeshState, offered: bool) -> None:
+        capacity = np.asarray(state.capacity, dtype=float)
         if decision.fallback is not None:
             self._chain = None  # the base action: nothing to build on
-        elif offered and self._chain is not None:
-            self._chain = self._chain._replace(
-                weights=decision.weights, length=self._chain.length + 1
-            )
+        elif offered:
+            chain = self._chain or _Chain(decision.weights, capacity, 0)
+            self._chain = chain._replace(weights=decision.weights, length=chain.length + 1)
         else:
-            capacity = np.asarray(state.capacity, dtype=float)
             self._chain = _Chain(decision.weights, capacity, 0)
 
     def _unchanged(

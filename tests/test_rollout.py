@@ -579,52 +579,55 @@ def test_a_capacity_change_is_decided_anew_even_where_the_gain_test_would_keep()
     assert not adapter.decide().reused
 
 
+def starts_offered(adapter: Adapter) -> list:
+    """Records, per decision of ``adapter``, the start offered besides the base action."""
+    starts = []
+    decide = adapter.rollout.decide
+
+    def record(*args, incumbent=None, **kwargs):
+        starts.append(incumbent)
+        return decide(*args, incumbent=incumbent, **kwargs)
+
+    adapter.rollout.decide = record
+    return starts
+
+
 def test_the_adapter_offers_its_last_decision_for_a_bounded_chain_of_intervals():
     """Each decision's search may start from the previous one, until the chain reaches
     incumbent_intervals or a node's capacity moves past CAPACITY_CHANGE since it began; a
     fallback leaves nothing to build on."""
     topo, _, adapter, cap, load = _reusing_pair(0.0)
-    offered = []
-    decide = adapter.rollout.decide
+    starts = starts_offered(adapter)
 
-    def spy(*args, incumbent=None, **kwargs):
-        offered.append(incumbent is not None)
-        return decide(*args, incumbent=incumbent, **kwargs)
+    def offered() -> list[bool]:
+        return [start is not None for start in starts]
 
-    adapter.rollout.decide = spy
     n = adapter.incumbent_intervals
     for _ in range(n + 2):
         adapter.observe(_interval(topo, load, cap))
         adapter.decide()
-    assert offered == [False] + [True] * n + [False]
+    assert offered() == [False] + [True] * n + [False]
 
-    offered.clear()
+    starts.clear()
     drifted = cap * np.array([1.0, 1.0 - CAPACITY_CHANGE / 2])
     for c in (cap, drifted, drifted * np.array([1.0, 1.0 - CAPACITY_CHANGE])):
         adapter.observe(_interval(topo, load, c))
         adapter.decide()
     # Within the bound since the chain began, then past it (though each step is within it).
-    assert offered == [True, True, False]
+    assert offered() == [True, True, False]
 
     adapter.max_nmae, adapter.prior = -1.0, False  # no model to trust: the base action
     adapter.observe(_interval(topo, load, cap))
     assert adapter.decide().fallback is not None
     adapter.prior = True
-    offered.clear()
+    starts.clear()
     adapter.observe(_interval(topo, load, cap))
     adapter.decide()
-    assert offered == [False]
+    assert offered() == [False]
 
     # A new controller (a restart) is offered the routing it finds in place, if told it.
     _, _, fresh, _, _ = _reusing_pair(0.0)
-    starts = []
-    fresh_decide = fresh.rollout.decide
-
-    def record(*args, incumbent=None, **kwargs):
-        starts.append(incumbent)
-        return fresh_decide(*args, incumbent=incumbent, **kwargs)
-
-    fresh.rollout.decide = record
+    starts = starts_offered(fresh)
     in_place = np.array([[0.7, 0.3, 0.0], [1.0, 0.0, 0.0]])
     fresh.observe(_interval(topo, load, cap))
     fresh.decide(applied=in_place)
