@@ -3,21 +3,25 @@
     python benchmarks/model_noise_floor.py                     # mesh-10x3 and mesh-6x3
     python benchmarks/model_noise_floor.py --noise 0           # exact telemetry
     python benchmarks/model_noise_floor.py --plot floor.png    # the four errors as bars
+    python benchmarks/model_noise_floor.py --routing rollout   # under the routing rollout plays
     python benchmarks/model_noise_floor.py --scenarios mesh-6x3 --replicas 12 --intervals 10
 
 The system model predicts a node's mean and p95 latency over an interval from its utilisation,
-service time and queued work. What no model of those inputs can predict is how the arrivals
-and request sizes of that particular interval fall. To estimate that part, ``--replicas``
-copies of the calm scenario run side by side, each with its own arrivals, request sizes and
-telemetry noise, under the same routing every interval (``simulator.adapt``'s commissioning
-routing: the base policy mixed with random routings). Rows that share an interval, a node and
-a service then differ by chance: this interval's, and the queues and measurements that
-earlier chance left. Within each such group the prediction is taken to be a smooth function of
-the utilisation and the backlog, fitted by least squares on 1, u, u^2 and the backlog, and
-each residual is scaled by 1 / sqrt(1 - its leverage): so scaled, residuals are as large as
-the noise around the fitted function itself, not as small as a fit on a few dozen rows
-makes them. The floor is an estimate: a group knows its interval's routing, time and node,
-which no model is told, and the quadratic may miss some of how latency bends near saturation.
+service time and queued work. What no model of those inputs can predict is how the arrivals and
+request sizes of that particular interval fall. To estimate that part, ``--replicas`` copies of
+the calm scenario run side by side, each with its own arrivals, request sizes and telemetry
+noise, under the same routing every interval. That routing is ``--routing``: ``commissioning``,
+``simulator.adapt``'s commissioning routing (the base policy mixed with random routings: the
+rows the system model starts from), or ``rollout``, the routings rollout decided, interval by
+interval, in a run of ``simulator.adapt``'s live loop on the calm scenario (the rows the model
+sees once it runs, at the loads rollout keeps). Rows that share an interval, a node and a
+service then differ by chance: this interval's, and the queues and measurements that earlier
+chance left. Within each such group the prediction is taken to be a smooth function of the
+utilisation and the backlog, fitted by least squares on 1, u, u^2 and the backlog, and each
+residual is scaled by 1 / sqrt(1 - its leverage): so scaled, residuals are as large as the
+noise around the fitted function itself, not as small as a fit on a few dozen rows makes them.
+The floor is an estimate: a group knows its interval's routing, time and node, which no model
+is told, and the quadratic may miss some of how latency bends near saturation.
 
 Reported per scenario, each as normalised MAE (mean absolute error over the mean target, the
 figure the system model is judged by), all on the same rows (those of groups with at least 8
@@ -27,13 +31,15 @@ error of one gradient-boosted model of the system model's three inputs fitted on
 replicas' own rows, scored on a fifth of the intervals it did not see (five contiguous
 blocks in turn): what a model of these inputs reaches with five times the system model's
 data, from the same routings; and ``model``, the error of the system model fitted on
-``--train`` intervals of commissioning data. The last line is one JSON object.
+``--train`` intervals of commissioning data (with ``--routing rollout``, as the live run left
+it: also fitted on the run's own intervals). The last line is one JSON object.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Callable
 
 import numpy as np
 from sklearn.ensemble import HistGradientBoostingRegressor
@@ -43,7 +49,15 @@ from tqdm import tqdm
 from policies.adaptation import model_rows
 from policies.rollout import Policy
 from policies.system_model import MEAN_MS, P95_MS, SystemModel
-from simulator.adapt import IntervalRecorder, commissioning_routing, commissioning_rows, warm_start
+from simulator.adapt import (
+    IntervalRecorder,
+    build_parser,
+    commissioning_routing,
+    commissioning_rows,
+    run_arm,
+    warm_model,
+    warm_start,
+)
 from simulator.cli import parser_from_doc
 from simulator.env import EdgeEnv
 from simulator.episodes import build_policy
@@ -75,20 +89,47 @@ def nmae(error: np.ndarray, target: np.ndarray) -> float:
     return float(np.sum(error) / max(np.abs(target).sum(), 1e-12))
 
 
-def replica_rows(
+Routing = Callable[[int, np.ndarray, np.ndarray], np.ndarray]
+"""``routing(interval, observation, action mask) -> weights``: what every replica plays."""
+
+
+def commissioning(policy: Policy, rng: np.random.Generator) -> Routing:
+    """The commissioning routing, drawn afresh each interval from ``rng``."""
+    return lambda _, obs, mask: commissioning_routing(policy, obs, mask, rng)
+
+
+def rollout_routings(
     scenario: Scenario,
     policy: Policy,
+    intervals: int,
+    interval: int,
+    train: int,
+    seed: int,
+    noise: float,
+) -> tuple[Routing, SystemModel]:
+    """The routings rollout decides in ``simulator.adapt``'s live loop on ``scenario`` (run
+    exactly as its command line runs it, with ``--prior``), and the system model as the run
+    left it."""
+    argv = ["--prior", "--interval", str(interval), "--warmup", str(train)]
+    args = build_parser().parse_args([*argv, "--seed", str(seed), "--noise", str(noise)])
+    model = warm_model(scenario, policy, args)
+    cycles = run_arm("rollout", scenario, policy, args, model)
+    weights = [np.asarray(c.weights, dtype=float) for c in cycles]
+    return (lambda t, _obs, _mask: weights[t]), model
+
+
+def replica_rows(
+    scenario: Scenario,
+    routing: Routing,
     replicas: int,
     intervals: int,
     interval: int,
-    seed: int,
+    streams: list[np.random.SeedSequence],
     noise: float,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Every replica's rows: features, targets, group (the same interval, node and service
-    across replicas) and interval index. The replicas' seeds are spawned apart from the ones
-    commissioning uses, so none of them replays the system model's training data."""
-    scenario = dataclasses.replace(scenario, events=())
-    streams = np.random.SeedSequence([seed, 0xF100]).spawn(replicas + 2)
+    across replicas) and interval index. Each replica's arrivals come from one of
+    ``streams`` and the telemetry noise from the one after them."""
     envs = [
         EdgeEnv(
             scenario,
@@ -99,13 +140,13 @@ def replica_rows(
         )
         for stream in streams[:replicas]
     ]
-    routing_rng, telemetry_rng = (np.random.default_rng(s) for s in streams[replicas:])
+    telemetry_rng = np.random.default_rng(streams[replicas])
     obs = [env.reset() for env in envs]
     features, targets, groups, indices = [], [], [], []
     for t in tqdm(range(intervals), desc=scenario.name, leave=False):
         if envs[0].t + interval > scenario.steps:  # a new episode, as commissioning starts one
             obs = [env.reset() for env in envs]
-        weights = commissioning_routing(policy, obs[0], envs[0].action_mask(), routing_rng)
+        weights = routing(t, obs[0], envs[0].action_mask())
         for r, env in enumerate(envs):
             recorder = IntervalRecorder(env)
             for _ in range(interval):
@@ -159,10 +200,22 @@ def noise_floor(
     train: int,
     seed: int,
     noise: float,
+    routing: str = "commissioning",
 ) -> dict:
-    scenario = load_scenario(scenario_name)
+    scenario = dataclasses.replace(load_scenario(scenario_name), events=())
     policy = build_policy("default", EdgeEnv(scenario, num_envs=1, action_mode="neighbours"), seed)
-    x, y, group, index = replica_rows(scenario, policy, replicas, intervals, interval, seed, noise)
+    # The replicas' seeds are spawned apart from the ones commissioning and the live loop
+    # use, so none of them replays the system model's training data.
+    streams = np.random.SeedSequence([seed, 0xF100]).spawn(replicas + 2)
+    if routing == "commissioning":
+        play = commissioning(policy, np.random.default_rng(streams[replicas]))
+        model = SystemModel(seed=seed)
+        warm_start(model, commissioning_rows(scenario, policy, train, interval, seed, noise))
+    else:  # one live run as long as the replicas' (its episode is stretched to fit)
+        scenario = dataclasses.replace(scenario, steps=max(scenario.steps, intervals * interval))
+        play, model = rollout_routings(scenario, policy, intervals, interval, train, seed, noise)
+    streams = [*streams[:replicas], streams[replicas + 1]]
+    x, y, group, index = replica_rows(scenario, play, replicas, intervals, interval, streams, noise)
     floor, spread = group_errors(x, y, group)
     scored = np.isfinite(floor).all(axis=1)
     if not scored.any():
@@ -170,8 +223,6 @@ def noise_floor(
             f"{scenario_name}: no group of at least 8 rows to fit; raise --replicas or --intervals"
         )
     pooled = pooled_errors(x, y, index * 5 // intervals, seed)
-    model = SystemModel(seed=seed)
-    warm_start(model, commissioning_rows(scenario, policy, train, interval, seed, noise))
     columns = list(LATENCIES.values())
     target = y[scored][:, columns]
     errors = {
@@ -182,8 +233,13 @@ def noise_floor(
     }
     result: dict = {
         "scenario": scenario_name,
+        "routing": routing,
         "rows": int(scored.sum()),
         "groups": len(np.unique(group[scored])),
+        "utilisation": {  # the regime the rows come from
+            "mean": float(np.mean(x[scored, UTILISATION])),
+            "p95": float(np.percentile(x[scored, UTILISATION], 95)),
+        },
     }
     for label, error in errors.items():
         result[f"{label}_nmae"] = {
@@ -223,6 +279,12 @@ def main() -> None:
     parser.add_argument("--train", type=int, default=360, help="intervals the model learns")
     parser.add_argument("--noise", type=float, default=0.05, help="relative telemetry noise")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--routing",
+        choices=("commissioning", "rollout"),
+        default="commissioning",
+        help="what every replica plays: commissioning routings, or rollout's in a live run",
+    )
     parser.add_argument("--plot", metavar="PNG", help="the four errors per scenario as bars")
     args = parser.parse_args()
     if args.replicas < 8:
@@ -231,7 +293,14 @@ def main() -> None:
         parser.error("--intervals must be at least 5: the pooled model is scored on 5 blocks")
     runs = [
         noise_floor(
-            name, args.replicas, args.intervals, args.interval, args.train, args.seed, args.noise
+            name,
+            args.replicas,
+            args.intervals,
+            args.interval,
+            args.train,
+            args.seed,
+            args.noise,
+            args.routing,
         )
         for name in tqdm(args.scenarios, desc="noise floor")
     ]
@@ -244,6 +313,7 @@ def main() -> None:
                 "intervals": args.intervals,
                 "noise": args.noise,
                 "seed": args.seed,
+                "routing": args.routing,
                 "runs": runs,
             }
         )

@@ -24,7 +24,9 @@ each interval's routing, time and node besides its utilisation and backlog, a pr
 the mean latency errs by about 0.14 (mesh-10x3) and 0.16 (mesh-6x3) of it with 5%
 measurement noise, 0.11 and 0.12 with none. This model errs by 0.21 and 0.22 on the same
 rows, and a boosted model of the same inputs fitted on five times the data from those
-replicas does no better (0.25 and 0.23).
+replicas does no better (0.25 and 0.23). Those replicas play commissioning's routings, which
+overload some nodes; under the routings rollout decides once running (``--routing rollout``),
+chance alone still errs by 0.12 on both meshes.
 More rows do not help either: a forest on 360 intervals is as accurate as boosting on 3,000.
 
 Accuracy is measured the honest way for a stream: each new interval's rows are predicted

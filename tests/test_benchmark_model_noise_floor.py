@@ -4,6 +4,7 @@ prints the JSON it promises, the same for the same seed."""
 import importlib.util
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -58,12 +59,19 @@ def run(*extra: str) -> dict:
     return run_benchmark("model_noise_floor", *argv, *extra)
 
 
-def test_a_tiny_run_reports_floor_spread_pooled_and_model_on_the_same_rows(tmp_path):
-    report = run("--plot", str(tmp_path / "floor.png"))
-    assert (tmp_path / "floor.png").stat().st_size > 10_000
+@pytest.fixture(scope="module")
+def plotted(tmp_path_factory) -> tuple[dict, Path]:
+    """A tiny run under commissioning routings, with its plot."""
+    path = tmp_path_factory.mktemp("floor") / "floor.png"
+    return run("--plot", str(path)), path
+
+
+def test_a_tiny_run_reports_floor_spread_pooled_and_model_on_the_same_rows(plotted):
+    report, path = plotted
+    assert path.stat().st_size > 10_000
     assert report["replicas"] == 8 and report["intervals"] == 14 and report["noise"] == 0.05
     (result,) = report["runs"]
-    assert result["scenario"] == "mesh-6x3"
+    assert result["scenario"] == "mesh-6x3" and result["routing"] == "commissioning"
     assert result["groups"] > 12 * 18 and result["rows"] >= 8 * result["groups"] * 0.9
     for target in ("mean_ms", "p95_ms"):
         # The state explains part of the replicas' spread; a model knows less than the group.
@@ -71,6 +79,16 @@ def test_a_tiny_run_reports_floor_spread_pooled_and_model_on_the_same_rows(tmp_p
         assert result["floor_nmae"][target] < result["pooled_nmae"][target]
         assert result["model_nmae"][target] > 0
     assert run() == report
+
+
+def test_under_rollouts_routing_the_replicas_run_at_the_loads_rollout_keeps(plotted):
+    """The live loop's routings keep every node near or under rollout's utilisation cap;
+    commissioning's random routings overload some. The floor is estimated on either."""
+    live = run("--routing", "rollout")
+    assert live["routing"] == "rollout" and plotted[0]["routing"] == "commissioning"
+    (busy,), (kept,) = plotted[0]["runs"], live["runs"]
+    assert kept["utilisation"]["p95"] < 0.95 < busy["utilisation"]["p95"]
+    assert 0 < kept["floor_nmae"]["mean_ms"] < kept["spread_nmae"]["mean_ms"]
 
 
 @pytest.mark.parametrize(
