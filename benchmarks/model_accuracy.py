@@ -94,7 +94,8 @@ def main() -> None:
     if args.plot:
         plot(held, args.plot)
     runs = [result for result, _, _ in held]
-    mean = {t: float(np.mean([r["nmae"][t] for r in runs])) for t in TARGETS}
+    scored = {t: [r["nmae"][t] for r in runs if r["nmae"][t] is not None] for t in TARGETS}
+    mean = {t: float(np.mean(v)) if v else None for t, v in scored.items()}
     print(
         json.dumps(
             {

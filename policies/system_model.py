@@ -54,7 +54,7 @@ MEAN_MS, P95_MS, SUCCESS, BACKLOG_S = range(len(TARGETS))
 class Accuracy:
     """Held-out accuracy over recent intervals, per target."""
 
-    nmae: dict[str, float]  # mean absolute error over the mean absolute target
+    nmae: dict[str, float | None]  # mean absolute error over the mean absolute target
     r2: dict[str, float]
     rows: int
 
@@ -65,7 +65,7 @@ class Accuracy:
         is not trusted with the mean either. (The backlog is near zero most of the time, so
         its *normalised* error is large even when its absolute error is a few milliseconds;
         it is reported, not gated on.)"""
-        gated = [v for k, v in self.nmae.items() if k != "backlog_s"]
+        gated = [v for k, v in self.nmae.items() if k != "backlog_s" and v is not None]
         return max(gated) if gated else float("nan")
 
     def as_dict(self) -> dict:
@@ -399,11 +399,15 @@ class SystemModel:
 
 
 def score(y: np.ndarray, p: np.ndarray) -> Accuracy:
-    """Normalised MAE and R^2 of predictions ``p`` against targets ``y`` (rows, TARGETS)."""
+    """Normalised MAE and R^2 of predictions ``p`` against targets ``y`` (rows, TARGETS);
+    the normalised MAE is None for a target that was zero in every row."""
     nmae, r2 = {}, {}
     for i, name in enumerate(TARGETS):
         err = np.abs(y[:, i] - p[:, i])
-        nmae[name] = float(err.mean() / max(np.abs(y[:, i]).mean(), 1e-12))
+        # A target that was zero throughout (no queue in any scored interval) has no scale
+        # to normalise by: None, not an error divided by nothing.
+        scale = float(np.abs(y[:, i]).mean())
+        nmae[name] = float(err.mean() / scale) if scale > 0 else None
         var = float(((y[:, i] - y[:, i].mean()) ** 2).sum())
         r2[name] = float(1.0 - ((y[:, i] - p[:, i]) ** 2).sum() / var) if var > 0 else 1.0
     return Accuracy(nmae=nmae, r2=r2, rows=len(y))

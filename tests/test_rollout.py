@@ -4,6 +4,7 @@ fall-back outside the model's data."""
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 
 import numpy as np
@@ -14,7 +15,7 @@ from policies.model_env import MeshState, ModelEnv
 from policies.observation import MeshTelemetry
 from policies.queueing import queueing_prior
 from policies.rollout import Rollout, RolloutSettings, candidates
-from policies.system_model import TARGETS, LatencyTable, SystemModel
+from policies.system_model import BACKLOG_S, MEAN_MS, TARGETS, LatencyTable, SystemModel, score
 from policies.topology import Topology
 
 UTIL = np.linspace(0.0, 1.6, 33)
@@ -378,6 +379,19 @@ def test_system_model_scores_new_rows_before_learning_them():
     assert acc.r2["mean_ms"] > 0.5
     with pytest.raises(ValueError, match="min_rows"):
         SystemModel(min_rows=10**6).fit()
+
+
+def test_a_target_zero_in_every_row_has_no_normalised_error():
+    """No queue in any scored interval: a millisecond of predicted queue over a mean of
+    nothing is no error figure (it was reported as 1e9)."""
+    y = np.tile([10.0, 30.0, 1.0, 0.0], (4, 1))
+    p = y.copy()
+    p[:, BACKLOG_S] = 0.001
+    p[:, MEAN_MS] = 11.0
+    accuracy = score(y, p)
+    assert accuracy.nmae["backlog_s"] is None
+    assert accuracy.nmae["mean_ms"] == pytest.approx(0.1) and accuracy.worst_nmae == 0.1
+    assert json.loads(json.dumps(accuracy.as_dict()))["nmae"]["backlog_s"] is None
 
 
 def test_system_model_refits_on_a_share_of_new_rows_or_when_the_data_moves():
