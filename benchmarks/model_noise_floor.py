@@ -121,15 +121,14 @@ def rollout_routings(
 def replica_rows(
     scenario: Scenario,
     routing: Routing,
-    replicas: int,
     intervals: int,
     interval: int,
-    streams: list[np.random.SeedSequence],
+    replica_seeds: list[np.random.SeedSequence],
+    telemetry_seed: np.random.SeedSequence,
     noise: float,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Every replica's rows: features, targets, group (the same interval, node and service
-    across replicas) and interval index. Each replica's arrivals come from one of
-    ``streams`` and the telemetry noise from the one after them."""
+    """Every replica's rows (one replica per seed of ``replica_seeds``): features, targets,
+    group (the same interval, node and service across replicas) and interval index."""
     envs = [
         EdgeEnv(
             scenario,
@@ -138,9 +137,9 @@ def replica_rows(
             seed=int(stream.generate_state(1)[0]),
             track_servers=True,
         )
-        for stream in streams[:replicas]
+        for stream in replica_seeds
     ]
-    telemetry_rng = np.random.default_rng(streams[replicas])
+    telemetry_rng = np.random.default_rng(telemetry_seed)
     obs = [env.reset() for env in envs]
     features, targets, groups, indices = [], [], [], []
     for t in tqdm(range(intervals), desc=scenario.name, leave=False):
@@ -206,16 +205,19 @@ def noise_floor(
     policy = build_policy("default", EdgeEnv(scenario, num_envs=1, action_mode="neighbours"), seed)
     # The replicas' seeds are spawned apart from the ones commissioning and the live loop
     # use, so none of them replays the system model's training data.
-    streams = np.random.SeedSequence([seed, 0xF100]).spawn(replicas + 2)
+    *replica_seeds, routing_seed, telemetry_seed = np.random.SeedSequence([seed, 0xF100]).spawn(
+        replicas + 2
+    )
     if routing == "commissioning":
-        play = commissioning(policy, np.random.default_rng(streams[replicas]))
+        play = commissioning(policy, np.random.default_rng(routing_seed))
         model = SystemModel(seed=seed)
         warm_start(model, commissioning_rows(scenario, policy, train, interval, seed, noise))
     else:  # one live run as long as the replicas' (its episode is stretched to fit)
         scenario = dataclasses.replace(scenario, steps=max(scenario.steps, intervals * interval))
         play, model = rollout_routings(scenario, policy, intervals, interval, train, seed, noise)
-    streams = [*streams[:replicas], streams[replicas + 1]]
-    x, y, group, index = replica_rows(scenario, play, replicas, intervals, interval, streams, noise)
+    x, y, group, index = replica_rows(
+        scenario, play, intervals, interval, replica_seeds, telemetry_seed, noise
+    )
     floor, spread = group_errors(x, y, group)
     scored = np.isfinite(floor).all(axis=1)
     if not scored.any():
