@@ -35,6 +35,7 @@ import numpy as np
 from tqdm import tqdm
 
 from simulator.adapt import (
+    CHANGE_SCENARIOS,
     Cycle,
     build_parser,
     change_cycles,
@@ -150,16 +151,7 @@ def plot(results: list[dict], path: str) -> None:
 
 def main() -> None:
     parser = parser_from_doc("slo_chance.py", __doc__)
-    parser.add_argument(
-        "--scenarios",
-        nargs="+",
-        default=[
-            "mesh-10x3-capacity-drop",
-            "mesh-10x3-surge",
-            "mesh-10x3-node-failure",
-            "mesh-10x3-node-added",
-        ],
-    )
+    parser.add_argument("--scenarios", nargs="+", default=list(CHANGE_SCENARIOS))
     parser.add_argument("--seeds", type=int, default=8, help="seeds 0..N-1 per scenario")
     parser.add_argument(
         "--arms",
