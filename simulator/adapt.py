@@ -16,8 +16,10 @@ must, without a reject route (the base policy's reject share spread over its rou
 ``--allow-reject``. The system model starts from
 ``--warmup`` intervals of simulator data of the scenario before its changes.
 
-With ``--json`` the last line is one object; ``*_after_3_cycles`` figures cover the cycles
-from the third after each change to the next change or the end.
+Each cycle is reported as it happened for every controller (a table, or with ``--json`` one
+JSON object per line), then the totals (with ``--json``, the last line is one object).
+``*_after_3_cycles`` figures cover the cycles from the third after each change to the next
+change or the end.
 """
 
 from __future__ import annotations
@@ -336,6 +338,11 @@ def settled_windows(scenario: Scenario, interval: int, cycles: int) -> list[tupl
     return [(c + 3, nxt) for c, nxt in zip(changes, ends, strict=False) if c + 3 < nxt]
 
 
+def counted_cycles(scenario: Scenario, interval: int, cycles: int) -> list[int]:
+    """The cycles the ``*_after_3_cycles`` figures are taken over, in order."""
+    return [i for lo, hi in settled_windows(scenario, interval, cycles) for i in range(lo, hi)]
+
+
 def violations_where_clean(cycles: list[Cycle], reference: list[Cycle], at: Iterable[int]) -> int:
     """Services that missed their target in ``cycles``, counted over the cycles ``at`` in
     which ``reference`` (the oracle) missed none."""
@@ -346,7 +353,7 @@ def summarise(scenario: Scenario, results: dict[str, list[Cycle]], interval: int
     cycles = len(results["oracle"])
     changes = change_cycles(scenario, interval)
     windows = settled_windows(scenario, interval, cycles)
-    after = [i for lo, hi in windows for i in range(lo, hi)]
+    after = counted_cycles(scenario, interval, cycles)
     out: dict = {"scenario": scenario.name, "cycles": cycles, "change_cycles": changes}
     oracle = np.array([c.cost for c in results["oracle"]])
     for arm in ("base", "rollout"):
@@ -376,30 +383,78 @@ def summarise(scenario: Scenario, results: dict[str, list[Cycle]], interval: int
     return out
 
 
+def cycle_report(scenario: Scenario, results: dict[str, list[Cycle]], interval: int) -> list[dict]:
+    """One record per cycle: what each controller's routing cost and missed there, whether the
+    cycle saw a change and whether the ``*_after_3_cycles`` figures count it."""
+    changes = set(change_cycles(scenario, interval))
+    counted = set(counted_cycles(scenario, interval, len(results["oracle"])))
+    records = []
+    for i in range(len(results["oracle"])):
+        record: dict = {"cycle": i, "change": i in changes, "counted": i in counted}
+        for arm in ARMS:
+            c = results[arm][i]
+            record[arm] = {
+                "cost": c.cost,
+                "latency_ms": c.latency_ms,
+                "lost_pct": c.lost_pct,
+                "slo_violations": c.slo_violations,
+            }
+        record["rollout"] |= {
+            "decision_ms": results["rollout"][i].decision_ms,
+            "fallback": results["rollout"][i].fallback,
+        }
+        records.append(record)
+    return records
+
+
+def cycle_table(records: list[dict]) -> str:
+    """The per-cycle records as a table for people: each controller's cost per request in
+    milliseconds, rollout's decision time, and the services over their target. ``*`` marks a
+    change, ``+`` a cycle the ``*_after_3_cycles`` figures count."""
+    head = f"{'cycle':>7} " + " ".join(f"{arm + ' cost ms':>15}" for arm in ARMS)
+    lines = [f"{head} {'decide ms':>9}  rollout misses (oracle's)"]
+    for r in records:
+        mark = ("*" if r["change"] else " ") + ("+" if r["counted"] else " ")
+        costs = " ".join(f"{1000 * r[arm]['cost']:15.1f}" for arm in ARMS)
+        misses = ",".join(r["rollout"]["slo_violations"]) or "-"
+        oracle = ",".join(r["oracle"]["slo_violations"])
+        fallback = f" fallback: {r['rollout']['fallback']}" if r["rollout"]["fallback"] else ""
+        lines.append(
+            f"{mark}{r['cycle']:5d} {costs} {r['rollout']['decision_ms']:9.1f}  {misses}"
+            + (f" ({oracle})" if oracle else "")
+            + fallback
+        )
+    return "\n".join(lines)
+
+
 def plot(scenario: Scenario, results: dict[str, list[Cycle]], interval: int, path: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(10, 7), sharex=True)
+    fig, (latency_ax, cost_ax, weights_ax) = plt.subplots(3, 1, figsize=(10, 9), sharex=True)
     seconds = interval * scenario.step_seconds
-    for arm in ARMS:
-        t = np.arange(len(results[arm])) * seconds
-        ax1.plot(t, [c.cost * 1000 for c in results[arm]], label=arm)
-    ax1.set_ylabel("cost per request (ms)")
-    ax1.set_yscale("log")
-    ax1.legend()
+    for ax, label, value in (
+        (latency_ax, "mean latency (ms)", lambda c: c.latency_ms),
+        (cost_ax, "cost per request (ms)", lambda c: c.cost * 1000),
+    ):
+        for arm in ARMS:
+            t = np.arange(len(results[arm])) * seconds
+            ax.plot(t, [value(c) for c in results[arm]], label=arm)
+        ax.set_ylabel(label)
+        ax.set_yscale("log")
+        ax.legend()
     rollout = np.array([c.weights for c in results["rollout"]])  # (cycles, A, K+2)
     t = np.arange(len(rollout)) * seconds
-    ax2.plot(t, rollout[:, :, 0].mean(axis=1), label="local")
-    ax2.plot(t, rollout[:, :, 1:-1].sum(axis=2).mean(axis=1), label="forwarded")
-    ax2.plot(t, rollout[:, :, -1].mean(axis=1), label="rejected")
-    ax2.set_ylabel("rollout weights (mean over agents)")
-    ax2.set_xlabel("time (s)")
-    ax2.legend()
+    weights_ax.plot(t, rollout[:, :, 0].mean(axis=1), label="local")
+    weights_ax.plot(t, rollout[:, :, 1:-1].sum(axis=2).mean(axis=1), label="forwarded")
+    weights_ax.plot(t, rollout[:, :, -1].mean(axis=1), label="rejected")
+    weights_ax.set_ylabel("rollout weights (mean over agents)")
+    weights_ax.set_xlabel("time (s)")
+    weights_ax.legend()
     for c in change_cycles(scenario, interval):
-        for ax in (ax1, ax2):
+        for ax in (latency_ax, cost_ax, weights_ax):
             ax.axvline(c * seconds, color="k", ls="--", lw=0.8)
     fig.suptitle(f"{scenario.name}: adaptation after changes (dashed)")
     fig.tight_layout()
@@ -505,9 +560,13 @@ def main(argv: list[str] | None = None) -> int:
     summary["model_accuracy"] = accuracy.as_dict() if accuracy else None
     if args.plot:
         plot(scenario, results, args.interval, args.plot)
+    records = cycle_report(scenario, results, args.interval)
     if args.json:
+        for record in records:
+            print(json.dumps(record))
         print(json.dumps(summary))
     else:
+        print(cycle_table(records))
         for key, value in summary.items():
             print(f"{key:45s} {value}")
     return 0

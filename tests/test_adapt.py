@@ -188,3 +188,35 @@ def test_rollout_routes_without_rejecting_unless_allowed(tmp_path, monkeypatch, 
     assert adapt.main([*argv, "--allow-reject"]) == 0
     assert (reject_share("rollout")[1:] > 0).any()
     capsys.readouterr()
+
+
+def test_each_cycle_is_reported_before_the_totals(tmp_path, capsys):
+    """With ``--json`` every cycle is one object per line, then the summary; the table shows
+    the same cycles, marking the change and the cycles the ``*_after_3_cycles`` figures count."""
+    path = tmp_path / "short.yaml"
+    path.write_text(
+        "name: short-drop\nextends: mesh-10x3\nsteps: 40\n"
+        "events:\n  - {at: 10, kind: capacity, node: edge-5, factor: 0.5}\n"
+    )
+    argv = ["--scenario", str(path), "--warmup", "16", "--horizon", "1"]
+    assert adapt.main([*argv, "--json"]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.strip().splitlines()]
+    *records, summary = lines
+    assert [r["cycle"] for r in records] == list(range(summary["cycles"])) == list(range(8))
+    assert [r["change"] for r in records] == [i == 2 for i in range(8)]
+    assert [r["counted"] for r in records] == [i >= 5 for i in range(8)]
+    rollout = [r["rollout"] for r in records]
+    assert np.isclose(np.mean([r["cost"] for r in rollout]), summary["rollout_cost_per_request_s"])
+    assert np.isclose(
+        np.percentile([r["decision_ms"] for r in rollout], 95), summary["decision_ms_p95"]
+    )
+    by_arm = {
+        arm: sum(len(r[arm]["slo_violations"]) for r in records if r["counted"])
+        for arm in adapt.ARMS
+    }
+    assert by_arm == summary["slo_violations_after_3_cycles_by_arm"]
+    assert adapt.main(argv) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert table[0].split()[:4] == ["cycle", "base", "cost", "ms"]
+    assert table[3].startswith("*") and table[6].startswith(" +") and table[8].startswith(" +")
+    assert f"{1000 * rollout[7]['cost']:.1f}" in table[8]
