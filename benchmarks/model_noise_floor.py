@@ -108,9 +108,9 @@ def rollout_routings(
     noise: float,
 ) -> tuple[Routing, SystemModel]:
     """The routings rollout decides in ``simulator.adapt``'s live loop on ``scenario`` (run
-    exactly as its command line runs it, with ``--prior``), and the system model as the run
+    exactly as its command line runs it by default), and the system model as the run
     left it."""
-    argv = ["--prior", "--interval", str(interval), "--warmup", str(train)]
+    argv = ["--interval", str(interval), "--warmup", str(train)]
     args = build_parser().parse_args([*argv, "--seed", str(seed), "--noise", str(noise)])
     model = warm_model(scenario, policy, args)
     cycles = run_arm("rollout", scenario, policy, args, model)

@@ -10,7 +10,7 @@ each change in the intervals where the oracle had none. Near saturation, whether
 interval's p95 crosses its target is partly a draw of that interval's arrivals and request
 sizes, so the count depends on which intervals the oracle happened to get through. Here each
 arm runs on ``--seeds`` seeds (each its own arrivals and telemetry noise, exactly as
-``simulator.adapt --seed S --prior``), and for every interval from the third cycle after a
+``simulator.adapt --seed S``), and for every interval from the third cycle after a
 change the share of seeds in which the arm missed at least one service's target is reported:
 
 - ``oracle``: simulator.adapt's yardstick, the fluid optimum re-solved at each change;
@@ -60,7 +60,7 @@ def missed(cycles: list[Cycle], at: list[int]) -> np.ndarray:
 
 def slo_chance(name: str, seeds: list[int], arms: list[str], interval: int) -> dict:
     """Every arm of ``arms`` on scenario ``name`` for each seed; miss rates per interval."""
-    args = build_parser().parse_args(["--scenario", name, "--prior", "--interval", str(interval)])
+    args = build_parser().parse_args(["--scenario", name, "--interval", str(interval)])
     scenario, _ = load(args)
     per_interval = None
     if "oracle-per-interval" in arms:  # solved once: it depends on the scenario, not the seed

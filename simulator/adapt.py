@@ -511,9 +511,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--regressor", choices=("forest", "boosting"), default="forest")
     parser.add_argument(
         "--prior",
-        action="store_true",
-        help="decide on the queueing prior while the learned model is not trusted (as the "
-        "operator does) instead of keeping the base policy's action",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="decide on the queueing prior while the learned model is not trusted, and price "
+        "the states outside its data by it, as the operator does (--no-prior: keep the base "
+        "policy's action then, to measure the learned model alone)",
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", action="store_true", help="end with one JSON object")

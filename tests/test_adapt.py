@@ -138,13 +138,13 @@ def test_adapt_reports_a_scenario_without_changes(tmp_path, capsys):
 
 
 def short_surge(tmp_path) -> list[str]:
-    """``simulator.adapt`` arguments for a 40-step surge, decided on the prior."""
+    """``simulator.adapt`` arguments for a 40-step surge (decided on the prior by default)."""
     path = tmp_path / "short.yaml"
     path.write_text(
         "name: short-surge\nextends: mesh-10x3\nsteps: 40\n"
         "events:\n  - {at: 10, kind: surge, node: edge-2, factor: 2.0}\n"
     )
-    return ["--scenario", str(path), "--warmup", "16", "--horizon", "1", "--json", "--prior"]
+    return ["--scenario", str(path), "--warmup", "16", "--horizon", "1", "--json"]
 
 
 def test_rollout_decides_under_the_utilisation_cap_unless_it_is_off(tmp_path, monkeypatch):
@@ -220,3 +220,18 @@ def test_each_cycle_is_reported_before_the_totals(tmp_path, capsys):
     assert table[0].split()[:4] == ["cycle", "base", "cost", "ms"]
     assert table[3].startswith("*") and table[6].startswith(" +") and table[8].startswith(" +")
     assert f"{1000 * rollout[7]['cost']:.1f}" in table[8]
+
+
+def test_rollout_decides_on_the_prior_unless_told_not_to(tmp_path, capsys):
+    """From too little data to trust the learned model, rollout decides on the queueing prior
+    as the operator does; ``--no-prior`` keeps the base policy's action instead."""
+    argv = [*short_surge(tmp_path), "--warmup", "2"]
+    summaries = {}
+    for flag in ("--prior", "--no-prior"):
+        assert adapt.main([*argv, flag]) == 0
+        *records, summaries[flag] = map(json.loads, capsys.readouterr().out.strip().splitlines())
+        fallbacks = [r["rollout"]["fallback"] for r in records]
+        assert summaries[flag]["fallback_cycles"] == sum(f is not None for f in fallbacks)
+    assert summaries["--prior"]["fallback_cycles"] == 0
+    assert summaries["--no-prior"]["fallback_cycles"] >= 4
+    assert all(f.startswith("the system model") for f in fallbacks if f is not None)

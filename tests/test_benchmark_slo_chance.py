@@ -81,7 +81,7 @@ def test_a_tiny_run_counts_what_simulator_adapt_counts_seed_by_seed(tmp_path, ca
     for rates in result["miss_rate"].values():
         assert len(rates) == 5 and all(r in (0.0, 0.5, 1.0) for r in rates)
     for seed, counted in enumerate(result["slo_violations_after_3_cycles"]):
-        assert adapt.main(["--scenario", str(path), "--prior", "--json", "--seed", str(seed)]) == 0
+        assert adapt.main(["--scenario", str(path), "--json", "--seed", str(seed)]) == 0
         summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
         assert counted == summary["slo_violations_after_3_cycles"]
     # The oracles alone, the same seeds: the same rates.
