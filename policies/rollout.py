@@ -77,6 +77,18 @@ class RolloutSettings:
             ``python -m simulator.adapt --rounds``); 8 did no better.
         batch_rows: joint routings scored per model call in a screen; bounds memory (each
             row holds every agent's observation for every lookahead step).
+        tail: end every score with a terminal cost: the last lookahead interval's cost,
+            taken to last for ever (weight ``discount ** (horizon + 1) / (1 - discount)``),
+            so a routing is also judged by where the base policy leaves the mesh, not only
+            by the intervals the lookahead sees. Off: measured with ``python -m
+            simulator.adapt --tail`` on the four change scenarios, seeds 0-3 (15 runs paired
+            with the same runs without it), it gave 27 SLO violations after the third cycle
+            against 4, 191 missed targets over every interval after it against 85, and a
+            mean cost over the oracle of 0.76 against 0.68. Most likely because after a
+            change the base policy's own play sets the end state whatever the first move
+            was: the tail, weighted 5.3 against the lookahead's 4.7 at the default horizon
+            and discount, then mostly adds a cost all candidates share, and moves' relative
+            gains shrink under the margin.
     """
 
     horizon: int = 5
@@ -89,6 +101,7 @@ class RolloutSettings:
     screen_horizon: int | None = 0
     rounds: int = 4
     batch_rows: int = 2048
+    tail: bool = False
 
     def __post_init__(self) -> None:
         if self.horizon < 0:
@@ -105,6 +118,8 @@ class RolloutSettings:
             raise ValueError(f"rollout rounds must be >= 1, got {self.rounds}")
         if self.batch_rows < 1:
             raise ValueError(f"rollout batch_rows must be >= 1, got {self.batch_rows}")
+        if self.tail and not 0 <= self.discount < 1:
+            raise ValueError(f"a rollout tail needs a discount in [0, 1), got {self.discount}")
 
 
 @dataclass(frozen=True)
@@ -342,5 +357,9 @@ class Rollout:
             pred = self.env.step(state, weights, table, pred.backlog, arrivals)
             total += s.discount**h * pred.cost
             norm += s.discount**h
+        if s.tail:
+            weight = s.discount ** (horizon + 1) / (1.0 - s.discount)
+            total += weight * pred.cost
+            norm += weight
         total = np.where(known, total / norm, np.inf)
         return total.reshape(c, -1).mean(axis=1)

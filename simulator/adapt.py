@@ -282,6 +282,7 @@ def run_arm(
             steps=tuple(args.steps),
             rounds=args.rounds,
             screen_horizon=args.screen_horizon,
+            tail=args.tail,
             seed=args.seed,
         )
         adapter = Adapter(
@@ -504,6 +505,11 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=RolloutSettings.screen_horizon,
         help="lookahead of the screen that ranks every agent's moves",
+    )
+    parser.add_argument(
+        "--tail",
+        action="store_true",
+        help="end each score with the last lookahead interval's cost taken to last for ever",
     )
     parser.add_argument(
         "--max-nmae", type=float, default=0.3, help="model error above which rollout falls back"

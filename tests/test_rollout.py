@@ -241,9 +241,11 @@ def test_later_agents_choose_against_earlier_agents_moves():
     assert decision.predicted_cost < float(env.step(state, each_alone[None], table).cost[0])
 
 
-@pytest.mark.parametrize("screen_horizon", [None, 0])
+@pytest.mark.parametrize(("screen_horizon", "tail"), [(None, False), (0, False), (0, True)])
 @pytest.mark.parametrize("seed", range(8))
-def test_rollout_is_never_worse_than_the_base_policy_under_an_exact_model(seed, screen_horizon):
+def test_rollout_is_never_worse_than_the_base_policy_under_an_exact_model(
+    seed, screen_horizon, tail
+):
     rng = np.random.default_rng(seed)
     n = 4
     names = [f"n{i}" for i in range(n)]
@@ -260,7 +262,7 @@ def test_rollout_is_never_worse_than_the_base_policy_under_an_exact_model(seed, 
         w = np.abs(np.sin(obs[..., :1] * 7.0 + np.arange(mask.shape[-1]))) * mask
         return w / w.sum(axis=-1, keepdims=True)
 
-    settings = RolloutSettings(horizon=2, margin=0.0, screen_horizon=screen_horizon)
+    settings = RolloutSettings(horizon=2, margin=0.0, screen_horizon=screen_horizon, tail=tail)
     rollout = Rollout(env, random_base, settings)
     # With or without a last decision to start from (a random routing of the mesh).
     mask = env.action_mask(state)
@@ -269,9 +271,10 @@ def test_rollout_is_never_worse_than_the_base_policy_under_an_exact_model(seed, 
         decision = rollout.decide(state, table, incumbent=incumbent)
         assert decision.predicted_cost <= decision.base_predicted_cost + 1e-12
         # Checked independently: play both routings forward on the exact model.
+        played = _play(env, state, table, decision.weights, random_base, settings)
+        assert np.isclose(played, decision.predicted_cost, rtol=1e-9)
         assert (
-            _play(env, state, table, decision.weights, random_base, settings)
-            <= _play(env, state, table, decision.base_weights, random_base, settings) + 1e-12
+            played <= _play(env, state, table, decision.base_weights, random_base, settings) + 1e-12
         )
 
 
@@ -286,6 +289,10 @@ def _play(env, state, table, first, policy, settings) -> float:
         pred = env.step(state, w, table, pred.backlog)
         total += settings.discount**h * float(pred.cost[0])
         norm += settings.discount**h
+    if settings.tail:  # the last interval's cost for ever after: sum of discount**h, h > horizon
+        weight = settings.discount ** (settings.horizon + 1) / (1.0 - settings.discount)
+        total += weight * float(pred.cost[0])
+        norm += weight
     return total / norm
 
 
@@ -649,3 +656,20 @@ def test_the_adapter_offers_its_last_decision_for_a_bounded_chain_of_intervals()
     fresh.decide(applied=np.array([[0.85, 0.15, 0.0], [1.0, 0.0, 0.0]]))
     assert np.array_equal(starts[0], in_place)
     assert np.allclose(starts[1][0], [0.85, 0.15, 0.0])  # what is in place, not the decision
+
+
+@pytest.mark.parametrize(
+    ("bad", "named"),
+    [
+        ({"horizon": -1}, "horizon"),
+        ({"steps": (0.1, 1.0)}, "steps"),
+        ({"margin": 1.0}, "margin"),
+        ({"samples": 0}, "samples"),
+        ({"rounds": 0}, "rounds"),
+        ({"tail": True, "discount": 1.0}, "discount"),
+    ],
+)
+def test_rollout_settings_refuse_what_cannot_be_scored_naming_the_field(bad, named):
+    with pytest.raises(ValueError, match=named):
+        RolloutSettings(**bad)
+    RolloutSettings(discount=1.0)  # undiscounted is fine without a tail to sum for ever
