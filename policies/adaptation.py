@@ -32,7 +32,9 @@ class IntervalTelemetry:
     interval as the policy's observation expects it. ``busy`` is the fraction of the
     interval each node's CPU was busy (container CPU seconds over the cores: a second
     measurement of the node's load, independent of the request rates and the capacity
-    estimate); None or NaN where it was not measured.
+    estimate); None or NaN where it was not measured. ``work`` is the work of one request
+    of each service in the unit ``capacity`` counts in, where it was measured (the
+    operator's CPU per request); None leaves the model environment's own.
     """
 
     offered: np.ndarray
@@ -45,6 +47,7 @@ class IntervalTelemetry:
     backlog_end: np.ndarray  # (N,) ... and when it ended
     mesh: MeshTelemetry
     busy: np.ndarray | None = None  # (N,) CPU busy fraction over the interval
+    work: np.ndarray | None = None  # (S,) work of one request of each service
 
 
 def utilisation(tel: IntervalTelemetry, work: np.ndarray, seconds: float) -> np.ndarray:
@@ -217,6 +220,8 @@ class Adapter:
         return self._reused
 
     def observe(self, tel: IntervalTelemetry) -> None:
+        if tel.work is not None:
+            self.env.set_work(tel.work)
         features, targets = model_rows(tel, self.env.work, self.interval_seconds)
         self.model.observe(features, targets)
         offered = np.asarray(tel.offered, dtype=float).reshape(-1)

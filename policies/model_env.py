@@ -121,15 +121,28 @@ class ModelEnv:
                 f"got {ramp_from}"
             )
         self.topology = topology
-        self.work = np.asarray(work, dtype=float)
         self.target_ms = np.asarray(target_ms, dtype=float)
         self.reject_penalty = float(reject_penalty)
         self.step_seconds = float(step_seconds)
         self.can_reject = can_reject
         self.max_utilisation = max_utilisation
         self.ramp_from = ramp_from
+        self.set_work(work)
+
+    def set_work(self, work: np.ndarray) -> None:
+        """Price flows by this ``(S,)`` work per request from the next step on. The operator
+        measures it (CPU per request of each service) and corrects it every interval: a
+        service six times as costly as another loads a node six times as much per request.
+        """
+        work = np.asarray(work, dtype=float)
+        if work.shape != (self.topology.num_services,) or not np.all(work > 0):
+            raise ValueError(
+                f"work must be one positive number per service "
+                f"({self.topology.num_services}), got {work.tolist()}"
+            )
+        self.work = work
         # Seconds charged per unit of work/s past the cap: the mean reject cost of a request
-        # over the mean work of one, fixed by the mesh, so computed once and not per step.
+        # over the mean work of one, fixed by the mesh, so computed here and not per step.
         self._excess_cost = float(np.mean(self.reject_penalty * self.target_ms / 1000.0)) / float(
             np.mean(self.work)
         )

@@ -12,7 +12,7 @@ from marl_operator.controller import decision_table, table_weights
 from marl_operator.guard import fallback_table, limit_step
 from marl_operator.kube import Forbidden
 from marl_operator.observer import InsufficientData, Observer
-from marl_operator.problem import build_problem, cpu_quantity
+from marl_operator.problem import MeshProblem, build_problem, cpu_quantity
 from marl_operator.prometheus import ServiceReadings
 from marl_operator.report import CycleReport, Outcome
 from marl_operator.runtime import Runtime
@@ -21,6 +21,9 @@ from marl_operator.status import status_of
 from operator_fakes import FakeKube, QueueingMesh, Reader, example, example_policy_body
 
 from policies import checkpoint
+from policies.adaptation import Adapter
+from policies.model_env import ModelEnv
+from policies.system_model import SystemModel
 
 NODES = example("edgenodes.yaml")
 SERVICES = example("edgeservice.yaml")
@@ -143,6 +146,64 @@ def test_observer_translates_pairs_into_node_telemetry():
     # Backlog from Little's law: utilisation x wait beyond the service time.
     _lam, mean = truth["edge-1"]
     assert tel.backlog_end[1] == pytest.approx(0.4 * (mean - 10.0) / 1000.0)
+
+
+def two_services() -> MeshProblem:
+    """The example mesh with a second service, ``heavy``, beside ``fn``."""
+    heavy = {**SERVICES[0], "metadata": {**SERVICES[0]["metadata"], "name": "heavy"}}
+    parsed = parse_policy_spec(example_policy_body(services=["fn", "heavy"])["spec"])
+    return build_problem(parsed, NODES, {"fn": SERVICES[0], "heavy": heavy}, 3)
+
+
+def local_readings(service: str, rps, cpu_ms_per_request: float, cores=None) -> ServiceReadings:
+    """Each node's clients served by their own node at ``rps``, each request taking
+    ``cpu_ms_per_request`` of CPU (no CPU series for nodes ``cores`` leaves out)."""
+    names = ("edge-0", "edge-1", "edge-2")
+    cores = names if cores is None else cores
+    return ServiceReadings(
+        service,
+        rate={(f"loadgen-{n}", f"{service}-{n}"): r for n, r in zip(names, rps, strict=True)},
+        success={(f"loadgen-{n}", f"{service}-{n}"): 1.0 for n in names},
+        mean_ms={(f"loadgen-{n}", f"{service}-{n}"): 20.0 for n in names},
+        cpu_cores={
+            f"{service}-{n}": r * cpu_ms_per_request / 1000.0
+            for n, r in zip(names, rps, strict=True)
+            if n in cores
+        },
+    )
+
+
+def test_observer_measures_what_a_request_of_each_service_costs():
+    """A request of ``heavy`` takes 5x the CPU of one of ``fn``: loads, capacities and service
+    times count it so (relative to the services' mean), and until every service's CPU is
+    known every request counts as one."""
+    p = two_services()
+    observer = Observer(p, capacity_alpha=1.0)
+    blind = observer.telemetry(
+        {
+            "fn": local_readings("fn", (40.0, 30.0, 20.0), 20.0),
+            "heavy": local_readings("heavy", (10.0, 10.0, 10.0), 100.0, cores=()),
+        }
+    )
+    np.testing.assert_allclose(blind.work, [1.0, 1.0])
+    tel = observer.telemetry(
+        {
+            "fn": local_readings("fn", (40.0, 30.0, 20.0), 20.0),
+            "heavy": local_readings("heavy", (10.0, 10.0, 10.0), 100.0),
+        }
+    )
+    np.testing.assert_allclose(tel.work, [20.0 / 60.0, 100.0 / 60.0])
+    # edge-0 spends 40 x 20 + 10 x 100 ms of CPU per second (1.8 cores): it serves
+    # 40/3 + 50/3 = 30 mean requests per second at that busy fraction.
+    busy = 1.8 / p.cpu_cores[0]
+    np.testing.assert_allclose([tel.busy[0], tel.capacity[0]], [busy, 30.0 / busy])
+    assert observer.inputs["heavy"]["edge-0"].cpu_ms_per_request == pytest.approx(100.0)
+    assert observer.inputs["fn"]["edge-2"].cpu_ms_per_request == pytest.approx(20.0)
+    # The model environment prices the next decision by the measured work.
+    env = ModelEnv(p.topology, np.ones(2), p.target_ms, reject_penalty=4.0)
+    adapter = Adapter(env, lambda obs, mask: mask / mask.sum(-1, keepdims=True), SystemModel())
+    adapter.observe(tel)
+    np.testing.assert_allclose(env.work, tel.work)
 
 
 def test_observer_insufficient_data():

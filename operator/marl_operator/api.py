@@ -61,7 +61,8 @@ class NodeInputsModel(BaseModel):
     success: float | None
     mean_ms: float | None
     p95_ms: float | None
-    capacity_rps: float
+    capacity_rps: float  # requests of the services' mean work per second
+    cpu_ms_per_request: float | None = None  # this service's, at this node, as measured
 
 
 class ModelAccuracy(BaseModel):

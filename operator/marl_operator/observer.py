@@ -12,7 +12,12 @@ simulator reports. The translation:
 - the serving node's latency is the client's minus the link's one-way latency (declared on
   the EdgeNodes), averaged over the senders by request rate; the same for the p95, which is an
   approximation (a quantile of a mixture is not the mean of the quantiles);
-- capacity is measured where it can be: requests served over the busy fraction of the node's
+- services differ in what a request costs: each service's CPU seconds per request served
+  (cAdvisor CPU of its workloads over their requests, pooled over the nodes, smoothed across
+  intervals) sets its work per request, relative to the services' mean; until every service
+  has been measured, every request counts as one unit. Loads, capacities and service times
+  are then in requests of the mean work, which is what the simulator's are in;
+- capacity is measured where it can be: work served over the busy fraction of the node's
   CPU (cAdvisor), smoothed across intervals; the EdgeNode's hint serves until then. A node that
   slows down thus shows a lower capacity, which is what the policy was trained to react to;
 - queued work follows from Little's law: the wait beyond the service time, times utilisation,
@@ -37,6 +42,10 @@ from policies.observation import MeshTelemetry
 
 MIN_BUSY = 0.05
 """Below this CPU busy fraction, requests over busy time is too noisy to estimate capacity."""
+
+MIN_WORK_RPS = 1.0
+"""Below this many requests per second served (over all nodes), a service's CPU per request
+is mostly its workloads' idle CPU, not its requests' cost."""
 
 
 class InsufficientData(Exception):
@@ -118,6 +127,9 @@ class Observer:
         self.step_seconds = step_seconds
         self.capacity_alpha = capacity_alpha
         self.capacity = problem.capacity_rps.astype(float).copy()
+        services = problem.topology.num_services
+        self.cpu_per_request = np.full(services, np.nan)  # (S,) CPU seconds, smoothed
+        self.work = np.ones(services)  # (S,) relative to the services' mean
         self.backlog = np.zeros(problem.topology.num_nodes)
         self.labels = {node.label: i for i, node in enumerate(problem.nodes)}
         self.inputs: dict[str, dict[str, NodeInputs]] = {}
@@ -161,18 +173,21 @@ class Observer:
         server_p95 = _weighted(client_p95 - link, rate, axis=0)
         agent_ms = _weighted(client_ms, rate, axis=1)  # what each source's clients saw
 
-        served = (incoming - rejected).sum(axis=1)  # (N,) requests/s completed
-        cpu = np.stack([m.cpu_cores for m in mats]).sum(axis=0)  # NaN unless reported
+        served_requests = np.maximum(incoming - rejected, 0.0)  # (N, S) per second
+        cpu_by_service = np.stack([m.cpu_cores for m in mats], axis=-1)  # NaN unless reported
+        work = self._update_work(cpu_by_service, served_requests)
+        served = served_requests @ work  # (N,) work/s completed
+        cpu = cpu_by_service.sum(axis=1)  # NaN unless every service reported
         busy = cpu / problem.cpu_cores
         measured = np.isfinite(busy) & (busy >= MIN_BUSY)
         estimate = np.where(measured, served / np.where(measured, busy, 1.0), self.capacity)
         a = self.capacity_alpha
         self.capacity = np.where(measured, a * estimate + (1 - a) * self.capacity, self.capacity)
         capacity = self.capacity
-        load = incoming.sum(axis=1)
+        load = incoming @ work
         utilisation = np.where(measured, np.clip(busy, 0.0, 1.0), load / capacity)
 
-        wait_ms = np.clip(server_mean - 1000.0 / capacity[:, None], 0.0, None)
+        wait_ms = np.clip(server_mean - 1000.0 * work[None, :] / capacity[:, None], 0.0, None)
         wait_s = _weighted(wait_ms, incoming, axis=1) / 1000.0
         backlog_end = np.nan_to_num(np.minimum(utilisation, 1.0) * wait_s)
         backlog_start, self.backlog = self.backlog, backlog_end
@@ -200,6 +215,11 @@ class Observer:
                     mean_ms=_finite(server_mean[i, k]),
                     p95_ms=_finite(server_p95[i, k]),
                     capacity_rps=float(capacity[i]),
+                    cpu_ms_per_request=_finite(
+                        1000.0 * cpu_by_service[i, k] / served_requests[i, k]
+                    )
+                    if served_requests[i, k] > 0
+                    else None,
                 )
                 for i, node in enumerate(problem.nodes)
             }
@@ -216,7 +236,24 @@ class Observer:
             backlog_end=backlog_end,
             mesh=mesh,
             busy=busy,
+            work=work.copy(),
         )
+
+    def _update_work(self, cpu: np.ndarray, served: np.ndarray) -> np.ndarray:
+        """``(S,)`` work of one request of each service relative to the services' mean:
+        CPU seconds over requests served, pooled over the nodes that report both (a node's
+        own figure mixes in how fast its cores are, which its capacity already measures)."""
+        known = np.isfinite(cpu) & (served > 0)
+        seconds = np.where(known, cpu, 0.0).sum(axis=0)
+        requests = np.where(known, served, 0.0).sum(axis=0)
+        fresh = (requests >= MIN_WORK_RPS) & (seconds > 0)
+        per_request = np.where(fresh, seconds / np.where(fresh, requests, 1.0), np.nan)
+        a, then = self.capacity_alpha, self.cpu_per_request
+        smoothed = np.where(np.isfinite(then), a * per_request + (1 - a) * then, per_request)
+        self.cpu_per_request = np.where(fresh, smoothed, then)
+        if np.isfinite(self.cpu_per_request).all():
+            self.work = self.cpu_per_request / self.cpu_per_request.mean()
+        return self.work
 
 
 def _finite(x: float) -> float | None:
