@@ -27,6 +27,11 @@ from kube_schema import load_documents
 from kubernetes.client.exceptions import ApiException
 from marl_operator.mesh import routing
 from marl_operator.mesh.istio import IstioWriter
+from marl_operator.observer import Observer
+from marl_operator.problem import build_problem
+from marl_operator.prometheus import ServiceReadings
+from marl_operator.spec import parse_policy_spec
+from operator_fakes import example_policy_body
 from prometheus_client.parser import text_string_to_metric_families
 
 from demo import dataplane
@@ -141,6 +146,14 @@ def test_quantities_and_load_parsing():
             dataplane.parse_load(bad)
     with pytest.raises(ValueError, match="edge-9"):
         example_plane({"edge-9": 10})
+    assert dataplane.parse_work("fn=1, heavy=5") == {"fn": 1.0, "heavy": 5.0}
+    for bad in ("fn", "fn=0", "fn=-1", "fn=x", "=2"):
+        with pytest.raises(ValueError, match="--work"):
+            dataplane.parse_work(bad)
+    with pytest.raises(ValueError, match="heavy"):
+        example_plane(work={"heavy": 5.0})
+    with pytest.raises(ValueError, match="work of fn"):
+        example_plane(work={"fn": 0.0})
 
 
 # --------------------------------------------------------------------------------------------
@@ -262,21 +275,45 @@ def test_cpu_counter_is_busy_fraction_times_cores():
         )
 
 
-def test_cpu_is_split_among_services_by_their_work():
-    second = copy.deepcopy(EDGE_SERVICES[0])
-    second["metadata"]["name"] = "fn2"
-    load = {"fn": dict.fromkeys(NODES, 30.0), "fn2": dict.fromkeys(NODES, 10.0)}
-    dp = DataPlane(EDGE_NODES, [EDGE_SERVICES[0], second], load, seed=5)
-    dp.run(200)
-    cpu = {
-        tuple(dict(labels)[k] for k in ("container", "pod")): v
+def container_cpu(dp: DataPlane) -> dict[str, float]:
+    """CPU seconds by workload (the pod name without its two hashes)."""
+    return {
+        dict(labels)["pod"].rsplit("-", 2)[0]: v
         for (name, labels), v in samples(dp.metrics_text()).items()
         if name == "container_cpu_usage_seconds_total"
     }
+
+
+@pytest.mark.parametrize("heavy", [1.0, 5.0])
+def test_cpu_is_split_among_services_by_their_work(heavy):
+    """fn2 gets a third of fn's requests, each ``heavy`` times as costly (``--work``): its
+    CPU is ``heavy / 3`` of fn's, and the operator reads that back as its work per request."""
+    second = copy.deepcopy(EDGE_SERVICES[0])
+    second["metadata"]["name"] = "fn2"
+    load = {"fn": dict.fromkeys(NODES, 30.0), "fn2": dict.fromkeys(NODES, 10.0)}
+    dp = DataPlane(EDGE_NODES, [EDGE_SERVICES[0], second], load, seed=5, work={"fn2": heavy})
+    seconds = 200
+    dp.run(seconds)
+    cpu = container_cpu(dp)
     for node in NODES:
-        (fn,) = (v for (c, pod), v in cpu.items() if c == "fn" and pod.startswith(f"fn-{node}-"))
-        (fn2,) = (v for (c, pod), v in cpu.items() if c == "fn2" and pod.startswith(f"fn2-{node}-"))
-        assert fn / fn2 == pytest.approx(3.0, rel=0.15), node
+        assert cpu[f"fn-{node}"] / cpu[f"fn2-{node}"] == pytest.approx(3.0 / heavy, rel=0.15)
+    served = pair_totals(dp, "istio_requests_total")
+
+    def service_of(workload: str) -> str:  # fn2-edge-0 -> fn2
+        return workload.split("-", 1)[0]
+
+    readings = {
+        svc: ServiceReadings(
+            svc,
+            rate={pair: n / seconds for pair, n in served.items() if service_of(pair[1]) == svc},
+            cpu_cores={w: v / seconds for w, v in cpu.items() if service_of(w) == svc},
+        )
+        for svc in ("fn", "fn2")
+    }
+    parsed = parse_policy_spec(example_policy_body(services=["fn", "fn2"])["spec"])
+    problem = build_problem(parsed, EDGE_NODES, {"fn": EDGE_SERVICES[0], "fn2": second}, 3)
+    work = Observer(problem).telemetry(readings).work
+    assert work[1] / work[0] == pytest.approx(heavy, rel=0.1)
 
 
 # --------------------------------------------------------------------------------------------

@@ -33,6 +33,7 @@ from demo.dataplane.scenario import (
     EdgeNodeSpec,
     cpu_cores,
     parse_load,
+    parse_work,
     scenario_data,
 )
 from demo.dataplane.server import start_http_server
@@ -55,6 +56,7 @@ __all__ = [
     "cpu_cores",
     "main",
     "parse_load",
+    "parse_work",
     "pod_name",
     "read_resources",
     "routes_from_virtual_service",

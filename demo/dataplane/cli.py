@@ -10,6 +10,8 @@ Examples:
         --load edge-0=40,edge-1=40,edge-2=40
     python -m demo.dataplane --kubeconfig kind.kubeconfig --namespace edge --port 0 \\
         --load fn/edge-0=40,fn/edge-1=40,fn/edge-2=40 --speed 1 --seed 0
+    python -m demo.dataplane --kubeconfig kind.kubeconfig --namespace edge --port 0 \
+        --load edge-0=20,edge-1=20,edge-2=20 --work fn=1,heavy=5   # heavy costs 5x fn
     curl -s localhost:9464/metrics | grep istio_requests_total
     curl -s -X POST 'localhost:9464/degrade?node=edge-2&factor=0.5'
     curl -s localhost:9464/truth
@@ -40,7 +42,7 @@ from marl_operator.mesh.model import Manifest
 
 from demo.dataplane.follower import CustomObjects, RouteFollower
 from demo.dataplane.plane import DataPlane
-from demo.dataplane.scenario import parse_load
+from demo.dataplane.scenario import parse_load, parse_work
 from demo.dataplane.server import start_http_server
 
 logger = logging.getLogger("demo.dataplane")
@@ -50,11 +52,16 @@ MARL_GROUP, MARL_VERSION = "marl.dev", "v1alpha1"
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
-def _load_argument(text: str) -> dict[str, Any]:
-    try:
-        return parse_load(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
+def _argument(parse: Callable[[str], Any]) -> Callable[[str], Any]:
+    """``parse`` as an argparse type: its ValueError becomes the flag's error message."""
+
+    def parsed(text: str) -> Any:
+        try:
+            return parse(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    return parsed
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -74,8 +81,15 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--load",
         required=True,
-        type=_load_argument,
+        type=_argument(parse_load),
         help="offered requests/s: NODE=RPS,... for every service, or SERVICE/NODE=RPS,...",
+    )
+    parser.add_argument(
+        "--work",
+        type=_argument(parse_work),
+        default={},
+        help="work of one request of a service, SERVICE=UNITS,... (default 1: one request of "
+        "an EdgeNode's requestsPerSecond); the CPU metric follows it",
     )
     parser.add_argument("--speed", type=float, default=1.0, help="simulated seconds per second")
     parser.add_argument("--seed", type=int, default=0, help="seed of every random draw")
@@ -120,7 +134,14 @@ def run(args: argparse.Namespace, api: CustomObjects, stop: threading.Event) -> 
     if not (math.isfinite(args.speed) and args.speed > 0):
         raise ValueError(f"--speed must be > 0, got {args.speed}")
     nodes, services = read_resources(api, args.namespace, args.startup_timeout, stop)
-    dp = DataPlane(nodes, services, args.load, seed=args.seed, queue_seconds=args.queue_seconds)
+    dp = DataPlane(
+        nodes,
+        services,
+        args.load,
+        seed=args.seed,
+        queue_seconds=args.queue_seconds,
+        work=args.work,
+    )
     follower = RouteFollower(dp, api)
     follower.poll()
     server = start_http_server(dp, args.host, args.port)

@@ -82,12 +82,20 @@ class Meter:
     approximations are the module docstring's). Pairs are (source node, slot): slot 0 is
     the node itself, slot m its m-th neighbour, as in the simulator's action layout."""
 
-    def __init__(self, topo: Topology, rps: np.ndarray, cores: np.ndarray, step_seconds: float):
+    def __init__(
+        self,
+        topo: Topology,
+        rps: np.ndarray,
+        cores: np.ndarray,
+        step_seconds: float,
+        work: np.ndarray | None = None,
+    ):
         n, s, k = topo.num_nodes, topo.num_services, topo.max_degree
         self.dest = np.concatenate([np.arange(n)[:, None], topo.neighbour_safe], axis=1)
         self.valid = np.concatenate([np.ones((n, 1), bool), topo.neighbour_mask], axis=1)
         self.link_ms = topo.link_matrix[np.arange(n)[:, None], self.dest]
         self.cores, self.step_seconds = cores, step_seconds
+        self.work = np.ones(topo.num_services) if work is None else np.asarray(work, float)
         # Simulator latency bin (read at its midpoint) plus the link -> Istio bucket, one-hot.
         edges = LATENCY_BINS_MS
         middle = np.concatenate([(edges[:-1] + edges[1:]) / 2, edges[-1:]])
@@ -136,8 +144,9 @@ class Meter:
         c.sum_ms[..., _REFUSED] += refused * link
 
         busy = np.where(cpu_cap > 0, info["cpu_used"][0] / np.maximum(cpu_cap, 1e-12), 0.0)
-        served = count.sum(axis=1, keepdims=True)
-        share = np.where(served > 0, count / np.maximum(served, 1), 1.0 / count.shape[1])
+        served = count * self.work  # (N, S) work served
+        total = served.sum(axis=1, keepdims=True)
+        share = np.where(total > 0, served / np.where(total > 0, total, 1.0), 1 / count.shape[1])
         c.cpu_seconds += (busy * self.cores * self.step_seconds)[:, None] * share
         c.seconds += 1
         return busy

@@ -63,9 +63,12 @@ class DataPlane:
         queue_seconds: float = 10.0,
         episode_steps: int = 3600,
         truth_seconds: int = 600,
+        work: Mapping[str, float] | None = None,
     ):
         """``edge_nodes`` and ``edge_services`` are the custom resources as dicts; ``load``
-        is requests/s as ``node -> rps`` for every service or ``service -> node -> rps``."""
+        is requests/s as ``node -> rps`` for every service or ``service -> node -> rps``;
+        ``work`` is the work of one request of a service (default 1: one request of a
+        node's ``requestsPerSecond``)."""
         if not edge_nodes or not edge_services:
             raise ValueError("the data plane needs at least one EdgeNode and one EdgeService")
         self.nodes = [EdgeNodeSpec.from_object(obj) for obj in edge_nodes]
@@ -83,6 +86,14 @@ class DataPlane:
         self.node_names = [n.name for n in self.nodes]
         self.service_names = list(self.services)
         self.load = load_table(load, self.service_names, self.node_names)
+        self.work = dict.fromkeys(self.service_names, 1.0)
+        for svc, units in (work or {}).items():
+            if svc not in self.services:
+                names = self.service_names
+                raise ValueError(f"work names service {svc!r}; the services are {names}")
+            if not (math.isfinite(units) and units > 0):
+                raise ValueError(f"work of {svc} must be a number > 0, got {units!r}")
+            self.work[svc] = float(units)
         scenario = parse_scenario(
             scenario_data(
                 self.nodes,
@@ -90,6 +101,7 @@ class DataPlane:
                 self.load,
                 queue_seconds=queue_seconds,
                 episode_steps=episode_steps,
+                work=self.work,
             ),
             name="dataplane",
         )
@@ -116,6 +128,7 @@ class DataPlane:
             rps=np.array([node.requests_per_second for node in self.nodes]),
             cores=np.array([node.cores for node in self.nodes]),
             step_seconds=scenario.step_seconds,
+            work=np.array([self.work[svc] for svc in self.service_names]),
         )
         self._truth: deque[_Second] = deque(maxlen=truth_seconds)
         self.registry = CollectorRegistry(auto_describe=False)

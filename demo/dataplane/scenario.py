@@ -2,8 +2,9 @@
 the scenario a mesh of them makes, and the offered load (``--load``).
 
 How the custom resources become a simulator scenario
-    One request is one unit of work and a node's ``spec.capacity.requestsPerSecond`` is its
-    work per second, so a node serves that many requests per second; steps are one second;
+    One request is one unit of work, unless ``--work`` makes a service's requests costlier
+    or cheaper, and a node's ``spec.capacity.requestsPerSecond`` is its work per second, so
+    a node serves that many requests of one unit per second; steps are one second;
     arrivals are Poisson at the offered load; links carry the neighbours' ``latencyMs`` (a
     link one side declares is used both ways); every node queues ``queue_seconds`` of its
     nominal capacity before it answers 503, so queues, not drops, show an overload first.
@@ -108,9 +109,12 @@ def scenario_data(
     *,
     queue_seconds: float,
     episode_steps: int,
+    work: Mapping[str, float] | None = None,
 ) -> dict[str, Any]:
     """The scenario, as the dict a scenario file would parse to, for ``(name, target ms)``
-    services and ``load[service][node]`` requests per second."""
+    services, ``load[service][node]`` requests per second and ``work[service]`` units of
+    work per request (1 for a service left out)."""
+    work = work or {}
     neighbours, links = _links(nodes)
     peak = max((r for row in load.values() for r in row.values()), default=0.0)
     return {
@@ -139,7 +143,7 @@ def scenario_data(
                 "request_classes": [
                     {
                         "weight": 1,
-                        "cpu": REQUEST_WORK,
+                        "cpu": {k: v * work.get(name, 1.0) for k, v in REQUEST_WORK.items()},
                         "ram": {"min": 1, "mean": 1, "max": 1, "std": 0},
                     }
                 ],
@@ -179,18 +183,33 @@ def load_table(
     return table
 
 
+def _assignments(text: str, flag: str, form: str, positive: bool = False):
+    """``(key, number)`` of each ``KEY=NUMBER`` entry of a comma-separated flag value; a
+    ValueError quoting the entry and ``form`` for anything else (a number below zero, or at
+    zero when ``positive``)."""
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        key, sep, value = item.partition("=")
+        try:
+            number = float(value)
+        except ValueError:
+            number = float("nan")
+        too_small = number <= 0 if positive else number < 0
+        if not sep or not key or not math.isfinite(number) or too_small:
+            raise ValueError(f"{flag} entry {item!r} is not {form}")
+        yield key, number
+
+
+def parse_work(text: str) -> dict[str, float]:
+    """``--work``: ``fn=1,heavy=5``, the work of one request of each service named, in units
+    of one request of a node's ``requestsPerSecond``."""
+    return dict(_assignments(text, "--work", "SERVICE=UNITS with UNITS > 0", positive=True))
+
+
 def parse_load(text: str) -> dict[str, Any]:
     """``--load``: ``edge-0=40,edge-1=40`` (every service) or ``fn/edge-0=40,...``."""
     flat: dict[str, float] = {}
     nested: dict[str, dict[str, float]] = {}
-    for item in filter(None, (part.strip() for part in text.split(","))):
-        key, sep, value = item.partition("=")
-        try:
-            rps = float(value)
-        except ValueError:
-            rps = float("nan")
-        if not sep or not key or not math.isfinite(rps) or rps < 0:
-            raise ValueError(f"--load entry {item!r} is not [SERVICE/]NODE=REQUESTS_PER_SECOND")
+    for key, rps in _assignments(text, "--load", "[SERVICE/]NODE=REQUESTS_PER_SECOND"):
         service, slash, node = key.rpartition("/")
         if slash:
             nested.setdefault(service, {})[node] = rps
