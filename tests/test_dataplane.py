@@ -543,6 +543,7 @@ def test_runner_serves_and_stops(capsys):
         seed=0,
         poll_seconds=0.05,
         queue_seconds=10.0,
+        work={},
         startup_timeout=5.0,
         log_every=0,
     )
