@@ -193,6 +193,14 @@ def test_observer_measures_what_a_request_of_each_service_costs():
         }
     )
     np.testing.assert_allclose(tel.work, [20.0 / 60.0, 100.0 / 60.0])
+    # Pods of another service whose name begins like this one's match its CPU query; a
+    # workload that served none of this service's requests is not counted.
+    fn = local_readings("fn", (40.0, 30.0, 20.0), 20.0)
+    fn.cpu_cores["fn-heavy-edge-0"] = 3.0
+    again = Observer(p, capacity_alpha=1.0).telemetry(
+        {"fn": fn, "heavy": local_readings("heavy", (10.0, 10.0, 10.0), 100.0)}
+    )
+    np.testing.assert_allclose(again.work, tel.work)
     # edge-0 spends 40 x 20 + 10 x 100 ms of CPU per second (1.8 cores): it serves
     # 40/3 + 50/3 = 30 mean requests per second at that busy fraction.
     busy = 1.8 / p.cpu_cores[0]

@@ -96,8 +96,11 @@ def pair_matrices(readings: ServiceReadings, labels: Mapping[str, int], n: int) 
                 matrix[i, j] = np.nan_to_num(matrix[i, j]) + value  # several workloads per node
             else:
                 matrix[i, j] = value
+    # Only the CPU of workloads that served this service counts: the CPU query matches pods
+    # by name prefix, so service fn would also take in the pods of a service fn-heavy.
+    servers = {dst for _, dst in readings.rate}
     for workload, cores in readings.cpu_cores.items():
-        j = node_of_workload(workload)
+        j = node_of_workload(workload) if workload in servers else None
         if j is not None:
             out.cpu_cores[j] = np.nan_to_num(out.cpu_cores[j]) + cores
     return out
