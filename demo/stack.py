@@ -180,17 +180,33 @@ def start_operator(
     return url
 
 
+def load_flag(load: Mapping[str, float] | Mapping[str, Mapping[str, float]]) -> str:
+    """The data plane's ``--load`` for ``node -> rps`` (every service) or
+    ``service -> node -> rps``."""
+    entries = []
+    for key, value in load.items():
+        if isinstance(value, Mapping):
+            entries += [f"{key}/{node}={rps:g}" for node, rps in value.items()]
+        else:
+            entries.append(f"{key}={value:g}")
+    return ",".join(entries)
+
+
 @contextlib.contextmanager
 def running_stack(
-    load: Mapping[str, float] = DEFAULT_LOAD,
+    load: Mapping[str, float] | Mapping[str, Mapping[str, float]] = DEFAULT_LOAD,
     seed: int = 0,
     directory: Path | None = None,
     operator: bool = True,
+    services: Sequence[Path] = (),
+    work: Mapping[str, float] | None = None,
 ) -> Iterator[Stack]:
     """Start everything (the operator unless ``operator`` is False), yield, stop everything.
 
-    The EdgeNodes and the EdgeService of ``examples/`` are applied; the RoutingPolicy is left
-    to the caller (``stack.apply(EXAMPLES / "policy.yaml")``), as a user would apply it."""
+    The EdgeNodes and the EdgeService of ``examples/`` are applied, and the EdgeServices in
+    ``services`` besides (the data plane serves the services it finds when it starts, each
+    request of one costing ``work[service]``, default 1); the RoutingPolicy is left to the
+    caller (``stack.apply(EXAMPLES / "policy.yaml")``), as a user would apply it."""
     with contextlib.ExitStack() as cleanup:
         if directory is None:
             directory = Path(cleanup.enter_context(tempfile.TemporaryDirectory(prefix="marl-")))
@@ -200,8 +216,8 @@ def running_stack(
         stack.api_url = stack.spawn(
             "apiserver", ["demo.apiserver", "--kubeconfig", str(stack.kubeconfig)], True
         )
-        stack.apply(EXAMPLES / "edgenodes.yaml", EXAMPLES / "edgeservice.yaml")
-        loads = ",".join(f"{node}={rps:g}" for node, rps in load.items())
+        stack.apply(EXAMPLES / "edgenodes.yaml", EXAMPLES / "edgeservice.yaml", *services)
+        costs = ",".join(f"{svc}={units:g}" for svc, units in (work or {}).items())
         line = stack.spawn(
             "dataplane",
             [
@@ -213,9 +229,10 @@ def running_stack(
                 "--port",
                 "0",
                 "--load",
-                loads,
+                load_flag(load),
                 "--seed",
                 str(seed),
+                *(["--work", costs] if costs else []),
             ],
             first_line=True,
         )

@@ -11,6 +11,7 @@ an operator, degraded at the same simulated second.
 from __future__ import annotations
 
 import time
+import urllib.error
 
 import pytest
 import yaml
@@ -127,3 +128,48 @@ def test_closed_loop_holds_then_falls_back_when_prometheus_stops(tmp_path):
         wait_for(lambda: stack.policy()["status"]["phase"] == "Active", 60, "recovery")
         assert condition(stack.policy(), "MetricsAvailable") == "True"
         assert condition(stack.policy(), "Fallback") == "False"
+
+
+def test_the_operator_measures_what_each_services_requests_cost(tmp_path):
+    """A second service, ``heavy``, whose requests take five times the CPU of ``fn``'s: the
+    operator reads each one's CPU per request through the real Prometheus (cAdvisor-style
+    pod series) and the decisions' inputs report it."""
+    fn = yaml.safe_load((EXAMPLES / "edgeservice.yaml").read_text())
+    heavy = {**fn, "metadata": {**fn["metadata"], "name": "heavy"}}
+    heavy["spec"] = {
+        **fn["spec"],
+        "host": "heavy.edge.svc.cluster.local",
+        "mesh": {**fn["spec"]["mesh"], "virtualService": "heavy", "destinationRule": "heavy"},
+    }
+    policy = yaml.safe_load((EXAMPLES / "policy.yaml").read_text())
+    policy["spec"]["services"] = ["fn", "heavy"]
+    (tmp_path / "heavy.yaml").write_text(yaml.safe_dump(heavy))
+    (tmp_path / "policy.yaml").write_text(yaml.safe_dump(policy))
+    load = {"fn": {n: 20.0 for n in DEFAULT_LOAD}, "heavy": {n: 4.0 for n in DEFAULT_LOAD}}
+    with running_stack(
+        load=load,
+        directory=tmp_path / "stack",
+        services=[tmp_path / "heavy.yaml"],
+        work={"heavy": 5.0},
+    ) as stack:
+        stack.apply(tmp_path / "policy.yaml")
+
+        def measured():
+            try:
+                inputs = stack.decisions().get("inputs") or {}
+            except urllib.error.HTTPError:  # 404 until the policy's first cycle
+                return False
+            cost = {
+                svc: [n.get("cpu_ms_per_request") for n in inputs.get(svc, {}).values()]
+                for svc in ("fn", "heavy")
+            }
+            known = all(cost[svc] and None not in cost[svc] for svc in cost)
+            return known and cost
+
+        # Two control intervals past the first: Prometheus' rate() wants two scrapes.
+        cost = wait_for(measured, 90, "CPU per request of both services", every=INTERVAL_S)
+        time.sleep(2 * INTERVAL_S)
+        cost = measured() or cost
+    print(f"CPU per request (ms), by node: {cost}")
+    for fn_ms, heavy_ms in zip(cost["fn"], cost["heavy"], strict=True):
+        assert heavy_ms / fn_ms == pytest.approx(5.0, rel=0.2), cost
