@@ -184,18 +184,28 @@ class IntervalRecorder:
         )
 
 
+def priced_work(env: EdgeEnv, uniform: bool = False) -> np.ndarray:
+    """``(S,)`` work per request the controller prices flows by: each service's own, or with
+    ``uniform`` the services' mean for every one, what a controller that cannot tell the
+    services' costs apart decides with (the operator measures them from CPU metrics; with
+    ``--uniform-work`` the cost of not doing so can be measured)."""
+    work = np.asarray(env.mean_cost, dtype=float)
+    return np.full_like(work, work.mean()) if uniform else work
+
+
 def model_env_for(
     env: EdgeEnv,
     can_reject: bool = False,
     max_utilisation: float | None = SAFE_UTILISATION,
     ramp_from: float | None = RAMP_FROM_UTILISATION,
+    uniform_work: bool = False,
 ) -> ModelEnv:
     """The model environment of a simulated mesh (same topology, work and targets). Rollout
     routes without rejecting unless ``can_reject``: a service mesh cannot reject, so this is
     what the operator decides with; so is the utilisation cap and its ramp."""
     return ModelEnv(
         topology=env.topology,
-        work=env.mean_cost,
+        work=priced_work(env, uniform_work),
         target_ms=env.target_ms,
         reject_penalty=env.scenario.reject_penalty,
         step_seconds=env.scenario.step_seconds,
@@ -224,10 +234,11 @@ def commissioning_rows(
     interval_steps: int,
     seed: int,
     noise: float,
+    uniform_work: bool = False,
 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """The system model's rows of ``intervals`` intervals of the scenario *without its
     changes*, one interval at a time, played by :func:`commissioning_routing` (as a
-    commissioning run would)."""
+    commissioning run would); service times from :func:`priced_work`."""
     calm = dataclasses.replace(scenario, events=())
     per_episode = calm.steps // interval_steps
     envs = max(1, -(-intervals // per_episode))
@@ -242,7 +253,8 @@ def commissioning_rows(
                 obs, _, _, info = env.step(weights[None])
                 rec.add(info)
             tel = rec.telemetry(rng, noise)
-            yield model_rows(tel, env.mean_cost, interval_steps * calm.step_seconds)
+            work = priced_work(env, uniform_work)
+            yield model_rows(tel, work, interval_steps * calm.step_seconds)
 
 
 def warm_start(model: SystemModel, rows: Iterable[tuple[np.ndarray, np.ndarray]]) -> None:
@@ -293,6 +305,7 @@ def run_arm(
                 ramp_from=(
                     min(args.ramp_from, args.max_utilisation) if args.max_utilisation else None
                 ),
+                uniform_work=args.uniform_work,
             ),
             policy,
             model,
@@ -507,6 +520,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="lookahead of the screen that ranks every agent's moves",
     )
     parser.add_argument(
+        "--uniform-work",
+        action="store_true",
+        help="price every request at the services' mean work, as a controller that cannot "
+        "tell the services' costs apart would (the operator measures them)",
+    )
+    parser.add_argument(
         "--tail",
         action="store_true",
         help="end each score with the last lookahead interval's cost taken to last for ever",
@@ -544,7 +563,15 @@ def warm_model(scenario: Scenario, policy: Policy, args) -> SystemModel:
     model = SystemModel(regressor=args.regressor, seed=args.seed)
     warm_start(
         model,
-        commissioning_rows(scenario, policy, args.warmup, args.interval, args.seed, args.noise),
+        commissioning_rows(
+            scenario,
+            policy,
+            args.warmup,
+            args.interval,
+            args.seed,
+            args.noise,
+            uniform_work=args.uniform_work,
+        ),
     )
     return model
 

@@ -235,3 +235,31 @@ def test_rollout_decides_on_the_prior_unless_told_not_to(tmp_path, capsys):
     assert summaries["--prior"]["fallback_cycles"] == 0
     assert summaries["--no-prior"]["fallback_cycles"] >= 4
     assert all(f.startswith("the system model") for f in fallbacks if f is not None)
+
+
+def test_uniform_work_prices_every_request_at_the_services_mean(tmp_path, monkeypatch):
+    """``--uniform-work`` decides as a controller that cannot tell the services' costs
+    apart: the model environment and the model's rows price every request alike."""
+    works, rows = [], []
+    real_env, real_rows = adapt.model_env_for, adapt.model_rows
+
+    def recording_env(*args, **kwargs):
+        env = real_env(*args, **kwargs)
+        works.append(env.work)
+        return env
+
+    def recording_rows(tel, work, seconds):
+        rows.append(np.asarray(work))
+        return real_rows(tel, work, seconds)
+
+    monkeypatch.setattr(adapt, "model_env_for", recording_env)
+    monkeypatch.setattr(adapt, "model_rows", recording_rows)
+    argv = short_surge(tmp_path)
+    assert adapt.main(argv) == 0 and adapt.main([*argv, "--uniform-work"]) == 0
+    own = load_scenario(argv[1])
+    own_work = EdgeEnv(own, num_envs=1).mean_cost
+    assert np.ptp(own_work) > 0  # the services' costs differ
+    assert np.allclose(works[0], own_work) and np.allclose(works[1], own_work.mean())
+    commissioning = len(rows) // 2
+    assert all(np.allclose(w, own_work) for w in rows[:commissioning])
+    assert all(np.allclose(w, own_work.mean()) for w in rows[commissioning:])
