@@ -1,0 +1,33 @@
+"""``python -m demo``, the README's first command, end to end on a short run: it starts the
+stack, degrades a node part-way, and ends with a JSON summary and a plot."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from demo.__main__ import main, share_to
+
+pytestmark = pytest.mark.integration
+
+
+def test_share_to_averages_each_sources_percentage():
+    routes = {"a": {"a": 80, "b": 20}, "b": {"b": 50, "c": 50}, "c": {}}
+    assert share_to(routes, "b") == pytest.approx((20 + 50) / 2)  # "c" routes nothing
+    assert math.isnan(share_to({}, "b"))
+
+
+def test_a_short_demo_degrades_a_node_and_summarises(tmp_path, capsys):
+    plot, logs = tmp_path / "demo.png", tmp_path / "logs"
+    argv = ["--duration", "45", "--degrade-at", "15", "--every", "5", "--json"]
+    assert main([*argv, "--plot", str(plot), "--logs", str(logs)]) == 0
+    out = capsys.readouterr()
+    summary = json.loads(out.out.strip().splitlines()[-1])
+    assert summary["plot"] == str(plot) and plot.stat().st_size > 10_000
+    assert summary["p95_ms_before"] > 0 and summary["p95_ms_end"] > 0
+    # The degraded node, also the smallest, ends with less than an equal split's third.
+    assert 0 <= summary["share_to_degraded_end"] < 100 / 3, summary
+    assert "edge-2 loses 50% capacity" in out.out  # the samples, before the summary
+    assert (logs / "operator.log").stat().st_size > 0
