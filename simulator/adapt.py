@@ -410,6 +410,7 @@ def cycle_report(scenario: Scenario, results: dict[str, list[Cycle]], interval: 
             record[arm] = {
                 "cost": c.cost,
                 "latency_ms": c.latency_ms,
+                "p95_ms": {k: v if np.isfinite(v) else None for k, v in c.p95_ms.items()},
                 "lost_pct": c.lost_pct,
                 "slo_violations": c.slo_violations,
             }

@@ -122,6 +122,11 @@ def test_slo_violations_are_counted_after_the_third_cycle_where_the_oracle_met_i
         "rollout": 3,
         "oracle": 1,
     }
+    # A service without requests in a cycle has no p95: null in the per-cycle records.
+    results["rollout"][9].p95_ms = {"auth": float("nan"), "infer": 250.0}
+    records = adapt.cycle_report(load_scenario(str(path)), results, interval=5)
+    assert records[9]["rollout"]["p95_ms"] == {"auth": None, "infer": 250.0}
+    assert [r["counted"] for r in records] == [i >= 7 for i in range(12)]
 
 
 def test_adapt_reports_a_scenario_without_changes(tmp_path, capsys):
@@ -200,7 +205,12 @@ def test_each_cycle_is_reported_before_the_totals(tmp_path, capsys):
     )
     argv = ["--scenario", str(path), "--warmup", "16", "--horizon", "1"]
     assert adapt.main([*argv, "--json"]) == 0
-    lines = [json.loads(line) for line in capsys.readouterr().out.strip().splitlines()]
+
+    def strict(constant):  # NaN or Infinity: not JSON other tools can read
+        raise ValueError(f"{constant} in the JSON output")
+
+    out = capsys.readouterr().out.strip().splitlines()
+    lines = [json.loads(line, parse_constant=strict) for line in out]
     *records, summary = lines
     assert [r["cycle"] for r in records] == list(range(summary["cycles"])) == list(range(8))
     assert [r["change"] for r in records] == [i == 2 for i in range(8)]
@@ -215,6 +225,14 @@ def test_each_cycle_is_reported_before_the_totals(tmp_path, capsys):
         for arm in adapt.ARMS
     }
     assert by_arm == summary["slo_violations_after_3_cycles_by_arm"]
+    # A violation is a service whose p95 crossed its target in that cycle.
+    scenario = load_scenario(str(path))
+    targets = dict(zip(scenario.service_names, EdgeEnv(scenario).target_ms, strict=True))
+    assert any(r[arm]["slo_violations"] for r in records for arm in adapt.ARMS)
+    for r in records:
+        for arm in adapt.ARMS:
+            over = [s for s, ms in r[arm]["p95_ms"].items() if ms is not None and ms > targets[s]]
+            assert sorted(over) == sorted(r[arm]["slo_violations"])
     assert adapt.main(argv) == 0
     table = capsys.readouterr().out.splitlines()
     assert table[0].split()[:4] == ["cycle", "base", "cost", "ms"]
