@@ -544,7 +544,9 @@ def build_parser() -> argparse.ArgumentParser:
         "policy's action then, to measure the learned model alone)",
     )
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--json", action="store_true", help="end with one JSON object")
+    parser.add_argument(
+        "--json", action="store_true", help="one JSON object per cycle, then one of the totals"
+    )
     parser.add_argument("--plot", metavar="PNG")
     parser.add_argument("--list-scenarios", action="store_true")
     return parser

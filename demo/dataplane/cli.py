@@ -10,7 +10,7 @@ Examples:
         --load edge-0=40,edge-1=40,edge-2=40
     python -m demo.dataplane --kubeconfig kind.kubeconfig --namespace edge --port 0 \\
         --load fn/edge-0=40,fn/edge-1=40,fn/edge-2=40 --speed 1 --seed 0
-    python -m demo.dataplane --kubeconfig kind.kubeconfig --namespace edge --port 0 \
+    python -m demo.dataplane --kubeconfig kind.kubeconfig --namespace edge --port 0 \\
         --load edge-0=20,edge-1=20,edge-2=20 --work fn=1,heavy=5   # heavy costs 5x fn
     curl -s localhost:9464/metrics | grep istio_requests_total
     curl -s -X POST 'localhost:9464/degrade?node=edge-2&factor=0.5'
