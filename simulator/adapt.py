@@ -244,6 +244,7 @@ def commissioning_rows(
     envs = max(1, -(-intervals // per_episode))
     rng = np.random.default_rng(seed + 7919)
     env = EdgeEnv(calm, num_envs=1, action_mode="neighbours", seed=seed + 1, track_servers=True)
+    work = priced_work(env, uniform_work)
     for episode in range(envs):
         obs = env.reset()
         for _ in range(min(per_episode, intervals - episode * per_episode)):
@@ -253,7 +254,6 @@ def commissioning_rows(
                 obs, _, _, info = env.step(weights[None])
                 rec.add(info)
             tel = rec.telemetry(rng, noise)
-            work = priced_work(env, uniform_work)
             yield model_rows(tel, work, interval_steps * calm.step_seconds)
 
 
