@@ -3,46 +3,68 @@
     python benchmarks/model_accuracy.py                       # mesh-10x3 and mesh-6x3, seeds 0-2
     python benchmarks/model_accuracy.py --scenarios mesh-6x3 --seeds 0 --train 120
     python benchmarks/model_accuracy.py --plot accuracy.png   # held-out predicted vs observed
+    python benchmarks/model_accuracy.py --routing rollout     # on a live run's intervals
 
 Per scenario and seed, the model sees ``--train`` intervals of 5-second telemetry of the calm
 scenario (5% measurement noise; the base policy mixed with random routings, as
 ``simulator.adapt`` warm-starts it), is fitted once, and is scored on the rows of the next
 ``--test`` intervals, which it never learned from: normalised MAE (mean absolute error over
-the mean absolute target) and R^2 per target. The last line is one JSON object. How low
-that error could go at all is ``benchmarks/model_noise_floor.py``'s question.
+the mean absolute target) and R^2 per target, and of each held-out interval's mean latency
+over the whole mesh (``mesh_mean_ms``: the rows weighted by the requests each served, the
+latency part of a decision's cost). With ``--routing rollout`` the held-out intervals are
+instead ``--test`` intervals of ``simulator.adapt``'s live loop on the calm scenario, each
+scored before the model learns from it: the loads rollout keeps, not commissioning's random
+routings, some of which overload a node. The last line is one JSON object. How low the
+per-row error could go at all is ``benchmarks/model_noise_floor.py``'s question.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
 from tqdm import tqdm
 
 from policies.system_model import TARGETS, SystemModel, score
-from simulator.adapt import commissioning_rows, warm_start
+from simulator.adapt import build_parser, commissioning_rows, run_arm, warm_model, warm_start
 from simulator.cli import parser_from_doc
 from simulator.env import EdgeEnv
 from simulator.episodes import build_policy
 from simulator.scenario import load_scenario
 
+NOISE = 0.05
+"""Relative measurement noise of the telemetry, as ``simulator.adapt`` assumes by default."""
+
 
 def held_out(
-    scenario_name: str, seed: int, train: int, test: int, interval: int
+    scenario_name: str, seed: int, train: int, test: int, interval: int, routing: str
 ) -> tuple[dict, np.ndarray, np.ndarray]:
-    """Fit on ``train`` intervals, score on the ``test`` intervals that follow. Returns the
-    scores, and the held-out targets and predictions for the plot."""
-    scenario = load_scenario(scenario_name)
+    """Fit on ``train`` intervals, score on ``test`` intervals it never learned from: the
+    commissioning intervals that follow, or those of a live run. Returns the scores, and the
+    held-out targets and predictions for the plot."""
+    scenario = dataclasses.replace(load_scenario(scenario_name), events=())
     env = EdgeEnv(scenario, num_envs=1, action_mode="neighbours")
     policy = build_policy("default", env, seed)
-    rows = list(commissioning_rows(scenario, policy, train + test, interval, seed, noise=0.05))
-    model = SystemModel(seed=seed)
-    warm_start(model, rows[:train])
-    x = np.concatenate([f for f, _ in rows[train:]])
-    y = np.concatenate([t for _, t in rows[train:]])
-    keep = np.isfinite(x).all(axis=1) & np.isfinite(y).all(axis=1)
-    predicted = model.predict(x[keep])
-    accuracy = score(y[keep], predicted)
+    if routing == "commissioning":
+        rows = list(commissioning_rows(scenario, policy, train + test, interval, seed, NOISE))
+        model = SystemModel(seed=seed)
+        warm_start(model, rows[:train])
+        x = np.concatenate([r.features for r in rows[train:]])
+        y = np.concatenate([r.targets for r in rows[train:]])
+        requests = np.concatenate([r.requests for r in rows[train:]])
+        index = np.repeat(np.arange(test), [len(r.features) for r in rows[train:]])
+        keep = np.isfinite(x).all(axis=1) & np.isfinite(y).all(axis=1)
+        y, requests, index = y[keep], requests[keep], index[keep]
+        predicted = model.predict(x[keep])
+    else:  # the model scores each live interval before it learns from it
+        argv = ["--interval", str(interval), "--warmup", str(train), "--seed", str(seed)]
+        args = build_parser().parse_args([*argv, "--noise", str(NOISE)])
+        live = dataclasses.replace(scenario, steps=test * interval)
+        model = warm_model(live, policy, args, scored_intervals=test)
+        run_arm("rollout", live, policy, args, model)
+        y, predicted, requests, index = model.held_out()
+    accuracy = score(y, predicted, requests, index)
     result = {
         "scenario": scenario_name,
         "seed": seed,
@@ -50,7 +72,7 @@ def held_out(
         **accuracy.as_dict(),
         "worst_nmae": accuracy.worst_nmae,
     }
-    return result, y[keep], predicted
+    return result, y, predicted
 
 
 def plot(held: list[tuple[dict, np.ndarray, np.ndarray]], path: str) -> None:
@@ -84,9 +106,15 @@ def main() -> None:
     parser.add_argument("--test", type=int, default=60, help="held-out intervals scored")
     parser.add_argument("--interval", type=int, default=5, help="simulator steps per interval")
     parser.add_argument("--plot", metavar="PNG", help="held-out predicted vs observed latency")
+    parser.add_argument(
+        "--routing",
+        choices=("commissioning", "rollout"),
+        default="commissioning",
+        help="held-out intervals: commissioning's, or a live rollout run's",
+    )
     args = parser.parse_args()
     held = [
-        held_out(name, seed, args.train, args.test, args.interval)
+        held_out(name, seed, args.train, args.test, args.interval, args.routing)
         for name, seed in tqdm(
             [(n, s) for n in args.scenarios for s in args.seeds], desc="model accuracy"
         )
@@ -94,13 +122,14 @@ def main() -> None:
     if args.plot:
         plot(held, args.plot)
     runs = [result for result, _, _ in held]
-    scored = {t: [r["nmae"][t] for r in runs if r["nmae"][t] is not None] for t in TARGETS}
+    scored = {t: [r["nmae"][t] for r in runs if r["nmae"][t] is not None] for t in runs[0]["nmae"]}
     mean = {t: float(np.mean(v)) if v else None for t, v in scored.items()}
     print(
         json.dumps(
             {
                 "train_intervals": args.train,
                 "test_intervals": args.test,
+                "routing": args.routing,
                 "runs": runs,
                 "mean_nmae": mean,
             }

@@ -152,7 +152,7 @@ def replica_rows(
                 obs[r], _, _, info = env.step(weights[None])
                 recorder.add(info)
             tel = recorder.telemetry(telemetry_rng, noise)
-            x, y = model_rows(tel, env.mean_cost, interval * scenario.step_seconds)
+            x, y, _ = model_rows(tel, env.mean_cost, interval * scenario.step_seconds)
             features.append(x)
             targets.append(y)
             groups.append(t * len(x) + np.arange(len(x)))

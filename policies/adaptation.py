@@ -71,11 +71,19 @@ def utilisation(tel: IntervalTelemetry, work: np.ndarray, seconds: float) -> np.
     return np.where(np.isfinite(by_cpu), (by_rate + by_cpu) / 2.0, by_rate)
 
 
+class Rows(NamedTuple):
+    """The system model's rows of one interval, one per node and service."""
+
+    features: np.ndarray  # (N*S, 3)
+    targets: np.ndarray  # (N*S, 4), NaN where too few requests were seen
+    requests: np.ndarray  # (N*S,) requests the row's latencies are over
+
+
 def model_rows(
     tel: IntervalTelemetry, work: np.ndarray, seconds: float, min_requests: float = 5.0
-) -> tuple[np.ndarray, np.ndarray]:
-    """The system model's rows of one interval: features ``(N*S, 3)``, targets ``(N*S, 4)``
-    (NaN targets where a node saw fewer than ``min_requests`` of a service: too noisy)."""
+) -> Rows:
+    """The system model's rows of one interval (NaN targets where a node saw fewer than
+    ``min_requests`` of a service: too noisy)."""
     cap = np.asarray(tel.capacity, dtype=float)
     up = cap > 0
     util = utilisation(tel, work, seconds)
@@ -95,7 +103,11 @@ def model_rows(
     backlog = np.broadcast_to(tel.backlog_end[:, None], service_ms.shape)
     targets = np.stack([tel.mean_ms, tel.p95_ms, np.clip(success, 0.0, 1.0), backlog], axis=-1)
     targets = np.where(enough[..., None], targets, np.nan)
-    return features.reshape(-1, len(FEATURES)), targets.reshape(-1, len(TARGETS))
+    return Rows(
+        features.reshape(-1, len(FEATURES)),
+        targets.reshape(-1, len(TARGETS)),
+        (np.asarray(tel.incoming, dtype=float) * seconds).reshape(-1),
+    )
 
 
 class _Kept(NamedTuple):
@@ -222,8 +234,7 @@ class Adapter:
     def observe(self, tel: IntervalTelemetry) -> None:
         if tel.work is not None:
             self.env.set_work(tel.work)
-        features, targets = model_rows(tel, self.env.work, self.interval_seconds)
-        self.model.observe(features, targets)
+        self.model.observe(*model_rows(tel, self.env.work, self.interval_seconds))
         offered = np.asarray(tel.offered, dtype=float).reshape(-1)
         a = self.forecast_alpha
         self.forecast = offered if self.forecast is None else a * offered + (1 - a) * self.forecast

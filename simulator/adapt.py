@@ -35,7 +35,7 @@ import numpy as np
 from tqdm import tqdm
 
 from policies import checkpoint
-from policies.adaptation import Adapter, IntervalTelemetry, model_rows
+from policies.adaptation import Adapter, IntervalTelemetry, Rows, model_rows
 from policies.baselines import PolicyError
 from policies.model_env import RAMP_FROM_UTILISATION, SAFE_UTILISATION, ModelEnv
 from policies.observation import MeshTelemetry, mesh_observation
@@ -235,7 +235,7 @@ def commissioning_rows(
     seed: int,
     noise: float,
     uniform_work: bool = False,
-) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+) -> Iterator[Rows]:
     """The system model's rows of ``intervals`` intervals of the scenario *without its
     changes*, one interval at a time, played by :func:`commissioning_routing` (as a
     commissioning run would); service times from :func:`priced_work`."""
@@ -257,11 +257,11 @@ def commissioning_rows(
             yield model_rows(tel, work, interval_steps * calm.step_seconds)
 
 
-def warm_start(model: SystemModel, rows: Iterable[tuple[np.ndarray, np.ndarray]]) -> None:
+def warm_start(model: SystemModel, rows: Iterable[Rows]) -> None:
     """Feed ``model`` every interval's rows (say, :func:`commissioning_rows`), then fit it
     once."""
-    for features, targets in rows:
-        model.add(features, targets)
+    for interval in rows:
+        model.add(*interval)
     model.fit()
 
 
@@ -560,10 +560,10 @@ def load(args) -> tuple[Scenario, Policy]:
     return scenario, build_policy(args.policy, env, args.seed)
 
 
-def warm_model(scenario: Scenario, policy: Policy, args) -> SystemModel:
+def warm_model(scenario: Scenario, policy: Policy, args, scored_intervals: int = 12) -> SystemModel:
     """The system model rollout starts from: fitted on ``args.warmup`` commissioning
     intervals of the scenario without its changes."""
-    model = SystemModel(regressor=args.regressor, seed=args.seed)
+    model = SystemModel(regressor=args.regressor, seed=args.seed, scored_intervals=scored_intervals)
     warm_start(
         model,
         commissioning_rows(

@@ -51,14 +51,14 @@ def test_model_rows_average_the_rate_and_cpu_measurements_of_utilisation():
         mesh=None,
         busy=np.array([0.3, np.nan, 0.0]),
     )
-    features, _ = model_rows(tel, np.array([10.0]), seconds=5.0)
+    features = model_rows(tel, np.array([10.0]), seconds=5.0).features
     # node 0: 0.4 by rate, 0.3 busy + 0.1 of queue growth by CPU; node 1: CPU not measured;
     # node 2: down
     assert np.allclose(features[:2, 0], [0.4, 0.1]) and np.isnan(features[2, 0])
-    features, _ = model_rows(dataclasses.replace(tel, busy=None), np.array([10.0]), 5.0)
+    features = model_rows(dataclasses.replace(tel, busy=None), np.array([10.0]), 5.0).features
     assert np.allclose(features[:2, 0], [0.4, 0.1])
     tel = dataclasses.replace(tel, busy=np.array([0.5, 0.3, 0.0]))
-    features, _ = model_rows(tel, np.array([10.0]), seconds=5.0)
+    features = model_rows(tel, np.array([10.0]), seconds=5.0).features
     assert np.allclose(features[:2, 0], [(0.4 + 0.6) / 2, (0.1 + 0.1) / 2])
 
 

@@ -19,4 +19,19 @@ def test_a_tiny_run_scores_held_out_rows_and_is_reproducible(tmp_path):
     assert 0 < result["nmae"]["mean_ms"] < 1 and result["r2"]["mean_ms"] <= 1
     assert result["worst_nmae"] >= result["nmae"]["mean_ms"]
     assert report["mean_nmae"]["mean_ms"] == result["nmae"]["mean_ms"]
+    # The mesh's mean latency per held-out interval, where the rows' chance averages out.
+    assert 0 < result["nmae"]["mesh_mean_ms"] < result["nmae"]["mean_ms"]
+    assert report["mean_nmae"]["mesh_mean_ms"] == result["nmae"]["mesh_mean_ms"]
     assert run() == report
+
+
+def test_a_live_run_scores_each_interval_before_learning_from_it():
+    report = run("--routing", "rollout")
+    assert report["routing"] == "rollout"
+    (result,) = report["runs"]
+    # 60 commissioning intervals, then the 12 live ones it was scored on (18 rows each, less
+    # those with too few requests), every one learned from after it was scored
+    assert 0 < result["rows"] <= 12 * 18
+    assert result["train_rows"] == 60 * 18 + result["rows"]
+    assert 0 < result["nmae"]["mesh_mean_ms"] < 1 and 0 < result["nmae"]["mean_ms"] < 1
+    assert run("--routing", "rollout") == report

@@ -15,7 +15,15 @@ from policies.model_env import MeshState, ModelEnv
 from policies.observation import MeshTelemetry
 from policies.queueing import queueing_prior
 from policies.rollout import Rollout, RolloutSettings, candidates
-from policies.system_model import BACKLOG_S, MEAN_MS, TARGETS, LatencyTable, SystemModel, score
+from policies.system_model import (
+    BACKLOG_S,
+    MEAN_MS,
+    MESH_MEAN_MS,
+    TARGETS,
+    LatencyTable,
+    SystemModel,
+    score,
+)
 from policies.topology import Topology
 
 UTIL = np.linspace(0.0, 1.6, 33)
@@ -401,6 +409,43 @@ def test_a_target_zero_in_every_row_has_no_normalised_error():
     assert json.loads(json.dumps(accuracy.as_dict()))["nmae"]["backlog_s"] is None
 
 
+def test_the_mesh_mean_latency_is_each_intervals_rows_weighted_by_their_requests():
+    """Two intervals of two rows. In the first, the rows' errors (+10 ms on 30 requests,
+    -30 ms on 10) cancel over the mesh; in the second, 20 ms too much on every request."""
+    y = np.tile([0.0, 0.0, 1.0, 0.0], (4, 1))
+    p = y.copy()
+    y[:, MEAN_MS] = [50.0, 90.0, 100.0, 100.0]
+    p[:, MEAN_MS] = [60.0, 60.0, 120.0, 120.0]
+    requests = np.array([30.0, 10.0, 5.0, 15.0])
+    accuracy = score(y, p, requests, interval=np.array([0, 0, 1, 1]))
+    observed = [(30 * 50 + 10 * 90) / 40, 100.0]  # 60 and 100 ms
+    assert accuracy.nmae[MESH_MEAN_MS] == pytest.approx((0 + 20) / 2 / np.mean(observed))
+    assert accuracy.nmae["mean_ms"] == pytest.approx((10 + 30 + 20 + 20) / 4 / 85.0)
+    assert accuracy.worst_nmae == accuracy.nmae["mean_ms"]  # the mesh's figure is not gated
+    assert MESH_MEAN_MS not in score(y, p).nmae  # without requests there is no mesh figure
+
+
+def test_the_system_model_scores_the_mesh_mean_latency_when_told_the_requests():
+    rng = np.random.default_rng(5)
+
+    def interval() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        x = np.stack([rng.uniform(0.1, 0.8, 6), np.full(6, 10.0), np.zeros(6)], axis=1)
+        y = exact(x)
+        y[:, MEAN_MS] *= rng.lognormal(0.0, 0.2, 6)  # per-row chance
+        y[0] = np.nan  # a row too thin to learn from: dropped with its requests
+        return x, y, rng.uniform(5.0, 50.0, 6)
+
+    told, blind = SystemModel(min_rows=20), SystemModel(min_rows=20)
+    for _ in range(20):
+        x, y, requests = interval()
+        told.observe(x, y, requests)
+        blind.observe(x, y)
+    mesh = told.accuracy().nmae[MESH_MEAN_MS]
+    assert 0 < mesh < told.accuracy().nmae["mean_ms"]  # chance averages out over the mesh
+    assert MESH_MEAN_MS not in blind.accuracy().nmae
+    assert blind.accuracy().nmae["mean_ms"] == told.accuracy().nmae["mean_ms"]
+
+
 def test_system_model_refits_on_a_share_of_new_rows_or_when_the_data_moves():
     model = SystemModel(min_rows=20, refit_share=0.5, drift_outside=2.0)  # no drift first
     rng = np.random.default_rng(2)
@@ -523,6 +568,17 @@ def test_a_kept_decision_survives_a_refit_that_predicts_the_same():
     again = adapter.decide()
     assert model.fits > fits  # the model refitted on the new interval's rows ...
     assert again.reused and np.array_equal(again.weights, first.weights)  # ... same decision
+
+
+def test_the_adapter_tells_the_model_how_many_requests_each_row_is_over():
+    topo, env, _, _ = pair(capacity=(700.0, 1000.0))
+    model = SystemModel(min_rows=4, refit_share=0.0)
+    adapter = Adapter(env, always_local, model, RolloutSettings(horizon=1), interval_seconds=5.0)
+    rng = np.random.default_rng(1)
+    for _ in range(6):
+        tel = _interval(topo, rng.uniform(20.0, 60.0, 2), np.array([700.0, 1000.0]))
+        adapter.observe(replace(tel, mean_ms=np.array([[15.0], [40.0]])))
+    assert model.accuracy().nmae[MESH_MEAN_MS] > 0
 
 
 def _reusing_pair(tolerance: float):
