@@ -68,7 +68,8 @@ class Instruments:
         )
         self.model_nmae = Gauge(
             PREFIX + "model_nmae",
-            "Held-out normalised mean absolute error of the system model, per target.",
+            "Held-out normalised mean absolute error of the system model, per target "
+            "(mesh_mean_ms: each interval's mean latency over the whole mesh).",
             ["policy", "target"],
             registry=reg,
         )

@@ -63,7 +63,7 @@ class CycleReport:
     changed_agents: tuple[str, ...] = ()  # agents ("node/service") rollout moved off the base
     predicted_p95_ms: dict[str, float] = field(default_factory=dict)  # service -> ms
     observed_p95_ms: dict[str, float] = field(default_factory=dict)  # service -> ms
-    model: dict[str, Any] | None = None  # held-out accuracy (nmae, r2 per target)
+    model: dict[str, Any] | None = None  # held-out accuracy (nmae, r2 per target, mesh)
     decision_ms: float = 0.0
     inputs: dict[str, dict[str, NodeInputs]] = field(default_factory=dict)  # service -> node
     forbidden: str | None = None  # a call the API server refused (403): what to grant
