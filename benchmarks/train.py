@@ -5,7 +5,7 @@ Examples::
     python benchmarks/train.py --scenario dfaas-paise25 --seeds 0 1 2
     python benchmarks/train.py --scenario dfaas-paise25 --seeds 0 1 2 --action-mode neighbours
     python benchmarks/train.py --scenario dfaas-2 --seeds 0 --env-steps 50000 --eval-episodes 10
-    python benchmarks/train.py --scenario mesh-10x3 --seeds 0 --env-steps 300000 --set lr=1e-3
+    python benchmarks/train.py --scenario mesh-10x3 --seeds 0 --env-steps 300000 --set gamma=0.9
 
 Each seed is one ``python -m simulator.train ... --json`` run in a fresh process (so the
 measured time includes start-up, as a user would see it). Prints one JSON object: the

@@ -34,8 +34,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--scenario", default="dfaas-paise25", help="bundled name or YAML path")
     parser.add_argument(
         "--policy",
-        help="heuristic name, fixed:L,F,R, oracle, or global-node (default apl; with "
-        "--compare, an extra policy to add to the table)",
+        help="heuristic name, fixed:L,F,R, oracle, global-node, default (the bundled "
+        "checkpoint) or a checkpoint directory (default apl; with --compare, an extra policy "
+        "to add to the table)",
     )
     parser.add_argument("--episodes", type=int, default=100)
     parser.add_argument("--seed", type=int, default=0)

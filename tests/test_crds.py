@@ -204,7 +204,7 @@ def test_routing_policy_defaults(validators):
             "enabled": True,
             "horizon": 5,
             "candidateSteps": [0.1, 0.3],
-            "margin": 0.02,
+            "margin": 0.01,
             "reuseTolerance": 0.05,
         },
         "safety": {
@@ -390,3 +390,18 @@ def test_operator_defaults_equal_the_crd_defaults(validators):
     }
     defaulted = validators["RoutingPolicy"].defaulted(minimal)["spec"]
     assert parse_policy_spec(minimal["spec"]) == parse_policy_spec(defaulted)
+
+
+def test_rollout_defaults_are_the_ones_the_simulator_measured():
+    """A RoutingPolicy left at its defaults decides with the rollout settings every number of
+    ``python -m simulator.adapt`` was measured with, not with a second set of its own."""
+    from marl_operator.spec import RolloutSpec
+
+    from policies.rollout import RolloutSettings
+
+    measured, operator = RolloutSettings(), RolloutSpec()
+    assert (operator.horizon, operator.steps, operator.margin) == (
+        measured.horizon,
+        measured.steps,
+        measured.margin,
+    )

@@ -48,7 +48,7 @@ class RolloutSpec:
     enabled: bool = True
     horizon: int = 5
     steps: tuple[float, ...] = (0.1, 0.3)
-    margin: float = 0.02
+    margin: float = 0.01
     reuse_tolerance: float = 0.05
 
 
@@ -163,7 +163,7 @@ def parse_policy_spec(spec: Mapping[str, Any] | None) -> PolicySpec:
             enabled=rollout.get("enabled", bool, True),
             horizon=rollout.get("horizon", int, 5, 1, 50),
             steps=tuple(float(x) for x in steps),
-            margin=rollout.get("margin", float, 0.02, 0.0, 1.0),
+            margin=rollout.get("margin", float, 0.01, 0.0, 1.0),
             reuse_tolerance=rollout.get("reuseTolerance", float, 0.05, 0.0, 1.0),
         ),
         safety=SafetySpec(
