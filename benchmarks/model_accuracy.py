@@ -33,9 +33,6 @@ from simulator.env import EdgeEnv
 from simulator.episodes import build_policy
 from simulator.scenario import load_scenario
 
-NOISE = 0.05
-"""Relative measurement noise of the telemetry, as ``simulator.adapt`` assumes by default."""
-
 
 def held_out(
     scenario_name: str, seed: int, train: int, test: int, interval: int, routing: str
@@ -46,8 +43,11 @@ def held_out(
     scenario = dataclasses.replace(load_scenario(scenario_name), events=())
     env = EdgeEnv(scenario, num_envs=1, action_mode="neighbours")
     policy = build_policy("default", env, seed)
+    # simulator.adapt's settings, its telemetry noise among them, for both routings.
+    argv = ["--interval", str(interval), "--warmup", str(train), "--seed", str(seed)]
+    args = build_parser().parse_args(argv)
     if routing == "commissioning":
-        rows = list(commissioning_rows(scenario, policy, train + test, interval, seed, NOISE))
+        rows = list(commissioning_rows(scenario, policy, train + test, interval, seed, args.noise))
         model = SystemModel(seed=seed)
         warm_start(model, rows[:train])
         x = np.concatenate([r.features for r in rows[train:]])
@@ -58,8 +58,6 @@ def held_out(
         y, requests, index = y[keep], requests[keep], index[keep]
         predicted = model.predict(x[keep])
     else:  # the model scores each live interval before it learns from it
-        argv = ["--interval", str(interval), "--warmup", str(train), "--seed", str(seed)]
-        args = build_parser().parse_args([*argv, "--noise", str(NOISE)])
         live = dataclasses.replace(scenario, steps=test * interval)
         model = warm_model(live, policy, args, scored_intervals=test)
         run_arm("rollout", live, policy, args, model)
