@@ -27,6 +27,7 @@ from policies.observation import MeshTelemetry
 from policies.rollout import Rollout, RolloutSettings
 from policies.system_model import SystemModel
 from policies.topology import Topology
+from simulator.cli import parser_from_doc
 
 
 def ring_with_chords(n: int, rng: np.random.Generator) -> Topology:
@@ -122,14 +123,23 @@ def measure(agents: int, horizon: int, trials: int, seed: int) -> dict:
     }
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--agents", type=int, nargs="+", default=[10, 100])
-    parser.add_argument("--horizon", type=int, default=5)
-    parser.add_argument("--trials", type=int, default=30)
-    parser.add_argument("--seed", type=int, default=0)
+def build_parser() -> argparse.ArgumentParser:
+    """The command line, apart from ``main`` so that its help can be checked without running it."""
+    parser = parser_from_doc("decision.py", __doc__)
+    parser.add_argument(
+        "--agents", type=int, nargs="+", default=[10, 100], help="agent instances, one run each"
+    )
+    parser.add_argument(
+        "--horizon", type=int, default=5, help="base-policy intervals after each candidate's"
+    )
+    parser.add_argument("--trials", type=int, default=30, help="decisions timed per run")
+    parser.add_argument("--seed", type=int, default=0, help="seeds the meshes and arrivals")
     parser.add_argument("--threads", type=int, default=1, help="BLAS threads (as the operator)")
-    args = parser.parse_args()
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
     with threadpool_limits(limits=args.threads, user_api="blas"):
         results = [measure(a, args.horizon, args.trials, args.seed) for a in args.agents]
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

@@ -20,6 +20,7 @@ per-row error could go at all is ``benchmarks/model_noise_floor.py``'s question.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 
@@ -27,7 +28,8 @@ import numpy as np
 from tqdm import tqdm
 
 from policies.system_model import TARGETS, SystemModel, score
-from simulator.adapt import build_parser, commissioning_rows, run_arm, warm_model, warm_start
+from simulator.adapt import build_parser as adapt_parser
+from simulator.adapt import commissioning_rows, run_arm, warm_model, warm_start
 from simulator.cli import parser_from_doc
 from simulator.env import EdgeEnv
 from simulator.episodes import build_policy
@@ -45,7 +47,7 @@ def held_out(
     policy = build_policy("default", env, seed)
     # simulator.adapt's settings, its telemetry noise among them, for both routings.
     argv = ["--interval", str(interval), "--warmup", str(train), "--seed", str(seed)]
-    args = build_parser().parse_args(argv)
+    args = adapt_parser().parse_args(argv)
     if routing == "commissioning":
         rows = list(commissioning_rows(scenario, policy, train + test, interval, seed, args.noise))
         model = SystemModel(seed=seed)
@@ -96,10 +98,15 @@ def plot(held: list[tuple[dict, np.ndarray, np.ndarray]], path: str) -> None:
     fig.savefig(path, dpi=110)
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line, apart from ``main`` so that its help can be checked without running it."""
     parser = parser_from_doc("model_accuracy.py", __doc__)
-    parser.add_argument("--scenarios", nargs="+", default=["mesh-10x3", "mesh-6x3"])
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument(
+        "--scenarios", nargs="+", default=["mesh-10x3", "mesh-6x3"], help="bundled names"
+    )
+    parser.add_argument(
+        "--seeds", type=int, nargs="+", default=[0, 1, 2], help="one run per scenario and seed"
+    )
     parser.add_argument("--train", type=int, default=360, help="intervals learned from")
     parser.add_argument("--test", type=int, default=60, help="held-out intervals scored")
     parser.add_argument("--interval", type=int, default=5, help="simulator steps per interval")
@@ -110,7 +117,11 @@ def main() -> None:
         default="commissioning",
         help="held-out intervals: commissioning's, or a live rollout run's",
     )
-    args = parser.parse_args()
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
     held = [
         held_out(name, seed, args.train, args.test, args.interval, args.routing)
         for name, seed in tqdm(

@@ -37,6 +37,7 @@ it: also fitted on the run's own intervals). The last line is one JSON object.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 from collections.abc import Callable
@@ -51,12 +52,14 @@ from policies.rollout import Policy
 from policies.system_model import MEAN_MS, P95_MS, SystemModel
 from simulator.adapt import (
     IntervalRecorder,
-    build_parser,
     commissioning_routing,
     commissioning_rows,
     run_arm,
     warm_model,
     warm_start,
+)
+from simulator.adapt import (
+    build_parser as adapt_parser,
 )
 from simulator.cli import parser_from_doc
 from simulator.env import EdgeEnv
@@ -111,7 +114,7 @@ def rollout_routings(
     exactly as its command line runs it by default), and the system model as the run
     left it."""
     argv = ["--interval", str(interval), "--warmup", str(train)]
-    args = build_parser().parse_args([*argv, "--seed", str(seed), "--noise", str(noise)])
+    args = adapt_parser().parse_args([*argv, "--seed", str(seed), "--noise", str(noise)])
     model = warm_model(scenario, policy, args)
     cycles = run_arm("rollout", scenario, policy, args, model)
     weights = [np.asarray(c.weights, dtype=float) for c in cycles]
@@ -272,15 +275,20 @@ def plot(runs: list[dict], path: str, target: float = TARGET_NMAE) -> None:
     fig.savefig(path, dpi=110)
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line, apart from ``main`` so that its help can be checked without running it."""
     parser = parser_from_doc("model_noise_floor.py", __doc__)
-    parser.add_argument("--scenarios", nargs="+", default=["mesh-10x3", "mesh-6x3"])
+    parser.add_argument(
+        "--scenarios", nargs="+", default=["mesh-10x3", "mesh-6x3"], help="bundled names"
+    )
     parser.add_argument("--replicas", type=int, default=40, help="copies under one routing")
     parser.add_argument("--intervals", type=int, default=60, help="intervals per replica")
     parser.add_argument("--interval", type=int, default=5, help="simulator steps per interval")
     parser.add_argument("--train", type=int, default=360, help="intervals the model learns")
     parser.add_argument("--noise", type=float, default=0.05, help="relative telemetry noise")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--seed", type=int, default=0, help="seeds the replicas, routings and telemetry noise"
+    )
     parser.add_argument(
         "--routing",
         choices=("commissioning", "rollout"),
@@ -288,7 +296,12 @@ def main() -> None:
         help="what every replica plays: commissioning routings, or rollout's in a live run",
     )
     parser.add_argument("--plot", metavar="PNG", help="the four errors per scenario as bars")
-    args = parser.parse_args()
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = build_parser()
+    args = parser.parse_args(argv)
     if args.replicas < 8:
         parser.error("--replicas must be at least 8: the floor fits four terms per group")
     if args.intervals < 5:

@@ -58,6 +58,7 @@ from tqdm import tqdm
 
 from demo.prometheus import free_port
 from demo.stack import Stack, StackError
+from simulator.cli import parser_from_doc
 
 TARGET_CPU_CORES = 0.5
 TARGET_RSS_MB = 500.0
@@ -615,21 +616,30 @@ def measure(args: argparse.Namespace, directory: Path) -> dict[str, Any]:
     }
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0],
-        epilog="examples:\n" + __doc__.split("\n\n")[1],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+def build_parser() -> argparse.ArgumentParser:
+    """The command line, apart from ``main`` so that its help can be checked without running it."""
+    parser = parser_from_doc("operator_scale.py", __doc__)
     parser.add_argument("--policies", type=int, default=100, help="RoutingPolicies (namespaces)")
     parser.add_argument("--nodes", type=int, default=10, help="EdgeNodes in the mesh (>= 2)")
     parser.add_argument("--interval", type=int, default=10, help="intervalSeconds (>= 5)")
     parser.add_argument("--duration", type=int, default=120, help="seconds measured")
     parser.add_argument("--warmup", type=int, default=30, help="seconds after ready, unmeasured")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--seed", type=int, default=0, help="seeds the mesh's chords and the stub's readings"
+    )
     parser.add_argument("--noise", type=float, default=0.03, help="relative jitter of readings")
-    parser.add_argument("--startup-timeout", type=float, default=120.0)
+    parser.add_argument(
+        "--startup-timeout",
+        type=float,
+        default=120.0,
+        help="seconds to wait for the operator to be ready",
+    )
     parser.add_argument("--logs", type=Path, help="keep the components' logs in this directory")
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.nodes < 2 or args.policies < 1 or args.interval < 5 or args.duration < 2:
         parser.error("need --nodes >= 2, --policies >= 1, --interval >= 5 and --duration >= 2")

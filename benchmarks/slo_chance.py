@@ -37,13 +37,15 @@ from tqdm import tqdm
 from simulator.adapt import (
     CHANGE_SCENARIOS,
     Cycle,
-    build_parser,
     change_cycles,
     load,
     run_arm,
     settled_windows,
     violations_where_clean,
     warm_model,
+)
+from simulator.adapt import (
+    build_parser as adapt_parser,
 )
 from simulator.cli import parser_from_doc
 from simulator.env import Timeline
@@ -60,7 +62,7 @@ def missed(cycles: list[Cycle], at: list[int]) -> np.ndarray:
 
 def slo_chance(name: str, seeds: list[int], arms: list[str], interval: int) -> dict:
     """Every arm of ``arms`` on scenario ``name`` for each seed; miss rates per interval."""
-    args = build_parser().parse_args(["--scenario", name, "--interval", str(interval)])
+    args = adapt_parser().parse_args(["--scenario", name, "--interval", str(interval)])
     scenario, _ = load(args)
     per_interval = None
     if "oracle-per-interval" in arms:  # solved once: it depends on the scenario, not the seed
@@ -149,9 +151,15 @@ def plot(results: list[dict], path: str) -> None:
     fig.savefig(path, dpi=110)
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line, apart from ``main`` so that its help can be checked without running it."""
     parser = parser_from_doc("slo_chance.py", __doc__)
-    parser.add_argument("--scenarios", nargs="+", default=list(CHANGE_SCENARIOS))
+    parser.add_argument(
+        "--scenarios",
+        nargs="+",
+        default=list(CHANGE_SCENARIOS),
+        help="bundled change scenarios",
+    )
     parser.add_argument("--seeds", type=int, default=8, help="seeds 0..N-1 per scenario")
     parser.add_argument(
         "--arms",
@@ -162,7 +170,12 @@ def main() -> None:
     )
     parser.add_argument("--interval", type=int, default=5, help="simulator steps per interval")
     parser.add_argument("--plot", metavar="PNG", help="miss rates per interval, per scenario")
-    args = parser.parse_args()
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = build_parser()
+    args = parser.parse_args(argv)
     if args.seeds < 2:
         parser.error("--seeds must be at least 2: a miss rate needs more than one draw")
     seeds = list(range(args.seeds))

@@ -21,26 +21,48 @@ import sys
 import tempfile
 from pathlib import Path
 
+from simulator.cli import parser_from_doc
+
 KEYS = ("return_per_agent", "processed_pct", "latency_mean_ms", "wall_seconds", "env_steps_per_s")
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+def build_parser() -> argparse.ArgumentParser:
+    """The command line, apart from ``main`` so that its help can be checked without running it."""
+    parser = parser_from_doc("train.py", __doc__)
+    parser.add_argument("--scenario", default="dfaas-paise25", help="bundled name or YAML path")
+    parser.add_argument(
+        "--algo",
+        default="mappo",
+        choices=("mappo", "ippo"),
+        help="centralised or independent critics",
     )
-    parser.add_argument("--scenario", default="dfaas-paise25")
-    parser.add_argument("--algo", default="mappo", choices=("mappo", "ippo"))
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--env-steps", type=int, default=1_296_000)
-    parser.add_argument("--eval-episodes", type=int, default=50)
+    parser.add_argument(
+        "--seeds", type=int, nargs="+", default=[0, 1, 2], help="one training run per seed"
+    )
+    parser.add_argument(
+        "--env-steps", type=int, default=1_296_000, help="agent-environment steps per run"
+    )
+    parser.add_argument(
+        "--eval-episodes", type=int, default=50, help="episodes of each run's final evaluation"
+    )
     parser.add_argument(
         "--action-mode",
         choices=("split3", "neighbours"),
         help="the action head (default: the scenario's; see simulator.train --help)",
     )
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override one hyperparameter in every run (repeatable)",
+    )
     parser.add_argument("--out", help="keep the runs here (default: a temporary directory)")
-    args = parser.parse_args()
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
 
     runs = []
     with tempfile.TemporaryDirectory() as tmp:

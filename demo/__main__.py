@@ -22,24 +22,28 @@ from pathlib import Path
 from tqdm import tqdm
 
 from demo.stack import EXAMPLES, StackError, running_stack
+from simulator.cli import parser_from_doc
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="python -m demo",
-        description="Run the whole closed loop locally and watch the operator react.",
-        epilog="examples:" + __doc__.split("Examples:", 1)[1],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+def build_parser() -> argparse.ArgumentParser:
+    """The command line, apart from ``main`` so that its help can be checked without running it."""
+    parser = parser_from_doc("python -m demo", __doc__)
     parser.add_argument("--duration", type=int, default=180, help="seconds to run")
     parser.add_argument("--degrade-at", type=int, default=60, help="second of the capacity drop")
     parser.add_argument("--node", default="edge-2", help="edge node that degrades")
     parser.add_argument("--factor", type=float, default=0.5, help="capacity left after it")
     parser.add_argument("--every", type=int, default=5, help="seconds between two samples")
-    parser.add_argument("--plot", type=Path, default=Path("runs/demo/closed-loop.png"))
-    parser.add_argument("--logs", type=Path, default=Path("runs/demo/logs"))
+    parser.add_argument(
+        "--plot",
+        type=Path,
+        default=Path("runs/demo/closed-loop.png"),
+        help="PNG of the p95 and the weights over time",
+    )
+    parser.add_argument(
+        "--logs", type=Path, default=Path("runs/demo/logs"), help="every component's log"
+    )
     parser.add_argument("--json", action="store_true", help="print a JSON summary last")
-    return parser.parse_args(argv)
+    return parser
 
 
 def sample(stack, t: float) -> dict:
@@ -94,7 +98,7 @@ def plot(samples: list[dict], args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+    args = build_parser().parse_args(argv)
     samples: list[dict] = []
     try:
         with running_stack(directory=args.logs) as stack:

@@ -59,6 +59,8 @@ import kmock
 import yaml
 from marl_operator.mesh.patching import apply_merge_patch
 
+from simulator.cli import DocHelpFormatter
+
 REPO_CRD_DIR = Path(__file__).resolve().parent.parent / "crds"
 CRD_RESOURCE = kmock.resource("apiextensions.k8s.io", "v1", "customresourcedefinitions")
 ALL_VERBS = ("create", "delete", "deletecollection", "get", "list", "patch", "update", "watch")
@@ -821,17 +823,31 @@ async def _serve_until_signalled(args: argparse.Namespace) -> None:
         await stop.wait()
 
 
-def main(argv: list[str] | None = None) -> None:
-    """``python -m demo.apiserver``: serve until SIGTERM or SIGINT."""
+def build_parser() -> argparse.ArgumentParser:
+    """The command line, apart from ``main`` so that its help can be checked without running it."""
     parser = argparse.ArgumentParser(
         prog="python -m demo.apiserver",
         description="An emulated Kubernetes API server. Prints its URL as the first line.",
+        epilog="Examples:\n"
+        "  python -m demo.apiserver --kubeconfig emulated.kubeconfig &\n"
+        "  kubectl --kubeconfig emulated.kubeconfig apply -f examples/",
+        formatter_class=DocHelpFormatter,
     )
-    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
     parser.add_argument("--port", type=int, default=0, help="0 (the default): a free port")
     parser.add_argument("--kubeconfig", type=Path, help="write a kubeconfig for it here")
-    parser.add_argument("--crds", type=Path, default=REPO_CRD_DIR, help="the CRD directory")
-    asyncio.run(_serve_until_signalled(parser.parse_args(argv)))
+    parser.add_argument(
+        "--crds",
+        type=Path,
+        default=REPO_CRD_DIR,
+        help="the CRD directory (default: the repository's crds/)",
+    )
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m demo.apiserver``: serve until SIGTERM or SIGINT."""
+    asyncio.run(_serve_until_signalled(build_parser().parse_args(argv)))
 
 
 if __name__ == "__main__":

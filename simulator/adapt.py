@@ -479,14 +479,33 @@ def plot(scenario: Scenario, results: dict[str, list[Cycle]], interval: int, pat
 def build_parser() -> argparse.ArgumentParser:
     """The command line of the loop, also the settings other scripts run it with."""
     parser = parser_from_doc("python -m simulator.adapt", __doc__)
-    parser.add_argument("--scenario", default="mesh-10x3-capacity-drop")
+    parser.add_argument(
+        "--scenario",
+        default="mesh-10x3-capacity-drop",
+        help="bundled change scenario (--list-scenarios) or YAML path",
+    )
     parser.add_argument("--policy", default="default", help="checkpoint (default: bundled)")
     parser.add_argument("--interval", type=int, default=5, help="simulator steps per cycle")
     parser.add_argument("--warmup", type=int, default=360, help="warm-start intervals")
     parser.add_argument("--noise", type=float, default=0.05, help="relative telemetry noise")
-    parser.add_argument("--horizon", type=int, default=5)
-    parser.add_argument("--margin", type=float, default=0.01)
-    parser.add_argument("--samples", type=int, default=1)
+    parser.add_argument(
+        "--horizon",
+        type=int,
+        default=RolloutSettings.horizon,
+        help="intervals of base-policy play scored after each candidate's own interval",
+    )
+    parser.add_argument(
+        "--margin",
+        type=float,
+        default=RolloutSettings.margin,
+        help="relative predicted gain a move must bring to replace the base action",
+    )
+    parser.add_argument(
+        "--samples",
+        type=int,
+        default=RolloutSettings.samples,
+        help="arrival futures each candidate is scored on (1: the forecast itself)",
+    )
     parser.add_argument(
         "--steps",
         type=float,
@@ -494,7 +513,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=list(RolloutSettings.steps),
         help="sizes of the candidate moves (shares of weight shifted)",
     )
-    parser.add_argument("--rounds", type=int, default=RolloutSettings.rounds)
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=RolloutSettings.rounds,
+        help="rounds of agent-by-agent moves at most, each from the last round's routing",
+    )
     parser.add_argument(
         "--allow-reject",
         action="store_true",
@@ -534,7 +558,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--max-nmae", type=float, default=0.3, help="model error above which rollout falls back"
     )
-    parser.add_argument("--regressor", choices=("forest", "boosting"), default="forest")
+    parser.add_argument(
+        "--regressor",
+        choices=("forest", "boosting"),
+        default="forest",
+        help="the system model's scikit-learn regressor",
+    )
     parser.add_argument(
         "--prior",
         action=argparse.BooleanOptionalAction,
@@ -543,12 +572,18 @@ def build_parser() -> argparse.ArgumentParser:
         "the states outside its data by it, as the operator does (--no-prior: keep the base "
         "policy's action then, to measure the learned model alone)",
     )
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--seed", type=int, default=0, help="arrivals, telemetry noise and warm start"
+    )
     parser.add_argument(
         "--json", action="store_true", help="one JSON object per cycle, then one of the totals"
     )
-    parser.add_argument("--plot", metavar="PNG")
-    parser.add_argument("--list-scenarios", action="store_true")
+    parser.add_argument(
+        "--plot", metavar="PNG", help="save latency, cost and weights over time with the changes"
+    )
+    parser.add_argument(
+        "--list-scenarios", action="store_true", help="print the bundled change scenarios' names"
+    )
     return parser
 
 

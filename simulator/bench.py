@@ -12,6 +12,7 @@ and reports env steps per second (one step of one environment), agent steps per 
 
 from __future__ import annotations
 
+import argparse
 import json
 import resource
 import time
@@ -55,20 +56,25 @@ def measure(scenario_name: str, envs: int, steps: int, warmup: int, seed: int, p
     }
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line, apart from ``main`` so that its help can be checked without running it."""
     parser = parser_from_doc("python -m simulator.bench", __doc__)
-    parser.add_argument("--scenario", default="dfaas-paise25")
-    parser.add_argument("--envs", type=int, default=4096)
+    parser.add_argument("--scenario", default="dfaas-paise25", help="bundled name or YAML path")
+    parser.add_argument("--envs", type=int, default=4096, help="environments stepped as one batch")
     parser.add_argument("--steps", type=int, default=100, help="measured batch steps")
-    parser.add_argument("--warmup", type=int, default=20)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--warmup", type=int, default=20, help="batch steps run before timing")
+    parser.add_argument("--seed", type=int, default=0, help="seeds the workloads")
     parser.add_argument(
         "--policy",
         default="fixed:0.6,0.4,0",
         help="actions are computed once and replayed, so only the simulator is timed",
     )
-    parser.add_argument("--json", action="store_true")
-    args = parser.parse_args(argv)
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     result = measure(args.scenario, args.envs, args.steps, args.warmup, args.seed, args.policy)
     if args.json:
         print(json.dumps(result))

@@ -1,8 +1,23 @@
-"""Command-line plumbing shared by the ``python -m simulator.*`` entry points."""
+"""Command-line plumbing shared by the ``python -m simulator.*`` entry points and the scripts
+built on them (the demo, the benchmarks)."""
 
 from __future__ import annotations
 
 import argparse
+
+
+class DocHelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Keeps the docstring's layout (its examples are meant to be copied as they stand) and
+    names each option's default after its help, unless the help already speaks of it: a
+    default worth knowing should not depend on every help text remembering to say it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        silent = default is None or default is False or default is argparse.SUPPRESS
+        if silent or default == [] or "default" in text:
+            return text
+        return f"{text} (default: %(default)s)"
 
 
 def parser_from_doc(prog: str, doc: str | None) -> argparse.ArgumentParser:
@@ -10,8 +25,5 @@ def parser_from_doc(prog: str, doc: str | None) -> argparse.ArgumentParser:
     (shown by ``--help``) is the rest, so the examples live in one place."""
     head, _, rest = (doc or "").partition("\n\n")
     return argparse.ArgumentParser(
-        prog=prog,
-        description=head,
-        epilog=rest,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        prog=prog, description=head, epilog=rest, formatter_class=DocHelpFormatter
     )

@@ -18,6 +18,7 @@ every baseline and the bound or oracle side by side, with costs relative to the 
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 
@@ -29,7 +30,8 @@ from simulator.episodes import run_episodes, summarise
 from simulator.scenario import Scenario, ScenarioError, WorkloadSpec, load_scenario
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line, apart from ``main`` so that its help can be checked without running it."""
     parser = parser_from_doc("python -m simulator.evaluate", __doc__)
     parser.add_argument("--scenario", default="dfaas-paise25", help="bundled name or YAML path")
     parser.add_argument(
@@ -38,17 +40,25 @@ def main(argv: list[str] | None = None) -> int:
         "checkpoint) or a checkpoint directory (default apl; with --compare, an extra policy "
         "to add to the table)",
     )
-    parser.add_argument("--episodes", type=int, default=100)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--episodes", type=int, default=100, help="episodes to average over")
+    parser.add_argument("--seed", type=int, default=0, help="seeds the episodes' workloads")
     parser.add_argument("--envs", type=int, default=100, help="episodes simulated at once")
     parser.add_argument("--workload", help="replace every workload by this kind (e.g. normal)")
-    parser.add_argument("--action-mode", choices=("split3", "neighbours"))
+    parser.add_argument(
+        "--action-mode",
+        choices=("split3", "neighbours"),
+        help="the policy's action head (default: the scenario's; see simulator.train --help)",
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument(
         "--compare", action="store_true", help="run every baseline and the bound/oracle too"
     )
     parser.add_argument("--plot", metavar="PNG", help="with --compare: save a bar chart")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     try:
         scenario = load_scenario(args.scenario)
         if args.workload:

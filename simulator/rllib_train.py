@@ -13,6 +13,7 @@ RLlib's PPO. It reports RLlib's mean episode return per iteration.
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 
@@ -39,14 +40,21 @@ def build_config(scenario: str, seed: int, batch: int):
     )
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line, apart from ``main`` so that its help can be checked without running it."""
     parser = parser_from_doc("python -m simulator.rllib_train", __doc__)
-    parser.add_argument("--scenario", default="dfaas-2")
-    parser.add_argument("--iterations", type=int, default=5)
+    parser.add_argument("--scenario", default="dfaas-2", help="bundled name or YAML path")
+    parser.add_argument("--iterations", type=int, default=5, help="RLlib training iterations")
     parser.add_argument("--batch", type=int, default=1000, help="env steps per iteration")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--json", action="store_true")
-    args = parser.parse_args(argv)
+    parser.add_argument("--seed", type=int, default=0, help="seeds RLlib and the workloads")
+    parser.add_argument(
+        "--json", action="store_true", help="print the return of every iteration as JSON"
+    )
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     try:
         import ray
     except ImportError:

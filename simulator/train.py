@@ -23,6 +23,7 @@ under ``tb/`` and ``learning_curve.png``. Ctrl-C saves a checkpoint before exiti
 
 from __future__ import annotations
 
+import argparse
 import csv
 import json
 import math
@@ -135,12 +136,17 @@ def plot_curve(rows: list[dict], evals: list[dict], baselines: dict, path: Path,
     plt.close(fig)
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line, apart from ``main`` so that its help can be checked without running it."""
     parser = parser_from_doc("python -m simulator.train", __doc__)
     parser.add_argument("--scenario", default="dfaas-paise25", help="bundled name or YAML path")
     parser.add_argument("--algo", choices=("mappo", "ippo"), help="default: mappo")
-    parser.add_argument("--env-steps", type=int, default=1_296_000)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--env-steps", type=int, default=1_296_000, help="agent-environment steps to train for"
+    )
+    parser.add_argument(
+        "--seed", type=int, default=0, help="seeds the workloads, the network and the sampling"
+    )
     parser.add_argument("--out", help="output directory (default runs/SCENARIO__ALGO__SEED)")
     parser.add_argument("--config", help="YAML/JSON file of hyperparameters (PPOConfig fields)")
     parser.add_argument(
@@ -152,11 +158,17 @@ def main(argv: list[str] | None = None) -> int:
         help="split3: the reference's (local, forward evenly, reject), the default of dfaas "
         "scenarios; neighbours: a share per neighbour, as a mesh routes (default elsewhere)",
     )
-    parser.add_argument("--eval-episodes", type=int, default=50, help="final evaluation")
+    parser.add_argument(
+        "--eval-episodes", type=int, default=50, help="episodes of the final evaluation"
+    )
     parser.add_argument("--resume", action="store_true", help="continue from OUT/train_state.pt")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
     parser.add_argument("--json", action="store_true", help="print the final metrics as JSON")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
 
     world, rank = 1, 0
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:

@@ -1,6 +1,11 @@
+import argparse
+import importlib.util
 import json
 import subprocess
 import sys
+from pathlib import Path
+
+import pytest
 
 
 def run(*args):
@@ -69,3 +74,97 @@ def test_bench_json_contract():
     assert p.returncode == 0, p.stderr
     out = json.loads(p.stdout)
     assert out["env_steps_per_s"] > 0 and out["agent_steps_per_s"] == 2 * out["env_steps_per_s"]
+
+
+ROOT = Path(__file__).resolve().parents[1]
+COMMANDS = {
+    "python -m simulator.train": "simulator.train",
+    "python -m simulator.evaluate": "simulator.evaluate",
+    "python -m simulator.adapt": "simulator.adapt",
+    "python -m simulator.bench": "simulator.bench",
+    "python -m simulator.rllib_train": "simulator.rllib_train",
+    "python -m demo": "demo.__main__",
+    "python -m demo.apiserver": "demo.apiserver",
+    "python -m demo.dataplane": "demo.dataplane.cli",
+    "python -m marl_operator": "marl_operator.__main__",
+    "python -m edgefn": ROOT / "workload" / "edgefn.py",
+    **{
+        f"python benchmarks/{path.name}": path
+        for path in sorted((ROOT / "benchmarks").glob("*.py"))
+    },
+}
+"""Every command a user runs, as the README and the examples write it, and where its parser is
+built. A new entry point belongs here; the test below fails for one that is missing."""
+
+
+def parser_of(where: str | Path) -> argparse.ArgumentParser:
+    if isinstance(where, Path):
+        spec = importlib.util.spec_from_file_location(f"cli_{where.stem}", where)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module  # dataclasses look their module up while it loads
+        spec.loader.exec_module(module)
+    else:
+        module = importlib.import_module(where)
+    return module.build_parser()
+
+
+def unexplained(parser: argparse.ArgumentParser) -> list[str]:
+    """Options, positionals and subcommands of ``parser`` (and its subcommands') without help."""
+    missing = []
+    for action in parser._actions:
+        name = "/".join(action.option_strings) or action.dest
+        if isinstance(action, argparse._SubParsersAction):
+            helped = {choice.dest for choice in action._choices_actions if choice.help}
+            missing += [f"{name} {c}" for c in action.choices if c not in helped]
+            for sub in action.choices.values():
+                missing += unexplained(sub)
+        elif not (action.help or "").strip():
+            missing.append(name)
+    return missing
+
+
+def entry_file(command: str) -> Path:
+    """The file ``command`` runs: ``python -m X`` runs X, or X's ``__main__`` for a package."""
+    where = COMMANDS[command]
+    if isinstance(where, Path):
+        return where
+    spec = importlib.util.find_spec(command.removeprefix("python -m "))
+    if spec.submodule_search_locations:
+        return Path(spec.submodule_search_locations[0]) / "__main__.py"
+    return Path(spec.origin)
+
+
+def test_every_command_line_is_listed():
+    """Every ``__main__`` of the project that parses arguments is one of COMMANDS (the load
+    generator is configured by its environment, as its container is)."""
+    mains = {
+        path
+        for folder in ("simulator", "demo", "operator", "workload", "benchmarks")
+        for path in (ROOT / folder).rglob("*.py")
+        if '__name__ == "__main__"' in (text := path.read_text())
+        and ("argparse" in text or path.name == "__main__.py")
+    }
+    listed = {entry_file(command) for command in COMMANDS}
+    assert mains - listed == set(), "add these entry points to COMMANDS"
+
+
+@pytest.mark.parametrize("command", sorted(COMMANDS))
+def test_help_explains_every_option_and_shows_examples(command):
+    parser = parser_of(COMMANDS[command])
+    assert unexplained(parser) == [], f"{command}: give these a help text"
+    examples = [
+        line.strip()
+        for line in (parser.epilog or "").splitlines()
+        if line.strip().startswith(command)
+    ]
+    assert examples, f"{command} --help shows no example that starts with {command!r}"
+    assert parser.description, f"{command}: no description"
+
+
+def test_help_names_defaults_the_text_does_not():
+    parser = parser_of("simulator.adapt")
+    text = parser.format_help()
+    assert "(default: 0.05)" in text  # --noise: said by the formatter
+    assert "(default: bundled)" in text  # --policy: said by its own text, once
+    assert "(default: bundled) (default:" not in text
+    assert "--json" in text and "(default: False)" not in text

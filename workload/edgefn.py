@@ -264,16 +264,27 @@ def _admin(url: str, method: str) -> None:
         print(json.dumps(json.load(response), indent=2))
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m edgefn", description=__doc__.split("\n\n")[0])
+def build_parser() -> argparse.ArgumentParser:
+    """The command line, apart from ``main`` so that its help can be checked without running it."""
+    head, _, rest = __doc__.partition("\n\n")
+    parser = argparse.ArgumentParser(
+        prog="python -m edgefn",
+        description=head,
+        epilog=rest,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--url", default=None, help="the function's address (default: this pod)")
     sub = parser.add_subparsers(dest="command")
     sub.add_parser("serve", help="serve the function (the default)")
     slow = sub.add_parser("slow", help="degrade this node: multiply its service time")
-    slow.add_argument("factor", type=float)
+    slow.add_argument("factor", type=float, help="how many times slower, 1 or more (e.g. 5)")
     sub.add_parser("normal", help="back to normal speed")
     sub.add_parser("state", help="print the node's state")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
     settings = Settings.from_env()
     base = args.url or f"http://127.0.0.1:{settings.port}"
     if args.command == "slow":

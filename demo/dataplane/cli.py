@@ -44,6 +44,7 @@ from demo.dataplane.follower import CustomObjects, RouteFollower
 from demo.dataplane.plane import DataPlane
 from demo.dataplane.scenario import parse_load, parse_work
 from demo.dataplane.server import start_http_server
+from simulator.cli import DocHelpFormatter
 
 logger = logging.getLogger("demo.dataplane")
 
@@ -64,7 +65,7 @@ def _argument(parse: Callable[[str], Any]) -> Callable[[str], Any]:
     return parsed
 
 
-def _parser() -> argparse.ArgumentParser:
+def build_parser() -> argparse.ArgumentParser:
     """Description: the docstring's first paragraph; epilog: its examples and endpoints."""
     head, _, rest = (__doc__ or "").partition("\n\n")
     usage = "Examples:" + rest.partition("Examples:")[2]
@@ -72,7 +73,7 @@ def _parser() -> argparse.ArgumentParser:
         prog="python -m demo.dataplane",
         description=head,
         epilog=usage.rstrip(),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=DocHelpFormatter,
     )
     parser.add_argument("--kubeconfig", required=True, help="kubeconfig file of the API server")
     parser.add_argument("--namespace", required=True, help="namespace of the EdgeServices")
@@ -195,7 +196,7 @@ def main(
 ) -> int:
     """``python -m demo.dataplane``; ``api_factory`` (kubeconfig path -> client) lets a test
     stand in for the API server. SIGTERM and SIGINT stop it; their handlers are restored."""
-    args = _parser().parse_args(argv)
+    args = build_parser().parse_args(argv)
     stop = threading.Event()
     previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in STOP_SIGNALS}
     try:

@@ -28,7 +28,8 @@ from marl_operator.runtime import DEFAULT_PROMETHEUS_URL, Runtime
 log = logging.getLogger("marl_operator")
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line, apart from ``main`` so that its help can be checked without running it."""
     parser = argparse.ArgumentParser(
         prog="python -m marl_operator",
         description="Run trained routing policies for edge services and write their weights "
@@ -46,7 +47,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--standalone", action="store_true", help="no peering: act even if other replicas run"
     )
-    parser.add_argument("--peering", default="marl-operator", help="kopf peering object name")
+    parser.add_argument(
+        "--peering", default="marl-operator", help="kopf peering object name (default: %(default)s)"
+    )
     parser.add_argument(
         "--priority",
         type=int,
@@ -58,11 +61,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=DEFAULT_PROMETHEUS_URL,
         help="Prometheus of policies that set no spec.prometheus.url (default: %(default)s)",
     )
-    parser.add_argument("--api-host", default="0.0.0.0", help="address of the HTTP API")
-    parser.add_argument("--api-port", type=int, default=8080, help="port of the HTTP API")
-    parser.add_argument("--log-format", choices=("json", "text"), default="json")
+    parser.add_argument(
+        "--api-host", default="0.0.0.0", help="address of the HTTP API (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--api-port", type=int, default=8080, help="port of the HTTP API (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--log-format",
+        choices=("json", "text"),
+        default="json",
+        help="json: one object per line, for a log pipeline; text: for a terminal "
+        "(default: %(default)s)",
+    )
     parser.add_argument("--verbose", action="store_true", help="debug logs")
-    return parser.parse_args(argv)
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
 
 
 def client_configuration(kubeconfig: Path | None) -> client.Configuration:
