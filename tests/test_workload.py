@@ -215,9 +215,11 @@ def test_load_generator_sends_at_the_rate_and_counts_outcomes():
 
 def test_load_generator_against_a_degraded_edge_function():
     """Open loop: a slow node does not slow the arrivals; the latencies show it."""
-    app = edgefn.create_app(settings(service_time_ms=10.0, cpu_ms=0.0, concurrency=4))
 
     async def run(slowdown):
+        # One app per event loop, as in a pod: its slots' semaphore binds to the loop that
+        # first waits on it, which a busy machine makes the first run already do.
+        app = edgefn.create_app(settings(service_time_ms=10.0, cpu_ms=0.0, concurrency=4))
         app.state.fn.set_slowdown(slowdown)
         s = loadgen.Settings(rate=60.0, report_s=0, seed=1, target_url="http://fn/")
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app)) as client:
