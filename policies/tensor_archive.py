@@ -20,6 +20,7 @@ from __future__ import annotations
 import io
 import math
 import pickle
+import pickletools
 import sys
 import zipfile
 from collections import OrderedDict
@@ -175,7 +176,9 @@ def load_state_dict(path: str | Path) -> dict[str, np.ndarray]:
     """The ``{name: array}`` of a file written by ``torch.save(module.state_dict(), path)``.
 
     Raises :class:`ArchiveError` for anything else (naming the refused global when the
-    pickle refers to one), before any of it is called."""
+    pickle refers to one), before any of it is called. A damaged file is one too: whatever
+    zipfile or the unpickler trips on (a bad CRC, a truncated header, a name that is not
+    UTF-8) is the file's fault, so a caller has one error to report, not a dozen."""
     try:
         archive = zipfile.ZipFile(path)
     except (OSError, zipfile.BadZipFile) as exc:
@@ -183,26 +186,52 @@ def load_state_dict(path: str | Path) -> dict[str, np.ndarray]:
             f"{path} is not a torch zip archive ({exc}); the legacy torch.save format is not "
             "read here"
         ) from exc
-    with archive:
-        pickles = [n for n in archive.namelist() if n.endswith("/data.pkl") and n.count("/") == 1]
-        if len(pickles) != 1:
-            raise ArchiveError(f"{path}: expected one <name>/data.pkl, found {pickles}")
-        prefix = pickles[0][: -len("data.pkl")]
-        try:
-            byteorder = archive.read(prefix + "byteorder").decode("ascii").strip()
-        except KeyError:
-            byteorder = sys.byteorder
-        if byteorder not in ("little", "big"):
-            raise ArchiveError(f"{path}: unknown byte order {byteorder!r}")
-        unpickler = _StateDictUnpickler(archive.read(pickles[0]), archive, prefix, byteorder)
-        try:
-            state = unpickler.load()
-        except ArchiveError as exc:
-            raise ArchiveError(f"{path}: {exc}") from None
-        except Exception as exc:  # a malformed pickle: any error is the file's fault
-            raise ArchiveError(f"{path}: unreadable pickle: {exc!r}") from exc
+    except Exception as exc:
+        raise ArchiveError(f"{path}: damaged archive: {exc!r}") from exc
+    try:
+        with archive:
+            state = _read(archive)
+    except ArchiveError as exc:
+        raise ArchiveError(f"{path}: {exc}") from None
+    except Exception as exc:
+        raise ArchiveError(f"{path}: damaged archive: {exc!r}") from exc
     if not isinstance(state, dict) or not all(
         isinstance(k, str) and isinstance(v, np.ndarray) for k, v in state.items()
     ):
         raise ArchiveError(f"{path}: not a state_dict (a mapping of names to tensors)")
     return dict(state)
+
+
+def _read(archive: zipfile.ZipFile) -> Any:
+    """The object ``archive``'s one ``<name>/data.pkl`` pickles, storages read from it."""
+    pickles = [n for n in archive.namelist() if n.endswith("/data.pkl") and n.count("/") == 1]
+    if len(pickles) != 1:
+        raise ArchiveError(f"expected one <name>/data.pkl, found {pickles}")
+    prefix = pickles[0][: -len("data.pkl")]
+    try:
+        byteorder = archive.read(prefix + "byteorder").decode("ascii").strip()
+    except KeyError:
+        byteorder = sys.byteorder
+    if byteorder not in ("little", "big"):
+        raise ArchiveError(f"unknown byte order {byteorder!r}")
+    data = archive.read(pickles[0])
+    _check_memo(data)
+    return _StateDictUnpickler(data, archive, prefix, byteorder).load()
+
+
+MEMO_OPCODES = frozenset({"PUT", "BINPUT", "LONG_BINPUT", "GET", "BINGET", "LONG_BINGET"})
+
+
+def _check_memo(data: bytes) -> None:
+    """Refuses a memo index past the pickle's own length, read without unpickling. The C
+    unpickler grows its memo to twice the largest index it is told to store at and zeroes
+    it, so one damaged or hostile ``LONG_BINPUT 1479026690`` (one flipped byte of a real
+    checkpoint) asks for about 24 GB and took a minute before the load failed. A real
+    pickle numbers its memo from 0, at least two bytes per entry, so its indices stay below
+    its length."""
+    for opcode, index, position in pickletools.genops(data):
+        if opcode.name in MEMO_OPCODES and index >= len(data):
+            raise ArchiveError(
+                f"memo index {index} at byte {position} of a {len(data)}-byte pickle: damaged "
+                "or hostile"
+            )

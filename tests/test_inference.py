@@ -211,6 +211,83 @@ def test_a_parameter_or_a_strided_tensor_is_refused_by_name(tmp_path):
         load_state_dict(tmp_path / "legacy.pt")
 
 
+def flipped(data: bytes, rng: np.random.Generator) -> bytes:
+    """``data`` with one to three bytes set at random."""
+    damaged = bytearray(data)
+    for _ in range(rng.integers(1, 4)):
+        damaged[rng.integers(len(damaged))] = rng.integers(256)
+    return bytes(damaged)
+
+
+def rezipped(source: Path, pickle_bytes: bytes) -> bytes:
+    """``source`` with its data.pkl replaced, the zip written anew so its checksums hold:
+    damage only the unpickler sees."""
+    out = io.BytesIO()
+    with zipfile.ZipFile(source) as src, zipfile.ZipFile(out, "w") as dst:
+        for info in src.infolist():
+            data = pickle_bytes if info.filename.endswith("/data.pkl") else src.read(info)
+            dst.writestr(info, data)
+    return out.getvalue()
+
+
+KINDS_OF_DAMAGE = ("not a torch zip archive", "damaged archive", "refused global")
+
+
+def test_a_damaged_archive_is_refused_as_an_archive_error_and_nothing_else(tmp_path):
+    """A checkpoint from a ConfigMap may arrive damaged. Whatever the damage (bytes flipped
+    anywhere in the file, or only inside its pickle), the reader loads it or refuses it with
+    ArchiveError, the one error its callers turn into a message naming the checkpoint: never
+    zipfile's, the unpickler's or a decoder's own exception."""
+    torch.save({"w": torch.randn(3, 4), "n": torch.arange(5)}, tmp_path / "good.pt")
+    good = (tmp_path / "good.pt").read_bytes()
+    with zipfile.ZipFile(tmp_path / "good.pt") as archive:
+        pickled = archive.read(next(n for n in archive.namelist() if n.endswith("/data.pkl")))
+    rng = np.random.default_rng(0)
+    variants = [flipped(good, rng) for _ in range(300)]
+    variants += [rezipped(tmp_path / "good.pt", flipped(pickled, rng)) for _ in range(300)]
+    reasons = set()
+    for data in variants:
+        (tmp_path / "damaged.pt").write_bytes(data)
+        try:
+            state = load_state_dict(tmp_path / "damaged.pt")
+        except ArchiveError as exc:
+            reasons |= {key for key in KINDS_OF_DAMAGE if key in str(exc)}
+        else:  # a flip can leave a valid pickle of another mapping; callers check the names
+            assert all(isinstance(v, np.ndarray) for v in state.values())
+    assert reasons == set(KINDS_OF_DAMAGE)  # every way of failing was met
+    (tmp_path / "ckpt").mkdir()
+    shutil.copy(checkpoint.BUNDLED / "mesh-10x3" / "policy.json", tmp_path / "ckpt")
+    (tmp_path / "ckpt" / "policy.pt").write_bytes(good[: len(good) // 2])
+    with pytest.raises(checkpoint.CheckpointError, match="ckpt"):
+        checkpoint.load(tmp_path / "ckpt")
+
+
+class Lenient(pickle.Unpickler):
+    """Unpickles any structure, every global and storage stood in for by None."""
+
+    def find_class(self, module, name):
+        return lambda *args: None
+
+    def persistent_load(self, pid):
+        return None
+
+
+def test_a_memo_index_past_the_pickle_is_refused_before_unpickling(tmp_path):
+    """The C unpickler sizes its memo by the largest index a pickle names: one flipped byte
+    made a LONG_BINPUT of 1.5e9, about 24 GB. Any index past the pickle's length is
+    refused first; at 10**6 (16 MB, which the unpickler would take and load the weights)
+    the refusal is the only thing that can tell it apart."""
+    torch.save({"w": torch.randn(3, 4)}, tmp_path / "good.pt")
+    with zipfile.ZipFile(tmp_path / "good.pt") as archive:
+        pickled = archive.read(next(n for n in archive.namelist() if n.endswith("/data.pkl")))
+    assert pickled.startswith(b"\x80\x02}q\x00")  # PROTO 2, EMPTY_DICT, BINPUT 0
+    far = pickled[:3] + b"r" + (10**6).to_bytes(4, "little") + pickled[5:]  # LONG_BINPUT
+    assert set(Lenient(io.BytesIO(far)).load()) == {"w"}  # a pickle the unpickler takes
+    (tmp_path / "far.pt").write_bytes(rezipped(tmp_path / "good.pt", far))
+    with pytest.raises(ArchiveError, match="memo index 1000000 at byte 3"):
+        load_state_dict(tmp_path / "far.pt")
+
+
 # -- checkpoint errors name the field ------------------------------------------------------
 
 

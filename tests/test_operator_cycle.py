@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -384,6 +385,29 @@ def test_invalid_policy_reports_the_field_and_never_writes():
     ready = next(c for c in status["conditions"] if c["type"] == "Ready")
     assert ready["status"] == "False" and "spec.checkpoint.bundled" in ready["message"]
     assert mesh.writes == 0
+
+
+def test_a_damaged_configmap_checkpoint_is_a_condition_naming_the_field(tmp_path):
+    """A ConfigMap's checkpoint whose weights file was damaged on its way (one byte of its
+    pickle changed, so the zip's checksum fails): the policy is invalid, its status names
+    spec.checkpoint.configMap and the damage, and the mesh is not written."""
+    directory = tmp_path / "my-policy"
+    shutil.copytree(checkpoint.BUNDLED / "mesh-10x3", directory)
+    weights = bytearray((directory / "policy.pt").read_bytes())
+    first = weights.index(b"PK\x03\x04")  # the first local file header: data.pkl's
+    name, extra = (int.from_bytes(weights[first + k : first + k + 2], "little") for k in (26, 28))
+    weights[first + 30 + name + extra + 8] ^= 0xFF
+    (directory / "policy.pt").write_bytes(bytes(weights))
+    mesh = queueing_mesh()
+    runtime, kube = runtime_over(mesh)
+    kube.checkpoint_from_configmap = lambda namespace, name, key: directory
+    body = example_policy_body(checkpoint={"configMap": {"name": "my-policy"}})
+    report = runtime.cycle("edge/p", body)
+    assert report.outcome == Outcome.INVALID and mesh.writes == 0
+    assert report.reason.startswith("spec.checkpoint.configMap")
+    assert "damaged archive" in report.reason and "CRC" in report.reason
+    ready = next(c for c in status_of(report, None)["conditions"] if c["type"] == "Ready")
+    assert ready["status"] == "False" and "spec.checkpoint.configMap" in ready["message"]
 
 
 def test_restart_changes_nothing_unless_the_decision_does():
