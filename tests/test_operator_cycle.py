@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import hashlib
 import shutil
+import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 import pytest
+from kube_schema import CRDValidator, load_documents
 from marl_operator.controller import decision_table, table_weights
 from marl_operator.guard import fallback_table, limit_step
 from marl_operator.kube import Forbidden
@@ -48,6 +52,9 @@ def queueing_mesh(load=(60.0, 40.0, 20.0), capacity=(150.0, 100.0, 60.0)) -> Que
         {"edge-0": 4.0, "edge-1": 2.5, "edge-2": 1.0},
         LINKS,
     )
+
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def runtime_over(mesh: QueueingMesh) -> tuple[Runtime, FakeKube]:
@@ -400,7 +407,9 @@ def test_a_damaged_configmap_checkpoint_is_a_condition_naming_the_field(tmp_path
     (directory / "policy.pt").write_bytes(bytes(weights))
     mesh = queueing_mesh()
     runtime, kube = runtime_over(mesh)
-    kube.checkpoint_from_configmap = lambda namespace, name, key: directory
+    kube.checkpoint_from_configmap = lambda namespace, name, key, into: shutil.copytree(
+        directory, into, dirs_exist_ok=True
+    )
     body = example_policy_body(checkpoint={"configMap": {"name": "my-policy"}})
     report = runtime.cycle("edge/p", body)
     assert report.outcome == Outcome.INVALID and mesh.writes == 0
@@ -408,6 +417,67 @@ def test_a_damaged_configmap_checkpoint_is_a_condition_naming_the_field(tmp_path
     assert "damaged archive" in report.reason and "CRC" in report.reason
     ready = next(c for c in status_of(report, None)["conditions"] if c["type"] == "Ready")
     assert ready["status"] == "False" and "spec.checkpoint.configMap" in ready["message"]
+
+
+def retrained(directory: Path) -> Path:
+    """``directory`` holding the bundled mesh policy with every weight nudged: another valid
+    checkpoint of the same shape, as a retraining would produce."""
+    torch = pytest.importorskip("torch")
+    shutil.copytree(checkpoint.BUNDLED / "mesh-10x3", directory)
+    state = torch.load(directory / "policy.pt", weights_only=True)
+    torch.save({k: v + 0.01 if v.is_floating_point() else v for k, v in state.items()},
+               directory / "policy.pt")  # fmt: skip
+    return directory
+
+
+def test_status_names_the_checkpoint_and_a_changed_configmap_is_read_at_the_next_build(
+    tmp_path, monkeypatch
+):
+    """status.checkpoint says which checkpoint decided (source and the sha256 of policy.pt,
+    as sha256sum prints it, valid under the CRD's schema). A ConfigMap changed in place is
+    read when the policy is next built (its spec changed), not before; while it is unchanged,
+    every build shares the policy already loaded. The ConfigMap's files go to a temporary
+    directory that is gone once loaded."""
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    held = {"dir": checkpoint.BUNDLED / "mesh-10x3"}
+    mesh = queueing_mesh()
+    runtime, kube = runtime_over(mesh)
+    kube.checkpoint_from_configmap = lambda namespace, name, key, into: shutil.copytree(
+        held["dir"], into, dirs_exist_ok=True
+    )
+    body = example_policy_body(checkpoint={"configMap": {"name": "my-policy"}})
+
+    def sha256(directory: Path) -> str:
+        return hashlib.sha256((directory / "policy.pt").read_bytes()).hexdigest()
+
+    first = runtime.cycle("edge/p", body)
+    used = {"source": "configMap:my-policy/policy", "sha256": sha256(held["dir"])}
+    assert first.checkpoint == used and status_of(first, None)["checkpoint"] == used
+    (crd,) = load_documents(ROOT / "crds" / "routingpolicies.marl.dev.yaml")
+    assert CRDValidator(crd).errors({**body, "status": status_of(first, None)}) == []
+
+    def policy_of(key: str):
+        return runtime.controllers[key].adapter.rollout.policy
+
+    policy = policy_of("edge/p")
+    assert list((tmp_path / "tmp").iterdir()) == []  # the ConfigMap's copy is gone
+
+    held["dir"] = retrained(tmp_path / "retrained")
+    assert runtime.cycle("edge/p", body).checkpoint == used  # same spec: not read again
+    body["metadata"]["generation"] += 1
+    rebuilt = runtime.cycle("edge/p", body)
+    assert rebuilt.checkpoint == {**used, "sha256": sha256(held["dir"])} != used
+    assert policy_of("edge/p") is not policy
+    other = example_policy_body(checkpoint={"configMap": {"name": "my-policy"}})
+    runtime.cycle("edge/q", other)  # the same content: the policy already loaded
+    assert (
+        runtime.controllers["edge/q"].adapter.rollout.policy
+        is runtime.controllers["edge/p"].adapter.rollout.policy
+    )
+
+    invalid = runtime.cycle("edge/p", example_policy_body(services=["missing"]))
+    assert invalid.checkpoint is None and status_of(invalid, None)["checkpoint"] is None
 
 
 def test_restart_changes_nothing_unless_the_decision_does():
@@ -561,10 +631,10 @@ class RefusingKube(FakeKube):
             raise Forbidden("get", "EdgeService", namespace, names[0])
         return super().edge_services(namespace, names)
 
-    def checkpoint_from_configmap(self, namespace, name, key):
+    def checkpoint_from_configmap(self, namespace, name, key, into):
         if "ConfigMap" in self.refusing:
             raise Forbidden("get", "ConfigMap", namespace, name)
-        return checkpoint.BUNDLED / "mesh-10x3"
+        shutil.copytree(checkpoint.BUNDLED / "mesh-10x3", into, dirs_exist_ok=True)
 
 
 def refused_runtime(*refusing: str) -> tuple[Runtime, RefusingKube, QueueingMesh, list[str]]:

@@ -672,7 +672,9 @@ def test_a_forbidden_mesh_write_is_a_condition_and_an_event(cluster: Any) -> Non
     asyncio.run(scenario())
 
 
-def test_refused_reads_of_what_a_policy_is_built_from_raise_forbidden(cluster: Any) -> None:
+def test_refused_reads_of_what_a_policy_is_built_from_raise_forbidden(
+    cluster: Any, tmp_path: Path
+) -> None:
     """Kube's reads of EdgeNodes, EdgeServices and ConfigMap checkpoints turn the emulator's
     403 into Forbidden naming the verb, the resource and its scope (a namespace, or the cluster
     for EdgeNodes); granted, they read as before."""
@@ -723,18 +725,18 @@ def test_refused_reads_of_what_a_policy_is_built_from_raise_forbidden(cluster: A
 
     cluster.api.deny("get", "configmaps", NAMESPACE)
     with pytest.raises(Forbidden) as refused:
-        cluster_kube.checkpoint_from_configmap(NAMESPACE, "my-policy", "policy")
+        cluster_kube.checkpoint_from_configmap(NAMESPACE, "my-policy", "policy", tmp_path)
     assert (refused.value.group, refused.value.resource) == ("", "configmaps")
     assert f"may not get configmaps in namespace {NAMESPACE} (ConfigMap my-policy)" in str(
         refused.value
     )
     assert 'apiGroups [""], resources [configmaps], verbs [get]' in str(refused.value)
     cluster.api.allow("get", "configmaps", NAMESPACE)
-    directory = cluster_kube.checkpoint_from_configmap(NAMESPACE, "my-policy", "policy")
-    assert (directory / "policy.pt").read_bytes() == (bundled / "policy.pt").read_bytes()
+    cluster_kube.checkpoint_from_configmap(NAMESPACE, "my-policy", "policy", tmp_path)
+    assert (tmp_path / "policy.pt").read_bytes() == (bundled / "policy.pt").read_bytes()
     # An absent ConfigMap is the spec's mistake (a condition naming the field), not a crash.
     with pytest.raises(FileNotFoundError, match=f"no ConfigMap {NAMESPACE}/absent"):
-        cluster_kube.checkpoint_from_configmap(NAMESPACE, "absent", "policy")
+        cluster_kube.checkpoint_from_configmap(NAMESPACE, "absent", "policy", tmp_path)
 
 
 def test_a_forbidden_edge_service_read_is_a_condition_and_an_event(cluster: Any) -> None:

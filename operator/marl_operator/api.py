@@ -95,6 +95,16 @@ class HistoryEntry(BaseModel):
     reason: str
 
 
+class CheckpointInUse(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    source: str = Field(
+        description='where it was read: "bundled:<name>", "path:<directory>" or '
+        '"configMap:<name>/<key>" (in the policy\'s namespace)'
+    )
+    sha256: str = Field(description="of its policy.pt, as sha256sum prints it")
+
+
 class ReportModel(BaseModel):
     """A :class:`~marl_operator.report.CycleReport` in full."""
 
@@ -118,6 +128,10 @@ class ReportModel(BaseModel):
         description="a call the API server refused (403 Forbidden) in the cycle, on a mesh "
         "object or on a resource the policy is built from, naming the verb, resource and "
         "namespace (or the cluster scope) the operator needs an RBAC rule for",
+    )
+    checkpoint: CheckpointInUse | None = Field(
+        description="the checkpoint the cycle decided with; read when the policy is built "
+        "(created, its spec changed, the operator restarted); null when none could be built",
     )
 
     @classmethod

@@ -120,8 +120,10 @@ class PolicyController:
         meta: Mapping | None = None,
         clock: Callable[[], float] = time.time,
         seed: int = 0,
+        checkpoint: Mapping[str, str] | None = None,
     ):
         self.key, self.spec, self.generation = key, spec, generation
+        self.checkpoint = dict(checkpoint) if checkpoint is not None else None
         self.namespace = key.split("/", 1)[0]
         self.problem, self.reader, self.mesh, self.clock = problem, reader, mesh, clock
         meta = meta or {}
@@ -312,6 +314,7 @@ class PolicyController:
             weights=weights,
             model=accuracy.as_dict() if accuracy is not None else None,
             inputs=dict(self.observer.inputs),
+            checkpoint=self.checkpoint,
             **extra,
         )
         self.last = report

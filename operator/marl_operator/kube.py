@@ -12,7 +12,6 @@ from __future__ import annotations
 import base64
 import contextlib
 import logging
-import tempfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -193,9 +192,10 @@ class Kube:
             *MARL, namespace, "routingpolicies", name, {"status": dict(status)}
         )
 
-    def checkpoint_from_configmap(self, namespace: str, name: str, key: str) -> Path:
+    def checkpoint_from_configmap(self, namespace: str, name: str, key: str, into: Path) -> None:
         """Write a ConfigMap-held checkpoint (``<key>.pt`` in binaryData, ``<key>.json`` in
-        data) to a private directory and return it; the caller loads it tensors-only."""
+        data) into the directory ``into`` as a checkpoint directory; the caller loads it
+        tensors-only (and owns the directory)."""
         try:
             with _refusal("get", "ConfigMap", namespace, name):
                 cm = self.core.read_namespaced_config_map(name, namespace)
@@ -212,10 +212,8 @@ class Kube:
             raise FileNotFoundError(
                 f"ConfigMap {namespace}/{name} needs binaryData {key}.pt and data {key}.json"
             )
-        directory = Path(tempfile.mkdtemp(prefix="marl-checkpoint-"))
-        (directory / "policy.pt").write_bytes(base64.b64decode(weights))
-        (directory / "policy.json").write_text(meta)
-        return directory
+        (into / "policy.pt").write_bytes(base64.b64decode(weights))
+        (into / "policy.json").write_text(meta)
 
     # -- mesh objects ------------------------------------------------------------------------
 

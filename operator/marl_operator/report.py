@@ -67,6 +67,7 @@ class CycleReport:
     decision_ms: float = 0.0
     inputs: dict[str, dict[str, NodeInputs]] = field(default_factory=dict)  # service -> node
     forbidden: str | None = None  # a call the API server refused (403): what to grant
+    checkpoint: dict[str, str] | None = None  # {"source", "sha256" of policy.pt} decided with
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-compatible (enums as their values)."""

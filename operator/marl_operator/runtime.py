@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import logging
+import tempfile
 import threading
 import time
 from collections import Counter
@@ -98,23 +99,18 @@ class Runtime:
         self.prometheus_url = prometheus_url
         self.controllers: dict[str, PolicyController] = {}
         self.skipped: Counter[str] = Counter()  # policy -> cycles skipped (previous one ran)
-        self._checkpoints: dict[tuple, tuple[LoadedPolicy, str]] = {}
+        # (source, namespace of a ConfigMap) -> (its files' bytes, the policy, its sha256)
+        self._checkpoints: dict[tuple, tuple[tuple[bytes, bytes], LoadedPolicy, str]] = {}
         self._running: dict[str, threading.Lock] = {}  # policy -> held while a cycle runs
         self._lock = threading.Lock()
 
     # -- building --------------------------------------------------------------------------
 
     def checkpoint(self, source: CheckpointSource, namespace: str) -> tuple[LoadedPolicy, str]:
-        """The policy and the sha256 of its weights (cached: many policies share one)."""
-        key = (
-            source.kind,
-            source.value,
-            source.key,
-            namespace if source.kind == "configMap" else "",
-        )
-        with self._lock:
-            if key in self._checkpoints:
-                return self._checkpoints[key]
+        """The policy and the sha256 of its weights file (what ``sha256sum policy.pt``
+        prints). The source is read again at every build, so a ConfigMap or a file changed
+        in place is what the next build (a spec change, a restart) runs; a policy is loaded
+        once per content, shared by every policy that names the same source."""
         if source.kind == "bundled":
             if not (checkpoint.BUNDLED / source.value).is_dir():
                 names = sorted(p.name for p in checkpoint.BUNDLED.iterdir() if p.is_dir())
@@ -122,33 +118,51 @@ class Runtime:
                     "spec.checkpoint.bundled",
                     f"no bundled checkpoint {source.value!r}; bundled: {', '.join(names)}",
                 )
-            directory = checkpoint.BUNDLED / source.value
-        elif source.kind == "path":
-            directory = Path(source.value)
-        else:
+            return self._load(checkpoint.BUNDLED / source.value, source, namespace)
+        if source.kind == "path":
+            return self._load(Path(source.value), source, namespace)
+        with tempfile.TemporaryDirectory(prefix="marl-checkpoint-") as directory:
             try:
-                directory = self.kube.checkpoint_from_configmap(namespace, source.value, source.key)
+                self.kube.checkpoint_from_configmap(
+                    namespace, source.value, source.key, Path(directory)
+                )
             except FileNotFoundError as error:
                 raise SpecError("spec.checkpoint.configMap", str(error)) from None
+            return self._load(Path(directory), source, namespace)
+
+    def _load(
+        self, directory: Path, source: CheckpointSource, namespace: str
+    ) -> tuple[LoadedPolicy, str]:
+        field = f"spec.checkpoint.{source.kind}"
+        try:
+            weights = (directory / checkpoint.WEIGHTS_FILE).read_bytes()
+            content = (weights, (directory / checkpoint.META_FILE).read_bytes())
+        except OSError:
+            content = None  # checkpoint.load names what is missing
+        where = (source, namespace if source.kind == "configMap" else "")
+        with self._lock:
+            cached = self._checkpoints.get(where)
+        if content is not None and cached is not None and cached[0] == content:
+            return cached[1], cached[2]
         try:
             policy = checkpoint.load(directory)  # tensors only, read without torch
         except CheckpointError as error:
-            raise SpecError(f"spec.checkpoint.{source.kind}", str(error)) from None
+            raise SpecError(field, str(error)) from None
         if policy.meta.get("action", {}).get("mode") != "neighbours":
             raise SpecError(
-                f"spec.checkpoint.{source.kind}",
+                field,
                 "the checkpoint's action mode is not 'neighbours' (per-neighbour weights); "
                 "train one on a mesh scenario",
             )
-        digest = hashlib.sha256((directory / checkpoint.WEIGHTS_FILE).read_bytes()).hexdigest()
+        digest = hashlib.sha256(content[0]).hexdigest()
         with self._lock:
-            self._checkpoints[key] = (policy, digest)
+            self._checkpoints[where] = (content, policy, digest)
         return policy, digest
 
     def build(self, key: str, body: Mapping[str, Any]) -> PolicyController:
         namespace = key.split("/", 1)[0]
         spec = parse_policy_spec(body.get("spec"))
-        policy, _ = self.checkpoint(spec.checkpoint, namespace)
+        policy, digest = self.checkpoint(spec.checkpoint, namespace)
         max_degree = int(policy.meta["observation"]["max_degree"])
         services = self.kube.edge_services(namespace, spec.services)
         problem = build_problem(spec, self.kube.edge_nodes(), services, max_degree)
@@ -163,6 +177,7 @@ class Runtime:
             RefusalRecorder(self.mesh),
             meta=meta,
             clock=self.clock,
+            checkpoint={"source": spec.checkpoint.describe(), "sha256": digest},
         )
 
     # -- running -----------------------------------------------------------------------------

@@ -154,6 +154,8 @@ def status_of(report: CycleReport, previous: Mapping[str, Any] | None) -> dict[s
     return {
         "phase": PHASES[report.outcome],
         "observedGeneration": report.generation,
+        # None (no policy built: invalid, or a read refused) removes a stale one: merge patch
+        "checkpoint": report.checkpoint,
         "services": services,
         "lastDecision": decision,
         "conditions": merge_conditions(
