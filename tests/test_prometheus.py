@@ -4,6 +4,7 @@ means "no data"), and failures become MetricsUnavailable without the URL's crede
 
 from __future__ import annotations
 
+import logging
 import socket
 import subprocess
 import sys
@@ -217,6 +218,23 @@ def test_nan_and_infinite_values_are_no_data(bad):
     assert readings.success == {("a", "fn-edge-1"): 0.9}
     assert readings.p95_ms == {}
     assert readings.cpu_cores == {"fn-edge-1": 0.6}
+
+
+def test_negative_values_are_no_data_and_named_in_a_warning(caplog):
+    """No query of the five can be negative (rates, a ratio, latencies, CPU): a value below
+    zero comes from a template's mistake and must not become a load or a latency."""
+    answers = full_answers()
+    answers["requestRate"] = [pair("a", "fn-edge-0", -10), pair("a", "fn-edge-1", 30.5)]
+    answers["latencyMean"] = [pair("a", "fn-edge-0", "-0.5")]
+    answers["cpuUsage"] = [workload("fn-edge-0", 0), workload("fn-edge-1", -0.6)]
+    with caplog.at_level(logging.WARNING):
+        readings = read(FakePrometheus(answers))
+    assert readings.rate == {("a", "fn-edge-1"): 30.5}
+    assert readings.mean_ms == {}
+    assert readings.cpu_cores == {"fn-edge-0": 0.0}  # zero is a reading: an idle workload
+    warned = " ".join(r.getMessage() for r in caplog.records)
+    assert "spec.prometheus.queries.requestRate returned 1 negative values" in warned
+    assert "spec.prometheus.queries.cpuUsage returned 1 negative values" in warned
 
 
 def test_series_without_the_grouping_labels_are_dropped():

@@ -24,7 +24,8 @@ What an override must return
     (aggregate with ``sum by (source_workload, destination_workload)``). ``cpuUsage``: one series
     per server, labelled ``destination_workload``. Series without those labels are dropped, as
     are NaN and infinite values: NaN is what Prometheus answers for 0/0 when a pair saw no
-    traffic, so it means "no data", never zero.
+    traffic, so it means "no data", never zero. Negative values are dropped too (none of the
+    five can be negative; a warning names the template).
 """
 
 from __future__ import annotations
@@ -308,7 +309,7 @@ def _parse_series(name: str, result: Any, labels: tuple[str, ...]) -> dict[tuple
     """Key each usable series by its label values; drop the rest (see the module docstring)."""
     values: dict[tuple[str, ...], float] = {}
     ambiguous: set[tuple[str, ...]] = set()
-    unlabelled = 0
+    unlabelled = negative = 0
     items = result if isinstance(result, list) else []
     for item in items:
         if not isinstance(item, Mapping):
@@ -327,6 +328,9 @@ def _parse_series(name: str, result: Any, labels: tuple[str, ...]) -> dict[tuple
             continue
         if not math.isfinite(value):
             continue
+        if value < 0:  # rates, ratios, latencies and CPU never are: a template's mistake
+            negative += 1
+            continue
         if key in values:
             if name in _ADDITIVE:
                 value += values[key]
@@ -341,6 +345,12 @@ def _parse_series(name: str, result: Any, labels: tuple[str, ...]) -> dict[tuple
             _field(name),
             unlabelled,
             ", ".join(labels),
+        )
+    if negative:
+        logger.warning(
+            "%s returned %d negative values; they are ignored (check the template's sign)",
+            _field(name),
+            negative,
         )
     if ambiguous:
         logger.warning(
