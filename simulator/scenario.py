@@ -8,6 +8,7 @@ because a typo in a scenario otherwise surfaces as a wrong number hours later.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from importlib import resources
@@ -19,6 +20,13 @@ import yaml
 RewardKind = Literal["dfaas", "latency"]
 ForwardSplit = Literal["floor", "exact"]
 EventKind = Literal["capacity", "fail", "add", "surge"]
+
+
+MAX_QUEUE_CAPACITY = 10_000
+"""The longest queue a node may have, in requests. The engine preallocates every queue slot
+(about 84 bytes over its fields) for every node of every environment it steps at once, so a
+queue of a billion asked for 149 GiB with two environments; 10,000 requests are minutes of
+work at the bundled scenarios' rates, far past any latency target."""
 
 
 class ScenarioError(ValueError):
@@ -180,12 +188,24 @@ class _Reader:
                 kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
             )
             self.fail(f"expected {names}, got {value!r}{'; ' + fix if fix else ''}", key)
+        if isinstance(value, float) and not math.isfinite(value):
+            self.fail(f"expected a finite number, got {value!r}", key)
         return value
 
     def positive(self, key: str, kind: type, default: Any = ..., allow_zero: bool = False):
         value = self.get(key, kind, default)
         if value is not None and (value < 0 or (value == 0 and not allow_zero)):
             self.fail(f"must be {'>= 0' if allow_zero else '> 0'}, got {value!r}", key)
+        return value
+
+    def queue_capacity(self, default: int, allow_zero: bool = False) -> int:
+        value = self.positive("queue_capacity", int, default, allow_zero=allow_zero)
+        if value > MAX_QUEUE_CAPACITY:
+            self.fail(
+                f"at most {MAX_QUEUE_CAPACITY} requests, got {value}: the simulator keeps a "
+                "slot per queued request in every environment it steps",
+                "queue_capacity",
+            )
         return value
 
     def choice(self, key: str, options: tuple[str, ...], default: str) -> str:
@@ -262,7 +282,7 @@ def parse_scenario(data: Any, name: str = "<inline>", base_dir: Path | None = No
     name = r.get("name", str, name)
     r.scenario = name
     defaults = r.sub("defaults") if "defaults" in r.data else None
-    default_queue = defaults.positive("queue_capacity", int, 100) if defaults else 100
+    default_queue = defaults.queue_capacity(100) if defaults else 100
     default_cpu = defaults.positive("cpu", float, 1000.0) if defaults else 1000.0
     default_ram = defaults.positive("ram", float, 8000.0) if defaults else 8000.0
     if defaults:
@@ -276,7 +296,7 @@ def parse_scenario(data: Any, name: str = "<inline>", base_dir: Path | None = No
                 name=n.get("name", str),
                 cpu=n.positive("cpu", float, default_cpu),
                 ram=n.positive("ram", float, default_ram),
-                queue_capacity=n.positive("queue_capacity", int, default_queue, allow_zero=True),
+                queue_capacity=n.queue_capacity(default_queue, allow_zero=True),
                 neighbours=tuple(n.get("neighbours", list, [])),
                 active=n.get("active", bool, True),
             )

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from functools import cache
@@ -237,6 +238,20 @@ GENERATORS: dict[str, tuple[type, Generator]] = {
 }
 
 
+def _expected_type(default: Any, value: Any) -> str | None:
+    """What ``value`` should have been, judged by the parameter's default; None if it is."""
+    if isinstance(default, bool):
+        return None if isinstance(value, bool) else "true or false"
+    number = isinstance(value, int | float) and not isinstance(value, bool)
+    if isinstance(default, int):
+        return None if number and isinstance(value, int) else "a whole number"
+    if isinstance(default, float):
+        return None if number and math.isfinite(value) else "a finite number"
+    if isinstance(default, str):
+        return None if isinstance(value, str) else "a string"
+    return None  # tuples (levels, ranges, parts): checked by their generator
+
+
 def validate(kind: str, params: Mapping[str, Any]) -> Any:
     """Turn raw parameters into the generator's dataclass, naming any bad key."""
     if kind not in GENERATORS:
@@ -248,10 +263,10 @@ def validate(kind: str, params: Mapping[str, Any]) -> Any:
             raise ValueError(
                 f"unknown parameter {key!r} for workload {kind!r}; allowed: {sorted(allowed)}"
             )
-        default = allowed[key].default
-        if isinstance(default, float) and not isinstance(value, int | float):
+        expected = _expected_type(allowed[key].default, value)
+        if expected:
             raise ValueError(
-                f"parameter {key!r} of workload {kind!r} must be a number, got {value!r}"
+                f"parameter {key!r} of workload {kind!r} must be {expected}, got {value!r}"
             )
     values = {k: tuple(map(tuple, v)) if k == "levels" else v for k, v in params.items()}
     if kind == "sum":

@@ -69,6 +69,44 @@ def test_extends_replaces_only_given_keys():
             "known nodes",
         ),
         (with_changes(colour="blue"), "<top>", "unknown key"),
+        # Found by mutating the bundled files field by field: each once got past the reader
+        # and failed later (a TypeError, NaN request-class draws, a 149 GiB queue array).
+        (
+            with_changes(workload={"default": {"kind": "diurnal", "period": "x"}}),
+            "workload.default",
+            "'period' of workload 'diurnal' must be a whole number",
+        ),
+        (
+            with_changes(workload={"default": {"kind": "poisson", "rate": True}}),
+            "workload.default",
+            "must be a finite number",
+        ),
+        (
+            with_changes(workload={"default": {"kind": "poisson", "rate": float("inf")}}),
+            "workload.default",
+            "must be a finite number",
+        ),
+        (
+            with_changes(workload={"default": {"kind": "step", "poisson": "yes"}}),
+            "workload.default",
+            "true or false",
+        ),
+        (with_changes(defaults={"cpu": float("nan")}), "defaults.cpu", "finite"),
+        (
+            with_changes(defaults={"queue_capacity": 10**9}),
+            "defaults.queue_capacity",
+            "at most 10000",
+        ),
+        (
+            with_changes(
+                nodes=[
+                    {"name": "a", "neighbours": ["b"], "queue_capacity": 20_000},
+                    {"name": "b", "neighbours": ["a"]},
+                ]
+            ),
+            "nodes[0].queue_capacity",
+            "a slot per queued request",
+        ),
         ({k: v for k, v in BASE.items() if k != "services"}, "services", "required"),
     ],
 )
