@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import shutil
 import tempfile
@@ -117,6 +118,10 @@ def test_problem_errors_name_what_to_fix():
     parsed = parse_policy_spec(example_policy_body()["spec"])
     with pytest.raises(SpecError, match="at most 1"):
         build_problem(parsed, NODES, {"fn": SERVICES[0]}, 1)
+    one_way = copy.deepcopy(NODES)  # edge-2 forgets edge-1, which still lists edge-2
+    one_way[2]["spec"]["neighbours"] = [{"name": "edge-0", "latencyMs": 12}]
+    with pytest.raises(SpecError, match=r"EdgeNode edge-2 spec\.neighbours: EdgeNode edge-1 lists"):
+        build_problem(parsed, one_way, {"fn": SERVICES[0]}, 3)
     assert cpu_quantity("3500m", "x") == 3.5 and cpu_quantity(2, "x") == 2.0
     with pytest.raises(SpecError, match="CPU quantity"):
         cpu_quantity("lots", "EdgeNode e spec.capacity.cpu")

@@ -135,6 +135,15 @@ def build_problem(
         # Without a request rate, cores give the relative capacity until measurements take over.
         capacity.append(float(rps) if rps else (cores[-1] if cpu else 1.0))
 
+    for name, listed in neighbours.items():
+        for other in listed:
+            if name not in neighbours[other]:
+                raise SpecError(
+                    f"EdgeNode {other} spec.neighbours",
+                    f"EdgeNode {name} lists {other} as a neighbour but {other} does not list "
+                    f"{name}: links carry traffic both ways, so list each on both nodes",
+                )
+
     services = []
     for name in spec.services:
         obj = edge_services.get(name)
