@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import logging
 import shutil
 import tempfile
 import threading
@@ -761,6 +762,38 @@ def test_a_refused_rebuild_keeps_the_weights_last_reported():
     kube.refusing.clear()
     assert runtime.cycle("edge/p", changed).generation == 2
     assert runtime.controllers["edge/p"].generation == 2
+
+
+def test_an_unexpected_failure_holds_the_weights_and_says_so(caplog):
+    """The API server drops the connection while a built policy reads the mesh (what no
+    handler expects): the cycle holds the weights the mesh carries, the status says the cycle
+    failed and why (MetricsAvailable Unknown), the log has the traceback, and the next cycle
+    builds the policy afresh and applies weights again."""
+    mesh = queueing_mesh()
+    runtime, _ = runtime_over(mesh)
+    body = example_policy_body()
+    first = runtime.cycle("edge/p", body)
+    assert first.outcome == Outcome.APPLIED and mesh.writes == 1
+    read = mesh.read
+
+    def unreachable(service, nodes):
+        raise ConnectionResetError("Connection reset by peer")
+
+    mesh.read = unreachable
+    with caplog.at_level(logging.ERROR):
+        failed = runtime.cycle("edge/p", body)
+    assert failed.outcome == Outcome.HELD and failed.weights == first.weights
+    assert failed.reason.startswith("cycle failed: ConnectionResetError: Connection reset by peer")
+    assert mesh.writes == 1 and "edge/p" not in runtime.controllers
+    assert any(r.exc_info and "cycle edge/p failed" in r.getMessage() for r in caplog.records)
+    conditions = {c["type"]: c for c in status_of(failed, None)["conditions"]}
+    assert conditions["Ready"]["status"] == "False"
+    assert conditions["MetricsAvailable"]["status"] == "Unknown"
+    assert conditions["MetricsAvailable"]["reason"] == "CycleFailed"
+    assert runtime.store.latest("edge/p") is failed
+    mesh.read = read
+    assert runtime.cycle("edge/p", body).outcome in (Outcome.APPLIED, Outcome.UNCHANGED)
+    assert "edge/p" in runtime.controllers
 
 
 # -- one cycle per policy at a time ----------------------------------------------------------

@@ -35,6 +35,12 @@ built from (its EdgeServices, the EdgeNodes, a ConfigMap checkpoint): no metrics
 nothing was written; ``forbidden`` says what to grant."""
 
 
+CYCLE_FAILED = "cycle failed"
+"""How the reason of a held cycle starts when something no handler expects went wrong (the API
+server unreachable mid-cycle, or a bug): the error follows, and the operator's log has its
+traceback. The next cycle starts afresh."""
+
+
 @dataclass(frozen=True)
 class NodeInputs:
     """One edge node's readings for one service, as the decision used them."""

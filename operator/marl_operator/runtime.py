@@ -35,7 +35,7 @@ from marl_operator.kube import Forbidden, Kube, KubeMesh
 from marl_operator.mesh.model import MeshNode, MeshRoutes, MeshService
 from marl_operator.problem import build_problem
 from marl_operator.prometheus import PrometheusReader
-from marl_operator.report import BUILD_FORBIDDEN, CycleReport, Outcome
+from marl_operator.report import BUILD_FORBIDDEN, CYCLE_FAILED, CycleReport, Outcome
 from marl_operator.spec import CheckpointSource, SpecError, parse_policy_spec
 from marl_operator.store import ReportStore
 from policies import checkpoint
@@ -200,6 +200,19 @@ class Runtime:
             return None
         try:
             return self._cycle(key, body)
+        except Exception as error:
+            # The API server or the mesh failing in a way no handler expects (unreachable
+            # mid-cycle, say), or a bug: the status says so and the weights are held, instead
+            # of the daemon dying with a stale status. The controller may be half-updated, so
+            # the next cycle builds a new one.
+            log.exception("cycle %s failed", key, extra={"fields": {"policy": key}})
+            self.controllers.pop(key, None)
+            generation = int(body.get("metadata", {}).get("generation", 0))
+            failure = f"{CYCLE_FAILED}: {type(error).__name__}: {error}"[:900]
+            reason = f"{failure}; weights held, tried again next interval"
+            report = self._held(key, generation, reason)
+            self._publish(report)
+            return report
         finally:
             running.release()
 
@@ -240,18 +253,24 @@ class Runtime:
 
     def _refused(self, key: str, generation: int, error: Forbidden) -> CycleReport:
         """The report of a cycle whose policy could not be built: the API server refused a
-        read (403). Nothing was read from the mesh or written to it: the weights are held, as
-        the last report saw them."""
+        read (403). Nothing was read from the mesh or written to it."""
+        reason = f"{BUILD_FORBIDDEN}: the operator may not {error.call}; nothing read or written"
+        return self._held(key, generation, f"{reason}, weights held", forbidden=str(error))
+
+    def _held(
+        self, key: str, generation: int, reason: str, forbidden: str | None = None
+    ) -> CycleReport:
+        """A held cycle without a controller to report it: the weights as the last report
+        saw them."""
         last = self.store.latest(key)
         return CycleReport(
             policy=key,
             time=self.clock(),
             generation=generation,
             outcome=Outcome.HELD,
-            reason=f"{BUILD_FORBIDDEN}: the operator may not {error.call}; nothing read or "
-            "written, weights held",
+            reason=reason,
             weights=last.weights if last is not None else {},
-            forbidden=str(error),
+            forbidden=forbidden,
         )
 
     def interval(self, key: str) -> float:

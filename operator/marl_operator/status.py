@@ -12,7 +12,7 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from marl_operator.report import BUILD_FORBIDDEN, CycleReport, Outcome
+from marl_operator.report import BUILD_FORBIDDEN, CYCLE_FAILED, CycleReport, Outcome
 
 PHASES = {
     Outcome.APPLIED: "Active",
@@ -43,10 +43,12 @@ def conditions_of(report: CycleReport) -> list[dict[str, Any]]:
     """The five conditions a report implies (without times). A call the API server refused
     (403) makes WeightsApplied False with reason Forbidden, whatever the outcome: the message
     names the RBAC rule to grant. A cycle held because a read the policy is built from was
-    refused read no metrics either: MetricsAvailable is Unknown (NotRead) then, not missing."""
+    refused read no metrics either: MetricsAvailable is Unknown (NotRead) then, not missing;
+    after a cycle that failed unexpectedly it is Unknown too (CycleFailed)."""
     o = report.outcome
     metrics_failed = o in (Outcome.HELD, Outcome.FALLBACK) and report.reason.startswith("metrics")
     unread = o == Outcome.HELD and report.reason.startswith(BUILD_FORBIDDEN)
+    failed = o == Outcome.HELD and report.reason.startswith(CYCLE_FAILED)
     decided = o in (Outcome.APPLIED, Outcome.UNCHANGED, Outcome.DRY_RUN)
     written = o in (Outcome.APPLIED, Outcome.UNCHANGED)
     return [
@@ -57,8 +59,10 @@ def conditions_of(report: CycleReport) -> list[dict[str, Any]]:
             report.reason,
         ),
         (
-            _condition("MetricsAvailable", None, "NotRead", report.reason)
-            if unread
+            _condition(
+                "MetricsAvailable", None, "CycleFailed" if failed else "NotRead", report.reason
+            )
+            if unread or failed
             else _condition(
                 "MetricsAvailable",
                 o not in (Outcome.SUSPENDED, Outcome.INVALID) and not metrics_failed,
