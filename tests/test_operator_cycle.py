@@ -397,6 +397,9 @@ def test_invalid_policy_reports_the_field_and_never_writes():
     assert status["phase"] == "Failed"
     ready = next(c for c in status["conditions"] if c["type"] == "Ready")
     assert ready["status"] == "False" and "spec.checkpoint.bundled" in ready["message"]
+    report = runtime.cycle("edge/p", example_policy_body(checkpoint={"path": "/nowhere/run"}))
+    assert report.outcome == Outcome.INVALID
+    assert report.reason.startswith("spec.checkpoint.path") and "/nowhere/run" in report.reason
     assert mesh.writes == 0
 
 
@@ -767,8 +770,8 @@ def test_a_refused_rebuild_keeps_the_weights_last_reported():
 def test_an_unexpected_failure_holds_the_weights_and_says_so(caplog):
     """The API server drops the connection while a built policy reads the mesh (what no
     handler expects): the cycle holds the weights the mesh carries, the status says the cycle
-    failed and why (MetricsAvailable Unknown), the log has the traceback, and the next cycle
-    builds the policy afresh and applies weights again."""
+    failed and why (MetricsAvailable Unknown) and keeps naming the checkpoint, the log has the
+    traceback, and the next cycle, with the same controller, decides and writes again."""
     mesh = queueing_mesh()
     runtime, _ = runtime_over(mesh)
     body = example_policy_body()
@@ -784,16 +787,17 @@ def test_an_unexpected_failure_holds_the_weights_and_says_so(caplog):
         failed = runtime.cycle("edge/p", body)
     assert failed.outcome == Outcome.HELD and failed.weights == first.weights
     assert failed.reason.startswith("cycle failed: ConnectionResetError: Connection reset by peer")
-    assert mesh.writes == 1 and "edge/p" not in runtime.controllers
+    assert mesh.writes == 1 and failed.checkpoint == first.checkpoint is not None
     assert any(r.exc_info and "cycle edge/p failed" in r.getMessage() for r in caplog.records)
     conditions = {c["type"]: c for c in status_of(failed, None)["conditions"]}
     assert conditions["Ready"]["status"] == "False"
     assert conditions["MetricsAvailable"]["status"] == "Unknown"
     assert conditions["MetricsAvailable"]["reason"] == "CycleFailed"
     assert runtime.store.latest("edge/p") is failed
+    controller = runtime.controllers["edge/p"]  # kept, with its model's window
     mesh.read = read
     assert runtime.cycle("edge/p", body).outcome in (Outcome.APPLIED, Outcome.UNCHANGED)
-    assert "edge/p" in runtime.controllers
+    assert runtime.controllers["edge/p"] is controller
 
 
 # -- one cycle per policy at a time ----------------------------------------------------------

@@ -131,7 +131,8 @@ class ReportModel(BaseModel):
     )
     checkpoint: CheckpointInUse | None = Field(
         description="the checkpoint the cycle decided with; read when the policy is built "
-        "(created, its spec changed, the operator restarted); null when none could be built",
+        "(created, its spec changed, the operator restarted); a held cycle without a policy "
+        "names the last one; null when the spec is invalid or none was ever built",
     )
 
     @classmethod

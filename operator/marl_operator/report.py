@@ -38,7 +38,7 @@ nothing was written; ``forbidden`` says what to grant."""
 CYCLE_FAILED = "cycle failed"
 """How the reason of a held cycle starts when something no handler expects went wrong (the API
 server unreachable mid-cycle, or a bug): the error follows, and the operator's log has its
-traceback. The next cycle starts afresh."""
+traceback. The next cycle tries again with the same controller."""
 
 
 @dataclass(frozen=True)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import logging
+import shutil
 import tempfile
 import threading
 import time
@@ -99,8 +100,8 @@ class Runtime:
         self.prometheus_url = prometheus_url
         self.controllers: dict[str, PolicyController] = {}
         self.skipped: Counter[str] = Counter()  # policy -> cycles skipped (previous one ran)
-        # (source, namespace of a ConfigMap) -> (its files' bytes, the policy, its sha256)
-        self._checkpoints: dict[tuple, tuple[tuple[bytes, bytes], LoadedPolicy, str]] = {}
+        # (source, namespace of a ConfigMap) -> (sha256 of its two files, the policy)
+        self._checkpoints: dict[tuple, tuple[tuple[str, str], LoadedPolicy]] = {}
         self._running: dict[str, threading.Lock] = {}  # policy -> held while a cycle runs
         self._lock = threading.Lock()
 
@@ -111,53 +112,54 @@ class Runtime:
         prints). The source is read again at every build, so a ConfigMap or a file changed
         in place is what the next build (a spec change, a restart) runs; a policy is loaded
         once per content, shared by every policy that names the same source."""
-        if source.kind == "bundled":
-            if not (checkpoint.BUNDLED / source.value).is_dir():
-                names = sorted(p.name for p in checkpoint.BUNDLED.iterdir() if p.is_dir())
-                raise SpecError(
-                    "spec.checkpoint.bundled",
-                    f"no bundled checkpoint {source.value!r}; bundled: {', '.join(names)}",
-                )
-            return self._load(checkpoint.BUNDLED / source.value, source, namespace)
-        if source.kind == "path":
-            return self._load(Path(source.value), source, namespace)
-        with tempfile.TemporaryDirectory(prefix="marl-checkpoint-") as directory:
-            try:
-                self.kube.checkpoint_from_configmap(
-                    namespace, source.value, source.key, Path(directory)
-                )
-            except FileNotFoundError as error:
-                raise SpecError("spec.checkpoint.configMap", str(error)) from None
-            return self._load(Path(directory), source, namespace)
-
-    def _load(
-        self, directory: Path, source: CheckpointSource, namespace: str
-    ) -> tuple[LoadedPolicy, str]:
         field = f"spec.checkpoint.{source.kind}"
-        try:
-            weights = (directory / checkpoint.WEIGHTS_FILE).read_bytes()
-            content = (weights, (directory / checkpoint.META_FILE).read_bytes())
-        except OSError:
-            content = None  # checkpoint.load names what is missing
-        where = (source, namespace if source.kind == "configMap" else "")
-        with self._lock:
-            cached = self._checkpoints.get(where)
-        if content is not None and cached is not None and cached[0] == content:
-            return cached[1], cached[2]
-        try:
-            policy = checkpoint.load(directory)  # tensors only, read without torch
-        except CheckpointError as error:
-            raise SpecError(field, str(error)) from None
+        with tempfile.TemporaryDirectory(prefix="marl-checkpoint-") as private:
+            copy = Path(private)
+            try:
+                self._fetch(source, namespace, copy)
+                files = tuple(
+                    (copy / name).read_bytes()
+                    for name in (checkpoint.WEIGHTS_FILE, checkpoint.META_FILE)
+                )
+            except OSError as error:  # absent ConfigMap, missing or unreadable files
+                raise SpecError(field, str(error)) from None
+            digest = hashlib.sha256(files[0]).hexdigest()
+            content = (digest, hashlib.sha256(files[1]).hexdigest())
+            where = (source, namespace if source.kind == "configMap" else "")
+            with self._lock:
+                cached = self._checkpoints.get(where)
+            if cached is not None and cached[0] == content:
+                return cached[1], digest
+            try:
+                # Parsed from the private copy, so the digest names the bytes that decide.
+                policy = checkpoint.load(copy)  # tensors only, read without torch
+            except CheckpointError as error:
+                raise SpecError(field, str(error)) from None
         if policy.meta.get("action", {}).get("mode") != "neighbours":
             raise SpecError(
                 field,
                 "the checkpoint's action mode is not 'neighbours' (per-neighbour weights); "
                 "train one on a mesh scenario",
             )
-        digest = hashlib.sha256(content[0]).hexdigest()
         with self._lock:
-            self._checkpoints[where] = (content, policy, digest)
+            self._checkpoints[where] = (content, policy)
         return policy, digest
+
+    def _fetch(self, source: CheckpointSource, namespace: str, into: Path) -> None:
+        """Copy the checkpoint ``source`` names into the directory ``into``."""
+        if source.kind == "configMap":
+            self.kube.checkpoint_from_configmap(namespace, source.value, source.key, into)
+            return
+        directory = (
+            checkpoint.BUNDLED / source.value if source.kind == "bundled" else Path(source.value)
+        )
+        if source.kind == "bundled" and not directory.is_dir():
+            names = sorted(p.name for p in checkpoint.BUNDLED.iterdir() if p.is_dir())
+            raise FileNotFoundError(
+                f"no bundled checkpoint {source.value!r}; bundled: {', '.join(names)}"
+            )
+        for name in (checkpoint.WEIGHTS_FILE, checkpoint.META_FILE):
+            shutil.copyfile(directory / name, into / name)
 
     def build(self, key: str, body: Mapping[str, Any]) -> PolicyController:
         namespace = key.split("/", 1)[0]
@@ -202,14 +204,16 @@ class Runtime:
             return self._cycle(key, body)
         except Exception as error:
             # The API server or the mesh failing in a way no handler expects (unreachable
-            # mid-cycle, say), or a bug: the status says so and the weights are held, instead
-            # of the daemon dying with a stale status. The controller may be half-updated, so
-            # the next cycle builds a new one.
+            # mid-cycle, say), or a bug: the status says so, instead of the daemon dying with
+            # a stale status. The controller is kept (its model's window is worth keeping
+            # through a network error) and tries again next interval.
             log.exception("cycle %s failed", key, extra={"fields": {"policy": key}})
-            self.controllers.pop(key, None)
             generation = int(body.get("metadata", {}).get("generation", 0))
             failure = f"{CYCLE_FAILED}: {type(error).__name__}: {error}"[:900]
-            reason = f"{failure}; weights held, tried again next interval"
+            reason = (
+                f"{failure}; the mesh keeps the last weights reported, unless this cycle "
+                "wrote some of its services before failing; tried again next interval"
+            )
             report = self._held(key, generation, reason)
             self._publish(report)
             return report
@@ -260,8 +264,8 @@ class Runtime:
     def _held(
         self, key: str, generation: int, reason: str, forbidden: str | None = None
     ) -> CycleReport:
-        """A held cycle without a controller to report it: the weights as the last report
-        saw them."""
+        """A held cycle without a controller to report it: the weights and the checkpoint as
+        the last report saw them."""
         last = self.store.latest(key)
         return CycleReport(
             policy=key,
@@ -271,6 +275,7 @@ class Runtime:
             reason=reason,
             weights=last.weights if last is not None else {},
             forbidden=forbidden,
+            checkpoint=last.checkpoint if last is not None else None,
         )
 
     def interval(self, key: str) -> float:

@@ -158,7 +158,7 @@ def status_of(report: CycleReport, previous: Mapping[str, Any] | None) -> dict[s
     return {
         "phase": PHASES[report.outcome],
         "observedGeneration": report.generation,
-        # None (no policy built: invalid, or a read refused) removes a stale one: merge patch
+        # None (no policy was ever built, or the spec is invalid) removes a stale one: merge patch
         "checkpoint": report.checkpoint,
         "services": services,
         "lastDecision": decision,
