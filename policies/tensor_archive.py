@@ -203,7 +203,13 @@ def load_state_dict(path: str | Path) -> dict[str, np.ndarray]:
 
 
 def _read(archive: zipfile.ZipFile) -> Any:
-    """The object ``archive``'s one ``<name>/data.pkl`` pickles, storages read from it."""
+    """The object ``archive``'s one ``<name>/data.pkl`` pickles, storages read from it.
+    torch stores every entry uncompressed; a compressed one is refused, so nothing read can
+    be larger than the file itself (a ConfigMap of 1 MiB could otherwise inflate a
+    thousandfold)."""
+    packed = [i.filename for i in archive.infolist() if i.compress_type != zipfile.ZIP_STORED]
+    if packed:
+        raise ArchiveError(f"compressed entries {packed[:3]}: torch.save stores them as they are")
     pickles = [n for n in archive.namelist() if n.endswith("/data.pkl") and n.count("/") == 1]
     if len(pickles) != 1:
         raise ArchiveError(f"expected one <name>/data.pkl, found {pickles}")

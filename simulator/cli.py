@@ -15,8 +15,11 @@ class DocHelpFormatter(argparse.RawDescriptionHelpFormatter):
         text = action.help or ""
         default = action.default
         silent = default is None or default is False or default is argparse.SUPPRESS
-        if silent or default == [] or "default" in text:
+        empty = isinstance(default, list | tuple | dict | str) and not default
+        if silent or empty or "(default" in text or "default:" in text:
             return text
+        if isinstance(default, list | tuple):  # as it is typed: --steps 0.1 0.3
+            return f"{text} (default: {' '.join(map(str, default))})"
         return f"{text} (default: %(default)s)"
 
 

@@ -249,7 +249,23 @@ def _expected_type(default: Any, value: Any) -> str | None:
         return None if number and math.isfinite(value) else "a finite number"
     if isinstance(default, str):
         return None if isinstance(value, str) else "a string"
-    return None  # tuples (levels, ranges, parts): checked by their generator
+    if isinstance(default, tuple) and default and not isinstance(default[0], tuple):
+        pair = isinstance(value, list | tuple) and len(value) == len(default)  # a range
+        return (
+            None
+            if pair and all(_expected_type(0.0, v) is None for v in value)
+            else (f"a list of {len(default)} finite numbers")
+        )
+    if isinstance(default, tuple) and default:  # levels: [[from_step, rate], ...]
+        rows = isinstance(value, list | tuple) and all(
+            isinstance(row, list | tuple)
+            and len(row) == 2
+            and _expected_type(0, row[0]) is None
+            and _expected_type(0.0, row[1]) is None
+            for row in value
+        )
+        return None if rows and value else "a list of [step, rate] pairs of numbers"
+    return None  # parts: each one a workload, checked on its own
 
 
 def validate(kind: str, params: Mapping[str, Any]) -> Any:

@@ -1,6 +1,7 @@
 import argparse
 import importlib.util
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -142,7 +143,9 @@ def test_every_command_line_is_listed():
         for folder in ("simulator", "demo", "operator", "workload", "benchmarks")
         for path in (ROOT / folder).rglob("*.py")
         if '__name__ == "__main__"' in (text := path.read_text())
-        and ("argparse" in text or path.name == "__main__.py")
+        and (
+            re.search(r"argparse|parser_from_doc|build_parser", text) or path.name == "__main__.py"
+        )
     }
     listed = {entry_file(command) for command in COMMANDS}
     assert mains - listed == set(), "add these entry points to COMMANDS"
@@ -168,3 +171,4 @@ def test_help_names_defaults_the_text_does_not():
     assert "(default: bundled)" in text  # --policy: said by its own text, once
     assert "(default: bundled) (default:" not in text
     assert "--json" in text and "(default: False)" not in text
+    assert "(default: 0.1 0.3)" in " ".join(text.split())  # --steps, as it would be typed

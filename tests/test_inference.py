@@ -262,6 +262,22 @@ def test_a_damaged_archive_is_refused_as_an_archive_error_and_nothing_else(tmp_p
         checkpoint.load(tmp_path / "ckpt")
 
 
+def test_a_compressed_entry_is_refused_before_it_is_inflated(tmp_path):
+    """torch stores its entries as they are; a deflated one (a zip bomb's way of being small)
+    is refused by name, unread."""
+    torch.save({"w": torch.zeros(1000)}, tmp_path / "good.pt")
+    with (
+        zipfile.ZipFile(tmp_path / "good.pt") as src,
+        zipfile.ZipFile(tmp_path / "packed.pt", "w", zipfile.ZIP_DEFLATED) as dst,
+    ):
+        for info in src.infolist():
+            dst.writestr(info.filename, src.read(info))
+    assert (tmp_path / "packed.pt").stat().st_size < (tmp_path / "good.pt").stat().st_size
+    with pytest.raises(ArchiveError, match=r"compressed entries \['good/data.pkl'"):
+        load_state_dict(tmp_path / "packed.pt")
+    assert set(load_state_dict(tmp_path / "good.pt")) == {"w"}
+
+
 class Lenient(pickle.Unpickler):
     """Unpickles any structure, every global and storage stood in for by None."""
 

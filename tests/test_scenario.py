@@ -91,6 +91,23 @@ def test_extends_replaces_only_given_keys():
             "workload.default",
             "true or false",
         ),
+        (
+            with_changes(workload={"default": {"kind": "step", "levels": [[0, float("nan")]]}}),
+            "workload.default",
+            "[step, rate] pairs",
+        ),
+        (
+            with_changes(workload={"default": {"kind": "step", "levels": [[0, "x"]]}}),
+            "workload.default",
+            "[step, rate] pairs",
+        ),
+        (
+            with_changes(
+                workload={"default": {"kind": "azure", "path": "a.csv", "mean_range": [1]}}
+            ),
+            "workload.default",
+            "a list of 2 finite numbers",
+        ),
         (with_changes(defaults={"cpu": float("nan")}), "defaults.cpu", "finite"),
         (
             with_changes(defaults={"queue_capacity": 10**9}),
