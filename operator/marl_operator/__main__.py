@@ -79,6 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The operator's settings from ``argv``; the chart's tests read its args through here."""
     return build_parser().parse_args(argv)
 
 
