@@ -249,13 +249,11 @@ def _expected_type(default: Any, value: Any) -> str | None:
         return None if number and math.isfinite(value) else "a finite number"
     if isinstance(default, str):
         return None if isinstance(value, str) else "a string"
-    if isinstance(default, tuple) and default and not isinstance(default[0], tuple):
-        pair = isinstance(value, list | tuple) and len(value) == len(default)  # a range
-        return (
-            None
-            if pair and all(_expected_type(0.0, v) is None for v in value)
-            else (f"a list of {len(default)} finite numbers")
-        )
+    if isinstance(default, tuple) and default and not isinstance(default[0], tuple):  # a range
+        same = isinstance(value, list | tuple) and len(value) == len(default)
+        if same and all(_expected_type(0.0, v) is None for v in value):
+            return None
+        return f"a list of {len(default)} finite numbers"
     if isinstance(default, tuple) and default:  # levels: [[from_step, rate], ...]
         rows = isinstance(value, list | tuple) and all(
             isinstance(row, list | tuple)
