@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import copy
+import gc
 import hashlib
 import logging
 import shutil
 import tempfile
 import threading
 import time
+import weakref
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -487,6 +489,41 @@ def test_status_names_the_checkpoint_and_a_changed_configmap_is_read_at_the_next
 
     invalid = runtime.cycle("edge/p", example_policy_body(services=["missing"]))
     assert invalid.checkpoint is None and status_of(invalid, None)["checkpoint"] is None
+
+
+def test_checkpoints_are_shared_by_content_and_let_go_once_no_policy_runs_them(tmp_path):
+    """Rolling checkpoints out under a new ConfigMap name each time (as a configMapGenerator
+    does) must not keep every earlier checkpoint loaded for the life of the process: a
+    policy nobody runs any more is let go. Two names holding the same bytes share one load."""
+    directories = {
+        "v1": checkpoint.BUNDLED / "mesh-10x3",
+        "v1-copy": checkpoint.BUNDLED / "mesh-10x3",
+        "v2": retrained(tmp_path / "v2"),
+    }
+    runtime, kube = runtime_over(queueing_mesh())
+    kube.checkpoint_from_configmap = lambda namespace, name, key, into: shutil.copytree(
+        directories[name], into, dirs_exist_ok=True
+    )
+
+    def run(key: str, name: str, generation: int):
+        body = example_policy_body(checkpoint={"configMap": {"name": name}})
+        body["metadata"]["generation"] = generation
+        runtime.cycle(key, body)
+        return runtime.controllers[key].adapter.rollout.policy
+
+    first = run("edge/p", "v1", 1)
+    assert run("edge/q", "v1-copy", 1) is first  # another name, the same bytes
+    old = weakref.ref(first)
+    del first
+    run("edge/p", "v2", 2)
+    run("edge/q", "v2", 2)
+    gc.collect()
+    assert old() is None  # no policy runs v1 any more: it is not kept
+    newest = weakref.ref(runtime.controllers["edge/p"].adapter.rollout.policy)
+    for key in ("edge/p", "edge/q"):
+        runtime.delete(key, example_policy_body(checkpoint={"configMap": {"name": "v2"}}))
+    gc.collect()
+    assert newest() is None
 
 
 def test_restart_changes_nothing_unless_the_decision_does():

@@ -25,6 +25,7 @@ import shutil
 import tempfile
 import threading
 import time
+import weakref
 from collections import Counter
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -100,8 +101,13 @@ class Runtime:
         self.prometheus_url = prometheus_url
         self.controllers: dict[str, PolicyController] = {}
         self.skipped: Counter[str] = Counter()  # policy -> cycles skipped (previous one ran)
-        # (source, namespace of a ConfigMap) -> (sha256 of its two files, the policy)
-        self._checkpoints: dict[tuple, tuple[tuple[str, str], LoadedPolicy]] = {}
+        # sha256 of a checkpoint's two files -> its policy, while a controller still runs it:
+        # keyed by content, so sources with the same bytes share one load, and weak, so a
+        # policy rebuilt on a new checkpoint (a configMapGenerator's new name each rollout)
+        # does not keep the old one alive for the life of the process.
+        self._checkpoints: weakref.WeakValueDictionary[tuple[str, str], LoadedPolicy] = (
+            weakref.WeakValueDictionary()
+        )
         self._running: dict[str, threading.Lock] = {}  # policy -> held while a cycle runs
         self._lock = threading.Lock()
 
@@ -111,7 +117,7 @@ class Runtime:
         """The policy and the sha256 of its weights file (what ``sha256sum policy.pt``
         prints). The source is read again at every build, so a ConfigMap or a file changed
         in place is what the next build (a spec change, a restart) runs; a policy is loaded
-        once per content, shared by every policy that names the same source."""
+        once per content, shared by every policy whose source holds the same bytes."""
         field = f"spec.checkpoint.{source.kind}"
         with tempfile.TemporaryDirectory(prefix="marl-checkpoint-") as private:
             copy = Path(private)
@@ -125,11 +131,10 @@ class Runtime:
                 raise SpecError(field, str(error)) from None
             digest = hashlib.sha256(files[0]).hexdigest()
             content = (digest, hashlib.sha256(files[1]).hexdigest())
-            where = (source, namespace if source.kind == "configMap" else "")
             with self._lock:
-                cached = self._checkpoints.get(where)
-            if cached is not None and cached[0] == content:
-                return cached[1], digest
+                cached = self._checkpoints.get(content)
+            if cached is not None:
+                return cached, digest
             try:
                 # Parsed from the private copy, so the digest names the bytes that decide.
                 policy = checkpoint.load(copy)  # tensors only, read without torch
@@ -142,7 +147,7 @@ class Runtime:
                 "train one on a mesh scenario",
             )
         with self._lock:
-            self._checkpoints[where] = (content, policy)
+            self._checkpoints[content] = policy
         return policy, digest
 
     def _fetch(self, source: CheckpointSource, namespace: str, into: Path) -> None:
