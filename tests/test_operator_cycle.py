@@ -88,6 +88,8 @@ def test_spec_defaults_match_the_crd():
         ({"nodes": {"names": ["a"], "selector": {}}}, "spec.nodes"),
         ({"services": []}, "spec.services"),
         ({"dryRun": "yes"}, "spec.dryRun"),
+        ({"prometheus": {"url": "prom:9090"}}, "spec.prometheus.url"),
+        ({"prometheus": {"url": "http://u:a/b@prom:9090"}}, "spec.prometheus.url"),
     ],
 )
 def test_bad_spec_names_the_field(change, field):

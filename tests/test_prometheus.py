@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 import requests
+from marl_operator.__main__ import parse_args
 from marl_operator.prometheus import (
     DEFAULT_TEMPLATES,
     TEMPLATE_NAMES,
@@ -21,6 +22,7 @@ from marl_operator.prometheus import (
     QueryError,
     ServiceReadings,
     check_templates,
+    check_url,
     label_answers,
     redact_url,
     render,
@@ -353,10 +355,28 @@ def test_a_closed_port_is_metrics_unavailable_through_the_real_client():
         ("https://u:p@prom.example:9090/prom", "https://prom.example:9090/prom"),
         ("http://token@prom:9090", "http://prom:9090"),
         ("http://prom:9090", "http://prom:9090"),
+        # Unencoded '/', '?' or '#' in a password (base64 makes '/') end urlsplit's netloc.
+        ("http://marl:Zm9v/YmFy+cXV4@prom:9090/x", "http://prom:9090/x"),
+        ("http://marl:pa?ss@prom:9090", "http://prom:9090"),
+        ("http://marl:pa#ss@prom:9090", "http://prom:9090"),
     ],
 )
 def test_redact_url(url, safe):
     assert redact_url(url) == safe
+
+
+@pytest.mark.parametrize("password", ["Zm9v/YmFy", "pa?ss", "pa#ss"])
+def test_a_password_urlsplit_misreads_never_reaches_a_message(password):
+    """Such a URL is refused where a policy or the command line names it; a reader built
+    on one anyway still keeps the password out of what it says."""
+    url = f"http://marl:{password}@127.0.0.1:{free_port()}"
+    with pytest.raises(ValueError, match="percent-encode"):
+        check_url(url)
+    with pytest.raises(SystemExit):
+        parse_args(["--prometheus-url", url])
+    with pytest.raises(MetricsUnavailable) as info:
+        PrometheusReader(url, timeout_s=1).read(**VALUES)
+    assert password not in str(info.value) and "marl" not in str(info.value)
 
 
 def test_importing_the_reader_does_not_import_pandas_or_matplotlib():

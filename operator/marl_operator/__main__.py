@@ -23,9 +23,19 @@ from marl_operator import logs
 from marl_operator.api import ApiServer, create_app
 from marl_operator.handlers import register
 from marl_operator.kube import Kube
+from marl_operator.prometheus import check_url
 from marl_operator.runtime import DEFAULT_PROMETHEUS_URL, Runtime
 
 log = logging.getLogger("marl_operator")
+
+
+def prometheus_url(text: str) -> str:
+    """``--prometheus-url``, refused at start as a policy's ``spec.prometheus.url`` is."""
+    try:
+        check_url(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    return text
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -58,6 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--prometheus-url",
+        type=prometheus_url,
         default=DEFAULT_PROMETHEUS_URL,
         help="Prometheus of policies that set no spec.prometheus.url (default: %(default)s)",
     )

@@ -36,7 +36,7 @@ import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 import requests
 
@@ -171,7 +171,8 @@ _PLACEHOLDER = re.compile(
 _DURATION = re.compile(r"^([0-9]+(ms|s|m|h|d|w|y))+$")
 # Values land inside PromQL string literals; these characters would end or escape them.
 _UNSAFE_VALUE = re.compile(r"[\"'`\\\s]")
-_USERINFO = re.compile(r"(?<=://)[^/@\s]+@")
+# Up to the last '@' of the URL, not the first '/': a password may hold an unencoded '/'.
+_USERINFO = re.compile(r"(?<=://)[^@\s]*@")
 
 
 class QueryError(ValueError):
@@ -282,27 +283,33 @@ class ServiceReadings:
 
 
 def redact_url(url: str) -> str:
-    """The URL without ``user:password@``, for messages, logs and conditions."""
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return _USERINFO.sub("", url)
-    if "@" not in parts.netloc:
-        return url
-    return urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
+    """The URL without ``user:password@``, for messages, logs and conditions. Everything up
+    to the last '@' goes, not just what ``urlsplit`` calls the userinfo: an unencoded '/',
+    '?' or '#' in a password (base64 makes '/') would end its netloc early and leave the
+    password in place."""
+    return _USERINFO.sub("", url)
 
 
 def _redact_text(text: str, url: str) -> str:
     """Exception texts may quote the URL or its credentials; remove both forms."""
+    userinfo = url.partition("://")[2].rpartition("@")[0]
     text = _USERINFO.sub("", text)
-    try:
-        userinfo = urlsplit(url).netloc.rpartition("@")[0]
-    except ValueError:
-        userinfo = ""
     for secret in (userinfo, *userinfo.split(":", 1)):
         if secret:
             text = text.replace(secret, "***")
     return text
+
+
+def check_url(url: str) -> None:
+    """Refuse a URL whose credentials ``urlsplit`` (and so the client) would misread: one
+    with an unencoded '/', '?' or '#' in its password sends the password as part of the
+    path, to the wrong host part."""
+    if not url.startswith(("http://", "https://")):
+        raise ValueError(f"must be an http(s) URL, got {redact_url(url)!r}")
+    if "@" in url.partition("://")[2] and "@" not in urlsplit(url).netloc:
+        raise ValueError(
+            "its credentials hold a '/', '?' or '#': percent-encode them (%2F, %3F, %23)"
+        )
 
 
 def _parse_series(name: str, result: Any, labels: tuple[str, ...]) -> dict[tuple[str, ...], float]:

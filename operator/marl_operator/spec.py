@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from marl_operator.prometheus import TEMPLATE_NAMES
+from marl_operator.prometheus import TEMPLATE_NAMES, check_url
 
 FALLBACKS = ("hold", "static", "local")
 
@@ -130,8 +130,11 @@ def parse_policy_spec(spec: Mapping[str, Any] | None) -> PolicySpec:
             f"unknown query; the templates are {', '.join(TEMPLATE_NAMES)}",
         )
     url = prom.get("url", str, "") or None
-    if url is not None and not url.startswith(("http://", "https://")):
-        raise SpecError("spec.prometheus.url", f"must be an http(s) URL, got {url!r}")
+    if url is not None:
+        try:
+            check_url(url)
+        except ValueError as error:
+            raise SpecError("spec.prometheus.url", str(error)) from None
 
     rollout = root.sub("rollout")
     steps = rollout.raw.get("candidateSteps", list(RolloutSpec.steps))
