@@ -493,6 +493,21 @@ def test_status_names_the_checkpoint_and_a_changed_configmap_is_read_at_the_next
     assert invalid.checkpoint is None and status_of(invalid, None)["checkpoint"] is None
 
 
+@pytest.mark.parametrize(("min_weight", "valid"), [(33, True), (34, False)])
+def test_a_min_weight_the_routes_cannot_all_carry_is_invalid(min_weight, valid):
+    """Each example node has three routes (itself and two neighbours): 3 x 33 fits in 100
+    points, 3 x 34 does not, and must be refused when built, not fail every interval."""
+    runtime, _ = runtime_over(queueing_mesh())
+    report = runtime.cycle("edge/p", example_policy_body(safety={"minWeight": min_weight}))
+    if valid:
+        assert report.outcome == Outcome.APPLIED
+        assert all(w >= 33 for row in report.weights["fn"].values() for w in row.values())
+    else:
+        assert report.outcome == Outcome.INVALID
+        assert report.reason.startswith("spec.safety.minWeight: 34 points")
+        assert "use at most 33" in report.reason
+
+
 def test_checkpoints_are_shared_by_content_and_let_go_once_no_policy_runs_them(tmp_path):
     """Rolling checkpoints out under a new ConfigMap name each time (as a configMapGenerator
     does) must not keep every earlier checkpoint loaded for the life of the process: a

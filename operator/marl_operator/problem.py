@@ -144,6 +144,16 @@ def build_problem(
                     f"{name}: links carry traffic both ways, so list each on both nodes",
                 )
 
+    most_routes = max((1 + len(listed) for listed in neighbours.values()), default=1)
+    if spec.safety.min_weight * most_routes > 100:
+        busiest = max(neighbours, key=lambda name: len(neighbours[name]))
+        raise SpecError(
+            "spec.safety.minWeight",
+            f"{spec.safety.min_weight} points on each of EdgeNode {busiest}'s {most_routes} "
+            f"routes (itself and its neighbours) add up to more than 100; use at most "
+            f"{100 // most_routes}",
+        )
+
     services = []
     for name in spec.services:
         obj = edge_services.get(name)
