@@ -18,6 +18,7 @@ import asyncio
 import base64
 import contextlib
 import copy
+import logging
 import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -529,6 +530,38 @@ def test_a_conflicting_write_is_retried(cluster: Any) -> None:
     assert after["metadata"]["annotations"]["other-writer"] == "was here"  # not undone
     assert int(after["metadata"]["resourceVersion"]) > int(before["metadata"]["resourceVersion"])
     assert mesh.read(MESH_SERVICE, MESH_NODES).by_source == local
+
+
+def test_a_refused_status_write_does_not_stop_the_control_loop(
+    cluster: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The API server refusing a status patch for a moment (503) costs that status, not the
+    daemon: kopf would restart a failed daemon only after a minute."""
+    runtime, _ = new_runtime(cluster.kubeconfig, queueing_fake())
+    patch_status = runtime.kube.patch_policy_status
+    refusals = [client.ApiException(status=503, reason="Service Unavailable")] * 2
+
+    def flaky(namespace: str, name: str, status: Any) -> None:
+        if refusals:
+            raise refusals.pop()
+        patch_status(namespace, name, status)
+
+    runtime.kube.patch_policy_status = flaky  # type: ignore[method-assign]
+
+    async def scenario() -> None:
+        url = cluster.url
+        async with operating(url, runtime):
+            await create_resources(url, policy_body())
+            status = await eventually(
+                lambda: phase_is(url, "Active"), timeout=20, what="a status after the refusals"
+            )
+        assert not refusals and len(runtime.store.history(KEY)) >= 3
+        assert status["observedGeneration"] >= 1
+
+    caplog.set_level(logging.WARNING, logger="marl_operator.handlers")
+    asyncio.run(scenario())
+    refused = [r for r in caplog.records if r.getMessage().startswith(f"status of {KEY} not")]
+    assert len(refused) == 2 and "503" in refused[0].getMessage()
 
 
 def test_a_restarted_operator_rewrites_nothing(cluster: Any) -> None:

@@ -26,6 +26,8 @@ GROUP, VERSION, PLURAL = "marl.dev", "v1alpha1", "routingpolicies"
 INVALID_RETRY_S = 10.0
 """How soon an invalid policy is read again (its EdgeServices may be created meanwhile)."""
 
+log = logging.getLogger(__name__)
+
 EVENTS: dict[Outcome, tuple[str, str]] = {
     # outcome -> (event type, CamelCase reason), posted when the outcome changes
     Outcome.APPLIED: ("Normal", "WeightsApplied"),
@@ -106,7 +108,15 @@ def register(
                 await stopped.wait(max(0.0, runtime.interval(key) - (loop.time() - started)))
                 continue
             status = status_of(report, dict(body.status))
-            await asyncio.to_thread(runtime.kube.patch_policy_status, namespace, name, status)
+            try:
+                await asyncio.to_thread(runtime.kube.patch_policy_status, namespace, name, status)
+            except Exception as error:
+                # A transient refusal (503, a timeout) must not end the daemon: kopf would
+                # restart it only after its backoff, a minute without cycles. The next cycle
+                # writes a newer status; the weights were already decided and written.
+                log.warning(
+                    "status of %s not written: %s", key, error, extra={"fields": {"policy": key}}
+                )
             if previous is None or previous.outcome != report.outcome:
                 kind, reason = EVENTS[report.outcome]
                 kopf.event(body, type=kind, reason=reason, message=report.reason[:1000])
