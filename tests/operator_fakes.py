@@ -48,6 +48,7 @@ class QueueingMesh:
         self.routes: dict[str, MeshRoutes] = {}
         self.writes = 0
         self.down = False  # Prometheus unreachable
+        self.sample_age_s: float | None = 0.0  # of every series; None: marked stale
 
     # -- MeshClient ------------------------------------------------------------------------
 
@@ -117,7 +118,8 @@ class QueueingMesh:
             f"{service}-{j}": min(nodes[j][0] / mu, 1.0) * self.cores[j]
             for j, mu in self.capacity.items()
         }
-        return ServiceReadings(service, rate, success, mean, p95, cpu)
+        age = {} if self.sample_age_s is None else dict.fromkeys(rate, self.sample_age_s)
+        return ServiceReadings(service, rate, success, mean, p95, cpu, age)
 
 
 class Reader:

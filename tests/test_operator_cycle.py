@@ -379,6 +379,35 @@ def test_metrics_outage_holds_then_falls_back_then_recovers():
     assert runtime.controllers["edge/p"].failures.count == 0
 
 
+@pytest.mark.parametrize(
+    ("age_s", "why"),
+    [(600.0, "its newest sample is 600 s old"), (None, "no sample of its request counters")],
+    ids=["behind", "marked-stale"],
+)
+def test_stale_metrics_hold_the_weights_and_say_why(age_s, why):
+    """A rate over the window still answers after its scrapes stopped: samples older than
+    staleAfterSeconds, or series Prometheus marked stale, hold the weights as missing
+    metrics do, with the field named in the status."""
+    mesh = queueing_mesh()
+    runtime, _ = runtime_over(mesh)
+    body = example_policy_body(safety={"staleAfterSeconds": 300})
+    assert runtime.cycle("edge/p", body).outcome == Outcome.APPLIED
+    mesh.sample_age_s = 299.0
+    assert runtime.cycle("edge/p", body).outcome in (Outcome.APPLIED, Outcome.UNCHANGED)
+    applied, writes = mesh.routes["fn"].by_source, mesh.writes
+    mesh.sample_age_s = age_s
+    mesh.offered["edge-0"] *= 3  # what the stale rates no longer show
+    held = runtime.cycle("edge/p", body)
+    assert held.outcome == Outcome.HELD and mesh.routes["fn"].by_source == applied
+    assert held.reason.startswith(f"metrics: fn's metrics are stale: {why}")
+    assert "spec.safety.staleAfterSeconds is 300" in held.reason
+    metrics = next(
+        c for c in status_of(held, None)["conditions"] if c["type"] == "MetricsAvailable"
+    )
+    assert metrics["status"] == "False" and "stale" in metrics["message"]
+    assert mesh.writes == writes
+
+
 def test_dry_run_and_suspend_write_nothing():
     mesh = queueing_mesh()
     runtime, _ = runtime_over(mesh)

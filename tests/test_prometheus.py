@@ -66,6 +66,8 @@ class FakePrometheus:
 
     def one(self, promql: str) -> Sequence[Mapping[str, Any]]:
         self.queries.append(promql)
+        if "timestamp(" in promql:
+            return self.answers.get("sampleAge", [])
         if promql.startswith("histogram_quantile"):
             return self.answers.get("latencyP95", [])
         if "container_cpu_usage_seconds_total" in promql:
@@ -94,7 +96,7 @@ def test_defaults_render_without_placeholders_left(name):
     promql = render(name, DEFAULT_TEMPLATES[name], **VALUES)
     for placeholder in ("$namespace", "$service", "$host", "$window", "${"):
         assert placeholder not in promql
-    assert "[1m]" in promql
+    assert ("[1m]" in promql) == (name != "sampleAge")  # an age is read at the instant
     assert 'namespace="edge"' in promql
 
 
@@ -187,20 +189,32 @@ def full_answers() -> dict[str, list[Any]]:
         "latencyMean": [pair("a", "fn-edge-0", 38), pair("a", "fn-edge-1", 12.5)],
         "latencyP95": [pair("a", "fn-edge-0", 175), pair("a", "fn-edge-1", 24)],
         "cpuUsage": [workload("fn-edge-0", 0.25), workload("fn-edge-1", 0.6)],
+        "sampleAge": [pair("a", "fn-edge-0", 3), pair("a", "fn-edge-1", 14.5)],
     }
 
 
-def test_read_runs_five_queries_and_keys_them_by_workload():
+def test_read_runs_six_queries_and_keys_them_by_workload():
     fake = FakePrometheus(full_answers())
     readings = read(fake)
-    assert len(fake.queries) == 5
+    assert len(fake.queries) == 6
     assert readings.service == "fn"
     assert readings.rate == {("a", "fn-edge-0"): 10.0, ("a", "fn-edge-1"): 30.5}
     assert readings.success == {("a", "fn-edge-0"): 1.0, ("a", "fn-edge-1"): 0.9}
     assert readings.mean_ms == {("a", "fn-edge-0"): 38.0, ("a", "fn-edge-1"): 12.5}
     assert readings.p95_ms == {("a", "fn-edge-0"): 175.0, ("a", "fn-edge-1"): 24.0}
     assert readings.cpu_cores == {"fn-edge-0": 0.25, "fn-edge-1": 0.6}
+    assert readings.age_s == {("a", "fn-edge-0"): 3.0, ("a", "fn-edge-1"): 14.5}
     assert not readings.empty
+
+
+def test_fresh_readings_leave_out_the_pairs_whose_samples_stopped():
+    readings = read(FakePrometheus(full_answers()))
+    assert readings.fresh(14.5) is readings
+    fresh = readings.fresh(10)
+    for values in (fresh.rate, fresh.success, fresh.mean_ms, fresh.p95_ms, fresh.age_s):
+        assert list(values) == [("a", "fn-edge-0")]
+    assert fresh.cpu_cores == readings.cpu_cores  # the server's CPU is not a pair's
+    assert readings.fresh(1).empty
 
 
 def test_overrides_replace_only_their_template():
@@ -321,7 +335,7 @@ def test_a_read_is_one_request_and_a_refused_combination_names_the_template():
     answers = {"requestRate": [pair("fn-a", "fn-b", 2.0)], "cpuUsage": [workload("fn-b", 0.5)]}
     fake = FakePrometheus(answers)
     readings = read(fake)
-    assert len(fake.requests) == 1 and len(fake.queries) == 5
+    assert len(fake.requests) == 1 and len(fake.queries) == len(TEMPLATE_NAMES)
     assert readings.rate == {("fn-a", "fn-b"): 2.0} and readings.cpu_cores == {"fn-b": 0.5}
 
     def refusing(promql: str) -> Sequence[Mapping[str, Any]]:

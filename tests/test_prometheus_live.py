@@ -160,9 +160,14 @@ class Exporter:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-        self.thread.join(timeout=5)
+        self.stop()
+
+    def stop(self) -> None:
+        """Stop answering scrapes (again: a no-op)."""
+        if self.thread.is_alive():
+            self.server.shutdown()
+            self.server.server_close()
+            self.thread.join(timeout=5)
 
 
 @pytest.fixture(scope="module")
@@ -224,6 +229,32 @@ def test_cpu_of_the_service_pods_by_workload(readings):
     assert set(readings.cpu_cores) == set(EXPECTED_CPU)
     for workload, cores in EXPECTED_CPU.items():
         assert readings.cpu_cores[workload] == pytest.approx(cores, rel=0.05), workload
+
+
+def test_every_pair_has_the_age_of_its_newest_sample(readings):
+    assert set(readings.age_s) == set(PAIRS)
+    for pair, age in readings.age_s.items():
+        assert 0 <= age < 3, pair  # scraped every second
+    assert readings.fresh(3) is readings
+
+
+def test_rates_of_a_target_that_stopped_answering_are_stale():
+    """Prometheus marks a target's series stale when its scrape fails, yet rate() over the
+    window still answers for them; the reader's ages tell those apart."""
+    with Exporter() as exporter, prometheus([exporter.target], interval="1s") as prom:
+        reader = PrometheusReader(prom.url, timeout_s=5)
+        deadline = time.monotonic() + 30
+        while not complete(reader.read(**READ, window=WINDOW)) or not exporter.first_scrape:
+            assert time.monotonic() < deadline, "Prometheus never had every reading"
+            time.sleep(0.5)
+        exporter.stop()
+        while True:
+            after = reader.read(**READ, window=WINDOW)
+            assert after.rate, "the window passed before the series were marked stale"
+            if not after.age_s:
+                break
+            time.sleep(0.5)
+    assert set(after.rate) == set(PAIRS) and after.fresh(120).empty
 
 
 def test_a_service_without_traffic_is_empty(server, readings):

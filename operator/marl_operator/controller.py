@@ -213,7 +213,7 @@ class PolicyController:
         out = {}
         for service in self.problem.services:
             try:
-                out[service.name] = self.reader.read(
+                readings = self.reader.read(
                     namespace=service.namespace,
                     service=service.name,
                     host=service.host,
@@ -222,6 +222,20 @@ class PolicyController:
                 )
             except QueryError as error:  # a template problem is a spec problem, not an outage
                 raise MetricsUnavailable(str(error)) from error
+            limit = self.spec.safety.stale_after_s
+            out[service.name] = readings.fresh(limit)
+            if out[service.name].empty and not readings.empty:
+                ages = [readings.age_s[pair] for pair in readings.rate if pair in readings.age_s]
+                why = (
+                    f"its newest sample is {min(ages):.0f} s old"
+                    if ages
+                    else "no sample of its request counters is current (their targets stopped "
+                    "answering scrapes)"
+                )
+                raise MetricsUnavailable(
+                    f"{service.name}'s metrics are stale: {why}; "
+                    f"spec.safety.staleAfterSeconds is {limit}"
+                )
         return out
 
     def _decide(self, live: RouteTable) -> Decision:

@@ -1,9 +1,9 @@
 """Reading the Istio metrics the policies need from Prometheus.
 
-One read of one service asks five named templates (``TEMPLATE_NAMES``) in one instant query:
-each template's expression is labelled with its name (``marl_query``) and the five are joined
-with ``or`` (:func:`combined`), which halves the operator's CPU per read against five requests
-and spares Prometheus four. Should Prometheus refuse the combined expression (an override
+One read of one service asks six named templates (``TEMPLATE_NAMES``) in one instant query:
+each template's expression is labelled with its name (``marl_query``) and the six are joined
+with ``or`` (:func:`combined`), which halves the operator's CPU per read against six requests
+and spares Prometheus five. Should Prometheus refuse the combined expression (an override
 that is not an instant vector, say), each template is asked alone, so that the error names the
 one at fault.
 Each built-in template takes the client-side view (``reporter="source"``), because the latency a
@@ -22,14 +22,18 @@ What an override must return
     An instant vector. ``requestRate``, ``successRate``, ``latencyMean`` and ``latencyP95``:
     one series per client and server, labelled ``source_workload`` and ``destination_workload``
     (aggregate with ``sum by (source_workload, destination_workload)``). ``cpuUsage``: one series
-    per server, labelled ``destination_workload``. Series without those labels are dropped, as
-    are NaN and infinite values: NaN is what Prometheus answers for 0/0 when a pair saw no
-    traffic, so it means "no data", never zero. Negative values are dropped too (none of the
-    five can be negative; a warning names the template).
+    per server, labelled ``destination_workload``. ``sampleAge``: one series per client and
+    server, the seconds since the newest sample of its counters (what ``staleAfterSeconds`` is
+    held against; a pair without one counts as stale, so it must answer for every pair the
+    other four do). Series without those labels are
+    dropped, as are NaN and infinite values: NaN is what Prometheus answers for 0/0 when a pair
+    saw no traffic, so it means "no data", never zero. Negative values are dropped too (none of
+    the six can be negative; a warning names the template).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import re
@@ -50,7 +54,14 @@ from urllib3.util.retry import Retry
 
 logger = logging.getLogger(__name__)
 
-TEMPLATE_NAMES = ("requestRate", "successRate", "latencyMean", "latencyP95", "cpuUsage")
+TEMPLATE_NAMES = (
+    "requestRate",
+    "successRate",
+    "latencyMean",
+    "latencyP95",
+    "cpuUsage",
+    "sampleAge",
+)
 """The query templates a read runs, by their names in ``spec.prometheus.queries``."""
 
 PLACEHOLDERS = ("namespace", "service", "host", "window")
@@ -97,6 +108,12 @@ DEFAULT_TEMPLATES: dict[str, str] = {
         'namespace="$namespace", container!="", container!="POD", pod=~"$service-.+"}'
         "[$window])), "
         '"destination_workload", "$1", "pod", "(.+)-[a-z0-9]+-[a-z0-9]+")'
+    ),
+    # A rate over the window is still answered for a while after its scrapes stopped (a
+    # sidecar gone, Prometheus behind): the age of the newest counter sample tells.
+    "sampleAge": (
+        "time() - max by (source_workload, destination_workload) "
+        f"(timestamp(istio_requests_total{{{_ISTIO_SELECTOR}}}))"
     ),
 }
 """The built-in PromQL templates (Istio's standard metrics and cAdvisor), one per name."""
@@ -155,6 +172,7 @@ _KEY_LABELS: dict[str, tuple[str, ...]] = {
     "latencyMean": PAIR_LABELS,
     "latencyP95": PAIR_LABELS,
     "cpuUsage": WORKLOAD_LABELS,
+    "sampleAge": PAIR_LABELS,
 }
 
 # Series of these queries add up when a template returns several per key (it forgot to
@@ -274,12 +292,35 @@ class ServiceReadings:
     mean_ms: dict[tuple[str, str], float] = field(default_factory=dict)
     p95_ms: dict[tuple[str, str], float] = field(default_factory=dict)
     cpu_cores: dict[str, float] = field(default_factory=dict)
+    age_s: dict[tuple[str, str], float] = field(default_factory=dict)
 
     @property
     def empty(self) -> bool:
         """No request-rate series at all. That is "insufficient data" (no traffic in the
         window, or the selectors match nothing), which must never be read as zero load."""
         return not self.rate
+
+    def fresh(self, stale_after_s: float) -> ServiceReadings:
+        """These readings without the pairs whose newest sample is older than
+        ``stale_after_s``, or has no age: a rate over the window still answers for them, but
+        of a past. A pair without an age had its series marked stale (its target stopped
+        answering scrapes, so the instant selector of ``sampleAge`` finds nothing)."""
+        pairs = set(self.rate) | set(self.success) | set(self.mean_ms) | set(self.p95_ms)
+        stale = {pair for pair in pairs if not self.age_s.get(pair, math.inf) <= stale_after_s}
+        if not stale:
+            return self
+
+        def kept(values: dict[tuple[str, str], float]) -> dict[tuple[str, str], float]:
+            return {pair: value for pair, value in values.items() if pair not in stale}
+
+        return dataclasses.replace(
+            self,
+            rate=kept(self.rate),
+            success=kept(self.success),
+            mean_ms=kept(self.mean_ms),
+            p95_ms=kept(self.p95_ms),
+            age_s=kept(self.age_s),
+        )
 
 
 def redact_url(url: str) -> str:
@@ -335,7 +376,7 @@ def _parse_series(name: str, result: Any, labels: tuple[str, ...]) -> dict[tuple
             continue
         if not math.isfinite(value):
             continue
-        if value < 0:  # rates, ratios, latencies and CPU never are: a template's mistake
+        if value < 0:  # rates, ratios, latencies, CPU and ages never are: a template's mistake
             negative += 1
             continue
         if key in values:
@@ -374,7 +415,7 @@ QueryFunction = Callable[[str], Sequence[Mapping[str, Any]]]
 
 
 class PrometheusReader:
-    """Reads one service's metrics with one instant query (five when Prometheus refuses it).
+    """Reads one service's metrics with one instant query (six when Prometheus refuses it).
 
     ``query`` replaces the HTTP client (tests inject a fake); by default it is
     PrometheusConnect.custom_query with the timeout and at most one immediate retry of a failed
@@ -422,7 +463,7 @@ class PrometheusReader:
         window: str,
         overrides: Mapping[str, str] | None = None,
     ) -> ServiceReadings:
-        """All five templates for one service; QueryError before any is sent if a template is
+        """All six templates for one service; QueryError before any is sent if a template is
         unusable, MetricsUnavailable when Prometheus cannot answer (naming the template at
         fault when it refuses one)."""
         if overrides:
@@ -439,7 +480,7 @@ class PrometheusReader:
             for name in TEMPLATE_NAMES
         }
         try:
-            answers = _by_query(self._run("combining all five", combined(queries)))
+            answers = _by_query(self._run("combining all six", combined(queries)))
         except MetricsUnavailable as error:
             if not isinstance(error.__cause__, PrometheusApiClientException):
                 raise  # unreachable or unreadable: asking five times would not help
@@ -460,4 +501,5 @@ class PrometheusReader:
             mean_ms=pairs["latencyMean"],
             p95_ms=pairs["latencyP95"],
             cpu_cores={key[0]: value for key, value in parsed["cpuUsage"].items()},
+            age_s=pairs["sampleAge"],
         )
