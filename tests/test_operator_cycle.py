@@ -19,6 +19,7 @@ import pytest
 from kube_schema import CRDValidator, load_documents
 from marl_operator.controller import decision_table, table_weights
 from marl_operator.guard import fallback_table, limit_step
+from marl_operator.inventory import Inventory, fingerprint
 from marl_operator.kube import Forbidden
 from marl_operator.observer import InsufficientData, Observer
 from marl_operator.problem import MeshProblem, build_problem, cpu_quantity
@@ -572,6 +573,51 @@ def test_checkpoints_are_shared_by_content_and_let_go_once_no_policy_runs_them(t
     assert newest() is None
 
 
+def test_edited_edge_nodes_and_services_rebuild_the_policy_within_the_refresh():
+    """A node removed, a service's target moved: the running policy is built again from
+    them once the inventory is read again (at most ``refresh_s`` later), not only after a
+    restart; an edit that changes nothing it was built from keeps its controller and model."""
+    mesh = queueing_mesh()
+    now = [0.0]
+    kube = FakeKube(NODES, SERVICES)
+    inventory = Inventory(kube, refresh_s=10, clock=lambda: now[0])
+    runtime = Runtime(kube, mesh=mesh, reader_for=lambda url: Reader(mesh), inventory=inventory)
+    body = example_policy_body()
+    assert runtime.cycle("edge/p", body).outcome == Outcome.APPLIED
+    built = runtime.controllers["edge/p"]
+
+    def edited(obj: dict, **spec) -> dict:
+        return {**obj, "spec": {**obj["spec"], **spec}}
+
+    kube.nodes = [  # labels and status are not what a policy is built from
+        {**n, "metadata": {**n["metadata"], "labels": {"zone": "a"}}, "status": {"x": 1}}
+        for n in NODES
+    ]
+    now[0] += 10
+    runtime.cycle("edge/p", body)
+    assert runtime.controllers["edge/p"] is built
+
+    kube.nodes = [
+        edited(n, neighbours=[nb for nb in n["spec"]["neighbours"] if nb["name"] != "edge-2"])
+        for n in NODES
+        if n["metadata"]["name"] != "edge-2"
+    ]
+    now[0] += 5
+    runtime.cycle("edge/p", body)
+    assert runtime.controllers["edge/p"] is built  # read 5 s ago: not yet seen
+    now[0] += 5
+    report = runtime.cycle("edge/p", body)
+    rebuilt = runtime.controllers["edge/p"]
+    assert rebuilt is not built and [n.name for n in rebuilt.problem.nodes] == ["edge-0", "edge-1"]
+    assert report.generation == 1 and set(report.weights["fn"]) == {"edge-0", "edge-1"}
+    assert all("edge-2" not in row for row in report.weights["fn"].values())
+
+    kube.services = {"fn": edited(SERVICES[0], latencyTargetMs=123)}
+    now[0] += 10
+    runtime.cycle("edge/p", body)
+    assert runtime.controllers["edge/p"].problem.target_ms.tolist() == [123.0]
+
+
 def test_restart_changes_nothing_unless_the_decision_does():
     mesh = queueing_mesh()
     runtime, _ = runtime_over(mesh)
@@ -889,10 +935,14 @@ def test_an_unexpected_failure_holds_the_weights_and_says_so(caplog):
 class SlowController:
     """Stands in for a PolicyController whose cycle blocks until released."""
 
-    def __init__(self, key: str, generation: int):
+    def __init__(self, runtime: Runtime, key: str, generation: int):
         self.key, self.generation = key, generation
         self.mesh = None
         self.spec = parse_policy_spec(example_policy_body()["spec"])
+        inventory = runtime.inventory  # built from the objects as they are
+        self.built_from = fingerprint(
+            self.spec, inventory.edge_nodes(), inventory.edge_services("edge", self.spec.services)
+        )
         self.entered, self.release = threading.Event(), threading.Event()
         self.active = self.most_active = self.calls = 0
         self.guard = threading.Lock()
@@ -912,7 +962,7 @@ class SlowController:
 def test_two_cycles_of_one_policy_never_overlap():
     runtime, _ = runtime_over(queueing_mesh())
     body = example_policy_body()
-    slow = {key: SlowController(key, 1) for key in ("edge/a", "edge/b")}
+    slow = {key: SlowController(runtime, key, 1) for key in ("edge/a", "edge/b")}
     runtime.build = lambda key, body: slow[key]  # type: ignore[method-assign]
     with ThreadPoolExecutor(max_workers=4) as pool:
         first = pool.submit(runtime.cycle, "edge/a", body)
@@ -944,7 +994,7 @@ def test_many_concurrent_cycles_of_one_policy_run_one_at_a_time():
     """Hammering one policy from four workers (the handlers' pool): never two at once, and
     every call either ran or was counted as skipped."""
     runtime, _ = runtime_over(queueing_mesh())
-    slow = SlowController("edge/a", 1)
+    slow = SlowController(runtime, "edge/a", 1)
     slow.release.set()  # cycles return at once: overlaps come only from the scheduling
     runtime.build = lambda key, body: slow  # type: ignore[method-assign]
     real_cycle = slow.cycle
@@ -965,7 +1015,7 @@ def test_many_concurrent_cycles_of_one_policy_run_one_at_a_time():
 
 def test_delete_waits_for_the_running_cycle():
     runtime, _ = runtime_over(queueing_mesh())
-    slow = SlowController("edge/a", 1)
+    slow = SlowController(runtime, "edge/a", 1)
     runtime.build = lambda key, body: slow  # type: ignore[method-assign]
     order: list[str] = []
     runtime._delete = lambda key, body: order.append("restored") or []  # type: ignore[method-assign]

@@ -121,8 +121,12 @@ class PolicyController:
         clock: Callable[[], float] = time.time,
         seed: int = 0,
         checkpoint: Mapping[str, str] | None = None,
+        built_from: str = "",
     ):
         self.key, self.spec, self.generation = key, spec, generation
+        # What of the EdgeNodes and EdgeServices it was built from (inventory.fingerprint):
+        # the runtime builds it again when that changes.
+        self.built_from = built_from
         self.checkpoint = dict(checkpoint) if checkpoint is not None else None
         self.namespace = key.split("/", 1)[0]
         self.problem, self.reader, self.mesh, self.clock = problem, reader, mesh, clock

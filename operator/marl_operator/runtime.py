@@ -33,6 +33,7 @@ from typing import Any
 
 from marl_operator.controller import MeshClient, MetricsSource, PolicyController
 from marl_operator.instruments import Instruments
+from marl_operator.inventory import Inventory, fingerprint
 from marl_operator.kube import Forbidden, Kube, KubeMesh
 from marl_operator.mesh.model import MeshNode, MeshRoutes, MeshService
 from marl_operator.problem import build_problem
@@ -91,11 +92,13 @@ class Runtime:
         instruments: Instruments | None = None,
         clock: Callable[[], float] = time.time,
         prometheus_url: str = DEFAULT_PROMETHEUS_URL,
+        inventory: Inventory | None = None,
     ):
         self.kube = kube
         self.mesh = mesh or KubeMesh(kube)
         self.reader_for = reader_for or (lambda url: PrometheusReader(url))
         self.store = store or ReportStore()
+        self.inventory = inventory or Inventory(kube)
         self.instruments = instruments or Instruments()
         self.clock = clock
         self.prometheus_url = prometheus_url
@@ -171,8 +174,10 @@ class Runtime:
         spec = parse_policy_spec(body.get("spec"))
         policy, digest = self.checkpoint(spec.checkpoint, namespace)
         max_degree = int(policy.meta["observation"]["max_degree"])
-        services = self.kube.edge_services(namespace, spec.services)
-        problem = build_problem(spec, self.kube.edge_nodes(), services, max_degree)
+        # Read now: a build follows the user's change, which may have come with new objects.
+        services = self.inventory.edge_services(namespace, spec.services, fresh=True)
+        nodes = self.inventory.edge_nodes(fresh=True)
+        problem = build_problem(spec, nodes, services, max_degree)
         meta = {"step_seconds": 1.0, **policy.meta.get("environment", {})}
         return PolicyController(
             key,
@@ -185,7 +190,22 @@ class Runtime:
             meta=meta,
             clock=self.clock,
             checkpoint={"source": spec.checkpoint.describe(), "sha256": digest},
+            built_from=fingerprint(spec, nodes, services),
         )
+
+    def _inventory_changed(self, key: str, controller: PolicyController) -> bool:
+        """Whether the EdgeNodes or EdgeServices ``controller`` was built from changed."""
+        namespace, spec = key.split("/", 1)[0], controller.spec
+        services = self.inventory.edge_services(namespace, spec.services)
+        now = fingerprint(spec, self.inventory.edge_nodes(), services)
+        if now == controller.built_from:
+            return False
+        log.info(
+            "policy %s is built again: its EdgeNodes or EdgeServices changed",
+            key,
+            extra={"fields": {"policy": key}},
+        )
+        return True
 
     # -- running -----------------------------------------------------------------------------
 
@@ -228,27 +248,31 @@ class Runtime:
     def _cycle(self, key: str, body: Mapping[str, Any]) -> CycleReport:
         generation = int(body.get("metadata", {}).get("generation", 0))
         controller = self.controllers.get(key)
-        if controller is None or controller.generation != generation:
-            try:
+        try:
+            if (
+                controller is None
+                or controller.generation != generation
+                or self._inventory_changed(key, controller)
+            ):
                 controller = self.build(key, body)
-            except SpecError as error:
-                self.controllers.pop(key, None)
-                report = CycleReport(
-                    policy=key,
-                    time=self.clock(),
-                    generation=generation,
-                    outcome=Outcome.INVALID,
-                    reason=str(error),
-                )
-                self._publish(report)
-                return report
-            except Forbidden as error:
-                self.controllers.pop(key, None)  # the next cycle builds again
-                report = self._refused(key, generation, error)
-                log.warning("cycle %s: %s", key, error, extra={"fields": {"policy": key}})
-                self._publish(report)
-                return report
-            self.controllers[key] = controller
+                self.controllers[key] = controller
+        except SpecError as error:
+            self.controllers.pop(key, None)
+            report = CycleReport(
+                policy=key,
+                time=self.clock(),
+                generation=generation,
+                outcome=Outcome.INVALID,
+                reason=str(error),
+            )
+            self._publish(report)
+            return report
+        except Forbidden as error:
+            self.controllers.pop(key, None)  # the next cycle builds again
+            report = self._refused(key, generation, error)
+            log.warning("cycle %s: %s", key, error, extra={"fields": {"policy": key}})
+            self._publish(report)
+            return report
         recorder = controller.mesh if isinstance(controller.mesh, RefusalRecorder) else None
         if recorder is not None:
             recorder.refused.clear()

@@ -1,0 +1,97 @@
+"""The EdgeNodes and EdgeServices policies are built from, read for all of them at once.
+
+A policy's controller is built from these objects and must be built again when they change (a
+node added or removed, its capacity or neighbours edited, a service's target moved); without
+that the operator goes on routing to a node that is gone, and only a restart would notice.
+Reading them at every cycle of every policy would double the operator's calls to the API
+server, so they are read at most once per ``refresh_s`` for every policy together: a change
+reaches each policy within that time and one interval.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Protocol
+
+from marl_operator.problem import select_nodes
+from marl_operator.spec import PolicySpec, SpecError
+
+INVENTORY_REFRESH_S = 10.0
+"""How old the EdgeNodes and EdgeServices a cycle compares its policy with may be."""
+
+
+class InventorySource(Protocol):
+    """What the inventory reads (``Kube``'s calls of the same names)."""
+
+    def edge_nodes(self) -> list[dict[str, Any]]: ...
+
+    def edge_services(self, namespace: str, names: tuple[str, ...]) -> dict[str, dict]: ...
+
+
+class Inventory:
+    """EdgeNodes and EdgeServices as last read, read again once older than ``refresh_s``.
+    A refused read (``Forbidden``) is raised to the caller, not remembered."""
+
+    def __init__(
+        self,
+        source: InventorySource,
+        refresh_s: float = INVENTORY_REFRESH_S,
+        clock: Callable[[], float] = time.monotonic,
+    ):
+        self.source, self.refresh_s, self.clock = source, refresh_s, clock
+        self._nodes: tuple[float, list[dict[str, Any]]] | None = None
+        self._services: dict[tuple[str, str], tuple[float, dict | None]] = {}
+        self._lock = threading.Lock()
+
+    def edge_nodes(self, fresh: bool = False) -> list[dict[str, Any]]:
+        """Every EdgeNode; ``fresh`` reads them now whatever the age of the last read."""
+        with self._lock:
+            cached = self._nodes
+        if not fresh and cached is not None and self.clock() - cached[0] < self.refresh_s:
+            return cached[1]
+        now, nodes = self.clock(), self.source.edge_nodes()
+        with self._lock:
+            self._nodes = (now, nodes)
+        return nodes
+
+    def edge_services(
+        self, namespace: str, names: tuple[str, ...], fresh: bool = False
+    ) -> dict[str, dict]:
+        """The named EdgeServices that exist, as :meth:`Kube.edge_services` answers."""
+        now = self.clock()
+        with self._lock:
+            known = {n: self._services.get((namespace, n)) for n in names}
+        missing = tuple(
+            n
+            for n, seen in known.items()
+            if fresh or seen is None or now - seen[0] >= self.refresh_s
+        )
+        if missing:
+            found = self.source.edge_services(namespace, missing)
+            with self._lock:
+                for name in missing:
+                    self._services[namespace, name] = known[name] = (now, found.get(name))
+        return {name: seen[1] for name, seen in known.items() if seen and seen[1] is not None}
+
+
+def fingerprint(
+    spec: PolicySpec,
+    edge_nodes: Sequence[Mapping[str, Any]],
+    edge_services: Mapping[str, Mapping[str, Any]],
+) -> str:
+    """What of the EdgeNodes and EdgeServices a policy is built from: the nodes it selects
+    and the services it names, each by name and spec. A change elsewhere (another policy's
+    node, an object's status) leaves it as it was, so that policy keeps its learned model."""
+    try:
+        nodes = select_nodes(spec, edge_nodes)
+    except SpecError as error:  # a named node is gone: that is a change too
+        return f"unbuildable: {error}"
+    parts = {
+        "nodes": [(n["metadata"]["name"], n.get("spec")) for n in nodes],
+        "services": [(s, (edge_services.get(s) or {}).get("spec")) for s in spec.services],
+    }
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
