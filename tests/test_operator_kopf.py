@@ -19,6 +19,7 @@ import base64
 import contextlib
 import copy
 import logging
+import socket
 import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -28,9 +29,11 @@ import kopf
 import pytest
 from kopf_harness import ApiError, eventually, kube, running_operator
 from kubernetes import client
+from marl_operator import handlers
+from marl_operator import runtime as runtime_module
 from marl_operator.__main__ import client_configuration
 from marl_operator.handlers import register
-from marl_operator.kube import Forbidden, Kube, KubeMesh
+from marl_operator.kube import Forbidden, Kube, KubeMesh, TimedApiClient
 from marl_operator.mesh.istio import read_virtual_service
 from marl_operator.mesh.model import MeshService, node_from_edge_node
 from marl_operator.mesh.ownership import (
@@ -107,7 +110,7 @@ class LiveRoutesReader(Reader):
 def new_runtime(kubeconfig: Path, fake: QueueingMesh) -> tuple[Runtime, LiveRoutesReader]:
     """A Runtime as ``python -m marl_operator`` builds it (from an explicit kubeconfig), with
     the queueing fake in place of Prometheus and a short interval between cycles."""
-    cluster = Kube(client.ApiClient(client_configuration(kubeconfig)))
+    cluster = Kube(TimedApiClient(client_configuration(kubeconfig)))
     reader = LiveRoutesReader(fake, cluster)
     runtime = Runtime(cluster, mesh=KubeMesh(cluster), reader_for=lambda url: reader)
     runtime.interval = lambda key: FAST_INTERVAL_S  # type: ignore[method-assign]
@@ -458,6 +461,38 @@ def test_deleting_the_policy_during_a_cycle_still_restores(cluster: Any) -> None
     asyncio.run(scenario())
 
 
+def test_a_cycle_that_does_not_end_holds_a_deletion_only_so_long(
+    cluster: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A cycle stuck past DELETE_WAIT_S (here 1 s) must not keep the policy's finalizer, and
+    so the policy, for ever: the delete handler and the runtime each wait that long."""
+    monkeypatch.setattr(handlers, "DELETE_WAIT_S", 1.0)
+    monkeypatch.setattr(runtime_module, "DELETE_WAIT_S", 1.0)
+    runtime, reader = new_runtime(cluster.kubeconfig, queueing_fake())
+
+    async def scenario() -> None:
+        url = cluster.url
+        await create_resources(url)
+        async with operating(url, runtime):
+            await kube(url, "POST", POLICIES, policy_body())
+            await eventually(outcome_is(runtime, Outcome.APPLIED), what="a first cycle")
+            reader.gate.clear()
+            reader.held.clear()
+            try:
+                await eventually(is_set(reader.held), what="a cycle held at the gate")
+                await kube(url, "DELETE", f"{POLICIES}/{POLICY}")
+
+                async def deleted() -> bool:
+                    return await get(url, f"{POLICIES}/{POLICY}") is None
+
+                await eventually(deleted, timeout=15, what="the policy's deletion")
+                assert not reader.gate.is_set()  # while the cycle is still held
+            finally:
+                reader.gate.set()
+
+    asyncio.run(scenario())
+
+
 def test_metrics_outage_holds_falls_back_and_recovers(cluster: Any) -> None:
     fake = queueing_fake()
     runtime, _ = new_runtime(cluster.kubeconfig, fake)
@@ -511,6 +546,32 @@ class ConflictingKube(Kube):
         except client.ApiException as error:
             self.conflicts += error.status == 409
             raise
+
+
+def test_an_api_server_that_never_answers_times_out() -> None:
+    """A connection the API server accepts and never answers (a half-open connection after a
+    control-plane failover) fails the call after the client's timeout, as a cycle's failure,
+    instead of holding the cycle's worker for ever."""
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        configuration = client.Configuration()
+        configuration.host = f"http://127.0.0.1:{silent.getsockname()[1]}"
+        configuration.retries = 0
+        cluster = Kube(TimedApiClient(configuration, timeout=(1.0, 0.5)))
+        outcome: list[BaseException] = []
+
+        def call() -> None:
+            try:
+                cluster.edge_nodes()
+            except Exception as error:  # what the runtime's cycle catches
+                outcome.append(error)
+
+        worker = threading.Thread(target=call, daemon=True)
+        worker.start()
+        worker.join(timeout=20)
+        assert not worker.is_alive(), "the call is still waiting for an answer"
+    assert outcome and "timed out" in str(outcome[0]).lower()
 
 
 def test_a_conflicting_write_is_retried(cluster: Any) -> None:

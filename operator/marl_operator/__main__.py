@@ -22,7 +22,7 @@ from threadpoolctl import threadpool_limits
 from marl_operator import logs
 from marl_operator.api import ApiServer, create_app
 from marl_operator.handlers import register
-from marl_operator.kube import Kube
+from marl_operator.kube import Kube, TimedApiClient
 from marl_operator.prometheus import check_url
 from marl_operator.runtime import DEFAULT_PROMETHEUS_URL, Runtime
 
@@ -132,7 +132,7 @@ def standby_priority() -> int:
 
 async def run(args: argparse.Namespace) -> None:
     configuration = client_configuration(args.kubeconfig)
-    kube = Kube(client.ApiClient(configuration))
+    kube = Kube(TimedApiClient(configuration))
     runtime = Runtime(kube, prometheus_url=args.prometheus_url)
     registry = kopf.OperatorRegistry()
     register(registry, runtime, login=lambda: connection_info(configuration))

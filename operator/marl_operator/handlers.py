@@ -19,7 +19,7 @@ from typing import Any
 import kopf
 
 from marl_operator.report import CycleReport, Outcome
-from marl_operator.runtime import Runtime
+from marl_operator.runtime import DELETE_WAIT_S, Runtime
 from marl_operator.status import status_of
 
 GROUP, VERSION, PLURAL = "marl.dev", "v1alpha1", "routingpolicies"
@@ -134,8 +134,10 @@ def register(
         snapshot = {"metadata": dict(body.metadata), "spec": dict(body.spec)}
         running = cycles.pop(key, None)
         if running is not None:
-            with contextlib.suppress(Exception):  # how it ended is the daemon's to report
-                await asyncio.shield(running)
+            # How it ended is the daemon's to report; one that outlasts the wait is left to
+            # runtime.delete, which waits for it no longer than that either.
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(asyncio.shield(running), DELETE_WAIT_S)
         done = await asyncio.to_thread(runtime.delete, key, snapshot)
         if done:
             # kopf.event, not kopf.info: configure() raises kopf's posting level to WARNING,

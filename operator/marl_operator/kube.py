@@ -157,6 +157,26 @@ def _refusal(verb: str, kind: str, namespace: str, name: str) -> Iterator[None]:
         raise
 
 
+API_TIMEOUT_S = (5.0, 30.0)
+"""Seconds to connect to the API server and to wait for its answer, for every call that sets
+no timeout of its own. The client waits for ever by default: one connection the server
+accepts and never answers would hold a cycle's worker, and a deletion waiting for that cycle,
+for good."""
+
+
+class TimedApiClient(client.ApiClient):
+    """An ApiClient whose calls give up after ``timeout`` (:data:`API_TIMEOUT_S`)."""
+
+    def __init__(self, configuration: client.Configuration, timeout=API_TIMEOUT_S):
+        super().__init__(configuration)
+        self.timeout = timeout
+
+    def call_api(self, *args: Any, **kwargs: Any) -> Any:
+        if kwargs.get("_request_timeout") is None:
+            kwargs["_request_timeout"] = self.timeout
+        return super().call_api(*args, **kwargs)
+
+
 class Kube:
     """The operator's view of the cluster: custom resources, mesh objects, checkpoints."""
 
