@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 from marl_operator.mesh.model import MeshNode, MeshRoutes, MeshService
+from marl_operator.problem import cpu_quantity
 from marl_operator.prometheus import MetricsUnavailable, ServiceReadings
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
@@ -148,3 +149,26 @@ class FakeKube:
 
     def patch_policy_status(self, namespace, name, status):
         self.status[f"{namespace}/{name}"] = status
+
+
+def example_mesh(
+    load: tuple[float, ...] = (60.0, 40.0, 20.0), capacity: tuple[float, ...] | None = None
+) -> QueueingMesh:
+    """The example EdgeNodes as a queueing mesh, nodes in their order: each node's clients
+    offer ``load``; capacity (``capacity`` unless given), cores and link latencies are what
+    the EdgeNodes declare, so the CPU the mesh reports means what the operator reads."""
+    nodes = example("edgenodes.yaml")
+    names = [n["metadata"]["name"] for n in nodes]
+    declared = [n["spec"]["capacity"] for n in nodes]
+    capacity = capacity or tuple(float(c["requestsPerSecond"]) for c in declared)
+    links = {
+        frozenset((n["metadata"]["name"], nb["name"])): float(nb["latencyMs"])
+        for n in nodes
+        for nb in n["spec"]["neighbours"]
+    }
+    return QueueingMesh(
+        dict(zip(names, load, strict=True)),
+        dict(zip(names, capacity, strict=True)),
+        {name: cpu_quantity(c["cpu"], name) for name, c in zip(names, declared, strict=True)},
+        links,
+    )

@@ -121,7 +121,12 @@ def test_scenario_comes_from_the_custom_resources():
         "edge-1": ["edge-0", "edge-2"],
         "edge-2": ["edge-0", "edge-1"],
     }
-    assert [n.cores for n in dp.nodes] == [4.0, 2.5, dataplane.DEFAULT_CORES]
+    assert [n.cores for n in dp.nodes] == [0.3, 0.2, 0.12]
+    uncounted = {
+        **EDGE_NODES[2],
+        "spec": {**EDGE_NODES[2]["spec"], "capacity": {"requestsPerSecond": 60}},
+    }
+    assert dataplane.EdgeNodeSpec.from_object(uncounted).cores == dataplane.DEFAULT_CORES
     assert scenario.service_names == ["fn"] and scenario.services[0].latency_target_ms == 200
     assert scenario.services[0].mean_cpu == pytest.approx(1.0)  # one request, one unit of work
 

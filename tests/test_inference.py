@@ -364,21 +364,14 @@ def test_the_operator_decides_without_importing_torch():
         sys.path.insert(0, {str(TESTS)!r})
         import marl_operator.__main__, marl_operator.runtime
         from marl_operator.runtime import Runtime
-        from operator_fakes import FakeKube, QueueingMesh, Reader, example, example_policy_body
+        from operator_fakes import FakeKube, Reader, example, example_mesh, example_policy_body
         from policies import checkpoint
 
         calls = []
         act = checkpoint.LoadedPolicy.__call__
         checkpoint.LoadedPolicy.__call__ = lambda self, o, m: calls.append(1) or act(self, o, m)
         checkpoint.load(checkpoint.BUNDLED / "mesh-10x3")
-        names = ("edge-0", "edge-1", "edge-2")
-        mesh = QueueingMesh(
-            dict(zip(names, (60.0, 40.0, 20.0))),
-            dict(zip(names, (150.0, 100.0, 60.0))),
-            dict(zip(names, (4.0, 2.5, 1.0))),
-            {{frozenset(("edge-0", "edge-1")): 5.0, frozenset(("edge-0", "edge-2")): 12.0,
-              frozenset(("edge-1", "edge-2")): 8.0}},
-        )
+        mesh = example_mesh()
         kube = FakeKube(example("edgenodes.yaml"), example("edgeservice.yaml"))
         runtime = Runtime(kube, mesh=mesh, reader_for=lambda url: Reader(mesh))
         report = runtime.cycle("edge/p", example_policy_body())

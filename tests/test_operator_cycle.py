@@ -28,7 +28,14 @@ from marl_operator.report import CycleReport, Outcome
 from marl_operator.runtime import Runtime
 from marl_operator.spec import SpecError, parse_policy_spec
 from marl_operator.status import status_of
-from operator_fakes import FakeKube, QueueingMesh, Reader, example, example_policy_body
+from operator_fakes import (
+    FakeKube,
+    QueueingMesh,
+    Reader,
+    example,
+    example_mesh,
+    example_policy_body,
+)
 
 from policies import checkpoint
 from policies.adaptation import Adapter
@@ -37,26 +44,11 @@ from policies.system_model import SystemModel
 
 NODES = example("edgenodes.yaml")
 SERVICES = example("edgeservice.yaml")
-LINKS = {
-    frozenset(("edge-0", "edge-1")): 5.0,
-    frozenset(("edge-0", "edge-2")): 12.0,
-    frozenset(("edge-1", "edge-2")): 8.0,
-}
 
 
 def problem(**spec):
     parsed = parse_policy_spec(example_policy_body(**spec)["spec"])
     return build_problem(parsed, NODES, {s["metadata"]["name"]: s for s in SERVICES}, 3)
-
-
-def queueing_mesh(load=(60.0, 40.0, 20.0), capacity=(150.0, 100.0, 60.0)) -> QueueingMesh:
-    names = ("edge-0", "edge-1", "edge-2")
-    return QueueingMesh(
-        dict(zip(names, load, strict=True)),
-        dict(zip(names, capacity, strict=True)),
-        {"edge-0": 4.0, "edge-1": 2.5, "edge-2": 1.0},
-        LINKS,
-    )
 
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -111,8 +103,12 @@ def test_problem_from_the_example_resources():
     assert p.topology.max_degree == 3  # padded to the checkpoint's slots
     assert p.topology.link_matrix[0, 2] == 12.0
     np.testing.assert_allclose(p.capacity_rps, [150, 100, 60])
-    np.testing.assert_allclose(p.cpu_cores[:2], [4.0, 2.5])
-    assert np.isnan(p.cpu_cores[2])
+    np.testing.assert_allclose(p.cpu_cores, [0.3, 0.2, 0.12])
+    # Without capacity.cpu a node's capacity is its hint until latency tells otherwise.
+    hinted = copy.deepcopy(NODES)
+    del hinted[2]["spec"]["capacity"]["cpu"]
+    parsed = parse_policy_spec(example_policy_body()["spec"])
+    assert np.isnan(build_problem(parsed, hinted, {"fn": SERVICES[0]}, 3).cpu_cores[2])
     assert p.target_ms.tolist() == [200.0]
 
 
@@ -150,7 +146,7 @@ def test_selector_and_names_choose_a_subset():
 
 def test_observer_translates_pairs_into_node_telemetry():
     p = problem()
-    mesh = queueing_mesh()
+    mesh = example_mesh()
     readings = {"fn": mesh.read_metrics(namespace="edge", service="fn", host="", window="1m")}
     tel = Observer(p, capacity_alpha=1.0).telemetry(readings)
     np.testing.assert_allclose(tel.offered[:, 0], [60, 40, 20])  # by source
@@ -321,7 +317,7 @@ def test_the_routing_in_place_reads_back_as_the_action_it_was_written_from():
 
 
 def test_cycle_applies_bounded_weights_and_reports():
-    mesh = queueing_mesh()
+    mesh = example_mesh()
     runtime, _ = runtime_over(mesh)
     report = runtime.cycle("edge/edge-routing", example_policy_body())
     assert report.outcome == Outcome.APPLIED, report.reason
@@ -339,13 +335,13 @@ def test_cycle_applies_bounded_weights_and_reports():
 def test_closed_loop_moves_traffic_off_a_degraded_node():
     """The core promise, on the independent queueing fake: after a node loses half its
     capacity, the operator cuts p95 against static equal weights within 5 intervals."""
-    mesh = queueing_mesh(load=(50.0, 50.0, 50.0), capacity=(150.0, 100.0, 100.0))
+    mesh = example_mesh(load=(50.0, 50.0, 50.0), capacity=(150.0, 100.0, 100.0))
     runtime, _ = runtime_over(mesh)
     body = example_policy_body(safety={"maxWeightChange": 20})
     for _ in range(5):
         runtime.cycle("edge/edge-routing", body)
     mesh.capacity["edge-1"] = 55.0
-    static = queueing_mesh(load=(50.0, 50.0, 50.0), capacity=(150.0, 55.0, 100.0))
+    static = example_mesh(load=(50.0, 50.0, 50.0), capacity=(150.0, 55.0, 100.0))
     for _ in range(5):
         runtime.cycle("edge/edge-routing", body)
     assert mesh.p95_ms("fn") <= 0.7 * static.p95_ms("fn"), (
@@ -356,7 +352,7 @@ def test_closed_loop_moves_traffic_off_a_degraded_node():
 
 
 def test_metrics_outage_holds_then_falls_back_then_recovers():
-    mesh = queueing_mesh()
+    mesh = example_mesh()
     runtime, _ = runtime_over(mesh)
     body = example_policy_body(safety={"failureThreshold": 3, "fallback": "local"})
     first = runtime.cycle("edge/p", body)
@@ -389,7 +385,7 @@ def test_stale_metrics_hold_the_weights_and_say_why(age_s, why):
     """A rate over the window still answers after its scrapes stopped: samples older than
     staleAfterSeconds, or series Prometheus marked stale, hold the weights as missing
     metrics do, with the field named in the status."""
-    mesh = queueing_mesh()
+    mesh = example_mesh()
     runtime, _ = runtime_over(mesh)
     body = example_policy_body(safety={"staleAfterSeconds": 300})
     assert runtime.cycle("edge/p", body).outcome == Outcome.APPLIED
@@ -410,7 +406,7 @@ def test_stale_metrics_hold_the_weights_and_say_why(age_s, why):
 
 
 def test_dry_run_and_suspend_write_nothing():
-    mesh = queueing_mesh()
+    mesh = example_mesh()
     runtime, _ = runtime_over(mesh)
     dry = runtime.cycle("edge/p", example_policy_body(dryRun=True))
     assert dry.outcome == Outcome.DRY_RUN and dry.proposed and mesh.writes == 0
@@ -420,7 +416,7 @@ def test_dry_run_and_suspend_write_nothing():
 
 
 def test_invalid_policy_reports_the_field_and_never_writes():
-    mesh = queueing_mesh()
+    mesh = example_mesh()
     runtime, _ = runtime_over(mesh)
     report = runtime.cycle("edge/p", example_policy_body(services=["missing"]))
     assert report.outcome == Outcome.INVALID and report.reason.startswith("spec.services")
@@ -448,7 +444,7 @@ def test_a_damaged_configmap_checkpoint_is_a_condition_naming_the_field(tmp_path
     name, extra = (int.from_bytes(weights[first + k : first + k + 2], "little") for k in (26, 28))
     weights[first + 30 + name + extra + 8] ^= 0xFF
     (directory / "policy.pt").write_bytes(bytes(weights))
-    mesh = queueing_mesh()
+    mesh = example_mesh()
     runtime, kube = runtime_over(mesh)
     kube.checkpoint_from_configmap = lambda namespace, name, key, into: shutil.copytree(
         directory, into, dirs_exist_ok=True
@@ -484,7 +480,7 @@ def test_status_names_the_checkpoint_and_a_changed_configmap_is_read_at_the_next
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
     (tmp_path / "tmp").mkdir()
     held = {"dir": checkpoint.BUNDLED / "mesh-10x3"}
-    mesh = queueing_mesh()
+    mesh = example_mesh()
     runtime, kube = runtime_over(mesh)
     kube.checkpoint_from_configmap = lambda namespace, name, key, into: shutil.copytree(
         held["dir"], into, dirs_exist_ok=True
@@ -527,7 +523,7 @@ def test_status_names_the_checkpoint_and_a_changed_configmap_is_read_at_the_next
 def test_a_min_weight_the_routes_cannot_all_carry_is_invalid(min_weight, valid):
     """Each example node has three routes (itself and two neighbours): 3 x 33 fits in 100
     points, 3 x 34 does not, and must be refused when built, not fail every interval."""
-    runtime, _ = runtime_over(queueing_mesh())
+    runtime, _ = runtime_over(example_mesh())
     report = runtime.cycle("edge/p", example_policy_body(safety={"minWeight": min_weight}))
     if valid:
         assert report.outcome == Outcome.APPLIED
@@ -547,7 +543,7 @@ def test_checkpoints_are_shared_by_content_and_let_go_once_no_policy_runs_them(t
         "v1-copy": checkpoint.BUNDLED / "mesh-10x3",
         "v2": retrained(tmp_path / "v2"),
     }
-    runtime, kube = runtime_over(queueing_mesh())
+    runtime, kube = runtime_over(example_mesh())
     kube.checkpoint_from_configmap = lambda namespace, name, key, into: shutil.copytree(
         directories[name], into, dirs_exist_ok=True
     )
@@ -577,7 +573,7 @@ def test_edited_edge_nodes_and_services_rebuild_the_policy_within_the_refresh():
     """A node removed, a service's target moved: the running policy is built again from
     them once the inventory is read again (at most ``refresh_s`` later), not only after a
     restart; an edit that changes nothing it was built from keeps its controller and model."""
-    mesh = queueing_mesh()
+    mesh = example_mesh()
     now = [0.0]
     kube = FakeKube(NODES, SERVICES)
     inventory = Inventory(kube, refresh_s=10, clock=lambda: now[0])
@@ -619,7 +615,7 @@ def test_edited_edge_nodes_and_services_rebuild_the_policy_within_the_refresh():
 
 
 def test_restart_changes_nothing_unless_the_decision_does():
-    mesh = queueing_mesh()
+    mesh = example_mesh()
     runtime, _ = runtime_over(mesh)
     body = example_policy_body()
     for _ in range(6):
@@ -633,7 +629,7 @@ def test_restart_changes_nothing_unless_the_decision_does():
 
 def test_a_steady_mesh_keeps_its_decision_instead_of_recomputing_it():
     def reasons(tolerance: float) -> list[str]:
-        mesh = queueing_mesh()
+        mesh = example_mesh()
         runtime, _ = runtime_over(mesh)
         body = example_policy_body(rollout={"reuseTolerance": tolerance})
         return [runtime.cycle("edge/p", body).reason for _ in range(8)]
@@ -648,7 +644,7 @@ def test_a_steady_mesh_keeps_its_decision_instead_of_recomputing_it():
 
 
 def test_condition_times_move_only_on_transitions():
-    mesh = queueing_mesh()
+    mesh = example_mesh()
     runtime, _ = runtime_over(mesh)
     body = example_policy_body()
     a = status_of(runtime.cycle("edge/p", body), None)
@@ -687,7 +683,7 @@ class RefusingMesh(QueueingMesh):
 
 
 def refusing_mesh(verb: str = "patch") -> RefusingMesh:
-    base = queueing_mesh()
+    base = example_mesh()
     return RefusingMesh(base.offered, base.capacity, base.cores, base.link_ms, verb=verb)
 
 
@@ -778,7 +774,7 @@ class RefusingKube(FakeKube):
 def refused_runtime(*refusing: str) -> tuple[Runtime, RefusingKube, QueueingMesh, list[str]]:
     """A runtime over the queueing mesh whose kube refuses ``refusing``; the last value lists
     every mesh read, by service."""
-    mesh = queueing_mesh()
+    mesh = example_mesh()
     reads: list[str] = []
     read = mesh.read
 
@@ -901,7 +897,7 @@ def test_an_unexpected_failure_holds_the_weights_and_says_so(caplog):
     handler expects): the cycle holds the weights the mesh carries, the status says the cycle
     failed and why (MetricsAvailable Unknown) and keeps naming the checkpoint, the log has the
     traceback, and the next cycle, with the same controller, decides and writes again."""
-    mesh = queueing_mesh()
+    mesh = example_mesh()
     runtime, _ = runtime_over(mesh)
     body = example_policy_body()
     first = runtime.cycle("edge/p", body)
@@ -960,7 +956,7 @@ class SlowController:
 
 
 def test_two_cycles_of_one_policy_never_overlap():
-    runtime, _ = runtime_over(queueing_mesh())
+    runtime, _ = runtime_over(example_mesh())
     body = example_policy_body()
     slow = {key: SlowController(runtime, key, 1) for key in ("edge/a", "edge/b")}
     runtime.build = lambda key, body: slow[key]  # type: ignore[method-assign]
@@ -993,7 +989,7 @@ def test_two_cycles_of_one_policy_never_overlap():
 def test_many_concurrent_cycles_of_one_policy_run_one_at_a_time():
     """Hammering one policy from four workers (the handlers' pool): never two at once, and
     every call either ran or was counted as skipped."""
-    runtime, _ = runtime_over(queueing_mesh())
+    runtime, _ = runtime_over(example_mesh())
     slow = SlowController(runtime, "edge/a", 1)
     slow.release.set()  # cycles return at once: overlaps come only from the scheduling
     runtime.build = lambda key, body: slow  # type: ignore[method-assign]
@@ -1014,7 +1010,7 @@ def test_many_concurrent_cycles_of_one_policy_run_one_at_a_time():
 
 
 def test_delete_waits_for_the_running_cycle():
-    runtime, _ = runtime_over(queueing_mesh())
+    runtime, _ = runtime_over(example_mesh())
     slow = SlowController(runtime, "edge/a", 1)
     runtime.build = lambda key, body: slow  # type: ignore[method-assign]
     order: list[str] = []

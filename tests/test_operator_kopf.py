@@ -44,7 +44,7 @@ from marl_operator.mesh.ownership import (
 from marl_operator.mesh.routing import build_routes
 from marl_operator.report import Outcome
 from marl_operator.runtime import Runtime
-from operator_fakes import QueueingMesh, Reader, example
+from operator_fakes import QueueingMesh, Reader, example, example_mesh
 
 from policies import checkpoint
 
@@ -65,21 +65,6 @@ EDGE_SERVICE = next(s for s in example("edgeservice.yaml") if s["metadata"]["nam
 MESH_SERVICE = MeshService.from_edge_service(EDGE_SERVICE)
 MESH_NODES = tuple(node_from_edge_node(n) for n in NODES)
 NODE_NAMES = tuple(n.name for n in MESH_NODES)
-LINKS = {
-    frozenset(("edge-0", "edge-1")): 5.0,
-    frozenset(("edge-0", "edge-2")): 12.0,
-    frozenset(("edge-1", "edge-2")): 8.0,
-}
-
-
-def queueing_fake() -> QueueingMesh:
-    """Offered load and capacity as the example EdgeNodes describe them."""
-    return QueueingMesh(
-        dict(zip(NODE_NAMES, (60.0, 40.0, 20.0), strict=True)),
-        dict(zip(NODE_NAMES, (150.0, 100.0, 60.0), strict=True)),
-        {"edge-0": 4.0, "edge-1": 2.5, "edge-2": 1.0},
-        LINKS,
-    )
 
 
 class LiveRoutesReader(Reader):
@@ -223,7 +208,7 @@ def outcome_is(runtime: Runtime, outcome: Outcome) -> Any:
 
 
 def test_applied_policy_writes_routes_status_and_an_event(cluster: Any) -> None:
-    runtime, _ = new_runtime(cluster.kubeconfig, queueing_fake())
+    runtime, _ = new_runtime(cluster.kubeconfig, example_mesh())
     written: list[dict[str, Any]] = []  # every status the operator sent
     patch_status = runtime.kube.patch_policy_status
 
@@ -305,7 +290,7 @@ def test_applied_policy_writes_routes_status_and_an_event(cluster: Any) -> None:
 def test_invalid_policy_fails_naming_the_field_and_writes_nothing(
     cluster: Any, change: dict[str, Any], field: str
 ) -> None:
-    runtime, _ = new_runtime(cluster.kubeconfig, queueing_fake())
+    runtime, _ = new_runtime(cluster.kubeconfig, example_mesh())
 
     async def scenario() -> None:
         url = cluster.url
@@ -429,7 +414,7 @@ def assert_restored(vs: dict[str, Any]) -> None:
 
 
 def test_deleting_the_policy_restores_the_users_routes(cluster: Any) -> None:
-    runtime, reader = new_runtime(cluster.kubeconfig, queueing_fake())
+    runtime, reader = new_runtime(cluster.kubeconfig, example_mesh())
 
     async def scenario() -> None:
         url = cluster.url
@@ -449,7 +434,7 @@ def test_deleting_the_policy_during_a_cycle_still_restores(cluster: Any) -> None
     """kopf stops a deleted policy's daemon and runs the delete handler at the same time, so a
     cycle may still be running (here: held while reading metrics) when the routes are
     restored; what it writes afterwards must not take the user's object over again."""
-    runtime, reader = new_runtime(cluster.kubeconfig, queueing_fake())
+    runtime, reader = new_runtime(cluster.kubeconfig, example_mesh())
 
     async def scenario() -> None:
         url = cluster.url
@@ -468,7 +453,7 @@ def test_a_cycle_that_does_not_end_holds_a_deletion_only_so_long(
     so the policy, for ever: the delete handler and the runtime each wait that long."""
     monkeypatch.setattr(handlers, "DELETE_WAIT_S", 1.0)
     monkeypatch.setattr(runtime_module, "DELETE_WAIT_S", 1.0)
-    runtime, reader = new_runtime(cluster.kubeconfig, queueing_fake())
+    runtime, reader = new_runtime(cluster.kubeconfig, example_mesh())
 
     async def scenario() -> None:
         url = cluster.url
@@ -494,7 +479,7 @@ def test_a_cycle_that_does_not_end_holds_a_deletion_only_so_long(
 
 
 def test_metrics_outage_holds_falls_back_and_recovers(cluster: Any) -> None:
-    fake = queueing_fake()
+    fake = example_mesh()
     runtime, _ = new_runtime(cluster.kubeconfig, fake)
     body = policy_body(safety={"failureThreshold": 2, "fallback": "local"})
 
@@ -598,7 +583,7 @@ def test_a_refused_status_write_does_not_stop_the_control_loop(
 ) -> None:
     """The API server refusing a status patch for a moment (503) costs that status, not the
     daemon: kopf would restart a failed daemon only after a minute."""
-    runtime, _ = new_runtime(cluster.kubeconfig, queueing_fake())
+    runtime, _ = new_runtime(cluster.kubeconfig, example_mesh())
     patch_status = runtime.kube.patch_policy_status
     refusals = [client.ApiException(status=503, reason="Service Unavailable")] * 2
 
@@ -633,7 +618,7 @@ def test_a_restarted_operator_rewrites_nothing(cluster: Any) -> None:
     queueing prior (too few intervals for a learned model) from the same readings; with
     controller seed 0 that decision is deterministic. So the restarted operator's first
     cycle must be Unchanged and must not write: same resourceVersions."""
-    fake = queueing_fake()
+    fake = example_mesh()
 
     async def scenario() -> None:
         url = cluster.url
@@ -734,7 +719,7 @@ def test_a_forbidden_mesh_write_is_a_condition_and_an_event(cluster: Any) -> Non
     WeightsApplied=False (Forbidden) with what to grant, a Warning event says it too, nothing
     is written (not even the DestinationRule), and granting the rule lets the next cycle
     apply."""
-    runtime, _ = new_runtime(cluster.kubeconfig, queueing_fake())
+    runtime, _ = new_runtime(cluster.kubeconfig, example_mesh())
     cluster.api.deny("create", VS_RESOURCE, NAMESPACE)
 
     async def scenario() -> None:
@@ -838,7 +823,7 @@ def test_a_forbidden_edge_service_read_is_a_condition_and_an_event(cluster: Any)
     says WeightsApplied=False (Forbidden) naming edgeservices and the rule, Ready=False, a
     Warning event says it too, nothing is written to the mesh, and granting the rule lets the
     next cycle build the policy and apply its weights (no restart)."""
-    runtime, _ = new_runtime(cluster.kubeconfig, queueing_fake())
+    runtime, _ = new_runtime(cluster.kubeconfig, example_mesh())
     cluster.api.deny("get", "edgeservices.marl.dev", NAMESPACE)
 
     async def scenario() -> None:
@@ -886,7 +871,7 @@ def test_a_daemon_skips_cycles_while_an_earlier_cycle_of_its_policy_runs(cluster
     peering pause) is still held reading metrics when the daemon starts: the daemon's cycles
     are skipped (counted, no status written), never run alongside it, and once it ends the
     daemon's next cycle runs as usual."""
-    runtime, reader = new_runtime(cluster.kubeconfig, queueing_fake())
+    runtime, reader = new_runtime(cluster.kubeconfig, example_mesh())
     overlap = {"now": 0, "most": 0}
     guard = threading.Lock()
     build = runtime.build

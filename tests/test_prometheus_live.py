@@ -44,14 +44,14 @@ EXPECTED_P95 = {"fn-edge-0": 175.0, "fn-edge-1": 9.75}
 # (namespace, pod, container) -> CPU cores; only edge's fn-* pods' real containers count.
 CPU = {
     ("edge", "fn-edge-0-abc123-x1y2z", "server"): 0.25,
-    ("edge", "fn-edge-0-abc123-x1y2z", "istio-proxy"): 0.05,
+    ("edge", "fn-edge-0-abc123-x1y2z", "istio-proxy"): 0.05,  # the sidecar: excluded
     ("edge", "fn-edge-0-abc123-x1y2z", ""): 0.31,  # the pod's cgroup total: excluded
     ("edge", "fn-edge-0-abc123-x1y2z", "POD"): 0.01,  # the pause container: excluded
     ("edge", "fn-edge-1-def456-a1b2c", "server"): 0.5,
     ("edge", "other-abc123-x1y2z", "server"): 1.0,  # another service: excluded
     ("staging", "fn-edge-1-def456-q9w8e", "server"): 2.0,  # another namespace: excluded
 }
-EXPECTED_CPU = {"fn-edge-0": 0.30, "fn-edge-1": 0.5}
+EXPECTED_CPU = {"fn-edge-0": 0.25, "fn-edge-1": 0.5}
 
 Labels = dict[str, str]
 

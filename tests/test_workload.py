@@ -341,6 +341,47 @@ def test_kind_cluster_has_the_example_edge_nodes(edge_nodes):
             assert names[name]["marl.dev/edge-node"] == node["metadata"]["name"]
 
 
+def relabel(labels: dict[str, str], rules: list[dict]) -> dict[str, str]:
+    """Prometheus' ``replace`` relabelling (the only action the demo's config uses), then its
+    default ``instance``: the address."""
+    out = dict(labels)
+    for rule in rules:
+        assert rule.get("action", "replace") == "replace", rule
+        value = rule.get("separator", ";").join(
+            out.get(k, "") for k in rule.get("source_labels", [])
+        )
+        match = re.fullmatch(rule.get("regex", "(.*)"), value)
+        if match:
+            out[rule["target_label"]] = match.expand(
+                rule.get("replacement", "$1").replace("$", "\\")
+            )
+    out.setdefault("instance", out["__address__"])
+    return out
+
+
+def test_each_node_is_its_own_cadvisor_target():
+    """All nodes are scraped through the API server's address: their targets must still
+    differ (the node's name as instance) and each ask its own node's metrics."""
+    (config_map,) = [
+        d for d in documents(ROOT / "deploy" / "prometheus.yaml") if d["kind"] == "ConfigMap"
+    ]
+    config = yaml.safe_load(config_map["data"]["prometheus.yml"])
+    (job,) = [j for j in config["scrape_configs"] if j["job_name"] == "kubernetes-cadvisor"]
+    nodes = ["marl-e2e-worker", "marl-e2e-worker2", "marl-e2e-worker3"]
+    targets = [
+        relabel(
+            {"__address__": f"10.0.0.{i}:10250", "__meta_kubernetes_node_name": n},
+            job["relabel_configs"],
+        )
+        for i, n in enumerate(nodes)
+    ]
+    assert [t["instance"] for t in targets] == nodes
+    assert {t["__address__"] for t in targets} == {"kubernetes.default.svc:443"}
+    assert [t["__metrics_path__"] for t in targets] == [
+        f"/api/v1/nodes/{n}/proxy/metrics/cadvisor" for n in nodes
+    ]
+
+
 @pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool (Prometheus) not installed")
 def test_demo_prometheus_config_is_valid(tmp_path):
     """promtool checks the scrape configuration; Kubernetes service discovery is swapped for

@@ -101,11 +101,13 @@ DEFAULT_TEMPLATES: dict[str, str] = {
     ),
     # cAdvisor sees pods, not workloads: the per-node server Deployments' pods
     # (fn-edge-1-7d4b9c8f6-x2kq9) are mapped to their workload (fn-edge-1) by dropping the
-    # ReplicaSet hash and the pod suffix. container!="" drops the pod-level cgroup total and
-    # container!="POD" the pause container, which would otherwise count twice.
+    # ReplicaSet hash and the pod suffix. The anchored regex drops the pod-level cgroup total
+    # (container "") and the pause container ("POD"), which would otherwise count twice, and
+    # the Istio sidecar: an EdgeNode's capacity.cpu is what its function uses at capacity,
+    # and the sidecar, with CPU of its own, is not what saturates the node.
     "cpuUsage": (
         "label_replace(sum by (pod) (rate(container_cpu_usage_seconds_total{"
-        'namespace="$namespace", container!="", container!="POD", pod=~"$service-.+"}'
+        'namespace="$namespace", container!~"|POD|istio-proxy", pod=~"$service-.+"}'
         "[$window])), "
         '"destination_workload", "$1", "pod", "(.+)-[a-z0-9]+-[a-z0-9]+")'
     ),
