@@ -21,13 +21,14 @@ from marl_operator.controller import decision_table, table_weights
 from marl_operator.guard import fallback_table, limit_step
 from marl_operator.inventory import Inventory, fingerprint
 from marl_operator.kube import Forbidden
+from marl_operator.mesh.patching import apply_merge_patch
 from marl_operator.observer import InsufficientData, Observer
 from marl_operator.problem import MeshProblem, build_problem, cpu_quantity
 from marl_operator.prometheus import ServiceReadings
 from marl_operator.report import CycleReport, Outcome
 from marl_operator.runtime import Runtime
 from marl_operator.spec import SpecError, parse_policy_spec
-from marl_operator.status import status_of
+from marl_operator.status import status_of, timestamp
 from operator_fakes import (
     FakeKube,
     QueueingMesh,
@@ -405,6 +406,35 @@ def test_stale_metrics_hold_the_weights_and_say_why(age_s, why):
     assert mesh.writes == writes
 
 
+def test_the_stored_status_drops_what_the_last_cycle_no_longer_says():
+    """The status goes out as a merge patch, applied to what the API server holds: figures a
+    held cycle has none of must go (not stand beside its message), and a service's
+    lastAppliedTime must stay until the next write (services is a list, replaced whole)."""
+    mesh = example_mesh()
+    runtime, _ = runtime_over(mesh)
+    body = example_policy_body()
+    stored: dict = {}
+
+    def cycle() -> CycleReport:
+        nonlocal stored
+        report = runtime.cycle("edge/p", body)
+        stored = apply_merge_patch(stored, status_of(report, stored))
+        return report
+
+    reports = [cycle() for _ in range(8)]
+    assert Outcome.UNCHANGED in {r.outcome for r in reports}
+    applied = [r for r in reports if r.outcome == Outcome.APPLIED]
+    assert applied and reports[-1].outcome == Outcome.UNCHANGED
+    mesh.down = True
+    assert cycle().outcome == Outcome.HELD
+    assert stored["services"][0]["lastAppliedTime"] == timestamp(applied[-1].time)
+    assert stored["lastDecision"]["action"] == "hold"
+    for gone in ("predictedLatencyMs", "observedLatencyMs"):
+        assert gone not in stored["lastDecision"], stored["lastDecision"]
+    (crd,) = load_documents(ROOT / "crds" / "routingpolicies.marl.dev.yaml")
+    assert CRDValidator(crd).errors({**body, "status": stored}) == []
+
+
 def test_dry_run_and_suspend_write_nothing():
     mesh = example_mesh()
     runtime, _ = runtime_over(mesh)
@@ -494,7 +524,8 @@ def test_status_names_the_checkpoint_and_a_changed_configmap_is_read_at_the_next
     used = {"source": "configMap:my-policy/policy", "sha256": sha256(held["dir"])}
     assert first.checkpoint == used and status_of(first, None)["checkpoint"] == used
     (crd,) = load_documents(ROOT / "crds" / "routingpolicies.marl.dev.yaml")
-    assert CRDValidator(crd).errors({**body, "status": status_of(first, None)}) == []
+    stored = apply_merge_patch({}, status_of(first, None))  # as the API server keeps it
+    assert CRDValidator(crd).errors({**body, "status": stored}) == []
 
     def policy_of(key: str):
         return runtime.controllers[key].adapter.rollout.policy

@@ -124,8 +124,15 @@ def status_of(report: CycleReport, previous: Mapping[str, Any] | None) -> dict[s
     """The status patch for a report (``previous`` is the resource's current status)."""
     previous = previous or {}
     when = timestamp(report.time)
+    # services is a list, so a merge patch replaces it whole: a service's lastAppliedTime is
+    # carried over from the status until the next cycle that writes it.
+    applied_before = {
+        s.get("name"): s.get("lastAppliedTime") for s in previous.get("services") or ()
+    }
     services = []
     for name, rows in sorted(report.weights.items()):
+        written = report.outcome in (Outcome.APPLIED, Outcome.FALLBACK)
+        last_applied = when if written else applied_before.get(name)
         services.append(
             {
                 "name": name,
@@ -133,28 +140,27 @@ def status_of(report: CycleReport, previous: Mapping[str, Any] | None) -> dict[s
                     {"sourceNode": source, "weights": dict(row)}
                     for source, row in sorted(rows.items())
                 ],
-                **(
-                    {"lastAppliedTime": when}
-                    if report.outcome in (Outcome.APPLIED, Outcome.FALLBACK)
-                    else {}
-                ),
+                **({"lastAppliedTime": last_applied} if last_applied else {}),
             }
         )
+    r2 = [
+        v for v in (report.model or {}).get("r2", {}).values() if v is not None and math.isfinite(v)
+    ]
+    # lastDecision is an object, merged key by key: a figure this cycle has none of is sent
+    # as None, which removes the last cycle's instead of leaving it beside this message.
     decision: dict[str, Any] = {
         "time": when,
         "action": _action(report),
         "decisionMs": round(report.decision_ms, 3),
         "message": report.reason[:1024],
+        "predictedLatencyMs": (
+            _mean(report.predicted_p95_ms.values()) if report.predicted_p95_ms else None
+        ),
+        "observedLatencyMs": (
+            _mean(report.observed_p95_ms.values()) if report.observed_p95_ms else None
+        ),
+        "modelAccuracy": min(1.0, min(r2)) if r2 else None,
     }
-    if report.predicted_p95_ms:
-        decision["predictedLatencyMs"] = _mean(report.predicted_p95_ms.values())
-    if report.observed_p95_ms:
-        decision["observedLatencyMs"] = _mean(report.observed_p95_ms.values())
-    r2 = [
-        v for v in (report.model or {}).get("r2", {}).values() if v is not None and math.isfinite(v)
-    ]
-    if r2:
-        decision["modelAccuracy"] = min(1.0, min(r2))
     return {
         "phase": PHASES[report.outcome],
         "observedGeneration": report.generation,
