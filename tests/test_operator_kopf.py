@@ -478,6 +478,41 @@ def test_a_cycle_that_does_not_end_holds_a_deletion_only_so_long(
     asyncio.run(scenario())
 
 
+def test_a_policy_that_cannot_be_built_any_more_still_gives_its_routes_back(
+    cluster: Any,
+) -> None:
+    """``kubectl delete -f examples/`` deletes the EdgeService before the policy. A restarted
+    operator can then not build the policy to find its objects: the status names them."""
+    runtime, _ = new_runtime(cluster.kubeconfig, example_mesh())
+
+    async def scenario() -> None:
+        url = cluster.url
+        await create_resources(url)
+        await kube(url, "POST", VIRTUAL_SERVICES, USER_VIRTUAL_SERVICE)
+        async with operating(url, runtime):
+            await kube(url, "POST", POLICIES, policy_body())
+
+            async def recorded() -> list[str]:
+                services = (await policy_status(url)).get("services") or [{}]
+                return services[0].get("meshObjects") or []
+
+            objects = await eventually(recorded, what="the mesh objects in the status")
+        assert sorted(objects) == [f"DestinationRule/{SERVICE}", f"VirtualService/{SERVICE}"]
+        await kube(url, "DELETE", f"{EDGE_SERVICES}/{SERVICE}")
+        restarted, _ = new_runtime(cluster.kubeconfig, example_mesh())
+        async with operating(url, restarted):
+            await kube(url, "DELETE", f"{POLICIES}/{POLICY}")
+
+            async def deleted() -> bool:
+                return await get(url, f"{POLICIES}/{POLICY}") is None
+
+            await eventually(deleted, timeout=20, what="the policy's deletion")
+        assert_restored(await kube(url, "GET", f"{VIRTUAL_SERVICES}/{SERVICE}"))
+        assert await get(url, f"{DESTINATION_RULES}/{SERVICE}") is None
+
+    asyncio.run(scenario())
+
+
 def test_metrics_outage_holds_falls_back_and_recovers(cluster: Any) -> None:
     fake = example_mesh()
     runtime, _ = new_runtime(cluster.kubeconfig, fake)
@@ -557,6 +592,23 @@ def test_an_api_server_that_never_answers_times_out() -> None:
         worker.join(timeout=20)
         assert not worker.is_alive(), "the call is still waiting for an answer"
     assert outcome and "timed out" in str(outcome[0]).lower()
+
+
+def test_restoring_by_name_touches_only_what_the_operator_manages_for_that_service(
+    cluster: Any,
+) -> None:
+    """The names come from a status anyone allowed to patch it could edit: an object is
+    only given back if the operator manages it for the EdgeService named."""
+    cluster_kube = Kube(TimedApiClient(client_configuration(cluster.kubeconfig)))
+    mesh = KubeMesh(cluster_kube)
+    even = {n: {m: w for m, w in zip(NODE_NAMES, (34, 33, 33), strict=True)} for n in NODE_NAMES}
+    assert mesh.write(MESH_SERVICE, build_routes(even, MESH_NODES))
+    objects = [("VirtualService", SERVICE), ("DestinationRule", SERVICE)]
+    assert mesh.restore_objects(NAMESPACE, f"{NAMESPACE}/other", objects) == []
+    assert mesh.read(MESH_SERVICE, MESH_NODES).by_source == even
+    done = mesh.restore_objects(NAMESPACE, MESH_SERVICE.ref, objects)
+    assert done == [f"deleted VirtualService/{SERVICE}", f"deleted DestinationRule/{SERVICE}"]
+    assert mesh.read(MESH_SERVICE, MESH_NODES) is None
 
 
 def test_a_conflicting_write_is_retried(cluster: Any) -> None:

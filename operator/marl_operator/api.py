@@ -134,6 +134,10 @@ class ReportModel(BaseModel):
         "(created, its spec changed, the operator restarted); a held cycle without a policy "
         "names the last one; null when the spec is invalid or none was ever built",
     )
+    mesh_objects: dict[str, list[str]] = Field(
+        default_factory=dict,
+        description="service -> the mesh objects (Kind/name) its routes are written to",
+    )
 
     @classmethod
     def of(cls, report: CycleReport, **extra: Any) -> Self:

@@ -14,6 +14,7 @@ from typing import Protocol
 import numpy as np
 
 from marl_operator.guard import FailureCounter, fallback_table, limit_table
+from marl_operator.mesh.factory import managed_objects
 from marl_operator.mesh.model import MeshError, MeshNode, MeshRoutes, MeshService
 from marl_operator.mesh.routing import build_routes, integer_weights
 from marl_operator.observer import InsufficientData, Observer
@@ -130,6 +131,14 @@ class PolicyController:
         self.checkpoint = dict(checkpoint) if checkpoint is not None else None
         self.namespace = key.split("/", 1)[0]
         self.problem, self.reader, self.mesh, self.clock = problem, reader, mesh, clock
+        # What each service's routes live in, as Kind/name: the status keeps it, so that the
+        # policy's deletion finds them even when the policy can no longer be built.
+        self.mesh_objects = {
+            service.name: tuple(
+                f"{kind}/{name}" for kind, name in managed_objects(service, problem.nodes)
+            )
+            for service in problem.services
+        }
         meta = meta or {}
         step = float(meta.get("step_seconds", 1.0))
         env = ModelEnv(
@@ -333,6 +342,7 @@ class PolicyController:
             model=accuracy.as_dict() if accuracy is not None else None,
             inputs=dict(self.observer.inputs),
             checkpoint=self.checkpoint,
+            mesh_objects=self.mesh_objects,
             **extra,
         )
         self.last = report

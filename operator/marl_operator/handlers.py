@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import logging
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -131,7 +132,12 @@ def register(
     @kopf.on.delete(GROUP, VERSION, PLURAL, registry=registry)
     async def restore_routes(body: kopf.Body, name: str, namespace: str, **_: Any) -> None:
         key = f"{namespace}/{name}"
-        snapshot = {"metadata": dict(body.metadata), "spec": dict(body.spec)}
+        # The status too: it names the mesh objects of a policy that can no longer be built.
+        snapshot = {
+            "metadata": dict(body.metadata),
+            "spec": dict(body.spec),
+            "status": copy.deepcopy(dict(body.status)),
+        }
         running = cycles.pop(key, None)
         if running is not None:
             # How it ended is the daemon's to report; one that outlasts the wait is left to

@@ -19,11 +19,10 @@ from typing import Any
 from kubernetes import client
 from kubernetes.client.rest import ApiException
 
-from marl_operator.mesh.factory import writer_for
+from marl_operator.mesh.factory import managed_objects, writer_for
 from marl_operator.mesh.model import Manifest, MeshError, MeshNode, MeshRoutes, MeshService
-from marl_operator.mesh.ownership import is_managed
+from marl_operator.mesh.ownership import SERVICE_ANNOTATION, is_managed
 from marl_operator.mesh.patching import reconcile_patch, restore_patch
-from marl_operator.mesh.routing import build_routes
 
 log = logging.getLogger(__name__)
 
@@ -301,15 +300,6 @@ def _failure(manifest: Manifest, error: ApiException) -> MeshError:
     return MeshError(f"{_where(manifest)}: {error.status} {error.reason}")
 
 
-def _identities(service: MeshService, nodes: tuple[MeshNode, ...]) -> list[tuple[str, str]]:
-    """(kind, name) of every object the service's writer manages."""
-    even = build_routes({}, nodes)
-    return [
-        (m["kind"], m["metadata"]["name"])
-        for m in writer_for(service.provider).desired(service, even)
-    ]
-
-
 class KubeMesh:
     """:class:`marl_operator.controller.MeshClient` over the Kubernetes API."""
 
@@ -320,7 +310,7 @@ class KubeMesh:
         writer = writer_for(service.provider)
         objects = [
             obj
-            for kind, name in _identities(service, nodes)
+            for kind, name in managed_objects(service, nodes)
             if (obj := self.kube.get(service.namespace, kind, name)) is not None
         ]
         if not objects:
@@ -404,16 +394,26 @@ class KubeMesh:
     def restore(self, service: MeshService, nodes: tuple[MeshNode, ...]) -> list[str]:
         """Give back the user's objects as they were and delete the ones the operator
         created; returns what was done, one entry per object."""
+        return self.restore_objects(service.namespace, service.ref, managed_objects(service, nodes))
+
+    def restore_objects(
+        self, namespace: str, service_ref: str, objects: list[tuple[str, str]]
+    ) -> list[str]:
+        """:meth:`restore` of the ``(kind, name)`` objects of the EdgeService ``service_ref``
+        (``namespace/name``); objects the operator does not manage for it are left alone."""
         done = []
-        for kind, name in _identities(service, nodes):
-            live = self.kube.get(service.namespace, kind, name)
+        for kind, name in objects:
+            live = self.kube.get(namespace, kind, name)
             if live is None or not is_managed(live):
+                continue
+            annotations = live.get("metadata", {}).get("annotations") or {}
+            if annotations.get(SERVICE_ANNOTATION) != service_ref:
                 continue
             patch = restore_patch(live)
             if patch is None:
-                self.kube.delete(service.namespace, kind, name)
+                self.kube.delete(namespace, kind, name)
                 done.append(f"deleted {kind}/{name}")
             else:
-                self.kube.patch(service.namespace, kind, name, patch)
+                self.kube.patch(namespace, kind, name, patch)
                 done.append(f"restored {kind}/{name}")
         return done

@@ -74,6 +74,7 @@ class CycleReport:
     inputs: dict[str, dict[str, NodeInputs]] = field(default_factory=dict)  # service -> node
     forbidden: str | None = None  # a call the API server refused (403): what to grant
     checkpoint: dict[str, str] | None = None  # {"source", "sha256" of policy.pt} decided with
+    mesh_objects: dict[str, tuple[str, ...]] = field(default_factory=dict)  # service -> Kind/name
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-compatible (enums as their values)."""

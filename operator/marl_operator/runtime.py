@@ -34,7 +34,7 @@ from typing import Any
 from marl_operator.controller import MeshClient, MetricsSource, PolicyController
 from marl_operator.instruments import Instruments
 from marl_operator.inventory import Inventory, fingerprint
-from marl_operator.kube import Forbidden, Kube, KubeMesh
+from marl_operator.kube import KINDS, Forbidden, Kube, KubeMesh
 from marl_operator.mesh.model import MeshNode, MeshRoutes, MeshService
 from marl_operator.problem import build_problem
 from marl_operator.prometheus import PrometheusReader
@@ -345,8 +345,27 @@ class Runtime:
         if controller is not None and hasattr(self.mesh, "restore"):
             for service in controller.problem.services:
                 done += self.mesh.restore(service, controller.problem.nodes)
+        elif hasattr(self.mesh, "restore_objects"):
+            done = self._restore_from_status(key, body)
         self.store.forget(key)
         self.instruments.forget(key)
+        return done
+
+    def _restore_from_status(self, key: str, body: Mapping[str, Any]) -> list[str]:
+        """Restore what the status says the policy's services live in: for a policy that can
+        no longer be built (its EdgeService or checkpoint deleted first, after a restart).
+        Only objects the operator manages for that EdgeService are touched, whatever the
+        status claims."""
+        namespace = key.split("/", 1)[0]
+        done: list[str] = []
+        for entry in (body.get("status") or {}).get("services") or ():
+            objects = [
+                (kind, name)
+                for kind, _, name in (str(o).partition("/") for o in entry.get("meshObjects") or ())
+                if kind in KINDS and name
+            ]
+            ref = f"{namespace}/{entry.get('name')}"
+            done += self.mesh.restore_objects(namespace, ref, objects)
         return done
 
     def _publish(self, report: CycleReport) -> None:

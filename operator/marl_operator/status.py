@@ -126,13 +126,12 @@ def status_of(report: CycleReport, previous: Mapping[str, Any] | None) -> dict[s
     when = timestamp(report.time)
     # services is a list, so a merge patch replaces it whole: a service's lastAppliedTime is
     # carried over from the status until the next cycle that writes it.
-    applied_before = {
-        s.get("name"): s.get("lastAppliedTime") for s in previous.get("services") or ()
-    }
+    before = {s.get("name"): s for s in previous.get("services") or ()}
     services = []
     for name, rows in sorted(report.weights.items()):
         written = report.outcome in (Outcome.APPLIED, Outcome.FALLBACK)
-        last_applied = when if written else applied_before.get(name)
+        last_applied = when if written else before.get(name, {}).get("lastAppliedTime")
+        objects = report.mesh_objects.get(name) or before.get(name, {}).get("meshObjects")
         services.append(
             {
                 "name": name,
@@ -140,9 +139,14 @@ def status_of(report: CycleReport, previous: Mapping[str, Any] | None) -> dict[s
                     {"sourceNode": source, "weights": dict(row)}
                     for source, row in sorted(rows.items())
                 ],
+                **({"meshObjects": list(objects)} if objects else {}),
                 **({"lastAppliedTime": last_applied} if last_applied else {}),
             }
         )
+    if not report.weights:
+        # A cycle that read no routes (the spec turned invalid) changed none: the mesh still
+        # carries what the status said, and the policy's deletion must still find it.
+        services = list(previous.get("services") or ())
     r2 = [
         v for v in (report.model or {}).get("r2", {}).values() if v is not None and math.isfinite(v)
     ]

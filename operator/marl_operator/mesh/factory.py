@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from marl_operator.mesh.gatewayapi import GatewayAPIWriter
 from marl_operator.mesh.istio import IstioWriter
-from marl_operator.mesh.model import MeshError
+from marl_operator.mesh.model import MeshError, MeshNode, MeshService
+from marl_operator.mesh.routing import build_routes
 from marl_operator.mesh.writer import MeshWriter
 
 _WRITERS: dict[str, type[MeshWriter]] = {
@@ -27,3 +28,13 @@ def writer_for(provider: str) -> MeshWriter:
         raise MeshError(
             f"unknown mesh provider {provider!r}: choose one of {', '.join(PROVIDERS)}"
         ) from None
+
+
+def managed_objects(service: MeshService, nodes: tuple[MeshNode, ...]) -> list[tuple[str, str]]:
+    """(kind, name) of every object the service's writer manages: what a cycle reads and
+    writes, and what the policy's deletion gives back."""
+    even = build_routes({}, nodes)
+    return [
+        (m["kind"], m["metadata"]["name"])
+        for m in writer_for(service.provider).desired(service, even)
+    ]
