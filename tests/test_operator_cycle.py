@@ -21,6 +21,7 @@ from marl_operator.controller import decision_table, table_weights
 from marl_operator.guard import fallback_table, limit_step
 from marl_operator.inventory import Inventory, fingerprint
 from marl_operator.kube import Forbidden
+from marl_operator.mesh.model import MeshError
 from marl_operator.mesh.patching import apply_merge_patch
 from marl_operator.observer import InsufficientData, Observer
 from marl_operator.problem import MeshProblem, build_problem, cpu_quantity
@@ -764,6 +765,39 @@ def test_a_forbidden_write_becomes_a_condition_not_a_crash():
     conditions = status_of(back, status)["conditions"]
     applied = next(c for c in conditions if c["type"] == "WeightsApplied")
     assert applied["status"] == "True" and applied["reason"] == "Written"
+
+
+def test_a_write_that_fails_part_way_reports_what_the_mesh_carries():
+    """Of two services, the first is written and the second refused (a 500, a webhook): the
+    report, and so the status, carries the first one's new weights and the second's old."""
+    mesh = example_mesh()
+    second = copy.deepcopy(SERVICES[0])
+    second["metadata"]["name"] = "fn2"
+    second["spec"]["host"] = "fn2.edge.svc.cluster.local"
+    second["spec"]["mesh"].update(virtualService="fn2", destinationRule="fn2")
+    kube = FakeKube(NODES, [SERVICES[0], second])
+    refusing: set[str] = set()
+
+    class PartlyRefusing:
+        def read(self, service, nodes):
+            return mesh.read(service, nodes)
+
+        def write(self, service, routes):
+            if service.name in refusing:
+                raise MeshError(f"VirtualService edge/{service.name}: 500 Internal Server Error")
+            return mesh.write(service, routes)
+
+    runtime = Runtime(kube, mesh=PartlyRefusing(), reader_for=lambda url: Reader(mesh))
+    body = example_policy_body(services=["fn", "fn2"])
+    assert runtime.cycle("edge/p", body).outcome == Outcome.APPLIED
+    before = {name: mesh.routes[name].by_source for name in ("fn", "fn2")}
+    mesh.offered["edge-0"] *= 2.5  # a new decision for both services
+    refusing.add("fn2")
+    report = runtime.cycle("edge/p", body)
+    assert report.outcome == Outcome.HELD and "500" in report.reason
+    assert mesh.routes["fn"].by_source != before["fn"]  # written before the refusal
+    assert report.weights["fn"] == mesh.routes["fn"].by_source
+    assert report.weights["fn2"] == before["fn2"] == mesh.routes["fn2"].by_source
 
 
 def test_a_forbidden_read_is_reported_even_without_a_write():

@@ -203,7 +203,7 @@ class PolicyController:
         if self.spec.dry_run:
             return self._report(Outcome.DRY_RUN, "spec.dryRun: decided, not written", live, **extra)
         try:
-            changed = self._write(limited)
+            changed = self._write(limited, live)
         except MeshError as error:
             return self._failed(f"mesh: {error}", live)
         outcome = Outcome.APPLIED if changed else Outcome.UNCHANGED
@@ -269,10 +269,10 @@ class PolicyController:
         table = fallback_table(kind, self.problem, self.spec.safety.min_weight)
         if table is not None and not self.spec.dry_run:
             try:
-                self._write(table)
-                live = table
+                self._write(table, live)
             except MeshError as error:
-                # Nothing was written: the weights in place hold, and the report says so.
+                # The weights in place hold (but for services written before the failure),
+                # and the report says so.
                 return self._report(
                     Outcome.HELD,
                     f"{reason}; writing the {kind} fallback failed, weights held: {error}",
@@ -299,11 +299,14 @@ class PolicyController:
                 table[service.name] = {src: dict(row) for src, row in routes.by_source.items()}
         return table
 
-    def _write(self, table: RouteTable) -> bool:
+    def _write(self, table: RouteTable, live: RouteTable) -> bool:
+        """Write ``table`` service by service, keeping ``live`` what the mesh carries: when a
+        write fails part-way, the services written before it are reported as written."""
         changed = False
         for service in self.problem.services:
             routes = build_routes(table[service.name], self.problem.nodes)
             changed |= self.mesh.write(service, routes)
+            live[service.name] = table[service.name]
         return changed
 
     # -- reporting ----------------------------------------------------------------------------
