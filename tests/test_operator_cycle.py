@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import gc
 import hashlib
 import logging
@@ -434,6 +435,38 @@ def test_the_stored_status_drops_what_the_last_cycle_no_longer_says():
         assert gone not in stored["lastDecision"], stored["lastDecision"]
     (crd,) = load_documents(ROOT / "crds" / "routingpolicies.marl.dev.yaml")
     assert CRDValidator(crd).errors({**body, "status": stored}) == []
+
+
+def test_nodes_whose_clients_report_nothing_are_named_in_the_status():
+    """A node no request is reported from is counted as offering none: right for a node
+    without clients, wrong for one whose proxies are not scraped. Which it is, the operator
+    cannot tell, so MetricsAvailable says which nodes it counted so."""
+    mesh = example_mesh()
+    quiet: set[str] = set()
+
+    class QuietReader(Reader):
+        def read(self, **kwargs) -> ServiceReadings:
+            got = super().read(**kwargs)
+            kept = {p: v for p, v in got.rate.items() if p[0].removeprefix("loadgen-") not in quiet}
+            return dataclasses.replace(got, rate=kept)
+
+    runtime = Runtime(
+        FakeKube(NODES, SERVICES), mesh=mesh, reader_for=lambda url: QuietReader(mesh)
+    )
+    body = example_policy_body()
+
+    def metrics_condition() -> dict:
+        report = runtime.cycle("edge/p", body)
+        return next(
+            c for c in status_of(report, None)["conditions"] if c["type"] == "MetricsAvailable"
+        )
+
+    assert metrics_condition()["message"] == "the last cycle read every service's metrics"
+    quiet.add("edge-2")
+    condition = metrics_condition()
+    assert condition["status"] == "True"
+    assert "no request was reported from the clients of (fn: edge-2)" in condition["message"]
+    assert runtime.store.latest("edge/p").silent == {"fn": ("edge-2",)}
 
 
 def test_dry_run_and_suspend_write_nothing():

@@ -138,6 +138,11 @@ class ReportModel(BaseModel):
         default_factory=dict,
         description="service -> the mesh objects (Kind/name) its routes are written to",
     )
+    silent: dict[str, list[str]] = Field(
+        default_factory=dict,
+        description="service -> nodes whose clients reported no request in the cycle, counted "
+        "as offering none (no clients there, or their proxies not scraped)",
+    )
 
     @classmethod
     def of(cls, report: CycleReport, **extra: Any) -> Self:

@@ -346,6 +346,7 @@ class PolicyController:
             inputs=dict(self.observer.inputs),
             checkpoint=self.checkpoint,
             mesh_objects=self.mesh_objects,
+            silent=dict(self.observer.silent),
             **extra,
         )
         self.last = report

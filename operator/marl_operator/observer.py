@@ -137,6 +137,10 @@ class Observer:
         self.labels = {node.label: i for i, node in enumerate(problem.nodes)}
         self.inputs: dict[str, dict[str, NodeInputs]] = {}
         self.observed_p95_ms: dict[str, float] = {}  # client-perceived, per service
+        # service -> nodes whose clients reported no request at all this interval: counted as
+        # offering none, which the status says (a node without clients is idle, but one whose
+        # proxies are not scraped looks the same)
+        self.silent: dict[str, tuple[str, ...]] = {}
 
     def telemetry(self, readings: Mapping[str, ServiceReadings]) -> IntervalTelemetry:
         """The interval's telemetry, or :class:`InsufficientData` saying which service lacks it."""
@@ -156,6 +160,12 @@ class Observer:
                 )
             mats.append(m)
 
+        names = [node.name for node in problem.nodes]
+        self.silent = {
+            service: tuple(names[i] for i in np.flatnonzero(~np.isfinite(m.rate).any(axis=1)))
+            for service, m in zip(topo.services, mats, strict=True)
+        }
+        self.silent = {service: nodes for service, nodes in self.silent.items() if nodes}
         rate = np.stack([np.nan_to_num(m.rate) for m in mats], axis=-1)  # (N, N, S)
         overall = _weighted(np.stack([m.p95_ms for m in mats], -1), rate, axis=(0, 1))
         self.observed_p95_ms = {

@@ -75,6 +75,8 @@ class CycleReport:
     forbidden: str | None = None  # a call the API server refused (403): what to grant
     checkpoint: dict[str, str] | None = None  # {"source", "sha256" of policy.pt} decided with
     mesh_objects: dict[str, tuple[str, ...]] = field(default_factory=dict)  # service -> Kind/name
+    silent: dict[str, tuple[str, ...]] = field(default_factory=dict)  # service -> nodes no
+    # request was reported from (counted as offering none)
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-compatible (enums as their values)."""

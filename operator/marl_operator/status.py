@@ -69,7 +69,7 @@ def conditions_of(report: CycleReport) -> list[dict[str, Any]]:
                 "MetricsMissing"
                 if metrics_failed
                 else ("Read" if o != Outcome.INVALID else o.value),
-                report.reason if metrics_failed else "the last cycle read every service's metrics",
+                report.reason if metrics_failed else _metrics_read(report),
             )
         ),
         (
@@ -176,6 +176,17 @@ def status_of(report: CycleReport, previous: Mapping[str, Any] | None) -> dict[s
             previous.get("conditions") or [], conditions_of(report), when, report.generation
         ),
     }
+
+
+def _metrics_read(report: CycleReport) -> str:
+    """What the cycle read, naming the nodes whose clients reported no request."""
+    if not report.silent:
+        return "the last cycle read every service's metrics"
+    quiet = "; ".join(f"{service}: {', '.join(nodes)}" for service, nodes in report.silent.items())
+    return (
+        f"the last cycle read the metrics, but no request was reported from the clients of "
+        f"({quiet}): counted as offering none (no clients there, or their proxies unscraped)"
+    )
 
 
 def _action(report: CycleReport) -> str:
