@@ -990,6 +990,18 @@ def test_a_refused_rebuild_keeps_the_weights_last_reported():
     assert runtime.controllers["edge/p"].generation == 2
 
 
+def test_a_deleted_policy_leaves_nothing_behind_in_the_runtime():
+    """Policies come and go for the life of the process: a deleted one must not leave its
+    controller, reports, skip count or lock behind."""
+    runtime, _ = runtime_over(example_mesh())
+    body = example_policy_body()
+    runtime.cycle("edge/p", body)
+    runtime.skipped["edge/p"] += 1  # as a cycle skipped behind a running one counts it
+    runtime.delete("edge/p", body)
+    assert "edge/p" not in runtime.controllers and runtime.store.latest("edge/p") is None
+    assert "edge/p" not in runtime.skipped and "edge/p" not in runtime._running
+
+
 def test_an_unexpected_failure_holds_the_weights_and_says_so(caplog):
     """The API server drops the connection while a built policy reads the mesh (what no
     handler expects): the cycle holds the weights the mesh carries, the status says the cycle

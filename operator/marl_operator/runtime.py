@@ -349,6 +349,7 @@ class Runtime:
             done = self._restore_from_status(key, body)
         self.store.forget(key)
         self.instruments.forget(key)
+        self.skipped.pop(key, None)
         return done
 
     def _restore_from_status(self, key: str, body: Mapping[str, Any]) -> list[str]:
