@@ -226,6 +226,9 @@ def steady_traffic(mesh: Mesh, rng: np.random.Generator) -> Traffic:
     return Traffic(rate, mean, ok, cpu)
 
 
+SCRAPE_AGE_S = 5.0
+"""Age of the newest sample of every stub series (half a 10-second scrape interval)."""
+
 _NAMESPACE = re.compile(r'(?:destination_service_namespace|namespace)="([^"]+)"')
 _SERVICE = re.compile(r'destination_service_name="([^"]+)"|pod=~"([^"]+?)-\.\+"')
 
@@ -234,6 +237,8 @@ def classify(query: str) -> str | None:
     """Which built-in template a query is, by the metric names in it."""
     if "container_cpu_usage_seconds_total" in query:
         return "cpu"
+    if "timestamp(" in query:
+        return "age"
     if "histogram_quantile" in query:
         return "p95"
     if "istio_request_duration_milliseconds_sum" in query and "_count" in query:
@@ -291,6 +296,7 @@ class StubPrometheus:
             "success": traffic.success,
             "mean": traffic.mean_ms,
             "p95": {k: 3.0 * v for k, v in traffic.mean_ms.items()},  # exponential sojourn
+            "age": dict.fromkeys(traffic.rate, SCRAPE_AGE_S),  # scraped a moment ago
         }[kind]
         noise = self.jitter(len(values))
         out = []

@@ -42,6 +42,9 @@ def test_mesh_fits_the_checkpoint_and_the_stub_answers_every_template(bench):
     pairs = {(f"loadgen-{a}", f"fn-{b}") for a in mesh.names for b in (a, *mesh.neighbours[a])}
     for series in (readings.rate, readings.success, readings.mean_ms, readings.p95_ms):
         assert set(series) == pairs
+    assert set(readings.age_s) == pairs  # the stub's jitter applies to every answer
+    assert all(abs(age / bench.SCRAPE_AGE_S - 1) < 0.2 for age in readings.age_s.values())
+    assert readings.fresh(120) is readings
     assert set(readings.cpu_cores) == {f"fn-{x}" for x in mesh.names}
     assert "unknown" not in stub.queries
     telemetry = Observer(problem).telemetry({"fn": readings})
