@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from kube_schema import CRDValidator, load_documents
+from marl_operator import runtime as runtime_module
 from marl_operator.controller import decision_table, table_weights
 from marl_operator.guard import fallback_table, limit_step
 from marl_operator.inventory import Inventory, fingerprint
@@ -1000,6 +1001,36 @@ def test_a_deleted_policy_leaves_nothing_behind_in_the_runtime():
     runtime.delete("edge/p", body)
     assert "edge/p" not in runtime.controllers and runtime.store.latest("edge/p") is None
     assert "edge/p" not in runtime.skipped and "edge/p" not in runtime._running
+
+
+def test_a_cycle_that_outlasts_the_deletion_writes_nothing_after_it(monkeypatch):
+    """A deletion waits DELETE_WAIT_S for a running cycle, then gives the routes back. The
+    cycle, when it ends, must neither write them over again nor report for a deleted policy."""
+    monkeypatch.setattr(runtime_module, "DELETE_WAIT_S", 0.2)
+    mesh = example_mesh()
+    runtime, _ = runtime_over(mesh)
+    body = example_policy_body()
+    assert runtime.cycle("edge/p", body).outcome == Outcome.APPLIED
+    gate, held = threading.Event(), threading.Event()
+    read = mesh.read_metrics
+
+    def slow_read(**kwargs):
+        held.set()
+        gate.wait(timeout=10)
+        return read(**kwargs)
+
+    mesh.read_metrics = slow_read
+    del mesh.routes["fn"]  # as given back: the late cycle finds the even split to change
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        late = pool.submit(runtime.cycle, "edge/p", body)
+        assert held.wait(timeout=10)
+        runtime.delete("edge/p", body)
+        writes = mesh.writes
+        gate.set()
+        report = late.result(timeout=10)
+    assert report.outcome == Outcome.HELD and "policy was deleted" in report.reason
+    assert mesh.writes == writes and "fn" not in mesh.routes
+    assert runtime.store.latest("edge/p") is None
 
 
 def test_an_unexpected_failure_holds_the_weights_and_says_so(caplog):

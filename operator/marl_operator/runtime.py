@@ -35,7 +35,7 @@ from marl_operator.controller import MeshClient, MetricsSource, PolicyController
 from marl_operator.instruments import Instruments
 from marl_operator.inventory import Inventory, fingerprint
 from marl_operator.kube import KINDS, Forbidden, Kube, KubeMesh
-from marl_operator.mesh.model import MeshNode, MeshRoutes, MeshService
+from marl_operator.mesh.model import MeshError, MeshNode, MeshRoutes, MeshService
 from marl_operator.problem import build_problem
 from marl_operator.prometheus import PrometheusReader
 from marl_operator.report import BUILD_FORBIDDEN, CYCLE_FAILED, CycleReport, Outcome
@@ -57,11 +57,14 @@ DELETE_WAIT_S = 120.0
 class RefusalRecorder:
     """The runtime's mesh client as one controller sees it: the same calls, and the refusals
     (403, :class:`~marl_operator.kube.Forbidden`) of the cycle running, by service, for its
-    report. A later successful write of the service clears its refusal."""
+    report. A later successful write of the service clears its refusal. Once ``closed`` (the
+    policy deleted while a cycle of it outlasted the wait), writes are refused, so that the
+    late cycle cannot take the routes given back over again."""
 
     def __init__(self, mesh: MeshClient):
         self.mesh = mesh
         self.refused: dict[str, Forbidden] = {}
+        self.closed = False
 
     def read(self, service: MeshService, nodes: tuple[MeshNode, ...]) -> MeshRoutes | None:
         try:
@@ -71,6 +74,8 @@ class RefusalRecorder:
             raise
 
     def write(self, service: MeshService, routes: MeshRoutes) -> bool:
+        if self.closed:
+            raise MeshError("the policy was deleted and its routes given back")
         try:
             changed = self.mesh.write(service, routes)
         except Forbidden as error:
@@ -277,6 +282,8 @@ class Runtime:
         if recorder is not None:
             recorder.refused.clear()
         report = controller.cycle()
+        if recorder is not None and recorder.closed:
+            return report  # the policy was deleted while this cycle ran: nobody to tell
         if recorder is not None and recorder.refused:
             refusal = next(iter(recorder.refused.values()))
             report = dataclasses.replace(report, forbidden=str(refusal))
@@ -336,6 +343,8 @@ class Runtime:
 
     def _delete(self, key: str, body: Mapping[str, Any]) -> list[str]:
         controller = self.controllers.pop(key, None)
+        if controller is not None and isinstance(controller.mesh, RefusalRecorder):
+            controller.mesh.closed = True  # a cycle still running writes nothing more
         if controller is None:
             try:
                 controller = self.build(key, body)
