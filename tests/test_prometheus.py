@@ -373,6 +373,7 @@ def test_a_closed_port_is_metrics_unavailable_through_the_real_client():
         ("http://marl:Zm9v/YmFy+cXV4@prom:9090/x", "http://prom:9090/x"),
         ("http://marl:pa?ss@prom:9090", "http://prom:9090"),
         ("http://marl:pa#ss@prom:9090", "http://prom:9090"),
+        ("http://marl:p@ss@prom:9090", "http://prom:9090"),
     ],
 )
 def test_redact_url(url, safe):

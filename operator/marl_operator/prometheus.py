@@ -191,8 +191,9 @@ _PLACEHOLDER = re.compile(
 _DURATION = re.compile(r"^([0-9]+(ms|s|m|h|d|w|y))+$")
 # Values land inside PromQL string literals; these characters would end or escape them.
 _UNSAFE_VALUE = re.compile(r"[\"'`\\\s]")
-# Up to the last '@' of the URL, not the first '/': a password may hold an unencoded '/'.
-_USERINFO = re.compile(r"(?<=://)[^@\s]*@")
+# Up to the last '@' of the URL, not the first '/': a password may hold an unencoded '/'
+# or '@'.
+_USERINFO = re.compile(r"(?<=://)\S*@")
 
 
 class QueryError(ValueError):
@@ -349,9 +350,11 @@ def check_url(url: str) -> None:
     path, to the wrong host part."""
     if not url.startswith(("http://", "https://")):
         raise ValueError(f"must be an http(s) URL, got {redact_url(url)!r}")
-    if "@" in url.partition("://")[2] and "@" not in urlsplit(url).netloc:
+    rest = url.partition("://")[2]
+    if "@" in rest and rest.rpartition("@")[0] != urlsplit(url).netloc.rpartition("@")[0]:
         raise ValueError(
-            "its credentials hold a '/', '?' or '#': percent-encode them (%2F, %3F, %23)"
+            "it has an '@' after a '/', '?' or '#': percent-encode those characters in "
+            "credentials (%2F, %3F, %23) and any '@' in the path (%40)"
         )
 
 
