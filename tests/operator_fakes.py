@@ -50,6 +50,7 @@ class QueueingMesh:
         self.writes = 0
         self.down = False  # Prometheus unreachable
         self.sample_age_s: float | None = 0.0  # of every series; None: marked stale
+        self.stale_sources: set[str] = set()  # nodes whose clients' series are an hour old
 
     # -- MeshClient ------------------------------------------------------------------------
 
@@ -120,6 +121,9 @@ class QueueingMesh:
             for j, mu in self.capacity.items()
         }
         age = {} if self.sample_age_s is None else dict.fromkeys(rate, self.sample_age_s)
+        age |= {
+            pair: 3600.0 for pair in rate if pair[0].removeprefix("loadgen-") in self.stale_sources
+        }
         return ServiceReadings(service, rate, success, mean, p95, cpu, age)
 
 

@@ -381,14 +381,22 @@ def test_metrics_outage_holds_then_falls_back_then_recovers():
 
 
 @pytest.mark.parametrize(
-    ("age_s", "why"),
-    [(600.0, "its newest sample is 600 s old"), (None, "no sample of its request counters")],
-    ids=["behind", "marked-stale"],
-)
-def test_stale_metrics_hold_the_weights_and_say_why(age_s, why):
+    ("age_s", "stale_sources", "why"),
+    [
+        (600.0, set(), "stale for 9 of 9 client/server pairs (loadgen-edge-0, loadgen-edge-1, "
+         "loadgen-edge-2): the newest sample is 600 s old"),
+        (None, set(), "stale for 9 of 9 client/server pairs (loadgen-edge-0, loadgen-edge-1, "
+         "loadgen-edge-2): no sample is current"),
+        (0.0, {"edge-0"}, "stale for 3 of 9 client/server pairs (loadgen-edge-0): the newest "
+         "sample is 3600 s old"),
+    ],
+    ids=["behind", "marked-stale", "one-client"],
+)  # fmt: skip
+def test_stale_metrics_hold_the_weights_and_say_why(age_s, stale_sources, why):
     """A rate over the window still answers after its scrapes stopped: samples older than
     staleAfterSeconds, or series Prometheus marked stale, hold the weights as missing
-    metrics do, with the field named in the status."""
+    metrics do, with the field named in the status. One client's stale series are enough:
+    left out, that client would read as offering nothing."""
     mesh = example_mesh()
     runtime, _ = runtime_over(mesh)
     body = example_policy_body(safety={"staleAfterSeconds": 300})
@@ -396,11 +404,11 @@ def test_stale_metrics_hold_the_weights_and_say_why(age_s, why):
     mesh.sample_age_s = 299.0
     assert runtime.cycle("edge/p", body).outcome in (Outcome.APPLIED, Outcome.UNCHANGED)
     applied, writes = mesh.routes["fn"].by_source, mesh.writes
-    mesh.sample_age_s = age_s
+    mesh.sample_age_s, mesh.stale_sources = age_s, stale_sources
     mesh.offered["edge-0"] *= 3  # what the stale rates no longer show
     held = runtime.cycle("edge/p", body)
     assert held.outcome == Outcome.HELD and mesh.routes["fn"].by_source == applied
-    assert held.reason.startswith(f"metrics: fn's metrics are stale: {why}")
+    assert held.reason.startswith(f"metrics: fn's metrics are {why}")
     assert "spec.safety.staleAfterSeconds is 300" in held.reason
     metrics = next(
         c for c in status_of(held, None)["conditions"] if c["type"] == "MetricsAvailable"

@@ -236,17 +236,22 @@ class PolicyController:
             except QueryError as error:  # a template problem is a spec problem, not an outage
                 raise MetricsUnavailable(str(error)) from error
             limit = self.spec.safety.stale_after_s
-            out[service.name] = readings.fresh(limit)
-            if out[service.name].empty and not readings.empty:
-                ages = [readings.age_s[pair] for pair in readings.rate if pair in readings.age_s]
+            out[service.name] = fresh = readings.fresh(limit)
+            stale = sorted(set(readings.rate) - set(fresh.rate))
+            if stale:
+                # Left out, a stale client would read as one offering nothing: the weights
+                # would follow a load that is not there. Held instead, until it is fresh
+                # again or gone from the window altogether.
+                ages = [readings.age_s[pair] for pair in stale if pair in readings.age_s]
                 why = (
-                    f"its newest sample is {min(ages):.0f} s old"
+                    f"the newest sample is {min(ages):.0f} s old"
                     if ages
-                    else "no sample of its request counters is current (their targets stopped "
-                    "answering scrapes)"
+                    else "no sample is current (their targets stopped answering scrapes)"
                 )
+                clients = ", ".join(sorted({source for source, _ in stale})[:3])
                 raise MetricsUnavailable(
-                    f"{service.name}'s metrics are stale: {why}; "
+                    f"{service.name}'s metrics are stale for {len(stale)} of "
+                    f"{len(readings.rate)} client/server pairs ({clients}): {why}; "
                     f"spec.safety.staleAfterSeconds is {limit}"
                 )
         return out
