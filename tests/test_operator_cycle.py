@@ -1011,6 +1011,31 @@ def test_a_deleted_policy_leaves_nothing_behind_in_the_runtime():
     assert "edge/p" not in runtime.skipped and "edge/p" not in runtime._running
 
 
+def test_a_cycle_that_fails_after_its_policys_deletion_reports_nothing(monkeypatch):
+    """A cycle stuck in a mesh read past the deletion's wait, then failing (its read timed
+    out): the deleted policy must not come back in the reports."""
+    monkeypatch.setattr(runtime_module, "DELETE_WAIT_S", 0.2)
+    mesh = example_mesh()
+    runtime, _ = runtime_over(mesh)
+    body = example_policy_body()
+    runtime.cycle("edge/p", body)
+    gate, held = threading.Event(), threading.Event()
+
+    def stuck_then_timed_out(service, nodes):
+        held.set()
+        gate.wait(timeout=10)
+        raise TimeoutError("read timed out")
+
+    mesh.read = stuck_then_timed_out
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        late = pool.submit(runtime.cycle, "edge/p", body)
+        assert held.wait(timeout=10)
+        runtime.delete("edge/p", body)
+        gate.set()
+        assert late.result(timeout=10) is None
+    assert runtime.store.latest("edge/p") is None
+
+
 def test_a_cycle_that_outlasts_the_deletion_writes_nothing_after_it(monkeypatch):
     """A deletion waits DELETE_WAIT_S for a running cycle, then gives the routes back. The
     cycle, when it ends, must neither write them over again nor report for a deleted policy."""

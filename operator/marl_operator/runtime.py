@@ -117,6 +117,9 @@ class Runtime:
             weakref.WeakValueDictionary()
         )
         self._running: dict[str, threading.Lock] = {}  # policy -> held while a cycle runs
+        # policy -> deletions so far: a cycle that outlasted its policy's deletion (they wait
+        # only so long for it) sees the count moved and publishes nothing
+        self._deletions: Counter[str] = Counter()
         self._lock = threading.Lock()
 
     # -- building --------------------------------------------------------------------------
@@ -230,9 +233,13 @@ class Runtime:
                 extra={"fields": {"policy": key, "skipped": self.skipped[key]}},
             )
             return None
+        deletions = self._deletions[key]
         try:
             return self._cycle(key, body)
         except Exception as error:
+            if self._deletions[key] != deletions:  # deleted meanwhile: only the log is left
+                log.exception("cycle %s of a deleted policy failed", key)
+                return None
             # The API server or the mesh failing in a way no handler expects (unreachable
             # mid-cycle, say), or a bug: the status says so, instead of the daemon dying with
             # a stale status. The controller is kept (its model's window is worth keeping
@@ -281,8 +288,9 @@ class Runtime:
         recorder = controller.mesh if isinstance(controller.mesh, RefusalRecorder) else None
         if recorder is not None:
             recorder.refused.clear()
+        deletions = self._deletions[key]
         report = controller.cycle()
-        if recorder is not None and recorder.closed:
+        if self._deletions[key] != deletions:
             return report  # the policy was deleted while this cycle ran: nobody to tell
         if recorder is not None and recorder.refused:
             refusal = next(iter(recorder.refused.values()))
@@ -342,6 +350,7 @@ class Runtime:
                 running.release()
 
     def _delete(self, key: str, body: Mapping[str, Any]) -> list[str]:
+        self._deletions[key] += 1
         controller = self.controllers.pop(key, None)
         if controller is not None and isinstance(controller.mesh, RefusalRecorder):
             controller.mesh.closed = True  # a cycle still running writes nothing more
