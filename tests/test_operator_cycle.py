@@ -355,6 +355,28 @@ def test_closed_loop_moves_traffic_off_a_degraded_node():
     )
 
 
+def test_the_hold_fallback_writes_nothing_and_says_so_in_the_status():
+    """``hold`` is a fallback that keeps the weights in place: the status must not claim a
+    write it did not make."""
+    mesh = example_mesh()
+    clock = iter(range(1_000, 10_000, 10))
+    kube = FakeKube(NODES, SERVICES)
+    runtime = Runtime(
+        kube, mesh=mesh, reader_for=lambda url: Reader(mesh), clock=lambda: next(clock)
+    )
+    body = example_policy_body(safety={"failureThreshold": 1, "fallback": "hold"})
+    first = runtime.cycle("edge/p", body)
+    assert first.outcome == Outcome.APPLIED and first.written == ("fn",)
+    stored = status_of(first, None)
+    writes = mesh.writes
+    mesh.down = True
+    held = runtime.cycle("edge/p", body)
+    assert held.outcome == Outcome.FALLBACK and held.fallback == "hold" and not held.written
+    assert mesh.writes == writes
+    status = status_of(held, stored)
+    assert status["services"][0]["lastAppliedTime"] == timestamp(first.time) != timestamp(held.time)
+
+
 def test_metrics_outage_holds_then_falls_back_then_recovers():
     mesh = example_mesh()
     runtime, _ = runtime_over(mesh)
@@ -372,6 +394,7 @@ def test_metrics_outage_holds_then_falls_back_then_recovers():
     status = status_of(fallback, None)
     conditions = {c["type"]: c for c in status["conditions"]}
     assert status["phase"] == "Fallback"
+    assert status["services"][0]["lastAppliedTime"] == timestamp(fallback.time)
     assert conditions["MetricsAvailable"]["status"] == "False"
     assert conditions["Fallback"]["status"] == "True"
     mesh.down = False
@@ -829,9 +852,14 @@ def test_a_write_that_fails_part_way_reports_what_the_mesh_carries():
                 raise MeshError(f"VirtualService edge/{service.name}: 500 Internal Server Error")
             return mesh.write(service, routes)
 
-    runtime = Runtime(kube, mesh=PartlyRefusing(), reader_for=lambda url: Reader(mesh))
+    clock = iter(range(1_000, 10_000, 10))
+    runtime = Runtime(
+        kube, mesh=PartlyRefusing(), reader_for=lambda url: Reader(mesh), clock=lambda: next(clock)
+    )
     body = example_policy_body(services=["fn", "fn2"])
-    assert runtime.cycle("edge/p", body).outcome == Outcome.APPLIED
+    first = runtime.cycle("edge/p", body)
+    assert first.outcome == Outcome.APPLIED
+    stored = status_of(first, None)
     before = {name: mesh.routes[name].by_source for name in ("fn", "fn2")}
     mesh.offered["edge-0"] *= 2.5  # a new decision for both services
     refusing.add("fn2")
@@ -840,6 +868,8 @@ def test_a_write_that_fails_part_way_reports_what_the_mesh_carries():
     assert mesh.routes["fn"].by_source != before["fn"]  # written before the refusal
     assert report.weights["fn"] == mesh.routes["fn"].by_source
     assert report.weights["fn2"] == before["fn2"] == mesh.routes["fn2"].by_source
+    applied = {s["name"]: s["lastAppliedTime"] for s in status_of(report, stored)["services"]}
+    assert applied == {"fn": timestamp(report.time), "fn2": timestamp(first.time)}
 
 
 def test_a_forbidden_read_is_reported_even_without_a_write():

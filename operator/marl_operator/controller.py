@@ -169,12 +169,14 @@ class PolicyController:
         self.observer = Observer(problem, step_seconds=step)
         self.failures = FailureCounter(spec.safety)
         self.last: CycleReport | None = None
+        self._written: set[str] = set()  # services whose objects the running cycle changed
 
     # -- the cycle --------------------------------------------------------------------------
 
     def cycle(self) -> CycleReport:
         """Run one interval and return what happened (never raises for metrics or mesh
         trouble: those become the report's outcome)."""
+        self._written = set()
         if self.spec.suspend:
             return self._report(Outcome.SUSPENDED, "spec.suspend is true", self._live())
         live = self._live()
@@ -305,12 +307,15 @@ class PolicyController:
         return table
 
     def _write(self, table: RouteTable, live: RouteTable) -> bool:
-        """Write ``table`` service by service, keeping ``live`` what the mesh carries: when a
-        write fails part-way, the services written before it are reported as written."""
+        """Write ``table`` service by service, keeping ``live`` what the mesh carries and
+        ``_written`` which services' objects changed: when a write fails part-way, the
+        services written before it are reported as written."""
         changed = False
         for service in self.problem.services:
             routes = build_routes(table[service.name], self.problem.nodes)
-            changed |= self.mesh.write(service, routes)
+            if self.mesh.write(service, routes):
+                changed = True
+                self._written.add(service.name)
             live[service.name] = table[service.name]
         return changed
 
@@ -351,6 +356,7 @@ class PolicyController:
             inputs=dict(self.observer.inputs),
             checkpoint=self.checkpoint,
             mesh_objects=self.mesh_objects,
+            written=tuple(sorted(self._written)),
             silent=dict(self.observer.silent),
             **extra,
         )

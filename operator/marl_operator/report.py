@@ -75,6 +75,7 @@ class CycleReport:
     forbidden: str | None = None  # a call the API server refused (403): what to grant
     checkpoint: dict[str, str] | None = None  # {"source", "sha256" of policy.pt} decided with
     mesh_objects: dict[str, tuple[str, ...]] = field(default_factory=dict)  # service -> Kind/name
+    written: tuple[str, ...] = ()  # services whose mesh objects this cycle changed
     silent: dict[str, tuple[str, ...]] = field(default_factory=dict)  # service -> nodes no
     # request was reported from (counted as offering none)
 

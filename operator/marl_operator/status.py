@@ -125,11 +125,12 @@ def status_of(report: CycleReport, previous: Mapping[str, Any] | None) -> dict[s
     previous = previous or {}
     when = timestamp(report.time)
     # services is a list, so a merge patch replaces it whole: a service's lastAppliedTime is
-    # carried over from the status until the next cycle that writes it.
+    # carried over from the status until the next cycle that writes it (which may be a cycle
+    # that failed after writing it, or one that wrote the other services and not this one).
     before = {s.get("name"): s for s in previous.get("services") or ()}
     services = []
     for name, rows in sorted(report.weights.items()):
-        written = report.outcome in (Outcome.APPLIED, Outcome.FALLBACK)
+        written = name in report.written
         last_applied = when if written else before.get(name, {}).get("lastAppliedTime")
         objects = report.mesh_objects.get(name) or before.get(name, {}).get("meshObjects")
         services.append(
