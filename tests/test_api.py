@@ -88,6 +88,7 @@ def make_report(policy: str = POLICY, **changes) -> CycleReport:
         proposed=PROPOSED,
         fallback=None,
         changed_agents=("edge-a/resize", "edge-c/resize"),
+        written=("resize",),
         predicted_p95_ms={"resize": 182.5, "classify": 96.0},
         observed_p95_ms={"resize": 211.0, "classify": 101.3},
         model=MODEL,
@@ -417,6 +418,7 @@ def test_policy_detail_is_the_latest_report_in_full(client, store, instruments) 
     assert body["weights"]["classify"]["edge-b"]["edge-c"] == 25
     assert body["inputs"]["classify"]["edge-c"]["p95_ms"] is None
     assert body["changed_agents"] == ["edge-a/resize", "edge-c/resize"]
+    assert body["written"] == ["resize"]
     assert history == [
         {"outcome": "Held", "time": T0 - 30, "reason": "metrics are 95 s old"},
         {"outcome": "Applied", "time": T0, "reason": latest.reason},

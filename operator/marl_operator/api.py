@@ -138,6 +138,9 @@ class ReportModel(BaseModel):
         default_factory=dict,
         description="service -> the mesh objects (Kind/name) its routes are written to",
     )
+    written: list[str] = Field(
+        default_factory=list, description="services whose mesh objects the cycle changed"
+    )
     silent: dict[str, list[str]] = Field(
         default_factory=dict,
         description="service -> nodes whose clients reported no request in the cycle, counted "

@@ -84,4 +84,5 @@ class CycleReport:
         out = dataclasses.asdict(self)
         out["outcome"] = self.outcome.value
         out["changed_agents"] = list(self.changed_agents)
+        out["written"] = list(self.written)
         return out
