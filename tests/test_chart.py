@@ -270,6 +270,8 @@ def test_the_validation_catches_a_typo():
     [
         (("--set", "meshProvider=linkerd"), "meshProvider"),
         (("--set", "replicaCount=2", "--set", "peering.enabled=false"), "needs peering"),
+        (("--set", "replicaCount=2", "--set", "peering.priority=7"), "leave peering.priority"),
+        (("--set", "serviceAccount.create=false"), "set serviceAccount.name"),
         (("--set", "serviceMonitor.enabled=true", "--set", "podMonitor.enabled=true"), "not both"),
         (("--set", "watchNamespaces={Edge_1}"), "watchNamespaces"),
         (("--set", "unknownKey=1"), "unknownKey"),
