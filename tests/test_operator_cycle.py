@@ -40,6 +40,7 @@ from operator_fakes import (
     example_mesh,
     example_policy_body,
 )
+from prometheus_client import generate_latest
 
 from policies import checkpoint
 from policies.adaptation import Adapter
@@ -1094,6 +1095,40 @@ def test_a_cycle_that_outlasts_the_deletion_writes_nothing_after_it(monkeypatch)
     assert report.outcome == Outcome.HELD and "policy was deleted" in report.reason
     assert mesh.writes == writes and "fn" not in mesh.routes
     assert runtime.store.latest("edge/p") is None
+
+
+def test_a_replica_standing_down_writes_and_reports_nothing_more():
+    """kopf pauses this replica for a peer while a cycle runs: the cycle must not write over
+    the new leader's weights, and the replica must stop serving the policy's report and
+    metrics. Leading again later, it builds the policy afresh."""
+    mesh = example_mesh()
+    runtime, _ = runtime_over(mesh)
+    body = example_policy_body()
+    assert runtime.cycle("edge/p", body).outcome == Outcome.APPLIED
+    assert 'policy="edge/p"' in generate_latest(runtime.instruments.registry).decode()
+    gate, held = threading.Event(), threading.Event()
+    read = mesh.read_metrics
+
+    def slow_read(**kwargs):
+        held.set()
+        gate.wait(timeout=10)
+        return read(**kwargs)
+
+    mesh.read_metrics = slow_read
+    mesh.offered["edge-0"] *= 2.5  # the late cycle would have a new decision to write
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        late = pool.submit(runtime.cycle, "edge/p", body)
+        assert held.wait(timeout=10)
+        runtime.stand_down("edge/p")
+        writes = mesh.writes
+        gate.set()
+        late.result(timeout=10)
+    assert mesh.writes == writes and "edge/p" not in runtime.controllers
+    assert runtime.store.latest("edge/p") is None
+    assert 'policy="edge/p"' not in generate_latest(runtime.instruments.registry).decode()
+    mesh.read_metrics = read
+    assert runtime.cycle("edge/p", body).outcome in (Outcome.APPLIED, Outcome.UNCHANGED)
+    assert runtime.store.latest("edge/p") is not None
 
 
 def test_an_unexpected_failure_holds_the_weights_and_says_so(caplog):

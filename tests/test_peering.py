@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import time
 import urllib.error
+import urllib.request
 
 import pytest
 
@@ -59,3 +60,33 @@ def test_only_the_highest_priority_replica_acts_and_the_other_takes_over(tmp_pat
 
         stack.stop("active")  # a clean exit leaves the peering object at once
         wait_for(lambda: has_decision(standby), 90, "the standby replica to take over")
+
+
+def test_a_replica_paused_for_a_higher_priority_peer_stops_serving_its_reports(tmp_path):
+    """A replica that kopf pauses for a newcomer of higher priority must not go on serving
+    the policy's last decision and metrics: they would stand frozen beside the new leader's
+    (a dashboard showing two sets of weights, one of them stale)."""
+    with running_stack(directory=tmp_path / "stack", operator=False) as stack:
+        (tmp_path / "peering.yaml").write_text(PEERING)
+        stack.apply(tmp_path / "peering.yaml")
+        url = stack.prometheus.url
+        first = start_operator(
+            stack, url, "first", ["--peering", "marl-operator", "--priority", "100"]
+        )
+        stack.apply(EXAMPLES / "policy.yaml")
+        wait_for(lambda: has_decision(first), 60, "the first replica's first cycle")
+        assert 'policy="edge/edge-routing"' in metrics(first)
+
+        second = start_operator(
+            stack, url, "second", ["--peering", "marl-operator", "--priority", "200"]
+        )
+        wait_for(lambda: has_decision(second), 90, "the higher-priority replica to take over")
+        wait_for(lambda: not has_decision(first), 30, "the paused replica to stand down")
+        assert 'policy="edge/edge-routing"' not in metrics(first)
+        time.sleep(12)  # more than one interval: a paused replica that still cycled would show
+        assert not has_decision(first) and has_decision(second)
+
+
+def metrics(url: str) -> str:
+    with urllib.request.urlopen(f"{url}/metrics", timeout=10) as response:
+        return response.read().decode()

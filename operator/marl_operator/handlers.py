@@ -95,6 +95,16 @@ def register(
         body: kopf.Body, name: str, namespace: str, stopped: kopf.DaemonStopped, **_: Any
     ) -> None:
         key = f"{namespace}/{name}"
+        try:
+            await run_cycles(key, body, name, namespace, stopped)
+        finally:
+            # kopf cancels a stopped daemon at once, so this runs in the cancellation too.
+            if stopped.reason and stopped.reason & kopf.DaemonStoppingReason.OPERATOR_PAUSING:
+                runtime.stand_down(key)
+
+    async def run_cycles(
+        key: str, body: kopf.Body, name: str, namespace: str, stopped: kopf.DaemonStopped
+    ) -> None:
         previous: CycleReport | None = None
         loop = asyncio.get_running_loop()
         while not stopped:

@@ -58,8 +58,8 @@ class RefusalRecorder:
     """The runtime's mesh client as one controller sees it: the same calls, and the refusals
     (403, :class:`~marl_operator.kube.Forbidden`) of the cycle running, by service, for its
     report. A later successful write of the service clears its refusal. Once ``closed`` (the
-    policy deleted while a cycle of it outlasted the wait), writes are refused, so that the
-    late cycle cannot take the routes given back over again."""
+    policy deleted, or left to a peer, while a cycle of it still ran), writes are refused, so
+    that the late cycle cannot take the routes over again from whoever has them now."""
 
     def __init__(self, mesh: MeshClient):
         self.mesh = mesh
@@ -75,7 +75,7 @@ class RefusalRecorder:
 
     def write(self, service: MeshService, routes: MeshRoutes) -> bool:
         if self.closed:
-            raise MeshError("the policy was deleted and its routes given back")
+            raise MeshError("the policy was deleted or left to a peer: its routes are not ours")
         try:
             changed = self.mesh.write(service, routes)
         except Forbidden as error:
@@ -117,9 +117,9 @@ class Runtime:
             weakref.WeakValueDictionary()
         )
         self._running: dict[str, threading.Lock] = {}  # policy -> held while a cycle runs
-        # policy -> deletions so far: a cycle that outlasted its policy's deletion (they wait
-        # only so long for it) sees the count moved and publishes nothing
-        self._deletions: Counter[str] = Counter()
+        # policy -> deletions and stand-downs so far: a cycle that outlasted either (a
+        # deletion waits only so long for it) sees the count moved and publishes nothing
+        self._retirements: Counter[str] = Counter()
         self._lock = threading.Lock()
 
     # -- building --------------------------------------------------------------------------
@@ -233,12 +233,12 @@ class Runtime:
                 extra={"fields": {"policy": key, "skipped": self.skipped[key]}},
             )
             return None
-        deletions = self._deletions[key]
+        retirements = self._retirements[key]
         try:
             return self._cycle(key, body)
         except Exception as error:
-            if self._deletions[key] != deletions:  # deleted meanwhile: only the log is left
-                log.exception("cycle %s of a deleted policy failed", key)
+            if self._retirements[key] != retirements:  # retired meanwhile: only the log is left
+                log.exception("cycle %s of a retired policy failed", key)
                 return None
             # The API server or the mesh failing in a way no handler expects (unreachable
             # mid-cycle, say), or a bug: the status says so, instead of the daemon dying with
@@ -288,10 +288,10 @@ class Runtime:
         recorder = controller.mesh if isinstance(controller.mesh, RefusalRecorder) else None
         if recorder is not None:
             recorder.refused.clear()
-        deletions = self._deletions[key]
+        retirements = self._retirements[key]
         report = controller.cycle()
-        if self._deletions[key] != deletions:
-            return report  # the policy was deleted while this cycle ran: nobody to tell
+        if self._retirements[key] != retirements:
+            return report  # the policy was deleted or left to a peer meanwhile: nobody to tell
         if recorder is not None and recorder.refused:
             refusal = next(iter(recorder.refused.values()))
             report = dataclasses.replace(report, forbidden=str(refusal))
@@ -349,11 +349,28 @@ class Runtime:
                     del self._running[key]
                 running.release()
 
-    def _delete(self, key: str, body: Mapping[str, Any]) -> list[str]:
-        self._deletions[key] += 1
+    def stand_down(self, key: str) -> None:
+        """Leave the policy ``key`` to another replica (kopf paused this one for a peer of
+        higher priority): a cycle still running writes and reports nothing more, and this
+        process stops serving the policy's last report and metrics, which would otherwise
+        stand frozen beside the new leader's. Should this replica lead again, the policy is
+        built afresh from what the mesh carries then."""
+        log.info("policy %s: standing down for a peer", key, extra={"fields": {"policy": key}})
+        self._retire(key)
+
+    def _retire(self, key: str) -> PolicyController | None:
+        """Stop everything this process does for ``key``; returns its controller, if any."""
+        self._retirements[key] += 1
         controller = self.controllers.pop(key, None)
         if controller is not None and isinstance(controller.mesh, RefusalRecorder):
             controller.mesh.closed = True  # a cycle still running writes nothing more
+        self.store.forget(key)
+        self.instruments.forget(key)
+        self.skipped.pop(key, None)
+        return controller
+
+    def _delete(self, key: str, body: Mapping[str, Any]) -> list[str]:
+        controller = self._retire(key)
         if controller is None:
             try:
                 controller = self.build(key, body)
@@ -365,9 +382,6 @@ class Runtime:
                 done += self.mesh.restore(service, controller.problem.nodes)
         elif hasattr(self.mesh, "restore_objects"):
             done = self._restore_from_status(key, body)
-        self.store.forget(key)
-        self.instruments.forget(key)
-        self.skipped.pop(key, None)
         return done
 
     def _restore_from_status(self, key: str, body: Mapping[str, Any]) -> list[str]:
