@@ -1253,7 +1253,7 @@ def test_delete_waits_for_the_running_cycle():
     slow = SlowController(runtime, "edge/a", 1)
     runtime.build = lambda key, body: slow  # type: ignore[method-assign]
     order: list[str] = []
-    runtime._delete = lambda key, body: order.append("restored") or []  # type: ignore[method-assign]
+    runtime._delete = lambda key, body, others: order.append("restored") or []  # type: ignore[method-assign]
     body = example_policy_body()
     with ThreadPoolExecutor(max_workers=2) as pool:
         running = pool.submit(runtime.cycle, "edge/a", body)

@@ -337,18 +337,18 @@ class CycleCounter:
         self.deleting = threading.Event()
         cycle, delete = runtime.cycle, runtime.delete
 
-        def counted_cycle(key: str, body: Any) -> Any:
+        def counted_cycle(key: str, body: Any, *args: Any) -> Any:
             with self.lock:
                 self.running += 1
             try:
-                return cycle(key, body)
+                return cycle(key, body, *args)
             finally:
                 with self.lock:
                     self.running -= 1
 
-        def announced_delete(key: str, body: Any) -> list[str]:
+        def announced_delete(key: str, body: Any, *args: Any) -> list[str]:
             self.deleting.set()
-            return delete(key, body)
+            return delete(key, body, *args)
 
         runtime.cycle = counted_cycle  # type: ignore[method-assign]
         runtime.delete = announced_delete  # type: ignore[method-assign]
@@ -426,6 +426,65 @@ def test_deleting_the_policy_restores_the_users_routes(cluster: Any) -> None:
         assert "restored VirtualService/fn" in restored[0]["message"]
         assert "deleted DestinationRule/fn" in restored[0]["message"]
         assert KEY not in runtime.controllers and runtime.store.latest(KEY) is None
+
+    asyncio.run(scenario())
+
+
+def test_a_second_policy_naming_a_governed_service_is_invalid_and_touches_nothing(
+    cluster: Any,
+) -> None:
+    """Two policies naming one EdgeService would fight over its weights. The older one
+    governs it (``a-rival`` sorts first by name: only its age makes it the second); the
+    other is Invalid, and its deletion gives back nothing. Once the first is deleted, the
+    second takes the service over."""
+    runtime, _ = new_runtime(cluster.kubeconfig, example_mesh())
+    rival = policy_body()
+    rival["metadata"]["name"] = "a-rival"
+    rival_key = f"{NAMESPACE}/a-rival"
+
+    async def scenario() -> None:
+        url = cluster.url
+        await create_resources(url)
+        async with operating(url, runtime):
+            await kube(url, "POST", POLICIES, policy_body())
+            await eventually(outcome_is(runtime, Outcome.APPLIED), what="a first cycle")
+            await asyncio.sleep(1.1)  # creation times are in whole seconds
+            await kube(url, "POST", POLICIES, rival)
+
+            async def rival_invalid() -> bool:
+                report = runtime.store.latest(rival_key)
+                return report is not None and report.outcome == Outcome.INVALID
+
+            await eventually(rival_invalid, what="the rival refused")
+            reason = runtime.store.latest(rival_key).reason
+            assert reason.startswith("spec.services: already governed") and KEY in reason
+            status = (await kube(url, "GET", f"{POLICIES}/a-rival"))["status"]
+            assert status["phase"] == "Failed" and not status.get("services")
+            vs = await kube(url, "GET", f"{VIRTUAL_SERVICES}/{SERVICE}")
+
+            await kube(url, "DELETE", f"{POLICIES}/a-rival")
+
+            async def rival_gone() -> bool:
+                return await get(url, f"{POLICIES}/a-rival") is None
+
+            await eventually(rival_gone, what="the rival's deletion")
+            after = await kube(url, "GET", f"{VIRTUAL_SERVICES}/{SERVICE}")
+            # Still the first policy's: a restore would have taken the operator's marks off.
+            assert after["metadata"]["labels"] == vs["metadata"]["labels"]
+            assert SERVICE_ANNOTATION in after["metadata"]["annotations"]
+
+            await kube(url, "POST", POLICIES, rival)
+            await eventually(rival_invalid, what="the rival refused again")
+            await kube(url, "DELETE", f"{POLICIES}/{POLICY}")
+
+            async def rival_governs() -> bool:
+                report = runtime.store.latest(rival_key)
+                return report is not None and report.outcome in (
+                    Outcome.APPLIED,
+                    Outcome.UNCHANGED,
+                )
+
+            await eventually(rival_governs, timeout=30, what="the rival taking over")
 
     asyncio.run(scenario())
 

@@ -19,6 +19,7 @@ from typing import Any
 
 import kopf
 
+from marl_operator.claims import Claim, claims_of, governors
 from marl_operator.report import CycleReport, Outcome
 from marl_operator.runtime import DELETE_WAIT_S, Runtime
 from marl_operator.status import status_of
@@ -90,27 +91,44 @@ def register(
     # for the GIL. The event loop stays free for kopf.
     worker = ThreadPoolExecutor(max_workers=CYCLE_WORKERS, thread_name_prefix="marl-cycle")
 
+    @kopf.index(GROUP, VERSION, PLURAL, registry=registry, id="service_claims")
+    def service_claims(
+        namespace: str, name: str, spec: kopf.Spec, meta: kopf.Meta, **_: Any
+    ) -> dict[tuple[str, str], Claim]:
+        return claims_of(namespace, name, spec, meta)
+
     @kopf.daemon(GROUP, VERSION, PLURAL, registry=registry, cancellation_timeout=30.0)
     async def control_loop(
-        body: kopf.Body, name: str, namespace: str, stopped: kopf.DaemonStopped, **_: Any
+        body: kopf.Body,
+        name: str,
+        namespace: str,
+        stopped: kopf.DaemonStopped,
+        service_claims: kopf.Index,
+        **_: Any,
     ) -> None:
         key = f"{namespace}/{name}"
         try:
-            await run_cycles(key, body, name, namespace, stopped)
+            await run_cycles(key, body, name, namespace, stopped, service_claims)
         finally:
             # kopf cancels a stopped daemon at once, so this runs in the cancellation too.
             if stopped.reason and stopped.reason & kopf.DaemonStoppingReason.OPERATOR_PAUSING:
                 runtime.stand_down(key)
 
     async def run_cycles(
-        key: str, body: kopf.Body, name: str, namespace: str, stopped: kopf.DaemonStopped
+        key: str,
+        body: kopf.Body,
+        name: str,
+        namespace: str,
+        stopped: kopf.DaemonStopped,
+        index: kopf.Index,
     ) -> None:
         previous: CycleReport | None = None
         loop = asyncio.get_running_loop()
         while not stopped:
             started = loop.time()
             snapshot = {"metadata": dict(body.metadata), "spec": dict(body.spec)}
-            running = loop.run_in_executor(worker, runtime.cycle, key, snapshot)
+            owners = governors(index, namespace, snapshot["spec"].get("services") or ())
+            running = loop.run_in_executor(worker, runtime.cycle, key, snapshot, owners)
             cycles[key] = running
             report = await asyncio.shield(running)
             if report is None:
@@ -140,8 +158,11 @@ def register(
             await stopped.wait(max(0.0, wait - (loop.time() - started)))
 
     @kopf.on.delete(GROUP, VERSION, PLURAL, registry=registry)
-    async def restore_routes(body: kopf.Body, name: str, namespace: str, **_: Any) -> None:
+    async def restore_routes(
+        body: kopf.Body, name: str, namespace: str, service_claims: kopf.Index, **_: Any
+    ) -> None:
         key = f"{namespace}/{name}"
+        owners = governors(service_claims, namespace, body.spec.get("services") or ())
         # The status too: it names the mesh objects of a policy that can no longer be built.
         snapshot = {
             "metadata": dict(body.metadata),
@@ -154,7 +175,7 @@ def register(
             # runtime.delete, which waits for it no longer than that either.
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(asyncio.shield(running), DELETE_WAIT_S)
-        done = await asyncio.to_thread(runtime.delete, key, snapshot)
+        done = await asyncio.to_thread(runtime.delete, key, snapshot, owners)
         if done:
             # kopf.event, not kopf.info: configure() raises kopf's posting level to WARNING,
             # which silently drops kopf.info.

@@ -31,6 +31,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+from marl_operator.claims import conflict
 from marl_operator.controller import MeshClient, MetricsSource, PolicyController
 from marl_operator.instruments import Instruments
 from marl_operator.inventory import Inventory, fingerprint
@@ -217,10 +218,14 @@ class Runtime:
 
     # -- running -----------------------------------------------------------------------------
 
-    def cycle(self, key: str, body: Mapping[str, Any]) -> CycleReport | None:
+    def cycle(
+        self, key: str, body: Mapping[str, Any], governed_by: Mapping[str, str] | None = None
+    ) -> CycleReport | None:
         """One interval of the policy ``key`` (``namespace/name``) as ``body`` now reads; None
         when the policy's previous cycle is still running: this one is skipped (counted in
-        :attr:`skipped` and ``marl_operator_cycles_skipped_total``, logged), not queued."""
+        :attr:`skipped` and ``marl_operator_cycles_skipped_total``, logged), not queued.
+        ``governed_by`` names the policy governing each service (:mod:`claims`): one that
+        another policy governs makes this one Invalid."""
         with self._lock:
             running = self._running.setdefault(key, threading.Lock())
             started = running.acquire(blocking=False)
@@ -235,7 +240,7 @@ class Runtime:
             return None
         retirements = self._retirements[key]
         try:
-            return self._cycle(key, body)
+            return self._cycle(key, body, governed_by or {})
         except Exception as error:
             if self._retirements[key] != retirements:  # retired meanwhile: only the log is left
                 log.exception("cycle %s of a retired policy failed", key)
@@ -257,10 +262,15 @@ class Runtime:
         finally:
             running.release()
 
-    def _cycle(self, key: str, body: Mapping[str, Any]) -> CycleReport:
+    def _cycle(
+        self, key: str, body: Mapping[str, Any], governed_by: Mapping[str, str]
+    ) -> CycleReport:
         generation = int(body.get("metadata", {}).get("generation", 0))
         controller = self.controllers.get(key)
         try:
+            namespace, name = key.split("/", 1)
+            if (taken := conflict(name, namespace, governed_by)) is not None:
+                raise SpecError("spec.services", taken)
             if (
                 controller is None
                 or controller.generation != generation
@@ -330,19 +340,24 @@ class Runtime:
             return 30.0
         return float(controller.spec.interval_s)
 
-    def delete(self, key: str, body: Mapping[str, Any]) -> list[str]:
+    def delete(
+        self, key: str, body: Mapping[str, Any], governed_by: Mapping[str, str] | None = None
+    ) -> list[str]:
         """Restore the mesh objects of a deleted policy and forget it. A policy this process
         never ran (deleted right after a restart) is rebuilt from ``body`` to find its
         objects; one that cannot be built never wrote anything. A cycle of the policy still
         running (its daemon already stopped) ends first, so that its write cannot take the
-        restored objects over again."""
+        restored objects over again. Services ``governed_by`` another policy are that one's:
+        left as they are."""
+        name = key.split("/", 1)[1]
+        others = {s for s, other in (governed_by or {}).items() if other != name}
         with self._lock:
             running = self._running.setdefault(key, threading.Lock())
         if not running.acquire(timeout=DELETE_WAIT_S):
             log.warning("restoring %s while a cycle of it still runs", key)
-            return self._delete(key, body)
+            return self._delete(key, body, others)
         try:
-            return self._delete(key, body)
+            return self._delete(key, body, others)
         finally:
             with self._lock:
                 if self._running.get(key) is running:
@@ -369,7 +384,8 @@ class Runtime:
         self.skipped.pop(key, None)
         return controller
 
-    def _delete(self, key: str, body: Mapping[str, Any]) -> list[str]:
+    def _delete(self, key: str, body: Mapping[str, Any], others: set[str]) -> list[str]:
+        """The deletion proper; ``others``: services another policy governs."""
         controller = self._retire(key)
         if controller is None:
             try:
@@ -379,12 +395,15 @@ class Runtime:
         done: list[str] = []
         if controller is not None and hasattr(self.mesh, "restore"):
             for service in controller.problem.services:
-                done += self.mesh.restore(service, controller.problem.nodes)
+                if service.name not in others:
+                    done += self.mesh.restore(service, controller.problem.nodes)
         elif hasattr(self.mesh, "restore_objects"):
-            done = self._restore_from_status(key, body)
+            done = self._restore_from_status(key, body, others)
         return done
 
-    def _restore_from_status(self, key: str, body: Mapping[str, Any]) -> list[str]:
+    def _restore_from_status(
+        self, key: str, body: Mapping[str, Any], others: set[str]
+    ) -> list[str]:
         """Restore what the status says the policy's services live in: for a policy that can
         no longer be built (its EdgeService or checkpoint deleted first, after a restart).
         Only objects the operator manages for that EdgeService are touched, whatever the
@@ -392,6 +411,8 @@ class Runtime:
         namespace = key.split("/", 1)[0]
         done: list[str] = []
         for entry in (body.get("status") or {}).get("services") or ():
+            if str(entry.get("name")) in others:
+                continue
             objects = [
                 (kind, name)
                 for kind, _, name in (str(o).partition("/") for o in entry.get("meshObjects") or ())
