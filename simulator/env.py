@@ -147,6 +147,19 @@ class EpisodeTotals:
         self.latency_hist = np.zeros((b, len(LATENCY_BINS_MS)))
 
 
+def valid_fractions(actions: np.ndarray) -> np.ndarray:
+    """Actions as shares of each agent's arrivals: finite, non-negative, each agent's summing
+    to 1. A row off by more than rounding is scaled to sum to 1 (a Box action space lets a
+    learner emit ``[1, 1, 1]``); unscaled, it would route more or fewer requests than arrived."""
+    if not np.isfinite(actions).all() or (actions < 0).any():
+        raise ValueError("actions must be finite and non-negative shares of each agent's arrivals")
+    total = actions.sum(axis=-1, keepdims=True)
+    if (total <= 0).any():
+        raise ValueError("each agent's action must have a positive share somewhere")
+    off = np.abs(total - 1.0) > 1e-6
+    return np.where(off, actions / total, actions) if off.any() else actions
+
+
 class EdgeEnv:
     """Vectorised multi-agent edge-routing environment (see module docstring)."""
 
@@ -263,7 +276,9 @@ class EdgeEnv:
             self.topology.max_degree,
         )
         arrivals = self.arrivals[:, self.t].reshape(b, n * s)
-        actions = np.asarray(actions, dtype=np.float64).reshape(b, n * s, self.action_dim)
+        actions = valid_fractions(
+            np.asarray(actions, dtype=np.float64).reshape(b, n * s, self.action_dim)
+        )
         if self.action_mode == "split3":
             c = reference_counts(actions, arrivals).reshape(b, n, s, 3)
             local, fwd, reject = c[..., 0], c[..., 1], c[..., 2]

@@ -1,4 +1,5 @@
 import numpy as np
+import pytest
 from pettingzoo.test import parallel_api_test, parallel_seed_test
 
 from simulator.env import EdgeEnv
@@ -60,3 +61,24 @@ def test_pettingzoo_api_and_seed_tests():
     parallel_api_test(EdgeParallelEnv("dfaas-2"), num_cycles=300)
     parallel_seed_test(lambda: EdgeParallelEnv("dfaas-2"))
     parallel_api_test(EdgeParallelEnv("mesh-10x3"), num_cycles=20)
+
+
+def test_actions_that_are_not_shares_are_scaled_or_refused(paise):
+    """A Box action space lets a learner emit ``[1, 1, 1]``: routed as is, it would send
+    more requests than arrived. It is routed as the shares it stands for; NaN or a negative
+    share is refused."""
+    env = EdgeEnv(paise, num_envs=1, seed=0)
+    env.reset()
+    scaled = env.counts(np.ones((1, 5, 3)))
+    shares = env.counts(np.full((1, 5, 3), 1.0 / 3.0))
+    assert all(np.array_equal(a, b) for a, b in zip(scaled, shares, strict=True))
+    local, forward, reject, dropped = scaled
+    arrived = env.arrivals[0, 0, :, 0]
+    assert np.array_equal(
+        local[0, :, 0] + forward[0].sum(1)[:, 0] + reject[0, :, 0] + dropped[0, :, 0], arrived
+    )
+    for bad in (np.nan, -0.5):
+        action = np.full((1, 5, 3), 1.0 / 3.0)
+        action[0, 2, 1] = bad
+        with pytest.raises(ValueError, match="finite and non-negative"):
+            env.step(action)
