@@ -428,7 +428,7 @@ def bundled_names() -> list[str]:
 def load_scenario(name_or_path: str | Path) -> Scenario:
     """Load a bundled scenario by name, or a YAML file by path."""
     path = Path(name_or_path)
-    if path.suffix in (".yaml", ".yml") or path.exists():
+    if path.suffix in (".yaml", ".yml") or path.is_file():
         if not path.exists():
             raise ScenarioError(f"scenario file {str(path)!r} does not exist")
         text, base = path.read_text(), path.parent
@@ -466,4 +466,7 @@ def _resolve_extends(data: Any, origin: str, depth: int = 0) -> Any:
             f"bundled: {bundled_names()}"
         )
     base = _resolve_extends(_parse_yaml(resource.read_text(), base_name), base_name, depth + 1)
-    return {**base, **{k: v for k, v in data.items() if k != "extends"}}
+    # Not the base's name: a variant called like its base would write over the base's runs
+    # (runs/<scenario>__...). Unnamed, it is called after its file.
+    own = {k: v for k, v in base.items() if k not in ("name", "description")}
+    return {**own, **{k: v for k, v in data.items() if k != "extends"}}

@@ -42,6 +42,16 @@ def test_extends_replaces_only_given_keys():
     assert drop.nodes == base.nodes and len(drop.events) == 1 and drop.events[0].factor == 0.5
 
 
+def test_an_unnamed_variant_is_called_after_its_file_not_its_base(tmp_path, monkeypatch):
+    """Called like its base, a variant's runs would go to (and resume) the base's folder."""
+    variant = tmp_path / "my-variant.yaml"
+    variant.write_text("extends: mesh-10x3\nsteps: 20\n")
+    assert load_scenario(variant).name == "my-variant"
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "mesh-10x3").mkdir()  # a folder called like a bundled scenario (--out)
+    assert load_scenario("mesh-10x3").name == "mesh-10x3"
+
+
 @pytest.mark.parametrize(
     ("data", "field", "hint"),
     [
