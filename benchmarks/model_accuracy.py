@@ -30,7 +30,7 @@ from tqdm import tqdm
 from policies.system_model import TARGETS, SystemModel, score
 from simulator.adapt import build_parser as adapt_parser
 from simulator.adapt import commissioning_rows, run_arm, warm_model, warm_start
-from simulator.cli import parser_from_doc
+from simulator.cli import parser_from_doc, png_path
 from simulator.env import EdgeEnv
 from simulator.episodes import build_policy
 from simulator.scenario import load_scenario
@@ -110,7 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--train", type=int, default=360, help="intervals learned from")
     parser.add_argument("--test", type=int, default=60, help="held-out intervals scored")
     parser.add_argument("--interval", type=int, default=5, help="simulator steps per interval")
-    parser.add_argument("--plot", metavar="PNG", help="held-out predicted vs observed latency")
+    parser.add_argument(
+        "--plot", metavar="PNG", type=png_path, help="held-out predicted vs observed latency"
+    )
     parser.add_argument(
         "--routing",
         choices=("commissioning", "rollout"),

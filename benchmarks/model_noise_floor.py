@@ -61,7 +61,7 @@ from simulator.adapt import (
 from simulator.adapt import (
     build_parser as adapt_parser,
 )
-from simulator.cli import parser_from_doc
+from simulator.cli import parser_from_doc, png_path
 from simulator.env import EdgeEnv
 from simulator.episodes import build_policy
 from simulator.scenario import Scenario, load_scenario
@@ -295,7 +295,9 @@ def build_parser() -> argparse.ArgumentParser:
         default="commissioning",
         help="what every replica plays: commissioning routings, or rollout's in a live run",
     )
-    parser.add_argument("--plot", metavar="PNG", help="the four errors per scenario as bars")
+    parser.add_argument(
+        "--plot", metavar="PNG", type=png_path, help="the four errors per scenario as bars"
+    )
     return parser
 
 

@@ -47,7 +47,7 @@ from simulator.adapt import (
 from simulator.adapt import (
     build_parser as adapt_parser,
 )
-from simulator.cli import parser_from_doc
+from simulator.cli import parser_from_doc, png_path
 from simulator.env import Timeline
 from simulator.fluid import expected_arrivals, oracle_schedule
 from simulator.scenario import Scenario
@@ -169,7 +169,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="controllers to run (the oracle always runs: it is the yardstick)",
     )
     parser.add_argument("--interval", type=int, default=5, help="simulator steps per interval")
-    parser.add_argument("--plot", metavar="PNG", help="miss rates per interval, per scenario")
+    parser.add_argument(
+        "--plot", metavar="PNG", type=png_path, help="miss rates per interval, per scenario"
+    )
     return parser
 
 

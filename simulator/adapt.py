@@ -41,7 +41,7 @@ from policies.model_env import RAMP_FROM_UTILISATION, SAFE_UTILISATION, ModelEnv
 from policies.observation import MeshTelemetry, mesh_observation
 from policies.rollout import Policy, RolloutSettings
 from policies.system_model import SystemModel
-from simulator.cli import parser_from_doc
+from simulator.cli import parser_from_doc, png_path
 from simulator.engine import hist_quantile
 from simulator.env import EdgeEnv, Timeline
 from simulator.episodes import build_policy
@@ -579,7 +579,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--json", action="store_true", help="one JSON object per cycle, then one of the totals"
     )
     parser.add_argument(
-        "--plot", metavar="PNG", help="save latency, cost and weights over time with the changes"
+        "--plot",
+        metavar="PNG",
+        type=png_path,
+        help="save latency, cost and weights over time with the changes",
     )
     parser.add_argument(
         "--list-scenarios", action="store_true", help="print the bundled change scenarios' names"

@@ -4,6 +4,7 @@ built on them (the demo, the benchmarks)."""
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 
 class DocHelpFormatter(argparse.RawDescriptionHelpFormatter):
@@ -30,3 +31,13 @@ def parser_from_doc(prog: str, doc: str | None) -> argparse.ArgumentParser:
     return argparse.ArgumentParser(
         prog=prog, description=head, epilog=rest, formatter_class=DocHelpFormatter
     )
+
+
+def png_path(value: str) -> str:
+    """An argparse type for ``--plot``: the folder must exist before the run, not be found
+    missing after minutes of work whose results the failed plot would take with it."""
+    if not Path(value).parent.is_dir():
+        raise argparse.ArgumentTypeError(
+            f"folder {str(Path(value).parent)!r} does not exist; create it or plot elsewhere"
+        )
+    return value

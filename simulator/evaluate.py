@@ -23,7 +23,7 @@ import json
 import sys
 
 from policies.baselines import PolicyError
-from simulator.cli import parser_from_doc
+from simulator.cli import parser_from_doc, png_path
 from simulator.compare import compare, default_policies, format_table, plot
 from simulator.env import default_action_mode
 from simulator.episodes import run_episodes, summarise
@@ -53,7 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--compare", action="store_true", help="run every baseline and the bound/oracle too"
     )
-    parser.add_argument("--plot", metavar="PNG", help="with --compare: save a bar chart")
+    parser.add_argument(
+        "--plot", metavar="PNG", type=png_path, help="with --compare: save a bar chart"
+    )
     return parser
 
 

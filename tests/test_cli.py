@@ -172,3 +172,21 @@ def test_help_names_defaults_the_text_does_not():
     assert "(default: bundled) (default:" not in text
     assert "--json" in text and "(default: False)" not in text
     assert "(default: 0.1 0.3)" in " ".join(text.split())  # --steps, as it would be typed
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        "simulator.evaluate",
+        "simulator.adapt",
+        "model_accuracy.py",
+        "model_noise_floor.py",
+        "slo_chance.py",
+    ],
+)
+def test_a_plot_into_a_missing_folder_is_refused_before_the_run(command, tmp_path):
+    """Found missing after the run, the folder would take the run's printed results with it."""
+    parser = parser_of(ROOT / "benchmarks" / command if command.endswith(".py") else command)
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--plot", str(tmp_path / "missing" / "plot.png")])
+    assert parser.parse_args(["--plot", str(tmp_path / "plot.png")]).plot.endswith("plot.png")
