@@ -14,6 +14,7 @@ import time
 import weakref
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -1067,14 +1068,9 @@ def test_a_cycle_that_fails_after_its_policys_deletion_reports_nothing(monkeypat
     assert runtime.store.latest("edge/p") is None
 
 
-def test_a_cycle_that_outlasts_the_deletion_writes_nothing_after_it(monkeypatch):
-    """A deletion waits DELETE_WAIT_S for a running cycle, then gives the routes back. The
-    cycle, when it ends, must neither write them over again nor report for a deleted policy."""
-    monkeypatch.setattr(runtime_module, "DELETE_WAIT_S", 0.2)
-    mesh = example_mesh()
-    runtime, _ = runtime_over(mesh)
-    body = example_policy_body()
-    assert runtime.cycle("edge/p", body).outcome == Outcome.APPLIED
+def hold_metrics_reads(mesh: QueueingMesh) -> tuple[threading.Event, threading.Event, Any]:
+    """Make ``mesh``'s metrics reads wait for ``gate``; ``held`` is set once one waits.
+    Returns both and the original read (to put back)."""
     gate, held = threading.Event(), threading.Event()
     read = mesh.read_metrics
 
@@ -1084,6 +1080,18 @@ def test_a_cycle_that_outlasts_the_deletion_writes_nothing_after_it(monkeypatch)
         return read(**kwargs)
 
     mesh.read_metrics = slow_read
+    return gate, held, read
+
+
+def test_a_cycle_that_outlasts_the_deletion_writes_nothing_after_it(monkeypatch):
+    """A deletion waits DELETE_WAIT_S for a running cycle, then gives the routes back. The
+    cycle, when it ends, must neither write them over again nor report for a deleted policy."""
+    monkeypatch.setattr(runtime_module, "DELETE_WAIT_S", 0.2)
+    mesh = example_mesh()
+    runtime, _ = runtime_over(mesh)
+    body = example_policy_body()
+    assert runtime.cycle("edge/p", body).outcome == Outcome.APPLIED
+    gate, held, _ = hold_metrics_reads(mesh)
     del mesh.routes["fn"]  # as given back: the late cycle finds the even split to change
     with ThreadPoolExecutor(max_workers=1) as pool:
         late = pool.submit(runtime.cycle, "edge/p", body)
@@ -1106,15 +1114,7 @@ def test_a_replica_standing_down_writes_and_reports_nothing_more():
     body = example_policy_body()
     assert runtime.cycle("edge/p", body).outcome == Outcome.APPLIED
     assert 'policy="edge/p"' in generate_latest(runtime.instruments.registry).decode()
-    gate, held = threading.Event(), threading.Event()
-    read = mesh.read_metrics
-
-    def slow_read(**kwargs):
-        held.set()
-        gate.wait(timeout=10)
-        return read(**kwargs)
-
-    mesh.read_metrics = slow_read
+    gate, held, read = hold_metrics_reads(mesh)
     mesh.offered["edge-0"] *= 2.5  # the late cycle would have a new decision to write
     with ThreadPoolExecutor(max_workers=1) as pool:
         late = pool.submit(runtime.cycle, "edge/p", body)
