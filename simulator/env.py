@@ -150,14 +150,14 @@ class EpisodeTotals:
 def valid_fractions(actions: np.ndarray) -> np.ndarray:
     """Actions as shares of each agent's arrivals: finite, non-negative, each agent's summing
     to 1. A row off by more than rounding is scaled to sum to 1 (a Box action space lets a
-    learner emit ``[1, 1, 1]``); unscaled, it would route more or fewer requests than arrived."""
+    learner emit ``[1, 1, 1]``); unscaled, it would route more or fewer requests than arrived.
+    An all-zero row is left to the rounding, which gives it the first route (a data plane
+    sends one for a node without routes)."""
     if not np.isfinite(actions).all() or (actions < 0).any():
         raise ValueError("actions must be finite and non-negative shares of each agent's arrivals")
     total = actions.sum(axis=-1, keepdims=True)
-    if (total <= 0).any():
-        raise ValueError("each agent's action must have a positive share somewhere")
-    off = np.abs(total - 1.0) > 1e-6
-    return np.where(off, actions / total, actions) if off.any() else actions
+    off = (np.abs(total - 1.0) > 1e-6) & (total > 0)  # all zero: the first route, as before
+    return np.where(off, actions / np.where(off, total, 1.0), actions) if off.any() else actions
 
 
 class EdgeEnv:
