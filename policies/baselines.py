@@ -22,9 +22,10 @@ class PolicyContext:
 
     action_mode: str  # "split3" or "neighbours"
     max_degree: int
-    local_capacity: float = 64.0
-    """split3 mode: requests one node serves per step (the reference's fill-local uses 64)."""
-    queue_capacity: float = 100.0
+    local_capacity: float | np.ndarray = 64.0
+    """split3 mode: requests one node serves per step (the reference's fill-local uses 64);
+    one number for every agent, or one per agent ``(A,)``."""
+    queue_capacity: float | np.ndarray = 100.0
 
 
 Policy = Callable[[np.ndarray, np.ndarray], np.ndarray]

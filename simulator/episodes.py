@@ -19,13 +19,16 @@ BOUNDS = ("global-node",)
 
 
 def policy_context(env: EdgeEnv) -> PolicyContext:
-    scenario = env.scenario
-    node = scenario.nodes[0]
+    """Each agent's node's capacity and queue (agents are node-major, one per service): nodes
+    differ, and a heuristic sized by one node would overfill the smaller ones."""
+    services = env.topology.num_services
+    nodes = env.scenario.nodes
+    work = float(np.mean(env.mean_cost))
     return PolicyContext(
         action_mode=env.action_mode,
         max_degree=env.topology.max_degree,
-        local_capacity=math.floor(node.cpu / float(np.mean(env.mean_cost))),
-        queue_capacity=float(node.queue_capacity),
+        local_capacity=np.repeat([math.floor(n.cpu / work) for n in nodes], services),
+        queue_capacity=np.repeat([float(n.queue_capacity) for n in nodes], services),
     )
 
 

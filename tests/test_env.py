@@ -77,8 +77,31 @@ def test_actions_that_are_not_shares_are_scaled_or_refused(paise):
     assert np.array_equal(
         local[0, :, 0] + forward[0].sum(1)[:, 0] + reject[0, :, 0] + dropped[0, :, 0], arrived
     )
+    idle = np.zeros((1, 5, 3))
+    assert env.counts(idle)[0][0, :, 0].tolist() == arrived.tolist()  # all to the first route
     for bad in (np.nan, -0.5):
         action = np.full((1, 5, 3), 1.0 / 3.0)
         action[0, 2, 1] = bad
         with pytest.raises(ValueError, match="finite and non-negative"):
             env.step(action)
+
+
+def test_fill_local_sizes_each_node_by_its_own_capacity(mesh):
+    """Nodes differ (mesh-10x3: 600 to 1500 CPU): sized by the first node, the heuristic
+    would overfill the small ones and underuse the large ones, and its score would depend
+    on the order the nodes are listed in."""
+    from simulator.episodes import build_policy, policy_context
+
+    env = EdgeEnv(mesh, num_envs=1, seed=0, action_mode="split3")
+    s = env.topology.num_services
+    capacity = policy_context(env).local_capacity
+    work = float(np.mean(env.mean_cost))
+    assert [capacity[i * s] for i in range(len(mesh.nodes))] == [
+        int(n.cpu // work) for n in mesh.nodes
+    ]
+    obs = np.zeros((1, env.num_agents, env.obs_dim))
+    obs[..., 0] = 500.0  # the same arrivals everywhere, empty queues
+    local = build_policy("fill-local-then-forward", env, seed=0)(obs, env.action_mask())[0, :, 0]
+    cpus = [n.cpu for n in mesh.nodes]
+    small, large = int(np.argmin(cpus)), int(np.argmax(cpus))
+    assert local[small * s] < local[large * s]

@@ -42,7 +42,7 @@ def test_teacher_data_labels_every_agent_state_with_the_teachers_weights():
     obs, mask, target = teacher_data(env, teacher, 5, 50.0, np.random.default_rng(0))
     assert obs.shape == (5 * 3 * 2, 6) and target.shape == mask.shape == (30, 3)
     np.testing.assert_allclose(target.sum(-1), 1.0, atol=1e-6)
-    again = teacher(obs.reshape(5, 6, 6)[:, None].reshape(-1, 1, 6), mask[:1])
+    again = teacher(obs.reshape(5 * 3, 2, 6), mask[:2])  # the env's layout: 2 agents a row
     np.testing.assert_allclose(again.reshape(-1, 3), target, atol=1e-6)
 
 
