@@ -194,7 +194,16 @@ def main(argv: list[str] | None = None) -> int:
     lead = rank == 0
     resumed = args.resume and (out / STATE_FILE).is_file()
     if resumed:
-        trainer.load_state_dict(torch.load(out / STATE_FILE, weights_only=True))
+        try:
+            trainer.load_state_dict(torch.load(out / STATE_FILE, weights_only=True))
+        except (RuntimeError, KeyError, ValueError, OSError) as exc:
+            print(
+                f"error: --resume: {out / STATE_FILE} does not fit this run ({exc}); it was "
+                "saved with other settings (--algo, --action-mode, --set) or is damaged: "
+                "resume with the settings it was trained with, or train into a new --out",
+                file=sys.stderr,
+            )
+            return 2
     elif cfg.imitate:
         try:
             teacher = build_policy(cfg.imitate, env, args.seed)
@@ -253,7 +262,9 @@ def main(argv: list[str] | None = None) -> int:
                 "metrics": final_metrics or (evals[-1] if evals else {}),
             },
         )
-        torch.save(trainer.state_dict(), out / STATE_FILE)
+        # Temp file then rename: a save cut short must not replace the last good state.
+        torch.save(trainer.state_dict(), out / (STATE_FILE + ".tmp"))
+        (out / (STATE_FILE + ".tmp")).replace(out / STATE_FILE)
 
     started = time.perf_counter()
     bar = tqdm(

@@ -116,6 +116,18 @@ def test_progress_rows_are_on_disk_at_every_evaluation(tmp_path, monkeypatch):
     assert _progress_updates(out) == [1, 2, 3, 4]
 
 
+def test_a_state_that_does_not_fit_is_refused_by_resume_and_saves_are_whole(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert train(out, 3000, *TINY) == 0
+    state = out / train_module.STATE_FILE
+    assert state.is_file() and not (out / (train_module.STATE_FILE + ".tmp")).exists()
+    state.write_bytes(state.read_bytes()[: state.stat().st_size // 2])  # a save cut short
+    capsys.readouterr()
+    assert train(out, 6000, *TINY, "--resume") == 2
+    err = capsys.readouterr().err
+    assert "error: --resume:" in err and "train into a new --out" in err
+
+
 def _progress_updates(out) -> list[int]:
     with (out / "progress.csv").open() as f:
         return [int(row["update"]) for row in csv.DictReader(f)]
