@@ -41,7 +41,7 @@ from policies.model_env import RAMP_FROM_UTILISATION, SAFE_UTILISATION, ModelEnv
 from policies.observation import MeshTelemetry, mesh_observation
 from policies.rollout import Policy, RolloutSettings
 from policies.system_model import SystemModel
-from simulator.cli import parser_from_doc, png_path
+from simulator.cli import parser_from_doc, png_path, positive_int
 from simulator.engine import hist_quantile
 from simulator.env import EdgeEnv, Timeline
 from simulator.episodes import build_policy
@@ -485,7 +485,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="bundled change scenario (--list-scenarios) or YAML path",
     )
     parser.add_argument("--policy", default="default", help="checkpoint (default: bundled)")
-    parser.add_argument("--interval", type=int, default=5, help="simulator steps per cycle")
+    parser.add_argument(
+        "--interval", type=positive_int, default=5, help="simulator steps per cycle"
+    )
     parser.add_argument("--warmup", type=int, default=360, help="warm-start intervals")
     parser.add_argument("--noise", type=float, default=0.05, help="relative telemetry noise")
     parser.add_argument(

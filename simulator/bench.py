@@ -20,7 +20,7 @@ import time
 import numpy as np
 
 from policies.baselines import make_heuristic
-from simulator.cli import parser_from_doc
+from simulator.cli import parser_from_doc, positive_int
 from simulator.env import EdgeEnv
 from simulator.episodes import policy_context
 from simulator.scenario import load_scenario
@@ -60,8 +60,10 @@ def build_parser() -> argparse.ArgumentParser:
     """The command line, apart from ``main`` so that its help can be checked without running it."""
     parser = parser_from_doc("python -m simulator.bench", __doc__)
     parser.add_argument("--scenario", default="dfaas-paise25", help="bundled name or YAML path")
-    parser.add_argument("--envs", type=int, default=4096, help="environments stepped as one batch")
-    parser.add_argument("--steps", type=int, default=100, help="measured batch steps")
+    parser.add_argument(
+        "--envs", type=positive_int, default=4096, help="environments stepped as one batch"
+    )
+    parser.add_argument("--steps", type=positive_int, default=100, help="measured batch steps")
     parser.add_argument("--warmup", type=int, default=20, help="batch steps run before timing")
     parser.add_argument("--seed", type=int, default=0, help="seeds the workloads")
     parser.add_argument(

@@ -41,3 +41,15 @@ def png_path(value: str) -> str:
             f"folder {str(Path(value).parent)!r} does not exist; create it or plot elsewhere"
         )
     return value
+
+
+def positive_int(value: str) -> int:
+    """An argparse type for counts that must be at least 1 (episodes, environments, steps):
+    zero would divide by nothing, or end a finished run in a traceback."""
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {value!r}") from None
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {number}")
+    return number

@@ -23,7 +23,7 @@ import json
 import sys
 
 from policies.baselines import PolicyError
-from simulator.cli import parser_from_doc, png_path
+from simulator.cli import parser_from_doc, png_path, positive_int
 from simulator.compare import compare, default_policies, format_table, plot
 from simulator.env import default_action_mode
 from simulator.episodes import run_episodes, summarise
@@ -40,9 +40,11 @@ def build_parser() -> argparse.ArgumentParser:
         "checkpoint) or a checkpoint directory (default apl; with --compare, an extra policy "
         "to add to the table)",
     )
-    parser.add_argument("--episodes", type=int, default=100, help="episodes to average over")
+    parser.add_argument(
+        "--episodes", type=positive_int, default=100, help="episodes to average over"
+    )
     parser.add_argument("--seed", type=int, default=0, help="seeds the episodes' workloads")
-    parser.add_argument("--envs", type=int, default=100, help="episodes simulated at once")
+    parser.add_argument("--envs", type=positive_int, default=100, help="episodes simulated at once")
     parser.add_argument("--workload", help="replace every workload by this kind (e.g. normal)")
     parser.add_argument(
         "--action-mode",

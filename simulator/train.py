@@ -45,7 +45,7 @@ from policies.baselines import PolicyError
 from policies.checkpoint import LoadedPolicy
 from policies.mappo import Trainer
 from policies.ppo import PPOConfig
-from simulator.cli import parser_from_doc
+from simulator.cli import parser_from_doc, positive_int
 from simulator.env import EdgeEnv, default_action_mode
 from simulator.episodes import build_policy, run_episodes, summarise
 from simulator.scenario import Scenario, ScenarioError, load_scenario
@@ -159,7 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
         "scenarios; neighbours: a share per neighbour, as a mesh routes (default elsewhere)",
     )
     parser.add_argument(
-        "--eval-episodes", type=int, default=50, help="episodes of the final evaluation"
+        "--eval-episodes", type=positive_int, default=50, help="episodes of the final evaluation"
     )
     parser.add_argument("--resume", action="store_true", help="continue from OUT/train_state.pt")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")

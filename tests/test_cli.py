@@ -190,3 +190,22 @@ def test_a_plot_into_a_missing_folder_is_refused_before_the_run(command, tmp_pat
     with pytest.raises(SystemExit):
         parser.parse_args(["--plot", str(tmp_path / "missing" / "plot.png")])
     assert parser.parse_args(["--plot", str(tmp_path / "plot.png")]).plot.endswith("plot.png")
+
+
+@pytest.mark.parametrize(
+    ("command", "option"),
+    [
+        ("simulator.evaluate", "--episodes"),
+        ("simulator.evaluate", "--envs"),
+        ("simulator.bench", "--steps"),
+        ("simulator.bench", "--envs"),
+        ("simulator.adapt", "--interval"),
+        ("simulator.train", "--eval-episodes"),
+    ],
+)
+def test_counts_below_one_are_refused_naming_the_option(command, option, capsys):
+    """Zero episodes or steps used to end in a ZeroDivisionError or StopIteration, after a
+    whole training run in the case of --eval-episodes."""
+    with pytest.raises(SystemExit):
+        parser_of(command).parse_args([option, "0"])
+    assert f"argument {option}: must be at least 1, got 0" in capsys.readouterr().err
