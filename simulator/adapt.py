@@ -41,7 +41,7 @@ from policies.model_env import RAMP_FROM_UTILISATION, SAFE_UTILISATION, ModelEnv
 from policies.observation import MeshTelemetry, mesh_observation
 from policies.rollout import Policy, RolloutSettings
 from policies.system_model import SystemModel
-from simulator.cli import parser_from_doc, png_path, positive_int
+from simulator.cli import json_line, parser_from_doc, png_path, positive_int
 from simulator.engine import hist_quantile
 from simulator.env import EdgeEnv, Timeline
 from simulator.episodes import build_policy
@@ -641,8 +641,8 @@ def main(argv: list[str] | None = None) -> int:
     records = cycle_report(scenario, results, args.interval)
     if args.json:
         for record in records:
-            print(json.dumps(record))
-        print(json.dumps(summary))
+            print(json_line(record))
+        print(json_line(summary))
     else:
         print(cycle_table(records))
         for key, value in summary.items():

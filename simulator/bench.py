@@ -13,14 +13,13 @@ and reports env steps per second (one step of one environment), agent steps per 
 from __future__ import annotations
 
 import argparse
-import json
 import resource
 import time
 
 import numpy as np
 
 from policies.baselines import make_heuristic
-from simulator.cli import parser_from_doc, positive_int
+from simulator.cli import json_line, parser_from_doc, positive_int
 from simulator.env import EdgeEnv
 from simulator.episodes import policy_context
 from simulator.scenario import load_scenario
@@ -79,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     result = measure(args.scenario, args.envs, args.steps, args.warmup, args.seed, args.policy)
     if args.json:
-        print(json.dumps(result))
+        print(json_line(result))
     else:
         for key, value in result.items():
             print(f"{key:<20} {value:,.1f}" if isinstance(value, float) else f"{key:<20} {value}")

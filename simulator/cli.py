@@ -4,6 +4,8 @@ built on them (the demo, the benchmarks)."""
 from __future__ import annotations
 
 import argparse
+import json
+import math
 from pathlib import Path
 
 
@@ -53,3 +55,20 @@ def positive_int(value: str) -> int:
     if number < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {number}")
     return number
+
+
+def json_line(obj: object) -> str:
+    """``obj`` as one line of strict JSON: a NaN or infinity (a latency over no requests)
+    becomes null, which every parser reads; ``json.dumps`` would write ``NaN``, which strict
+    ones refuse."""
+    return json.dumps(_finite(obj), allow_nan=False)
+
+
+def _finite(obj: object) -> object:
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_finite(v) for v in obj]
+    return obj

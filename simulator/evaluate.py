@@ -19,11 +19,10 @@ every baseline and the bound or oracle side by side, with costs relative to the 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
 from policies.baselines import PolicyError
-from simulator.cli import parser_from_doc, png_path, positive_int
+from simulator.cli import json_line, parser_from_doc, png_path, positive_int
 from simulator.compare import compare, default_policies, format_table, plot
 from simulator.env import default_action_mode
 from simulator.episodes import run_episodes, summarise
@@ -89,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
         **summarise(per_episode),
     }
     if args.json:
-        print(json.dumps(summary))
+        print(json_line(summary))
         return 0
     print(
         f"{scenario.name}  policy={args.policy}  episodes={summary['episodes']}  seed={args.seed}"
@@ -116,7 +115,7 @@ def _compare(scenario: Scenario, args) -> int:
     if args.plot:
         plot(rows, args.plot, f"{scenario.name}: {args.episodes} episodes, seed {args.seed}")
     if args.json:
-        print(json.dumps({"scenario": scenario.name, "seed": args.seed, "policies": rows}))
+        print(json_line({"scenario": scenario.name, "seed": args.seed, "policies": rows}))
     else:
         print(f"{scenario.name}  episodes={args.episodes}  seed={args.seed}")
         print(format_table(rows))

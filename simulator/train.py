@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import math
 import os
 import random
@@ -45,7 +44,7 @@ from policies.baselines import PolicyError
 from policies.checkpoint import LoadedPolicy
 from policies.mappo import Trainer
 from policies.ppo import PPOConfig
-from simulator.cli import parser_from_doc, positive_int
+from simulator.cli import json_line, parser_from_doc, positive_int
 from simulator.env import EdgeEnv, default_action_mode
 from simulator.episodes import build_policy, run_episodes, summarise
 from simulator.scenario import Scenario, ScenarioError, load_scenario
@@ -336,7 +335,7 @@ def main(argv: list[str] | None = None) -> int:
                 for m in ("return_per_agent", "processed_pct")
             }
         )
-        print(json.dumps(summary) if args.json else _readable(summary))
+        print(json_line(summary) if args.json else _readable(summary))
     if world > 1:
         dist.destroy_process_group()
     return 130 if interrupted else 0

@@ -209,3 +209,14 @@ def test_counts_below_one_are_refused_naming_the_option(command, option, capsys)
     with pytest.raises(SystemExit):
         parser_of(command).parse_args([option, "0"])
     assert f"argument {option}: must be at least 1, got 0" in capsys.readouterr().err
+
+
+def test_json_lines_are_strict_json():
+    """A latency over no requests is NaN; printed as such, strict parsers refuse the line."""
+    from simulator.cli import json_line
+
+    line = json_line({"p95": float("nan"), "rows": [1.5, float("inf"), {"x": (2, float("-inf"))}]})
+    assert json.loads(line, parse_constant=lambda c: pytest.fail(f"non-JSON constant {c}")) == {
+        "p95": None,
+        "rows": [1.5, None, {"x": [2, None]}],
+    }
