@@ -188,7 +188,9 @@ def main(argv: list[str] | None = None) -> int:
     seed_everything(args.seed + 1000 * rank)
     env = EdgeEnv(scenario, num_envs=cfg.num_envs, action_mode=mode, seed=args.seed + 1000 * rank)
     per_update = cfg.num_envs * cfg.rollout_steps * world
-    total_updates = math.ceil(args.env_steps / per_update)
+    # The teacher's steps count towards the budget (every process imitates on its own envs).
+    imitation = cfg.imitate_steps * cfg.num_envs * world if cfg.imitate else 0
+    total_updates = max(math.ceil((args.env_steps - imitation) / per_update), 0)
     trainer = Trainer(env, cfg, total_updates)
     lead = rank == 0
     resumed = args.resume and (out / STATE_FILE).is_file()

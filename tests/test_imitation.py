@@ -1,6 +1,8 @@
 """Warm-starting PPO from a heuristic: the clone acts like its teacher, the critic warm-up
 leaves the clone alone, and a teacher that does not exist is refused by name."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -89,6 +91,16 @@ def test_training_from_a_clone_starts_where_the_teacher_is(tmp_path, capsys):
     random = summarise(run_episodes(scenario, "random", 16, seed=3))
     assert cloned["processed_pct"] == pytest.approx(teacher["processed_pct"], abs=1.5)
     assert cloned["return_per_agent"] > random["return_per_agent"] + 20
+
+
+def test_the_teachers_steps_count_towards_the_budget(tmp_path):
+    """--env-steps is the run's whole budget, the teacher's data included, not on top of it."""
+    out = tmp_path / "budget"
+    args = ["--scenario", "dfaas-2", "--env-steps", "64", "--out", str(out), "--json"]
+    teacher = ["--set", "imitate=apl", "--set", "imitate_steps=16", "--set", "num_envs=4"]
+    assert train_main([*args, "--eval-episodes", "1", *teacher]) == 0
+    meta = json.loads((out / "policy.json").read_text())
+    assert meta["trained_env_steps"] == 64  # 16 x 4 of the teacher's, no PPO update on top
 
 
 def test_an_unknown_teacher_is_refused_by_name(tmp_path, capsys):
