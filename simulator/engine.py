@@ -10,6 +10,7 @@ order of a step, per node, is the reference's:
     and service): while the queue is empty, requests are processed as long as they fit; the
     first that does not fit opens the queue, later ones are queued while there is room, and
     the rest are rejected (local queue-full rejects, or forward rejects of the sender).
+    Scenarios with ``arrivals: interleaved`` mix the stream's segments evenly instead.
 
 How it is vectorised:
 
@@ -342,12 +343,14 @@ class NodeModel:
         chunk: int = 32,
         ram_floor: float | None = None,
         track_servers: bool = False,
+        interleaved: bool = False,
     ):
         """``ram_floor``, the least RAM any active node will have, lets the model drop queued
         requests' RAM altogether when a full queue of the largest requests fits in it: RAM
         can then never bind in a queue (``None``: always keep it). ``track_servers`` adds
         per-node latency histograms (:class:`ServerLatency`): cheap for a few environments,
-        too much for training batches, hence optional."""
+        too much for training batches, hence optional. ``interleaved`` mixes the stream's
+        segments evenly (:class:`_Interleaved`) instead of the reference's segment order."""
         self.topo = topology
         self.tables = tables
         self.B, self.N, self.S, self.K = (
@@ -377,7 +380,8 @@ class NodeModel:
         self.agent_node = np.arange(self.A) // self.S
         # Per-request origin, service and birth step matter only with several services or a
         # latency model; the reference scenario needs neither, so it skips that bookkeeping.
-        self.needs_metadata = self.track_latency or self.S > 1
+        self.interleaved = interleaved
+        self.needs_metadata = self.track_latency or self.S > 1 or interleaved
         self.keeps_ram = ram_floor is None or self.Q * tables.max_ram > ram_floor
         self.fields = ("cpu",) + ("ram",) * self.keeps_ram
         self.size_fields = len(self.fields)  # +inf past a queue's end; metadata stays finite
@@ -459,7 +463,8 @@ class NodeModel:
         seg_n = seg_n.reshape(self.L, -1)
         seg_end = np.cumsum(seg_n, axis=-1)
         total = seg_end[:, -1]
-        stream = _Segments(seg_end) if self.needs_metadata else None
+        order = _Interleaved if self.interleaved else _Segments
+        stream = order(seg_n, seg_end) if self.needs_metadata else None
         lat = (
             _LatencyAccumulator(B, N, S, stream, self.track_servers) if self.track_latency else None
         )
@@ -478,8 +483,10 @@ class NodeModel:
 
         queued = np.clip(total - prefix, 0, room)
         reject_from = prefix + queued
-        seg_start = seg_end - seg_n
-        rejected = np.clip(seg_end - np.maximum(seg_start, reject_from[:, None]), 0, seg_n)
+        if stream is not None:
+            rejected = stream.from_position(reject_from)
+        else:
+            rejected = _Segments.count_from(seg_n, seg_end, reject_from)
         self._append(t, q_len, queued, prefix, stream, reused)
         self.q_len = (q_len + queued).reshape(B, N)
 
@@ -765,11 +772,12 @@ class NodeModel:
 
 class _Segments:
     """The step's stream of each lane as segments (local requests, then forwarded ones by
-    neighbour slot, by service): where a stream position falls says who sent the request,
-    for which service, and (with ``total``) when it arrived."""
+    neighbour slot, by service), in that order, as the reference serves them: where a stream
+    position falls says who sent the request, for which service, and (with ``total``) when it
+    arrived."""
 
-    def __init__(self, seg_end: np.ndarray):
-        self.end, self.total = seg_end, seg_end[:, -1]
+    def __init__(self, seg_n: np.ndarray, seg_end: np.ndarray):
+        self.n, self.end, self.total = seg_n, seg_end, seg_end[:, -1]
         # All lanes' ends in one sorted array: lane l's live in [l * span, l * span + total],
         # so one binary search finds a position's segment in any lane.
         self.span = int(self.total.max(initial=0)) + 1
@@ -783,6 +791,49 @@ class _Segments:
         key = lanes * self.span + np.minimum(position, self.span - 1)
         seg = np.searchsorted(self.flat, key, side="right") - lanes * count
         return np.minimum(seg, count - 1)
+
+    def from_position(self, start: np.ndarray) -> np.ndarray:
+        """``(L, G)`` requests of each segment at stream positions ``>= start`` (per lane)."""
+        return self.count_from(self.n, self.end, start)
+
+    @staticmethod
+    def count_from(seg_n: np.ndarray, seg_end: np.ndarray, start: np.ndarray) -> np.ndarray:
+        """:meth:`from_position` by interval arithmetic, for callers without a stream."""
+        return np.clip(seg_end - np.maximum(seg_end - seg_n, start[:, None]), 0, seg_n)
+
+
+class _Interleaved(_Segments):
+    """The same segments, their requests arriving evenly mixed: request ``j`` of a segment of
+    ``n`` arrives at the fraction ``(j + 1/2) / n`` of the step, ties in segment order.
+
+    Real senders do not take turns; served in segment order, the last service of a node
+    would always wait behind the others' whole step and only its latency would suffer."""
+
+    def __init__(self, seg_n: np.ndarray, seg_end: np.ndarray):
+        super().__init__(seg_n, seg_end)
+        L, G = seg_n.shape
+        counts = seg_n.reshape(-1)
+        pair = np.repeat(np.arange(L * G), counts)  # lane * G + segment, in segment order
+        j = np.arange(pair.size) - np.repeat(np.cumsum(counts) - counts, counts)
+        # Stable: equal fractions keep segment order; the lane keeps lanes apart.
+        order = np.argsort(pair // G + (j + 0.5) / counts[pair], kind="stable")
+        self.merged = (pair[order] % G).astype(np.int64)
+        self.lane_start = np.cumsum(self.total) - self.total
+
+    def segment(self, lanes: np.ndarray, position: np.ndarray) -> np.ndarray:
+        if not self.merged.size:
+            return np.zeros(np.broadcast(lanes, position).shape, np.int64)
+        last = np.maximum(self.total[lanes] - 1, 0)
+        index = self.lane_start[lanes] + np.minimum(position, last)
+        return self.merged[np.minimum(index, self.merged.size - 1)]
+
+    def from_position(self, start: np.ndarray) -> np.ndarray:
+        L, G = self.n.shape
+        lane = np.repeat(np.arange(L), self.total)
+        position = np.arange(self.merged.size) - self.lane_start[lane]
+        late = position >= start[lane]
+        counts = np.bincount(lane[late] * G + self.merged[late], minlength=L * G)
+        return counts.reshape(L, G).astype(self.n.dtype)
 
 
 class _LatencyAccumulator:

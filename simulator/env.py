@@ -199,6 +199,7 @@ class EdgeEnv:
             scenario.step_seconds,
             track_latency=scenario.models_latency,
             track_servers=track_servers and scenario.models_latency,
+            interleaved=scenario.arrivals == "interleaved",
             ram_floor=float(self.timeline.ram[self.timeline.ram > 0].min(initial=np.inf)),
         )
         self.mean_cost = np.array([s.mean_cpu for s in scenario.services])

@@ -19,6 +19,9 @@ import yaml
 
 RewardKind = Literal["dfaas", "latency"]
 ForwardSplit = Literal["floor", "exact"]
+Arrivals = Literal["in_order", "interleaved"]
+"""Order of a step's new requests at a node: the reference's segments (local by service, then
+forwarded by neighbour and service) or all of them evenly mixed."""
 EventKind = Literal["capacity", "fail", "add", "surge"]
 
 
@@ -102,6 +105,7 @@ class Scenario:
     events: tuple[Event, ...] = ()
     reward: RewardKind = "dfaas"
     forward_split: ForwardSplit = "floor"
+    arrivals: Arrivals = "in_order"
     reject_penalty: float = 4.0
     description: str = ""
     max_arrivals: int = 150
@@ -403,6 +407,7 @@ def parse_scenario(data: Any, name: str = "<inline>", base_dir: Path | None = No
         events=tuple(events),
         reward=r.choice("reward", ("dfaas", "latency"), "dfaas"),
         forward_split=r.choice("forward_split", ("floor", "exact"), "floor"),
+        arrivals=r.choice("arrivals", ("in_order", "interleaved"), "in_order"),
         reject_penalty=r.positive("reject_penalty", float, 4.0),
         max_arrivals=r.positive("max_arrivals", int, 150),
     )

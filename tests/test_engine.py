@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from policies.topology import Topology
-from simulator.engine import NodeModel, RequestTables
+from simulator.engine import NodeModel, RequestTables, _Interleaved
 from simulator.env import EdgeEnv
 
 
@@ -20,11 +20,11 @@ class FixedSizes(RequestTables):
         return out, np.ones_like(out)
 
 
-def model(n_nodes=1, sizes=(), queue=10):
+def model(n_nodes=1, sizes=(), queue=10, services=("f",), **options):
     names = [f"n{i}" for i in range(n_nodes)]
     nbrs = {a: [b for b in names if b != a] for a in names}
-    topo = Topology.build(names, ["f"], nbrs)
-    return NodeModel(topo, FixedSizes(sizes), 1, queue, np.random.default_rng(0))
+    topo = Topology.build(names, list(services), nbrs)
+    return NodeModel(topo, FixedSizes(sizes), 1, queue, np.random.default_rng(0), **options)
 
 
 def put_queue(m, node, sizes):
@@ -34,11 +34,11 @@ def put_queue(m, node, sizes):
 
 
 def step(m, local, forward=None, cpu=10.0, queue_cap=10):
-    n, k = m.N, m.K
-    forward = np.zeros((1, n, k, 1), np.int64) if forward is None else forward
+    n, k, s = m.N, m.K, m.S
+    forward = np.zeros((1, n, k, s), np.int64) if forward is None else forward
     return m.step(
         0,
-        np.array(local).reshape(1, n, 1),
+        np.array(local).reshape(1, n, s),
         forward,
         np.full(n, cpu, np.float32),
         np.full(n, 1e6, np.float32),
@@ -86,11 +86,54 @@ def test_full_queue_rejects_and_blames_the_sender():
     assert out.forward_rejects[0, 0, 0, 0] == 1  # refused request counted for the sender n0
 
 
-@pytest.mark.parametrize("scenario", ["dfaas-paise25", "mesh-10x3-node-failure"])
-def test_every_request_is_accounted_for(scenario):
+def test_interleaved_stream_mixes_segments_evenly():
+    # Fractions (j + 1/2) / n: segment 0 at 1/4, 3/4; segment 1 at 1/2; segment 3 at 1/6, 1/2,
+    # 5/6 (the tie at 1/2 goes to the earlier segment). A second lane holds one segment.
+    seg_n = np.array([[2, 1, 0, 3], [0, 0, 2, 0]])
+    stream = _Interleaved(seg_n, np.cumsum(seg_n, axis=1))
+    lanes = np.array([[0], [1]])
+    assert stream.segment(lanes, np.arange(6)[None, :])[0].tolist() == [3, 0, 1, 3, 0, 3]
+    assert stream.segment(lanes, np.arange(2)[None, :])[1].tolist() == [2, 2]
+    counts = stream.from_position(np.array([3, 1]))
+    assert counts.tolist() == [[1, 0, 0, 2], [0, 0, 1, 0]]
+
+
+@pytest.mark.parametrize(("interleaved", "rejects"), [(False, [0, 2]), (True, [1, 1])])
+def test_full_queue_rejects_the_tail_of_the_arrival_order(interleaved, rejects):
+    # Nothing fits (20 > 10); 4 of the 6 new requests queue. In segment order the second
+    # service arrives last and loses both; mixed, each service loses one.
+    m = model(sizes=[20] * 6, queue=4, services=("a", "b"), interleaved=interleaved)
+    out = step(m, [3, 3], queue_cap=4)
+    assert m.q_len[0, 0] == 4
+    assert out.local_rejects[0, 0].tolist() == rejects
+
+
+@pytest.mark.parametrize(("interleaved", "served"), [(False, [3, 0]), (True, [2, 1])])
+def test_the_step_serves_the_head_of_the_arrival_order(interleaved, served):
+    # Three requests of 30 fit 100 CPU. In segment order they are all a's and b waits a
+    # whole step; mixed, a, b, a are served.
+    m = model(sizes=[30] * 6, services=("a", "b"), track_latency=True, interleaved=interleaved)
+    out = step(m, [3, 3], cpu=100.0)
+    assert out.latency_count[0].tolist() == served
+    assert m.q_len[0, 0] == 3
+
+
+@pytest.mark.parametrize(
+    ("scenario", "arrivals"),
+    [
+        ("dfaas-paise25", "in_order"),
+        ("dfaas-paise25", "interleaved"),
+        ("mesh-10x3-node-failure", "in_order"),
+        ("mesh-10x3-node-failure", "interleaved"),
+    ],
+)
+def test_every_request_is_accounted_for(scenario, arrivals):
+    import dataclasses
+
     from simulator.scenario import load_scenario
 
-    env = EdgeEnv(load_scenario(scenario), num_envs=8, seed=5)
+    spec = dataclasses.replace(load_scenario(scenario), arrivals=arrivals)
+    env = EdgeEnv(spec, num_envs=8, seed=5)
     rng = np.random.default_rng(0)
     _obs, done = env.reset(), False
     while not done:

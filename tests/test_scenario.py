@@ -52,6 +52,11 @@ def test_an_unnamed_variant_is_called_after_its_file_not_its_base(tmp_path, monk
     assert load_scenario("mesh-10x3").name == "mesh-10x3"
 
 
+def test_arrival_order_defaults_to_the_reference():
+    assert parse_scenario(BASE, "tiny").arrivals == "in_order"
+    assert parse_scenario(with_changes(arrivals="interleaved"), "tiny").arrivals == "interleaved"
+
+
 @pytest.mark.parametrize(
     ("data", "field", "hint"),
     [
@@ -79,6 +84,7 @@ def test_an_unnamed_variant_is_called_after_its_file_not_its_base(tmp_path, monk
             "known nodes",
         ),
         (with_changes(colour="blue"), "<top>", "unknown key"),
+        (with_changes(arrivals="mixed"), "arrivals", "'in_order', 'interleaved'"),
         # Found by mutating the bundled files field by field: each once got past the reader
         # and failed later (a TypeError, NaN request-class draws, a 149 GiB queue array).
         (
