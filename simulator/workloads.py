@@ -23,16 +23,32 @@ import numpy as np
 Generator = Callable[[np.random.Generator, int, int, Any], np.ndarray]
 
 
+def bounded(
+    default: Any, low: float | None = None, high: float | None = None, above: float | None = None
+) -> Any:
+    """A parameter with its valid range (``low <= x <= high``, ``x > above``), which
+    :func:`validate` enforces: out of range, generators fail far from the file (a negative
+    Poisson rate in numpy, zero blocks as a division) or quietly produce nonsense."""
+    return field(default=default, metadata={"low": low, "high": high, "above": above})
+
+
 @dataclass(frozen=True)
 class Sinusoidal:
     """``int(average + amplitude*sin(2*pi*t/P) + noise_ratio*N(0, amplitude))``, P ~ U per block."""
 
     average: float = 50.0
-    amplitude: float = 100.0
-    noise_ratio: float = 0.1
-    blocks: int = 3
-    period_min: float = 15.0
-    period_max: float = 100.0
+    amplitude: float = bounded(100.0, low=0)
+    noise_ratio: float = bounded(0.1, low=0)
+    blocks: int = bounded(3, low=1)
+    period_min: float = bounded(15.0, above=0)
+    period_max: float = bounded(100.0, above=0)
+
+    def problem(self) -> str | None:
+        if self.period_min > self.period_max:
+            return (
+                f"'period_min' ({self.period_min}) must not exceed 'period_max' ({self.period_max})"
+            )
+        return None
 
 
 @dataclass(frozen=True)
@@ -40,21 +56,21 @@ class Normal:
     """``int(N(mean, std))`` per step, independent."""
 
     mean: float = 61.0
-    std: float = 32.0
+    std: float = bounded(32.0, low=0)
 
 
 @dataclass(frozen=True)
 class Poisson:
-    rate: float = 50.0
+    rate: float = bounded(50.0, low=0)
 
 
 @dataclass(frozen=True)
 class Diurnal:
     """Poisson arrivals around a daily cycle; ``period`` in steps (0 means one episode)."""
 
-    mean: float = 60.0
-    amplitude: float = 40.0
-    period: int = 0
+    mean: float = bounded(60.0, low=0)
+    amplitude: float = bounded(40.0, low=0)
+    period: int = bounded(0, low=0)
     phase: float = 0.0
     random_phase: bool = False
 
@@ -63,10 +79,15 @@ class Diurnal:
 class Bursty:
     """Markov-modulated Poisson: a calm and a burst state with per-step switch probabilities."""
 
-    calm_rate: float = 30.0
-    burst_rate: float = 120.0
-    p_burst: float = 0.05
-    p_calm: float = 0.25
+    calm_rate: float = bounded(30.0, low=0)
+    burst_rate: float = bounded(120.0, low=0)
+    p_burst: float = bounded(0.05, low=0, high=1)
+    p_calm: float = bounded(0.25, low=0, high=1)
+
+    def problem(self) -> str | None:
+        if self.p_burst + self.p_calm == 0:
+            return "'p_burst' and 'p_calm' cannot both be 0: the chain would never start"
+        return None
 
 
 @dataclass(frozen=True)
@@ -76,6 +97,11 @@ class Step:
     levels: tuple[tuple[int, float], ...] = ((0, 50.0),)
     poisson: bool = True
 
+    def problem(self) -> str | None:
+        if any(start < 0 or rate < 0 for start, rate in self.levels):
+            return f"'levels' needs steps and rates >= 0, got {[list(x) for x in self.levels]}"
+        return None
+
 
 @dataclass(frozen=True)
 class Replay:
@@ -83,7 +109,7 @@ class Replay:
 
     path: str = ""
     column: str = ""
-    scale: float = 1.0
+    scale: float = bounded(1.0, low=0)
     random_offset: bool = False
 
 
@@ -101,10 +127,19 @@ class Azure:
 
     path: str = ""
     trigger: str = "http"
-    bins: int = 288
-    scale_max: float = 150.0
+    bins: int = bounded(288, low=1, high=1440)
+    scale_max: float = bounded(150.0, above=0)
     mean_range: tuple[float, float] = (30.0, 130.0)
     std_range: tuple[float, float] = (10.0, 60.0)
+
+    def problem(self) -> str | None:
+        if 1440 % self.bins:
+            return f"'bins' must divide 1440 (minutes per day), got {self.bins}"
+        for name in ("mean_range", "std_range"):
+            low, high = getattr(self, name)
+            if low > high:
+                return f"{name!r} must be [low, high] with low <= high, got {[low, high]}"
+        return None
 
 
 @dataclass(frozen=True)
@@ -166,7 +201,17 @@ def _read_column(path: str, column: str) -> np.ndarray:
         reader = csv.DictReader(fh)
         if column not in (reader.fieldnames or []):
             raise ValueError(f"column {column!r} not in {path} (columns: {reader.fieldnames})")
-        return np.array([float(row[column]) for row in reader])
+        values = []
+        for line, row in enumerate(reader, start=2):
+            try:
+                values.append(float(row[column]))
+            except (TypeError, ValueError):
+                raise ValueError(
+                    f"{path}, line {line}: column {column!r} holds {row[column]!r}, not a number"
+                ) from None
+    if not values:
+        raise ValueError(f"{path}: column {column!r} has no rows to replay")
+    return np.array(values)
 
 
 def _replay(rng: np.random.Generator, b: int, t: int, p: Replay) -> np.ndarray:
@@ -199,8 +244,6 @@ def azure_functions(
     if not rows:
         raise ValueError(f"{path}: no function with trigger {trigger!r}")
     minutes = np.array([[float(v) for v in r[4:]] for r in rows])
-    if 1440 % bins:
-        raise ValueError(f"bins must divide 1440, got {bins}")
     binned = minutes.reshape(len(rows), bins, 1440 // bins).sum(axis=2)
     lo, hi = binned.min(axis=1, keepdims=True), binned.max(axis=1, keepdims=True)
     span = np.where(hi > lo, hi - lo, 1.0)
@@ -266,6 +309,18 @@ def _expected_type(default: Any, value: Any) -> str | None:
     return None  # parts: each one a workload, checked on its own
 
 
+def _out_of_range(name: str, value: Any, limits: Mapping[str, Any]) -> str | None:
+    """What is wrong with ``value`` against :func:`bounded` limits, if anything."""
+    low, high, above = limits.get("low"), limits.get("high"), limits.get("above")
+    if low is not None and value < low:
+        return f"{name!r} must be >= {low}, got {value!r}"
+    if high is not None and value > high:
+        return f"{name!r} must be <= {high}, got {value!r}"
+    if above is not None and value <= above:
+        return f"{name!r} must be > {above}, got {value!r}"
+    return None
+
+
 def validate(kind: str, params: Mapping[str, Any]) -> Any:
     """Turn raw parameters into the generator's dataclass, naming any bad key."""
     if kind not in GENERATORS:
@@ -289,6 +344,13 @@ def validate(kind: str, params: Mapping[str, Any]) -> Any:
         if key in values:
             values[key] = tuple(values[key])
     spec = cls(**values)
+    for name, f in allowed.items():
+        problem = _out_of_range(name, getattr(spec, name), f.metadata)
+        if problem:
+            raise ValueError(f"parameter {problem} in workload {kind!r}")
+    problem = getattr(spec, "problem", lambda: None)()
+    if problem:
+        raise ValueError(f"workload {kind!r}: {problem}")
     if kind in ("replay", "azure") and not spec.path:
         raise ValueError(f"workload {kind!r} needs 'path' (a CSV file)")
     if kind == "replay" and not spec.column:

@@ -83,3 +83,39 @@ def test_azure_rejects_other_formats(tmp_path):
     bad.write_text("a,b,c\n1,2,3\n")
     with pytest.raises(ValueError, match="Azure Functions 2019"):
         draw("azure", b=1, t=288, path=str(bad))
+
+
+@pytest.mark.parametrize(
+    ("kind", "params", "message"),
+    [
+        ("poisson", {"rate": -1.0}, "'rate' must be >= 0, got -1.0"),
+        ("normal", {"std": -3.0}, "'std' must be >= 0"),
+        ("diurnal", {"amplitude": -5.0}, "'amplitude' must be >= 0"),
+        ("diurnal", {"period": -10}, "'period' must be >= 0"),
+        ("sinusoidal", {"blocks": 0}, "'blocks' must be >= 1"),
+        ("sinusoidal", {"period_min": 0.0}, "'period_min' must be > 0"),
+        ("sinusoidal", {"period_min": 90.0, "period_max": 20.0}, "must not exceed 'period_max'"),
+        ("bursty", {"p_burst": 1.5}, "'p_burst' must be <= 1"),
+        ("bursty", {"p_burst": 0.0, "p_calm": 0.0}, "cannot both be 0"),
+        ("step", {"levels": [[0, 5.0], [10, -2.0]]}, "rates >= 0"),
+        ("step", {"levels": [[-1, 5.0]]}, "steps and rates >= 0"),
+        ("replay", {"path": "x.csv", "column": "r", "scale": -1.0}, "'scale' must be >= 0"),
+        ("azure", {"path": "x.csv", "bins": 7}, "'bins' must divide 1440"),
+        ("azure", {"path": "x.csv", "mean_range": [90.0, 30.0]}, "low <= high"),
+    ],
+)
+def test_out_of_range_parameters_are_refused_by_name(kind, params, message):
+    with pytest.raises(ValueError, match=f"workload {kind!r}") as err:
+        workloads.validate(kind, params)
+    assert message in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [("t,rate\n", "has no rows to replay"), ("t,rate\n0,5\n1,lots\n", "line 3: column 'rate'")],
+)
+def test_replay_refuses_a_column_it_cannot_replay(tmp_path, text, message):
+    series = tmp_path / "series.csv"
+    series.write_text(text)
+    with pytest.raises(ValueError, match=message):
+        draw("replay", b=1, t=4, path=str(series), column="rate")
