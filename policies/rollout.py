@@ -57,6 +57,15 @@ Policy = Callable[[np.ndarray, np.ndarray], np.ndarray]
 """``policy(obs (..., A, D), mask (A, K+2)) -> weights (..., A, K+2)``, deterministic."""
 
 
+class SettingError(ValueError):
+    """A rollout setting out of its range; ``name`` is the field, for callers (a command
+    line, a resource) to point at their own spelling of it."""
+
+    def __init__(self, name: str, message: str):
+        super().__init__(message)
+        self.name = name
+
+
 @dataclass(frozen=True)
 class RolloutSettings:
     """Knobs of a decision (the RoutingPolicy resource exposes the same ones).
@@ -110,22 +119,23 @@ class RolloutSettings:
     tail: bool = False
 
     def __post_init__(self) -> None:
-        if self.horizon < 0:
-            raise ValueError(f"rollout horizon must be >= 0, got {self.horizon}")
-        if not self.steps or not all(0 < x < 1 for x in self.steps):
-            raise ValueError(f"rollout steps must lie in (0, 1), got {self.steps}")
-        if not 0 <= self.margin < 1:
-            raise ValueError(f"rollout margin must lie in [0, 1), got {self.margin}")
-        if self.samples < 1:
-            raise ValueError(f"rollout samples must be >= 1, got {self.samples}")
-        if self.screen_horizon is not None and self.screen_horizon < 0:
-            raise ValueError(f"rollout screen_horizon must be >= 0, got {self.screen_horizon}")
-        if self.rounds < 1:
-            raise ValueError(f"rollout rounds must be >= 1, got {self.rounds}")
-        if self.batch_rows < 1:
-            raise ValueError(f"rollout batch_rows must be >= 1, got {self.batch_rows}")
-        if self.tail and not 0 <= self.discount < 1:
-            raise ValueError(f"a rollout tail needs a discount in [0, 1), got {self.discount}")
+        checks = (
+            ("horizon", self.horizon >= 0, "must be >= 0"),
+            ("steps", self.steps and all(0 < x < 1 for x in self.steps), "must lie in (0, 1)"),
+            ("margin", 0 <= self.margin < 1, "must lie in [0, 1)"),
+            ("samples", self.samples >= 1, "must be >= 1"),
+            ("screen_horizon", (self.screen_horizon or 0) >= 0, "must be >= 0"),
+            ("rounds", self.rounds >= 1, "must be >= 1"),
+            ("batch_rows", self.batch_rows >= 1, "must be >= 1"),
+            (
+                "discount",
+                not self.tail or 0 <= self.discount < 1,
+                "must lie in [0, 1) for a rollout tail",
+            ),
+        )
+        for name, valid, rule in checks:
+            if not valid:
+                raise SettingError(name, f"rollout {name} {rule}, got {getattr(self, name)}")
 
 
 @dataclass(frozen=True)

@@ -39,9 +39,16 @@ from policies.adaptation import Adapter, IntervalTelemetry, Rows, model_rows
 from policies.baselines import PolicyError
 from policies.model_env import RAMP_FROM_UTILISATION, SAFE_UTILISATION, ModelEnv
 from policies.observation import MeshTelemetry, mesh_observation
-from policies.rollout import Policy, RolloutSettings
+from policies.rollout import Policy, RolloutSettings, SettingError
 from policies.system_model import SystemModel
-from simulator.cli import json_line, parser_from_doc, png_path, positive_int
+from simulator.cli import (
+    json_line,
+    non_negative_float,
+    non_negative_int,
+    parser_from_doc,
+    png_path,
+    positive_int,
+)
 from simulator.engine import hist_quantile
 from simulator.env import EdgeEnv, Timeline
 from simulator.episodes import build_policy
@@ -259,10 +266,26 @@ def commissioning_rows(
 
 def warm_start(model: SystemModel, rows: Iterable[Rows]) -> None:
     """Feed ``model`` every interval's rows (say, :func:`commissioning_rows`), then fit it
-    once."""
+    once if they are enough; with fewer (``--warmup 0``) the model starts cold, as the
+    operator's does, and is fitted live once the rows come."""
     for interval in rows:
         model.add(*interval)
-    model.fit()
+    if model.rows >= model.min_rows:
+        model.fit()
+
+
+def rollout_settings(args) -> RolloutSettings:
+    """The rollout knobs ``args`` set (SettingError naming the field if one is out of range)."""
+    return RolloutSettings(
+        horizon=args.horizon,
+        margin=args.margin,
+        samples=args.samples,
+        steps=tuple(args.steps),
+        rounds=args.rounds,
+        screen_horizon=args.screen_horizon,
+        tail=args.tail,
+        seed=args.seed,
+    )
 
 
 def run_arm(
@@ -287,16 +310,6 @@ def run_arm(
         schedule = oracle_schedule(scenario, seed=args.seed)
     adapter = None
     if arm == "rollout":
-        settings = RolloutSettings(
-            horizon=args.horizon,
-            margin=args.margin,
-            samples=args.samples,
-            steps=tuple(args.steps),
-            rounds=args.rounds,
-            screen_horizon=args.screen_horizon,
-            tail=args.tail,
-            seed=args.seed,
-        )
         adapter = Adapter(
             model_env_for(
                 env,
@@ -309,7 +322,7 @@ def run_arm(
             ),
             policy,
             model,
-            settings,
+            rollout_settings(args),
             interval_seconds=args.interval * scenario.step_seconds,
             max_nmae=args.max_nmae,
             prior=args.prior,
@@ -488,8 +501,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--interval", type=positive_int, default=5, help="simulator steps per cycle"
     )
-    parser.add_argument("--warmup", type=int, default=360, help="warm-start intervals")
-    parser.add_argument("--noise", type=float, default=0.05, help="relative telemetry noise")
+    parser.add_argument(
+        "--warmup",
+        type=non_negative_int,
+        default=360,
+        help="warm-start intervals (0: the model starts cold and learns live)",
+    )
+    parser.add_argument(
+        "--noise", type=non_negative_float, default=0.05, help="relative telemetry noise"
+    )
     parser.add_argument(
         "--horizon",
         type=int,
@@ -529,13 +549,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--max-utilisation",
-        type=float,
+        type=non_negative_float,
         default=SAFE_UTILISATION,
         help="price work beyond this share of a node's capacity as rejected (0: no cap)",
     )
     parser.add_argument(
         "--ramp-from",
-        type=float,
+        type=non_negative_float,
         default=RAMP_FROM_UTILISATION,
         help="below the cap, price work past this share of a node's capacity at a share of "
         "the reject price rising to all of it at the cap (equal to the cap: a step)",
@@ -558,7 +578,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="end each score with the last lookahead interval's cost taken to last for ever",
     )
     parser.add_argument(
-        "--max-nmae", type=float, default=0.3, help="model error above which rollout falls back"
+        "--max-nmae",
+        type=non_negative_float,
+        default=0.3,
+        help="model error above which rollout falls back",
     )
     parser.add_argument(
         "--regressor",
@@ -596,6 +619,11 @@ def load(args) -> tuple[Scenario, Policy]:
     """The scenario and the base policy ``args`` name (ScenarioError, PolicyError or
     CheckpointError saying what is wrong)."""
     scenario = load_scenario(args.scenario)
+    if not scenario.models_latency:
+        raise ScenarioError(
+            f"scenario {scenario.name!r} sets no latency_target_ms, and the loop scores "
+            f"latency against targets; choose a latency scenario such as {CHANGE_SCENARIOS[0]}"
+        )
     env = EdgeEnv(scenario, num_envs=1, action_mode="neighbours")
     return scenario, build_policy(args.policy, env, args.seed)
 
@@ -624,6 +652,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.list_scenarios:
         print(json.dumps(list(CHANGE_SCENARIOS)) if args.json else "\n".join(CHANGE_SCENARIOS))
         return 0
+    try:
+        rollout_settings(args)
+    except SettingError as exc:
+        print(f"error: --{exc.name.replace('_', '-')}: {exc}", file=sys.stderr)
+        return 2
     try:
         scenario, policy = load(args)
     except (ScenarioError, PolicyError, checkpoint.CheckpointError) as exc:

@@ -14,15 +14,16 @@ from __future__ import annotations
 
 import argparse
 import resource
+import sys
 import time
 
 import numpy as np
 
-from policies.baselines import make_heuristic
-from simulator.cli import json_line, parser_from_doc, positive_int
+from policies.baselines import PolicyError, make_heuristic
+from simulator.cli import json_line, non_negative_int, parser_from_doc, positive_int
 from simulator.env import EdgeEnv
 from simulator.episodes import policy_context
-from simulator.scenario import load_scenario
+from simulator.scenario import ScenarioError, load_scenario
 
 
 def measure(scenario_name: str, envs: int, steps: int, warmup: int, seed: int, policy: str) -> dict:
@@ -63,7 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--envs", type=positive_int, default=4096, help="environments stepped as one batch"
     )
     parser.add_argument("--steps", type=positive_int, default=100, help="measured batch steps")
-    parser.add_argument("--warmup", type=int, default=20, help="batch steps run before timing")
+    parser.add_argument(
+        "--warmup", type=non_negative_int, default=20, help="batch steps run before timing"
+    )
     parser.add_argument("--seed", type=int, default=0, help="seeds the workloads")
     parser.add_argument(
         "--policy",
@@ -76,7 +79,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    result = measure(args.scenario, args.envs, args.steps, args.warmup, args.seed, args.policy)
+    try:
+        result = measure(args.scenario, args.envs, args.steps, args.warmup, args.seed, args.policy)
+    except (ScenarioError, PolicyError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     if args.json:
         print(json_line(result))
     else:

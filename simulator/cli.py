@@ -6,7 +6,9 @@ from __future__ import annotations
 import argparse
 import json
 import math
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 
 class DocHelpFormatter(argparse.RawDescriptionHelpFormatter):
@@ -45,16 +47,30 @@ def png_path(value: str) -> str:
     return value
 
 
-def positive_int(value: str) -> int:
-    """An argparse type for counts that must be at least 1 (episodes, environments, steps):
-    zero would divide by nothing, or end a finished run in a traceback."""
-    try:
-        number = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {value!r}") from None
-    if number < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {number}")
-    return number
+def at_least(low: float, kind: type[int] | type[float] = int) -> Callable[[str], Any]:
+    """An argparse type for numbers that must be at least ``low``: below it a count would
+    divide by nothing or end a finished run in a traceback, and a negative noise or warm-up
+    fail deep inside numpy with no word of the option."""
+
+    def parse(value: str) -> int | float:
+        try:
+            number = kind(value)
+        except ValueError:
+            what = "a whole number" if kind is int else "a number"
+            raise argparse.ArgumentTypeError(f"expected {what}, got {value!r}") from None
+        if not math.isfinite(number):
+            raise argparse.ArgumentTypeError(f"expected a finite number, got {value!r}")
+        if number < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, got {number}")
+        return number
+
+    parse.__name__ = f"{kind.__name__} >= {low}"
+    return parse
+
+
+positive_int = at_least(1)
+non_negative_int = at_least(0)
+non_negative_float = at_least(0, float)
 
 
 def json_line(obj: object) -> str:

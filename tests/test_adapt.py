@@ -255,6 +255,17 @@ def test_rollout_decides_on_the_prior_unless_told_not_to(tmp_path, capsys):
     assert all(f.startswith("the system model") for f in fallbacks if f is not None)
 
 
+def test_without_warm_up_the_model_starts_cold_and_is_fitted_live(tmp_path, capsys):
+    """``--warmup 0`` is the operator's start: no simulator data, decisions on the prior
+    until the live rows are enough to fit the model (it used to end in a ValueError)."""
+    assert adapt.main([*short_surge(tmp_path), "--warmup", "0"]) == 0
+    *records, summary = map(json.loads, capsys.readouterr().out.strip().splitlines())
+    assert summary["fallback_cycles"] == 0  # the prior decided while the model could not
+    # 30 rows an interval: the first fit needs min_rows=50, so two intervals; every later
+    # interval is scored before it is learned from.
+    assert summary["model_accuracy"]["rows"] == 30 * (len(records) - 2)
+
+
 def test_uniform_work_prices_every_request_at_the_services_mean(tmp_path, monkeypatch):
     """``--uniform-work`` decides as a controller that cannot tell the services' costs
     apart: the model environment and the model's rows price every request alike."""

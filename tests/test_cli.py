@@ -211,6 +211,58 @@ def test_counts_below_one_are_refused_naming_the_option(command, option, capsys)
     assert f"argument {option}: must be at least 1, got 0" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    ("command", "option", "value"),
+    [
+        ("simulator.adapt", "--noise", "-0.1"),
+        ("simulator.adapt", "--warmup", "-1"),
+        ("simulator.adapt", "--max-nmae", "-0.5"),
+        ("simulator.adapt", "--max-utilisation", "-1"),
+        ("simulator.bench", "--warmup", "-3"),
+    ],
+)
+def test_negative_amounts_are_refused_naming_the_option(command, option, value, capsys):
+    """A negative noise failed deep in numpy ("sigma < 0"), a negative bench warm-up divided
+    by zero, a negative error bound silently turned rollout off."""
+    with pytest.raises(SystemExit):
+        parser_of(command).parse_args([option, value])
+    assert f"argument {option}: must be at least 0, got {value}" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("value", ["nan", "inf"])
+def test_amounts_must_be_finite(value, capsys):
+    with pytest.raises(SystemExit):
+        parser_of("simulator.adapt").parse_args(["--noise", value])
+    assert "expected a finite number" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--samples", "0"], "error: --samples: rollout samples must be >= 1"),
+        (["--steps", "0.2", "1"], "error: --steps: rollout steps must lie in (0, 1)"),
+        (["--screen-horizon", "-1"], "error: --screen-horizon: rollout screen_horizon"),
+        (["--scenario", "dfaas-paise25"], "sets no latency_target_ms"),
+    ],
+)
+def test_adapt_refuses_bad_settings_before_any_work(argv, message, capsys):
+    from simulator import adapt
+
+    assert adapt.main(argv) == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [(["--scenario", "nope"], "unknown scenario 'nope'"), (["--policy", "x"], "unknown policy")],
+)
+def test_bench_refuses_unknown_names_without_a_traceback(argv, message, capsys):
+    from simulator import bench
+
+    assert bench.main([*argv, "--envs", "2", "--steps", "1"]) == 2
+    assert message in capsys.readouterr().err
+
+
 def test_json_lines_are_strict_json():
     """A latency over no requests is NaN; printed as such, strict parsers refuse the line."""
     from simulator.cli import json_line

@@ -14,7 +14,7 @@ from policies.adaptation import CAPACITY_CHANGE, Adapter, IntervalTelemetry
 from policies.model_env import MeshState, ModelEnv
 from policies.observation import MeshTelemetry
 from policies.queueing import queueing_prior
-from policies.rollout import Rollout, RolloutSettings, candidates
+from policies.rollout import Rollout, RolloutSettings, SettingError, candidates
 from policies.system_model import (
     BACKLOG_S,
     MEAN_MS,
@@ -726,6 +726,7 @@ def test_the_adapter_offers_its_last_decision_for_a_bounded_chain_of_intervals()
     ],
 )
 def test_rollout_settings_refuse_what_cannot_be_scored_naming_the_field(bad, named):
-    with pytest.raises(ValueError, match=named):
+    with pytest.raises(SettingError, match=named) as err:
         RolloutSettings(**bad)
+    assert err.value.name == named
     RolloutSettings(discount=1.0)  # undiscounted is fine without a tail to sum for ever
