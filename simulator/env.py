@@ -228,10 +228,8 @@ class EdgeEnv:
         if seed is not None:
             self._seed_rng(seed)
         b, n, s = self.num_envs, self.topology.num_nodes, self.topology.num_services
-        self.arrivals = sample_arrivals(self.scenario, self.timeline, self.rng, b)
+        self._new_episode()
         self.model.reset()
-        self.t = 0
-        self.totals = EpisodeTotals(b, n, self.num_agents)
         zeros = np.zeros((b, n, s), np.int64)
         self.prev = {
             "local": zeros,
@@ -251,6 +249,11 @@ class EdgeEnv:
         one episode (a live demo stepping in real time) goes on this way without the jump
         that emptying every queue in :meth:`reset` would be. Resources set with
         :meth:`set_node_cpu` belong to the episode that set them: set them again."""
+        self._new_episode()
+
+    def _new_episode(self) -> None:
+        """The scenario's own timeline (dropping what :meth:`set_node_cpu` changed), fresh
+        arrivals, step 0 and zeroed totals."""
         self.timeline = Timeline.of(self.scenario)
         self.arrivals = sample_arrivals(self.scenario, self.timeline, self.rng, self.num_envs)
         self.t = 0
@@ -258,8 +261,9 @@ class EdgeEnv:
 
     def set_node_cpu(self, node: str, cpu: float) -> None:
         """Give ``node`` ``cpu`` per step from the current step to the end of the episode
-        (zero while it is down). Scenario events are fixed before an episode starts; this is
-        a change decided while it runs, such as a degradation injected into a live demo."""
+        (zero while it is down; the next episode starts from the scenario again). Scenario
+        events are fixed before an episode starts; this is a change decided while it runs,
+        such as a degradation injected into a live demo."""
         if cpu < 0 or not np.isfinite(cpu):
             raise ValueError(f"cpu must be finite and >= 0, got {cpu!r}")
         j = self.scenario.node_names.index(node)

@@ -105,3 +105,15 @@ def test_fill_local_sizes_each_node_by_its_own_capacity(mesh):
     cpus = [n.cpu for n in mesh.nodes]
     small, large = int(np.argmin(cpus)), int(np.argmax(cpus))
     assert local[small * s] < local[large * s]
+
+
+def test_a_capacity_set_while_running_ends_with_its_episode(mesh):
+    """Set mid-episode, a node's CPU used to outlive ``reset``: every later episode, training
+    ones included, ran on the degraded node."""
+    env = EdgeEnv(mesh, num_envs=1, seed=0)
+    scenario_cpu = env.timeline.cpu.copy()
+    env.reset()
+    env.set_node_cpu("edge-3", 10.0)
+    assert env.timeline.cpu[0, 3] == 10.0
+    env.reset()
+    assert np.array_equal(env.timeline.cpu, scenario_cpu)
