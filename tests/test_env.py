@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 from pettingzoo.test import parallel_api_test, parallel_seed_test
 
-from simulator.env import EdgeEnv
+from simulator.env import EdgeEnv, Timeline
 from simulator.pettingzoo_env import EdgeParallelEnv
 
 
@@ -117,3 +117,27 @@ def test_a_capacity_set_while_running_ends_with_its_episode(mesh):
     assert env.timeline.cpu[0, 3] == 10.0
     env.reset()
     assert np.array_equal(env.timeline.cpu, scenario_cpu)
+
+
+def test_events_apply_in_time_order_whatever_the_files_order():
+    from simulator.scenario import parse_scenario
+
+    nodes = [{"name": "a", "neighbours": ["b"]}, {"name": "b", "neighbours": ["a"]}]
+    later_fail = {"at": 20, "kind": "fail", "node": "b"}
+    added = {"at": 10, "kind": "add", "node": "b"}
+    size = {"min": 1, "mean": 2, "max": 3, "std": 1}
+    service = {"name": "f", "request_classes": [{"cpu": size, "ram": size}]}
+    timelines = []
+    for events in ([later_fail, added], [added, later_fail]):
+        data = {
+            "name": "order",
+            "steps": 30,
+            "nodes": nodes,
+            "services": [service],
+            "workload": {"default": {"kind": "poisson", "rate": 5}},
+            "events": events,
+        }
+        timelines.append(Timeline.of(parse_scenario(data)).active[:, 1])
+    # Absent before 10, up from 10, failed from 20: listed first, the failure was undone.
+    expected = [False] * 10 + [True] * 10 + [False] * 10
+    assert timelines[0].tolist() == timelines[1].tolist() == expected
