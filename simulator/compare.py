@@ -19,7 +19,7 @@ import numpy as np
 from policies.baselines import HEURISTICS
 from policies.oracle import fluid_cost
 from simulator.env import ActionMode, EdgeEnv
-from simulator.episodes import build_policy, run_episodes, summarise
+from simulator.episodes import BOUNDS, build_policy, run_episodes, summarise
 from simulator.fluid import OracleSchedule, oracle_schedule
 from simulator.scenario import Scenario
 
@@ -92,6 +92,8 @@ def compare(
         schedule = oracle_schedule(scenario, seed=seed)
         for row in rows:
             row["cost_over_oracle"] = row["cost_per_request_s"] / oracle["cost_per_request_s"]
+            if row["policy"] in BOUNDS:
+                continue  # a pooled node routes nothing: it has no weights to price
             row["fluid_cost_over_oracle"] = fluid_cost_over_oracle(
                 scenario, schedule, row["policy"], seed
             )
@@ -115,7 +117,11 @@ def format_table(rows: list[dict]) -> str:
     for r in rows:
         cells = "".join(f"{(fmt.format(r[key]) if key in r else '-'):>14}" for key, _, fmt in cols)
         lines.append(r["policy"].ljust(width) + cells)
-    beaten = [r["policy"] for r in rows if r.get("cost_over_oracle", 1.0) < 1.0]
+    beaten = [
+        r["policy"]
+        for r in rows
+        if r.get("cost_over_oracle", 1.0) < 1.0 and r["policy"] not in BOUNDS
+    ]
     if beaten:
         lines.append(
             f"note: {', '.join(beaten)} beat the best static routing in the simulator "

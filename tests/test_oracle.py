@@ -204,3 +204,23 @@ def test_compare_reports_costs_over_the_oracle(tmp_path):
     assert rows["apl"]["cost_over_oracle"] > 2.0
     assert min(r["fluid_cost_over_oracle"] for r in rows.values()) >= 1.0 - 1e-6
     assert png.stat().st_size > 1000
+
+
+def test_compare_takes_the_pooled_bound_on_a_latency_scenario(tmp_path):
+    """``--policy global-node`` used to end the comparison in "unknown policy": the pooled
+    node has no routing for the fluid view to price, so that column is left empty for it."""
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(TINY))
+    argv = ["--scenario", str(path), "--compare", "--policy", "global-node", "--episodes", "2"]
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert main([*argv, "--json"]) == 0
+    rows = {r["policy"]: r for r in json.loads(out.getvalue())["policies"]}
+    assert rows["global-node"]["cost_over_oracle"] > 0
+    assert "fluid_cost_over_oracle" not in rows["global-node"]
+    assert rows["apl"]["fluid_cost_over_oracle"] > 1.0
+    table = io.StringIO()
+    with contextlib.redirect_stdout(table):
+        assert main(argv) == 0
+    note = [line for line in table.getvalue().splitlines() if line.startswith("note:")]
+    assert all("global-node" not in line for line in note)  # a bound, not a dynamic policy
