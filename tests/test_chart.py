@@ -39,6 +39,7 @@ from kube_schema import CRDValidator, load_documents
 from marl_operator.instruments import Instruments
 from marl_operator.kube import (
     API_CALLS,
+    DRAIN_API_CALLS,
     KOPF_API_CALLS,
     KOPF_CLUSTER_PEERING_CALLS,
     KOPF_NAMESPACED_MODE_CALLS,
@@ -71,6 +72,8 @@ VALUE_SETS: dict[str, tuple[str, ...]] = {
     "no-rbac": ("--set", "rbac.create=false"),
     "namespaces": ("--set", "watchNamespaces={edge,edge-b}"),
     "no-crds": ("--set", "crds.install=false"),
+    "no-keep": ("--set", "crds.keep=false"),
+    "no-keep-namespaces": ("--set", "crds.keep=false", "--set", "watchNamespaces={edge,edge-b}"),
     "replicas": ("--set", "replicaCount=2"),
     "replicas-namespaces": ("--set", "replicaCount=2", "--set", "watchNamespaces={edge}"),
     "monitoring": (
@@ -144,6 +147,11 @@ def of_kind(docs: Iterable[dict], kind: str) -> list[dict]:
 
 def deployment(docs: Iterable[dict]) -> dict:
     (found,) = of_kind(docs, "Deployment")
+    return found
+
+
+def uninstall_job(docs: Iterable[dict]) -> dict | None:
+    (found,) = of_kind(docs, "Job") or [None]
     return found
 
 
@@ -322,6 +330,44 @@ def test_crds_install_false_renders_no_marl_crds():
 def test_crds_keep_false_drops_the_keep_annotation():
     for crd in of_kind(render("--set", "crds.keep=false"), "CustomResourceDefinition"):
         assert "helm.sh/resource-policy" not in (crd["metadata"].get("annotations") or {})
+
+
+@pytest.mark.parametrize("name", VALUE_SETS)
+def test_an_uninstall_that_deletes_the_crds_first_drains_the_policies(name):
+    """With crds.keep=false (and only then) a pre-delete hook runs marl_operator.drain while
+    the operator still runs, as an account that may list and delete RoutingPolicies, in the
+    scope the operator watches, and nothing else."""
+    from marl_operator.drain import build_parser
+
+    values = VALUE_SETS[name]
+    docs = render(*values)
+    job = uninstall_job(docs)
+    drains = _set_value(values, "crds.keep") == "false"
+    assert (job is not None) == drains
+    if job is None:
+        return
+    assert job["metadata"]["annotations"]["helm.sh/hook"] == "pre-delete"
+    pod = job["spec"]["template"]
+    selector = of_kind(docs, "Service")[0]["spec"]["selector"]
+    assert not selector.items() <= pod["metadata"]["labels"].items()  # not an API endpoint
+    (drain,) = pod["spec"]["containers"]
+    assert drain["command"] == ["python", "-m", "marl_operator.drain"]
+    args = build_parser().parse_args(drain["args"])
+    assert args.namespace == _namespaces(values) and args.timeout == 300
+    assert pod["spec"]["securityContext"]["runAsNonRoot"] is True
+    assert drain["securityContext"]["readOnlyRootFilesystem"] is True
+    account = pod["spec"]["serviceAccountName"]
+    assert account != deployment(docs)["spec"]["template"]["spec"]["serviceAccountName"]
+    cluster, namespaced, broad = grants(docs, (NAMESPACE, account))
+    assert not broad
+    watched = _namespaces(values)
+    if watched:
+        assert not cluster and namespaced == {ns: set(DRAIN_API_CALLS) for ns in watched}
+    else:
+        assert cluster == set(DRAIN_API_CALLS) and not namespaced
+    for doc in docs:
+        if account in (doc["metadata"]["name"], *(s["name"] for s in doc.get("subjects", []))):
+            assert doc["metadata"]["annotations"]["helm.sh/hook"] == "pre-delete", doc["kind"]
 
 
 def test_kopf_peering_crds_are_the_ones_kopf_reads():

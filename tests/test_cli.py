@@ -88,6 +88,7 @@ COMMANDS = {
     "python -m demo.apiserver": "demo.apiserver",
     "python -m demo.dataplane": "demo.dataplane.cli",
     "python -m marl_operator": "marl_operator.__main__",
+    "python -m marl_operator.drain": "marl_operator.drain",
     "python -m edgefn": ROOT / "workload" / "edgefn.py",
     **{
         f"python benchmarks/{path.name}": path

@@ -31,9 +31,9 @@ from kopf_harness import ApiError, eventually, kube, running_operator
 from kubernetes import client
 from marl_operator import handlers
 from marl_operator import runtime as runtime_module
-from marl_operator.__main__ import client_configuration
+from marl_operator.drain import drain
 from marl_operator.handlers import register
-from marl_operator.kube import Forbidden, Kube, KubeMesh, TimedApiClient
+from marl_operator.kube import Forbidden, Kube, KubeMesh, TimedApiClient, client_configuration
 from marl_operator.mesh.istio import read_virtual_service
 from marl_operator.mesh.model import MeshService, node_from_edge_node
 from marl_operator.mesh.ownership import (
@@ -426,6 +426,36 @@ def test_deleting_the_policy_restores_the_users_routes(cluster: Any) -> None:
         assert "restored VirtualService/fn" in restored[0]["message"]
         assert "deleted DestinationRule/fn" in restored[0]["message"]
         assert KEY not in runtime.controllers and runtime.store.latest(KEY) is None
+
+    asyncio.run(scenario())
+
+
+def test_drain_deletes_every_policy_and_waits_for_its_routes_to_come_back(cluster: Any) -> None:
+    """The chart's uninstall hook. With the operator stopped, the policy's finalizer holds it
+    and drain names it at the timeout; with the operator back, the policy goes and the
+    user's routes are restored."""
+    runtime, _ = new_runtime(cluster.kubeconfig, example_mesh())
+    drainer = Kube(TimedApiClient(client_configuration(cluster.kubeconfig)))
+
+    async def scenario() -> None:
+        url = cluster.url
+        await create_resources(url)
+        await kube(url, "POST", VIRTUAL_SERVICES, USER_VIRTUAL_SERVICE)
+        async with operating(url, runtime):
+            await kube(url, "POST", POLICIES, policy_body())
+
+            async def taken_over() -> bool:
+                vs = await get(url, f"{VIRTUAL_SERVICES}/{SERVICE}")
+                return MANAGED_BY_LABEL in (((vs or {})["metadata"]).get("labels") or {})
+
+            await eventually(taken_over, what="the takeover")
+        assert await asyncio.to_thread(drain, drainer, (), 1.0, 0.1) == [KEY]
+        assert (await get(url, f"{POLICIES}/{POLICY}"))["metadata"].get("deletionTimestamp")
+        again, _ = new_runtime(cluster.kubeconfig, example_mesh())
+        async with operating(url, again):
+            assert await asyncio.to_thread(drain, drainer, (NAMESPACE,), 20.0, 0.2) == []
+        assert_restored(await kube(url, "GET", f"{VIRTUAL_SERVICES}/{SERVICE}"))
+        assert await get(url, f"{DESTINATION_RULES}/{SERVICE}") is None
 
     asyncio.run(scenario())
 

@@ -16,13 +16,13 @@ import threading
 from pathlib import Path
 
 import kopf
-from kubernetes import client, config
+from kubernetes import client
 from threadpoolctl import threadpool_limits
 
 from marl_operator import logs
 from marl_operator.api import ApiServer, create_app
 from marl_operator.handlers import register
-from marl_operator.kube import Kube, TimedApiClient
+from marl_operator.kube import Kube, TimedApiClient, client_configuration
 from marl_operator.prometheus import check_url
 from marl_operator.runtime import DEFAULT_PROMETHEUS_URL, Runtime
 
@@ -92,16 +92,6 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The operator's settings from ``argv``; the chart's tests read its args through here."""
     return build_parser().parse_args(argv)
-
-
-def client_configuration(kubeconfig: Path | None) -> client.Configuration:
-    """The Kubernetes connection, from an explicit file or the pod's service account."""
-    configuration = client.Configuration()
-    if kubeconfig is not None:
-        config.load_kube_config(config_file=str(kubeconfig), client_configuration=configuration)
-    else:
-        config.load_incluster_config(client_configuration=configuration)
-    return configuration
 
 
 def connection_info(configuration: client.Configuration) -> kopf.ConnectionInfo:

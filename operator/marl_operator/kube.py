@@ -12,11 +12,11 @@ from __future__ import annotations
 import base64
 import contextlib
 import logging
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from kubernetes import client
+from kubernetes import client, config
 from kubernetes.client.rest import ApiException
 
 from marl_operator.mesh.factory import managed_objects, writer_for
@@ -46,6 +46,13 @@ API_CALLS: tuple[tuple[str, str, str], ...] = (
     ),
 )
 """(API group, resource, verb) of every call below; the chart's RBAC must grant each."""
+
+DRAIN_API_CALLS: tuple[tuple[str, str, str], ...] = (
+    ("marl.dev", "routingpolicies", "list"),
+    ("marl.dev", "routingpolicies", "delete"),
+)
+"""What ``python -m marl_operator.drain`` calls (the chart's uninstall hook, with its own
+service account: the operator itself never deletes a policy)."""
 
 KOPF_API_CALLS: tuple[tuple[str, str, str], ...] = (
     # the RoutingPolicies it serves: watch-streams, finalizer and annotation patches
@@ -176,6 +183,16 @@ class TimedApiClient(client.ApiClient):
         return super().call_api(*args, **kwargs)
 
 
+def client_configuration(kubeconfig: Path | None) -> client.Configuration:
+    """The Kubernetes connection, from an explicit file or the pod's service account."""
+    configuration = client.Configuration()
+    if kubeconfig is not None:
+        config.load_kube_config(config_file=str(kubeconfig), client_configuration=configuration)
+    else:
+        config.load_incluster_config(client_configuration=configuration)
+    return configuration
+
+
 class Kube:
     """The operator's view of the cluster: custom resources, mesh objects, checkpoints."""
 
@@ -205,6 +222,30 @@ class Kube:
                 if error.status != 404:
                     raise
         return out
+
+    def routing_policies(self, namespaces: Sequence[str] = ()) -> list[str]:
+        """``namespace/name`` of every RoutingPolicy in ``namespaces`` (none: every one)."""
+        if namespaces:
+            lists = [
+                self.custom.list_namespaced_custom_object(*MARL, ns, "routingpolicies")
+                for ns in namespaces
+            ]
+        else:
+            lists = [self.custom.list_cluster_custom_object(*MARL, "routingpolicies")]
+        return [
+            f"{item['metadata']['namespace']}/{item['metadata']['name']}"
+            for listed in lists
+            for item in listed.get("items", [])
+        ]
+
+    def delete_policy(self, key: str) -> None:
+        """Ask for the deletion of ``namespace/name``; one already gone is fine."""
+        namespace, name = key.split("/", 1)
+        try:
+            self.custom.delete_namespaced_custom_object(*MARL, namespace, "routingpolicies", name)
+        except ApiException as error:
+            if error.status != 404:
+                raise
 
     def patch_policy_status(self, namespace: str, name: str, status: Mapping[str, Any]) -> None:
         self.custom.patch_namespaced_custom_object_status(

@@ -1,0 +1,116 @@
+"""``python -m marl_operator.drain``: delete every RoutingPolicy and wait until the operator has
+let each one go. The chart runs it before an uninstall that takes the CRDs away.
+
+Deleting a policy is what gives the mesh back: the operator restores the user's routes and
+removes the objects it made, then drops the policy's finalizer. Deleted with the operator
+gone, the CRDs would leave every policy (and so themselves) Terminating for ever, and the
+mesh with the last weights written. So this runs while the operator still does.
+
+Examples:
+  python -m marl_operator.drain --kubeconfig ~/.kube/config
+  python -m marl_operator.drain --namespace edge --namespace edge-2 --timeout 600
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from marl_operator import logs
+from marl_operator.kube import Kube, TimedApiClient, client_configuration
+
+log = logging.getLogger("marl_operator.drain")
+
+STUCK_HINT = (
+    "is the operator running? Its finalizer restores the routes before a policy goes. If the "
+    "operator is gone for good, restore the routes by hand and remove the finalizer with "
+    "kubectl patch routingpolicy NAME -n NAMESPACE --type merge -p "
+    '\'{"metadata":{"finalizers":null}}\''
+)
+
+
+def drain(
+    kube: Kube,
+    namespaces: Sequence[str] = (),
+    timeout_s: float = 300.0,
+    poll_s: float = 2.0,
+    clock: Callable[[], float] = time.monotonic,
+    sleep: Callable[[float], None] = time.sleep,
+) -> list[str]:
+    """Delete the RoutingPolicies of ``namespaces`` (none: all) and wait for them to go;
+    returns ``namespace/name`` of those still there after ``timeout_s``."""
+    deadline = clock() + timeout_s
+    left = kube.routing_policies(namespaces)
+    log.info("deleting %d RoutingPolicies", len(left), extra={"fields": {"policies": left}})
+    for key in left:
+        kube.delete_policy(key)
+    while left and clock() < deadline:
+        sleep(poll_s)
+        remaining = kube.routing_policies(namespaces)
+        if remaining != left:
+            log.info("%d RoutingPolicies left", len(remaining))
+        left = remaining
+    return left
+
+
+def seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected seconds, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be more than 0 seconds, got {text}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m marl_operator.drain",
+        description="Delete every RoutingPolicy and wait until the operator has restored "
+        "its routes; exit 1 naming the policies still there at the timeout.",
+        epilog="examples:" + __doc__.split("Examples:", 1)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--kubeconfig", type=Path, help="kubeconfig file (default: in-cluster)")
+    parser.add_argument(
+        "--namespace",
+        action="append",
+        default=[],
+        help="only this namespace's policies (repeatable; default: every namespace)",
+    )
+    parser.add_argument(
+        "--timeout",
+        type=seconds,
+        default=300.0,
+        help="seconds to wait for the policies to go (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--log-format", choices=("json", "text"), default="json", help="(default: %(default)s)"
+    )
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logs.setup(args.log_format)
+    kube = Kube(TimedApiClient(client_configuration(args.kubeconfig)))
+    left = drain(kube, args.namespace, args.timeout)
+    if left:
+        log.error(
+            "%d RoutingPolicies still there after %.0f s: %s; %s",
+            len(left),
+            args.timeout,
+            ", ".join(left),
+            STUCK_HINT,
+            extra={"fields": {"policies": left}},
+        )
+        return 1
+    log.info("every RoutingPolicy is gone and its routes restored")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
