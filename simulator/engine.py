@@ -778,10 +778,13 @@ class _Segments:
 
     def __init__(self, seg_n: np.ndarray, seg_end: np.ndarray):
         self.n, self.end, self.total = seg_n, seg_end, seg_end[:, -1]
+        self._index()
+
+    def _index(self) -> None:
         # All lanes' ends in one sorted array: lane l's live in [l * span, l * span + total],
         # so one binary search finds a position's segment in any lane.
         self.span = int(self.total.max(initial=0)) + 1
-        self.flat = (seg_end + np.arange(len(seg_end))[:, None] * self.span).reshape(-1)
+        self.flat = (self.end + np.arange(len(self.end))[:, None] * self.span).reshape(-1)
 
     def segment(self, lanes: np.ndarray, position: np.ndarray) -> np.ndarray:
         """Segment of stream ``position`` in lane ``lanes`` (broadcast together). Positions
@@ -809,10 +812,9 @@ class _Interleaved(_Segments):
     Real senders do not take turns; served in segment order, the last service of a node
     would always wait behind the others' whole step and only its latency would suffer."""
 
-    def __init__(self, seg_n: np.ndarray, seg_end: np.ndarray):
-        super().__init__(seg_n, seg_end)
-        L, G = seg_n.shape
-        counts = seg_n.reshape(-1)
+    def _index(self) -> None:
+        L, G = self.n.shape
+        counts = self.n.reshape(-1)
         pair = np.repeat(np.arange(L * G), counts)  # lane * G + segment, in segment order
         j = np.arange(pair.size) - np.repeat(np.cumsum(counts) - counts, counts)
         # Stable: equal fractions keep segment order; the lane keeps lanes apart.
