@@ -43,7 +43,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--episodes", type=positive_int, default=100, help="episodes to average over"
     )
     parser.add_argument("--seed", type=int, default=0, help="seeds the episodes' workloads")
-    parser.add_argument("--envs", type=positive_int, default=100, help="episodes simulated at once")
+    parser.add_argument(
+        "--envs",
+        type=positive_int,
+        default=100,
+        help="episodes simulated at once; they share one random stream, so the episodes "
+        "drawn depend on it as on --seed (the same two give the same numbers)",
+    )
     parser.add_argument("--workload", help="replace every workload by this kind (e.g. normal)")
     parser.add_argument(
         "--action-mode",
@@ -85,13 +91,15 @@ def main(argv: list[str] | None = None) -> int:
         "scenario": scenario.name,
         "policy": args.policy,
         "seed": args.seed,
+        "envs": args.envs,
         **summarise(per_episode),
     }
     if args.json:
         print(json_line(summary))
         return 0
     print(
-        f"{scenario.name}  policy={args.policy}  episodes={summary['episodes']}  seed={args.seed}"
+        f"{scenario.name}  policy={args.policy}  episodes={summary['episodes']}  "
+        f"seed={args.seed}  envs={args.envs}"
     )
     for key in per_episode:
         print(f"  {key:<26} {summary[key]:>12.3f}  +/- {summary[key + '_std']:.3f}")
@@ -115,9 +123,10 @@ def _compare(scenario: Scenario, args) -> int:
     if args.plot:
         plot(rows, args.plot, f"{scenario.name}: {args.episodes} episodes, seed {args.seed}")
     if args.json:
-        print(json_line({"scenario": scenario.name, "seed": args.seed, "policies": rows}))
+        run = {"scenario": scenario.name, "seed": args.seed, "envs": args.envs}
+        print(json_line({**run, "policies": rows}))
     else:
-        print(f"{scenario.name}  episodes={args.episodes}  seed={args.seed}")
+        print(f"{scenario.name}  episodes={args.episodes}  seed={args.seed}  envs={args.envs}")
         print(format_table(rows))
     return 0
 

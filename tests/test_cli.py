@@ -38,6 +38,7 @@ def test_evaluate_json_contract():
     ):
         assert key in out
     assert out["episodes"] == 3
+    assert (out["seed"], out["envs"]) == (0, 100)  # both choose the episodes drawn
 
 
 def test_evaluate_table_and_errors():
