@@ -182,6 +182,14 @@ def positive(rows: dict[str, dict[str, int]]) -> dict[str, dict[str, int]]:
     return {s: {n: w for n, w in row.items() if w > 0} for s, row in rows.items()}
 
 
+def taken_over(url: str) -> Any:
+    async def probe() -> bool:
+        vs = await get(url, f"{VIRTUAL_SERVICES}/{SERVICE}")
+        return vs is not None and MANAGED_BY_LABEL in (vs["metadata"].get("labels") or {})
+
+    return probe
+
+
 def latest(runtime: Runtime) -> Any:
     async def probe() -> Any:
         return runtime.store.latest(KEY)
@@ -369,12 +377,7 @@ async def take_over_then_delete(
     in_flight = CycleCounter(runtime)
     async with operating(url, runtime):
         await kube(url, "POST", POLICIES, policy_body())
-
-        async def taken_over() -> bool:
-            vs = await get(url, f"{VIRTUAL_SERVICES}/{SERVICE}")
-            return vs is not None and MANAGED_BY_LABEL in (vs["metadata"].get("labels") or {})
-
-        await eventually(taken_over, what="the takeover")
+        await eventually(taken_over(url), what="the takeover")
         await eventually(
             lambda: get(url, f"{DESTINATION_RULES}/{SERVICE}"), what="the DestinationRule"
         )
@@ -443,12 +446,7 @@ def test_drain_deletes_every_policy_and_waits_for_its_routes_to_come_back(cluste
         await kube(url, "POST", VIRTUAL_SERVICES, USER_VIRTUAL_SERVICE)
         async with operating(url, runtime):
             await kube(url, "POST", POLICIES, policy_body())
-
-            async def taken_over() -> bool:
-                vs = await get(url, f"{VIRTUAL_SERVICES}/{SERVICE}")
-                return MANAGED_BY_LABEL in (((vs or {})["metadata"]).get("labels") or {})
-
-            await eventually(taken_over, what="the takeover")
+            await eventually(taken_over(url), what="the takeover")
         assert await asyncio.to_thread(drain, drainer, (), 1.0, 0.1) == [KEY]
         assert (await get(url, f"{POLICIES}/{POLICY}"))["metadata"].get("deletionTimestamp")
         again, _ = new_runtime(cluster.kubeconfig, example_mesh())
