@@ -13,7 +13,6 @@ import asyncio
 import logging
 import secrets
 import threading
-from pathlib import Path
 
 import kopf
 from kubernetes import client
@@ -22,7 +21,7 @@ from threadpoolctl import threadpool_limits
 from marl_operator import logs
 from marl_operator.api import ApiServer, create_app
 from marl_operator.handlers import register
-from marl_operator.kube import Kube, TimedApiClient, client_configuration
+from marl_operator.kube import Kube, TimedApiClient, client_configuration, command_line
 from marl_operator.prometheus import check_url
 from marl_operator.runtime import DEFAULT_PROMETHEUS_URL, Runtime
 
@@ -40,19 +39,12 @@ def prometheus_url(text: str) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     """The command line, apart from ``main`` so that its help can be checked without running it."""
-    parser = argparse.ArgumentParser(
-        prog="python -m marl_operator",
-        description="Run trained routing policies for edge services and write their weights "
-        "to the service mesh.",
-        epilog="examples:" + __doc__.split("Examples:", 1)[1],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument("--kubeconfig", type=Path, help="kubeconfig file (default: in-cluster)")
-    parser.add_argument(
-        "--namespace",
-        action="append",
-        default=[],
-        help="watch only this namespace (repeatable; default: every namespace)",
+    parser = command_line(
+        "python -m marl_operator",
+        __doc__,
+        "Run trained routing policies for edge services and write their weights to the "
+        "service mesh.",
+        namespaces="watch only this namespace",
     )
     parser.add_argument(
         "--standalone", action="store_true", help="no peering: act even if other replicas run"

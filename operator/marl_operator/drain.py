@@ -17,10 +17,9 @@ import argparse
 import logging
 import time
 from collections.abc import Callable, Sequence
-from pathlib import Path
 
 from marl_operator import logs
-from marl_operator.kube import Kube, TimedApiClient, client_configuration
+from marl_operator.kube import Kube, TimedApiClient, client_configuration, command_line
 
 log = logging.getLogger("marl_operator.drain")
 
@@ -67,19 +66,12 @@ def seconds(text: str) -> float:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m marl_operator.drain",
-        description="Delete every RoutingPolicy and wait until the operator has restored "
-        "its routes; exit 1 naming the policies still there at the timeout.",
-        epilog="examples:" + __doc__.split("Examples:", 1)[1],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument("--kubeconfig", type=Path, help="kubeconfig file (default: in-cluster)")
-    parser.add_argument(
-        "--namespace",
-        action="append",
-        default=[],
-        help="only this namespace's policies (repeatable; default: every namespace)",
+    parser = command_line(
+        "python -m marl_operator.drain",
+        __doc__,
+        "Delete every RoutingPolicy and wait until the operator has restored its routes; "
+        "exit 1 naming the policies still there at the timeout.",
+        namespaces="only this namespace's policies",
     )
     parser.add_argument(
         "--timeout",

@@ -9,6 +9,7 @@ The ``kubernetes`` client is synchronous; the operator calls it from worker thre
 
 from __future__ import annotations
 
+import argparse
 import base64
 import contextlib
 import logging
@@ -181,6 +182,25 @@ class TimedApiClient(client.ApiClient):
         if kwargs.get("_request_timeout") is None:
             kwargs["_request_timeout"] = self.timeout
         return super().call_api(*args, **kwargs)
+
+
+def command_line(prog: str, doc: str, description: str, namespaces: str) -> argparse.ArgumentParser:
+    """The parser every operator command starts from: its examples from ``doc``, and the
+    options that say which cluster and namespaces it works on (``namespaces``: their help)."""
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description=description,
+        epilog="examples:" + doc.split("Examples:", 1)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--kubeconfig", type=Path, help="kubeconfig file (default: in-cluster)")
+    parser.add_argument(
+        "--namespace",
+        action="append",
+        default=[],
+        help=f"{namespaces} (repeatable; default: every namespace)",
+    )
+    return parser
 
 
 def client_configuration(kubeconfig: Path | None) -> client.Configuration:
