@@ -447,6 +447,8 @@ def test_drain_deletes_every_policy_and_waits_for_its_routes_to_come_back(cluste
         async with operating(url, runtime):
             await kube(url, "POST", POLICIES, policy_body())
             await eventually(taken_over(url), what="the takeover")
+        assert await asyncio.to_thread(drain, drainer, ("elsewhere",), 1.0, 0.1) == []
+        assert not (await get(url, f"{POLICIES}/{POLICY}"))["metadata"].get("deletionTimestamp")
         assert await asyncio.to_thread(drain, drainer, (), 1.0, 0.1) == [KEY]
         assert (await get(url, f"{POLICIES}/{POLICY}"))["metadata"].get("deletionTimestamp")
         again, _ = new_runtime(cluster.kubeconfig, example_mesh())

@@ -18,6 +18,9 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 
+import urllib3
+from kubernetes.client.rest import ApiException
+
 from marl_operator import logs
 from marl_operator.kube import Kube, TimedApiClient, client_configuration, command_line
 
@@ -29,29 +32,64 @@ STUCK_HINT = (
     "kubectl patch routingpolicy NAME -n NAMESPACE --type merge -p "
     '\'{"metadata":{"finalizers":null}}\''
 )
+REFUSED_HINT = (
+    "this account may not list or delete RoutingPolicies: grant it list and delete on "
+    "routingpolicies.marl.dev (the chart does, with rbac.create=true)"
+)
+
+
+class DrainError(RuntimeError):
+    """The drain could not do its work at all (refused, or the API never answered)."""
+
+
+def _transient(error: ApiException) -> bool:
+    """Worth another try before the deadline: the API server busy, restarting or slow."""
+    status = error.status or 0
+    return status in (0, 429) or status >= 500
 
 
 def drain(
     kube: Kube,
     namespaces: Sequence[str] = (),
-    timeout_s: float = 300.0,
+    timeout_s: float = 240.0,
     poll_s: float = 2.0,
     clock: Callable[[], float] = time.monotonic,
     sleep: Callable[[float], None] = time.sleep,
 ) -> list[str]:
     """Delete the RoutingPolicies of ``namespaces`` (none: all) and wait for them to go;
-    returns ``namespace/name`` of those still there after ``timeout_s``."""
+    returns ``namespace/name`` of those still there after ``timeout_s``.
+
+    Every poll deletes what is not being deleted yet (a policy created meanwhile, by a
+    GitOps controller say), and an API error worth retrying waits for the next poll: a
+    failed drain fails the uninstall. DrainError if the policies could never be listed."""
     deadline = clock() + timeout_s
-    left = kube.routing_policies(namespaces)
-    log.info("deleting %d RoutingPolicies", len(left), extra={"fields": {"policies": left}})
-    for key in left:
-        kube.delete_policy(key)
-    while left and clock() < deadline:
+    left: list[str] | None = None
+    last_error: Exception | None = None
+    while True:
+        try:
+            policies = kube.routing_policies(namespaces)
+            for key in sorted(key for key, deleting in policies.items() if not deleting):
+                log.info("deleting RoutingPolicy %s", key, extra={"fields": {"policy": key}})
+                kube.delete_policy(key)
+            if sorted(policies) != left:
+                log.info("%d RoutingPolicies left", len(policies))
+            left = sorted(policies)
+        except ApiException as error:
+            if error.status in (401, 403):
+                raise DrainError(f"{error.status} {error.reason}: {REFUSED_HINT}") from None
+            if not _transient(error):
+                raise
+            last_error = error
+        except (urllib3.exceptions.HTTPError, OSError) as error:
+            last_error = error
+        if last_error is not None:
+            log.warning("the API server failed (%s); trying again", last_error)
+        if left == [] or clock() >= deadline:
+            break
+        last_error = None
         sleep(poll_s)
-        remaining = kube.routing_policies(namespaces)
-        if remaining != left:
-            log.info("%d RoutingPolicies left", len(remaining))
-        left = remaining
+    if left is None:
+        raise DrainError(f"could not list the RoutingPolicies before the timeout: {last_error}")
     return left
 
 
@@ -76,7 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--timeout",
         type=seconds,
-        default=300.0,
+        default=240.0,
         help="seconds to wait for the policies to go (default: %(default)s)",
     )
     parser.add_argument(
@@ -89,7 +127,11 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logs.setup(args.log_format)
     kube = Kube(TimedApiClient(client_configuration(args.kubeconfig)))
-    left = drain(kube, args.namespace, args.timeout)
+    try:
+        left = drain(kube, args.namespace, args.timeout)
+    except DrainError as error:
+        log.error("%s", error)
+        return 1
     if left:
         log.error(
             "%d RoutingPolicies still there after %.0f s: %s; %s",

@@ -243,8 +243,9 @@ class Kube:
                     raise
         return out
 
-    def routing_policies(self, namespaces: Sequence[str] = ()) -> list[str]:
-        """``namespace/name`` of every RoutingPolicy in ``namespaces`` (none: every one)."""
+    def routing_policies(self, namespaces: Sequence[str] = ()) -> dict[str, bool]:
+        """Every RoutingPolicy in ``namespaces`` (none: every one), as ``namespace/name`` ->
+        whether its deletion is under way already."""
         if namespaces:
             lists = [
                 self.custom.list_namespaced_custom_object(*MARL, ns, "routingpolicies")
@@ -252,11 +253,11 @@ class Kube:
             ]
         else:
             lists = [self.custom.list_cluster_custom_object(*MARL, "routingpolicies")]
-        return [
-            f"{item['metadata']['namespace']}/{item['metadata']['name']}"
+        return {
+            f"{meta['namespace']}/{meta['name']}": bool(meta.get("deletionTimestamp"))
             for listed in lists
-            for item in listed.get("items", [])
-        ]
+            for meta in (item["metadata"] for item in listed.get("items", []))
+        }
 
     def delete_policy(self, key: str) -> None:
         """Ask for the deletion of ``namespace/name``; one already gone is fine."""
