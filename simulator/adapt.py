@@ -662,6 +662,13 @@ def main(argv: list[str] | None = None) -> int:
     except (ScenarioError, PolicyError, checkpoint.CheckpointError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    if args.interval > scenario.steps:
+        print(
+            f"error: --interval: {args.interval} steps per cycle, but {scenario.name} has "
+            f"{scenario.steps}",
+            file=sys.stderr,
+        )
+        return 2
     model = warm_model(scenario, policy, args)
     results = {}
     for arm in tqdm(ARMS, desc=scenario.name, disable=args.json):

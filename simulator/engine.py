@@ -806,8 +806,9 @@ class _Segments:
 
 
 class _Interleaved(_Segments):
-    """The same segments, their requests arriving evenly mixed: request ``j`` of a segment of
-    ``n`` arrives at the fraction ``(j + 1/2) / n`` of the step, ties in segment order.
+    """The same segments, their requests arriving evenly mixed: ordered by the fraction
+    ``(j + 1/2) / n`` of the step for request ``j`` of a segment of ``n`` (ties in segment
+    order), then timed by their rank in that order, evenly over the step, as in order.
 
     Real senders do not take turns; served in segment order, the last service of a node
     would always wait behind the others' whole step and only its latency would suffer."""

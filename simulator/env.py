@@ -68,7 +68,9 @@ class Timeline:
         queue = np.tile([n.queue_capacity for n in scenario.nodes], (t, 1))
         active = np.tile([n.active for n in scenario.nodes], (t, 1))
         surge = np.ones((t, len(names)))
-        for ev in scenario.events:
+        # A node's arrival first: "add" marks it absent before and up after, which would
+        # undo a failure applied before it, at the same step or overlapping it.
+        for ev in sorted(scenario.events, key=lambda ev: ev.kind != "add"):
             j, span = names.index(ev.node), slice(ev.at, ev.until)
             if ev.kind == "capacity":
                 cpu[span, j] *= ev.factor

@@ -404,9 +404,7 @@ def parse_scenario(data: Any, name: str = "<inline>", base_dir: Path | None = No
         steps=steps,
         step_seconds=r.positive("step_seconds", float, 300.0),
         links_ms=links,
-        # In time order, whatever the file's: a later "add" reopens a node for good, so
-        # applied in file order it could undo a failure listed before it but due after it.
-        events=tuple(sorted(events, key=lambda ev: ev.at)),
+        events=tuple(sorted(events, key=lambda ev: ev.at)),  # in time order, as they happen
         reward=r.choice("reward", ("dfaas", "latency"), "dfaas"),
         forward_split=r.choice("forward_split", ("floor", "exact"), "floor"),
         arrivals=r.choice("arrivals", ("in_order", "interleaved"), "in_order"),

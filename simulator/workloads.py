@@ -151,6 +151,8 @@ class Sum:
 
 
 def _sinusoidal(rng: np.random.Generator, b: int, t: int, p: Sinusoidal) -> np.ndarray:
+    if p.blocks > t:
+        raise ValueError(f"workload 'sinusoidal': 'blocks' ({p.blocks}) exceeds the {t} steps")
     periods = rng.uniform(p.period_min, p.period_max, size=(b, p.blocks))
     per_step = np.repeat(periods, t // p.blocks, axis=1)
     if per_step.shape[1] < t:  # steps not a multiple of blocks: wrap around, as np.resize does
@@ -204,11 +206,15 @@ def _read_column(path: str, column: str) -> np.ndarray:
         values = []
         for line, row in enumerate(reader, start=2):
             try:
-                values.append(float(row[column]))
+                value = float(row[column])
             except (TypeError, ValueError):
+                value = math.nan
+            if not (math.isfinite(value) and value >= 0):
                 raise ValueError(
-                    f"{path}, line {line}: column {column!r} holds {row[column]!r}, not a number"
-                ) from None
+                    f"{path}, line {line}: column {column!r} holds {row[column]!r}, not a rate "
+                    "(a finite number >= 0)"
+                )
+            values.append(value)
     if not values:
         raise ValueError(f"{path}: column {column!r} has no rows to replay")
     return np.array(values)

@@ -245,6 +245,7 @@ def test_amounts_must_be_finite(value, capsys):
         (["--steps", "0.2", "1"], "error: --steps: rollout steps must lie in (0, 1)"),
         (["--screen-horizon", "-1"], "error: --screen-horizon: rollout screen_horizon"),
         (["--scenario", "dfaas-paise25"], "sets no latency_target_ms"),
+        (["--interval", "400"], "--interval: 400 steps per cycle, but mesh-10x3-capacity-drop"),
     ],
 )
 def test_adapt_refuses_bad_settings_before_any_work(argv, message, capsys):

@@ -118,6 +118,35 @@ def test_the_step_serves_the_head_of_the_arrival_order(interleaved, served):
     assert m.q_len[0, 0] == 3
 
 
+@pytest.mark.parametrize("arrivals", ["in_order", "interleaved"])
+def test_each_agent_s_requests_are_served_rejected_or_queued(mesh, arrivals):
+    """Per sender, every step: what it sent is what was served for it, refused to it, and
+    added to the queues under its name. Counting rejects in the wrong order keeps the totals
+    right and breaks this."""
+    import dataclasses
+
+    env = EdgeEnv(dataclasses.replace(mesh, arrivals=arrivals), num_envs=4, seed=5)
+    m, rng = env.model, np.random.default_rng(0)
+    B, A = m.B, m.A
+
+    def queued_by_agent():
+        slots = np.arange(m.Q) < m.q_len[..., None]
+        agent = m.q_agent.astype(int)
+        return np.stack([np.bincount(agent[b][slots[b]], minlength=A) for b in range(B)])
+
+    env.reset()
+    before = queued_by_agent()
+    for _ in range(60):
+        mask = env.action_mask()
+        a = rng.dirichlet(np.full(env.action_dim, 0.3), size=(B, env.num_agents)) * mask
+        _, _, _, info = env.step(a)
+        out, queued = env.last_outcome, queued_by_agent()
+        sent = info["local"].reshape(B, A) + info["forward"].sum(axis=2).reshape(B, A)
+        refused = out.local_rejects.reshape(B, A) + out.forward_rejects.sum(axis=2).reshape(B, A)
+        assert np.array_equal(sent, out.latency_count + refused + queued - before)
+        before = queued
+
+
 @pytest.mark.parametrize(
     ("scenario", "arrivals"),
     [

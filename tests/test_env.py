@@ -119,25 +119,34 @@ def test_a_capacity_set_while_running_ends_with_its_episode(mesh):
     assert np.array_equal(env.timeline.cpu, scenario_cpu)
 
 
-def test_events_apply_in_time_order_whatever_the_files_order():
+def node_b_up(events: list[dict]) -> list[bool]:
+    """Whether node ``b`` of a two-node, 30-step scenario is up at each step."""
     from simulator.scenario import parse_scenario
 
-    nodes = [{"name": "a", "neighbours": ["b"]}, {"name": "b", "neighbours": ["a"]}]
-    later_fail = {"at": 20, "kind": "fail", "node": "b"}
-    added = {"at": 10, "kind": "add", "node": "b"}
     size = {"min": 1, "mean": 2, "max": 3, "std": 1}
-    service = {"name": "f", "request_classes": [{"cpu": size, "ram": size}]}
-    timelines = []
-    for events in ([later_fail, added], [added, later_fail]):
-        data = {
-            "name": "order",
-            "steps": 30,
-            "nodes": nodes,
-            "services": [service],
-            "workload": {"default": {"kind": "poisson", "rate": 5}},
-            "events": events,
-        }
-        timelines.append(Timeline.of(parse_scenario(data)).active[:, 1])
-    # Absent before 10, up from 10, failed from 20: listed first, the failure was undone.
-    expected = [False] * 10 + [True] * 10 + [False] * 10
-    assert timelines[0].tolist() == timelines[1].tolist() == expected
+    data = {
+        "name": "order",
+        "steps": 30,
+        "nodes": [{"name": "a", "neighbours": ["b"]}, {"name": "b", "neighbours": ["a"]}],
+        "services": [{"name": "f", "request_classes": [{"cpu": size, "ram": size}]}],
+        "workload": {"default": {"kind": "poisson", "rate": 5}},
+        "events": events,
+    }
+    return Timeline.of(parse_scenario(data)).active[:, 1].tolist()
+
+
+@pytest.mark.parametrize(
+    ("events", "expected"),
+    [
+        # Absent before 10, up from 10, failed from 20: listed first, the failure was undone.
+        ([("fail", 20, None), ("add", 10, None)], [False] * 10 + [True] * 10 + [False] * 10),
+        # A failure at the very step of the arrival, or over it, is not cut short by it.
+        ([("fail", 10, None), ("add", 10, None)], [False] * 30),
+        ([("fail", 5, 15), ("add", 10, None)], [False] * 15 + [True] * 15),
+    ],
+)
+def test_events_mean_the_same_in_any_order_of_the_file(events, expected):
+    raw = [{"at": at, "kind": kind, "node": "b", "until": until} for kind, at, until in events]
+    for listed in (raw, raw[::-1]):
+        spec = [{k: v for k, v in e.items() if v is not None} for e in listed]
+        assert node_b_up(spec) == expected, listed

@@ -112,10 +112,21 @@ def test_out_of_range_parameters_are_refused_by_name(kind, params, message):
 
 @pytest.mark.parametrize(
     ("text", "message"),
-    [("t,rate\n", "has no rows to replay"), ("t,rate\n0,5\n1,lots\n", "line 3: column 'rate'")],
+    [
+        ("t,rate\n", "has no rows to replay"),
+        ("t,rate\n0,5\n1,lots\n", "line 3: column 'rate' holds 'lots', not a rate"),
+        ("t,rate\n0,inf\n", "line 2: column 'rate' holds 'inf'"),
+        ("t,rate\n0,5\n1,5\n2,nan\n", "line 4: column 'rate' holds 'nan'"),
+        ("t,rate\n0,-3\n", "holds '-3', not a rate"),
+    ],
 )
 def test_replay_refuses_a_column_it_cannot_replay(tmp_path, text, message):
     series = tmp_path / "series.csv"
     series.write_text(text)
     with pytest.raises(ValueError, match=message):
         draw("replay", b=1, t=4, path=str(series), column="rate")
+
+
+def test_more_sinusoidal_blocks_than_steps_is_refused_by_name():
+    with pytest.raises(ValueError, match=r"'blocks' \(5\) exceeds the 4 steps"):
+        draw("sinusoidal", b=1, t=4, blocks=5)
