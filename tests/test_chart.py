@@ -820,6 +820,18 @@ def test_notes_render():
     assert "crds.install is false" in notes
     assert "rbac.create is false" in notes
     assert "kubectl get routingpolicies" in notes
+    assert "delete the RoutingPolicies (kubectl delete routingpolicies --all -A)" in notes
+
+
+def test_notes_say_the_uninstall_drains_when_the_crds_go():
+    done = run_helm(
+        "install", RELEASE, str(CHART), "--namespace", NAMESPACE, "--dry-run=client",
+        *VALUE_SETS["no-keep"],
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    notes = done.stdout.split("NOTES:", 1)[1]
+    assert "first deletes every RoutingPolicy and waits, up to 240 s" in notes
+    assert "kubectl delete routingpolicies --all -A" not in notes
 
 
 # --- what a running operator really calls ------------------------------------------------
