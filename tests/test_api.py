@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import datetime
 import json
 import math
 import signal
@@ -25,6 +26,7 @@ from marl_operator.api import (
     create_app,
 )
 from marl_operator.instruments import Instruments
+from marl_operator.peering import ReplicaRole, outranking_peers
 from marl_operator.report import CycleReport, NodeInputs, Outcome
 from marl_operator.store import HISTORY, ReportStore
 from prometheus_client.parser import text_string_to_metric_families
@@ -170,6 +172,33 @@ def test_readyz_follows_the_ready_callable_on_every_request(store, instruments) 
     response = client.get("/readyz")
     assert response.status_code == 200
     assert response.json()["status"] == "ready"
+
+
+def test_replica_says_whether_this_replica_acts(store, instruments) -> None:
+    standalone = TestClient(create_app(store, instruments, ready=lambda: True))
+    assert standalone.get("/api/v1/replica").json() == {
+        "peering": None,
+        "priority": None,
+        "acting": True,
+        "outrankedBy": [],
+        "error": None,
+    }
+    role = ReplicaRole("marl-operator", 7, None, error="reading the peering object: 403 x")
+    unknown = TestClient(create_app(store, instruments, ready=lambda: True, replica=lambda: role))
+    assert unknown.get("/api/v1/replica").json()["acting"] is None
+
+
+def test_a_live_peer_of_higher_priority_outranks_until_its_lifetime_ends() -> None:
+    now = datetime.datetime(2026, 1, 1, 12, 0, tzinfo=datetime.UTC)
+    status = {
+        "higher": {"priority": 9, "lifetime": 60, "lastseen": "2026-01-01T11:59:30+00:00"},
+        "naive": {"priority": 9, "lifetime": 60, "lastseen": "2026-01-01T11:59:30"},
+        "dead": {"priority": 9, "lifetime": 60, "lastseen": "2026-01-01T11:58:00+00:00"},
+        "equal": {"priority": 5, "lifetime": 60, "lastseen": "2026-01-01T11:59:59+00:00"},
+        "lower": {"priority": 1, "lifetime": 60, "lastseen": "2026-01-01T11:59:59+00:00"},
+    }
+    assert outranking_peers(status, 5, now) == ["higher", "naive"]
+    assert outranking_peers(status, 9, now) == []
 
 
 def test_no_mutating_endpoints(client: TestClient, store, instruments) -> None:

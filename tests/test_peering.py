@@ -57,9 +57,17 @@ def test_only_the_highest_priority_replica_acts_and_the_other_takes_over(tmp_pat
         wait_for(lambda: has_decision(active), 60, "the active replica's first cycle")
         time.sleep(12)  # more than one interval: the standby would have cycled by now
         assert not has_decision(standby)
+        # Both are Ready; which one a request reached, the replica endpoint says.
+        assert get_json(f"{active}/api/v1/replica")["acting"] is True
+        role = get_json(f"{standby}/api/v1/replica")
+        assert role["acting"] is False and role["priority"] == 100
+        assert len(role["outrankedBy"]) == 1 and role["peering"] == "marl-operator"
 
         stack.stop("active")  # a clean exit leaves the peering object at once
         wait_for(lambda: has_decision(standby), 90, "the standby replica to take over")
+        wait_for(
+            lambda: get_json(f"{standby}/api/v1/replica")["acting"], 30, "the standby to say so"
+        )
 
 
 def test_a_replica_paused_for_a_higher_priority_peer_stops_serving_its_reports(tmp_path):

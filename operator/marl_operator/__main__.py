@@ -22,6 +22,7 @@ from marl_operator import logs
 from marl_operator.api import ApiServer, create_app
 from marl_operator.handlers import register
 from marl_operator.kube import Kube, TimedApiClient, client_configuration, command_line
+from marl_operator.peering import PeeringView, standalone
 from marl_operator.prometheus import check_url
 from marl_operator.runtime import DEFAULT_PROMETHEUS_URL, Runtime
 
@@ -119,7 +120,11 @@ async def run(args: argparse.Namespace) -> None:
     registry = kopf.OperatorRegistry()
     register(registry, runtime, login=lambda: connection_info(configuration))
     ready = threading.Event()
-    app = create_app(runtime.store, runtime.instruments, ready.is_set)
+    priority = args.priority if args.priority is not None else standby_priority()
+    replica = (
+        standalone if args.standalone else PeeringView(kube, args.peering, args.namespace, priority)
+    )
+    app = create_app(runtime.store, runtime.instruments, ready.is_set, replica)
     api = ApiServer(app, args.api_host, args.api_port)
     await api.start()  # before kopf starts: it cancels tasks created after it at shutdown
     try:
@@ -130,7 +135,7 @@ async def run(args: argparse.Namespace) -> None:
             standalone=args.standalone,
             # Naming a peering makes it mandatory in kopf, even next to standalone=True.
             peering_name=None if args.standalone else args.peering,
-            priority=args.priority if args.priority is not None else standby_priority(),
+            priority=priority,
             ready_flag=ready,
         )
     finally:

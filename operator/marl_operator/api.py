@@ -33,6 +33,7 @@ from fastapi import Depends, FastAPI, HTTPException, Request, Response
 from pydantic import BaseModel, ConfigDict, Field
 
 from marl_operator.instruments import Instruments
+from marl_operator.peering import ReplicaRole, standalone
 from marl_operator.report import CycleReport, Outcome, RouteTable
 from marl_operator.store import ReportStore
 
@@ -73,6 +74,21 @@ class ModelAccuracy(BaseModel):
     nmae: dict[str, float | None] = Field(default_factory=dict)
     r2: dict[str, float | None] = Field(default_factory=dict)
     rows: int | None = None
+
+
+class Replica(BaseModel):
+    """This replica among the operator's: whether it acts, by kopf's peering rule."""
+
+    model_config = ConfigDict(populate_by_name=True)
+
+    peering: str | None = Field(description="the kopf peering object; null when standalone")
+    priority: int | None
+    acting: bool | None = Field(
+        description="false: a live peer of higher priority acts and this replica stands by, "
+        "with nothing to report; null: the peering object could not be read"
+    )
+    outranked_by: list[str] = Field(alias="outrankedBy")
+    error: str | None
 
 
 class PolicySummary(BaseModel):
@@ -181,8 +197,14 @@ ReadyDep = Annotated[Callable[[], bool], Depends(get_ready)]
 NOT_READY = "the operator has not finished starting, or is shutting down"
 
 
-def create_app(store: ReportStore, instruments: Instruments, ready: Callable[[], bool]) -> FastAPI:
-    """The API over ``store`` and ``instruments``; ``ready()`` answers the readiness probe."""
+def create_app(
+    store: ReportStore,
+    instruments: Instruments,
+    ready: Callable[[], bool],
+    replica: Callable[[], ReplicaRole] = standalone,
+) -> FastAPI:
+    """The API over ``store`` and ``instruments``; ``ready()`` answers the readiness probe,
+    ``replica()`` says whether this replica acts."""
     app = FastAPI(
         title="marl-operator",
         summary="What the operator's routing policies decided, its probes and its metrics.",
@@ -212,6 +234,19 @@ def create_app(store: ReportStore, instruments: Instruments, ready: Callable[[],
     def metrics(instruments: InstrumentsDep, request: Request) -> Response:
         body, content_type = instruments.exposition(request.headers.get("accept"))
         return Response(content=body, media_type=content_type)
+
+    @app.get(
+        "/api/v1/replica", response_model=Replica, response_model_by_alias=True, tags=["replica"]
+    )
+    def get_replica() -> Replica:
+        role = replica()
+        return Replica(
+            peering=role.peering,
+            priority=role.priority,
+            acting=role.acting,
+            outrankedBy=list(role.outranked_by),
+            error=role.error,
+        )
 
     @app.get("/api/v1/policies", response_model=list[PolicySummary], tags=["policies"])
     def list_policies(store: StoreDep) -> list[PolicySummary]:

@@ -74,6 +74,7 @@ KOPF_NAMESPACED_MODE_CALLS: tuple[tuple[str, str, str], ...] = (
     ("", "namespaces", "list"),
     ("", "namespaces", "watch"),
 )
+# Kopf's peering calls; Kube.peering_statuses lists the same objects, for /api/v1/replica.
 KOPF_CLUSTER_PEERING_CALLS: tuple[tuple[str, str, str], ...] = tuple(
     ("kopf.dev", "clusterkopfpeerings", verb) for verb in ("list", "watch", "patch")
 )
@@ -267,6 +268,26 @@ class Kube:
         except ApiException as error:
             if error.status != 404:
                 raise
+
+    def peering_statuses(self, name: str, namespaces: Sequence[str] = ()) -> list[dict]:
+        """The status (peer -> priority, lifetime, lastseen) of kopf's peering object ``name``:
+        the ClusterKopfPeering, or the KopfPeering of each of ``namespaces``. Listed, not
+        read by name: kopf's rules grant list, and there are a handful of such objects."""
+        if namespaces:
+            lists = [
+                self.custom.list_namespaced_custom_object("kopf.dev", "v1", ns, "kopfpeerings")
+                for ns in namespaces
+            ]
+        else:
+            lists = [
+                self.custom.list_cluster_custom_object("kopf.dev", "v1", "clusterkopfpeerings")
+            ]
+        return [
+            item.get("status") or {}
+            for listed in lists
+            for item in listed.get("items", [])
+            if item["metadata"]["name"] == name
+        ]
 
     def patch_policy_status(self, namespace: str, name: str, status: Mapping[str, Any]) -> None:
         self.custom.patch_namespaced_custom_object_status(
