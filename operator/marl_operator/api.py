@@ -239,14 +239,7 @@ def create_app(
         "/api/v1/replica", response_model=Replica, response_model_by_alias=True, tags=["replica"]
     )
     def get_replica() -> Replica:
-        role = replica()
-        return Replica(
-            peering=role.peering,
-            priority=role.priority,
-            acting=role.acting,
-            outrankedBy=list(role.outranked_by),
-            error=role.error,
-        )
+        return Replica.model_validate(replica(), from_attributes=True)
 
     @app.get("/api/v1/policies", response_model=list[PolicySummary], tags=["policies"])
     def list_policies(store: StoreDep) -> list[PolicySummary]:
