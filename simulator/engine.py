@@ -821,6 +821,7 @@ class _Interleaved(_Segments):
         # Stable: equal fractions keep segment order; the lane keeps lanes apart.
         order = np.argsort(pair // G + (j + 0.5) / counts[pair], kind="stable")
         self.merged = (pair[order] % G).astype(np.int64)
+        self.lane = pair // G  # lane of each merged position (the sort keeps lanes in place)
         self.lane_start = np.cumsum(self.total) - self.total
 
     def segment(self, lanes: np.ndarray, position: np.ndarray) -> np.ndarray:
@@ -832,7 +833,7 @@ class _Interleaved(_Segments):
 
     def from_position(self, start: np.ndarray) -> np.ndarray:
         L, G = self.n.shape
-        lane = np.repeat(np.arange(L), self.total)
+        lane = self.lane
         position = np.arange(self.merged.size) - self.lane_start[lane]
         late = position >= start[lane]
         counts = np.bincount(lane[late] * G + self.merged[late], minlength=L * G)

@@ -244,20 +244,34 @@ class Kube:
                     raise
         return out
 
+    def _items(
+        self,
+        group: str,
+        version: str,
+        plural: str,
+        namespaces: Sequence[str],
+        cluster_plural: str | None = None,
+    ) -> list[dict[str, Any]]:
+        """The objects of ``plural`` in each of ``namespaces``, or cluster-wide when there are
+        none (under ``cluster_plural`` if another kind holds them there, as for kopf's
+        peerings)."""
+        if not namespaces:
+            plural = cluster_plural or plural
+            listed = [self.custom.list_cluster_custom_object(group, version, plural)]
+        else:
+            listed = [
+                self.custom.list_namespaced_custom_object(group, version, ns, plural)
+                for ns in namespaces
+            ]
+        return [item for answer in listed for item in answer.get("items", [])]
+
     def routing_policies(self, namespaces: Sequence[str] = ()) -> dict[str, bool]:
         """Every RoutingPolicy in ``namespaces`` (none: every one), as ``namespace/name`` ->
         whether its deletion is under way already."""
-        if namespaces:
-            lists = [
-                self.custom.list_namespaced_custom_object(*MARL, ns, "routingpolicies")
-                for ns in namespaces
-            ]
-        else:
-            lists = [self.custom.list_cluster_custom_object(*MARL, "routingpolicies")]
+        items = self._items(*MARL, "routingpolicies", namespaces)
         return {
             f"{meta['namespace']}/{meta['name']}": bool(meta.get("deletionTimestamp"))
-            for listed in lists
-            for meta in (item["metadata"] for item in listed.get("items", []))
+            for meta in (item["metadata"] for item in items)
         }
 
     def delete_policy(self, key: str) -> None:
@@ -273,21 +287,8 @@ class Kube:
         """The status (peer -> priority, lifetime, lastseen) of kopf's peering object ``name``:
         the ClusterKopfPeering, or the KopfPeering of each of ``namespaces``. Listed, not
         read by name: kopf's rules grant list, and there are a handful of such objects."""
-        if namespaces:
-            lists = [
-                self.custom.list_namespaced_custom_object("kopf.dev", "v1", ns, "kopfpeerings")
-                for ns in namespaces
-            ]
-        else:
-            lists = [
-                self.custom.list_cluster_custom_object("kopf.dev", "v1", "clusterkopfpeerings")
-            ]
-        return [
-            item.get("status") or {}
-            for listed in lists
-            for item in listed.get("items", [])
-            if item["metadata"]["name"] == name
-        ]
+        items = self._items("kopf.dev", "v1", "kopfpeerings", namespaces, "clusterkopfpeerings")
+        return [item.get("status") or {} for item in items if item["metadata"]["name"] == name]
 
     def patch_policy_status(self, namespace: str, name: str, status: Mapping[str, Any]) -> None:
         self.custom.patch_namespaced_custom_object_status(
