@@ -24,6 +24,18 @@ metadata:
 """
 
 
+def with_peering(stack, tmp_path) -> None:
+    """The shared ClusterKopfPeering object, which kopf requires before a peered start."""
+    (tmp_path / "peering.yaml").write_text(PEERING)
+    stack.apply(tmp_path / "peering.yaml")
+
+
+def start_peer(stack, name: str, priority: int) -> str:
+    """A replica on the shared peering object; returns its API's URL."""
+    args = ["--peering", "marl-operator", "--priority", str(priority)]
+    return start_operator(stack, stack.prometheus.url, name, args)
+
+
 def has_decision(url: str) -> bool:
     try:
         get_json(f"{url}/api/v1/policies/edge/edge-routing")
@@ -44,15 +56,9 @@ def wait_for(probe, timeout: float, what: str) -> None:
 
 def test_only_the_highest_priority_replica_acts_and_the_other_takes_over(tmp_path):
     with running_stack(directory=tmp_path / "stack", operator=False) as stack:
-        (tmp_path / "peering.yaml").write_text(PEERING)
-        stack.apply(tmp_path / "peering.yaml")
-        url = stack.prometheus.url
-        standby = start_operator(
-            stack, url, "standby", ["--peering", "marl-operator", "--priority", "100"]
-        )
-        active = start_operator(
-            stack, url, "active", ["--peering", "marl-operator", "--priority", "200"]
-        )
+        with_peering(stack, tmp_path)
+        standby = start_peer(stack, "standby", 100)
+        active = start_peer(stack, "active", 200)
         stack.apply(EXAMPLES / "policy.yaml")
         wait_for(lambda: has_decision(active), 60, "the active replica's first cycle")
         time.sleep(12)  # more than one interval: the standby would have cycled by now
@@ -75,19 +81,13 @@ def test_a_replica_paused_for_a_higher_priority_peer_stops_serving_its_reports(t
     the policy's last decision and metrics: they would stand frozen beside the new leader's
     (a dashboard showing two sets of weights, one of them stale)."""
     with running_stack(directory=tmp_path / "stack", operator=False) as stack:
-        (tmp_path / "peering.yaml").write_text(PEERING)
-        stack.apply(tmp_path / "peering.yaml")
-        url = stack.prometheus.url
-        first = start_operator(
-            stack, url, "first", ["--peering", "marl-operator", "--priority", "100"]
-        )
+        with_peering(stack, tmp_path)
+        first = start_peer(stack, "first", 100)
         stack.apply(EXAMPLES / "policy.yaml")
         wait_for(lambda: has_decision(first), 60, "the first replica's first cycle")
         assert 'policy="edge/edge-routing"' in metrics(first)
 
-        second = start_operator(
-            stack, url, "second", ["--peering", "marl-operator", "--priority", "200"]
-        )
+        second = start_peer(stack, "second", 200)
         wait_for(lambda: has_decision(second), 90, "the higher-priority replica to take over")
         wait_for(lambda: not has_decision(first), 30, "the paused replica to stand down")
         assert 'policy="edge/edge-routing"' not in metrics(first)
