@@ -128,13 +128,19 @@ def policy_body(**spec_changes: Any) -> dict[str, Any]:
     return body
 
 
-async def create_resources(url: str, policy: dict[str, Any] | None = None) -> None:
-    """The example EdgeNodes and EdgeService, then ``policy`` (if any), through the API."""
+async def create_resources(
+    url: str, policy: dict[str, Any] | None = None, *, user_routes: bool = False
+) -> None:
+    """The example EdgeNodes and EdgeService, with ``user_routes`` the user's own
+    VirtualService (the one a policy takes over and gives back), then ``policy`` (if any),
+    through the API."""
     with contextlib.suppress(ApiError):  # already there from an earlier step
         await kube(url, "POST", "/api/v1/namespaces", {"metadata": {"name": NAMESPACE}})
     for node in NODES:
         await kube(url, "POST", EDGE_NODES, node)
     await kube(url, "POST", EDGE_SERVICES, EDGE_SERVICE)
+    if user_routes:
+        await kube(url, "POST", VIRTUAL_SERVICES, USER_VIRTUAL_SERVICE)
     if policy is not None:
         await kube(url, "POST", POLICIES, policy)
 
@@ -180,6 +186,13 @@ def route_table(vs: dict[str, Any]) -> dict[str, dict[str, int]]:
 
 def positive(rows: dict[str, dict[str, int]]) -> dict[str, dict[str, int]]:
     return {s: {n: w for n, w in row.items() if w > 0} for s, row in rows.items()}
+
+
+def gone(url: str, path: str) -> Any:
+    async def probe() -> bool:
+        return await get(url, path) is None
+
+    return probe
 
 
 def taken_over(url: str) -> Any:
@@ -372,8 +385,7 @@ async def take_over_then_delete(
     """Create the user's VirtualService and the policy, wait for the operator's takeover,
     delete the policy (``mid_cycle``: while a cycle is held reading metrics) and wait until
     it is gone; returns the policy's RoutesRestored events."""
-    await create_resources(url)
-    await kube(url, "POST", VIRTUAL_SERVICES, USER_VIRTUAL_SERVICE)
+    await create_resources(url, user_routes=True)
     in_flight = CycleCounter(runtime)
     async with operating(url, runtime):
         await kube(url, "POST", POLICIES, policy_body())
@@ -396,10 +408,9 @@ async def take_over_then_delete(
         finally:
             reader.gate.set()  # the held cycle goes on
 
-        async def deleted() -> bool:
-            return await get(url, f"{POLICIES}/{POLICY}") is None
-
-        await eventually(deleted, timeout=20, what="the policy's deletion")
+        await eventually(
+            gone(url, f"{POLICIES}/{POLICY}"), timeout=20, what="the policy's deletion"
+        )
         # kopf may have cancelled the daemon, but not the thread running its cycle.
         await eventually(in_flight.idle, what="the end of every cycle")
         return await eventually(
@@ -442,8 +453,7 @@ def test_drain_deletes_every_policy_and_waits_for_its_routes_to_come_back(cluste
 
     async def scenario() -> None:
         url = cluster.url
-        await create_resources(url)
-        await kube(url, "POST", VIRTUAL_SERVICES, USER_VIRTUAL_SERVICE)
+        await create_resources(url, user_routes=True)
         async with operating(url, runtime):
             await kube(url, "POST", POLICIES, policy_body())
             await eventually(taken_over(url), what="the takeover")
@@ -494,10 +504,7 @@ def test_a_second_policy_naming_a_governed_service_is_invalid_and_touches_nothin
 
             await kube(url, "DELETE", f"{POLICIES}/a-rival")
 
-            async def rival_gone() -> bool:
-                return await get(url, f"{POLICIES}/a-rival") is None
-
-            await eventually(rival_gone, what="the rival's deletion")
+            await eventually(gone(url, f"{POLICIES}/a-rival"), what="the rival's deletion")
             after = await kube(url, "GET", f"{VIRTUAL_SERVICES}/{SERVICE}")
             # Still the first policy's: a restore would have taken the operator's marks off.
             assert after["metadata"]["labels"] == vs["metadata"]["labels"]
@@ -556,10 +563,9 @@ def test_a_cycle_that_does_not_end_holds_a_deletion_only_so_long(
                 await eventually(is_set(reader.held), what="a cycle held at the gate")
                 await kube(url, "DELETE", f"{POLICIES}/{POLICY}")
 
-                async def deleted() -> bool:
-                    return await get(url, f"{POLICIES}/{POLICY}") is None
-
-                await eventually(deleted, timeout=15, what="the policy's deletion")
+                await eventually(
+                    gone(url, f"{POLICIES}/{POLICY}"), timeout=15, what="the policy's deletion"
+                )
                 assert not reader.gate.is_set()  # while the cycle is still held
             finally:
                 reader.gate.set()
@@ -576,8 +582,7 @@ def test_a_policy_that_cannot_be_built_any_more_still_gives_its_routes_back(
 
     async def scenario() -> None:
         url = cluster.url
-        await create_resources(url)
-        await kube(url, "POST", VIRTUAL_SERVICES, USER_VIRTUAL_SERVICE)
+        await create_resources(url, user_routes=True)
         async with operating(url, runtime):
             await kube(url, "POST", POLICIES, policy_body())
 
@@ -592,10 +597,9 @@ def test_a_policy_that_cannot_be_built_any_more_still_gives_its_routes_back(
         async with operating(url, restarted):
             await kube(url, "DELETE", f"{POLICIES}/{POLICY}")
 
-            async def deleted() -> bool:
-                return await get(url, f"{POLICIES}/{POLICY}") is None
-
-            await eventually(deleted, timeout=20, what="the policy's deletion")
+            await eventually(
+                gone(url, f"{POLICIES}/{POLICY}"), timeout=20, what="the policy's deletion"
+            )
         assert_restored(await kube(url, "GET", f"{VIRTUAL_SERVICES}/{SERVICE}"))
         assert await get(url, f"{DESTINATION_RULES}/{SERVICE}") is None
 
