@@ -75,6 +75,9 @@ def test_spec_defaults_match_the_crd():
     assert spec.prometheus.window == "1m" and not spec.dry_run
 
 
+PROM_P95 = "spec.prometheus.queries.latencyP95"
+
+
 @pytest.mark.parametrize(
     ("change", "field"),
     [
@@ -84,6 +87,13 @@ def test_spec_defaults_match_the_crd():
         ({"rollout": {"candidateSteps": [0.5, 2]}}, "spec.rollout.candidateSteps"),
         ({"checkpoint": {"bundled": "x", "path": "/y"}}, "spec.checkpoint"),
         ({"prometheus": {"queries": {"latencyP99": "up"}}}, "spec.prometheus.queries.latencyP99"),
+        # A template that could never run fails the spec, not every read as an outage would.
+        (
+            {"prometheus": {"queries": {"cpuUsage": 'rate(x{pod=~"$service-.+$"}[$window])'}}},
+            "spec.prometheus.queries.cpuUsage",
+        ),
+        ({"prometheus": {"queries": {"latencyP95": "rate(x[$range])"}}}, PROM_P95),
+        ({"prometheus": {"queries": {"latencyP95": 95}}}, PROM_P95),
         ({"nodes": {"names": ["a"], "selector": {}}}, "spec.nodes"),
         ({"services": []}, "spec.services"),
         ({"dryRun": "yes"}, "spec.dryRun"),

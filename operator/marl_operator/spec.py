@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from marl_operator.prometheus import TEMPLATE_NAMES, check_url
+from marl_operator.prometheus import QueryError, check_templates, check_url
 
 FALLBACKS = ("hold", "static", "local")
 
@@ -123,12 +123,14 @@ def parse_policy_spec(spec: Mapping[str, Any] | None) -> PolicySpec:
 
     prom = root.sub("prometheus")
     queries = prom.get("queries", dict, {})
-    unknown = sorted(set(queries) - set(TEMPLATE_NAMES))
-    if unknown:
-        raise SpecError(
-            f"spec.prometheus.queries.{unknown[0]}",
-            f"unknown query; the templates are {', '.join(TEMPLATE_NAMES)}",
-        )
+    for name, template in sorted(queries.items()):
+        # A template that could never run is the spec's fault: left to the first read, it
+        # would count as a metrics outage and end in the fallback routing.
+        try:
+            check_templates({name: template})
+        except QueryError as error:
+            where = f"spec.prometheus.queries.{name}"
+            raise SpecError(where, str(error).removeprefix(f"{where}: ")) from None
     url = prom.get("url", str, "") or None
     if url is not None:
         try:
