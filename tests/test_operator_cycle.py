@@ -145,6 +145,42 @@ def test_problem_errors_name_what_to_fix():
         cpu_quantity("lots", "EdgeNode e spec.capacity.cpu")
 
 
+def test_edge_services_routed_through_one_object_are_refused():
+    """Two EdgeServices writing one VirtualService would overwrite each other every cycle
+    (a copied manifest that kept ``virtualService: fn``)."""
+    parsed = parse_policy_spec(example_policy_body(services=["fn", "fn2"])["spec"])
+    services = {"fn": SERVICES[0], "fn2": renamed("fn2", virtualService="fn")}
+    with pytest.raises(SpecError, match=r"'fn' and 'fn2' both route through VirtualService/fn"):
+        build_problem(parsed, NODES, services, 3)
+    services["fn2"] = renamed("fn2")
+    assert [s.name for s in build_problem(parsed, NODES, services, 3).services] == ["fn", "fn2"]
+
+
+def test_edge_nodes_sharing_a_pod_label_are_refused_naming_the_field():
+    """The mesh tells nodes apart by their pods' label: a copied ``podLabelValue`` is a spec
+    error, not a cycle that fails every interval."""
+    nodes = copy.deepcopy(NODES)
+    nodes[1]["spec"]["podLabelValue"] = nodes[2]["spec"]["podLabelValue"] = "site-x"
+    parsed = parse_policy_spec(example_policy_body()["spec"])
+    with pytest.raises(SpecError) as caught:
+        build_problem(parsed, nodes, {"fn": SERVICES[0]}, 3)
+    assert caught.value.field == "EdgeNode edge-2 spec.podLabelValue"
+    assert "edge-1" in str(caught.value)
+
+
+def test_routes_the_provider_cannot_carry_are_refused_naming_the_service():
+    """A per-node Service name over 63 characters is found when the policy is built."""
+    parsed = parse_policy_spec(example_policy_body()["spec"])
+    service = renamed("fn", provider="gateway-api", httpRoute="fn", nodeServicePrefix="x" * 60)
+    service["spec"]["mesh"] = {
+        k: v
+        for k, v in service["spec"]["mesh"].items()
+        if k not in ("virtualService", "destinationRule")
+    }
+    with pytest.raises(SpecError, match=r"spec\.services: EdgeService 'fn'.*nodeServicePrefix"):
+        build_problem(parsed, NODES, {"fn": service}, 3)
+
+
 def test_selector_and_names_choose_a_subset():
     p = problem(nodes={"names": ["edge-1", "edge-0"]})
     assert p.topology.nodes == ("edge-0", "edge-1")
@@ -181,9 +217,19 @@ def test_observer_translates_pairs_into_node_telemetry():
 
 def two_services() -> MeshProblem:
     """The example mesh with a second service, ``heavy``, beside ``fn``."""
-    heavy = {**SERVICES[0], "metadata": {**SERVICES[0]["metadata"], "name": "heavy"}}
     parsed = parse_policy_spec(example_policy_body(services=["fn", "heavy"])["spec"])
-    return build_problem(parsed, NODES, {"fn": SERVICES[0], "heavy": heavy}, 3)
+    return build_problem(parsed, NODES, {"fn": SERVICES[0], "heavy": renamed("heavy")}, 3)
+
+
+def renamed(name: str, **mesh: str) -> dict[str, Any]:
+    """The example EdgeService as ``name``, its routes in objects of that name (or ``mesh``'s)."""
+    fn = SERVICES[0]
+    own = {"virtualService": name, "destinationRule": name, **mesh}
+    return {
+        **fn,
+        "metadata": {**fn["metadata"], "name": name},
+        "spec": {**fn["spec"], "mesh": {**fn["spec"]["mesh"], **own}},
+    }
 
 
 def local_readings(service: str, rps, cpu_ms_per_request: float, cores=None) -> ServiceReadings:
@@ -539,6 +585,23 @@ def test_invalid_policy_reports_the_field_and_never_writes():
     assert report.outcome == Outcome.INVALID
     assert report.reason.startswith("spec.checkpoint.path") and "/nowhere/run" in report.reason
     assert mesh.writes == 0
+
+
+def test_an_inventory_no_route_can_be_written_for_is_invalid_not_a_failing_cycle():
+    """EdgeNodes edited to share a pod label value: the policy fails naming the field and
+    writes nothing, instead of every cycle failing on the mesh's error (held, never the
+    fallback) and the policy's deletion with it."""
+    mesh = example_mesh()
+    runtime, kube = runtime_over(mesh)
+    assert runtime.cycle("edge/p", example_policy_body()).outcome == Outcome.APPLIED
+    writes = mesh.writes
+    kube.nodes = copy.deepcopy(NODES)
+    for node in kube.nodes[1:]:
+        node["spec"]["podLabelValue"] = "site-x"
+    restarted = Runtime(kube, mesh=mesh, reader_for=lambda url: Reader(mesh))
+    report = restarted.cycle("edge/p", example_policy_body())
+    assert report.outcome == Outcome.INVALID and mesh.writes == writes
+    assert report.reason.startswith("EdgeNode edge-2 spec.podLabelValue: 'site-x'")
 
 
 def test_a_damaged_configmap_checkpoint_is_a_condition_naming_the_field(tmp_path):

@@ -14,7 +14,6 @@ from typing import Protocol
 import numpy as np
 
 from marl_operator.guard import FailureCounter, fallback_table, limit_table
-from marl_operator.mesh.factory import managed_objects
 from marl_operator.mesh.model import MeshError, MeshNode, MeshRoutes, MeshService
 from marl_operator.mesh.routing import build_routes, integer_weights
 from marl_operator.observer import InsufficientData, Observer
@@ -134,10 +133,8 @@ class PolicyController:
         # What each service's routes live in, as Kind/name: the status keeps it, so that the
         # policy's deletion finds them even when the policy can no longer be built.
         self.mesh_objects = {
-            service.name: tuple(
-                f"{kind}/{name}" for kind, name in managed_objects(service, problem.nodes)
-            )
-            for service in problem.services
+            service: tuple(f"{kind}/{name}" for kind, name in objects)
+            for service, objects in problem.mesh_objects.items()
         }
         meta = meta or {}
         step = float(meta.get("step_seconds", 1.0))

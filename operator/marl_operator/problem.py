@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from marl_operator.mesh.factory import managed_objects
 from marl_operator.mesh.model import MeshError, MeshNode, MeshService, node_from_edge_node
 from marl_operator.spec import PolicySpec, SpecError
 from policies.topology import Topology
@@ -31,6 +32,9 @@ class MeshProblem:
     capacity_rps: np.ndarray  # (N,) the EdgeNodes' capacity hints, requests per second
     cpu_cores: np.ndarray  # (N,) CPU the services may use on each node, NaN if not given
     target_ms: np.ndarray  # (S,) latency targets
+    # What each service's routes live in, by service name: (kind, name) of every object its
+    # writer manages (what a cycle reads and writes, and the policy's deletion gives back).
+    mesh_objects: Mapping[str, tuple[tuple[str, str], ...]]
 
     def neighbours_of(self, node: str) -> tuple[str, ...]:
         return self.topology.neighbours[self.topology.nodes.index(node)]
@@ -94,6 +98,40 @@ def select_nodes(spec: PolicySpec, edge_nodes: Sequence[Mapping[str, Any]]) -> l
     if not chosen:
         raise SpecError("spec.nodes", "selects no EdgeNode; create EdgeNodes or widen the selector")
     return sorted(chosen, key=lambda obj: obj["metadata"]["name"])
+
+
+def mesh_objects(
+    services: Sequence[MeshService], nodes: Sequence[MeshNode]
+) -> dict[str, tuple[tuple[str, str], ...]]:
+    """Each service's mesh objects, or SpecError for routes no cycle could ever write: two
+    nodes the mesh cannot tell apart, objects the provider refuses, or two services whose
+    routes would overwrite each other in one object."""
+    by_label: dict[str, str] = {}
+    for node in nodes:
+        if (first := by_label.setdefault(node.label, node.name)) != node.name:
+            raise SpecError(
+                f"EdgeNode {node.name} spec.podLabelValue",
+                f"{node.label!r} is EdgeNode {first}'s pod label value too: the mesh tells "
+                "nodes apart by it, so give each node its own",
+            )
+    objects: dict[str, tuple[tuple[str, str], ...]] = {}
+    owner: dict[tuple[str, str], str] = {}
+    for service in services:
+        try:
+            objects[service.name] = tuple(managed_objects(service, tuple(nodes)))
+        except MeshError as error:
+            raise SpecError(
+                "spec.services", f"EdgeService {service.name!r} cannot be routed: {error}"
+            ) from None
+        for kind, name in objects[service.name]:
+            if (first := owner.setdefault((kind, name), service.name)) != service.name:
+                raise SpecError(
+                    "spec.services",
+                    f"EdgeServices {first!r} and {service.name!r} both route through "
+                    f"{kind}/{name}: each would overwrite the other's routes; give each "
+                    "EdgeService its own spec.mesh object names",
+                )
+    return objects
 
 
 def build_problem(
@@ -171,11 +209,13 @@ def build_problem(
     if not all(t > 0 for t in targets):
         raise SpecError("spec.services", "every EdgeService needs spec.latencyTargetMs > 0")
 
+    nodes = tuple(node_from_edge_node(obj) for obj in chosen)
     topology = Topology.build(names, spec.services, neighbours, links, max_degree=max_degree)
     return MeshProblem(
         topology=topology,
-        nodes=tuple(node_from_edge_node(obj) for obj in chosen),
+        nodes=nodes,
         services=tuple(services),
+        mesh_objects=mesh_objects(services, nodes),
         capacity_rps=np.array(capacity, dtype=float),
         cpu_cores=np.array(cores, dtype=float),
         target_ms=np.array(targets, dtype=float),
