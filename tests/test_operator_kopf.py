@@ -18,6 +18,7 @@ import asyncio
 import base64
 import contextlib
 import copy
+import dataclasses
 import logging
 import socket
 import threading
@@ -35,7 +36,7 @@ from marl_operator.drain import drain
 from marl_operator.handlers import register
 from marl_operator.kube import Forbidden, Kube, KubeMesh, TimedApiClient, client_configuration
 from marl_operator.mesh.istio import read_virtual_service
-from marl_operator.mesh.model import MeshService, node_from_edge_node
+from marl_operator.mesh.model import MeshError, MeshService, node_from_edge_node
 from marl_operator.mesh.ownership import (
     MANAGED_BY_LABEL,
     ORIGINAL_SPEC_ANNOTATION,
@@ -844,6 +845,23 @@ def test_a_refused_write_leaves_every_object_of_the_service_as_it_was(cluster: A
         mesh.read(MESH_SERVICE, MESH_NODES)
     with pytest.raises(Forbidden, match=f"may not get {VS_RESOURCE}"):
         mesh.write(MESH_SERVICE, build_routes(even, MESH_NODES))
+
+
+def test_an_object_carrying_another_edge_services_routes_is_not_written(cluster: Any) -> None:
+    """Two policies' EdgeServices named the same VirtualService (one policy cannot: its
+    problem refuses that): the second write is refused naming the owner, and the first
+    service's objects stay as they were, instead of the two overwriting each other."""
+    cluster_kube = Kube(client.ApiClient(client_configuration(cluster.kubeconfig)))
+    mesh = KubeMesh(cluster_kube)
+    even = {n: {m: w for m, w in zip(NODE_NAMES, (34, 33, 33), strict=True)} for n in NODE_NAMES}
+    assert mesh.write(MESH_SERVICE, build_routes(even, MESH_NODES))
+    kinds = ("VirtualService", "DestinationRule")
+    before = [cluster_kube.get(NAMESPACE, kind, SERVICE) for kind in kinds]
+    copied = dataclasses.replace(MESH_SERVICE, name="fn2", host=f"fn2.{NAMESPACE}.svc")
+    local = {n: {n: 100} for n in NODE_NAMES}
+    with pytest.raises(MeshError, match=f"carries the routes of EdgeService {MESH_SERVICE.ref}"):
+        mesh.write(copied, build_routes(local, MESH_NODES))
+    assert [cluster_kube.get(NAMESPACE, kind, SERVICE) for kind in kinds] == before
 
 
 async def forbidden_message(url: str) -> str:

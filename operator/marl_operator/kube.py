@@ -384,6 +384,20 @@ def _failure(manifest: Manifest, error: ApiException) -> MeshError:
     return MeshError(f"{_where(manifest)}: {error.status} {error.reason}")
 
 
+def _check_owner(manifest: Manifest, live: Mapping[str, Any] | None, service: MeshService) -> None:
+    """MeshError if ``live`` carries another EdgeService's routes: two services written into
+    one object would overwrite each other every cycle (policies each check their own
+    services; this catches two policies whose EdgeServices name the same object)."""
+    if live is None or not is_managed(live):
+        return
+    owner = (live.get("metadata", {}).get("annotations") or {}).get(SERVICE_ANNOTATION)
+    if owner not in (None, service.ref):
+        raise MeshError(
+            f"{_where(manifest)} carries the routes of EdgeService {owner}, not "
+            f"{service.ref}: give each EdgeService its own spec.mesh object names"
+        )
+
+
 class KubeMesh:
     """:class:`marl_operator.controller.MeshClient` over the Kubernetes API."""
 
@@ -416,6 +430,8 @@ class KubeMesh:
         VirtualService. One change alone needs no rehearsal."""
         manifests = writer_for(service.provider).desired(service, routes)
         lives = [self._read(manifest) for manifest in manifests]
+        for manifest, live in zip(manifests, lives, strict=True):
+            _check_owner(manifest, live, service)
         if sum(self._pending(m, live) for m, live in zip(manifests, lives, strict=True)) > 1:
             lives = self._rehearse(manifests, lives)
         changed = False
