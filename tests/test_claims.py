@@ -30,6 +30,8 @@ def test_the_oldest_policy_governs_and_a_tie_goes_to_the_first_name():
         "db": "c",
     }
     assert governors(index, "elsewhere", ["fn"]) == {}
+    assert governors(index, "edge") == {"fn": "b", "img": "b", "db": "c"}
+    assert governors(index, "elsewhere") == {}
     assert conflict("b", "edge", governors(index, "edge", ["fn", "img"])) is None
     why = conflict("c", "edge", governors(index, "edge", ["img", "db"]))
     assert why is not None and "img (by edge/b)" in why and "db" not in why

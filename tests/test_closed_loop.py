@@ -170,6 +170,21 @@ def test_the_operator_measures_what_each_services_requests_cost(tmp_path):
         cost = wait_for(measured, 90, "CPU per request of both services", every=INTERVAL_S)
         time.sleep(2 * INTERVAL_S)
         cost = measured() or cost
+
+        # Taken out of the policy, heavy's routes are given back: the operator created
+        # them, so they go; fn's stay the operator's.
+        def without_heavy() -> list[str] | None:
+            listed = stack.kubectl(
+                "get", "virtualservices,destinationrules", "-n", "edge", "-o", "name"
+            ).split()
+            return None if any(o.endswith("/heavy") for o in listed) else sorted(listed)
+
+        assert without_heavy() is None
+        policy["spec"]["services"] = ["fn"]
+        (tmp_path / "policy.yaml").write_text(yaml.safe_dump(policy))
+        stack.apply(tmp_path / "policy.yaml")
+        left = wait_for(without_heavy, 4 * INTERVAL_S, "heavy's mesh objects to go")
+        assert [o.rsplit("/", 1)[1] for o in left] == ["fn", "fn"]
     print(f"CPU per request (ms), by node: {cost}")
     for fn_ms, heavy_ms in zip(cost["fn"], cost["heavy"], strict=True):
         assert heavy_ms / fn_ms == pytest.approx(5.0, rel=0.2), cost

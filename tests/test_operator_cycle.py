@@ -786,6 +786,41 @@ def test_edited_edge_nodes_and_services_rebuild_the_policy_within_the_refresh():
     assert runtime.controllers["edge/p"].problem.target_ms.tolist() == [123.0]
 
 
+def test_objects_a_rebuilt_policy_no_longer_writes_are_given_back():
+    """A service taken out of ``spec.services``, or an EdgeService whose routes moved to
+    another VirtualService: the objects the policy stops writing are restored (or deleted)
+    when it is built again, not left with its last weights for good; a service another
+    policy now governs is that one's."""
+    mesh = example_mesh()
+    restored: list[tuple[str, str, list[tuple[str, str]]]] = []
+    mesh.restore_objects = lambda namespace, ref, objects: (
+        restored.append((namespace, ref, sorted(objects)))
+        or [f"restored {kind}/{name}" for kind, name in objects]
+    )
+    kube = FakeKube(NODES, [*SERVICES, renamed("fn2")])
+    runtime = Runtime(kube, mesh=mesh, reader_for=lambda url: Reader(mesh))
+
+    def cycle(generation: int, services: list[str], governed_by=None) -> None:
+        body = example_policy_body(services=services)
+        body["metadata"]["generation"] = generation
+        runtime.cycle("edge/p", body, governed_by)
+
+    cycle(1, ["fn", "fn2"])
+    assert restored == []
+    cycle(2, ["fn"])
+    assert restored == [
+        ("edge", "edge/fn2", [("DestinationRule", "fn2"), ("VirtualService", "fn2")])
+    ]
+    restored.clear()
+    kube.services["fn"] = renamed("fn", virtualService="fn-routes")
+    cycle(3, ["fn"])
+    assert restored == [("edge", "edge/fn", [("VirtualService", "fn")])]
+    restored.clear()
+    cycle(4, ["fn", "fn2"])
+    cycle(5, ["fn"], governed_by={"fn": "p", "fn2": "older"})
+    assert restored == []
+
+
 def test_restart_changes_nothing_unless_the_decision_does():
     mesh = example_mesh()
     runtime, _ = runtime_over(mesh)

@@ -27,10 +27,15 @@ def claims_of(namespace: str, name: str, spec: Mapping[str, Any], meta: Mapping[
 
 
 def governors(
-    index: Mapping[tuple[str, str], Iterable[Claim]], namespace: str, services: Iterable[str]
+    index: Mapping[tuple[str, str], Iterable[Claim]],
+    namespace: str,
+    services: Iterable[str] | None = None,
 ) -> dict[str, str]:
     """``service -> name`` of the policy governing each of ``services`` that any policy
-    claims."""
+    claims (by default every service claimed in ``namespace``: what a cycle needs to know
+    whether a service its policy stopped naming is another's now)."""
+    if services is None:
+        services = [service for where, service in index if where == namespace]
     out = {}
     for service in services:
         claims = list(index.get((namespace, str(service)), ()))

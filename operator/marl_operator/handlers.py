@@ -127,7 +127,7 @@ def register(
         while not stopped:
             started = loop.time()
             snapshot = {"metadata": dict(body.metadata), "spec": dict(body.spec)}
-            owners = governors(index, namespace, snapshot["spec"].get("services") or ())
+            owners = governors(index, namespace)
             running = loop.run_in_executor(worker, runtime.cycle, key, snapshot, owners)
             cycles[key] = running
             report = await asyncio.shield(running)

@@ -269,15 +269,19 @@ class Runtime:
         controller = self.controllers.get(key)
         try:
             namespace, name = key.split("/", 1)
-            if (taken := conflict(name, namespace, governed_by)) is not None:
+            named = set((body.get("spec") or {}).get("services") or ())
+            claims = {s: owner for s, owner in governed_by.items() if s in named}
+            if (taken := conflict(name, namespace, claims)) is not None:
                 raise SpecError("spec.services", taken)
             if (
                 controller is None
                 or controller.generation != generation
                 or self._inventory_changed(key, controller)
             ):
-                controller = self.build(key, body)
-                self.controllers[key] = controller
+                rebuilt = self.build(key, body)
+                if controller is not None:
+                    self._release(name, controller, rebuilt, governed_by)
+                controller = self.controllers[key] = rebuilt
         except SpecError as error:
             self.controllers.pop(key, None)
             report = CycleReport(
@@ -308,6 +312,36 @@ class Runtime:
             log.warning("cycle %s: %s", key, refusal, extra={"fields": {"policy": key}})
         self._publish(report)
         return report
+
+    def _release(
+        self,
+        name: str,
+        old: PolicyController,
+        new: PolicyController,
+        governed_by: Mapping[str, str],
+    ) -> None:
+        """Give back the mesh objects ``old`` wrote that ``new`` will not: those of a service
+        taken out of ``spec.services``, or left behind when an EdgeService's routes moved to
+        other objects. Before ``new`` takes over, so that a failure here fails the cycle and
+        the rebuild, release included, is tried again next interval (the status keeps
+        listing the objects meanwhile). A service another policy governs is that one's."""
+        if not hasattr(self.mesh, "restore_objects"):
+            return
+        keep = new.problem.mesh_objects
+        for service in old.problem.services:
+            if governed_by.get(service.name, name) != name:
+                continue
+            kept = set(keep.get(service.name, ()))
+            released = [o for o in old.problem.mesh_objects[service.name] if o not in kept]
+            if released:
+                done = self.mesh.restore_objects(service.namespace, service.ref, released)
+                log.info(
+                    "policy %s no longer writes %s: %s",
+                    old.key,
+                    service.ref,
+                    "; ".join(done) or "nothing of it was managed",
+                    extra={"fields": {"policy": old.key, "service": service.name}},
+                )
 
     def _refused(self, key: str, generation: int, error: Forbidden) -> CycleReport:
         """The report of a cycle whose policy could not be built: the API server refused a
