@@ -821,6 +821,27 @@ def test_objects_a_rebuilt_policy_no_longer_writes_are_given_back():
     assert restored == []
 
 
+def test_routes_that_cannot_be_read_are_named_in_the_report():
+    """A VirtualService edited beyond recognition (or still routing to an EdgeNode the
+    policy no longer governs): the next write replaces it whole, stepped from an even split
+    since what it carries is unknown, and the report says so rather than passing the even
+    split off as what the mesh carried."""
+    mesh = example_mesh()
+    runtime, _ = runtime_over(mesh)
+    assert "could not be read" not in runtime.cycle("edge/p", example_policy_body()).reason
+    unreadable = "VirtualService 'fn' http[2] matches 'edge-9', the label of no known edge node"
+
+    def read(service, nodes):
+        raise MeshError(unreadable)
+
+    mesh.read = read
+    report = runtime.cycle("edge/p", example_policy_body())
+    assert report.outcome in (Outcome.APPLIED, Outcome.UNCHANGED)
+    assert f"fn's routes could not be read ({unreadable}): stepped from an even split" in (
+        report.reason
+    )
+
+
 def test_restart_changes_nothing_unless_the_decision_does():
     mesh = example_mesh()
     runtime, _ = runtime_over(mesh)

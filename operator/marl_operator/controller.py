@@ -167,6 +167,7 @@ class PolicyController:
         self.failures = FailureCounter(spec.safety)
         self.last: CycleReport | None = None
         self._written: set[str] = set()  # services whose objects the running cycle changed
+        self._unread: dict[str, str] = {}  # services whose live routes the cycle could not read
 
     # -- the cycle --------------------------------------------------------------------------
 
@@ -292,13 +293,17 @@ class PolicyController:
     # -- the mesh -----------------------------------------------------------------------------
 
     def _live(self) -> RouteTable:
-        """What the mesh carries now; an absent object counts as the even split."""
+        """What the mesh carries now; an absent object counts as the even split, and so does
+        one that cannot be read (edited beyond recognition, or still routing to an EdgeNode
+        the policy no longer governs): the next write replaces it whole, and the report says
+        its steps were taken from a guess (:attr:`_unread`)."""
         table = even_table(self.problem)
+        self._unread = {}
         for service in self.problem.services:
             try:
                 routes = self.mesh.read(service, self.problem.nodes)
-            except MeshError:
-                routes = None  # hand-edited beyond recognition: the next write replaces it
+            except MeshError as error:
+                routes, self._unread[service.name] = None, str(error)
             if routes is not None:
                 table[service.name] = {src: dict(row) for src, row in routes.by_source.items()}
         return table
@@ -342,6 +347,10 @@ class PolicyController:
 
     def _report(self, outcome: Outcome, reason: str, weights: RouteTable, **extra) -> CycleReport:
         accuracy = self.adapter.model.accuracy()
+        for service, error in sorted(self._unread.items()):
+            reason += (
+                f"; {service}'s routes could not be read ({error}): stepped from an even split"
+            )
         report = CycleReport(
             policy=self.key,
             time=self.clock(),
