@@ -559,6 +559,42 @@ def test_nodes_whose_clients_report_nothing_are_named_in_the_status():
     assert runtime.store.latest("edge/p").silent == {"fn": ("edge-2",)}
 
 
+def test_nodes_serving_requests_without_a_latency_are_named_in_the_status():
+    """Requests reach a node but no latency is reported for them (a histogram not scraped,
+    a query override that matches nothing): decisions go on from the prior and the other
+    nodes' latencies, and MetricsAvailable says which nodes' latency is missing."""
+    mesh = example_mesh()
+    unmeasured: set[str] = set()
+
+    class PartialReader(Reader):
+        def read(self, **kwargs) -> ServiceReadings:
+            got = super().read(**kwargs)
+
+            def kept(values):
+                return {p: v for p, v in values.items() if p[1].split("-", 1)[1] not in unmeasured}
+
+            return dataclasses.replace(got, mean_ms=kept(got.mean_ms), p95_ms=kept(got.p95_ms))
+
+    runtime = Runtime(
+        FakeKube(NODES, SERVICES), mesh=mesh, reader_for=lambda url: PartialReader(mesh)
+    )
+
+    def metrics_condition() -> dict:
+        report = runtime.cycle("edge/p", example_policy_body())
+        return next(
+            c for c in status_of(report, None)["conditions"] if c["type"] == "MetricsAvailable"
+        )
+
+    assert metrics_condition()["message"] == "the last cycle read every service's metrics"
+    unmeasured.add("edge-1")
+    condition = metrics_condition()
+    assert condition["status"] == "True"
+    assert (
+        "no latency was reported for the requests served by (fn: edge-1)" in (condition["message"])
+    )
+    assert runtime.store.latest("edge/p").unmeasured == {"fn": ("edge-1",)}
+
+
 def test_dry_run_and_suspend_write_nothing():
     mesh = example_mesh()
     runtime, _ = runtime_over(mesh)

@@ -162,6 +162,11 @@ class ReportModel(BaseModel):
         description="service -> nodes whose clients reported no request in the cycle, counted "
         "as offering none (no clients there, or their proxies not scraped)",
     )
+    unmeasured: dict[str, list[str]] = Field(
+        default_factory=dict,
+        description="service -> nodes that served requests in the cycle without a latency "
+        "reported for them (left out of the system model's data)",
+    )
 
     @classmethod
     def of(cls, report: CycleReport, **extra: Any) -> Self:

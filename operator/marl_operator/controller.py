@@ -364,6 +364,7 @@ class PolicyController:
             mesh_objects=self.mesh_objects,
             written=tuple(sorted(self._written)),
             silent=dict(self.observer.silent),
+            unmeasured=dict(self.observer.unmeasured),
             **extra,
         )
         self.last = report

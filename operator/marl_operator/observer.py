@@ -141,6 +141,9 @@ class Observer:
         # offering none, which the status says (a node without clients is idle, but one whose
         # proxies are not scraped looks the same)
         self.silent: dict[str, tuple[str, ...]] = {}
+        # service -> nodes that served requests no latency was reported for: their rows are
+        # left out of the model's data, and the status says so
+        self.unmeasured: dict[str, tuple[str, ...]] = {}
 
     def telemetry(self, readings: Mapping[str, ServiceReadings]) -> IntervalTelemetry:
         """The interval's telemetry, or :class:`InsufficientData` saying which service lacks it."""
@@ -160,12 +163,7 @@ class Observer:
                 )
             mats.append(m)
 
-        names = [node.name for node in problem.nodes]
-        self.silent = {
-            service: tuple(names[i] for i in np.flatnonzero(~np.isfinite(m.rate).any(axis=1)))
-            for service, m in zip(topo.services, mats, strict=True)
-        }
-        self.silent = {service: nodes for service, nodes in self.silent.items() if nodes}
+        self.silent = self._named(np.stack([~np.isfinite(m.rate).any(axis=1) for m in mats], -1))
         rate = np.stack([np.nan_to_num(m.rate) for m in mats], axis=-1)  # (N, N, S)
         overall = _weighted(np.stack([m.p95_ms for m in mats], -1), rate, axis=(0, 1))
         self.observed_p95_ms = {
@@ -185,6 +183,7 @@ class Observer:
         server_mean = _weighted(client_ms - link, rate, axis=0)  # (N, S)
         server_p95 = _weighted(client_p95 - link, rate, axis=0)
         agent_ms = _weighted(client_ms, rate, axis=1)  # what each source's clients saw
+        self.unmeasured = self._named((incoming > 0) & ~np.isfinite(server_mean))
 
         served_requests = np.maximum(incoming - rejected, 0.0)  # (N, S) per second
         cpu_by_service = np.stack([m.cpu_cores for m in mats], axis=-1)  # NaN unless reported
@@ -251,6 +250,15 @@ class Observer:
             busy=busy,
             work=work.copy(),
         )
+
+    def _named(self, where: np.ndarray) -> dict[str, tuple[str, ...]]:
+        """``service -> nodes`` where the ``(N, S)`` mask holds, for services with any."""
+        names = [node.name for node in self.problem.nodes]
+        out = {
+            service: tuple(names[i] for i in np.flatnonzero(where[:, k]))
+            for k, service in enumerate(self.problem.topology.services)
+        }
+        return {service: nodes for service, nodes in out.items() if nodes}
 
     def _update_work(self, cpu: np.ndarray, served: np.ndarray) -> np.ndarray:
         """``(S,)`` work of one request of each service relative to the services' mean:

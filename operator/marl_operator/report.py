@@ -78,6 +78,8 @@ class CycleReport:
     written: tuple[str, ...] = ()  # services whose mesh objects this cycle changed
     silent: dict[str, tuple[str, ...]] = field(default_factory=dict)  # service -> nodes no
     # request was reported from (counted as offering none)
+    unmeasured: dict[str, tuple[str, ...]] = field(default_factory=dict)  # service -> nodes
+    # that served requests no latency was reported for
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-compatible (enums as their values)."""

@@ -180,14 +180,26 @@ def status_of(report: CycleReport, previous: Mapping[str, Any] | None) -> dict[s
 
 
 def _metrics_read(report: CycleReport) -> str:
-    """What the cycle read, naming the nodes whose clients reported no request."""
-    if not report.silent:
+    """What the cycle read, naming the nodes whose clients reported no request and those
+    whose requests came without a latency."""
+    if not report.silent and not report.unmeasured:
         return "the last cycle read every service's metrics"
-    quiet = "; ".join(f"{service}: {', '.join(nodes)}" for service, nodes in report.silent.items())
-    return (
-        f"the last cycle read the metrics, but no request was reported from the clients of "
-        f"({quiet}): counted as offering none (no clients there, or their proxies unscraped)"
-    )
+    gaps = []
+    if report.silent:
+        gaps.append(
+            f"no request was reported from the clients of ({_by_service(report.silent)}): "
+            "counted as offering none (no clients there, or their proxies unscraped)"
+        )
+    if report.unmeasured:
+        gaps.append(
+            f"no latency was reported for the requests served by "
+            f"({_by_service(report.unmeasured)}): left out of the system model's data"
+        )
+    return f"the last cycle read the metrics, but {'; and '.join(gaps)}"
+
+
+def _by_service(nodes: Mapping[str, Sequence[str]]) -> str:
+    return "; ".join(f"{service}: {', '.join(names)}" for service, names in nodes.items())
 
 
 def _action(report: CycleReport) -> str:
