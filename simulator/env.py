@@ -68,17 +68,23 @@ class Timeline:
         queue = np.tile([n.queue_capacity for n in scenario.nodes], (t, 1))
         active = np.tile([n.active for n in scenario.nodes], (t, 1))
         surge = np.ones((t, len(names)))
-        # A node's arrival first: "add" marks it absent before and up after, which would
-        # undo a failure applied before it, at the same step or overlapping it.
-        for ev in sorted(scenario.events, key=lambda ev: ev.kind != "add"):
+        # In time order, an arrival before a failure at the same step (so the failure
+        # holds): each "fail" or "add" sets the node's state from its step, and a node
+        # whose first such event is an "add" is absent until then (it joins later).
+        ordered = sorted(scenario.events, key=lambda ev: (ev.at, ev.kind != "add"))
+        seen: set[str] = set()
+        for ev in ordered:
             j, span = names.index(ev.node), slice(ev.at, ev.until)
+            if ev.kind in ("fail", "add") and ev.node not in seen:
+                seen.add(ev.node)
+                if ev.kind == "add":
+                    active[: ev.at, j] = False
             if ev.kind == "capacity":
                 cpu[span, j] *= ev.factor
                 ram[span, j] *= ev.factor
             elif ev.kind == "fail":
                 active[span, j] = False
             elif ev.kind == "add":
-                active[: ev.at, j] = False
                 active[ev.at :, j] = True
             elif ev.kind == "surge":
                 surge[span, j] *= ev.factor

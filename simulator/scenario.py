@@ -23,6 +23,11 @@ Arrivals = Literal["in_order", "interleaved"]
 """Order of a step's new requests at a node: the reference's segments (local by service, then
 forwarded by neighbour and service) or all of them evenly mixed."""
 EventKind = Literal["capacity", "fail", "add", "surge"]
+"""What an event does to its node from step ``at`` (to ``until``, where it has one):
+``capacity`` and ``surge`` scale its CPU and RAM, or its clients' arrivals, by ``factor``;
+``fail`` takes it down; ``add`` brings it (back) up for good. Events apply in time order, an
+``add`` before a ``fail`` of the same step, and a node whose first ``fail`` or ``add`` is an
+``add`` joins then: absent before."""
 
 
 MAX_QUEUE_CAPACITY = 10_000
@@ -392,6 +397,8 @@ def parse_scenario(data: Any, name: str = "<inline>", base_dir: Path | None = No
             e.fail(f"must be < steps ({steps}), got {ev.at}", "at")
         if ev.until is not None and ev.until <= ev.at:
             e.fail(f"must be > at ({ev.at}), got {ev.until}", "until")
+        if ev.kind == "add" and ev.until is not None:
+            e.fail("an add lasts: a node leaves with a fail event at that step", "until")
         e.done()
         events.append(ev)
 

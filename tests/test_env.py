@@ -140,9 +140,15 @@ def node_b_up(events: list[dict]) -> list[bool]:
     [
         # Absent before 10, up from 10, failed from 20: listed first, the failure was undone.
         ([("fail", 20, None), ("add", 10, None)], [False] * 10 + [True] * 10 + [False] * 10),
-        # A failure at the very step of the arrival, or over it, is not cut short by it.
+        # A failure at the very step of the arrival is not cut short by it.
         ([("fail", 10, None), ("add", 10, None)], [False] * 30),
-        ([("fail", 5, 15), ("add", 10, None)], [False] * 15 + [True] * 15),
+        # A node that was there fails, then rejoins: the later event holds from its step.
+        ([("fail", 5, None), ("add", 12, None)], [True] * 5 + [False] * 7 + [True] * 18),
+        ([("fail", 5, 15), ("add", 10, None)], [True] * 5 + [False] * 5 + [True] * 20),
+        (
+            [("fail", 5, None), ("add", 12, None), ("fail", 20, 25)],
+            [True] * 5 + [False] * 7 + [True] * 8 + [False] * 5 + [True] * 5,
+        ),
     ],
 )
 def test_events_mean_the_same_in_any_order_of_the_file(events, expected):

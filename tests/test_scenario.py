@@ -141,6 +141,11 @@ def test_arrival_order_defaults_to_the_reference():
             "a slot per queued request",
         ),
         ({k: v for k, v in BASE.items() if k != "services"}, "services", "required"),
+        (
+            with_changes(events=[{"at": 2, "kind": "add", "node": "a", "until": 5}]),
+            "events[0].until",
+            "a fail event",
+        ),
     ],
 )
 def test_bad_scenarios_name_the_field(data, field, hint):
