@@ -31,7 +31,7 @@ def default_policies(scenario: Scenario, action_mode: ActionMode) -> list[str]:
     names = [n for n in HEURISTICS if action_mode == "neighbours" or n not in NEIGHBOUR_ONLY]
     if action_mode == "neighbours" and scenario.models_latency:
         return [*names, "oracle"]
-    return [*names, "global-node"] if scenario.reward == "dfaas" else names
+    return [*names, "global-node"] if scenario.reward == "dfaas" and scenario.is_static else names
 
 
 def static_weights(

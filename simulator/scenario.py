@@ -135,8 +135,22 @@ class Scenario:
         """The same system fed by another workload on every (node, service)."""
         return dataclasses.replace(self, workloads={key: spec for key in self.workloads})
 
+    @property
+    def is_static(self) -> bool:
+        """No timed events and every node up from the start: the system the reference's
+        GlobalNode bound pools."""
+        return not self.events and all(n.active for n in self.nodes)
+
     def pooled(self) -> Scenario:
-        """One node holding all resources and all arrivals: the reference GlobalNode bound."""
+        """One node holding all resources and all arrivals: the reference GlobalNode bound.
+        Only of a static system: a node's failure, surge or arrival has no place in one
+        node, and pooled without them it would bound a workload no policy saw."""
+        if not self.is_static:
+            raise ScenarioError(
+                f"{self.name}: the global-node bound pools a static system, and this scenario "
+                "has timed events or nodes down from the start, which one pooled node cannot "
+                "carry; bound a copy of it without them"
+            )
         pooled_node = Node(
             name="global",
             cpu=sum(n.cpu for n in self.nodes),

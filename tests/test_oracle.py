@@ -2,6 +2,7 @@
 claim that no static weights of any baseline beat it on the bundled generic scenarios."""
 
 import contextlib
+import dataclasses
 import io
 import json
 
@@ -12,12 +13,17 @@ import yaml
 from policies.baselines import HEURISTICS, PolicyError
 from policies.oracle import FluidModel, fluid_cost, solve
 from policies.topology import Topology
-from simulator.compare import static_weights
+from simulator.compare import default_policies, static_weights
 from simulator.env import EdgeEnv, Timeline
 from simulator.episodes import build_policy
 from simulator.evaluate import main
 from simulator.fluid import oracle_schedule, segments
-from simulator.scenario import bundled_names, load_scenario, parse_scenario
+from simulator.scenario import (
+    ScenarioError,
+    bundled_names,
+    load_scenario,
+    parse_scenario,
+)
 
 MU = np.array([10.0, 4.0, 1.0, 0.3])
 
@@ -224,3 +230,24 @@ def test_compare_takes_the_pooled_bound_on_a_latency_scenario(tmp_path):
         assert main(argv) == 0
     note = [line for line in table.getvalue().splitlines() if line.startswith("note:")]
     assert all("global-node" not in line for line in note)  # a bound, not a dynamic policy
+
+
+def test_the_pooled_bound_is_refused_where_the_system_changes(tmp_path, capsys):
+    """The pooled node has no place for a node's failure, surge or arrival: pooled anyway,
+    it ran a workload the policies it bounds never saw. So ``global-node`` is refused on a
+    scenario with events or nodes down from the start, and ``--compare`` leaves it out."""
+    first = load_scenario("dfaas-2").node_names[0]
+    event = {"at": 0, "kind": "surge", "node": first, "factor": 3}
+    surged = {"name": "surged", "extends": "dfaas-2", "steps": 30, "events": [event]}
+    path = tmp_path / "surged.yaml"
+    path.write_text(yaml.safe_dump(surged))
+    assert main(["--scenario", str(path), "--policy", "global-node", "--episodes", "1"]) == 2
+    assert "global-node" in capsys.readouterr().err
+    assert "global-node" in default_policies(load_scenario("dfaas-2"), "split3")
+    assert "global-node" not in default_policies(load_scenario(str(path)), "split3")
+    down = load_scenario("dfaas-2")
+    down = dataclasses.replace(
+        down, nodes=(dataclasses.replace(down.nodes[0], active=False), *down.nodes[1:])
+    )
+    with pytest.raises(ScenarioError, match="down from the start"):
+        down.pooled()
