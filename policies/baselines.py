@@ -243,6 +243,11 @@ def _need_neighbours(ctx: PolicyContext, name: str) -> None:
             f"policy {name!r} chooses among neighbours and needs the 'neighbours' action mode; "
             "the reference 3-way split cannot express it (use --action-mode neighbours)"
         )
+    if ctx.max_degree == 0:
+        raise PolicyError(
+            f"policy {name!r} chooses among neighbours, and no node of this scenario has a "
+            "neighbour; use apl or the oracle"
+        )
 
 
 HEURISTICS = {

@@ -28,7 +28,8 @@ NEIGHBOUR_ONLY = ("least-loaded", "least-request", "peak-ewma", "capacity-propor
 
 def default_policies(scenario: Scenario, action_mode: ActionMode) -> list[str]:
     """The baselines that fit the action mode, then the scenario's yardstick."""
-    names = [n for n in HEURISTICS if action_mode == "neighbours" or n not in NEIGHBOUR_ONLY]
+    chooses = action_mode == "neighbours" and scenario.max_degree > 0
+    names = [n for n in HEURISTICS if chooses or n not in NEIGHBOUR_ONLY]
     if action_mode == "neighbours" and scenario.models_latency:
         return [*names, "oracle"]
     return [*names, "global-node"] if scenario.reward == "dfaas" and scenario.is_static else names
@@ -58,14 +59,19 @@ def static_weights(
 
 def fluid_cost_over_oracle(
     scenario: Scenario, schedule: OracleSchedule, policy: str, seed: int = 0
-) -> float:
+) -> float | None:
     """Traffic-weighted fluid cost of ``policy``'s static weights over the oracle's."""
     weights = static_weights(scenario, policy, schedule.pieces, seed)
     spans = [e - s for s, e in schedule.pieces]
     pieces = zip(schedule.models, weights, spans, strict=True)
     cost = sum(float(fluid_cost(model, w)) * n for model, w, n in pieces)
     best = sum(r.cost * n for r, n in zip(schedule.routings, spans, strict=True))
-    return cost / best
+    return ratio(cost, best)
+
+
+def ratio(cost: float, oracle: float) -> float | None:
+    """``cost`` over the oracle's; None where the oracle's is zero (no load to serve)."""
+    return cost / oracle if oracle > 0 else None
 
 
 def compare(
@@ -91,7 +97,7 @@ def compare(
     if oracle is not None:
         schedule = oracle_schedule(scenario, seed=seed)
         for row in rows:
-            row["cost_over_oracle"] = row["cost_per_request_s"] / oracle["cost_per_request_s"]
+            row["cost_over_oracle"] = ratio(row["cost_per_request_s"], oracle["cost_per_request_s"])
             if row["policy"] in BOUNDS:
                 continue  # a pooled node routes nothing: it has no weights to price
             row["fluid_cost_over_oracle"] = fluid_cost_over_oracle(
@@ -115,12 +121,14 @@ def format_table(rows: list[dict]) -> str:
     width = max(len(r["policy"]) for r in rows) + 2
     lines = ["policy".ljust(width) + "".join(f"{title:>14}" for _, title, _ in cols)]
     for r in rows:
-        cells = "".join(f"{(fmt.format(r[key]) if key in r else '-'):>14}" for key, _, fmt in cols)
+        cells = "".join(
+            f"{(fmt.format(r[key]) if r.get(key) is not None else '-'):>14}" for key, _, fmt in cols
+        )
         lines.append(r["policy"].ljust(width) + cells)
     beaten = [
         r["policy"]
         for r in rows
-        if r.get("cost_over_oracle", 1.0) < 1.0 and r["policy"] not in BOUNDS
+        if (r.get("cost_over_oracle") or 1.0) < 1.0 and r["policy"] not in BOUNDS
     ]
     if beaten:
         lines.append(

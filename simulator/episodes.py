@@ -109,7 +109,8 @@ def run_episodes(
 def summarise(per_episode: dict[str, np.ndarray]) -> dict[str, float]:
     out: dict[str, float] = {}
     for key, values in per_episode.items():
-        out[key] = float(np.nanmean(values))
-        out[f"{key}_std"] = float(np.nanstd(values))
+        known = values[~np.isnan(values)]  # NaN: no such figure that episode (no request)
+        out[key] = float(known.mean()) if known.size else float("nan")
+        out[f"{key}_std"] = float(known.std()) if known.size else float("nan")
     out["episodes"] = len(next(iter(per_episode.values())))
     return out

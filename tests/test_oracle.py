@@ -251,3 +251,33 @@ def test_the_pooled_bound_is_refused_where_the_system_changes(tmp_path, capsys):
     )
     with pytest.raises(ScenarioError, match="down from the start"):
         down.pooled()
+
+
+def test_compare_on_a_mesh_without_load_or_without_neighbours(tmp_path, capsys):
+    """No load: every cost is zero, so none is a ratio of the oracle's (null, '-' in the
+    table) instead of a division by zero. One node: nothing to choose among, so the
+    neighbour-choosing heuristics are left out, and refused by name when asked for."""
+    idle = {**TINY, "name": "idle", "workload": {"default": {"kind": "poisson", "rate": 0}}}
+    path = tmp_path / "idle.yaml"
+    path.write_text(yaml.safe_dump(idle))
+    argv = ["--scenario", str(path), "--compare", "--episodes", "1", "--envs", "1"]
+    assert main([*argv, "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)["policies"]
+    assert {r["cost_over_oracle"] for r in rows} == {None}
+    assert main(argv) == 0
+    assert "cost/oracle" in capsys.readouterr().out
+    solo = {
+        **TINY,
+        "name": "solo",
+        "nodes": [{"name": "a", "cpu": 300}],
+        "links": [],
+        "workload": {"default": {"kind": "poisson", "rate": 5}},
+    }
+    path = tmp_path / "solo.yaml"
+    path.write_text(yaml.safe_dump(solo))
+    argv = ["--scenario", str(path), "--episodes", "1", "--envs", "1"]
+    assert main([*argv, "--compare", "--json"]) == 0
+    names = [r["policy"] for r in json.loads(capsys.readouterr().out)["policies"]]
+    assert "least-loaded" not in names and "oracle" in names
+    assert main([*argv, "--policy", "least-loaded", "--action-mode", "neighbours"]) == 2
+    assert "no node of this scenario has a neighbour" in capsys.readouterr().err
