@@ -27,7 +27,7 @@ from policies.observation import MeshTelemetry
 from policies.rollout import Rollout, RolloutSettings
 from policies.system_model import SystemModel
 from policies.topology import Topology
-from simulator.cli import parser_from_doc
+from simulator.cli import non_negative_int, parser_from_doc, positive_int
 
 
 def ring_with_chords(n: int, rng: np.random.Generator) -> Topology:
@@ -127,14 +127,25 @@ def build_parser() -> argparse.ArgumentParser:
     """The command line, apart from ``main`` so that its help can be checked without running it."""
     parser = parser_from_doc("decision.py", __doc__)
     parser.add_argument(
-        "--agents", type=int, nargs="+", default=[10, 100], help="agent instances, one run each"
+        "--agents",
+        type=positive_int,
+        nargs="+",
+        default=[10, 100],
+        help="agent instances, one run each",
     )
     parser.add_argument(
-        "--horizon", type=int, default=5, help="base-policy intervals after each candidate's"
+        "--horizon",
+        type=positive_int,
+        default=5,
+        help="base-policy intervals after each candidate's",
     )
-    parser.add_argument("--trials", type=int, default=30, help="decisions timed per run")
-    parser.add_argument("--seed", type=int, default=0, help="seeds the meshes and arrivals")
-    parser.add_argument("--threads", type=int, default=1, help="BLAS threads (as the operator)")
+    parser.add_argument("--trials", type=positive_int, default=30, help="decisions timed per run")
+    parser.add_argument(
+        "--seed", type=non_negative_int, default=0, help="seeds the meshes and arrivals"
+    )
+    parser.add_argument(
+        "--threads", type=positive_int, default=1, help="BLAS threads (as the operator)"
+    )
     return parser
 
 

@@ -30,7 +30,7 @@ from tqdm import tqdm
 from policies.system_model import TARGETS, SystemModel, score
 from simulator.adapt import build_parser as adapt_parser
 from simulator.adapt import commissioning_rows, run_arm, warm_model, warm_start
-from simulator.cli import parser_from_doc, png_path
+from simulator.cli import known_scenario, non_negative_int, parser_from_doc, png_path, positive_int
 from simulator.env import EdgeEnv
 from simulator.episodes import build_policy
 from simulator.scenario import load_scenario
@@ -102,14 +102,24 @@ def build_parser() -> argparse.ArgumentParser:
     """The command line, apart from ``main`` so that its help can be checked without running it."""
     parser = parser_from_doc("model_accuracy.py", __doc__)
     parser.add_argument(
-        "--scenarios", nargs="+", default=["mesh-10x3", "mesh-6x3"], help="bundled names"
+        "--scenarios",
+        type=known_scenario,
+        nargs="+",
+        default=["mesh-10x3", "mesh-6x3"],
+        help="bundled names",
     )
     parser.add_argument(
-        "--seeds", type=int, nargs="+", default=[0, 1, 2], help="one run per scenario and seed"
+        "--seeds",
+        type=non_negative_int,
+        nargs="+",
+        default=[0, 1, 2],
+        help="one run per scenario and seed",
     )
-    parser.add_argument("--train", type=int, default=360, help="intervals learned from")
-    parser.add_argument("--test", type=int, default=60, help="held-out intervals scored")
-    parser.add_argument("--interval", type=int, default=5, help="simulator steps per interval")
+    parser.add_argument("--train", type=positive_int, default=360, help="intervals learned from")
+    parser.add_argument("--test", type=positive_int, default=60, help="held-out intervals scored")
+    parser.add_argument(
+        "--interval", type=positive_int, default=5, help="simulator steps per interval"
+    )
     parser.add_argument(
         "--plot", metavar="PNG", type=png_path, help="held-out predicted vs observed latency"
     )

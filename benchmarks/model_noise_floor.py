@@ -61,7 +61,14 @@ from simulator.adapt import (
 from simulator.adapt import (
     build_parser as adapt_parser,
 )
-from simulator.cli import parser_from_doc, png_path
+from simulator.cli import (
+    known_scenario,
+    non_negative_float,
+    non_negative_int,
+    parser_from_doc,
+    png_path,
+    positive_int,
+)
 from simulator.env import EdgeEnv
 from simulator.episodes import build_policy
 from simulator.scenario import Scenario, load_scenario
@@ -279,15 +286,30 @@ def build_parser() -> argparse.ArgumentParser:
     """The command line, apart from ``main`` so that its help can be checked without running it."""
     parser = parser_from_doc("model_noise_floor.py", __doc__)
     parser.add_argument(
-        "--scenarios", nargs="+", default=["mesh-10x3", "mesh-6x3"], help="bundled names"
+        "--scenarios",
+        type=known_scenario,
+        nargs="+",
+        default=["mesh-10x3", "mesh-6x3"],
+        help="bundled names",
     )
-    parser.add_argument("--replicas", type=int, default=40, help="copies under one routing")
-    parser.add_argument("--intervals", type=int, default=60, help="intervals per replica")
-    parser.add_argument("--interval", type=int, default=5, help="simulator steps per interval")
-    parser.add_argument("--train", type=int, default=360, help="intervals the model learns")
-    parser.add_argument("--noise", type=float, default=0.05, help="relative telemetry noise")
     parser.add_argument(
-        "--seed", type=int, default=0, help="seeds the replicas, routings and telemetry noise"
+        "--replicas", type=positive_int, default=40, help="copies under one routing"
+    )
+    parser.add_argument("--intervals", type=positive_int, default=60, help="intervals per replica")
+    parser.add_argument(
+        "--interval", type=positive_int, default=5, help="simulator steps per interval"
+    )
+    parser.add_argument(
+        "--train", type=positive_int, default=360, help="intervals the model learns"
+    )
+    parser.add_argument(
+        "--noise", type=non_negative_float, default=0.05, help="relative telemetry noise"
+    )
+    parser.add_argument(
+        "--seed",
+        type=non_negative_int,
+        default=0,
+        help="seeds the replicas, routings and telemetry noise",
     )
     parser.add_argument(
         "--routing",

@@ -58,7 +58,7 @@ from tqdm import tqdm
 
 from demo.prometheus import free_port
 from demo.stack import Stack, StackError
-from simulator.cli import parser_from_doc
+from simulator.cli import non_negative_int, parser_from_doc
 
 TARGET_CPU_CORES = 0.5
 TARGET_RSS_MB = 500.0
@@ -631,7 +631,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--duration", type=int, default=120, help="seconds measured")
     parser.add_argument("--warmup", type=int, default=30, help="seconds after ready, unmeasured")
     parser.add_argument(
-        "--seed", type=int, default=0, help="seeds the mesh's chords and the stub's readings"
+        "--seed",
+        type=non_negative_int,
+        default=0,
+        help="seeds the mesh's chords and the stub's readings",
     )
     parser.add_argument("--noise", type=float, default=0.03, help="relative jitter of readings")
     parser.add_argument(

@@ -47,7 +47,7 @@ from simulator.adapt import (
 from simulator.adapt import (
     build_parser as adapt_parser,
 )
-from simulator.cli import parser_from_doc, png_path
+from simulator.cli import known_scenario, parser_from_doc, png_path, positive_int
 from simulator.env import Timeline
 from simulator.fluid import expected_arrivals, oracle_schedule
 from simulator.scenario import Scenario
@@ -156,11 +156,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser = parser_from_doc("slo_chance.py", __doc__)
     parser.add_argument(
         "--scenarios",
+        type=known_scenario,
         nargs="+",
         default=list(CHANGE_SCENARIOS),
         help="bundled change scenarios",
     )
-    parser.add_argument("--seeds", type=int, default=8, help="seeds 0..N-1 per scenario")
+    parser.add_argument("--seeds", type=positive_int, default=8, help="seeds 0..N-1 per scenario")
     parser.add_argument(
         "--arms",
         nargs="+",
@@ -168,7 +169,9 @@ def build_parser() -> argparse.ArgumentParser:
         default=list(ARMS[:3]),
         help="controllers to run (the oracle always runs: it is the yardstick)",
     )
-    parser.add_argument("--interval", type=int, default=5, help="simulator steps per interval")
+    parser.add_argument(
+        "--interval", type=positive_int, default=5, help="simulator steps per interval"
+    )
     parser.add_argument(
         "--plot", metavar="PNG", type=png_path, help="miss rates per interval, per scenario"
     )

@@ -21,7 +21,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from simulator.cli import parser_from_doc
+from simulator.cli import non_negative_int, parser_from_doc
 
 KEYS = ("return_per_agent", "processed_pct", "latency_mean_ms", "wall_seconds", "env_steps_per_s")
 
@@ -37,7 +37,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="centralised or independent critics",
     )
     parser.add_argument(
-        "--seeds", type=int, nargs="+", default=[0, 1, 2], help="one training run per seed"
+        "--seeds",
+        type=non_negative_int,
+        nargs="+",
+        default=[0, 1, 2],
+        help="one training run per seed",
     )
     parser.add_argument(
         "--env-steps", type=int, default=1_296_000, help="agent-environment steps per run"

@@ -17,6 +17,29 @@ from torch import nn
 
 from policies.network import RunningNorm
 
+_POSITIVE = (
+    "num_envs",
+    "rollout_steps",
+    "update_epochs",
+    "num_minibatches",
+    "hidden",
+    "layers",
+    "eval_every",
+    "eval_episodes",
+    "learning_rate",
+    "huber_delta",
+    "max_grad_norm",
+)
+_NON_NEGATIVE = (
+    "imitate_steps",
+    "critic_warmup",
+    "clip_coef",
+    "value_clip",
+    "ent_coef_start",
+    "ent_coef_end",
+    "vf_coef",
+)
+
 
 @dataclass
 class PPOConfig:
@@ -53,6 +76,23 @@ class PPOConfig:
     layers: int = 2
     eval_every: int = 20  # updates between evaluations
     eval_episodes: int = 16
+
+    def __post_init__(self) -> None:
+        """Refuse values that would fail deep inside training (a division by zero after
+        the first rollout, say), naming the hyperparameter."""
+        for name in _POSITIVE:
+            if not getattr(self, name) > 0:
+                raise ValueError(f"hyperparameter {name}: must be > 0, got {getattr(self, name)!r}")
+        for name in _NON_NEGATIVE:
+            if not getattr(self, name) >= 0:
+                raise ValueError(
+                    f"hyperparameter {name}: must be >= 0, got {getattr(self, name)!r}"
+                )
+        for name in ("gamma", "gae_lambda"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ValueError(
+                    f"hyperparameter {name}: must lie in [0, 1], got {getattr(self, name)!r}"
+                )
 
     def entropy_coef(self, progress: float) -> float:
         """Linear schedule from start to end over training (``progress`` in [0, 1])."""

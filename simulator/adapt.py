@@ -598,7 +598,7 @@ def build_parser() -> argparse.ArgumentParser:
         "policy's action then, to measure the learned model alone)",
     )
     parser.add_argument(
-        "--seed", type=int, default=0, help="arrivals, telemetry noise and warm start"
+        "--seed", type=non_negative_int, default=0, help="arrivals, telemetry noise and warm start"
     )
     parser.add_argument(
         "--json", action="store_true", help="one JSON object per cycle, then one of the totals"

@@ -67,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--warmup", type=non_negative_int, default=20, help="batch steps run before timing"
     )
-    parser.add_argument("--seed", type=int, default=0, help="seeds the workloads")
+    parser.add_argument("--seed", type=non_negative_int, default=0, help="seeds the workloads")
     parser.add_argument(
         "--policy",
         default="fixed:0.6,0.4,0",

@@ -88,3 +88,15 @@ def _finite(obj: object) -> object:
     if isinstance(obj, list | tuple):
         return [_finite(v) for v in obj]
     return obj
+
+
+def known_scenario(text: str) -> str:
+    """An argparse type: a bundled scenario's name or a scenario file, loaded once to refuse
+    a misspelt one before any work rather than with a traceback minutes into a run."""
+    from simulator.scenario import ScenarioError, load_scenario
+
+    try:
+        load_scenario(text)
+    except ScenarioError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    return text

@@ -22,7 +22,7 @@ import argparse
 import sys
 
 from policies.baselines import PolicyError
-from simulator.cli import json_line, parser_from_doc, png_path, positive_int
+from simulator.cli import json_line, non_negative_int, parser_from_doc, png_path, positive_int
 from simulator.compare import compare, default_policies, format_table, plot
 from simulator.env import default_action_mode
 from simulator.episodes import run_episodes, summarise
@@ -42,7 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--episodes", type=positive_int, default=100, help="episodes to average over"
     )
-    parser.add_argument("--seed", type=int, default=0, help="seeds the episodes' workloads")
+    parser.add_argument(
+        "--seed", type=non_negative_int, default=0, help="seeds the episodes' workloads"
+    )
     parser.add_argument(
         "--envs",
         type=positive_int,

@@ -17,7 +17,7 @@ import argparse
 import json
 import sys
 
-from simulator.cli import parser_from_doc
+from simulator.cli import non_negative_int, parser_from_doc
 from simulator.pettingzoo_env import EdgeParallelEnv
 
 ENV_NAME = "marl-edge-routing"
@@ -46,7 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--scenario", default="dfaas-2", help="bundled name or YAML path")
     parser.add_argument("--iterations", type=int, default=5, help="RLlib training iterations")
     parser.add_argument("--batch", type=int, default=1000, help="env steps per iteration")
-    parser.add_argument("--seed", type=int, default=0, help="seeds RLlib and the workloads")
+    parser.add_argument(
+        "--seed", type=non_negative_int, default=0, help="seeds RLlib and the workloads"
+    )
     parser.add_argument(
         "--json", action="store_true", help="print the return of every iteration as JSON"
     )

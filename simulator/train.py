@@ -44,7 +44,7 @@ from policies.baselines import PolicyError
 from policies.checkpoint import LoadedPolicy
 from policies.mappo import Trainer
 from policies.ppo import PPOConfig
-from simulator.cli import json_line, parser_from_doc, positive_int
+from simulator.cli import json_line, non_negative_int, parser_from_doc, positive_int
 from simulator.env import EdgeEnv, default_action_mode
 from simulator.episodes import build_policy, run_episodes, summarise
 from simulator.scenario import Scenario, ScenarioError, load_scenario
@@ -75,7 +75,7 @@ def load_config(path: str | None, overrides: list[str]) -> PPOConfig:
     """Defaults, then the config file (YAML or JSON mapping), then ``--set key=value``."""
     cfg = PPOConfig()
     if path:
-        data = yaml.safe_load(Path(path).read_text()) or {}
+        data = _yaml(Path(path).read_text(), f"config {path}") or {}
         if not isinstance(data, dict):
             raise ValueError(f"config {path}: expected a mapping of hyperparameters")
         cfg = cfg.replace(**data)
@@ -83,8 +83,15 @@ def load_config(path: str | None, overrides: list[str]) -> PPOConfig:
         key, sep, raw = item.partition("=")
         if not sep:
             raise ValueError(f"--set expects key=value, got {item!r}")
-        cfg = cfg.replace(**{key: yaml.safe_load(raw)})
+        cfg = cfg.replace(**{key: _yaml(raw, f"--set {item}")})
     return cfg
+
+
+def _yaml(text: str, where: str):
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        raise ValueError(f"{where}: not valid YAML ({' '.join(str(error).split())})") from None
 
 
 def seed_everything(seed: int) -> None:
@@ -144,7 +151,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--env-steps", type=int, default=1_296_000, help="agent-environment steps to train for"
     )
     parser.add_argument(
-        "--seed", type=int, default=0, help="seeds the workloads, the network and the sampling"
+        "--seed",
+        type=non_negative_int,
+        default=0,
+        help="seeds the workloads, the network and the sampling",
     )
     parser.add_argument("--out", help="output directory (default runs/SCENARIO__ALGO__SEED)")
     parser.add_argument("--config", help="YAML/JSON file of hyperparameters (PPOConfig fields)")
@@ -161,7 +171,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--eval-episodes", type=positive_int, default=50, help="episodes of the final evaluation"
     )
     parser.add_argument("--resume", action="store_true", help="continue from OUT/train_state.pt")
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
+    parser.add_argument(
+        "--threads", type=non_negative_int, default=0, help="torch threads (0: default)"
+    )
     parser.add_argument("--json", action="store_true", help="print the final metrics as JSON")
     return parser
 

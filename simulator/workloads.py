@@ -369,8 +369,8 @@ def generate(
 ) -> np.ndarray:
     """Draw ``(num_envs, steps)`` arrivals for one (node, service); integers in ``[0, clip_to]``."""
     kind, params = spec.kind, spec.params
-    _, fn = GENERATORS[kind]
     values = validate(kind, params)
+    _, fn = GENERATORS[kind]
     if kind in ("replay", "azure") and not Path(values.path).exists():
         raise ValueError(f"workload {kind!r}: file {values.path!r} does not exist")
     out = fn(rng, num_envs, steps, values)

@@ -213,6 +213,82 @@ def test_counts_below_one_are_refused_naming_the_option(command, option, capsys)
     assert f"argument {option}: must be at least 1, got 0" in capsys.readouterr().err
 
 
+def option_pairs(*options: str) -> list[tuple[str, str]]:
+    """Every (command, option) of the listed commands that has one of ``options``."""
+    return [
+        (command, option)
+        for command, where in sorted(COMMANDS.items())
+        for option in options
+        if option in parser_of(where)._option_string_actions
+    ]
+
+
+SEEDS = option_pairs("--seed", "--seeds", "--threads")
+
+
+def test_seeded_commands_are_found():
+    commands = {command for command, _ in SEEDS}
+    assert {"python -m simulator.train", "python benchmarks/model_accuracy.py"} <= commands
+
+
+@pytest.mark.parametrize(("command", "option"), SEEDS)
+def test_seeds_and_threads_below_zero_are_refused_naming_the_option(command, option, capsys):
+    """A negative seed ended in numpy's "expected non-negative integer" traceback, or its
+    message without the option's name."""
+    with pytest.raises(SystemExit):
+        parser_of(COMMANDS[command]).parse_args([option, "-1"])
+    assert f"argument {option}: must be at least" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("command", "option"),
+    [
+        ("decision.py", "--trials"),
+        ("decision.py", "--agents"),
+        ("model_accuracy.py", "--test"),
+        ("model_accuracy.py", "--train"),
+        ("model_noise_floor.py", "--interval"),
+        ("slo_chance.py", "--seeds"),
+    ],
+)
+def test_benchmark_counts_below_one_are_refused_naming_the_option(command, option, capsys):
+    with pytest.raises(SystemExit):
+        parser_of(ROOT / "benchmarks" / command).parse_args([option, "0"])
+    assert f"argument {option}: must be at least 1, got 0" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["model_accuracy.py", "model_noise_floor.py", "slo_chance.py"])
+def test_benchmarks_refuse_an_unknown_scenario_before_any_work(command, capsys):
+    with pytest.raises(SystemExit):
+        parser_of(ROOT / "benchmarks" / command).parse_args(["--scenarios", "mesh-10x3", "nope"])
+    assert "argument --scenarios: unknown scenario 'nope'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--set", "eval_every=0"], "hyperparameter eval_every: must be > 0, got 0"),
+        (["--set", "num_minibatches=0"], "hyperparameter num_minibatches: must be > 0"),
+        (["--set", "gamma=1.5"], "hyperparameter gamma: must lie in [0, 1]"),
+        (["--set", "num_envs=[1"], "--set num_envs=[1: not valid YAML"),
+    ],
+)
+def test_train_refuses_hyperparameters_out_of_range_before_any_work(argv, message, capsys):
+    """eval_every 0 divided by zero after the first rollout; num_envs 0 before it."""
+    from simulator import train
+
+    assert train.main(argv) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_an_unknown_workload_kind_is_refused_by_name(capsys):
+    from simulator import evaluate
+
+    argv = ["--workload", "bogus", "--episodes", "1", "--envs", "1"]
+    assert evaluate.main(argv) == 2
+    assert "unknown workload kind 'bogus'" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(
     ("command", "option", "value"),
     [

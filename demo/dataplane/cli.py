@@ -44,7 +44,7 @@ from demo.dataplane.follower import CustomObjects, RouteFollower
 from demo.dataplane.plane import DataPlane
 from demo.dataplane.scenario import parse_load, parse_work
 from demo.dataplane.server import start_http_server
-from simulator.cli import DocHelpFormatter
+from simulator.cli import DocHelpFormatter, non_negative_int
 
 logger = logging.getLogger("demo.dataplane")
 
@@ -93,7 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
         "an EdgeNode's requestsPerSecond); the CPU metric follows it",
     )
     parser.add_argument("--speed", type=float, default=1.0, help="simulated seconds per second")
-    parser.add_argument("--seed", type=int, default=0, help="seed of every random draw")
+    parser.add_argument(
+        "--seed", type=non_negative_int, default=0, help="seed of every random draw"
+    )
     parser.add_argument("--poll-seconds", type=float, default=2.0, help="route poll period")
     parser.add_argument("--queue-seconds", type=float, default=10.0, help="queue, in seconds")
     parser.add_argument(
