@@ -264,6 +264,31 @@ def test_every_manifest_is_valid(name, kube_version):
     assert not problems
 
 
+@pytest.mark.parametrize(
+    "values",
+    [
+        ("--set", "crds.keep=false", "--set", "replicaCount=2"),
+        ("--set", "serviceMonitor.enabled=true", "--set", "grafanaDashboard.enabled=true"),
+        ("--set", "podMonitor.enabled=true", "--set", "scrapeAnnotations=false"),
+    ],
+)
+def test_namespaces_that_read_as_numbers_or_booleans_stay_strings(values):
+    """``2024``, ``on`` and ``no`` are valid namespaces that YAML reads as an integer or a
+    boolean unless quoted; unquoted, the API server refuses the object."""
+    watched = ("--set-json", 'watchNamespaces=["on","2024"]')
+    done = run_helm("template", RELEASE, str(CHART), "--namespace", "2024", *watched, *values)
+    assert done.returncode == 0, done.stderr
+    docs = [doc for doc in yaml.safe_load_all(done.stdout) if doc]
+    namespaced = [doc for doc in docs if "namespace" in doc["metadata"]]
+    assert {doc["metadata"]["namespace"] for doc in namespaced} == {"2024", "on"}
+    problems = {
+        f"{doc['kind']}/{doc['metadata']['name']}": errors
+        for doc in docs
+        if (errors := schema_errors(doc, KUBE_VERSIONS[-1]))
+    }
+    assert not problems
+
+
 def test_the_validation_catches_a_typo():
     """The schemas are strict: an unknown field fails, not just a wrong type."""
     doc = copy.deepcopy(deployment(render()))
