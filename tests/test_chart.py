@@ -105,6 +105,8 @@ VALUE_SETS: dict[str, tuple[str, ...]] = {
         "logFormat=text",
         "--set",
         "image.digest=sha256:" + "0" * 64,
+        "--set",
+        "prometheus.allowedUrls={https://metrics.example.com/prometheus,http://prom.mon:9090}",
     ),
     "combined": (
         "--set",
@@ -461,9 +463,13 @@ def _set_value(values: tuple[str, ...], key: str) -> str | None:
     return found
 
 
-def _namespaces(values: tuple[str, ...]) -> list[str]:
-    raw = _set_value(values, "watchNamespaces")
+def _set_list(values: tuple[str, ...], key: str) -> list[str]:
+    raw = _set_value(values, key)
     return raw.strip("{}").split(",") if raw else []
+
+
+def _namespaces(values: tuple[str, ...]) -> list[str]:
+    return _set_list(values, "watchNamespaces")
 
 
 def grants(
@@ -626,6 +632,7 @@ def test_operator_command_line_parses(name):
     assert args.namespace == _namespaces(values)
     assert args.api_port == spec["ports"][0]["containerPort"]
     assert args.prometheus_url == "http://prometheus.istio-system.svc:9090"
+    assert args.allow_prometheus_url == _set_list(values, "prometheus.allowedUrls")
     replicas = int(_set_value(values, "replicaCount") or 1)
     forced = _set_value(values, "peering.enabled") == "true"
     assert args.standalone == (replicas == 1 and not forced)

@@ -640,6 +640,43 @@ def test_an_inventory_no_route_can_be_written_for_is_invalid_not_a_failing_cycle
     assert report.reason.startswith("EdgeNode edge-2 spec.podLabelValue: 'site-x'")
 
 
+def test_a_prometheus_the_operator_was_not_allowed_to_query_is_refused():
+    """Whoever may create a RoutingPolicy must not make the operator fetch any URL in the
+    cluster's network (a cloud metadata address, say): a policy's own spec.prometheus.url
+    must be the operator's --prometheus-url or one its admin allowed."""
+    mesh = example_mesh()
+    queried: list[str] = []
+
+    def reader_for(url: str) -> Reader:
+        queried.append(url)
+        return Reader(mesh)
+
+    kube = FakeKube(NODES, SERVICES)
+    runtime = Runtime(
+        kube,
+        mesh=mesh,
+        reader_for=reader_for,
+        prometheus_url="http://prometheus.istio-system.svc:9090",
+        allowed_prometheus_urls=("https://metrics.example.com/prometheus/",),
+    )
+    metadata = "http://169.254.169.254/latest/meta-data/#"
+    report = runtime.cycle("edge/p", example_policy_body(prometheus={"url": metadata}))
+    assert report.outcome == Outcome.INVALID and queried == [] and mesh.writes == 0
+    assert report.reason.startswith("spec.prometheus.url: 'http://169.254.169.254/")
+    assert "--allow-prometheus-url" in report.reason and "prometheus.allowedUrls" in report.reason
+    for allowed in (
+        "https://metrics.example.com/prometheus",
+        "http://prometheus.istio-system.svc:9090/",
+    ):
+        body = example_policy_body(prometheus={"url": allowed})
+        body["metadata"]["generation"] = len(queried) + 2
+        assert runtime.cycle("edge/p", body).outcome != Outcome.INVALID
+    assert queried == [
+        "https://metrics.example.com/prometheus",
+        "http://prometheus.istio-system.svc:9090/",
+    ]
+
+
 def test_a_damaged_configmap_checkpoint_is_a_condition_naming_the_field(tmp_path):
     """A ConfigMap's checkpoint whose weights file was damaged on its way (one byte of its
     pickle changed, so the zip's checksum fails): the policy is invalid, its status names

@@ -331,6 +331,30 @@ def test_failures_are_metrics_unavailable_without_credentials(exc, words):
     assert info.value.__cause__ is exc
 
 
+@pytest.mark.parametrize(
+    ("body", "shown", "withheld"),
+    [
+        (
+            b'{"status":"error","errorType":"bad_data","error":"1:5: parse error: unclosed"}',
+            "HTTP 400: bad_data: 1:5: parse error: unclosed",
+            None,
+        ),
+        (b'{"internal":"db-password=hunter2"}', "HTTP 400 (not Prometheus's error", "hunter2"),
+        (b"<html>admin console</html>", "HTTP 400 (not Prometheus's error", "admin console"),
+    ],
+)
+def test_an_error_answer_shows_prometheus_s_own_error_and_nothing_else(body, shown, withheld):
+    """A policy's URL may point at whatever answers it: of an error answer, the condition,
+    events and API show Prometheus's own error (how to fix a query) and otherwise the status
+    code alone, never the body of some other service."""
+    exc = PrometheusApiClientException(f"HTTP Status Code 400 ({body!r})")
+    reader = PrometheusReader("http://prometheus:9090", query=failing(exc))
+    with pytest.raises(MetricsUnavailable) as info:
+        reader.read(**VALUES)
+    assert shown in str(info.value)
+    assert withheld is None or withheld not in str(info.value)
+
+
 def test_a_read_is_one_request_and_a_refused_combination_names_the_template():
     answers = {"requestRate": [pair("fn-a", "fn-b", 2.0)], "cpuUsage": [workload("fn-b", 0.5)]}
     fake = FakePrometheus(answers)

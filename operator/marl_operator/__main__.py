@@ -66,6 +66,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="Prometheus of policies that set no spec.prometheus.url (default: %(default)s)",
     )
     parser.add_argument(
+        "--allow-prometheus-url",
+        type=prometheus_url,
+        action="append",
+        default=[],
+        metavar="URL",
+        help="a further Prometheus a policy's spec.prometheus.url may name (repeatable); "
+        "a policy naming any other is Invalid, so that whoever may create a RoutingPolicy "
+        "cannot make the operator fetch arbitrary URLs from inside the cluster",
+    )
+    parser.add_argument(
         "--api-host", default="0.0.0.0", help="address of the HTTP API (default: %(default)s)"
     )
     parser.add_argument(
@@ -116,7 +126,11 @@ def standby_priority() -> int:
 async def run(args: argparse.Namespace) -> None:
     configuration = client_configuration(args.kubeconfig)
     kube = Kube(TimedApiClient(configuration))
-    runtime = Runtime(kube, prometheus_url=args.prometheus_url)
+    runtime = Runtime(
+        kube,
+        prometheus_url=args.prometheus_url,
+        allowed_prometheus_urls=tuple(args.allow_prometheus_url),
+    )
     registry = kopf.OperatorRegistry()
     register(registry, runtime, login=lambda: connection_info(configuration))
     ready = threading.Event()

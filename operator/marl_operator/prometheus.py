@@ -33,7 +33,9 @@ What an override must return
 
 from __future__ import annotations
 
+import ast
 import dataclasses
+import json
 import logging
 import math
 import re
@@ -344,6 +346,32 @@ def _redact_text(text: str, url: str) -> str:
     return text
 
 
+_STATUS_ANSWER = re.compile(r"^HTTP Status Code (?P<code>\d+) \((?P<body>.*)\)$", re.S)
+
+
+def error_answer(text: str) -> str:
+    """What to report of an error answer (the client's ``HTTP Status Code N (b'body')``):
+    Prometheus's own error, which says what is wrong with a query, and otherwise the status
+    code alone. The body of whatever else answered a policy's URL is never repeated into
+    conditions, events and the API."""
+    match = _STATUS_ANSWER.match(text)
+    if match is None:
+        return "an answer that is not HTTP's (body withheld)"
+    code, body = match["code"], match["body"]
+    try:
+        answer = json.loads(ast.literal_eval(body))
+    except (ValueError, SyntaxError, TypeError):
+        answer = None
+    if (
+        isinstance(answer, dict)
+        and answer.get("status") == "error"
+        and isinstance(answer.get("error"), str)
+    ):
+        kind = answer.get("errorType")
+        return f"HTTP {code}: {f'{kind}: ' if isinstance(kind, str) else ''}{answer['error']}"[:500]
+    return f"HTTP {code} (not Prometheus's error format; body withheld)"
+
+
 def check_url(url: str) -> None:
     """Refuse a URL whose credentials ``urlsplit`` (and so the client) would misread: one
     with an unencoded '/', '?' or '#' in its password sends the password as part of the
@@ -454,7 +482,7 @@ class PrometheusReader:
         except requests.ConnectionError as exc:
             raise self._fail(name, f"is unreachable: {type(exc).__name__}: {exc}") from exc
         except PrometheusApiClientException as exc:
-            raise self._fail(name, f"answered an error: {str(exc)[:500]}") from exc
+            raise self._fail(name, f"answered an error: {error_answer(str(exc))}") from exc
         except (requests.RequestException, ValueError, KeyError, TypeError) as exc:
             # A 200 answer that is not Prometheus's JSON (a proxy's login page, say).
             raise self._fail(name, f"gave an unreadable answer: {type(exc).__name__}") from exc

@@ -38,7 +38,7 @@ from marl_operator.inventory import Inventory, fingerprint
 from marl_operator.kube import KINDS, Forbidden, Kube, KubeMesh
 from marl_operator.mesh.model import MeshError, MeshNode, MeshRoutes, MeshService
 from marl_operator.problem import build_problem
-from marl_operator.prometheus import PrometheusReader
+from marl_operator.prometheus import PrometheusReader, redact_url
 from marl_operator.report import BUILD_FORBIDDEN, CYCLE_FAILED, CycleReport, Outcome
 from marl_operator.spec import CheckpointSource, SpecError, parse_policy_spec
 from marl_operator.store import ReportStore
@@ -99,6 +99,7 @@ class Runtime:
         clock: Callable[[], float] = time.time,
         prometheus_url: str = DEFAULT_PROMETHEUS_URL,
         inventory: Inventory | None = None,
+        allowed_prometheus_urls: tuple[str, ...] = (),
     ):
         self.kube = kube
         self.mesh = mesh or KubeMesh(kube)
@@ -108,6 +109,11 @@ class Runtime:
         self.instruments = instruments or Instruments()
         self.clock = clock
         self.prometheus_url = prometheus_url
+        # A policy's own spec.prometheus.url must be one of these: the operator fetches it
+        # from inside the cluster, on behalf of whoever may create a RoutingPolicy.
+        self.allowed_prometheus_urls = {
+            url.rstrip("/") for url in (prometheus_url, *allowed_prometheus_urls)
+        }
         self.controllers: dict[str, PolicyController] = {}
         self.skipped: Counter[str] = Counter()  # policy -> cycles skipped (previous one ran)
         # sha256 of a checkpoint's two files -> its policy, while a controller still runs it:
@@ -181,6 +187,16 @@ class Runtime:
     def build(self, key: str, body: Mapping[str, Any]) -> PolicyController:
         namespace = key.split("/", 1)[0]
         spec = parse_policy_spec(body.get("spec"))
+        if spec.prometheus.url and spec.prometheus.url.rstrip("/") not in (
+            self.allowed_prometheus_urls
+        ):
+            raise SpecError(
+                "spec.prometheus.url",
+                f"{redact_url(spec.prometheus.url)!r} is not a Prometheus this operator may "
+                "query: it queries its --prometheus-url and those --allow-prometheus-url "
+                "names (the chart's prometheus.url and prometheus.allowedUrls); unset it, or "
+                "ask the operator's admin to allow it",
+            )
         policy, digest = self.checkpoint(spec.checkpoint, namespace)
         max_degree = int(policy.meta["observation"]["max_degree"])
         # Read now: a build follows the user's change, which may have come with new objects.
