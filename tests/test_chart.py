@@ -415,6 +415,28 @@ def test_no_two_rendered_objects_share_a_kind_and_name(release):
     assert len(uninstall_job(docs)["metadata"]["name"]) <= 63  # its pods' job-name label
 
 
+def test_releases_of_one_name_in_two_namespaces_share_no_cluster_scoped_object():
+    """One release per team, each watching its own namespaces (and the CRDs installed once,
+    by the first or by hand): Helm refuses an object another release owns, so no
+    cluster-scoped name may depend on the release's name alone."""
+
+    def cluster_scoped(namespace: str) -> set[tuple[str, str]]:
+        done = run_helm(
+            "template", RELEASE, str(CHART), "--namespace", namespace,
+            "--set", f"watchNamespaces={{{namespace}-apps}}", "--set", "crds.install=false",
+            "--set", "peering.enabled=true",
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        docs = [doc for doc in yaml.safe_load_all(done.stdout) if doc]
+        return {
+            (d["kind"], d["metadata"]["name"]) for d in docs if "namespace" not in d["metadata"]
+        }
+
+    team_a, team_b = cluster_scoped("team-a"), cluster_scoped("team-b")
+    assert {kind for kind, _ in team_a} == {"ClusterRole", "ClusterRoleBinding"}
+    assert not team_a & team_b
+
+
 def test_kopf_peering_crds_are_the_ones_kopf_reads():
     from kopf._cogs.structs import references
 

@@ -17,6 +17,15 @@
 {{- end }}
 {{- end }}
 
+{{- /*
+Name of a cluster-scoped object of the release (a ClusterRole or its binding): the release's
+namespace is in it, so that releases of one name in two namespaces (one per team, each with
+its watchNamespaces) do not claim the same object. RBAC names may be 253 characters long.
+*/ -}}
+{{- define "marl-operator.clusterScopedName" -}}
+{{- printf "%s-%s" (include "marl-operator.fullname" .) .Release.Namespace }}
+{{- end }}
+
 {{- define "marl-operator.chart" -}}
 {{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
 {{- end }}
