@@ -93,6 +93,8 @@ VALUE_SETS: dict[str, tuple[str, ...]] = {
         "peering.enabled=true",
         "--set",
         "peering.priority=7",
+        "--set",
+        "prometheus.urlSecret.name=prom-reader",
     ),
     "extras": (
         "--set",
@@ -435,6 +437,25 @@ def test_releases_of_one_name_in_two_namespaces_share_no_cluster_scoped_object()
     team_a, team_b = cluster_scoped("team-a"), cluster_scoped("team-b")
     assert {kind for kind, _ in team_a} == {"ClusterRole", "ClusterRoleBinding"}
     assert not team_a & team_b
+
+
+def test_a_prometheus_url_with_credentials_can_come_from_a_secret(monkeypatch):
+    """A URL carrying a password is kept out of the Deployment's args and the install
+    notes: the operator reads it from the Secret's key, through the environment."""
+    from marl_operator.__main__ import PROMETHEUS_URL_ENV, parse_args
+
+    values = ("--set", "prometheus.urlSecret.name=prom-reader")
+    spec = container(render(*values))
+    assert not any(a.startswith("--prometheus-url") for a in spec["args"])
+    (env,) = [e for e in spec["env"] if e["name"] == PROMETHEUS_URL_ENV]
+    assert env["valueFrom"]["secretKeyRef"] == {"name": "prom-reader", "key": "url"}
+    monkeypatch.setenv(PROMETHEUS_URL_ENV, "https://reader:s3cret@prom.example:9090")
+    assert parse_args(spec["args"]).prometheus_url == "https://reader:s3cret@prom.example:9090"
+    done = run_helm(
+        "install", RELEASE, str(CHART), "--namespace", NAMESPACE, "--dry-run=client", *values
+    )
+    assert done.returncode == 0, done.stderr
+    assert "the URL in Secret prom-reader (key url)" in done.stdout
 
 
 def test_kopf_peering_crds_are_the_ones_kopf_reads():

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import secrets
 import threading
 
@@ -27,6 +28,11 @@ from marl_operator.prometheus import check_url
 from marl_operator.runtime import DEFAULT_PROMETHEUS_URL, Runtime
 
 log = logging.getLogger("marl_operator")
+
+
+PROMETHEUS_URL_ENV = "MARL_PROMETHEUS_URL"
+"""Where ``--prometheus-url`` defaults from: a URL carrying credentials can come from a
+Secret this way (the chart's ``prometheus.urlSecret``), kept out of the pod's args."""
 
 
 def prometheus_url(text: str) -> str:
@@ -62,8 +68,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--prometheus-url",
         type=prometheus_url,
-        default=DEFAULT_PROMETHEUS_URL,
-        help="Prometheus of policies that set no spec.prometheus.url (default: %(default)s)",
+        default=os.environ.get(PROMETHEUS_URL_ENV) or DEFAULT_PROMETHEUS_URL,
+        help=f"Prometheus of policies that set no spec.prometheus.url (default: "
+        f"${PROMETHEUS_URL_ENV} if set, else {DEFAULT_PROMETHEUS_URL}; logged and reported "
+        "without its credentials)",
     )
     parser.add_argument(
         "--allow-prometheus-url",
