@@ -30,7 +30,13 @@ from tqdm import tqdm
 from policies.system_model import TARGETS, SystemModel, score
 from simulator.adapt import build_parser as adapt_parser
 from simulator.adapt import commissioning_rows, run_arm, warm_model, warm_start
-from simulator.cli import known_scenario, non_negative_int, parser_from_doc, png_path, positive_int
+from simulator.cli import (
+    add_scenarios_option,
+    non_negative_int,
+    parser_from_doc,
+    png_path,
+    positive_int,
+)
 from simulator.env import EdgeEnv
 from simulator.episodes import build_policy
 from simulator.scenario import load_scenario
@@ -101,13 +107,7 @@ def plot(held: list[tuple[dict, np.ndarray, np.ndarray]], path: str) -> None:
 def build_parser() -> argparse.ArgumentParser:
     """The command line, apart from ``main`` so that its help can be checked without running it."""
     parser = parser_from_doc("model_accuracy.py", __doc__)
-    parser.add_argument(
-        "--scenarios",
-        type=known_scenario,
-        nargs="+",
-        default=["mesh-10x3", "mesh-6x3"],
-        help="bundled names",
-    )
+    add_scenarios_option(parser, ["mesh-10x3", "mesh-6x3"], "bundled names")
     parser.add_argument(
         "--seeds",
         type=non_negative_int,

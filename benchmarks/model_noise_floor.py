@@ -62,7 +62,7 @@ from simulator.adapt import (
     build_parser as adapt_parser,
 )
 from simulator.cli import (
-    known_scenario,
+    add_scenarios_option,
     non_negative_float,
     non_negative_int,
     parser_from_doc,
@@ -285,13 +285,7 @@ def plot(runs: list[dict], path: str, target: float = TARGET_NMAE) -> None:
 def build_parser() -> argparse.ArgumentParser:
     """The command line, apart from ``main`` so that its help can be checked without running it."""
     parser = parser_from_doc("model_noise_floor.py", __doc__)
-    parser.add_argument(
-        "--scenarios",
-        type=known_scenario,
-        nargs="+",
-        default=["mesh-10x3", "mesh-6x3"],
-        help="bundled names",
-    )
+    add_scenarios_option(parser, ["mesh-10x3", "mesh-6x3"], "bundled names")
     parser.add_argument(
         "--replicas", type=positive_int, default=40, help="copies under one routing"
     )

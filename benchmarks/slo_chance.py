@@ -47,7 +47,7 @@ from simulator.adapt import (
 from simulator.adapt import (
     build_parser as adapt_parser,
 )
-from simulator.cli import known_scenario, parser_from_doc, png_path, positive_int
+from simulator.cli import add_scenarios_option, parser_from_doc, png_path, positive_int
 from simulator.env import Timeline
 from simulator.fluid import expected_arrivals, oracle_schedule
 from simulator.scenario import Scenario
@@ -154,13 +154,7 @@ def plot(results: list[dict], path: str) -> None:
 def build_parser() -> argparse.ArgumentParser:
     """The command line, apart from ``main`` so that its help can be checked without running it."""
     parser = parser_from_doc("slo_chance.py", __doc__)
-    parser.add_argument(
-        "--scenarios",
-        type=known_scenario,
-        nargs="+",
-        default=list(CHANGE_SCENARIOS),
-        help="bundled change scenarios",
-    )
+    add_scenarios_option(parser, list(CHANGE_SCENARIOS), "bundled change scenarios")
     parser.add_argument("--seeds", type=positive_int, default=8, help="seeds 0..N-1 per scenario")
     parser.add_argument(
         "--arms",

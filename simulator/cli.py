@@ -100,3 +100,8 @@ def known_scenario(text: str) -> str:
     except ScenarioError as error:
         raise argparse.ArgumentTypeError(str(error)) from None
     return text
+
+
+def add_scenarios_option(parser: argparse.ArgumentParser, default: list[str], help: str) -> None:
+    """``--scenarios NAME...``, each checked by :func:`known_scenario` (the benchmarks')."""
+    parser.add_argument("--scenarios", type=known_scenario, nargs="+", default=default, help=help)
