@@ -295,6 +295,7 @@ def test_cpu_is_split_among_services_by_their_work(heavy):
     CPU is ``heavy / 3`` of fn's, and the operator reads that back as its work per request."""
     second = copy.deepcopy(EDGE_SERVICES[0])
     second["metadata"]["name"] = "fn2"
+    second["spec"]["mesh"].update(virtualService="fn2", destinationRule="fn2")
     load = {"fn": dict.fromkeys(NODES, 30.0), "fn2": dict.fromkeys(NODES, 10.0)}
     dp = DataPlane(EDGE_NODES, [EDGE_SERVICES[0], second], load, seed=5, work={"fn2": heavy})
     seconds = 200
