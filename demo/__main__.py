@@ -3,7 +3,8 @@
 It starts the emulated API server, the simulated data plane (three edge nodes from
 ``examples/``), a real Prometheus and the operator; applies ``examples/policy.yaml`` with
 kubectl; halves one node's capacity part-way; and shows, every few seconds, the true p95
-latency and the weights the operator writes. At the end it saves a plot and prints a summary.
+latency and the weights the operator writes. At the end it saves a plot and prints a summary,
+both beside the p95 the same data plane reaches with static equal weights.
 
 Examples:
   python -m demo                                  # 3 minutes, edge-2 loses half at 60 s
@@ -14,15 +15,14 @@ Examples:
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
 
 from tqdm import tqdm
 
-from demo.stack import EXAMPLES, StackError, running_stack
-from simulator.cli import parser_from_doc
+from demo.stack import EXAMPLES, StackError, running_stack, static_p95s
+from simulator.cli import json_line, parser_from_doc
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -56,6 +56,7 @@ def sample(stack, t: float) -> dict:
         outcome, reason = "-", "no decision yet"
     return {
         "t": round(t, 1),
+        "second": truth["seconds"],  # the data plane's clock
         "p95_ms": truth["services"]["fn"]["p95_ms"],
         "routes": routes,
         "outcome": outcome,
@@ -79,7 +80,15 @@ def plot(samples: list[dict], args: argparse.Namespace) -> None:
 
     t = [s["t"] for s in samples]
     fig, (top, bottom) = plt.subplots(2, 1, sharex=True, figsize=(8, 6))
-    top.semilogy(t, [max(s["p95_ms"], 1e-3) for s in samples], color="tab:red")
+    top.semilogy(t, [max(s["p95_ms"], 1e-3) for s in samples], color="tab:red", label="operator")
+    top.semilogy(
+        t,
+        [max(s["static_p95_ms"], 1e-3) for s in samples],
+        color="tab:red",
+        linestyle="--",
+        alpha=0.6,
+        label="static equal weights",
+    )
     top.axhline(200, color="grey", linestyle=":", label="latency target")
     top.set_ylabel("true p95 (ms)")
     top.legend(loc="upper left")
@@ -100,15 +109,16 @@ def plot(samples: list[dict], args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     samples: list[dict] = []
+    degraded_at = None  # the data plane's second of the drop
     try:
         with running_stack(directory=args.logs) as stack:
             stack.apply(EXAMPLES / "policy.yaml")
-            start, degraded = time.monotonic(), False
+            start = time.monotonic()
             with tqdm(total=args.duration, unit="s", file=sys.stderr) as bar:
                 while (t := time.monotonic() - start) < args.duration:
-                    if not degraded and t >= args.degrade_at:
+                    if degraded_at is None and t >= args.degrade_at:
                         stack.degrade(args.node, args.factor)
-                        degraded = True
+                        degraded_at = stack.truth(1)["seconds"]
                         tqdm.write(f"{t:6.1f}s  {args.node} loses {1 - args.factor:.0%} capacity")
                     s = sample(stack, t)
                     samples.append(s)
@@ -121,17 +131,25 @@ def main(argv: list[str] | None = None) -> int:
     except StackError as error:
         print(f"demo: {error}", file=sys.stderr)
         return 1
+    # The same data plane without the operator, degraded at the same second: the contrast.
+    never = max((s["second"] for s in samples), default=0) + 1
+    static = static_p95s(
+        [s["second"] for s in samples], degraded_at or never, args.node, args.factor
+    )
+    for s, p95 in zip(sorted(samples, key=lambda s: s["second"]), static, strict=True):
+        s["static_p95_ms"] = p95
     plot(samples, args)
     before = [s["p95_ms"] for s in samples if s["t"] < args.degrade_at]
-    after = [s["p95_ms"] for s in samples if s["t"] >= args.duration - 30]
+    after = [s for s in samples if s["t"] >= args.duration - 30]
     summary = {
         "p95_ms_before": before[-1] if before else None,
-        "p95_ms_end": after[-1] if after else None,
+        "p95_ms_end": after[-1]["p95_ms"] if after else None,
+        "p95_ms_static_end": after[-1]["static_p95_ms"] if after else None,
         "share_to_degraded_end": share_to(samples[-1]["routes"], args.node) if samples else None,
         "plot": str(args.plot),
         "logs": str(args.logs),
     }
-    print(json.dumps(summary) if args.json else f"plot: {args.plot}  logs: {args.logs}")
+    print(json_line(summary) if args.json else f"plot: {args.plot}  logs: {args.logs}")
     return 0
 
 

@@ -192,6 +192,31 @@ def load_flag(load: Mapping[str, float] | Mapping[str, Mapping[str, float]]) -> 
     return ",".join(entries)
 
 
+def static_p95s(
+    seconds: Sequence[int], degrade_at: int, node: str, factor: float, seed: int = 0
+) -> list[float]:
+    """The true p95 of ``fn`` over the 10 s before each of the data plane's ``seconds``, had
+    the mesh kept static equal weights: the data plane of :func:`running_stack` (resources,
+    load and seed) stepped in-process without an operator, ``node`` keeping ``factor`` of
+    its capacity from second ``degrade_at``. The yardstick the demo and the closed-loop test
+    hold the operator against."""
+    import yaml
+
+    from demo.dataplane import DataPlane
+
+    nodes = list(yaml.safe_load_all((EXAMPLES / "edgenodes.yaml").read_text()))
+    services = list(yaml.safe_load_all((EXAMPLES / "edgeservice.yaml").read_text()))
+    plane = DataPlane(nodes, services, DEFAULT_LOAD, seed=seed)
+    out = []
+    for second in sorted(seconds):
+        if plane.seconds < degrade_at <= second:
+            plane.run(degrade_at - plane.seconds)
+            plane.degrade(node, factor)
+        plane.run(second - plane.seconds)
+        out.append(plane.p95_ms("fn", 10))
+    return out
+
+
 @contextlib.contextmanager
 def running_stack(
     load: Mapping[str, float] | Mapping[str, Mapping[str, float]] = DEFAULT_LOAD,

@@ -16,8 +16,7 @@ import urllib.error
 import pytest
 import yaml
 
-from demo.dataplane import DataPlane
-from demo.stack import DEFAULT_LOAD, EXAMPLES, running_stack
+from demo.stack import DEFAULT_LOAD, EXAMPLES, running_stack, static_p95s
 
 pytestmark = pytest.mark.integration
 
@@ -34,17 +33,6 @@ def wait_for(probe, timeout: float, what: str, every: float = 1.0):
             return value
         time.sleep(every)
     raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
-
-
-def static_p95(degrade_at: int, end: int) -> float:
-    """p95 of the last 10 s under static equal weights, degraded at the same second."""
-    nodes = list(yaml.safe_load_all((EXAMPLES / "edgenodes.yaml").read_text()))
-    services = list(yaml.safe_load_all((EXAMPLES / "edgeservice.yaml").read_text()))
-    plane = DataPlane(nodes, services, DEFAULT_LOAD, seed=0)
-    plane.run(degrade_at)
-    plane.degrade(DEGRADED_NODE, 0.5)
-    plane.run(end - degrade_at)
-    return plane.p95_ms("fn", 10)
 
 
 def weight_to(node: str, virtual_service: dict) -> int:
@@ -78,7 +66,7 @@ def test_closed_loop_cuts_p95_after_a_capacity_drop(tmp_path):
         time.sleep(INTERVALS * INTERVAL_S)
         truth = stack.truth(10)
         operated = truth["services"]["fn"]["p95_ms"]
-        baseline = static_p95(degrade_at, truth["seconds"])
+        (baseline,) = static_p95s([truth["seconds"]], degrade_at, DEGRADED_NODE, 0.5)
 
         virtual_service = yaml.safe_load(
             stack.kubectl("get", "virtualservice", "fn", "-n", "edge", "-o", "yaml")

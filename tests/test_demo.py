@@ -27,6 +27,8 @@ def test_a_short_demo_degrades_a_node_and_summarises(tmp_path, capsys):
     summary = json.loads(out.out.strip().splitlines()[-1])
     assert summary["plot"] == str(plot) and plot.stat().st_size > 10_000
     assert summary["p95_ms_before"] > 0 and summary["p95_ms_end"] > 0
+    # The same data plane with static equal weights queues on the halved node for seconds.
+    assert summary["p95_ms_static_end"] > 10 * summary["p95_ms_end"], summary
     # The degraded node, also the smallest, ends with less than an equal split's third.
     assert 0 <= summary["share_to_degraded_end"] < 100 / 3, summary
     assert "edge-2 loses 50% capacity" in out.out  # the samples, before the summary
