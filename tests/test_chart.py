@@ -255,17 +255,21 @@ def schema_errors(doc: dict, kube_version: str) -> list[str]:
     return []
 
 
+def invalid(docs: Iterable[dict], kube_version: str) -> dict[str, list[str]]:
+    """``Kind/name -> schema errors`` of the rendered objects that have any."""
+    return {
+        f"{doc['kind']}/{doc['metadata']['name']}": errors
+        for doc in docs
+        if (errors := schema_errors(doc, kube_version))
+    }
+
+
 @pytest.mark.parametrize("kube_version", KUBE_VERSIONS)
 @pytest.mark.parametrize("name", VALUE_SETS)
 def test_every_manifest_is_valid(name, kube_version):
     docs = render(*VALUE_SETS[name], include_crds=True)
     assert docs
-    problems = {
-        f"{doc['kind']}/{doc['metadata']['name']}": errors
-        for doc in docs
-        if (errors := schema_errors(doc, kube_version))
-    }
-    assert not problems
+    assert not invalid(docs, kube_version)
 
 
 @pytest.mark.parametrize(
@@ -285,12 +289,7 @@ def test_namespaces_that_read_as_numbers_or_booleans_stay_strings(values):
     docs = [doc for doc in yaml.safe_load_all(done.stdout) if doc]
     namespaced = [doc for doc in docs if "namespace" in doc["metadata"]]
     assert {doc["metadata"]["namespace"] for doc in namespaced} == {"2024", "on"}
-    problems = {
-        f"{doc['kind']}/{doc['metadata']['name']}": errors
-        for doc in docs
-        if (errors := schema_errors(doc, KUBE_VERSIONS[-1]))
-    }
-    assert not problems
+    assert not invalid(docs, KUBE_VERSIONS[-1])
 
 
 def test_the_validation_catches_a_typo():
