@@ -80,19 +80,15 @@ class PPOConfig:
     def __post_init__(self) -> None:
         """Refuse values that would fail deep inside training (a division by zero after
         the first rollout, say), naming the hyperparameter."""
-        for name in _POSITIVE:
-            if not getattr(self, name) > 0:
-                raise ValueError(f"hyperparameter {name}: must be > 0, got {getattr(self, name)!r}")
-        for name in _NON_NEGATIVE:
-            if not getattr(self, name) >= 0:
-                raise ValueError(
-                    f"hyperparameter {name}: must be >= 0, got {getattr(self, name)!r}"
-                )
-        for name in ("gamma", "gae_lambda"):
-            if not 0 <= getattr(self, name) <= 1:
-                raise ValueError(
-                    f"hyperparameter {name}: must lie in [0, 1], got {getattr(self, name)!r}"
-                )
+        checks = (
+            (_POSITIVE, lambda v: v > 0, "must be > 0"),
+            (_NON_NEGATIVE, lambda v: v >= 0, "must be >= 0"),
+            (("gamma", "gae_lambda"), lambda v: 0 <= v <= 1, "must lie in [0, 1]"),
+        )
+        for names, holds, rule in checks:
+            for name in names:
+                if not holds(value := getattr(self, name)):
+                    raise ValueError(f"hyperparameter {name}: {rule}, got {value!r}")
 
     def entropy_coef(self, progress: float) -> float:
         """Linear schedule from start to end over training (``progress`` in [0, 1])."""
