@@ -93,9 +93,9 @@ def mesh_load(scenario: Scenario, interval: int) -> np.ndarray:
     rates = expected_arrivals(scenario, samples=256)  # (T, N, S) requests per step
     work = (rates * np.array([s.mean_cpu for s in scenario.services])).sum(axis=(1, 2))
     cpu = Timeline.of(scenario).cpu.sum(axis=1)
-    cycles = scenario.steps // interval
-    per_step = work[: cycles * interval] / np.maximum(cpu[: cycles * interval], 1e-9)
-    return per_step.reshape(cycles, interval).mean(axis=1)
+    per_step = work / np.maximum(cpu, 1e-9)
+    starts = np.arange(0, scenario.steps, interval)  # as simulator.adapt's cycles, the last short
+    return np.add.reduceat(per_step, starts) / np.diff([*starts, scenario.steps])
 
 
 def chance_summary(runs: dict[str, list[list[Cycle]]], windows: list[tuple[int, int]]) -> dict:

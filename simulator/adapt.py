@@ -9,9 +9,10 @@ Examples::
 
 Every control interval (``--interval`` simulator steps) the controller reads noisy telemetry,
 refits its system model when due, decides the next routing and applies it for the next
-interval. Three controllers see the same arrivals: the base policy alone (``--policy``,
-default the bundled checkpoint), rollout on top of it, and the oracle (the fluid-model
-optimum, recomputed at each change with perfect knowledge). Rollout routes as the operator
+interval (the steps after the last full interval make a shorter last cycle). Three
+controllers see the same arrivals: the base policy alone (``--policy``, default the bundled
+checkpoint), rollout on top of it, and the oracle (the fluid-model optimum, recomputed at
+each change with perfect knowledge). Rollout routes as the operator
 must, without a reject route (the base policy's reject share spread over its routes), unless
 ``--allow-reject``. The system model starts from
 ``--warmup`` intervals of simulator data of the scenario before its changes.
@@ -329,9 +330,10 @@ def run_arm(
         )
     weights = schedule.weights_at(0) if schedule is not None else policy(obs, env.action_mask())[0]
     cycles = []
-    for _ in range(scenario.steps // args.interval):
+    # The steps after the last full interval are a shorter cycle of their own.
+    for start in range(0, scenario.steps, args.interval):
         rec = IntervalRecorder(env)
-        for _ in range(args.interval):
+        for _ in range(min(args.interval, scenario.steps - start)):
             if schedule is not None:
                 weights = schedule.weights_at(env.t)
             obs, _, _, info = env.step(weights[None])

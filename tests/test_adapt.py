@@ -292,3 +292,20 @@ def test_uniform_work_prices_every_request_at_the_services_mean(tmp_path, monkey
     commissioning = len(rows) // 2
     assert all(np.allclose(w, own_work) for w in rows[:commissioning])
     assert all(np.allclose(w, own_work.mean()) for w in rows[commissioning:])
+
+
+def test_the_steps_after_the_last_full_interval_are_played_as_a_short_cycle(tmp_path, capsys):
+    """22 steps in cycles of 5: the last 2 steps are a cycle of their own, so a change that
+    falls in them is run, not only listed."""
+    path = tmp_path / "tail.yaml"
+    path.write_text(
+        "name: tail-drop\nextends: mesh-10x3\nsteps: 22\n"
+        "events:\n  - {at: 21, kind: capacity, node: edge-5, factor: 0.1}\n"
+    )
+    argv = ["--scenario", str(path), "--warmup", "16", "--horizon", "1", "--json"]
+    assert adapt.main(argv) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    summary = json.loads(lines[-1])
+    assert summary["cycles"] == 5 and summary["change_cycles"] == [4]
+    records = [json.loads(line) for line in lines[:-1]]
+    assert len(records) == 5 and all(r["oracle"]["cost"] > 0 for r in records)

@@ -66,6 +66,10 @@ def test_the_mesh_load_is_the_expected_work_over_the_live_capacity(tmp_path):
     # site-b's whole load times 1.5 from step 20 (the fourth interval on): half its work more.
     extra = 0.5 * (18 * 10 + 28 * 25 + 18 * 4) / 6000
     assert load[4:].mean() - load[:4].mean() == pytest.approx(extra, rel=0.1)
+    # One figure per cycle of simulator.adapt, the short last one too (58 steps: 11 and 3).
+    path.write_text(SURGE.replace("60", "58"))
+    short = load_benchmark().mesh_load(load_scenario(str(path)), 5)
+    assert short.shape == (12,) and short[-1] == pytest.approx(load[-1], rel=0.1)
 
 
 def test_a_tiny_run_counts_what_simulator_adapt_counts_seed_by_seed(tmp_path, capsys):
