@@ -4,12 +4,14 @@
 #   docker run --rm -p 8080:8080 -v ~/.kube/config:/kube/config:ro marl-operator:0.1.0 \
 #       --kubeconfig /kube/config --standalone
 #
-# Multi-stage: the build stage installs the package and its dependencies, except torch, into a
-# virtualenv; the runtime stage copies that virtualenv onto a clean slim Python and runs it as
-# a non-root user. torch stays out because only training needs it: the operator reads the
-# checkpoints without it (policies/tensor_archive.py) and acts in numpy (policies/actor.py).
+# Multi-stage: the build stage installs the operator's dependencies from the hashed lock
+# requirements/operator.txt (the ones the tests run on; `make lock` writes it) and then the
+# package into a virtualenv; the runtime stage copies that virtualenv onto a clean slim Python
+# and runs it as a non-root user. Training, the simulator's tools and the demo are extras of the
+# package ([train], [demo]) and stay out, torch with them: the operator reads the checkpoints
+# without it (policies/tensor_archive.py) and acts in numpy (policies/actor.py).
 # The image works with a read-only root filesystem as long as /tmp is writable (the chart
-# mounts an emptyDir there): HOME, TMPDIR and MPLCONFIGDIR point at it.
+# mounts an emptyDir there): HOME and TMPDIR point at it.
 
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 
@@ -20,20 +22,19 @@ ENV PIP_NO_CACHE_DIR=1 \
 RUN python -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
 WORKDIR /src
-# The dependencies first, from pyproject.toml alone, so that a source change reuses this layer;
-# every one but torch (a dependency of the package for training, never imported by the operator).
-COPY pyproject.toml ./
-RUN python -c "import re, tomllib; deps = tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']; print('\n'.join(d for d in deps if re.match(r'[A-Za-z0-9._-]+', d)[0].lower() != 'torch'))" \
-        > /tmp/requirements.txt \
-    && pip install -r /tmp/requirements.txt
+# The dependencies first, from the lock alone, so that a source change reuses this layer;
+# every package pinned and checked against its hashes.
+COPY requirements/operator.txt /tmp/requirements.txt
+RUN pip install --require-hashes --no-deps -r /tmp/requirements.txt
 # Then the packages themselves; the checkpoints under policies/checkpoints/ are package data.
-# --no-deps: pip would otherwise install torch for the package's own requirement. The checks:
-# no torch came in, the operator's command line starts and the bundled checkpoints load.
-COPY README.md ./
+# --no-deps: the lock has them all, which `pip check` confirms. The checks: no torch came in,
+# the operator's command line starts and the bundled checkpoints load.
+COPY pyproject.toml README.md ./
 COPY policies/ policies/
 COPY simulator/ simulator/
 COPY operator/ operator/
 RUN pip install --no-deps . \
+    && pip check \
     && python -c "import importlib.util; assert importlib.util.find_spec('torch') is None, 'torch is installed'" \
     && python -m marl_operator --help > /dev/null \
     && python -c "from policies import checkpoint; [checkpoint.load(checkpoint.BUNDLED / n) for n in ('mesh-10x3', 'dfaas-paise25')]"
@@ -50,8 +51,7 @@ ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
     HOME=/tmp \
-    TMPDIR=/tmp \
-    MPLCONFIGDIR=/tmp/matplotlib
+    TMPDIR=/tmp
 USER 10001:10001
 WORKDIR /tmp
 EXPOSE 8080

@@ -4,11 +4,14 @@
 PYTHON ?= python3
 PIP := $(PYTHON) -m pip install --quiet --disable-pip-version-check
 
-.PHONY: install demo train test bench checkpoints
+.PHONY: install demo train test bench checkpoints lock
 
 install:
 	# torch first and pinned: the CPU build; an unpinned torch would pull CUDA packages.
 	$(PIP) torch==2.13.0
+	# The operator's dependencies at the versions its image ships (hashed lock), so the tests
+	# run on them; then the package with training, demo and test tools.
+	$(PIP) --require-hashes -r requirements/operator.txt
 	$(PIP) -e '.[dev]'
 	# The live Prometheus tests run a real server; Debian's package provides it (CI is root).
 	command -v prometheus >/dev/null 2>&1 || (apt-get update -qq && \
@@ -38,3 +41,10 @@ checkpoints: install
 	for f in policy.pt policy.json; do \
 		cp runs/bundled-dfaas/$$f policies/checkpoints/dfaas-paise25/$$f; \
 		cp runs/bundled-mesh/$$f policies/checkpoints/mesh-10x3/$$f; done
+
+# requirements/operator.txt: the operator's dependencies (pyproject.toml's, without extras)
+# resolved for every platform from Python 3.11 on, with hashes. Rerun after changing them.
+lock:
+	$(PIP) 'uv>=0.5,<1'
+	$(PYTHON) -m uv pip compile pyproject.toml --universal --python-version 3.11 \
+		--generate-hashes --custom-compile-command 'make lock' -o requirements/operator.txt

@@ -1,0 +1,199 @@
+"""The operator's hashed lock, requirements/operator.txt: what the image installs (and nothing
+else), and what the tests run on.
+
+The operator imports nothing the lock leaves out (checked with every other installed package
+hidden), the lock pins every dependency pyproject.toml gives the operator at a version it
+allows, with hashes, and is closed under its packages' own requirements (the image installs it
+with --no-deps); ``make install`` installs exactly the locked versions, so the tests check the
+operator as it ships.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import os
+import re
+import subprocess
+import sys
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from packaging.markers import default_environment
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
+
+ROOT = Path(__file__).resolve().parents[1]
+LOCK = ROOT / "requirements" / "operator.txt"
+OWN_PACKAGES = ("marl_operator", "policies", "simulator", "demo")
+
+
+@dataclass(frozen=True)
+class Pin:
+    name: str
+    version: str
+    requirement: Requirement
+    hashes: tuple[str, ...]
+
+    def applies(self) -> bool:
+        """Whether this interpreter installs it (the lock holds pins for other Pythons too)."""
+        marker = self.requirement.marker
+        return marker is None or marker.evaluate()
+
+
+def read_lock(text: str) -> list[Pin]:
+    pins = []
+    for line in re.sub(r"\\\n", " ", text).splitlines():
+        line = line.split("#", 1)[0].strip()
+        if not line:
+            continue
+        spec, *options = re.split(r"\s+(?=--)", line)
+        requirement = Requirement(spec)
+        (version,) = [s.version for s in requirement.specifier if s.operator == "=="]
+        hashes = tuple(o.partition("=")[2] for o in options if o.startswith("--hash="))
+        pins.append(Pin(canonicalize_name(requirement.name), version, requirement, hashes))
+    return pins
+
+
+@pytest.fixture(scope="module")
+def pins() -> list[Pin]:
+    return read_lock(LOCK.read_text())
+
+
+def operator_requirements() -> list[Requirement]:
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    return [Requirement(r) for r in project["dependencies"]]
+
+
+def test_the_lock_reader_reads_markers_and_hashes():
+    text = (
+        "# header\nnumpy==2.4.6 ; python_full_version < '3.12' \\\n"
+        "    --hash=sha256:aa \\\n    --hash=sha256:bb\n    # via scipy\n"
+        "Scikit_Learn==1.9.1 \\\n    --hash=sha256:cc\n"
+    )
+    numpy, sklearn = read_lock(text)
+    assert (numpy.name, numpy.version, numpy.hashes) == (
+        "numpy",
+        "2.4.6",
+        ("sha256:aa", "sha256:bb"),
+    )
+    assert numpy.applies() == (sys.version_info < (3, 12))
+    assert (sklearn.name, sklearn.version, sklearn.hashes) == (
+        "scikit-learn",
+        "1.9.1",
+        ("sha256:cc",),
+    )
+
+
+def test_every_operator_dependency_is_pinned_at_an_allowed_version_with_hashes(pins):
+    by_name = {p.name: p for p in pins if p.applies()}
+    for requirement in operator_requirements():
+        pin = by_name.get(canonicalize_name(requirement.name))
+        assert pin, f"{requirement.name} is not in {LOCK.name}: run `make lock`"
+        assert requirement.specifier.contains(pin.version, prereleases=True), (
+            f"{LOCK.name} pins {pin.name}=={pin.version} outside {requirement}: run `make lock`"
+        )
+    assert all(p.hashes for p in pins), "every pin has its hashes (pip --require-hashes)"
+    assert len({(p.name, str(p.requirement.marker)) for p in pins}) == len(pins)
+
+
+def test_the_lock_leaves_training_out(pins):
+    names = {p.name for p in pins}
+    assert not names & {"torch", "tensorboard", "matplotlib", "gymnasium", "pettingzoo", "kmock"}
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert any(r.startswith("torch==") for r in project["optional-dependencies"]["train"])
+
+
+def test_the_lock_is_closed_under_its_packages_requirements(pins):
+    """Every requirement of a locked package (no extras, markers of this interpreter) is
+    locked too and allows the locked version: the image installs the lock with --no-deps."""
+    locked = {p.name: p.version for p in pins if p.applies()}
+    environment = default_environment() | {"extra": ""}
+    for name in locked:
+        for text in importlib.metadata.requires(name) or []:
+            requirement = Requirement(text)
+            if requirement.marker and not requirement.marker.evaluate(environment):
+                continue
+            needed = canonicalize_name(requirement.name)
+            assert needed in locked, f"{name} needs {requirement}, which is not locked"
+            assert requirement.specifier.contains(locked[needed], prereleases=True), (
+                f"{name} needs {requirement}, locked at {locked[needed]}"
+            )
+
+
+def test_the_tests_run_on_the_locked_versions(pins):
+    """What ``make install`` guarantees: the installed operator dependencies are the image's."""
+    for pin in pins:
+        if pin.applies():
+            installed = importlib.metadata.version(pin.name)
+            assert installed == pin.version, (
+                f"{pin.name} {installed} is installed, the lock says {pin.version}: "
+                "run `make install`"
+            )
+
+
+# Run by an interpreter that finds only the standard library, the project's packages and the
+# locked distributions: every other installed package is hidden, as in the image.
+ONLY_LOCKED = """\
+import importlib, importlib.metadata, json, pkgutil, sys
+
+locked, own = set(json.loads(sys.argv[1])), set(json.loads(sys.argv[2]))
+visible = {
+    module
+    for module, dists in importlib.metadata.packages_distributions().items()
+    if any(d.lower().replace("_", "-") in locked for d in dists)
+}
+
+
+class OnlyLocked:
+    \"\"\"Wraps a meta-path finder: a module of no locked distribution is not found.\"\"\"
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def find_spec(self, name, path=None, target=None):
+        top = name.partition(".")[0]
+        if top in sys.stdlib_module_names or top in own or top in visible:
+            return self.inner.find_spec(name, path, target)
+        return None
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+
+sys.meta_path[:] = [OnlyLocked(finder) for finder in sys.meta_path]
+import marl_operator
+from marl_operator.__main__ import build_parser
+from policies import checkpoint
+
+for module in pkgutil.walk_packages(marl_operator.__path__, "marl_operator."):
+    importlib.import_module(module.name)
+build_parser().parse_args([])
+for name in ("mesh-10x3", "dfaas-paise25"):
+    checkpoint.load(checkpoint.BUNDLED / name)
+print("started with the locked packages alone")
+"""
+
+
+def run_only_locked(locked: set[str]) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    args = [json.dumps(sorted(locked)), json.dumps(OWN_PACKAGES)]
+    return subprocess.run(
+        [sys.executable, "-c", ONLY_LOCKED, *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def test_the_operator_imports_nothing_the_lock_leaves_out(pins):
+    done = run_only_locked({p.name for p in pins})
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "started with the locked packages alone" in done.stdout
+    # ...and the check can fail: without kopf's distribution the operator cannot start.
+    done = run_only_locked({p.name for p in pins} - {"kopf"})
+    assert done.returncode != 0 and "No module named 'kopf'" in done.stderr, done.stderr
