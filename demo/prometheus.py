@@ -10,9 +10,11 @@ arithmetic, which a fake would only restate.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import socket
+import ssl
 import subprocess
 import tempfile
 import time
@@ -61,6 +63,21 @@ def config_yaml(targets: Sequence[str], interval: str = "1s") -> str:
     )
 
 
+@dataclass(frozen=True)
+class ServerTls:
+    """Certificate and key Prometheus serves https with, and the CA bundle that checks them."""
+
+    cert: Path
+    key: Path
+    ca: Path
+
+    def web_config(self) -> str:
+        """Prometheus's ``--web.config.file`` (JSON is YAML)."""
+        return json.dumps(
+            {"tls_server_config": {"cert_file": str(self.cert), "key_file": str(self.key)}}
+        )
+
+
 @dataclass
 class PrometheusServer:
     """A server process on a fixed port and data directory: tests stop it to cause an
@@ -72,6 +89,7 @@ class PrometheusServer:
     log: Path
     ready_timeout_s: float = 30.0
     process: subprocess.Popen[bytes] | None = None
+    ca_file: Path | None = None  # what checks the certificate of an https server
 
     def start(self) -> None:
         """Start the process and wait until it answers ``/-/ready``."""
@@ -84,7 +102,7 @@ class PrometheusServer:
                 cwd=self.root,
             )
         deadline = time.monotonic() + self.ready_timeout_s
-        while not _ready(self.url):
+        while not _ready(self.url, self.ca_file):
             if self.process.poll() is not None:
                 raise RuntimeError(
                     f"Prometheus exited with code {self.process.returncode} before it was "
@@ -109,9 +127,10 @@ class PrometheusServer:
             self.process.wait(timeout=10)
 
 
-def _ready(url: str) -> bool:
+def _ready(url: str, ca_file: Path | None = None) -> bool:
+    context = ssl.create_default_context(cafile=ca_file) if ca_file else None
     try:
-        with urllib.request.urlopen(f"{url}/-/ready", timeout=1) as response:
+        with urllib.request.urlopen(f"{url}/-/ready", timeout=1, context=context) as response:
             return response.status == 200
     except (urllib.error.URLError, OSError):
         return False
@@ -126,27 +145,38 @@ def _log_tail(log: Path, lines: int = 20) -> str:
 
 @contextlib.contextmanager
 def prometheus(
-    targets: Sequence[str], *, interval: str = "1s", ready_timeout_s: float = 30.0
+    targets: Sequence[str],
+    *,
+    interval: str = "1s",
+    ready_timeout_s: float = 30.0,
+    tls: ServerTls | None = None,
 ) -> Iterator[PrometheusServer]:
-    """Run Prometheus scraping ``targets`` for the duration of the ``with`` block."""
+    """Run Prometheus scraping ``targets`` for the duration of the ``with`` block; with
+    ``tls``, serving https."""
     binary = find_binary()
     with tempfile.TemporaryDirectory(prefix="prometheus-test-") as tmp:
         root = Path(tmp)
         config = root / "prometheus.yml"
         config.write_text(config_yaml(targets, interval))
         port = free_port()
+        command = [
+            binary,
+            f"--config.file={config}",
+            f"--storage.tsdb.path={root / 'data'}",
+            f"--web.listen-address=127.0.0.1:{port}",
+            "--log.level=warn",
+        ]
+        if tls is not None:
+            web = root / "web.yml"
+            web.write_text(tls.web_config())
+            command.append(f"--web.config.file={web}")
         server = PrometheusServer(
-            url=f"http://127.0.0.1:{port}",
-            command=[
-                binary,
-                f"--config.file={config}",
-                f"--storage.tsdb.path={root / 'data'}",
-                f"--web.listen-address=127.0.0.1:{port}",
-                "--log.level=warn",
-            ],
+            url=f"{'https' if tls else 'http'}://127.0.0.1:{port}",
+            command=command,
             root=root,
             log=root / "prometheus.log",
             ready_timeout_s=ready_timeout_s,
+            ca_file=tls.ca if tls else None,
         )
         try:
             server.start()

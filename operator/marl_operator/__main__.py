@@ -24,7 +24,7 @@ from marl_operator.api import ApiServer, create_app
 from marl_operator.handlers import register
 from marl_operator.kube import Kube, TimedApiClient, client_configuration, command_line
 from marl_operator.peering import PeeringView, standalone
-from marl_operator.prometheus import check_url
+from marl_operator.prometheus import PrometheusAccess, check_url
 from marl_operator.runtime import DEFAULT_PROMETHEUS_URL, Runtime
 
 log = logging.getLogger("marl_operator")
@@ -84,6 +84,19 @@ def build_parser() -> argparse.ArgumentParser:
         "cannot make the operator fetch arbitrary URLs from inside the cluster",
     )
     parser.add_argument(
+        "--prometheus-bearer-token-file",
+        metavar="PATH",
+        help="send the token in this file as 'Authorization: Bearer' to Prometheus (every URL "
+        "above), read again for each query so that a rotated token is picked up; for a "
+        "Prometheus behind an authorising proxy, such as the pod's own service-account token",
+    )
+    parser.add_argument(
+        "--prometheus-ca-file",
+        metavar="PATH",
+        help="PEM bundle of the CA that signed Prometheus's certificate, for https URLs that "
+        "a private CA serves (default: the system's CAs)",
+    )
+    parser.add_argument(
         "--api-host", default="0.0.0.0", help="address of the HTTP API (default: %(default)s)"
     )
     parser.add_argument(
@@ -101,8 +114,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    """The operator's settings from ``argv``; the chart's tests read its args through here."""
-    return build_parser().parse_args(argv)
+    """The operator's settings from ``argv``. Prometheus's token and CA files are checked
+    now: a mistake there would otherwise show only as every policy's metrics missing."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    args.prometheus_access = PrometheusAccess(
+        bearer_token_file=args.prometheus_bearer_token_file, ca_file=args.prometheus_ca_file
+    )
+    try:
+        args.prometheus_access.check()
+    except ValueError as error:
+        parser.error(str(error))
+    return args
 
 
 def connection_info(configuration: client.Configuration) -> kopf.ConnectionInfo:
@@ -138,6 +161,7 @@ async def run(args: argparse.Namespace) -> None:
         kube,
         prometheus_url=args.prometheus_url,
         allowed_prometheus_urls=tuple(args.allow_prometheus_url),
+        prometheus_access=args.prometheus_access,
     )
     registry = kopf.OperatorRegistry()
     register(registry, runtime, login=lambda: connection_info(configuration))

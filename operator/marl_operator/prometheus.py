@@ -39,8 +39,10 @@ import json
 import logging
 import math
 import re
+import ssl
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -386,6 +388,73 @@ def check_url(url: str) -> None:
         )
 
 
+class TokenUnreadable(RuntimeError):
+    """The bearer token file could not be read when a query was about to be sent."""
+
+
+def read_token(path: str) -> str:
+    """The token in ``path``, read fresh: a projected service-account token, or a Secret
+    updated in place, rotates under a running operator. Messages name the file, never its
+    content."""
+    try:
+        token = Path(path).read_text().strip()
+    except (OSError, UnicodeDecodeError) as error:
+        reason = error.strerror if isinstance(error, OSError) else "it is not text"
+        raise TokenUnreadable(f"bearer token file {path} cannot be read: {reason}") from None
+    if not token:
+        raise TokenUnreadable(f"bearer token file {path} is empty")
+    if any(c.isspace() or not c.isprintable() for c in token):
+        raise TokenUnreadable(
+            f"bearer token file {path} holds more than one token (whitespace or control "
+            "characters inside it)"
+        )
+    return token
+
+
+class BearerTokenFile(requests.auth.AuthBase):
+    """``Authorization: Bearer <token>`` on every request, from a file read each time."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __call__(self, request: requests.PreparedRequest) -> requests.PreparedRequest:
+        request.headers["Authorization"] = f"Bearer {read_token(self.path)}"
+        return request
+
+
+@dataclass(frozen=True)
+class PrometheusAccess:
+    """How the operator proves itself to Prometheus and checks Prometheus's certificate: one
+    setting for every URL it reads (its own and those ``--allow-prometheus-url`` names). Files,
+    not values, so that no secret is in the pod's args and a rotated token needs no restart."""
+
+    bearer_token_file: str | None = None
+    ca_file: str | None = None  # PEM bundle of the CA that signed Prometheus's certificate
+
+    def check(self) -> None:
+        """Refuse, at start, files that could never work. ValueError names the setting."""
+        if self.bearer_token_file is not None:
+            try:
+                read_token(self.bearer_token_file)
+            except TokenUnreadable as error:
+                raise ValueError(f"--prometheus-bearer-token-file: {error}") from None
+        if self.ca_file is not None:
+            try:
+                ssl.create_default_context(cafile=self.ca_file)
+            except (OSError, ssl.SSLError) as error:
+                raise ValueError(
+                    f"--prometheus-ca-file: {self.ca_file} is not a readable PEM bundle of CA "
+                    f"certificates: {error.strerror or error}"
+                ) from None
+
+    def session(self) -> requests.Session:
+        session = requests.Session()
+        session.verify = self.ca_file or True
+        if self.bearer_token_file is not None:
+            session.auth = BearerTokenFile(self.bearer_token_file)
+        return session
+
+
 def _parse_series(name: str, result: Any, labels: tuple[str, ...]) -> dict[tuple[str, ...], float]:
     """Key each usable series by its label values; drop the rest (see the module docstring)."""
     values: dict[tuple[str, ...], float] = {}
@@ -443,6 +512,19 @@ def _parse_series(name: str, result: Any, labels: tuple[str, ...]) -> dict[tuple
     return values
 
 
+def _connection_reason(error: requests.RequestException) -> str:
+    """The innermost reason a request failed. The outer errors quote the request's URL,
+    which holds the whole combined query: kilobytes that say nothing of the failure."""
+    reason: Any = error.args[0] if error.args else error
+    while getattr(reason, "reason", None) is not None:  # urllib3's MaxRetryError and kin
+        reason = reason.reason
+    while isinstance(reason, Exception) and reason.args and isinstance(reason.args[0], Exception):
+        reason = reason.args[0]
+    if isinstance(reason, ssl.SSLCertVerificationError):
+        return f"certificate verify failed: {reason.verify_message}"
+    return f"{type(reason).__name__}: {reason}"
+
+
 QueryFunction = Callable[[str], Sequence[Mapping[str, Any]]]
 """PromQL in, the ``data.result`` list of an instant query out (PrometheusConnect's shape)."""
 
@@ -457,16 +539,23 @@ class PrometheusReader:
     """
 
     def __init__(
-        self, url: str, timeout_s: float = 5.0, *, query: QueryFunction | None = None
+        self,
+        url: str,
+        timeout_s: float = 5.0,
+        *,
+        query: QueryFunction | None = None,
+        access: PrometheusAccess | None = None,
     ) -> None:
         self.url = url
         self.timeout_s = timeout_s
-        self._query = query or self._connect(url, timeout_s)
+        self._query = query or self._connect(url, timeout_s, access or PrometheusAccess())
 
     @staticmethod
-    def _connect(url: str, timeout_s: float) -> QueryFunction:
+    def _connect(url: str, timeout_s: float, access: PrometheusAccess) -> QueryFunction:
         retry = Retry(total=1, connect=1, read=0, status=0, other=0, backoff_factor=0)
-        client = PrometheusConnect(url=url.rstrip("/"), timeout=timeout_s, retry=retry)
+        client = PrometheusConnect(
+            url=url.rstrip("/"), timeout=timeout_s, retry=retry, session=access.session()
+        )
         return client.custom_query
 
     def _fail(self, name: str, reason: str) -> MetricsUnavailable:
@@ -477,10 +566,18 @@ class PrometheusReader:
     def _run(self, name: str, promql: str) -> Any:
         try:
             return self._query(promql)
+        except TokenUnreadable as exc:
+            raise self._fail(name, f"was not asked: the {exc}") from exc
         except requests.Timeout as exc:
             raise self._fail(name, f"did not answer within {self.timeout_s:g} s") from exc
+        except requests.exceptions.SSLError as exc:
+            raise self._fail(
+                name,
+                "failed the TLS handshake (is its certificate signed by the CA of "
+                f"--prometheus-ca-file?): {_connection_reason(exc)}",
+            ) from exc
         except requests.ConnectionError as exc:
-            raise self._fail(name, f"is unreachable: {type(exc).__name__}: {exc}") from exc
+            raise self._fail(name, f"is unreachable: {_connection_reason(exc)}") from exc
         except PrometheusApiClientException as exc:
             raise self._fail(name, f"answered an error: {error_answer(str(exc))}") from exc
         except (requests.RequestException, ValueError, KeyError, TypeError) as exc:

@@ -38,7 +38,7 @@ from marl_operator.inventory import Inventory, fingerprint
 from marl_operator.kube import KINDS, Forbidden, Kube, KubeMesh
 from marl_operator.mesh.model import MeshError, MeshNode, MeshRoutes, MeshService
 from marl_operator.problem import build_problem
-from marl_operator.prometheus import PrometheusReader, redact_url
+from marl_operator.prometheus import PrometheusAccess, PrometheusReader, redact_url
 from marl_operator.report import BUILD_FORBIDDEN, CYCLE_FAILED, CycleReport, Outcome
 from marl_operator.spec import CheckpointSource, SpecError, parse_policy_spec
 from marl_operator.store import ReportStore
@@ -100,10 +100,13 @@ class Runtime:
         prometheus_url: str = DEFAULT_PROMETHEUS_URL,
         inventory: Inventory | None = None,
         allowed_prometheus_urls: tuple[str, ...] = (),
+        prometheus_access: PrometheusAccess | None = None,
     ):
         self.kube = kube
         self.mesh = mesh or KubeMesh(kube)
-        self.reader_for = reader_for or (lambda url: PrometheusReader(url))
+        self.reader_for = reader_for or (
+            lambda url: PrometheusReader(url, access=prometheus_access)
+        )
         self.store = store or ReportStore()
         self.inventory = inventory or Inventory(kube)
         self.instruments = instruments or Instruments()

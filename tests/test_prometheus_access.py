@@ -1,0 +1,177 @@
+"""How the operator reaches a Prometheus that asks who it is, or that a private CA signs.
+
+The bearer token is checked against a loopback server that demands it (Prometheus itself
+takes no bearer tokens; an authorising proxy in front of it does): it is sent, re-read when
+the file changes, and never repeated into a message. The CA bundle is checked against a real
+Prometheus serving https with a certificate from a throw-away CA made by ``openssl``.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+from marl_operator.__main__ import parse_args
+from marl_operator.prometheus import MetricsUnavailable, PrometheusAccess, PrometheusReader
+
+from demo.prometheus import ServerTls, prometheus
+
+READ = {"namespace": "edge", "service": "fn", "host": "fn.edge.svc", "window": "1m"}
+EMPTY_ANSWER = {"status": "success", "data": {"resultType": "vector", "result": []}}
+
+
+class TokenGate(ThreadingHTTPServer):
+    """Answers Prometheus's empty result to requests that carry ``token``, 401 otherwise,
+    and keeps the Authorization headers it saw."""
+
+    def __init__(self, token: str) -> None:
+        self.token = token
+        self.seen: list[str | None] = []
+        super().__init__(("127.0.0.1", 0), GateHandler)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}"
+
+
+class GateHandler(BaseHTTPRequestHandler):
+    server: TokenGate
+
+    def do_GET(self) -> None:
+        header = self.headers.get("Authorization")
+        self.server.seen.append(header)
+        allowed = header == f"Bearer {self.server.token}"
+        body = json.dumps(EMPTY_ANSWER).encode() if allowed else b"Unauthorized"
+        self.send_response(200 if allowed else 401)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+@pytest.fixture
+def gate() -> Iterator[TokenGate]:
+    server = TokenGate("first-token")
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def reader(url: str, **access) -> PrometheusReader:
+    return PrometheusReader(url, timeout_s=2, access=PrometheusAccess(**access))
+
+
+def test_the_token_in_the_file_is_sent_and_a_rotated_one_picked_up(gate, tmp_path):
+    token = tmp_path / "token"
+    token.write_text("first-token\n")
+    assert reader(gate.url, bearer_token_file=str(token)).read(**READ).empty
+    assert gate.seen[-1] == "Bearer first-token"
+    # Rotated under the running reader: the next query carries the new token.
+    gate.token = "second-token"
+    with pytest.raises(MetricsUnavailable, match="HTTP 401"):
+        reader(gate.url, bearer_token_file=str(token)).read(**READ)
+    token.write_text("second-token")
+    same = reader(gate.url, bearer_token_file=str(token))
+    assert same.read(**READ).empty and gate.seen[-1] == "Bearer second-token"
+
+
+def test_the_operator_reads_every_policy_s_prometheus_with_its_access(gate, tmp_path):
+    from marl_operator.runtime import Runtime
+
+    token = tmp_path / "token"
+    token.write_text("first-token")
+    access = PrometheusAccess(bearer_token_file=str(token))
+    runtime = Runtime(kube=None, prometheus_url=gate.url, prometheus_access=access)
+    assert runtime.reader_for(gate.url).read(**READ).empty
+    assert gate.seen == ["Bearer first-token"]
+
+
+def test_without_the_token_the_refusal_is_metrics_unavailable(gate):
+    with pytest.raises(MetricsUnavailable, match="HTTP 401") as info:
+        reader(gate.url).read(**READ)
+    assert gate.seen[-1] is None
+    assert "Unauthorized" not in str(info.value)  # the body of a non-Prometheus answer
+
+
+@pytest.mark.parametrize(
+    ("content", "words"),
+    [(None, "No such file"), ("", "is empty"), ("two tokens", "more than one token")],
+)
+def test_an_unusable_token_file_is_named_and_nothing_is_sent(gate, tmp_path, content, words):
+    token = tmp_path / "token"
+    if content is not None:
+        token.write_text(content)
+    with pytest.raises(MetricsUnavailable, match=words) as info:
+        reader(gate.url, bearer_token_file=str(token)).read(**READ)
+    assert str(token) in str(info.value)
+    assert not content or content not in str(info.value)
+    assert gate.seen == []
+    # At start the operator refuses it, naming the option.
+    with pytest.raises(SystemExit):
+        parse_args(["--prometheus-bearer-token-file", str(token)])
+
+
+def test_the_token_file_is_checked_at_start(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        parse_args(["--prometheus-bearer-token-file", str(tmp_path / "absent")])
+    assert "--prometheus-bearer-token-file" in capsys.readouterr().err
+    (tmp_path / "ca.pem").write_text("not a certificate")
+    with pytest.raises(SystemExit):
+        parse_args(["--prometheus-ca-file", str(tmp_path / "ca.pem")])
+    assert "--prometheus-ca-file" in capsys.readouterr().err
+    (tmp_path / "token").write_text("secret-value")
+    args = parse_args(["--prometheus-bearer-token-file", str(tmp_path / "token")])
+    assert args.prometheus_access == PrometheusAccess(bearer_token_file=str(tmp_path / "token"))
+
+
+# --- https with a private CA, against a real Prometheus ------------------------------------
+
+
+def openssl(*args: str, cwd: Path) -> None:
+    done = subprocess.run(["openssl", *args], cwd=cwd, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+
+
+def issue_tls(root: Path, name: str = "test") -> ServerTls:
+    """A throw-away CA and a certificate it signs for 127.0.0.1."""
+    if shutil.which("openssl") is None:
+        pytest.fail("openssl is not installed: `apt-get install -y openssl`")
+    root.mkdir(parents=True, exist_ok=True)
+    ec = ("-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes")
+    openssl("req", "-x509", *ec, "-keyout", "ca.key", "-out", "ca.pem", "-days", "1",
+            "-subj", f"/CN={name}-ca", "-addext", "basicConstraints=critical,CA:TRUE",
+            "-addext", "keyUsage=critical,keyCertSign", cwd=root)  # fmt: skip
+    openssl("req", *ec, "-keyout", "server.key", "-out", "server.csr",
+            "-subj", "/CN=127.0.0.1", cwd=root)  # fmt: skip
+    (root / "san.ext").write_text("subjectAltName=IP:127.0.0.1\n")
+    openssl("x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
+            "-CAcreateserial", "-out", "server.pem", "-days", "1", "-extfile", "san.ext",
+            cwd=root)  # fmt: skip
+    return ServerTls(cert=root / "server.pem", key=root / "server.key", ca=root / "ca.pem")
+
+
+@pytest.mark.integration
+def test_https_with_a_private_ca_needs_its_bundle(tmp_path):
+    tls = issue_tls(tmp_path / "ours")
+    stranger = issue_tls(tmp_path / "stranger", name="stranger")
+    with prometheus([], tls=tls) as server:
+        assert server.url.startswith("https://")
+        assert reader(server.url, ca_file=str(tls.ca)).read(**READ).empty
+        for access in ({}, {"ca_file": str(stranger.ca)}):
+            with pytest.raises(MetricsUnavailable, match="TLS handshake") as info:
+                reader(server.url, **access).read(**READ)
+            message = str(info.value)
+            assert "--prometheus-ca-file" in message and "certificate verify failed" in message
+            assert "query=" not in message  # the request's URL holds the whole query
