@@ -109,6 +109,8 @@ VALUE_SETS: dict[str, tuple[str, ...]] = {
         "image.digest=sha256:" + "0" * 64,
         "--set",
         "prometheus.allowedUrls={https://metrics.example.com/prometheus,http://prom.mon:9090}",
+        "--set",
+        "prometheus.bearerToken.secret.name=prom-token,prometheus.caConfigMap.name=prom-ca",
     ),
     "combined": (
         "--set",
@@ -457,6 +459,57 @@ def test_a_prometheus_url_with_credentials_can_come_from_a_secret(monkeypatch):
     assert "the URL in Secret prom-reader (key url)" in done.stdout
 
 
+def mounted_file(spec: dict, pod: dict, path: str) -> tuple[str, str]:
+    """``(volume kind, key)`` of the file at ``path`` in the container: the volume mounted
+    at its directory, and the item of that volume the file is."""
+    directory, _, name = path.rpartition("/")
+    (mount,) = [m for m in spec["volumeMounts"] if m["mountPath"] == directory]
+    assert mount["readOnly"] is True
+    (volume,) = [v for v in pod["volumes"] if v["name"] == mount["name"]]
+    kind = next(k for k in ("secret", "configMap") if k in volume)
+    (item,) = [i for i in volume[kind]["items"] if i["path"] == name]
+    source = volume[kind].get("secretName") or volume[kind].get("name")
+    return f"{kind}/{source}", item["key"]
+
+
+def test_prometheus_token_and_ca_come_from_the_files_the_operator_is_told_to_read():
+    """The token from a Secret's key and the CA bundle from a ConfigMap's key are mounted
+    where the operator's flags point; the pod's own token is where the kubelet puts it."""
+    from marl_operator.__main__ import build_parser
+
+    values = (
+        "--set",
+        "prometheus.bearerToken.secret.name=prom-token,prometheus.bearerToken.secret.key=jwt",
+        "--set",
+        "prometheus.caConfigMap.name=prom-ca",
+    )
+    docs = render(*values)
+    pod = deployment(docs)["spec"]["template"]["spec"]
+    spec = container(docs)
+    args = build_parser().parse_args(spec["args"])
+    assert mounted_file(spec, pod, args.prometheus_bearer_token_file) == (
+        "secret/prom-token",
+        "jwt",
+    )
+    assert mounted_file(spec, pod, args.prometheus_ca_file) == ("configMap/prom-ca", "ca.crt")
+
+    spec = container(render("--set", "prometheus.bearerToken.serviceAccount=true"))
+    args = build_parser().parse_args(spec["args"])
+    assert (
+        args.prometheus_bearer_token_file == "/var/run/secrets/kubernetes.io/serviceaccount/token"
+    )
+    assert pod["automountServiceAccountToken"] is True
+    assert not [v for v in deployment(render())["spec"]["template"]["spec"]["volumes"]
+                if v["name"].startswith("prometheus-")]  # fmt: skip
+    args = build_parser().parse_args(container(render())["args"])
+    assert args.prometheus_bearer_token_file is None and args.prometheus_ca_file is None
+
+    both = ("--set", "prometheus.bearerToken.serviceAccount=true,"
+            "prometheus.bearerToken.secret.name=prom-token")  # fmt: skip
+    done = run_helm("template", RELEASE, str(CHART), "--namespace", NAMESPACE, *both)
+    assert done.returncode != 0 and "serviceAccount or secret.name, not both" in done.stderr
+
+
 def test_kopf_peering_crds_are_the_ones_kopf_reads():
     from kopf._cogs.structs import references
 
@@ -663,13 +716,13 @@ def test_watch_namespaces_become_flags_and_roles():
 @pytest.mark.parametrize("name", VALUE_SETS)
 def test_operator_command_line_parses(name):
     """The args the chart writes are flags the operator knows (python -m marl_operator is the
-    image's entrypoint)."""
-    from marl_operator.__main__ import parse_args
+    image's entrypoint). The parser alone: the files they name exist only in the pod."""
+    from marl_operator.__main__ import build_parser
 
     docs = render(*VALUE_SETS[name])
     spec = container(docs)
     assert "command" not in spec, "the image's entrypoint runs the operator"
-    args = parse_args(spec["args"])
+    args = build_parser().parse_args(spec["args"])
     values = VALUE_SETS[name]
     assert args.namespace == _namespaces(values)
     assert args.api_port == spec["ports"][0]["containerPort"]
