@@ -15,6 +15,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 import yaml
 
 RewardKind = Literal["dfaas", "latency"]
@@ -35,6 +36,15 @@ MAX_QUEUE_CAPACITY = 10_000
 (about 84 bytes over its fields) for every node of every environment it steps at once, so a
 queue of a billion asked for 149 GiB with two environments; 10,000 requests are minutes of
 work at the bundled scenarios' rates, far past any latency target."""
+
+
+MAX_STEPS = 1_000_000
+"""The longest episode, in steps. Capacities and arrivals are drawn for every step when an
+episode starts (about 300 bytes a step on dfaas-paise25, so 10^8 steps asked for 30 GiB);
+a million steps is 11 days of 1-second steps."""
+
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+"""The engine computes in float32: a larger number becomes infinite mid-episode."""
 
 
 class ScenarioError(ValueError):
@@ -213,6 +223,12 @@ class _Reader:
             self.fail(f"expected {names}, got {value!r}{'; ' + fix if fix else ''}", key)
         if isinstance(value, float) and not math.isfinite(value):
             self.fail(f"expected a finite number, got {value!r}", key)
+        if isinstance(value, float) and abs(value) > FLOAT32_MAX:
+            self.fail(
+                f"expected a number within float32's range (|x| <= {FLOAT32_MAX:.3g}), which "
+                f"the simulator computes in, got {value!r}",
+                key,
+            )
         return value
 
     def positive(self, key: str, kind: type, default: Any = ..., allow_zero: bool = False):
@@ -395,6 +411,12 @@ def parse_scenario(data: Any, name: str = "<inline>", base_dir: Path | None = No
         workload_map = {k: _resolve_paths(v, base_dir) for k, v in workload_map.items()}
 
     steps = r.positive("steps", int, 288)
+    if steps > MAX_STEPS:
+        r.fail(
+            f"at most {MAX_STEPS} steps, got {steps}: every step's capacities and arrivals "
+            "are drawn when an episode starts; run a longer horizon as several episodes",
+            "steps",
+        )
     events: list[Event] = []
     for path, raw in r.items("events", []):
         e = _Reader(raw, path, name)

@@ -141,6 +141,10 @@ def test_arrival_order_defaults_to_the_reference():
             "a slot per queued request",
         ),
         ({k: v for k, v in BASE.items() if k != "services"}, "services", "required"),
+        # Each ran out of memory (tens of GiB) or overflowed float32 to inf mid-episode.
+        (with_changes(steps=10**8), "steps", "at most 1000000"),
+        (with_changes(defaults={"cpu": 1e39}), "defaults.cpu", "float32"),
+        (with_changes(step_seconds=-1e39), "step_seconds", "float32"),
         (
             with_changes(events=[{"at": 2, "kind": "add", "node": "a", "until": 5}]),
             "events[0].until",
