@@ -111,6 +111,10 @@ VALUE_SETS: dict[str, tuple[str, ...]] = {
         "prometheus.allowedUrls={https://metrics.example.com/prometheus,http://prom.mon:9090}",
         "--set",
         "prometheus.bearerToken.secret.name=prom-token,prometheus.caConfigMap.name=prom-ca",
+        "--set",
+        "networkPolicy.enabled=true",
+        "--set",
+        "networkPolicy.apiFrom[0].namespaceSelector.matchLabels.team=monitoring",
     ),
     "combined": (
         "--set",
@@ -508,6 +512,25 @@ def test_prometheus_token_and_ca_come_from_the_files_the_operator_is_told_to_rea
             "prometheus.bearerToken.secret.name=prom-token")  # fmt: skip
     done = run_helm("template", RELEASE, str(CHART), "--namespace", NAMESPACE, *both)
     assert done.returncode != 0 and "serviceAccount or secret.name, not both" in done.stderr
+
+
+def test_the_network_policy_admits_only_the_listed_peers_to_the_api():
+    assert not of_kind(render(), "NetworkPolicy")
+    peer = "networkPolicy.apiFrom[0].namespaceSelector.matchLabels.team=monitoring"
+    docs = render("--set", "networkPolicy.enabled=true", "--set", peer)
+    (policy,) = of_kind(docs, "NetworkPolicy")
+    pod_labels = deployment(docs)["spec"]["template"]["metadata"]["labels"]
+    selected = policy["spec"]["podSelector"]["matchLabels"]
+    assert selected and selected.items() <= pod_labels.items()
+    assert policy["spec"]["policyTypes"] == ["Ingress"]  # traffic out is left alone
+    (rule,) = policy["spec"]["ingress"]
+    assert rule["from"] == [{"namespaceSelector": {"matchLabels": {"team": "monitoring"}}}]
+    ports = {p["name"] for p in container(docs)["ports"]}
+    assert [p["port"] for p in rule["ports"]] == ["http"] and "http" in ports
+    # No peers: nothing is admitted (an absent ingress list would mean the same; an empty
+    # rule would admit everyone).
+    (closed,) = of_kind(render("--set", "networkPolicy.enabled=true"), "NetworkPolicy")
+    assert closed["spec"]["ingress"] == []
 
 
 def test_kopf_peering_crds_are_the_ones_kopf_reads():
