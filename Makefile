@@ -42,9 +42,12 @@ checkpoints: install
 		cp runs/bundled-dfaas/$$f policies/checkpoints/dfaas-paise25/$$f; \
 		cp runs/bundled-mesh/$$f policies/checkpoints/mesh-10x3/$$f; done
 
-# requirements/operator.txt: the operator's dependencies (pyproject.toml's, without extras)
-# resolved for every platform from Python 3.11 on, with hashes. Rerun after changing them.
+# The images' locks, resolved for every platform from Python 3.11 on, with hashes: the
+# operator's dependencies (pyproject.toml's, without extras) and the demo workload's
+# (workload/requirements.in). Rerun after changing either.
+LOCK := $(PYTHON) -m uv pip compile --universal --python-version 3.11 --generate-hashes \
+	--custom-compile-command 'make lock'
 lock:
 	$(PIP) 'uv>=0.5,<1'
-	$(PYTHON) -m uv pip compile pyproject.toml --universal --python-version 3.11 \
-		--generate-hashes --custom-compile-command 'make lock' -o requirements/operator.txt
+	$(LOCK) pyproject.toml -o requirements/operator.txt
+	$(LOCK) workload/requirements.in -o workload/requirements.txt

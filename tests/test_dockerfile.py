@@ -405,6 +405,9 @@ def test_workload_image_copies_what_exists():
     assert {"edgefn.py", "loadgen.py", "requirements.txt"} <= {
         f for files in copied.values() for f in files
     }
+    # The lock alone, hash-checked (tests/test_lock.py checks it against requirements.in).
+    (install,) = [r for r in stages[-1].all("RUN") if "pip install" in r]
+    assert "--require-hashes -r /app/requirements.txt" in install
     (user,) = stages[-1].all("USER")
     assert user.split(":")[0].isdigit() and int(user.split(":")[0]) > 0
     manifests = [

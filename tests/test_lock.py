@@ -1,5 +1,5 @@
 """The operator's hashed lock, requirements/operator.txt: what the image installs (and nothing
-else), and what the tests run on.
+else), and what the tests run on; and the demo workload image's, workload/requirements.txt.
 
 The operator imports nothing the lock leaves out (checked with every other installed package
 hidden), the lock pins every dependency pyproject.toml gives the operator at a version it
@@ -67,6 +67,18 @@ def operator_requirements() -> list[Requirement]:
     return [Requirement(r) for r in project["dependencies"]]
 
 
+def workload_requirements() -> list[Requirement]:
+    lines = (ROOT / "workload" / "requirements.in").read_text().splitlines()
+    return [Requirement(line) for line in lines if line.strip() and not line.startswith("#")]
+
+
+# Each image's lock and the requirements it was resolved from.
+LOCKS = {
+    "operator": (LOCK, operator_requirements),
+    "workload": (ROOT / "workload" / "requirements.txt", workload_requirements),
+}
+
+
 def test_the_lock_reader_reads_markers_and_hashes():
     text = (
         "# header\nnumpy==2.4.6 ; python_full_version < '3.12' \\\n"
@@ -87,13 +99,17 @@ def test_the_lock_reader_reads_markers_and_hashes():
     )
 
 
-def test_every_operator_dependency_is_pinned_at_an_allowed_version_with_hashes(pins):
+@pytest.mark.parametrize("image", LOCKS)
+def test_every_dependency_is_pinned_at_an_allowed_version_with_hashes(image):
+    lock, requirements = LOCKS[image]
+    pins = read_lock(lock.read_text())
     by_name = {p.name: p for p in pins if p.applies()}
-    for requirement in operator_requirements():
+    where = lock.relative_to(ROOT)
+    for requirement in requirements():
         pin = by_name.get(canonicalize_name(requirement.name))
-        assert pin, f"{requirement.name} is not in {LOCK.name}: run `make lock`"
+        assert pin, f"{requirement.name} is not in {where}: run `make lock`"
         assert requirement.specifier.contains(pin.version, prereleases=True), (
-            f"{LOCK.name} pins {pin.name}=={pin.version} outside {requirement}: run `make lock`"
+            f"{where} pins {pin.name}=={pin.version} outside {requirement}: run `make lock`"
         )
     assert all(p.hashes for p in pins), "every pin has its hashes (pip --require-hashes)"
     assert len({(p.name, str(p.requirement.marker)) for p in pins}) == len(pins)
