@@ -180,7 +180,10 @@ class OnlyLocked:
 
 
 sys.meta_path[:] = [OnlyLocked(finder) for finder in sys.meta_path]
-import marl_operator
+exec(sys.argv[3])
+"""
+
+START_THE_OPERATOR = """import marl_operator
 from marl_operator.__main__ import build_parser
 from policies import checkpoint
 
@@ -193,9 +196,11 @@ print("started with the locked packages alone")
 """
 
 
-def run_only_locked(locked: set[str]) -> subprocess.CompletedProcess:
+def run_only_locked(
+    locked: set[str], code: str = START_THE_OPERATOR
+) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    args = [json.dumps(sorted(locked)), json.dumps(OWN_PACKAGES)]
+    args = [json.dumps(sorted(locked)), json.dumps(OWN_PACKAGES), code]
     return subprocess.run(
         [sys.executable, "-c", ONLY_LOCKED, *args],
         cwd=ROOT,
@@ -213,3 +218,48 @@ def test_the_operator_imports_nothing_the_lock_leaves_out(pins):
     # ...and the check can fail: without kopf's distribution the operator cannot start.
     done = run_only_locked({p.name for p in pins} - {"kopf"})
     assert done.returncode != 0 and "No module named 'kopf'" in done.stderr, done.stderr
+
+
+@pytest.mark.parametrize(
+    ("module", "extra"),
+    [("simulator.evaluate", "train"), ("simulator.train", "train"), ("demo", "demo")],
+)
+def test_a_tool_without_its_extra_names_the_extra_to_install(pins, module, extra):
+    """With the operator's packages alone (a plain install), the offline tools and the demo
+    stop at once and say which extra to install."""
+    run = f"runpy.run_module({module!r}, run_name='__main__')"
+    code = f"import runpy; sys.argv = ['x', '--help']; {run}"
+    done = run_only_locked({p.name for p in pins}, code)
+    assert done.returncode != 0
+    assert f"pip install 'marl-operator[{extra}]'" in done.stderr.splitlines()[-1], done.stderr
+
+
+def test_the_extras_modules_are_those_of_the_extras_distributions():
+    from policies.extras import EXTRAS
+
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"][
+        "optional-dependencies"
+    ]
+
+    def distributions(extra: str) -> set[str]:
+        """The extra's distributions, with those of the extras it names of this package."""
+        out = set()
+        for requirement in map(Requirement, extras[extra]):
+            name = canonicalize_name(requirement.name)
+            if name == "marl-operator":
+                out |= set().union(*(distributions(e) for e in requirement.extras))
+            else:
+                out.add(name)
+        return out
+
+    modules = {
+        module: {canonicalize_name(d) for d in dists}
+        for module, dists in importlib.metadata.packages_distributions().items()
+        if not module.startswith("_")
+    }
+    for extra, needed in EXTRAS.items():
+        names = distributions(extra)
+        provided = {module for module, dists in modules.items() if dists & names}
+        assert set(needed) <= provided, (extra, set(needed) - provided)
+        for name in names:  # every distribution of the extra is checked by one of its modules
+            assert {m for m, d in modules.items() if name in d} & set(needed), (extra, name)
