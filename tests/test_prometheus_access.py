@@ -107,7 +107,12 @@ def test_without_the_token_the_refusal_is_metrics_unavailable(gate):
 
 @pytest.mark.parametrize(
     ("content", "words"),
-    [(None, "No such file"), ("", "is empty"), ("two tokens", "more than one token")],
+    [
+        (None, "No such file"),
+        ("", "is empty"),
+        ("two tokens", "more than one token"),
+        ("t\u00f6ken", "outside ASCII"),  # http.client would fail to encode the header
+    ],
 )
 def test_an_unusable_token_file_is_named_and_nothing_is_sent(gate, tmp_path, content, words):
     token = tmp_path / "token"

@@ -408,6 +408,8 @@ def read_token(path: str) -> str:
             f"bearer token file {path} holds more than one token (whitespace or control "
             "characters inside it)"
         )
+    if not token.isascii():
+        raise TokenUnreadable(f"bearer token file {path} holds characters outside ASCII")
     return token
 
 
