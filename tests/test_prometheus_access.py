@@ -111,7 +111,7 @@ def test_without_the_token_the_refusal_is_metrics_unavailable(gate):
         (None, "No such file"),
         ("", "is empty"),
         ("two tokens", "more than one token"),
-        ("t\u00f6ken", "outside ASCII"),  # http.client would fail to encode the header
+        ("t\u2603ken", "outside ASCII"),  # http.client cannot encode it in a header
     ],
 )
 def test_an_unusable_token_file_is_named_and_nothing_is_sent(gate, tmp_path, content, words):
