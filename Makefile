@@ -3,6 +3,7 @@
 #   make test   install what the tests need, lint, and run the whole test suite (CI runs this)
 PYTHON ?= python3
 PIP := $(PYTHON) -m pip install --quiet --disable-pip-version-check
+CONSTRAINTS := $(or $(TMPDIR),/tmp)/marl-operator-constraints.txt
 
 .PHONY: install demo train test bench checkpoints lock
 
@@ -10,9 +11,12 @@ install:
 	# torch first and pinned: the CPU build; an unpinned torch would pull CUDA packages.
 	$(PIP) torch==2.13.0
 	# The operator's dependencies at the versions its image ships (hashed lock), so the tests
-	# run on them; then the package with training, demo and test tools.
+	# run on them; then the package with training, demo and test tools, held to the same
+	# versions (the lock as constraints, without its hashes: those would demand one of every
+	# package, the editable checkout too).
 	$(PIP) --require-hashes -r requirements/operator.txt
-	$(PIP) -e '.[dev]'
+	sed -e '/^ *--hash/d' -e 's/ *\\$$//' requirements/operator.txt > $(CONSTRAINTS)
+	$(PIP) -c $(CONSTRAINTS) -e '.[dev]'
 	# The live Prometheus tests run a real server; Debian's package provides it (CI is root).
 	command -v prometheus >/dev/null 2>&1 || (apt-get update -qq && \
 		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus)

@@ -108,9 +108,11 @@ VALUE_SETS: dict[str, tuple[str, ...]] = {
         "--set",
         "image.digest=sha256:" + "0" * 64,
         "--set",
-        "prometheus.allowedUrls={https://metrics.example.com/prometheus,http://prom.mon:9090}",
+        "prometheus.allowedUrls={https://metrics.example.com/prometheus,https://prom.mon:9091}",
         "--set",
         "prometheus.bearerToken.secret.name=prom-token,prometheus.caConfigMap.name=prom-ca",
+        "--set",
+        "prometheus.url=https://prometheus.monitoring.svc:9091",
         "--set",
         "networkPolicy.enabled=true",
         "--set",
@@ -470,6 +472,10 @@ def mounted_file(spec: dict, pod: dict, path: str) -> tuple[str, str]:
     (mount,) = [m for m in spec["volumeMounts"] if m["mountPath"] == directory]
     assert mount["readOnly"] is True
     (volume,) = [v for v in pod["volumes"] if v["name"] == mount["name"]]
+    if "projected" in volume:
+        (source,) = [s["serviceAccountToken"] for s in volume["projected"]["sources"]]
+        assert source["path"] == name
+        return "serviceAccountToken", source["audience"]
     kind = next(k for k in ("secret", "configMap") if k in volume)
     (item,) = [i for i in volume[kind]["items"] if i["path"] == name]
     source = volume[kind].get("secretName") or volume[kind].get("name")
@@ -478,10 +484,13 @@ def mounted_file(spec: dict, pod: dict, path: str) -> tuple[str, str]:
 
 def test_prometheus_token_and_ca_come_from_the_files_the_operator_is_told_to_read():
     """The token from a Secret's key and the CA bundle from a ConfigMap's key are mounted
-    where the operator's flags point; the pod's own token is where the kubelet puts it."""
+    where the operator's flags point, and so is a token of the ServiceAccount made for
+    Prometheus."""
     from marl_operator.__main__ import build_parser
 
+    https = ("--set", "prometheus.url=https://prometheus.monitoring.svc:9091")
     values = (
+        *https,
         "--set",
         "prometheus.bearerToken.secret.name=prom-token,prometheus.bearerToken.secret.key=jwt",
         "--set",
@@ -497,20 +506,39 @@ def test_prometheus_token_and_ca_come_from_the_files_the_operator_is_told_to_rea
     )
     assert mounted_file(spec, pod, args.prometheus_ca_file) == ("configMap/prom-ca", "ca.crt")
 
-    spec = container(render("--set", "prometheus.bearerToken.serviceAccount=true"))
+    # The ServiceAccount's token made for Prometheus, not the API credential kubelet mounts.
+    docs = render(*https, "--set", "prometheus.bearerToken.serviceAccount=true")
+    pod, spec = deployment(docs)["spec"]["template"]["spec"], container(docs)
     args = build_parser().parse_args(spec["args"])
-    assert (
-        args.prometheus_bearer_token_file == "/var/run/secrets/kubernetes.io/serviceaccount/token"
-    )
-    assert pod["automountServiceAccountToken"] is True
+    assert "kubernetes.io/serviceaccount" not in args.prometheus_bearer_token_file
+    token = mounted_file(spec, pod, args.prometheus_bearer_token_file)
+    assert token == ("serviceAccountToken", "prometheus")
+    # Names YAML would read as numbers stay strings; keys that are no file name are refused.
+    docs = render("--set-string", "prometheus.caConfigMap.name=2024")
+    (ca,) = [v for v in deployment(docs)["spec"]["template"]["spec"]["volumes"] if "configMap" in v]
+    assert ca["configMap"]["name"] == "2024"
+    for key in (".", "..", "..data"):
+        done = run_helm("template", RELEASE, str(CHART), "--set", "prometheus.caConfigMap.name=ca",
+                        "--set", f"prometheus.caConfigMap.key={key}")  # fmt: skip
+        assert done.returncode != 0 and "caConfigMap" in done.stderr, key
     assert not [v for v in deployment(render())["spec"]["template"]["spec"]["volumes"]
                 if v["name"].startswith("prometheus-")]  # fmt: skip
     args = build_parser().parse_args(container(render())["args"])
     assert args.prometheus_bearer_token_file is None and args.prometheus_ca_file is None
 
+    # A token the operator would refuse to send over http is refused at render.
+    for url in ("prometheus.url=http://prom:9090", "prometheus.allowedUrls={http://prom:9090}"):
+        base = "prometheus.url=https://p:9091" if "allowed" in url else url
+        done = run_helm("template", RELEASE, str(CHART), "--set", base, "--set", url,
+                        "--set", "prometheus.bearerToken.secret.name=t")  # fmt: skip
+        assert done.returncode != 0 and "unencrypted to http://prom:9090" in done.stderr
+    over_http = "prometheus.bearerToken.secret.name=t,prometheus.bearerToken.overHttp=true"
+    args = build_parser().parse_args(container(render("--set", over_http))["args"])
+    assert args.prometheus_token_over_http and args.prometheus_url.startswith("http://")
+
     both = ("--set", "prometheus.bearerToken.serviceAccount=true,"
             "prometheus.bearerToken.secret.name=prom-token")  # fmt: skip
-    done = run_helm("template", RELEASE, str(CHART), "--namespace", NAMESPACE, *both)
+    done = run_helm("template", RELEASE, str(CHART), "--namespace", NAMESPACE, *https, *both)
     assert done.returncode != 0 and "serviceAccount or secret.name, not both" in done.stderr
 
 
@@ -741,6 +769,7 @@ def test_operator_command_line_parses(name):
     """The args the chart writes are flags the operator knows (python -m marl_operator is the
     image's entrypoint). The parser alone: the files they name exist only in the pod."""
     from marl_operator.__main__ import build_parser
+    from marl_operator.prometheus import PrometheusAccess
 
     docs = render(*VALUE_SETS[name])
     spec = container(docs)
@@ -749,8 +778,12 @@ def test_operator_command_line_parses(name):
     values = VALUE_SETS[name]
     assert args.namespace == _namespaces(values)
     assert args.api_port == spec["ports"][0]["containerPort"]
-    assert args.prometheus_url == "http://prometheus.istio-system.svc:9090"
+    url = _set_value(values, "prometheus.url") or "http://prometheus.istio-system.svc:9090"
+    assert args.prometheus_url == url
     assert args.allow_prometheus_url == _set_list(values, "prometheus.allowedUrls")
+    # What the operator checks of its Prometheus flags at start, bar reading the files.
+    access = PrometheusAccess(args.prometheus_bearer_token_file, args.prometheus_ca_file)
+    access.check_urls([url, *args.allow_prometheus_url], args.prometheus_token_over_http)
     replicas = int(_set_value(values, "replicaCount") or 1)
     forced = _set_value(values, "peering.enabled") == "true"
     assert args.standalone == (replicas == 1 and not forced)

@@ -23,6 +23,7 @@ from marl_operator.prometheus import MetricsUnavailable, PrometheusAccess, Prome
 from demo.prometheus import ServerTls, prometheus
 
 READ = {"namespace": "edge", "service": "fn", "host": "fn.edge.svc", "window": "1m"}
+HTTPS = ["--prometheus-url", "https://prometheus.monitoring.svc:9091"]
 EMPTY_ANSWER = {"status": "success", "data": {"resultType": "vector", "result": []}}
 
 
@@ -125,7 +126,7 @@ def test_an_unusable_token_file_is_named_and_nothing_is_sent(gate, tmp_path, con
     assert gate.seen == []
     # At start the operator refuses it, naming the option.
     with pytest.raises(SystemExit):
-        parse_args(["--prometheus-bearer-token-file", str(token)])
+        parse_args([*HTTPS, "--prometheus-bearer-token-file", str(token)])
 
 
 def test_the_token_file_is_checked_at_start(tmp_path, capsys):
@@ -136,9 +137,36 @@ def test_the_token_file_is_checked_at_start(tmp_path, capsys):
     with pytest.raises(SystemExit):
         parse_args(["--prometheus-ca-file", str(tmp_path / "ca.pem")])
     assert "--prometheus-ca-file" in capsys.readouterr().err
+    token = str(tmp_path / "token")
     (tmp_path / "token").write_text("secret-value")
-    args = parse_args(["--prometheus-bearer-token-file", str(tmp_path / "token")])
-    assert args.prometheus_access == PrometheusAccess(bearer_token_file=str(tmp_path / "token"))
+    args = parse_args([*HTTPS, "--prometheus-bearer-token-file", token])
+    assert args.prometheus_access == PrometheusAccess(bearer_token_file=token)
+
+
+@pytest.mark.parametrize(
+    ("urls", "words"),
+    [
+        ([], "travel unencrypted to http://prometheus.istio-system.svc:9090"),
+        ([*HTTPS, "--allow-prometheus-url", "http://other:9090"], "unencrypted to http://other"),
+        (["--prometheus-url", "https://reader:pw@prom:9090"], "carries credentials of its own"),
+    ],
+)
+def test_a_token_that_would_leak_or_be_overridden_is_refused_at_start(
+    tmp_path, capsys, urls, words
+):
+    (tmp_path / "token").write_text("secret-value")
+    with pytest.raises(SystemExit):
+        parse_args([*urls, "--prometheus-bearer-token-file", str(tmp_path / "token")])
+    error = capsys.readouterr().err
+    assert "--prometheus-bearer-token-file" in error and words in error
+    assert "pw" not in error and "secret-value" not in error
+
+
+def test_the_token_goes_to_http_only_when_told_to(tmp_path):
+    (tmp_path / "token").write_text("secret-value")
+    flags = ["--prometheus-bearer-token-file", str(tmp_path / "token")]
+    args = parse_args([*flags, "--prometheus-token-over-http"])
+    assert args.prometheus_url.startswith("http://") and args.prometheus_access.bearer_token_file
 
 
 # --- https with a private CA, against a real Prometheus ------------------------------------
@@ -174,9 +202,10 @@ def test_https_with_a_private_ca_needs_its_bundle(tmp_path):
     with prometheus([], tls=tls) as server:
         assert server.url.startswith("https://")
         assert reader(server.url, ca_file=str(tls.ca)).read(**READ).empty
-        for access in ({}, {"ca_file": str(stranger.ca)}):
+        # The hint names the trust in force: the flag's bundle, or certifi's without it.
+        for access, trusted in (({}, "certifi"), ({"ca_file": str(stranger.ca)}, "--prometheus")):
             with pytest.raises(MetricsUnavailable, match="TLS handshake") as info:
                 reader(server.url, **access).read(**READ)
             message = str(info.value)
-            assert "--prometheus-ca-file" in message and "certificate verify failed" in message
+            assert trusted in message and "certificate verify failed" in message
             assert "query=" not in message  # the request's URL holds the whole query

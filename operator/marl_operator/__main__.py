@@ -91,10 +91,17 @@ def build_parser() -> argparse.ArgumentParser:
         "Prometheus behind an authorising proxy, such as the pod's own service-account token",
     )
     parser.add_argument(
+        "--prometheus-token-over-http",
+        action="store_true",
+        help="send the bearer token to http:// URLs too (refused otherwise): only where the "
+        "connection is encrypted below HTTP, as by a service mesh's mutual TLS",
+    )
+    parser.add_argument(
         "--prometheus-ca-file",
         metavar="PATH",
         help="PEM bundle of the CA that signed Prometheus's certificate, for https URLs that "
-        "a private CA serves (default: the system's CAs)",
+        "a private CA serves; it replaces, for every URL, the default trust (certifi's bundle "
+        "of public CAs, not the system's store)",
     )
     parser.add_argument(
         "--api-host", default="0.0.0.0", help="address of the HTTP API (default: %(default)s)"
@@ -122,7 +129,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         bearer_token_file=args.prometheus_bearer_token_file, ca_file=args.prometheus_ca_file
     )
     try:
-        args.prometheus_access.check()
+        args.prometheus_access.check(
+            (args.prometheus_url, *args.allow_prometheus_url), args.prometheus_token_over_http
+        )
     except ValueError as error:
         parser.error(str(error))
     return args

@@ -431,15 +431,19 @@ class PrometheusAccess:
     not values, so that no secret is in the pod's args and a rotated token needs no restart."""
 
     bearer_token_file: str | None = None
-    ca_file: str | None = None  # PEM bundle of the CA that signed Prometheus's certificate
+    # PEM bundle of the CA that signed Prometheus's certificate; it replaces, for every URL,
+    # the default trust (certifi's bundle, which requests uses, not the system's store).
+    ca_file: str | None = None
 
-    def check(self) -> None:
-        """Refuse, at start, files that could never work. ValueError names the setting."""
+    def check(self, urls: Sequence[str] = (), token_over_http: bool = False) -> None:
+        """Refuse, at start, files that could never work, and a token that ``urls`` (every
+        URL the operator may read) would leak or override. ValueError names the setting."""
         if self.bearer_token_file is not None:
             try:
                 read_token(self.bearer_token_file)
             except TokenUnreadable as error:
                 raise ValueError(f"--prometheus-bearer-token-file: {error}") from None
+        self.check_urls(urls, token_over_http)
         if self.ca_file is not None:
             try:
                 ssl.create_default_context(cafile=self.ca_file)
@@ -448,6 +452,23 @@ class PrometheusAccess:
                     f"--prometheus-ca-file: {self.ca_file} is not a readable PEM bundle of CA "
                     f"certificates: {error.strerror or error}"
                 ) from None
+
+    def check_urls(self, urls: Sequence[str], token_over_http: bool = False) -> None:
+        """The part of :meth:`check` that reads no file (the chart's tests run it on the
+        flags it renders)."""
+        if self.bearer_token_file is not None:
+            for url in urls:
+                if urlsplit(url).username is not None:
+                    raise ValueError(
+                        f"--prometheus-bearer-token-file: {redact_url(url)} carries credentials "
+                        "of its own, which the token would replace: use one or the other"
+                    )
+                if url.startswith("http://") and not token_over_http:
+                    raise ValueError(
+                        f"--prometheus-bearer-token-file: the token would travel unencrypted to "
+                        f"{redact_url(url)}: use an https URL, or --prometheus-token-over-http "
+                        "where the connection is encrypted otherwise (a mesh's mutual TLS)"
+                    )
 
     def session(self) -> requests.Session:
         session = requests.Session()
@@ -550,7 +571,9 @@ class PrometheusReader:
     ) -> None:
         self.url = url
         self.timeout_s = timeout_s
-        self._query = query or self._connect(url, timeout_s, access or PrometheusAccess())
+        access = access or PrometheusAccess()
+        self.ca_file = access.ca_file
+        self._query = query or self._connect(url, timeout_s, access)
 
     @staticmethod
     def _connect(url: str, timeout_s: float, access: PrometheusAccess) -> QueryFunction:
@@ -573,10 +596,11 @@ class PrometheusReader:
         except requests.Timeout as exc:
             raise self._fail(name, f"did not answer within {self.timeout_s:g} s") from exc
         except requests.exceptions.SSLError as exc:
+            hint = "--prometheus-ca-file's CA" if self.ca_file else "a CA of certifi's bundle"
             raise self._fail(
                 name,
-                "failed the TLS handshake (is its certificate signed by the CA of "
-                f"--prometheus-ca-file?): {_connection_reason(exc)}",
+                f"failed the TLS handshake (is its certificate signed by {hint}?): "
+                f"{_connection_reason(exc)}",
             ) from exc
         except requests.ConnectionError as exc:
             raise self._fail(name, f"is unreachable: {_connection_reason(exc)}") from exc
