@@ -68,6 +68,11 @@ def runtime_over(mesh: QueueingMesh) -> tuple[Runtime, FakeKube]:
 # -- spec --------------------------------------------------------------------------------
 
 
+def condition(report, kind: str) -> dict:
+    """The condition ``kind`` of the status a cycle's report gives a fresh policy."""
+    return next(c for c in status_of(report, None)["conditions"] if c["type"] == kind)
+
+
 def test_spec_defaults_match_the_crd():
     spec = parse_policy_spec({"services": ["fn"], "checkpoint": {"bundled": "mesh-10x3"}})
     assert spec.interval_s == 30 and spec.safety.max_weight_change == 20
@@ -491,9 +496,7 @@ def test_stale_metrics_hold_the_weights_and_say_why(age_s, stale_sources, why):
     assert held.outcome == Outcome.HELD and mesh.routes["fn"].by_source == applied
     assert held.reason.startswith(f"metrics: fn's metrics are {why}")
     assert "spec.safety.staleAfterSeconds is 300" in held.reason
-    metrics = next(
-        c for c in status_of(held, None)["conditions"] if c["type"] == "MetricsAvailable"
-    )
+    metrics = condition(held, "MetricsAvailable")
     assert metrics["status"] == "False" and "stale" in metrics["message"]
     assert mesh.writes == writes
 
@@ -546,16 +549,13 @@ def test_nodes_whose_clients_report_nothing_are_named_in_the_status():
     body = example_policy_body()
 
     def metrics_condition() -> dict:
-        report = runtime.cycle("edge/p", body)
-        return next(
-            c for c in status_of(report, None)["conditions"] if c["type"] == "MetricsAvailable"
-        )
+        return condition(runtime.cycle("edge/p", body), "MetricsAvailable")
 
     assert metrics_condition()["message"] == "the last cycle read every service's metrics"
     quiet.add("edge-2")
-    condition = metrics_condition()
-    assert condition["status"] == "True"
-    assert "no request was reported from the clients of (fn: edge-2)" in condition["message"]
+    metrics = metrics_condition()
+    assert metrics["status"] == "True"
+    assert "no request was reported from the clients of (fn: edge-2)" in metrics["message"]
     assert runtime.store.latest("edge/p").silent == {"fn": ("edge-2",)}
 
 
@@ -580,18 +580,13 @@ def test_nodes_serving_requests_without_a_latency_are_named_in_the_status():
     )
 
     def metrics_condition() -> dict:
-        report = runtime.cycle("edge/p", example_policy_body())
-        return next(
-            c for c in status_of(report, None)["conditions"] if c["type"] == "MetricsAvailable"
-        )
+        return condition(runtime.cycle("edge/p", example_policy_body()), "MetricsAvailable")
 
     assert metrics_condition()["message"] == "the last cycle read every service's metrics"
     unmeasured.add("edge-1")
-    condition = metrics_condition()
-    assert condition["status"] == "True"
-    assert (
-        "no latency was reported for the requests served by (fn: edge-1)" in (condition["message"])
-    )
+    metrics = metrics_condition()
+    assert metrics["status"] == "True"
+    assert "no latency was reported for the requests served by (fn: edge-1)" in (metrics["message"])
     assert runtime.store.latest("edge/p").unmeasured == {"fn": ("edge-1",)}
 
 
@@ -698,7 +693,7 @@ def test_a_damaged_configmap_checkpoint_is_a_condition_naming_the_field(tmp_path
     assert report.outcome == Outcome.INVALID and mesh.writes == 0
     assert report.reason.startswith("spec.checkpoint.configMap")
     assert "damaged archive" in report.reason and "CRC" in report.reason
-    ready = next(c for c in status_of(report, None)["conditions"] if c["type"] == "Ready")
+    ready = condition(report, "Ready")
     assert ready["status"] == "False" and "spec.checkpoint.configMap" in ready["message"]
 
 
