@@ -23,6 +23,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from only_locked import environment, locked_names
 
 ROOT = Path(__file__).resolve().parents[1]
 CHART_VALUES = ROOT / "charts" / "marl-operator" / "values.yaml"
@@ -316,30 +317,6 @@ def test_build_stage_installs_the_package_with_its_checkpoints(dockerfile, tmp_p
         assert needed in names, needed
 
 
-NO_TORCH = """\
-import sys
-
-
-class HideTorch:
-    \"\"\"Wraps a meta-path finder: torch and its submodules are not found, as where it is
-    not installed (import raises ModuleNotFoundError, importlib.util.find_spec gives None).\"\"\"
-
-    def __init__(self, inner):
-        self.inner = inner
-
-    def find_spec(self, name, path=None, target=None):
-        if name.partition(".")[0] == "torch":
-            return None
-        return self.inner.find_spec(name, path, target)
-
-    def __getattr__(self, name):
-        return getattr(self.inner, name)
-
-
-sys.meta_path[:] = [HideTorch(finder) for finder in sys.meta_path]
-"""
-
-
 ACT = """\
 import json, sys
 
@@ -361,20 +338,20 @@ print(json.dumps({
 def test_the_build_stage_checks_pass_where_torch_cannot_be_imported(dockerfile, tmp_path):
     """The checks the build stage runs after installing the package (no torch, the operator's
     --help, the bundled checkpoints load), run as written by interpreters that cannot import
-    torch (a sitecustomize hides it); then the loaded checkpoint acts."""
+    torch, nor anything else the image's lock leaves out (a sitecustomize hides them); then
+    the loaded checkpoint acts."""
     _, stages = dockerfile
     (install,) = [r for r in stages[0].all("RUN") if "pip install --no-deps ." in r]
     # pip check is left out: here it would judge this environment, not the image's.
     checks = [c.strip() for c in install.split("&&")[1:] if c.strip() != "pip check"]
     assert any("marl_operator --help" in c for c in checks)
     assert any("checkpoint.load" in c for c in checks)
-    (tmp_path / "sitecustomize.py").write_text(NO_TORCH)
     shim = tmp_path / "bin" / "python"  # the checks call `python`: this interpreter
     shim.parent.mkdir()
     shim.write_text(f'#!/bin/sh\nexec {shlex.quote(sys.executable)} "$@"\n')
     shim.chmod(0o755)
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    env.update(PYTHONPATH=str(tmp_path), PATH=f"{shim.parent}{os.pathsep}{env['PATH']}")
+    env = environment(tmp_path, locked_names())
+    env.update(PATH=f"{shim.parent}{os.pathsep}{env['PATH']}")
 
     def run(command: str) -> subprocess.CompletedProcess:
         return subprocess.run(

@@ -11,50 +11,18 @@ operator as it ships.
 from __future__ import annotations
 
 import importlib.metadata
-import json
-import os
-import re
 import subprocess
 import sys
 import tomllib
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from only_locked import LOCK, Pin, environment, read_lock
 from packaging.markers import default_environment
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
 ROOT = Path(__file__).resolve().parents[1]
-LOCK = ROOT / "requirements" / "operator.txt"
-OWN_PACKAGES = ("marl_operator", "policies", "simulator", "demo")
-
-
-@dataclass(frozen=True)
-class Pin:
-    name: str
-    version: str
-    requirement: Requirement
-    hashes: tuple[str, ...]
-
-    def applies(self) -> bool:
-        """Whether this interpreter installs it (the lock holds pins for other Pythons too)."""
-        marker = self.requirement.marker
-        return marker is None or marker.evaluate()
-
-
-def read_lock(text: str) -> list[Pin]:
-    pins = []
-    for line in re.sub(r"\\\n", " ", text).splitlines():
-        line = line.split("#", 1)[0].strip()
-        if not line:
-            continue
-        spec, *options = re.split(r"\s+(?=--)", line)
-        requirement = Requirement(spec)
-        (version,) = [s.version for s in requirement.specifier if s.operator == "=="]
-        hashes = tuple(o.partition("=")[2] for o in options if o.startswith("--hash="))
-        pins.append(Pin(canonicalize_name(requirement.name), version, requirement, hashes))
-    return pins
 
 
 @pytest.fixture(scope="module")
@@ -150,40 +118,11 @@ def test_the_tests_run_on_the_locked_versions(pins):
             )
 
 
-# Run by an interpreter that finds only the standard library, the project's packages and the
-# locked distributions: every other installed package is hidden, as in the image.
-ONLY_LOCKED = """\
-import importlib, importlib.metadata, json, pkgutil, sys
+START_THE_OPERATOR = """\
+import importlib
+import pkgutil
 
-locked, own = set(json.loads(sys.argv[1])), set(json.loads(sys.argv[2]))
-visible = {
-    module
-    for module, dists in importlib.metadata.packages_distributions().items()
-    if any(d.lower().replace("_", "-") in locked for d in dists)
-}
-
-
-class OnlyLocked:
-    \"\"\"Wraps a meta-path finder: a module of no locked distribution is not found.\"\"\"
-
-    def __init__(self, inner):
-        self.inner = inner
-
-    def find_spec(self, name, path=None, target=None):
-        top = name.partition(".")[0]
-        if top in sys.stdlib_module_names or top in own or top in visible:
-            return self.inner.find_spec(name, path, target)
-        return None
-
-    def __getattr__(self, name):
-        return getattr(self.inner, name)
-
-
-sys.meta_path[:] = [OnlyLocked(finder) for finder in sys.meta_path]
-exec(sys.argv[3])
-"""
-
-START_THE_OPERATOR = """import marl_operator
+import marl_operator
 from marl_operator.__main__ import build_parser
 from policies import checkpoint
 
@@ -197,26 +136,24 @@ print("started with the locked packages alone")
 
 
 def run_only_locked(
-    locked: set[str], code: str = START_THE_OPERATOR
+    tmp_path: Path, locked: set[str], code: str = START_THE_OPERATOR
 ) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    args = [json.dumps(sorted(locked)), json.dumps(OWN_PACKAGES), code]
     return subprocess.run(
-        [sys.executable, "-c", ONLY_LOCKED, *args],
+        [sys.executable, "-c", code],
         cwd=ROOT,
-        env=env,
+        env=environment(tmp_path, locked),
         capture_output=True,
         text=True,
         timeout=300,
     )
 
 
-def test_the_operator_imports_nothing_the_lock_leaves_out(pins):
-    done = run_only_locked({p.name for p in pins})
+def test_the_operator_imports_nothing_the_lock_leaves_out(pins, tmp_path):
+    done = run_only_locked(tmp_path, {p.name for p in pins})
     assert done.returncode == 0, done.stderr[-3000:]
     assert "started with the locked packages alone" in done.stdout
     # ...and the check can fail: without kopf's distribution the operator cannot start.
-    done = run_only_locked({p.name for p in pins} - {"kopf"})
+    done = run_only_locked(tmp_path, {p.name for p in pins} - {"kopf"})
     assert done.returncode != 0 and "No module named 'kopf'" in done.stderr, done.stderr
 
 
@@ -224,12 +161,12 @@ def test_the_operator_imports_nothing_the_lock_leaves_out(pins):
     ("module", "extra"),
     [("simulator.evaluate", "train"), ("simulator.train", "train"), ("demo", "demo")],
 )
-def test_a_tool_without_its_extra_names_the_extra_to_install(pins, module, extra):
+def test_a_tool_without_its_extra_names_the_extra_to_install(pins, module, extra, tmp_path):
     """With the operator's packages alone (a plain install), the offline tools and the demo
     stop at once and say which extra to install."""
     run = f"runpy.run_module({module!r}, run_name='__main__')"
-    code = f"import runpy; sys.argv = ['x', '--help']; {run}"
-    done = run_only_locked({p.name for p in pins}, code)
+    code = f"import runpy, sys; sys.argv = ['x', '--help']; {run}"
+    done = run_only_locked(tmp_path, {p.name for p in pins}, code)
     assert done.returncode != 0
     assert f"pip install 'marl-operator[{extra}]'" in done.stderr.splitlines()[-1], done.stderr
 
