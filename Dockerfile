@@ -4,12 +4,16 @@
 #   docker run --rm -p 8080:8080 -v ~/.kube/config:/kube/config:ro marl-operator:0.1.0 \
 #       --kubeconfig /kube/config --standalone
 #
-# Multi-stage: the build stage installs the operator's dependencies from the hashed lock
-# requirements/operator.txt (the ones the tests run on; `make lock` writes it) and then the
-# package into a virtualenv; the runtime stage copies that virtualenv onto a clean slim Python
-# and runs it as a non-root user. Training, the simulator's tools and the demo are extras of the
-# package ([train], [demo]) and stay out, torch with them: the operator reads the checkpoints
-# without it (policies/tensor_archive.py) and acts in numpy (policies/actor.py).
+# Multi-stage, and every package installed checked against a hash: the build stage makes two
+# virtualenvs. /opt/tools holds the build tools (pip, setuptools) from their lock
+# requirements/build.txt; /opt/venv, made without pip, receives from that pip the operator's
+# dependencies, from their lock requirements/operator.txt (the versions the tests run on;
+# `make lock` writes both), and the package's wheel, built by the locked setuptools instead of
+# whatever a build-isolation environment would fetch. The runtime stage copies /opt/venv
+# alone onto a clean slim Python, so no installer or build tool ships, and runs it as a
+# non-root user. Training, the simulator's tools and the demo are extras of the package
+# ([train], [demo]) and stay out, torch with them: the operator reads the checkpoints without
+# it (policies/tensor_archive.py) and acts in numpy (policies/actor.py).
 # The image works with a read-only root filesystem as long as /tmp is writable (the chart
 # mounts an emptyDir there): HOME and TMPDIR point at it.
 
@@ -19,25 +23,28 @@ FROM ${PYTHON_IMAGE} AS build
 ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PYTHONDONTWRITEBYTECODE=1
-RUN python -m venv /opt/venv
-ENV PATH=/opt/venv/bin:$PATH
+COPY requirements/build.txt requirements/operator.txt /tmp/requirements/
+RUN python -m venv /opt/tools \
+    && /opt/tools/bin/pip install --require-hashes --no-deps -r /tmp/requirements/build.txt \
+    && python -m venv --without-pip /opt/venv
+# The dependencies first, from the lock alone, so that a source change reuses this layer.
+RUN /opt/tools/bin/pip --python /opt/venv/bin/python install --require-hashes --no-deps \
+        -r /tmp/requirements/operator.txt
+# Then the package; the checkpoints under policies/checkpoints/ are package data. Its wheel
+# installs with --no-deps: the lock holds every dependency, which `pip check` confirms. The
+# checks: neither torch nor an installer is in the virtualenv, the operator's command line
+# starts and the bundled checkpoints load.
 WORKDIR /src
-# The dependencies first, from the lock alone, so that a source change reuses this layer;
-# every package pinned and checked against its hashes.
-COPY requirements/operator.txt /tmp/requirements.txt
-RUN pip install --require-hashes --no-deps -r /tmp/requirements.txt
-# Then the packages themselves; the checkpoints under policies/checkpoints/ are package data.
-# --no-deps: the lock has them all, which `pip check` confirms. The checks: no torch came in,
-# the operator's command line starts and the bundled checkpoints load.
 COPY pyproject.toml README.md ./
 COPY policies/ policies/
 COPY simulator/ simulator/
 COPY operator/ operator/
-RUN pip install --no-deps . \
-    && pip check \
-    && python -c "import importlib.util; assert importlib.util.find_spec('torch') is None, 'torch is installed'" \
-    && python -m marl_operator --help > /dev/null \
-    && python -c "from policies import checkpoint; [checkpoint.load(checkpoint.BUNDLED / n) for n in ('mesh-10x3', 'dfaas-paise25')]"
+RUN /opt/tools/bin/pip wheel --no-deps --no-build-isolation --wheel-dir /tmp/wheels . \
+    && /opt/tools/bin/pip --python /opt/venv/bin/python install --no-deps /tmp/wheels/*.whl \
+    && /opt/tools/bin/pip --python /opt/venv/bin/python check \
+    && /opt/venv/bin/python -c "import importlib.util as u; left = [m for m in ('torch', 'pip', 'setuptools') if u.find_spec(m)]; assert not left, left" \
+    && /opt/venv/bin/python -m marl_operator --help > /dev/null \
+    && /opt/venv/bin/python -c "from policies import checkpoint; [checkpoint.load(checkpoint.BUNDLED / n) for n in ('mesh-10x3', 'dfaas-paise25')]"
 
 FROM ${PYTHON_IMAGE}
 LABEL org.opencontainers.image.title="marl-operator" \

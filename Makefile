@@ -47,11 +47,13 @@ checkpoints: install
 		cp runs/bundled-mesh/$$f policies/checkpoints/mesh-10x3/$$f; done
 
 # The images' locks, resolved for every platform from Python 3.11 on, with hashes: the
-# operator's dependencies (pyproject.toml's, without extras) and the demo workload's
-# (workload/requirements.in). Rerun after changing either.
+# operator's dependencies (pyproject.toml's, without extras), the tools its image is built
+# with (requirements/build.in) and the demo workload's (workload/requirements.in). Rerun
+# after changing any of them.
 LOCK := $(PYTHON) -m uv pip compile --universal --python-version 3.11 --generate-hashes \
 	--custom-compile-command 'make lock'
 lock:
 	$(PIP) 'uv>=0.5,<1'
 	$(LOCK) pyproject.toml -o requirements/operator.txt
+	$(LOCK) requirements/build.in -o requirements/build.txt
 	$(LOCK) workload/requirements.in -o workload/requirements.txt

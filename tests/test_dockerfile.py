@@ -1,11 +1,12 @@
 """The Dockerfiles, checked without Docker (none runs on CI machines).
 
-The operator's image: every COPY source exists and survives .dockerignore; the build stage's
-steps work on exactly the files it copies (its dependency list comes from pyproject.toml, and
-``pip install .`` of those files yields a package with the bundled checkpoints); the runtime
-stage is non-root, read-only-root friendly, probes /healthz and runs ``python -m
-marl_operator``, and agrees with the chart (user id, port). The demo workload's image gets the
-same COPY checks.
+The operator's image: every COPY source exists and survives .dockerignore; every package the
+build installs comes from a hashed lock, or is the package itself; the build stage, replayed
+by this machine's shell on exactly the files it copies, yields a virtualenv of the lock and the
+package alone (with the bundled checkpoints; no pip, setuptools or torch) that starts the
+operator and acts; the runtime stage is non-root, read-only-root friendly, probes /healthz and
+runs ``python -m marl_operator``, and agrees with the chart (user id, port). The demo
+workload's image gets the same COPY checks.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from only_locked import environment, locked_names
+from only_locked import LOCK, read_lock
 
 ROOT = Path(__file__).resolve().parents[1]
 CHART_VALUES = ROOT / "charts" / "marl-operator" / "values.yaml"
@@ -182,6 +183,7 @@ def test_copied_paths_exist_and_are_in_the_context(dockerfile):
     _, stages = dockerfile
     copied = sources_in_context(ROOT, stages)
     assert set(copied) >= {
+        "requirements/build.txt",
         "requirements/operator.txt",
         "pyproject.toml",
         "README.md",
@@ -221,28 +223,28 @@ def test_stages_base(dockerfile):
         assert re.fullmatch(r"python:3\.11-slim(-\w+)?", stage.base), stage.base
 
 
-def test_the_image_installs_the_lock_and_leaves_torch_out(dockerfile):
-    """torch is in the package's training extra, not among the operator's dependencies: the
-    build installs the hashed lock of those (tests/test_lock.py checks it), then the package
-    with --no-deps, and nothing of PyTorch's wheel index or a torch pin is in the Dockerfile."""
+def test_the_image_installs_only_locked_packages_and_leaves_torch_out(dockerfile):
+    """Every pip in the build installs from a hashed lock or installs the package built here
+    with --no-deps; the package's wheel is built by the locked setuptools, without a build
+    isolation that would fetch an unpinned one; nothing of PyTorch's wheel index or a torch
+    pin is in the Dockerfile (torch is in the package's training extra)."""
     args, stages = dockerfile
     build = stages[0]
     text = (ROOT / "Dockerfile").read_text()
     assert "pytorch.org" not in text
     assert not [a for a in [*args, *build.all("ARG")] if a.startswith("TORCH")]
-    runs = build.all("RUN")
-    assert not [r for r in runs if re.search(r"pip install [^&]*\btorch\b", r)]
-    (lock,) = [
-        c.split()[-1] for c in build.all("COPY") if c.startswith("requirements/operator.txt ")
-    ]
-    (from_lock,) = [r for r in runs if f"-r {lock}" in r]
-    assert "--require-hashes" in from_lock and "--no-deps" in from_lock
-    assert runs.index(from_lock) < runs.index(
-        next(r for r in runs if "pip install --no-deps ." in r)
-    )
-    (install,) = [r for r in runs if "pip install --no-deps ." in r]
-    assert "pip check" in install, "the build checks that the lock holds every dependency"
-    assert "find_spec('torch') is None" in install, "the build checks that torch stayed out"
+    commands = [" ".join(c.split()) for run in build.all("RUN") for c in run.split("&&")]
+    installs = [c for c in commands if re.search(r"\bpip (--python \S+ )?install\b", c)]
+    assert not [c for c in installs if re.search(r"\btorch\b", c)]
+    locks = {Path(c).name for c in build.all("COPY")[0].split()[:-1]}
+    assert locks == {"build.txt", "operator.txt"}
+    for command in installs:
+        from_lock = re.search(r"--require-hashes --no-deps -r \S+/(\w+\.txt)$", command)
+        own_wheel = re.search(r"install --no-deps /tmp/wheels/\*\.whl$", command)
+        assert (from_lock and from_lock[1] in locks) or own_wheel, command
+    (wheel,) = [c for c in commands if " wheel " in c]
+    assert "--no-build-isolation" in wheel and "--no-deps" in wheel
+    assert any(c.endswith("pip --python /opt/venv/bin/python check") for c in commands)
     # The comments tell why torch is left out, and no longer explain how it is installed.
     comments = " ".join(
         line.lstrip("# ").strip() for line in text.splitlines() if line.lstrip().startswith("#")
@@ -285,25 +287,120 @@ def test_healthcheck_port_and_entrypoint(dockerfile):
     assert json.loads(entrypoint) == ["python", "-m", "marl_operator"]
 
 
-def test_build_stage_installs_the_package_with_its_checkpoints(dockerfile, tmp_path):
-    """Replays the build of the package on a copy of exactly what the build stage COPYs: the
-    wheel (setuptools, no network) must hold the operator and the bundled checkpoints."""
+# --- the build stage, replayed without Docker --------------------------------------------
+
+ABSOLUTE_PATH = re.compile(r"(?<![^\s\"'=])/(?=[A-Za-z])(?!dev/)")
+
+
+@dataclass
+class Replay:
+    """A stage's instructions run by the shell of this machine, with every absolute path the
+    stage names (``/opt``, ``/tmp``, ``/src``) moved under ``root``, and ``python`` on the
+    PATH meaning this interpreter (the same minor version as the image's)."""
+
+    context: Path
+    root: Path
+    env: dict[str, str] = field(default_factory=dict)
+    workdir: str = "/"
+
+    def at(self, path: str) -> Path:
+        return self.root / path.lstrip("/")
+
+    def rebase(self, text: str) -> str:
+        return ABSOLUTE_PATH.sub(f"{self.root}/", text)
+
+    def copy(self, rest: str, found: dict[str, list[str]]) -> None:
+        sources, destination, _ = copy_sources(rest)
+        if not destination.startswith("/"):
+            destination = f"{self.workdir.rstrip('/')}/{destination}"
+        into = self.at(destination)
+        for source in sources:
+            for file in found[source]:
+                if source.endswith("/"):
+                    target = into / Path(file).relative_to(source)
+                elif destination.endswith("/") or len(sources) > 1:
+                    target = into / Path(file).name
+                else:
+                    target = into
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(self.context / file, target)
+
+    def run(self, command: str) -> subprocess.CompletedProcess:
+        self.at(self.workdir).mkdir(parents=True, exist_ok=True)
+        return subprocess.run(
+            self.rebase(command),
+            shell=True,
+            cwd=self.at(self.workdir),
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=900,
+        )
+
+    def play(self, stage: Stage) -> None:
+        found = sources_in_context(self.context, [stage])
+        for kind, rest in stage.instructions:
+            if kind == "ENV":
+                for word in shlex.split(rest):
+                    key, _, value = word.partition("=")
+                    # The pip cache stays on here: it changes what is downloaded, not what
+                    # is installed (every package is checked against the lock's hashes).
+                    if key != "PIP_NO_CACHE_DIR":
+                        self.env[key] = self.rebase(f"={value}")[1:]
+            elif kind == "WORKDIR":
+                self.workdir = rest
+            elif kind == "COPY":
+                self.copy(rest, found)
+            elif kind == "RUN":
+                done = self.run(rest)
+                assert done.returncode == 0, f"RUN {rest}\n{done.stdout}{done.stderr[-4000:]}"
+
+
+@pytest.fixture(scope="module")
+def built(dockerfile, tmp_path_factory) -> Replay:
+    """The build stage, replayed: real virtualenvs, packages from PyPI checked against the
+    locks' hashes, the package's wheel built from exactly the files the stage copies."""
     _, stages = dockerfile
-    context = tmp_path / "context"
-    for files in sources_in_context(ROOT, stages).values():
-        for file in files:
-            (context / file).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(ROOT / file, context / file)
-    wheels = tmp_path / "wheels"
-    pip_wheel = ["pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(wheels)]
-    done = subprocess.run(
-        [sys.executable, "-m", *pip_wheel, str(context)],
-        capture_output=True,
-        text=True,
-        timeout=300,
+    root = tmp_path_factory.mktemp("image")
+    shim = root / "usr" / "local" / "bin" / "python"
+    shim.parent.mkdir(parents=True)
+    shim.write_text(f'#!/bin/sh\nexec {shlex.quote(sys.executable)} "$@"\n')
+    shim.chmod(0o755)
+    quiet = {"PIP_QUIET": "1", "PIP_DISABLE_PIP_VERSION_CHECK": "1"}
+    inherited = {
+        k: v for k, v in os.environ.items() if not k.startswith(("PIP_", "PYTHON", "VIRTUAL_"))
+    }
+    env = inherited | quiet | {"PATH": f"{shim.parent}{os.pathsep}{os.environ['PATH']}"}
+    replay = Replay(context=ROOT, root=root, env=env)
+    replay.play(stages[0])
+    return replay
+
+
+def test_the_replayed_build_holds_the_lock_and_the_package_alone(built):
+    """What the runtime stage copies: the lock's distributions for this platform and the
+    package, at the locked versions; no installer, build tool or torch."""
+    python = built.at("/opt/venv/bin/python")
+    listing = subprocess.run(
+        [str(python), "-c", LIST_DISTRIBUTIONS], capture_output=True, text=True, check=True
     )
-    assert done.returncode == 0, done.stdout + done.stderr
-    (wheel,) = wheels.glob("marl_operator-*.whl")
+    installed = json.loads(listing.stdout)
+    locked = {pin.name: pin.version for pin in read_lock(LOCK.read_text()) if pin.applies()}
+    assert installed.pop("marl-operator") == "0.1.0"
+    assert installed == locked
+    assert not {"pip", "setuptools", "torch"} & set(installed)
+
+
+LIST_DISTRIBUTIONS = """\
+import importlib.metadata, json, re
+print(json.dumps({
+    re.sub(r"[-_.]+", "-", d.metadata["Name"]).lower(): d.version
+    for d in importlib.metadata.distributions()
+}))
+"""
+
+
+def test_the_replayed_build_wheel_holds_the_checkpoints(built):
+    (wheel,) = built.at("/tmp/wheels").glob("marl_operator-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
     for needed in (
         "marl_operator/__main__.py",
@@ -335,41 +432,32 @@ print(json.dumps({
 """
 
 
-def test_the_build_stage_checks_pass_where_torch_cannot_be_imported(dockerfile, tmp_path):
-    """The checks the build stage runs after installing the package (no torch, the operator's
-    --help, the bundled checkpoints load), run as written by interpreters that cannot import
-    torch, nor anything else the image's lock leaves out (a sitecustomize hides them); then
-    the loaded checkpoint acts."""
-    _, stages = dockerfile
-    (install,) = [r for r in stages[0].all("RUN") if "pip install --no-deps ." in r]
-    # pip check is left out: here it would judge this environment, not the image's.
-    checks = [c.strip() for c in install.split("&&")[1:] if c.strip() != "pip check"]
-    assert any("marl_operator --help" in c for c in checks)
-    assert any("checkpoint.load" in c for c in checks)
-    shim = tmp_path / "bin" / "python"  # the checks call `python`: this interpreter
-    shim.parent.mkdir()
-    shim.write_text(f'#!/bin/sh\nexec {shlex.quote(sys.executable)} "$@"\n')
-    shim.chmod(0o755)
-    env = environment(tmp_path, locked_names())
-    env.update(PATH=f"{shim.parent}{os.pathsep}{env['PATH']}")
+def test_the_replayed_image_starts_and_acts(built, tmp_path):
+    """The image's interpreter, run from outside the source tree: the operator's --help, and
+    a bundled checkpoint acting in numpy."""
+    python = str(built.at("/opt/venv/bin/python"))
 
-    def run(command: str) -> subprocess.CompletedProcess:
+    def run(*argv: str) -> subprocess.CompletedProcess:
         return subprocess.run(
-            command, shell=True, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+            [python, *argv], cwd=tmp_path, env=built.env, capture_output=True, text=True
         )
 
-    hidden = run("python -c 'import torch'")
-    assert hidden.returncode != 0 and "No module named 'torch'" in hidden.stderr, hidden.stderr
-    for check in checks:
-        done = run(check)
-        assert done.returncode == 0, f"{check}\n{done.stdout}{done.stderr[-3000:]}"
-    helped = run("python -m marl_operator --help")
+    helped = run("-m", "marl_operator", "--help")
     assert helped.returncode == 0 and "usage: python -m marl_operator" in helped.stdout
     (tmp_path / "act.py").write_text(ACT)
-    acted = run("python act.py")
+    acted = run("act.py")
     assert acted.returncode == 0, acted.stderr[-3000:]
     result = json.loads(acted.stdout.strip().splitlines()[-1])
     assert result == {"shape": [2, 6, 5], "rows_sum_to_one": True, "torch": False}
+
+
+def test_replay_moves_absolute_paths_but_not_devices_or_division(tmp_path):
+    replay = Replay(context=ROOT, root=tmp_path)
+    command = "/opt/a -r /tmp/b.txt > /dev/null && python -c 'x = BUNDLED / n' PATH=/opt/venv/bin"
+    assert replay.rebase(command) == (
+        f"{tmp_path}/opt/a -r {tmp_path}/tmp/b.txt > /dev/null && python -c 'x = BUNDLED / n'"
+        f" PATH={tmp_path}/opt/venv/bin"
+    )
 
 
 # --- the demo workload's image -----------------------------------------------------------

@@ -1,5 +1,6 @@
 """The operator's hashed lock, requirements/operator.txt: what the image installs (and nothing
-else), and what the tests run on; and the demo workload image's, workload/requirements.txt.
+else), and what the tests run on; the locks of the tools the image is built with,
+requirements/build.txt, and of the demo workload image, workload/requirements.txt.
 
 The operator imports nothing the lock leaves out (checked with every other installed package
 hidden), the lock pins every dependency pyproject.toml gives the operator at a version it
@@ -14,6 +15,7 @@ import importlib.metadata
 import subprocess
 import sys
 import tomllib
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -35,16 +37,37 @@ def operator_requirements() -> list[Requirement]:
     return [Requirement(r) for r in project["dependencies"]]
 
 
-def workload_requirements() -> list[Requirement]:
-    lines = (ROOT / "workload" / "requirements.in").read_text().splitlines()
-    return [Requirement(line) for line in lines if line.strip() and not line.startswith("#")]
+def requirements_in(path: Path) -> Callable[[], list[Requirement]]:
+    def read() -> list[Requirement]:
+        lines = path.read_text().splitlines()
+        return [Requirement(line) for line in lines if line.strip() and not line.startswith("#")]
+
+    return read
 
 
 # Each image's lock and the requirements it was resolved from.
 LOCKS = {
     "operator": (LOCK, operator_requirements),
-    "workload": (ROOT / "workload" / "requirements.txt", workload_requirements),
+    "build": (ROOT / "requirements" / "build.txt", requirements_in(LOCK.with_name("build.in"))),
+    "workload": (
+        ROOT / "workload" / "requirements.txt",
+        requirements_in(ROOT / "workload" / "requirements.in"),
+    ),
 }
+
+
+def test_the_build_tools_lock_builds_the_package():
+    """The image builds the wheel without build isolation, with the locked setuptools: it
+    must be one pyproject.toml's build-system accepts."""
+    build_system = tomllib.loads((ROOT / "pyproject.toml").read_text())["build-system"]
+    pins = {p.name: p for p in read_lock(LOCKS["build"][0].read_text())}
+    for text in build_system["requires"]:
+        requirement = Requirement(text)
+        pin = pins.get(canonicalize_name(requirement.name))
+        assert pin and requirement.specifier.contains(pin.version), (
+            f"requirements/build.txt must pin {requirement}: run `make lock`"
+        )
+    assert {"pip", "setuptools"} <= set(pins)
 
 
 def test_the_lock_reader_reads_markers_and_hashes():
