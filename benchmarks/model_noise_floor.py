@@ -27,7 +27,7 @@ Reported per scenario, each as normalised MAE (mean absolute error over the mean
 figure the system model is judged by), all on the same rows (those of groups with at least 8
 rows whose fit leaves them a residual): ``floor``, that error; ``spread``, the error of each
 group's median (what is left knowing nothing of the replica's own state); ``pooled``, the
-error of one gradient-boosted model of the system model's three inputs fitted on the
+error of one gradient-boosted model of the system model's inputs fitted on the
 replicas' own rows, scored on a fifth of the intervals it did not see (five contiguous
 blocks in turn): what a model of these inputs reaches with five times the system model's
 data, from the same routings; and ``model``, the error of the system model fitted on
@@ -49,7 +49,7 @@ from tqdm import tqdm
 
 from policies.adaptation import model_rows
 from policies.rollout import Policy
-from policies.system_model import MEAN_MS, P95_MS, SystemModel
+from policies.system_model import BACKLOG, MEAN_MS, P95_MS, UTILISATION, SystemModel
 from simulator.adapt import (
     IntervalRecorder,
     commissioning_routing,
@@ -74,7 +74,6 @@ from simulator.episodes import build_policy
 from simulator.scenario import Scenario, load_scenario
 
 LATENCIES = {"mean_ms": MEAN_MS, "p95_ms": P95_MS}
-UTILISATION, BACKLOG = 0, 2  # feature columns
 TARGET_NMAE = 0.10
 """The held-out error asked of the system model, drawn in the plot for comparison."""
 

@@ -19,7 +19,7 @@ from policies.model_env import MeshState, ModelEnv
 from policies.observation import MeshTelemetry
 from policies.queueing import prior_table, with_prior
 from policies.rollout import Decision, Policy, Rollout, RolloutSettings
-from policies.system_model import FEATURES, TARGETS, LatencyTable, SystemModel
+from policies.system_model import TARGETS, LatencyTable, SystemModel, feature_rows
 
 
 @dataclass(frozen=True)
@@ -74,7 +74,7 @@ def utilisation(tel: IntervalTelemetry, work: np.ndarray, seconds: float) -> np.
 class Rows(NamedTuple):
     """The system model's rows of one interval, one per node and service."""
 
-    features: np.ndarray  # (N*S, 3)
+    features: np.ndarray  # (N*S, len(FEATURES))
     targets: np.ndarray  # (N*S, 4), NaN where too few requests were seen
     requests: np.ndarray  # (N*S,) requests the row's latencies are over
 
@@ -90,21 +90,14 @@ def model_rows(
     service_ms = np.where(
         up[:, None], 1000.0 * work[None, :] / np.maximum(cap, 1e-9)[:, None], np.nan
     )
-    features = np.stack(
-        [
-            np.broadcast_to(util[:, None], service_ms.shape),
-            service_ms,
-            np.broadcast_to(tel.backlog_start[:, None], service_ms.shape),
-        ],
-        axis=-1,
-    )
+    features = feature_rows(util[:, None], service_ms, tel.backlog_start[:, None])
     enough = tel.incoming * seconds >= min_requests
     success = 1.0 - tel.rejected / np.maximum(tel.incoming, 1e-12)
     backlog = np.broadcast_to(tel.backlog_end[:, None], service_ms.shape)
     targets = np.stack([tel.mean_ms, tel.p95_ms, np.clip(success, 0.0, 1.0), backlog], axis=-1)
     targets = np.where(enough[..., None], targets, np.nan)
     return Rows(
-        features.reshape(-1, len(FEATURES)),
+        features,
         targets.reshape(-1, len(TARGETS)),
         (np.asarray(tel.incoming, dtype=float) * seconds).reshape(-1),
     )

@@ -30,7 +30,7 @@ P95_OVER_MEAN = 3.0  # exponential sojourn: -ln(0.05) ~= 3.0
 
 
 def queueing_prior(interval_s: float) -> Callable[[np.ndarray], np.ndarray]:
-    """``predict(features (R, 3)) -> targets (R, 4)`` for intervals of ``interval_s``."""
+    """``predict(features (R, F)) -> targets (R, T)`` for intervals of ``interval_s``."""
 
     def predict(features: np.ndarray) -> np.ndarray:
         x = np.asarray(features, dtype=float).reshape(-1, len(FEATURES))

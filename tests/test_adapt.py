@@ -8,7 +8,9 @@ import json
 
 import numpy as np
 
+from policies.adaptation import IntervalTelemetry, model_rows
 from policies.model_env import RAMP_FROM_UTILISATION, SAFE_UTILISATION
+from policies.system_model import BACKLOG, MEAN_MS, SERVICE_MS, UTILISATION
 from simulator import adapt
 from simulator.env import EdgeEnv
 from simulator.scenario import load_scenario
@@ -36,8 +38,6 @@ def test_server_stats_add_up_to_the_routing_agents_view():
 
 
 def test_model_rows_average_the_rate_and_cpu_measurements_of_utilisation():
-    from policies.adaptation import IntervalTelemetry, model_rows
-
     incoming = np.array([[40.0], [10.0], [30.0]])  # requests/s of work 10, capacity 1000
     tel = IntervalTelemetry(
         offered=incoming,
@@ -60,6 +60,28 @@ def test_model_rows_average_the_rate_and_cpu_measurements_of_utilisation():
     tel = dataclasses.replace(tel, busy=np.array([0.5, 0.3, 0.0]))
     features = model_rows(tel, np.array([10.0]), seconds=5.0).features
     assert np.allclose(features[:2, 0], [(0.4 + 0.6) / 2, (0.1 + 0.1) / 2])
+
+
+def test_model_rows_are_node_major_one_per_node_and_service():
+    """A node's utilisation and backlog serve each of its services' rows; each row's service
+    time is its service's work over its node's capacity."""
+    incoming = np.array([[40.0, 10.0], [20.0, 5.0]])
+    tel = IntervalTelemetry(
+        offered=incoming,
+        incoming=incoming,
+        rejected=np.zeros((2, 2)),
+        mean_ms=np.array([[10.0, 30.0], [12.0, 40.0]]),
+        p95_ms=np.full((2, 2), 60.0),
+        capacity=np.array([1000.0, 500.0]),
+        backlog_start=np.array([0.0, 0.5]),
+        backlog_end=np.zeros(2),
+        mesh=None,
+    )
+    rows = model_rows(tel, np.array([10.0, 20.0]), seconds=5.0)
+    assert rows.features[:, SERVICE_MS].tolist() == [10.0, 20.0, 20.0, 40.0]
+    assert rows.features[:, BACKLOG].tolist() == [0.0, 0.0, 0.5, 0.5]
+    assert np.allclose(rows.features[:, UTILISATION], [0.6, 0.6, 0.6, 0.6])
+    assert rows.targets[:, MEAN_MS].tolist() == [10.0, 30.0, 12.0, 40.0]
 
 
 def test_list_scenarios_prints_loadable_names(capsys):

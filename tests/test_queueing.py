@@ -5,20 +5,27 @@ from __future__ import annotations
 import numpy as np
 
 from policies.queueing import prior_table, queueing_prior, with_prior
-from policies.system_model import BACKLOG_S, MEAN_MS, P95_MS, SUCCESS, LatencyTable
+from policies.system_model import (
+    BACKLOG_S,
+    MEAN_MS,
+    P95_MS,
+    SUCCESS,
+    LatencyTable,
+    feature_rows,
+)
 
 
 def test_prior_latency_grows_with_load_and_overload_queues_up():
     predict = queueing_prior(interval_s=10.0)
     util = np.linspace(0.0, 2.0, 21)
-    rows = np.stack([util, np.full_like(util, 20.0), np.zeros_like(util)], axis=1)
+    rows = feature_rows(util, 20.0, 0.0)
     out = predict(rows)
     assert np.all(np.diff(out[:, MEAN_MS]) > 0) and np.all(np.diff(out[:, P95_MS]) >= 0)
     assert out[0, MEAN_MS] == 20.0  # an idle node: the service time
     assert np.allclose(out[util <= 1.0, BACKLOG_S], 0.0)  # no queue below capacity
     assert out[-1, BACKLOG_S] == 10.0  # twice the capacity for 10 s queues 10 s of work
     assert np.all(out[:, SUCCESS] == 1.0)
-    draining = predict(np.array([[0.5, 20.0, 8.0]]))[0]
+    draining = predict(feature_rows(0.5, 20.0, 8.0))[0]
     assert draining[BACKLOG_S] == 3.0  # 8 s of work drains at 0.5 s per second
 
 
@@ -47,13 +54,13 @@ def test_the_learned_table_answers_inside_its_data_and_the_prior_elsewhere():
     both = with_prior(learned, prior)
     assert both.known.all() and both.utilisation[-1] == prior.utilisation[-1]
     got, _ = both.lookup(np.array([0.4, 0.4]), np.zeros(2))  # inside both nodes' data
-    assert np.allclose(got[:, 0], learned_fn(np.array([[0.4, 10.0, 0], [0.4, 20.0, 0]])))
+    assert np.allclose(got[:, 0], learned_fn(feature_rows(0.4, [10.0, 20.0], 0.0)))
     got, _ = both.lookup(np.array([1.0, 1.0]), np.zeros(2))  # node 1: past its data
-    want = np.array([[1.0, 10.0, 0.0], [1.0, 20.0, 0.0]])
+    want = feature_rows(1.0, [10.0, 20.0], 0.0)
     assert np.allclose(got[0, 0], learned_fn(want)[0])
     assert np.allclose(got[1, 0], queueing_prior(10.0)(want)[1])
     got, _ = both.lookup(np.array([2.5, 2.5]), np.zeros(2))  # past the learned grid: prior
-    assert np.allclose(got[:, 0], queueing_prior(10.0)(np.array([[2.5, 10.0, 0], [2.5, 20.0, 0]])))
+    assert np.allclose(got[:, 0], queueing_prior(10.0)(feature_rows(2.5, [10.0, 20.0], 0.0)))
 
 
 def test_prior_table_covers_the_current_backlog():

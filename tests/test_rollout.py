@@ -22,6 +22,7 @@ from policies.system_model import (
     TARGETS,
     LatencyTable,
     SystemModel,
+    feature_rows,
     score,
 )
 from policies.topology import Topology
@@ -355,11 +356,11 @@ def test_states_outside_the_model_data_fall_back_to_the_base_policy():
     for _ in range(20):
         rho = rng.uniform(0.0, 0.3, 4)
         svc = rng.choice([10 / 0.7, 10.0], 4)
-        x = np.stack([rho, svc, np.zeros(4)], axis=1)
+        x = feature_rows(rho, svc, np.zeros(4))
         model.observe(x, exact(x))
     assert model.ready
-    assert model.in_data(np.array([[0.1, 10.0, 0.0]]))[0]
-    assert not model.in_data(np.array([[0.86, 10 / 0.7, 0.0]]))[0]
+    assert model.in_data(feature_rows(0.1, 10.0, 0.0))[0]
+    assert not model.in_data(feature_rows(0.86, 10 / 0.7, 0.0))[0]
     table = model.table(env.service_ms(state.capacity))
     rollout = Rollout(env, always_local, RolloutSettings(horizon=1, margin=0))
     decision = rollout.decide(state, table)
@@ -381,7 +382,7 @@ def streamed_model(seed: int) -> SystemModel:
     model = SystemModel(min_rows=20, refit_share=0.0)
     rng = np.random.default_rng(seed)
     for _ in range(40):
-        x = np.stack([rng.uniform(0, 0.9, 10), rng.uniform(5, 40, 10), np.zeros(10)], axis=1)
+        x = feature_rows(rng.uniform(0, 0.9, 10), rng.uniform(5, 40, 10), np.zeros(10))
         model.observe(x, exact(x))
     return model
 
@@ -429,7 +430,7 @@ def test_the_system_model_scores_the_mesh_mean_latency_when_told_the_requests():
     rng = np.random.default_rng(5)
 
     def interval() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        x = np.stack([rng.uniform(0.1, 0.8, 6), np.full(6, 10.0), np.zeros(6)], axis=1)
+        x = feature_rows(rng.uniform(0.1, 0.8, 6), np.full(6, 10.0), np.zeros(6))
         y = exact(x)
         y[:, MEAN_MS] *= rng.lognormal(0.0, 0.2, 6)  # per-row chance
         y[0] = np.nan  # a row too thin to learn from: dropped with its requests
@@ -451,7 +452,7 @@ def test_system_model_refits_on_a_share_of_new_rows_or_when_the_data_moves():
     rng = np.random.default_rng(2)
 
     def rows(low: float, high: float) -> np.ndarray:
-        return np.stack([rng.uniform(low, high, 10), np.full(10, 10.0), np.zeros(10)], axis=1)
+        return feature_rows(rng.uniform(low, high, 10), np.full(10, 10.0), np.zeros(10))
 
     fitted = [model.observe(x, exact(x)) for x in (rows(0.0, 0.4) for _ in range(6))]
     # the first fit at 20 rows, the next ones once min_rows (more than half of 20, of 40) more
@@ -467,7 +468,7 @@ def test_the_longest_queues_seen_are_inside_the_table():
     rng = np.random.default_rng(4)
     util = rng.uniform(0.0, 0.9, 3000)
     backlog = np.where(np.arange(3000) % 100 == 7, 3.0, 0.0)
-    x = np.stack([util, np.full(3000, 10.0), backlog], axis=1)
+    x = feature_rows(util, np.full(3000, 10.0), backlog)
     y = exact(x)
     y[:, 0] += 1000.0 * backlog
     model = SystemModel(min_rows=50)
@@ -485,7 +486,7 @@ def test_system_model_table_interpolates_service_times_within_the_data():
     service_ms = np.array([[6.0], [15.0], [38.0], [80.0]])
     table = model.table(service_ms)
     values, known = table.lookup(np.full(4, 0.5), np.zeros(4))
-    features = np.stack([np.full(4, 0.5), service_ms[:, 0], np.zeros(4)], axis=1)
+    features = feature_rows(np.full(4, 0.5), service_ms[:, 0], np.zeros(4))
     assert np.allclose(values[:, 0, 0], model.predict(features)[:, 0])  # one tabulation
     # Learned: close to the truth inside the data (a forest flattens towards its edges), and
     # slower nodes are predicted slower.
@@ -502,7 +503,7 @@ def test_the_adapter_prices_states_outside_the_data_by_the_prior():
         model = SystemModel(min_rows=10, radius=0.2)
         rng = np.random.default_rng(0)
         for _ in range(20):  # data only at low utilisation
-            x = np.stack([rng.uniform(0.0, 0.3, 4), np.full(4, 10 / 0.7), np.zeros(4)], axis=1)
+            x = feature_rows(rng.uniform(0.0, 0.3, 4), np.full(4, 10 / 0.7), np.zeros(4))
             model.observe(x, exact(x))
         model.drift_outside = 2.0  # keep it so: no refit on the next interval's rows
         adapter = Adapter(env, always_local, model, RolloutSettings(horizon=1), prior=prior)
@@ -519,7 +520,7 @@ def test_the_adapter_prices_states_outside_the_data_by_the_prior():
             assert np.allclose(got[0], want[0], rtol=1e-6)
             got, known = table.lookup(np.array([0.9, 0.0]), np.zeros(2))
             prior_value = queueing_prior(adapter.interval_seconds)(
-                np.array([[0.9, cap_ms[0, 0], 0.0]])
+                feature_rows(0.9, cap_ms[0, 0], 0.0)
             )
             assert known.all() and np.allclose(got[0, 0], prior_value[0])
         else:
@@ -548,7 +549,7 @@ def test_a_kept_decision_survives_a_refit_that_predicts_the_same():
     model = SystemModel(min_rows=8, refit_share=0.0, radius=1.0)  # refits every interval
     rng = np.random.default_rng(0)
     for _ in range(30):
-        x = np.stack([rng.uniform(0.0, 1.0, 4), rng.choice([10 / 0.7, 10.0], 4), np.zeros(4)], 1)
+        x = feature_rows(rng.uniform(0.0, 1.0, 4), rng.choice([10 / 0.7, 10.0], 4), np.zeros(4))
         model.observe(x, exact(x))
     adapter = Adapter(
         env,
