@@ -1031,6 +1031,30 @@ def test_a_forbidden_write_becomes_a_condition_not_a_crash():
     assert applied["status"] == "True" and applied["reason"] == "Written"
 
 
+def test_writes_that_keep_failing_count_towards_the_fallback():
+    """A mesh that refuses every write (an admission webhook, say) fails the interval as a
+    metrics outage does: after failureThreshold intervals the fallback is tried."""
+    mesh = example_mesh()
+    runtime, _ = runtime_over(mesh)
+    body = example_policy_body(safety={"failureThreshold": 2, "fallback": "local"})
+    mesh.offered["edge-0"] *= 3  # a decision to write
+    write = mesh.write
+
+    def refuse(service, routes):
+        raise MeshError("admission webhook denied the request")
+
+    mesh.write = refuse
+    first = runtime.cycle("edge/p", body)
+    assert first.outcome == Outcome.HELD and "(1 more before the fallback)" in first.reason
+    second = runtime.cycle("edge/p", body)
+    assert second.outcome == Outcome.HELD
+    assert "writing the local fallback failed" in second.reason
+    mesh.write = write
+    assert runtime.cycle("edge/p", body).outcome == Outcome.APPLIED
+    mesh.write = refuse  # a written interval starts the count again
+    assert "(1 more before the fallback)" in runtime.cycle("edge/p", body).reason
+
+
 def test_a_write_that_fails_part_way_reports_what_the_mesh_carries():
     """Of two services, the first is written and the second refused (a 500, a webhook): the
     report, and so the status, carries the first one's new weights and the second's old."""

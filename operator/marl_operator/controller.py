@@ -191,7 +191,6 @@ class PolicyController:
             return self._failed(f"inconsistent decision: {error}", live)
         safety = self.spec.safety
         limited = limit_table(live, proposed, safety.max_weight_change, safety.min_weight_change)
-        self.failures.succeeded()
         extra = dict(
             proposed=proposed,
             fallback=decision.fallback,
@@ -201,11 +200,13 @@ class PolicyController:
             decision_ms=decision.decision_ms,
         )
         if self.spec.dry_run:
+            self.failures.succeeded()
             return self._report(Outcome.DRY_RUN, "spec.dryRun: decided, not written", live, **extra)
         try:
             changed = self._write(limited, live)
         except MeshError as error:
             return self._failed(f"mesh: {error}", live)
+        self.failures.succeeded()  # a failed write is a failed interval, as a failed read is
         outcome = Outcome.APPLIED if changed else Outcome.UNCHANGED
         if decision.fallback is not None:
             reason = f"base policy applied ({decision.fallback})"
