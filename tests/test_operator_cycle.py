@@ -597,7 +597,12 @@ def test_dry_run_and_suspend_write_nothing():
     assert dry.outcome == Outcome.DRY_RUN and dry.proposed and mesh.writes == 0
     body = example_policy_body(suspend=True)
     body["metadata"]["generation"] = 2
-    assert runtime.cycle("edge/p", body).outcome == Outcome.SUSPENDED and mesh.writes == 0
+    suspended = runtime.cycle("edge/p", body)
+    assert suspended.outcome == Outcome.SUSPENDED and mesh.writes == 0
+    # Nothing was read: whether metrics are there is unknown, not "read" nor "missing".
+    metrics = condition(suspended, "MetricsAvailable")
+    assert (metrics["status"], metrics["reason"]) == ("Unknown", "Suspended")
+    assert metrics["message"] == "spec.suspend is true"
 
 
 def test_invalid_policy_reports_the_field_and_never_writes():

@@ -44,13 +44,25 @@ def conditions_of(report: CycleReport) -> list[dict[str, Any]]:
     (403) makes WeightsApplied False with reason Forbidden, whatever the outcome: the message
     names the RBAC rule to grant. A cycle held because a read the policy is built from was
     refused read no metrics either: MetricsAvailable is Unknown (NotRead) then, not missing;
-    after a cycle that failed unexpectedly it is Unknown too (CycleFailed)."""
+    after a cycle that failed unexpectedly it is Unknown too (CycleFailed), and so it is for
+    a suspended or invalid policy, which reads nothing (Suspended, Invalid)."""
     o = report.outcome
     metrics_failed = o in (Outcome.HELD, Outcome.FALLBACK) and report.reason.startswith("metrics")
     unread = o == Outcome.HELD and report.reason.startswith(BUILD_FORBIDDEN)
     failed = o == Outcome.HELD and report.reason.startswith(CYCLE_FAILED)
     decided = o in (Outcome.APPLIED, Outcome.UNCHANGED, Outcome.DRY_RUN)
     written = o in (Outcome.APPLIED, Outcome.UNCHANGED)
+    # Why no metrics were read this cycle, if none were: a suspended or invalid policy reads
+    # nothing, which says nothing about whether they are there (Unknown, not False).
+    not_read = (
+        "CycleFailed"
+        if failed
+        else "NotRead"
+        if unread
+        else o.value
+        if o in (Outcome.SUSPENDED, Outcome.INVALID)
+        else None
+    )
     return [
         _condition(
             "Ready",
@@ -59,16 +71,12 @@ def conditions_of(report: CycleReport) -> list[dict[str, Any]]:
             report.reason,
         ),
         (
-            _condition(
-                "MetricsAvailable", None, "CycleFailed" if failed else "NotRead", report.reason
-            )
-            if unread or failed
+            _condition("MetricsAvailable", None, not_read, report.reason)
+            if not_read
             else _condition(
                 "MetricsAvailable",
-                o not in (Outcome.SUSPENDED, Outcome.INVALID) and not metrics_failed,
-                "MetricsMissing"
-                if metrics_failed
-                else ("Read" if o != Outcome.INVALID else o.value),
+                not metrics_failed,
+                "MetricsMissing" if metrics_failed else "Read",
                 report.reason if metrics_failed else _metrics_read(report),
             )
         ),
