@@ -317,6 +317,7 @@ def failing(exc: Exception):
         (requests.ReadTimeout("read timed out"), "did not answer within 2 s"),
         (PrometheusApiClientException("HTTP Status Code 503 (b'alice:s3cret')"), "503"),
         (ValueError("Expecting value: line 1 column 1"), "unreadable"),
+        (RecursionError("maximum recursion depth exceeded"), "unreadable"),  # [[[[...
     ],
 )
 def test_failures_are_metrics_unavailable_without_credentials(exc, words):
@@ -341,6 +342,7 @@ def test_failures_are_metrics_unavailable_without_credentials(exc, words):
         ),
         (b'{"internal":"db-password=hunter2"}', "HTTP 400 (not Prometheus's error", "hunter2"),
         (b"<html>admin console</html>", "HTTP 400 (not Prometheus's error", "admin console"),
+        (b"[" * 100_000, "HTTP 400 (not Prometheus's error", "[["),  # deeper than the stack
     ],
 )
 def test_an_error_answer_shows_prometheus_s_own_error_and_nothing_else(body, shown, withheld):
@@ -399,10 +401,23 @@ def test_a_closed_port_is_metrics_unavailable_through_the_real_client():
         ("http://marl:pa?ss@prom:9090", "http://prom:9090"),
         ("http://marl:pa#ss@prom:9090", "http://prom:9090"),
         ("http://marl:p@ss@prom:9090", "http://prom:9090"),
+        # No scheme: refused, and the refusal quotes the URL without its credentials.
+        ("admin:s3cr3t@prometheus:9090", "prometheus:9090"),
+        ("prometheus:9090", "prometheus:9090"),
     ],
 )
 def test_redact_url(url, safe):
     assert redact_url(url) == safe
+
+
+def test_a_url_without_a_scheme_is_refused_without_its_credentials(capsys):
+    url = "admin:s3cr3t@prometheus.monitoring:9090"
+    with pytest.raises(ValueError, match="must be an http") as info:
+        check_url(url)
+    assert "s3cr3t" not in str(info.value) and "prometheus.monitoring:9090" in str(info.value)
+    with pytest.raises(SystemExit):
+        parse_args(["--prometheus-url", url])
+    assert "s3cr3t" not in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("password", ["Zm9v/YmFy", "pa?ss", "pa#ss"])

@@ -334,8 +334,12 @@ def redact_url(url: str) -> str:
     """The URL without ``user:password@``, for messages, logs and conditions. Everything up
     to the last '@' goes, not just what ``urlsplit`` calls the userinfo: an unencoded '/',
     '?' or '#' in a password (base64 makes '/') would end its netloc early and leave the
-    password in place."""
-    return _USERINFO.sub("", url)
+    password in place. Without a scheme (a URL mistyped, which is refused, naming it) the
+    same goes from its start."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        scheme, rest = "", url
+    return f"{scheme}{sep}{rest.rpartition('@')[2]}"
 
 
 def _redact_text(text: str, url: str) -> str:
@@ -362,7 +366,7 @@ def error_answer(text: str) -> str:
     code, body = match["code"], match["body"]
     try:
         answer = json.loads(ast.literal_eval(body))
-    except (ValueError, SyntaxError, TypeError):
+    except (ValueError, SyntaxError, TypeError, RecursionError):  # nested past Python's stack
         answer = None
     if (
         isinstance(answer, dict)
@@ -606,8 +610,9 @@ class PrometheusReader:
             raise self._fail(name, f"is unreachable: {_connection_reason(exc)}") from exc
         except PrometheusApiClientException as exc:
             raise self._fail(name, f"answered an error: {error_answer(str(exc))}") from exc
-        except (requests.RequestException, ValueError, KeyError, TypeError) as exc:
-            # A 200 answer that is not Prometheus's JSON (a proxy's login page, say).
+        except (requests.RequestException, ValueError, KeyError, TypeError, RecursionError) as exc:
+            # A 200 answer that is not Prometheus's JSON (a proxy's login page, say, or JSON
+            # nested deeper than Python's stack).
             raise self._fail(name, f"gave an unreadable answer: {type(exc).__name__}") from exc
 
     def read(
