@@ -77,15 +77,16 @@ def reader(url: str, **access) -> PrometheusReader:
 def test_the_token_in_the_file_is_sent_and_a_rotated_one_picked_up(gate, tmp_path):
     token = tmp_path / "token"
     token.write_text("first-token\n")
-    assert reader(gate.url, bearer_token_file=str(token)).read(**READ).empty
+    running = reader(gate.url, bearer_token_file=str(token))
+    assert running.read(**READ).empty
     assert gate.seen[-1] == "Bearer first-token"
-    # Rotated under the running reader: the next query carries the new token.
+    # Rotated under the running reader (the server first): the next query carries the new
+    # token, with no new reader, session or restart.
     gate.token = "second-token"
     with pytest.raises(MetricsUnavailable, match="HTTP 401"):
-        reader(gate.url, bearer_token_file=str(token)).read(**READ)
+        running.read(**READ)
     token.write_text("second-token")
-    same = reader(gate.url, bearer_token_file=str(token))
-    assert same.read(**READ).empty and gate.seen[-1] == "Bearer second-token"
+    assert running.read(**READ).empty and gate.seen[-1] == "Bearer second-token"
 
 
 def test_the_operator_reads_every_policy_s_prometheus_with_its_access(gate, tmp_path):
