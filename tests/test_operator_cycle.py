@@ -1326,9 +1326,64 @@ def test_a_cycle_that_outlasts_the_deletion_writes_nothing_after_it(monkeypatch)
         writes = mesh.writes
         gate.set()
         report = late.result(timeout=10)
-    assert report.outcome == Outcome.HELD and "policy was deleted" in report.reason
+    assert report is None  # nobody to tell
     assert mesh.writes == writes and "fn" not in mesh.routes
     assert runtime.store.latest("edge/p") is None
+
+
+def test_a_cycle_asked_for_before_the_deletion_and_run_after_it_does_nothing():
+    """The daemons' cycles share a few workers: one may still wait for a worker when its
+    policy is deleted (the deletion waits for it only so long). Asked for in the policy's
+    term, it never runs once the term is over: no write, no controller, no report."""
+    mesh = example_mesh()
+    runtime, _ = runtime_over(mesh)
+    body = example_policy_body()
+    term = runtime.term("edge/p")
+    assert runtime.cycle("edge/p", body, term=term).outcome == Outcome.APPLIED
+    busy = threading.Event()
+    with ThreadPoolExecutor(max_workers=1) as worker:
+        worker.submit(busy.wait, 10)  # other policies' cycles
+        queued = worker.submit(runtime.cycle, "edge/p", body, None, term)
+        runtime.delete("edge/p", body)
+        del mesh.routes["fn"]  # as given back: a late cycle would find something to write
+        writes = mesh.writes
+        busy.set()
+        assert queued.result(timeout=30) is None
+    assert mesh.writes == writes and "fn" not in mesh.routes
+    assert "edge/p" not in runtime.controllers and runtime.store.latest("edge/p") is None
+    # A policy created again under that name begins a new term, and runs.
+    assert runtime.cycle("edge/p", body, term=runtime.term("edge/p")) is not None
+
+
+def test_a_replica_standing_down_while_a_cycle_builds_keeps_and_writes_nothing():
+    """The stand-down comes while a cycle builds the policy (its first cycle, or a spec
+    change): the controller built must not be kept, nor write, nor report."""
+    mesh = example_mesh()
+    runtime, kube = runtime_over(mesh)
+    body = example_policy_body()
+    assert runtime.cycle("edge/p", body).outcome == Outcome.APPLIED
+    changed = example_policy_body()
+    changed["metadata"]["generation"] = 2  # the next cycle builds again
+    gate, held = threading.Event(), threading.Event()
+    edge_services = kube.edge_services
+
+    def slow_edge_services(namespace, names):
+        held.set()
+        gate.wait(timeout=10)
+        return edge_services(namespace, names)
+
+    kube.edge_services = slow_edge_services
+    mesh.offered["edge-0"] *= 2.5
+    del mesh.routes["fn"]  # something the built controller would write
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        late = pool.submit(runtime.cycle, "edge/p", changed)
+        assert held.wait(timeout=10)
+        runtime.stand_down("edge/p")
+        writes = mesh.writes
+        gate.set()
+        assert late.result(timeout=10) is None
+    assert mesh.writes == writes and "fn" not in mesh.routes
+    assert "edge/p" not in runtime.controllers and runtime.store.latest("edge/p") is None
 
 
 def test_a_replica_standing_down_writes_and_reports_nothing_more():

@@ -107,8 +107,11 @@ def register(
         **_: Any,
     ) -> None:
         key = f"{namespace}/{name}"
+        # Every cycle of this daemon is asked for in the policy's term as it starts: one still
+        # waiting for a worker when the policy is deleted or left to a peer then never runs.
+        term = runtime.term(key)
         try:
-            await run_cycles(key, body, name, namespace, stopped, service_claims)
+            await run_cycles(key, body, name, namespace, stopped, service_claims, term)
         finally:
             # kopf cancels a stopped daemon at once, so this runs in the cancellation too.
             if stopped.reason and stopped.reason & kopf.DaemonStoppingReason.OPERATOR_PAUSING:
@@ -121,6 +124,7 @@ def register(
         namespace: str,
         stopped: kopf.DaemonStopped,
         index: kopf.Index,
+        term: int,
     ) -> None:
         previous: CycleReport | None = None
         loop = asyncio.get_running_loop()
@@ -128,12 +132,14 @@ def register(
             started = loop.time()
             snapshot = {"metadata": dict(body.metadata), "spec": dict(body.spec)}
             owners = governors(index, namespace)
-            running = loop.run_in_executor(worker, runtime.cycle, key, snapshot, owners)
+            running = loop.run_in_executor(worker, runtime.cycle, key, snapshot, owners, term)
             cycles[key] = running
             report = await asyncio.shield(running)
             if report is None:
                 # Skipped: a cycle of this policy started before this daemon still runs (the
-                # runtime counted and logged it); it reports for itself. Try again next interval.
+                # runtime counted and logged it); it reports for itself. Or the policy's term
+                # ended (deleted, left to a peer): this daemon is stopping. Try again next
+                # interval.
                 await stopped.wait(max(0.0, runtime.interval(key) - (loop.time() - started)))
                 continue
             status = status_of(report, dict(body.status))

@@ -127,8 +127,8 @@ class Runtime:
             weakref.WeakValueDictionary()
         )
         self._running: dict[str, threading.Lock] = {}  # policy -> held while a cycle runs
-        # policy -> deletions and stand-downs so far: a cycle that outlasted either (a
-        # deletion waits only so long for it) sees the count moved and publishes nothing
+        # policy -> deletions and stand-downs so far (its term, see `term`): a cycle asked for
+        # in an earlier term, or that outlasted its term, builds, stores and publishes nothing
         self._retirements: Counter[str] = Counter()
         self._lock = threading.Lock()
 
@@ -237,15 +237,39 @@ class Runtime:
 
     # -- running -----------------------------------------------------------------------------
 
+    def term(self, key: str) -> int:
+        """The policy ``key``'s term: how many times it was deleted or left to a peer so far.
+        A daemon takes it when it starts and asks for every cycle in it (see :meth:`cycle`)."""
+        with self._lock:
+            return self._retirements[key]
+
     def cycle(
-        self, key: str, body: Mapping[str, Any], governed_by: Mapping[str, str] | None = None
+        self,
+        key: str,
+        body: Mapping[str, Any],
+        governed_by: Mapping[str, str] | None = None,
+        term: int | None = None,
     ) -> CycleReport | None:
         """One interval of the policy ``key`` (``namespace/name``) as ``body`` now reads; None
         when the policy's previous cycle is still running: this one is skipped (counted in
         :attr:`skipped` and ``marl_operator_cycles_skipped_total``, logged), not queued.
         ``governed_by`` names the policy governing each service (:mod:`claims`): one that
-        another policy governs makes this one Invalid."""
+        another policy governs makes this one Invalid.
+
+        ``term`` (:meth:`term`, when the cycle was asked for): a cycle that waited for a
+        worker past its policy's deletion or stand-down runs not at all (None), and one that
+        is running then writes, keeps and publishes nothing more; without it, the term is the
+        one the cycle starts in."""
         with self._lock:
+            current = self._retirements[key]
+            if term is not None and term != current:
+                log.info(
+                    "cycle %s dropped: the policy was deleted or left to a peer since it was "
+                    "asked for",
+                    key,
+                    extra={"fields": {"policy": key}},
+                )
+                return None
             running = self._running.setdefault(key, threading.Lock())
             started = running.acquire(blocking=False)
         if not started:
@@ -257,11 +281,10 @@ class Runtime:
                 extra={"fields": {"policy": key, "skipped": self.skipped[key]}},
             )
             return None
-        retirements = self._retirements[key]
         try:
-            return self._cycle(key, body, governed_by or {})
+            return self._cycle(key, body, governed_by or {}, current)
         except Exception as error:
-            if self._retirements[key] != retirements:  # retired meanwhile: only the log is left
+            if self.term(key) != current:  # retired meanwhile: only the log is left
                 log.exception("cycle %s of a retired policy failed", key)
                 return None
             # The API server or the mesh failing in a way no handler expects (unreachable
@@ -275,15 +298,13 @@ class Runtime:
                 f"{failure}; the mesh keeps the last weights reported, unless this cycle "
                 "wrote some of its services before failing; tried again next interval"
             )
-            report = self._held(key, generation, reason)
-            self._publish(report)
-            return report
+            return self._publish(self._held(key, generation, reason), current)
         finally:
             running.release()
 
     def _cycle(
-        self, key: str, body: Mapping[str, Any], governed_by: Mapping[str, str]
-    ) -> CycleReport:
+        self, key: str, body: Mapping[str, Any], governed_by: Mapping[str, str], term: int
+    ) -> CycleReport | None:
         generation = int(body.get("metadata", {}).get("generation", 0))
         controller = self.controllers.get(key)
         try:
@@ -298,9 +319,14 @@ class Runtime:
                 or self._inventory_changed(key, controller)
             ):
                 rebuilt = self.build(key, body)
+                if self.term(key) != term:
+                    return None  # retired while building: nothing given back, kept or written
                 if controller is not None:
                     self._release(name, controller, rebuilt, governed_by)
-                controller = self.controllers[key] = rebuilt
+                with self._lock:  # kept only within the term, or a retirement closes it
+                    if self._retirements[key] != term:
+                        return None
+                    controller = self.controllers[key] = rebuilt
         except SpecError as error:
             self.controllers.pop(key, None)
             report = CycleReport(
@@ -310,27 +336,20 @@ class Runtime:
                 outcome=Outcome.INVALID,
                 reason=str(error),
             )
-            self._publish(report)
-            return report
+            return self._publish(report, term)
         except Forbidden as error:
             self.controllers.pop(key, None)  # the next cycle builds again
-            report = self._refused(key, generation, error)
             log.warning("cycle %s: %s", key, error, extra={"fields": {"policy": key}})
-            self._publish(report)
-            return report
+            return self._publish(self._refused(key, generation, error), term)
         recorder = controller.mesh if isinstance(controller.mesh, RefusalRecorder) else None
         if recorder is not None:
             recorder.refused.clear()
-        retirements = self._retirements[key]
         report = controller.cycle()
-        if self._retirements[key] != retirements:
-            return report  # the policy was deleted or left to a peer meanwhile: nobody to tell
         if recorder is not None and recorder.refused:
             refusal = next(iter(recorder.refused.values()))
             report = dataclasses.replace(report, forbidden=str(refusal))
             log.warning("cycle %s: %s", key, refusal, extra={"fields": {"policy": key}})
-        self._publish(report)
-        return report
+        return self._publish(report, term)
 
     def _release(
         self,
@@ -427,14 +446,16 @@ class Runtime:
         self._retire(key)
 
     def _retire(self, key: str) -> PolicyController | None:
-        """Stop everything this process does for ``key``; returns its controller, if any."""
-        self._retirements[key] += 1
-        controller = self.controllers.pop(key, None)
-        if controller is not None and isinstance(controller.mesh, RefusalRecorder):
-            controller.mesh.closed = True  # a cycle still running writes nothing more
-        self.store.forget(key)
-        self.instruments.forget(key)
-        self.skipped.pop(key, None)
+        """Stop everything this process does for ``key`` and begin its next term; returns its
+        controller, if any."""
+        with self._lock:
+            self._retirements[key] += 1
+            controller = self.controllers.pop(key, None)
+            if controller is not None and isinstance(controller.mesh, RefusalRecorder):
+                controller.mesh.closed = True  # a cycle still running writes nothing more
+            self.store.forget(key)
+            self.instruments.forget(key)
+            self.skipped.pop(key, None)
         return controller
 
     def _delete(self, key: str, body: Mapping[str, Any], others: set[str]) -> list[str]:
@@ -475,9 +496,14 @@ class Runtime:
             done += self.mesh.restore_objects(namespace, ref, objects)
         return done
 
-    def _publish(self, report: CycleReport) -> None:
-        self.store.put(report)
-        self.instruments.record(report)
+    def _publish(self, report: CycleReport, term: int) -> CycleReport | None:
+        """Serve and record ``report``, if its policy's ``term`` still lasts (None otherwise:
+        nobody is left to tell, and a report kept would stand beside a new leader's)."""
+        with self._lock:
+            if self._retirements[report.policy] != term:
+                return None
+            self.store.put(report)
+            self.instruments.record(report)
         log.info(
             "cycle %s: %s (%s)",
             report.policy,
@@ -491,3 +517,4 @@ class Runtime:
                 }
             },
         )
+        return report
