@@ -21,9 +21,10 @@ against another layout fails with the name of the field that differs.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -175,8 +176,42 @@ def resolve(path: str | Path) -> Path:
     return directory
 
 
+def _positive(value: Any, integer: bool) -> bool:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return False
+    return value >= 1 if integer else math.isfinite(value) and value > 0
+
+
+def _check_sections(meta: dict, directory: Path) -> None:
+    """The sections besides ``network`` that readers of a checkpoint rely on, where present:
+    what it observes and how it acts (a per-neighbour policy must say for how many
+    neighbours), and the ``environment`` an operator reads its step and reject price from.
+    A field off its type is named here, not met later as a crash."""
+
+    def fail(field: str, value: Any, want: str) -> CheckpointError:
+        return CheckpointError(f"checkpoint {directory}: field '{field}' is {value!r}, {want}")
+
+    for name in ("observation", "action", "environment"):
+        if name in meta and not isinstance(meta[name], dict):
+            raise fail(name, meta[name], "expected an object")
+    observation, action = meta.get("observation", {}), meta.get("action", {})
+    for name, section in (("observation", observation), ("action", action)):
+        if section and not _positive(section.get("dim"), integer=True):
+            raise fail(f"{name}.dim", section.get("dim"), "expected a positive integer")
+    if action and not isinstance(action.get("mode"), str):
+        raise fail("action.mode", action.get("mode"), "expected a string")
+    degree = observation.get("max_degree")
+    if action.get("mode") == "neighbours" and not _positive(degree, integer=True):
+        raise fail("observation.max_degree", degree, "expected a positive integer")
+    environment = meta.get("environment", {})
+    for key in ("step_seconds", "reject_penalty"):
+        if key in environment and not _positive(environment[key], integer=False):
+            raise fail(f"environment.{key}", environment[key], "expected a positive number")
+
+
 def read_meta(directory: Path) -> dict:
-    """``policy.json``, checked for its format version and a usable ``network`` section."""
+    """``policy.json``, checked for its format version, a usable ``network`` section and the
+    sections readers use besides (see ``_check_sections``)."""
     try:
         meta = json.loads((directory / META_FILE).read_text())
     except json.JSONDecodeError as exc:
@@ -204,6 +239,7 @@ def read_meta(directory: Path) -> dict:
             raise CheckpointError(
                 f"checkpoint {directory}: field 'network.{key}' is {value!r}, expected {want}"
             )
+    _check_sections(meta, directory)
     return meta
 
 

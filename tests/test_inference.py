@@ -352,6 +352,31 @@ def test_a_missing_network_field_is_named(saved):
         checkpoint.load(directory)
 
 
+@pytest.mark.parametrize(
+    ("edit", "named"),
+    [
+        (lambda m: m.update(observation=[24]), r"'observation' is \[24\], expected an object"),
+        (lambda m: m.pop("observation"), r"'observation\.max_degree' is None"),
+        (lambda m: m["action"].update(mode=3), r"'action\.mode' is 3"),
+        (lambda m: m["action"].update(dim=0), r"'action\.dim' is 0"),
+        (lambda m: m["observation"].pop("max_degree"), r"'observation\.max_degree' is None"),
+        (lambda m: m.update(environment="oops"), r"'environment' is 'oops'"),
+        (lambda m: m.update(environment={"step_seconds": "1"}), r"'environment\.step_seconds'"),
+        (lambda m: m.update(environment={"reject_penalty": -4}), r"environment\.reject_penalty"),
+    ],
+)
+def test_a_meta_section_off_its_type_is_named(tmp_path, edit, named):
+    """The sections a checkpoint's readers use besides the network's, checked at loading:
+    an operator building a policy from such a file reports the field instead of crashing."""
+    directory = tmp_path / "ckpt"
+    shutil.copytree(checkpoint.BUNDLED / "mesh-10x3", directory)
+    meta = json.loads((directory / "policy.json").read_text())
+    edit(meta)
+    (directory / "policy.json").write_text(json.dumps(meta))
+    with pytest.raises(checkpoint.CheckpointError, match=named):
+        checkpoint.load(directory)
+
+
 # -- the operator process ------------------------------------------------------------------
 
 

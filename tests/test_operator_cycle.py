@@ -6,6 +6,7 @@ import copy
 import dataclasses
 import gc
 import hashlib
+import json
 import logging
 import shutil
 import tempfile
@@ -700,6 +701,47 @@ def test_a_damaged_configmap_checkpoint_is_a_condition_naming_the_field(tmp_path
     assert "damaged archive" in report.reason and "CRC" in report.reason
     ready = condition(report, "Ready")
     assert ready["status"] == "False" and "spec.checkpoint.configMap" in ready["message"]
+
+
+def test_a_checkpoint_with_an_odd_section_is_invalid_and_its_policy_still_deletes(tmp_path):
+    """policy.json's environment, which the operator reads its step from, is no object: the
+    policy is invalid naming the field (not a cycle that fails every interval), and deleting
+    it gives back what its status names instead of failing for ever."""
+    directory = tmp_path / "odd"
+    shutil.copytree(checkpoint.BUNDLED / "mesh-10x3", directory)
+    meta = json.loads((directory / "policy.json").read_text())
+    meta["environment"] = "oops"
+    (directory / "policy.json").write_text(json.dumps(meta))
+    mesh = example_mesh()
+    runtime, _ = runtime_over(mesh)
+    body = example_policy_body(checkpoint={"path": str(directory)})
+    report = runtime.cycle("edge/p", body)
+    assert report.outcome == Outcome.INVALID and mesh.writes == 0
+    assert report.reason.startswith("spec.checkpoint") and "'environment'" in report.reason
+    assert runtime.delete("edge/p", body) == []  # nothing written, nothing to give back
+
+
+def test_a_policy_that_cannot_be_built_for_any_reason_gives_back_what_its_status_names():
+    """After a restart, the deleted policy is built to find its objects; whatever fails that
+    (not only an invalid spec), the objects its status names are given back."""
+    mesh = example_mesh()
+    runtime, kube = runtime_over(mesh)
+    body = example_policy_body()
+    report = runtime.cycle("edge/p", body)
+    body["status"] = status_of(report, None)
+    restored: list[tuple[str, list[tuple[str, str]]]] = []
+    mesh.restore_objects = lambda namespace, ref, objects: (
+        restored.append((ref, sorted(objects))) or [f"deleted {k}/{n}" for k, n in objects]
+    )
+    restarted = Runtime(kube, mesh=mesh, reader_for=lambda url: Reader(mesh))
+
+    def unbuildable(key, body):
+        raise RuntimeError("the API server went away mid-build")
+
+    restarted.build = unbuildable
+    done = restarted.delete("edge/p", body)
+    assert restored == [("edge/fn", [("DestinationRule", "fn"), ("VirtualService", "fn")])]
+    assert sorted(done) == ["deleted DestinationRule/fn", "deleted VirtualService/fn"]
 
 
 def retrained(directory: Path) -> Path:

@@ -464,7 +464,13 @@ class Runtime:
         if controller is None:
             try:
                 controller = self.build(key, body)
-            except SpecError:
+            except Exception as error:  # whatever keeps it from being built, the status names
+                log.info(  # the objects to give back
+                    "deleting %s: it cannot be built (%s); restoring what its status names",
+                    key,
+                    error,
+                    extra={"fields": {"policy": key}},
+                )
                 controller = None
         done: list[str] = []
         if controller is not None and hasattr(self.mesh, "restore"):
