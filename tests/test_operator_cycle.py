@@ -25,7 +25,7 @@ from marl_operator.controller import decision_table, table_weights
 from marl_operator.guard import fallback_table, limit_step
 from marl_operator.inventory import Inventory, fingerprint
 from marl_operator.kube import Forbidden
-from marl_operator.mesh.model import MeshError
+from marl_operator.mesh.model import MeshError, MeshNode, MeshRoutes
 from marl_operator.mesh.patching import apply_merge_patch
 from marl_operator.observer import InsufficientData, Observer
 from marl_operator.problem import MeshProblem, build_problem, cpu_quantity
@@ -531,7 +531,26 @@ def test_the_stored_status_drops_what_the_last_cycle_no_longer_says():
     assert CRDValidator(crd).errors({**body, "status": stored}) == []
 
 
-def test_nodes_whose_clients_report_nothing_are_named_in_the_status():
+def test_relative_weights_read_from_the_mesh_are_reported_in_percent():
+    """Gateway API weights are relative: a user's HTTPRoute may split 500/500. Held or
+    suspended, a policy reports what the mesh carries; in percent, or its status (weights of
+    at most 100) would be refused at every cycle."""
+    mesh = example_mesh()
+    runtime, _ = runtime_over(mesh)
+    body = example_policy_body(suspend=True)
+    nodes = tuple(MeshNode(n) for n in ("edge-0", "edge-1", "edge-2"))
+    mesh.routes["fn"] = MeshRoutes(
+        nodes=nodes,
+        by_source={"edge-0": {"edge-0": 500, "edge-1": 500}, "edge-1": {"edge-1": 3}},
+        default={"edge-0": 1},
+    )
+    report = runtime.cycle("edge/p", body)
+    assert report.weights["fn"]["edge-0"] == {"edge-0": 50, "edge-1": 50}
+    assert report.weights["fn"]["edge-1"] == {"edge-1": 100}
+    stored = apply_merge_patch({}, status_of(report, {}))
+    (crd,) = load_documents(ROOT / "crds" / "routingpolicies.marl.dev.yaml")
+    assert CRDValidator(crd).errors({**body, "status": stored}) == []
+
     """A node no request is reported from is counted as offering none: right for a node
     without clients, wrong for one whose proxies are not scraped. Which it is, the operator
     cannot tell, so MetricsAvailable says which nodes it counted so."""

@@ -15,7 +15,7 @@ import numpy as np
 
 from marl_operator.guard import FailureCounter, fallback_table, limit_table
 from marl_operator.mesh.model import MeshError, MeshNode, MeshRoutes, MeshService
-from marl_operator.mesh.routing import build_routes, integer_weights
+from marl_operator.mesh.routing import as_percentages, build_routes, integer_weights
 from marl_operator.observer import InsufficientData, Observer
 from marl_operator.problem import MeshProblem
 from marl_operator.prometheus import MetricsUnavailable, QueryError, ServiceReadings
@@ -294,10 +294,11 @@ class PolicyController:
     # -- the mesh -----------------------------------------------------------------------------
 
     def _live(self) -> RouteTable:
-        """What the mesh carries now; an absent object counts as the even split, and so does
-        one that cannot be read (edited beyond recognition, or still routing to an EdgeNode
-        the policy no longer governs): the next write replaces it whole, and the report says
-        its steps were taken from a guess (:attr:`_unread`)."""
+        """What the mesh carries now, in percent of each source's traffic; an absent object
+        counts as the even split, and so does one that cannot be read (edited beyond
+        recognition, or still routing to an EdgeNode the policy no longer governs): the next
+        write replaces it whole, and the report says its steps were taken from a guess
+        (:attr:`_unread`)."""
         table = even_table(self.problem)
         self._unread = {}
         for service in self.problem.services:
@@ -306,7 +307,9 @@ class PolicyController:
             except MeshError as error:
                 routes, self._unread[service.name] = None, str(error)
             if routes is not None:
-                table[service.name] = {src: dict(row) for src, row in routes.by_source.items()}
+                table[service.name] = {
+                    src: as_percentages(row) for src, row in routes.by_source.items()
+                }
         return table
 
     def _write(self, table: RouteTable, live: RouteTable) -> bool:

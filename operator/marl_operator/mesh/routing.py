@@ -18,6 +18,18 @@ TOTAL = 100
 """Every rule's weights sum to this (Istio's convention; Gateway API weights are relative)."""
 
 
+def as_percentages(row: Mapping[str, int]) -> dict[str, int]:
+    """One source's routes as read from the mesh, in percent of its traffic. Gateway API
+    weights are relative (a user's 500/500 is an even split), and the guard, the status and
+    the metrics count in percent: the status's schema caps a weight at 100. A row carrying
+    nothing stays as it is: there is no split to tell."""
+    total = sum(row.values())
+    if total in (0, TOTAL):
+        return dict(row)
+    shares = largest_remainder(np.array(list(row.values()), dtype=float), TOTAL)
+    return {name: int(w) for name, w in zip(row, shares, strict=True)}
+
+
 def integer_weights(
     fractions: Mapping[str, float], *, min_weight: int = 0, total: int = TOTAL
 ) -> dict[str, int]:
