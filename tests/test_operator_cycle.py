@@ -615,8 +615,18 @@ def test_dry_run_and_suspend_write_nothing():
     runtime, _ = runtime_over(mesh)
     dry = runtime.cycle("edge/p", example_policy_body(dryRun=True))
     assert dry.outcome == Outcome.DRY_RUN and dry.proposed and mesh.writes == 0
-    body = example_policy_body(suspend=True)
+    # Falling back in a dry run decides the fallback and writes it no more than a decision.
+    body = example_policy_body(dryRun=True, safety={"failureThreshold": 1, "fallback": "static"})
     body["metadata"]["generation"] = 2
+    mesh.down = True
+    fallen = runtime.cycle("edge/p", body)
+    assert fallen.outcome == Outcome.FALLBACK and mesh.writes == 0
+    assert fallen.reason.endswith("fallback static (spec.dryRun: not written)")
+    applied = condition(fallen, "WeightsApplied")
+    assert (applied["status"], applied["reason"]) == ("False", "DryRun")
+    mesh.down = False
+    body = example_policy_body(suspend=True)
+    body["metadata"]["generation"] = 3
     suspended = runtime.cycle("edge/p", body)
     assert suspended.outcome == Outcome.SUSPENDED and mesh.writes == 0
     # Nothing was read: whether metrics are there is unknown, not "read" nor "missing".

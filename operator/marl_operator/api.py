@@ -157,6 +157,10 @@ class ReportModel(BaseModel):
     written: list[str] = Field(
         default_factory=list, description="services whose mesh objects the cycle changed"
     )
+    dry_run: bool = Field(
+        default=False,
+        description="spec.dryRun was set: the cycle wrote nothing, a fallback included",
+    )
     silent: dict[str, list[str]] = Field(
         default_factory=dict,
         description="service -> nodes whose clients reported no request in the cycle, counted "

@@ -284,9 +284,11 @@ class PolicyController:
                     f"{reason}; writing the {kind} fallback failed, weights held: {error}",
                     live,
                 )
+        unwritten = " (spec.dryRun: not written)" if table is not None and self.spec.dry_run else ""
         return self._report(
             Outcome.FALLBACK,
-            f"{reason}; {self.failures.count} failed intervals in a row, fallback {kind}",
+            f"{reason}; {self.failures.count} failed intervals in a row, fallback {kind}"
+            f"{unwritten}",
             live,
             fallback=kind,
         )
@@ -367,6 +369,7 @@ class PolicyController:
             checkpoint=self.checkpoint,
             mesh_objects=self.mesh_objects,
             written=tuple(sorted(self._written)),
+            dry_run=self.spec.dry_run,
             silent=dict(self.observer.silent),
             unmeasured=dict(self.observer.unmeasured),
             **extra,

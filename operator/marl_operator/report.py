@@ -76,6 +76,7 @@ class CycleReport:
     checkpoint: dict[str, str] | None = None  # {"source", "sha256" of policy.pt} decided with
     mesh_objects: dict[str, tuple[str, ...]] = field(default_factory=dict)  # service -> Kind/name
     written: tuple[str, ...] = ()  # services whose mesh objects this cycle changed
+    dry_run: bool = False  # spec.dryRun: nothing of this cycle was written, fallback included
     silent: dict[str, tuple[str, ...]] = field(default_factory=dict)  # service -> nodes no
     # request was reported from (counted as offering none)
     unmeasured: dict[str, tuple[str, ...]] = field(default_factory=dict)  # service -> nodes

@@ -85,8 +85,9 @@ def conditions_of(report: CycleReport) -> list[dict[str, Any]]:
             if report.forbidden
             else _condition(
                 "WeightsApplied",
-                written or (o == Outcome.FALLBACK and report.fallback != "hold"),
-                "Written" if written else o.value,
+                written
+                or (o == Outcome.FALLBACK and report.fallback != "hold" and not report.dry_run),
+                "Written" if written else "DryRun" if report.dry_run else o.value,
                 report.reason,
             )
         ),
