@@ -965,6 +965,58 @@ def test_objects_a_rebuilt_policy_no_longer_writes_are_given_back():
     assert restored == []
 
 
+def test_a_service_dropped_while_this_process_had_no_controller_is_given_back():
+    """The policy's controller is gone when a service leaves its spec (the operator
+    restarted, the spec was invalid in between, or the release itself was refused): the
+    objects its status still names are given back at the next build all the same."""
+    mesh = example_mesh()
+    restored: list[tuple[str, list[tuple[str, str]]]] = []
+    refuse = [False]
+
+    def restore_objects(namespace, ref, objects):
+        if refuse[0]:
+            refuse[0] = False
+            raise Forbidden("get", "VirtualService", namespace, ref.split("/")[1])
+        restored.append((ref, sorted(objects)))
+        return [f"restored {kind}/{name}" for kind, name in objects]
+
+    mesh.restore_objects = restore_objects
+    kube = FakeKube(NODES, [*SERVICES, renamed("fn2")])
+    status: dict[str, Any] = {}
+
+    def cycle(runtime: Runtime, generation: int, services: list[str], **spec) -> CycleReport:
+        nonlocal status
+        body = example_policy_body(services=services, **spec)
+        body["metadata"]["generation"] = generation
+        body["status"] = copy.deepcopy(status)
+        report = runtime.cycle("edge/p", body)
+        status = apply_merge_patch(status, status_of(report, status))
+        return report
+
+    def new_runtime() -> Runtime:
+        return Runtime(kube, mesh=mesh, reader_for=lambda url: Reader(mesh))
+
+    fn2 = ("edge/fn2", [("DestinationRule", "fn2"), ("VirtualService", "fn2")])
+    # Dropped across a restart.
+    assert cycle(new_runtime(), 1, ["fn", "fn2"]).outcome == Outcome.APPLIED
+    assert cycle(new_runtime(), 2, ["fn"]).outcome in (Outcome.APPLIED, Outcome.UNCHANGED)
+    assert restored == [fn2]
+    # Dropped across an invalid spec.
+    restored.clear()
+    runtime = new_runtime()
+    assert cycle(runtime, 3, ["fn", "fn2"]).outcome in (Outcome.APPLIED, Outcome.UNCHANGED)
+    assert cycle(runtime, 4, ["fn", "fn2"], intervalSeconds=1).outcome == Outcome.INVALID
+    assert cycle(runtime, 5, ["fn"]).outcome in (Outcome.APPLIED, Outcome.UNCHANGED)
+    assert restored == [fn2]
+    # The release refused once: tried again at the next cycle.
+    restored.clear()
+    assert cycle(runtime, 6, ["fn", "fn2"]).outcome in (Outcome.APPLIED, Outcome.UNCHANGED)
+    refuse[0] = True
+    assert cycle(runtime, 7, ["fn"]).outcome == Outcome.HELD and restored == []
+    assert cycle(runtime, 7, ["fn"]).outcome in (Outcome.APPLIED, Outcome.UNCHANGED)
+    assert restored == [fn2]
+
+
 def test_routes_that_cannot_be_read_are_named_in_the_report():
     """A VirtualService edited beyond recognition (or still routing to an EdgeNode the
     policy no longer governs): the next write replaces it whole, stepped from an even split

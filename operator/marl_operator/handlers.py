@@ -130,7 +130,14 @@ def register(
         loop = asyncio.get_running_loop()
         while not stopped:
             started = loop.time()
-            snapshot = {"metadata": dict(body.metadata), "spec": dict(body.spec)}
+            # The status's services name the mesh objects written before: a rebuild gives
+            # back those no longer written, even when this process never ran the policy.
+            services = copy.deepcopy(list(body.status.get("services") or ()))
+            snapshot = {
+                "metadata": dict(body.metadata),
+                "spec": dict(body.spec),
+                "status": {"services": services},
+            }
             owners = governors(index, namespace)
             running = loop.run_in_executor(worker, runtime.cycle, key, snapshot, owners, term)
             cycles[key] = running

@@ -27,7 +27,7 @@ import threading
 import time
 import weakref
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -84,6 +84,30 @@ class RefusalRecorder:
             raise
         self.refused.pop(service.name, None)
         return changed
+
+
+def status_objects(body: Mapping[str, Any]) -> dict[str, list[tuple[str, str]]]:
+    """Service -> the mesh objects (kind, name) a policy's status says its routes live in;
+    only kinds the operator writes (the status is anyone's to edit who may patch it)."""
+    return {
+        str(entry.get("name")): [
+            (kind, name)
+            for kind, _, name in (str(o).partition("/") for o in entry.get("meshObjects") or ())
+            if kind in KINDS and name
+        ]
+        for entry in (body.get("status") or {}).get("services") or ()
+    }
+
+
+def written_before(
+    controller: PolicyController | None, body: Mapping[str, Any]
+) -> dict[str, list[tuple[str, str]]]:
+    """Service -> the mesh objects the policy wrote before a build: its controller's, where
+    this process still has it, or else what its status names (after a restart, an invalid
+    spec or a stand-down, the controller is gone but the status still lists them)."""
+    if controller is not None:
+        return {s: list(objects) for s, objects in controller.problem.mesh_objects.items()}
+    return status_objects(body)
 
 
 class Runtime:
@@ -321,8 +345,7 @@ class Runtime:
                 rebuilt = self.build(key, body)
                 if self.term(key) != term:
                     return None  # retired while building: nothing given back, kept or written
-                if controller is not None:
-                    self._release(name, controller, rebuilt, governed_by)
+                self._release(key, written_before(controller, body), rebuilt, governed_by)
                 with self._lock:  # kept only within the term, or a retirement closes it
                     if self._retirements[key] != term:
                         return None
@@ -353,32 +376,35 @@ class Runtime:
 
     def _release(
         self,
-        name: str,
-        old: PolicyController,
+        key: str,
+        before: Mapping[str, Sequence[tuple[str, str]]],
         new: PolicyController,
         governed_by: Mapping[str, str],
     ) -> None:
-        """Give back the mesh objects ``old`` wrote that ``new`` will not: those of a service
+        """Give back the mesh objects the policy wrote ``before`` this build (service ->
+        objects, :func:`written_before`) that ``new`` will not write: those of a service
         taken out of ``spec.services``, or left behind when an EdgeService's routes moved to
         other objects. Before ``new`` takes over, so that a failure here fails the cycle and
         the rebuild, release included, is tried again next interval (the status keeps
         listing the objects meanwhile). A service another policy governs is that one's."""
         if not hasattr(self.mesh, "restore_objects"):
             return
+        namespace, name = key.split("/", 1)
         keep = new.problem.mesh_objects
-        for service in old.problem.services:
-            if governed_by.get(service.name, name) != name:
+        for service, objects in before.items():
+            if governed_by.get(service, name) != name:
                 continue
-            kept = set(keep.get(service.name, ()))
-            released = [o for o in old.problem.mesh_objects[service.name] if o not in kept]
+            kept = set(keep.get(service, ()))
+            released = [o for o in objects if o not in kept]
             if released:
-                done = self.mesh.restore_objects(service.namespace, service.ref, released)
+                done = self.mesh.restore_objects(namespace, f"{namespace}/{service}", released)
                 log.info(
-                    "policy %s no longer writes %s: %s",
-                    old.key,
-                    service.ref,
+                    "policy %s no longer writes %s/%s: %s",
+                    key,
+                    namespace,
+                    service,
                     "; ".join(done) or "nothing of it was managed",
-                    extra={"fields": {"policy": old.key, "service": service.name}},
+                    extra={"fields": {"policy": key, "service": service}},
                 )
 
     def _refused(self, key: str, generation: int, error: Forbidden) -> CycleReport:
@@ -490,16 +516,9 @@ class Runtime:
         status claims."""
         namespace = key.split("/", 1)[0]
         done: list[str] = []
-        for entry in (body.get("status") or {}).get("services") or ():
-            if str(entry.get("name")) in others:
-                continue
-            objects = [
-                (kind, name)
-                for kind, _, name in (str(o).partition("/") for o in entry.get("meshObjects") or ())
-                if kind in KINDS and name
-            ]
-            ref = f"{namespace}/{entry.get('name')}"
-            done += self.mesh.restore_objects(namespace, ref, objects)
+        for service, objects in status_objects(body).items():
+            if service not in others:
+                done += self.mesh.restore_objects(namespace, f"{namespace}/{service}", objects)
         return done
 
     def _publish(self, report: CycleReport, term: int) -> CycleReport | None:
