@@ -1454,6 +1454,25 @@ def test_a_cycle_that_outlasts_the_deletion_writes_nothing_after_it(monkeypatch)
     assert runtime.store.latest("edge/p") is None
 
 
+def test_a_deletion_waits_for_a_running_cycle_only_as_long_as_it_is_told():
+    """The deletion handler has already waited for the daemon's cycle; the runtime waits
+    only for what is left of that one deadline, then restores all the same."""
+    mesh = example_mesh()
+    runtime, _ = runtime_over(mesh)
+    body = example_policy_body()
+    assert runtime.cycle("edge/p", body).outcome == Outcome.APPLIED
+    gate, held, _ = hold_metrics_reads(mesh)
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        late = pool.submit(runtime.cycle, "edge/p", body)
+        assert held.wait(timeout=10)
+        runtime.delete("edge/p", body, wait_s=0.05)
+        still_running = not late.done()
+        gate.set()
+        assert late.result(timeout=10) is None
+    assert still_running, "the deletion waited for the cycle past what it was told"
+    assert "edge/p" not in runtime.controllers and runtime.store.latest("edge/p") is None
+
+
 def test_a_cycle_asked_for_before_the_deletion_and_run_after_it_does_nothing():
     """The daemons' cycles share a few workers: one may still wait for a worker when its
     policy is deleted (the deletion waits for it only so long). Asked for in the policy's

@@ -183,12 +183,14 @@ def register(
             "status": copy.deepcopy(dict(body.status)),
         }
         running = cycles.pop(key, None)
+        deadline = asyncio.get_running_loop().time() + DELETE_WAIT_S
         if running is not None:
             # How it ended is the daemon's to report; one that outlasts the wait is left to
-            # runtime.delete, which waits for it no longer than that either.
+            # runtime.delete, which waits for it only for what is left of the same deadline.
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(asyncio.shield(running), DELETE_WAIT_S)
-        done = await asyncio.to_thread(runtime.delete, key, snapshot, owners)
+        left = max(0.0, deadline - asyncio.get_running_loop().time())
+        done = await asyncio.to_thread(runtime.delete, key, snapshot, owners, left)
         if done:
             # kopf.event, not kopf.info: configure() raises kopf's posting level to WARNING,
             # which silently drops kopf.info.
