@@ -443,7 +443,7 @@ class Runtime:
         key: str,
         body: Mapping[str, Any],
         governed_by: Mapping[str, str] | None = None,
-        wait_s: float = DELETE_WAIT_S,
+        wait_s: float | None = None,
     ) -> list[str]:
         """Restore the mesh objects of a deleted policy and forget it. A policy this process
         never ran (deleted right after a restart) is rebuilt from ``body`` to find its
@@ -451,13 +451,14 @@ class Runtime:
         the policy still
         running (its daemon already stopped) ends first, so that its write cannot take the
         restored objects over again; it waits ``wait_s`` at most (what is left of the deletion
-        handler's wait, which shares one deadline with this). Services ``governed_by`` another
+        handler's wait, which shares one deadline with this; DELETE_WAIT_S without the
+        handler). Services ``governed_by`` another
         policy are that one's: left as they are."""
         name = key.split("/", 1)[1]
         others = {s for s, other in (governed_by or {}).items() if other != name}
         with self._lock:
             running = self._running.setdefault(key, threading.Lock())
-        if not running.acquire(timeout=wait_s):
+        if not running.acquire(timeout=DELETE_WAIT_S if wait_s is None else wait_s):
             log.warning("restoring %s while a cycle of it still runs", key)
             return self._delete(key, body, others)
         try:
