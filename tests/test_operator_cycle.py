@@ -1400,36 +1400,51 @@ def test_a_cycle_that_fails_after_its_policys_deletion_reports_nothing(monkeypat
     runtime, _ = runtime_over(mesh)
     body = example_policy_body()
     runtime.cycle("edge/p", body)
-    gate, held = threading.Event(), threading.Event()
 
-    def stuck_then_timed_out(service, nodes):
-        held.set()
-        gate.wait(timeout=10)
+    def timed_out(service, nodes):
         raise TimeoutError("read timed out")
 
-    mesh.read = stuck_then_timed_out
+    gate, held, _ = hold(mesh, "read", then=timed_out)  # stuck, then timed out
+    report, _, _ = retire_during(
+        runtime, mesh, body, held, gate, lambda: runtime.delete("edge/p", body)
+    )
+    assert report is None and runtime.store.latest("edge/p") is None
+
+
+def hold(obj: Any, name: str, then: Any = None) -> tuple[threading.Event, threading.Event, Any]:
+    """Make the calls of ``obj.name`` wait for ``gate`` (``held`` is set once one waits),
+    then do what ``then`` does (the original call by default). Returns both events and the
+    original (to put back)."""
+    gate, held = threading.Event(), threading.Event()
+    original = getattr(obj, name)
+
+    def waiting(*args, **kwargs):
+        held.set()
+        gate.wait(timeout=10)
+        return (then or original)(*args, **kwargs)
+
+    setattr(obj, name, waiting)
+    return gate, held, original
+
+
+def retire_during(
+    runtime: Runtime,
+    mesh: QueueingMesh,
+    body: dict[str, Any],
+    held: threading.Event,
+    gate: threading.Event,
+    retire: Any,
+) -> tuple[CycleReport | None, int, bool]:
+    """Run a cycle of edge/p on a worker; once it waits at ``held``, ``retire()`` the policy
+    (delete it, stand down), then let the cycle go. Returns its report, the mesh's writes
+    right after the retirement, and whether the cycle was still running then."""
     with ThreadPoolExecutor(max_workers=1) as pool:
         late = pool.submit(runtime.cycle, "edge/p", body)
         assert held.wait(timeout=10)
-        runtime.delete("edge/p", body)
+        retire()
+        writes, running = mesh.writes, not late.done()
         gate.set()
-        assert late.result(timeout=10) is None
-    assert runtime.store.latest("edge/p") is None
-
-
-def hold_metrics_reads(mesh: QueueingMesh) -> tuple[threading.Event, threading.Event, Any]:
-    """Make ``mesh``'s metrics reads wait for ``gate``; ``held`` is set once one waits.
-    Returns both and the original read (to put back)."""
-    gate, held = threading.Event(), threading.Event()
-    read = mesh.read_metrics
-
-    def slow_read(**kwargs):
-        held.set()
-        gate.wait(timeout=10)
-        return read(**kwargs)
-
-    mesh.read_metrics = slow_read
-    return gate, held, read
+        return late.result(timeout=10), writes, running
 
 
 def test_a_cycle_that_outlasts_the_deletion_writes_nothing_after_it(monkeypatch):
@@ -1440,15 +1455,11 @@ def test_a_cycle_that_outlasts_the_deletion_writes_nothing_after_it(monkeypatch)
     runtime, _ = runtime_over(mesh)
     body = example_policy_body()
     assert runtime.cycle("edge/p", body).outcome == Outcome.APPLIED
-    gate, held, _ = hold_metrics_reads(mesh)
+    gate, held, _ = hold(mesh, "read_metrics")
     del mesh.routes["fn"]  # as given back: the late cycle finds the even split to change
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        late = pool.submit(runtime.cycle, "edge/p", body)
-        assert held.wait(timeout=10)
-        runtime.delete("edge/p", body)
-        writes = mesh.writes
-        gate.set()
-        report = late.result(timeout=10)
+    report, writes, _ = retire_during(
+        runtime, mesh, body, held, gate, lambda: runtime.delete("edge/p", body)
+    )
     assert report is None  # nobody to tell
     assert mesh.writes == writes and "fn" not in mesh.routes
     assert runtime.store.latest("edge/p") is None
@@ -1461,14 +1472,11 @@ def test_a_deletion_waits_for_a_running_cycle_only_as_long_as_it_is_told():
     runtime, _ = runtime_over(mesh)
     body = example_policy_body()
     assert runtime.cycle("edge/p", body).outcome == Outcome.APPLIED
-    gate, held, _ = hold_metrics_reads(mesh)
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        late = pool.submit(runtime.cycle, "edge/p", body)
-        assert held.wait(timeout=10)
-        runtime.delete("edge/p", body, wait_s=0.05)
-        still_running = not late.done()
-        gate.set()
-        assert late.result(timeout=10) is None
+    gate, held, _ = hold(mesh, "read_metrics")
+    report, _, still_running = retire_during(
+        runtime, mesh, body, held, gate, lambda: runtime.delete("edge/p", body, wait_s=0.05)
+    )
+    assert report is None
     assert still_running, "the deletion waited for the cycle past what it was told"
     assert "edge/p" not in runtime.controllers and runtime.store.latest("edge/p") is None
 
@@ -1506,25 +1514,13 @@ def test_a_replica_standing_down_while_a_cycle_builds_keeps_and_writes_nothing()
     assert runtime.cycle("edge/p", body).outcome == Outcome.APPLIED
     changed = example_policy_body()
     changed["metadata"]["generation"] = 2  # the next cycle builds again
-    gate, held = threading.Event(), threading.Event()
-    edge_services = kube.edge_services
-
-    def slow_edge_services(namespace, names):
-        held.set()
-        gate.wait(timeout=10)
-        return edge_services(namespace, names)
-
-    kube.edge_services = slow_edge_services
+    gate, held, _ = hold(kube, "edge_services")  # read while building
     mesh.offered["edge-0"] *= 2.5
     del mesh.routes["fn"]  # something the built controller would write
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        late = pool.submit(runtime.cycle, "edge/p", changed)
-        assert held.wait(timeout=10)
-        runtime.stand_down("edge/p")
-        writes = mesh.writes
-        gate.set()
-        assert late.result(timeout=10) is None
-    assert mesh.writes == writes and "fn" not in mesh.routes
+    report, writes, _ = retire_during(
+        runtime, mesh, changed, held, gate, lambda: runtime.stand_down("edge/p")
+    )
+    assert report is None and mesh.writes == writes and "fn" not in mesh.routes
     assert "edge/p" not in runtime.controllers and runtime.store.latest("edge/p") is None
 
 
@@ -1537,15 +1533,12 @@ def test_a_replica_standing_down_writes_and_reports_nothing_more():
     body = example_policy_body()
     assert runtime.cycle("edge/p", body).outcome == Outcome.APPLIED
     assert 'policy="edge/p"' in generate_latest(runtime.instruments.registry).decode()
-    gate, held, read = hold_metrics_reads(mesh)
+    gate, held, read = hold(mesh, "read_metrics")
     mesh.offered["edge-0"] *= 2.5  # the late cycle would have a new decision to write
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        late = pool.submit(runtime.cycle, "edge/p", body)
-        assert held.wait(timeout=10)
-        runtime.stand_down("edge/p")
-        writes = mesh.writes
-        gate.set()
-        late.result(timeout=10)
+    report, writes, _ = retire_during(
+        runtime, mesh, body, held, gate, lambda: runtime.stand_down("edge/p")
+    )
+    assert report is None
     assert mesh.writes == writes and "edge/p" not in runtime.controllers
     assert runtime.store.latest("edge/p") is None
     assert 'policy="edge/p"' not in generate_latest(runtime.instruments.registry).decode()
