@@ -351,3 +351,34 @@ def test_json_lines_are_strict_json():
         "p95": None,
         "rows": [1.5, None, {"x": [2, None]}],
     }
+
+
+@pytest.mark.parametrize("command", ["marl_operator.__main__", "marl_operator.drain"])
+def test_operator_commands_without_a_usable_cluster_connection_say_which_option(
+    command, tmp_path, monkeypatch, capsys
+):
+    """No traceback from the Kubernetes client: a missing kubeconfig file, one that is no
+    kubeconfig, and no --kubeconfig outside a pod are refused naming --kubeconfig."""
+    main = importlib.import_module(command).main
+    empty = tmp_path / "config"
+    empty.write_text("")
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    for argv, words in (
+        (["--kubeconfig", str(tmp_path / "absent")], "no such file"),
+        (["--kubeconfig", str(empty)], f"--kubeconfig {empty}"),
+        ([], "pass --kubeconfig PATH"),
+    ):
+        with pytest.raises(SystemExit) as exit_:
+            main(argv)
+        assert exit_.value.code == 2
+        err = capsys.readouterr().err
+        assert words in err and "Traceback" not in err, err
+
+
+def test_the_operator_refuses_a_port_that_is_not_one(capsys):
+    from marl_operator.__main__ import parse_args
+
+    for port in ("99999", "0", "http"):
+        with pytest.raises(SystemExit):
+            parse_args(["--api-port", port])
+        assert "--api-port" in capsys.readouterr().err

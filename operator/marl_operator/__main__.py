@@ -22,7 +22,13 @@ from threadpoolctl import threadpool_limits
 from marl_operator import logs
 from marl_operator.api import ApiServer, create_app
 from marl_operator.handlers import register
-from marl_operator.kube import Kube, TimedApiClient, client_configuration, command_line
+from marl_operator.kube import (
+    ClusterUnreachable,
+    Kube,
+    TimedApiClient,
+    client_configuration,
+    command_line,
+)
 from marl_operator.peering import PeeringView, standalone
 from marl_operator.prometheus import PrometheusAccess, check_url
 from marl_operator.runtime import DEFAULT_PROMETHEUS_URL, Runtime
@@ -107,7 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--api-host", default="0.0.0.0", help="address of the HTTP API (default: %(default)s)"
     )
     parser.add_argument(
-        "--api-port", type=int, default=8080, help="port of the HTTP API (default: %(default)s)"
+        "--api-port", type=port, default=8080, help="port of the HTTP API (default: %(default)s)"
     )
     parser.add_argument(
         "--log-format",
@@ -118,6 +124,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--verbose", action="store_true", help="debug logs")
     return parser
+
+
+def port(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a port number, got {text!r}") from None
+    if not 1 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"a port is 1-65535, got {value}")
+    return value
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -199,6 +215,10 @@ async def run(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    try:  # checked before anything starts, as the other settings are
+        client_configuration(args.kubeconfig)
+    except ClusterUnreachable as error:
+        build_parser().error(str(error))
     # A decision is many tiny matrix products (the policy's forward passes): BLAS threads only
     # add overhead, several times the time per call on a busy two-core node.
     threadpool_limits(limits=1, user_api="blas")

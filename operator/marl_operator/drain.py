@@ -22,7 +22,13 @@ import urllib3
 from kubernetes.client.rest import ApiException
 
 from marl_operator import logs
-from marl_operator.kube import Kube, TimedApiClient, client_configuration, command_line
+from marl_operator.kube import (
+    ClusterUnreachable,
+    Kube,
+    TimedApiClient,
+    client_configuration,
+    command_line,
+)
 
 log = logging.getLogger("marl_operator.drain")
 
@@ -126,7 +132,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logs.setup(args.log_format)
-    kube = Kube(TimedApiClient(client_configuration(args.kubeconfig)))
+    try:
+        configuration = client_configuration(args.kubeconfig)
+    except ClusterUnreachable as error:
+        build_parser().error(str(error))
+    kube = Kube(TimedApiClient(configuration))
     try:
         left = drain(kube, args.namespace, args.timeout)
     except DrainError as error:

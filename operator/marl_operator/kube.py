@@ -194,7 +194,9 @@ def command_line(prog: str, doc: str, description: str, namespaces: str) -> argp
         epilog="examples:" + doc.split("Examples:", 1)[1],
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--kubeconfig", type=Path, help="kubeconfig file (default: in-cluster)")
+    parser.add_argument(
+        "--kubeconfig", type=kubeconfig_file, help="kubeconfig file (default: in-cluster)"
+    )
     parser.add_argument(
         "--namespace",
         action="append",
@@ -204,13 +206,35 @@ def command_line(prog: str, doc: str, description: str, namespaces: str) -> argp
     return parser
 
 
+def kubeconfig_file(text: str) -> Path:
+    """``--kubeconfig``: a file that exists, checked before anything starts."""
+    path = Path(text).expanduser()
+    if not path.is_file():
+        raise argparse.ArgumentTypeError(
+            f"{text}: no such file (a kubeconfig such as ~/.kube/config; inside a pod, leave "
+            "--kubeconfig out to use the pod's service account)"
+        )
+    return path
+
+
+class ClusterUnreachable(ValueError):
+    """No connection settings could be made: the message names the option and the fix."""
+
+
 def client_configuration(kubeconfig: Path | None) -> client.Configuration:
     """The Kubernetes connection, from an explicit file or the pod's service account."""
     configuration = client.Configuration()
-    if kubeconfig is not None:
-        config.load_kube_config(config_file=str(kubeconfig), client_configuration=configuration)
-    else:
-        config.load_incluster_config(client_configuration=configuration)
+    try:
+        if kubeconfig is not None:
+            config.load_kube_config(config_file=str(kubeconfig), client_configuration=configuration)
+        else:
+            config.load_incluster_config(client_configuration=configuration)
+    except config.ConfigException as error:
+        if kubeconfig is not None:
+            raise ClusterUnreachable(f"--kubeconfig {kubeconfig}: {error}") from None
+        raise ClusterUnreachable(
+            f"not inside a pod ({error}): pass --kubeconfig PATH to run outside the cluster"
+        ) from None
     return configuration
 
 
