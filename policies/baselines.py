@@ -271,7 +271,8 @@ def make_heuristic(name: str, ctx: PolicyContext, seed: int = 0) -> Policy:
         return fixed_split(ctx, local, forward, reject)
     if name not in HEURISTICS:
         raise PolicyError(
-            f"unknown policy {name!r}; heuristics: {sorted(HEURISTICS)} or fixed:L,F,R"
+            f"unknown policy {name!r}; heuristics: {sorted(HEURISTICS)} or fixed:L,F,R "
+            "(or a checkpoint directory, 'default' or 'oracle')"
         )
     if name == "random":
         return random_dirichlet(ctx, seed)

@@ -138,6 +138,12 @@ class LoadedPolicy:
         return self.actor(obs, mask)
 
     def check(self, action_mode: str, max_degree: int) -> None:
+        mode = (self.meta.get("action") or {}).get("mode")
+        if mode is not None and mode != action_mode:
+            raise CheckpointError(
+                f"checkpoint {self.path} acts in action mode {mode!r}, the environment in "
+                f"{action_mode!r}: evaluate it with --action-mode {mode}"
+            )
         check_spec(self.meta, spec_for(action_mode, max_degree), f"checkpoint {self.path}")
 
 
@@ -166,6 +172,11 @@ def bundled_for(action_mode: str, max_degree: int) -> Path:
 def resolve(path: str | Path) -> Path:
     """Accept the directory, ``policy.pt`` or ``policy.json``; return the directory."""
     p = Path(path)
+    if not p.exists():
+        raise CheckpointError(
+            f"checkpoint {p}: no such file or directory (a checkpoint is a directory with "
+            f"{WEIGHTS_FILE} and {META_FILE}, as written by simulator.train)"
+        )
     directory = p if p.is_dir() else p.parent
     for name in (WEIGHTS_FILE, META_FILE):
         if not (directory / name).is_file():

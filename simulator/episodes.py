@@ -33,7 +33,10 @@ def policy_context(env: EdgeEnv) -> PolicyContext:
 
 
 def is_checkpoint(policy: str) -> bool:
-    return policy.endswith((".pt", ".json")) or Path(policy).is_dir()
+    """Whether ``policy`` names a checkpoint rather than a heuristic: a path (no heuristic's
+    name has a '/'), a weights or meta file, or a directory. A path that does not exist is
+    one too, so that it is reported as the missing checkpoint it is."""
+    return "/" in policy or policy.endswith((".pt", ".json")) or Path(policy).is_dir()
 
 
 def build_policy(policy: str | Policy, env: EdgeEnv, seed: int) -> Policy:

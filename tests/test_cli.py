@@ -60,6 +60,21 @@ def test_evaluate_table_and_errors():
     assert p.returncode == 2 and "bundled" in p.stderr
 
 
+@pytest.mark.parametrize(
+    ("policy", "words"),
+    [
+        # A mistyped checkpoint directory is a missing checkpoint, not an unknown heuristic.
+        ("runs/no-such-run", "checkpoint runs/no-such-run: no such file or directory"),
+        # A per-neighbour checkpoint on a scenario evaluated per node: the flag that fits.
+        ("policies/checkpoints/mesh-10x3", "evaluate it with --action-mode neighbours"),
+        ("no-such-heuristic", "or a checkpoint directory, 'default' or 'oracle'"),
+    ],
+)
+def test_evaluate_says_what_is_wrong_with_a_policy(policy, words):
+    p = run("simulator.evaluate", "--scenario", "dfaas-2", "--policy", policy, "--episodes", "1")
+    assert p.returncode == 2 and words in p.stderr and "Traceback" not in p.stderr, p.stderr
+
+
 def test_bench_json_contract():
     p = run(
         "simulator.bench",
