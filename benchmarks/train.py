@@ -21,7 +21,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from simulator.cli import non_negative_int, parser_from_doc
+from simulator.cli import non_negative_int, parser_from_doc, positive_int
 
 KEYS = ("return_per_agent", "processed_pct", "latency_mean_ms", "wall_seconds", "env_steps_per_s")
 
@@ -44,7 +44,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="one training run per seed",
     )
     parser.add_argument(
-        "--env-steps", type=int, default=1_296_000, help="agent-environment steps per run"
+        "--env-steps",
+        type=positive_int,
+        default=1_296_000,
+        help="environment steps per run (each steps every agent once)",
     )
     parser.add_argument(
         "--eval-episodes", type=int, default=50, help="episodes of each run's final evaluation"

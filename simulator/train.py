@@ -148,7 +148,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--scenario", default="dfaas-paise25", help="bundled name or YAML path")
     parser.add_argument("--algo", choices=("mappo", "ippo"), help="default: mappo")
     parser.add_argument(
-        "--env-steps", type=int, default=1_296_000, help="agent-environment steps to train for"
+        "--env-steps",
+        type=positive_int,
+        default=1_296_000,
+        help="environment steps to train for (each steps every agent once)",
     )
     parser.add_argument(
         "--seed",

@@ -218,6 +218,7 @@ def test_a_plot_into_a_missing_folder_is_refused_before_the_run(command, tmp_pat
         ("simulator.bench", "--envs"),
         ("simulator.adapt", "--interval"),
         ("simulator.train", "--eval-episodes"),
+        ("simulator.train", "--env-steps"),  # wrote an untrained checkpoint and exited 0
     ],
 )
 def test_counts_below_one_are_refused_naming_the_option(command, option, capsys):
@@ -260,6 +261,7 @@ def test_seeds_and_threads_below_zero_are_refused_naming_the_option(command, opt
     [
         ("decision.py", "--trials"),
         ("decision.py", "--agents"),
+        ("train.py", "--env-steps"),
         ("model_accuracy.py", "--test"),
         ("model_accuracy.py", "--train"),
         ("model_noise_floor.py", "--interval"),
