@@ -14,7 +14,6 @@ fitted on synthetic rows once (refits happen between decisions, not inside them)
 from __future__ import annotations
 
 import argparse
-import json
 import resource
 import time
 
@@ -27,7 +26,7 @@ from policies.observation import MeshTelemetry
 from policies.rollout import Rollout, RolloutSettings
 from policies.system_model import SystemModel
 from policies.topology import Topology
-from simulator.cli import non_negative_int, parser_from_doc, positive_int
+from simulator.cli import at_least, json_line, non_negative_int, parser_from_doc, positive_int
 
 
 def ring_with_chords(n: int, rng: np.random.Generator) -> Topology:
@@ -128,7 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = parser_from_doc("decision.py", __doc__)
     parser.add_argument(
         "--agents",
-        type=positive_int,
+        type=at_least(2),  # a mesh of one node has no neighbour to route to
         nargs="+",
         default=[10, 100],
         help="agent instances, one run each",
@@ -154,7 +153,7 @@ def main(argv: list[str] | None = None) -> None:
     with threadpool_limits(limits=args.threads, user_api="blas"):
         results = [measure(a, args.horizon, args.trials, args.seed) for a in args.agents]
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(json.dumps({"results": results, "peak_rss_mb": round(peak_mb, 1)}))
+    print(json_line({"results": results, "peak_rss_mb": round(peak_mb, 1)}))
 
 
 if __name__ == "__main__":

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 
 import numpy as np
 from tqdm import tqdm
@@ -32,6 +31,7 @@ from simulator.adapt import build_parser as adapt_parser
 from simulator.adapt import commissioning_rows, run_arm, warm_model, warm_start
 from simulator.cli import (
     add_scenarios_option,
+    json_line,
     non_negative_int,
     parser_from_doc,
     png_path,
@@ -146,7 +146,7 @@ def main(argv: list[str] | None = None) -> None:
     scored = {t: [r["nmae"][t] for r in runs if r["nmae"][t] is not None] for t in runs[0]["nmae"]}
     mean = {t: float(np.mean(v)) if v else None for t, v in scored.items()}
     print(
-        json.dumps(
+        json_line(
             {
                 "train_intervals": args.train,
                 "test_intervals": args.test,

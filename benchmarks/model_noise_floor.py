@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 from collections.abc import Callable
 
 import numpy as np
@@ -63,6 +62,7 @@ from simulator.adapt import (
 )
 from simulator.cli import (
     add_scenarios_option,
+    json_line,
     non_negative_float,
     non_negative_int,
     parser_from_doc,
@@ -339,7 +339,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.plot:
         plot(runs, args.plot)
     print(
-        json.dumps(
+        json_line(
             {
                 "replicas": args.replicas,
                 "intervals": args.intervals,

@@ -58,7 +58,7 @@ from tqdm import tqdm
 
 from demo.prometheus import free_port
 from demo.stack import Stack, StackError
-from simulator.cli import non_negative_int, parser_from_doc
+from simulator.cli import json_line, non_negative_int, parser_from_doc
 
 TARGET_CPU_CORES = 0.5
 TARGET_RSS_MB = 500.0
@@ -678,7 +678,7 @@ def main(argv: list[str] | None = None) -> int:
                 "operator_scale: interrupted; every process it started is stopped", file=sys.stderr
             )
             return 130
-    print(json.dumps(result))
+    print(json_line(result))
     return 0
 
 

@@ -29,7 +29,6 @@ interval was a lucky draw). The last line is one JSON object.
 from __future__ import annotations
 
 import argparse
-import json
 
 import numpy as np
 from tqdm import tqdm
@@ -47,7 +46,13 @@ from simulator.adapt import (
 from simulator.adapt import (
     build_parser as adapt_parser,
 )
-from simulator.cli import add_scenarios_option, parser_from_doc, png_path, positive_int
+from simulator.cli import (
+    add_scenarios_option,
+    json_line,
+    parser_from_doc,
+    png_path,
+    positive_int,
+)
 from simulator.env import Timeline
 from simulator.fluid import expected_arrivals, oracle_schedule
 from simulator.scenario import Scenario
@@ -181,7 +186,7 @@ def main(argv: list[str] | None = None) -> None:
     results = [slo_chance(name, seeds, args.arms, args.interval) for name in args.scenarios]
     if args.plot:
         plot(results, args.plot)
-    print(json.dumps({"seeds": args.seeds, "interval": args.interval, "runs": results}))
+    print(json_line({"seeds": args.seeds, "interval": args.interval, "runs": results}))
 
 
 if __name__ == "__main__":

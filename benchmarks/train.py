@@ -21,7 +21,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from simulator.cli import non_negative_int, parser_from_doc, positive_int
+from simulator.cli import json_line, non_negative_int, parser_from_doc, positive_int
 
 KEYS = ("return_per_agent", "processed_pct", "latency_mean_ms", "wall_seconds", "env_steps_per_s")
 
@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
             runs.append({"seed": seed, **{k: result[k] for k in KEYS if k in result}})
     mean = {k: sum(r[k] for r in runs) / len(runs) for k in KEYS if k in runs[0]}
     print(
-        json.dumps(
+        json_line(
             {
                 "scenario": args.scenario,
                 "algo": args.algo,

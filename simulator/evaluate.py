@@ -69,7 +69,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.plot and not args.compare:  # it would be ignored: the chart compares policies
+        parser.error("--plot draws the comparison's bar chart: add --compare")
     try:
         scenario = load_scenario(args.scenario)
         if args.workload:

@@ -18,4 +18,14 @@ def run_benchmark(name: str, *argv: str, timeout: float = 600) -> dict:
         timeout=timeout,
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return strict_json(done.stdout.strip().splitlines()[-1])
+
+
+def strict_json(line: str) -> dict:
+    """``line`` parsed as strict JSON: NaN and Infinity, which ``json.dumps`` writes and
+    strict parsers (jq, Go, JavaScript) refuse, fail the test."""
+
+    def refuse(constant: str) -> None:
+        raise ValueError(f"{constant} is not JSON: print the line with simulator.cli.json_line")
+
+    return json.loads(line, parse_constant=refuse)

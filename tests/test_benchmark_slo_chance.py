@@ -95,6 +95,13 @@ def test_a_tiny_run_counts_what_simulator_adapt_counts_seed_by_seed(tmp_path, ca
     }
 
 
+def test_a_scenario_without_changes_still_prints_strict_json():
+    """No interval follows a change, so no rate can be averaged: null, not NaN."""
+    report = run_benchmark("slo_chance", "--scenarios", "mesh-6x3", "--arms", "oracle",
+                           "--seeds", "2", "--interval", "20")  # fmt: skip
+    assert report["runs"][0]["scenario"] == "mesh-6x3"
+
+
 def test_one_seed_is_refused_naming_the_flag():
     out = subprocess.run(
         [sys.executable, str(SCRIPT), "--seeds", "1"], capture_output=True, text=True

@@ -60,6 +60,16 @@ def test_evaluate_table_and_errors():
     assert p.returncode == 2 and "bundled" in p.stderr
 
 
+def test_decision_benchmark_needs_two_agents_and_evaluate_a_comparison_to_plot(capsys):
+    """One agent is a mesh with no neighbour (it crashed building the topology); a --plot
+    without --compare was silently ignored."""
+    with pytest.raises(SystemExit):
+        parser_of(ROOT / "benchmarks" / "decision.py").parse_args(["--agents", "1"])
+    assert "argument --agents: must be at least 2, got 1" in capsys.readouterr().err
+    p = run("simulator.evaluate", "--scenario", "dfaas-2", "--plot", "x.png", "--episodes", "1")
+    assert p.returncode == 2 and "add --compare" in p.stderr
+
+
 @pytest.mark.parametrize(
     ("policy", "words"),
     [
@@ -260,7 +270,6 @@ def test_seeds_and_threads_below_zero_are_refused_naming_the_option(command, opt
     ("command", "option"),
     [
         ("decision.py", "--trials"),
-        ("decision.py", "--agents"),
         ("train.py", "--env-steps"),
         ("model_accuracy.py", "--test"),
         ("model_accuracy.py", "--train"),
