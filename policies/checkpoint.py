@@ -141,8 +141,9 @@ class LoadedPolicy:
         mode = (self.meta.get("action") or {}).get("mode")
         if mode is not None and mode != action_mode:
             raise CheckpointError(
-                f"checkpoint {self.path} acts in action mode {mode!r}, the environment in "
-                f"{action_mode!r}: evaluate it with --action-mode {mode}"
+                f"checkpoint {self.path}: field 'action.mode' is {mode!r} in the checkpoint "
+                f"but {action_mode!r} in the environment (simulator.evaluate takes "
+                f"--action-mode {mode})"
             )
         check_spec(self.meta, spec_for(action_mode, max_degree), f"checkpoint {self.path}")
 

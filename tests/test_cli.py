@@ -76,7 +76,7 @@ def test_decision_benchmark_needs_two_agents_and_evaluate_a_comparison_to_plot(c
         # A mistyped checkpoint directory is a missing checkpoint, not an unknown heuristic.
         ("runs/no-such-run", "checkpoint runs/no-such-run: no such file or directory"),
         # A per-neighbour checkpoint on a scenario evaluated per node: the flag that fits.
-        ("policies/checkpoints/mesh-10x3", "evaluate it with --action-mode neighbours"),
+        ("policies/checkpoints/mesh-10x3", "simulator.evaluate takes --action-mode neighbours"),
         ("no-such-heuristic", "or a checkpoint directory, 'default' or 'oracle'"),
     ],
 )
