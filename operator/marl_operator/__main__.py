@@ -179,8 +179,7 @@ def standby_priority() -> int:
     return secrets.randbelow(2**31 - 1) + 1
 
 
-async def run(args: argparse.Namespace) -> None:
-    configuration = client_configuration(args.kubeconfig)
+async def run(args: argparse.Namespace, configuration: client.Configuration) -> None:
     kube = Kube(TimedApiClient(configuration))
     runtime = Runtime(
         kube,
@@ -216,14 +215,14 @@ async def run(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     try:  # checked before anything starts, as the other settings are
-        client_configuration(args.kubeconfig)
+        configuration = client_configuration(args.kubeconfig)
     except ClusterUnreachable as error:
         build_parser().error(str(error))
     # A decision is many tiny matrix products (the policy's forward passes): BLAS threads only
     # add overhead, several times the time per call on a busy two-core node.
     threadpool_limits(limits=1, user_api="blas")
     logs.setup(args.log_format, logging.DEBUG if args.verbose else logging.INFO)
-    asyncio.run(run(args))
+    asyncio.run(run(args, configuration))
 
 
 if __name__ == "__main__":

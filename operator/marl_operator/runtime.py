@@ -448,12 +448,11 @@ class Runtime:
         """Restore the mesh objects of a deleted policy and forget it. A policy this process
         never ran (deleted right after a restart) is rebuilt from ``body`` to find its
         objects; of one that cannot be built, what its status names is given back. A cycle of
-        the policy still
-        running (its daemon already stopped) ends first, so that its write cannot take the
-        restored objects over again; it waits ``wait_s`` at most (what is left of the deletion
-        handler's wait, which shares one deadline with this; DELETE_WAIT_S without the
-        handler). Services ``governed_by`` another
-        policy are that one's: left as they are."""
+        the policy still running (its daemon already stopped) ends first, so that its write
+        cannot take the restored objects over again; it waits ``wait_s`` at most (what is left
+        of the deletion handler's wait, which shares one deadline with this; DELETE_WAIT_S
+        without the handler). Services ``governed_by`` another policy are that one's: left as
+        they are."""
         name = key.split("/", 1)[1]
         others = {s for s, other in (governed_by or {}).items() if other != name}
         with self._lock:
