@@ -22,17 +22,48 @@ from pathlib import Path
 from tqdm import tqdm
 
 from demo.stack import EXAMPLES, StackError, running_stack, static_p95s
-from simulator.cli import json_line, parser_from_doc
+from simulator.cli import json_line, non_negative_int, parser_from_doc, positive_int
+
+
+def example_nodes() -> list[str]:
+    """The EdgeNodes the demo's data plane serves (``examples/edgenodes.yaml``)."""
+    import yaml
+
+    documents = yaml.safe_load_all((EXAMPLES / "edgenodes.yaml").read_text())
+    return [d["metadata"]["name"] for d in documents if d and d.get("kind") == "EdgeNode"]
+
+
+def capacity_left(value: str) -> float:
+    """An argparse type for ``--factor``: a share of the node's capacity, refused here rather
+    than by the data plane at the degrade time, minutes into the run."""
+    try:
+        factor = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {value!r}") from None
+    if not 0 < factor <= 1:
+        raise argparse.ArgumentTypeError(
+            f"must be in (0, 1], the share of capacity the node keeps; got {value}"
+        )
+    return factor
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The command line, apart from ``main`` so that its help can be checked without running it."""
     parser = parser_from_doc("python -m demo", __doc__)
-    parser.add_argument("--duration", type=int, default=180, help="seconds to run")
-    parser.add_argument("--degrade-at", type=int, default=60, help="second of the capacity drop")
-    parser.add_argument("--node", default="edge-2", help="edge node that degrades")
-    parser.add_argument("--factor", type=float, default=0.5, help="capacity left after it")
-    parser.add_argument("--every", type=int, default=5, help="seconds between two samples")
+    parser.add_argument("--duration", type=positive_int, default=180, help="seconds to run")
+    parser.add_argument(
+        "--degrade-at",
+        type=non_negative_int,
+        default=60,
+        help="second of the capacity drop (before --duration)",
+    )
+    parser.add_argument(
+        "--node", choices=example_nodes(), default="edge-2", help="edge node that degrades"
+    )
+    parser.add_argument(
+        "--factor", type=capacity_left, default=0.5, help="share of capacity left after it"
+    )
+    parser.add_argument("--every", type=positive_int, default=5, help="seconds between two samples")
     parser.add_argument(
         "--plot",
         type=Path,
@@ -106,8 +137,19 @@ def plot(samples: list[dict], args: argparse.Namespace) -> None:
     plt.close(fig)
 
 
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.degrade_at >= args.duration:
+        parser.error(
+            f"--degrade-at {args.degrade_at} is not before --duration {args.duration}: "
+            "the node would never degrade; degrade earlier or run longer"
+        )
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     samples: list[dict] = []
     degraded_at = None  # the data plane's second of the drop
     try:

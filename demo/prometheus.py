@@ -150,9 +150,11 @@ def prometheus(
     interval: str = "1s",
     ready_timeout_s: float = 30.0,
     tls: ServerTls | None = None,
+    log: Path | None = None,
 ) -> Iterator[PrometheusServer]:
     """Run Prometheus scraping ``targets`` for the duration of the ``with`` block; with
-    ``tls``, serving https."""
+    ``tls``, serving https. Its log goes to ``log`` if given (kept beside the other
+    components'), else into its scratch folder."""
     binary = find_binary()
     with tempfile.TemporaryDirectory(prefix="prometheus-test-") as tmp:
         root = Path(tmp)
@@ -174,7 +176,7 @@ def prometheus(
             url=f"{'https' if tls else 'http'}://127.0.0.1:{port}",
             command=command,
             root=root,
-            log=root / "prometheus.log",
+            log=log or root / "prometheus.log",
             ready_timeout_s=ready_timeout_s,
             ca_file=tls.ca if tls else None,
         )

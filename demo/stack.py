@@ -263,7 +263,9 @@ def running_stack(
         )
         port = line.rsplit("port=", 1)[-1]
         stack.dataplane_url = f"http://127.0.0.1:{port}"
-        stack.prometheus = cleanup.enter_context(prometheus([f"127.0.0.1:{port}"]))
+        stack.prometheus = cleanup.enter_context(
+            prometheus([f"127.0.0.1:{port}"], log=directory / "prometheus.log")
+        )
         if operator:
             stack.operator_url = start_operator(stack, stack.prometheus.url)
         yield stack

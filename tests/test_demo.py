@@ -33,3 +33,26 @@ def test_a_short_demo_degrades_a_node_and_summarises(tmp_path, capsys):
     assert 0 <= summary["share_to_degraded_end"] < 100 / 3, summary
     assert "edge-2 loses 50% capacity" in out.out  # the samples, before the summary
     assert (logs / "operator.log").stat().st_size > 0
+    assert (logs / "prometheus.log").is_file()  # every component's log, Prometheus's too
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--node", "edge-9"], "invalid choice: 'edge-9'"),
+        (["--factor", "0"], "--factor: must be in (0, 1]"),
+        (["--factor", "1.5"], "--factor: must be in (0, 1]"),
+        (["--factor", "half"], "--factor: expected a number"),
+        (["--every", "0"], "--every: must be at least 1"),
+        (["--duration", "0"], "--duration: must be at least 1"),
+        (["--degrade-at", "-1"], "--degrade-at: must be at least 0"),
+        (["--duration", "60", "--degrade-at", "60"], "the node would never degrade"),
+    ],
+)
+def test_options_that_would_fail_minutes_in_are_refused_at_once(argv, message, capsys):
+    """Each used to start the stack and then fail at the degrade time (the data plane's HTTP
+    400), busy-loop (``--every 0``) or never degrade; now nothing starts."""
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    assert exit_.value.code == 2
+    assert message in capsys.readouterr().err
