@@ -74,6 +74,12 @@ def build_policy(policy: str | Policy, env: EdgeEnv, seed: int) -> Policy:
     return act
 
 
+def episode_batch(num_envs: int, episodes: int) -> int:
+    """How many episodes run at once: ``num_envs``, but never more than are asked for (the
+    figure reports give, as it decides which episodes are drawn)."""
+    return max(1, min(num_envs, episodes))
+
+
 def run_episodes(
     scenario: Scenario,
     policy: str | Policy,
@@ -86,7 +92,7 @@ def run_episodes(
     """Per-episode metrics of ``policy`` over ``episodes`` episodes (arrays of length episodes)."""
     if policy == "global-node":
         scenario, policy = scenario.pooled(), "apl"
-    batch = max(1, min(num_envs, episodes))
+    batch = episode_batch(num_envs, episodes)
     env = EdgeEnv(scenario, num_envs=batch, action_mode=action_mode, seed=seed)
     act = build_policy(policy, env, seed)
     results: dict[str, list[np.ndarray]] = {}

@@ -25,8 +25,9 @@ from policies.baselines import PolicyError
 from simulator.cli import json_line, non_negative_int, parser_from_doc, png_path, positive_int
 from simulator.compare import compare, default_policies, format_table, plot
 from simulator.env import default_action_mode
-from simulator.episodes import run_episodes, summarise
+from simulator.episodes import episode_batch, run_episodes, summarise
 from simulator.scenario import Scenario, ScenarioError, WorkloadSpec, load_scenario
+from simulator.workloads import USER_KINDS, validate_user
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -52,7 +53,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="episodes simulated at once; they share one random stream, so the episodes "
         "drawn depend on it as on --seed (the same two give the same numbers)",
     )
-    parser.add_argument("--workload", help="replace every workload by this kind (e.g. normal)")
+    parser.add_argument(
+        "--workload",
+        type=parameterless_workload,
+        help="replace every workload by this kind with its default parameters (e.g. normal)",
+    )
     parser.add_argument(
         "--action-mode",
         choices=("split3", "neighbours"),
@@ -68,11 +73,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parameterless_workload(kind: str) -> str:
+    """An argparse type for ``--workload``: a kind that runs on its default parameters (a
+    ``replay`` needs a file, which only a scenario file can give)."""
+    try:
+        validate_user(kind, {})
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(
+            f"{error} (--workload takes no parameters: write a scenario file for this one)"
+            if kind in USER_KINDS
+            else str(error)
+        ) from None
+    return kind
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.plot and not args.compare:  # it would be ignored: the chart compares policies
         parser.error("--plot draws the comparison's bar chart: add --compare")
+    args.envs = episode_batch(args.envs, args.episodes)  # what runs, and so what is reported
     try:
         scenario = load_scenario(args.scenario)
         if args.workload:

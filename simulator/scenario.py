@@ -306,10 +306,10 @@ def _read_workload(raw: Any, path: str, scenario: str) -> WorkloadSpec:
     from simulator import workloads  # local import: workloads imports this module's types
 
     r = _Reader(raw, path, scenario)
-    kind = r.get("kind", str, fix=f"one of {sorted(workloads.GENERATORS)}")
+    kind = r.get("kind", str, fix=f"one of {list(workloads.USER_KINDS)}")
     params = {k: v for k, v in r.data.items() if k != "kind"}
     try:
-        workloads.validate(kind, params)
+        workloads.validate_user(kind, params)
     except ValueError as exc:
         r.fail(str(exc))
     return WorkloadSpec(kind=kind, params=params)

@@ -287,6 +287,18 @@ GENERATORS: dict[str, tuple[type, Generator]] = {
 }
 
 
+USER_KINDS = tuple(sorted(kind for kind in GENERATORS if kind != "sum"))
+"""The kinds a scenario file or ``--workload`` may name: ``sum`` is the scenario's own, built
+from other workloads for a pooled node (:meth:`Scenario.pooled`)."""
+
+
+def validate_user(kind: str, params: Mapping[str, Any]) -> Any:
+    """:func:`validate` for a workload a user wrote, which may not be an internal kind."""
+    if kind not in USER_KINDS:
+        raise ValueError(f"unknown workload kind {kind!r}; choose one of {list(USER_KINDS)}")
+    return validate(kind, params)
+
+
 def _expected_type(default: Any, value: Any) -> str | None:
     """What ``value`` should have been, judged by the parameter's default; None if it is."""
     if isinstance(default, bool):

@@ -38,7 +38,8 @@ def test_evaluate_json_contract():
     ):
         assert key in out
     assert out["episodes"] == 3
-    assert (out["seed"], out["envs"]) == (0, 100)  # both choose the episodes drawn
+    # Both choose the episodes drawn; of the 100 envs asked for, the 3 episodes needed ran.
+    assert (out["seed"], out["envs"]) == (0, 3)
 
 
 def test_evaluate_table_and_errors():
@@ -307,12 +308,23 @@ def test_train_refuses_hyperparameters_out_of_range_before_any_work(argv, messag
     assert message in capsys.readouterr().err
 
 
-def test_an_unknown_workload_kind_is_refused_by_name(capsys):
+@pytest.mark.parametrize(
+    ("kind", "message"),
+    [
+        ("bogus", "unknown workload kind 'bogus'"),
+        ("sum", "unknown workload kind 'sum'"),  # internal: it crashed on no parts
+        ("replay", "needs 'path' (a CSV file) (--workload takes no parameters"),
+    ],
+)
+def test_a_workload_kind_that_cannot_run_is_refused_by_name(kind, message, capsys):
     from simulator import evaluate
 
-    argv = ["--workload", "bogus", "--episodes", "1", "--envs", "1"]
-    assert evaluate.main(argv) == 2
-    assert "unknown workload kind 'bogus'" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_:
+        evaluate.main(["--workload", kind, "--episodes", "1", "--envs", "1"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err
+    assert "'sum'" not in err.split("choose one of", 1)[-1]  # never offered
 
 
 @pytest.mark.parametrize(

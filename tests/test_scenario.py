@@ -76,6 +76,11 @@ def test_arrival_order_defaults_to_the_reference():
             "allowed",
         ),
         (with_changes(workload={"default": {"kind": "sine"}}), "workload.default", "choose one of"),
+        (  # the pooled node's own kind, which crashed when a file named it
+            with_changes(workload={"default": {"kind": "sum", "parts": [{"kind": "poisson"}]}}),
+            "workload.default",
+            "unknown workload kind 'sum'",
+        ),
         (with_changes(steps=0), "steps", "> 0"),
         (with_changes(reward="latency"), "reward", "latency_target_ms"),
         (
