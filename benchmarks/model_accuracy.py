@@ -36,6 +36,7 @@ from simulator.cli import (
     parser_from_doc,
     png_path,
     positive_int,
+    refuse_unfit_scenarios,
 )
 from simulator.env import EdgeEnv
 from simulator.episodes import build_policy
@@ -133,7 +134,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    refuse_unfit_scenarios(parser, args.scenarios, args.interval)
     held = [
         held_out(name, seed, args.train, args.test, args.interval, args.routing)
         for name, seed in tqdm(

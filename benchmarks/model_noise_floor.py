@@ -62,12 +62,14 @@ from simulator.adapt import (
 )
 from simulator.cli import (
     add_scenarios_option,
+    at_least,
     json_line,
     non_negative_float,
     non_negative_int,
     parser_from_doc,
     png_path,
     positive_int,
+    refuse_unfit_scenarios,
 )
 from simulator.env import EdgeEnv
 from simulator.episodes import build_policy
@@ -286,9 +288,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser = parser_from_doc("model_noise_floor.py", __doc__)
     add_scenarios_option(parser, ["mesh-10x3", "mesh-6x3"], "bundled names")
     parser.add_argument(
-        "--replicas", type=positive_int, default=40, help="copies under one routing"
+        "--replicas",
+        type=at_least(8),
+        default=40,
+        help="copies under one routing (at least 8: the floor fits four terms per group)",
     )
-    parser.add_argument("--intervals", type=positive_int, default=60, help="intervals per replica")
+    parser.add_argument(
+        "--intervals",
+        type=at_least(5),
+        default=60,
+        help="intervals per replica (at least 5: the pooled model is scored on 5 blocks)",
+    )
     parser.add_argument(
         "--interval", type=positive_int, default=5, help="simulator steps per interval"
     )
@@ -319,10 +329,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.replicas < 8:
-        parser.error("--replicas must be at least 8: the floor fits four terms per group")
-    if args.intervals < 5:
-        parser.error("--intervals must be at least 5: the pooled model is scored on 5 blocks")
+    refuse_unfit_scenarios(parser, args.scenarios, args.interval)
     runs = [
         noise_floor(
             name,

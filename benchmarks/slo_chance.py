@@ -48,10 +48,12 @@ from simulator.adapt import (
 )
 from simulator.cli import (
     add_scenarios_option,
+    at_least,
     json_line,
     parser_from_doc,
     png_path,
     positive_int,
+    refuse_unfit_scenarios,
 )
 from simulator.env import Timeline
 from simulator.fluid import expected_arrivals, oracle_schedule
@@ -160,7 +162,12 @@ def build_parser() -> argparse.ArgumentParser:
     """The command line, apart from ``main`` so that its help can be checked without running it."""
     parser = parser_from_doc("slo_chance.py", __doc__)
     add_scenarios_option(parser, list(CHANGE_SCENARIOS), "bundled change scenarios")
-    parser.add_argument("--seeds", type=positive_int, default=8, help="seeds 0..N-1 per scenario")
+    parser.add_argument(
+        "--seeds",
+        type=at_least(2),
+        default=8,
+        help="seeds 0..N-1 per scenario (at least 2: a miss rate needs more than one draw)",
+    )
     parser.add_argument(
         "--arms",
         nargs="+",
@@ -180,8 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.seeds < 2:
-        parser.error("--seeds must be at least 2: a miss rate needs more than one draw")
+    refuse_unfit_scenarios(parser, args.scenarios, args.interval, needs_changes=True)
     seeds = list(range(args.seeds))
     results = [slo_chance(name, seeds, args.arms, args.interval) for name in args.scenarios]
     if args.plot:

@@ -617,15 +617,30 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def load(args) -> tuple[Scenario, Policy]:
-    """The scenario and the base policy ``args`` name (ScenarioError, PolicyError or
-    CheckpointError saying what is wrong)."""
-    scenario = load_scenario(args.scenario)
+def check_scenario(scenario: Scenario, interval: int, needs_changes: bool = False) -> None:
+    """Raise ScenarioError if the live loop cannot run ``scenario`` in cycles of
+    ``interval`` steps (or, with ``needs_changes``, has no change to measure after)."""
     if not scenario.models_latency:
         raise ScenarioError(
             f"scenario {scenario.name!r} sets no latency_target_ms, and the loop scores "
             f"latency against targets; choose a latency scenario such as {CHANGE_SCENARIOS[0]}"
         )
+    if interval > scenario.steps:
+        raise ScenarioError(
+            f"{interval} steps per cycle (--interval), but {scenario.name} has {scenario.steps}"
+        )
+    if needs_changes and not scenario.events:
+        raise ScenarioError(
+            f"scenario {scenario.name!r} has no events, and what is measured follows a change; "
+            f"choose a change scenario: {', '.join(CHANGE_SCENARIOS)}"
+        )
+
+
+def load(args) -> tuple[Scenario, Policy]:
+    """The scenario and the base policy ``args`` name (ScenarioError, PolicyError or
+    CheckpointError saying what is wrong)."""
+    scenario = load_scenario(args.scenario)
+    check_scenario(scenario, args.interval)
     env = EdgeEnv(scenario, num_envs=1, action_mode="neighbours")
     return scenario, build_policy(args.policy, env, args.seed)
 
@@ -663,13 +678,6 @@ def main(argv: list[str] | None = None) -> int:
         scenario, policy = load(args)
     except (ScenarioError, PolicyError, checkpoint.CheckpointError) as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 2
-    if args.interval > scenario.steps:
-        print(
-            f"error: --interval: {args.interval} steps per cycle, but {scenario.name} has "
-            f"{scenario.steps}",
-            file=sys.stderr,
-        )
         return 2
     model = warm_model(scenario, policy, args)
     results = {}

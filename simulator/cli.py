@@ -105,3 +105,19 @@ def known_scenario(text: str) -> str:
 def add_scenarios_option(parser: argparse.ArgumentParser, default: list[str], help: str) -> None:
     """``--scenarios NAME...``, each checked by :func:`known_scenario` (the benchmarks')."""
     parser.add_argument("--scenarios", type=known_scenario, nargs="+", default=default, help=help)
+
+
+def refuse_unfit_scenarios(
+    parser: argparse.ArgumentParser, names: list[str], interval: int, needs_changes: bool = False
+) -> None:
+    """End with a usage error naming the first of ``names`` the live loop cannot run in
+    cycles of ``interval`` steps (see ``simulator.adapt.check_scenario``): the benchmarks
+    that replay it would otherwise fail in a traceback part-way through their runs."""
+    from simulator.adapt import check_scenario
+    from simulator.scenario import ScenarioError, load_scenario
+
+    for name in names:
+        try:
+            check_scenario(load_scenario(name), interval, needs_changes)
+        except ScenarioError as error:
+            parser.error(f"--scenarios: {error}")

@@ -21,6 +21,19 @@ def run_benchmark(name: str, *argv: str, timeout: float = 600) -> dict:
     return strict_json(done.stdout.strip().splitlines()[-1])
 
 
+def refusal(name: str, *argv: str) -> str:
+    """``python benchmarks/<name>.py ARGV``, which must be refused as a usage error (exit
+    code 2) before any work; what it says on stderr."""
+    done = subprocess.run(
+        [sys.executable, str(BENCHMARKS / f"{name}.py"), *argv],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 2, (done.returncode, done.stderr[-3000:])
+    return done.stderr
+
+
 def strict_json(line: str) -> dict:
     """``line`` parsed as strict JSON: NaN and Infinity, which ``json.dumps`` writes and
     strict parsers (jq, Go, JavaScript) refuse, fail the test."""

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from benchmark_runner import refusal
 
 
 def run(*args):
@@ -275,7 +276,7 @@ def test_seeds_and_threads_below_zero_are_refused_naming_the_option(command, opt
         ("model_accuracy.py", "--test"),
         ("model_accuracy.py", "--train"),
         ("model_noise_floor.py", "--interval"),
-        ("slo_chance.py", "--seeds"),
+        ("slo_chance.py", "--interval"),
     ],
 )
 def test_benchmark_counts_below_one_are_refused_naming_the_option(command, option, capsys):
@@ -359,7 +360,7 @@ def test_amounts_must_be_finite(value, capsys):
         (["--steps", "0.2", "1"], "error: --steps: rollout steps must lie in (0, 1)"),
         (["--screen-horizon", "-1"], "error: --screen-horizon: rollout screen_horizon"),
         (["--scenario", "dfaas-paise25"], "sets no latency_target_ms"),
-        (["--interval", "400"], "--interval: 400 steps per cycle, but mesh-10x3-capacity-drop"),
+        (["--interval", "400"], "400 steps per cycle (--interval), but mesh-10x3-capacity-drop"),
     ],
 )
 def test_adapt_refuses_bad_settings_before_any_work(argv, message, capsys):
@@ -420,3 +421,17 @@ def test_the_operator_refuses_a_port_that_is_not_one(capsys):
         with pytest.raises(SystemExit):
             parse_args(["--api-port", port])
         assert "--api-port" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("script", ["model_accuracy", "model_noise_floor", "slo_chance"])
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--scenarios", "dfaas-paise25"], "'dfaas-paise25' sets no latency_target_ms"),
+        (["--interval", "100000"], "100000 steps per cycle (--interval), but mesh-"),
+    ],
+)
+def test_benchmarks_of_the_live_loop_refuse_what_it_cannot_run(script, argv, message):
+    """Each ended in a traceback part-way through its runs (no bundled policy for a DFaaS
+    layout; a division by zero intervals)."""
+    assert message in refusal(script, *argv)
