@@ -51,7 +51,7 @@ from simulator.cli import (
     positive_int,
 )
 from simulator.engine import hist_quantile
-from simulator.env import EdgeEnv, Timeline
+from simulator.env import EdgeEnv, Timeline, clearing_time
 from simulator.episodes import build_policy
 from simulator.fluid import OracleSchedule, oracle_schedule, segments
 from simulator.scenario import Scenario, ScenarioError, load_scenario
@@ -100,13 +100,15 @@ class IntervalRecorder:
         self.cpu_used = np.zeros(n)
         self.cpu = np.zeros(n)
         self._cost0 = float(env.totals.cost_s[0])
-        self.backlog_start = self._backlog()
+        self.backlog_start = self._backlog(min(env.t, env.steps - 1))
 
-    def _backlog(self) -> np.ndarray:
-        """Seconds each node needs to clear its queue."""
+    def _backlog(self, step: int) -> np.ndarray:
+        """Seconds each node needs to clear its queue at its capacity of ``step``: the
+        coming step's at an interval's start, the last one's at its end (the capacity the
+        interval's row carries; the next step's may be a failure's zero)."""
         env = self.env
-        cpu = env.timeline.cpu[min(env.t, env.steps - 1)] / env.scenario.step_seconds
-        return env.model.queued_work()[0] / np.maximum(cpu, 1e-9)
+        cpu = env.timeline.cpu[step] / env.scenario.step_seconds
+        return clearing_time(env.model.queued_work()[0], cpu)
 
     def add(self, info: dict) -> None:
         env, out = self.env, self.env.last_outcome
@@ -173,7 +175,7 @@ class IntervalRecorder:
             rejected=noisy(self.lost / self.steps)[None],
             arrived_prev=(offered * step)[None],
             utilisation=np.minimum(self.cpu_used / np.maximum(self.cpu, 1e-9), 1.0)[None],
-            backlog=(env.model.q_len[0] * mean_work / np.maximum(cpu_now, 1e-9))[None],
+            backlog=clearing_time(env.model.q_len[0] * mean_work, cpu_now)[None],
             capacity=capacity * step / mean_work,
             active=env.timeline.active[t],
             target_ms=env.target_ms,
@@ -186,7 +188,7 @@ class IntervalRecorder:
             p95_ms=noisy(hist_quantile(self.server_hist, 0.95)),
             capacity=np.where(env.timeline.active[t], capacity, 0.0),
             backlog_start=noisy(self.backlog_start),
-            backlog_end=noisy(self._backlog()),
+            backlog_end=noisy(self._backlog(t)),
             mesh=mesh,
             busy=noisy(self.cpu_used / np.maximum(self.cpu, 1e-9)),
         )

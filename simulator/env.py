@@ -168,6 +168,15 @@ def valid_fractions(actions: np.ndarray) -> np.ndarray:
     return np.where(off, actions / np.where(off, total, 1.0), actions) if off.any() else actions
 
 
+def clearing_time(work: np.ndarray, capacity: np.ndarray) -> np.ndarray:
+    """Time to serve the queued ``work`` at ``capacity`` (work per unit of time), and zero
+    on a node without capacity: a failed node's queue is dropped, and a stalled one's has no
+    finite time to clear, which as a huge number swamps every scale it enters (the system
+    model's features, the tabulation grid); the zero capacity says the rest."""
+    capacity = np.asarray(capacity, dtype=float)
+    return np.where(capacity > 0, work / np.maximum(capacity, 1e-12), 0.0)
+
+
 class EdgeEnv:
     """Vectorised multi-agent edge-routing environment (see module docstring)."""
 
@@ -425,7 +434,7 @@ class EdgeEnv:
         """The simulator's state expressed as what a mesh would report for one interval."""
         tl = self.timeline
         per_step = tl.cpu[t] / float(np.mean(self.mean_cost))
-        backlog = queue * float(np.mean(self.mean_cost)) / np.maximum(tl.cpu[t], 1e-9)
+        backlog = clearing_time(queue * float(np.mean(self.mean_cost)), tl.cpu[t])
         return MeshTelemetry(
             offered=offered.astype(float),
             latency_ms=self.prev["latency_ms"],

@@ -331,3 +331,55 @@ def test_the_steps_after_the_last_full_interval_are_played_as_a_short_cycle(tmp_
     assert summary["cycles"] == 5 and summary["change_cycles"] == [4]
     records = [json.loads(line) for line in lines[:-1]]
     assert len(records) == 5 and all(r["oracle"]["cost"] > 0 for r in records)
+
+
+def served_locally(scenario_yaml: str, tmp_path, cycles: int, interval: int = 5):
+    """The telemetry of ``cycles`` intervals of a scenario whose nodes serve all their own
+    requests, and the environment after them."""
+    path = tmp_path / "scenario.yaml"
+    path.write_text(scenario_yaml)
+    env = EdgeEnv(load_scenario(str(path)), 1, action_mode="neighbours", seed=0, track_servers=True)
+    env.reset()
+    weights = np.zeros((1, env.num_agents, env.action_dim))
+    weights[..., 0] = 1.0
+    rng, out = np.random.default_rng(0), []
+    for _ in range(cycles):
+        recorder = adapt.IntervalRecorder(env)
+        for _ in range(interval):
+            _, _, _, info = env.step(weights)
+            recorder.add(info)
+        out.append(recorder.telemetry(rng, 0.0))
+    return out, env
+
+
+def test_a_node_failing_right_after_an_interval_leaves_its_backlog_finite(tmp_path):
+    """The interval before a failure priced its queue at the next step's capacity, zero: a
+    backlog of about 1e12 s, which became a utilisation of 1e11 in the model's rows."""
+    tels, env = served_locally(
+        "name: fail\nextends: mesh-10x3\nsteps: 30\nevents:\n"
+        "  - {at: 5, until: 30, kind: surge, node: edge-3, factor: 2}\n"
+        "  - {at: 20, kind: fail, node: edge-3}\n",
+        tmp_path,
+        cycles=4,
+    )
+    before = tels[3]  # steps 15-19; edge-3 fails at step 20
+    queued = before.backlog_end[3] * before.capacity[3]  # seconds x work per second
+    assert before.capacity[3] > 0 and queued > 0  # a queue to price, at a live capacity
+    assert 0 < before.backlog_end[3] < 30
+    rows = model_rows(before, adapt.priced_work(env), 5 * env.scenario.step_seconds)
+    assert np.nanmax(rows.features[:, UTILISATION]) < 10
+
+
+def test_a_node_without_capacity_has_no_backlog_to_clear(tmp_path):
+    """A capacity event of factor 0 is allowed; its queue, at no capacity, was 1e12 s."""
+    tels, _ = served_locally(
+        "name: stall\nextends: mesh-10x3\nsteps: 30\nevents:\n"
+        "  - {at: 5, until: 30, kind: surge, node: edge-3, factor: 2}\n"
+        "  - {at: 10, until: 30, kind: capacity, node: edge-3, factor: 0}\n",
+        tmp_path,
+        cycles=4,
+    )
+    for tel in tels[2:]:
+        assert tel.capacity[3] == 0
+        assert tel.backlog_start[3] == tel.backlog_end[3] == 0
+        assert tel.mesh.backlog[0, 3] == 0
