@@ -420,6 +420,16 @@ class NodeModel:
     q_agent = property(lambda self: self._field("agent"))
     q_arrival_ms = property(lambda self: self._field("arrival_ms"))
 
+    def queued_by_agent(self, nodes: np.ndarray) -> np.ndarray | None:
+        """``(B, A)`` requests queued at ``nodes`` (bool ``(N,)``) by the agent that sent
+        them; None where requests carry no origin (one service, no latency model)."""
+        if not self.needs_metadata:
+            return None
+        queued = np.isfinite(self.q_cpu) & nodes[None, :, None]
+        env = np.broadcast_to(np.arange(self.B)[:, None, None], queued.shape)[queued]
+        agent = self.q_agent[queued].astype(np.int64)
+        return np.bincount(env * self.A + agent, minlength=self.B * self.A).reshape(self.B, -1)
+
     def drop_queues(self, nodes: np.ndarray) -> np.ndarray:
         """Empty the queues of failed nodes (bool ``(N,)``); returns requests lost ``(B, N)``."""
         lost = np.where(nodes[None, :], self.q_len, 0)

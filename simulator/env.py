@@ -329,10 +329,7 @@ class EdgeEnv:
         if self.t >= self.steps:
             raise RuntimeError("episode is over: call reset()")
         tl, t = self.timeline, self.t
-        if t > 0:
-            failed = tl.active[t - 1] & ~tl.active[t]
-            if failed.any():
-                self.totals.lost_on_failure += self.model.drop_queues(failed).sum(axis=1)
+        failed_queues = self._drop_failed_queues()
         local, forward, reject, dropped = self.counts(actions)
         out = self.model.step(t, local, forward, tl.cpu[t], tl.ram[t], tl.queue[t], tl.active[t])
         fwd_total = np.einsum("bnks->bns", forward)
@@ -351,7 +348,7 @@ class EdgeEnv:
             )
         else:
             # Cost per arriving request in units of the mean latency target, negated.
-            cost_s = self._latency_cost_s(out, rejected)
+            cost_s = self._latency_cost_s(out, rejected + failed_queues)
             self.totals.cost_s += cost_s.sum(axis=1)
             per_request = cost_s / np.maximum(arrivals.reshape(self.num_envs, -1), 1)
             rewards = -per_request / (np.mean(self.target_ms) / 1000.0)
@@ -401,7 +398,8 @@ class EdgeEnv:
             "local": local,
             "forward": forward,
             "reject": reject,
-            "lost": rejected + dropped,  # (B, N, S) by the agent that routed them, all causes
+            # (B, N, S) by the agent that routed them, all causes
+            "lost": rejected + dropped + failed_queues,
             "processed": out.processed,
             "queue_length": out.queue_length,
             "cpu_used": out.cpu_used,
@@ -450,6 +448,21 @@ class EdgeEnv:
     def state(self) -> np.ndarray:
         """Global state for a centralised critic: all agents' observations, ``(B, A * obs_dim)``."""
         return self._observe().reshape(self.num_envs, -1)
+
+    def _drop_failed_queues(self) -> np.ndarray:
+        """Empty the queues of the nodes failing at this step; ``(B, N, S)`` the requests
+        lost, by the agent that sent them (zeros where requests carry no origin). They cost
+        what a rejection does: a policy must not gain by queueing work on a node that fails."""
+        tl, t = self.timeline, self.t
+        shape = (self.num_envs, self.topology.num_nodes, self.topology.num_services)
+        lost = np.zeros(shape, np.int64)
+        failed = tl.active[t - 1] & ~tl.active[t] if t > 0 else np.zeros_like(tl.active[t])
+        if failed.any():
+            by_agent = self.model.queued_by_agent(failed)
+            self.totals.lost_on_failure += self.model.drop_queues(failed).sum(axis=1)
+            if by_agent is not None:
+                lost = by_agent.reshape(shape)
+        return lost
 
     def _latency_cost_s(self, out, rejected: np.ndarray) -> np.ndarray:
         """``(B, A)`` this step's cost in seconds: every served request's latency plus, for

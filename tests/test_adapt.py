@@ -383,3 +383,26 @@ def test_a_node_without_capacity_has_no_backlog_to_clear(tmp_path):
         assert tel.capacity[3] == 0
         assert tel.backlog_start[3] == tel.backlog_end[3] == 0
         assert tel.mesh.backlog[0, 3] == 0
+
+
+def test_requests_lost_with_a_failing_node_s_queue_cost_a_rejection_each(tmp_path):
+    """They were counted in lost_on_failure only: no cost, no loss in the cycle's figures,
+    so queueing work on a node about to fail was free."""
+    _, env = served_locally(
+        "name: fail\nextends: mesh-10x3\nsteps: 30\nevents:\n"
+        "  - {at: 5, until: 30, kind: surge, node: edge-3, factor: 2}\n"
+        "  - {at: 20, kind: fail, node: edge-3}\n",
+        tmp_path,
+        cycles=4,
+    )
+    queued = env.model.queued_by_agent(np.arange(10) == 3)[0]  # what the failure will drop
+    assert queued.sum() == env.model.q_len[0, 3] > 0
+    cost_before = env.totals.cost_s[0]
+    weights = np.zeros((1, env.num_agents, env.action_dim))
+    weights[..., 0] = 1.0
+    _, _, _, info = env.step(weights)
+    assert env.totals.lost_on_failure[0] == queued.sum()
+    rejected_now = info["reject"][0].sum() + info["server"].rejected[0].sum()
+    assert info["lost"][0].sum() - rejected_now == queued.sum()
+    penalty_s = env.scenario.reject_penalty * np.tile(env.target_ms, 10) / 1000.0
+    assert env.totals.cost_s[0] - cost_before >= float(penalty_s @ queued)
