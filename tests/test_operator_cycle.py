@@ -551,6 +551,8 @@ def test_relative_weights_read_from_the_mesh_are_reported_in_percent():
     (crd,) = load_documents(ROOT / "crds" / "routingpolicies.marl.dev.yaml")
     assert CRDValidator(crd).errors({**body, "status": stored}) == []
 
+
+def test_nodes_whose_clients_report_nothing_are_named_in_the_status():
     """A node no request is reported from is counted as offering none: right for a node
     without clients, wrong for one whose proxies are not scraped. Which it is, the operator
     cannot tell, so MetricsAvailable says which nodes it counted so."""
