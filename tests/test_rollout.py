@@ -575,10 +575,19 @@ def test_the_adapter_tells_the_model_how_many_requests_each_row_is_over():
     topo, env, _, _ = pair(capacity=(700.0, 1000.0))
     model = SystemModel(min_rows=4, refit_share=0.0)
     adapter = Adapter(env, always_local, model, RolloutSettings(horizon=1), interval_seconds=5.0)
+    told = []
+    observe = model.observe
+
+    def recording(features, targets, requests=None):
+        told.append(requests)
+        return observe(features, targets, requests)
+
+    model.observe = recording
     rng = np.random.default_rng(1)
     for _ in range(6):
         tel = _interval(topo, rng.uniform(20.0, 60.0, 2), np.array([700.0, 1000.0]))
         adapter.observe(replace(tel, mean_ms=np.array([[15.0], [40.0]])))
+        assert np.allclose(told[-1], tel.incoming.reshape(-1) * 5.0)  # requests per row
     assert model.accuracy().nmae[MESH_MEAN_MS] > 0
 
 
