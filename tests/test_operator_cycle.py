@@ -212,13 +212,23 @@ def test_observer_translates_pairs_into_node_telemetry():
     truth = mesh.node_latency_ms("fn")
     # The link is taken off the client's latency: what remains is the node's own.
     np.testing.assert_allclose(tel.mean_ms[:, 0], [truth[j][1] for j in truth], rtol=1e-9)
-    # Capacity from CPU: served / busy fraction recovers mu where CPU is reported.
-    np.testing.assert_allclose(tel.capacity[:2], [150, 100], rtol=1e-9)
-    assert tel.capacity[2] == 60  # no CPU metric: the EdgeNode's hint
     assert tel.mesh.offered.shape == (1, 3, 1)
     # Backlog from Little's law: utilisation x wait beyond the service time.
     _lam, mean = truth["edge-1"]
     assert tel.backlog_end[1] == pytest.approx(0.4 * (mean - 10.0) / 1000.0)
+
+
+def test_capacity_is_measured_from_cpu_and_the_hint_kept_where_none_is_reported():
+    """Served requests over the busy fraction recover each node's true capacity, which here
+    differs from what the EdgeNodes declare (150, 100, 60); a node without a CPU series
+    keeps its declared capacity."""
+    mesh = example_mesh(capacity=(120.0, 80.0, 45.0))
+    got = mesh.read_metrics(namespace="edge", service="fn", host="", window="1m")
+    cpu = {pair: cores for pair, cores in got.cpu_cores.items() if pair != "fn-edge-2"}
+    readings = {"fn": dataclasses.replace(got, cpu_cores=cpu)}
+    tel = Observer(problem(), capacity_alpha=1.0).telemetry(readings)
+    np.testing.assert_allclose(tel.capacity[:2], [120, 80], rtol=1e-9)
+    assert tel.capacity[2] == 60
 
 
 def two_services() -> MeshProblem:
@@ -402,7 +412,8 @@ def test_cycle_applies_bounded_weights_and_reports():
 
 def test_closed_loop_moves_traffic_off_a_degraded_node():
     """The core promise, on the independent queueing fake: after a node loses half its
-    capacity, the operator cuts p95 against static equal weights within 5 intervals."""
+    capacity, the operator cuts p95 against static equal weights within 5 intervals, by
+    more than the trained policy alone would."""
     mesh = example_mesh(load=(50.0, 50.0, 50.0), capacity=(150.0, 100.0, 100.0))
     runtime, _ = runtime_over(mesh)
     body = example_policy_body(safety={"maxWeightChange": 20})
@@ -412,7 +423,8 @@ def test_closed_loop_moves_traffic_off_a_degraded_node():
     static = example_mesh(load=(50.0, 50.0, 50.0), capacity=(150.0, 55.0, 100.0))
     for _ in range(5):
         runtime.cycle("edge/edge-routing", body)
-    assert mesh.p95_ms("fn") <= 0.7 * static.p95_ms("fn"), (
+    # About 0.29 of the static p95; the trained policy's own weights, without rollout, 0.65.
+    assert mesh.p95_ms("fn") <= 0.4 * static.p95_ms("fn"), (
         mesh.p95_ms("fn"),
         static.p95_ms("fn"),
         mesh.routes["fn"].by_source,

@@ -1,3 +1,5 @@
+import math
+
 import numpy as np
 import pytest
 
@@ -11,6 +13,31 @@ def test_largest_remainder_sums_exactly_and_is_proportional():
     c = largest_remainder(f, total)
     assert (c.sum(axis=-1) == total).all()
     assert (np.abs(c - f * total[:, None]) < 1.0 + 1e-9).all()
+    for row, fractions, n in zip(c[:100], f[:100], total[:100], strict=True):
+        assert row.tolist() == hamilton(fractions.tolist(), int(n))
+
+
+def hamilton(fractions: list[float], total: int) -> list[int]:
+    """The largest-remainder (Hamilton) method as a loop, the way it is taught: floor every
+    quota, then give one more to each of the largest remainders, the earlier on a tie."""
+    quotas = [f / sum(fractions) * total for f in fractions]
+    counts = [math.floor(q + 1e-9) for q in quotas]
+    by_remainder = sorted(range(len(quotas)), key=lambda j: (counts[j] - quotas[j], j))
+    for j in by_remainder[: total - sum(counts)]:
+        counts[j] += 1
+    return counts
+
+
+@pytest.mark.parametrize(
+    ("fractions", "total", "expected"),
+    [
+        ([0.424, 0.376, 0.2], 10, [4, 4, 2]),  # the one leftover to the larger remainder, .76
+        ([0.5, 0.5], 3, [2, 1]),  # a tie goes to the earlier
+        ([0.3333, 0.3333, 0.3334], 100, [33, 33, 34]),
+    ],
+)
+def test_largest_remainder_by_hand(fractions, total, expected):
+    assert largest_remainder(np.array(fractions), total).tolist() == expected
 
 
 def test_mesh_weights_never_all_zero():
