@@ -79,7 +79,7 @@ class Accuracy:
     were known, of the mesh's mean latency: ``MESH_MEAN_MS``)."""
 
     nmae: dict[str, float | None]  # mean absolute error over the mean absolute target
-    r2: dict[str, float]
+    r2: dict[str, float | None]  # None for a target constant in every row: nothing to explain
     rows: int
 
     @property
@@ -471,14 +471,16 @@ def score(
     return Accuracy(nmae=nmae, r2=r2, rows=len(y))
 
 
-def _errors(y: np.ndarray, p: np.ndarray) -> tuple[float | None, float]:
+def _errors(y: np.ndarray, p: np.ndarray) -> tuple[float | None, float | None]:
     """Normalised MAE and R^2 of one target."""
     # A target that was zero throughout (no queue in any scored interval) has no scale to
     # normalise by: None, not an error divided by nothing.
     scale = float(np.abs(y).mean()) if len(y) else 0.0
     nmae = float(np.abs(y - p).mean() / scale) if scale > 0 else None
     var = float(((y - y.mean()) ** 2).sum()) if len(y) else 0.0
-    r2 = float(1.0 - ((y - p) ** 2).sum() / var) if var > 0 else 1.0
+    # Likewise R^2 of a target constant throughout (every request succeeded): a perfect
+    # score there would be claimed however far off the predictions were.
+    r2 = float(1.0 - ((y - p) ** 2).sum() / var) if var > 0 else None
     return nmae, r2
 
 

@@ -410,6 +410,19 @@ def test_a_target_zero_in_every_row_has_no_normalised_error():
     assert json.loads(json.dumps(accuracy.as_dict()))["nmae"]["backlog_s"] is None
 
 
+def test_a_target_constant_in_every_row_has_no_r2():
+    """Every request succeeded: R^2 has no variance to explain, and was reported as a
+    perfect 1.0 however far off the predictions were."""
+    y = np.tile([10.0, 30.0, 1.0, 0.0], (4, 1))
+    y[:, MEAN_MS] = [10.0, 20.0, 30.0, 40.0]
+    p = y.copy()
+    p[:, 2] = 0.5  # half the requests predicted to fail
+    p[:, BACKLOG_S] = 3.0
+    accuracy = score(y, p)
+    assert accuracy.r2["success"] is None and accuracy.r2["backlog_s"] is None
+    assert accuracy.r2["mean_ms"] == 1.0  # predicted exactly, and it varied
+
+
 def test_the_mesh_mean_latency_is_each_intervals_rows_weighted_by_their_requests():
     """Two intervals of two rows. In the first, the rows' errors (+10 ms on 30 requests,
     -30 ms on 10) cancel over the mesh; in the second, 20 ms too much on every request."""
