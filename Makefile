@@ -30,6 +30,8 @@ train: install
 		--episodes 50 --plot runs/train/compare.png
 
 test: install
+	# The optional RLlib extra too, held to the same versions: its test trains through it.
+	$(PIP) -c $(CONSTRAINTS) -e '.[dev,rllib]'
 	$(PYTHON) -m ruff check .
 	$(PYTHON) -m ruff format --check .
 	$(PYTHON) -m pytest -q

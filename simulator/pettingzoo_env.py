@@ -21,10 +21,14 @@ class EdgeParallelEnv(ParallelEnv):
     metadata: ClassVar[dict] = {"name": "marl_edge_routing_v0", "render_modes": []}
 
     def __init__(
-        self, scenario: Scenario | str = "dfaas-paise25", action_mode: ActionMode | None = None
+        self,
+        scenario: Scenario | str = "dfaas-paise25",
+        action_mode: ActionMode | None = None,
+        seed: int | None = None,
     ):
+        """``seed`` seeds the workloads for trainers that reset without one (RLlib does)."""
         self.scenario = load_scenario(scenario) if isinstance(scenario, str) else scenario
-        self._env = EdgeEnv(self.scenario, num_envs=1, action_mode=action_mode)
+        self._env = EdgeEnv(self.scenario, num_envs=1, action_mode=action_mode, seed=seed)
         self.possible_agents = list(self._env.agents)
         self.agents: list[str] = []
 

@@ -15,9 +15,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
-from simulator.cli import non_negative_int, parser_from_doc
+from simulator.cli import non_negative_int, parser_from_doc, positive_int
 from simulator.pettingzoo_env import EdgeParallelEnv
 
 ENV_NAME = "marl-edge-routing"
@@ -29,10 +30,13 @@ def build_config(scenario: str, seed: int, batch: int):
     from ray.rllib.env.wrappers.pettingzoo_env import ParallelPettingZooEnv
     from ray.tune.registry import register_env
 
-    register_env(ENV_NAME, lambda cfg: ParallelPettingZooEnv(EdgeParallelEnv(cfg["scenario"])))
+    register_env(
+        ENV_NAME,
+        lambda cfg: ParallelPettingZooEnv(EdgeParallelEnv(cfg["scenario"], seed=cfg["seed"])),
+    )
     return (
         PPOConfig()
-        .environment(ENV_NAME, env_config={"scenario": scenario})
+        .environment(ENV_NAME, env_config={"scenario": scenario, "seed": seed})
         .multi_agent(policies={"shared"}, policy_mapping_fn=lambda agent_id, *a, **k: "shared")
         .env_runners(num_env_runners=0)
         .training(train_batch_size=batch, minibatch_size=min(batch, 256), num_epochs=5)
@@ -44,8 +48,10 @@ def build_parser() -> argparse.ArgumentParser:
     """The command line, apart from ``main`` so that its help can be checked without running it."""
     parser = parser_from_doc("python -m simulator.rllib_train", __doc__)
     parser.add_argument("--scenario", default="dfaas-2", help="bundled name or YAML path")
-    parser.add_argument("--iterations", type=int, default=5, help="RLlib training iterations")
-    parser.add_argument("--batch", type=int, default=1000, help="env steps per iteration")
+    parser.add_argument(
+        "--iterations", type=positive_int, default=5, help="RLlib training iterations"
+    )
+    parser.add_argument("--batch", type=positive_int, default=1000, help="env steps per iteration")
     parser.add_argument(
         "--seed", type=non_negative_int, default=0, help="seeds RLlib and the workloads"
     )
@@ -82,5 +88,16 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def fix_hash_seed() -> None:
+    """Run this command again with Python's string hashing fixed, unless it is already.
+
+    RLlib keeps agent names in sets, whose order follows the per-process hash of strings:
+    the same ``--seed`` gave one of two histories at random on a two-agent scenario."""
+    if os.environ.get("PYTHONHASHSEED") is None:
+        env = {**os.environ, "PYTHONHASHSEED": "0"}
+        os.execve(sys.executable, [sys.executable, "-m", __spec__.name, *sys.argv[1:]], env)
+
+
 if __name__ == "__main__":
+    fix_hash_seed()
     raise SystemExit(main())
