@@ -228,10 +228,24 @@ class Adapter:
         if tel.work is not None:
             self.env.set_work(tel.work)
         self.model.observe(*model_rows(tel, self.env.work, self.interval_seconds))
-        offered = np.asarray(tel.offered, dtype=float).reshape(-1)
-        a = self.forecast_alpha
-        self.forecast = offered if self.forecast is None else a * offered + (1 - a) * self.forecast
+        self.forecast = self._forecast(tel)
         self.last = tel
+
+    def _forecast(self, tel: IntervalTelemetry) -> np.ndarray:
+        """``(A,)`` arrivals expected next interval: an exponentially weighted mean of each
+        agent's offered rate while its node stays up. A down node's clients are gone with
+        it: none, not a decaying memory that every routing would be charged as lost; a node
+        back up starts from what it receives now, not from a blend with its outage."""
+        offered = np.asarray(tel.offered, dtype=float)
+        services = offered.shape[1]
+        up = np.repeat(np.asarray(tel.capacity, dtype=float) > 0, services)
+        offered = offered.reshape(-1)
+        if self.forecast is None or self.last is None:
+            return np.where(up, offered, 0.0)
+        was_up = np.repeat(np.asarray(self.last.capacity, dtype=float) > 0, services)
+        a = self.forecast_alpha
+        blended = a * offered + (1 - a) * self.forecast
+        return np.where(up, np.where(was_up, blended, offered), 0.0)
 
     def state(self) -> MeshState:
         if self.last is None or self.forecast is None:

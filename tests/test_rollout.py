@@ -753,3 +753,20 @@ def test_rollout_settings_refuse_what_cannot_be_scored_naming_the_field(bad, nam
         RolloutSettings(**bad)
     assert err.value.name == named
     RolloutSettings(discount=1.0)  # undiscounted is fine without a tail to sum for ever
+
+
+def test_the_arrival_forecast_forgets_a_down_node_and_starts_afresh_when_it_returns():
+    """A failed node's forecast decayed over several intervals (0.4, 0.16... of its
+    arrivals), traffic no routing could serve, priced as lost for every candidate; a node
+    back up was forecast from that decayed figure instead of what it now receives."""
+    topo, env, _, _ = pair()
+    adapter = Adapter(env, always_local, SystemModel(), RolloutSettings(horizon=1))
+    up, b_down = np.array([1000.0, 1000.0]), np.array([1000.0, 0.0])
+    adapter.observe(_interval(topo, np.array([60.0, 20.0]), up))
+    adapter.observe(_interval(topo, np.array([30.0, 20.0]), up))
+    a = adapter.forecast_alpha
+    assert adapter.forecast == pytest.approx([a * 30 + (1 - a) * 60, 20.0])
+    adapter.observe(_interval(topo, np.array([30.0, 5.0]), b_down))  # b's last requests
+    assert adapter.forecast[1] == 0.0
+    adapter.observe(_interval(topo, np.array([30.0, 40.0]), up))
+    assert adapter.forecast[1] == 40.0  # its first reading, not a blend with the outage
