@@ -26,6 +26,8 @@ class PolicyContext:
     """split3 mode: requests one node serves per step (the reference's fill-local uses 64);
     one number for every agent, or one per agent ``(A,)``."""
     queue_capacity: float | np.ndarray = 100.0
+    services: int = 1
+    """Agents per node (node-major): a node's services share its capacity."""
 
 
 Policy = Callable[[np.ndarray, np.ndarray], np.ndarray]
@@ -126,22 +128,31 @@ def fixed_split(ctx: PolicyContext, local: float, forward: float, reject: float)
 
 def fill_local_then_forward(ctx: PolicyContext) -> Policy:
     """Keep what the node can serve this step plus what fits in its queue; forward the rest
-    (evenly). The reference's strongest heuristic."""
+    (evenly). The reference's strongest heuristic. With several services, each keeps the
+    same share of its load: the node's spare capacity over all its services' load (each
+    keeping as much as the whole node could serve overfilled it S times)."""
 
     def act(obs, mask):
         if ctx.action_mode == "split3":
-            n = _dfaas(obs, "input_requests")
+            n = _node_total(_dfaas(obs, "input_requests"), ctx.services)
             free = ctx.queue_capacity - _dfaas(obs, "queue_size")
             keep = np.minimum(n, ctx.local_capacity + free)
             local = np.where(n > 0, keep / np.maximum(n, 1), 1.0)
             return np.stack([local, 1 - local, np.zeros_like(local)], axis=-1)
-        load = _local(obs, "offered_load")
+        load = _node_total(_local(obs, "offered_load"), ctx.services)
         spare = np.maximum(1.0 - _local(obs, "backlog"), 0.0)
         local = np.where(load > 0, np.minimum(1.0, spare / np.maximum(load, 1e-9)), 1.0)
         present = _neighbours(obs, ctx, "present")
         return _spread(local, 1 - local, present, np.zeros_like(local), mask)
 
     return act
+
+
+def _node_total(values: np.ndarray, services: int) -> np.ndarray:
+    """``values`` (..., A) of node-major agents summed over each node's services, given
+    back to every agent of the node."""
+    per_node = values.reshape(*values.shape[:-1], -1, services).sum(axis=-1)
+    return np.repeat(per_node, services, axis=-1)
 
 
 def _spare(obs: np.ndarray, ctx: PolicyContext) -> tuple[np.ndarray, np.ndarray]:
@@ -261,8 +272,9 @@ HEURISTICS = {
 }
 
 
-def make_heuristic(name: str, ctx: PolicyContext, seed: int = 0) -> Policy:
-    """Build a heuristic by name: one of :data:`HEURISTICS` or ``fixed:L,F,R``."""
+def make_heuristic(name: str, ctx: PolicyContext, seed: int = 0, others: str = "") -> Policy:
+    """Build a heuristic by name: one of :data:`HEURISTICS` or ``fixed:L,F,R``. An unknown
+    name is refused listing them, and ``others``, what else the caller accepts."""
     if name.startswith("fixed:"):
         try:
             local, forward, reject = (float(x) for x in name[len("fixed:") :].split(","))
@@ -271,8 +283,7 @@ def make_heuristic(name: str, ctx: PolicyContext, seed: int = 0) -> Policy:
         return fixed_split(ctx, local, forward, reject)
     if name not in HEURISTICS:
         raise PolicyError(
-            f"unknown policy {name!r}; heuristics: {sorted(HEURISTICS)} or fixed:L,F,R "
-            "(or a checkpoint directory, 'default' or 'oracle')"
+            f"unknown policy {name!r}; heuristics: {sorted(HEURISTICS)} or fixed:L,F,R{others}"
         )
     if name == "random":
         return random_dirichlet(ctx, seed)

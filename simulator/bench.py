@@ -21,14 +21,22 @@ import numpy as np
 
 from policies.baselines import PolicyError, make_heuristic
 from simulator.cli import json_line, non_negative_int, parser_from_doc, positive_int
-from simulator.env import EdgeEnv
+from simulator.env import ActionMode, EdgeEnv
 from simulator.episodes import policy_context
 from simulator.scenario import ScenarioError, load_scenario
 
 
-def measure(scenario_name: str, envs: int, steps: int, warmup: int, seed: int, policy: str) -> dict:
+def measure(
+    scenario_name: str,
+    envs: int,
+    steps: int,
+    warmup: int,
+    seed: int,
+    policy: str,
+    action_mode: ActionMode | None = None,
+) -> dict:
     scenario = load_scenario(scenario_name)
-    env = EdgeEnv(scenario, num_envs=envs, seed=seed)
+    env = EdgeEnv(scenario, num_envs=envs, seed=seed, action_mode=action_mode)
     act = make_heuristic(policy, policy_context(env), seed=seed)
     obs = env.reset()
     actions = act(obs, env.action_mask())
@@ -48,6 +56,7 @@ def measure(scenario_name: str, envs: int, steps: int, warmup: int, seed: int, p
         "agents": env.num_agents,
         "steps_measured": steps,
         "policy": policy,
+        "action_mode": env.action_mode,
         "env_steps_per_s": envs * steps / total,
         "agent_steps_per_s": envs * env.num_agents * steps / total,
         "batch_step_ms_p50": float(np.percentile(ms, 50)),
@@ -73,6 +82,11 @@ def build_parser() -> argparse.ArgumentParser:
         default="fixed:0.6,0.4,0",
         help="actions are computed once and replayed, so only the simulator is timed",
     )
+    parser.add_argument(
+        "--action-mode",
+        choices=("split3", "neighbours"),
+        help="the action head the policy fills (default: the scenario's)",
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     return parser
 
@@ -80,7 +94,15 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        result = measure(args.scenario, args.envs, args.steps, args.warmup, args.seed, args.policy)
+        result = measure(
+            args.scenario,
+            args.envs,
+            args.steps,
+            args.warmup,
+            args.seed,
+            args.policy,
+            args.action_mode,
+        )
     except (ScenarioError, PolicyError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -29,6 +29,7 @@ def policy_context(env: EdgeEnv) -> PolicyContext:
         max_degree=env.topology.max_degree,
         local_capacity=np.repeat([math.floor(n.cpu / work) for n in nodes], services),
         queue_capacity=np.repeat([float(n.queue_capacity) for n in nodes], services),
+        services=services,
     )
 
 
@@ -60,7 +61,8 @@ def build_policy(policy: str | Policy, env: EdgeEnv, seed: int) -> Policy:
             raise PolicyError(str(exc)) from exc
         return loaded
     if policy != "oracle":
-        return make_heuristic(policy, policy_context(env), seed=seed)
+        others = " (or a checkpoint directory, 'default' or 'oracle')"
+        return make_heuristic(policy, policy_context(env), seed=seed, others=others)
     if env.action_mode != "neighbours":
         raise PolicyError("policy 'oracle' routes per neighbour: use --action-mode neighbours")
     try:

@@ -381,6 +381,20 @@ def test_bench_refuses_unknown_names_without_a_traceback(argv, message, capsys):
     assert message in capsys.readouterr().err
 
 
+def test_bench_offers_only_what_it_has(capsys):
+    """It hinted at an --action-mode it did not take, and listed checkpoints and the oracle
+    among the policies it would time; it times heuristics only."""
+    from simulator import bench
+
+    argv = ["--scenario", "dfaas-2", "--envs", "2", "--steps", "1"]
+    assert bench.main([*argv, "--policy", "least-loaded"]) == 2
+    assert "use --action-mode neighbours" in capsys.readouterr().err
+    assert bench.main([*argv, "--policy", "least-loaded", "--action-mode", "neighbours"]) == 0
+    assert "neighbours" in capsys.readouterr().out
+    assert bench.main([*argv, "--policy", "oracle"]) == 2
+    assert "'oracle')" not in capsys.readouterr().err
+
+
 def test_json_lines_are_strict_json():
     """A latency over no requests is NaN; printed as such, strict parsers refuse the line."""
     from simulator.cli import json_line

@@ -156,3 +156,25 @@ def test_events_mean_the_same_in_any_order_of_the_file(events, expected):
     for listed in (raw, raw[::-1]):
         spec = [{k: v for k, v in e.items() if v is not None} for e in listed]
         assert node_b_up(spec) == expected, listed
+
+
+@pytest.mark.parametrize("mode", ["neighbours", "split3"])
+def test_fill_local_keeps_what_the_node_can_serve_over_all_its_services(mesh, mode):
+    """Each service kept up to the whole node's spare capacity: three services, each
+    offering half of what the node can serve, were all kept, 1.5 times its capacity."""
+    from policies.observation import MESH_LOCAL_FEATURES
+    from simulator.episodes import build_policy, policy_context
+
+    env = EdgeEnv(mesh, num_envs=1, seed=0, action_mode=mode)
+    s = env.topology.num_services
+    assert s == 3
+    obs = np.zeros((1, env.num_agents, env.obs_dim))
+    if mode == "neighbours":  # offered load in units of the node's capacity, empty queue
+        obs[..., MESH_LOCAL_FEATURES.index("offered_load")] = 0.5
+        obs[..., len(MESH_LOCAL_FEATURES)] = 1.0  # a neighbour to forward to
+    else:  # arrivals: half the node's capacity (requests per step) for each service
+        obs[0, :, 0] = policy_context(env).local_capacity / 2
+        obs[0, :, 5] = policy_context(env).queue_capacity  # a full queue
+    local = build_policy("fill-local-then-forward", env, seed=0)(obs, env.action_mask())[0, :, 0]
+    kept = local.reshape(-1, s).sum(axis=1) * 0.5  # of the node's capacity
+    assert kept == pytest.approx(np.ones(len(mesh.nodes)), abs=0.01)
