@@ -209,6 +209,8 @@ def main(argv: list[str] | None = None) -> int:
     trainer = Trainer(env, cfg, total_updates)
     lead = rank == 0
     resumed = args.resume and (out / STATE_FILE).is_file()
+    if args.resume and not resumed and rank == 0:
+        print(f"--resume: no saved state in {out}; starting a new run", file=sys.stderr)
     if resumed:
         try:
             trainer.load_state_dict(torch.load(out / STATE_FILE, weights_only=True))

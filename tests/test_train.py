@@ -94,7 +94,7 @@ def test_resume_continues_from_the_saved_state(trained, tmp_path):
     assert before < after == int(np.ceil(60000 / (16 * 96)))
 
 
-def test_progress_rows_are_on_disk_at_every_evaluation(tmp_path, monkeypatch):
+def test_progress_rows_are_on_disk_at_every_evaluation(tmp_path, monkeypatch, capsys):
     out, updates = tmp_path / "run", 0
     update = train_module.Trainer.update
 
@@ -112,10 +112,13 @@ def test_progress_rows_are_on_disk_at_every_evaluation(tmp_path, monkeypatch):
     monkeypatch.undo()
     assert train(out, 3000, *TINY) == 0  # a new run into the directory: a new curve
     assert _progress_updates(out) == [1, 2, 3, 4]
-    # --resume with nothing to resume from starts afresh, so its curve starts afresh too.
+    # --resume with nothing to resume from starts afresh, so its curve starts afresh too,
+    # and says so: a mistyped --out would otherwise throw hours of training away unseen.
     (out / train_module.STATE_FILE).unlink()
+    capsys.readouterr()
     assert train(out, 3000, *TINY, "--resume") == 0
     assert _progress_updates(out) == [1, 2, 3, 4]
+    assert f"--resume: no saved state in {out}; starting a new run" in capsys.readouterr().err
 
 
 def test_a_state_that_does_not_fit_is_refused_by_resume_and_saves_are_whole(tmp_path, capsys):
