@@ -220,6 +220,34 @@ def test_routing_policy_defaults(validators):
     }
 
 
+def _leaves(obj: dict, path: tuple[str, ...] = ()):
+    for key, value in obj.items():
+        if isinstance(value, dict) and value:
+            yield from _leaves(value, (*path, key))
+        else:
+            yield (*path, key), value
+
+
+def test_the_example_policy_marks_each_value_that_is_not_the_default(validators):
+    """Its header promised the defaults in comments, and two of its values were not them:
+    a reader copying it could not tell what omitting a field would give."""
+    text = (EXAMPLES / "policy.yaml").read_text()
+    body = example("RoutingPolicy")
+    needed = {key: body["spec"][key] for key in ("services", "checkpoint")}
+    defaults = validators["RoutingPolicy"].defaulted({**body, "spec": needed})["spec"]
+    marked = []
+    for path, value in _leaves(body["spec"]):
+        default = defaults
+        for key in path:
+            default = default.get(key) if isinstance(default, dict) else None
+        if default is None or value == default:
+            continue
+        (line,) = [line for line in text.splitlines() if re.match(rf"\s*{path[-1]}:", line)]
+        assert f"# default {default}" in line, (path, line)
+        marked.append(path)
+    assert marked  # it does set some values of its own
+
+
 def test_edge_service_defaults(validators):
     obj = example("EdgeService", "fn")
     del obj["spec"]["mesh"], obj["spec"]["nodeLabel"]
