@@ -22,7 +22,7 @@ from marl_operator.mesh.model import (
     RouteLimitError,
     node_from_edge_node,
 )
-from marl_operator.mesh.ownership import ORIGINAL_SPEC_ANNOTATION, is_managed
+from marl_operator.mesh.ownership import ADOPT_ANNOTATION, ORIGINAL_SPEC_ANNOTATION, is_managed
 from marl_operator.mesh.patching import apply_merge_patch, reconcile_patch, restore_patch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -283,7 +283,7 @@ def _user_virtual_service() -> dict:
             "namespace": "edge",
             "resourceVersion": "7",
             "labels": {"app.kubernetes.io/managed-by": "Helm"},
-            "annotations": {"team": "payments"},
+            "annotations": {"team": "payments", ADOPT_ANNOTATION: "true"},
         },
         "spec": {
             "hosts": ["fn.edge.svc.cluster.local"],
@@ -314,6 +314,23 @@ def test_takeover_saves_the_users_spec_once_and_restores_it():
 
     restored = apply_merge_patch(later, restore_patch(later))
     assert restored == user
+
+
+def test_an_existing_object_is_taken_over_only_if_its_owner_says_so():
+    """Anyone who may create EdgeServices in a namespace could have the operator rewrite any
+    VirtualService there; now its owner opts in with an annotation."""
+    user = _user_virtual_service()
+    del user["metadata"]["annotations"][ADOPT_ANNOTATION]
+    desired = virtual_service(ISTIO_SERVICE, triangle_routes())
+    with pytest.raises(
+        MeshError, match=f"VirtualService edge/fn exists .* {ADOPT_ANNOTATION}=true"
+    ):
+        reconcile_patch(user, desired)
+    user["metadata"]["annotations"][ADOPT_ANNOTATION] = "yes"  # only "true" opts in
+    with pytest.raises(MeshError, match=ADOPT_ANNOTATION):
+        reconcile_patch(user, desired)
+    created = _server_copy(desired)  # the operator's own object needs no such annotation
+    assert reconcile_patch(created, desired) == {}
 
 
 def test_objects_the_operator_created_are_deleted_not_restored():

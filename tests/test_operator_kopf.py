@@ -38,6 +38,7 @@ from marl_operator.kube import Forbidden, Kube, KubeMesh, TimedApiClient, client
 from marl_operator.mesh.istio import read_virtual_service
 from marl_operator.mesh.model import MeshError, MeshService, node_from_edge_node
 from marl_operator.mesh.ownership import (
+    ADOPT_ANNOTATION,
     MANAGED_BY_LABEL,
     ORIGINAL_SPEC_ANNOTATION,
     SERVICE_ANNOTATION,
@@ -339,7 +340,7 @@ USER_VIRTUAL_SERVICE = {
         "name": SERVICE,
         "namespace": NAMESPACE,
         "labels": {"app": "fn"},
-        "annotations": {"owner": "the user"},
+        "annotations": {"owner": "the user", ADOPT_ANNOTATION: "true"},
     },
     "spec": {
         "hosts": [MESH_SERVICE.host],
@@ -845,6 +846,32 @@ def test_a_refused_write_leaves_every_object_of_the_service_as_it_was(cluster: A
         mesh.read(MESH_SERVICE, MESH_NODES)
     with pytest.raises(Forbidden, match=f"may not get {VS_RESOURCE}"):
         mesh.write(MESH_SERVICE, build_routes(even, MESH_NODES))
+
+
+def test_a_users_object_is_taken_over_only_once_its_owner_opts_in(cluster: Any) -> None:
+    """Without the adopt annotation the write is refused naming it, and nothing is written:
+    neither the user's VirtualService nor the DestinationRule beside it. Annotated, the
+    same write takes the object over."""
+    cluster_kube = Kube(client.ApiClient(client_configuration(cluster.kubeconfig)))
+    mesh = KubeMesh(cluster_kube)
+    user = copy.deepcopy(USER_VIRTUAL_SERVICE)
+    del user["metadata"]["annotations"][ADOPT_ANNOTATION]
+    cluster_kube.create(user)
+    before = cluster_kube.get(NAMESPACE, "VirtualService", SERVICE)
+    local = build_routes({n: {n: 100} for n in NODE_NAMES}, MESH_NODES)
+    with pytest.raises(MeshError, match=f"{ADOPT_ANNOTATION}=true"):
+        mesh.write(MESH_SERVICE, local)
+    assert cluster_kube.get(NAMESPACE, "VirtualService", SERVICE) == before
+    assert cluster_kube.get(NAMESPACE, "DestinationRule", SERVICE) is None
+
+    cluster_kube.patch(
+        NAMESPACE,
+        "VirtualService",
+        SERVICE,
+        {"metadata": {"annotations": {ADOPT_ANNOTATION: "true"}}},
+    )
+    assert mesh.write(MESH_SERVICE, local)
+    assert mesh.read(MESH_SERVICE, MESH_NODES).by_source == {n: {n: 100} for n in NODE_NAMES}
 
 
 def test_an_object_carrying_another_edge_services_routes_is_not_written(cluster: Any) -> None:

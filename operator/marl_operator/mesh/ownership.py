@@ -1,6 +1,8 @@
 """Marks on the mesh objects marl-operator writes, and the user's own spec kept aside.
 
-A user may already have a VirtualService or HTTPRoute for the service. The operator then takes
+A user may already have a VirtualService or HTTPRoute for the service. The operator takes it
+over only if its owner says so with the ``marl.dev/adopt: "true"`` annotation: whoever may
+create EdgeServices in a namespace must not thereby rewrite any route there. It then takes
 over the fields it writes, but first stores the whole spec it found in an annotation, so that
 deleting the RoutingPolicy can put the object back as the user left it. Objects the operator
 created itself carry no such annotation and are deleted instead.
@@ -25,6 +27,9 @@ SERVICE_ANNOTATION = "marl.dev/edge-service"
 ORIGINAL_SPEC_ANNOTATION = "marl.dev/original-spec"
 """JSON of the spec the object had before marl-operator took it over."""
 
+ADOPT_ANNOTATION = "marl.dev/adopt"
+"""``"true"`` on an existing mesh object: its owner lets marl-operator take over its routes."""
+
 ANNOTATIONS_LIMIT = 256 * 1024
 """The API server refuses objects whose annotations total more bytes than this."""
 
@@ -43,7 +48,17 @@ def is_managed(obj: Mapping[str, Any]) -> bool:
 
 
 def original_spec_annotation(live: Mapping[str, Any]) -> dict[str, str]:
-    """The annotation that keeps ``live``'s current spec, to be added when taking it over."""
+    """The annotation that keeps ``live``'s current spec, to be added when taking it over;
+    MeshError unless its owner opted in with :data:`ADOPT_ANNOTATION`."""
+    meta = live.get("metadata", {})
+    if (meta.get("annotations") or {}).get(ADOPT_ANNOTATION) != "true":
+        kind, name = live.get("kind", "object"), meta.get("name", "?")
+        raise MeshError(
+            f"{kind} {meta.get('namespace', '?')}/{name} exists and marl-operator did not "
+            f"create it: to hand its routes over, annotate it {ADOPT_ANNOTATION}=true (its "
+            "spec is kept and given back when the policy goes), or name another object in "
+            "the EdgeService's spec.mesh"
+        )
     text = json.dumps(live.get("spec", {}), separators=(",", ":"), sort_keys=True)
     annotations = live.get("metadata", {}).get("annotations") or {}
     used = sum(len(k) + len(v) for k, v in annotations.items() if k != ORIGINAL_SPEC_ANNOTATION)
