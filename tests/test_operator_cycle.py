@@ -25,7 +25,7 @@ from marl_operator.controller import decision_table, table_weights
 from marl_operator.guard import fallback_table, limit_step
 from marl_operator.inventory import Inventory, fingerprint
 from marl_operator.kube import Forbidden
-from marl_operator.mesh.model import MeshError, MeshNode, MeshRoutes
+from marl_operator.mesh.model import MeshError, MeshNode, MeshRoutes, RestoreIncomplete
 from marl_operator.mesh.patching import apply_merge_patch
 from marl_operator.observer import InsufficientData, Observer
 from marl_operator.problem import MeshProblem, build_problem, cpu_quantity
@@ -1696,3 +1696,27 @@ def test_delete_waits_for_the_running_cycle():
         running.result(timeout=10)
         deleting.result(timeout=10)
     assert order == ["cycle released", "restored"]
+
+
+def test_a_service_that_cannot_be_given_back_does_not_keep_the_others_from_it():
+    """Deleting a two-service policy whose first service's spec is unreadable: the second
+    is given back all the same, and the failure carries both what was done and what not."""
+    mesh = example_mesh()
+
+    def restore(service, nodes):
+        if service.name == "fn":
+            raise RestoreIncomplete(["deleted DestinationRule/fn"], ["VirtualService/fn: bad"])
+        return [f"deleted VirtualService/{service.name}"]
+
+    mesh.restore = restore
+    runtime = Runtime(
+        FakeKube(NODES, [*SERVICES, renamed("fn2")]),
+        mesh=mesh,
+        reader_for=lambda url: Reader(mesh),
+    )
+    body = example_policy_body(services=["fn", "fn2"])
+    runtime.cycle("edge/p", body)
+    with pytest.raises(RestoreIncomplete) as incomplete:
+        runtime.delete("edge/p", body)
+    assert incomplete.value.done == ["deleted DestinationRule/fn", "deleted VirtualService/fn2"]
+    assert incomplete.value.failed == ["VirtualService/fn: bad"]

@@ -446,6 +446,40 @@ def test_deleting_the_policy_restores_the_users_routes(cluster: Any) -> None:
     asyncio.run(scenario())
 
 
+def test_a_spec_that_cannot_be_given_back_does_not_hold_the_deletion(cluster: Any) -> None:
+    """The user's spec, kept in an annotation, became unreadable (an edit by hand): kopf
+    retried the deletion for ever and the policy stayed Terminating. Now what can be given
+    back is (the DestinationRule is deleted), a Warning event names what could not and what
+    to do, and the policy goes."""
+    runtime, _ = new_runtime(cluster.kubeconfig, example_mesh())
+
+    async def scenario() -> None:
+        url = cluster.url
+        await create_resources(url, user_routes=True)
+        async with operating(url, runtime):
+            await kube(url, "POST", POLICIES, policy_body())
+            await eventually(taken_over(url), what="the takeover")
+            await eventually(
+                lambda: get(url, f"{DESTINATION_RULES}/{SERVICE}"), what="the DestinationRule"
+            )
+            corrupt = {"metadata": {"annotations": {ORIGINAL_SPEC_ANNOTATION: "{not json"}}}
+            await kube(url, "PATCH", f"{VIRTUAL_SERVICES}/{SERVICE}", corrupt)
+            await kube(url, "DELETE", f"{POLICIES}/{POLICY}")
+            await eventually(
+                gone(url, f"{POLICIES}/{POLICY}"), timeout=20, what="the policy's deletion"
+            )
+            (warning,) = await eventually(
+                lambda: events(url, "RoutesNotRestored"), what="the warning"
+            )
+        assert warning["type"] == "Warning"
+        assert "VirtualService/fn" in warning["message"] and "by hand" in warning["message"]
+        (restored,) = await events(url, "RoutesRestored")
+        assert restored["message"] == "deleted DestinationRule/fn"
+        assert await get(url, f"{DESTINATION_RULES}/{SERVICE}") is None
+
+    asyncio.run(scenario())
+
+
 def test_drain_deletes_every_policy_and_waits_for_its_routes_to_come_back(cluster: Any) -> None:
     """The chart's uninstall hook. With the operator stopped, the policy's finalizer holds it
     and drain names it at the timeout; with the operator back, the policy goes and the

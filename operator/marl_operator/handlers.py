@@ -20,6 +20,8 @@ from typing import Any
 import kopf
 
 from marl_operator.claims import Claim, claims_of, governors
+from marl_operator.mesh.model import RestoreIncomplete
+from marl_operator.mesh.ownership import MANAGED_BY_LABEL
 from marl_operator.report import CycleReport, Outcome
 from marl_operator.runtime import DELETE_WAIT_S, Runtime
 from marl_operator.status import status_of
@@ -190,8 +192,21 @@ def register(
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(asyncio.shield(running), DELETE_WAIT_S)
         left = max(0.0, deadline - asyncio.get_running_loop().time())
-        done = await asyncio.to_thread(runtime.delete, key, snapshot, owners, left)
+        failure: RestoreIncomplete | None = None
+        try:
+            done = await asyncio.to_thread(runtime.delete, key, snapshot, owners, left)
+        except RestoreIncomplete as error:
+            done, failure = error.done, error
         if done:
             # kopf.event, not kopf.info: configure() raises kopf's posting level to WARNING,
             # which silently drops kopf.info.
             kopf.event(body, type="Normal", reason="RoutesRestored", message="; ".join(done))
+        if failure is not None:
+            # Retrying cannot read a spec that is unreadable: kopf would retry for ever and
+            # the policy stay Terminating. Say what is left to do by hand, and let it go.
+            message = (
+                f"not given back: {failure}; set their spec by hand and remove the "
+                f"{MANAGED_BY_LABEL} label and the marl.dev/ annotations"
+            )
+            kopf.event(body, type="Warning", reason="RoutesNotRestored", message=message[:1000])
+            raise kopf.PermanentError(message) from failure

@@ -21,7 +21,14 @@ from kubernetes import client, config
 from kubernetes.client.rest import ApiException
 
 from marl_operator.mesh.factory import managed_objects, writer_for
-from marl_operator.mesh.model import Manifest, MeshError, MeshNode, MeshRoutes, MeshService
+from marl_operator.mesh.model import (
+    Manifest,
+    MeshError,
+    MeshNode,
+    MeshRoutes,
+    MeshService,
+    RestoreIncomplete,
+)
 from marl_operator.mesh.ownership import SERVICE_ANNOTATION, is_managed
 from marl_operator.mesh.patching import reconcile_patch, restore_patch
 
@@ -525,7 +532,7 @@ class KubeMesh:
     ) -> list[str]:
         """:meth:`restore` of the ``(kind, name)`` objects of the EdgeService ``service_ref``
         (``namespace/name``); objects the operator does not manage for it are left alone."""
-        done = []
+        done, failed = [], []
         for kind, name in objects:
             live = self.kube.get(namespace, kind, name)
             if live is None or not is_managed(live):
@@ -533,11 +540,17 @@ class KubeMesh:
             annotations = live.get("metadata", {}).get("annotations") or {}
             if annotations.get(SERVICE_ANNOTATION) != service_ref:
                 continue
-            patch = restore_patch(live)
+            try:
+                patch = restore_patch(live)
+            except MeshError as error:  # the others are given back all the same
+                failed.append(f"{kind}/{name}: {error}")
+                continue
             if patch is None:
                 self.kube.delete(namespace, kind, name)
                 done.append(f"deleted {kind}/{name}")
             else:
                 self.kube.patch(namespace, kind, name, patch)
                 done.append(f"restored {kind}/{name}")
+        if failed:
+            raise RestoreIncomplete(done, failed)
         return done

@@ -27,7 +27,7 @@ import threading
 import time
 import weakref
 from collections import Counter
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +36,13 @@ from marl_operator.controller import MeshClient, MetricsSource, PolicyController
 from marl_operator.instruments import Instruments
 from marl_operator.inventory import Inventory, fingerprint
 from marl_operator.kube import KINDS, Forbidden, Kube, KubeMesh
-from marl_operator.mesh.model import MeshError, MeshNode, MeshRoutes, MeshService
+from marl_operator.mesh.model import (
+    MeshError,
+    MeshNode,
+    MeshRoutes,
+    MeshService,
+    RestoreIncomplete,
+)
 from marl_operator.problem import build_problem
 from marl_operator.prometheus import PrometheusAccess, PrometheusReader, redact_url
 from marl_operator.report import BUILD_FORBIDDEN, CYCLE_FAILED, CycleReport, Outcome
@@ -108,6 +114,22 @@ def written_before(
     if controller is not None:
         return {s: list(objects) for s, objects in controller.problem.mesh_objects.items()}
     return status_objects(body)
+
+
+def _every(restores: Iterable[Callable[[], list[str]]]) -> list[str]:
+    """Run every restore, even past one that could not give everything back; what was done,
+    or RestoreIncomplete with what was done and every failure."""
+    done: list[str] = []
+    failed: list[str] = []
+    for restore in restores:
+        try:
+            done += restore()
+        except RestoreIncomplete as error:
+            done += error.done
+            failed += error.failed
+    if failed:
+        raise RestoreIncomplete(done, failed)
+    return done
 
 
 class Runtime:
@@ -504,14 +526,16 @@ class Runtime:
                     extra={"fields": {"policy": key}},
                 )
                 controller = None
-        done: list[str] = []
         if controller is not None and hasattr(self.mesh, "restore"):
-            for service in controller.problem.services:
-                if service.name not in others:
-                    done += self.mesh.restore(service, controller.problem.nodes)
-        elif hasattr(self.mesh, "restore_objects"):
-            done = self._restore_from_status(key, body, others)
-        return done
+            nodes = controller.problem.nodes
+            return _every(
+                lambda service=service: self.mesh.restore(service, nodes)
+                for service in controller.problem.services
+                if service.name not in others
+            )
+        if hasattr(self.mesh, "restore_objects"):
+            return self._restore_from_status(key, body, others)
+        return []
 
     def _restore_from_status(
         self, key: str, body: Mapping[str, Any], others: set[str]
@@ -521,11 +545,13 @@ class Runtime:
         Only objects the operator manages for that EdgeService are touched, whatever the
         status claims."""
         namespace = key.split("/", 1)[0]
-        done: list[str] = []
-        for service, objects in status_objects(body).items():
-            if service not in others:
-                done += self.mesh.restore_objects(namespace, f"{namespace}/{service}", objects)
-        return done
+        return _every(
+            lambda service=service, objects=objects: self.mesh.restore_objects(
+                namespace, f"{namespace}/{service}", objects
+            )
+            for service, objects in status_objects(body).items()
+            if service not in others
+        )
 
     def _publish(self, report: CycleReport, term: int) -> CycleReport | None:
         """Serve and record ``report``, if its policy's ``term`` still lasts (None otherwise:

@@ -26,6 +26,16 @@ class MeshError(ValueError):
     with the same input fails the same way, so the message says what to change."""
 
 
+class RestoreIncomplete(MeshError):
+    """Some mesh objects could not be given back (the spec saved before the takeover is
+    unreadable): ``done`` lists what was given back or deleted, ``failed`` what was not and
+    why. Retrying cannot help, and a deletion must not hang on it."""
+
+    def __init__(self, done: list[str], failed: list[str]):
+        super().__init__("; ".join(failed))
+        self.done, self.failed = done, failed
+
+
 class RouteLimitError(MeshError):
     """The routes exceed a hard limit of the provider's API (e.g. 16 rules per HTTPRoute)."""
 
