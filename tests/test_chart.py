@@ -383,9 +383,26 @@ def test_an_uninstall_that_deletes_the_crds_first_drains_the_policies(name):
     assert (job is not None) == drains
     if job is None:
         return
-    hooks = [doc for doc in docs if "helm.sh/hook" in (doc["metadata"].get("annotations") or {})]
-    assert hooks == [job]  # its account and rules are the release's: they exist when it runs
+    hooks = {
+        (doc["kind"], doc["metadata"]["name"]): doc["metadata"]["annotations"]
+        for doc in docs
+        if "helm.sh/hook" in (doc["metadata"].get("annotations") or {})
+    }
     assert job["metadata"]["annotations"]["helm.sh/hook"] == "pre-delete"
+    # The account and its cluster-wide rules exist only while the uninstall runs: made
+    # before the Job (a lower weight), deleted after it, however it ends.
+    transient = {key for key in hooks if key[0] != "Job"}
+    assert ("ServiceAccount", job["spec"]["template"]["spec"]["serviceAccountName"]) in transient
+    for key in transient:
+        assert hooks[key]["helm.sh/hook"] == "pre-delete"
+        assert int(hooks[key]["helm.sh/hook-weight"]) < int(
+            job["metadata"]["annotations"]["helm.sh/hook-weight"]
+        )
+        policy = set(hooks[key]["helm.sh/hook-delete-policy"].split(","))
+        assert {"hook-succeeded", "hook-failed"} <= policy
+    for doc in of_kind(docs, "ClusterRole") + of_kind(docs, "ClusterRoleBinding"):
+        if doc["metadata"]["name"].endswith(f"-uninstall-{NAMESPACE}"):
+            assert (doc["kind"], doc["metadata"]["name"]) in transient
     pod = job["spec"]["template"]
     selector = of_kind(docs, "Service")[0]["spec"]["selector"]
     assert not selector.items() <= pod["metadata"]["labels"].items()  # not an API endpoint
