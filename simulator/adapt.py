@@ -38,7 +38,12 @@ from tqdm import tqdm
 from policies import checkpoint
 from policies.adaptation import Adapter, IntervalTelemetry, Rows, model_rows
 from policies.baselines import PolicyError
-from policies.model_env import RAMP_FROM_UTILISATION, SAFE_UTILISATION, ModelEnv
+from policies.model_env import (
+    RAMP_FROM_UTILISATION,
+    SAFE_UTILISATION,
+    ModelEnv,
+    without_reject,
+)
 from policies.observation import MeshTelemetry, mesh_observation
 from policies.rollout import Policy, RolloutSettings, SettingError
 from policies.system_model import SystemModel
@@ -330,7 +335,10 @@ def run_arm(
             max_nmae=args.max_nmae,
             prior=args.prior,
         )
-    weights = schedule.weights_at(0) if schedule is not None else policy(obs, env.action_mask())[0]
+    mask = env.action_mask()
+    if arm == "rollout" and not args.allow_reject:
+        mask = without_reject(mask)  # the first routing too is one a mesh can carry
+    weights = schedule.weights_at(0) if schedule is not None else policy(obs, mask)[0]
     cycles = []
     # The steps after the last full interval are a shorter cycle of their own.
     for start in range(0, scenario.steps, args.interval):
