@@ -228,10 +228,11 @@ class Trainer:
 
 def _accepted_share(info: dict, num_envs: int) -> np.ndarray:
     """``(B, A)`` share of each agent's arrivals this step that were neither rejected nor
-    lost (1 where nothing arrived)."""
+    lost (1 where nothing arrived). Requests lost with a failing node's queue arrived in
+    earlier steps and can outnumber this step's: none accepted, not a negative share."""
     arrivals = info["arrivals"].reshape(num_envs, -1)
     lost = info["lost"].reshape(num_envs, -1)
-    return np.where(arrivals > 0, 1.0 - lost / np.maximum(arrivals, 1), 1.0)
+    return np.where(arrivals > 0, np.clip(1.0 - lost / np.maximum(arrivals, 1), 0.0, 1.0), 1.0)
 
 
 def _gather(x: torch.Tensor) -> torch.Tensor:

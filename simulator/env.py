@@ -384,7 +384,7 @@ class EdgeEnv:
             "forward": fwd_total,
             "local_rejects": out.local_rejects,
             "forward_rejects": fwd_rejects,
-            "rejected": rejected.astype(float),
+            "rejected": (rejected + failed_queues).astype(float),  # as info["lost"] counts
             "latency_ms": served_ms,
             "utilisation": out.cpu_used / np.maximum(tl.cpu[t], 1e-9),
             "arrived": arrivals,

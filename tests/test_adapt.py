@@ -428,5 +428,7 @@ def test_requests_lost_with_a_failing_node_s_queue_cost_a_rejection_each(tmp_pat
     assert env.totals.lost_on_failure[0] == queued.sum()
     rejected_now = info["reject"][0].sum() + info["server"].rejected[0].sum()
     assert info["lost"][0].sum() - rejected_now == queued.sum()
+    # What the next observation's reject ratio reads, as the live loop's telemetry does.
+    assert env.prev["rejected"][0].sum() == info["lost"][0].sum()
     penalty_s = env.scenario.reject_penalty * np.tile(env.target_ms, 10) / 1000.0
     assert env.totals.cost_s[0] - cost_before >= float(penalty_s @ queued)

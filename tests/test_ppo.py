@@ -104,3 +104,12 @@ def test_config_reads_numbers_as_the_field_type_and_names_a_wrong_one():
         PPOConfig().replace(num_envs="many")
     with pytest.raises(ValueError, match="anneal_lr"):
         PPOConfig().replace(anneal_lr=1)
+
+
+def test_the_accepted_share_is_never_negative():
+    """Requests lost with a failing node's queue arrived in earlier steps and can outnumber
+    this step's arrivals: a share of -0.03 was fed to the acceptance bonus."""
+    from policies.mappo import _accepted_share
+
+    info = {"arrivals": np.array([[[10, 0, 4]]]), "lost": np.array([[[13, 2, 1]]])}
+    assert _accepted_share(info, 1).tolist() == [[0.0, 1.0, 0.75]]
