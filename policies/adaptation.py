@@ -103,6 +103,16 @@ def model_rows(
     )
 
 
+def _up(tel: IntervalTelemetry) -> np.ndarray:
+    """``(N,)`` whether each node is up: as the mesh telemetry says where there is one (a
+    node left without capacity still has its clients), else whether it has capacity. The
+    operator's observer counts every node it reads as up: it cannot tell a node that is
+    gone from one whose clients went quiet."""
+    if tel.mesh is not None:
+        return np.asarray(tel.mesh.active, dtype=bool).reshape(-1)
+    return np.asarray(tel.capacity, dtype=float) > 0
+
+
 class _Kept(NamedTuple):
     """The last computed decision and what the reuse test compares against."""
 
@@ -238,11 +248,11 @@ class Adapter:
         back up starts from what it receives now, not from a blend with its outage."""
         offered = np.asarray(tel.offered, dtype=float)
         services = offered.shape[1]
-        up = np.repeat(np.asarray(tel.capacity, dtype=float) > 0, services)
+        up = np.repeat(_up(tel), services)
         offered = offered.reshape(-1)
         if self.forecast is None or self.last is None:
             return np.where(up, offered, 0.0)
-        was_up = np.repeat(np.asarray(self.last.capacity, dtype=float) > 0, services)
+        was_up = np.repeat(_up(self.last), services)
         a = self.forecast_alpha
         blended = a * offered + (1 - a) * self.forecast
         return np.where(up, np.where(was_up, blended, offered), 0.0)

@@ -770,3 +770,7 @@ def test_the_arrival_forecast_forgets_a_down_node_and_starts_afresh_when_it_retu
     assert adapter.forecast[1] == 0.0
     adapter.observe(_interval(topo, np.array([30.0, 40.0]), up))
     assert adapter.forecast[1] == 40.0  # its first reading, not a blend with the outage
+    stalled = replace(_interval(topo, np.array([30.0, 40.0]), b_down), capacity=b_down)
+    stalled.mesh.active[:] = True  # no capacity left, but up: its clients still send
+    adapter.observe(stalled)
+    assert adapter.forecast[1] == 40.0
