@@ -21,7 +21,11 @@ import kopf
 
 from marl_operator.claims import Claim, claims_of, governors
 from marl_operator.mesh.model import RestoreIncomplete
-from marl_operator.mesh.ownership import MANAGED_BY_LABEL
+from marl_operator.mesh.ownership import (
+    MANAGED_BY_LABEL,
+    ORIGINAL_SPEC_ANNOTATION,
+    SERVICE_ANNOTATION,
+)
 from marl_operator.report import CycleReport, Outcome
 from marl_operator.runtime import DELETE_WAIT_S, Runtime
 from marl_operator.status import status_of
@@ -206,7 +210,8 @@ def register(
             # the policy stay Terminating. Say what is left to do by hand, and let it go.
             message = (
                 f"not given back: {failure}; set their spec by hand and remove the "
-                f"{MANAGED_BY_LABEL} label and the marl.dev/ annotations"
+                f"{MANAGED_BY_LABEL} label and the {SERVICE_ANNOTATION} and "
+                f"{ORIGINAL_SPEC_ANNOTATION} annotations"
             )
             kopf.event(body, type="Warning", reason="RoutesNotRestored", message=message[:1000])
             raise kopf.PermanentError(message) from failure

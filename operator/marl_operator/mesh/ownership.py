@@ -47,9 +47,10 @@ def is_managed(obj: Mapping[str, Any]) -> bool:
     return labels.get(MANAGED_BY_LABEL) == MANAGER
 
 
-def original_spec_annotation(live: Mapping[str, Any]) -> dict[str, str]:
-    """The annotation that keeps ``live``'s current spec, to be added when taking it over;
-    MeshError unless its owner opted in with :data:`ADOPT_ANNOTATION`."""
+def check_adoptable(live: Mapping[str, Any]) -> None:
+    """MeshError unless ``live``, an object marl-operator does not manage, may be taken over:
+    its owner opted in with :data:`ADOPT_ANNOTATION` (whatever else it carries, such as an
+    original spec left from an earlier takeover)."""
     meta = live.get("metadata", {})
     if (meta.get("annotations") or {}).get(ADOPT_ANNOTATION) != "true":
         kind, name = live.get("kind", "object"), meta.get("name", "?")
@@ -59,6 +60,10 @@ def original_spec_annotation(live: Mapping[str, Any]) -> dict[str, str]:
             "spec is kept and given back when the policy goes), or name another object in "
             "the EdgeService's spec.mesh"
         )
+
+
+def original_spec_annotation(live: Mapping[str, Any]) -> dict[str, str]:
+    """The annotation that keeps ``live``'s current spec, to be added when taking it over."""
     text = json.dumps(live.get("spec", {}), separators=(",", ":"), sort_keys=True)
     annotations = live.get("metadata", {}).get("annotations") or {}
     used = sum(len(k) + len(v) for k, v in annotations.items() if k != ORIGINAL_SPEC_ANNOTATION)

@@ -16,6 +16,7 @@ from marl_operator.mesh.ownership import (
     MANAGED_BY_LABEL,
     ORIGINAL_SPEC_ANNOTATION,
     SERVICE_ANNOTATION,
+    check_adoptable,
     is_managed,
     original_spec,
     original_spec_annotation,
@@ -66,8 +67,10 @@ def reconcile_patch(live: Mapping[str, Any], desired: Mapping[str, Any]) -> dict
         if diff:
             metadata[field] = diff
     saved = (meta_live.get("annotations") or {}).get(ORIGINAL_SPEC_ANNOTATION)
-    if not is_managed(live) and saved is None:
-        metadata.setdefault("annotations", {}).update(original_spec_annotation(live))
+    if not is_managed(live):
+        check_adoptable(live)
+        if saved is None:
+            metadata.setdefault("annotations", {}).update(original_spec_annotation(live))
     patch: dict[str, Any] = {}
     spec = merge_diff(live.get("spec") or {}, desired.get("spec") or {})
     if spec:
