@@ -30,13 +30,19 @@ import kopf
 import pytest
 from kopf_harness import ApiError, eventually, kube, running_operator
 from kubernetes import client
+from kubernetes.client.rest import ApiException
 from marl_operator import handlers
 from marl_operator import runtime as runtime_module
 from marl_operator.drain import drain
 from marl_operator.handlers import register
 from marl_operator.kube import Forbidden, Kube, KubeMesh, TimedApiClient, client_configuration
 from marl_operator.mesh.istio import read_virtual_service
-from marl_operator.mesh.model import MeshError, MeshService, node_from_edge_node
+from marl_operator.mesh.model import (
+    MeshError,
+    MeshService,
+    RestoreIncomplete,
+    node_from_edge_node,
+)
 from marl_operator.mesh.ownership import (
     ADOPT_ANNOTATION,
     MANAGED_BY_LABEL,
@@ -906,6 +912,36 @@ def test_a_users_object_is_taken_over_only_once_its_owner_opts_in(cluster: Any) 
     )
     assert mesh.write(MESH_SERVICE, local)
     assert mesh.read(MESH_SERVICE, MESH_NODES).by_source == {n: {n: 100} for n in NODE_NAMES}
+
+
+def test_a_restore_the_api_refuses_for_good_is_reported_and_the_rest_given_back(
+    cluster: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An admission webhook denying the restored VirtualService (400/422) failed the whole
+    restore, and kopf retried the deletion for ever; now the DestinationRule goes all the
+    same and the refusal is named. A conflict is retried as before."""
+    cluster_kube = Kube(client.ApiClient(client_configuration(cluster.kubeconfig)))
+    mesh = KubeMesh(cluster_kube)
+    cluster_kube.create(copy.deepcopy(USER_VIRTUAL_SERVICE))
+    assert mesh.write(MESH_SERVICE, build_routes({n: {n: 100} for n in NODE_NAMES}, MESH_NODES))
+    answer = {"status": 422}
+    patch = cluster_kube.patch
+
+    def refusing(namespace, kind, name, body, **options):
+        if kind == "VirtualService":
+            raise ApiException(status=answer["status"], reason="denied by a webhook")
+        return patch(namespace, kind, name, body, **options)
+
+    monkeypatch.setattr(cluster_kube, "patch", refusing)
+    with pytest.raises(RestoreIncomplete) as incomplete:
+        mesh.restore(MESH_SERVICE, MESH_NODES)
+    assert incomplete.value.done == ["deleted DestinationRule/fn"]
+    assert incomplete.value.failed == [
+        "VirtualService/fn: the API server refused it: denied by a webhook"
+    ]
+    answer["status"] = 409  # the object changed meanwhile: worth another attempt
+    with pytest.raises(ApiException):
+        mesh.restore(MESH_SERVICE, MESH_NODES)
 
 
 def test_an_object_carrying_another_edge_services_routes_is_not_written(cluster: Any) -> None:

@@ -411,6 +411,11 @@ def _where(manifest: Manifest) -> str:
     return f"{manifest['kind']} {manifest['metadata']['namespace']}/{manifest['metadata']['name']}"
 
 
+REFUSED_FOR_GOOD = (400, 422)
+"""API answers no retry changes: the request itself is refused (an invalid object, an
+admission webhook's denial)."""
+
+
 def _failure(manifest: Manifest, error: ApiException) -> MeshError:
     return MeshError(f"{_where(manifest)}: {error.status} {error.reason}")
 
@@ -545,12 +550,17 @@ class KubeMesh:
             except MeshError as error:  # the others are given back all the same
                 failed.append(f"{kind}/{name}: {error}")
                 continue
-            if patch is None:
-                self.kube.delete(namespace, kind, name)
-                done.append(f"deleted {kind}/{name}")
-            else:
-                self.kube.patch(namespace, kind, name, patch)
-                done.append(f"restored {kind}/{name}")
+            try:
+                if patch is None:
+                    self.kube.delete(namespace, kind, name)
+                    done.append(f"deleted {kind}/{name}")
+                else:
+                    self.kube.patch(namespace, kind, name, patch)
+                    done.append(f"restored {kind}/{name}")
+            except ApiException as error:
+                if error.status not in REFUSED_FOR_GOOD:
+                    raise  # unreachable, conflicting, forbidden: the next attempt may pass
+                failed.append(f"{kind}/{name}: the API server refused it: {error.reason}")
         if failed:
             raise RestoreIncomplete(done, failed)
         return done
