@@ -92,10 +92,12 @@ def fix_hash_seed() -> None:
     """Run this command again with Python's string hashing fixed, unless it is already.
 
     RLlib keeps agent names in sets, whose order follows the per-process hash of strings:
-    the same ``--seed`` gave one of two histories at random on a two-agent scenario."""
-    if os.environ.get("PYTHONHASHSEED") is None:
+    the same ``--seed`` gave one of two histories at random on a two-agent scenario. Only a
+    number fixes it ("random", or nothing, does not); the command is run again as it was
+    given (``sys.orig_argv``: as a module or a script, with the interpreter's options)."""
+    if not os.environ.get("PYTHONHASHSEED", "").isdigit():
         env = {**os.environ, "PYTHONHASHSEED": "0"}
-        os.execve(sys.executable, [sys.executable, "-m", __spec__.name, *sys.argv[1:]], env)
+        os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
 
 
 if __name__ == "__main__":
