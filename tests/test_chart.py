@@ -389,8 +389,9 @@ def test_an_uninstall_that_deletes_the_crds_first_drains_the_policies(name):
         if "helm.sh/hook" in (doc["metadata"].get("annotations") or {})
     }
     assert job["metadata"]["annotations"]["helm.sh/hook"] == "pre-delete"
-    # The account and its cluster-wide rules exist only while the uninstall runs: made
-    # before the Job (a lower weight), deleted after it, however it ends.
+    # The account and its cluster-wide rules exist only while an uninstall runs: made before
+    # the Job (a lower weight), deleted once every hook succeeded (Helm's hook-failed would
+    # delete only the failed hook: the Job), labelled for the cleanup the README gives.
     transient = {key for key in hooks if key[0] != "Job"}
     assert ("ServiceAccount", job["spec"]["template"]["spec"]["serviceAccountName"]) in transient
     for key in transient:
@@ -399,7 +400,10 @@ def test_an_uninstall_that_deletes_the_crds_first_drains_the_policies(name):
             job["metadata"]["annotations"]["helm.sh/hook-weight"]
         )
         policy = set(hooks[key]["helm.sh/hook-delete-policy"].split(","))
-        assert {"hook-succeeded", "hook-failed"} <= policy
+        assert policy == {"before-hook-creation", "hook-succeeded"}
+    for doc in docs:
+        if (doc["kind"], doc["metadata"]["name"]) in transient:
+            assert doc["metadata"]["labels"]["app.kubernetes.io/component"] == "uninstall"
     for doc in of_kind(docs, "ClusterRole") + of_kind(docs, "ClusterRoleBinding"):
         if doc["metadata"]["name"].endswith(f"-uninstall-{NAMESPACE}"):
             assert (doc["kind"], doc["metadata"]["name"]) in transient
