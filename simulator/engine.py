@@ -344,13 +344,16 @@ class NodeModel:
         ram_floor: float | None = None,
         track_servers: bool = False,
         interleaved: bool = False,
+        track_origins: bool = False,
     ):
         """``ram_floor``, the least RAM any active node will have, lets the model drop queued
         requests' RAM altogether when a full queue of the largest requests fits in it: RAM
         can then never bind in a queue (``None``: always keep it). ``track_servers`` adds
         per-node latency histograms (:class:`ServerLatency`): cheap for a few environments,
         too much for training batches, hence optional. ``interleaved`` mixes the stream's
-        segments evenly (:class:`_Interleaved`) instead of the reference's segment order."""
+        segments evenly (:class:`_Interleaved`) instead of the reference's segment order.
+        ``track_origins`` keeps each queued request's sender even without a latency model,
+        so that a failing node's queue is charged to the agents that filled it."""
         self.topo = topology
         self.tables = tables
         self.B, self.N, self.S, self.K = (
@@ -378,10 +381,11 @@ class NodeModel:
         self.seg_agent = origin_node * self.S + self.seg_service[None, :]  # (N, G)
         self.seg_link_ms = topology.link_matrix[origin_node, np.arange(self.N)[:, None]]
         self.agent_node = np.arange(self.A) // self.S
-        # Per-request origin, service and birth step matter only with several services or a
-        # latency model; the reference scenario needs neither, so it skips that bookkeeping.
+        # Per-request origin, service and birth step matter only with several services, a
+        # latency model or nodes that fail; the reference scenario has none of them, so it
+        # skips that bookkeeping.
         self.interleaved = interleaved
-        self.needs_metadata = self.track_latency or self.S > 1 or interleaved
+        self.needs_metadata = self.track_latency or self.S > 1 or interleaved or track_origins
         self.keeps_ram = ram_floor is None or self.Q * tables.max_ram > ram_floor
         self.fields = ("cpu",) + ("ram",) * self.keeps_ram
         self.size_fields = len(self.fields)  # +inf past a queue's end; metadata stays finite
@@ -422,7 +426,7 @@ class NodeModel:
 
     def queued_by_agent(self, nodes: np.ndarray) -> np.ndarray | None:
         """``(B, A)`` requests queued at ``nodes`` (bool ``(N,)``) by the agent that sent
-        them; None where requests carry no origin (one service, no latency model)."""
+        them; None where requests carry no origin (see ``track_origins``)."""
         if not self.needs_metadata:
             return None
         queued = np.isfinite(self.q_cpu) & nodes[None, :, None]

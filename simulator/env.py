@@ -217,6 +217,7 @@ class EdgeEnv:
             track_latency=scenario.models_latency,
             track_servers=track_servers and scenario.models_latency,
             interleaved=scenario.arrivals == "interleaved",
+            track_origins=bool((self.timeline.active[:-1] & ~self.timeline.active[1:]).any()),
             ram_floor=float(self.timeline.ram[self.timeline.ram > 0].min(initial=np.inf)),
         )
         self.mean_cost = np.array([s.mean_cpu for s in scenario.services])

@@ -4,6 +4,7 @@ from pettingzoo.test import parallel_api_test, parallel_seed_test
 
 from simulator.env import EdgeEnv, Timeline
 from simulator.pettingzoo_env import EdgeParallelEnv
+from simulator.scenario import load_scenario
 
 
 def rollout(scenario, seed, num_envs=4):
@@ -178,3 +179,24 @@ def test_fill_local_keeps_what_the_node_can_serve_over_all_its_services(mesh, mo
     local = build_policy("fill-local-then-forward", env, seed=0)(obs, env.action_mask())[0, :, 0]
     kept = local.reshape(-1, s).sum(axis=1) * 0.5  # of the node's capacity
     assert kept == pytest.approx(np.ones(len(mesh.nodes)), abs=0.01)
+
+
+def test_a_failing_node_s_queue_is_lost_in_the_reference_layout_too(tmp_path):
+    """One service and no latency model: requests carried no sender, so those lost with a
+    failing node's queue were missing from ``info["lost"]``, whatever its comment said."""
+    path = tmp_path / "fail.yaml"
+    path.write_text(
+        "name: dfaas-fail\nextends: dfaas-2\nsteps: 20\n"
+        "events:\n  - {at: 10, kind: fail, node: node_1}\n"
+    )
+    env = EdgeEnv(load_scenario(str(path)), num_envs=1, seed=0)
+    env.reset()
+    keep = np.zeros((1, env.num_agents, env.action_dim))
+    keep[..., 0] = 1.0  # everything local: queues fill
+    for _ in range(10):
+        env.step(keep)
+    queued = int(env.model.q_len[0, 1])
+    assert queued > 0
+    _, _, _, info = env.step(keep)
+    assert env.totals.lost_on_failure[0] == queued
+    assert info["lost"][0, 1].sum() - info["reject"][0, 1].sum() >= queued
