@@ -211,6 +211,14 @@ def taken_over(url: str) -> Any:
     return probe
 
 
+async def apply_policy_and_wait_for_the_takeover(url: str) -> None:
+    """Create the policy; return once it took the user's VirtualService over and wrote the
+    DestinationRule beside it."""
+    await kube(url, "POST", POLICIES, policy_body())
+    await eventually(taken_over(url), what="the takeover")
+    await eventually(lambda: get(url, f"{DESTINATION_RULES}/{SERVICE}"), what="the DestinationRule")
+
+
 def latest(runtime: Runtime) -> Any:
     async def probe() -> Any:
         return runtime.store.latest(KEY)
@@ -396,11 +404,7 @@ async def take_over_then_delete(
     await create_resources(url, user_routes=True)
     in_flight = CycleCounter(runtime)
     async with operating(url, runtime):
-        await kube(url, "POST", POLICIES, policy_body())
-        await eventually(taken_over(url), what="the takeover")
-        await eventually(
-            lambda: get(url, f"{DESTINATION_RULES}/{SERVICE}"), what="the DestinationRule"
-        )
+        await apply_policy_and_wait_for_the_takeover(url)
         try:
             if mid_cycle:
                 reader.gate.clear()
@@ -463,11 +467,7 @@ def test_a_spec_that_cannot_be_given_back_does_not_hold_the_deletion(cluster: An
         url = cluster.url
         await create_resources(url, user_routes=True)
         async with operating(url, runtime):
-            await kube(url, "POST", POLICIES, policy_body())
-            await eventually(taken_over(url), what="the takeover")
-            await eventually(
-                lambda: get(url, f"{DESTINATION_RULES}/{SERVICE}"), what="the DestinationRule"
-            )
+            await apply_policy_and_wait_for_the_takeover(url)
             corrupt = {"metadata": {"annotations": {ORIGINAL_SPEC_ANNOTATION: "{not json"}}}
             await kube(url, "PATCH", f"{VIRTUAL_SERVICES}/{SERVICE}", corrupt)
             await kube(url, "DELETE", f"{POLICIES}/{POLICY}")
