@@ -16,7 +16,7 @@ install:
 	# package, the editable checkout too).
 	$(PIP) --require-hashes -r requirements/operator.txt
 	sed -e '/^ *--hash/d' -e 's/ *\\$$//' requirements/operator.txt > $(CONSTRAINTS)
-	$(PIP) -c $(CONSTRAINTS) -e '.[dev]'
+	$(PIP) -c $(CONSTRAINTS) -e '.[dev$(EXTRAS)]'
 	# The live Prometheus tests run a real server; Debian's package provides it (CI is root).
 	command -v prometheus >/dev/null 2>&1 || (apt-get update -qq && \
 		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus)
@@ -29,9 +29,10 @@ train: install
 	$(PYTHON) -m simulator.evaluate --scenario dfaas-paise25 --compare --policy runs/train \
 		--episodes 50 --plot runs/train/compare.png
 
+# The tests install the optional RLlib extra too (held to the same versions): its test trains
+# through it. A target's variables reach its prerequisites: install runs once, with it.
+test: EXTRAS = ,rllib
 test: install
-	# The optional RLlib extra too, held to the same versions: its test trains through it.
-	$(PIP) -c $(CONSTRAINTS) -e '.[dev,rllib]'
 	$(PYTHON) -m ruff check .
 	$(PYTHON) -m ruff format --check .
 	$(PYTHON) -m pytest -q
