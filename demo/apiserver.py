@@ -48,7 +48,7 @@ import signal
 import threading
 import uuid
 import warnings
-from collections.abc import AsyncIterator, Iterator, Mapping
+from collections.abc import AsyncIterator, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +59,7 @@ import kmock
 import yaml
 from marl_operator.mesh.patching import apply_merge_patch
 
+from demo.cluster import kind_nodes
 from simulator.cli import DocHelpFormatter
 
 REPO_CRD_DIR = Path(__file__).resolve().parent.parent / "crds"
@@ -93,6 +94,7 @@ SYSTEM_METADATA = (
 OMITEMPTY_METADATA = ("finalizers", "labels", "annotations", "ownerReferences")
 
 NAMESPACES = kmock.resource("", "v1", "namespaces")
+NODES = kmock.resource("", "v1", "nodes")
 # kmock parses /api/v1/namespaces/NAME as the prefix of a namespaced path (and fails on the bare
 # /api/v1/namespaces), so those paths are parsed under an alias plural and mapped back.
 _NAMESPACES_PATH = re.compile(r"/api/v1/namespaces(?P<rest>/[^/]+(?:/status|/finalize)?)?/?")
@@ -207,6 +209,15 @@ class ApiServer(kmock.KubernetesEmulator):
             )
         if self.crd_dir is not None:
             self.load_crds(self.crd_dir)
+
+    def register_nodes(self, nodes: Iterable[Mapping[str, Any]]) -> None:
+        """Store Kubernetes Nodes, status included, as kubelets register them; call it before
+        serving (no watch event is sent)."""
+        for node in nodes:
+            status = copy.deepcopy(node.get("status") or {})
+            body = self._stamp_new(NODES, None, copy.deepcopy(dict(node)))
+            body["status"] = status
+            self._objects[NODES, None, body["metadata"]["name"]] = body
 
     # --- resources ------------------------------------------------------------------------
 
@@ -816,6 +827,8 @@ async def _serve_until_signalled(args: argparse.Namespace) -> None:
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
     api = ApiServer(crd_dir=args.crds)
+    if args.nodes_of is not None:
+        api.register_nodes(kind_nodes(args.nodes_of))
     async with serve(api, host=args.host, port=args.port) as url:
         if args.kubeconfig is not None:
             write_kubeconfig(url, args.kubeconfig)
@@ -841,6 +854,13 @@ def build_parser() -> argparse.ArgumentParser:
         type=Path,
         default=REPO_CRD_DIR,
         help="the CRD directory (default: the repository's crds/)",
+    )
+    parser.add_argument(
+        "--nodes-of",
+        type=Path,
+        metavar="KIND_CONFIG",
+        help="register the worker Nodes kind creates from this cluster config, Ready (the "
+        "operator reads whether an EdgeNode's Kubernetes nodes are Ready)",
     )
     return parser
 

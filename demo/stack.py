@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from demo.cluster import KIND_CONFIG
 from demo.prometheus import PrometheusServer, free_port, prometheus
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -238,8 +239,9 @@ def running_stack(
         directory.mkdir(parents=True, exist_ok=True)
         stack = Stack(directory=directory, kubeconfig=directory / "kubeconfig")
         cleanup.callback(stack.stop_all)
+        nodes = ["--nodes-of", str(KIND_CONFIG)]  # kind's workers, Ready
         stack.api_url = stack.spawn(
-            "apiserver", ["demo.apiserver", "--kubeconfig", str(stack.kubeconfig)], True
+            "apiserver", ["demo.apiserver", "--kubeconfig", str(stack.kubeconfig), *nodes], True
         )
         stack.apply(EXAMPLES / "edgenodes.yaml", EXAMPLES / "edgeservice.yaml", *services)
         costs = ",".join(f"{svc}={units:g}" for svc, units in (work or {}).items())

@@ -19,12 +19,15 @@ def mesh():
 def apiserver(tmp_path):
     """An emulated Kubernetes API server (``demo.apiserver``) in a thread of its own, for
     synchronous clients (kubectl, the ``kubernetes`` client): ``.url``, ``.kubeconfig`` (a file
-    pointing at it) and ``.api`` (the ApiServer, to inspect its objects). A fresh one per test."""
+    pointing at it) and ``.api`` (the ApiServer, to inspect its objects). A fresh one per test,
+    with the Nodes of the kind cluster ``kind-config.yaml`` describes, Ready."""
     from types import SimpleNamespace
 
     from demo.apiserver import ApiServer, serve_in_thread, write_kubeconfig
+    from demo.cluster import kind_nodes
 
     api = ApiServer()
+    api.register_nodes(kind_nodes())
     with serve_in_thread(api) as url:
         kubeconfig = write_kubeconfig(url, tmp_path / "kubeconfig")
         yield SimpleNamespace(url=url, kubeconfig=kubeconfig, api=api)

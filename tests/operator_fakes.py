@@ -18,6 +18,8 @@ from marl_operator.mesh.model import MeshNode, MeshRoutes, MeshService
 from marl_operator.problem import cpu_quantity
 from marl_operator.prometheus import MetricsUnavailable, ServiceReadings
 
+from demo.cluster import kind_nodes
+
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 
@@ -144,9 +146,14 @@ class FakeKube:
         self.nodes = edge_nodes
         self.services = {s["metadata"]["name"]: s for s in edge_services}
         self.status: dict[str, dict] = {}
+        # kind's workers, which the example EdgeNodes name and select, all Ready
+        self.cluster_nodes = kind_nodes()
 
     def edge_nodes(self):
         return self.nodes
+
+    def kubernetes_nodes(self):
+        return self.cluster_nodes
 
     def edge_services(self, namespace, names):
         return {n: self.services[n] for n in names if n in self.services}

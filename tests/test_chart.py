@@ -58,6 +58,7 @@ Call = tuple[str, str, str]  # (API group, resource, verb)
 
 CLUSTER_SCOPED = {
     ("marl.dev", "edgenodes"),
+    ("", "nodes"),
     ("", "namespaces"),
     ("apiextensions.k8s.io", "customresourcedefinitions"),
     ("kopf.dev", "clusterkopfpeerings"),
@@ -1100,6 +1101,7 @@ def test_rbac_covers_what_a_running_operator_calls(name, tmp_path):
     if shutil.which("kubectl") is None:
         pytest.skip("kubectl is not installed (the examples are applied with it)")
     from demo.apiserver import ApiServer, serve_in_thread, write_kubeconfig
+    from demo.cluster import kind_nodes
     from demo.prometheus import free_port
 
     class RecordingApiServer(ApiServer):
@@ -1119,6 +1121,7 @@ def test_rbac_covers_what_a_running_operator_calls(name, tmp_path):
     args = [a for a in container(docs)["args"] if not a.startswith("--prometheus-url=")]
     port = free_port()
     api = RecordingApiServer()
+    api.register_nodes(kind_nodes())
     with serve_in_thread(api) as url:
         kubeconfig = write_kubeconfig(url, tmp_path / "kubeconfig")
 

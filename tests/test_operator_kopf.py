@@ -682,6 +682,43 @@ def test_metrics_outage_holds_falls_back_and_recovers(cluster: Any) -> None:
     asyncio.run(scenario())
 
 
+def test_routes_leave_an_edge_node_whose_kubernetes_node_is_not_ready(cluster: Any) -> None:
+    """The Node's Ready condition, read from the API server, takes the edge node out of every
+    route within a cycle of the inventory's next read, and the status names it."""
+    fake = example_mesh()
+    runtime, _ = new_runtime(cluster.kubeconfig, fake)
+    runtime.inventory.refresh_s = 0.5
+
+    async def scenario() -> None:
+        url = cluster.url
+        async with operating(url, runtime):
+            await create_resources(url, policy_body())
+            active = await eventually(lambda: phase_is(url, "Active"), what="phase Active")
+            assert conditions(active)["NodesReady"]["status"] == "True"
+            not_ready = {"type": "Ready", "status": "Unknown", "reason": "NodeStatusUnknown"}
+            await kube(
+                url,
+                "PATCH",
+                "/api/v1/nodes/kind-worker2/status",
+                {"status": {"conditions": [not_ready]}},
+            )
+
+            async def down() -> dict[str, Any] | None:
+                status = await policy_status(url)
+                ready = conditions(status).get("NodesReady", {})
+                return status if ready.get("status") == "False" else None
+
+            status = await eventually(down, what="NodesReady False")
+            message = conditions(status)["NodesReady"]["message"]
+            assert "edge-1: none of its Kubernetes nodes is Ready (kind-worker2" in message
+            vs = await kube(url, "GET", f"{VIRTUAL_SERVICES}/{SERVICE}")
+            table = route_table(vs)
+            assert set(table) == set(NODE_NAMES)
+            assert all(row.get("edge-1", 0) == 0 for row in table.values()), table
+
+    asyncio.run(scenario())
+
+
 class ConflictingKube(Kube):
     """Kube where another writer changes the VirtualService between KubeMesh's read and its
     first patch of it (once), so that patch carries a stale resourceVersion."""

@@ -171,6 +171,16 @@ class ReportModel(BaseModel):
         description="service -> nodes that served requests in the cycle without a latency "
         "reported for them (left out of the system model's data)",
     )
+    down: dict[str, str] | None = Field(
+        default=None,
+        description="edge node -> why it is down (none of its Kubernetes nodes exists and is "
+        "Ready): no route goes to it; null when the cycle did not read the nodes",
+    )
+    liveness_unknown: str | None = Field(
+        default=None,
+        description="why the cycle could not read whether the edge nodes are up (every node "
+        "was counted up)",
+    )
 
     @classmethod
     def of(cls, report: CycleReport, **extra: Any) -> Self:

@@ -8,15 +8,22 @@ handlers only build a :class:`PolicyController` per resource and call :meth:`cyc
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from typing import Protocol
 
 import numpy as np
 
-from marl_operator.guard import FailureCounter, fallback_table, limit_table
+from marl_operator.guard import (
+    FailureCounter,
+    evacuate,
+    fallback_table,
+    limit_table,
+    up_routes,
+)
+from marl_operator.liveness import Liveness
 from marl_operator.mesh.model import MeshError, MeshNode, MeshRoutes, MeshService
 from marl_operator.mesh.routing import as_percentages, build_routes, integer_weights
-from marl_operator.observer import InsufficientData, Observer
+from marl_operator.observer import InsufficientData, Observer, node_of
 from marl_operator.problem import MeshProblem
 from marl_operator.prometheus import MetricsUnavailable, QueryError, ServiceReadings
 from marl_operator.report import CycleReport, Outcome, RouteTable
@@ -54,12 +61,15 @@ class MeshClient(Protocol):
         ...
 
 
-def decision_table(problem: MeshProblem, weights: np.ndarray, min_weight: int) -> RouteTable:
+def decision_table(
+    problem: MeshProblem, weights: np.ndarray, min_weight: int, down: Collection[str] = ()
+) -> RouteTable:
     """Integer mesh weights from a policy action ``(A, K+2)`` ([local, neighbours, reject]).
 
     A mesh cannot reject, so the reject share is spread over the node's routes in proportion
     (a node the policy wanted to shed load from still serves it, as it would without the
-    operator); every route of the node and its neighbours is listed so ``minWeight`` applies.
+    operator); every route of the node and its neighbours is listed so ``minWeight`` applies,
+    but for routes to nodes that are ``down`` (unless all are: a row needs a route).
     """
     topo = problem.topology
     s = topo.num_services
@@ -70,6 +80,7 @@ def decision_table(problem: MeshProblem, weights: np.ndarray, min_weight: int) -
         fractions = {node: row[0]} | {nb: row[1 + m] for m, nb in enumerate(neighbours)}
         if not all(np.isfinite(v) and v >= 0 for v in fractions.values()):
             raise ValueError(f"the decision for {node}/{service} is not a distribution: {row}")
+        fractions = {n: fractions[n] for n in up_routes(problem, node, down)}
         if sum(fractions.values()) <= 0:
             fractions = {n: float(n == node) for n in fractions}
         table[service][node] = integer_weights(fractions, min_weight=min_weight)
@@ -122,8 +133,11 @@ class PolicyController:
         seed: int = 0,
         checkpoint: Mapping[str, str] | None = None,
         built_from: str = "",
+        liveness: Callable[[], Liveness] | None = None,
     ):
         self.key, self.spec, self.generation = key, spec, generation
+        # Which of the policy's nodes are down, asked at every cycle (every node is up without)
+        self.liveness = liveness or Liveness
         # What of the EdgeNodes and EdgeServices it was built from (inventory.fingerprint):
         # the runtime builds it again when that changes.
         self.built_from = built_from
@@ -168,6 +182,7 @@ class PolicyController:
         self.last: CycleReport | None = None
         self._written: set[str] = set()  # services whose objects the running cycle changed
         self._unread: dict[str, str] = {}  # services whose live routes the cycle could not read
+        self._alive: Liveness | None = None  # the running cycle's, once read
 
     # -- the cycle --------------------------------------------------------------------------
 
@@ -175,22 +190,34 @@ class PolicyController:
         """Run one interval and return what happened (never raises for metrics or mesh
         trouble: those become the report's outcome)."""
         self._written = set()
+        self._alive = None
         if self.spec.suspend:
             return self._report(Outcome.SUSPENDED, "spec.suspend is true", self._live())
         live = self._live()
+        nodes = self.problem.topology.nodes
+        alive = self.liveness()
+        down = {n: why for n, why in alive.down.items() if n in nodes}
+        self._alive = Liveness(down, alive.unknown)
+        if len(down) == len(nodes):
+            return self._hold("no edge node of the policy is up, so no route could serve", live)
         try:
-            readings = self._read()
-            telemetry = self.observer.telemetry(readings)
+            readings = self._read(down)
+            telemetry = self.observer.telemetry(readings, np.isin(nodes, list(down)))
         except (MetricsUnavailable, InsufficientData) as error:
             return self._failed(f"metrics: {error}", live)
         self.adapter.observe(telemetry)
         decision = self._decide(live)
+        safety = self.spec.safety
         try:
-            proposed = decision_table(self.problem, decision.weights, self.spec.safety.min_weight)
+            proposed = decision_table(self.problem, decision.weights, safety.min_weight, down)
         except ValueError as error:
             return self._failed(f"inconsistent decision: {error}", live)
-        safety = self.spec.safety
-        limited = limit_table(live, proposed, safety.max_weight_change, safety.min_weight_change)
+        limited = limit_table(
+            evacuate(live, self.problem, down),
+            proposed,
+            safety.max_weight_change,
+            safety.min_weight_change,
+        )
         extra = dict(
             proposed=proposed,
             fallback=decision.fallback,
@@ -222,8 +249,16 @@ class PolicyController:
             reason = f"rollout decision applied (model: {self.adapter.model_source})"
         return self._report(outcome, reason, limited, **extra)
 
-    def _read(self) -> dict[str, ServiceReadings]:
+    def _read(self, down: Collection[str]) -> dict[str, ServiceReadings]:
+        """Every service's readings; stale ones hold the cycle, but for series of nodes that
+        are ``down``: those are expected to stop."""
         prom = self.spec.prometheus
+        labels = self.observer.labels
+        gone = {labels[node.label] for node in self.problem.nodes if node.name in down}
+
+        def expected(pair: tuple[str, str]) -> bool:
+            return any(node_of(workload, labels) in gone for workload in pair)
+
         out = {}
         for service in self.problem.services:
             try:
@@ -238,7 +273,7 @@ class PolicyController:
                 raise MetricsUnavailable(str(error)) from error
             limit = self.spec.safety.stale_after_s
             out[service.name] = fresh = readings.fresh(limit)
-            stale = sorted(set(readings.rate) - set(fresh.rate))
+            stale = sorted(p for p in set(readings.rate) - set(fresh.rate) if not expected(p))
             if stale:
                 # Left out, a stale client would read as one offering nothing: the weights
                 # would follow a load that is not there. Held instead, until it is fresh
@@ -268,11 +303,12 @@ class PolicyController:
     def _failed(self, reason: str, live: RouteTable) -> CycleReport:
         if not self.failures.failed():
             left = self.spec.safety.failure_threshold - self.failures.count
-            return self._report(
-                Outcome.HELD, f"{reason}; weights held ({left} more before the fallback)", live
-            )
+            return self._hold(f"{reason}; weights held ({left} more before the fallback)", live)
         kind = self.spec.safety.fallback
-        table = fallback_table(kind, self.problem, self.spec.safety.min_weight)
+        down = self._down
+        table = fallback_table(kind, self.problem, self.spec.safety.min_weight, down)
+        if table is None and down:
+            table = evacuate(live, self.problem, down)  # hold, but for nodes that are down
         if table is not None and not self.spec.dry_run:
             try:
                 self._write(table, live)
@@ -292,6 +328,26 @@ class PolicyController:
             live,
             fallback=kind,
         )
+
+    def _hold(self, reason: str, live: RouteTable) -> CycleReport:
+        """Keep the weights in place, but for routes to nodes that are down: those are moved
+        to the source's other routes at once (no decision is needed to know they fail)."""
+        moved = evacuate(live, self.problem, self._down)
+        if moved == live or self.spec.dry_run:
+            return self._report(Outcome.HELD, reason, live)
+        try:
+            self._write(moved, live)
+        except MeshError as error:
+            why = f"{reason}; moving routes off nodes that are down failed: {error}"
+            return self._report(Outcome.HELD, why, live)
+        down = ", ".join(sorted(self._down))
+        return self._report(
+            Outcome.HELD, f"{reason}, but for routes to nodes that are down ({down}): moved", live
+        )
+
+    @property
+    def _down(self) -> Mapping[str, str]:
+        return self._alive.down if self._alive is not None else {}
 
     # -- the mesh -----------------------------------------------------------------------------
 
@@ -372,6 +428,8 @@ class PolicyController:
             dry_run=self.spec.dry_run,
             silent=dict(self.observer.silent),
             unmeasured=dict(self.observer.unmeasured),
+            down=dict(self._alive.down) if self._alive is not None else None,
+            liveness_unknown=self._alive.unknown if self._alive is not None else None,
             **extra,
         )
         self.last = report

@@ -9,11 +9,15 @@ no decision can be made (metrics missing or stale, inputs inconsistent), the wei
 are held; after ``failureThreshold`` such intervals in a row the configured fallback is
 written, because a routing chosen for conditions that no longer hold gets worse the longer it
 stays.
+
+A node that is down (:mod:`marl_operator.liveness`) is the exception to the bounded step: every
+request routed to it fails or waits, so its share leaves at once, whatever else happens to the
+cycle, and no fallback routes to it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 
 import numpy as np
 
@@ -53,6 +57,36 @@ def limit_step(
     return {n: int(w) for n, w in zip(names, weights, strict=True) if w > 0 or n in proposed}
 
 
+def up_routes(problem: MeshProblem, source: str, down: Collection[str]) -> list[str]:
+    """The routes of ``source`` (itself first, then its neighbours) to nodes that are up, or
+    all of them when none is: a row needs a route, and no other could serve."""
+    routes = [source, *problem.neighbours_of(source)]
+    return [n for n in routes if n not in down] or routes
+
+
+def evacuate(table: RouteTable, problem: MeshProblem, down: Collection[str]) -> RouteTable:
+    """``table`` without weight on nodes that are ``down``: a source's share to them goes to
+    its other routes in proportion to their weights, or evenly over its routes that are up
+    when those carry none. A source none of whose routes is up keeps its row, and so does
+    one the problem does not know (a row of a node removed since, which the next write drops).
+    """
+    nodes = problem.topology.nodes
+    out: RouteTable = {}
+    for service, rows in table.items():
+        out[service] = {}
+        for source, row in rows.items():
+            moved = source in nodes and any(row.get(n, 0) > 0 for n in down)
+            routes = [n for n in up_routes(problem, source, down) if n not in down] if moved else []
+            if not routes:
+                out[service][source] = dict(row)
+                continue
+            kept = {n: float(row.get(n, 0)) for n in routes}
+            if sum(kept.values()) <= 0:
+                kept = dict.fromkeys(routes, 1.0)
+            out[service][source] = integer_weights(kept)
+    return out
+
+
 def limit_table(
     previous: RouteTable, proposed: RouteTable, max_change: int, min_change: int = 1
 ) -> RouteTable:
@@ -66,17 +100,21 @@ def limit_table(
     }
 
 
-def fallback_table(kind: str, problem: MeshProblem, min_weight: int) -> RouteTable | None:
+def fallback_table(
+    kind: str, problem: MeshProblem, min_weight: int, down: Collection[str] = ()
+) -> RouteTable | None:
     """The fallback routing: None for ``hold`` (keep what is there); ``local`` keeps each
     node's traffic on the node; ``static`` splits it over the node and its neighbours in
-    proportion to their capacity hints (what a capacity-aware static mesh would do)."""
+    proportion to their capacity hints (what a capacity-aware static mesh would do). Neither
+    routes to a node that is ``down``: ``local`` sends a down node's clients to its first
+    neighbour that is up."""
     if kind == "hold":
         return None
     names = problem.topology.nodes
     capacity = dict(zip(names, problem.capacity_rps, strict=True))
     rows = {}
     for source in names:
-        routes = [source, *problem.neighbours_of(source)]
+        routes = up_routes(problem, source, down)
         if kind == "local":
             fractions = {n: float(n == source) for n in routes}
             rows[source] = integer_weights(fractions, min_weight=0)

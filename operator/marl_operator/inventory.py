@@ -5,7 +5,8 @@ node added or removed, its capacity or neighbours edited, a service's target mov
 that the operator goes on routing to a node that is gone, and only a restart would notice.
 Reading them at every cycle of every policy would double the operator's calls to the API
 server, so they are read at most once per ``refresh_s`` for every policy together: a change
-reaches each policy within that time and one interval.
+reaches each policy within that time and one interval. The Kubernetes nodes are read the same
+way, for whether each edge node is up (:mod:`liveness`).
 """
 
 from __future__ import annotations
@@ -29,12 +30,14 @@ class InventorySource(Protocol):
 
     def edge_nodes(self) -> list[dict[str, Any]]: ...
 
+    def kubernetes_nodes(self) -> list[dict[str, Any]]: ...
+
     def edge_services(self, namespace: str, names: tuple[str, ...]) -> dict[str, dict]: ...
 
 
 class Inventory:
-    """EdgeNodes and EdgeServices as last read, read again once older than ``refresh_s``.
-    A refused read (``Forbidden``) is raised to the caller, not remembered."""
+    """EdgeNodes, Kubernetes nodes and EdgeServices as last read, read again once older than
+    ``refresh_s``. A refused read (``Forbidden``) is raised to the caller, not remembered."""
 
     def __init__(
         self,
@@ -43,20 +46,28 @@ class Inventory:
         clock: Callable[[], float] = time.monotonic,
     ):
         self.source, self.refresh_s, self.clock = source, refresh_s, clock
-        self._nodes: tuple[float, list[dict[str, Any]]] | None = None
+        self._lists: dict[str, tuple[float, list[dict[str, Any]]]] = {}
         self._services: dict[tuple[str, str], tuple[float, dict | None]] = {}
         self._lock = threading.Lock()
 
     def edge_nodes(self, fresh: bool = False) -> list[dict[str, Any]]:
         """Every EdgeNode; ``fresh`` reads them now whatever the age of the last read."""
+        return self._list("edge_nodes", fresh)
+
+    def kubernetes_nodes(self) -> list[dict[str, Any]]:
+        """Every Kubernetes Node: whether an edge node is up (:mod:`liveness`) is as old as
+        this read, ``refresh_s`` at most."""
+        return self._list("kubernetes_nodes", False)
+
+    def _list(self, call: str, fresh: bool) -> list[dict[str, Any]]:
         with self._lock:
-            cached = self._nodes
+            cached = self._lists.get(call)
         if not fresh and cached is not None and self.clock() - cached[0] < self.refresh_s:
             return cached[1]
-        now, nodes = self.clock(), self.source.edge_nodes()
+        now, items = self.clock(), getattr(self.source, call)()
         with self._lock:
-            self._nodes = (now, nodes)
-        return nodes
+            self._lists[call] = (now, items)
+        return items
 
     def edge_services(
         self, namespace: str, names: tuple[str, ...], fresh: bool = False

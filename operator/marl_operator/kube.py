@@ -44,6 +44,7 @@ KINDS: dict[str, tuple[str, str, str]] = {
 
 API_CALLS: tuple[tuple[str, str, str], ...] = (
     ("marl.dev", "edgenodes", "list"),
+    ("", "nodes", "list"),
     ("marl.dev", "edgeservices", "get"),
     ("marl.dev", "routingpolicies/status", "patch"),
     ("", "configmaps", "get"),
@@ -94,6 +95,7 @@ CONFLICT_RETRIES = 3
 READ_KINDS: dict[str, tuple[str, str, bool]] = {
     # kind -> (group, plural, namespaced) of what the operator reads to build a policy
     "EdgeNode": (MARL[0], "edgenodes", False),
+    "Node": ("", "nodes", False),
     "EdgeService": (MARL[0], "edgeservices", True),
     "ConfigMap": ("", "configmaps", True),
 }
@@ -259,6 +261,12 @@ class Kube:
     def edge_nodes(self) -> list[dict[str, Any]]:
         with _refusal("list", "EdgeNode", "", ""):
             return self.custom.list_cluster_custom_object(*MARL, "edgenodes").get("items", [])
+
+    def kubernetes_nodes(self) -> list[dict[str, Any]]:
+        """Every Kubernetes Node, as the API's JSON (what :mod:`liveness` reads)."""
+        with _refusal("list", "Node", "", ""):
+            listed = self.core.list_node()
+        return [self.core.api_client.sanitize_for_serialization(node) for node in listed.items]
 
     def edge_services(self, namespace: str, names: tuple[str, ...]) -> dict[str, dict]:
         """The named EdgeServices that exist (absent ones are left out for the caller to

@@ -24,7 +24,10 @@ simulator reports. The translation:
   is the seconds of work queued (what the simulator calls backlog).
 - the CPU busy fraction (cAdvisor CPU seconds over the node's cores) is passed on as well:
   the system model averages it with the rate-based utilisation, two independent
-  measurements of the same load.
+  measurements of the same load;
+- a node that is down (:mod:`marl_operator.liveness`) is what the simulator makes of a failed
+  one: no capacity, no load, no queue, inactive. What its last series still say is not
+  learned from, and its capacity estimate is kept for when it is back.
 """
 
 from __future__ import annotations
@@ -145,11 +148,15 @@ class Observer:
         # left out of the model's data, and the status says so
         self.unmeasured: dict[str, tuple[str, ...]] = {}
 
-    def telemetry(self, readings: Mapping[str, ServiceReadings]) -> IntervalTelemetry:
-        """The interval's telemetry, or :class:`InsufficientData` saying which service lacks it."""
+    def telemetry(
+        self, readings: Mapping[str, ServiceReadings], down: np.ndarray | None = None
+    ) -> IntervalTelemetry:
+        """The interval's telemetry, or :class:`InsufficientData` saying which service lacks
+        it; ``down`` ``(N,)`` marks the nodes that are down."""
         problem = self.problem
         topo = problem.topology
         n, _s = topo.num_nodes, topo.num_services
+        down = np.zeros(n, dtype=bool) if down is None else np.asarray(down, dtype=bool)
         mats = []
         for service in topo.services:
             got = readings.get(service)
@@ -163,7 +170,9 @@ class Observer:
                 )
             mats.append(m)
 
-        self.silent = self._named(np.stack([~np.isfinite(m.rate).any(axis=1) for m in mats], -1))
+        # (a node that is down is expected to be silent: NodesReady says why)
+        quiet = np.stack([~np.isfinite(m.rate).any(axis=1) for m in mats], -1)
+        self.silent = self._named(quiet & ~down[:, None])
         rate = np.stack([np.nan_to_num(m.rate) for m in mats], axis=-1)  # (N, N, S)
         overall = _weighted(np.stack([m.p95_ms for m in mats], -1), rate, axis=(0, 1))
         self.observed_p95_ms = {
@@ -183,7 +192,7 @@ class Observer:
         server_mean = _weighted(client_ms - link, rate, axis=0)  # (N, S)
         server_p95 = _weighted(client_p95 - link, rate, axis=0)
         agent_ms = _weighted(client_ms, rate, axis=1)  # what each source's clients saw
-        self.unmeasured = self._named((incoming > 0) & ~np.isfinite(server_mean))
+        self.unmeasured = self._named((incoming > 0) & ~np.isfinite(server_mean) & ~down[:, None])
 
         served_requests = np.maximum(incoming - rejected, 0.0)  # (N, S) per second
         cpu_by_service = np.stack([m.cpu_cores for m in mats], axis=-1)  # NaN unless reported
@@ -191,17 +200,19 @@ class Observer:
         served = served_requests @ work  # (N,) work/s completed
         cpu = cpu_by_service.sum(axis=1)  # NaN unless every service reported
         busy = cpu / problem.cpu_cores
+        busy = np.where(down, np.nan, busy)
         measured = np.isfinite(busy) & (busy >= MIN_BUSY)
         estimate = np.where(measured, served / np.where(measured, busy, 1.0), self.capacity)
         a = self.capacity_alpha
         self.capacity = np.where(measured, a * estimate + (1 - a) * self.capacity, self.capacity)
-        capacity = self.capacity
+        capacity = np.where(down, 0.0, self.capacity)
         load = incoming @ work
-        utilisation = np.where(measured, np.clip(busy, 0.0, 1.0), load / capacity)
+        utilisation = np.where(measured, np.clip(busy, 0.0, 1.0), load / self.capacity)
+        utilisation = np.where(down, 0.0, utilisation)
 
-        wait_ms = np.clip(server_mean - 1000.0 * work[None, :] / capacity[:, None], 0.0, None)
+        wait_ms = np.clip(server_mean - 1000.0 * work[None, :] / self.capacity[:, None], 0.0, None)
         wait_s = _weighted(wait_ms, incoming, axis=1) / 1000.0
-        backlog_end = np.nan_to_num(np.minimum(utilisation, 1.0) * wait_s)
+        backlog_end = np.where(down, 0.0, np.nan_to_num(np.minimum(utilisation, 1.0) * wait_s))
         backlog_start, self.backlog = self.backlog, backlog_end
 
         step = self.step_seconds
@@ -213,7 +224,7 @@ class Observer:
             utilisation=np.minimum(utilisation, 1.0)[None],
             backlog=(backlog_end / step)[None],
             capacity=capacity * step,
-            active=capacity > 0,
+            active=~down & (capacity > 0),
             target_ms=problem.target_ms,
         )
         self.inputs = {

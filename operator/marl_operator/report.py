@@ -81,6 +81,9 @@ class CycleReport:
     # request was reported from (counted as offering none)
     unmeasured: dict[str, tuple[str, ...]] = field(default_factory=dict)  # service -> nodes
     # that served requests no latency was reported for
+    down: dict[str, str] | None = None  # edge node -> why it is down (its Kubernetes
+    # nodes gone or not Ready), no route goes to it; None when the cycle did not ask
+    liveness_unknown: str | None = None  # why whether nodes are up could not be read
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-compatible (enums as their values)."""

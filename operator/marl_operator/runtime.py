@@ -36,6 +36,7 @@ from marl_operator.controller import MeshClient, MetricsSource, PolicyController
 from marl_operator.instruments import Instruments
 from marl_operator.inventory import Inventory, fingerprint
 from marl_operator.kube import KINDS, Forbidden, Kube, KubeMesh
+from marl_operator.liveness import Liveness, liveness
 from marl_operator.mesh.model import (
     MeshError,
     MeshNode,
@@ -265,7 +266,18 @@ class Runtime:
             clock=self.clock,
             checkpoint={"source": spec.checkpoint.describe(), "sha256": digest},
             built_from=fingerprint(spec, nodes, services),
+            liveness=lambda: self._liveness(problem.topology.nodes),
         )
+
+    def _liveness(self, names: Sequence[str]) -> Liveness:
+        """Which of the edge nodes ``names`` are down, from the inventory's reads: unknown
+        (every node counted up, and the status says why) when the Nodes may not be read."""
+        try:
+            nodes = self.inventory.kubernetes_nodes()
+        except Forbidden as error:
+            return Liveness(unknown=str(error))
+        edge_nodes = [n for n in self.inventory.edge_nodes() if n["metadata"]["name"] in names]
+        return liveness(edge_nodes, nodes)
 
     def _inventory_changed(self, key: str, controller: PolicyController) -> bool:
         """Whether the EdgeNodes or EdgeServices ``controller`` was built from changed."""

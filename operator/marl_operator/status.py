@@ -40,7 +40,7 @@ def _condition(kind: str, ok: bool | None, reason: str, message: str) -> dict[st
 
 
 def conditions_of(report: CycleReport) -> list[dict[str, Any]]:
-    """The five conditions a report implies (without times). A call the API server refused
+    """The six conditions a report implies (without times). A call the API server refused
     (403) makes WeightsApplied False with reason Forbidden, whatever the outcome: the message
     names the RBAC rule to grant. A cycle held because a read the policy is built from was
     refused read no metrics either: MetricsAvailable is Unknown (NotRead) then, not missing;
@@ -103,7 +103,31 @@ def conditions_of(report: CycleReport) -> list[dict[str, Any]]:
             "SpecSuspend" if o == Outcome.SUSPENDED else "Running",
             "spec.suspend is true" if o == Outcome.SUSPENDED else "spec.suspend is false",
         ),
+        _nodes_ready(report),
     ]
+
+
+def _nodes_ready(report: CycleReport) -> dict[str, Any]:
+    """NodesReady: whether every edge node of the policy has a Ready Kubernetes node (Unknown
+    when the cycle did not ask, or could not read them)."""
+    if report.liveness_unknown:
+        return _condition(
+            "NodesReady",
+            None,
+            "Unreadable",
+            f"whether the edge nodes are up is unknown, so every one is counted up: "
+            f"{report.liveness_unknown}",
+        )
+    if report.down is None:
+        return _condition("NodesReady", None, "NotRead", "the last cycle did not read the nodes")
+    if report.down:
+        down = "; ".join(f"{node}: {why}" for node, why in sorted(report.down.items()))
+        return _condition(
+            "NodesReady", False, "NodesDown", f"no route goes to edge nodes that are down: {down}"
+        )
+    return _condition(
+        "NodesReady", True, "Ready", "every edge node of the policy has a Ready Kubernetes node"
+    )
 
 
 def merge_conditions(

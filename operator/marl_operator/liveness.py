@@ -1,0 +1,78 @@
+"""Which edge nodes can serve: the readiness of the Kubernetes nodes that make them up.
+
+Prometheus cannot tell an edge node that is gone from one whose clients went quiet: the series
+of a node that left the cluster just stop. Requests routed to it meanwhile fail, or wait for
+its pods to be scheduled elsewhere. The API server knows: an edge node is up while at least
+one of its Kubernetes nodes (``spec.nodeNames`` and those ``spec.nodeSelector`` matches)
+exists and reports the condition Ready. A node that is down is treated as the simulator
+treats a failed one (``simulator.env``): no capacity, no clients, no route to it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from marl_operator.problem import selector_matches
+
+
+@dataclass(frozen=True)
+class Liveness:
+    """The edge nodes of a policy that cannot serve now, and why."""
+
+    down: Mapping[str, str] = field(default_factory=dict)  # edge node -> why it is down
+    unknown: str | None = None  # why readiness could not be read (every node counted up)
+
+
+def ready(node: Mapping[str, Any]) -> tuple[bool, str]:
+    """Whether a Kubernetes Node (as the API returns it) is Ready, and if not, what its Ready
+    condition says (a node without one has not reported since it registered)."""
+    for condition in (node.get("status") or {}).get("conditions") or ():
+        if condition.get("type") == "Ready":
+            if condition.get("status") == "True":
+                return True, ""
+            why = condition.get("reason") or condition.get("message") or "no reason given"
+            return False, f"Ready is {condition.get('status', 'Unknown')} ({why})"
+    return False, "it reports no Ready condition"
+
+
+def members(edge_node: Mapping[str, Any], nodes: Sequence[Mapping[str, Any]]) -> list[Mapping]:
+    """The Kubernetes nodes that make up ``edge_node``: those it names and those its selector
+    matches."""
+    spec = edge_node.get("spec") or {}
+    named = set(spec.get("nodeNames") or ())
+    selector = spec.get("nodeSelector")
+
+    def selected(node: Mapping[str, Any]) -> bool:
+        labels = node["metadata"].get("labels") or {}
+        return selector is not None and selector_matches(selector, labels)
+
+    return [node for node in nodes if node["metadata"]["name"] in named or selected(node)]
+
+
+def why_down(edge_node: Mapping[str, Any], nodes: Sequence[Mapping[str, Any]]) -> str | None:
+    """None when ``edge_node`` is up, else why it is down, naming its Kubernetes nodes."""
+    found = members(edge_node, nodes)
+    if any(ready(node)[0] for node in found):
+        return None
+    if not found:
+        spec = edge_node.get("spec") or {}
+        wanted = [f"named {', '.join(spec['nodeNames'])}"] if spec.get("nodeNames") else []
+        if spec.get("nodeSelector") is not None:
+            wanted.append("matching its spec.nodeSelector")
+        return f"no Kubernetes node {' or '.join(wanted)} exists"
+    states = "; ".join(f"{node['metadata']['name']}: {ready(node)[1]}" for node in found)
+    return f"none of its Kubernetes nodes is Ready ({states})"
+
+
+def liveness(
+    edge_nodes: Sequence[Mapping[str, Any]], nodes: Sequence[Mapping[str, Any]]
+) -> Liveness:
+    """Which of ``edge_nodes`` are down, given every Kubernetes node of the cluster."""
+    down = {}
+    for edge_node in edge_nodes:
+        why = why_down(edge_node, nodes)
+        if why is not None:
+            down[edge_node["metadata"]["name"]] = why
+    return Liveness(down)

@@ -1,0 +1,262 @@
+"""Edge nodes that are down: read from their Kubernetes nodes, and no route goes to them.
+
+From the rule (:mod:`marl_operator.liveness`) through the guard and the observer to whole
+cycles of the runtime over the in-memory mesh; the operator under kopf, against the emulated
+API server, is in ``test_operator_kopf.py``.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+
+import numpy as np
+import pytest
+from marl_operator.controller import decision_table
+from marl_operator.guard import evacuate, fallback_table, limit_table
+from marl_operator.kube import Forbidden
+from marl_operator.liveness import liveness, why_down
+from marl_operator.observer import Observer
+from marl_operator.problem import build_problem
+from marl_operator.report import Outcome
+from marl_operator.runtime import Runtime
+from marl_operator.spec import parse_policy_spec
+from marl_operator.status import status_of
+from operator_fakes import FakeKube, Reader, example, example_mesh, example_policy_body
+
+from demo.cluster import kind_nodes, kubernetes_node
+
+EDGE_NODES = example("edgenodes.yaml")
+SERVICES = example("edgeservice.yaml")
+EDGE = {n["metadata"]["name"]: n for n in EDGE_NODES}
+
+
+def cluster(**ready: str) -> list[dict]:
+    """kind's workers, each Ready unless ``ready`` gives its status (``kind_worker2="False"``)."""
+    nodes = kind_nodes()
+    for node in nodes:
+        status = ready.get(node["metadata"]["name"].replace("-", "_"), "True")
+        node["status"] = kubernetes_node(node["metadata"]["name"], {}, status)["status"]
+    return nodes
+
+
+def problem():
+    spec = parse_policy_spec(example_policy_body()["spec"])
+    return build_problem(spec, EDGE_NODES, {s["metadata"]["name"]: s for s in SERVICES}, 3)
+
+
+# -- the rule ------------------------------------------------------------------------------
+
+
+def test_every_example_edge_node_is_up_on_the_kind_cluster():
+    """examples/edgenodes.yaml names kind's workers (edge-0, edge-1) and selects one by zone
+    (edge-2): on the cluster kind-config.yaml makes, all three are up."""
+    assert liveness(EDGE_NODES, cluster()).down == {}
+
+
+def test_a_node_whose_kubernetes_nodes_are_gone_or_not_ready_is_down():
+    assert why_down(EDGE["edge-1"], cluster(kind_worker2="Unknown")) == (
+        "none of its Kubernetes nodes is Ready (kind-worker2: Ready is Unknown (NodeStatusUnknown))"
+    )
+    # selected by its zone label: the node that carries it is not Ready
+    assert "kind-worker3: Ready is False" in why_down(EDGE["edge-2"], cluster(kind_worker3="False"))
+    gone = [n for n in cluster() if n["metadata"]["name"] != "kind-worker"]
+    assert why_down(EDGE["edge-0"], gone) == "no Kubernetes node named kind-worker exists"
+    relabelled = copy.deepcopy(cluster())
+    for node in relabelled:
+        node["metadata"]["labels"].pop("topology.kubernetes.io/zone")
+    assert why_down(EDGE["edge-2"], relabelled) == (
+        "no Kubernetes node matching its spec.nodeSelector exists"
+    )
+    silent = [{**n, "status": {}} if n["metadata"]["name"] == "kind-worker" else n for n in gone]
+    silent.append({"metadata": {"name": "kind-worker"}, "status": {}})
+    assert "kind-worker: it reports no Ready condition" in why_down(EDGE["edge-0"], silent)
+    assert set(liveness(EDGE_NODES, cluster(kind_worker2="False")).down) == {"edge-1"}
+
+
+def test_one_ready_kubernetes_node_keeps_an_edge_node_up():
+    """An edge node of several Kubernetes nodes, named and selected, is up while any is."""
+    edge = copy.deepcopy(EDGE["edge-2"])
+    edge["spec"]["nodeNames"] = ["kind-worker"]
+    assert why_down(edge, cluster(kind_worker3="False")) is None
+    assert why_down(edge, cluster(kind_worker="False")) is None
+    both = why_down(edge, cluster(kind_worker="False", kind_worker3="False"))
+    assert "kind-worker: Ready is False" in both and "kind-worker3: Ready is False" in both
+
+
+# -- the guard and the decision ---------------------------------------------------------------
+
+
+def test_the_share_routed_to_a_node_that_is_down_leaves_at_once():
+    """Bounded steps are for decisions, not for routes that fail: the down node's share goes
+    to the source's other routes in proportion, then the step toward the decision is
+    bounded as usual."""
+    p = problem()
+    live = {
+        "fn": {
+            "edge-0": {"edge-0": 50, "edge-1": 30, "edge-2": 20},
+            "edge-1": {"edge-1": 100},  # the down node's own clients: its neighbours now
+            "edge-2": {"edge-2": 0, "edge-1": 100},  # nothing on the routes that are up
+        }
+    }
+    moved = evacuate(live, p, {"edge-1"})["fn"]
+    assert moved["edge-0"] == {"edge-0": 71, "edge-2": 29}  # 50:20 kept
+    assert moved["edge-1"] == {"edge-0": 50, "edge-2": 50}
+    assert moved["edge-2"] == {"edge-2": 50, "edge-0": 50}
+    assert evacuate(live, p, ()) == live
+    # a row of a node the policy no longer has (the next write drops it) is left alone
+    removed = {"fn": {"edge-9": {"edge-9": 50, "edge-1": 50}}}
+    assert evacuate(removed, p, {"edge-1"}) == removed
+    # every route of edge-0 down: nothing else could serve, the row stays
+    assert evacuate(live, p, {"edge-0", "edge-1", "edge-2"}) == live
+    proposed = {"fn": {"edge-0": {"edge-0": 40, "edge-2": 60}}}
+    limited = limit_table(evacuate({"fn": {"edge-0": live["fn"]["edge-0"]}}, p, {"edge-1"}),
+                          proposed, max_change=5)  # fmt: skip
+    assert limited["fn"]["edge-0"] == {"edge-0": 66, "edge-2": 34}
+
+
+def test_decisions_and_fallbacks_route_nothing_to_a_node_that_is_down():
+    p = problem()
+    topo = p.topology
+    weights = np.zeros((topo.num_agents, topo.max_degree + 2))
+    weights[:, :3] = 1 / 3  # each node: itself and both neighbours
+    table = decision_table(p, weights, min_weight=5, down={"edge-1"})["fn"]
+    assert all("edge-1" not in row and sum(row.values()) == 100 for row in table.values())
+    assert decision_table(p, weights, min_weight=5)["fn"]["edge-0"]["edge-1"] >= 5
+    static = fallback_table("static", p, 5, {"edge-1"})["fn"]
+    assert all("edge-1" not in row for row in static.values())
+    local = fallback_table("local", p, 0, {"edge-1"})["fn"]
+    assert local["edge-0"] == {"edge-0": 100, "edge-2": 0}
+    assert local["edge-1"] == {"edge-0": 100, "edge-2": 0}  # its first neighbour that is up
+
+
+def test_the_observer_sees_a_node_that_is_down_as_the_simulator_sees_a_failed_one():
+    """No capacity, no load, no queue, inactive; and its capacity estimate is kept for when
+    it is back, not learned from what its last series say."""
+    mesh = example_mesh()
+    p = problem()
+    observer = Observer(p)
+    readings = {"fn": mesh.read_metrics(namespace="edge", service="fn", host="", window="1m")}
+    observer.telemetry(readings)
+    before = observer.capacity.copy()
+    down = np.array([False, True, False])
+    tel = observer.telemetry(readings, down)
+    assert tel.capacity[1] == 0 and not tel.mesh.active[1] and tel.mesh.active[[0, 2]].all()
+    assert tel.mesh.utilisation[0, 1] == 0 and tel.backlog_end[1] == 0
+    assert tel.capacity[0] > 0 and observer.capacity[1] == before[1]
+    assert not np.isfinite(tel.busy[1])
+    # its clients are expected to be silent: not reported as missing metrics
+    got = readings["fn"]
+    quiet = dict(got.rate)
+    for pair in [pair for pair in quiet if pair[0] == "loadgen-edge-1"]:
+        del quiet[pair]
+    readings = {"fn": dataclasses.replace(got, rate=quiet)}
+    observer.telemetry(readings)
+    assert observer.silent == {"fn": ("edge-1",)}
+    observer.telemetry(readings, down)
+    assert observer.silent == {}
+
+
+# -- whole cycles ----------------------------------------------------------------------------
+
+
+def runtime_over(mesh) -> tuple[Runtime, FakeKube]:
+    kube = FakeKube(EDGE_NODES, SERVICES)
+    return Runtime(kube, mesh=mesh, reader_for=lambda url: Reader(mesh)), kube
+
+
+def nodes_ready(report) -> dict:
+    return next(c for c in status_of(report, None)["conditions"] if c["type"] == "NodesReady")
+
+
+def take_down(kube: FakeKube, name: str) -> None:
+    kube.cluster_nodes = [
+        kubernetes_node(name, n["metadata"]["labels"], "False") if n["metadata"]["name"] == name
+        else n
+        for n in kube.cluster_nodes
+    ]  # fmt: skip
+
+
+def test_a_cycle_routes_around_a_node_whose_kubernetes_node_stopped_being_ready():
+    mesh = example_mesh()
+    runtime, kube = runtime_over(mesh)
+    runtime.inventory.refresh_s = 0.0
+    body = example_policy_body(safety={"maxWeightChange": 5})
+    first = runtime.cycle("edge/p", body)
+    assert first.outcome == Outcome.APPLIED and first.down == {}
+    assert nodes_ready(first)["status"] == "True"
+    assert any(row.get("edge-1", 0) > 0 for row in mesh.routes["fn"].by_source.values())
+    take_down(kube, "kind-worker2")
+    mesh.stale_sources = {"edge-1"}  # its series stop: expected, not a reason to hold
+    report = runtime.cycle("edge/p", body)
+    assert report.outcome in (Outcome.APPLIED, Outcome.UNCHANGED), report.reason
+    assert set(report.down) == {"edge-1"}
+    for source, row in mesh.routes["fn"].by_source.items():
+        assert row.get("edge-1", 0) == 0, (source, row)
+        assert sum(row.values()) == 100
+    condition = nodes_ready(report)
+    assert condition["status"] == "False" and condition["reason"] == "NodesDown"
+    assert "edge-1: none of its Kubernetes nodes is Ready (kind-worker2" in condition["message"]
+    # back: routes to it come back within the bounded step
+    kube.cluster_nodes = kind_nodes()
+    mesh.stale_sources = set()
+    back = runtime.cycle("edge/p", body)
+    assert back.down == {} and nodes_ready(back)["status"] == "True"
+
+
+def test_a_held_cycle_still_moves_routes_off_a_node_that_is_down():
+    """Metrics missing: the weights are held, but for the share routed to a node known to
+    be down, which would fail whatever the metrics said."""
+    mesh = example_mesh()
+    runtime, kube = runtime_over(mesh)
+    runtime.inventory.refresh_s = 0.0
+    body = example_policy_body()
+    runtime.cycle("edge/p", body)
+    applied = mesh.routes["fn"].by_source
+    assert any(row.get("edge-1", 0) > 0 for row in applied.values())
+    mesh.down = True  # Prometheus unreachable
+    take_down(kube, "kind-worker2")
+    held = runtime.cycle("edge/p", body)
+    assert held.outcome == Outcome.HELD
+    assert "but for routes to nodes that are down (edge-1): moved" in held.reason
+    for source, row in mesh.routes["fn"].by_source.items():
+        assert row.get("edge-1", 0) == 0 and sum(row.values()) == 100, (source, row)
+        # the other routes keep their proportions
+        old = applied[source]
+        rest = [n for n in row if n != "edge-1" and old.get(n, 0) > 0]
+        if len(rest) == 2:
+            a, b = rest
+            assert row[a] / row[b] == pytest.approx(old[a] / old[b], rel=0.1)
+
+
+def test_with_every_node_down_nothing_is_written():
+    mesh = example_mesh()
+    runtime, kube = runtime_over(mesh)
+    runtime.inventory.refresh_s = 0.0
+    body = example_policy_body()
+    runtime.cycle("edge/p", body)
+    routes, writes = mesh.routes["fn"].by_source, mesh.writes
+    kube.cluster_nodes = cluster(kind_worker="False", kind_worker2="False", kind_worker3="False")
+    held = runtime.cycle("edge/p", body)
+    assert held.outcome == Outcome.HELD and "no edge node of the policy is up" in held.reason
+    assert mesh.writes == writes and mesh.routes["fn"].by_source == routes
+    assert set(held.down) == {"edge-0", "edge-1", "edge-2"}
+
+
+def test_nodes_that_may_not_be_read_count_as_up_and_the_status_says_why():
+    mesh = example_mesh()
+    runtime, kube = runtime_over(mesh)
+
+    def refused():
+        raise Forbidden("list", "Node", "", "")
+
+    kube.kubernetes_nodes = refused
+    report = runtime.cycle("edge/p", example_policy_body())
+    assert report.outcome == Outcome.APPLIED and report.down == {}
+    condition = nodes_ready(report)
+    assert condition["status"] == "Unknown" and condition["reason"] == "Unreadable"
+    assert "may not list nodes at the cluster scope" in condition["message"]
+    body = example_policy_body(suspend=True)
+    body["metadata"]["generation"] = 2
+    suspended = runtime.cycle("edge/p", body)
+    assert suspended.down is None and nodes_ready(suspended)["reason"] == "NotRead"
