@@ -106,8 +106,9 @@ def model_rows(
 def _up(tel: IntervalTelemetry) -> np.ndarray:
     """``(N,)`` whether each node is up: as the mesh telemetry says where there is one (a
     node left without capacity still has its clients), else whether it has capacity. The
-    operator's observer counts every node it reads as up: it cannot tell a node that is
-    gone from one whose clients went quiet."""
+    operator's observer marks a node down when none of its Kubernetes nodes is Ready
+    (``marl_operator.liveness``): Prometheus alone cannot tell a node that is gone from one
+    whose clients went quiet."""
     if tel.mesh is not None:
         return np.asarray(tel.mesh.active, dtype=bool).reshape(-1)
     return np.asarray(tel.capacity, dtype=float) > 0
