@@ -56,6 +56,7 @@ from kubernetes import client, config
 from marl_operator.prometheus import label_answers, split_combined
 from tqdm import tqdm
 
+from demo.cluster import kubernetes_node
 from demo.prometheus import free_port
 from demo.stack import Stack, StackError
 from simulator.cli import json_line, non_negative_int, parser_from_doc
@@ -172,6 +173,10 @@ def create_objects(kubeconfig: Path, mesh: Mesh, policies: int, interval: int, u
         group, version = "marl.dev", "v1alpha1"
         for node in mesh.edge_nodes():
             custom.create_cluster_custom_object(group, version, "edgenodes", node)
+            # its Kubernetes node, Ready (the operator routes to no edge node without one)
+            worker = kubernetes_node(node["spec"]["nodeNames"][0], {})
+            core.create_node({**worker, "status": None})
+            core.patch_node_status(worker["metadata"]["name"], {"status": worker["status"]})
         for i in tqdm(range(policies), desc="creating policies", unit="policy", leave=False):
             namespace = f"bench-{i}"
             core.create_namespace({"metadata": {"name": namespace}})

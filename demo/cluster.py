@@ -33,14 +33,11 @@ def kind_nodes(
 
 def kubernetes_node(name: str, labels: dict[str, str], ready: str = "True") -> dict[str, Any]:
     """A Node with a Ready condition of status ``ready`` (``True``, ``False``, ``Unknown``)."""
-    condition = {
-        "type": "Ready",
-        "status": ready,
-        "reason": "KubeletReady" if ready == "True" else "NodeStatusUnknown",
-        "message": "kubelet is posting ready status"
-        if ready == "True"
-        else "Kubelet stopped posting node status.",
-    }
+    reason, message = {  # what a kubelet, or the node controller for Unknown, reports
+        "True": ("KubeletReady", "kubelet is posting ready status"),
+        "False": ("KubeletNotReady", "container runtime network not ready"),
+    }.get(ready, ("NodeStatusUnknown", "Kubelet stopped posting node status."))
+    condition = {"type": "Ready", "status": ready, "reason": reason, "message": message}
     return {
         "apiVersion": "v1",
         "kind": "Node",

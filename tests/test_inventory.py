@@ -58,6 +58,26 @@ def test_a_refused_read_is_raised_every_time_not_remembered():
     assert inventory.edge_nodes() == NODES
 
 
+def test_a_failed_read_of_the_kubernetes_nodes_is_remembered_for_the_refresh():
+    """Every policy asks for the Nodes every cycle: a refused cluster-wide list is not
+    repeated that often; a good read after the refresh replaces it."""
+    kube, now, calls = CountingKube(), [0.0], []
+
+    def refused():
+        calls.append(now[0])
+        raise Forbidden("list", "Node", "", "", "no")
+
+    kube.kubernetes_nodes = refused
+    inventory = Inventory(kube, refresh_s=10, clock=lambda: now[0])
+    for _ in range(5):
+        with pytest.raises(Forbidden, match="may not list nodes"):
+            inventory.kubernetes_nodes()
+    assert calls == [0.0]
+    now[0] = 10
+    kube.kubernetes_nodes = lambda: [{"metadata": {"name": "kind-worker"}}]
+    assert inventory.kubernetes_nodes() == [{"metadata": {"name": "kind-worker"}}]
+
+
 def test_the_fingerprint_follows_what_the_policy_is_built_from():
     spec = parse_policy_spec(example_policy_body()["spec"])
     services = {"fn": SERVICES[0]}

@@ -12,10 +12,13 @@ import dataclasses
 
 import numpy as np
 import pytest
+from kubernetes.client.rest import ApiException
 from marl_operator.controller import decision_table
 from marl_operator.guard import evacuate, fallback_table, limit_table
 from marl_operator.kube import Forbidden
 from marl_operator.liveness import liveness, why_down
+from marl_operator.mesh.model import MeshError
+from marl_operator.mesh.routing import build_routes, catch_all
 from marl_operator.observer import Observer
 from marl_operator.problem import build_problem
 from marl_operator.report import Outcome
@@ -115,6 +118,35 @@ def test_the_share_routed_to_a_node_that_is_down_leaves_at_once():
     assert limited["fn"]["edge-0"] == {"edge-0": 66, "edge-2": 34}
 
 
+def line_problem():
+    """edge-0 - edge-1 - edge-2: edge-0 and edge-2 are no neighbours."""
+    nodes = copy.deepcopy(EDGE_NODES)
+    links = {"edge-0": ["edge-1"], "edge-1": ["edge-0", "edge-2"], "edge-2": ["edge-1"]}
+    for node in nodes:
+        keep = links[node["metadata"]["name"]]
+        node["spec"]["neighbours"] = [n for n in node["spec"]["neighbours"] if n["name"] in keep]
+    spec = parse_policy_spec(example_policy_body()["spec"])
+    return build_problem(spec, nodes, {s["metadata"]["name"]: s for s in SERVICES}, 3)
+
+
+def test_with_a_whole_neighbourhood_down_traffic_goes_where_a_node_is_up():
+    """edge-0 and its only neighbour down: an even split (what the mesh does before any
+    route is written) still reaches edge-2, which takes it all; clients on no edge node are
+    sent only to edge-2."""
+    p = line_problem()
+    down = {"edge-0", "edge-1"}
+    even = {"fn": {"edge-0": {"edge-0": 34, "edge-1": 33, "edge-2": 33}}}
+    assert evacuate(even, p, down)["fn"]["edge-0"] == {"edge-2": 100}
+    local = {"fn": {"edge-0": {"edge-0": 100}}}  # nothing up it could reach: kept
+    assert evacuate(local, p, down) == local
+    weights = np.zeros((p.topology.num_agents, p.topology.max_degree + 2))
+    weights[:, 0] = 1.0
+    table = decision_table(p, weights, min_weight=5, down=down)["fn"]
+    routes = build_routes(table, p.nodes, down=down)
+    assert routes.default == {"edge-2": 100}
+    assert catch_all(table, p.nodes) != {"edge-2": 100}  # what it was without
+
+
 def test_decisions_and_fallbacks_route_nothing_to_a_node_that_is_down():
     p = problem()
     topo = p.topology
@@ -194,14 +226,20 @@ def test_a_cycle_routes_around_a_node_whose_kubernetes_node_stopped_being_ready(
     for source, row in mesh.routes["fn"].by_source.items():
         assert row.get("edge-1", 0) == 0, (source, row)
         assert sum(row.values()) == 100
+    # nor are clients on no edge node sent there (the catch-all rule)
+    assert mesh.routes["fn"].default.get("edge-1", 0) == 0 and mesh.routes["fn"].default
     condition = nodes_ready(report)
     assert condition["status"] == "False" and condition["reason"] == "NodesDown"
     assert "edge-1: none of its Kubernetes nodes is Ready (kind-worker2" in condition["message"]
-    # back: routes to it come back within the bounded step
+    # back: its series are not current yet (that holds nothing), and routes come back
     kube.cluster_nodes = kind_nodes()
-    mesh.stale_sources = set()
     back = runtime.cycle("edge/p", body)
+    assert back.outcome in (Outcome.APPLIED, Outcome.UNCHANGED), back.reason
     assert back.down == {} and nodes_ready(back)["status"] == "True"
+    mesh.stale_sources = set()
+    for _ in range(3):
+        runtime.cycle("edge/p", body)
+    assert any(row.get("edge-1", 0) > 0 for row in mesh.routes["fn"].by_source.values())
 
 
 def test_a_held_cycle_still_moves_routes_off_a_node_that_is_down():
@@ -260,3 +298,107 @@ def test_nodes_that_may_not_be_read_count_as_up_and_the_status_says_why():
     body["metadata"]["generation"] = 2
     suspended = runtime.cycle("edge/p", body)
     assert suspended.down is None and nodes_ready(suspended)["reason"] == "NotRead"
+
+
+def test_series_of_a_node_back_up_hold_nothing_for_stale_after_seconds_only():
+    """Its clients' series take staleAfterSeconds to be current again: until then they are
+    expected to be stale; past it, stale series hold the weights as any others would."""
+    mesh = example_mesh()
+    now = [1000.0]
+    kube = FakeKube(EDGE_NODES, SERVICES)
+    runtime = Runtime(kube, mesh=mesh, reader_for=lambda url: Reader(mesh), clock=lambda: now[0])
+    runtime.inventory.refresh_s = 0.0
+    body = example_policy_body(safety={"staleAfterSeconds": 60})
+    runtime.cycle("edge/p", body)
+    take_down(kube, "kind-worker2")
+    mesh.stale_sources = {"edge-1"}
+    assert set(runtime.cycle("edge/p", body).down) == {"edge-1"}
+    kube.cluster_nodes = kind_nodes()
+    now[0] += 30
+    assert runtime.cycle("edge/p", body).outcome != Outcome.HELD
+    now[0] += 31  # 61 s since it was last seen down
+    held = runtime.cycle("edge/p", body)
+    assert held.outcome == Outcome.HELD and "metrics are stale" in held.reason
+
+
+@pytest.mark.parametrize(
+    "failure",
+    [Forbidden("list", "Node", "", ""), ApiException(status=500, reason="Internal Server Error"),
+     ConnectionResetError("reset by peer")],
+    ids=["forbidden", "server-error", "connection"],
+)  # fmt: skip
+def test_while_nodes_cannot_be_read_a_node_known_down_stays_down(failure):
+    mesh = example_mesh()
+    runtime, kube = runtime_over(mesh)
+    runtime.inventory.refresh_s = 0.0
+    body = example_policy_body(safety={"failureThreshold": 1, "fallback": "static"})
+    runtime.cycle("edge/p", body)
+    take_down(kube, "kind-worker2")
+    assert set(runtime.cycle("edge/p", body).down) == {"edge-1"}
+
+    def fails():
+        raise failure
+
+    kube.kubernetes_nodes = fails
+    report = runtime.cycle("edge/p", body)
+    assert report.outcome in (Outcome.APPLIED, Outcome.UNCHANGED), report.reason
+    assert set(report.down) == {"edge-1"}
+    condition = nodes_ready(report)
+    assert condition["status"] == "Unknown" and condition["reason"] == "Unreadable"
+    assert "list" in condition["message"] and "Traceback" not in condition["message"]
+    # and the fallback written when metrics fail too does not route to it either
+    mesh.down = True
+    fallen = runtime.cycle("edge/p", body)
+    assert fallen.outcome == Outcome.FALLBACK
+    for source, row in mesh.routes["fn"].by_source.items():
+        assert row.get("edge-1", 0) == 0 and sum(row.values()) == 100, (source, row)
+    assert mesh.routes["fn"].default.get("edge-1", 0) == 0
+
+
+def test_a_hold_fallback_moves_routes_off_a_node_that_is_down_unless_dry_run():
+    mesh = example_mesh()
+    runtime, kube = runtime_over(mesh)
+    runtime.inventory.refresh_s = 0.0
+    body = example_policy_body(safety={"failureThreshold": 1, "fallback": "hold"})
+    runtime.cycle("edge/p", body)
+    mesh.down = True
+    take_down(kube, "kind-worker2")
+    fallen = runtime.cycle("edge/p", body)
+    assert fallen.outcome == Outcome.FALLBACK and fallen.fallback == "hold"
+    assert fallen.reason.endswith(
+        "fallback hold, but for routes to nodes that are down (edge-1): moved"
+    )
+    assert all(row.get("edge-1", 0) == 0 for row in mesh.routes["fn"].by_source.values())
+
+    mesh = example_mesh()
+    runtime, kube = runtime_over(mesh)
+    runtime.inventory.refresh_s = 0.0
+    dry = example_policy_body(dryRun=True, safety={"failureThreshold": 1, "fallback": "hold"})
+    runtime.cycle("edge/p", dry)
+    writes = mesh.writes
+    mesh.down = True
+    take_down(kube, "kind-worker2")
+    report = runtime.cycle("edge/p", dry)
+    assert report.outcome == Outcome.FALLBACK and mesh.writes == writes
+    assert "routes to nodes that are down (edge-1) not moved (spec.dryRun)" in report.reason
+    assert "not written" not in report.reason
+
+
+def test_a_held_cycle_leaves_a_service_whose_routes_could_not_be_read():
+    """Its table is a guess (an even split): moving weight in it would replace the object."""
+    mesh = example_mesh()
+    runtime, kube = runtime_over(mesh)
+    runtime.inventory.refresh_s = 0.0
+    body = example_policy_body()
+    runtime.cycle("edge/p", body)
+    writes = mesh.writes
+
+    def unreadable(service, nodes):
+        raise MeshError("the VirtualService fn was edited beyond recognition")
+
+    mesh.read = unreadable
+    mesh.down = True
+    take_down(kube, "kind-worker2")
+    held = runtime.cycle("edge/p", body)
+    assert held.outcome == Outcome.HELD and mesh.writes == writes
+    assert "could not be read" in held.reason

@@ -715,6 +715,8 @@ def test_routes_leave_an_edge_node_whose_kubernetes_node_is_not_ready(cluster: A
             table = route_table(vs)
             assert set(table) == set(NODE_NAMES)
             assert all(row.get("edge-1", 0) == 0 for row in table.values()), table
+            catch_all = read_virtual_service(MESH_SERVICE, MESH_NODES, vs).default
+            assert catch_all and catch_all.get("edge-1", 0) == 0, catch_all
 
     asyncio.run(scenario())
 

@@ -183,6 +183,8 @@ class PolicyController:
         self._written: set[str] = set()  # services whose objects the running cycle changed
         self._unread: dict[str, str] = {}  # services whose live routes the cycle could not read
         self._alive: Liveness | None = None  # the running cycle's, once read
+        self._known_down: dict[str, str] = {}  # as the liveness source last said
+        self._down_seen: dict[str, float] = {}  # node -> when it was last known to be down
 
     # -- the cycle --------------------------------------------------------------------------
 
@@ -195,29 +197,26 @@ class PolicyController:
             return self._report(Outcome.SUSPENDED, "spec.suspend is true", self._live())
         live = self._live()
         nodes = self.problem.topology.nodes
-        alive = self.liveness()
-        down = {n: why for n, why in alive.down.items() if n in nodes}
-        self._alive = Liveness(down, alive.unknown)
+        self._alive = self._ask_liveness()
+        down = self._down
         if len(down) == len(nodes):
             return self._hold("no edge node of the policy is up, so no route could serve", live)
         try:
-            readings = self._read(down)
+            readings = self._read()
             telemetry = self.observer.telemetry(readings, np.isin(nodes, list(down)))
         except (MetricsUnavailable, InsufficientData) as error:
             return self._failed(f"metrics: {error}", live)
         self.adapter.observe(telemetry)
-        decision = self._decide(live)
+        # What the mesh carries but for the routes that fail: where the decision starts
+        # from, and what the guard steps from.
+        serving = evacuate(live, self.problem, down)
+        decision = self._decide(serving)
         safety = self.spec.safety
         try:
             proposed = decision_table(self.problem, decision.weights, safety.min_weight, down)
         except ValueError as error:
             return self._failed(f"inconsistent decision: {error}", live)
-        limited = limit_table(
-            evacuate(live, self.problem, down),
-            proposed,
-            safety.max_weight_change,
-            safety.min_weight_change,
-        )
+        limited = limit_table(serving, proposed, safety.max_weight_change, safety.min_weight_change)
         extra = dict(
             proposed=proposed,
             fallback=decision.fallback,
@@ -249,12 +248,27 @@ class PolicyController:
             reason = f"rollout decision applied (model: {self.adapter.model_source})"
         return self._report(outcome, reason, limited, **extra)
 
-    def _read(self, down: Collection[str]) -> dict[str, ServiceReadings]:
+    def _ask_liveness(self) -> Liveness:
+        """This cycle's nodes that are down, as the liveness source says; when it cannot
+        say, as it last said (a node known to be down stays down until known to be up)."""
+        alive = self.liveness()
+        if alive.unknown is not None:
+            return Liveness(self._known_down, alive.unknown)
+        nodes = self.problem.topology.nodes
+        self._known_down = {n: why for n, why in alive.down.items() if n in nodes}
+        now = self.clock()
+        self._down_seen |= dict.fromkeys(self._known_down, now)
+        return Liveness(self._known_down)
+
+    def _read(self) -> dict[str, ServiceReadings]:
         """Every service's readings; stale ones hold the cycle, but for series of nodes that
-        are ``down``: those are expected to stop."""
+        are down or were within ``staleAfterSeconds``: those stop with the node, and take
+        that long to be current again once it is back."""
         prom = self.spec.prometheus
         labels = self.observer.labels
-        gone = {labels[node.label] for node in self.problem.nodes if node.name in down}
+        since = self.clock() - self.spec.safety.stale_after_s
+        recent = {n for n, seen in self._down_seen.items() if seen >= since}
+        gone = {labels[n.label] for n in self.problem.nodes if n.name in recent}
 
         def expected(pair: tuple[str, str]) -> bool:
             return any(node_of(workload, labels) in gone for workload in pair)
@@ -305,11 +319,11 @@ class PolicyController:
             left = self.spec.safety.failure_threshold - self.failures.count
             return self._hold(f"{reason}; weights held ({left} more before the fallback)", live)
         kind = self.spec.safety.fallback
-        down = self._down
-        table = fallback_table(kind, self.problem, self.spec.safety.min_weight, down)
-        if table is None and down:
-            table = evacuate(live, self.problem, down)  # hold, but for nodes that are down
-        if table is not None and not self.spec.dry_run:
+        table = fallback_table(kind, self.problem, self.spec.safety.min_weight, self._down)
+        if table is None:
+            held = f"{reason}; {self.failures.count} failed intervals in a row, fallback {kind}"
+            return self._hold(held, live, Outcome.FALLBACK, fallback=kind)
+        if not self.spec.dry_run:
             try:
                 self._write(table, live)
             except MeshError as error:
@@ -320,7 +334,7 @@ class PolicyController:
                     f"{reason}; writing the {kind} fallback failed, weights held: {error}",
                     live,
                 )
-        unwritten = " (spec.dryRun: not written)" if table is not None and self.spec.dry_run else ""
+        unwritten = " (spec.dryRun: not written)" if self.spec.dry_run else ""
         return self._report(
             Outcome.FALLBACK,
             f"{reason}; {self.failures.count} failed intervals in a row, fallback {kind}"
@@ -329,21 +343,27 @@ class PolicyController:
             fallback=kind,
         )
 
-    def _hold(self, reason: str, live: RouteTable) -> CycleReport:
+    def _hold(
+        self, reason: str, live: RouteTable, outcome: Outcome = Outcome.HELD, **extra
+    ) -> CycleReport:
         """Keep the weights in place, but for routes to nodes that are down: those are moved
-        to the source's other routes at once (no decision is needed to know they fail)."""
+        to the source's other routes at once (no decision is needed to know they fail). A
+        service whose routes could not be read is left alone: its table is a guess."""
         moved = evacuate(live, self.problem, self._down)
-        if moved == live or self.spec.dry_run:
-            return self._report(Outcome.HELD, reason, live)
+        changed = {s for s, rows in moved.items() if rows != live[s] and s not in self._unread}
+        if not changed:
+            return self._report(outcome, reason, live, **extra)
+        down = ", ".join(sorted(self._down))
+        if self.spec.dry_run:
+            why = f"{reason}; routes to nodes that are down ({down}) not moved (spec.dryRun)"
+            return self._report(outcome, why, live, **extra)
         try:
-            self._write(moved, live)
+            self._write(moved, live, only=changed)
         except MeshError as error:
             why = f"{reason}; moving routes off nodes that are down failed: {error}"
-            return self._report(Outcome.HELD, why, live)
-        down = ", ".join(sorted(self._down))
-        return self._report(
-            Outcome.HELD, f"{reason}, but for routes to nodes that are down ({down}): moved", live
-        )
+            return self._report(outcome, why, live, **extra)
+        why = f"{reason}, but for routes to nodes that are down ({down}): moved"
+        return self._report(outcome, why, live, **extra)
 
     @property
     def _down(self) -> Mapping[str, str]:
@@ -370,13 +390,18 @@ class PolicyController:
                 }
         return table
 
-    def _write(self, table: RouteTable, live: RouteTable) -> bool:
-        """Write ``table`` service by service, keeping ``live`` what the mesh carries and
-        ``_written`` which services' objects changed: when a write fails part-way, the
-        services written before it are reported as written."""
+    def _write(
+        self, table: RouteTable, live: RouteTable, only: Collection[str] | None = None
+    ) -> bool:
+        """Write ``table`` service by service (those named in ``only``, if given), keeping
+        ``live`` what the mesh carries and ``_written`` which services' objects changed: when
+        a write fails part-way, the services written before it are reported as written.
+        Clients on no edge node are not sent to nodes that are down either."""
         changed = False
         for service in self.problem.services:
-            routes = build_routes(table[service.name], self.problem.nodes)
+            if only is not None and service.name not in only:
+                continue
+            routes = build_routes(table[service.name], self.problem.nodes, down=self._down)
             if self.mesh.write(service, routes):
                 changed = True
                 self._written.add(service.name)

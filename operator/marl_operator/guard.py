@@ -57,33 +57,38 @@ def limit_step(
     return {n: int(w) for n, w in zip(names, weights, strict=True) if w > 0 or n in proposed}
 
 
-def up_routes(problem: MeshProblem, source: str, down: Collection[str]) -> list[str]:
-    """The routes of ``source`` (itself first, then its neighbours) to nodes that are up, or
-    all of them when none is: a row needs a route, and no other could serve."""
+def up_routes(
+    problem: MeshProblem, source: str, down: Collection[str], strict: bool = False
+) -> list[str]:
+    """The routes of ``source`` (itself first, then its neighbours) to nodes that are up; when
+    none is, all of them (a row needs a route, and no other could serve) or, ``strict``, none.
+    """
     routes = [source, *problem.neighbours_of(source)]
-    return [n for n in routes if n not in down] or routes
+    return [n for n in routes if n not in down] or ([] if strict else routes)
 
 
 def evacuate(table: RouteTable, problem: MeshProblem, down: Collection[str]) -> RouteTable:
     """``table`` without weight on nodes that are ``down``: a source's share to them goes to
-    its other routes in proportion to their weights, or evenly over its routes that are up
-    when those carry none. A source none of whose routes is up keeps its row, and so does
-    one the problem does not know (a row of a node removed since, which the next write drops).
+    the nodes that are up it routes to, in proportion to their weights, or evenly over its
+    routes that are up when those carry none. A source that can reach no node that is up
+    keeps its row, and so does one the problem does not know (a row of a node removed since,
+    which the next write drops).
     """
     nodes = problem.topology.nodes
     out: RouteTable = {}
     for service, rows in table.items():
         out[service] = {}
         for source, row in rows.items():
-            moved = source in nodes and any(row.get(n, 0) > 0 for n in down)
-            routes = [n for n in up_routes(problem, source, down) if n not in down] if moved else []
-            if not routes:
+            if source not in nodes or not any(row.get(n, 0) > 0 for n in down):
                 out[service][source] = dict(row)
                 continue
+            routes = up_routes(problem, source, down, strict=True)
+            # beyond its routes, an even split also reaches nodes that are no neighbours
+            routes += [n for n, w in row.items() if w > 0 and n not in down and n not in routes]
             kept = {n: float(row.get(n, 0)) for n in routes}
-            if sum(kept.values()) <= 0:
+            if routes and sum(kept.values()) <= 0:
                 kept = dict.fromkeys(routes, 1.0)
-            out[service][source] = integer_weights(kept)
+            out[service][source] = integer_weights(kept) if routes else dict(row)
     return out
 
 

@@ -46,7 +46,7 @@ class Inventory:
         clock: Callable[[], float] = time.monotonic,
     ):
         self.source, self.refresh_s, self.clock = source, refresh_s, clock
-        self._lists: dict[str, tuple[float, list[dict[str, Any]]]] = {}
+        self._lists: dict[str, tuple[float, list[dict[str, Any]] | Exception]] = {}
         self._services: dict[tuple[str, str], tuple[float, dict | None]] = {}
         self._lock = threading.Lock()
 
@@ -56,15 +56,26 @@ class Inventory:
 
     def kubernetes_nodes(self) -> list[dict[str, Any]]:
         """Every Kubernetes Node: whether an edge node is up (:mod:`liveness`) is as old as
-        this read, ``refresh_s`` at most."""
-        return self._list("kubernetes_nodes", False)
+        this read, ``refresh_s`` at most. A failed read is raised again for as long as a good
+        one would be kept: each policy asks every cycle, and a refused cluster-wide list
+        repeated that often is load on the API server for nothing."""
+        return self._list("kubernetes_nodes", False, keep_errors=True)
 
-    def _list(self, call: str, fresh: bool) -> list[dict[str, Any]]:
+    def _list(self, call: str, fresh: bool, keep_errors: bool = False) -> list[dict[str, Any]]:
         with self._lock:
             cached = self._lists.get(call)
         if not fresh and cached is not None and self.clock() - cached[0] < self.refresh_s:
+            if isinstance(cached[1], Exception):
+                raise cached[1]
             return cached[1]
-        now, items = self.clock(), getattr(self.source, call)()
+        now = self.clock()
+        try:
+            items = getattr(self.source, call)()
+        except Exception as error:
+            if keep_errors:
+                with self._lock:
+                    self._lists[call] = (now, error)
+            raise
         with self._lock:
             self._lists[call] = (now, items)
         return items

@@ -265,7 +265,7 @@ class Kube:
     def kubernetes_nodes(self) -> list[dict[str, Any]]:
         """Every Kubernetes Node, as the API's JSON (what :mod:`liveness` reads)."""
         with _refusal("list", "Node", "", ""):
-            listed = self.core.list_node()
+            listed = self.core.list_node(resource_version="0")  # the watch cache will do
         return [self.core.api_client.sanitize_for_serialization(node) for node in listed.items]
 
     def edge_services(self, namespace: str, names: tuple[str, ...]) -> dict[str, dict]:

@@ -31,6 +31,9 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import urllib3
+from kubernetes.client.rest import ApiException
+
 from marl_operator.claims import conflict
 from marl_operator.controller import MeshClient, MetricsSource, PolicyController
 from marl_operator.instruments import Instruments
@@ -131,6 +134,16 @@ def _every(restores: Iterable[Callable[[], list[str]]]) -> list[str]:
     if failed:
         raise RestoreIncomplete(done, failed)
     return done
+
+
+def _failed_read(what: str, error: Exception) -> str:
+    """A failed read in one line: a refusal says what to grant; an ApiException's own text
+    carries its response headers, so only its status is kept."""
+    if isinstance(error, Forbidden):
+        return str(error)
+    if isinstance(error, ApiException):
+        return f"{what} failed: {error.status} {error.reason}"
+    return f"{what} failed: {type(error).__name__}: {error}"
 
 
 class Runtime:
@@ -271,11 +284,12 @@ class Runtime:
 
     def _liveness(self, names: Sequence[str]) -> Liveness:
         """Which of the edge nodes ``names`` are down, from the inventory's reads: unknown
-        (every node counted up, and the status says why) when the Nodes may not be read."""
+        (the controller keeps what it last knew, and the status says why) when the Nodes
+        cannot be read, refused or not answered."""
         try:
             nodes = self.inventory.kubernetes_nodes()
-        except Forbidden as error:
-            return Liveness(unknown=str(error))
+        except (Forbidden, ApiException, urllib3.exceptions.HTTPError, OSError) as error:
+            return Liveness(unknown=_failed_read("listing the Kubernetes nodes", error))
         edge_nodes = [n for n in self.inventory.edge_nodes() if n["metadata"]["name"] in names]
         return liveness(edge_nodes, nodes)
 

@@ -7,7 +7,7 @@ request counts, so that what was trained is what is applied.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 
 import numpy as np
 
@@ -67,14 +67,22 @@ def weights_from_fractions(
     }
 
 
-def catch_all(table: Mapping[str, Mapping[str, int]], nodes: Sequence[MeshNode]) -> dict[str, int]:
-    """Weights for clients on no edge node: the unweighted mean of the source nodes' rows (no
-    per-source traffic is known here), or an even split when there are no rows."""
+def catch_all(
+    table: Mapping[str, Mapping[str, int]],
+    nodes: Sequence[MeshNode],
+    down: Collection[str] = (),
+) -> dict[str, int]:
+    """Weights for clients on no edge node: the unweighted mean of the rows of the source
+    nodes that are up (no per-source traffic is known here), without the nodes that are
+    ``down``; an even split over the nodes that are up when that leaves nothing."""
     names = [n.name for n in nodes]
-    if table:
-        mean = np.array([sum(row.get(n, 0) for row in table.values()) for n in names], float)
-    else:
-        mean = np.ones(len(names))
+    up = np.array([n not in down for n in names], dtype=bool)
+    if not up.any():  # nothing can serve: as if every node could
+        up[:] = True
+    rows = [row for source, row in table.items() if source not in down]
+    mean = np.array([sum(row.get(n, 0) for row in rows) for n in names], float) * up
+    if mean.sum() <= 0:
+        mean = up.astype(float)
     weights = mesh_weights(mean, TOTAL)
     return {n: int(w) for n, w in zip(names, weights, strict=True) if w > 0}
 
@@ -98,12 +106,14 @@ def build_routes(
     nodes: Sequence[MeshNode | str],
     *,
     default: Mapping[str, int] | None = None,
+    down: Collection[str] = (),
 ) -> MeshRoutes:
     """Check a route table and freeze it, dropping zero weights.
 
     ``nodes`` is every edge node of the service in a stable order (it orders rules, routes and
     subsets, so generated objects do not churn). Sources without a row get no rule of their
-    own; their clients fall to the catch-all, ``default`` (by default :func:`catch_all`).
+    own; their clients fall to the catch-all, ``default`` (by default :func:`catch_all`, which
+    leaves out the nodes that are ``down``).
     """
     mesh_nodes = tuple(n if isinstance(n, MeshNode) else MeshNode(n) for n in nodes)
     names = [n.name for n in mesh_nodes]
@@ -120,7 +130,7 @@ def build_routes(
             raise MeshError(f"source node {source!r} is not one of {names}")
         check_weights(row, known, f"source node {source!r}")
     if default is None:
-        default = catch_all(table, mesh_nodes)
+        default = catch_all(table, mesh_nodes, down)
     check_weights(default, known, "the catch-all rule")
     ordered = {
         source: {n: int(table[source][n]) for n in names if table[source].get(n, 0) > 0}
