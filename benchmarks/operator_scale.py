@@ -144,7 +144,6 @@ def edge_service(namespace: str) -> dict[str, Any]:
             "port": 8080,
             "latencyTargetMs": 200,
             "nodeLabel": "marl.dev/node",
-            "workloadSelector": {"matchLabels": {"app": SERVICE}},
             "mesh": {"provider": "istio", "virtualService": SERVICE, "destinationRule": SERVICE},
         },
     }

@@ -296,6 +296,8 @@ INVALID = [
      "spec.safety.failureThreshold", "less than the minimum of 1"),
     ("step-0", "RoutingPolicy", None, _set("spec.rollout.candidateSteps", [0.0]),
      "spec.rollout.candidateSteps[0]", "less than or equal to the minimum of 0"),
+    ("step-1", "RoutingPolicy", None, _set("spec.rollout.candidateSteps", [0.5, 1]),
+     "spec.rollout.candidateSteps[1]", "greater than or equal to the maximum of 1"),
     ("nodes-names-and-selector", "RoutingPolicy", None,
      _set("spec.nodes", {"names": ["edge-0"], "selector": {"matchLabels": {"a": "b"}}}),
      "spec.nodes", "not both"),
@@ -359,7 +361,6 @@ STATUS = {
     "lastDecision": {
         "time": "2026-01-02T03:04:05Z",
         "action": "candidate",
-        "candidateStep": 0.1,
         "predictedLatencyMs": 41.5,
         "observedLatencyMs": 44.0,
         "modelAccuracy": 0.93,

@@ -514,6 +514,39 @@ def test_stale_metrics_hold_the_weights_and_say_why(age_s, stale_sources, why):
     assert mesh.writes == writes
 
 
+def test_the_status_counts_failures_and_shows_the_catch_all_rule():
+    """consecutiveFailures is the count the fallback waits for; defaultWeights is the rule
+    clients on no edge node follow, as written; the Fallback condition says why none was."""
+    mesh = example_mesh()
+    runtime, _ = runtime_over(mesh)
+    body = example_policy_body(safety={"failureThreshold": 3})
+    stored: dict = {}
+
+    def cycle(spec=body) -> dict:
+        nonlocal stored
+        stored = apply_merge_patch(stored, status_of(runtime.cycle("edge/p", spec), stored))
+        return stored
+
+    status = cycle()
+    assert status["consecutiveFailures"] == 0
+    (service,) = status["services"]
+    assert service["defaultWeights"] == dict(mesh.routes["fn"].default)
+    assert sum(service["defaultWeights"].values()) == 100
+    mesh.down = True
+    assert cycle()["consecutiveFailures"] == 1 and cycle()["consecutiveFailures"] == 2
+    fallback = next(c for c in stored["conditions"] if c["type"] == "Fallback")
+    assert fallback["message"] == "no fallback written: the last cycle ended Held"
+    assert stored["services"][0]["defaultWeights"] == service["defaultWeights"]
+    mesh.down = False
+    assert cycle()["consecutiveFailures"] == 0
+    invalid = example_policy_body(safety={"minWeight": 150})
+    invalid["metadata"]["generation"] = 2
+    status = cycle(invalid)
+    assert "consecutiveFailures" not in status  # not known without a controller
+    fallback = next(c for c in status["conditions"] if c["type"] == "Fallback")
+    assert fallback["message"] == "no fallback written: the last cycle ended Invalid"
+
+
 def test_the_stored_status_drops_what_the_last_cycle_no_longer_says():
     """The status goes out as a merge patch, applied to what the API server holds: figures a
     held cycle has none of must go (not stand beside its message), and a service's

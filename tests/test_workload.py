@@ -294,7 +294,6 @@ def test_function_matches_the_example_edge_service(manifests):
     ]
     for labels in fn_pods:
         assert service["spec"]["selector"].items() <= labels.items()
-        assert service_spec["workloadSelector"]["matchLabels"].items() <= labels.items()
         assert service_spec["nodeLabel"] in labels
     loadgens = [d for d in manifests if d["metadata"]["name"].startswith("loadgen-")]
     for deployment in loadgens:

@@ -171,6 +171,16 @@ class ReportModel(BaseModel):
         description="service -> nodes that served requests in the cycle without a latency "
         "reported for them (left out of the system model's data)",
     )
+    catch_all: dict[str, dict[str, int]] = Field(
+        default_factory=dict,
+        description="service -> weights of the rule for clients on no edge node, as the "
+        "mesh carries them after the cycle",
+    )
+    failures: int | None = Field(
+        default=None,
+        description="cycles in a row without a usable decision; the fallback is written when "
+        "it reaches safety.failureThreshold (null: not known to this cycle)",
+    )
     down: dict[str, str] | None = Field(
         default=None,
         description="edge node -> why it is down (none of its Kubernetes nodes exists and is "
@@ -301,6 +311,10 @@ class _QuietServer(uvicorn.Server):
         yield
 
 
+class ApiUnavailable(RuntimeError):
+    """The HTTP API could not listen: the message names the options that move it."""
+
+
 class ApiServer:
     """uvicorn serving an app as a task on the running event loop (the one kopf runs on)."""
 
@@ -348,4 +362,8 @@ class ApiServer:
         except SystemExit as exc:
             # uvicorn exits the process when it cannot bind; keep that a failure of this
             # task, which start() reports, instead of an exit of the event loop under kopf.
-            raise RuntimeError(f"the HTTP API could not start on {self._address}") from exc
+            raise ApiUnavailable(
+                f"the HTTP API could not listen on {self._address} (uvicorn's error is logged "
+                "above: a port in use, or an address this host does not have); choose another "
+                "with --api-port or --api-host"
+            ) from exc

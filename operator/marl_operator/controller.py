@@ -182,6 +182,8 @@ class PolicyController:
         self.last: CycleReport | None = None
         self._written: set[str] = set()  # services whose objects the running cycle changed
         self._unread: dict[str, str] = {}  # services whose live routes the cycle could not read
+        self._catch_all: dict[str, dict[str, int]] = {}  # service -> its catch-all rule, as
+        # the mesh carries it (read, then written)
         self._alive: Liveness | None = None  # the running cycle's, once read
         self._known_down: dict[str, str] = {}  # as the liveness source last said
         self._down_seen: dict[str, float] = {}  # node -> when it was last known to be down
@@ -378,7 +380,7 @@ class PolicyController:
         write replaces it whole, and the report says its steps were taken from a guess
         (:attr:`_unread`)."""
         table = even_table(self.problem)
-        self._unread = {}
+        self._unread, self._catch_all = {}, {}
         for service in self.problem.services:
             try:
                 routes = self.mesh.read(service, self.problem.nodes)
@@ -388,6 +390,7 @@ class PolicyController:
                 table[service.name] = {
                     src: as_percentages(row) for src, row in routes.by_source.items()
                 }
+                self._catch_all[service.name] = dict(routes.default)
         return table
 
     def _write(
@@ -402,6 +405,7 @@ class PolicyController:
             if only is not None and service.name not in only:
                 continue
             routes = build_routes(table[service.name], self.problem.nodes, down=self._down)
+            self._catch_all[service.name] = dict(routes.default)
             if self.mesh.write(service, routes):
                 changed = True
                 self._written.add(service.name)
@@ -453,6 +457,8 @@ class PolicyController:
             dry_run=self.spec.dry_run,
             silent=dict(self.observer.silent),
             unmeasured=dict(self.observer.unmeasured),
+            catch_all=dict(self._catch_all),
+            failures=self.failures.count,
             down=dict(self._alive.down) if self._alive is not None else None,
             liveness_unknown=self._alive.unknown if self._alive is not None else None,
             **extra,

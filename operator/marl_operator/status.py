@@ -95,7 +95,11 @@ def conditions_of(report: CycleReport) -> list[dict[str, Any]]:
             "Fallback",
             o == Outcome.FALLBACK,
             "FailureThreshold" if o == Outcome.FALLBACK else "NotNeeded",
-            report.reason if o == Outcome.FALLBACK else "decisions are being made",
+            report.reason
+            if o == Outcome.FALLBACK
+            else "decisions are being made"
+            if decided
+            else f"no fallback written: the last cycle ended {o.value}",
         ),
         _condition(
             "Suspended",
@@ -166,6 +170,7 @@ def status_of(report: CycleReport, previous: Mapping[str, Any] | None) -> dict[s
         written = name in report.written
         last_applied = when if written else before.get(name, {}).get("lastAppliedTime")
         objects = report.mesh_objects.get(name) or before.get(name, {}).get("meshObjects")
+        catch_all = report.catch_all.get(name) or before.get(name, {}).get("defaultWeights")
         services.append(
             {
                 "name": name,
@@ -174,6 +179,7 @@ def status_of(report: CycleReport, previous: Mapping[str, Any] | None) -> dict[s
                     for source, row in sorted(rows.items())
                 ],
                 **({"meshObjects": list(objects)} if objects else {}),
+                **({"defaultWeights": dict(catch_all)} if catch_all else {}),
                 **({"lastAppliedTime": last_applied} if last_applied else {}),
             }
         )
@@ -202,6 +208,7 @@ def status_of(report: CycleReport, previous: Mapping[str, Any] | None) -> dict[s
     return {
         "phase": PHASES[report.outcome],
         "observedGeneration": report.generation,
+        "consecutiveFailures": report.failures,
         # None (no policy was ever built, or the spec is invalid) removes a stale one: merge patch
         "checkpoint": report.checkpoint,
         "services": services,
