@@ -22,7 +22,13 @@ from pathlib import Path
 from tqdm import tqdm
 
 from demo.stack import EXAMPLES, StackError, running_stack, static_p95s
-from simulator.cli import json_line, non_negative_int, parser_from_doc, positive_int
+from simulator.cli import (
+    json_line,
+    make_folder,
+    non_negative_int,
+    parser_from_doc,
+    positive_int,
+)
 
 
 def example_nodes() -> list[str]:
@@ -145,6 +151,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             f"--degrade-at {args.degrade_at} is not before --duration {args.duration}: "
             "the node would never degrade; degrade earlier or run longer"
         )
+    # Checked now, not found wanting at the end of the run, the summary lost with the plot.
+    for problem in (make_folder(args.plot.parent, "--plot"), make_folder(args.logs, "--logs")):
+        if problem is not None:
+            parser.error(problem)
     return args
 
 
@@ -155,6 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with running_stack(directory=args.logs) as stack:
             stack.apply(EXAMPLES / "policy.yaml")
+            tqdm.write(f"operator API: {stack.operator_url}  kubeconfig: {stack.kubeconfig}")
             start = time.monotonic()
             with tqdm(total=args.duration, unit="s", file=sys.stderr) as bar:
                 while (t := time.monotonic() - start) < args.duration:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -38,13 +39,29 @@ def parser_from_doc(prog: str, doc: str | None) -> argparse.ArgumentParser:
 
 
 def png_path(value: str) -> str:
-    """An argparse type for ``--plot``: the folder must exist before the run, not be found
-    missing after minutes of work whose results the failed plot would take with it."""
-    if not Path(value).parent.is_dir():
+    """An argparse type for ``--plot``: the folder must exist and take files before the run,
+    not be found wanting after minutes of work whose results the failed plot would take with
+    it."""
+    folder = Path(value).parent
+    if not folder.is_dir():
         raise argparse.ArgumentTypeError(
-            f"folder {str(Path(value).parent)!r} does not exist; create it or plot elsewhere"
+            f"folder {str(folder)!r} does not exist; create it or plot elsewhere"
         )
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise argparse.ArgumentTypeError(f"folder {str(folder)!r} is not writable; plot elsewhere")
     return value
+
+
+def make_folder(folder: Path, option: str) -> str | None:
+    """Create ``folder`` (an output option's) now, or say why it cannot be: None when it
+    exists and takes files."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        return f"{option}: cannot create folder {str(folder)!r} ({error.strerror or error})"
+    if not os.access(folder, os.W_OK | os.X_OK):
+        return f"{option}: folder {str(folder)!r} is not writable; choose another"
+    return None
 
 
 def at_least(low: float, kind: type[int] | type[float] = int) -> Callable[[str], Any]:

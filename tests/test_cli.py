@@ -415,10 +415,15 @@ def test_operator_commands_without_a_usable_cluster_connection_say_which_option(
     main = importlib.import_module(command).main
     empty = tmp_path / "config"
     empty.write_text("")
+    broken, listed = tmp_path / "broken", tmp_path / "listed"
+    broken.write_text("garbage: [")
+    listed.write_text("[1, 2]")
     monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
     for argv, words in (
         (["--kubeconfig", str(tmp_path / "absent")], "no such file"),
         (["--kubeconfig", str(empty)], f"--kubeconfig {empty}"),
+        (["--kubeconfig", str(broken)], f"--kubeconfig {broken}: not a kubeconfig"),
+        (["--kubeconfig", str(listed)], f"--kubeconfig {listed}: not a kubeconfig"),
         ([], "pass --kubeconfig PATH"),
     ):
         with pytest.raises(SystemExit) as exit_:
@@ -426,6 +431,27 @@ def test_operator_commands_without_a_usable_cluster_connection_say_which_option(
         assert exit_.value.code == 2
         err = capsys.readouterr().err
         assert words in err and "Traceback" not in err, err
+
+
+def test_an_api_port_in_use_is_refused_naming_the_option(apiserver, capsys):
+    """It used to end in three tracebacks and a message naming no option."""
+    import socket
+
+    from marl_operator.__main__ import main
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        argv = ["--kubeconfig", str(apiserver.kubeconfig), "--standalone"]
+        argv += ["--api-host", "127.0.0.1", "--api-port", str(port)]
+        argv += ["--prometheus-url", "http://127.0.0.1:9"]
+        with pytest.raises(SystemExit) as exit_:
+            main(argv)
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert f"could not listen on 127.0.0.1:{port}" in err and "--api-port" in err, err
+    assert "Traceback" not in err, err
 
 
 def test_the_operator_refuses_a_port_that_is_not_one(capsys):
@@ -449,3 +475,20 @@ def test_benchmarks_of_the_live_loop_refuse_what_it_cannot_run(script, argv, mes
     """Each ended in a traceback part-way through its runs (no bundled policy for a DFaaS
     layout; a division by zero intervals)."""
     assert message in refusal(script, *argv)
+
+
+def test_output_folders_must_take_files(tmp_path, monkeypatch):
+    """A folder that exists but is not writable (as a user other than root finds one) is
+    refused before the run, for --plot and the demo's folders alike."""
+    import argparse
+    import os
+
+    from simulator.cli import make_folder, png_path
+
+    assert png_path(str(tmp_path / "a.png")) == str(tmp_path / "a.png")
+    assert make_folder(tmp_path / "new" / "logs", "--logs") is None
+    assert (tmp_path / "new" / "logs").is_dir()
+    monkeypatch.setattr(os, "access", lambda path, mode: False)
+    with pytest.raises(argparse.ArgumentTypeError, match="is not writable"):
+        png_path(str(tmp_path / "a.png"))
+    assert "--logs: folder" in make_folder(tmp_path, "--logs")

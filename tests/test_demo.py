@@ -32,6 +32,9 @@ def test_a_short_demo_degrades_a_node_and_summarises(tmp_path, capsys):
     # The degraded node, also the smallest, ends with less than an equal split's third.
     assert 0 <= summary["share_to_degraded_end"] < 100 / 3, summary
     assert "edge-2 loses 50% capacity" in out.out  # the samples, before the summary
+    # where to point curl and kubectl while it runs
+    assert "operator API: http://127.0.0.1:" in out.out
+    assert f"kubeconfig: {logs / 'kubeconfig'}" in out.out
     assert (logs / "operator.log").stat().st_size > 0
     assert (logs / "prometheus.log").is_file()  # every component's log, Prometheus's too
 
@@ -56,3 +59,17 @@ def test_options_that_would_fail_minutes_in_are_refused_at_once(argv, message, c
         main(argv)
     assert exit_.value.code == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("option", ["--plot", "--logs"])
+def test_output_folders_that_cannot_be_made_are_refused_at_once(option, tmp_path, capsys):
+    """An unusable --plot used to end the run in a traceback after its whole duration,
+    taking the --json summary with it."""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    path = blocker / ("closed-loop.png" if option == "--plot" else "logs")
+    with pytest.raises(SystemExit) as exit_:
+        main([option, str(path)])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert f"{option}: cannot create folder" in err and "Traceback" not in err, err

@@ -20,7 +20,7 @@ from kubernetes import client
 from threadpoolctl import threadpool_limits
 
 from marl_operator import logs
-from marl_operator.api import ApiServer, create_app
+from marl_operator.api import ApiServer, ApiUnavailable, create_app
 from marl_operator.handlers import register
 from marl_operator.kube import (
     ClusterUnreachable,
@@ -222,7 +222,10 @@ def main(argv: list[str] | None = None) -> None:
     # add overhead, several times the time per call on a busy two-core node.
     threadpool_limits(limits=1, user_api="blas")
     logs.setup(args.log_format, logging.DEBUG if args.verbose else logging.INFO)
-    asyncio.run(run(args, configuration))
+    try:
+        asyncio.run(run(args, configuration))
+    except ApiUnavailable as error:
+        build_parser().error(str(error))
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import yaml
 from kubernetes import client, config
 from kubernetes.client.rest import ApiException
 
@@ -243,6 +244,13 @@ def client_configuration(kubeconfig: Path | None) -> client.Configuration:
             raise ClusterUnreachable(f"--kubeconfig {kubeconfig}: {error}") from None
         raise ClusterUnreachable(
             f"not inside a pod ({error}): pass --kubeconfig PATH to run outside the cluster"
+        ) from None
+    except (yaml.YAMLError, TypeError, AttributeError, ValueError) as error:
+        # the client assumes a mapping of the kubeconfig layout; anything else fails inside it
+        raise ClusterUnreachable(
+            f"--kubeconfig {kubeconfig}: not a kubeconfig ({type(error).__name__}: "
+            f"{str(error).splitlines()[0] if str(error) else 'unreadable'}); pass a file such "
+            "as kubectl writes to ~/.kube/config"
         ) from None
     return configuration
 
