@@ -146,6 +146,8 @@ class FakeKube:
         self.nodes = edge_nodes
         self.services = {s["metadata"]["name"]: s for s in edge_services}
         self.status: dict[str, dict] = {}
+        self.edge_status: dict[str, dict] = {}
+        self.edge_status_writes = 0
         # kind's workers, which the example EdgeNodes name and select, all Ready
         self.cluster_nodes = kind_nodes()
 
@@ -160,6 +162,10 @@ class FakeKube:
 
     def patch_policy_status(self, namespace, name, status):
         self.status[f"{namespace}/{name}"] = status
+
+    def patch_edge_node_status(self, name, status):
+        self.edge_status[name] = status
+        self.edge_status_writes += 1
 
 
 def example_mesh(

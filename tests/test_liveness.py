@@ -402,3 +402,35 @@ def test_a_held_cycle_leaves_a_service_whose_routes_could_not_be_read():
     held = runtime.cycle("edge/p", body)
     assert held.outcome == Outcome.HELD and mesh.writes == writes
     assert "could not be read" in held.reason
+
+
+def test_edge_nodes_show_their_kubernetes_nodes_and_readiness_written_once_per_change():
+    mesh = example_mesh()
+    runtime, kube = runtime_over(mesh)
+    runtime.inventory.refresh_s = 0.0
+    body = example_policy_body()
+    runtime.cycle("edge/p", body)
+    assert kube.edge_status["edge-2"]["kubernetesNodes"] == ["kind-worker3"]  # by its zone
+    ready = kube.edge_status["edge-1"]["conditions"][0]
+    assert ready["type"] == "Ready" and ready["status"] == "True"
+    assert ready["reason"] == "KubernetesNodeReady" and ready["lastTransitionTime"]
+    assert kube.edge_status_writes == 3
+    runtime.cycle("edge/p", body)
+    assert kube.edge_status_writes == 3  # nothing changed: nothing written
+    take_down(kube, "kind-worker2")
+    runtime.cycle("edge/p", body)
+    assert kube.edge_status_writes == 4
+    ready = kube.edge_status["edge-1"]["conditions"][0]
+    assert ready["status"] == "False" and ready["reason"] == "KubernetesNodesNotReady"
+    assert "kind-worker2: Ready is False" in ready["message"]
+
+    # a refused write fails no cycle, and is tried again
+    def refused(name, status):
+        raise Forbidden("patch", "EdgeNodeStatus", "", name)
+
+    kube.patch_edge_node_status = refused
+    kube.cluster_nodes = kind_nodes()
+    assert runtime.cycle("edge/p", body).outcome in (Outcome.APPLIED, Outcome.UNCHANGED)
+    del kube.patch_edge_node_status  # the fake's own again
+    runtime.cycle("edge/p", body)
+    assert kube.edge_status["edge-1"]["conditions"][0]["status"] == "True"

@@ -717,6 +717,11 @@ def test_routes_leave_an_edge_node_whose_kubernetes_node_is_not_ready(cluster: A
             assert all(row.get("edge-1", 0) == 0 for row in table.values()), table
             catch_all = read_virtual_service(MESH_SERVICE, MESH_NODES, vs).default
             assert catch_all and catch_all.get("edge-1", 0) == 0, catch_all
+            edge_node = await kube(url, "GET", f"{EDGE_NODES}/edge-1")
+            (ready,) = edge_node["status"]["conditions"]
+            assert ready["status"] == "False" and edge_node["status"]["kubernetesNodes"] == [
+                "kind-worker2"
+            ]
 
     asyncio.run(scenario())
 

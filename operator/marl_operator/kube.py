@@ -45,6 +45,7 @@ KINDS: dict[str, tuple[str, str, str]] = {
 
 API_CALLS: tuple[tuple[str, str, str], ...] = (
     ("marl.dev", "edgenodes", "list"),
+    ("marl.dev", "edgenodes/status", "patch"),
     ("", "nodes", "list"),
     ("marl.dev", "edgeservices", "get"),
     ("marl.dev", "routingpolicies/status", "patch"),
@@ -96,6 +97,7 @@ CONFLICT_RETRIES = 3
 READ_KINDS: dict[str, tuple[str, str, bool]] = {
     # kind -> (group, plural, namespaced) of what the operator reads to build a policy
     "EdgeNode": (MARL[0], "edgenodes", False),
+    "EdgeNodeStatus": (MARL[0], "edgenodes/status", False),
     "Node": ("", "nodes", False),
     "EdgeService": (MARL[0], "edgeservices", True),
     "ConfigMap": ("", "configmaps", True),
@@ -336,6 +338,12 @@ class Kube:
         read by name: kopf's rules grant list, and there are a handful of such objects."""
         items = self._items("kopf.dev", "v1", "kopfpeerings", namespaces, "clusterkopfpeerings")
         return [item.get("status") or {} for item in items if item["metadata"]["name"] == name]
+
+    def patch_edge_node_status(self, name: str, status: Mapping[str, Any]) -> None:
+        with _refusal("patch", "EdgeNodeStatus", "", name):
+            self.custom.patch_cluster_custom_object_status(
+                *MARL, "edgenodes", name, {"status": dict(status)}
+            )
 
     def patch_policy_status(self, namespace: str, name: str, status: Mapping[str, Any]) -> None:
         self.custom.patch_namespaced_custom_object_status(

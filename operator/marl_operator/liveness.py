@@ -76,3 +76,22 @@ def liveness(
         if why is not None:
             down[edge_node["metadata"]["name"]] = why
     return Liveness(down)
+
+
+def edge_node_status(edge_node: Mapping[str, Any], nodes: Sequence[Mapping[str, Any]]) -> dict:
+    """What an EdgeNode's status says: its Kubernetes nodes, and the condition Ready (without
+    its transition time, which :func:`marl_operator.status.merge_conditions` keeps)."""
+    why = why_down(edge_node, nodes)
+    found = sorted(node["metadata"]["name"] for node in members(edge_node, nodes))
+    if why is None:
+        ready = ("True", "KubernetesNodeReady", f"Ready Kubernetes node among {', '.join(found)}")
+    else:
+        reason = "KubernetesNodesNotReady" if found else "KubernetesNodesNotFound"
+        ready = ("False", reason, f"{why}: no route goes to this edge node")
+    status, reason, message = ready
+    condition = {"type": "Ready", "status": status, "reason": reason, "message": message[:1024]}
+    return {
+        "observedGeneration": int(edge_node["metadata"].get("generation", 0)),
+        "kubernetesNodes": found,
+        "conditions": [condition],
+    }

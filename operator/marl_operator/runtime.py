@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import logging
 import shutil
 import tempfile
@@ -39,7 +40,7 @@ from marl_operator.controller import MeshClient, MetricsSource, PolicyController
 from marl_operator.instruments import Instruments
 from marl_operator.inventory import Inventory, fingerprint
 from marl_operator.kube import KINDS, Forbidden, Kube, KubeMesh
-from marl_operator.liveness import Liveness, liveness
+from marl_operator.liveness import Liveness, edge_node_status, liveness
 from marl_operator.mesh.model import (
     MeshError,
     MeshNode,
@@ -51,6 +52,7 @@ from marl_operator.problem import build_problem
 from marl_operator.prometheus import PrometheusAccess, PrometheusReader, redact_url
 from marl_operator.report import BUILD_FORBIDDEN, CYCLE_FAILED, CycleReport, Outcome
 from marl_operator.spec import CheckpointSource, SpecError, parse_policy_spec
+from marl_operator.status import merge_conditions, timestamp
 from marl_operator.store import ReportStore
 from policies import checkpoint
 from policies.checkpoint import CheckpointError, LoadedPolicy
@@ -186,6 +188,7 @@ class Runtime:
         self._checkpoints: weakref.WeakValueDictionary[tuple[str, str], LoadedPolicy] = (
             weakref.WeakValueDictionary()
         )
+        self._edge_node_status: dict[str, str] = {}  # EdgeNode -> the status last written
         self._running: dict[str, threading.Lock] = {}  # policy -> held while a cycle runs
         # policy -> deletions and stand-downs so far (its term, see `term`): a cycle asked for
         # in an earlier term, or that outlasted its term, builds, stores and publishes nothing
@@ -291,7 +294,41 @@ class Runtime:
         except (Forbidden, ApiException, urllib3.exceptions.HTTPError, OSError) as error:
             return Liveness(unknown=_failed_read("listing the Kubernetes nodes", error))
         edge_nodes = [n for n in self.inventory.edge_nodes() if n["metadata"]["name"] in names]
+        self._publish_edge_nodes(edge_nodes, nodes)
         return liveness(edge_nodes, nodes)
+
+    def _publish_edge_nodes(
+        self, edge_nodes: Sequence[Mapping[str, Any]], nodes: Sequence[Mapping[str, Any]]
+    ) -> None:
+        """Write each EdgeNode's status (its Kubernetes nodes, Ready) when it changed: every
+        policy over a node asks at every cycle, one write per change is enough. A refused or
+        failed write is logged and tried again at the next cycle; it fails no cycle."""
+        for edge_node in edge_nodes:
+            name = edge_node["metadata"]["name"]
+            status = edge_node_status(edge_node, nodes)
+            said = json.dumps(status, sort_keys=True)
+            with self._lock:
+                if self._edge_node_status.get(name) == said:
+                    continue
+            previous = (edge_node.get("status") or {}).get("conditions") or []
+            conditions = merge_conditions(
+                previous,
+                status["conditions"],
+                timestamp(self.clock()),
+                status["observedGeneration"],
+            )
+            try:
+                self.kube.patch_edge_node_status(name, {**status, "conditions": conditions})
+            except (Forbidden, ApiException, urllib3.exceptions.HTTPError, OSError) as error:
+                log.warning(
+                    "the status of EdgeNode %s was not written: %s",
+                    name,
+                    _failed_read("writing it", error),
+                    extra={"fields": {"edge_node": name}},
+                )
+                continue
+            with self._lock:
+                self._edge_node_status[name] = said
 
     def _inventory_changed(self, key: str, controller: PolicyController) -> bool:
         """Whether the EdgeNodes or EdgeServices ``controller`` was built from changed."""
