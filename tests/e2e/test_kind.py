@@ -192,6 +192,13 @@ def test_policy_takes_over_the_routes(cluster, state):
     wait_for("the RoutingPolicy to be Ready with its weights applied", ready, timeout=600)
     print(cluster.kubectl("get", "routingpolicies", "-n", EDGE_NS))
     assert set(cluster.weights_to(DEGRADED)) == set(NODES)
+    # every edge node is up on kind's workers, which it names or selects by zone
+    edge_nodes = cluster.json("get", "edgenodes")["items"]
+    print(cluster.kubectl("get", "edgenodes"))
+    for node in edge_nodes:
+        (ready,) = node["status"]["conditions"]
+        assert ready["status"] == "True", node["status"]
+        assert len(node["status"]["kubernetesNodes"]) == 1, node["status"]
 
     # a baseline of the latency the clients see, once metrics flow
     def observed():
