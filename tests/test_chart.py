@@ -752,7 +752,8 @@ def test_refusal_hints_say_where_the_chart_grants_each_read():
                 assert (group, resource, verb) in watched[1][namespace], (kind, namespace)
         else:
             assert "in the chart's ClusterRole, whatever watchNamespaces says" in hint
-            assert (group, resource) in CLUSTER_SCOPED and "in namespace" not in hint
+            assert (group, resource.split("/")[0]) in CLUSTER_SCOPED, kind
+            assert "in namespace" not in hint
             assert (group, resource, verb) in watched[0], kind
 
 

@@ -434,3 +434,32 @@ def test_edge_nodes_show_their_kubernetes_nodes_and_readiness_written_once_per_c
     del kube.patch_edge_node_status  # the fake's own again
     runtime.cycle("edge/p", body)
     assert kube.edge_status["edge-1"]["conditions"][0]["status"] == "True"
+
+
+def test_a_recreated_edge_node_gets_its_status_and_transition_times_survive_other_changes():
+    """Writes are remembered per object (uid), not per name; a change of its Kubernetes nodes
+    that leaves it Ready keeps the time it became Ready, from what was last written (the
+    inventory's copy of the object may predate that write)."""
+    mesh = example_mesh()
+    now = [1_800_000_000.0]
+    kube = FakeKube(copy.deepcopy(EDGE_NODES), SERVICES)
+    for node in kube.nodes:
+        node["metadata"]["uid"] = f"{node['metadata']['name']}-1"
+    runtime = Runtime(kube, mesh=mesh, reader_for=lambda url: Reader(mesh), clock=lambda: now[0])
+    runtime.inventory.refresh_s = 0.0
+    body = example_policy_body()
+    runtime.cycle("edge/p", body)
+    became_ready = kube.edge_status["edge-2"]["conditions"][0]["lastTransitionTime"]
+    # another worker joins site C: edge-2 has two Kubernetes nodes, still Ready
+    now[0] += 600
+    kube.cluster_nodes[0]["metadata"]["labels"]["topology.kubernetes.io/zone"] = "site-c"
+    runtime.cycle("edge/p", body)
+    status = kube.edge_status["edge-2"]
+    assert status["kubernetesNodes"] == ["kind-worker", "kind-worker3"]
+    assert status["conditions"][0]["lastTransitionTime"] == became_ready
+    # deleted and applied again: a new object, without status, written again
+    writes = kube.edge_status_writes
+    kube.nodes[1] = {**kube.nodes[1], "metadata": {**kube.nodes[1]["metadata"], "uid": "edge-1-2"}}
+    del kube.edge_status["edge-1"]
+    runtime.cycle("edge/p", body)
+    assert kube.edge_status_writes == writes + 1 and kube.edge_status["edge-1"]["conditions"]

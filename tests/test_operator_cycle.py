@@ -44,6 +44,7 @@ from operator_fakes import (
 )
 from prometheus_client import generate_latest
 
+from demo.cluster import kubernetes_node
 from policies import checkpoint
 from policies.adaptation import Adapter
 from policies.model_env import ModelEnv
@@ -545,6 +546,61 @@ def test_the_status_counts_failures_and_shows_the_catch_all_rule():
     assert "consecutiveFailures" not in status  # not known without a controller
     fallback = next(c for c in status["conditions"] if c["type"] == "Fallback")
     assert fallback["message"] == "no fallback written: the last cycle ended Invalid"
+
+
+def test_the_status_shows_the_catch_all_rule_the_mesh_carries_not_one_it_refused():
+    """A refused write leaves the rule in place: the status says that one. A cycle that read
+    no rule (the object deleted) shows none; one that read nothing keeps the last."""
+    mesh = example_mesh()
+    runtime, kube = runtime_over(mesh)
+    runtime.inventory.refresh_s = 0.0
+    body = example_policy_body()
+    stored: dict = {}
+
+    def cycle(spec=body) -> dict:
+        nonlocal stored
+        stored = apply_merge_patch(stored, status_of(runtime.cycle("edge/p", spec), stored))
+        return stored
+
+    cycle()
+    carried = dict(mesh.routes["fn"].default)
+    assert carried.get("edge-1", 0) > 0
+
+    def refused(service, routes):
+        raise MeshError("admission webhook refused the VirtualService")
+
+    # edge-1 down: the rule that would be written sends nothing there
+    kube.cluster_nodes = [
+        kubernetes_node(n["metadata"]["name"], n["metadata"]["labels"], "False")
+        if n["metadata"]["name"] == "kind-worker2"
+        else n
+        for n in kube.cluster_nodes
+    ]
+    writes, mesh.write = mesh.write, refused
+    assert cycle()["services"][0]["defaultWeights"] == carried
+    mesh.write = writes
+    suspended = example_policy_body(suspend=True)
+    suspended["metadata"]["generation"] = 2
+    del mesh.routes["fn"]  # the user deleted the VirtualService
+    assert "defaultWeights" not in cycle(suspended)["services"][0]
+
+
+def test_a_cycle_that_fails_unexpectedly_keeps_the_failure_count():
+    mesh = example_mesh()
+    runtime, _ = runtime_over(mesh)
+    body = example_policy_body(safety={"failureThreshold": 3})
+    runtime.cycle("edge/p", body)
+    mesh.down = True
+    assert status_of(runtime.cycle("edge/p", body), None)["consecutiveFailures"] == 1
+    controller = runtime.controllers["edge/p"]
+
+    def fails():
+        raise RuntimeError("the API server dropped the connection")
+
+    controller.cycle = fails
+    report = runtime.cycle("edge/p", body)
+    assert report.reason.startswith("cycle failed")
+    assert status_of(report, None)["consecutiveFailures"] == 1
 
 
 def test_the_stored_status_drops_what_the_last_cycle_no_longer_says():

@@ -171,10 +171,10 @@ class ReportModel(BaseModel):
         description="service -> nodes that served requests in the cycle without a latency "
         "reported for them (left out of the system model's data)",
     )
-    catch_all: dict[str, dict[str, int]] = Field(
-        default_factory=dict,
+    catch_all: dict[str, dict[str, int]] | None = Field(
+        default=None,
         description="service -> weights of the rule for clients on no edge node, as the "
-        "mesh carries them after the cycle",
+        "mesh carries them after the cycle; null when the cycle did not read the mesh",
     )
     failures: int | None = Field(
         default=None,

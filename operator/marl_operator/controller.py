@@ -405,10 +405,10 @@ class PolicyController:
             if only is not None and service.name not in only:
                 continue
             routes = build_routes(table[service.name], self.problem.nodes, down=self._down)
-            self._catch_all[service.name] = dict(routes.default)
             if self.mesh.write(service, routes):
                 changed = True
                 self._written.add(service.name)
+            self._catch_all[service.name] = dict(routes.default)  # once written, not before
             live[service.name] = table[service.name]
         return changed
 

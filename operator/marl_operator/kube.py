@@ -95,7 +95,8 @@ KOPF_NAMESPACED_PEERING_CALLS: tuple[tuple[str, str, str], ...] = tuple(
 CONFLICT_RETRIES = 3
 
 READ_KINDS: dict[str, tuple[str, str, bool]] = {
-    # kind -> (group, plural, namespaced) of what the operator reads to build a policy
+    # kind -> (group, plural, namespaced) of what the operator reads to build a policy, and
+    # of the status it writes besides the policy's own
     "EdgeNode": (MARL[0], "edgenodes", False),
     "EdgeNodeStatus": (MARL[0], "edgenodes/status", False),
     "Node": ("", "nodes", False),

@@ -81,8 +81,8 @@ class CycleReport:
     # request was reported from (counted as offering none)
     unmeasured: dict[str, tuple[str, ...]] = field(default_factory=dict)  # service -> nodes
     # that served requests no latency was reported for
-    catch_all: dict[str, dict[str, int]] = field(default_factory=dict)  # service -> the
-    # weights of its rule for clients on no edge node, as the mesh carries them
+    catch_all: dict[str, dict[str, int]] | None = None  # service -> the weights of its
+    # rule for clients on no edge node, as the mesh carries them; None: the mesh was not read
     failures: int | None = None  # cycles in a row without a usable decision (None: unknown)
     down: dict[str, str] | None = None  # edge node -> why it is down (its Kubernetes
     # nodes gone or not Ready), no route goes to it; None when the cycle did not ask

@@ -188,7 +188,9 @@ class Runtime:
         self._checkpoints: weakref.WeakValueDictionary[tuple[str, str], LoadedPolicy] = (
             weakref.WeakValueDictionary()
         )
-        self._edge_node_status: dict[str, str] = {}  # EdgeNode -> the status last written
+        # EdgeNode -> (uid, status, conditions) last written, and the lock of those writes
+        self._edge_node_status: dict[str, tuple[str, str, list[dict[str, Any]]]] = {}
+        self._edge_node_lock = threading.Lock()
         self._running: dict[str, threading.Lock] = {}  # policy -> held while a cycle runs
         # policy -> deletions and stand-downs so far (its term, see `term`): a cycle asked for
         # in an earlier term, or that outlasted its term, builds, stores and publishes nothing
@@ -294,41 +296,50 @@ class Runtime:
         except (Forbidden, ApiException, urllib3.exceptions.HTTPError, OSError) as error:
             return Liveness(unknown=_failed_read("listing the Kubernetes nodes", error))
         edge_nodes = [n for n in self.inventory.edge_nodes() if n["metadata"]["name"] in names]
-        self._publish_edge_nodes(edge_nodes, nodes)
+        self._publish_edge_nodes(names)
         return liveness(edge_nodes, nodes)
 
-    def _publish_edge_nodes(
-        self, edge_nodes: Sequence[Mapping[str, Any]], nodes: Sequence[Mapping[str, Any]]
-    ) -> None:
-        """Write each EdgeNode's status (its Kubernetes nodes, Ready) when it changed: every
-        policy over a node asks at every cycle, one write per change is enough. A refused or
-        failed write is logged and tried again at the next cycle; it fails no cycle."""
-        for edge_node in edge_nodes:
-            name = edge_node["metadata"]["name"]
-            status = edge_node_status(edge_node, nodes)
-            said = json.dumps(status, sort_keys=True)
-            with self._lock:
-                if self._edge_node_status.get(name) == said:
-                    continue
-            previous = (edge_node.get("status") or {}).get("conditions") or []
-            conditions = merge_conditions(
-                previous,
-                status["conditions"],
-                timestamp(self.clock()),
-                status["observedGeneration"],
-            )
+    def _publish_edge_nodes(self, names: Sequence[str]) -> None:
+        """Write the status of the EdgeNodes ``names`` (their Kubernetes nodes, Ready) where
+        it changed: every policy over a node asks at every cycle, one write per change is
+        enough. One writer at a time, from the inventory's newest reads, so that a cycle
+        holding older ones cannot write an older state over a newer one. A refused or failed
+        write is logged and tried again at the next cycle; it fails no cycle."""
+        with self._edge_node_lock:
             try:
-                self.kube.patch_edge_node_status(name, {**status, "conditions": conditions})
-            except (Forbidden, ApiException, urllib3.exceptions.HTTPError, OSError) as error:
-                log.warning(
-                    "the status of EdgeNode %s was not written: %s",
-                    name,
-                    _failed_read("writing it", error),
-                    extra={"fields": {"edge_node": name}},
+                nodes, edge_nodes = self.inventory.kubernetes_nodes(), self.inventory.edge_nodes()
+            except (Forbidden, ApiException, urllib3.exceptions.HTTPError, OSError):
+                return  # the liveness of the next cycle says so
+            for edge_node in edge_nodes:
+                name, uid = edge_node["metadata"]["name"], edge_node["metadata"].get("uid", "")
+                if name not in names:
+                    continue
+                status = edge_node_status(edge_node, nodes)
+                said = json.dumps(status, sort_keys=True)
+                written = self._edge_node_status.get(name)
+                if written is not None and written[:2] == (uid, said):
+                    continue
+                # The conditions last written (the inventory's copy may predate that write),
+                # or the object's own: their transition times are kept where nothing changed.
+                previous = (
+                    written[2]
+                    if written is not None and written[0] == uid
+                    else (edge_node.get("status") or {}).get("conditions") or []
                 )
-                continue
-            with self._lock:
-                self._edge_node_status[name] = said
+                when, generation = timestamp(self.clock()), status["observedGeneration"]
+                conditions = merge_conditions(previous, status["conditions"], when, generation)
+                try:
+                    self.kube.patch_edge_node_status(name, {**status, "conditions": conditions})
+                except (Forbidden, ApiException, urllib3.exceptions.HTTPError, OSError) as error:
+                    if getattr(error, "status", None) != 404:  # deleted since the inventory read
+                        log.warning(
+                            "the status of EdgeNode %s was not written: %s",
+                            name,
+                            _failed_read("writing it", error),
+                            extra={"fields": {"edge_node": name}},
+                        )
+                    continue
+                self._edge_node_status[name] = (uid, said, conditions)
 
     def _inventory_changed(self, key: str, controller: PolicyController) -> bool:
         """Whether the EdgeNodes or EdgeServices ``controller`` was built from changed."""
@@ -502,8 +513,9 @@ class Runtime:
         self, key: str, generation: int, reason: str, forbidden: str | None = None
     ) -> CycleReport:
         """A held cycle without a controller to report it: the weights and the checkpoint as
-        the last report saw them."""
-        last = self.store.latest(key)
+        the last report saw them, the failures as the policy's controller (if it has one)
+        counts them."""
+        last, controller = self.store.latest(key), self.controllers.get(key)
         return CycleReport(
             policy=key,
             time=self.clock(),
@@ -513,6 +525,7 @@ class Runtime:
             weights=last.weights if last is not None else {},
             forbidden=forbidden,
             checkpoint=last.checkpoint if last is not None else None,
+            failures=controller.failures.count if controller is not None else None,
         )
 
     def interval(self, key: str) -> float:

@@ -170,7 +170,11 @@ def status_of(report: CycleReport, previous: Mapping[str, Any] | None) -> dict[s
         written = name in report.written
         last_applied = when if written else before.get(name, {}).get("lastAppliedTime")
         objects = report.mesh_objects.get(name) or before.get(name, {}).get("meshObjects")
-        catch_all = report.catch_all.get(name) or before.get(name, {}).get("defaultWeights")
+        catch_all = (  # kept from the status only by a cycle that did not read the mesh
+            report.catch_all.get(name)
+            if report.catch_all is not None
+            else before.get(name, {}).get("defaultWeights")
+        )
         services.append(
             {
                 "name": name,
