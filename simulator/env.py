@@ -288,6 +288,18 @@ class EdgeEnv:
         rest = slice(self.t, None)
         self.timeline.cpu[rest, j] = np.where(self.timeline.active[rest, j], cpu, 0.0)
 
+    def set_node_down(self, node: str) -> None:
+        """Take ``node`` down from the current step to the end of the episode, as a failure
+        event does: no resources (its queue is dropped at this step, its requests lost) and
+        no arrivals from its clients, who were on it. Like :meth:`set_node_cpu`, a change
+        decided while the episode runs; the next episode starts from the scenario again."""
+        j = self.scenario.node_names.index(node)
+        rest, tl = slice(self.t, None), self.timeline
+        tl.active[rest, j] = False
+        for resource in (tl.cpu, tl.ram, tl.queue):
+            resource[rest, j] = 0
+        self.arrivals[:, rest, j, :] = 0
+
     # ------------------------------------------------------------------------------------
     def counts(self, actions: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """Fractions ``(B, A, action_dim)`` -> (local ``(B,N,S)``, forward ``(B,N,K,S)``,

@@ -349,6 +349,46 @@ def test_degradation_hurts_equal_weights_and_rerouting_recovers():
     assert dp.lost_fraction("fn", 30) == 0.0 < control.lost_fraction("fn", 30)
 
 
+def test_a_failed_node_refuses_what_is_routed_to_it_and_its_series_stop():
+    """Envoy answers 503 for a subset without endpoints: the weight on a failed node is
+    lost, not moved to the others (as the simulator's action mask would); the node's own
+    clients stop, and so do the series of its pods."""
+    dp = example_plane(seed=0)
+    dp.run(30)
+    before = pair_totals(dp, "istio_requests_total")
+    dp.fail("edge-1")
+    dp.run(30)
+    assert dp.capacity()["edge-1"] == 0 and dp.truth(10)["down"] == ["edge-1"]
+    # equal weights: a third of edge-0's and edge-2's requests go to edge-1, and are lost
+    assert 0.2 < dp.lost_fraction("fn", 30) < 0.45
+    refused = pair_totals(dp, "istio_requests_total", "503")
+    assert (
+        refused[("loadgen-edge-0", "fn-edge-1")] > 0
+        and refused[("loadgen-edge-2", "fn-edge-1")] > 0
+    )
+    after = pair_totals(dp, "istio_requests_total")
+    assert not any(source == "loadgen-edge-1" for source, _ in after)  # its clients' pods: gone
+    assert any(source == "loadgen-edge-1" for source, _ in before)
+    cpu = [
+        lab
+        for (name, lab) in samples(dp.metrics_text())
+        if name == "container_cpu_usage_seconds_total"
+    ]
+    assert cpu and not any(dict(lab)["pod"].startswith("fn-edge-1") for lab in cpu)
+    # routed around it, nothing is lost; and the next episode keeps it down
+    dp.set_routes(
+        "fn", {"edge-0": {"edge-0": 70, "edge-2": 30}, "edge-2": {"edge-0": 50, "edge-2": 50}}
+    )
+    dp.run(30)
+    assert dp.lost_fraction("fn", 20) == 0.0
+    with pytest.raises(ValueError, match="unknown edge node"):
+        dp.fail("edge-9")
+    short = example_plane(seed=0, episode_steps=20)
+    short.fail("edge-2")
+    short.run(25)  # across the episode boundary
+    assert not short.env.timeline.active[short.env.t, 2]
+
+
 # --------------------------------------------------------------------------------------------
 # Routes the simulator cannot represent
 
@@ -534,6 +574,13 @@ def test_http_endpoints():
             "edge-1": 1,
             "edge-2": 1,
         }
+        assert truth["down"] == []
+        assert fetch(f"{base}/fail?node=edge-9", "POST")[0] == 400
+        assert fetch(f"{base}/fail", "POST")[0] == 400
+        assert fetch(f"{base}/fail?node=edge-2")[0] == 405
+        status, body = fetch(f"{base}/fail?node=edge-2", "POST")
+        assert status == 200 and json.loads(body)["capacity_rps"]["edge-2"] == 0
+        assert json.loads(fetch(f"{base}/truth")[1])["down"] == ["edge-2"]
     finally:
         server.shutdown()
         server.server_close()

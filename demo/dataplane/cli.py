@@ -14,13 +14,16 @@ Examples:
         --load edge-0=20,edge-1=20,edge-2=20 --work fn=1,heavy=5   # heavy costs 5x fn
     curl -s localhost:9464/metrics | grep istio_requests_total
     curl -s -X POST 'localhost:9464/degrade?node=edge-2&factor=0.5'
+    curl -s -X POST 'localhost:9464/fail?node=edge-1'
     curl -s localhost:9464/truth
 
 Endpoints: GET /metrics (Prometheus text format); GET /truth?seconds=10 (JSON: per-service
 p95 and mean latency over the last 10 simulated seconds, the routes applied, the
 capacities); POST /degrade?node=N&factor=F (N serves F times its EdgeNode's capacity from
-now on; F=1 restores it); GET /healthz. It prints ``ready port=N`` on stdout once it serves,
-logs one JSON object per line on stderr and stops cleanly on SIGTERM or SIGINT.
+now on; F=1 restores it); POST /fail?node=N (N is gone for the rest of the run: requests
+routed to it are refused, its clients and its pods' series stop); GET /healthz. It prints
+``ready port=N`` on stdout once it serves, logs one JSON object per line on stderr and stops
+cleanly on SIGTERM or SIGINT.
 """
 
 from __future__ import annotations
@@ -181,7 +184,7 @@ def _step_in_real_time(dp: DataPlane, stop: threading.Event, period: float, log_
         dp.step()
         if log_every > 0 and dp.seconds % log_every == 0:
             truth = dp.truth(min(log_every, 600))
-            fields = {k: truth[k] for k in ("seconds", "services", "degraded")}
+            fields = {k: truth[k] for k in ("seconds", "services", "degraded", "down")}
             logger.info("truth", extra={"fields": fields})
         deadline += period
         delay = deadline - time.monotonic()

@@ -115,14 +115,26 @@ class Meter:
             cpu_seconds=np.zeros((n, s)),
         )
 
-    def record(self, info: Mapping[str, Any], out: StepOutcome, cpu_cap: np.ndarray) -> np.ndarray:
-        """Count one step of ``EdgeEnv.step``; returns each node's busy fraction."""
+    def record(
+        self,
+        info: Mapping[str, Any],
+        out: StepOutcome,
+        cpu_cap: np.ndarray,
+        unroutable: np.ndarray | None = None,
+    ) -> np.ndarray:
+        """Count one step of ``EdgeEnv.step``; returns each node's busy fraction.
+        ``unroutable`` ``(N, S, K+1)``: requests routed to a node that is down, which the step
+        counted as the source's rejections; they are refused on their own route."""
         server = info["server"]
         valid = self.valid[..., None]
         sent = np.concatenate([info["local"][0][:, None], info["forward"][0]], axis=1)
         refused = np.concatenate(
             [(out.local_rejects[0] + info["reject"][0])[:, None], out.forward_rejects[0]], axis=1
         )
+        if unroutable is not None:
+            by_slot = np.transpose(unroutable, (0, 2, 1))  # (N, K+1, S)
+            refused[:, 0] -= by_slot.sum(axis=1)
+            sent, refused = sent + by_slot, refused + by_slot
         accepted = np.where(valid, sent - refused, 0)  # (N, K+1, S)
         refused = np.where(valid, refused, 0)
 
@@ -172,7 +184,7 @@ class Collector:
 
     def collect(self) -> Iterator[Metric]:
         dp = self.dp
-        c, dest = dp._snapshot()
+        c, dest, down = dp._snapshot()  # a node that is down has no pods: no series
         labels = [node.label for node in dp.nodes]
         requests = CounterMetricFamily(
             "istio_requests_total",
@@ -185,6 +197,8 @@ class Collector:
             labels=self.PAIR_LABELS,
         )
         for i, m, s, code in zip(*np.nonzero(c.requests), strict=True):
+            if down[i]:
+                continue
             svc = dp.service_names[s]
             ns = dp.namespaces[svc]
             values = (
@@ -211,6 +225,8 @@ class Collector:
             labels=("namespace", "pod", "container"),
         )
         for j, s in np.ndindex(c.cpu_seconds.shape):
+            if down[j]:
+                continue
             svc = dp.service_names[s]
             ns = dp.namespaces[svc]
             cpu.add_metric(

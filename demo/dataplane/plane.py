@@ -118,6 +118,7 @@ class DataPlane:
         )
         self._lock = threading.RLock()
         self._factor = dict.fromkeys(self.node_names, 1.0)
+        self._down: set[str] = set()  # nodes that failed (for the rest of the run)
         self._routes: dict[str, dict[str, dict[str, int]]] = {}
         self._origin: dict[str, str] = {}
         self._fractions = np.zeros((topo.num_nodes, topo.num_services, topo.max_degree + 1))
@@ -141,9 +142,14 @@ class DataPlane:
         return self._meter.counters.seconds
 
     def capacity(self) -> dict[str, float]:
-        """Current requests per second of every node (after degradations)."""
+        """Current requests per second of every node (after degradations; 0 once failed)."""
         with self._lock:
-            return {n.name: n.requests_per_second * self._factor[n.name] for n in self.nodes}
+            return {
+                n.name: 0.0
+                if n.name in self._down
+                else n.requests_per_second * self._factor[n.name]
+                for n in self.nodes
+            }
 
     def routes(self, service: str) -> dict[str, dict[str, int]]:
         """The weights applied to ``service``: source -> destination -> weight."""
@@ -218,6 +224,17 @@ class DataPlane:
             self._apply_capacity(node)
         logger.info("capacity changed", extra={"fields": {"node": node, "factor": factor}})
 
+    def fail(self, node: str) -> None:
+        """From the next step on, ``node`` is gone for the rest of the run, as a machine that
+        left the cluster: its queue is lost, requests routed to it are refused (503), its
+        clients send nothing and its pods' series stop."""
+        if node not in self.node_names:
+            raise ValueError(f"unknown edge node {node!r}; the nodes are {self.node_names}")
+        with self._lock:
+            self._down.add(node)
+            self.env.set_node_down(node)
+        logger.info("node failed", extra={"fields": {"node": node}})
+
     def step(self) -> None:
         """Advance one simulated second with the current routes."""
         with self._lock:
@@ -226,14 +243,24 @@ class DataPlane:
                 env.continue_episode()
                 for node in self.node_names:
                     self._apply_capacity(node)
+                for node in self._down:
+                    env.set_node_down(node)
             t = env.t
             offered = env.arrivals[0, t]  # (N, S)
             counts = self._rng.multinomial(offered, self._fractions)  # (N, S, K+1)
+            # A weight on a node that is down is not shifted elsewhere, as the simulator's
+            # action mask would: Envoy answers 503 (no healthy upstream). They go to the
+            # reject slot, so they count as lost, and the meter puts them on their route.
+            down = np.array([node in self._down for node in self.node_names])
+            unroutable = np.where(down[self._meter.dest][:, None, :], counts, 0)
+            counts = counts - unroutable
+            share = np.maximum(offered, 1)[..., None]
             action = np.zeros((1, *offered.shape, env.action_dim))
-            action[0, ..., : counts.shape[-1]] = counts / np.maximum(offered, 1)[..., None]
+            action[0, ..., : counts.shape[-1]] = counts / share
+            action[0, ..., -1] = unroutable.sum(axis=-1) / share[..., 0]
             _, _, _, info = env.step(action.reshape(1, env.num_agents, -1))
             out = env.last_outcome
-            busy = self._meter.record(info, out, env.timeline.cpu[t])
+            busy = self._meter.record(info, out, env.timeline.cpu[t], unroutable)
             n, s = offered.shape
             self._truth.append(
                 _Second(
@@ -297,6 +324,7 @@ class DataPlane:
                 "services": services,
                 "capacity_rps": self.capacity(),
                 "degraded": {n: f for n, f in self._factor.items() if f != 1.0},
+                "down": sorted(self._down),
                 "routes": {
                     svc: {"origin": self._origin[svc], "by_source": self.routes(svc)}
                     for svc in self.service_names
@@ -356,10 +384,12 @@ class DataPlane:
         cpu = spec.requests_per_second * REQUEST_WORK["mean"] * self._factor[node]
         self.env.set_node_cpu(node, cpu)
 
-    def _snapshot(self) -> tuple[Counters, np.ndarray]:
-        """Counters and the destination of every (source, slot), copied under the lock."""
+    def _snapshot(self) -> tuple[Counters, np.ndarray, np.ndarray]:
+        """Counters, the destination of every (source, slot) and ``(N,)`` which nodes are
+        down, copied under the lock."""
         with self._lock:
-            return self._meter.counters.copy(), self._meter.dest
+            down = np.array([n in self._down for n in self.node_names])
+            return self._meter.counters.copy(), self._meter.dest, down
 
 
 def _finite(x: float) -> float | None:

@@ -1,5 +1,5 @@
-"""The data plane over HTTP: GET /metrics, GET /truth, POST /degrade and GET /healthz (what
-each answers is in ``python -m demo.dataplane --help``)."""
+"""The data plane over HTTP: GET /metrics, GET /truth, POST /degrade, POST /fail and GET
+/healthz (what each answers is in ``python -m demo.dataplane --help``)."""
 
 from __future__ import annotations
 
@@ -34,17 +34,27 @@ def _handler(dp: DataPlane) -> type[BaseHTTPRequestHandler]:
                     self._json(HTTPStatus.BAD_REQUEST, {"error": str(exc)})
             elif path == "/healthz":
                 self._send(HTTPStatus.OK, b"ok\n", "text/plain")
-            elif path == "/degrade":
+            elif path in ("/degrade", "/fail"):
                 self._json(HTTPStatus.METHOD_NOT_ALLOWED, {"error": "use POST"})
             else:
                 self._json(HTTPStatus.NOT_FOUND, {"error": f"no {path}"})
 
         def do_POST(self) -> None:
             url = urlsplit(self.path)
+            query = parse_qs(url.query)
+            if url.path == "/fail":
+                try:
+                    node = query["node"][0]
+                    dp.fail(node)
+                except (KeyError, ValueError) as exc:
+                    message = f"{exc}; use POST /fail?node=NODE"
+                    self._json(HTTPStatus.BAD_REQUEST, {"error": message})
+                    return
+                self._json(HTTPStatus.OK, {"node": node, "capacity_rps": dp.capacity()})
+                return
             if url.path != "/degrade":
                 self._json(HTTPStatus.NOT_FOUND, {"error": f"no POST {url.path}"})
                 return
-            query = parse_qs(url.query)
             try:
                 node = query["node"][0]
                 factor = float(query["factor"][0])
