@@ -2,13 +2,15 @@
 
 It starts the emulated API server, the simulated data plane (three edge nodes from
 ``examples/``), a real Prometheus and the operator; applies ``examples/policy.yaml`` with
-kubectl; halves one node's capacity part-way; and shows, every few seconds, the true p95
-latency and the weights the operator writes. At the end it saves a plot and prints a summary,
-both beside the p95 the same data plane reaches with static equal weights.
+kubectl; halves one node's capacity part-way (or, with ``--fail``, takes the node away); and
+shows, every few seconds, the true p95 latency, the requests lost and the weights the operator
+writes. At the end it saves a plot and prints a summary, both beside what the same data plane
+does with static equal weights.
 
 Examples:
   python -m demo                                  # 3 minutes, edge-2 loses half at 60 s
   python -m demo --duration 120 --degrade-at 40 --node edge-1 --factor 0.3
+  python -m demo --fail --node edge-1             # edge-1 and its Kubernetes node go at 60 s
   python -m demo --json --plot demo.png           # machine-readable summary as the last line
 """
 
@@ -21,7 +23,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from demo.stack import EXAMPLES, StackError, running_stack, static_p95s
+from demo.stack import EXAMPLES, NodeChange, StackError, running_stack, static_truths
 from simulator.cli import (
     json_line,
     make_folder,
@@ -61,13 +63,19 @@ def build_parser() -> argparse.ArgumentParser:
         "--degrade-at",
         type=non_negative_int,
         default=60,
-        help="second of the capacity drop (before --duration)",
+        help="second of the capacity drop, or of the failure (before --duration)",
     )
     parser.add_argument(
         "--node", choices=example_nodes(), default="edge-2", help="edge node that degrades"
     )
     parser.add_argument(
         "--factor", type=capacity_left, default=0.5, help="share of capacity left after it"
+    )
+    parser.add_argument(
+        "--fail",
+        action="store_true",
+        help="the node fails instead (--factor unused): its requests are refused, its clients "
+        "stop and its Kubernetes node stops being Ready",
     )
     parser.add_argument("--every", type=positive_int, default=5, help="seconds between two samples")
     parser.add_argument(
@@ -95,6 +103,7 @@ def sample(stack, t: float) -> dict:
         "t": round(t, 1),
         "second": truth["seconds"],  # the data plane's clock
         "p95_ms": truth["services"]["fn"]["p95_ms"],
+        "lost_pct": 100.0 * truth["services"]["fn"]["lost_fraction"],
         "routes": routes,
         "outcome": outcome,
         "reason": reason,
@@ -129,18 +138,31 @@ def plot(samples: list[dict], args: argparse.Namespace) -> None:
     top.axhline(200, color="grey", linestyle=":", label="latency target")
     top.set_ylabel("true p95 (ms)")
     top.legend(loc="upper left")
-    for node in ("edge-0", "edge-1", "edge-2"):
+    for node in example_nodes():
         bottom.plot(t, [share_to(s["routes"], node) for s in samples], label=node)
-    bottom.set_ylabel("traffic share (%)")
+    bottom.plot(t, [s["lost_pct"] for s in samples], color="black", label="lost, operator")
+    bottom.plot(
+        t,
+        [s["static_lost_pct"] for s in samples],
+        color="black",
+        linestyle="--",
+        alpha=0.6,
+        label="lost, static",
+    )
+    bottom.set_ylabel("traffic share, requests lost (%)")
     bottom.set_xlabel("seconds")
     bottom.legend(loc="upper left")
     for axis in (top, bottom):
         axis.axvline(args.degrade_at, color="black", linestyle="--")
-    top.set_title(f"{args.node} keeps {args.factor:g} of its capacity from {args.degrade_at} s")
+    top.set_title(f"{change_of(args)} at {args.degrade_at} s")
     args.plot.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
     fig.savefig(args.plot, dpi=120)
     plt.close(fig)
+
+
+def change_of(args: argparse.Namespace) -> NodeChange:
+    return NodeChange(args.node, None if args.fail else args.factor)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -161,7 +183,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     samples: list[dict] = []
-    degraded_at = None  # the data plane's second of the drop
+    change = change_of(args)
+    degraded_at = None  # the data plane's second of the change
     try:
         with running_stack(directory=args.logs) as stack:
             stack.apply(EXAMPLES / "policy.yaml")
@@ -170,14 +193,15 @@ def main(argv: list[str] | None = None) -> int:
             with tqdm(total=args.duration, unit="s", file=sys.stderr) as bar:
                 while (t := time.monotonic() - start) < args.duration:
                     if degraded_at is None and t >= args.degrade_at:
-                        stack.degrade(args.node, args.factor)
+                        stack.change(change)
                         degraded_at = stack.truth(1)["seconds"]
-                        tqdm.write(f"{t:6.1f}s  {args.node} loses {1 - args.factor:.0%} capacity")
+                        tqdm.write(f"{t:6.1f}s  {change}")
                     s = sample(stack, t)
                     samples.append(s)
                     tqdm.write(
-                        f"{t:6.1f}s  p95 {s['p95_ms']:8.0f} ms  to {args.node} "
-                        f"{share_to(s['routes'], args.node):5.1f}%  {s['outcome']}: {s['reason']}"
+                        f"{t:6.1f}s  p95 {s['p95_ms']:8.0f} ms  lost {s['lost_pct']:5.1f}%  "
+                        f"to {args.node} {share_to(s['routes'], args.node):5.1f}%  "
+                        f"{s['outcome']}: {s['reason']}"
                     )
                     bar.update(round(time.monotonic() - start - bar.n))
                     time.sleep(args.every)
@@ -186,11 +210,9 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     # The same data plane without the operator, degraded at the same second: the contrast.
     never = max((s["second"] for s in samples), default=0) + 1
-    static = static_p95s(
-        [s["second"] for s in samples], degraded_at or never, args.node, args.factor
-    )
-    for s, p95 in zip(sorted(samples, key=lambda s: s["second"]), static, strict=True):
-        s["static_p95_ms"] = p95
+    static = static_truths([s["second"] for s in samples], degraded_at or never, change)
+    for s, (p95, lost) in zip(sorted(samples, key=lambda s: s["second"]), static, strict=True):
+        s["static_p95_ms"], s["static_lost_pct"] = p95, 100.0 * lost
     plot(samples, args)
     before = [s["p95_ms"] for s in samples if s["t"] < args.degrade_at]
     after = [s for s in samples if s["t"] >= args.duration - 30]
@@ -198,6 +220,8 @@ def main(argv: list[str] | None = None) -> int:
         "p95_ms_before": before[-1] if before else None,
         "p95_ms_end": after[-1]["p95_ms"] if after else None,
         "p95_ms_static_end": after[-1]["static_p95_ms"] if after else None,
+        "lost_pct_end": after[-1]["lost_pct"] if after else None,
+        "lost_pct_static_end": after[-1]["static_lost_pct"] if after else None,
         "share_to_degraded_end": share_to(samples[-1]["routes"], args.node) if samples else None,
         "plot": str(args.plot),
         "logs": str(args.logs),

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from marl_operator.liveness import members
 
 KIND_CONFIG = Path(__file__).resolve().parent.parent / "kind-config.yaml"
 
@@ -44,3 +45,9 @@ def kubernetes_node(name: str, labels: dict[str, str], ready: str = "True") -> d
         "metadata": {"name": name, "labels": labels},
         "status": {"conditions": [condition]},
     }
+
+
+def kubernetes_nodes_of(edge_node: dict[str, Any], config_file: Path = KIND_CONFIG) -> list[str]:
+    """The names of the Kubernetes nodes of the kind cluster that make up ``edge_node``
+    (named, or selected by its labels), as the operator finds them."""
+    return [n["metadata"]["name"] for n in members(edge_node, kind_nodes(config_file))]

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from demo.cluster import KIND_CONFIG
+from demo.cluster import KIND_CONFIG, kubernetes_node, kubernetes_nodes_of
 from demo.prometheus import PrometheusServer, free_port, prometheus
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -130,8 +130,20 @@ class Stack:
         """The data plane's ground truth over the last ``seconds`` (latency, routes)."""
         return get_json(f"{self.dataplane_url}/truth?seconds={seconds}")
 
-    def degrade(self, node: str, factor: float) -> None:
-        post(f"{self.dataplane_url}/degrade?node={node}&factor={factor}")
+    def change(self, change: NodeChange) -> None:
+        """Make ``change`` happen: a slowdown in the data plane; a failure there and in the
+        cluster, where the node's Kubernetes nodes stop being Ready (as the node controller
+        marks a node whose kubelet went silent)."""
+        if change.factor is not None:
+            post(f"{self.dataplane_url}/degrade?node={change.node}&factor={change.factor}")
+            return
+        post(f"{self.dataplane_url}/fail?node={change.node}")
+        not_ready = kubernetes_node("", {}, "Unknown")["status"]
+        for name in kubernetes_nodes_of(example_edge_node(change.node)):
+            self.kubectl(
+                "patch", "node", name, "--subresource=status", "--type=merge",
+                "-p", json.dumps({"status": not_ready}),
+            )  # fmt: skip
 
     def policy(self, namespace: str = "edge", name: str = "edge-routing") -> dict[str, Any]:
         return json.loads(self.kubectl("get", "routingpolicy", name, "-n", namespace, "-o", "json"))
@@ -193,14 +205,36 @@ def load_flag(load: Mapping[str, float] | Mapping[str, Mapping[str, float]]) -> 
     return ",".join(entries)
 
 
-def static_p95s(
-    seconds: Sequence[int], degrade_at: int, node: str, factor: float, seed: int = 0
-) -> list[float]:
-    """The true p95 of ``fn`` over the 10 s before each of the data plane's ``seconds``, had
-    the mesh kept static equal weights: the data plane of :func:`running_stack` (resources,
-    load and seed) stepped in-process without an operator, ``node`` keeping ``factor`` of
-    its capacity from second ``degrade_at``. The yardstick the demo and the closed-loop test
-    hold the operator against."""
+@dataclass(frozen=True)
+class NodeChange:
+    """What happens to one edge node part-way through a run: it keeps ``factor`` of its
+    capacity, or (``factor`` None) it fails."""
+
+    node: str
+    factor: float | None = None
+
+    def __str__(self) -> str:
+        if self.factor is None:
+            return f"{self.node} fails"
+        return f"{self.node} loses {1 - self.factor:.0%} capacity"
+
+
+def example_edge_node(name: str) -> dict[str, Any]:
+    """The EdgeNode ``name`` of ``examples/edgenodes.yaml``."""
+    import yaml
+
+    documents = yaml.safe_load_all((EXAMPLES / "edgenodes.yaml").read_text())
+    return next(d for d in documents if d and d["metadata"]["name"] == name)
+
+
+def static_truths(
+    seconds: Sequence[int], change_at: int, change: NodeChange, seed: int = 0
+) -> list[tuple[float, float]]:
+    """The true p95 of ``fn`` and the share of its requests lost over the 10 s before each of
+    the data plane's ``seconds``, had the mesh kept static equal weights: the data plane of
+    :func:`running_stack` (resources, load and seed) stepped in-process without an operator,
+    ``change`` happening at second ``change_at``. The yardstick the demo and the closed-loop
+    test hold the operator against."""
     import yaml
 
     from demo.dataplane import DataPlane
@@ -210,11 +244,14 @@ def static_p95s(
     plane = DataPlane(nodes, services, DEFAULT_LOAD, seed=seed)
     out = []
     for second in sorted(seconds):
-        if plane.seconds < degrade_at <= second:
-            plane.run(degrade_at - plane.seconds)
-            plane.degrade(node, factor)
+        if plane.seconds < change_at <= second:
+            plane.run(change_at - plane.seconds)
+            if change.factor is None:
+                plane.fail(change.node)
+            else:
+                plane.degrade(change.node, change.factor)
         plane.run(second - plane.seconds)
-        out.append(plane.p95_ms("fn", 10))
+        out.append((plane.p95_ms("fn", 10), plane.lost_fraction("fn", 10)))
     return out
 
 

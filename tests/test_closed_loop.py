@@ -16,7 +16,7 @@ import urllib.error
 import pytest
 import yaml
 
-from demo.stack import DEFAULT_LOAD, EXAMPLES, running_stack, static_p95s
+from demo.stack import DEFAULT_LOAD, EXAMPLES, NodeChange, running_stack, static_truths
 
 pytestmark = pytest.mark.integration
 
@@ -61,12 +61,13 @@ def test_closed_loop_cuts_p95_after_a_capacity_drop(tmp_path):
         before = weight_to(DEGRADED_NODE, virtual_service)
         time.sleep(INTERVAL_S)  # one more interval of healthy operation
 
-        stack.degrade(DEGRADED_NODE, 0.5)
+        halved = NodeChange(DEGRADED_NODE, 0.5)
+        stack.change(halved)
         degrade_at = stack.truth()["seconds"]
         time.sleep(INTERVALS * INTERVAL_S)
         truth = stack.truth(10)
         operated = truth["services"]["fn"]["p95_ms"]
-        (baseline,) = static_p95s([truth["seconds"]], degrade_at, DEGRADED_NODE, 0.5)
+        ((baseline, _),) = static_truths([truth["seconds"]], degrade_at, halved)
 
         virtual_service = yaml.safe_load(
             stack.kubectl("get", "virtualservice", "fn", "-n", "edge", "-o", "yaml")

@@ -39,6 +39,20 @@ def test_a_short_demo_degrades_a_node_and_summarises(tmp_path, capsys):
     assert (logs / "prometheus.log").is_file()  # every component's log, Prometheus's too
 
 
+def test_a_short_demo_of_a_failing_node_routes_around_it(tmp_path, capsys):
+    """The node goes, and its Kubernetes node stops being Ready: the operator routes nothing
+    to it, so nothing is lost, where static equal weights lose a third of the requests."""
+    plot, logs = tmp_path / "demo.png", tmp_path / "logs"
+    argv = ["--duration", "45", "--degrade-at", "12", "--every", "5", "--json", "--fail"]
+    assert main([*argv, "--node", "edge-1", "--plot", str(plot), "--logs", str(logs)]) == 0
+    out = capsys.readouterr()
+    summary = json.loads(out.out.strip().splitlines()[-1])
+    assert "edge-1 fails" in out.out
+    assert summary["share_to_degraded_end"] == 0, summary
+    assert summary["lost_pct_end"] == 0 and summary["lost_pct_static_end"] > 20, summary
+    assert plot.stat().st_size > 10_000
+
+
 @pytest.mark.parametrize(
     ("argv", "message"),
     [

@@ -223,6 +223,7 @@ def test_a_cycle_routes_around_a_node_whose_kubernetes_node_stopped_being_ready(
     report = runtime.cycle("edge/p", body)
     assert report.outcome in (Outcome.APPLIED, Outcome.UNCHANGED), report.reason
     assert set(report.down) == {"edge-1"}
+    assert report.reason.endswith("; no route to edge-1: down (see NodesReady)")
     for source, row in mesh.routes["fn"].by_source.items():
         assert row.get("edge-1", 0) == 0, (source, row)
         assert sum(row.values()) == 100

@@ -248,6 +248,8 @@ class PolicyController:
             )
         else:
             reason = f"rollout decision applied (model: {self.adapter.model_source})"
+        if down:
+            reason += f"; no route to {', '.join(sorted(down))}: down (see NodesReady)"
         return self._report(outcome, reason, limited, **extra)
 
     def _ask_liveness(self) -> Liveness:
