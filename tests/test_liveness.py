@@ -192,9 +192,12 @@ def test_the_observer_sees_a_node_that_is_down_as_the_simulator_sees_a_failed_on
 # -- whole cycles ----------------------------------------------------------------------------
 
 
-def runtime_over(mesh) -> tuple[Runtime, FakeKube]:
+def runtime_over(mesh, **options) -> tuple[Runtime, FakeKube]:
+    """A runtime over ``mesh`` and the example cluster that reads the nodes at every cycle."""
     kube = FakeKube(EDGE_NODES, SERVICES)
-    return Runtime(kube, mesh=mesh, reader_for=lambda url: Reader(mesh)), kube
+    runtime = Runtime(kube, mesh=mesh, reader_for=lambda url: Reader(mesh), **options)
+    runtime.inventory.refresh_s = 0.0
+    return runtime, kube
 
 
 def nodes_ready(report) -> dict:
@@ -212,7 +215,6 @@ def take_down(kube: FakeKube, name: str) -> None:
 def test_a_cycle_routes_around_a_node_whose_kubernetes_node_stopped_being_ready():
     mesh = example_mesh()
     runtime, kube = runtime_over(mesh)
-    runtime.inventory.refresh_s = 0.0
     body = example_policy_body(safety={"maxWeightChange": 5})
     first = runtime.cycle("edge/p", body)
     assert first.outcome == Outcome.APPLIED and first.down == {}
@@ -248,7 +250,6 @@ def test_a_held_cycle_still_moves_routes_off_a_node_that_is_down():
     be down, which would fail whatever the metrics said."""
     mesh = example_mesh()
     runtime, kube = runtime_over(mesh)
-    runtime.inventory.refresh_s = 0.0
     body = example_policy_body()
     runtime.cycle("edge/p", body)
     applied = mesh.routes["fn"].by_source
@@ -271,7 +272,6 @@ def test_a_held_cycle_still_moves_routes_off_a_node_that_is_down():
 def test_with_every_node_down_nothing_is_written():
     mesh = example_mesh()
     runtime, kube = runtime_over(mesh)
-    runtime.inventory.refresh_s = 0.0
     body = example_policy_body()
     runtime.cycle("edge/p", body)
     routes, writes = mesh.routes["fn"].by_source, mesh.writes
@@ -306,9 +306,7 @@ def test_series_of_a_node_back_up_hold_nothing_for_stale_after_seconds_only():
     expected to be stale; past it, stale series hold the weights as any others would."""
     mesh = example_mesh()
     now = [1000.0]
-    kube = FakeKube(EDGE_NODES, SERVICES)
-    runtime = Runtime(kube, mesh=mesh, reader_for=lambda url: Reader(mesh), clock=lambda: now[0])
-    runtime.inventory.refresh_s = 0.0
+    runtime, kube = runtime_over(mesh, clock=lambda: now[0])
     body = example_policy_body(safety={"staleAfterSeconds": 60})
     runtime.cycle("edge/p", body)
     take_down(kube, "kind-worker2")
@@ -331,7 +329,6 @@ def test_series_of_a_node_back_up_hold_nothing_for_stale_after_seconds_only():
 def test_while_nodes_cannot_be_read_a_node_known_down_stays_down(failure):
     mesh = example_mesh()
     runtime, kube = runtime_over(mesh)
-    runtime.inventory.refresh_s = 0.0
     body = example_policy_body(safety={"failureThreshold": 1, "fallback": "static"})
     runtime.cycle("edge/p", body)
     take_down(kube, "kind-worker2")
@@ -359,7 +356,6 @@ def test_while_nodes_cannot_be_read_a_node_known_down_stays_down(failure):
 def test_a_hold_fallback_moves_routes_off_a_node_that_is_down_unless_dry_run():
     mesh = example_mesh()
     runtime, kube = runtime_over(mesh)
-    runtime.inventory.refresh_s = 0.0
     body = example_policy_body(safety={"failureThreshold": 1, "fallback": "hold"})
     runtime.cycle("edge/p", body)
     mesh.down = True
@@ -373,7 +369,6 @@ def test_a_hold_fallback_moves_routes_off_a_node_that_is_down_unless_dry_run():
 
     mesh = example_mesh()
     runtime, kube = runtime_over(mesh)
-    runtime.inventory.refresh_s = 0.0
     dry = example_policy_body(dryRun=True, safety={"failureThreshold": 1, "fallback": "hold"})
     runtime.cycle("edge/p", dry)
     writes = mesh.writes
@@ -389,7 +384,6 @@ def test_a_held_cycle_leaves_a_service_whose_routes_could_not_be_read():
     """Its table is a guess (an even split): moving weight in it would replace the object."""
     mesh = example_mesh()
     runtime, kube = runtime_over(mesh)
-    runtime.inventory.refresh_s = 0.0
     body = example_policy_body()
     runtime.cycle("edge/p", body)
     writes = mesh.writes
@@ -408,7 +402,6 @@ def test_a_held_cycle_leaves_a_service_whose_routes_could_not_be_read():
 def test_edge_nodes_show_their_kubernetes_nodes_and_readiness_written_once_per_change():
     mesh = example_mesh()
     runtime, kube = runtime_over(mesh)
-    runtime.inventory.refresh_s = 0.0
     body = example_policy_body()
     runtime.cycle("edge/p", body)
     assert kube.edge_status["edge-2"]["kubernetesNodes"] == ["kind-worker3"]  # by its zone
@@ -443,11 +436,10 @@ def test_a_recreated_edge_node_gets_its_status_and_transition_times_survive_othe
     inventory's copy of the object may predate that write)."""
     mesh = example_mesh()
     now = [1_800_000_000.0]
-    kube = FakeKube(copy.deepcopy(EDGE_NODES), SERVICES)
+    runtime, kube = runtime_over(mesh, clock=lambda: now[0])
+    kube.nodes = copy.deepcopy(kube.nodes)
     for node in kube.nodes:
         node["metadata"]["uid"] = f"{node['metadata']['name']}-1"
-    runtime = Runtime(kube, mesh=mesh, reader_for=lambda url: Reader(mesh), clock=lambda: now[0])
-    runtime.inventory.refresh_s = 0.0
     body = example_policy_body()
     runtime.cycle("edge/p", body)
     became_ready = kube.edge_status["edge-2"]["conditions"][0]["lastTransitionTime"]
