@@ -210,7 +210,8 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     # The same data plane without the operator, degraded at the same second: the contrast.
     never = max((s["second"] for s in samples), default=0) + 1
-    static = static_truths([s["second"] for s in samples], degraded_at or never, change)
+    at = never if degraded_at is None else degraded_at
+    static = static_truths([s["second"] for s in samples], at, change)
     for s, (p95, lost) in zip(sorted(samples, key=lambda s: s["second"]), static, strict=True):
         s["static_p95_ms"], s["static_lost_pct"] = p95, 100.0 * lost
     plot(samples, args)

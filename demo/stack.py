@@ -242,14 +242,15 @@ def static_truths(
     nodes = list(yaml.safe_load_all((EXAMPLES / "edgenodes.yaml").read_text()))
     services = list(yaml.safe_load_all((EXAMPLES / "edgeservice.yaml").read_text()))
     plane = DataPlane(nodes, services, DEFAULT_LOAD, seed=seed)
-    out = []
+    out, changed = [], False
     for second in sorted(seconds):
-        if plane.seconds < change_at <= second:
+        if not changed and change_at <= second:
             plane.run(change_at - plane.seconds)
             if change.factor is None:
                 plane.fail(change.node)
             else:
                 plane.degrade(change.node, change.factor)
+            changed = True
         plane.run(second - plane.seconds)
         out.append((plane.p95_ms("fn", 10), plane.lost_fraction("fn", 10)))
     return out

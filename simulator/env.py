@@ -226,6 +226,7 @@ class EdgeEnv:
         )
         self.t = 0
         self.totals = EpisodeTotals(num_envs, self.topology.num_nodes, self.num_agents)
+        self._failing = np.zeros(self.topology.num_nodes, bool)  # set_node_down, not yet dropped
 
     def _seed_rng(self, seed: int | None) -> None:
         self.rng = np.random.default_rng(seed)
@@ -295,6 +296,7 @@ class EdgeEnv:
         decided while the episode runs; the next episode starts from the scenario again."""
         j = self.scenario.node_names.index(node)
         rest, tl = slice(self.t, None), self.timeline
+        self._failing[j] = True  # its queue goes at the next step, an episode's first too
         tl.active[rest, j] = False
         for resource in (tl.cpu, tl.ram, tl.queue):
             resource[rest, j] = 0
@@ -413,6 +415,7 @@ class EdgeEnv:
             "reject": reject,
             # (B, N, S) by the agent that routed them, all causes
             "lost": rejected + dropped + failed_queues,
+            "lost_on_failure": failed_queues,  # of those, queued on a node that failed
             "processed": out.processed,
             "queue_length": out.queue_length,
             "cpu_used": out.cpu_used,
@@ -470,6 +473,7 @@ class EdgeEnv:
         shape = (self.num_envs, self.topology.num_nodes, self.topology.num_services)
         lost = np.zeros(shape, np.int64)
         failed = tl.active[t - 1] & ~tl.active[t] if t > 0 else np.zeros_like(tl.active[t])
+        failed, self._failing = failed | self._failing, np.zeros_like(self._failing)
         if failed.any():
             by_agent = self.model.queued_by_agent(failed)
             self.totals.lost_on_failure += self.model.drop_queues(failed).sum(axis=1)

@@ -350,9 +350,9 @@ def test_degradation_hurts_equal_weights_and_rerouting_recovers():
 
 
 def test_a_failed_node_refuses_what_is_routed_to_it_and_its_series_stop():
-    """Envoy answers 503 for a subset without endpoints: the weight on a failed node is
-    lost, not moved to the others (as the simulator's action mask would); the node's own
-    clients stop, and so do the series of its pods."""
+    """Envoy answers 503 UH for a subset without endpoints, as destination ``unknown``: the
+    weight on a failed node is lost, not moved to the others (as the simulator's action mask
+    would); the node's own clients stop, and so do the series of its pods."""
     dp = example_plane(seed=0)
     dp.run(30)
     before = pair_totals(dp, "istio_requests_total")
@@ -362,10 +362,13 @@ def test_a_failed_node_refuses_what_is_routed_to_it_and_its_series_stop():
     # equal weights: a third of edge-0's and edge-2's requests go to edge-1, and are lost
     assert 0.2 < dp.lost_fraction("fn", 30) < 0.45
     refused = pair_totals(dp, "istio_requests_total", "503")
-    assert (
-        refused[("loadgen-edge-0", "fn-edge-1")] > 0
-        and refused[("loadgen-edge-2", "fn-edge-1")] > 0
-    )
+    assert refused[("loadgen-edge-0", "unknown")] > 0 and refused[("loadgen-edge-2", "unknown")] > 0
+    flags = {
+        dict(labels)["response_flags"]
+        for (name, labels) in samples(dp.metrics_text())
+        if name == "istio_requests_total" and dict(labels)["destination_workload"] == "unknown"
+    }
+    assert flags == {"UH"}
     after = pair_totals(dp, "istio_requests_total")
     assert not any(source == "loadgen-edge-1" for source, _ in after)  # its clients' pods: gone
     assert any(source == "loadgen-edge-1" for source, _ in before)
@@ -375,7 +378,7 @@ def test_a_failed_node_refuses_what_is_routed_to_it_and_its_series_stop():
         if name == "container_cpu_usage_seconds_total"
     ]
     assert cpu and not any(dict(lab)["pod"].startswith("fn-edge-1") for lab in cpu)
-    # routed around it, nothing is lost; and the next episode keeps it down
+    # routed around it, nothing is lost
     dp.set_routes(
         "fn", {"edge-0": {"edge-0": 70, "edge-2": 30}, "edge-2": {"edge-0": 50, "edge-2": 50}}
     )
@@ -383,10 +386,25 @@ def test_a_failed_node_refuses_what_is_routed_to_it_and_its_series_stop():
     assert dp.lost_fraction("fn", 20) == 0.0
     with pytest.raises(ValueError, match="unknown edge node"):
         dp.fail("edge-9")
-    short = example_plane(seed=0, episode_steps=20)
-    short.fail("edge-2")
-    short.run(25)  # across the episode boundary
-    assert not short.env.timeline.active[short.env.t, 2]
+
+
+@pytest.mark.parametrize("at", [19, 20, 21], ids=["before-the-boundary", "at-it", "after-it"])
+def test_a_failing_nodes_queue_is_lost_once_and_apart_from_the_seconds_requests(at):
+    """Its queue goes at the failure, at an episode's boundary too (where the step has no
+    previous one to compare with); those requests are counted apart, so the share of a
+    second's requests that is lost stays a share; the next episode keeps the node down."""
+    dp = example_plane(seed=0, episode_steps=20)
+    dp.degrade("edge-2", 0.3)  # a queue builds up
+    dp.run(at)
+    queued = int(dp.env.model.q_len[0, 2])
+    assert queued > 100
+    dp.fail("edge-2")
+    dp.run(1)
+    assert dp.env.model.q_len[0, 2] == 0
+    assert dp.truth(1)["services"]["fn"]["lost_on_failure"] >= queued
+    assert 0 < dp.lost_fraction("fn", 1) <= 1
+    dp.run(25)  # across the next boundary
+    assert not dp.env.timeline.active[dp.env.t, 2] and dp.env.model.q_len[0, 2] == 0
 
 
 # --------------------------------------------------------------------------------------------

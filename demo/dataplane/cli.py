@@ -21,9 +21,10 @@ Endpoints: GET /metrics (Prometheus text format); GET /truth?seconds=10 (JSON: p
 p95 and mean latency over the last 10 simulated seconds, the routes applied, the
 capacities); POST /degrade?node=N&factor=F (N serves F times its EdgeNode's capacity from
 now on; F=1 restores it); POST /fail?node=N (N is gone for the rest of the run: requests
-routed to it are refused, its clients and its pods' series stop); GET /healthz. It prints
-``ready port=N`` on stdout once it serves, logs one JSON object per line on stderr and stops
-cleanly on SIGTERM or SIGINT.
+routed to it are refused, its clients and its pods' series stop; its Kubernetes node stays
+Ready in the API server unless marked otherwise, as python -m demo --fail does); GET
+/healthz. It prints ``ready port=N`` on stdout once it serves, logs one JSON object per line
+on stderr and stops cleanly on SIGTERM or SIGINT.
 """
 
 from __future__ import annotations

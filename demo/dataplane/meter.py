@@ -2,19 +2,22 @@
 histograms and exposed to Prometheus at scrape time.
 
 How the metrics approximate Istio's
-    ``istio_requests_total{reporter="source"}`` counts the requests node i sends to node j in
-    a step, with code 200 for those j accepts and 503 for those its full queue refuses: the
-    per-pair rates are exactly what the routing did. The simulator knows each request's
-    latency by serving node, not by (source, serving node) pair, so a pair's latency
-    histogram gets that step's latency distribution of requests served at j (queueing and
-    service) shifted by the link i -> j, spread over the pair's accepted requests; a 503 takes
-    the link latency. Requests from different sources share j's queue, so their latencies
-    differ only by their place within the step. Counting a request in the step it is routed
-    rather than the one it completes in differs from Istio by at most a queue's worth of
-    requests. ``container_cpu_usage_seconds_total`` is busy fraction x cores x seconds, split
-    among services by the work each had served. The exact client-perceived latencies are kept
-    as ground truth (:meth:`DataPlane.p95_ms`, :meth:`DataPlane.mean_ms`, GET /truth) for
-    tests and the demo; the operator never reads them.
+    ``istio_requests_total{reporter="source"}`` counts the requests node i sends to node j in a
+    step, with code 200 for those j accepts and 503 for those its full queue refuses: the
+    per-pair rates are exactly what the routing did. The simulator knows each request's latency
+    by serving node, not by (source, serving node) pair, so a pair's latency histogram gets that
+    step's latency distribution of requests served at j (queueing and service) shifted by the
+    link i -> j, spread over the pair's accepted requests; a 503 takes the link latency. A
+    request routed to a node that is down (no endpoint left in its subset) is answered 503 by
+    the client's own proxy at once, flag UH, with destination workload ``unknown``: Envoy never
+    picked a host. Requests from different sources share j's queue, so their latencies differ
+    only by their place within the step. Counting a request in the step it is routed rather than
+    the one it completes in differs from Istio by at most a queue's worth of requests (and the
+    queue of a node that fails was counted as accepted: Envoy would report those as reset).
+    ``container_cpu_usage_seconds_total`` is busy fraction x cores x seconds, split among
+    services by the work each had served. The exact client-perceived latencies are kept as
+    ground truth (:meth:`DataPlane.p95_ms`, :meth:`DataPlane.mean_ms`, GET /truth) for tests and
+    the demo; the operator never reads them.
 
 Workload names: the server of service S on edge node N is ``S-L`` and its clients are
 ``loadgen-L``, with L the node's pod-label value (``spec.podLabelValue`` or its name), so
@@ -65,6 +68,7 @@ class Counters:
     buckets: np.ndarray  # (N, K+1, S, 2, len(ISTIO_BUCKETS_MS) + 1) int, not cumulative
     sum_ms: np.ndarray  # (N, K+1, S, 2)
     cpu_seconds: np.ndarray  # (N, S)
+    no_upstream: np.ndarray  # (N, S) int: routed to a node that is down, answered 503 UH
     seconds: int = 0
 
     def copy(self) -> Counters:
@@ -73,6 +77,7 @@ class Counters:
             self.buckets.copy(),
             self.sum_ms.copy(),
             self.cpu_seconds.copy(),
+            self.no_upstream.copy(),
             self.seconds,
         )
 
@@ -113,6 +118,7 @@ class Meter:
             buckets=np.zeros((n, k + 1, s, 2, len(ISTIO_BUCKETS_MS) + 1), np.int64),
             sum_ms=np.zeros((n, k + 1, s, 2)),
             cpu_seconds=np.zeros((n, s)),
+            no_upstream=np.zeros((n, s), np.int64),
         )
 
     def record(
@@ -124,7 +130,7 @@ class Meter:
     ) -> np.ndarray:
         """Count one step of ``EdgeEnv.step``; returns each node's busy fraction.
         ``unroutable`` ``(N, S, K+1)``: requests routed to a node that is down, which the step
-        counted as the source's rejections; they are refused on their own route."""
+        counted as the source's rejections; they are counted as no upstream's instead."""
         server = info["server"]
         valid = self.valid[..., None]
         sent = np.concatenate([info["local"][0][:, None], info["forward"][0]], axis=1)
@@ -132,9 +138,8 @@ class Meter:
             [(out.local_rejects[0] + info["reject"][0])[:, None], out.forward_rejects[0]], axis=1
         )
         if unroutable is not None:
-            by_slot = np.transpose(unroutable, (0, 2, 1))  # (N, K+1, S)
-            refused[:, 0] -= by_slot.sum(axis=1)
-            sent, refused = sent + by_slot, refused + by_slot
+            refused[:, 0] -= unroutable.sum(axis=-1)
+            self.counters.no_upstream += unroutable.sum(axis=-1)
         accepted = np.where(valid, sent - refused, 0)  # (N, K+1, S)
         refused = np.where(valid, refused, 0)
 
@@ -219,6 +224,16 @@ class Collector:
                 list(zip(les, cumulative.astype(float), strict=True)),
                 float(c.sum_ms[i, m, s, code]),
             )
+        for i, s in zip(*np.nonzero(c.no_upstream), strict=True):
+            if down[i]:
+                continue
+            svc = dp.service_names[s]
+            ns = dp.namespaces[svc]
+            values = ("source", f"loadgen-{labels[i]}", ns, "unknown", "unknown", svc, ns)
+            count = float(c.no_upstream[i, s])
+            requests.add_metric((*values, "503", "UH"), count)
+            les = [_le(b) for b in ISTIO_BUCKETS_MS] + ["+Inf"]
+            duration.add_metric((*values, "503", "UH"), [(le, count) for le in les], 0.0)
         cpu = CounterMetricFamily(
             "container_cpu_usage_seconds_total",
             "CPU seconds used by the service containers (simulated cAdvisor).",

@@ -44,7 +44,8 @@ class _Second:
     hist: np.ndarray  # (S, bins) client-perceived latency of served requests
     latency_sum_ms: np.ndarray  # (S,)
     served: np.ndarray  # (S,)
-    lost: np.ndarray  # (S,)
+    lost: np.ndarray  # (S,) of this second's requests: refused, or routed to a node down
+    lost_on_failure: np.ndarray  # (S,) queued earlier on a node that failed this second
     offered: np.ndarray  # (S,)
     busy: np.ndarray  # (N,) busy fraction
 
@@ -267,7 +268,8 @@ class DataPlane:
                     hist=out.server.service_hist[0].copy(),
                     latency_sum_ms=out.latency_sum_ms[0].reshape(n, s).sum(axis=0),
                     served=out.latency_count[0].reshape(n, s).sum(axis=0),
-                    lost=info["lost"][0].sum(axis=0).astype(float),
+                    lost=(info["lost"] - info["lost_on_failure"])[0].sum(axis=0).astype(float),
+                    lost_on_failure=info["lost_on_failure"][0].sum(axis=0).astype(float),
                     offered=offered.sum(axis=0).astype(float),
                     busy=busy,
                 )
@@ -294,7 +296,10 @@ class DataPlane:
         return float(sum(sec.latency_sum_ms[i] for sec in window) / served) if served else math.nan
 
     def lost_fraction(self, service: str, last_seconds: int = 10) -> float:
-        """Share of ``service``'s offered requests refused (503) over the last seconds."""
+        """Share of ``service``'s requests offered over the last seconds that were refused
+        (503) or routed to a node that is down (the clients still there: those of a failed
+        node offer nothing). What a failing node's queue held is :meth:`truth`'s
+        ``lost_on_failure``."""
         i = self.service_names.index(self._service(service))
         window = self._window(last_seconds)
         offered = sum(sec.offered[i] for sec in window)
@@ -314,6 +319,9 @@ class DataPlane:
                     "p95_ms": _finite(self.p95_ms(svc, last_seconds)),
                     "mean_ms": _finite(self.mean_ms(svc, last_seconds)),
                     "lost_fraction": self.lost_fraction(svc, last_seconds),
+                    "lost_on_failure": float(
+                        sum(sec.lost_on_failure[i] for sec in self._window(last_seconds))
+                    ),
                     "latency_target_ms": self.env.scenario.services[i].latency_target_ms,
                 }
                 for i, svc in enumerate(self.service_names)
