@@ -319,7 +319,7 @@ INVALID = [
     ("self-neighbour", "EdgeNode", "edge-0",
      _set("spec.neighbours", [{"name": "edge-0", "latencyMs": 1}]),
      "<root>", "must not list the edge node itself"),
-    ("no-kubernetes-nodes", "EdgeNode", "edge-0", _set("spec.nodeNames", _DELETE),
+    ("no-kubernetes-nodes", "EdgeNode", "edge-0", _set("spec.nodeSelector", _DELETE),
      "spec", "set nodeNames, nodeSelector or both"),
     ("name-too-long-for-subset", "EdgeNode", "edge-0", _set("metadata.name", "e" * 59),
      "<root>", "DNS label of at most 58 characters"),

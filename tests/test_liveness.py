@@ -63,8 +63,14 @@ def test_a_node_whose_kubernetes_nodes_are_gone_or_not_ready_is_down():
     )
     # selected by its zone label: the node that carries it is not Ready
     assert "kind-worker3: Ready is False" in why_down(EDGE["edge-2"], cluster(kind_worker3="False"))
+    named = copy.deepcopy(EDGE["edge-0"])
+    del named["spec"]["nodeSelector"]
+    named["spec"]["nodeNames"] = ["kind-worker"]
     gone = [n for n in cluster() if n["metadata"]["name"] != "kind-worker"]
-    assert why_down(EDGE["edge-0"], gone) == "no Kubernetes node named kind-worker exists"
+    assert why_down(named, gone) == "no Kubernetes node named kind-worker exists"
+    assert why_down(EDGE["edge-0"], gone) == (
+        "no Kubernetes node matching its spec.nodeSelector exists"
+    )
     relabelled = copy.deepcopy(cluster())
     for node in relabelled:
         node["metadata"]["labels"].pop("topology.kubernetes.io/zone")
@@ -73,7 +79,7 @@ def test_a_node_whose_kubernetes_nodes_are_gone_or_not_ready_is_down():
     )
     silent = [{**n, "status": {}} if n["metadata"]["name"] == "kind-worker" else n for n in gone]
     silent.append({"metadata": {"name": "kind-worker"}, "status": {}})
-    assert "kind-worker: it reports no Ready condition" in why_down(EDGE["edge-0"], silent)
+    assert "kind-worker: it reports no Ready condition" in why_down(named, silent)
     assert set(liveness(EDGE_NODES, cluster(kind_worker2="False")).down) == {"edge-1"}
 
 

@@ -26,6 +26,9 @@ import kubernetes_validate
 import pytest
 import yaml
 from fastapi.testclient import TestClient
+from marl_operator.liveness import members
+
+from demo.cluster import kind_nodes
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKLOAD = ROOT / "workload"
@@ -324,20 +327,14 @@ def test_kind_cluster_has_the_example_edge_nodes(edge_nodes):
     assert roles == ["control-plane"] + ["worker"] * len(edge_nodes)
     workers = [n for n in config["nodes"] if n["role"] == "worker"]
     assert [w["labels"]["marl.dev/edge-node"] for w in workers] == edge_nodes
-    # kind names the workers kind-worker, kind-worker2, ... (default cluster name "kind")
-    names = {f"kind-worker{'' if i == 0 else i + 1}": w["labels"] for i, w in enumerate(workers)}
-    for node in documents(ROOT / "examples" / "edgenodes.yaml"):
-        spec = node["spec"]
-        selector = spec.get("nodeSelector", {}).get("matchLabels")
-        matching = [
-            name
-            for name, labels in names.items()
-            if name in spec.get("nodeNames", [])
-            or (selector is not None and selector.items() <= labels.items())
-        ]
-        assert matching, f"EdgeNode {node['metadata']['name']} matches no kind worker"
-        for name in matching:
-            assert names[name]["marl.dev/edge-node"] == node["metadata"]["name"]
+    # each EdgeNode finds its one worker as the operator does, whatever the cluster's name
+    # (the README's is kind, the e2e test's another)
+    for cluster in ("kind", "marl-e2e"):
+        workers = {n["metadata"]["name"]: n for n in kind_nodes(cluster=cluster)}
+        for node in documents(ROOT / "examples" / "edgenodes.yaml"):
+            (name,) = [n["metadata"]["name"] for n in members(node, list(workers.values()))]
+            labels = workers[name]["metadata"]["labels"]
+            assert labels["marl.dev/edge-node"] == node["metadata"]["name"], (cluster, name)
 
 
 def relabel(labels: dict[str, str], rules: list[dict]) -> dict[str, str]:

@@ -1,6 +1,7 @@
 """End to end on a kind cluster: the image, the chart, Istio, Prometheus, the demo workload and
 the examples, as the README's "Quick start on kind" does them; then a node degrades and the
-operator must move traffic away from it until latency recovers; then deleting the policy and
+operator must move traffic away from it until latency recovers; then a node's kubelet stops
+and the operator must route nothing to it until it is back; then deleting the policy and
 uninstalling the chart must give the mesh its routes back.
 
 Needs a Docker engine, kind, kubectl, helm and istioctl (see conftest.py for when it runs).
@@ -243,6 +244,33 @@ def test_degraded_node_loses_traffic_and_latency_recovers(cluster, state):
         print(f"p95: baseline {state['baseline_p95']:.0f} ms, peak {peak} ms, end {p95:.0f} ms")
     finally:
         cluster.kubectl(*exec_fn, "python", "-m", "edgefn", "normal", check=False)
+
+
+def test_a_node_whose_kubelet_stops_gets_no_traffic_until_it_is_back(cluster, state):
+    """edge-1's worker goes NotReady once its kubelet stops posting (its pods keep running,
+    but their endpoints go): the operator routes nothing to edge-1 and says why; back, it
+    routes to it again."""
+    worker = f"{CLUSTER}-worker2"  # edge-1's, as kind-config.yaml orders and labels them
+    cluster.run("docker", "exec", worker, "systemctl", "stop", "kubelet")
+    try:
+
+        def routed_around() -> bool:
+            policy = cluster.json("get", "routingpolicy", POLICY, "-n", EDGE_NS)
+            conditions = {c["type"]: c for c in policy.get("status", {}).get("conditions", [])}
+            down = conditions.get("NodesReady", {}).get("status") == "False"
+            return down and not any(cluster.weights_to("edge-1").values())
+
+        wait_for("no route to edge-1", routed_around, timeout=420)
+        (ready,) = cluster.json("get", "edgenode", "edge-1")["status"]["conditions"]
+        assert ready["status"] == "False" and worker in ready["message"], ready
+        print(cluster.kubectl("get", "edgenodes"))
+    finally:
+        cluster.run("docker", "exec", worker, "systemctl", "start", "kubelet", check=False)
+    wait_for(
+        "traffic to edge-1 again",
+        lambda: any(cluster.weights_to("edge-1").values()),
+        timeout=420,
+    )
 
 
 def test_deleting_the_policy_restores_the_routes(cluster, state):
