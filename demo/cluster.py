@@ -3,7 +3,7 @@
 The operator counts an edge node up while one of its Kubernetes nodes is Ready
 (``marl_operator.liveness``). The emulated API server has no kubelet to register nodes, so the
 demo and the tests register these: kind's workers, by kind's names and with the labels the
-config gives them, which ``examples/edgenodes.yaml`` selects by name and by zone.
+config gives them, which ``examples/edgenodes.yaml`` selects by edge node and by zone.
 """
 
 from __future__ import annotations
