@@ -52,8 +52,8 @@ def problem():
 
 
 def test_every_example_edge_node_is_up_on_the_kind_cluster():
-    """examples/edgenodes.yaml names kind's workers (edge-0, edge-1) and selects one by zone
-    (edge-2): on the cluster kind-config.yaml makes, all three are up."""
+    """examples/edgenodes.yaml selects kind's workers by their marl.dev/edge-node label (edge-0,
+    edge-1) and by zone (edge-2): on the cluster kind-config.yaml makes, all three are up."""
     assert liveness(EDGE_NODES, cluster()).down == {}
 
 
