@@ -195,6 +195,43 @@ def test_the_observer_sees_a_node_that_is_down_as_the_simulator_sees_a_failed_on
     assert observer.silent == {}
 
 
+def test_requests_that_found_no_endpoint_are_reported_per_client_node():
+    """A subset without ready pods on a node that is up (its service crashed there): Istio
+    reports the clients' 503s to destination ``unknown``. No node is down, so nothing routes
+    around it; the status says where they come from, for a person to look."""
+    mesh = example_mesh()
+    observer = Observer(problem())
+    got = mesh.read_metrics(namespace="edge", service="fn", host="", window="1m")
+    rate = {**got.rate, ("loadgen-edge-0", "unknown"): 4.0, ("loadgen-edge-2", "unknown"): 0.5}
+    tel = observer.telemetry({"fn": dataclasses.replace(got, rate=rate)})
+    assert observer.no_upstream == {"fn": {"edge-0": 4.0, "edge-2": 0.5}}
+    assert tel.mesh.active.all()  # the flows to the edge nodes are read as before
+    observer.telemetry({"fn": got})
+    assert observer.no_upstream == {}
+
+
+def test_the_status_names_the_clients_that_got_no_upstream():
+    mesh = example_mesh()
+    runtime, _ = runtime_over(mesh)
+    read = mesh.read_metrics
+
+    def with_no_upstream(**query):
+        got = read(**query)
+        pair = ("loadgen-edge-1", "unknown")
+        return dataclasses.replace(
+            got, rate={**got.rate, pair: 6.0}, age_s={**got.age_s, pair: 0.0}
+        )
+
+    mesh.read_metrics = with_no_upstream
+    report = runtime.cycle("edge/p", example_policy_body())
+    assert report.no_upstream == {"fn": {"edge-1": 6.0}}
+    metrics = next(
+        c for c in status_of(report, None)["conditions"] if c["type"] == "MetricsAvailable"
+    )
+    assert metrics["status"] == "True"
+    assert "clients got 503 with no upstream (fn: edge-1 6.0/s)" in metrics["message"]
+
+
 # -- whole cycles ----------------------------------------------------------------------------
 
 

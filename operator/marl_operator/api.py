@@ -171,6 +171,11 @@ class ReportModel(BaseModel):
         description="service -> nodes that served requests in the cycle without a latency "
         "reported for them (left out of the system model's data)",
     )
+    no_upstream: dict[str, dict[str, float]] = Field(
+        default_factory=dict,
+        description="service -> node -> requests/s its clients sent that found no ready "
+        "endpoint (503, flag UH): a route's subset without ready pods",
+    )
     catch_all: dict[str, dict[str, int]] | None = Field(
         default=None,
         description="service -> weights of the rule for clients on no edge node, as the "

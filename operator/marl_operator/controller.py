@@ -459,6 +459,7 @@ class PolicyController:
             dry_run=self.spec.dry_run,
             silent=dict(self.observer.silent),
             unmeasured=dict(self.observer.unmeasured),
+            no_upstream=dict(self.observer.no_upstream),
             catch_all=dict(self._catch_all),
             failures=self.failures.count,
             down=dict(self._alive.down) if self._alive is not None else None,

@@ -46,6 +46,10 @@ from policies.observation import MeshTelemetry
 MIN_BUSY = 0.05
 """Below this CPU busy fraction, requests over busy time is too noisy to estimate capacity."""
 
+NO_UPSTREAM = "unknown"
+"""The destination workload Istio reports for a request its proxy could send nowhere (503,
+flag UH: the chosen subset has no ready endpoint)."""
+
 MIN_WORK_RPS = 1.0
 """Below this many requests per second served (over all nodes), a service's CPU per request
 is mostly its workloads' idle CPU, not its requests' cost."""
@@ -147,6 +151,9 @@ class Observer:
         # service -> nodes that served requests no latency was reported for: their rows are
         # left out of the model's data, and the status says so
         self.unmeasured: dict[str, tuple[str, ...]] = {}
+        # service -> node -> requests/s its clients sent that found no endpoint: a subset
+        # without ready pods, on a node that may well be up (the status says so)
+        self.no_upstream: dict[str, dict[str, float]] = {}
 
     def telemetry(
         self, readings: Mapping[str, ServiceReadings], down: np.ndarray | None = None
@@ -173,6 +180,7 @@ class Observer:
         # (a node that is down is expected to be silent: NodesReady says why)
         quiet = np.stack([~np.isfinite(m.rate).any(axis=1) for m in mats], -1)
         self.silent = self._named(quiet & ~down[:, None])
+        self.no_upstream = self._no_upstream(readings)
         rate = np.stack([np.nan_to_num(m.rate) for m in mats], axis=-1)  # (N, N, S)
         overall = _weighted(np.stack([m.p95_ms for m in mats], -1), rate, axis=(0, 1))
         self.observed_p95_ms = {
@@ -270,6 +278,18 @@ class Observer:
             for k, service in enumerate(self.problem.topology.services)
         }
         return {service: nodes for service, nodes in out.items() if nodes}
+
+    def _no_upstream(self, readings: Mapping[str, ServiceReadings]) -> dict[str, dict[str, float]]:
+        """``service -> node -> requests/s`` of the node's clients answered with no upstream."""
+        names = [node.name for node in self.problem.nodes]
+        out: dict[str, dict[str, float]] = {}
+        for service in self.problem.topology.services:
+            for (src, dst), rps in readings[service].rate.items():
+                i = node_of(src, self.labels)
+                if dst == NO_UPSTREAM and i is not None and rps > 0:
+                    row = out.setdefault(service, {})
+                    row[names[i]] = row.get(names[i], 0.0) + float(rps)
+        return out
 
     def _update_work(self, cpu: np.ndarray, served: np.ndarray) -> np.ndarray:
         """``(S,)`` work of one request of each service relative to the services' mean:

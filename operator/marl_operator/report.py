@@ -81,6 +81,8 @@ class CycleReport:
     # request was reported from (counted as offering none)
     unmeasured: dict[str, tuple[str, ...]] = field(default_factory=dict)  # service -> nodes
     # that served requests no latency was reported for
+    no_upstream: dict[str, dict[str, float]] = field(default_factory=dict)  # service ->
+    # node -> requests/s its clients sent that found no ready endpoint (503 UH)
     catch_all: dict[str, dict[str, int]] | None = None  # service -> the weights of its
     # rule for clients on no edge node, as the mesh carries them; None: the mesh was not read
     failures: int | None = None  # cycles in a row without a usable decision (None: unknown)

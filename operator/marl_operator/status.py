@@ -226,7 +226,7 @@ def status_of(report: CycleReport, previous: Mapping[str, Any] | None) -> dict[s
 def _metrics_read(report: CycleReport) -> str:
     """What the cycle read, naming the nodes whose clients reported no request and those
     whose requests came without a latency."""
-    if not report.silent and not report.unmeasured:
+    if not report.silent and not report.unmeasured and not report.no_upstream:
         return "the last cycle read every service's metrics"
     gaps = []
     if report.silent:
@@ -238,6 +238,15 @@ def _metrics_read(report: CycleReport) -> str:
         gaps.append(
             f"no latency was reported for the requests served by "
             f"({_by_service(report.unmeasured)}): left out of the system model's data"
+        )
+    if report.no_upstream:
+        rates = "; ".join(
+            f"{service}: " + ", ".join(f"{node} {rps:.1f}/s" for node, rps in sorted(row.items()))
+            for service, row in sorted(report.no_upstream.items())
+        )
+        gaps.append(
+            f"clients got 503 with no upstream ({rates}): a route's subset has no ready pod "
+            "(a service down on a node that is up?)"
         )
     return f"the last cycle read the metrics, but {'; and '.join(gaps)}"
 
