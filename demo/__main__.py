@@ -23,7 +23,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from demo.stack import EXAMPLES, NodeChange, StackError, running_stack, static_truths
+from demo.stack import EXAMPLES, NodeChange, StackError, example, running_stack, static_truths
 from simulator.cli import (
     json_line,
     make_folder,
@@ -35,10 +35,7 @@ from simulator.cli import (
 
 def example_nodes() -> list[str]:
     """The EdgeNodes the demo's data plane serves (``examples/edgenodes.yaml``)."""
-    import yaml
-
-    documents = yaml.safe_load_all((EXAMPLES / "edgenodes.yaml").read_text())
-    return [d["metadata"]["name"] for d in documents if d and d.get("kind") == "EdgeNode"]
+    return [d["metadata"]["name"] for d in example("edgenodes.yaml") if d["kind"] == "EdgeNode"]
 
 
 def capacity_left(value: str) -> float:

@@ -219,12 +219,16 @@ class NodeChange:
         return f"{self.node} loses {1 - self.factor:.0%} capacity"
 
 
-def example_edge_node(name: str) -> dict[str, Any]:
-    """The EdgeNode ``name`` of ``examples/edgenodes.yaml``."""
+def example(file: str) -> list[dict[str, Any]]:
+    """The documents of ``examples/<file>``."""
     import yaml
 
-    documents = yaml.safe_load_all((EXAMPLES / "edgenodes.yaml").read_text())
-    return next(d for d in documents if d and d["metadata"]["name"] == name)
+    return [d for d in yaml.safe_load_all((EXAMPLES / file).read_text()) if d]
+
+
+def example_edge_node(name: str) -> dict[str, Any]:
+    """The EdgeNode ``name`` of ``examples/edgenodes.yaml``."""
+    return next(d for d in example("edgenodes.yaml") if d["metadata"]["name"] == name)
 
 
 def static_truths(
@@ -235,13 +239,11 @@ def static_truths(
     :func:`running_stack` (resources, load and seed) stepped in-process without an operator,
     ``change`` happening at second ``change_at``. The yardstick the demo and the closed-loop
     test hold the operator against."""
-    import yaml
-
     from demo.dataplane import DataPlane
 
-    nodes = list(yaml.safe_load_all((EXAMPLES / "edgenodes.yaml").read_text()))
-    services = list(yaml.safe_load_all((EXAMPLES / "edgeservice.yaml").read_text()))
-    plane = DataPlane(nodes, services, DEFAULT_LOAD, seed=seed)
+    plane = DataPlane(
+        example("edgenodes.yaml"), example("edgeservice.yaml"), DEFAULT_LOAD, seed=seed
+    )
     out, changed = [], False
     for second in sorted(seconds):
         if not changed and change_at <= second:

@@ -138,8 +138,12 @@ def _every(restores: Iterable[Callable[[], list[str]]]) -> list[str]:
     return done
 
 
-def _failed_read(what: str, error: Exception) -> str:
-    """A failed read in one line: a refusal says what to grant; an ApiException's own text
+UNANSWERED = (Forbidden, ApiException, urllib3.exceptions.HTTPError, OSError)
+"""What a call to the API server raises when refused or not answered."""
+
+
+def _failure(what: str, error: Exception) -> str:
+    """A failed call in one line: a refusal says what to grant; an ApiException's own text
     carries its response headers, so only its status is kept."""
     if isinstance(error, Forbidden):
         return str(error)
@@ -293,8 +297,8 @@ class Runtime:
         cannot be read, refused or not answered."""
         try:
             nodes = self.inventory.kubernetes_nodes()
-        except (Forbidden, ApiException, urllib3.exceptions.HTTPError, OSError) as error:
-            return Liveness(unknown=_failed_read("listing the Kubernetes nodes", error))
+        except UNANSWERED as error:
+            return Liveness(unknown=_failure("listing the Kubernetes nodes", error))
         edge_nodes = [n for n in self.inventory.edge_nodes() if n["metadata"]["name"] in names]
         self._publish_edge_nodes(names)
         return liveness(edge_nodes, nodes)
@@ -308,7 +312,7 @@ class Runtime:
         with self._edge_node_lock:
             try:
                 nodes, edge_nodes = self.inventory.kubernetes_nodes(), self.inventory.edge_nodes()
-            except (Forbidden, ApiException, urllib3.exceptions.HTTPError, OSError):
+            except UNANSWERED:
                 return  # the liveness of the next cycle says so
             for edge_node in edge_nodes:
                 name, uid = edge_node["metadata"]["name"], edge_node["metadata"].get("uid", "")
@@ -330,12 +334,12 @@ class Runtime:
                 conditions = merge_conditions(previous, status["conditions"], when, generation)
                 try:
                     self.kube.patch_edge_node_status(name, {**status, "conditions": conditions})
-                except (Forbidden, ApiException, urllib3.exceptions.HTTPError, OSError) as error:
+                except UNANSWERED as error:
                     if getattr(error, "status", None) != 404:  # deleted since the inventory read
                         log.warning(
                             "the status of EdgeNode %s was not written: %s",
                             name,
-                            _failed_read("writing it", error),
+                            _failure("writing it", error),
                             extra={"fields": {"edge_node": name}},
                         )
                     continue
