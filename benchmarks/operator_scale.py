@@ -56,7 +56,7 @@ from kubernetes import client, config
 from marl_operator.prometheus import label_answers, split_combined
 from tqdm import tqdm
 
-from demo.cluster import kubernetes_node
+from demo.cluster import kubernetes_node, kubernetes_pod
 from demo.prometheus import free_port
 from demo.stack import Stack, StackError
 from simulator.cli import json_line, non_negative_int, parser_from_doc
@@ -182,12 +182,37 @@ def create_objects(kubeconfig: Path, mesh: Mesh, policies: int, interval: int, u
             custom.create_namespaced_custom_object(
                 group, version, namespace, "edgeservices", edge_service(namespace)
             )
+            # its Service and a ready pod on every edge node (the operator reads them to route
+            # the service only where it has a ready pod)
+            service = {"metadata": {"name": SERVICE}, "spec": {"selector": {"app": SERVICE}}}
+            core.create_namespaced_service(namespace, service)
+            for node in mesh.names:
+                labels = {"app": SERVICE, "marl.dev/node": node}
+                pod = kubernetes_pod(f"{SERVICE}-{node}", namespace, labels)
+                core.create_namespaced_pod(namespace, {**pod, "status": None})
+                core.patch_namespaced_pod_status(pod["metadata"]["name"], namespace, pod)
             custom.create_namespaced_custom_object(
                 group, version, namespace, "routingpolicies",
                 routing_policy(namespace, interval, url),
             )  # fmt: skip
     finally:
         api.close()
+
+
+def count_condition(kubeconfig: Path, kind: str, status: str) -> int:
+    """How many RoutingPolicies have the condition ``kind`` with ``status``: that their cycles
+    read what the condition says (the Nodes, the pods), not just that they ran."""
+    api = config.new_client_from_config(config_file=str(kubeconfig))
+    try:
+        listed = client.CustomObjectsApi(api).list_cluster_custom_object(
+            "marl.dev", "v1alpha1", "routingpolicies"
+        )
+    finally:
+        api.close()
+    return sum(
+        any(c["type"] == kind and c["status"] == status for c in conds)
+        for conds in ((p.get("status") or {}).get("conditions") or [] for p in listed["items"])
+    )
 
 
 # --- the stub Prometheus ----------------------------------------------------------------------
@@ -548,6 +573,7 @@ def measure(args: argparse.Namespace, directory: Path) -> dict[str, Any]:
                 bar.update(1)
         t1, busy1 = time.time(), machine_busy_seconds()
         after = cycles_by_policy(stack.operator_url)
+        pods_ready = count_condition(stack.kubeconfig, "PodsReady", "True")
         wall = samples.wall[-1] - samples.wall[0]
 
     # Everything below reads what the run left: the processes are gone.
@@ -606,6 +632,7 @@ def measure(args: argparse.Namespace, directory: Path) -> dict[str, Any]:
         "cycle_period_s_p95": percentile(periods, 95),
         "cpu_ms_per_cycle": round(1000.0 * cores * wall / cycles, 1) if cycles else None,
         "outcomes": {k: int(v) for k, v in sorted(outcomes.items()) if v},
+        "policies_pods_ready": pods_ready,
         "operator_ready_s": round(ready_s, 2),
         "all_policies_first_cycle_s": (
             round(max(first_seen.values()) - min(first_seen.values()), 2)

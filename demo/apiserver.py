@@ -59,7 +59,7 @@ import kmock
 import yaml
 from marl_operator.mesh.patching import apply_merge_patch
 
-from demo.cluster import kind_nodes
+from demo.cluster import kind_nodes, workload_objects
 from simulator.cli import DocHelpFormatter
 
 REPO_CRD_DIR = Path(__file__).resolve().parent.parent / "crds"
@@ -94,7 +94,6 @@ SYSTEM_METADATA = (
 OMITEMPTY_METADATA = ("finalizers", "labels", "annotations", "ownerReferences")
 
 NAMESPACES = kmock.resource("", "v1", "namespaces")
-NODES = kmock.resource("", "v1", "nodes")
 # kmock parses /api/v1/namespaces/NAME as the prefix of a namespaced path (and fails on the bare
 # /api/v1/namespaces), so those paths are parsed under an alias plural and mapped back.
 _NAMESPACES_PATH = re.compile(r"/api/v1/namespaces(?P<rest>/[^/]+(?:/status|/finalize)?)?/?")
@@ -210,14 +209,18 @@ class ApiServer(kmock.KubernetesEmulator):
         if self.crd_dir is not None:
             self.load_crds(self.crd_dir)
 
-    def register_nodes(self, nodes: Iterable[Mapping[str, Any]]) -> None:
-        """Store Kubernetes Nodes, status included, as kubelets register them; call it before
-        serving (no watch event is sent)."""
-        for node in nodes:
-            status = copy.deepcopy(node.get("status") or {})
-            body = self._stamp_new(NODES, None, copy.deepcopy(dict(node)))
+    def register(self, objects: Iterable[Mapping[str, Any]]) -> None:
+        """Store core objects (Nodes, Pods, Services), status included, as kubelets and
+        controllers make them; call it before serving (no watch event is sent)."""
+        for obj in objects:
+            resource = kmock.resource("", "v1", f"{obj['kind'].lower()}s")
+            namespace = (
+                obj["metadata"].get("namespace") if self._info(resource).namespaced else None
+            )
+            status = copy.deepcopy(obj.get("status") or {})
+            body = self._stamp_new(resource, namespace, copy.deepcopy(dict(obj)))
             body["status"] = status
-            self._objects[NODES, None, body["metadata"]["name"]] = body
+            self._objects[resource, namespace, body["metadata"]["name"]] = body
 
     # --- resources ------------------------------------------------------------------------
 
@@ -828,7 +831,9 @@ async def _serve_until_signalled(args: argparse.Namespace) -> None:
         loop.add_signal_handler(signum, stop.set)
     api = ApiServer(crd_dir=args.crds)
     if args.nodes_of is not None:
-        api.register_nodes(kind_nodes(args.nodes_of))
+        api.register(kind_nodes(args.nodes_of))
+    if args.workload is not None:
+        api.register(workload_objects(args.workload))
     async with serve(api, host=args.host, port=args.port) as url:
         if args.kubeconfig is not None:
             write_kubeconfig(url, args.kubeconfig)
@@ -861,6 +866,14 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="KIND_CONFIG",
         help="register the worker Nodes kind creates from this cluster config, Ready (the "
         "operator reads whether an EdgeNode's Kubernetes nodes are Ready)",
+    )
+    parser.add_argument(
+        "--workload",
+        type=Path,
+        metavar="MANIFEST",
+        help="register the Services of this workload manifest and one ready Pod per replica "
+        "of its Deployments (the operator routes a service to an edge node while it has a "
+        "ready pod there)",
     )
     return parser
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from demo.cluster import KIND_CONFIG, kubernetes_node, kubernetes_nodes_of
+from demo.cluster import KIND_CONFIG, WORKLOAD, kubernetes_node, kubernetes_nodes_of
 from demo.prometheus import PrometheusServer, free_port, prometheus
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -279,7 +279,8 @@ def running_stack(
         directory.mkdir(parents=True, exist_ok=True)
         stack = Stack(directory=directory, kubeconfig=directory / "kubeconfig")
         cleanup.callback(stack.stop_all)
-        nodes = ["--nodes-of", str(KIND_CONFIG)]  # kind's workers, Ready
+        # kind's workers, Ready, and the workload's pods on them, ready
+        nodes = ["--nodes-of", str(KIND_CONFIG), "--workload", str(WORKLOAD)]
         stack.api_url = stack.spawn(
             "apiserver", ["demo.apiserver", "--kubeconfig", str(stack.kubeconfig), *nodes], True
         )

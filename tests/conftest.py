@@ -20,14 +20,16 @@ def apiserver(tmp_path):
     """An emulated Kubernetes API server (``demo.apiserver``) in a thread of its own, for
     synchronous clients (kubectl, the ``kubernetes`` client): ``.url``, ``.kubeconfig`` (a file
     pointing at it) and ``.api`` (the ApiServer, to inspect its objects). A fresh one per test,
-    with the Nodes of the kind cluster ``kind-config.yaml`` describes, Ready."""
+    with the Nodes of the kind cluster ``kind-config.yaml`` describes, Ready, and the demo
+    workload's Service and pods, ready."""
     from types import SimpleNamespace
 
     from demo.apiserver import ApiServer, serve_in_thread, write_kubeconfig
-    from demo.cluster import kind_nodes
+    from demo.cluster import kind_nodes, workload_objects
 
     api = ApiServer()
-    api.register_nodes(kind_nodes())
+    api.register(kind_nodes())
+    api.register(workload_objects())
     with serve_in_thread(api) as url:
         kubeconfig = write_kubeconfig(url, tmp_path / "kubeconfig")
         yield SimpleNamespace(url=url, kubeconfig=kubeconfig, api=api)

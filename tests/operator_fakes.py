@@ -11,14 +11,16 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import yaml
+from marl_operator.kube import PodsUnreadable
 from marl_operator.mesh.model import MeshNode, MeshRoutes, MeshService
 from marl_operator.problem import cpu_quantity
 from marl_operator.prometheus import MetricsUnavailable, ServiceReadings
 
-from demo.cluster import kind_nodes
+from demo.cluster import kind_nodes, workload_objects
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
@@ -32,6 +34,17 @@ def example_policy_body(**spec_changes) -> dict:
     body["metadata"].setdefault("generation", 1)
     body["spec"].update(spec_changes)
     return body
+
+
+def renamed(name: str, **mesh: str) -> dict[str, Any]:
+    """The example EdgeService as ``name``, its routes in objects of that name (or ``mesh``'s)."""
+    fn = example("edgeservice.yaml")[0]
+    own = {"virtualService": name, "destinationRule": name, **mesh}
+    return {
+        **fn,
+        "metadata": {**fn["metadata"], "name": name},
+        "spec": {**fn["spec"], "mesh": {**fn["spec"]["mesh"], **own}},
+    }
 
 
 class QueueingMesh:
@@ -53,6 +66,8 @@ class QueueingMesh:
         self.down = False  # Prometheus unreachable
         self.sample_age_s: float | None = 0.0  # of every series; None: marked stale
         self.stale_sources: set[str] = set()  # nodes whose clients' series are an hour old
+        # (service, node): the series of its pods there are an hour old (they stopped)
+        self.stale_servers: set[tuple[str, str]] = set()
 
     # -- MeshClient ------------------------------------------------------------------------
 
@@ -126,6 +141,11 @@ class QueueingMesh:
         age |= {
             pair: 3600.0 for pair in rate if pair[0].removeprefix("loadgen-") in self.stale_sources
         }
+        age |= {
+            pair: 3600.0
+            for pair in rate
+            if (service, pair[1].removeprefix(f"{service}-")) in self.stale_servers
+        }
         return ServiceReadings(service, rate, success, mean, p95, cpu, age)
 
 
@@ -150,6 +170,8 @@ class FakeKube:
         self.edge_status_writes = 0
         # kind's workers, which the example EdgeNodes name and select, all Ready
         self.cluster_nodes = kind_nodes()
+        # the demo workload's Service fn and its pods, one per edge node, all ready
+        self.workload = workload_objects()
 
     def edge_nodes(self):
         return self.nodes
@@ -159,6 +181,20 @@ class FakeKube:
 
     def edge_services(self, namespace, names):
         return {n: self.services[n] for n in names if n in self.services}
+
+    def service_pods(self, namespace, name):
+        def named(kind):
+            return [
+                o
+                for o in self.workload
+                if o["kind"] == kind and o["metadata"]["namespace"] == namespace
+            ]
+
+        found = [s for s in named("Service") if s["metadata"]["name"] == name]
+        if not found:
+            raise PodsUnreadable(f"the Service {namespace}/{name} does not exist")
+        selector = found[0]["spec"]["selector"].items()
+        return [p for p in named("Pod") if selector <= p["metadata"]["labels"].items()]
 
     def patch_policy_status(self, namespace, name, status):
         self.status[f"{namespace}/{name}"] = status

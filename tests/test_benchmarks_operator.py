@@ -61,3 +61,5 @@ def test_tiny_run_prints_the_json_contract():
     assert set(out["meets_target"]) == {"cpu", "memory", "cycles"}
     # the cycles measured decided and wrote (a held cycle skips most of the work)
     assert out["outcomes"] and set(out["outcomes"]) <= {"Applied", "Unchanged"}, out["outcomes"]
+    # and read every policy's pods through its Service (ready on every node)
+    assert out["policies_pods_ready"] == 2

@@ -1122,7 +1122,7 @@ def test_rbac_covers_what_a_running_operator_calls(name, tmp_path):
     args = [a for a in container(docs)["args"] if not a.startswith("--prometheus-url=")]
     port = free_port()
     api = RecordingApiServer()
-    api.register_nodes(kind_nodes())
+    api.register(kind_nodes())
     with serve_in_thread(api) as url:
         kubeconfig = write_kubeconfig(url, tmp_path / "kubeconfig")
 

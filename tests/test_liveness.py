@@ -16,7 +16,7 @@ from kubernetes.client.rest import ApiException
 from marl_operator.controller import decision_table
 from marl_operator.guard import evacuate, fallback_table, limit_table
 from marl_operator.kube import Forbidden
-from marl_operator.liveness import liveness, why_down
+from marl_operator.liveness import Liveness, liveness, why_down
 from marl_operator.mesh.model import MeshError
 from marl_operator.mesh.routing import build_routes, catch_all
 from marl_operator.observer import Observer
@@ -41,6 +41,11 @@ def cluster(**ready: str) -> list[dict]:
         status = ready.get(node["metadata"]["name"].replace("-", "_"), "True")
         node["status"] = kubernetes_node(node["metadata"]["name"], {}, status)["status"]
     return nodes
+
+
+def out(*nodes: str) -> Liveness:
+    """Liveness with ``nodes`` down."""
+    return Liveness(dict.fromkeys(nodes, "down"))
 
 
 def problem():
@@ -108,18 +113,18 @@ def test_the_share_routed_to_a_node_that_is_down_leaves_at_once():
             "edge-2": {"edge-2": 0, "edge-1": 100},  # nothing on the routes that are up
         }
     }
-    moved = evacuate(live, p, {"edge-1"})["fn"]
+    moved = evacuate(live, p, out("edge-1"))["fn"]
     assert moved["edge-0"] == {"edge-0": 71, "edge-2": 29}  # 50:20 kept
     assert moved["edge-1"] == {"edge-0": 50, "edge-2": 50}
     assert moved["edge-2"] == {"edge-2": 50, "edge-0": 50}
-    assert evacuate(live, p, ()) == live
+    assert evacuate(live, p, Liveness()) == live
     # a row of a node the policy no longer has (the next write drops it) is left alone
     removed = {"fn": {"edge-9": {"edge-9": 50, "edge-1": 50}}}
-    assert evacuate(removed, p, {"edge-1"}) == removed
+    assert evacuate(removed, p, out("edge-1")) == removed
     # every route of edge-0 down: nothing else could serve, the row stays
-    assert evacuate(live, p, {"edge-0", "edge-1", "edge-2"}) == live
+    assert evacuate(live, p, out("edge-0", "edge-1", "edge-2")) == live
     proposed = {"fn": {"edge-0": {"edge-0": 40, "edge-2": 60}}}
-    limited = limit_table(evacuate({"fn": {"edge-0": live["fn"]["edge-0"]}}, p, {"edge-1"}),
+    limited = limit_table(evacuate({"fn": {"edge-0": live["fn"]["edge-0"]}}, p, out("edge-1")),
                           proposed, max_change=5)  # fmt: skip
     assert limited["fn"]["edge-0"] == {"edge-0": 66, "edge-2": 34}
 
@@ -141,13 +146,14 @@ def test_with_a_whole_neighbourhood_down_traffic_goes_where_a_node_is_up():
     sent only to edge-2."""
     p = line_problem()
     down = {"edge-0", "edge-1"}
+    alive = out(*down)
     even = {"fn": {"edge-0": {"edge-0": 34, "edge-1": 33, "edge-2": 33}}}
-    assert evacuate(even, p, down)["fn"]["edge-0"] == {"edge-2": 100}
+    assert evacuate(even, p, alive)["fn"]["edge-0"] == {"edge-2": 100}
     local = {"fn": {"edge-0": {"edge-0": 100}}}  # nothing up it could reach: kept
-    assert evacuate(local, p, down) == local
+    assert evacuate(local, p, alive) == local
     weights = np.zeros((p.topology.num_agents, p.topology.max_degree + 2))
     weights[:, 0] = 1.0
-    table = decision_table(p, weights, min_weight=5, down=down)["fn"]
+    table = decision_table(p, weights, min_weight=5, alive=alive)["fn"]
     routes = build_routes(table, p.nodes, down=down)
     assert routes.default == {"edge-2": 100}
     assert catch_all(table, p.nodes) != {"edge-2": 100}  # what it was without
@@ -158,12 +164,12 @@ def test_decisions_and_fallbacks_route_nothing_to_a_node_that_is_down():
     topo = p.topology
     weights = np.zeros((topo.num_agents, topo.max_degree + 2))
     weights[:, :3] = 1 / 3  # each node: itself and both neighbours
-    table = decision_table(p, weights, min_weight=5, down={"edge-1"})["fn"]
+    table = decision_table(p, weights, min_weight=5, alive=out("edge-1"))["fn"]
     assert all("edge-1" not in row and sum(row.values()) == 100 for row in table.values())
     assert decision_table(p, weights, min_weight=5)["fn"]["edge-0"]["edge-1"] >= 5
-    static = fallback_table("static", p, 5, {"edge-1"})["fn"]
+    static = fallback_table("static", p, 5, out("edge-1"))["fn"]
     assert all("edge-1" not in row for row in static.values())
-    local = fallback_table("local", p, 0, {"edge-1"})["fn"]
+    local = fallback_table("local", p, 0, out("edge-1"))["fn"]
     assert local["edge-0"] == {"edge-0": 100, "edge-2": 0}
     assert local["edge-1"] == {"edge-0": 100, "edge-2": 0}  # its first neighbour that is up
 

@@ -41,6 +41,7 @@ from operator_fakes import (
     example,
     example_mesh,
     example_policy_body,
+    renamed,
 )
 from prometheus_client import generate_latest
 
@@ -236,17 +237,6 @@ def two_services() -> MeshProblem:
     """The example mesh with a second service, ``heavy``, beside ``fn``."""
     parsed = parse_policy_spec(example_policy_body(services=["fn", "heavy"])["spec"])
     return build_problem(parsed, NODES, {"fn": SERVICES[0], "heavy": renamed("heavy")}, 3)
-
-
-def renamed(name: str, **mesh: str) -> dict[str, Any]:
-    """The example EdgeService as ``name``, its routes in objects of that name (or ``mesh``'s)."""
-    fn = SERVICES[0]
-    own = {"virtualService": name, "destinationRule": name, **mesh}
-    return {
-        **fn,
-        "metadata": {**fn["metadata"], "name": name},
-        "spec": {**fn["spec"], "mesh": {**fn["spec"]["mesh"], **own}},
-    }
 
 
 def local_readings(service: str, rps, cpu_ms_per_request: float, cores=None) -> ServiceReadings:

@@ -726,6 +726,46 @@ def test_routes_leave_an_edge_node_whose_kubernetes_node_is_not_ready(cluster: A
     asyncio.run(scenario())
 
 
+def test_a_service_leaves_an_edge_node_without_a_ready_pod_of_it(cluster: Any) -> None:
+    """The node stays up, but its pod of fn stops being ready (read through the Service fn's
+    selector): fn's routes leave it, its catch-all too, and PodsReady names it; once the pod
+    is ready again, routes come back."""
+    fake = example_mesh()
+    runtime, _ = new_runtime(cluster.kubeconfig, fake)
+    runtime.inventory.refresh_s = 0.5
+    pod = "/api/v1/namespaces/edge/pods/fn-edge-1-0/status"
+
+    async def pods_ready(url: str, status: str) -> dict[str, Any] | None:
+        status_now = await policy_status(url)
+        ready = conditions(status_now).get("PodsReady", {})
+        return status_now if ready.get("status") == status else None
+
+    async def scenario() -> None:
+        url = cluster.url
+        async with operating(url, runtime):
+            await create_resources(url, policy_body())
+            await eventually(lambda: phase_is(url, "Active"), what="phase Active")
+            await eventually(lambda: pods_ready(url, "True"), what="PodsReady True")
+            not_ready = {"type": "Ready", "status": "False", "reason": "ContainersNotReady"}
+            await kube(url, "PATCH", pod, {"status": {"conditions": [not_ready]}})
+            status = await eventually(lambda: pods_ready(url, "False"), what="PodsReady False")
+            message = conditions(status)["PodsReady"]["message"]
+            assert "fn on edge-1: none of its 1 pods is ready (fn-edge-1-0: Ready is False" in (
+                message
+            )
+            assert conditions(status)["NodesReady"]["status"] == "True"
+            vs = await kube(url, "GET", f"{VIRTUAL_SERVICES}/{SERVICE}")
+            table = route_table(vs)
+            assert all(row.get("edge-1", 0) == 0 for row in table.values()), table
+            catch_all = read_virtual_service(MESH_SERVICE, MESH_NODES, vs).default
+            assert catch_all and catch_all.get("edge-1", 0) == 0, catch_all
+            ready = {"type": "Ready", "status": "True"}
+            await kube(url, "PATCH", pod, {"status": {"conditions": [ready]}})
+            await eventually(lambda: pods_ready(url, "True"), what="PodsReady True again")
+
+    asyncio.run(scenario())
+
+
 class ConflictingKube(Kube):
     """Kube where another writer changes the VirtualService between KubeMesh's read and its
     first patch of it (once), so that patch carries a stale resourceVersion."""

@@ -196,6 +196,16 @@ class ReportModel(BaseModel):
         description="why the cycle could not read whether the edge nodes are up (every node "
         "was counted up)",
     )
+    unserved: dict[str, dict[str, str]] | None = Field(
+        default=None,
+        description="service -> edge node that is up but has no ready pod of the service -> "
+        "why: no route of that service goes to it; null when the cycle did not read the pods",
+    )
+    pods_unknown: dict[str, str] | None = Field(
+        default=None,
+        description="service -> why its pods could not be read (every node that is up was "
+        "counted serving it)",
+    )
 
     @classmethod
     def of(cls, report: CycleReport, **extra: Any) -> Self:

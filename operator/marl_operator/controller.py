@@ -62,15 +62,17 @@ class MeshClient(Protocol):
 
 
 def decision_table(
-    problem: MeshProblem, weights: np.ndarray, min_weight: int, down: Collection[str] = ()
+    problem: MeshProblem, weights: np.ndarray, min_weight: int, alive: Liveness | None = None
 ) -> RouteTable:
     """Integer mesh weights from a policy action ``(A, K+2)`` ([local, neighbours, reject]).
 
     A mesh cannot reject, so the reject share is spread over the node's routes in proportion
     (a node the policy wanted to shed load from still serves it, as it would without the
     operator); every route of the node and its neighbours is listed so ``minWeight`` applies,
-    but for routes to nodes that are ``down`` (unless all are: a row needs a route).
+    but for routes to nodes that cannot serve the service (``alive``: down, or without a
+    ready pod of it; unless none can: a row needs a route).
     """
+    alive = alive or Liveness()
     topo = problem.topology
     s = topo.num_services
     table: RouteTable = {service: {} for service in topo.services}
@@ -80,7 +82,8 @@ def decision_table(
         fractions = {node: row[0]} | {nb: row[1 + m] for m, nb in enumerate(neighbours)}
         if not all(np.isfinite(v) and v >= 0 for v in fractions.values()):
             raise ValueError(f"the decision for {node}/{service} is not a distribution: {row}")
-        fractions = {n: fractions[n] for n in up_routes(problem, node, down)}
+        routes = up_routes(problem, node, alive.cannot_serve(service))
+        fractions = {n: fractions[n] for n in routes}
         if sum(fractions.values()) <= 0:
             fractions = {n: float(n == node) for n in fractions}
         table[service][node] = integer_weights(fractions, min_weight=min_weight)
@@ -186,7 +189,9 @@ class PolicyController:
         # the mesh carries it (read, then written)
         self._alive: Liveness | None = None  # the running cycle's, once read
         self._known_down: dict[str, str] = {}  # as the liveness source last said
-        self._down_seen: dict[str, float] = {}  # node -> when it was last known to be down
+        self._known_unserved: dict[str, dict[str, str]] = {}  # likewise, per service
+        # (service, node) -> when the node was last known not to serve the service
+        self._down_seen: dict[tuple[str, str], float] = {}
 
     # -- the cycle --------------------------------------------------------------------------
 
@@ -211,11 +216,13 @@ class PolicyController:
         self.adapter.observe(telemetry)
         # What the mesh carries but for the routes that fail: where the decision starts
         # from, and what the guard steps from.
-        serving = evacuate(live, self.problem, down)
+        serving = evacuate(live, self.problem, self._alive)
         decision = self._decide(serving)
         safety = self.spec.safety
         try:
-            proposed = decision_table(self.problem, decision.weights, safety.min_weight, down)
+            proposed = decision_table(
+                self.problem, decision.weights, safety.min_weight, self._alive
+            )
         except ValueError as error:
             return self._failed(f"inconsistent decision: {error}", live)
         limited = limit_table(serving, proposed, safety.max_weight_change, safety.min_weight_change)
@@ -248,37 +255,52 @@ class PolicyController:
             )
         else:
             reason = f"rollout decision applied (model: {self.adapter.model_source})"
-        if down:
-            reason += f"; no route to {', '.join(sorted(down))}: down (see NodesReady)"
-        return self._report(outcome, reason, limited, **extra)
+        return self._report(outcome, reason + self._no_route(), limited, **extra)
 
     def _ask_liveness(self) -> Liveness:
-        """This cycle's nodes that are down, as the liveness source says; when it cannot
-        say, as it last said (a node known to be down stays down until known to be up)."""
+        """This cycle's nodes that are down, and nodes without a ready pod of a service, as
+        the liveness source says; where it cannot say, as it last said (a node known not to
+        serve stays so until known to serve)."""
         alive = self.liveness()
-        if alive.unknown is not None:
-            return Liveness(self._known_down, alive.unknown)
-        nodes = self.problem.topology.nodes
-        self._known_down = {n: why for n, why in alive.down.items() if n in nodes}
+        nodes, services = self.problem.topology.nodes, self.problem.topology.services
+        if alive.unknown is None:
+            self._known_down = {n: why for n, why in alive.down.items() if n in nodes}
+        for service in services:
+            if service not in alive.pods_unknown:
+                said = alive.unserved.get(service, {})
+                self._known_unserved[service] = {n: w for n, w in said.items() if n in nodes}
+        unserved = {
+            service: {n: w for n, w in row.items() if n not in self._known_down}
+            for service, row in self._known_unserved.items()
+            if service in services
+        }
         now = self.clock()
-        self._down_seen |= dict.fromkeys(self._known_down, now)
-        return Liveness(self._known_down)
+        self._down_seen |= {(s, n): now for s in services for n in self._known_down}
+        self._down_seen |= {(s, n): now for s, row in unserved.items() for n in row}
+        return Liveness(
+            self._known_down,
+            alive.unknown,
+            {service: row for service, row in unserved.items() if row},
+            {s: why for s, why in alive.pods_unknown.items() if s in services},
+        )
 
     def _read(self) -> dict[str, ServiceReadings]:
         """Every service's readings; stale ones hold the cycle, but for series of nodes that
-        are down or were within ``staleAfterSeconds``: those stop with the node, and take
-        that long to be current again once it is back."""
+        are down or do not serve the service, or did not within ``staleAfterSeconds``: those
+        stop with the node or its pods, and take that long to be current again once back."""
         prom = self.spec.prometheus
         labels = self.observer.labels
         since = self.clock() - self.spec.safety.stale_after_s
-        recent = {n for n, seen in self._down_seen.items() if seen >= since}
-        gone = {labels[n.label] for n in self.problem.nodes if n.name in recent}
-
-        def expected(pair: tuple[str, str]) -> bool:
-            return any(node_of(workload, labels) in gone for workload in pair)
-
         out = {}
         for service in self.problem.services:
+            recent = {
+                n for (s, n), seen in self._down_seen.items() if s == service.name and seen >= since
+            }
+            gone = {labels[n.label] for n in self.problem.nodes if n.name in recent}
+
+            def expected(pair: tuple[str, str], gone: set[int] = gone) -> bool:
+                return any(node_of(workload, labels) in gone for workload in pair)
+
             try:
                 readings = self.reader.read(
                     namespace=service.namespace,
@@ -323,7 +345,7 @@ class PolicyController:
             left = self.spec.safety.failure_threshold - self.failures.count
             return self._hold(f"{reason}; weights held ({left} more before the fallback)", live)
         kind = self.spec.safety.fallback
-        table = fallback_table(kind, self.problem, self.spec.safety.min_weight, self._down)
+        table = fallback_table(kind, self.problem, self.spec.safety.min_weight, self._alive)
         if table is None:
             held = f"{reason}; {self.failures.count} failed intervals in a row, fallback {kind}"
             return self._hold(held, live, Outcome.FALLBACK, fallback=kind)
@@ -350,28 +372,59 @@ class PolicyController:
     def _hold(
         self, reason: str, live: RouteTable, outcome: Outcome = Outcome.HELD, **extra
     ) -> CycleReport:
-        """Keep the weights in place, but for routes to nodes that are down: those are moved
-        to the source's other routes at once (no decision is needed to know they fail). A
-        service whose routes could not be read is left alone: its table is a guess."""
-        moved = evacuate(live, self.problem, self._down)
+        """Keep the weights in place, but for routes to nodes that cannot serve: those are
+        moved to the source's other routes at once (no decision is needed to know they fail).
+        A service whose routes could not be read is left alone: its table is a guess."""
+        moved = evacuate(live, self.problem, self._liveness_now)
         changed = {s for s, rows in moved.items() if rows != live[s] and s not in self._unread}
         if not changed:
             return self._report(outcome, reason, live, **extra)
-        down = ", ".join(sorted(self._down))
+        where = self._cannot_serve(changed)
         if self.spec.dry_run:
-            why = f"{reason}; routes to nodes that are down ({down}) not moved (spec.dryRun)"
+            why = f"{reason}; routes to {where} not moved (spec.dryRun)"
             return self._report(outcome, why, live, **extra)
         try:
             self._write(moved, live, only=changed)
         except MeshError as error:
-            why = f"{reason}; moving routes off nodes that are down failed: {error}"
+            why = f"{reason}; moving routes off {where} failed: {error}"
             return self._report(outcome, why, live, **extra)
-        why = f"{reason}, but for routes to nodes that are down ({down}): moved"
+        why = f"{reason}, but for routes to {where}: moved"
         return self._report(outcome, why, live, **extra)
 
     @property
+    def _liveness_now(self) -> Liveness:
+        return self._alive if self._alive is not None else Liveness()
+
+    @property
     def _down(self) -> Mapping[str, str]:
-        return self._alive.down if self._alive is not None else {}
+        return self._liveness_now.down
+
+    def _cannot_serve(self, services: Collection[str]) -> str:
+        """The nodes routes of ``services`` cannot go to, in words: ``nodes that are down
+        (edge-1) or without a ready pod (edge-2 for fn)``."""
+        alive = self._liveness_now
+        pairs = [
+            f"{node} for {service}"
+            for service in sorted(services)
+            for node in sorted(alive.unserved.get(service, {}))
+        ]
+        parts = [f"that are down ({', '.join(sorted(alive.down))})"] if alive.down else []
+        parts += [f"without a ready pod ({', '.join(pairs)})"] if pairs else []
+        return f"nodes {' or '.join(parts)}"
+
+    def _no_route(self) -> str:
+        """What a cycle's reason adds when some routes cannot go where they would."""
+        alive, said = self._liveness_now, ""
+        if alive.down:
+            said += f"; no route to {', '.join(sorted(alive.down))}: down (see NodesReady)"
+        pairs = [
+            f"{node} for {service}"
+            for service, row in sorted(alive.unserved.items())
+            for node in sorted(row)
+        ]
+        if pairs:
+            said += f"; no route to {', '.join(pairs)}: no ready pod (see PodsReady)"
+        return said
 
     # -- the mesh -----------------------------------------------------------------------------
 
@@ -406,7 +459,8 @@ class PolicyController:
         for service in self.problem.services:
             if only is not None and service.name not in only:
                 continue
-            routes = build_routes(table[service.name], self.problem.nodes, down=self._down)
+            down = self._liveness_now.cannot_serve(service.name)
+            routes = build_routes(table[service.name], self.problem.nodes, down=down)
             if self.mesh.write(service, routes):
                 changed = True
                 self._written.add(service.name)
@@ -464,6 +518,12 @@ class PolicyController:
             failures=self.failures.count,
             down=dict(self._alive.down) if self._alive is not None else None,
             liveness_unknown=self._alive.unknown if self._alive is not None else None,
+            unserved=(
+                {s: dict(row) for s, row in self._alive.unserved.items()}
+                if self._alive is not None
+                else None
+            ),
+            pods_unknown=dict(self._alive.pods_unknown) if self._alive is not None else None,
             **extra,
         )
         self.last = report

@@ -12,7 +12,8 @@ stays.
 
 A node that is down (:mod:`marl_operator.liveness`) is the exception to the bounded step: every
 request routed to it fails or waits, so its share leaves at once, whatever else happens to the
-cycle, and no fallback routes to it.
+cycle, and no fallback routes to it. So does a node's share of a service it has no ready pod
+of, for that service alone.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from collections.abc import Collection, Mapping
 
 import numpy as np
 
+from marl_operator.liveness import Liveness
 from marl_operator.mesh.routing import TOTAL, integer_weights
 from marl_operator.problem import MeshProblem
 from marl_operator.report import RouteTable
@@ -67,16 +69,18 @@ def up_routes(
     return [n for n in routes if n not in down] or ([] if strict else routes)
 
 
-def evacuate(table: RouteTable, problem: MeshProblem, down: Collection[str]) -> RouteTable:
-    """``table`` without weight on nodes that are ``down``: a source's share to them goes to
-    the nodes that are up it routes to, in proportion to their weights, or evenly over its
-    routes that are up when those carry none. A source that can reach no node that is up
-    keeps its row, and so does one the problem does not know (a row of a node removed since,
-    which the next write drops).
+def evacuate(table: RouteTable, problem: MeshProblem, alive: Liveness) -> RouteTable:
+    """``table`` without weight on nodes that cannot serve (down, or without a ready pod of
+    the row's service; :meth:`Liveness.cannot_serve`): a source's share to them goes to the
+    nodes that can it routes to, in proportion to their weights, or evenly over its routes
+    that can when those carry none. A source that can reach no such node keeps its row, and
+    so does one the problem does not know (a row of a node removed since, which the next
+    write drops).
     """
     nodes = problem.topology.nodes
     out: RouteTable = {}
     for service, rows in table.items():
+        down = alive.cannot_serve(service)
         out[service] = {}
         for source, row in rows.items():
             if source not in nodes or not any(row.get(n, 0) > 0 for n in down):
@@ -106,27 +110,31 @@ def limit_table(
 
 
 def fallback_table(
-    kind: str, problem: MeshProblem, min_weight: int, down: Collection[str] = ()
+    kind: str, problem: MeshProblem, min_weight: int, alive: Liveness | None = None
 ) -> RouteTable | None:
     """The fallback routing: None for ``hold`` (keep what is there); ``local`` keeps each
     node's traffic on the node; ``static`` splits it over the node and its neighbours in
     proportion to their capacity hints (what a capacity-aware static mesh would do). Neither
-    routes to a node that is ``down``: ``local`` sends a down node's clients to its first
-    neighbour that is up."""
+    routes a service to a node that cannot serve it (``alive``): ``local`` sends those clients
+    to the first neighbour that can."""
     if kind == "hold":
         return None
+    alive = alive or Liveness()
     names = problem.topology.nodes
     capacity = dict(zip(names, problem.capacity_rps, strict=True))
-    rows = {}
-    for source in names:
-        routes = up_routes(problem, source, down)
-        if kind == "local":
-            fractions = {n: float(n == source) for n in routes}
-            rows[source] = integer_weights(fractions, min_weight=0)
-        else:
-            fractions = {n: float(capacity[n]) for n in routes}
-            rows[source] = integer_weights(fractions, min_weight=min_weight)
-    return {service: dict(rows) for service in problem.topology.services}
+    table: RouteTable = {}
+    for service in problem.topology.services:
+        down, rows = alive.cannot_serve(service), {}
+        for source in names:
+            routes = up_routes(problem, source, down)
+            if kind == "local":
+                fractions = {n: float(n == source) for n in routes}
+                rows[source] = integer_weights(fractions, min_weight=0)
+            else:
+                fractions = {n: float(capacity[n]) for n in routes}
+                rows[source] = integer_weights(fractions, min_weight=min_weight)
+        table[service] = rows
+    return table
 
 
 class FailureCounter:

@@ -5,8 +5,9 @@ node added or removed, its capacity or neighbours edited, a service's target mov
 that the operator goes on routing to a node that is gone, and only a restart would notice.
 Reading them at every cycle of every policy would double the operator's calls to the API
 server, so they are read at most once per ``refresh_s`` for every policy together: a change
-reaches each policy within that time and one interval. The Kubernetes nodes are read the same
-way, for whether each edge node is up (:mod:`liveness`).
+reaches each policy within that time and one interval. The Kubernetes nodes, and the pods of
+each service, are read the same way, for whether each edge node is up and serves each service
+(:mod:`liveness`).
 """
 
 from __future__ import annotations
@@ -32,6 +33,8 @@ class InventorySource(Protocol):
 
     def kubernetes_nodes(self) -> list[dict[str, Any]]: ...
 
+    def service_pods(self, namespace: str, name: str) -> list[dict[str, Any]]: ...
+
     def edge_services(self, namespace: str, names: tuple[str, ...]) -> dict[str, dict]: ...
 
 
@@ -46,7 +49,7 @@ class Inventory:
         clock: Callable[[], float] = time.monotonic,
     ):
         self.source, self.refresh_s, self.clock = source, refresh_s, clock
-        self._lists: dict[str, tuple[float, list[dict[str, Any]] | Exception]] = {}
+        self._lists: dict[tuple, tuple[float, list[dict[str, Any]] | Exception]] = {}
         self._services: dict[tuple[str, str], tuple[float, dict | None]] = {}
         self._lock = threading.Lock()
 
@@ -61,23 +64,31 @@ class Inventory:
         repeated that often is load on the API server for nothing."""
         return self._list("kubernetes_nodes", False, keep_errors=True)
 
-    def _list(self, call: str, fresh: bool, keep_errors: bool = False) -> list[dict[str, Any]]:
+    def service_pods(self, namespace: str, name: str) -> list[dict[str, Any]]:
+        """The pods the Kubernetes Service ``namespace/name`` selects, read and remembered as
+        the Kubernetes nodes are (every policy routing the service asks every cycle)."""
+        return self._list("service_pods", False, (namespace, name), keep_errors=True)
+
+    def _list(
+        self, call: str, fresh: bool, args: tuple = (), keep_errors: bool = False
+    ) -> list[dict[str, Any]]:
+        key = (call, *args)
         with self._lock:
-            cached = self._lists.get(call)
+            cached = self._lists.get(key)
         if not fresh and cached is not None and self.clock() - cached[0] < self.refresh_s:
             if isinstance(cached[1], Exception):
                 raise cached[1]
             return cached[1]
         now = self.clock()
         try:
-            items = getattr(self.source, call)()
+            items = getattr(self.source, call)(*args)
         except Exception as error:
             if keep_errors:
                 with self._lock:
-                    self._lists[call] = (now, error)
+                    self._lists[key] = (now, error)
             raise
         with self._lock:
-            self._lists[call] = (now, items)
+            self._lists[key] = (now, items)
         return items
 
     def edge_services(

@@ -47,6 +47,8 @@ API_CALLS: tuple[tuple[str, str, str], ...] = (
     ("marl.dev", "edgenodes", "list"),
     ("marl.dev", "edgenodes/status", "patch"),
     ("", "nodes", "list"),
+    ("", "services", "get"),
+    ("", "pods", "list"),
     ("marl.dev", "edgeservices", "get"),
     ("marl.dev", "routingpolicies/status", "patch"),
     ("", "configmaps", "get"),
@@ -100,12 +102,19 @@ READ_KINDS: dict[str, tuple[str, str, bool]] = {
     "EdgeNode": (MARL[0], "edgenodes", False),
     "EdgeNodeStatus": (MARL[0], "edgenodes/status", False),
     "Node": ("", "nodes", False),
+    "Service": ("", "services", True),
+    "Pod": ("", "pods", True),
     "EdgeService": (MARL[0], "edgeservices", True),
     "ConfigMap": ("", "configmaps", True),
 }
 
 CHART_MESH_PROVIDER = {"networking.istio.io": "istio", "gateway.networking.k8s.io": "gateway-api"}
 """API group of the mesh objects -> the chart's ``meshProvider`` value whose rules grant them."""
+
+
+class PodsUnreadable(Exception):
+    """Which pods serve a service cannot be read from its Kubernetes Service (it does not
+    exist, or selects no pods by label); the message says which and why."""
 
 
 class Forbidden(MeshError):
@@ -278,6 +287,30 @@ class Kube:
         with _refusal("list", "Node", "", ""):
             listed = self.core.list_node(resource_version="0")  # the watch cache will do
         return [self.core.api_client.sanitize_for_serialization(node) for node in listed.items]
+
+    def service_pods(self, namespace: str, name: str) -> list[dict[str, Any]]:
+        """The pods the Kubernetes Service ``namespace/name`` selects, as the API's JSON (what
+        :func:`marl_operator.liveness.unserved` reads); :class:`PodsUnreadable` when it does
+        not exist or selects none by label."""
+        try:
+            with _refusal("get", "Service", namespace, name):
+                service = self.core.read_namespaced_service(name, namespace)
+        except ApiException as error:
+            if error.status == 404:
+                raise PodsUnreadable(f"the Service {namespace}/{name} does not exist") from None
+            raise
+        selector = service.spec.selector
+        if not selector:
+            raise PodsUnreadable(
+                f"the Service {namespace}/{name} has no selector (its endpoints are not "
+                "pods it selects)"
+            )
+        labels = ",".join(f"{key}={value}" for key, value in sorted(selector.items()))
+        with _refusal("list", "Pod", namespace, ""):
+            listed = self.core.list_namespaced_pod(
+                namespace, label_selector=labels, resource_version="0"
+            )
+        return [self.core.api_client.sanitize_for_serialization(pod) for pod in listed.items]
 
     def edge_services(self, namespace: str, names: tuple[str, ...]) -> dict[str, dict]:
         """The named EdgeServices that exist (absent ones are left out for the caller to

@@ -1,4 +1,5 @@
-"""Which edge nodes can serve: the readiness of the Kubernetes nodes that make them up.
+"""Which edge nodes can serve: the readiness of the Kubernetes nodes that make them up, and of
+each service's pods on them.
 
 Prometheus cannot tell an edge node that is gone from one whose clients went quiet: the series
 of a node that left the cluster just stop. Requests routed to it meanwhile fail, or wait for
@@ -6,6 +7,13 @@ its pods to be scheduled elsewhere. The API server knows: an edge node is up whi
 one of its Kubernetes nodes (``spec.nodeNames`` and those ``spec.nodeSelector`` matches)
 exists and reports the condition Ready. A node that is down is treated as the simulator
 treats a failed one (``simulator.env``): no capacity, no clients, no route to it.
+
+A node that is up can still fail one service: its pods of that service crash, are evicted or
+were never scheduled there. The mesh's subset for the node (pods with the EdgeService's
+``nodeLabel`` set to the node's label value) then has no endpoint, and every request routed to
+it is answered 503 at once. So for each service the pods its Kubernetes Service selects are
+read as well, and a node without a ready one gets no route *for that service*; its other
+services keep theirs.
 """
 
 from __future__ import annotations
@@ -14,6 +22,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from marl_operator.mesh.model import MeshNode
 from marl_operator.problem import selector_matches
 
 
@@ -23,6 +32,15 @@ class Liveness:
 
     down: Mapping[str, str] = field(default_factory=dict)  # edge node -> why it is down
     unknown: str | None = None  # why readiness could not be read (every node counted up)
+    # service -> edge node that is up but has no ready pod of it -> why
+    unserved: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
+    # service -> why its pods could not be read (every node that is up counted serving it)
+    pods_unknown: Mapping[str, str] = field(default_factory=dict)
+
+    def cannot_serve(self, service: str) -> frozenset[str]:
+        """The edge nodes no route of ``service`` may go to: those down, and those without a
+        ready pod of it."""
+        return frozenset(self.down) | frozenset(self.unserved.get(service, ()))
 
 
 def ready(node: Mapping[str, Any]) -> tuple[bool, str]:
@@ -95,3 +113,44 @@ def edge_node_status(edge_node: Mapping[str, Any], nodes: Sequence[Mapping[str, 
         "kubernetesNodes": found,
         "conditions": [condition],
     }
+
+
+def pod_ready(pod: Mapping[str, Any]) -> tuple[bool, str]:
+    """Whether a Pod is a ready endpoint of its Service (Ready, and not being deleted: a
+    terminating pod leaves the endpoints at once), and if not, why."""
+    meta, status = pod.get("metadata") or {}, pod.get("status") or {}
+    if meta.get("deletionTimestamp"):
+        return False, "terminating"
+    for condition in status.get("conditions") or ():
+        if condition.get("type") == "Ready":
+            if condition.get("status") == "True":
+                return True, ""
+            why = condition.get("reason") or condition.get("message") or "no reason given"
+            return False, f"Ready is {condition.get('status', 'Unknown')} ({why})"
+    return False, f"{status.get('phase') or 'Pending'}, not Ready yet"
+
+
+def unserved(
+    nodes: Sequence[MeshNode], node_label: str, pods: Sequence[Mapping[str, Any]]
+) -> dict[str, str]:
+    """The edge nodes among ``nodes`` without a ready pod among ``pods`` (a service's pods),
+    a pod being on the node whose label value its ``node_label`` carries, as the mesh's
+    subsets select them; each with why, naming a few of its pods."""
+    by_value: dict[str, list[Mapping[str, Any]]] = {}
+    for pod in pods:
+        value = ((pod.get("metadata") or {}).get("labels") or {}).get(node_label)
+        if value is not None:
+            by_value.setdefault(value, []).append(pod)
+    out = {}
+    for node in nodes:
+        found = by_value.get(node.label, [])
+        if any(pod_ready(pod)[0] for pod in found):
+            continue
+        if not found:
+            out[node.name] = f"no pod labelled {node_label}={node.label}"
+            continue
+        shown = sorted(found, key=lambda pod: pod["metadata"]["name"])[:3]
+        states = "; ".join(f"{pod['metadata']['name']}: {pod_ready(pod)[1]}" for pod in shown)
+        more = f" and {len(found) - len(shown)} more" if len(found) > len(shown) else ""
+        out[node.name] = f"none of its {len(found)} pods is ready ({states}{more})"
+    return out

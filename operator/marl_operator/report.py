@@ -89,6 +89,10 @@ class CycleReport:
     down: dict[str, str] | None = None  # edge node -> why it is down (its Kubernetes
     # nodes gone or not Ready), no route goes to it; None when the cycle did not ask
     liveness_unknown: str | None = None  # why whether nodes are up could not be read
+    # service -> edge node that is up without a ready pod of it -> why; no route of the
+    # service goes there; None when the cycle did not ask
+    unserved: dict[str, dict[str, str]] | None = None
+    pods_unknown: dict[str, str] | None = None  # service -> why its pods could not be read
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-compatible (enums as their values)."""

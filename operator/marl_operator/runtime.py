@@ -39,8 +39,8 @@ from marl_operator.claims import conflict
 from marl_operator.controller import MeshClient, MetricsSource, PolicyController
 from marl_operator.instruments import Instruments
 from marl_operator.inventory import Inventory, fingerprint
-from marl_operator.kube import KINDS, Forbidden, Kube, KubeMesh
-from marl_operator.liveness import Liveness, edge_node_status, liveness
+from marl_operator.kube import KINDS, Forbidden, Kube, KubeMesh, PodsUnreadable
+from marl_operator.liveness import Liveness, edge_node_status, liveness, unserved
 from marl_operator.mesh.model import (
     MeshError,
     MeshNode,
@@ -288,20 +288,44 @@ class Runtime:
             clock=self.clock,
             checkpoint={"source": spec.checkpoint.describe(), "sha256": digest},
             built_from=fingerprint(spec, nodes, services),
-            liveness=lambda: self._liveness(problem.topology.nodes),
+            liveness=lambda: self._liveness(problem.nodes, problem.services),
         )
 
-    def _liveness(self, names: Sequence[str]) -> Liveness:
-        """Which of the edge nodes ``names`` are down, from the inventory's reads: unknown
-        (the controller keeps what it last knew, and the status says why) when the Nodes
-        cannot be read, refused or not answered."""
+    def _liveness(
+        self, mesh_nodes: Sequence[MeshNode], services: Sequence[MeshService]
+    ) -> Liveness:
+        """Which of the edge nodes are down, and which serve which service, from the
+        inventory's reads: unknown (the controller keeps what it last knew, and the status
+        says why) when the Nodes, or a service's pods, cannot be read."""
+        names = [node.name for node in mesh_nodes]
         try:
             nodes = self.inventory.kubernetes_nodes()
         except UNANSWERED as error:
-            return Liveness(unknown=_failure("listing the Kubernetes nodes", error))
-        edge_nodes = [n for n in self.inventory.edge_nodes() if n["metadata"]["name"] in names]
-        self._publish_edge_nodes(names)
-        return liveness(edge_nodes, nodes)
+            alive = Liveness(unknown=_failure("listing the Kubernetes nodes", error))
+        else:
+            edge_nodes = [n for n in self.inventory.edge_nodes() if n["metadata"]["name"] in names]
+            self._publish_edge_nodes(names)
+            alive = liveness(edge_nodes, nodes)
+        gaps, unknown = {}, {}
+        for service in services:
+            where = service.kubernetes_service
+            if where is None:
+                unknown[service.name] = (
+                    f"its host {service.host} names no Kubernetes Service (name or "
+                    "name.namespace.svc...)"
+                )
+                continue
+            try:
+                pods = self.inventory.service_pods(*where)
+            except PodsUnreadable as error:
+                unknown[service.name] = str(error)
+                continue
+            except UNANSWERED as error:
+                unknown[service.name] = _failure(f"listing the pods of {'/'.join(where)}", error)
+                continue
+            up = [node for node in mesh_nodes if node.name not in alive.down]
+            gaps[service.name] = unserved(up, service.node_label, pods)
+        return dataclasses.replace(alive, unserved=gaps, pods_unknown=unknown)
 
     def _publish_edge_nodes(self, names: Sequence[str]) -> None:
         """Write the status of the EdgeNodes ``names`` (their Kubernetes nodes, Ready) where

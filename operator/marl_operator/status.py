@@ -40,7 +40,7 @@ def _condition(kind: str, ok: bool | None, reason: str, message: str) -> dict[st
 
 
 def conditions_of(report: CycleReport) -> list[dict[str, Any]]:
-    """The six conditions a report implies (without times). A call the API server refused
+    """The seven conditions a report implies (without times). A call the API server refused
     (403) makes WeightsApplied False with reason Forbidden, whatever the outcome: the message
     names the RBAC rule to grant. A cycle held because a read the policy is built from was
     refused read no metrics either: MetricsAvailable is Unknown (NotRead) then, not missing;
@@ -108,6 +108,7 @@ def conditions_of(report: CycleReport) -> list[dict[str, Any]]:
             "spec.suspend is true" if o == Outcome.SUSPENDED else "spec.suspend is false",
         ),
         _nodes_ready(report),
+        _pods_ready(report),
     ]
 
 
@@ -131,6 +132,33 @@ def _nodes_ready(report: CycleReport) -> dict[str, Any]:
         )
     return _condition(
         "NodesReady", True, "Ready", "every edge node of the policy has a Ready Kubernetes node"
+    )
+
+
+def _pods_ready(report: CycleReport) -> dict[str, Any]:
+    """PodsReady: whether every edge node that is up has a ready pod of each service (Unknown
+    when the cycle did not ask, or could not read some service's pods)."""
+    if report.unserved is None:
+        return _condition("PodsReady", None, "NotRead", "the last cycle did not read the pods")
+    unread = "; ".join(f"{s}: {why}" for s, why in sorted((report.pods_unknown or {}).items()))
+    unread = unread and (
+        f"whether these services have ready pods is unknown, so every edge node that is up is "
+        f"counted serving them: {unread}"
+    )
+    if report.unserved:
+        gaps = "; ".join(
+            f"{service} on {node}: {why}"
+            for service, row in sorted(report.unserved.items())
+            for node, why in sorted(row.items())
+        )
+        message = f"no route of a service goes where it has no ready pod: {gaps}"
+        return _condition(
+            "PodsReady", False, "NoReadyPod", "; and ".join(filter(None, [message, unread]))
+        )
+    if unread:
+        return _condition("PodsReady", None, "Unreadable", unread)
+    return _condition(
+        "PodsReady", True, "Ready", "every edge node that is up has a ready pod of each service"
     )
 
 

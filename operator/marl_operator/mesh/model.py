@@ -95,6 +95,18 @@ class MeshService:
         """``namespace/name``, the value of the annotation that ties mesh objects to it."""
         return f"{self.namespace}/{self.name}"
 
+    @property
+    def kubernetes_service(self) -> tuple[str, str] | None:
+        """``(namespace, name)`` of the Kubernetes Service ``host`` names, as the mesh reads
+        it: a short name is in the EdgeService's namespace, ``name.namespace.svc...`` in the
+        one it names; None for a host that names no Service (an external one)."""
+        parts = self.host.split(".")
+        if len(parts) == 1:
+            return self.namespace, parts[0]
+        if len(parts) >= 3 and parts[2] == "svc":
+            return parts[1], parts[0]
+        return None
+
     @classmethod
     def from_edge_service(cls, obj: Mapping[str, Any]) -> MeshService:
         """Read an EdgeService custom resource (defaults as the CRD declares them)."""
