@@ -259,7 +259,7 @@ SCRAPE_AGE_S = 5.0
 """Age of the newest sample of every stub series (half a 10-second scrape interval)."""
 
 _NAMESPACE = re.compile(r'(?:destination_service_namespace|namespace)="([^"]+)"')
-_SERVICE = re.compile(r'destination_service_name="([^"]+)"|pod=~"([^"]+?)-\.\+"')
+_SERVICE = re.compile(r'destination_service_name=~"([^"]+)"|pod=~"([^"]+?)-\.\+"')
 
 
 def classify(query: str) -> str | None:

@@ -118,7 +118,7 @@ class QueueingMesh:
 
     # -- MetricsSource -----------------------------------------------------------------------
 
-    def read_metrics(self, *, namespace, service, host, window, overrides=None):
+    def read_metrics(self, *, namespace, service, host, window, overrides=None, destinations=""):
         if self.down:
             raise MetricsUnavailable("Prometheus at http://prometheus:9090 is unreachable")
         split, nodes = self.split(service), self.node_latency_ms(service)

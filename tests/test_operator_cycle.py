@@ -643,6 +643,26 @@ def test_relative_weights_read_from_the_mesh_are_reported_in_percent():
     assert CRDValidator(crd).errors({**body, "status": stored}) == []
 
 
+def test_a_cycle_reads_the_requests_under_the_services_istio_reports_them_for():
+    """An HTTPRoute sends each node's share to that node's Service, which is what Istio's
+    metrics then name: the reader is asked for those, not for the EdgeService's name."""
+    mesh = example_mesh()
+    asked: list[dict] = []
+
+    class RecordingReader(Reader):
+        def read(self, **kwargs) -> ServiceReadings:
+            asked.append(kwargs)
+            return super().read(**kwargs)
+
+    services = [*SERVICES, *example("edgeservice-httproute.yaml")]
+    runtime = Runtime(
+        FakeKube(NODES, services), mesh=mesh, reader_for=lambda url: RecordingReader(mesh)
+    )
+    runtime.cycle("edge/p", example_policy_body(services=["fn", "fn-gw"]))
+    by_service = {a["service"]: a["destinations"] for a in asked}
+    assert by_service == {"fn": "fn", "fn-gw": "fn-gw-edge-0|fn-gw-edge-1|fn-gw-edge-2"}
+
+
 def test_nodes_whose_clients_report_nothing_are_named_in_the_status():
     """A node no request is reported from is counted as offering none: right for a node
     without clients, wrong for one whose proxies are not scraped. Which it is, the operator

@@ -14,6 +14,8 @@ from typing import Any
 import pytest
 import requests
 from marl_operator.__main__ import parse_args
+from marl_operator.mesh.model import MeshNode, MeshService
+from marl_operator.mesh.naming import destination_names
 from marl_operator.prometheus import (
     DEFAULT_TEMPLATES,
     TEMPLATE_NAMES,
@@ -28,6 +30,7 @@ from marl_operator.prometheus import (
     render,
     split_combined,
 )
+from operator_fakes import example
 from prometheus_api_client.exceptions import PrometheusApiClientException
 
 VALUES = {"namespace": "edge", "service": "fn", "host": "fn.edge.svc.cluster.local", "window": "1m"}
@@ -104,14 +107,34 @@ def test_defaults_render_without_placeholders_left(name):
 def test_istio_defaults_take_the_client_side_view_of_the_service(name):
     promql = render(name, DEFAULT_TEMPLATES[name], **VALUES)
     assert 'reporter="source"' in promql
-    assert 'destination_service_name="fn"' in promql
+    assert 'destination_service_name=~"fn"' in promql
     assert 'destination_service_namespace="edge"' in promql
     assert "source_workload, destination_workload" in promql
+    gateway = render(name, DEFAULT_TEMPLATES[name], **VALUES, destinations="fn-edge-0|fn-edge-1")
+    assert 'destination_service_name=~"fn-edge-0|fn-edge-1"' in gateway
 
 
-def test_render_substitutes_all_four_placeholders_both_spellings():
-    template = "$namespace ${service} $host ${window} $window"
-    assert render("requestRate", template, **VALUES) == "edge fn fn.edge.svc.cluster.local 1m 1m"
+def test_the_requests_are_selected_by_the_services_istio_reports_them_under():
+    """Istio labels a request with the Service of the cluster it was sent to: the host's
+    Service behind a VirtualService, whatever the EdgeService is called; each node's Service
+    behind an HTTPRoute, never the EdgeService's own name."""
+    nodes = (MeshNode("edge-0"), MeshNode("edge-1", "site-b"))
+    istio = MeshService(
+        name="checkout", namespace="shop", host="cart.shop.svc.cluster.local", port=80
+    )
+    assert destination_names(istio, nodes) == ("cart",)
+    external = MeshService(name="x", namespace="shop", host="api.example.com", port=80)
+    assert destination_names(external, nodes) == ("api",)
+    (gateway,) = [MeshService.from_edge_service(s) for s in example("edgeservice-httproute.yaml")]
+    assert destination_names(gateway, nodes) == ("fn-gw-edge-0", "fn-gw-edge-1")
+
+
+def test_render_substitutes_all_five_placeholders_both_spellings():
+    template = "$namespace ${service} $host ${window} $window $destinations"
+    assert render("requestRate", template, **VALUES) == (
+        "edge fn fn.edge.svc.cluster.local 1m 1m fn"  # destinations: the service by default
+    )
+    assert render("requestRate", "${destinations}", **VALUES, destinations="a|b") == "a|b"
 
 
 def test_render_keeps_regex_group_references_and_unescapes_dollars():

@@ -22,6 +22,7 @@ from marl_operator.guard import (
 )
 from marl_operator.liveness import Liveness
 from marl_operator.mesh.model import MeshError, MeshNode, MeshRoutes, MeshService
+from marl_operator.mesh.naming import destination_names
 from marl_operator.mesh.routing import as_percentages, build_routes, integer_weights
 from marl_operator.observer import InsufficientData, Observer, node_of
 from marl_operator.problem import MeshProblem
@@ -46,6 +47,7 @@ class MetricsSource(Protocol):
         host: str,
         window: str,
         overrides: Mapping[str, str] | None = None,
+        destinations: str = "",
     ) -> ServiceReadings: ...
 
 
@@ -308,6 +310,7 @@ class PolicyController:
                     host=service.host,
                     window=prom.window,
                     overrides=prom.queries,
+                    destinations="|".join(destination_names(service, self.problem.nodes)),
                 )
             except QueryError as error:  # a template problem is a spec problem, not an outage
                 raise MetricsUnavailable(str(error)) from error

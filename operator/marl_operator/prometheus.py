@@ -10,9 +10,12 @@ Each built-in template takes the client-side view (``reporter="source"``), becau
 client sees, network and queueing included, is what routing should optimise.
 
 Templates and placeholders
-    A RoutingPolicy may override any template by name in ``spec.prometheus.queries``. Only four
-    placeholders are substituted: ``$namespace``, ``$service`` (the destination service name),
-    ``$host`` and ``$window`` (also written ``${namespace}`` and so on). ``$$`` is a literal
+    A RoutingPolicy may override any template by name in ``spec.prometheus.queries``. Only five
+    placeholders are substituted: ``$namespace``, ``$service`` (the EdgeService's name),
+    ``$destinations`` (the Service names Istio reports its requests under, as a regular
+    expression: the host's Service for Istio, ``fn-gw-edge-0|fn-gw-edge-1|...`` for the
+    Gateway API's per-node Services), ``$host`` and ``$window`` (also written ``${namespace}``
+    and so on). ``$$`` is a literal
     ``$``. A ``$`` followed by digits (``$1``, ``${1}``) is left as it is, so that the
     replacement of ``label_replace`` can refer to its regular expression's groups without
     escaping. Any other ``$`` (an unknown name, or a ``$`` ending a regular expression such as
@@ -68,7 +71,7 @@ TEMPLATE_NAMES = (
 )
 """The query templates a read runs, by their names in ``spec.prometheus.queries``."""
 
-PLACEHOLDERS = ("namespace", "service", "host", "window")
+PLACEHOLDERS = ("namespace", "service", "destinations", "host", "window")
 """The names a template may use after ``$``."""
 
 PAIR_LABELS = ("source_workload", "destination_workload")
@@ -78,7 +81,7 @@ WORKLOAD_LABELS = ("destination_workload",)
 """Label that keys a per-server series (``cpuUsage``)."""
 
 _ISTIO_SELECTOR = (
-    'reporter="source", destination_service_name="$service", '
+    'reporter="source", destination_service_name=~"$destinations", '
     'destination_service_namespace="$namespace"'
 )
 _BY_PAIR = "sum by (source_workload, destination_workload)"
@@ -246,7 +249,14 @@ def _substitute(name: str, template: str, values: Mapping[str, str]) -> str:
 
 
 def render(
-    name: str, template: str, *, namespace: str, service: str, host: str, window: str
+    name: str,
+    template: str,
+    *,
+    namespace: str,
+    service: str,
+    host: str,
+    window: str,
+    destinations: str = "",
 ) -> str:
     """The PromQL for one template and one service.
 
@@ -257,8 +267,14 @@ def render(
         raise ValueError(
             f"spec.prometheus.window: {window!r} is not a PromQL duration such as 30s or 1m"
         )
-    values = {"namespace": namespace, "service": service, "host": host, "window": window}
-    for key in ("namespace", "service", "host"):
+    values = {
+        "namespace": namespace,
+        "service": service,
+        "destinations": destinations or service,
+        "host": host,
+        "window": window,
+    }
+    for key in ("namespace", "service", "destinations", "host"):
         if not values[key] or _UNSAFE_VALUE.search(values[key]):
             raise ValueError(
                 f"{key} {values[key]!r} cannot be placed in a PromQL query: it must be non-empty"
@@ -623,10 +639,12 @@ class PrometheusReader:
         host: str,
         window: str,
         overrides: Mapping[str, str] | None = None,
+        destinations: str = "",
     ) -> ServiceReadings:
         """All six templates for one service; QueryError before any is sent if a template is
         unusable, MetricsUnavailable when Prometheus cannot answer (naming the template at
-        fault when it refuses one)."""
+        fault when it refuses one). ``destinations`` is ``$destinations`` (by default
+        ``service``)."""
         if overrides:
             check_templates(overrides)
         queries = {
@@ -637,6 +655,7 @@ class PrometheusReader:
                 service=service,
                 host=host,
                 window=window,
+                destinations=destinations,
             )
             for name in TEMPLATE_NAMES
         }

@@ -273,8 +273,8 @@ def _metrics_read(report: CycleReport) -> str:
             for service, row in sorted(report.no_upstream.items())
         )
         gaps.append(
-            f"clients got 503 with no upstream ({rates}): a route's subset has no ready pod "
-            "(a service down on a node that is up?)"
+            f"clients got 503 with no upstream ({rates}): a route's subset had no ready pod "
+            "(routed around from the next cycle: see PodsReady)"
         )
     return f"the last cycle read the metrics, but {'; and '.join(gaps)}"
 

@@ -9,9 +9,9 @@ back when reading a live object.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
-from marl_operator.mesh.model import MeshError
+from marl_operator.mesh.model import MeshError, MeshNode, MeshService
 
 SUBSET_PREFIX = "node-"
 """DestinationRule subset of edge node N: ``node-N``."""
@@ -67,3 +67,14 @@ def node_of_service(prefix: str, service: str, nodes: Iterable[str]) -> str:
 
 def source_rule_name(node: str) -> str:
     return SOURCE_RULE_PREFIX + node
+
+
+def destination_names(service: MeshService, nodes: Sequence[MeshNode]) -> tuple[str, ...]:
+    """The Service names Istio's metrics give ``service``'s requests
+    (``destination_service_name``: the Service of the cluster a request was sent to). A
+    VirtualService routes to subsets of the host's Service; an HTTPRoute to one Service per
+    edge node, so the EdgeService's own name is in neither."""
+    if service.provider == "gateway-api":
+        return tuple(node_service_name(service.service_prefix, node.name) for node in nodes)
+    where = service.kubernetes_service
+    return (where[1] if where is not None else service.host.split(".", 1)[0],)
