@@ -1,8 +1,10 @@
 # The marl-operator image: `python -m marl_operator` with the bundled default checkpoints.
 #
 #   docker build -t marl-operator:0.1.0 .
-#   docker run --rm -p 8080:8080 -v ~/.kube/config:/kube/config:ro marl-operator:0.1.0 \
-#       --kubeconfig /kube/config --standalone
+#   docker run --rm --network host --user "$(id -u):$(id -g)" \
+#       -v ~/.kube/config:/kube/config:ro marl-operator:0.1.0 --kubeconfig /kube/config --standalone
+#   (your user, to read your 0600 kubeconfig; the host's network, to reach a 127.0.0.1 API
+#   server such as kind's; in the cluster it runs as uid 10001, installed by the Helm chart)
 #
 # Multi-stage, and every package installed checked against a hash: the build stage makes two
 # virtualenvs. /opt/tools holds the build tools (pip, setuptools) from their lock

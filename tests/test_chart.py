@@ -1026,6 +1026,26 @@ def test_notes_render():
     assert "rbac.create is false" in notes
     assert "kubectl get routingpolicies" in notes
     assert "delete the RoutingPolicies (kubectl delete routingpolicies --all -A)" in notes
+    # every sentence ends, and each paragraph stands apart
+    assert "The CRDs are not the chart's (crds.install=false)" in notes
+    assert "/api/v1/policies\n\nBefore `helm uninstall`" in notes
+
+
+def test_notes_point_at_the_examples_this_install_can_serve():
+    """The examples live in namespace edge and route with Istio: outside the watched
+    namespaces, or with the Gateway API, the notes say what to change."""
+    done = run_helm(
+        "install", RELEASE, str(CHART), "--namespace", NAMESPACE, "--dry-run=client",
+        "--set", "meshProvider=gateway-api", "--set", "watchNamespaces={team-a}",
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    notes = done.stdout.split("NOTES:", 1)[1]
+    assert "-f examples/edgeservice-httproute.yaml" in notes
+    assert "edge, is not among watchNamespaces (team-a)" in notes
+    assert "name fn-gw" in notes
+    plain = run_helm("install", RELEASE, str(CHART), "--namespace", NAMESPACE, "--dry-run=client")
+    notes = plain.stdout.split("NOTES:", 1)[1]
+    assert "-f examples/edgeservice.yaml" in notes and "watchNamespaces" not in notes
 
 
 def test_notes_say_the_uninstall_drains_when_the_crds_go():

@@ -431,6 +431,22 @@ def test_operator_commands_without_a_usable_cluster_connection_say_which_option(
         assert exit_.value.code == 2
         err = capsys.readouterr().err
         assert words in err and "Traceback" not in err, err
+    # one another user owns with mode 0600 (the test runs as root, who could read it anyway)
+    real_open = open
+
+    def refusing_open(file, *args, **kwargs):
+        if str(file) == str(empty):
+            raise PermissionError(13, "Permission denied", str(file))
+        return real_open(file, *args, **kwargs)
+
+    empty.write_text("apiVersion: v1\nkind: Config\n")
+    monkeypatch.setattr("builtins.open", refusing_open)
+    with pytest.raises(SystemExit) as exit_:
+        main(["--kubeconfig", str(empty)])
+    monkeypatch.undo()
+    err = capsys.readouterr().err
+    assert f"--kubeconfig {empty}: cannot be read (Permission denied)" in err, err
+    assert "Traceback" not in err
 
 
 def test_an_api_port_in_use_is_refused_naming_the_option(apiserver, capsys):

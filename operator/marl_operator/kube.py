@@ -257,6 +257,11 @@ def client_configuration(kubeconfig: Path | None) -> client.Configuration:
         raise ClusterUnreachable(
             f"not inside a pod ({error}): pass --kubeconfig PATH to run outside the cluster"
         ) from None
+    except OSError as error:  # e.g. a 0600 file of another user, mounted into the container
+        raise ClusterUnreachable(
+            f"--kubeconfig {kubeconfig}: cannot be read ({error.strerror or error}); make it "
+            "readable by the user the operator runs as (the image runs as uid 10001)"
+        ) from None
     except (yaml.YAMLError, TypeError, AttributeError, ValueError) as error:
         # the client assumes a mapping of the kubeconfig layout; anything else fails inside it
         raise ClusterUnreachable(
