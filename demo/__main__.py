@@ -2,7 +2,8 @@
 
 It starts the emulated API server, the simulated data plane (three edge nodes from
 ``examples/``), a real Prometheus and the operator; applies ``examples/policy.yaml`` with
-kubectl; halves one node's capacity part-way (or, with ``--fail``, takes the node away); and
+kubectl; halves one node's capacity part-way (or, with ``--fail``, takes the node away; with
+``--unready``, only its pods of the function, which stop being ready); and
 shows, every few seconds, the true p95 latency, the requests lost and the weights the operator
 writes. At the end it saves a plot and prints a summary, both beside what the same data plane
 does with static equal weights.
@@ -11,6 +12,7 @@ Examples:
   python -m demo                                  # 3 minutes, edge-2 loses half at 60 s
   python -m demo --duration 120 --degrade-at 40 --node edge-1 --factor 0.3
   python -m demo --fail --node edge-1             # edge-1 and its Kubernetes node go at 60 s
+  python -m demo --unready --node edge-1          # edge-1's pod of fn stops being ready
   python -m demo --json --plot demo.png           # machine-readable summary as the last line
 """
 
@@ -68,11 +70,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--factor", type=capacity_left, default=0.5, help="share of capacity left after it"
     )
-    parser.add_argument(
+    change = parser.add_mutually_exclusive_group()
+    change.add_argument(
         "--fail",
         action="store_true",
         help="the node fails instead (--factor unused): its requests are refused, its clients "
         "stop and its Kubernetes node stops being Ready",
+    )
+    change.add_argument(
+        "--unready",
+        action="store_true",
+        help="only the node's pod of fn stops being ready instead (--factor unused): fn's "
+        "requests routed there are refused, the node and its clients go on",
     )
     parser.add_argument("--every", type=positive_int, default=5, help="seconds between two samples")
     parser.add_argument(
@@ -159,6 +168,8 @@ def plot(samples: list[dict], args: argparse.Namespace) -> None:
 
 
 def change_of(args: argparse.Namespace) -> NodeChange:
+    if args.unready:
+        return NodeChange(args.node, unready="fn")
     return NodeChange(args.node, None if args.fail else args.factor)
 
 

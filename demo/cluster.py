@@ -71,6 +71,17 @@ def kubernetes_pod(
     }
 
 
+def workload_pods(app: str, node_label: str, manifest: Path = WORKLOAD) -> list[str]:
+    """The names of the pods of ``workload_objects`` labelled ``app`` on the edge node whose
+    ``marl.dev/node`` label value is ``node_label``."""
+    wanted = {"app": app, "marl.dev/node": node_label}
+    return [
+        obj["metadata"]["name"]
+        for obj in workload_objects(manifest)
+        if obj["kind"] == "Pod" and wanted.items() <= obj["metadata"]["labels"].items()
+    ]
+
+
 def workload_objects(manifest: Path = WORKLOAD) -> list[dict[str, Any]]:
     """The Services of a workload manifest, and a ready Pod (``<deployment>-<i>``) for each
     replica of its Deployments, labelled as their template says."""

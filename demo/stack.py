@@ -22,7 +22,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from demo.cluster import KIND_CONFIG, WORKLOAD, kubernetes_node, kubernetes_nodes_of
+from demo.cluster import (
+    KIND_CONFIG,
+    WORKLOAD,
+    kubernetes_node,
+    kubernetes_nodes_of,
+    kubernetes_pod,
+    workload_pods,
+)
 from demo.prometheus import PrometheusServer, free_port, prometheus
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -133,7 +140,17 @@ class Stack:
     def change(self, change: NodeChange) -> None:
         """Make ``change`` happen: a slowdown in the data plane; a failure there and in the
         cluster, where the node's Kubernetes nodes stop being Ready (as the node controller
-        marks a node whose kubelet went silent)."""
+        marks a node whose kubelet went silent), or where its pods of the service do (as the
+        kubelet marks pods failing their readiness probe)."""
+        if change.unready is not None:
+            post(f"{self.dataplane_url}/unready?node={change.node}&service={change.unready}")
+            not_ready = kubernetes_pod("", "", {}, "False")["status"]
+            for name in workload_pods(change.unready, change.node):
+                self.kubectl(
+                    "patch", "pod", name, "-n", "edge", "--subresource=status", "--type=merge",
+                    "-p", json.dumps({"status": not_ready}),
+                )  # fmt: skip
+            return
         if change.factor is not None:
             post(f"{self.dataplane_url}/degrade?node={change.node}&factor={change.factor}")
             return
@@ -208,15 +225,28 @@ def load_flag(load: Mapping[str, float] | Mapping[str, Mapping[str, float]]) -> 
 @dataclass(frozen=True)
 class NodeChange:
     """What happens to one edge node part-way through a run: it keeps ``factor`` of its
-    capacity, or (``factor`` None) it fails."""
+    capacity; or (``factor`` None) it fails, or only its pods of ``unready`` stop being
+    ready."""
 
     node: str
     factor: float | None = None
+    unready: str | None = None  # a service
 
     def __str__(self) -> str:
+        if self.unready is not None:
+            return f"{self.node}'s pods of {self.unready} stop being ready"
         if self.factor is None:
             return f"{self.node} fails"
         return f"{self.node} loses {1 - self.factor:.0%} capacity"
+
+    def apply(self, plane: Any) -> None:
+        """Make it happen in a data plane (``demo.dataplane.DataPlane``)."""
+        if self.unready is not None:
+            plane.unready(self.node, self.unready)
+        elif self.factor is None:
+            plane.fail(self.node)
+        else:
+            plane.degrade(self.node, self.factor)
 
 
 def example(file: str) -> list[dict[str, Any]]:
@@ -248,10 +278,7 @@ def static_truths(
     for second in sorted(seconds):
         if not changed and change_at <= second:
             plane.run(change_at - plane.seconds)
-            if change.factor is None:
-                plane.fail(change.node)
-            else:
-                plane.degrade(change.node, change.factor)
+            change.apply(plane)
             changed = True
         plane.run(second - plane.seconds)
         out.append((plane.p95_ms("fn", 10), plane.lost_fraction("fn", 10)))

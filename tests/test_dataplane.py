@@ -388,6 +388,38 @@ def test_a_failed_node_refuses_what_is_routed_to_it_and_its_series_stop():
         dp.fail("edge-9")
 
 
+def test_pods_out_of_the_endpoints_refuse_their_service_alone():
+    """fn's pods on edge-1 stop being ready: fn's requests routed there are answered 503 UH,
+    fn2's are served there as before, and edge-1's clients of both go on sending."""
+    second = copy.deepcopy(EDGE_SERVICES[0])
+    second["metadata"]["name"] = "fn2"
+    second["spec"]["mesh"].update(virtualService="fn2", destinationRule="fn2")
+    load = {"fn": dict.fromkeys(NODES, 30.0), "fn2": dict.fromkeys(NODES, 10.0)}
+    dp = DataPlane(EDGE_NODES, [EDGE_SERVICES[0], second], load, seed=3)
+    dp.run(20)
+    dp.unready("edge-1", "fn")
+    served_before = pair_totals(dp, "istio_requests_total")
+    dp.run(30)
+    truth = dp.truth(20)
+    assert truth["unready"] == ["fn/edge-1"] and truth["down"] == []
+    assert dp.capacity()["edge-1"] > 0
+    assert 0.2 < dp.lost_fraction("fn", 20) < 0.45  # a third of the equal weights
+    assert dp.lost_fraction("fn2", 20) == 0.0
+    served = pair_totals(dp, "istio_requests_total")
+    refused = pair_totals(dp, "istio_requests_total", "503")
+    assert refused[("loadgen-edge-1", "unknown")] > 0  # its own clients still send
+    for client in ("loadgen-edge-0", "loadgen-edge-1"):
+        key = (client, "fn-edge-1")
+        assert served[key] == served_before[key]  # nothing more of fn served there
+    assert (
+        served[("loadgen-edge-0", "fn2-edge-1")] > served_before[("loadgen-edge-0", "fn2-edge-1")]
+    )
+    with pytest.raises(ValueError, match="unknown service"):
+        dp.unready("edge-1", "nope")
+    with pytest.raises(ValueError, match="unknown edge node"):
+        dp.unready("edge-9", "fn")
+
+
 @pytest.mark.parametrize("at", [19, 20, 21], ids=["before-the-boundary", "at-it", "after-it"])
 def test_a_failing_nodes_queue_is_lost_once_and_apart_from_the_seconds_requests(at):
     """Its queue goes at the failure, at an episode's boundary too (where the step has no
@@ -599,6 +631,11 @@ def test_http_endpoints():
         status, body = fetch(f"{base}/fail?node=edge-2", "POST")
         assert status == 200 and json.loads(body)["capacity_rps"]["edge-2"] == 0
         assert json.loads(fetch(f"{base}/truth")[1])["down"] == ["edge-2"]
+        assert fetch(f"{base}/unready?node=edge-1", "POST")[0] == 400
+        assert fetch(f"{base}/unready?node=edge-1&service=fn")[0] == 405
+        status, body = fetch(f"{base}/unready?node=edge-1&service=fn", "POST")
+        assert status == 200 and json.loads(body) == {"node": "edge-1", "service": "fn"}
+        assert json.loads(fetch(f"{base}/truth")[1])["unready"] == ["fn/edge-1"]
     finally:
         server.shutdown()
         server.server_close()

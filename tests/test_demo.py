@@ -53,6 +53,19 @@ def test_a_short_demo_of_a_failing_node_routes_around_it(tmp_path, capsys):
     assert plot.stat().st_size > 10_000
 
 
+def test_a_short_demo_of_pods_no_longer_ready_routes_fn_around_them(tmp_path, capsys):
+    """edge-1 stays up, but its pod of fn leaves the endpoints and is marked not ready: the
+    operator routes no fn request there, where static equal weights lose a third of them."""
+    plot, logs = tmp_path / "demo.png", tmp_path / "logs"
+    argv = ["--duration", "45", "--degrade-at", "12", "--every", "5", "--json", "--unready"]
+    assert main([*argv, "--node", "edge-1", "--plot", str(plot), "--logs", str(logs)]) == 0
+    out = capsys.readouterr()
+    summary = json.loads(out.out.strip().splitlines()[-1])
+    assert "edge-1's pods of fn stop being ready" in out.out
+    assert summary["share_to_degraded_end"] == 0, summary
+    assert summary["lost_pct_end"] == 0 and summary["lost_pct_static_end"] > 20, summary
+
+
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
@@ -64,6 +77,7 @@ def test_a_short_demo_of_a_failing_node_routes_around_it(tmp_path, capsys):
         (["--duration", "0"], "--duration: must be at least 1"),
         (["--degrade-at", "-1"], "--degrade-at: must be at least 0"),
         (["--duration", "60", "--degrade-at", "60"], "the node would never degrade"),
+        (["--fail", "--unready"], "not allowed with argument"),
     ],
 )
 def test_options_that_would_fail_minutes_in_are_refused_at_once(argv, message, capsys):

@@ -15,6 +15,7 @@ Examples:
     curl -s localhost:9464/metrics | grep istio_requests_total
     curl -s -X POST 'localhost:9464/degrade?node=edge-2&factor=0.5'
     curl -s -X POST 'localhost:9464/fail?node=edge-1'
+    curl -s -X POST 'localhost:9464/unready?node=edge-1&service=fn'
     curl -s localhost:9464/truth
 
 Endpoints: GET /metrics (Prometheus text format); GET /truth?seconds=10 (JSON: per-service
@@ -22,7 +23,10 @@ p95 and mean latency over the last 10 simulated seconds, the routes applied, the
 capacities); POST /degrade?node=N&factor=F (N serves F times its EdgeNode's capacity from
 now on; F=1 restores it); POST /fail?node=N (N is gone for the rest of the run: requests
 routed to it are refused, its clients and its pods' series stop; its Kubernetes node stays
-Ready in the API server unless marked otherwise, as python -m demo --fail does); GET
+Ready in the API server unless marked otherwise, as python -m demo --fail does); POST
+/unready?node=N&service=S (S's pods on N leave its endpoints for the rest of the run: requests
+of S routed to N are refused, N and its clients go on; the pods stay ready in the API server
+unless marked otherwise, as python -m demo --unready does); GET
 /healthz. It prints ``ready port=N`` on stdout once it serves, logs one JSON object per line
 on stderr and stops cleanly on SIGTERM or SIGINT.
 """

@@ -120,6 +120,7 @@ class DataPlane:
         self._lock = threading.RLock()
         self._factor = dict.fromkeys(self.node_names, 1.0)
         self._down: set[str] = set()  # nodes that failed (for the rest of the run)
+        self._unready: set[tuple[str, str]] = set()  # (node, service): its pods not ready
         self._routes: dict[str, dict[str, dict[str, int]]] = {}
         self._origin: dict[str, str] = {}
         self._fractions = np.zeros((topo.num_nodes, topo.num_services, topo.max_degree + 1))
@@ -236,6 +237,18 @@ class DataPlane:
             self.env.set_node_down(node)
         logger.info("node failed", extra={"fields": {"node": node}})
 
+    def unready(self, node: str, service: str) -> None:
+        """From the next step on, ``service``'s pods on ``node`` are out of its endpoints (a
+        failing readiness probe): requests of it routed there are refused (503, no upstream),
+        while the node, its clients and its other services go on. What they hold is still
+        answered, as a pod taken out of the endpoints finishes its requests."""
+        if node not in self.node_names:
+            raise ValueError(f"unknown edge node {node!r}; the nodes are {self.node_names}")
+        svc = self._service(service)
+        with self._lock:
+            self._unready.add((node, svc))
+        logger.info("pods not ready", extra={"fields": {"node": node, "service": svc}})
+
     def step(self) -> None:
         """Advance one simulated second with the current routes."""
         with self._lock:
@@ -249,11 +262,20 @@ class DataPlane:
             t = env.t
             offered = env.arrivals[0, t]  # (N, S)
             counts = self._rng.multinomial(offered, self._fractions)  # (N, S, K+1)
-            # A weight on a node that is down is not shifted elsewhere, as the simulator's
-            # action mask would: Envoy answers 503 (no healthy upstream). They go to the
-            # reject slot, so they count as lost, and the meter puts them on their route.
-            down = np.array([node in self._down for node in self.node_names])
-            unroutable = np.where(down[self._meter.dest][:, None, :], counts, 0)
+            # A weight on a node that is down, or on one without a ready pod of the service,
+            # is not shifted elsewhere, as the simulator's action mask would: Envoy answers
+            # 503 (no healthy upstream). They go to the reject slot, so they count as lost,
+            # and the meter puts them on their route.
+            closed = np.array(
+                [
+                    [
+                        node in self._down or (node, svc) in self._unready
+                        for svc in self.service_names
+                    ]
+                    for node in self.node_names
+                ]
+            )  # (N, S)
+            unroutable = np.where(closed[self._meter.dest].transpose(0, 2, 1), counts, 0)
             counts = counts - unroutable
             share = np.maximum(offered, 1)[..., None]
             action = np.zeros((1, *offered.shape, env.action_dim))
@@ -333,6 +355,7 @@ class DataPlane:
                 "capacity_rps": self.capacity(),
                 "degraded": {n: f for n, f in self._factor.items() if f != 1.0},
                 "down": sorted(self._down),
+                "unready": sorted(f"{svc}/{node}" for node, svc in self._unready),
                 "routes": {
                     svc: {"origin": self._origin[svc], "by_source": self.routes(svc)}
                     for svc in self.service_names

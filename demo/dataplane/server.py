@@ -1,5 +1,5 @@
-"""The data plane over HTTP: GET /metrics, GET /truth, POST /degrade, POST /fail and GET
-/healthz (what each answers is in ``python -m demo.dataplane --help``)."""
+"""The data plane over HTTP: GET /metrics, GET /truth, POST /degrade, POST /fail, POST /unready
+and GET /healthz (what each answers is in ``python -m demo.dataplane --help``)."""
 
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ def _handler(dp: DataPlane) -> type[BaseHTTPRequestHandler]:
                     self._json(HTTPStatus.BAD_REQUEST, {"error": str(exc)})
             elif path == "/healthz":
                 self._send(HTTPStatus.OK, b"ok\n", "text/plain")
-            elif path in ("/degrade", "/fail"):
+            elif path in ("/degrade", "/fail", "/unready"):
                 self._json(HTTPStatus.METHOD_NOT_ALLOWED, {"error": "use POST"})
             else:
                 self._json(HTTPStatus.NOT_FOUND, {"error": f"no {path}"})
@@ -51,6 +51,16 @@ def _handler(dp: DataPlane) -> type[BaseHTTPRequestHandler]:
                     self._json(HTTPStatus.BAD_REQUEST, {"error": message})
                     return
                 self._json(HTTPStatus.OK, {"node": node, "capacity_rps": dp.capacity()})
+                return
+            if url.path == "/unready":
+                try:
+                    node, service = query["node"][0], query["service"][0]
+                    dp.unready(node, service)
+                except (KeyError, ValueError) as exc:
+                    message = f"{exc}; use POST /unready?node=NODE&service=SERVICE"
+                    self._json(HTTPStatus.BAD_REQUEST, {"error": message})
+                    return
+                self._json(HTTPStatus.OK, {"node": node, "service": service})
                 return
             if url.path != "/degrade":
                 self._json(HTTPStatus.NOT_FOUND, {"error": f"no POST {url.path}"})

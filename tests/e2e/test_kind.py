@@ -304,6 +304,32 @@ def test_a_node_whose_kubelet_stops_gets_no_traffic_until_it_is_back(cluster, st
     )
 
 
+def test_a_node_without_a_pod_of_fn_gets_no_fn_traffic_until_one_is_back(cluster, state):
+    """fn-edge-1 scaled to nothing: edge-1 is still up, but its subset has no endpoint, so
+    the operator routes no fn request there and PodsReady says why; scaled back, it routes
+    to it again."""
+    cluster.kubectl("-n", EDGE_NS, "scale", "deploy/fn-edge-1", "--replicas=0")
+    try:
+
+        def routed_around() -> bool:
+            policy = cluster.json("get", "routingpolicy", POLICY, "-n", EDGE_NS)
+            conditions = {c["type"]: c for c in policy.get("status", {}).get("conditions", [])}
+            unserved = conditions.get("PodsReady", {})
+            up = conditions.get("NodesReady", {}).get("status") == "True"
+            no_pod = unserved.get("status") == "False" and "fn on edge-1" in unserved["message"]
+            return up and no_pod and not any(cluster.weights_to("edge-1").values())
+
+        wait_for("no fn route to edge-1", routed_around, timeout=120)
+    finally:
+        cluster.kubectl("-n", EDGE_NS, "scale", "deploy/fn-edge-1", "--replicas=1", check=False)
+    cluster.kubectl("-n", EDGE_NS, "rollout", "status", "deploy/fn-edge-1", "--timeout=5m")
+    wait_for(
+        "fn traffic to edge-1 again",
+        lambda: any(cluster.weights_to("edge-1").values()),
+        timeout=300,
+    )
+
+
 def test_deleting_the_policy_restores_the_routes(cluster, state):
     cluster.kubectl("delete", "-f", "examples/policy.yaml", "--wait", "--timeout=180s")
     wait_for(
