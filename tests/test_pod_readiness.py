@@ -23,7 +23,7 @@ from marl_operator.spec import parse_policy_spec
 from marl_operator.status import status_of
 from operator_fakes import FakeKube, Reader, example, example_mesh, example_policy_body, renamed
 
-from demo.cluster import kubernetes_pod, workload_objects
+from demo.cluster import kubernetes_node, kubernetes_pod, workload_objects
 
 EDGE_NODES = example("edgenodes.yaml")
 NODES = (MeshNode("edge-0"), MeshNode("edge-1"), MeshNode("edge-2", "site-b"))
@@ -138,6 +138,12 @@ def test_a_failed_read_of_a_service_s_pods_is_remembered_for_the_refresh():
     now[0] = 10
     kube.service_pods = good
     assert len(inventory.service_pods("edge", "fn")) == 3
+    # each Service is its own read; one nobody asks for any more is forgotten
+    with pytest.raises(PodsUnreadable, match="edge/other does not exist"):
+        inventory.service_pods("edge", "other")
+    now[0] = 10 + 30 * 10 + 1
+    inventory.service_pods("edge", "fn")
+    assert ("service_pods", "edge", "other") not in inventory._lists
 
 
 # -- whole cycles ----------------------------------------------------------------------------
@@ -262,3 +268,118 @@ def test_a_host_that_names_no_kubernetes_service_leaves_its_pods_unknown():
         "fn": "its host fn.example.com names no Kubernetes Service (name or name.namespace.svc...)"
     }
     assert condition(report, "PodsReady")["reason"] == "Unreadable"
+
+
+def test_the_clients_of_a_node_without_a_pod_still_hold_the_cycle_when_stale():
+    """The node is up: its clients go on sending to the others, so their series going stale
+    is no more expected than anywhere else (only the series of its missing pods are); nor
+    does one service's gap excuse another's stale series there."""
+    mesh = example_mesh()
+    runtime, kube = runtime_over(mesh)
+    fn_only = example_policy_body(services=["fn"])
+    runtime.cycle("edge/f", fn_only)
+    fail_pod(kube, "fn-edge-1-0")
+    mesh.stale_sources = {"edge-1"}
+    held = runtime.cycle("edge/f", fn_only)
+    assert held.outcome == Outcome.HELD and "fn's metrics are stale" in held.reason, held.reason
+    mesh.stale_sources = set()
+    body = example_policy_body(services=["fn", "heavy"])
+    runtime.cycle("edge/p", body)
+    mesh.stale_servers = {("heavy", "edge-1")}
+    held = runtime.cycle("edge/p", body)
+    assert held.outcome == Outcome.HELD and "heavy's metrics are stale" in held.reason
+    mesh.stale_servers = {("fn", "edge-1")}
+    assert runtime.cycle("edge/p", body).outcome in (Outcome.APPLIED, Outcome.UNCHANGED)
+
+
+def test_a_service_without_a_ready_pod_anywhere_holds_without_counting_failures():
+    """Nothing could serve it: its routes stay (no node is better than another) and no
+    failure is counted toward the fallback, as with every node down."""
+    mesh = example_mesh()
+    runtime, kube = runtime_over(mesh)
+    body = example_policy_body(services=["fn", "heavy"], safety={"failureThreshold": 2})
+    runtime.cycle("edge/p", body)
+    before = {s: r.by_source for s, r in mesh.routes.items()}
+    for node in ("edge-0", "edge-1", "edge-2"):
+        fail_pod(kube, f"fn-{node}-0")
+    for _ in range(3):
+        report = runtime.cycle("edge/p", body)
+        assert report.outcome == Outcome.HELD and report.failures == 0, report.reason
+    assert report.reason.startswith("fn has no ready pod on any edge node of the policy")
+    assert {s: r.by_source for s, r in mesh.routes.items()} == before
+    message = condition(report, "PodsReady")["message"]
+    assert "while another can serve it" in message and "fn on edge-0" in message
+
+
+def test_a_node_down_is_not_also_named_for_its_pods():
+    mesh = example_mesh()
+    runtime, kube = runtime_over(mesh)
+    kube.cluster_nodes = [
+        kubernetes_node(n["metadata"]["name"], n["metadata"]["labels"], "False")
+        if n["metadata"]["name"] == "kind-worker2"
+        else n
+        for n in kube.cluster_nodes
+    ]
+    fail_pod(kube, "fn-edge-1-0")
+    report = runtime.cycle("edge/p", example_policy_body(services=["fn", "heavy"]))
+    assert set(report.down) == {"edge-1"} and report.unserved == {}
+
+
+def test_a_refused_read_is_named_once_for_every_service_it_refuses():
+    mesh = example_mesh()
+    runtime, kube = runtime_over(mesh)
+
+    def refused(namespace, name):
+        raise Forbidden("list", "Pod", namespace, "")
+
+    kube.service_pods = refused
+    report = runtime.cycle("edge/p", example_policy_body(services=["fn", "heavy"]))
+    message = condition(report, "PodsReady")["message"]
+    assert "fn, heavy: forbidden" in message and message.count("forbidden") == 1, message
+    assert "what was last read of them holds" in message
+
+
+def test_metrics_and_pods_are_read_in_the_namespace_the_host_names():
+    mesh = example_mesh()
+    asked = []
+
+    class RecordingReader(Reader):
+        def read(self, **kwargs):
+            asked.append(kwargs["namespace"])
+            return super().read(**kwargs)
+
+    services = copy.deepcopy(example("edgeservice.yaml"))
+    services[0]["spec"]["host"] = "fn.shop.svc.cluster.local"
+    kube = FakeKube(EDGE_NODES, services)
+    runtime = Runtime(kube, mesh=mesh, reader_for=lambda url: RecordingReader(mesh))
+    report = runtime.cycle("edge/p", example_policy_body())
+    assert asked == ["shop"]
+    assert report.pods_unknown == {"fn": "the Service shop/fn does not exist"}
+
+
+def test_behind_an_httproute_each_node_s_own_service_tells_whether_it_serves():
+    """The Gateway API routes to one Service per node: its pods are what requests reach,
+    whatever label they carry."""
+    mesh = example_mesh()
+    kube = FakeKube(EDGE_NODES, example("edgeservice-httproute.yaml"))
+    kube.workload = []
+    for node in ("edge-0", "edge-1", "edge-2"):
+        labels = {"app": "fn-gw", "site": node}
+        kube.workload.append(
+            {
+                "kind": "Service",
+                "metadata": {"name": f"fn-gw-{node}", "namespace": "edge"},
+                "spec": {"selector": labels},
+            }
+        )
+        kube.workload.append(kubernetes_pod(f"fn-gw-{node}-0", "edge", labels))
+    fail_pod(kube, "fn-gw-edge-1-0")
+    runtime = Runtime(kube, mesh=mesh, reader_for=lambda url: Reader(mesh))
+    report = runtime.cycle("edge/p", example_policy_body(services=["fn-gw"]))
+    assert report.pods_unknown == {}
+    assert report.unserved == {
+        "fn-gw": {
+            "edge-1": "none of its 1 pods is ready (fn-gw-edge-1-0: Ready is False (no reason "
+            "given)) behind the Service fn-gw-edge-1"
+        }
+    }

@@ -203,8 +203,8 @@ class ReportModel(BaseModel):
     )
     pods_unknown: dict[str, str] | None = Field(
         default=None,
-        description="service -> why its pods could not be read (every node that is up was "
-        "counted serving it)",
+        description="service -> why its pods could not be read (what was last read of them "
+        "holds; never read, every node that is up was counted serving it)",
     )
 
     @classmethod

@@ -22,7 +22,7 @@ from marl_operator.guard import (
 )
 from marl_operator.liveness import Liveness
 from marl_operator.mesh.model import MeshError, MeshNode, MeshRoutes, MeshService
-from marl_operator.mesh.naming import destination_names
+from marl_operator.mesh.naming import destination_names, destination_namespace
 from marl_operator.mesh.routing import as_percentages, build_routes, integer_weights
 from marl_operator.observer import InsufficientData, Observer, node_of
 from marl_operator.problem import MeshProblem
@@ -192,8 +192,9 @@ class PolicyController:
         self._alive: Liveness | None = None  # the running cycle's, once read
         self._known_down: dict[str, str] = {}  # as the liveness source last said
         self._known_unserved: dict[str, dict[str, str]] = {}  # likewise, per service
-        # (service, node) -> when the node was last known not to serve the service
-        self._down_seen: dict[tuple[str, str], float] = {}
+        self._down_seen: dict[str, float] = {}  # node -> when it was last known to be down
+        # (service, node) -> when the node, up, was last known to have no ready pod of it
+        self._unserved_seen: dict[tuple[str, str], float] = {}
 
     # -- the cycle --------------------------------------------------------------------------
 
@@ -210,6 +211,17 @@ class PolicyController:
         down = self._down
         if len(down) == len(nodes):
             return self._hold("no edge node of the policy is up, so no route could serve", live)
+        nowhere = [
+            s for s in self.problem.topology.services if self._alive.cannot_serve(s) >= set(nodes)
+        ]
+        if nowhere:
+            # Its clients' requests all fail wherever they go, so they say nothing of the
+            # routing: no decision is made on them, and no failure is counted.
+            return self._hold(
+                f"{', '.join(nowhere)} has no ready pod on any edge node of the policy, so no "
+                "route could serve it (see PodsReady)",
+                live,
+            )
         try:
             readings = self._read()
             telemetry = self.observer.telemetry(readings, np.isin(nodes, list(down)))
@@ -277,8 +289,8 @@ class PolicyController:
             if service in services
         }
         now = self.clock()
-        self._down_seen |= {(s, n): now for s in services for n in self._known_down}
-        self._down_seen |= {(s, n): now for s, row in unserved.items() for n in row}
+        self._down_seen |= dict.fromkeys(self._known_down, now)
+        self._unserved_seen |= {(s, n): now for s, row in unserved.items() for n in row}
         return Liveness(
             self._known_down,
             alive.unknown,
@@ -287,25 +299,30 @@ class PolicyController:
         )
 
     def _read(self) -> dict[str, ServiceReadings]:
-        """Every service's readings; stale ones hold the cycle, but for series of nodes that
-        are down or do not serve the service, or did not within ``staleAfterSeconds``: those
-        stop with the node or its pods, and take that long to be current again once back."""
+        """Every service's readings; stale ones hold the cycle, but for series that stopped
+        with a node that is down (its clients' and its pods'), or with a service's pods on a
+        node without a ready one (those pods' alone: the node's clients go on), now or
+        within ``staleAfterSeconds``: that long they take to be current again once back."""
         prom = self.spec.prometheus
         labels = self.observer.labels
         since = self.clock() - self.spec.safety.stale_after_s
+        index = {n.name: labels[n.label] for n in self.problem.nodes}
+        gone = {index[n] for n, seen in self._down_seen.items() if seen >= since}
         out = {}
         for service in self.problem.services:
-            recent = {
-                n for (s, n), seen in self._down_seen.items() if s == service.name and seen >= since
+            unserved = {
+                index[n]
+                for (s, n), seen in self._unserved_seen.items()
+                if s == service.name and seen >= since
             }
-            gone = {labels[n.label] for n in self.problem.nodes if n.name in recent}
 
-            def expected(pair: tuple[str, str], gone: set[int] = gone) -> bool:
-                return any(node_of(workload, labels) in gone for workload in pair)
+            def expected(pair: tuple[str, str], unserved: set[int] = unserved) -> bool:
+                source, server = (node_of(workload, labels) for workload in pair)
+                return source in gone or server in gone or server in unserved
 
             try:
                 readings = self.reader.read(
-                    namespace=service.namespace,
+                    namespace=destination_namespace(service),
                     service=service.name,
                     host=service.host,
                     window=prom.window,

@@ -25,6 +25,9 @@ from marl_operator.spec import PolicySpec, SpecError
 INVENTORY_REFRESH_S = 10.0
 """How old the EdgeNodes and EdgeServices a cycle compares its policy with may be."""
 
+FORGET_AFTER = 30
+"""Refreshes after which a read nobody asked for again is dropped."""
+
 
 class InventorySource(Protocol):
     """What the inventory reads (``Kube``'s calls of the same names)."""
@@ -39,8 +42,12 @@ class InventorySource(Protocol):
 
 
 class Inventory:
-    """EdgeNodes, Kubernetes nodes and EdgeServices as last read, read again once older than
-    ``refresh_s``. A refused read (``Forbidden``) is raised to the caller, not remembered."""
+    """EdgeNodes, Kubernetes nodes, services' pods and EdgeServices as last read, read again
+    once older than ``refresh_s``. A failed read of the EdgeNodes or EdgeServices is raised
+    to the caller, not remembered; one of the Kubernetes nodes or of a service's pods is
+    remembered as long as a good one would be (every policy asks every cycle). What nobody
+    asked for in ``FORGET_AFTER`` refreshes (a service no policy routes any more) is
+    forgotten."""
 
     def __init__(
         self,
@@ -89,6 +96,9 @@ class Inventory:
             raise
         with self._lock:
             self._lists[key] = (now, items)
+            horizon = now - FORGET_AFTER * self.refresh_s
+            for old in [k for k, (when, _) in self._lists.items() if when < horizon]:
+                del self._lists[old]
         return items
 
     def edge_services(

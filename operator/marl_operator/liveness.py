@@ -9,11 +9,12 @@ exists and reports the condition Ready. A node that is down is treated as the si
 treats a failed one (``simulator.env``): no capacity, no clients, no route to it.
 
 A node that is up can still fail one service: its pods of that service crash, are evicted or
-were never scheduled there. The mesh's subset for the node (pods with the EdgeService's
-``nodeLabel`` set to the node's label value) then has no endpoint, and every request routed to
-it is answered 503 at once. So for each service the pods its Kubernetes Service selects are
-read as well, and a node without a ready one gets no route *for that service*; its other
-services keep theirs.
+were never scheduled there. What the mesh routes to for the node then has no endpoint, and
+every request routed to it is answered 503 at once: with Istio, the node's subset (the pods
+of the host's Service with the EdgeService's ``nodeLabel`` set to the node's label value);
+with the Gateway API, the node's own Service. So for each service those pods are read as
+well, and a node without a ready one gets no route *for that service*; its other services
+keep theirs.
 """
 
 from __future__ import annotations
@@ -144,13 +145,19 @@ def unserved(
     out = {}
     for node in nodes:
         found = by_value.get(node.label, [])
-        if any(pod_ready(pod)[0] for pod in found):
-            continue
-        if not found:
-            out[node.name] = f"no pod labelled {node_label}={node.label}"
-            continue
-        shown = sorted(found, key=lambda pod: pod["metadata"]["name"])[:3]
-        states = "; ".join(f"{pod['metadata']['name']}: {pod_ready(pod)[1]}" for pod in shown)
-        more = f" and {len(found) - len(shown)} more" if len(found) > len(shown) else ""
-        out[node.name] = f"none of its {len(found)} pods is ready ({states}{more})"
+        why = why_unready(found) if found else f"no pod labelled {node_label}={node.label}"
+        if why is not None:
+            out[node.name] = why
     return out
+
+
+def why_unready(pods: Sequence[Mapping[str, Any]]) -> str | None:
+    """None when one of ``pods`` is ready, else why none is, naming a few."""
+    if any(pod_ready(pod)[0] for pod in pods):
+        return None
+    if not pods:
+        return "no pod"
+    shown = sorted(pods, key=lambda pod: pod["metadata"]["name"])[:3]
+    states = "; ".join(f"{pod['metadata']['name']}: {pod_ready(pod)[1]}" for pod in shown)
+    more = f" and {len(pods) - len(shown)} more" if len(pods) > len(shown) else ""
+    return f"none of its {len(pods)} pods is ready ({states}{more})"

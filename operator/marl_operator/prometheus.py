@@ -11,7 +11,8 @@ client sees, network and queueing included, is what routing should optimise.
 
 Templates and placeholders
     A RoutingPolicy may override any template by name in ``spec.prometheus.queries``. Only five
-    placeholders are substituted: ``$namespace``, ``$service`` (the EdgeService's name),
+    placeholders are substituted: ``$namespace`` (of the Services below and their pods: the
+    one the host names, by default the EdgeService's), ``$service`` (the EdgeService's name),
     ``$destinations`` (the Service names Istio reports its requests under, as a regular
     expression: the host's Service for Istio, ``fn-gw-edge-0|fn-gw-edge-1|...`` for the
     Gateway API's per-node Services), ``$host`` and ``$window`` (also written ``${namespace}``

@@ -92,7 +92,8 @@ class CycleReport:
     # service -> edge node that is up without a ready pod of it -> why; no route of the
     # service goes there; None when the cycle did not ask
     unserved: dict[str, dict[str, str]] | None = None
-    pods_unknown: dict[str, str] | None = None  # service -> why its pods could not be read
+    # service -> why its pods could not be read (what was last read holds)
+    pods_unknown: dict[str, str] | None = None
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-compatible (enums as their values)."""

@@ -40,7 +40,7 @@ from marl_operator.controller import MeshClient, MetricsSource, PolicyController
 from marl_operator.instruments import Instruments
 from marl_operator.inventory import Inventory, fingerprint
 from marl_operator.kube import KINDS, Forbidden, Kube, KubeMesh, PodsUnreadable
-from marl_operator.liveness import Liveness, edge_node_status, liveness, unserved
+from marl_operator.liveness import Liveness, edge_node_status, liveness, unserved, why_unready
 from marl_operator.mesh.model import (
     MeshError,
     MeshNode,
@@ -48,6 +48,7 @@ from marl_operator.mesh.model import (
     MeshService,
     RestoreIncomplete,
 )
+from marl_operator.mesh.naming import destination_names, destination_namespace
 from marl_operator.problem import build_problem
 from marl_operator.prometheus import PrometheusAccess, PrometheusReader, redact_url
 from marl_operator.report import BUILD_FORBIDDEN, CYCLE_FAILED, CycleReport, Outcome
@@ -308,24 +309,34 @@ class Runtime:
             alive = liveness(edge_nodes, nodes)
         gaps, unknown = {}, {}
         for service in services:
-            where = service.kubernetes_service
-            if where is None:
+            if service.provider != "gateway-api" and service.kubernetes_service is None:
                 unknown[service.name] = (
                     f"its host {service.host} names no Kubernetes Service (name or "
                     "name.namespace.svc...)"
                 )
                 continue
+            up = [node for node in mesh_nodes if node.name not in alive.down]
             try:
-                pods = self.inventory.service_pods(*where)
+                gaps[service.name] = self._unserved(service, up)
             except PodsUnreadable as error:
                 unknown[service.name] = str(error)
-                continue
             except UNANSWERED as error:
-                unknown[service.name] = _failure(f"listing the pods of {'/'.join(where)}", error)
-                continue
-            up = [node for node in mesh_nodes if node.name not in alive.down]
-            gaps[service.name] = unserved(up, service.node_label, pods)
+                unknown[service.name] = _failure("listing the pods of its Service", error)
         return dataclasses.replace(alive, unserved=gaps, pods_unknown=unknown)
+
+    def _unserved(self, service: MeshService, nodes: Sequence[MeshNode]) -> dict[str, str]:
+        """Which of ``nodes`` have no ready pod of ``service`` where its routes go: the pods
+        of each node's own Service for an HTTPRoute, those of the host's Service with the
+        node's label value for a VirtualService's subsets."""
+        if service.provider == "gateway-api":
+            namespace, gaps = destination_namespace(service), {}
+            for node, name in zip(nodes, destination_names(service, nodes), strict=True):
+                why = why_unready(self.inventory.service_pods(namespace, name))
+                if why is not None:
+                    gaps[node.name] = f"{why} behind the Service {name}"
+            return gaps
+        namespace, name = service.kubernetes_service  # checked by the caller
+        return unserved(nodes, service.node_label, self.inventory.service_pods(namespace, name))
 
     def _publish_edge_nodes(self, names: Sequence[str]) -> None:
         """Write the status of the EdgeNodes ``names`` (their Kubernetes nodes, Ready) where

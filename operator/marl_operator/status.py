@@ -140,10 +140,13 @@ def _pods_ready(report: CycleReport) -> dict[str, Any]:
     when the cycle did not ask, or could not read some service's pods)."""
     if report.unserved is None:
         return _condition("PodsReady", None, "NotRead", "the last cycle did not read the pods")
-    unread = "; ".join(f"{s}: {why}" for s, why in sorted((report.pods_unknown or {}).items()))
+    reasons: dict[str, list[str]] = {}  # one long refusal, named once for all its services
+    for service, why in sorted((report.pods_unknown or {}).items()):
+        reasons.setdefault(why, []).append(service)
+    unread = "; ".join(f"{', '.join(services)}: {why}" for why, services in reasons.items())
     unread = unread and (
-        f"whether these services have ready pods is unknown, so every edge node that is up is "
-        f"counted serving them: {unread}"
+        f"the pods of some services could not be read (what was last read of them holds; "
+        f"never read, every edge node that is up counts as serving them): {unread}"
     )
     if report.unserved:
         gaps = "; ".join(
@@ -151,7 +154,10 @@ def _pods_ready(report: CycleReport) -> dict[str, Any]:
             for service, row in sorted(report.unserved.items())
             for node, why in sorted(row.items())
         )
-        message = f"no route of a service goes where it has no ready pod: {gaps}"
+        message = (
+            f"edge nodes without a ready pod of a service, which get no route of it while "
+            f"another can serve it: {gaps}"
+        )
         return _condition(
             "PodsReady", False, "NoReadyPod", "; and ".join(filter(None, [message, unread]))
         )

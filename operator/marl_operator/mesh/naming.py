@@ -78,3 +78,12 @@ def destination_names(service: MeshService, nodes: Sequence[MeshNode]) -> tuple[
         return tuple(node_service_name(service.service_prefix, node.name) for node in nodes)
     where = service.kubernetes_service
     return (where[1] if where is not None else service.host.split(".", 1)[0],)
+
+
+def destination_namespace(service: MeshService) -> str:
+    """The namespace of :func:`destination_names` (and of their pods): the one the host
+    names, the EdgeService's for a short host and for the HTTPRoute's per-node Services."""
+    where = service.kubernetes_service
+    if service.provider == "gateway-api" or where is None:
+        return service.namespace
+    return where[0]
