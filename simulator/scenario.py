@@ -43,6 +43,11 @@ MAX_STEPS = 1_000_000
 episode starts (about 300 bytes a step on dfaas-paise25, so 10^8 steps asked for 30 GiB);
 a million steps is 11 days of 1-second steps."""
 
+MAX_CLIPPED = 0.05
+"""The share of a workload's requests the clip to ``max_arrivals`` may cut. The reference's
+clip at 150 requests a step is part of its dynamics (it cuts under 1% of dfaas-paise25's
+arrivals); a rate written above the clip is a mistake the file's reader would not see."""
+
 FLOAT32_MAX = float(np.finfo(np.float32).max)
 """The engine computes in float32: a larger number becomes infinite mid-episode."""
 
@@ -386,6 +391,7 @@ def parse_scenario(data: Any, name: str = "<inline>", base_dir: Path | None = No
     )
     wr.used.add("default")
     overrides: dict[tuple[str, str], WorkloadSpec] = {}
+    where: dict[tuple[str, str], str] = {}  # (node, service) -> the field its workload is in
     for path, raw in wr.items("overrides", []):
         o = _Reader(raw, path, name)
         node = o.get("node", str)
@@ -395,6 +401,7 @@ def parse_scenario(data: Any, name: str = "<inline>", base_dir: Path | None = No
         if svc not in svc_names:
             o.fail(f"unknown service {svc!r}; known services: {svc_names}", "service")
         overrides[(node, svc)] = _read_workload(o.data.get("workload"), f"{path}.workload", name)
+        where[(node, svc)] = f"{path}.workload"
         o.used.add("workload")
         o.done()
     wr.done()
@@ -407,6 +414,7 @@ def parse_scenario(data: Any, name: str = "<inline>", base_dir: Path | None = No
                     f"no workload for node {node!r}, service {svc!r}: give 'default' or an override"
                 )
             workload_map[(node, svc)] = spec
+            where.setdefault((node, svc), f"{wr.path}.default")
     if base_dir is not None:
         workload_map = {k: _resolve_paths(v, base_dir) for k, v in workload_map.items()}
 
@@ -457,7 +465,34 @@ def parse_scenario(data: Any, name: str = "<inline>", base_dir: Path | None = No
     r.done()
     if scenario.reward == "latency" and not scenario.models_latency:
         r.fail("reward 'latency' needs latency_target_ms on every service", "reward")
+    _check_draws(scenario, where, name)
     return scenario
+
+
+def _check_draws(scenario: Scenario, where: Mapping[tuple[str, str], str], name: str) -> None:
+    """Draw one episode of every workload now: a trace file that is missing or lacks its
+    column is refused naming the field, not found mid-run; so is a workload the clip to
+    ``max_arrivals`` would cut by more than ``MAX_CLIPPED`` of its requests (traffic other
+    than the one written, silently)."""
+    from simulator import workloads
+
+    limit = scenario.max_arrivals
+    for (node, svc), spec in scenario.workloads.items():
+        field = where[(node, svc)]
+        rng = np.random.default_rng(0)
+        try:
+            draw = workloads.generate(spec, rng, 1, min(scenario.steps, 10_000), clip_to=None)
+        except (ValueError, KeyError, OSError) as error:
+            raise ScenarioError(f"scenario {name!r}: field '{field}': {error}") from None
+        total = float(np.sum(draw))
+        cut = (total - float(np.sum(np.minimum(draw, limit)))) / max(total, 1.0)
+        if cut > MAX_CLIPPED:
+            raise ScenarioError(
+                f"scenario {name!r}: field '{field}': node {node!r}, service {svc!r} draws "
+                f"{float(np.mean(draw)):.0f} "
+                f"requests a step on average, and max_arrivals ({limit}) would cut {cut:.0%} of "
+                "them: raise max_arrivals or lower the workload"
+            )
 
 
 def _resolve_paths(spec: WorkloadSpec, base_dir: Path) -> WorkloadSpec:

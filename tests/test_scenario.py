@@ -166,3 +166,38 @@ def test_bad_scenarios_name_the_field(data, field, hint):
 def test_unknown_bundled_name_lists_the_choices():
     with pytest.raises(ScenarioError, match=r"bundled: .*dfaas-paise25"):
         load_scenario("no-such-scenario")
+
+
+def test_a_workload_the_arrival_clip_would_cut_is_refused_naming_max_arrivals():
+    """A rate above ``max_arrivals`` would be flattened to it, silently: the file's traffic
+    would not be the one simulated. The reference's own clip (under 1% cut) stays."""
+    heavy = with_changes(workload={"default": {"kind": "poisson", "rate": 200}})
+    with pytest.raises(
+        ScenarioError, match=r"field 'workload\.default': .*max_arrivals \(150\) would"
+    ):
+        parse_scenario(heavy, "tiny")
+    assert parse_scenario({**heavy, "max_arrivals": 400}, "tiny").max_arrivals == 400
+    override = with_changes(
+        workload={
+            "default": {"kind": "poisson", "rate": 5},
+            "overrides": [{"node": "b", "workload": {"kind": "poisson", "rate": 300}}],
+        }
+    )
+    with pytest.raises(
+        ScenarioError, match=r"field 'workload\.overrides\[0\]\.workload': node 'b'"
+    ):
+        parse_scenario(override, "tiny")
+
+
+def test_a_trace_that_cannot_be_read_is_refused_naming_its_field(tmp_path):
+    trace = tmp_path / "trace.csv"
+    trace.write_text("rps\n3\n4\n")
+    data = with_changes(
+        workload={"default": {"kind": "replay", "path": "trace.csv", "column": "rps"}}
+    )
+    assert parse_scenario(data, "tiny", base_dir=tmp_path).workloads[("a", "f")].kind == "replay"
+    with pytest.raises(ScenarioError, match=r"field 'workload\.default': .*does not exist"):
+        parse_scenario(data, "tiny", base_dir=tmp_path / "elsewhere")
+    data["workload"]["default"]["column"] = "rpz"
+    with pytest.raises(ScenarioError, match=r"field 'workload\.default': .*rpz"):
+        parse_scenario(data, "tiny", base_dir=tmp_path)
