@@ -7,9 +7,11 @@ Examples::
     python benchmarks/train.py --scenario dfaas-2 --seeds 0 --env-steps 50000 --eval-episodes 10
     python benchmarks/train.py --scenario mesh-10x3 --seeds 0 --env-steps 300000 --set gamma=0.9
 
-Each seed is one ``python -m simulator.train ... --json`` run in a fresh process (so the
-measured time includes start-up, as a user would see it). Prints one JSON object: the
-per-seed results and their mean.
+Each seed is one ``python -m simulator.train ... --json`` run in a fresh process.
+``wall_seconds`` and ``env_steps_per_s`` are what the run measures of its training loop;
+``process_seconds`` is the whole process, start-up and the baselines' evaluation included, as
+a user waits for it. A line per seed on stderr says how far it is. Prints one JSON object:
+the per-seed results and their mean.
 """
 
 from __future__ import annotations
@@ -19,11 +21,19 @@ import json
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 from simulator.cli import json_line, non_negative_int, parser_from_doc, positive_int
 
-KEYS = ("return_per_agent", "processed_pct", "latency_mean_ms", "wall_seconds", "env_steps_per_s")
+KEYS = (
+    "return_per_agent",
+    "processed_pct",
+    "latency_mean_ms",
+    "wall_seconds",
+    "process_seconds",
+    "env_steps_per_s",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -74,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     runs = []
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(args.out or tmp)
-        for seed in args.seeds:
+        for i, seed in enumerate(args.seeds):
             cmd = [
                 sys.executable, "-m", "simulator.train", "--scenario", args.scenario,
                 "--algo", args.algo, "--env-steps", str(args.env_steps), "--seed", str(seed),
@@ -85,12 +95,16 @@ def main(argv: list[str] | None = None) -> int:
                 cmd += ["--action-mode", args.action_mode]
             for item in args.set:
                 cmd += ["--set", item]
+            print(f"seed {seed}: training ({i + 1} of {len(args.seeds)})", file=sys.stderr)
+            started = time.perf_counter()
             done = subprocess.run(cmd, capture_output=True, text=True, check=False)
             if done.returncode != 0:
                 print(done.stderr, file=sys.stderr)
                 return done.returncode
             result = json.loads(done.stdout.strip().splitlines()[-1])
+            result["process_seconds"] = time.perf_counter() - started
             runs.append({"seed": seed, **{k: result[k] for k in KEYS if k in result}})
+            print(f"seed {seed}: done in {result['process_seconds']:.0f} s", file=sys.stderr)
     mean = {k: sum(r[k] for r in runs) / len(runs) for k in KEYS if k in runs[0]}
     print(
         json_line(

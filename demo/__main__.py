@@ -30,6 +30,7 @@ from simulator.cli import (
     json_line,
     make_folder,
     non_negative_int,
+    not_a_png,
     parser_from_doc,
     positive_int,
 )
@@ -182,6 +183,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             "the node would never degrade; degrade earlier or run longer"
         )
     # Checked now, not found wanting at the end of the run, the summary lost with the plot.
+    png = not_a_png(args.plot)
+    if png is not None:
+        parser.error(f"--plot: {png}")
     for problem in (make_folder(args.plot.parent, "--plot"), make_folder(args.logs, "--logs")):
         if problem is not None:
             parser.error(problem)

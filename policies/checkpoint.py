@@ -142,8 +142,9 @@ class LoadedPolicy:
         if mode is not None and mode != action_mode:
             raise CheckpointError(
                 f"checkpoint {self.path}: field 'action.mode' is {mode!r} in the checkpoint "
-                f"but {action_mode!r} in the environment (simulator.evaluate takes "
-                f"--action-mode {mode})"
+                f"but {action_mode!r} in the environment (simulator.evaluate runs it with "
+                f"--action-mode {mode}; simulator.adapt and the operator route per neighbour, "
+                "so they need one trained with --action-mode neighbours)"
             )
         check_spec(self.meta, spec_for(action_mode, max_degree), f"checkpoint {self.path}")
 

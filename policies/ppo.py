@@ -41,11 +41,15 @@ _NON_NEGATIVE = (
 )
 
 
+ALGOS = ("mappo", "ippo")
+"""A centralised critic (MAPPO), or one local critic per agent (IPPO)."""
+
+
 @dataclass
 class PPOConfig:
     """Every hyperparameter of training; the CLI and a YAML/JSON config file override them."""
 
-    algo: str = "mappo"  # "mappo" (centralised critic) or "ippo" (local critics)
+    algo: str = "mappo"  # one of ALGOS
     num_envs: int = 32
     rollout_steps: int = 96  # steps per environment between updates
     accept_bonus: float = 3.0
@@ -89,6 +93,10 @@ class PPOConfig:
             for name in names:
                 if not holds(value := getattr(self, name)):
                     raise ValueError(f"hyperparameter {name}: {rule}, got {value!r}")
+        if self.algo not in ALGOS:
+            raise ValueError(
+                f"hyperparameter algo: must be one of {list(ALGOS)}, got {self.algo!r}"
+            )
 
     def entropy_coef(self, progress: float) -> float:
         """Linear schedule from start to end over training (``progress`` in [0, 1])."""

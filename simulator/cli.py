@@ -38,10 +38,26 @@ def parser_from_doc(prog: str, doc: str | None) -> argparse.ArgumentParser:
     )
 
 
+def not_a_png(value: str | Path) -> str | None:
+    """Why ``value`` cannot name the PNG a ``--plot`` writes, or None: matplotlib picks the
+    format by the suffix (and refuses most after the run), and a folder's name gets one
+    appended silently."""
+    path = Path(value)
+    if path.is_dir():
+        example = str(path / "plot.png")
+        return f"{str(path)!r} is a folder; name the PNG file to write, e.g. {example!r}"
+    if path.suffix.lower() != ".png":
+        return f"{str(path)!r} does not end in .png; plots are PNG files"
+    return None
+
+
 def png_path(value: str) -> str:
-    """An argparse type for ``--plot``: the folder must exist and take files before the run,
-    not be found wanting after minutes of work whose results the failed plot would take with
-    it."""
+    """An argparse type for ``--plot``: a .png file whose folder exists and takes files before
+    the run, not found wanting after minutes of work whose results the failed plot would take
+    with it."""
+    problem = not_a_png(value)
+    if problem is not None:
+        raise argparse.ArgumentTypeError(problem)
     folder = Path(value).parent
     if not folder.is_dir():
         raise argparse.ArgumentTypeError(

@@ -41,9 +41,9 @@ from tqdm import tqdm
 
 from policies import checkpoint
 from policies.baselines import PolicyError
-from policies.checkpoint import LoadedPolicy
+from policies.checkpoint import CheckpointError, LoadedPolicy
 from policies.mappo import Trainer
-from policies.ppo import PPOConfig
+from policies.ppo import ALGOS, PPOConfig
 from simulator.cli import json_line, non_negative_int, parser_from_doc, positive_int
 from simulator.env import EdgeEnv, default_action_mode
 from simulator.episodes import build_policy, run_episodes, summarise
@@ -146,7 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The command line, apart from ``main`` so that its help can be checked without running it."""
     parser = parser_from_doc("python -m simulator.train", __doc__)
     parser.add_argument("--scenario", default="dfaas-paise25", help="bundled name or YAML path")
-    parser.add_argument("--algo", choices=("mappo", "ippo"), help="default: mappo")
+    parser.add_argument("--algo", choices=ALGOS, help="default: mappo")
     parser.add_argument(
         "--env-steps",
         type=positive_int,
@@ -181,6 +181,31 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def resume_mismatch(out: Path, scenario: str, mode: str, algo: str) -> str | None:
+    """What of this run differs from the one saved in ``out`` (its checkpoint's meta), named
+    by option, or None: resumed on another scenario, a run would go on silently and relabel
+    its checkpoint as the new one's."""
+    try:
+        meta = checkpoint.read_meta(out)
+    except CheckpointError:
+        return None  # the state itself is checked when it is loaded
+    saved = {
+        "--scenario": meta.get("scenario"),
+        "--action-mode": (meta.get("action") or {}).get("mode"),
+        "--algo": meta.get("algo"),
+    }
+    asked = {"--scenario": scenario, "--action-mode": mode, "--algo": algo}
+    differs = [k for k, v in saved.items() if v is not None and v != asked[k]]
+    if not differs:
+        return None
+    was = " ".join(f"{k} {saved[k]}" for k in differs)
+    now = " ".join(f"{k} {asked[k]}" for k in differs)
+    return (
+        f"{out} was trained with {was}, and this run asks for {now}: resume with {was}, or "
+        "train into a new --out"
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
 
@@ -212,6 +237,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.resume and not resumed and rank == 0:
         print(f"--resume: no saved state in {out}; starting a new run", file=sys.stderr)
     if resumed:
+        mismatch = resume_mismatch(out, scenario.name, mode, cfg.algo)
+        if mismatch:
+            print(f"error: --resume: {mismatch}", file=sys.stderr)
+            return 2
         try:
             trainer.load_state_dict(torch.load(out / STATE_FILE, weights_only=True))
         except (RuntimeError, KeyError, ValueError, OSError) as exc:
@@ -292,6 +321,8 @@ def main(argv: list[str] | None = None) -> int:
         disable=not lead or args.json or not sys.stderr.isatty(),
         desc=f"{scenario.name} {cfg.algo}",
     )
+    # Without a terminal (a pipe to tee, a CI log) a bar draws nothing: a line per evaluation.
+    log_lines = lead and not args.json and bar.disable
     interrupted = False
     try:
         while trainer.updates < total_updates:
@@ -329,6 +360,15 @@ def main(argv: list[str] | None = None) -> int:
                     for key in ("return_per_agent", "processed_pct"):
                         writer.add_scalar(f"eval/{key}", result[key], row["env_steps"])
                     save_all()
+                    if log_lines:
+                        print(
+                            f"{scenario.name} {cfg.algo}: {row['env_steps']:,} of "
+                            f"{total_updates * per_update:,} env steps, evaluated return per "
+                            f"agent {result['return_per_agent']:.1f}, processed "
+                            f"{result['processed_pct']:.1f}%",
+                            file=sys.stderr,
+                            flush=True,
+                        )
     except KeyboardInterrupt:
         interrupted = True
     bar.close()

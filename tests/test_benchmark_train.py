@@ -17,6 +17,8 @@ def test_a_tiny_run_reports_every_seed_and_trains_the_requested_action_head(tmp_
     assert [run["seed"] for run in report["seeds"]] == [0, 1]
     for run in report["seeds"]:
         assert run["wall_seconds"] > 0 and run["env_steps_per_s"] > 0
+        # the process, start-up and the baselines' evaluation included, takes longer
+        assert run["process_seconds"] > run["wall_seconds"]
         assert 0 <= run["processed_pct"] <= 100
     mean = sum(run["return_per_agent"] for run in report["seeds"]) / 2
     assert report["mean"]["return_per_agent"] == mean

@@ -2,6 +2,7 @@ import argparse
 import importlib.util
 import json
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -78,13 +79,30 @@ def test_decision_benchmark_needs_two_agents_and_evaluate_a_comparison_to_plot(c
         # A mistyped checkpoint directory is a missing checkpoint, not an unknown heuristic.
         ("runs/no-such-run", "checkpoint runs/no-such-run: no such file or directory"),
         # A per-neighbour checkpoint on a scenario evaluated per node: the flag that fits.
-        ("policies/checkpoints/mesh-10x3", "simulator.evaluate takes --action-mode neighbours"),
+        (
+            "policies/checkpoints/mesh-10x3",
+            "simulator.evaluate runs it with --action-mode neighbours",
+        ),
         ("no-such-heuristic", "or a checkpoint directory, 'default' or 'oracle'"),
     ],
 )
 def test_evaluate_says_what_is_wrong_with_a_policy(policy, words):
     p = run("simulator.evaluate", "--scenario", "dfaas-2", "--policy", policy, "--episodes", "1")
     assert p.returncode == 2 and words in p.stderr and "Traceback" not in p.stderr, p.stderr
+
+
+def test_adapt_says_which_checkpoint_it_needs_for_a_split3_one(tmp_path):
+    """A checkpoint trained per node (split3) cannot route per neighbour: adapt has no
+    --action-mode to take, so the message says what to train instead."""
+    run_dir = tmp_path / "split3"
+    shutil.copytree(ROOT / "policies" / "checkpoints" / "mesh-10x3", run_dir)
+    meta = json.loads((run_dir / "policy.json").read_text())
+    meta["action"]["mode"] = "split3"
+    (run_dir / "policy.json").write_text(json.dumps(meta))
+    p = run("simulator.adapt", "--scenario", "mesh-10x3-surge", "--policy", str(run_dir))
+    assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr
+    assert "simulator.adapt and the operator route per neighbour" in p.stderr
+    assert "trained with --action-mode neighbours" in p.stderr
 
 
 def test_bench_json_contract():
@@ -298,6 +316,7 @@ def test_benchmarks_refuse_an_unknown_scenario_before_any_work(command, capsys):
         (["--set", "eval_every=0"], "hyperparameter eval_every: must be > 0, got 0"),
         (["--set", "num_minibatches=0"], "hyperparameter num_minibatches: must be > 0"),
         (["--set", "gamma=1.5"], "hyperparameter gamma: must lie in [0, 1]"),
+        (["--set", "algo=foo"], "hyperparameter algo: must be one of ['mappo', 'ippo']"),
         (["--set", "num_envs=[1"], "--set num_envs=[1: not valid YAML"),
     ],
 )
@@ -508,3 +527,20 @@ def test_output_folders_must_take_files(tmp_path, monkeypatch):
     with pytest.raises(argparse.ArgumentTypeError, match="is not writable"):
         png_path(str(tmp_path / "a.png"))
     assert "--logs: folder" in make_folder(tmp_path, "--logs")
+
+
+@pytest.mark.parametrize(
+    ("argv", "words"),
+    [
+        (["simulator.adapt", "--scenario", "mesh-10x3-surge"], "does not end in .png"),
+        (["simulator.evaluate", "--compare"], "does not end in .png"),
+        (["demo"], "does not end in .png"),
+    ],
+)
+def test_a_plot_that_is_no_png_is_refused_before_the_run(argv, words, tmp_path):
+    """matplotlib picks the format by the suffix and refused .txt only after the whole run;
+    a folder's name got .png appended silently."""
+    p = run(*argv, "--plot", str(tmp_path / "a.txt"))
+    assert p.returncode == 2 and "--plot" in p.stderr and words in p.stderr, p.stderr
+    p = run(*argv, "--plot", str(tmp_path))
+    assert p.returncode == 2 and "is a folder; name the PNG file to write" in p.stderr

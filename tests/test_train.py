@@ -133,6 +133,30 @@ def test_a_state_that_does_not_fit_is_refused_by_resume_and_saves_are_whole(tmp_
     assert "error: --resume:" in err and "train into a new --out" in err
 
 
+def test_resuming_on_another_scenario_is_refused_naming_the_option(tmp_path, capsys):
+    """It used to go on silently and relabel the checkpoint as the other scenario's (the
+    --help's resume example names no --scenario, so it falls back to the default)."""
+    out = tmp_path / "run"
+    assert train(out, 3000, *TINY) == 0  # dfaas-2
+    args = ["--scenario", "dfaas-paise25", "--env-steps", "6000", "--out", str(out), "--resume"]
+    capsys.readouterr()
+    assert train_main([*args, *TINY]) == 2
+    err = capsys.readouterr().err
+    assert f"{out} was trained with --scenario dfaas-2, and this run asks for --scenario " in err
+    assert "dfaas-paise25: resume with --scenario dfaas-2" in err
+    assert json.loads((out / "policy.json").read_text())["scenario"] == "dfaas-2"
+
+
+def test_without_a_terminal_each_evaluation_is_a_line_on_stderr(tmp_path, capsys):
+    """A progress bar draws nothing into a pipe (make train | tee log): the run would say
+    nothing for minutes; it says how far it is at each evaluation instead."""
+    args = ["--scenario", "dfaas-2", "--env-steps", "3000", "--out", str(tmp_path / "run")]
+    assert train_main([*args, *TINY, "--set", "eval_every=1"]) == 0
+    err = capsys.readouterr().err.splitlines()
+    lines = [line for line in err if line.startswith("dfaas-2 mappo: ")]
+    assert len(lines) >= 2 and "env steps, evaluated return per agent" in lines[0], lines
+
+
 def _progress_updates(out) -> list[int]:
     with (out / "progress.csv").open() as f:
         return [int(row["update"]) for row in csv.DictReader(f)]
