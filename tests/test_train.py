@@ -75,7 +75,8 @@ def test_spec_mismatch_names_the_field(trained):
     with pytest.raises(PolicyError, match=r"'action\.mode' is 'split3' in the checkpoint"):
         build_policy(str(trained), env, seed=0)
     neighbours = EdgeEnv(load_scenario("dfaas-2"), num_envs=1, action_mode="neighbours")
-    with pytest.raises(PolicyError, match=r"but 'neighbours' in the environment .*split3\)"):
+    wanted = r"but 'neighbours' in the environment .*--action-mode split3;"
+    with pytest.raises(PolicyError, match=wanted):
         build_policy(str(trained), neighbours, seed=0)
 
 
