@@ -39,31 +39,24 @@ def test_a_short_demo_degrades_a_node_and_summarises(tmp_path, capsys):
     assert (logs / "prometheus.log").is_file()  # every component's log, Prometheus's too
 
 
-def test_a_short_demo_of_a_failing_node_routes_around_it(tmp_path, capsys):
-    """The node goes, and its Kubernetes node stops being Ready: the operator routes nothing
-    to it, so nothing is lost, where static equal weights lose a third of the requests."""
+@pytest.mark.parametrize(
+    ("change", "said"),
+    [("--fail", "edge-1 fails"), ("--unready", "edge-1's pods of fn stop being ready")],
+)
+def test_a_short_demo_of_a_node_that_cannot_serve_routes_around_it(tmp_path, capsys, change, said):
+    """The node goes (its Kubernetes node stops being Ready), or only its pod of fn does (it
+    leaves the endpoints and is marked not ready; the node and its clients stay): the
+    operator routes nothing there, so nothing is lost, where static equal weights lose a
+    third of the requests."""
     plot, logs = tmp_path / "demo.png", tmp_path / "logs"
-    argv = ["--duration", "45", "--degrade-at", "12", "--every", "5", "--json", "--fail"]
+    argv = ["--duration", "45", "--degrade-at", "12", "--every", "5", "--json", change]
     assert main([*argv, "--node", "edge-1", "--plot", str(plot), "--logs", str(logs)]) == 0
     out = capsys.readouterr()
     summary = json.loads(out.out.strip().splitlines()[-1])
-    assert "edge-1 fails" in out.out
+    assert said in out.out
     assert summary["share_to_degraded_end"] == 0, summary
     assert summary["lost_pct_end"] == 0 and summary["lost_pct_static_end"] > 20, summary
     assert plot.stat().st_size > 10_000
-
-
-def test_a_short_demo_of_pods_no_longer_ready_routes_fn_around_them(tmp_path, capsys):
-    """edge-1 stays up, but its pod of fn leaves the endpoints and is marked not ready: the
-    operator routes no fn request there, where static equal weights lose a third of them."""
-    plot, logs = tmp_path / "demo.png", tmp_path / "logs"
-    argv = ["--duration", "45", "--degrade-at", "12", "--every", "5", "--json", "--unready"]
-    assert main([*argv, "--node", "edge-1", "--plot", str(plot), "--logs", str(logs)]) == 0
-    out = capsys.readouterr()
-    summary = json.loads(out.out.strip().splitlines()[-1])
-    assert "edge-1's pods of fn stop being ready" in out.out
-    assert summary["share_to_degraded_end"] == 0, summary
-    assert summary["lost_pct_end"] == 0 and summary["lost_pct_static_end"] > 20, summary
 
 
 @pytest.mark.parametrize(
