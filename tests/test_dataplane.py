@@ -550,7 +550,7 @@ def test_virtual_services_written_by_the_operator_round_trip(monkeypatch, caplog
     follower.poll()  # unchanged: not applied again
     assert len(received) == 1
 
-    api.objects["fn"]["spec"]["http"][0]["route"][0]["destination"]["subset"] = "node-nope"
+    api.objects["fn"]["spec"]["http"][0]["route"][0]["destination"]["subset"] = "v1"
     follower.poll()
     assert "VirtualService ignored" in caplog.text
     assert dp.routes("fn") == expected  # a malformed object changes nothing

@@ -998,6 +998,42 @@ def test_a_users_object_is_taken_over_only_once_its_owner_opts_in(cluster: Any) 
     assert mesh.read(MESH_SERVICE, MESH_NODES).by_source == {n: {n: 100} for n in NODE_NAMES}
 
 
+def test_a_taken_over_object_keeps_its_owners_rules_through_writes_and_is_given_back(
+    cluster: Any,
+) -> None:
+    """Through the API server: the owner's canary rule and second host survive the takeover
+    and every later write, a write that changes nothing sends nothing, and deleting gives
+    the routes back while an edit of the owner's made meanwhile elsewhere stays."""
+    cluster_kube = Kube(client.ApiClient(client_configuration(cluster.kubeconfig)))
+    mesh = KubeMesh(cluster_kube)
+    user = copy.deepcopy(USER_VIRTUAL_SERVICE)
+    canary = {
+        "name": "canary",
+        "match": [{"headers": {"x-canary": {"exact": "1"}}}],
+        "route": [{"destination": {"host": MESH_SERVICE.host, "subset": "v2"}}],
+    }
+    user["spec"]["hosts"].append("fn.example.com")
+    user["spec"]["http"].insert(0, canary)
+    cluster_kube.create(user)
+    local = build_routes({n: {n: 100} for n in NODE_NAMES}, MESH_NODES)
+    even = {n: {m: w for m, w in zip(NODE_NAMES, (34, 33, 33), strict=True)} for n in NODE_NAMES}
+
+    for table in (local, build_routes(even, MESH_NODES)):
+        assert mesh.write(MESH_SERVICE, table)
+        vs = cluster_kube.get(NAMESPACE, "VirtualService", SERVICE)
+        assert vs["spec"]["http"][0] == canary
+        assert vs["spec"]["hosts"] == [MESH_SERVICE.host, "fn.example.com"]
+        assert all(rule["timeout"] == "3s" for rule in vs["spec"]["http"][1:])
+        assert mesh.read(MESH_SERVICE, MESH_NODES) == table
+    assert not mesh.write(MESH_SERVICE, build_routes(even, MESH_NODES))
+
+    cluster_kube.patch(NAMESPACE, "VirtualService", SERVICE, {"spec": {"exportTo": ["."]}})
+    done = mesh.restore(MESH_SERVICE, MESH_NODES)
+    assert done == [f"deleted DestinationRule/{SERVICE}", f"restored VirtualService/{SERVICE}"]
+    back = cluster_kube.get(NAMESPACE, "VirtualService", SERVICE)
+    assert back["spec"] == user["spec"] | {"exportTo": ["."]}
+
+
 def test_a_restore_the_api_refuses_for_good_is_reported_and_the_rest_given_back(
     cluster: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -451,9 +451,10 @@ class PolicyController:
     def _live(self) -> RouteTable:
         """What the mesh carries now, in percent of each source's traffic; an absent object
         counts as the even split, and so does one that cannot be read (edited beyond
-        recognition, or still routing to an EdgeNode the policy no longer governs): the next
-        write replaces it whole, and the report says its steps were taken from a guess
-        (:attr:`_unread`)."""
+        recognition): the next write replaces it whole, and the report says its steps were
+        taken from a guess (:attr:`_unread`). A route to an EdgeNode the policy no longer
+        governs reads as gone (``MeshWriter.read``): the rest of its row steps from what it
+        carries."""
         table = even_table(self.problem)
         self._unread, self._catch_all = {}, {}
         for service in self.problem.services:

@@ -12,8 +12,9 @@ from __future__ import annotations
 import argparse
 import base64
 import contextlib
+import functools
 import logging
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,7 @@ import yaml
 from kubernetes import client, config
 from kubernetes.client.rest import ApiException
 
-from marl_operator.mesh.factory import managed_objects, writer_for
+from marl_operator.mesh.factory import OWNED_FIELDS, managed_objects, writer_for
 from marl_operator.mesh.model import (
     Manifest,
     MeshError,
@@ -470,6 +471,10 @@ class Kube:
                 raise
 
 
+Keep = Callable[[Manifest, "Mapping[str, Any] | None"], Manifest]
+"""A writer's ``keep`` for one service: the desired object with what the live one keeps."""
+
+
 def _where(manifest: Manifest) -> str:
     return f"{manifest['kind']} {manifest['metadata']['namespace']}/{manifest['metadata']['name']}"
 
@@ -527,15 +532,20 @@ class KubeMesh:
         a server-side dry run, so a refusal (403 :class:`Forbidden`, or an invalid object)
         leaves the service's objects as they were instead of a DestinationRule without its
         VirtualService. One change alone needs no rehearsal."""
-        manifests = writer_for(service.provider).desired(service, routes)
+        writer = writer_for(service.provider)
+        manifests = writer.desired(service, routes)
+        keep = functools.partial(writer.keep, service)
         lives = [self._read(manifest) for manifest in manifests]
         for manifest, live in zip(manifests, lives, strict=True):
             _check_owner(manifest, live, service)
-        if sum(self._pending(m, live) for m, live in zip(manifests, lives, strict=True)) > 1:
-            lives = self._rehearse(manifests, lives)
+        pending = sum(
+            self._pending(keep(m, live), live) for m, live in zip(manifests, lives, strict=True)
+        )
+        if pending > 1:
+            lives = self._rehearse(manifests, lives, keep)
         changed = False
         for manifest, live in zip(manifests, lives, strict=True):
-            changed |= self._apply(manifest, live)
+            changed |= self._apply(manifest, live, keep)
         return changed
 
     def _read(self, manifest: Manifest) -> dict[str, Any] | None:
@@ -546,9 +556,13 @@ class KubeMesh:
     def _pending(manifest: Manifest, live: Mapping[str, Any] | None) -> bool:
         return live is None or bool(reconcile_patch(live, manifest))
 
-    def _send(self, manifest: Manifest, live: Mapping[str, Any] | None, dry_run: bool) -> bool:
-        """Create or patch one object from its live copy; False when nothing differs."""
+    def _send(
+        self, manifest: Manifest, live: Mapping[str, Any] | None, keep: Keep, dry_run: bool
+    ) -> bool:
+        """Create or patch one object from its live copy, keeping what the writer's ``keep``
+        keeps of it; False when nothing differs."""
         options = {"dry_run": True} if dry_run else {}
+        manifest = keep(manifest, live)
         if live is None:
             self.kube.create(manifest, **options)
             return True
@@ -560,14 +574,14 @@ class KubeMesh:
         return True
 
     def _rehearse(
-        self, manifests: list[Manifest], lives: list[dict[str, Any] | None]
+        self, manifests: list[Manifest], lives: list[dict[str, Any] | None], keep: Keep
     ) -> list[dict[str, Any] | None]:
         """Dry-run every change; returns the live copies they were checked against (read
         again after a conflict). Raises :class:`Forbidden` or :class:`MeshError`."""
         for attempt in range(CONFLICT_RETRIES + 1):
             for manifest, live in zip(manifests, lives, strict=True):
                 try:
-                    self._send(manifest, live, dry_run=True)
+                    self._send(manifest, live, keep, dry_run=True)
                 except ApiException as error:
                     if error.status not in (409, 422) or attempt == CONFLICT_RETRIES:
                         raise _failure(manifest, error) from error
@@ -578,12 +592,12 @@ class KubeMesh:
             lives = [self._read(manifest) for manifest in manifests]
         return lives  # unreachable: the loop returns or raises
 
-    def _apply(self, manifest: Manifest, live: Mapping[str, Any] | None) -> bool:
+    def _apply(self, manifest: Manifest, live: Mapping[str, Any] | None, keep: Keep) -> bool:
         for attempt in range(CONFLICT_RETRIES + 1):
             if attempt:
                 live = self._read(manifest)
             try:
-                return self._send(manifest, live, dry_run=False)
+                return self._send(manifest, live, keep, dry_run=False)
             except ApiException as error:
                 if error.status not in (409, 422) or attempt == CONFLICT_RETRIES:
                     raise _failure(manifest, error) from error
@@ -609,7 +623,7 @@ class KubeMesh:
             if annotations.get(SERVICE_ANNOTATION) != service_ref:
                 continue
             try:
-                patch = restore_patch(live)
+                patch = restore_patch(live, OWNED_FIELDS.get(kind, ()))
             except MeshError as error:  # the others are given back all the same
                 failed.append(f"{kind}/{name}: {error}")
                 continue

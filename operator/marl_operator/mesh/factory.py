@@ -19,6 +19,11 @@ _WRITERS: dict[str, type[MeshWriter]] = {
 
 PROVIDERS = tuple(_WRITERS)
 
+OWNED_FIELDS: dict[str, tuple[str, ...]] = {
+    kind: fields for writer in _WRITERS.values() for kind, fields in writer.owned.items()
+}
+"""Per kind of mesh object, the spec fields the operator writes (see ``MeshWriter.owned``)."""
+
 
 def writer_for(provider: str) -> MeshWriter:
     """The writer for ``provider`` (``istio`` or ``gateway-api``)."""

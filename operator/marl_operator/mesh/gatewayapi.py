@@ -6,12 +6,19 @@ node must set. Among matching rules the one with more header matches wins, so th
 catch-all only serves requests without the header. Each rule sends traffic to one Service per
 edge node (``<prefix>-<node>``). The API allows at most 16 rules per route and 16 backendRefs
 per rule; routes beyond that raise :class:`RouteLimitError` instead of being cut short.
+
+The rules carry no ``name``: the field is young (Gateway API releases before it prune it, and
+a route that never reads back as written would be rewritten every interval), and the operator's
+rules are told by their matches. An HTTPRoute taken over from its owner keeps its other parents,
+its own rules (any match other than the source header on ``/``, such as another path) and the
+options of its catch-all rule (filters, timeouts...) on every rule the operator writes.
 """
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 from marl_operator.mesh import naming
 from marl_operator.mesh.model import (
@@ -79,7 +86,6 @@ def http_route(service: MeshService, routes: MeshRoutes) -> Manifest:
     header = service.source_header
     rules = [
         {
-            "name": naming.source_rule_name(source),
             "matches": [
                 {
                     **_match_all(),
@@ -94,7 +100,6 @@ def http_route(service: MeshService, routes: MeshRoutes) -> Manifest:
     ]
     rules.append(
         {
-            "name": naming.CATCH_ALL_RULE,
             "matches": [_match_all()],
             "backendRefs": _backend_refs(service, routes.default, "the catch-all rule"),
         }
@@ -111,20 +116,55 @@ def http_route(service: MeshService, routes: MeshRoutes) -> Manifest:
     }
 
 
-def _source_of(
-    rule: Mapping[str, Any], header: str, by_label: Mapping[str, str], where: str
-) -> str | None:
-    """The source node a rule matches, or None for a catch-all (no header match)."""
+ROUTE_FIELDS = ("name", "matches", "backendRefs")
+"""What the operator writes in a rule (a name only in the owner's rules); a taken-over
+catch-all's other fields are its options."""
+
+
+def _operator_match(service: MeshService, rule: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The source-header match of one of the operator's rules (``{}`` for its catch-all), or
+    None for a rule of the owner's (another path, method, query or header)."""
     matches = rule.get("matches") or [_match_all()]
-    headers = [h for m in matches for h in m.get("headers") or []]
-    if not headers:
+    if len(matches) != 1 or set(matches[0]) - {"path", "headers"}:
         return None
-    ours = [h for h in headers if h.get("name", "").lower() == header.lower()]
-    if len(matches) != 1 or len(headers) != 1 or len(ours) != 1:
-        raise MeshError(f"{where} does not match exactly one {header} header")
-    if ours[0].get("type", "Exact") != "Exact" or ours[0].get("value") not in by_label:
-        raise MeshError(f"{where} matches {ours[0].get('value')!r}, no known edge node's label")
-    return by_label[ours[0]["value"]]
+    if matches[0].get("path", _match_all()["path"]) != _match_all()["path"]:
+        return None
+    headers = matches[0].get("headers") or []
+    if not headers:
+        return {}
+    if len(headers) != 1 or headers[0].get("name", "").lower() != service.source_header.lower():
+        return None
+    return dict(headers[0])
+
+
+def _keep_rules(service: MeshService, ours: list[dict], live: Sequence[Mapping]) -> list[dict]:
+    theirs = [copy.deepcopy(r) for r in live if _operator_match(service, r) is None]
+    catch_all = next((r for r in live if _operator_match(service, r) == {}), {})
+    options = {k: v for k, v in catch_all.items() if k not in ROUTE_FIELDS}
+    rules = theirs + [{**rule, **copy.deepcopy(options)} for rule in ours]
+    if len(rules) > MAX_RULES:
+        raise RouteLimitError(
+            f"the HTTPRoute's own {len(theirs)} rules and the operator's {len(ours)} make "
+            f"{len(rules)}, but an HTTPRoute allows at most {MAX_RULES} rules: move them to "
+            "another HTTPRoute, or name another object in the EdgeService's spec.mesh"
+        )
+    return rules
+
+
+def keep_http_route(
+    service: MeshService, desired: Manifest, live: Mapping[str, Any] | None
+) -> Manifest:
+    """``desired`` with what a live HTTPRoute carries besides the operator's routes."""
+    if live is None:
+        return desired
+    spec = live.get("spec") or {}
+    out = copy.deepcopy(desired)
+    parents = [copy.deepcopy(ref) for ref in spec.get("parentRefs") or []]
+    out["spec"]["parentRefs"] = parents + [
+        ref for ref in out["spec"]["parentRefs"] if ref not in parents
+    ]
+    out["spec"]["rules"] = _keep_rules(service, out["spec"]["rules"], spec.get("rules") or [])
+    return out
 
 
 def read_http_route(service: MeshService, nodes: Sequence[MeshNode], obj: Manifest) -> MeshRoutes:
@@ -135,16 +175,27 @@ def read_http_route(service: MeshService, nodes: Sequence[MeshNode], obj: Manife
     default: dict[str, int] | None = None
     for i, rule in enumerate(obj.get("spec", {}).get("rules") or []):
         where = f"HTTPRoute {obj['metadata']['name']!r} rules[{i}]"
+        header = _operator_match(service, rule)
+        if header is None:
+            continue  # the owner's own rule, kept as it is
         weights: dict[str, int] = {}
         for ref in rule.get("backendRefs") or []:
             if ref.get("kind", "Service") != "Service" or ref.get("group", "") != "":
                 raise MeshError(f"{where} sends traffic to a {ref.get('kind')}, not a Service")
+            if naming.is_former_node_service(service.service_prefix, ref["name"], names):
+                continue  # an edge node the policy no longer governs
             node = naming.node_of_service(service.service_prefix, ref["name"], names)
             weights[node] = weights.get(node, 0) + int(ref.get("weight", WEIGHT_DEFAULT))
-        source = _source_of(rule, service.source_header, by_label, where)
-        if source is None:
+        if not header:
             default = weights if default is None else default
-        else:
+            continue
+        if header.get("type", "Exact") != "Exact":
+            raise MeshError(
+                f"{where} matches the {service.source_header} header by type "
+                f"{header['type']}, not Exact"
+            )
+        source = by_label.get(header.get("value"))
+        if source is not None and weights:  # else an edge node the policy no longer governs
             by_source.setdefault(source, weights)
     if default is None:
         raise MeshError(f"HTTPRoute {obj['metadata']['name']!r} has no catch-all rule")
@@ -155,9 +206,13 @@ class GatewayAPIWriter:
     """:class:`~marl_operator.mesh.writer.MeshWriter` for the Gateway API."""
 
     provider = "gateway-api"
+    owned: ClassVar = {"HTTPRoute": ("parentRefs", "rules")}
 
     def desired(self, service: MeshService, routes: MeshRoutes) -> list[Manifest]:
         return [http_route(service, routes)]
+
+    def keep(self, service: MeshService, desired: Manifest, live: Manifest | None) -> Manifest:
+        return keep_http_route(service, desired, live)
 
     def read(
         self, service: MeshService, nodes: Sequence[MeshNode], objects: Sequence[Manifest]

@@ -5,12 +5,20 @@ Rules are evaluated in order and the first match wins, so the per-source rules c
 each matching the client pod's node label with ``sourceLabels``, and the catch-all comes last.
 Weights are integers summing to 100 per rule (Istio's webhook refuses a total of 0); zero
 routes are left out.
+
+A VirtualService or DestinationRule taken over from its owner keeps what the operator does not
+route: its other hosts, its own rules (those ahead of its catch-all stay ahead of the
+operator's rules, those behind it stay behind), the options of its catch-all rule (retries,
+timeout, headers...) on every rule the operator writes, and its subsets not named
+``node-<edge node>``. The rules named ``from-<edge node>`` and ``default``, and the rules
+matching only the node label, are the operator's.
 """
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 from marl_operator.mesh import naming
 from marl_operator.mesh.model import Manifest, MeshError, MeshNode, MeshRoutes, MeshService
@@ -74,16 +82,81 @@ def destination_rule(service: MeshService, nodes: Sequence[MeshNode]) -> Manifes
     }
 
 
+ROUTE_FIELDS = ("name", "match", "route")
+"""What the operator writes in a rule; a taken-over catch-all's other fields are its options."""
+
+
+def _is_source_rule(service: MeshService, rule: Mapping[str, Any]) -> bool:
+    """Whether ``rule`` matches the client's node label and nothing else (a source node's)."""
+    match = rule.get("match") or []
+    if len(match) != 1 or set(match[0]) != {"sourceLabels"}:
+        return False
+    return set(match[0]["sourceLabels"] or {}) == {service.node_label}
+
+
+def _is_operators(service: MeshService, rule: Mapping[str, Any]) -> bool:
+    name = rule.get("name") or ""
+    return (
+        name == naming.CATCH_ALL_RULE
+        or name.startswith(naming.SOURCE_RULE_PREFIX)
+        or not rule.get("match")
+        or _is_source_rule(service, rule)
+    )
+
+
+def _keep_rules(service: MeshService, ours: list[dict], live: Sequence[Mapping]) -> list[dict]:
+    """``ours`` among the live rules the operator does not own, as :mod:`this module
+    <marl_operator.mesh.istio>` says."""
+    cut = next((i for i, rule in enumerate(live) if not rule.get("match")), len(live))
+    catch_all = live[cut] if cut < len(live) else {}
+    options = {k: v for k, v in catch_all.items() if k not in ROUTE_FIELDS}
+    ahead = [copy.deepcopy(r) for r in live[:cut] if not _is_operators(service, r)]
+    behind = [copy.deepcopy(r) for r in live[cut + 1 :] if not _is_operators(service, r)]
+    return ahead + [{**rule, **copy.deepcopy(options)} for rule in ours] + behind
+
+
+def keep_virtual_service(
+    service: MeshService, desired: Manifest, live: Mapping[str, Any] | None
+) -> Manifest:
+    """``desired`` with what a live VirtualService carries besides the operator's routes."""
+    if live is None:
+        return desired
+    spec = live.get("spec") or {}
+    hosts = list(spec.get("hosts") or [])
+    out = copy.deepcopy(desired)
+    out["spec"]["hosts"] = hosts if service.host in hosts else [*hosts, service.host]
+    out["spec"]["http"] = _keep_rules(service, out["spec"]["http"], spec.get("http") or [])
+    return out
+
+
+def keep_destination_rule(desired: Manifest, live: Mapping[str, Any] | None) -> Manifest:
+    """``desired`` with a live DestinationRule's subsets that select no edge node, first."""
+    if live is None:
+        return desired
+    theirs = [
+        copy.deepcopy(subset)
+        for subset in (live.get("spec") or {}).get("subsets") or []
+        if not str(subset.get("name", "")).startswith(naming.SUBSET_PREFIX)
+    ]
+    out = copy.deepcopy(desired)
+    out["spec"]["subsets"] = theirs + out["spec"]["subsets"]
+    return out
+
+
 def _rule_weights(rule: Mapping[str, Any], nodes: Sequence[str], where: str) -> dict[str, int]:
+    """The weights of one rule's routes; a route to the subset of an edge node the policy no
+    longer governs is left out (what it carried leaves it, as from a node that is down)."""
     routes = rule.get("route") or []
     weights: dict[str, int] = {}
     for route in routes:
         subset = route.get("destination", {}).get("subset")
         if subset is None:
             raise MeshError(f"{where} routes to the whole service, not to a node subset")
-        node = naming.node_of_subset(subset, nodes)
         # An omitted weight on a rule's only route means all of its traffic.
         default = 100 if len(routes) == 1 else 0
+        if naming.is_former_node_subset(subset, nodes):
+            continue
+        node = naming.node_of_subset(subset, nodes)
         weights[node] = weights.get(node, 0) + int(route.get("weight", default))
     return weights
 
@@ -98,18 +171,17 @@ def read_virtual_service(
     default: dict[str, int] | None = None
     for i, rule in enumerate(obj.get("spec", {}).get("http") or []):
         where = f"VirtualService {obj['metadata']['name']!r} http[{i}]"
-        match = rule.get("match")
-        if not match:
+        if not rule.get("match"):
             default = _rule_weights(rule, names, where)
             break  # first match wins: later rules are unreachable
-        labels = match[0].get("sourceLabels") or {}
-        value = labels.get(service.node_label)
-        if len(match) != 1 or set(match[0]) != {"sourceLabels"} or len(labels) != 1:
-            raise MeshError(f"{where} matches more than the source node label {service.node_label}")
+        if not _is_source_rule(service, rule):
+            continue  # the owner's own rule, kept as it is
+        value = rule["match"][0]["sourceLabels"][service.node_label]
         if value not in by_label:
-            raise MeshError(f"{where} matches {value!r}, the label of no known edge node")
-        source = by_label[value]
-        by_source.setdefault(source, _rule_weights(rule, names, where))
+            continue  # an edge node the policy no longer governs: its clients are not ours
+        row = _rule_weights(rule, names, where)
+        if row:  # else every route went to former nodes: no weight to step from
+            by_source.setdefault(by_label[value], row)
     if default is None:
         raise MeshError(f"VirtualService {obj['metadata']['name']!r} has no catch-all rule")
     return MeshRoutes(nodes=tuple(nodes), by_source=by_source, default=default)
@@ -119,10 +191,16 @@ class IstioWriter:
     """:class:`~marl_operator.mesh.writer.MeshWriter` for Istio."""
 
     provider = "istio"
+    owned: ClassVar = {"DestinationRule": ("host", "subsets"), "VirtualService": ("hosts", "http")}
 
     def desired(self, service: MeshService, routes: MeshRoutes) -> list[Manifest]:
         # The subsets must exist before a route names them.
         return [destination_rule(service, routes.nodes), virtual_service(service, routes)]
+
+    def keep(self, service: MeshService, desired: Manifest, live: Manifest | None) -> Manifest:
+        if desired["kind"] == "VirtualService":
+            return keep_virtual_service(service, desired, live)
+        return keep_destination_rule(desired, live)
 
     def read(
         self, service: MeshService, nodes: Sequence[MeshNode], objects: Sequence[Manifest]

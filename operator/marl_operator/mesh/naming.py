@@ -46,6 +46,12 @@ def node_of_subset(subset: str, nodes: Iterable[str]) -> str:
     raise MeshError(f"subset {subset!r} is not node-<edge node> for a known edge node")
 
 
+def is_former_node_subset(subset: str, nodes: Iterable[str]) -> bool:
+    """Whether ``subset`` is ``node-<name>`` for an edge node not among ``nodes``: one the
+    policy governed when the route was written (since deleted, or no longer selected)."""
+    return subset.startswith(SUBSET_PREFIX) and subset.removeprefix(SUBSET_PREFIX) not in set(nodes)
+
+
 def node_service_name(prefix: str, node: str) -> str:
     """The Service that selects the service's pods on edge node ``node`` (Gateway API)."""
     name = f"{prefix}-{node}"
@@ -63,6 +69,11 @@ def node_of_service(prefix: str, service: str, nodes: Iterable[str]) -> str:
     if service.startswith(f"{prefix}-") and node in set(nodes):
         return node
     raise MeshError(f"Service {service!r} is not {prefix}-<edge node> for a known edge node")
+
+
+def is_former_node_service(prefix: str, service: str, nodes: Iterable[str]) -> bool:
+    """:func:`is_former_node_subset` for the Gateway API's per-node Services."""
+    return service.startswith(f"{prefix}-") and service.removeprefix(f"{prefix}-") not in set(nodes)
 
 
 def source_rule_name(node: str) -> str:

@@ -9,7 +9,7 @@ An empty patch means the object is already as desired: nothing to send.
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from marl_operator.mesh.ownership import (
@@ -82,15 +82,19 @@ def reconcile_patch(live: Mapping[str, Any], desired: Mapping[str, Any]) -> dict
     return patch
 
 
-def restore_patch(live: Mapping[str, Any]) -> dict[str, Any] | None:
-    """The patch that gives a taken-over object back its original spec and removes
+def restore_patch(live: Mapping[str, Any], owned: Iterable[str]) -> dict[str, Any] | None:
+    """The patch that gives a taken-over object back the ``owned`` spec fields it had (those
+    the operator writes: an edit of the owner's elsewhere since is kept) and removes
     marl-operator's marks, or None when marl-operator created the object (delete it)."""
     original = original_spec(live)
     if original is None:
         return None
     current = live.get("spec") or {}
-    spec: dict[str, Any] = {key: None for key in current if key not in original}
-    spec.update({k: copy.deepcopy(v) for k, v in original.items() if current.get(k) != v})
+    spec: dict[str, Any] = {
+        key: copy.deepcopy(original.get(key))
+        for key in owned
+        if (key in original, original.get(key)) != (key in current, current.get(key))
+    }
     patch: dict[str, Any] = {
         "metadata": {
             "labels": {MANAGED_BY_LABEL: None},

@@ -6,7 +6,7 @@ A writer only builds and reads objects; the reconcile loop gets live objects, di
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Protocol
 
 from marl_operator.mesh.model import Manifest, MeshNode, MeshRoutes, MeshService
@@ -18,15 +18,28 @@ class MeshWriter(Protocol):
     provider: str
     """The ``spec.mesh.provider`` value of an EdgeService that selects this writer."""
 
+    owned: Mapping[str, tuple[str, ...]]
+    """Per kind, the spec fields :meth:`desired` writes: what taking an object over changes,
+    and so all that deleting the policy gives back (the owner's later edits elsewhere stay)."""
+
     def desired(self, service: MeshService, routes: MeshRoutes) -> list[Manifest]:
         """Every object the provider needs for these routes, complete (with the values the API
         server would default, so a live copy compares equal), in the order to apply them."""
+        ...
+
+    def keep(self, service: MeshService, desired: Manifest, live: Manifest | None) -> Manifest:
+        """``desired`` (one of :meth:`desired`'s objects) with what ``live``, the object as it
+        is, carries besides the operator's routes: a taken-over object's own hosts, rules,
+        parents and subsets, which the patch would otherwise replace with the owned lists."""
         ...
 
     def read(
         self, service: MeshService, nodes: Sequence[MeshNode], objects: Sequence[Manifest]
     ) -> MeshRoutes:
         """The weights the live objects carry, as written or edited by hand (not checked
-        against the sum of 100). Raises :class:`~marl_operator.mesh.model.MeshError` when an
-        object is not in the shape this writer generates."""
+        against the sum of 100). The owner's own rules are skipped, and so are routes to,
+        and the rules of clients on, edge nodes not among ``nodes`` (nodes the policy no
+        longer governs: what they carried has left them). Raises
+        :class:`~marl_operator.mesh.model.MeshError` when an object is not in the shape this
+        writer generates."""
         ...
