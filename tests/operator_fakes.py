@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import yaml
 from marl_operator.kube import PodsUnreadable
+from marl_operator.mesh.factory import writer_for
 from marl_operator.mesh.model import MeshNode, MeshRoutes, MeshService
 from marl_operator.problem import cpu_quantity
 from marl_operator.prometheus import MetricsUnavailable, ServiceReadings
@@ -72,7 +73,13 @@ class QueueingMesh:
     # -- MeshClient ------------------------------------------------------------------------
 
     def read(self, service: MeshService, nodes: tuple[MeshNode, ...]) -> MeshRoutes | None:
-        return self.routes.get(service.name)
+        """The routes written, read back through the provider's objects as the operator
+        reads them (routes to edge nodes not among ``nodes`` read as gone)."""
+        routes = self.routes.get(service.name)
+        if routes is None:
+            return None
+        writer = writer_for(service.provider)
+        return writer.read(service, nodes, writer.desired(service, routes))
 
     def write(self, service: MeshService, routes: MeshRoutes) -> bool:
         old = self.routes.get(service.name)

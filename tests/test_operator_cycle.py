@@ -137,8 +137,8 @@ def test_problem_from_the_example_resources():
 
 
 def test_problem_errors_name_what_to_fix():
-    with pytest.raises(SpecError, match="no EdgeNode named edge-9"):
-        problem(nodes={"names": ["edge-0", "edge-9"]})
+    with pytest.raises(SpecError, match=r"spec\.nodes\.names: no EdgeNode named edge-8, edge-9"):
+        problem(nodes={"names": ["edge-8", "edge-9"]})
     with pytest.raises(SpecError, match="no EdgeService 'other'"):
         problem(services=["other"])
     parsed = parse_policy_spec(example_policy_body()["spec"])
@@ -1041,6 +1041,39 @@ def test_edited_edge_nodes_and_services_rebuild_the_policy_within_the_refresh():
     now[0] += 10
     runtime.cycle("edge/p", body)
     assert runtime.controllers["edge/p"].problem.target_ms.tolist() == [123.0]
+
+
+def test_a_deleted_edge_node_is_routed_around_not_made_invalid():
+    """Deleting one EdgeNode that ``spec.nodes.names`` lists made the whole policy Invalid:
+    nothing was written any more, and the mesh went on routing to the deleted node. Now the
+    policy governs the nodes that exist, the deleted one's share leaves at once, and
+    NodesReady names it; only when none of the listed nodes exists is the policy Invalid."""
+    mesh = example_mesh()
+    now = [0.0]
+    kube = FakeKube(NODES, SERVICES)
+    inventory = Inventory(kube, refresh_s=10, clock=lambda: now[0])
+    runtime = Runtime(kube, mesh=mesh, reader_for=lambda url: Reader(mesh), inventory=inventory)
+    body = example_policy_body(nodes={"names": ["edge-0", "edge-1", "edge-2"]})
+    assert runtime.cycle("edge/p", body).outcome == Outcome.APPLIED
+    assert any(row.get("edge-2", 0) > 0 for row in mesh.routes["fn"].by_source.values())
+
+    kube.nodes = [n for n in NODES if n["metadata"]["name"] != "edge-2"]  # neighbours unedited
+    now[0] += 10
+    report = runtime.cycle("edge/p", body)
+
+    assert report.outcome == Outcome.APPLIED, report.reason
+    assert [n.name for n in runtime.controllers["edge/p"].problem.nodes] == ["edge-0", "edge-1"]
+    assert all("edge-2" not in row for row in mesh.routes["fn"].by_source.values())
+    assert "edge-2" not in mesh.routes["fn"].default
+    assert "no EdgeNode edge-2 (listed in spec.nodes.names)" in report.down["edge-2"]
+    nodes_ready = condition(report, "NodesReady")
+    assert (
+        nodes_ready["status"] == "False" and "edge-2: no EdgeNode edge-2" in nodes_ready["message"]
+    )
+
+    kube.nodes = []
+    now[0] += 10
+    assert runtime.cycle("edge/p", body).outcome == Outcome.INVALID
 
 
 def test_objects_a_rebuilt_policy_no_longer_writes_are_given_back():

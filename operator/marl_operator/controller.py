@@ -432,6 +432,17 @@ class PolicyController:
         parts += [f"without a ready pod ({', '.join(pairs)})"] if pairs else []
         return f"nodes {' or '.join(parts)}"
 
+    def _down_for_report(self) -> dict[str, str] | None:
+        """The nodes that are down, and why; with the nodes the spec lists that do not exist
+        (known whether or not the cycle asked about the others)."""
+        missing = {
+            name: f"no EdgeNode {name} (listed in spec.nodes.names): create it or remove it"
+            for name in self.problem.missing
+        }
+        if self._alive is None:
+            return missing or None
+        return {**self._alive.down, **missing}
+
     def _no_route(self) -> str:
         """What a cycle's reason adds when some routes cannot go where they would."""
         alive, said = self._liveness_now, ""
@@ -537,7 +548,7 @@ class PolicyController:
             no_upstream=dict(self.observer.no_upstream),
             catch_all=dict(self._catch_all),
             failures=self.failures.count,
-            down=dict(self._alive.down) if self._alive is not None else None,
+            down=self._down_for_report(),
             liveness_unknown=self._alive.unknown if self._alive is not None else None,
             unserved=(
                 {s: dict(row) for s, row in self._alive.unserved.items()}

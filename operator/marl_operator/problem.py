@@ -35,6 +35,9 @@ class MeshProblem:
     # What each service's routes live in, by service name: (kind, name) of every object its
     # writer manages (what a cycle reads and writes, and the policy's deletion gives back).
     mesh_objects: Mapping[str, tuple[tuple[str, str], ...]]
+    missing: tuple[str, ...] = ()
+    """Nodes ``spec.nodes.names`` lists without an EdgeNode: governed by no one, reported as
+    down (routes to them read as gone, so their share leaves at once)."""
 
     def neighbours_of(self, node: str) -> tuple[str, ...]:
         return self.topology.neighbours[self.topology.nodes.index(node)]
@@ -77,16 +80,17 @@ def selector_matches(selector: Mapping[str, Any], labels: Mapping[str, str]) -> 
 
 
 def select_nodes(spec: PolicySpec, edge_nodes: Sequence[Mapping[str, Any]]) -> list[Mapping]:
-    """The EdgeNodes the policy governs, sorted by name."""
+    """The EdgeNodes the policy governs, sorted by name: of those ``spec.nodes.names`` lists,
+    the ones that exist (:func:`missing_nodes` names the others). Deleting one EdgeNode
+    must not stop a policy from routing between the rest, nor away from the deleted one."""
     by_name = {obj["metadata"]["name"]: obj for obj in edge_nodes}
     if spec.node_names is not None:
-        missing = [n for n in spec.node_names if n not in by_name]
-        if missing:
+        chosen = [by_name[n] for n in spec.node_names if n in by_name]
+        if not chosen:
             raise SpecError(
                 "spec.nodes.names",
-                f"no EdgeNode named {', '.join(missing)}; create it or remove it",
+                f"no EdgeNode named {', '.join(spec.node_names)}; create them or name others",
             )
-        chosen = [by_name[n] for n in spec.node_names]
     elif spec.node_selector is not None:
         chosen = [
             obj
@@ -98,6 +102,12 @@ def select_nodes(spec: PolicySpec, edge_nodes: Sequence[Mapping[str, Any]]) -> l
     if not chosen:
         raise SpecError("spec.nodes", "selects no EdgeNode; create EdgeNodes or widen the selector")
     return sorted(chosen, key=lambda obj: obj["metadata"]["name"])
+
+
+def missing_nodes(spec: PolicySpec, edge_nodes: Sequence[Mapping[str, Any]]) -> tuple[str, ...]:
+    """The names ``spec.nodes.names`` lists that no EdgeNode has."""
+    names = {obj["metadata"]["name"] for obj in edge_nodes}
+    return tuple(n for n in spec.node_names or () if n not in names)
 
 
 def mesh_objects(
@@ -219,4 +229,5 @@ def build_problem(
         capacity_rps=np.array(capacity, dtype=float),
         cpu_cores=np.array(cores, dtype=float),
         target_ms=np.array(targets, dtype=float),
+        missing=missing_nodes(spec, edge_nodes),
     )
