@@ -209,6 +209,14 @@ def test_no_mutating_endpoints(client: TestClient, store, instruments) -> None:
     assert store.latest(POLICY) is not None
 
 
+def test_no_interactive_docs_pages(client: TestClient) -> None:
+    """FastAPI's /docs and /redoc pages load scripts from a public CDN, which an edge
+    cluster may not reach and a security review flags; the OpenAPI document stays."""
+    for path in ("/docs", "/redoc"):
+        assert client.get(path).status_code == 404, path
+    assert "/api/v1/policies" in client.get("/openapi.json").json()["paths"]
+
+
 # --- metrics -------------------------------------------------------------------------------
 
 

@@ -15,6 +15,7 @@ import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from urllib.parse import parse_qs, urlsplit
 
 import pytest
 from marl_operator.__main__ import parse_args
@@ -34,6 +35,7 @@ class TokenGate(ThreadingHTTPServer):
     def __init__(self, token: str) -> None:
         self.token = token
         self.seen: list[str | None] = []
+        self.paths: list[str] = []
         super().__init__(("127.0.0.1", 0), GateHandler)
 
     @property
@@ -47,6 +49,7 @@ class GateHandler(BaseHTTPRequestHandler):
     def do_GET(self) -> None:
         header = self.headers.get("Authorization")
         self.server.seen.append(header)
+        self.server.paths.append(self.path)
         allowed = header == f"Bearer {self.server.token}"
         body = json.dumps(EMPTY_ANSWER).encode() if allowed else b"Unauthorized"
         self.send_response(200 if allowed else 401)
@@ -87,6 +90,16 @@ def test_the_token_in_the_file_is_sent_and_a_rotated_one_picked_up(gate, tmp_pat
         running.read(**READ)
     token.write_text("second-token")
     assert running.read(**READ).empty and gate.seen[-1] == "Bearer second-token"
+
+
+def test_every_query_tells_prometheus_the_reader_s_deadline(gate, tmp_path):
+    """A query the reader gave up on after its timeout went on being evaluated: Prometheus
+    is now told the same deadline."""
+    token = tmp_path / "token"
+    token.write_text("first-token")
+    assert reader(gate.url, bearer_token_file=str(token)).read(**READ).empty
+    queries = [parse_qs(urlsplit(path).query) for path in gate.paths]
+    assert queries and all(q["timeout"] == ["2s"] for q in queries)
 
 
 def test_the_operator_reads_every_policy_s_prometheus_with_its_access(gate, tmp_path):

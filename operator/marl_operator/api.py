@@ -252,6 +252,8 @@ def create_app(
     app = FastAPI(
         title="marl-operator",
         summary="What the operator's routing policies decided, its probes and its metrics.",
+        docs_url=None,  # the pages load scripts from a public CDN; /openapi.json stays
+        redoc_url=None,
     )
     app.state.store = store
     app.state.instruments = instruments

@@ -577,9 +577,10 @@ class PrometheusReader:
     """Reads one service's metrics with one instant query (six when Prometheus refuses it).
 
     ``query`` replaces the HTTP client (tests inject a fake); by default it is
-    PrometheusConnect.custom_query with the timeout and at most one immediate retry of a failed
-    connection, so that a read is bounded by about twice the timeout rather than by the
-    library's default of three retries with backoff on every 5xx.
+    PrometheusConnect.custom_query with the timeout (sent to Prometheus as well, as the query's
+    evaluation deadline) and at most one immediate retry of a failed connection, so that a read
+    is bounded by about twice the timeout rather than by the library's default of three
+    retries with backoff on every 5xx.
     """
 
     def __init__(
@@ -602,7 +603,10 @@ class PrometheusReader:
         client = PrometheusConnect(
             url=url.rstrip("/"), timeout=timeout_s, retry=retry, session=access.session()
         )
-        return client.custom_query
+        # Prometheus goes on evaluating a query its client gave up on unless told its own
+        # deadline: a slow server would otherwise pile up every abandoned read.
+        params = {"timeout": f"{timeout_s:g}s"}
+        return lambda promql: client.custom_query(promql, params=params)
 
     def _fail(self, name: str, reason: str) -> MetricsUnavailable:
         return MetricsUnavailable(
