@@ -339,7 +339,10 @@ def test_a_refused_read_is_named_once_for_every_service_it_refuses():
     assert "what was last read of them holds" in message
 
 
-def test_metrics_and_pods_are_read_in_the_namespace_the_host_names():
+def test_a_host_in_another_namespace_is_refused_and_nothing_read_or_written():
+    """The routes are written in the EdgeService's namespace and Istio applies them to every
+    client of the host: an EdgeService naming another namespace's Service would let whoever
+    may create one steer that namespace's traffic through the operator's rights."""
     mesh = example_mesh()
     asked = []
 
@@ -353,8 +356,11 @@ def test_metrics_and_pods_are_read_in_the_namespace_the_host_names():
     kube = FakeKube(EDGE_NODES, services)
     runtime = Runtime(kube, mesh=mesh, reader_for=lambda url: RecordingReader(mesh))
     report = runtime.cycle("edge/p", example_policy_body())
-    assert asked == ["shop"]
-    assert report.pods_unknown == {"fn": "the Service shop/fn does not exist"}
+    assert report.outcome == Outcome.INVALID
+    assert "spec.host 'fn.shop.svc.cluster.local' names a Service of namespace 'shop'" in (
+        report.reason
+    )
+    assert asked == [] and mesh.writes == 0
 
 
 def test_behind_an_httproute_each_node_s_own_service_tells_whether_it_serves():

@@ -109,10 +109,11 @@ class MeshService:
 
     @classmethod
     def from_edge_service(cls, obj: Mapping[str, Any]) -> MeshService:
-        """Read an EdgeService custom resource (defaults as the CRD declares them)."""
+        """Read an EdgeService custom resource (defaults as the CRD declares them); a host
+        naming a Service of another namespace is refused (:meth:`check_namespace`)."""
         spec = obj["spec"]
         mesh = spec.get("mesh", {})
-        return cls(
+        service = cls(
             name=obj["metadata"]["name"],
             namespace=obj["metadata"]["namespace"],
             host=spec["host"],
@@ -126,6 +127,21 @@ class MeshService:
             node_service_prefix=mesh.get("nodeServicePrefix", ""),
             source_header=mesh.get("sourceHeader", SOURCE_HEADER),
         )
+        service.check_namespace()
+        return service
+
+    def check_namespace(self) -> None:
+        """MeshError if ``host`` names a Service of another namespace. The routes are written
+        in the EdgeService's namespace and Istio applies them to every client of the host:
+        whoever may create EdgeServices in one namespace would otherwise steer, through the
+        operator's rights, the traffic of another namespace's Service."""
+        where = self.kubernetes_service
+        if where is not None and where[0] != self.namespace:
+            raise MeshError(
+                f"spec.host {self.host!r} names a Service of namespace {where[0]!r}: an "
+                f"EdgeService routes only Services of its own namespace ({self.namespace!r}); "
+                f"create the EdgeService and its RoutingPolicy in {where[0]!r}"
+            )
 
 
 def node_from_edge_node(obj: Mapping[str, Any]) -> MeshNode:
