@@ -23,6 +23,7 @@ import logging
 import socket
 import threading
 from collections.abc import AsyncIterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +36,14 @@ from marl_operator import handlers
 from marl_operator import runtime as runtime_module
 from marl_operator.drain import drain
 from marl_operator.handlers import register
-from marl_operator.kube import Forbidden, Kube, KubeMesh, TimedApiClient, client_configuration
+from marl_operator.kube import (
+    USER_AGENT,
+    Forbidden,
+    Kube,
+    KubeMesh,
+    TimedApiClient,
+    client_configuration,
+)
 from marl_operator.mesh.istio import read_virtual_service
 from marl_operator.mesh.model import (
     MeshError,
@@ -785,6 +793,33 @@ class ConflictingKube(Kube):
         except client.ApiException as error:
             self.conflicts += error.status == 409
             raise
+
+
+def test_the_api_server_sees_the_operator_by_name() -> None:
+    """The API server names the field manager of a write after the caller's user agent: the
+    client's own default ("OpenAPI-Generator/...") told no one who rewrote a route."""
+    agents: list[str] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            agents.append(self.headers.get("User-Agent", ""))
+            self.send_response(404)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        configuration = client.Configuration()
+        configuration.host = f"http://127.0.0.1:{server.server_address[1]}"
+        assert Kube(TimedApiClient(configuration)).get(NAMESPACE, "VirtualService", "fn") is None
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert agents == [USER_AGENT] and USER_AGENT.startswith("marl-operator/")
 
 
 def test_an_api_server_that_never_answers_times_out() -> None:

@@ -15,6 +15,8 @@ import contextlib
 import functools
 import logging
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from importlib.metadata import PackageNotFoundError
+from importlib.metadata import version as package_version
 from pathlib import Path
 from typing import Any
 
@@ -195,12 +197,27 @@ accepts and never answers would hold a cycle's worker, and a deletion waiting fo
 for good."""
 
 
+def _version() -> str:
+    try:
+        return package_version("marl-operator")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "0+unknown"
+
+
+USER_AGENT = f"marl-operator/{_version()}"
+"""Who the API server sees calling: it names the field manager of every write after it (what
+``kubectl get -o yaml --show-managed-fields`` and the audit log show), so whoever finds a
+route rewritten can tell the operator did it."""
+
+
 class TimedApiClient(client.ApiClient):
-    """An ApiClient whose calls give up after ``timeout`` (:data:`API_TIMEOUT_S`)."""
+    """An ApiClient whose calls give up after ``timeout`` (:data:`API_TIMEOUT_S`) and
+    introduce themselves as :data:`USER_AGENT`."""
 
     def __init__(self, configuration: client.Configuration, timeout=API_TIMEOUT_S):
         super().__init__(configuration)
         self.timeout = timeout
+        self.user_agent = USER_AGENT
 
     def call_api(self, *args: Any, **kwargs: Any) -> Any:
         if kwargs.get("_request_timeout") is None:
