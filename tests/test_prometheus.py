@@ -23,6 +23,7 @@ from marl_operator.prometheus import (
     PrometheusReader,
     QueryError,
     ServiceReadings,
+    Silence,
     check_templates,
     check_url,
     label_answers,
@@ -395,6 +396,56 @@ def test_a_read_is_one_request_and_a_refused_combination_names_the_template():
     reader = PrometheusReader("http://prometheus:9090", query=refusing)
     with pytest.raises(MetricsUnavailable, match=r"400.*query latencyMean"):
         reader.read(**VALUES, overrides={"latencyMean": "bad_metric"})
+
+
+@pytest.mark.parametrize(
+    "silent", [requests.ConnectTimeout("connect timed out"), requests.ConnectionError("refused")]
+)
+def test_a_prometheus_that_does_not_answer_is_not_asked_again_by_anyone_for_a_while(silent):
+    """Every policy waited out its own timeout on a Prometheus that swallows connections, on
+    a few shared workers: a cycle that should move traffic off a failed node waited minutes.
+    The readers of one URL now share that it did not answer, and fail at once for a while."""
+    now, calls = [100.0], []
+    answers = [silent, [], silent]
+
+    def query(promql: str):
+        calls.append(promql)
+        answer = answers.pop(0)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    silence = Silence(hold_s=10.0, clock=lambda: now[0])
+    first = PrometheusReader("http://prometheus:9090", timeout_s=2, query=query, silence=silence)
+    other = PrometheusReader("http://prometheus:9090", timeout_s=2, query=query, silence=silence)
+    with pytest.raises(MetricsUnavailable):
+        first.read(**VALUES)
+    now[0] += 4
+    with pytest.raises(MetricsUnavailable, match=r"4 s ago; not asked again for 6 s") as info:
+        other.read(**VALUES)
+    assert len(calls) == 1 and info.value.__cause__ is None
+    now[0] += 6
+    assert other.read(**VALUES).empty and len(calls) == 2  # asked again, and it answered
+    with pytest.raises(MetricsUnavailable):
+        first.read(**VALUES)  # not held back by the failure before the answer
+    assert len(calls) == 3
+
+    now[0] += 10
+    answers.extend([PrometheusApiClientException("HTTP Status Code 503 (b'busy')")] * 4)
+    for _ in range(2):  # an answer, even an error, is no silence: asked again at once
+        with pytest.raises(MetricsUnavailable, match="503"):
+            first.read(**VALUES)  # the combined query, then its first template alone
+    assert len(calls) == 7
+
+
+def test_the_operator_s_readers_of_one_url_share_its_silence():
+    from marl_operator.runtime import Runtime
+
+    runtime = Runtime(kube=None, prometheus_url="http://prometheus:9090")
+    one, two = (runtime.reader_for("http://prometheus:9090/") for _ in range(2))
+    other = runtime.reader_for("http://thanos:9090")
+    assert one is not two and one.silence is two.silence
+    assert other.silence is not one.silence
 
 
 def free_port() -> int:

@@ -44,6 +44,8 @@ import logging
 import math
 import re
 import ssl
+import threading
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -569,6 +571,38 @@ def _connection_reason(error: requests.RequestException) -> str:
     return f"{type(reason).__name__}: {reason}"
 
 
+class Silence:
+    """That a Prometheus did not answer (a timeout, no connection), shared by every reader of
+    its URL: for ``hold_s`` after, the others fail at once instead of each waiting out its
+    timeout. Policies share a few cycle workers, so without it a Prometheus that swallows
+    connections holds all of them, and a cycle that should move traffic off a failed node
+    waits minutes behind the reads of the others."""
+
+    def __init__(self, hold_s: float = 10.0, clock: Callable[[], float] = time.monotonic):
+        self.hold_s = hold_s
+        self.clock = clock
+        self._lock = threading.Lock()
+        self._last: tuple[float, str] | None = None  # when, and what happened
+
+    def recent(self) -> str | None:
+        """What the last unanswered query met, if within ``hold_s``; else None."""
+        with self._lock:
+            if self._last is None:
+                return None
+            ago = self.clock() - self._last[0]
+            if ago >= self.hold_s:
+                return None
+            return f"{self._last[1]} {ago:.0f} s ago; not asked again for {self.hold_s - ago:.0f} s"
+
+    def unanswered(self, reason: str) -> None:
+        with self._lock:
+            self._last = (self.clock(), reason)
+
+    def answered(self) -> None:
+        with self._lock:
+            self._last = None
+
+
 QueryFunction = Callable[[str], Sequence[Mapping[str, Any]]]
 """PromQL in, the ``data.result`` list of an instant query out (PrometheusConnect's shape)."""
 
@@ -590,9 +624,11 @@ class PrometheusReader:
         *,
         query: QueryFunction | None = None,
         access: PrometheusAccess | None = None,
+        silence: Silence | None = None,
     ) -> None:
         self.url = url
         self.timeout_s = timeout_s
+        self.silence = silence or Silence()
         access = access or PrometheusAccess()
         self.ca_file = access.ca_file
         self._query = query or self._connect(url, timeout_s, access)
@@ -613,13 +649,19 @@ class PrometheusReader:
             f"Prometheus at {redact_url(self.url)} {_redact_text(reason, self.url)} (query {name})"
         )
 
+    def _unanswered(self, name: str, reason: str) -> MetricsUnavailable:
+        self.silence.unanswered(reason)
+        return self._fail(name, reason)
+
     def _run(self, name: str, promql: str) -> Any:
+        if (recent := self.silence.recent()) is not None:
+            raise self._fail(name, recent)
         try:
-            return self._query(promql)
+            answer = self._query(promql)
         except TokenUnreadable as exc:
             raise self._fail(name, f"was not asked: the {exc}") from exc
         except requests.Timeout as exc:
-            raise self._fail(name, f"did not answer within {self.timeout_s:g} s") from exc
+            raise self._unanswered(name, f"did not answer within {self.timeout_s:g} s") from exc
         except requests.exceptions.SSLError as exc:
             hint = "--prometheus-ca-file's CA" if self.ca_file else "a CA of certifi's bundle"
             raise self._fail(
@@ -628,13 +670,16 @@ class PrometheusReader:
                 f"{_connection_reason(exc)}",
             ) from exc
         except requests.ConnectionError as exc:
-            raise self._fail(name, f"is unreachable: {_connection_reason(exc)}") from exc
+            reason = f"is unreachable: {_connection_reason(exc)}"
+            raise self._unanswered(name, reason) from exc
         except PrometheusApiClientException as exc:
             raise self._fail(name, f"answered an error: {error_answer(str(exc))}") from exc
         except (requests.RequestException, ValueError, KeyError, TypeError, RecursionError) as exc:
             # A 200 answer that is not Prometheus's JSON (a proxy's login page, say, or JSON
             # nested deeper than Python's stack).
             raise self._fail(name, f"gave an unreadable answer: {type(exc).__name__}") from exc
+        self.silence.answered()
+        return answer
 
     def read(
         self,

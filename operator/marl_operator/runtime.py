@@ -50,7 +50,7 @@ from marl_operator.mesh.model import (
 )
 from marl_operator.mesh.naming import destination_names, destination_namespace
 from marl_operator.problem import build_problem
-from marl_operator.prometheus import PrometheusAccess, PrometheusReader, redact_url
+from marl_operator.prometheus import PrometheusAccess, PrometheusReader, Silence, redact_url
 from marl_operator.report import BUILD_FORBIDDEN, CYCLE_FAILED, CycleReport, Outcome
 from marl_operator.spec import CheckpointSource, SpecError, parse_policy_spec
 from marl_operator.status import merge_conditions, timestamp
@@ -171,8 +171,14 @@ class Runtime:
     ):
         self.kube = kube
         self.mesh = mesh or KubeMesh(kube)
+        # One memory per Prometheus of its not answering, shared by every policy reading it.
+        silences: dict[str, Silence] = {}
         self.reader_for = reader_for or (
-            lambda url: PrometheusReader(url, access=prometheus_access)
+            lambda url: PrometheusReader(
+                url,
+                access=prometheus_access,
+                silence=silences.setdefault(url.rstrip("/"), Silence()),
+            )
         )
         self.store = store or ReportStore()
         self.inventory = inventory or Inventory(kube)
