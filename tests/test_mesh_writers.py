@@ -6,6 +6,7 @@ user's object and give it back."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -22,7 +23,12 @@ from marl_operator.mesh.model import (
     RouteLimitError,
     node_from_edge_node,
 )
-from marl_operator.mesh.ownership import ADOPT_ANNOTATION, ORIGINAL_SPEC_ANNOTATION, is_managed
+from marl_operator.mesh.ownership import (
+    ADOPT_ANNOTATION,
+    MANAGED_BY_LABEL,
+    ORIGINAL_SPEC_ANNOTATION,
+    is_managed,
+)
 from marl_operator.mesh.patching import apply_merge_patch, reconcile_patch, restore_patch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -370,6 +376,95 @@ def test_a_taken_over_virtual_service_keeps_what_the_operator_does_not_route(ups
     }
 
 
+def test_an_owners_rule_on_the_whole_path_is_its_catch_all_and_is_replaced(upstream):
+    """With no rule free of matches, an owner's rule on every path (uri prefix /) stayed
+    ahead of the operator's and took every request: the policy routed nothing, and said it
+    applied its weights. Its redirect cannot stand beside a route, and is not copied."""
+    writer, routes = IstioWriter(), triangle_routes()
+    user = _user_virtual_service()
+    host = ISTIO_SERVICE.host
+    main = {
+        "name": "main",
+        "match": [{"uri": {"prefix": "/"}}],
+        "route": [{"destination": {"host": host, "subset": "v1"}}],
+        "retries": {"attempts": 2},
+    }
+    admin = {"name": "admin", "match": [{"uri": {"prefix": "/admin"}}], "redirect": {"uri": "/"}}
+    user["spec"]["http"] = [admin, main]
+    taken = _take_over(writer, ISTIO_SERVICE, virtual_service(ISTIO_SERVICE, routes), user)
+    assert upstream["VirtualService"].errors(taken) == []
+    rules = taken["spec"]["http"]
+    assert rules[0] == admin and "main" not in [r["name"] for r in rules]
+    assert all(r["retries"] == {"attempts": 2} for r in rules[1:])
+    assert writer.read(ISTIO_SERVICE, routes.nodes, [taken]) == routes
+
+    user["spec"]["http"] = [main | {"match": None, "redirect": {"authority": "x"}}]
+    taken = _take_over(writer, ISTIO_SERVICE, virtual_service(ISTIO_SERVICE, routes), user)
+    assert not any("redirect" in r for r in taken["spec"]["http"])
+
+
+def test_owners_rules_and_subsets_are_told_from_the_operator_s_by_shape_not_name():
+    """An owner's rule named from-frontend (on its own label) or default (on a header), and a
+    subset node-pool, were taken for the operator's and dropped: requests the owner routed to
+    them fell to the operator's rules, or to a subset that was gone (503)."""
+    writer, routes = IstioWriter(), triangle_routes()
+    host = ISTIO_SERVICE.host
+    to_pool = [{"destination": {"host": host, "subset": "node-pool"}}]
+    frontend = {"name": "from-frontend", "match": [{"sourceLabels": {"app": "frontend"}}],
+                "route": to_pool}  # fmt: skip
+    header = {"name": "default", "match": [{"headers": {"x-pool": {"exact": "1"}}}],
+              "route": to_pool}  # fmt: skip
+    user = _user_virtual_service()
+    user["spec"]["http"] = [frontend, header, *user["spec"]["http"]]
+    taken = _take_over(writer, ISTIO_SERVICE, virtual_service(ISTIO_SERVICE, routes), user)
+    assert taken["spec"]["http"][:2] == [frontend, header]
+    assert writer.read(ISTIO_SERVICE, routes.nodes, [taken]) == routes
+
+
+def test_hosts_and_parents_the_operator_wrote_go_when_the_edge_service_moves():
+    """The hosts and parents a write keeps are the owner's, saved at takeover: those of an
+    object the operator created came from an earlier host, and kept, its routes took over
+    the old host's traffic too."""
+    routes = triangle_routes()
+    moved = dataclasses.replace(ISTIO_SERVICE, host="other.edge.svc.cluster.local")
+    created = _server_copy(virtual_service(ISTIO_SERVICE, routes))
+    kept = IstioWriter().keep(moved, virtual_service(moved, routes), created)
+    assert kept["spec"]["hosts"] == ["other.edge.svc.cluster.local"]
+
+    adopted = _take_over(
+        IstioWriter(),
+        ISTIO_SERVICE,
+        virtual_service(ISTIO_SERVICE, routes),
+        _owners_virtual_service(),
+    )
+    kept = IstioWriter().keep(moved, virtual_service(moved, routes), adopted)
+    assert kept["spec"]["hosts"] == ["fn.example.com", ISTIO_SERVICE.host, moved.host]
+
+    route = _server_copy(http_route(GATEWAY_SERVICE, routes))
+    elsewhere = dataclasses.replace(GATEWAY_SERVICE, parent_refs=({"name": "fn-gw2"},))
+    kept = GatewayAPIWriter().keep(elsewhere, http_route(elsewhere, routes), route)
+    assert [p["name"] for p in kept["spec"]["parentRefs"]] == ["fn-gw2"]
+
+
+def test_an_owners_parent_without_a_port_is_not_named_twice(upstream):
+    """The usual GAMMA parentRef names no port; adding the operator's ref to the same Service
+    with one made two refs to one parent, which the API refuses: every write failed."""
+    writer, routes = GatewayAPIWriter(), triangle_routes()
+    desired = http_route(GATEWAY_SERVICE, routes)
+    parent = {"group": "", "kind": "Service", "name": desired["spec"]["parentRefs"][0]["name"]}
+    redirect = {"type": "RequestRedirect", "requestRedirect": {"scheme": "https"}}
+    user = {
+        **desired,
+        "metadata": {"name": desired["metadata"]["name"], "namespace": "edge",
+                     "annotations": {ADOPT_ANNOTATION: "true"}},
+        "spec": {"parentRefs": [parent], "rules": [{"filters": [redirect]}]},
+    }  # fmt: skip
+    taken = _take_over(writer, GATEWAY_SERVICE, desired, user)
+    assert taken["spec"]["parentRefs"] == [parent]
+    assert all("filters" not in rule for rule in taken["spec"]["rules"])
+    assert upstream["HTTPRoute"].errors(taken) == []
+
+
 def test_a_virtual_service_without_the_host_gets_it_added():
     user = _user_virtual_service()
     user["spec"]["hosts"] = ["fn.example.com"]
@@ -390,7 +485,8 @@ def test_a_taken_over_destination_rule_keeps_its_other_subsets(upstream):
             "host": ISTIO_SERVICE.host,
             "trafficPolicy": {"loadBalancer": {"simple": "LEAST_REQUEST"}},
             "subsets": [{"name": "v2", "labels": {"version": "v2"}},
-                        {"name": "node-edge-9", "labels": {"stale": "yes"}}],
+                        {"name": "node-pool", "labels": {"pool": "a"}},
+                        {"name": "node-edge-9", "labels": {"marl.dev/node": "edge-9"}}],
         },
     }  # fmt: skip
 
@@ -398,7 +494,7 @@ def test_a_taken_over_destination_rule_keeps_its_other_subsets(upstream):
 
     assert upstream["DestinationRule"].errors(taken) == []
     names = [s["name"] for s in taken["spec"]["subsets"]]
-    assert names == ["v2", *[s["name"] for s in desired["spec"]["subsets"]]]
+    assert names == ["v2", "node-pool", *[s["name"] for s in desired["spec"]["subsets"]]]
     assert taken["spec"]["trafficPolicy"] == user["spec"]["trafficPolicy"]
     restored = apply_merge_patch(taken, restore_patch(taken, writer.owned["DestinationRule"]))
     assert restored["spec"] == user["spec"]
@@ -529,6 +625,11 @@ def test_reading_an_httproute_of_another_shape_fails_clearly():
     route = http_route(GATEWAY_SERVICE, triangle_routes())
     route["spec"]["rules"][0]["backendRefs"][0]["name"] = "fn-v2"
     with pytest.raises(MeshError, match="'fn-v2' is not fn-gw-<edge node>"):
+        GatewayAPIWriter().read(GATEWAY_SERVICE, TRIANGLE, [route])
+    # In the owner's route, a Service named like a node's is the owner's, not a former node.
+    route["spec"]["rules"][0]["backendRefs"][0]["name"] = "fn-gw-v2"
+    del route["metadata"]["labels"][MANAGED_BY_LABEL]
+    with pytest.raises(MeshError, match="'fn-gw-v2' is not fn-gw-<edge node>"):
         GatewayAPIWriter().read(GATEWAY_SERVICE, TRIANGLE, [route])
 
 

@@ -9,9 +9,9 @@ per rule; routes beyond that raise :class:`RouteLimitError` instead of being cut
 
 The rules carry no ``name``: the field is young (Gateway API releases before it prune it, and
 a route that never reads back as written would be rewritten every interval), and the operator's
-rules are told by their matches. An HTTPRoute taken over from its owner keeps its other parents,
-its own rules (any match other than the source header on ``/``, such as another path) and the
-options of its catch-all rule (filters, timeouts...) on every rule the operator writes.
+rules are told by their matches. An HTTPRoute taken over from its owner keeps the parents it
+had, its own rules (any match other than the source header on ``/``, such as another path) and
+the options of its catch-all rule (:data:`ROUTE_OPTIONS`) on every rule the operator writes.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from marl_operator.mesh.model import (
     MeshService,
     RouteLimitError,
 )
-from marl_operator.mesh.ownership import managed_metadata
+from marl_operator.mesh.ownership import is_managed, managed_metadata, owners_spec
 
 API_VERSION = "gateway.networking.k8s.io/v1"
 MAX_RULES = 16
@@ -116,9 +116,9 @@ def http_route(service: MeshService, routes: MeshRoutes) -> Manifest:
     }
 
 
-ROUTE_FIELDS = ("name", "matches", "backendRefs")
-"""What the operator writes in a rule (a name only in the owner's rules); a taken-over
-catch-all's other fields are its options."""
+ROUTE_OPTIONS = ("filters", "retry", "sessionPersistence", "timeouts")
+"""The fields of a taken-over catch-all rule that apply to every rule the operator writes
+(its filters but a RequestRedirect, which the API refuses beside backendRefs)."""
 
 
 def _operator_match(service: MeshService, rule: Mapping[str, Any]) -> dict[str, Any] | None:
@@ -140,7 +140,10 @@ def _operator_match(service: MeshService, rule: Mapping[str, Any]) -> dict[str, 
 def _keep_rules(service: MeshService, ours: list[dict], live: Sequence[Mapping]) -> list[dict]:
     theirs = [copy.deepcopy(r) for r in live if _operator_match(service, r) is None]
     catch_all = next((r for r in live if _operator_match(service, r) == {}), {})
-    options = {k: v for k, v in catch_all.items() if k not in ROUTE_FIELDS}
+    options = {k: copy.deepcopy(v) for k, v in catch_all.items() if k in ROUTE_OPTIONS}
+    filters = [f for f in options.pop("filters", []) if f.get("type") != "RequestRedirect"]
+    if filters:
+        options["filters"] = filters
     rules = theirs + [{**rule, **copy.deepcopy(options)} for rule in ours]
     if len(rules) > MAX_RULES:
         raise RouteLimitError(
@@ -157,14 +160,26 @@ def keep_http_route(
     """``desired`` with what a live HTTPRoute carries besides the operator's routes."""
     if live is None:
         return desired
-    spec = live.get("spec") or {}
     out = copy.deepcopy(desired)
-    parents = [copy.deepcopy(ref) for ref in spec.get("parentRefs") or []]
+    parents = [copy.deepcopy(ref) for ref in owners_spec(live).get("parentRefs") or []]
+    named = {_parent(ref, service.namespace) for ref in parents}
     out["spec"]["parentRefs"] = parents + [
-        ref for ref in out["spec"]["parentRefs"] if ref not in parents
+        ref for ref in out["spec"]["parentRefs"] if _parent(ref, service.namespace) not in named
     ]
-    out["spec"]["rules"] = _keep_rules(service, out["spec"]["rules"], spec.get("rules") or [])
+    rules = (live.get("spec") or {}).get("rules") or []
+    out["spec"]["rules"] = _keep_rules(service, out["spec"]["rules"], rules)
     return out
+
+
+def _parent(ref: Mapping[str, Any], namespace: str) -> tuple[str, str, str, str]:
+    """The object a parentRef names, whatever port or section: the API refuses two refs to
+    one parent that do not tell their sections apart."""
+    return (
+        ref.get("group", "gateway.networking.k8s.io"),
+        ref.get("kind", "Gateway"),
+        ref.get("namespace", namespace),
+        ref.get("name", ""),
+    )
 
 
 def read_http_route(service: MeshService, nodes: Sequence[MeshNode], obj: Manifest) -> MeshRoutes:
@@ -173,6 +188,7 @@ def read_http_route(service: MeshService, nodes: Sequence[MeshNode], obj: Manife
     names = [node.name for node in nodes]
     by_source: dict[str, dict[str, int]] = {}
     default: dict[str, int] | None = None
+    managed = is_managed(obj)  # only its routes to former nodes are known to be the operator's
     for i, rule in enumerate(obj.get("spec", {}).get("rules") or []):
         where = f"HTTPRoute {obj['metadata']['name']!r} rules[{i}]"
         header = _operator_match(service, rule)
@@ -182,7 +198,8 @@ def read_http_route(service: MeshService, nodes: Sequence[MeshNode], obj: Manife
         for ref in rule.get("backendRefs") or []:
             if ref.get("kind", "Service") != "Service" or ref.get("group", "") != "":
                 raise MeshError(f"{where} sends traffic to a {ref.get('kind')}, not a Service")
-            if naming.is_former_node_service(service.service_prefix, ref["name"], names):
+            former = naming.is_former_node_service(service.service_prefix, ref["name"], names)
+            if managed and former:
                 continue  # an edge node the policy no longer governs
             node = naming.node_of_service(service.service_prefix, ref["name"], names)
             weights[node] = weights.get(node, 0) + int(ref.get("weight", WEIGHT_DEFAULT))

@@ -7,11 +7,12 @@ Weights are integers summing to 100 per rule (Istio's webhook refuses a total of
 routes are left out.
 
 A VirtualService or DestinationRule taken over from its owner keeps what the operator does not
-route: its other hosts, its own rules (those ahead of its catch-all stay ahead of the
+route: the hosts it had, its own rules (those ahead of its catch-all stay ahead of the
 operator's rules, those behind it stay behind), the options of its catch-all rule (retries,
-timeout, headers...) on every rule the operator writes, and its subsets not named
-``node-<edge node>``. The rules named ``from-<edge node>`` and ``default``, and the rules
-matching only the node label, are the operator's.
+timeout, headers...: :data:`ROUTE_OPTIONS`) on every rule the operator writes, and its
+subsets. Its catch-all is the first rule that matches every request (no match, or the whole
+path), and is replaced; the rules matching only the node label are the operator's, and so
+are the subsets ``node-<name>`` that select only by it.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from typing import Any, ClassVar
 
 from marl_operator.mesh import naming
 from marl_operator.mesh.model import Manifest, MeshError, MeshNode, MeshRoutes, MeshService
-from marl_operator.mesh.ownership import managed_metadata
+from marl_operator.mesh.ownership import is_managed, managed_metadata, owners_spec
 
 API_VERSION = "networking.istio.io/v1"
 
@@ -82,8 +83,20 @@ def destination_rule(service: MeshService, nodes: Sequence[MeshNode]) -> Manifes
     }
 
 
-ROUTE_FIELDS = ("name", "match", "route")
-"""What the operator writes in a rule; a taken-over catch-all's other fields are its options."""
+ROUTE_OPTIONS = (
+    "corsPolicy",
+    "fault",
+    "headers",
+    "mirror",
+    "mirrorPercent",
+    "mirrorPercentage",
+    "mirrors",
+    "retries",
+    "rewrite",
+    "timeout",
+)
+"""The fields of a taken-over catch-all rule that apply to every rule the operator writes; a
+redirect, direct response or delegation cannot stand beside a route, and is not copied."""
 
 
 def _is_source_rule(service: MeshService, rule: Mapping[str, Any]) -> bool:
@@ -94,25 +107,31 @@ def _is_source_rule(service: MeshService, rule: Mapping[str, Any]) -> bool:
     return set(match[0]["sourceLabels"] or {}) == {service.node_label}
 
 
-def _is_operators(service: MeshService, rule: Mapping[str, Any]) -> bool:
-    name = rule.get("name") or ""
-    return (
-        name == naming.CATCH_ALL_RULE
-        or name.startswith(naming.SOURCE_RULE_PREFIX)
-        or not rule.get("match")
-        or _is_source_rule(service, rule)
-    )
+def _matches_everything(rule: Mapping[str, Any]) -> bool:
+    """Whether every request passes ``rule`` (no match, or one on nothing but the whole
+    path): the first such rule is the catch-all, and rules after it are never reached."""
+    matches = rule.get("match")
+    if not matches:
+        return True
+    for match in matches:
+        rest = {k: v for k, v in match.items() if k not in ("name", "ignoreUriCase")}
+        if not rest or rest == {"uri": {"prefix": "/"}}:
+            return True
+    return False
 
 
 def _keep_rules(service: MeshService, ours: list[dict], live: Sequence[Mapping]) -> list[dict]:
     """``ours`` among the live rules the operator does not own, as :mod:`this module
     <marl_operator.mesh.istio>` says."""
-    cut = next((i for i, rule in enumerate(live) if not rule.get("match")), len(live))
+    cut = next((i for i, rule in enumerate(live) if _matches_everything(rule)), len(live))
     catch_all = live[cut] if cut < len(live) else {}
-    options = {k: v for k, v in catch_all.items() if k not in ROUTE_FIELDS}
-    ahead = [copy.deepcopy(r) for r in live[:cut] if not _is_operators(service, r)]
-    behind = [copy.deepcopy(r) for r in live[cut + 1 :] if not _is_operators(service, r)]
-    return ahead + [{**rule, **copy.deepcopy(options)} for rule in ours] + behind
+    options = {k: copy.deepcopy(v) for k, v in catch_all.items() if k in ROUTE_OPTIONS}
+    theirs = [
+        [copy.deepcopy(r) for r in part if not _is_source_rule(service, r)]
+        for part in (live[:cut], live[cut + 1 :])
+    ]
+    behind = [r for r in theirs[1] if not _matches_everything(r)]
+    return theirs[0] + [{**rule, **copy.deepcopy(options)} for rule in ours] + behind
 
 
 def keep_virtual_service(
@@ -121,31 +140,43 @@ def keep_virtual_service(
     """``desired`` with what a live VirtualService carries besides the operator's routes."""
     if live is None:
         return desired
-    spec = live.get("spec") or {}
-    hosts = list(spec.get("hosts") or [])
+    hosts = list(owners_spec(live).get("hosts") or [])
     out = copy.deepcopy(desired)
     out["spec"]["hosts"] = hosts if service.host in hosts else [*hosts, service.host]
-    out["spec"]["http"] = _keep_rules(service, out["spec"]["http"], spec.get("http") or [])
+    rules = (live.get("spec") or {}).get("http") or []
+    out["spec"]["http"] = _keep_rules(service, out["spec"]["http"], rules)
     return out
 
 
-def keep_destination_rule(desired: Manifest, live: Mapping[str, Any] | None) -> Manifest:
-    """``desired`` with a live DestinationRule's subsets that select no edge node, first."""
+def _is_node_subset(service: MeshService, subset: Mapping[str, Any]) -> bool:
+    """Whether ``subset`` is one the operator writes: ``node-<name>``, selecting by the node
+    label alone."""
+    name, labels = str(subset.get("name", "")), subset.get("labels") or {}
+    return name.startswith(naming.SUBSET_PREFIX) and set(labels) == {service.node_label}
+
+
+def keep_destination_rule(
+    service: MeshService, desired: Manifest, live: Mapping[str, Any] | None
+) -> Manifest:
+    """``desired`` with a live DestinationRule's subsets that are not the operator's, first."""
     if live is None:
         return desired
     theirs = [
         copy.deepcopy(subset)
         for subset in (live.get("spec") or {}).get("subsets") or []
-        if not str(subset.get("name", "")).startswith(naming.SUBSET_PREFIX)
+        if not _is_node_subset(service, subset)
     ]
     out = copy.deepcopy(desired)
     out["spec"]["subsets"] = theirs + out["spec"]["subsets"]
     return out
 
 
-def _rule_weights(rule: Mapping[str, Any], nodes: Sequence[str], where: str) -> dict[str, int]:
-    """The weights of one rule's routes; a route to the subset of an edge node the policy no
-    longer governs is left out (what it carried leaves it, as from a node that is down)."""
+def _rule_weights(
+    rule: Mapping[str, Any], nodes: Sequence[str], where: str, managed: bool
+) -> dict[str, int]:
+    """The weights of one rule's routes; in an object the operator manages, a route to the
+    subset of an edge node the policy no longer governs is left out (what it carried leaves
+    it, as from a node that is down)."""
     routes = rule.get("route") or []
     weights: dict[str, int] = {}
     for route in routes:
@@ -154,7 +185,7 @@ def _rule_weights(rule: Mapping[str, Any], nodes: Sequence[str], where: str) -> 
             raise MeshError(f"{where} routes to the whole service, not to a node subset")
         # An omitted weight on a rule's only route means all of its traffic.
         default = 100 if len(routes) == 1 else 0
-        if naming.is_former_node_subset(subset, nodes):
+        if managed and naming.is_former_node_subset(subset, nodes):
             continue
         node = naming.node_of_subset(subset, nodes)
         weights[node] = weights.get(node, 0) + int(route.get("weight", default))
@@ -169,17 +200,18 @@ def read_virtual_service(
     names = [node.name for node in nodes]
     by_source: dict[str, dict[str, int]] = {}
     default: dict[str, int] | None = None
+    managed = is_managed(obj)
     for i, rule in enumerate(obj.get("spec", {}).get("http") or []):
         where = f"VirtualService {obj['metadata']['name']!r} http[{i}]"
-        if not rule.get("match"):
-            default = _rule_weights(rule, names, where)
+        if _matches_everything(rule):
+            default = _rule_weights(rule, names, where, managed)
             break  # first match wins: later rules are unreachable
         if not _is_source_rule(service, rule):
             continue  # the owner's own rule, kept as it is
         value = rule["match"][0]["sourceLabels"][service.node_label]
         if value not in by_label:
             continue  # an edge node the policy no longer governs: its clients are not ours
-        row = _rule_weights(rule, names, where)
+        row = _rule_weights(rule, names, where, managed)
         if row:  # else every route went to former nodes: no weight to step from
             by_source.setdefault(by_label[value], row)
     if default is None:
@@ -200,7 +232,7 @@ class IstioWriter:
     def keep(self, service: MeshService, desired: Manifest, live: Manifest | None) -> Manifest:
         if desired["kind"] == "VirtualService":
             return keep_virtual_service(service, desired, live)
-        return keep_destination_rule(desired, live)
+        return keep_destination_rule(service, desired, live)
 
     def read(
         self, service: MeshService, nodes: Sequence[MeshNode], objects: Sequence[Manifest]

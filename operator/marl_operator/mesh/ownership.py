@@ -77,6 +77,21 @@ def original_spec_annotation(live: Mapping[str, Any]) -> dict[str, str]:
     return {ORIGINAL_SPEC_ANNOTATION: text}
 
 
+def owners_spec(live: Mapping[str, Any] | None) -> Mapping[str, Any]:
+    """The spec the owner gave ``live``: the one saved when it was taken over, or its own if
+    it is not taken over yet; empty for an object the operator created (or whose saved spec
+    cannot be read). What a write keeps of the owner's hosts and parents comes from here, so
+    that one the operator wrote (a host since changed) is not kept for good."""
+    if live is None:
+        return {}
+    if not is_managed(live):
+        return live.get("spec") or {}
+    try:
+        return original_spec(live) or {}
+    except MeshError:
+        return {}
+
+
 def original_spec(obj: Mapping[str, Any]) -> dict[str, Any] | None:
     """The spec saved before takeover, or None if marl-operator created the object."""
     annotations = obj.get("metadata", {}).get("annotations") or {}
