@@ -1071,6 +1071,15 @@ def test_a_deleted_edge_node_is_routed_around_not_made_invalid():
         nodes_ready["status"] == "False" and "edge-2: no EdgeNode edge-2" in nodes_ready["message"]
     )
 
+    def refused():  # the Kubernetes nodes unreadable: the missing one is still named
+        raise Forbidden("list", "Node", "", "")
+
+    kube.kubernetes_nodes = refused
+    now[0] += 10
+    nodes_ready = condition(runtime.cycle("edge/p", body), "NodesReady")
+    assert nodes_ready["status"] == "Unknown"
+    assert "down all the same: edge-2: no EdgeNode" in nodes_ready["message"]
+
     kube.nodes = []
     now[0] += 10
     assert runtime.cycle("edge/p", body).outcome == Outcome.INVALID

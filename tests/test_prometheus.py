@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 import requests
+import urllib3
 from marl_operator.__main__ import parse_args
 from marl_operator.mesh.model import MeshNode, MeshService
 from marl_operator.mesh.naming import destination_names
@@ -436,6 +437,27 @@ def test_a_prometheus_that_does_not_answer_is_not_asked_again_by_anyone_for_a_wh
         with pytest.raises(MetricsUnavailable, match="503"):
             first.read(**VALUES)  # the combined query, then its first template alone
     assert len(calls) == 7
+
+
+def test_a_slow_query_holds_back_no_other_reader():
+    """A read timeout (urllib3 wraps it in a ConnectionError when retries are off) tripped
+    the shared silence: one policy's heavy query override then held every other policy
+    reading the same, answering Prometheus."""
+    timed_out = requests.ConnectionError(
+        urllib3.exceptions.MaxRetryError(
+            None, "/api/v1/query", urllib3.exceptions.ReadTimeoutError(None, "/", "timed out")
+        )
+    )
+    silence = Silence()
+    slow = PrometheusReader("http://p:9090", timeout_s=2, query=failing(timed_out), silence=silence)
+    with pytest.raises(MetricsUnavailable, match="did not answer within 2 s"):
+        slow.read(**VALUES)
+    with pytest.raises(MetricsUnavailable, match="did not answer within 2 s"):
+        PrometheusReader("http://p:9090", timeout_s=2, query=failing(requests.ReadTimeout()),
+                         silence=silence).read(**VALUES)  # fmt: skip
+    assert silence.recent() is None
+    fine = PrometheusReader("http://p:9090", query=lambda promql: [], silence=silence)
+    assert fine.read(**VALUES).empty
 
 
 def test_the_operator_s_readers_of_one_url_share_its_silence():

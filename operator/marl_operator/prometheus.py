@@ -53,6 +53,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import requests
+import urllib3
 
 # The submodule, not the package: prometheus-api-client before 0.7 imported pandas and
 # matplotlib (about 50 MB and a second of start-up) in its package __init__ for the DataFrame
@@ -558,25 +559,36 @@ def _parse_series(name: str, result: Any, labels: tuple[str, ...]) -> dict[tuple
     return values
 
 
-def _connection_reason(error: requests.RequestException) -> str:
-    """The innermost reason a request failed. The outer errors quote the request's URL,
-    which holds the whole combined query: kilobytes that say nothing of the failure."""
+def _innermost(error: requests.RequestException) -> Any:
+    """The error under requests' and urllib3's wrappers (a MaxRetryError's reason...)."""
     reason: Any = error.args[0] if error.args else error
     while getattr(reason, "reason", None) is not None:  # urllib3's MaxRetryError and kin
         reason = reason.reason
     while isinstance(reason, Exception) and reason.args and isinstance(reason.args[0], Exception):
         reason = reason.args[0]
+    return reason
+
+
+def _connection_reason(error: requests.RequestException) -> str:
+    """The innermost reason a request failed. The outer errors quote the request's URL,
+    which holds the whole combined query: kilobytes that say nothing of the failure."""
+    reason = _innermost(error)
     if isinstance(reason, ssl.SSLCertVerificationError):
         return f"certificate verify failed: {reason.verify_message}"
     return f"{type(reason).__name__}: {reason}"
 
 
+PROMETHEUS_DEADLINE = 0.8
+"""The evaluation deadline sent with each query, as a share of the reader's timeout."""
+
+
 class Silence:
-    """That a Prometheus did not answer (a timeout, no connection), shared by every reader of
-    its URL: for ``hold_s`` after, the others fail at once instead of each waiting out its
-    timeout. Policies share a few cycle workers, so without it a Prometheus that swallows
-    connections holds all of them, and a cycle that should move traffic off a failed node
-    waits minutes behind the reads of the others."""
+    """That a Prometheus took no connection (refused, or none within the timeout), shared by
+    every reader of its URL: for ``hold_s`` after, the others fail at once instead of each
+    waiting out its timeout (a query that was only slow says nothing of the others').
+    Policies share a few cycle workers, so without it a Prometheus that swallows connections
+    holds all of them, and a cycle that should move traffic off a failed node waits minutes
+    behind the reads of the others."""
 
     def __init__(self, hold_s: float = 10.0, clock: Callable[[], float] = time.monotonic):
         self.hold_s = hold_s
@@ -640,8 +652,10 @@ class PrometheusReader:
             url=url.rstrip("/"), timeout=timeout_s, retry=retry, session=access.session()
         )
         # Prometheus goes on evaluating a query its client gave up on unless told its own
-        # deadline: a slow server would otherwise pile up every abandoned read.
-        params = {"timeout": f"{timeout_s:g}s"}
+        # deadline: a slow server would otherwise pile up every abandoned read. A little
+        # shorter than the client's, so that a slow query comes back as Prometheus's error.
+        # Prometheus durations are whole numbers of a unit: "1.6s" is refused, "1600ms" not.
+        params = {"timeout": f"{round(PROMETHEUS_DEADLINE * timeout_s * 1000)}ms"}
         return lambda promql: client.custom_query(promql, params=params)
 
     def _fail(self, name: str, reason: str) -> MetricsUnavailable:
@@ -660,8 +674,11 @@ class PrometheusReader:
             answer = self._query(promql)
         except TokenUnreadable as exc:
             raise self._fail(name, f"was not asked: the {exc}") from exc
-        except requests.Timeout as exc:
-            raise self._unanswered(name, f"did not answer within {self.timeout_s:g} s") from exc
+        except requests.ConnectTimeout as exc:
+            reason = f"took no connection within {self.timeout_s:g} s"
+            raise self._unanswered(name, reason) from exc
+        except requests.Timeout as exc:  # this query was slow: another may not be
+            raise self._fail(name, f"did not answer within {self.timeout_s:g} s") from exc
         except requests.exceptions.SSLError as exc:
             hint = "--prometheus-ca-file's CA" if self.ca_file else "a CA of certifi's bundle"
             raise self._fail(
@@ -670,8 +687,9 @@ class PrometheusReader:
                 f"{_connection_reason(exc)}",
             ) from exc
         except requests.ConnectionError as exc:
-            reason = f"is unreachable: {_connection_reason(exc)}"
-            raise self._unanswered(name, reason) from exc
+            if isinstance(_innermost(exc), urllib3.exceptions.ReadTimeoutError):
+                raise self._fail(name, f"did not answer within {self.timeout_s:g} s") from exc
+            raise self._unanswered(name, f"is unreachable: {_connection_reason(exc)}") from exc
         except PrometheusApiClientException as exc:
             raise self._fail(name, f"answered an error: {error_answer(str(exc))}") from exc
         except (requests.RequestException, ValueError, KeyError, TypeError, RecursionError) as exc:

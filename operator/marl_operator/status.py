@@ -115,18 +115,19 @@ def conditions_of(report: CycleReport) -> list[dict[str, Any]]:
 def _nodes_ready(report: CycleReport) -> dict[str, Any]:
     """NodesReady: whether every edge node of the policy has a Ready Kubernetes node (Unknown
     when the cycle did not ask, or could not read them)."""
+    down = "; ".join(f"{node}: {why}" for node, why in sorted((report.down or {}).items()))
     if report.liveness_unknown:
+        known = f"; down all the same: {down}" if down else ""
         return _condition(
             "NodesReady",
             None,
             "Unreadable",
             f"whether the edge nodes are up is unknown, so every one is counted up: "
-            f"{report.liveness_unknown}",
+            f"{report.liveness_unknown}{known}",
         )
     if report.down is None:
         return _condition("NodesReady", None, "NotRead", "the last cycle did not read the nodes")
     if report.down:
-        down = "; ".join(f"{node}: {why}" for node, why in sorted(report.down.items()))
         return _condition(
             "NodesReady", False, "NodesDown", f"no route goes to edge nodes that are down: {down}"
         )
