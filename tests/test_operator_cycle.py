@@ -533,7 +533,7 @@ def test_the_status_counts_failures_and_shows_the_catch_all_rule():
     invalid = example_policy_body(safety={"minWeight": 150})
     invalid["metadata"]["generation"] = 2
     status = cycle(invalid)
-    assert "consecutiveFailures" not in status  # not known without a controller
+    assert status["consecutiveFailures"] == 0  # the last valid build's, which holds
     fallback = next(c for c in status["conditions"] if c["type"] == "Fallback")
     assert fallback["message"] == "no fallback written: the last cycle ended Invalid"
 
@@ -945,7 +945,10 @@ def test_status_names_the_checkpoint_and_a_changed_configmap_is_read_at_the_next
     )
 
     invalid = runtime.cycle("edge/p", example_policy_body(services=["missing"]))
-    assert invalid.checkpoint is None and status_of(invalid, None)["checkpoint"] is None
+    assert invalid.outcome == Outcome.INVALID
+    assert invalid.checkpoint == rebuilt.checkpoint  # the last valid build holds the weights
+    never = runtime.cycle("edge/r", example_policy_body(services=["missing"]))
+    assert never.checkpoint is None and status_of(never, None)["checkpoint"] is None
 
 
 @pytest.mark.parametrize(("min_weight", "valid"), [(33, True), (34, False)])
@@ -1083,6 +1086,49 @@ def test_a_deleted_edge_node_is_routed_around_not_made_invalid():
     kube.nodes = []
     now[0] += 10
     assert runtime.cycle("edge/p", body).outcome == Outcome.INVALID
+
+
+def test_an_invalid_spec_holds_the_last_weights_and_still_routes_around_a_failed_node():
+    """A policy made Invalid (here an EdgeNode's neighbours edited on one side only) dropped
+    its controller: nothing was written until the spec was fixed, so a node failing meanwhile
+    kept its share of the traffic. The last valid build now holds the weights and moves
+    routes off nodes that cannot serve, and the report says why it is Invalid."""
+    mesh = example_mesh()
+    now = [0.0]
+    kube = FakeKube(NODES, SERVICES)
+    inventory = Inventory(kube, refresh_s=10, clock=lambda: now[0])
+    runtime = Runtime(kube, mesh=mesh, reader_for=lambda url: Reader(mesh), inventory=inventory)
+    body = example_policy_body()
+    assert runtime.cycle("edge/p", body).outcome == Outcome.APPLIED
+    held = mesh.routes["fn"]
+    assert any(row.get("edge-1", 0) > 0 for row in held.by_source.values())
+
+    one_way = copy.deepcopy(NODES)  # edge-2 forgets edge-1, which still lists edge-2
+    one_way[2]["spec"]["neighbours"] = [{"name": "edge-0", "latencyMs": 12}]
+    kube.nodes = one_way
+    now[0] += 10
+    report = runtime.cycle("edge/p", body)
+    assert report.outcome == Outcome.INVALID
+    assert "EdgeNode edge-2 spec.neighbours" in report.reason
+    assert report.reason.endswith("its last valid spec holds the weights")
+    assert mesh.routes["fn"] is held  # nothing to move: nothing written
+
+    kube.cluster_nodes = [
+        kubernetes_node(n["metadata"]["name"], n["metadata"]["labels"], "False")
+        if n["metadata"]["name"] == "kind-worker2"
+        else n
+        for n in kube.cluster_nodes
+    ]  # fmt: skip
+    now[0] += 10
+    report = runtime.cycle("edge/p", body)
+    assert report.outcome == Outcome.INVALID
+    assert report.reason.endswith("but for routes to nodes that are down (edge-1): moved")
+    assert all(row.get("edge-1", 0) == 0 for row in mesh.routes["fn"].by_source.values())
+    assert condition(report, "Ready")["status"] == "False"
+
+    kube.nodes = NODES  # fixed: built again, deciding again
+    now[0] += 10
+    assert runtime.cycle("edge/p", body).outcome in (Outcome.APPLIED, Outcome.UNCHANGED)
 
 
 def test_objects_a_rebuilt_policy_no_longer_writes_are_given_back():

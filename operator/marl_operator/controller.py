@@ -271,6 +271,18 @@ class PolicyController:
             reason = f"rollout decision applied (model: {self.adapter.model_source})"
         return self._report(outcome, reason + self._no_route(), limited, **extra)
 
+    def hold_invalid(self, reason: str) -> CycleReport:
+        """A cycle of this, the policy's last good build, while its spec or what the spec
+        names no longer builds (``reason``): the weights in place hold, but routes still
+        leave nodes that cannot serve, as in any held cycle. Dropping the controller instead
+        left a node that fails meanwhile with its share of the traffic until someone fixed
+        an unrelated typo."""
+        self._written = set()
+        live = self._live()
+        self._alive = self._ask_liveness()
+        kept = f"{reason}; its last valid spec holds the weights"
+        return self._hold(kept, live, Outcome.INVALID)
+
     def _ask_liveness(self) -> Liveness:
         """This cycle's nodes that are down, and nodes without a ready pod of a service, as
         the liveness source says; where it cannot say, as it last said (a node known not to

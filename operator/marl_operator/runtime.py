@@ -472,11 +472,12 @@ class Runtime:
     ) -> CycleReport | None:
         generation = int(body.get("metadata", {}).get("generation", 0))
         controller = self.controllers.get(key)
+        namespace, name = key.split("/", 1)
+        named = set((body.get("spec") or {}).get("services") or ())
+        claims = {s: owner for s, owner in governed_by.items() if s in named}
+        taken = conflict(name, namespace, claims)
         try:
-            namespace, name = key.split("/", 1)
-            named = set((body.get("spec") or {}).get("services") or ())
-            claims = {s: owner for s, owner in governed_by.items() if s in named}
-            if (taken := conflict(name, namespace, claims)) is not None:
+            if taken is not None:
                 raise SpecError("spec.services", taken)
             if (
                 controller is None
@@ -492,6 +493,11 @@ class Runtime:
                         return None
                     controller = self.controllers[key] = rebuilt
         except SpecError as error:
+            if controller is not None and taken is None:
+                # Still this policy's services (no other policy claims them): the last good
+                # build holds, and moves routes off nodes that cannot serve.
+                report = controller.hold_invalid(str(error))
+                return self._publish(dataclasses.replace(report, generation=generation), term)
             self.controllers.pop(key, None)
             report = CycleReport(
                 policy=key,
