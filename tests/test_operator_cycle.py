@@ -1001,15 +1001,22 @@ def test_checkpoints_are_shared_by_content_and_let_go_once_no_policy_runs_them(t
     assert newest() is None
 
 
+def refreshing_runtime(mesh) -> tuple[Runtime, FakeKube, list[float]]:
+    """A runtime over ``mesh`` and the example objects, which its inventory reads again once
+    ``now[0]`` has moved 10 s."""
+    now = [0.0]
+    kube = FakeKube(NODES, SERVICES)
+    inventory = Inventory(kube, refresh_s=10, clock=lambda: now[0])
+    runtime = Runtime(kube, mesh=mesh, reader_for=lambda url: Reader(mesh), inventory=inventory)
+    return runtime, kube, now
+
+
 def test_edited_edge_nodes_and_services_rebuild_the_policy_within_the_refresh():
     """A node removed, a service's target moved: the running policy is built again from
     them once the inventory is read again (at most ``refresh_s`` later), not only after a
     restart; an edit that changes nothing it was built from keeps its controller and model."""
     mesh = example_mesh()
-    now = [0.0]
-    kube = FakeKube(NODES, SERVICES)
-    inventory = Inventory(kube, refresh_s=10, clock=lambda: now[0])
-    runtime = Runtime(kube, mesh=mesh, reader_for=lambda url: Reader(mesh), inventory=inventory)
+    runtime, kube, now = refreshing_runtime(mesh)
     body = example_policy_body()
     assert runtime.cycle("edge/p", body).outcome == Outcome.APPLIED
     built = runtime.controllers["edge/p"]
@@ -1052,10 +1059,7 @@ def test_a_deleted_edge_node_is_routed_around_not_made_invalid():
     policy governs the nodes that exist, the deleted one's share leaves at once, and
     NodesReady names it; only when none of the listed nodes exists is the policy Invalid."""
     mesh = example_mesh()
-    now = [0.0]
-    kube = FakeKube(NODES, SERVICES)
-    inventory = Inventory(kube, refresh_s=10, clock=lambda: now[0])
-    runtime = Runtime(kube, mesh=mesh, reader_for=lambda url: Reader(mesh), inventory=inventory)
+    runtime, kube, now = refreshing_runtime(mesh)
     body = example_policy_body(nodes={"names": ["edge-0", "edge-1", "edge-2"]})
     assert runtime.cycle("edge/p", body).outcome == Outcome.APPLIED
     assert any(row.get("edge-2", 0) > 0 for row in mesh.routes["fn"].by_source.values())
@@ -1094,10 +1098,7 @@ def test_an_invalid_spec_holds_the_last_weights_and_still_routes_around_a_failed
     kept its share of the traffic. The last valid build now holds the weights and moves
     routes off nodes that cannot serve, and the report says why it is Invalid."""
     mesh = example_mesh()
-    now = [0.0]
-    kube = FakeKube(NODES, SERVICES)
-    inventory = Inventory(kube, refresh_s=10, clock=lambda: now[0])
-    runtime = Runtime(kube, mesh=mesh, reader_for=lambda url: Reader(mesh), inventory=inventory)
+    runtime, kube, now = refreshing_runtime(mesh)
     body = example_policy_body()
     assert runtime.cycle("edge/p", body).outcome == Outcome.APPLIED
     held = mesh.routes["fn"]
