@@ -52,7 +52,8 @@ flag UH: the chosen subset has no ready endpoint)."""
 
 MIN_WORK_RPS = 1.0
 """Below this many requests per second served (over all nodes), a service's CPU per request
-is mostly its workloads' idle CPU, not its requests' cost."""
+is mostly its workloads' idle CPU, not its requests' cost; below it on one node, so is the
+node's busy CPU, which then says nothing of its capacity."""
 
 
 class InsufficientData(Exception):
@@ -88,21 +89,28 @@ def pair_matrices(readings: ServiceReadings, labels: Mapping[str, int], n: int) 
             nodes[workload] = node_of(workload, labels)
         return nodes[workload]
 
+    for (src, dst), value in readings.rate.items():
+        i, j = node_of_workload(src), node_of_workload(dst)
+        if i is not None and j is not None:  # several workloads per node add up
+            out.rate[i, j] = np.nan_to_num(out.rate[i, j]) + value
+    # Their ratios and latencies are averaged by their requests: a node's two client
+    # workloads (a load generator and a frontend, say) each see their own.
     for name, source in (
-        ("rate", readings.rate),
         ("success", readings.success),
         ("mean_ms", readings.mean_ms),
         ("p95_ms", readings.p95_ms),
     ):
-        matrix = getattr(out, name)
+        matrix, weight = getattr(out, name), np.zeros((n, n))
         for (src, dst), value in source.items():
             i, j = node_of_workload(src), node_of_workload(dst)
             if i is None or j is None:
                 continue
-            if name == "rate":
-                matrix[i, j] = np.nan_to_num(matrix[i, j]) + value  # several workloads per node
-            else:
+            w = max(readings.rate.get((src, dst), 0.0), 0.0)
+            if weight[i, j] == 0:  # the first, or one of pairs without a rate: as it is
                 matrix[i, j] = value
+            if w > 0:
+                matrix[i, j] = (matrix[i, j] * weight[i, j] + value * w) / (weight[i, j] + w)
+                weight[i, j] += w
     # Only the CPU of workloads that served this service counts: the CPU query matches pods
     # by name prefix, so service fn would also take in the pods of a service fn-heavy.
     servers = {dst for _, dst in readings.rate}
@@ -209,7 +217,11 @@ class Observer:
         cpu = cpu_by_service.sum(axis=1)  # NaN unless every service reported
         busy = cpu / problem.cpu_cores
         busy = np.where(down, np.nan, busy)
-        measured = np.isfinite(busy) & (busy >= MIN_BUSY)
+        # A node that served (almost) nothing says nothing of its capacity, however busy its
+        # CPU: taken at its word, an idle pod's CPU would drive it to zero and no request
+        # would be routed there again to correct it.
+        enough = served_requests.sum(axis=1) >= MIN_WORK_RPS
+        measured = np.isfinite(busy) & (busy >= MIN_BUSY) & enough
         estimate = np.where(measured, served / np.where(measured, busy, 1.0), self.capacity)
         a = self.capacity_alpha
         self.capacity = np.where(measured, a * estimate + (1 - a) * self.capacity, self.capacity)
