@@ -63,6 +63,8 @@ def test_a_pod_is_ready_while_its_ready_condition_is_true_and_it_is_not_being_de
     assert pod_ready(terminating) == (False, "terminating")
     pending = {"metadata": {"name": "p"}, "status": {"phase": "Pending"}}
     assert pod_ready(pending) == (False, "Pending, not Ready yet")
+    lost = pod("a", "edge-0", "Unknown")  # its node stopped reporting: not an endpoint
+    assert pod_ready(lost) == (False, "Ready is Unknown (PodNotReady)")
     many = [pod(f"p{i}", "edge-1", "False") for i in range(5)]
     why = unserved(NODES[1:2], LABEL, many)["edge-1"]
     assert why.startswith("none of its 5 pods is ready (p0: ") and why.endswith(" and 2 more)")

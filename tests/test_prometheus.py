@@ -25,6 +25,8 @@ from marl_operator.prometheus import (
     QueryError,
     ServiceReadings,
     Silence,
+    _redact_text,
+    _template,
     check_templates,
     check_url,
     label_answers,
@@ -175,6 +177,8 @@ def test_render_refuses_bad_placeholders_naming_the_field(template, words):
         ("service", 'fn"}'),
         ("namespace", ""),
         ("host", "a\\b"),
+        ("host", "fn edge"),
+        ("window", "1m] or vector(1"),
     ],
 )
 def test_render_refuses_values_that_would_change_the_query(key, value):
@@ -296,9 +300,21 @@ def test_unaggregated_rates_add_up_and_ambiguous_latencies_are_dropped():
     answers = full_answers()
     answers["requestRate"] = [pair("a", "fn-edge-0", 4), pair("a", "fn-edge-0", 6)]
     answers["latencyMean"] = [pair("a", "fn-edge-0", 10), pair("a", "fn-edge-0", 90)]
+    answers["cpuUsage"] = [workload("fn-edge-0", 0.25), workload("fn-edge-0", 0.5)]  # 2 pods
     readings = read(FakePrometheus(answers))
     assert readings.rate == {("a", "fn-edge-0"): 10.0}
     assert readings.mean_ms == {}
+    assert readings.cpu_cores == {"fn-edge-0": 0.75}
+
+
+def test_a_blank_override_is_the_built_in_template():
+    assert _template("requestRate", {"requestRate": "  \n"}) == DEFAULT_TEMPLATES["requestRate"]
+
+
+def test_a_stale_pair_goes_whatever_it_reported():
+    pair_ = ("a", "fn-edge-0")
+    only_rate = ServiceReadings("fn", rate={pair_: 1.0}, age_s={pair_: 1e4})
+    assert only_rate.fresh(120).rate == {}
 
 
 def test_no_series_means_empty_not_zero():
@@ -346,10 +362,18 @@ def failing(exc: Exception):
     ],
 )
 def test_failures_are_metrics_unavailable_without_credentials(exc, words):
-    reader = PrometheusReader(SECRET_URL, timeout_s=2, query=failing(exc))
+    calls = []
+
+    def query(promql: str):
+        calls.append(promql)
+        raise exc
+
+    reader = PrometheusReader(SECRET_URL, timeout_s=2, query=query)
     with pytest.raises(MetricsUnavailable) as info:
         reader.read(**VALUES)
     message = str(info.value)
+    if not isinstance(exc, PrometheusApiClientException):  # asking each alone would not help
+        assert len(calls) == 1 and "combining all six" in message
     assert "http://prometheus.example:9090" in message
     assert words in message
     assert "s3cret" not in message
@@ -366,6 +390,7 @@ def test_failures_are_metrics_unavailable_without_credentials(exc, words):
             None,
         ),
         (b'{"internal":"db-password=hunter2"}', "HTTP 400 (not Prometheus's error", "hunter2"),
+        (b'{"error":"db-password=hunter2"}', "HTTP 400 (not Prometheus's error", "hunter2"),
         (b"<html>admin console</html>", "HTTP 400 (not Prometheus's error", "admin console"),
         (b"[" * 100_000, "HTTP 400 (not Prometheus's error", "[["),  # deeper than the stack
     ],
@@ -484,6 +509,11 @@ def test_a_closed_port_is_metrics_unavailable_through_the_real_client():
     assert "bob" not in str(info.value)
     assert "127.0.0.1" in str(info.value) and "Connection refused" in str(info.value)
     assert "query=" not in str(info.value)  # the request's URL holds the whole query
+
+
+def test_credentials_of_any_url_in_an_error_text_are_removed():
+    text = _redact_text("redirected to http://bob:pw@other:9090/ by a proxy", "http://prom:9090")
+    assert "pw" not in text and "bob" not in text and "other:9090" in text
 
 
 @pytest.mark.parametrize(

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import json
 import shutil
+import socket
 import subprocess
 import threading
+import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -100,6 +102,39 @@ def test_every_query_tells_prometheus_the_reader_s_deadline(gate, tmp_path):
     assert reader(gate.url, bearer_token_file=str(token)).read(**READ).empty
     queries = [parse_qs(urlsplit(path).query) for path in gate.paths]
     assert queries and all(q["timeout"] == ["1600ms"] for q in queries)  # 0.8 of the reader's
+
+
+def test_a_url_with_a_trailing_slash_asks_the_api_s_own_path(gate, tmp_path):
+    token = tmp_path / "token"
+    token.write_text("first-token")
+    assert reader(gate.url + "/", bearer_token_file=str(token)).read(**READ).empty
+    assert gate.paths and all(path.startswith("/api/v1/query?") for path in gate.paths)
+
+
+def test_a_query_that_gets_no_answer_is_sent_once():
+    """A read timeout is the query's own slowness: sending it again doubles the wait of the
+    cycle (and of the workers the policies share) and the load on a Prometheus already slow."""
+    accepted: list[socket.socket] = []
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+
+        def accept() -> None:
+            while True:
+                try:
+                    accepted.append(silent.accept()[0])
+                except OSError:
+                    return
+
+        threading.Thread(target=accept, daemon=True).start()
+        start = time.monotonic()
+        url = f"http://127.0.0.1:{silent.getsockname()[1]}"
+        with pytest.raises(MetricsUnavailable, match=r"did not answer within 0\.5 s"):
+            PrometheusReader(url, timeout_s=0.5).read(**READ)
+        took = time.monotonic() - start
+    for connection in accepted:
+        connection.close()
+    assert len(accepted) == 1 and took < 1.0
 
 
 def test_the_operator_reads_every_policy_s_prometheus_with_its_access(gate, tmp_path):
