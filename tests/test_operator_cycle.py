@@ -1114,12 +1114,7 @@ def test_an_invalid_spec_holds_the_last_weights_and_still_routes_around_a_failed
     assert report.reason.endswith("its last valid spec holds the weights")
     assert mesh.routes["fn"] is held  # nothing to move: nothing written
 
-    kube.cluster_nodes = [
-        kubernetes_node(n["metadata"]["name"], n["metadata"]["labels"], "False")
-        if n["metadata"]["name"] == "kind-worker2"
-        else n
-        for n in kube.cluster_nodes
-    ]  # fmt: skip
+    node_not_ready(kube)
     now[0] += 10
     report = runtime.cycle("edge/p", body)
     assert report.outcome == Outcome.INVALID
@@ -1130,6 +1125,74 @@ def test_an_invalid_spec_holds_the_last_weights_and_still_routes_around_a_failed
     kube.nodes = NODES  # fixed: built again, deciding again
     now[0] += 10
     assert runtime.cycle("edge/p", body).outcome in (Outcome.APPLIED, Outcome.UNCHANGED)
+
+
+def node_not_ready(kube: FakeKube, name: str = "kind-worker2") -> None:
+    """Kubernetes node ``name`` (edge-1's in the example) stops being Ready."""
+    kube.cluster_nodes = [
+        kubernetes_node(name, n["metadata"]["labels"], "False") if n["metadata"]["name"] == name
+        else n
+        for n in kube.cluster_nodes
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("before", "after"),
+    [({}, {"suspend": True}), ({}, {"dryRun": True}), ({"suspend": True}, {})],
+)
+def test_an_invalid_spec_that_says_hands_off_moves_nothing(before, after):
+    """The edit that broke the spec may be the one that said suspend or dry-run, or the
+    policy was suspended already: the held build then writes nothing, even off a node that
+    went down."""
+    mesh = example_mesh()
+    runtime, kube, now = refreshing_runtime(mesh)
+    runtime.cycle("edge/p", example_policy_body())
+    second = example_policy_body(**before)
+    second["metadata"]["generation"] = 2
+    runtime.cycle("edge/p", second)
+    writes = mesh.writes
+    broken = example_policy_body(safety={"minWeight": 150}, **after)
+    broken["metadata"]["generation"] = 3
+    node_not_ready(kube)
+    now[0] += 10
+    report = runtime.cycle("edge/p", broken)
+    assert report.outcome == Outcome.INVALID and mesh.writes == writes, report.reason
+
+
+def test_an_invalid_policy_holds_no_service_another_policy_now_governs():
+    mesh = example_mesh()
+    runtime, kube, now = refreshing_runtime(mesh)
+    kube.services["fn2"] = renamed("fn2")
+    runtime.cycle("edge/p", example_policy_body(services=["fn", "fn2"]))
+    fn2 = mesh.routes["fn2"]
+    broken = example_policy_body(services=["fn"], safety={"minWeight": 150})
+    broken["metadata"]["generation"] = 2
+    node_not_ready(kube)
+    now[0] += 10
+    report = runtime.cycle("edge/p", broken, {"fn": "p", "fn2": "q"})
+    assert report.outcome == Outcome.INVALID and "edge/p" not in runtime.controllers
+    assert mesh.routes["fn2"] is fn2
+
+
+def test_an_invalid_policy_leaves_a_deleted_service_and_routes_around_a_deleted_node():
+    """Its EdgeService deleted (what makes the spec invalid here) and its objects with it, a
+    service is not written again; an EdgeNode deleted in the same stroke is down."""
+    mesh = example_mesh()
+    runtime, kube, now = refreshing_runtime(mesh)
+    kube.services["fn2"] = renamed("fn2")
+    body = example_policy_body(
+        services=["fn", "fn2"], nodes={"names": ["edge-0", "edge-1", "edge-2"]}
+    )
+    runtime.cycle("edge/p", body)
+    assert any(row.get("edge-2", 0) > 0 for row in mesh.routes["fn"].by_source.values())
+    del kube.services["fn2"], mesh.routes["fn2"]
+    kube.nodes = [n for n in NODES if n["metadata"]["name"] != "edge-2"]
+    now[0] += 10
+    report = runtime.cycle("edge/p", body)
+    assert report.outcome == Outcome.INVALID and "no EdgeService 'fn2'" in report.reason
+    assert "fn2" not in mesh.routes
+    assert all(row.get("edge-2", 0) == 0 for row in mesh.routes["fn"].by_source.values())
+    assert report.down == {"edge-2": "its EdgeNode was deleted"}
 
 
 def test_objects_a_rebuilt_policy_no_longer_writes_are_given_back():

@@ -7,6 +7,7 @@ handlers only build a :class:`PolicyController` per resource and call :meth:`cyc
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable, Collection, Mapping
 from typing import Protocol
@@ -271,17 +272,29 @@ class PolicyController:
             reason = f"rollout decision applied (model: {self.adapter.model_source})"
         return self._report(outcome, reason + self._no_route(), limited, **extra)
 
-    def hold_invalid(self, reason: str) -> CycleReport:
+    def hold_invalid(
+        self,
+        reason: str,
+        move: bool = True,
+        gone_nodes: Collection[str] = (),
+        gone_services: Collection[str] = (),
+    ) -> CycleReport:
         """A cycle of this, the policy's last good build, while its spec or what the spec
         names no longer builds (``reason``): the weights in place hold, but routes still
-        leave nodes that cannot serve, as in any held cycle. Dropping the controller instead
-        left a node that fails meanwhile with its share of the traffic until someone fixed
-        an unrelated typo."""
+        leave nodes that cannot serve (and ``gone_nodes``, whose EdgeNodes were deleted), as
+        in any held cycle, unless this spec or the new one says hands off (``move`` False).
+        Services in ``gone_services`` (their EdgeService deleted) are not written. Dropping
+        the controller instead left a node that fails meanwhile with its share of the
+        traffic until someone fixed an unrelated edit."""
         self._written = set()
         live = self._live()
-        self._alive = self._ask_liveness()
         kept = f"{reason}; its last valid spec holds the weights"
-        return self._hold(kept, live, Outcome.INVALID)
+        if self.spec.suspend or not move:
+            return self._report(Outcome.INVALID, kept, live)
+        alive = self._ask_liveness()
+        gone = {name: "its EdgeNode was deleted" for name in gone_nodes}
+        self._alive = dataclasses.replace(alive, down={**alive.down, **gone})
+        return self._hold(kept, live, Outcome.INVALID, leave=gone_services)
 
     def _ask_liveness(self) -> Liveness:
         """This cycle's nodes that are down, and nodes without a ready pod of a service, as
@@ -402,13 +415,20 @@ class PolicyController:
         )
 
     def _hold(
-        self, reason: str, live: RouteTable, outcome: Outcome = Outcome.HELD, **extra
+        self,
+        reason: str,
+        live: RouteTable,
+        outcome: Outcome = Outcome.HELD,
+        leave: Collection[str] = (),
+        **extra,
     ) -> CycleReport:
         """Keep the weights in place, but for routes to nodes that cannot serve: those are
         moved to the source's other routes at once (no decision is needed to know they fail).
-        A service whose routes could not be read is left alone: its table is a guess."""
+        A service whose routes could not be read is left alone: its table is a guess; so are
+        the services in ``leave``."""
         moved = evacuate(live, self.problem, self._liveness_now)
-        changed = {s for s, rows in moved.items() if rows != live[s] and s not in self._unread}
+        skip = set(self._unread) | set(leave)
+        changed = {s for s, rows in moved.items() if rows != live[s] and s not in skip}
         if not changed:
             return self._report(outcome, reason, live, **extra)
         where = self._cannot_serve(changed)

@@ -19,6 +19,7 @@ again, so granting the rule is enough.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import logging
@@ -151,6 +152,12 @@ def _failure(what: str, error: Exception) -> str:
     if isinstance(error, ApiException):
         return f"{what} failed: {error.status} {error.reason}"
     return f"{what} failed: {type(error).__name__}: {error}"
+
+
+def _governs(controller: PolicyController, name: str, governed_by: Mapping[str, str]) -> bool:
+    """Whether every service ``controller`` writes is still policy ``name``'s (another policy
+    may govern one the new spec dropped)."""
+    return all(governed_by.get(s.name, name) == name for s in controller.problem.services)
 
 
 class Runtime:
@@ -493,10 +500,10 @@ class Runtime:
                         return None
                     controller = self.controllers[key] = rebuilt
         except SpecError as error:
-            if controller is not None and taken is None:
-                # Still this policy's services (no other policy claims them): the last good
-                # build holds, and moves routes off nodes that cannot serve.
-                report = controller.hold_invalid(str(error))
+            if controller is not None and taken is None and _governs(controller, name, governed_by):
+                # The last good build holds, and moves routes off nodes that cannot serve.
+                hold = functools.partial(self._hold_invalid, key, controller, body, error)
+                report = self._act(controller, hold)
                 return self._publish(dataclasses.replace(report, generation=generation), term)
             self.controllers.pop(key, None)
             report = CycleReport(
@@ -511,15 +518,41 @@ class Runtime:
             self.controllers.pop(key, None)  # the next cycle builds again
             log.warning("cycle %s: %s", key, error, extra={"fields": {"policy": key}})
             return self._publish(self._refused(key, generation, error), term)
+        return self._publish(self._act(controller, controller.cycle), term)
+
+    def _act(self, controller: PolicyController, act: Callable[[], CycleReport]) -> CycleReport:
+        """``act``'s report, naming the first write the API server refused (403) in it."""
         recorder = controller.mesh if isinstance(controller.mesh, RefusalRecorder) else None
         if recorder is not None:
             recorder.refused.clear()
-        report = controller.cycle()
+        report = act()
         if recorder is not None and recorder.refused:
             refusal = next(iter(recorder.refused.values()))
             report = dataclasses.replace(report, forbidden=str(refusal))
-            log.warning("cycle %s: %s", key, refusal, extra={"fields": {"policy": key}})
-        return self._publish(report, term)
+            log.warning(
+                "cycle %s: %s", report.policy, refusal, extra={"fields": {"policy": report.policy}}
+            )
+        return report
+
+    def _hold_invalid(
+        self, key: str, controller: PolicyController, body: Mapping[str, Any], error: SpecError
+    ) -> CycleReport:
+        """The held cycle of ``controller``, the last valid build of a policy that no longer
+        builds: nothing moves if the new spec says hands off (``suspend``, ``dryRun``: the
+        edit that broke the spec may be the one that said so); an EdgeNode since deleted is
+        down, and a service whose EdgeService is gone is not written (its routes would be
+        made again)."""
+        spec = body.get("spec") or {}
+        hands_off = spec.get("suspend") is True or spec.get("dryRun") is True
+        namespace = key.split("/", 1)[0]
+        nodes = {obj["metadata"]["name"] for obj in self.inventory.edge_nodes()}
+        services = self.inventory.edge_services(namespace, controller.spec.services)
+        return controller.hold_invalid(
+            str(error),
+            move=not hands_off,
+            gone_nodes={n.name for n in controller.problem.nodes} - nodes,
+            gone_services={s.name for s in controller.problem.services} - set(services),
+        )
 
     def _release(
         self,
