@@ -424,9 +424,13 @@ def test_a_read_is_one_request_and_a_refused_combination_names_the_template():
         reader.read(**VALUES, overrides={"latencyMean": "bad_metric"})
 
 
-@pytest.mark.parametrize(
-    "silent", [requests.ConnectTimeout("connect timed out"), requests.ConnectionError("refused")]
-)
+def refused() -> requests.ConnectionError:
+    """What the client raises when nothing listens (as urllib3 wraps it)."""
+    reason = urllib3.exceptions.NewConnectionError(None, "Connection refused")
+    return requests.ConnectionError(urllib3.exceptions.MaxRetryError(None, "/", reason))
+
+
+@pytest.mark.parametrize("silent", [requests.ConnectTimeout("connect timed out"), refused()])
 def test_a_prometheus_that_does_not_answer_is_not_asked_again_by_anyone_for_a_while(silent):
     """Every policy waited out its own timeout on a Prometheus that swallows connections, on
     a few shared workers: a cycle that should move traffic off a failed node waited minutes.
@@ -457,11 +461,11 @@ def test_a_prometheus_that_does_not_answer_is_not_asked_again_by_anyone_for_a_wh
     assert len(calls) == 3
 
     now[0] += 10
-    answers.extend([PrometheusApiClientException("HTTP Status Code 503 (b'busy')")] * 4)
+    answers.extend([PrometheusApiClientException("HTTP Status Code 503 (b'busy')")] * 2)
     for _ in range(2):  # an answer, even an error, is no silence: asked again at once
         with pytest.raises(MetricsUnavailable, match="503"):
-            first.read(**VALUES)  # the combined query, then its first template alone
-    assert len(calls) == 7
+            first.read(**VALUES)  # overloaded: not asked each template alone
+    assert len(calls) == 5
 
 
 def test_a_slow_query_holds_back_no_other_reader():
@@ -485,6 +489,19 @@ def test_a_slow_query_holds_back_no_other_reader():
     assert fine.read(**VALUES).empty
 
 
+def test_a_connection_the_server_dropped_silences_nothing():
+    """The server took the connection and closed it (a restart, a proxy's reset): another
+    query may well be answered, so no other reader is held back."""
+    dropped = requests.ConnectionError(
+        urllib3.exceptions.ProtocolError("Connection aborted.", ConnectionResetError(104, "reset"))
+    )
+    silence = Silence()
+    reader = PrometheusReader("http://p:9090", query=failing(dropped), silence=silence)
+    with pytest.raises(MetricsUnavailable, match="is unreachable: ProtocolError"):
+        reader.read(**VALUES)
+    assert silence.recent() is None
+
+
 def test_the_operator_s_readers_of_one_url_share_its_silence():
     from marl_operator.runtime import Runtime
 
@@ -503,8 +520,10 @@ def free_port() -> int:
 
 def test_a_closed_port_is_metrics_unavailable_through_the_real_client():
     url = f"http://bob:hunter2@127.0.0.1:{free_port()}/"
+    reader = PrometheusReader(url, timeout_s=1)
     with pytest.raises(MetricsUnavailable, match="unreachable") as info:
-        PrometheusReader(url, timeout_s=1).read(**VALUES)
+        reader.read(**VALUES)
+    assert reader.silence.recent() is not None  # refused as the real client says it
     assert "hunter2" not in str(info.value)
     assert "bob" not in str(info.value)
     assert "127.0.0.1" in str(info.value) and "Connection refused" in str(info.value)

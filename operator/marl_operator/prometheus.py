@@ -559,14 +559,39 @@ def _parse_series(name: str, result: Any, labels: tuple[str, ...]) -> dict[tuple
     return values
 
 
-def _innermost(error: requests.RequestException) -> Any:
-    """The error under requests' and urllib3's wrappers (a MaxRetryError's reason...)."""
+def _causes(error: requests.RequestException) -> list[Any]:
+    """The errors under requests' and urllib3's wrappers (a MaxRetryError's reason...),
+    outermost first."""
+    chain: list[Any] = []
     reason: Any = error.args[0] if error.args else error
-    while getattr(reason, "reason", None) is not None:  # urllib3's MaxRetryError and kin
-        reason = reason.reason
-    while isinstance(reason, Exception) and reason.args and isinstance(reason.args[0], Exception):
-        reason = reason.args[0]
-    return reason
+    while reason is not None and len(chain) < 20:
+        chain.append(reason)
+        inner = getattr(reason, "reason", None)  # urllib3's MaxRetryError and kin
+        if not isinstance(inner, BaseException):  # ssl's reason is a string
+            inner = None
+        if inner is None and isinstance(reason, Exception) and reason.args:
+            inner = reason.args[0] if isinstance(reason.args[0], BaseException) else None
+        reason = inner
+    return chain
+
+
+def _innermost(error: requests.RequestException) -> Any:
+    return _causes(error)[-1]
+
+
+def _no_connection(error: requests.RequestException) -> bool:
+    """Whether no connection was made at all (refused, no route, a name that does not
+    resolve), as opposed to one the server took and then dropped or left unanswered."""
+    return any(isinstance(e, urllib3.exceptions.NewConnectionError) for e in _causes(error))
+
+
+def _query_refused(error: BaseException | None) -> bool:
+    """Whether Prometheus refused the query itself (400 bad_data, 422 execution), which
+    asking each template alone can pin on one; not an overload or its own timeout (503)."""
+    if not isinstance(error, PrometheusApiClientException):
+        return False
+    match = _STATUS_ANSWER.match(str(error))
+    return match is not None and match["code"] in ("400", "422")
 
 
 def _connection_reason(error: requests.RequestException) -> str:
@@ -583,7 +608,8 @@ PROMETHEUS_DEADLINE = 0.8
 
 
 class Silence:
-    """That a Prometheus took no connection (refused, or none within the timeout), shared by
+    """That a Prometheus took no connection (refused, unresolved, or none within the
+    timeout), shared by
     every reader of its URL: for ``hold_s`` after, the others fail at once instead of each
     waiting out its timeout (a query that was only slow says nothing of the others').
     Policies share a few cycle workers, so without it a Prometheus that swallows connections
@@ -689,7 +715,8 @@ class PrometheusReader:
         except requests.ConnectionError as exc:
             if isinstance(_innermost(exc), urllib3.exceptions.ReadTimeoutError):
                 raise self._fail(name, f"did not answer within {self.timeout_s:g} s") from exc
-            raise self._unanswered(name, f"is unreachable: {_connection_reason(exc)}") from exc
+            reason = f"is unreachable: {_connection_reason(exc)}"
+            raise (self._unanswered if _no_connection(exc) else self._fail)(name, reason) from exc
         except PrometheusApiClientException as exc:
             raise self._fail(name, f"answered an error: {error_answer(str(exc))}") from exc
         except (requests.RequestException, ValueError, KeyError, TypeError, RecursionError) as exc:
@@ -730,8 +757,8 @@ class PrometheusReader:
         try:
             answers = _by_query(self._run("combining all six", combined(queries)))
         except MetricsUnavailable as error:
-            if not isinstance(error.__cause__, PrometheusApiClientException):
-                raise  # unreachable or unreadable: asking five times would not help
+            if not _query_refused(error.__cause__):
+                raise  # unreachable, overloaded, unreadable: asking six times would not help
             answers = {name: self._run(name, promql) for name, promql in queries.items()}
         parsed = {
             name: _parse_series(name, answers.get(name, []), _KEY_LABELS[name])
