@@ -62,6 +62,13 @@ def test_two_client_workloads_on_a_node_add_their_load_and_average_their_latency
     np.testing.assert_allclose(tel.mesh.latency_ms[0, :2, 0], [25.0, 10.0])
 
 
+def test_a_pair_without_a_rate_does_not_overwrite_one_with_requests():
+    got = readings({("loadgen-edge-0", "fn-edge-0"): (40.0, 1.0, 20.0)})
+    got["fn"].mean_ms[("frontend-edge-0", "fn-edge-0")] = 900.0  # no rate reported for it
+    tel = Observer(problem()).telemetry(got)
+    assert tel.mean_ms[0, 0] == pytest.approx(20.0)
+
+
 def test_two_server_workloads_on_a_node_add_their_cpu():
     cpu = {"fn-edge-0": 0.1, "fn-edge-0b-edge-0": 0.05, "fn-edge-1": 0.1, "fn-edge-2": 0.06}
     pairs = {(f"loadgen-edge-{i}", f"fn-edge-{i}"): (20.0, 1.0, 20.0) for i in range(3)}
@@ -98,10 +105,12 @@ def test_a_busy_node_that_serves_nothing_keeps_its_capacity():
     and no request was routed there again to correct it."""
     observer = Observer(problem())
     cpu = {"fn-edge-0": 0.15, "fn-edge-1": 0.1, "fn-edge-2": 0.03}  # edge-2 a quarter busy
-    for _ in range(10):
-        tel = observer.telemetry(local(rps=(75.0, 50.0, 0.0), cpu=cpu))
-    assert tel.capacity[2] == HINTS[2] and tel.mesh.utilisation[0, 2] == 0.0
+    for _ in range(10):  # edge-2 serves half a request per second: too few to tell
+        tel = observer.telemetry(local(rps=(75.0, 50.0, 0.5), cpu=cpu))
+    assert tel.capacity[2] == HINTS[2]
     np.testing.assert_allclose(tel.capacity[:2], [150.0, 100.0])
+    # Its CPU is busy all the same: the policy and the model see it so.
+    np.testing.assert_allclose(tel.mesh.utilisation[0], [0.5, 0.5, 0.25])
 
 
 def test_the_cost_of_a_request_is_kept_through_intervals_that_cannot_measure_it():

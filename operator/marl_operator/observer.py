@@ -220,14 +220,15 @@ class Observer:
         # A node that served (almost) nothing says nothing of its capacity, however busy its
         # CPU: taken at its word, an idle pod's CPU would drive it to zero and no request
         # would be routed there again to correct it.
-        enough = served_requests.sum(axis=1) >= MIN_WORK_RPS
-        measured = np.isfinite(busy) & (busy >= MIN_BUSY) & enough
+        cpu_read = np.isfinite(busy) & (busy >= MIN_BUSY)
+        measured = cpu_read & (served_requests.sum(axis=1) >= MIN_WORK_RPS)
         estimate = np.where(measured, served / np.where(measured, busy, 1.0), self.capacity)
         a = self.capacity_alpha
         self.capacity = np.where(measured, a * estimate + (1 - a) * self.capacity, self.capacity)
         capacity = np.where(down, 0.0, self.capacity)
         load = incoming @ work
-        utilisation = np.where(measured, np.clip(busy, 0.0, 1.0), load / self.capacity)
+        # Busy is busy, whatever it was spent on: the model's utilisation reads it too.
+        utilisation = np.where(cpu_read, np.clip(busy, 0.0, 1.0), load / self.capacity)
         utilisation = np.where(down, 0.0, utilisation)
 
         wait_ms = np.clip(server_mean - 1000.0 * work[None, :] / self.capacity[:, None], 0.0, None)

@@ -500,7 +500,7 @@ class Runtime:
                         return None
                     controller = self.controllers[key] = rebuilt
         except SpecError as error:
-            if controller is not None and taken is None and _governs(controller, name, governed_by):
+            if controller is not None and _governs(controller, name, governed_by):
                 # The last good build holds, and moves routes off nodes that cannot serve.
                 hold = functools.partial(self._hold_invalid, key, controller, body, error)
                 report = self._act(controller, hold)
