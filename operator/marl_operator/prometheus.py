@@ -609,12 +609,11 @@ PROMETHEUS_DEADLINE = 0.8
 
 class Silence:
     """That a Prometheus took no connection (refused, unresolved, or none within the
-    timeout), shared by
-    every reader of its URL: for ``hold_s`` after, the others fail at once instead of each
-    waiting out its timeout (a query that was only slow says nothing of the others').
-    Policies share a few cycle workers, so without it a Prometheus that swallows connections
-    holds all of them, and a cycle that should move traffic off a failed node waits minutes
-    behind the reads of the others."""
+    timeout), shared by every reader of its URL: for ``hold_s`` after, the others fail at once
+    instead of each waiting out its timeout (a query that was only slow says nothing of the
+    others'). Policies share a few cycle workers, so without it a Prometheus that swallows
+    connections holds all of them, and a cycle that should move traffic off a failed node
+    waits minutes behind the reads of the others."""
 
     def __init__(self, hold_s: float = 10.0, clock: Callable[[], float] = time.monotonic):
         self.hold_s = hold_s

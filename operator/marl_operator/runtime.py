@@ -480,11 +480,10 @@ class Runtime:
         generation = int(body.get("metadata", {}).get("generation", 0))
         controller = self.controllers.get(key)
         namespace, name = key.split("/", 1)
-        named = set((body.get("spec") or {}).get("services") or ())
-        claims = {s: owner for s, owner in governed_by.items() if s in named}
-        taken = conflict(name, namespace, claims)
         try:
-            if taken is not None:
+            named = set((body.get("spec") or {}).get("services") or ())
+            claims = {s: owner for s, owner in governed_by.items() if s in named}
+            if (taken := conflict(name, namespace, claims)) is not None:
                 raise SpecError("spec.services", taken)
             if (
                 controller is None
