@@ -541,10 +541,13 @@ def test_a_taken_over_httproute_keeps_its_parents_rules_and_options(upstream):
 
 @pytest.mark.parametrize("provider", sorted(WRITERS))
 def test_the_owned_fields_are_the_spec_fields_the_writer_generates(provider):
-    """What deleting a policy gives back is what taking an object over changed."""
+    """What deleting a policy gives back is what taking an object over changed, in the reverse
+    of the order the objects are written in."""
     writer, service = WRITERS[provider]
-    for manifest in writer.desired(service, triangle_routes()):
+    desired = writer.desired(service, triangle_routes())
+    for manifest in desired:
         assert set(writer.owned[manifest["kind"]]) == set(manifest["spec"])
+    assert list(writer.owned) == [manifest["kind"] for manifest in desired]
 
 
 def test_httproute_rules_carry_no_name():
@@ -571,6 +574,61 @@ def test_routes_to_a_node_the_policy_no_longer_governs_are_read_as_gone(provider
     assert set(read.default) == {"edge-0", "edge-1"}
     gone = tuple(n for n in TRIANGLE if n.name == "edge-0")
     assert writer.read(service, gone, live).by_source == {"edge-0": {"edge-0": 62}}
+
+
+def _subset_names(destination_rule: dict) -> list[str]:
+    return [s["name"] for s in destination_rule["spec"]["subsets"]]
+
+
+def test_a_subset_goes_one_write_after_the_last_route_to_it(upstream):
+    """Dropping a node's subset in the write that moves the routes off it left the data
+    plane a moment with routes naming a subset that no longer exists (503 NR): the subset
+    stays while a live route names it, the owner's own rules included, and goes with the
+    first write after the routes left it."""
+    writer, routes = IstioWriter(), triangle_routes()
+    live = [_server_copy(o) for o in writer.desired(ISTIO_SERVICE, routes)]
+    remaining = tuple(n for n in TRIANGLE if n.name != "edge-2")
+    after = routing.build_routes({"edge-0": {"edge-0": 50, "edge-1": 50}}, remaining)
+    desired = writer.desired(ISTIO_SERVICE, after)
+
+    dr, vs = writer.make_before_break(ISTIO_SERVICE, desired, live)
+
+    assert _subset_names(dr) == ["node-edge-0", "node-edge-1", "node-edge-2"]
+    assert dr["spec"]["subsets"][-1] == live[0]["spec"]["subsets"][-1]
+    assert upstream["DestinationRule"].errors(dr) == []
+    assert vs == desired[1]
+    assert _subset_names(desired[0]) == ["node-edge-0", "node-edge-1"]  # not changed in place
+
+    moved = [_server_copy(o) for o in (dr, vs)]  # the routes have left edge-2
+    assert writer.make_before_break(ISTIO_SERVICE, desired, moved) == desired
+
+    canary = {
+        "name": "canary",
+        "match": [{"headers": {"x-canary": {"exact": "1"}}}],
+        "route": [{"destination": {"host": ISTIO_SERVICE.host, "subset": "node-edge-2"}}],
+    }
+    moved[1]["spec"]["http"].insert(0, canary)  # an owner's rule still names it
+    dr, _ = writer.make_before_break(ISTIO_SERVICE, desired, moved)
+    assert _subset_names(dr) == ["node-edge-0", "node-edge-1", "node-edge-2"]
+
+
+@pytest.mark.parametrize("provider", sorted(WRITERS))
+def test_a_write_that_leaves_no_node_is_made_as_desired(provider):
+    writer, service = WRITERS[provider]
+    desired = writer.desired(service, triangle_routes())
+    assert writer.make_before_break(service, desired, [None] * len(desired)) == desired
+    live = [_server_copy(o) for o in writer.desired(service, triangle_routes(min_weight=5))]
+    assert writer.make_before_break(service, desired, live) == desired
+
+
+def test_an_httproute_keeps_nothing_of_a_node_it_leaves():
+    """Its backends are the user's per-node Services, which the operator neither writes nor
+    removes: nothing a live route names disappears with the write."""
+    writer, routes = GatewayAPIWriter(), triangle_routes()
+    live = [_server_copy(o) for o in writer.desired(GATEWAY_SERVICE, routes)]
+    remaining = tuple(n for n in TRIANGLE if n.name != "edge-2")
+    desired = writer.desired(GATEWAY_SERVICE, routing.build_routes({}, remaining))
+    assert writer.make_before_break(GATEWAY_SERVICE, desired, live) == desired
 
 
 def test_an_existing_object_is_taken_over_only_if_its_owner_says_so():

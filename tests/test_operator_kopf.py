@@ -795,6 +795,66 @@ class ConflictingKube(Kube):
             raise
 
 
+class SubsetWatchingKube(Kube):
+    """Kube that checks, after every write, what a sidecar would meet at that moment: each
+    subset the live VirtualService routes to is defined in the live DestinationRule."""
+
+    def __init__(self, api: client.ApiClient):
+        super().__init__(api)
+        self.dangling: list[set[str]] = []
+
+    def _check(self) -> None:
+        vs = self.get(NAMESPACE, "VirtualService", SERVICE) or {"spec": {}}
+        dr = self.get(NAMESPACE, "DestinationRule", SERVICE) or {"spec": {}}
+        routed = {
+            route["destination"]["subset"]
+            for rule in vs["spec"].get("http") or []
+            for route in rule.get("route") or []
+        }
+        if missing := routed - {s["name"] for s in dr["spec"].get("subsets") or []}:
+            self.dangling.append(missing)
+
+    def create(self, manifest: Any, *, dry_run: bool = False) -> None:
+        super().create(manifest, dry_run=dry_run)
+        if not dry_run:
+            self._check()
+
+    def patch(self, *args: Any, dry_run: bool = False) -> None:
+        super().patch(*args, dry_run=dry_run)
+        if not dry_run:
+            self._check()
+
+    def delete(self, *args: Any) -> None:
+        super().delete(*args)
+        self._check()
+
+
+def test_no_write_leaves_a_route_to_a_subset_that_is_gone(cluster: Any) -> None:
+    """Through the API server: a node leaving the policy keeps its subset until the write
+    after the one that moved its routes away, a node joining has its subset before a route
+    names it, and deleting the policy removes the routes before the subsets."""
+    watching = SubsetWatchingKube(client.ApiClient(client_configuration(cluster.kubeconfig)))
+    mesh = KubeMesh(watching)
+    two = MESH_NODES[:2]
+    even = {n: {m: w for m, w in zip(NODE_NAMES, (34, 33, 33), strict=True)} for n in NODE_NAMES}
+    assert mesh.write(MESH_SERVICE, build_routes({}, two))
+    assert mesh.write(MESH_SERVICE, build_routes(even, MESH_NODES))  # edge-2 joins
+    only_two = build_routes({n: {m: 50 for m in NODE_NAMES[:2]} for n in NODE_NAMES[:2]}, two)
+
+    assert mesh.write(MESH_SERVICE, only_two)  # edge-2 leaves
+
+    subsets = watching.get(NAMESPACE, "DestinationRule", SERVICE)["spec"]["subsets"]
+    assert [s["name"] for s in subsets] == ["node-edge-0", "node-edge-1", "node-edge-2"]
+    assert mesh.read(MESH_SERVICE, two) == only_two
+    assert mesh.write(MESH_SERVICE, only_two)  # the subset goes now
+    subsets = watching.get(NAMESPACE, "DestinationRule", SERVICE)["spec"]["subsets"]
+    assert [s["name"] for s in subsets] == ["node-edge-0", "node-edge-1"]
+    assert not mesh.write(MESH_SERVICE, only_two)
+    done = mesh.restore(MESH_SERVICE, two)
+    assert done == [f"deleted VirtualService/{SERVICE}", f"deleted DestinationRule/{SERVICE}"]
+    assert watching.dangling == []
+
+
 def test_the_api_server_sees_the_operator_by_name() -> None:
     """The API server names the field manager of a write after the caller's user agent: the
     client's own default ("OpenAPI-Generator/...") told no one who rewrote a route."""
@@ -1064,7 +1124,7 @@ def test_a_taken_over_object_keeps_its_owners_rules_through_writes_and_is_given_
 
     cluster_kube.patch(NAMESPACE, "VirtualService", SERVICE, {"spec": {"exportTo": ["."]}})
     done = mesh.restore(MESH_SERVICE, MESH_NODES)
-    assert done == [f"deleted DestinationRule/{SERVICE}", f"restored VirtualService/{SERVICE}"]
+    assert done == [f"restored VirtualService/{SERVICE}", f"deleted DestinationRule/{SERVICE}"]
     back = cluster_kube.get(NAMESPACE, "VirtualService", SERVICE)
     assert back["spec"] == user["spec"] | {"exportTo": ["."]}
 

@@ -24,7 +24,12 @@ import yaml
 from kubernetes import client, config
 from kubernetes.client.rest import ApiException
 
-from marl_operator.mesh.factory import OWNED_FIELDS, managed_objects, writer_for
+from marl_operator.mesh.factory import (
+    GIVE_BACK_ORDER,
+    OWNED_FIELDS,
+    managed_objects,
+    writer_for,
+)
 from marl_operator.mesh.model import (
     Manifest,
     MeshError,
@@ -553,6 +558,7 @@ class KubeMesh:
         manifests = writer.desired(service, routes)
         keep = functools.partial(writer.keep, service)
         lives = [self._read(manifest) for manifest in manifests]
+        manifests = writer.make_before_break(service, manifests, lives)
         for manifest, live in zip(manifests, lives, strict=True):
             _check_owner(manifest, live, service)
         pending = sum(
@@ -630,9 +636,10 @@ class KubeMesh:
         self, namespace: str, service_ref: str, objects: list[tuple[str, str]]
     ) -> list[str]:
         """:meth:`restore` of the ``(kind, name)`` objects of the EdgeService ``service_ref``
-        (``namespace/name``); objects the operator does not manage for it are left alone."""
+        (``namespace/name``), routes first; objects the operator does not manage for it are
+        left alone."""
         done, failed = [], []
-        for kind, name in objects:
+        for kind, name in sorted(objects, key=lambda obj: GIVE_BACK_ORDER.index(obj[0])):
             live = self.kube.get(namespace, kind, name)
             if live is None or not is_managed(live):
                 continue

@@ -24,6 +24,12 @@ OWNED_FIELDS: dict[str, tuple[str, ...]] = {
 }
 """Per kind of mesh object, the spec fields the operator writes (see ``MeshWriter.owned``)."""
 
+GIVE_BACK_ORDER: tuple[str, ...] = tuple(
+    kind for writer in _WRITERS.values() for kind in reversed(tuple(writer.owned))
+)
+"""Kinds of mesh object in the order a policy's deletion gives them back: the reverse of the
+order they are written in, so that routes leave before what they route to."""
+
 
 def writer_for(provider: str) -> MeshWriter:
     """The writer for ``provider`` (``istio`` or ``gateway-api``)."""

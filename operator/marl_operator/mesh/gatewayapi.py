@@ -231,6 +231,12 @@ class GatewayAPIWriter:
     def keep(self, service: MeshService, desired: Manifest, live: Manifest | None) -> Manifest:
         return keep_http_route(service, desired, live)
 
+    def make_before_break(
+        self, service: MeshService, desired: Sequence[Manifest], lives: Sequence[Manifest | None]
+    ) -> list[Manifest]:
+        # The backends are the user's per-node Services: no write removes one.
+        return list(desired)
+
     def read(
         self, service: MeshService, nodes: Sequence[MeshNode], objects: Sequence[Manifest]
     ) -> MeshRoutes:

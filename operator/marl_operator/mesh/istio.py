@@ -171,6 +171,43 @@ def keep_destination_rule(
     return out
 
 
+def _routed_subsets(virtual_service: Mapping[str, Any] | None) -> set[str]:
+    """The subsets some rule of ``virtual_service`` sends traffic to, the owner's included."""
+    rules = ((virtual_service or {}).get("spec") or {}).get("http") or []
+    return {
+        route.get("destination", {}).get("subset")
+        for rule in rules
+        for route in rule.get("route") or []
+    } - {None}
+
+
+def make_before_break(
+    service: MeshService, desired: Sequence[Manifest], lives: Sequence[Manifest | None]
+) -> list[Manifest]:
+    """``desired`` whose DestinationRule keeps each of the operator's live subsets that the
+    live VirtualService still routes to. Removing a subset in the write that moves the routes
+    off it leaves sidecars a moment with routes to a subset that is gone (503 NR, whichever
+    object lands first); kept, it goes with the first write after the routes left it."""
+    live = {obj["kind"]: obj for obj in lives if obj is not None}
+    routed = _routed_subsets(live.get("VirtualService"))
+    out = []
+    for manifest in desired:
+        if manifest["kind"] == "DestinationRule" and "DestinationRule" in live:
+            wanted = {subset["name"] for subset in manifest["spec"]["subsets"]}
+            leaving = [
+                copy.deepcopy(subset)
+                for subset in (live["DestinationRule"].get("spec") or {}).get("subsets") or []
+                if _is_node_subset(service, subset)
+                and subset["name"] in routed
+                and subset["name"] not in wanted
+            ]
+            if leaving:
+                manifest = copy.deepcopy(manifest)
+                manifest["spec"]["subsets"] += leaving
+        out.append(manifest)
+    return out
+
+
 def _rule_weights(
     rule: Mapping[str, Any], nodes: Sequence[str], where: str, managed: bool
 ) -> dict[str, int]:
@@ -228,6 +265,11 @@ class IstioWriter:
     def desired(self, service: MeshService, routes: MeshRoutes) -> list[Manifest]:
         # The subsets must exist before a route names them.
         return [destination_rule(service, routes.nodes), virtual_service(service, routes)]
+
+    def make_before_break(
+        self, service: MeshService, desired: Sequence[Manifest], lives: Sequence[Manifest | None]
+    ) -> list[Manifest]:
+        return make_before_break(service, desired, lives)
 
     def keep(self, service: MeshService, desired: Manifest, live: Manifest | None) -> Manifest:
         if desired["kind"] == "VirtualService":

@@ -19,8 +19,9 @@ class MeshWriter(Protocol):
     """The ``spec.mesh.provider`` value of an EdgeService that selects this writer."""
 
     owned: Mapping[str, tuple[str, ...]]
-    """Per kind, the spec fields :meth:`desired` writes: what taking an object over changes,
-    and so all that deleting the policy gives back (the owner's later edits elsewhere stay)."""
+    """Per kind, in the order :meth:`desired` applies them, the spec fields it writes: what
+    taking an object over changes, and so all that deleting the policy gives back (the
+    owner's later edits elsewhere stay)."""
 
     def desired(self, service: MeshService, routes: MeshRoutes) -> list[Manifest]:
         """Every object the provider needs for these routes, complete (with the values the API
@@ -31,6 +32,15 @@ class MeshWriter(Protocol):
         """``desired`` (one of :meth:`desired`'s objects) with what ``live``, the object as it
         is, carries besides the operator's routes: a taken-over object's own hosts, rules,
         parents and subsets, which the patch would otherwise replace with the owned lists."""
+        ...
+
+    def make_before_break(
+        self, service: MeshService, desired: Sequence[Manifest], lives: Sequence[Manifest | None]
+    ) -> list[Manifest]:
+        """:meth:`desired`'s objects, given the ``lives`` (each one's live copy, or None),
+        still holding what a live route names: an object a route sends traffic to loses that
+        target only in a write after the routes left it, so no moment of the change routes
+        to nothing."""
         ...
 
     def read(
