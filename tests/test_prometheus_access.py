@@ -8,6 +8,7 @@ Prometheus serving https with a certificate from a throw-away CA made by ``opens
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import socket
@@ -135,6 +136,98 @@ def test_a_query_that_gets_no_answer_is_sent_once():
     for connection in accepted:
         connection.close()
     assert len(accepted) == 1 and took < 1.0
+
+
+class AnswerServer(ThreadingHTTPServer):
+    """Answers every query with ``body``, ``chunk`` bytes at a time ``pause_s`` apart."""
+
+    def __init__(self, body: bytes, chunk: int, pause_s: float, handler: type) -> None:
+        self.body, self.chunk, self.pause_s = body, chunk, pause_s
+        self.requests, self.clients = 0, set()
+        super().__init__(("127.0.0.1", 0), handler)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}"
+
+
+class AnswerHandler(BaseHTTPRequestHandler):
+    server: AnswerServer
+
+    def do_GET(self) -> None:
+        self.server.requests += 1
+        self.server.clients.add(self.client_address)
+        body = self.server.body
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        try:
+            for start in range(0, len(body), self.server.chunk):
+                self.wfile.write(body[start : start + self.server.chunk])
+                self.wfile.flush()
+                time.sleep(self.server.pause_s)
+        except OSError:
+            pass  # the reader hung up
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+class KeepAliveHandler(AnswerHandler):
+    protocol_version = "HTTP/1.1"  # as Prometheus answers
+
+
+@contextlib.contextmanager
+def answering(
+    body: bytes, chunk: int, pause_s: float = 0.0, handler: type = AnswerHandler
+) -> Iterator[AnswerServer]:
+    server = AnswerServer(body, chunk, pause_s, handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield server
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_an_answer_larger_than_the_bound_is_refused_naming_the_fix():
+    """A query matching far more series than a policy needs (an override of
+    spec.prometheus.queries without its sum, say) was read whole into the operator's memory,
+    which the policies all share."""
+    series = [{"metric": {"source_workload": f"fn-{i}"}, "value": [0, "1"]} for i in range(20000)]
+    answer = {"status": "success", "data": {"resultType": "vector", "result": series}}
+    body = json.dumps(answer).encode()
+    assert len(body) > 1 << 20
+    with answering(body, chunk=64 << 10) as server:
+        bounded = PrometheusReader(server.url, timeout_s=2, max_answer_bytes=1 << 20)
+        with pytest.raises(MetricsUnavailable, match=r"answered more than 1 MiB.*queries"):
+            bounded.read(**READ)
+        roomy = PrometheusReader(server.url, timeout_s=2, max_answer_bytes=2 << 20)
+        assert roomy.read(**READ).service == "fn"  # read whole under a higher bound
+
+
+def test_an_answer_trickling_in_is_given_up_at_the_timeout():
+    """requests' timeout bounds each wait for the next bytes, not the answer: a server (or a
+    proxy) sending a byte now and then held the read, and a worker the policies share, for as
+    long as it pleased."""
+    with answering(json.dumps(EMPTY_ANSWER).encode(), chunk=1, pause_s=0.05) as server:
+        start = time.monotonic()
+        with pytest.raises(MetricsUnavailable, match=r"did not answer within 0\.5 s"):
+            PrometheusReader(server.url, timeout_s=0.5).read(**READ)
+        took = time.monotonic() - start
+    assert took < 1.5
+
+
+def test_answers_read_under_the_bound_keep_their_connection():
+    """Taking the answer in piece by piece must not cost a new connection (a TLS handshake,
+    behind an https URL) per query."""
+    body = json.dumps(EMPTY_ANSWER).encode()
+    with answering(body, chunk=len(body), handler=KeepAliveHandler) as server:
+        running = PrometheusReader(server.url, timeout_s=2)
+        for _ in range(3):
+            running.read(**READ)
+    assert server.requests == 3 and len(server.clients) == 1
 
 
 def test_the_operator_reads_every_policy_s_prometheus_with_its_access(gate, tmp_path):

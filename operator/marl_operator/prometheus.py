@@ -494,12 +494,54 @@ class PrometheusAccess:
                         "where the connection is encrypted otherwise (a mesh's mutual TLS)"
                     )
 
-    def session(self) -> requests.Session:
-        session = requests.Session()
+    def authorise(self, session: requests.Session) -> requests.Session:
+        """``session``, sending the token and trusting the CA this access names."""
         session.verify = self.ca_file or True
         if self.bearer_token_file is not None:
             session.auth = BearerTokenFile(self.bearer_token_file)
         return session
+
+
+MAX_ANSWER_BYTES = 32 << 20
+"""The most of one answer a reader takes in (decompressed). A policy's own query answers a few
+hundred bytes per pair of nodes (about 10 MiB for 100 nodes); a query matching every series
+of Prometheus (an override without its ``sum by``) would fill the memory every policy
+shares."""
+
+
+class AnswerTooLarge(requests.RequestException):
+    """An answer longer than the reader takes in."""
+
+
+class BoundedSession(requests.Session):
+    """A session that takes in an answer whole only up to ``max_bytes`` and within
+    ``deadline_s`` of asking. requests' own timeout bounds each wait for the next bytes, not
+    the answer: a server, or a proxy, sending a byte now and then held a read, and a worker the
+    policies share, for as long as it pleased."""
+
+    def __init__(self, max_bytes: int, deadline_s: float) -> None:
+        super().__init__()
+        self.max_bytes = max_bytes
+        self.deadline_s = deadline_s
+
+    def request(self, method: str | bytes, url: str | bytes, *args: Any, **kwargs: Any) -> Any:
+        start = time.monotonic()
+        response = super().request(method, url, *args, **{**kwargs, "stream": True})
+        body = bytearray()
+        with response:
+            try:
+                # read1, not requests' iter_content: that waits for a whole chunk to arrive.
+                while chunk := response.raw.read1(64 << 10, decode_content=True):
+                    body += chunk
+                    if len(body) > self.max_bytes:
+                        raise AnswerTooLarge(f"more than {self.max_bytes} bytes")
+                    if time.monotonic() - start > self.deadline_s:
+                        raise requests.ReadTimeout("the answer came too slowly")
+            except urllib3.exceptions.HTTPError as error:  # as requests' own reading wraps it
+                raise requests.ConnectionError(error) from error
+        # Where requests keeps an answer read at once, for .json() and .content.
+        response._content = bytes(body)
+        return response
 
 
 def _parse_series(name: str, result: Any, labels: tuple[str, ...]) -> dict[tuple[str, ...], float]:
@@ -662,19 +704,24 @@ class PrometheusReader:
         query: QueryFunction | None = None,
         access: PrometheusAccess | None = None,
         silence: Silence | None = None,
+        max_answer_bytes: int = MAX_ANSWER_BYTES,
     ) -> None:
         self.url = url
         self.timeout_s = timeout_s
         self.silence = silence or Silence()
         access = access or PrometheusAccess()
         self.ca_file = access.ca_file
-        self._query = query or self._connect(url, timeout_s, access)
+        self.max_answer_bytes = max_answer_bytes
+        self._query = query or self._connect(url, timeout_s, access, max_answer_bytes)
 
     @staticmethod
-    def _connect(url: str, timeout_s: float, access: PrometheusAccess) -> QueryFunction:
+    def _connect(
+        url: str, timeout_s: float, access: PrometheusAccess, max_answer_bytes: int
+    ) -> QueryFunction:
         retry = Retry(total=1, connect=1, read=0, status=0, other=0, backoff_factor=0)
+        session = access.authorise(BoundedSession(max_answer_bytes, timeout_s))
         client = PrometheusConnect(
-            url=url.rstrip("/"), timeout=timeout_s, retry=retry, session=access.session()
+            url=url.rstrip("/"), timeout=timeout_s, retry=retry, session=session
         )
         # Prometheus goes on evaluating a query its client gave up on unless told its own
         # deadline: a slow server would otherwise pile up every abandoned read. A little
@@ -702,6 +749,13 @@ class PrometheusReader:
         except requests.ConnectTimeout as exc:
             reason = f"took no connection within {self.timeout_s:g} s"
             raise self._unanswered(name, reason) from exc
+        except AnswerTooLarge as exc:
+            raise self._fail(
+                name,
+                f"answered more than {self.max_answer_bytes / (1 << 20):g} MiB: narrow the "
+                "policy's spec.prometheus.queries (sum by the labels they name), or split its "
+                "nodes between policies",
+            ) from exc
         except requests.Timeout as exc:  # this query was slow: another may not be
             raise self._fail(name, f"did not answer within {self.timeout_s:g} s") from exc
         except requests.exceptions.SSLError as exc:
