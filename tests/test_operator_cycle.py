@@ -25,6 +25,7 @@ from marl_operator.controller import decision_table, table_weights
 from marl_operator.guard import fallback_table, limit_step
 from marl_operator.inventory import Inventory, fingerprint
 from marl_operator.kube import Forbidden
+from marl_operator.mesh import routing
 from marl_operator.mesh.model import MeshError, MeshNode, MeshRoutes, RestoreIncomplete
 from marl_operator.mesh.patching import apply_merge_patch
 from marl_operator.observer import InsufficientData, Observer
@@ -1228,6 +1229,58 @@ def test_objects_a_rebuilt_policy_no_longer_writes_are_given_back():
     cycle(4, ["fn", "fn2"])
     cycle(5, ["fn"], governed_by={"fn": "p", "fn2": "older"})
     assert restored == []
+
+
+def test_a_node_joining_the_policy_moves_its_clients_by_at_most_max_weight_change():
+    """Clients on a node the policy did not govern follow the catch-all rule; their first
+    rule of their own was written as decided, however far from the catch-all, where every
+    other route steps by at most maxWeightChange."""
+    mesh = example_mesh()
+    runtime, _, _ = refreshing_runtime(mesh)
+    safety = {"maxWeightChange": 2, "minWeightChange": 1}
+    two = example_policy_body(nodes={"names": ["edge-0", "edge-1"]}, safety=safety)
+    for _ in range(3):
+        runtime.cycle("edge/p", two)
+    catch_all = routing.as_percentages(mesh.routes["fn"].default)
+    three = example_policy_body(nodes={"names": ["edge-0", "edge-1", "edge-2"]}, safety=safety)
+    three["metadata"]["generation"] = 2
+
+    report = runtime.cycle("edge/p", three)
+
+    assert report.outcome == Outcome.APPLIED, report.reason
+    joined = report.weights["fn"]["edge-2"]
+    moved = max(abs(joined.get(n, 0) - catch_all.get(n, 0)) for n in {*joined, *catch_all})
+    assert moved <= 2, (catch_all, joined)
+
+
+def test_a_dropped_service_the_api_server_will_not_give_back_does_not_stall_the_policy(
+    caplog,
+):
+    """Giving back a dropped service's objects can fail for good (an admission webhook
+    refusing the patch, a saved spec that no longer reads): the new spec took over all the
+    same, so a node going down is still routed around, instead of every cycle failing on
+    the release with the old build frozen in place. The log names what is left to do."""
+    mesh = example_mesh()
+
+    def restore_objects(namespace, ref, objects):
+        raise RestoreIncomplete([], ["VirtualService/fn2: the API server refused it: denied"])
+
+    mesh.restore_objects = restore_objects
+    runtime, kube, now = refreshing_runtime(mesh)
+    kube.services["fn2"] = renamed("fn2")
+    first = example_policy_body(services=["fn", "fn2"])
+    assert runtime.cycle("edge/p", first).outcome == Outcome.APPLIED
+    second = example_policy_body(services=["fn"])
+    second["metadata"]["generation"] = 2
+    node_not_ready(kube)  # edge-1's only Kubernetes node
+    now[0] += 10
+
+    caplog.set_level(logging.WARNING, logger="marl_operator.runtime")
+    report = runtime.cycle("edge/p", second)
+
+    assert report.generation == 2 and report.outcome == Outcome.APPLIED, report.reason
+    assert all(row.get("edge-1", 0) == 0 for row in mesh.routes["fn"].by_source.values())
+    assert "VirtualService/fn2: the API server refused it" in caplog.text
 
 
 def test_a_service_dropped_while_this_process_had_no_controller_is_given_back():

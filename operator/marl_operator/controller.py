@@ -497,7 +497,8 @@ class PolicyController:
         recognition): the next write replaces it whole, and the report says its steps were
         taken from a guess (:attr:`_unread`). A route to an EdgeNode the policy no longer
         governs reads as gone (``MeshWriter.read``): the rest of its row steps from what it
-        carries."""
+        carries. The clients of a node without a rule of their own (one that just joined the
+        policy) get the catch-all rule, and so step from it."""
         table = even_table(self.problem)
         self._unread, self._catch_all = {}, {}
         for service in self.problem.services:
@@ -506,8 +507,12 @@ class PolicyController:
             except MeshError as error:
                 routes, self._unread[service.name] = None, str(error)
             if routes is not None:
+                followed = as_percentages(routes.default) if routes.default else None
                 table[service.name] = {
-                    src: as_percentages(row) for src, row in routes.by_source.items()
+                    src: as_percentages(routes.by_source[src])
+                    if src in routes.by_source
+                    else dict(followed or even)
+                    for src, even in table[service.name].items()
                 }
                 self._catch_all[service.name] = dict(routes.default)
         return table

@@ -565,7 +565,11 @@ class Runtime:
         taken out of ``spec.services``, or left behind when an EdgeService's routes moved to
         other objects. Before ``new`` takes over, so that a failure here fails the cycle and
         the rebuild, release included, is tried again next interval (the status keeps
-        listing the objects meanwhile). A service another policy governs is that one's."""
+        listing the objects meanwhile). What the API server refuses for good
+        (:class:`RestoreIncomplete`: a webhook's denial, a saved spec that no longer reads)
+        is logged to be given back by hand, and ``new`` takes over: trying again would hold
+        the policy on its old build for ever. A service another policy governs is that
+        one's."""
         if not hasattr(self.mesh, "restore_objects"):
             return
         namespace, name = key.split("/", 1)
@@ -576,7 +580,19 @@ class Runtime:
             kept = set(keep.get(service, ()))
             released = [o for o in objects if o not in kept]
             if released:
-                done = self.mesh.restore_objects(namespace, f"{namespace}/{service}", released)
+                try:
+                    done = self.mesh.restore_objects(namespace, f"{namespace}/{service}", released)
+                except RestoreIncomplete as error:
+                    log.warning(
+                        "policy %s no longer writes %s/%s and could not give all of it back "
+                        "(restore it by hand): %s",
+                        key,
+                        namespace,
+                        service,
+                        error,
+                        extra={"fields": {"policy": key, "service": service}},
+                    )
+                    continue
                 log.info(
                     "policy %s no longer writes %s/%s: %s",
                     key,
