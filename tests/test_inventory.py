@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import copy
+import threading
+
 import pytest
+from kubernetes.client.rest import ApiException
 from marl_operator.inventory import Inventory, fingerprint
 from marl_operator.kube import Forbidden
 from marl_operator.spec import parse_policy_spec
@@ -76,6 +80,69 @@ def test_a_failed_read_of_the_kubernetes_nodes_is_remembered_for_the_refresh():
     now[0] = 10
     kube.kubernetes_nodes = lambda: [{"metadata": {"name": "kind-worker"}}]
     assert inventory.kubernetes_nodes() == [{"metadata": {"name": "kind-worker"}}]
+
+
+class SlowFirstRead(FakeKube):
+    """FakeKube whose first Node list answers the cluster as it was when asked, but only
+    once ``go`` is set: a read overtaken by a later one."""
+
+    def __init__(self) -> None:
+        super().__init__(NODES, SERVICES)
+        self.asked, self.go = threading.Event(), threading.Event()
+        self.first = True
+
+    def kubernetes_nodes(self):
+        answer = copy.deepcopy(self.cluster_nodes)
+        if self.first:
+            self.first = False
+            self.asked.set()
+            self.go.wait(timeout=10)
+        return answer
+
+
+def test_a_read_overtaken_by_a_newer_one_does_not_replace_it():
+    """Policies' cycles refresh the inventory at once on four workers: a slow read that
+    started first and ended last put back a Node that was Ready, for a whole refresh."""
+    kube, now = SlowFirstRead(), [100.0]
+    inventory = Inventory(kube, refresh_s=10, clock=lambda: now[0])
+    slow = threading.Thread(target=inventory.kubernetes_nodes)
+    slow.start()
+    assert kube.asked.wait(10)
+    kube.cluster_nodes = kube.cluster_nodes[1:]  # a node is gone meanwhile
+    now[0] += 0.5
+    newer = inventory.kubernetes_nodes()
+    kube.go.set()
+    slow.join(10)
+    now[0] += 1
+    assert inventory.kubernetes_nodes() == newer == kube.cluster_nodes
+
+
+def test_a_failing_list_answers_the_last_good_one_to_the_cycles_but_not_to_builds():
+    """The API server failing the EdgeNode list for a while (a 500, a timeout) failed every
+    cycle of every policy before it reached its controller, so a node going down meanwhile
+    kept its traffic. Cycles go on with the last good read; building a policy still needs a
+    fresh one, and a refusal (403) is still raised (see above)."""
+    kube, now = CountingKube(), [0.0]
+    inventory = Inventory(kube, refresh_s=10, clock=lambda: now[0])
+    assert inventory.edge_nodes() == NODES
+    assert inventory.edge_services("edge", ("fn",)) == {"fn": SERVICES[0]}
+
+    def failing(*args):
+        raise ApiException(status=500, reason="Internal Server Error")
+
+    calls = []
+    kube.edge_nodes = kube.edge_services = lambda *args: calls.append(args) or failing()
+    now[0] = 25
+    for _ in range(3):  # every policy's cycle within the refresh
+        assert inventory.edge_nodes() == NODES
+        assert inventory.edge_services("edge", ("fn",)) == {"fn": SERVICES[0]}
+    assert len(calls) == 2  # the failing API server is asked once per refresh, not per cycle
+    with pytest.raises(ApiException):
+        inventory.edge_nodes(fresh=True)
+    with pytest.raises(ApiException):
+        inventory.edge_services("edge", ("fn",), fresh=True)
+    with pytest.raises(ApiException):  # nothing good was ever read of it
+        inventory.edge_services("edge", ("other",))
 
 
 def test_the_fingerprint_follows_what_the_policy_is_built_from():

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import pytest
 from kube_schema import CRDValidator, load_documents
+from kubernetes.client.rest import ApiException
 from marl_operator import runtime as runtime_module
 from marl_operator.controller import decision_table, table_weights
 from marl_operator.guard import fallback_table, limit_step
@@ -1251,6 +1252,32 @@ def test_a_node_joining_the_policy_moves_its_clients_by_at_most_max_weight_chang
     joined = report.weights["fn"]["edge-2"]
     moved = max(abs(joined.get(n, 0) - catch_all.get(n, 0)) for n in {*joined, *catch_all})
     assert moved <= 2, (catch_all, joined)
+
+
+def test_an_edge_node_list_the_api_server_fails_still_routes_around_a_down_node():
+    """The EdgeNode list failing for a while (a 500 under load) failed every cycle before
+    its controller ran: a node going down meanwhile kept its traffic. And a failure's reason
+    in the status is the API server's status line, not the answer's headers and body."""
+    mesh = example_mesh()
+    runtime, kube, now = refreshing_runtime(mesh)
+    body = example_policy_body()
+    assert runtime.cycle("edge/p", body).outcome == Outcome.APPLIED
+
+    def failing():
+        raise ApiException(status=500, reason="Internal Server Error")
+
+    kube.edge_nodes = failing
+    node_not_ready(kube)
+    for _ in range(2):
+        now[0] += 10
+        report = runtime.cycle("edge/p", body)
+    assert report.outcome == Outcome.APPLIED, report.reason
+    assert all(row.get("edge-1", 0) == 0 for row in mesh.routes["fn"].by_source.values())
+
+    body["metadata"]["generation"] = 2  # a build needs the list fresh
+    report = runtime.cycle("edge/p", body)
+    assert report.outcome == Outcome.HELD
+    assert "ApiException: 500 Internal Server Error;" in report.reason
 
 
 def test_a_dropped_service_the_api_server_will_not_give_back_does_not_stall_the_policy(

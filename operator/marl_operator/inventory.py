@@ -14,13 +14,17 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol
 
+from marl_operator.kube import Forbidden
 from marl_operator.problem import select_nodes
 from marl_operator.spec import PolicySpec, SpecError
+
+log = logging.getLogger(__name__)
 
 INVENTORY_REFRESH_S = 10.0
 """How old the EdgeNodes and EdgeServices a cycle compares its policy with may be."""
@@ -43,11 +47,12 @@ class InventorySource(Protocol):
 
 class Inventory:
     """EdgeNodes, Kubernetes nodes, services' pods and EdgeServices as last read, read again
-    once older than ``refresh_s``. A failed read of the EdgeNodes or EdgeServices is raised
-    to the caller, not remembered; one of the Kubernetes nodes or of a service's pods is
-    remembered as long as a good one would be (every policy asks every cycle). What nobody
-    asked for in ``FORGET_AFTER`` refreshes (a service no policy routes any more) is
-    forgotten."""
+    once older than ``refresh_s``. A failed read of the EdgeNodes or EdgeServices is not
+    remembered: a cycle gets the last good read instead (a node going down meanwhile is still
+    routed around), a build (``fresh``) and a refusal (403) get the error. One of the
+    Kubernetes nodes or of a service's pods is remembered as long as a good one would be
+    (every policy asks every cycle). What nobody asked for in ``FORGET_AFTER`` refreshes (a
+    service no policy routes any more) is forgotten."""
 
     def __init__(
         self,
@@ -91,15 +96,27 @@ class Inventory:
             items = getattr(self.source, call)(*args)
         except Exception as error:
             if keep_errors:
-                with self._lock:
-                    self._lists[key] = (now, error)
+                self._store(self._lists, key, now, error)
+            elif not fresh and _transient(error) and _good(cached):
+                # Standing for another refresh: asked again by every cycle, a failing API
+                # server would get every policy's reads.
+                log.warning("%s not read again (%s): the last read stands", call, error)
+                self._store(self._lists, key, now, cached[1])
+                return cached[1]
             raise
-        with self._lock:
-            self._lists[key] = (now, items)
-            horizon = now - FORGET_AFTER * self.refresh_s
-            for old in [k for k, (when, _) in self._lists.items() if when < horizon]:
-                del self._lists[old]
+        self._store(self._lists, key, now, items)
         return items
+
+    def _store(self, store: dict, key: tuple, now: float, value: Any) -> None:
+        """Keep ``value``, read at ``now``, unless a read that started later is kept already
+        (policies refresh at once on several workers, and a slow read can end last); forget
+        what nobody asked for in ``FORGET_AFTER`` refreshes."""
+        with self._lock:
+            if (kept := store.get(key)) is None or kept[0] <= now:
+                store[key] = (now, value)
+            horizon = now - FORGET_AFTER * self.refresh_s
+            for old in [k for k, (when, _) in store.items() if when < horizon]:
+                del store[old]
 
     def edge_services(
         self, namespace: str, names: tuple[str, ...], fresh: bool = False
@@ -114,11 +131,29 @@ class Inventory:
             if fresh or seen is None or now - seen[0] >= self.refresh_s
         )
         if missing:
-            found = self.source.edge_services(namespace, missing)
-            with self._lock:
+            try:
+                found = self.source.edge_services(namespace, missing)
+            except Exception as error:
+                if fresh or not _transient(error) or not all(known.values()):
+                    raise
+                log.warning("EdgeServices not read again (%s): the last read stands", error)
                 for name in missing:
-                    self._services[namespace, name] = known[name] = (now, found.get(name))
+                    self._store(self._services, (namespace, name), now, known[name][1])
+            else:
+                for name in missing:
+                    known[name] = (now, found.get(name))
+                    self._store(self._services, (namespace, name), now, found.get(name))
         return {name: seen[1] for name, seen in known.items() if seen and seen[1] is not None}
+
+
+def _transient(error: Exception) -> bool:
+    """Whether a failed read may pass when asked again: not a refusal (403), which a last good
+    read must not hide."""
+    return not isinstance(error, Forbidden)
+
+
+def _good(cached: tuple[float, Any] | None) -> bool:
+    return cached is not None and not isinstance(cached[1], Exception)
 
 
 def fingerprint(

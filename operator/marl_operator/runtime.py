@@ -144,14 +144,19 @@ UNANSWERED = (Forbidden, ApiException, urllib3.exceptions.HTTPError, OSError)
 """What a call to the API server raises when refused or not answered."""
 
 
+def _said(error: Exception) -> str:
+    """An error in one line: an ApiException's own text carries its response headers and
+    body, so only its status is kept."""
+    if isinstance(error, ApiException):
+        return f"ApiException: {error.status} {error.reason}"
+    return f"{type(error).__name__}: {error}"
+
+
 def _failure(what: str, error: Exception) -> str:
-    """A failed call in one line: a refusal says what to grant; an ApiException's own text
-    carries its response headers, so only its status is kept."""
+    """A failed call in one line; a refusal says what to grant."""
     if isinstance(error, Forbidden):
         return str(error)
-    if isinstance(error, ApiException):
-        return f"{what} failed: {error.status} {error.reason}"
-    return f"{what} failed: {type(error).__name__}: {error}"
+    return f"{what} failed: {_said(error)}"
 
 
 def _governs(controller: PolicyController, name: str, governed_by: Mapping[str, str]) -> bool:
@@ -465,7 +470,7 @@ class Runtime:
             # through a network error) and tries again next interval.
             log.exception("cycle %s failed", key, extra={"fields": {"policy": key}})
             generation = int(body.get("metadata", {}).get("generation", 0))
-            failure = f"{CYCLE_FAILED}: {type(error).__name__}: {error}"[:900]
+            failure = f"{CYCLE_FAILED}: {_said(error)}"[:900]
             reason = (
                 f"{failure}; the mesh keeps the last weights reported, unless this cycle "
                 "wrote some of its services before failing; tried again next interval"
