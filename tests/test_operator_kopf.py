@@ -944,6 +944,24 @@ def test_a_conflicting_write_is_retried(cluster: Any) -> None:
     assert mesh.read(MESH_SERVICE, MESH_NODES).by_source == local
 
 
+def test_an_edit_is_acted_on_without_waiting_out_the_old_interval(cluster: Any) -> None:
+    """The daemon slept the whole interval of the spec it last ran (up to an hour) before it
+    read the policy again: shortening it, or suspending the policy, waited as long."""
+    runtime, _ = new_runtime(cluster.kubeconfig, example_mesh())
+    runtime.interval = lambda key: Runtime.interval(runtime, key)  # type: ignore[method-assign]
+
+    async def scenario() -> None:
+        url = cluster.url
+        async with operating(url, runtime):
+            await create_resources(url, policy_body(intervalSeconds=3600))
+            await eventually(lambda: phase_is(url, "Active"), timeout=20, what="phase Active")
+            edit = {"spec": {"intervalSeconds": 5, "suspend": True}}
+            await kube(url, "PATCH", f"{POLICIES}/{POLICY}", edit)
+            await eventually(lambda: phase_is(url, "Suspended"), timeout=10, what="phase Suspended")
+
+    asyncio.run(scenario())
+
+
 def test_a_refused_status_write_does_not_stop_the_control_loop(
     cluster: Any, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -2,7 +2,7 @@
 
 One daemon per RoutingPolicy runs its control loop at the spec's ``intervalSeconds`` (a kopf
 timer's interval is fixed when the handler is registered, a daemon can follow the spec). kopf
-keeps the daemon's ``body`` current, so a spec change is picked up at the next cycle, where
+keeps the daemon's ``body`` current, so a spec change starts a cycle within a second, where
 the runtime sees the new generation and rebuilds the controller. Deletion is held by a
 finalizer until the original routes are restored.
 """
@@ -33,6 +33,9 @@ from marl_operator.status import status_of
 GROUP, VERSION, PLURAL = "marl.dev", "v1alpha1", "routingpolicies"
 INVALID_RETRY_S = 10.0
 """How soon an invalid policy is read again (its EdgeServices may be created meanwhile)."""
+
+EDIT_POLL_S = 1.0
+"""How often a daemon waiting out its interval looks for an edit of its policy's spec."""
 
 log = logging.getLogger(__name__)
 
@@ -134,11 +137,23 @@ def register(
     ) -> None:
         previous: CycleReport | None = None
         loop = asyncio.get_running_loop()
+
+        async def pause(seconds: float, generation: Any) -> None:
+            """Wait ``seconds``, but not past an edit of the spec (``body`` is kept current
+            by kopf): one shortening a long interval, or suspending the policy, is acted on
+            at once."""
+            deadline = loop.time() + seconds
+            while not stopped and body.metadata.get("generation") == generation:
+                if (left := deadline - loop.time()) <= 0:
+                    return
+                await stopped.wait(min(EDIT_POLL_S, left))
+
         while not stopped:
             started = loop.time()
             # The status's services name the mesh objects written before: a rebuild gives
             # back those no longer written, even when this process never ran the policy.
             services = copy.deepcopy(list(body.status.get("services") or ()))
+            generation = body.metadata.get("generation")
             snapshot = {
                 "metadata": dict(body.metadata),
                 "spec": dict(body.spec),
@@ -153,7 +168,7 @@ def register(
                 # runtime counted and logged it); it reports for itself. Or the policy's term
                 # ended (deleted, left to a peer): this daemon is stopping. Try again next
                 # interval.
-                await stopped.wait(max(0.0, runtime.interval(key) - (loop.time() - started)))
+                await pause(runtime.interval(key) - (loop.time() - started), generation)
                 continue
             status = status_of(report, dict(body.status))
             try:
@@ -174,7 +189,7 @@ def register(
             previous = report
             wait = INVALID_RETRY_S if report.outcome == Outcome.INVALID else runtime.interval(key)
             # The interval runs from the cycle's start, so a slow cycle does not stretch it.
-            await stopped.wait(max(0.0, wait - (loop.time() - started)))
+            await pause(wait - (loop.time() - started), generation)
 
     @kopf.on.delete(GROUP, VERSION, PLURAL, registry=registry)
     async def restore_routes(
