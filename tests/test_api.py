@@ -18,6 +18,7 @@ import time
 import httpx
 import pytest
 from fastapi.testclient import TestClient
+from marl_operator.__main__ import parse_args
 from marl_operator.api import (
     ApiServer,
     NodeInputsModel,
@@ -656,6 +657,37 @@ def test_api_server_serves_on_a_shared_loop_and_stops_cleanly(store, instruments
 
     asyncio.run(main())
     assert signal.getsignal(signal.SIGTERM) is handler_before
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_the_default_address_answers_on_ipv4_and_ipv6(store, instruments) -> None:
+    """0.0.0.0 listened on IPv4 alone: on an IPv6-only cluster the kubelet's probes found
+    nothing and the pod restarted for ever ("::" is IPv6 alone in asyncio)."""
+    try:
+        with socket.socket(socket.AF_INET6) as probe:
+            probe.bind(("::1", 0))
+    except OSError:
+        pytest.skip("this machine has no IPv6 loopback")
+    host = parse_args(["--prometheus-url", "http://prometheus:9090"]).api_host
+    app = create_app(store, instruments, ready=lambda: True)
+
+    async def main() -> None:
+        port = _free_port()
+        server = ApiServer(app, host, port)
+        await server.start()
+        try:
+            for base in (f"http://127.0.0.1:{port}", f"http://[::1]:{port}"):
+                async with httpx.AsyncClient(base_url=base) as http:
+                    assert (await http.get("/healthz")).status_code == 200, base
+        finally:
+            await server.stop()
+
+    asyncio.run(main())
 
 
 def test_api_server_reports_a_busy_port_instead_of_exiting(store, instruments) -> None:

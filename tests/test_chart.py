@@ -321,6 +321,9 @@ def test_the_validation_catches_a_typo():
         (("--set", "serviceMonitor.enabled=true", "--set", "podMonitor.enabled=true"), "not both"),
         (("--set", "watchNamespaces={Edge_1}"), "watchNamespaces"),
         (("--set", "unknownKey=1"), "unknownKey"),
+        (("--set", "peering.priority=7"), "set peering.enabled=true"),
+        (("--set", "crds.install=false", "--set", "crds.keep=false"), "crds.keep=true first"),
+        (("--set", "extraEnv[0].name=TMPDIR", "--set", "extraEnv[0].value=/x"), "extraEnv"),
     ],
 )
 def test_bad_values_are_refused(values, message):
@@ -402,8 +405,8 @@ def test_an_uninstall_that_deletes_the_crds_first_drains_the_policies(name):
         )
         policy = set(hooks[key]["helm.sh/hook-delete-policy"].split(","))
         assert policy == {"before-hook-creation", "hook-succeeded"}
-    for doc in docs:
-        if (doc["kind"], doc["metadata"]["name"]) in transient:
+    for doc in docs:  # the Job too: kept when it fails, for its log
+        if (doc["kind"], doc["metadata"]["name"]) in {*transient, ("Job", job["metadata"]["name"])}:
             assert doc["metadata"]["labels"]["app.kubernetes.io/component"] == "uninstall"
     for doc in of_kind(docs, "ClusterRole") + of_kind(docs, "ClusterRoleBinding"):
         if doc["metadata"]["name"].endswith(f"-uninstall-{NAMESPACE}"):
@@ -823,7 +826,9 @@ def test_standalone_and_peering_modes():
 
     docs = render("--set", "replicaCount=2")
     assert deployment(docs)["spec"]["replicas"] == 2
-    assert deployment(docs)["spec"]["strategy"]["type"] == "RollingUpdate"
+    # Never old and new pods at once: scaling from one replica to two would otherwise have
+    # the standalone pod act beside the new peers, which do not see it.
+    assert deployment(docs)["spec"]["strategy"] == {"type": "Recreate"}
     (pdb,) = of_kind(docs, "PodDisruptionBudget")
     assert pdb["spec"]["maxUnavailable"] == 1
     assert pdb["spec"]["selector"]["matchLabels"].items() <= (
@@ -931,6 +936,22 @@ def test_service_monitor_selects_the_service():
     assert monitor["spec"]["endpoints"][0]["path"] == "/metrics"
     (pod_monitor,) = of_kind(render(*VALUE_SETS["podmonitor"]), "PodMonitor")
     assert pod_monitor["spec"]["podMetricsEndpoints"][0]["port"] == "http"
+
+
+@pytest.mark.parametrize("kind", ["serviceMonitor", "podMonitor"])
+def test_a_shorter_scrape_interval_is_not_longer_than_its_timeout(kind):
+    """Prometheus refuses a scrape timeout longer than the interval: with the timeout's own
+    default of 10 s, lowering the interval alone to 5 s left the operator never scraped."""
+    docs = render("--set", f"{kind}.enabled=true", "--set", f"{kind}.interval=5s")
+    (monitor,) = of_kind(docs, kind[0].upper() + kind[1:])
+    (endpoint,) = monitor["spec"][
+        "endpoints" if kind == "serviceMonitor" else "podMetricsEndpoints"
+    ]
+    assert endpoint["interval"] == "5s" and "scrapeTimeout" not in endpoint
+    docs = render("--set", f"{kind}.enabled=true", "--set", f"{kind}.scrapeTimeout=4s")
+    (monitor,) = of_kind(docs, kind[0].upper() + kind[1:])
+    endpoints = monitor["spec"]["endpoints" if kind == "serviceMonitor" else "podMetricsEndpoints"]
+    assert endpoints[0]["scrapeTimeout"] == "4s"
 
 
 def exported_series() -> set[str]:

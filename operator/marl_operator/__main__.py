@@ -110,7 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
         "of public CAs, not the system's store)",
     )
     parser.add_argument(
-        "--api-host", default="0.0.0.0", help="address of the HTTP API (default: %(default)s)"
+        "--api-host",
+        default="",
+        help="address of the HTTP API (default: every address, IPv4 and IPv6)",
     )
     parser.add_argument(
         "--api-port", type=port, default=8080, help="port of the HTTP API (default: %(default)s)"

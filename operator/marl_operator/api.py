@@ -339,7 +339,7 @@ class ApiServer:
         # log_config=None keeps the operator's logging setup; probes make access logs noise.
         config = uvicorn.Config(app, host=host, port=port, log_config=None, access_log=access_log)
         self._server = _QuietServer(config)
-        self._address = f"{host}:{port}"
+        self._address = f"{host or '*'}:{port}"
         self._task: asyncio.Task[None] | None = None
 
     async def start(self, timeout: float = 10.0) -> asyncio.Task[None]:
