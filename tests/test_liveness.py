@@ -479,6 +479,24 @@ def test_edge_nodes_show_their_kubernetes_nodes_and_readiness_written_once_per_c
     assert kube.edge_status["edge-1"]["conditions"][0]["status"] == "True"
 
 
+def test_edge_node_statuses_are_written_again_after_leading_again():
+    """Writes were remembered across a stand-down: the peer that led meanwhile wrote edge-1
+    NotReady, and back in the lead this replica, remembering its own Ready, wrote nothing
+    after the node recovered."""
+    runtime, kube = runtime_over(example_mesh())
+    body = example_policy_body()
+    runtime.cycle("edge/p", body)
+    assert kube.edge_status["edge-1"]["conditions"][0]["status"] == "True"
+    runtime.stand_down("edge/p")
+    peer = copy.deepcopy(kube.edge_status["edge-1"])  # the peer's write, while it led
+    peer["conditions"][0].update(status="False", reason="KubernetesNodesNotReady")
+    kube.edge_status["edge-1"] = peer
+
+    runtime.cycle("edge/p", body)
+
+    assert kube.edge_status["edge-1"]["conditions"][0]["status"] == "True"
+
+
 def test_a_recreated_edge_node_gets_its_status_and_transition_times_survive_other_changes():
     """Writes are remembered per object (uid), not per name; a change of its Kubernetes nodes
     that leaves it Ready keeps the time it became Ready, from what was last written (the

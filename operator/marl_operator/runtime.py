@@ -367,6 +367,9 @@ class Runtime:
                 nodes, edge_nodes = self.inventory.kubernetes_nodes(), self.inventory.edge_nodes()
             except UNANSWERED:
                 return  # the liveness of the next cycle says so
+            existing = {edge_node["metadata"]["name"] for edge_node in edge_nodes}
+            for gone in self._edge_node_status.keys() - existing:  # remembered for nothing
+                del self._edge_node_status[gone]
             for edge_node in edge_nodes:
                 name, uid = edge_node["metadata"]["name"], edge_node["metadata"].get("uid", "")
                 if name not in names:
@@ -675,9 +678,12 @@ class Runtime:
         higher priority): a cycle still running writes and reports nothing more, and this
         process stops serving the policy's last report and metrics, which would otherwise
         stand frozen beside the new leader's. Should this replica lead again, the policy is
-        built afresh from what the mesh carries then."""
+        built afresh from what the mesh carries then, and the EdgeNodes' statuses written
+        again (the peer leading meanwhile wrote them)."""
         log.info("policy %s: standing down for a peer", key, extra={"fields": {"policy": key}})
         self._retire(key)
+        with self._edge_node_lock:
+            self._edge_node_status.clear()
 
     def _retire(self, key: str) -> PolicyController | None:
         """Stop everything this process does for ``key`` and begin its next term; returns its
