@@ -96,24 +96,25 @@ class Inventory:
             items = getattr(self.source, call)(*args)
         except Exception as error:
             if keep_errors:
-                self._store(self._lists, key, now, error)
+                self._store(self._lists, now, {key: error})
             elif not fresh and _transient(error) and _good(cached):
                 # Standing for another refresh: asked again by every cycle, a failing API
                 # server would get every policy's reads.
                 log.warning("%s not read again (%s): the last read stands", call, error)
-                self._store(self._lists, key, now, cached[1])
+                self._store(self._lists, now, {key: cached[1]})
                 return cached[1]
             raise
-        self._store(self._lists, key, now, items)
+        self._store(self._lists, now, {key: items})
         return items
 
-    def _store(self, store: dict, key: tuple, now: float, value: Any) -> None:
-        """Keep ``value``, read at ``now``, unless a read that started later is kept already
-        (policies refresh at once on several workers, and a slow read can end last); forget
-        what nobody asked for in ``FORGET_AFTER`` refreshes."""
+    def _store(self, store: dict, now: float, values: Mapping[Any, Any]) -> None:
+        """Keep each of ``values``, read at ``now``, unless a read that started later is kept
+        already (policies refresh at once on several workers, and a slow read can end last);
+        forget what nobody asked for in ``FORGET_AFTER`` refreshes."""
         with self._lock:
-            if (kept := store.get(key)) is None or kept[0] <= now:
-                store[key] = (now, value)
+            for key, value in values.items():
+                if (kept := store.get(key)) is None or kept[0] <= now:
+                    store[key] = (now, value)
             horizon = now - FORGET_AFTER * self.refresh_s
             for old in [k for k, (when, _) in store.items() if when < horizon]:
                 del store[old]
@@ -137,12 +138,11 @@ class Inventory:
                 if fresh or not _transient(error) or not all(known.values()):
                     raise
                 log.warning("EdgeServices not read again (%s): the last read stands", error)
-                for name in missing:
-                    self._store(self._services, (namespace, name), now, known[name][1])
+                stands = {(namespace, name): known[name][1] for name in missing}
+                self._store(self._services, now, stands)
             else:
-                for name in missing:
-                    known[name] = (now, found.get(name))
-                    self._store(self._services, (namespace, name), now, found.get(name))
+                known |= {name: (now, found.get(name)) for name in missing}
+                self._store(self._services, now, {(namespace, n): found.get(n) for n in missing})
         return {name: seen[1] for name, seen in known.items() if seen and seen[1] is not None}
 
 
