@@ -683,7 +683,8 @@ def test_metrics_outage_holds_falls_back_and_recovers(cluster: Any) -> None:
             back = await eventually(lambda: phase_is(url, "Active"), what="Active again")
             assert conditions(back)["MetricsAvailable"]["status"] == "True"
             assert conditions(back)["Fallback"]["status"] == "False"
-        outcomes = [r.outcome for r in runtime.store.history(KEY)]
+            # Read before kopf exits: the runtime then forgets the policy (it stands down).
+            outcomes = [r.outcome for r in runtime.store.history(KEY)]
         first_held = outcomes.index(Outcome.HELD)
         assert outcomes[first_held : first_held + 2] == [Outcome.HELD, Outcome.FALLBACK]
 
@@ -985,7 +986,7 @@ def test_a_refused_status_write_does_not_stop_the_control_loop(
             status = await eventually(
                 lambda: phase_is(url, "Active"), timeout=20, what="a status after the refusals"
             )
-        assert not refusals and len(runtime.store.history(KEY)) >= 3
+            assert not refusals and len(runtime.store.history(KEY)) >= 3
         assert status["observedGeneration"] >= 1
 
     caplog.set_level(logging.WARNING, logger="marl_operator.handlers")
@@ -1011,11 +1012,11 @@ def test_a_restarted_operator_rewrites_nothing(cluster: Any) -> None:
             await create_resources(url, policy_body())
             await eventually(outcome_is(first, Outcome.UNCHANGED), timeout=20, what="a fixed point")
             assert "queueing prior" in first.store.latest(KEY).reason
+            weights = first.store.latest(KEY).weights
         versions = {
             path: (await kube(url, "GET", f"{path}/{SERVICE}"))["metadata"]["resourceVersion"]
             for path in (VIRTUAL_SERVICES, DESTINATION_RULES)
         }
-        weights = first.store.latest(KEY).weights
 
         restarted, _ = new_runtime(cluster.kubeconfig, fake)
         async with operating(url, restarted):
@@ -1406,10 +1407,47 @@ def test_a_daemon_skips_cycles_while_an_earlier_cycle_of_its_policy_runs(cluster
                 assert await policy_status(url) == {}  # a skipped cycle reports nothing
                 reader.gate.set()
                 await eventually(lambda: phase_is(url, "Active"), what="phase Active")
+                # the earlier cycle's and the daemon's
+                assert len(runtime.store.history(KEY)) >= 2
         finally:
             reader.gate.set()
             await asyncio.to_thread(earlier.join, 30)
         assert overlap["most"] == 1
-        assert len(runtime.store.history(KEY)) >= 2  # the earlier cycle's and the daemon's
+
+    asyncio.run(scenario())
+
+
+def test_a_cycle_in_flight_when_the_operator_exits_writes_nothing(cluster: Any) -> None:
+    """On exit (SIGTERM, a rollout) kopf cancels the daemons, not the worker threads running
+    their cycles, and leaves the peering at once: a cycle in flight would write the mesh
+    after this replica stopped, over the weights of the peer leading by then."""
+    runtime, reader = new_runtime(cluster.kubeconfig, example_mesh())
+    in_flight = CycleCounter(runtime)
+    exited = threading.Event()
+    late_writes: list[str] = []
+    write = runtime.mesh.write
+
+    def watched_write(service: MeshService, routes: Any) -> bool:
+        if exited.is_set():
+            late_writes.append(service.name)
+        return write(service, routes)
+
+    runtime.mesh.write = watched_write  # type: ignore[method-assign]
+
+    async def scenario() -> None:
+        url = cluster.url
+        await create_resources(url, policy_body())
+        try:
+            async with operating(url, runtime):
+                await eventually(outcome_is(runtime, Outcome.APPLIED), what="a first cycle")
+                reader.gate.clear()
+                reader.held.clear()
+                await eventually(is_set(reader.held), what="a cycle held at the gate")
+            exited.set()
+        finally:
+            reader.gate.set()  # the held cycle goes on
+        await eventually(in_flight.idle, what="the end of the held cycle")
+        assert late_writes == []
+        assert runtime.store.latest(KEY) is None  # nor is its report served
 
     asyncio.run(scenario())

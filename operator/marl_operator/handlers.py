@@ -66,6 +66,11 @@ def configure(settings: kopf.OperatorSettings) -> None:
     settings.posting.level = logging.WARNING  # events come from the handlers, not kopf's log
 
 
+LEAVING = kopf.DaemonStoppingReason.OPERATOR_PAUSING | kopf.DaemonStoppingReason.OPERATOR_EXITING
+"""Why a daemon stops when its policy is left to others: a peer of higher priority, or the
+process exiting (kopf leaves the peering at once, so a peer may lead before a cycle in
+flight, whose worker thread kopf cannot cancel, would have written)."""
+
 CYCLE_WORKERS = 4
 """Cycles of different policies that may run at once."""
 
@@ -123,7 +128,7 @@ def register(
             await run_cycles(key, body, name, namespace, stopped, service_claims, term)
         finally:
             # kopf cancels a stopped daemon at once, so this runs in the cancellation too.
-            if stopped.reason and stopped.reason & kopf.DaemonStoppingReason.OPERATOR_PAUSING:
+            if stopped.reason and stopped.reason & LEAVING:
                 runtime.stand_down(key)
 
     async def run_cycles(

@@ -675,12 +675,12 @@ class Runtime:
 
     def stand_down(self, key: str) -> None:
         """Leave the policy ``key`` to another replica (kopf paused this one for a peer of
-        higher priority): a cycle still running writes and reports nothing more, and this
-        process stops serving the policy's last report and metrics, which would otherwise
-        stand frozen beside the new leader's. Should this replica lead again, the policy is
-        built afresh from what the mesh carries then, and the EdgeNodes' statuses written
-        again (the peer leading meanwhile wrote them)."""
-        log.info("policy %s: standing down for a peer", key, extra={"fields": {"policy": key}})
+        higher priority, or the process is exiting): a cycle still running writes and reports
+        nothing more, and this process stops serving the policy's last report and metrics,
+        which would otherwise stand frozen beside the new leader's. Should this replica lead
+        again, the policy is built afresh from what the mesh carries then, and the EdgeNodes'
+        statuses written again (the peer leading meanwhile wrote them)."""
+        log.info("policy %s: standing down", key, extra={"fields": {"policy": key}})
         self._retire(key)
         with self._edge_node_lock:
             self._edge_node_status.clear()
