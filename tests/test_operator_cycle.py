@@ -23,7 +23,7 @@ from kube_schema import CRDValidator, load_documents
 from kubernetes.client.rest import ApiException
 from marl_operator import runtime as runtime_module
 from marl_operator.controller import decision_table, table_weights
-from marl_operator.guard import fallback_table, limit_step
+from marl_operator.guard import FailureCounter, fallback_table, limit_step
 from marl_operator.inventory import Inventory, fingerprint
 from marl_operator.kube import Forbidden
 from marl_operator.mesh import routing
@@ -593,6 +593,30 @@ def test_a_cycle_that_fails_unexpectedly_keeps_the_failure_count():
     report = runtime.cycle("edge/p", body)
     assert report.reason.startswith("cycle failed")
     assert status_of(report, None)["consecutiveFailures"] == 1
+
+
+@pytest.mark.parametrize("after", ["rebuild", "restart"])
+def test_failed_intervals_count_on_across_a_rebuild_and_a_restart(after):
+    """An outage does not end with an edit of the spec (a rebuild) or a restart of the
+    operator (its status says how many intervals failed in a row): counting again from zero
+    would hold wrong weights for failureThreshold more intervals before the fallback."""
+    mesh = example_mesh()
+    runtime, _ = runtime_over(mesh)
+    body = example_policy_body(safety={"failureThreshold": 3, "fallback": "local"})
+    runtime.cycle("edge/p", body)
+    mesh.down = True
+    failed = [runtime.cycle("edge/p", body) for _ in range(2)]
+    assert [r.outcome for r in failed] == [Outcome.HELD, Outcome.HELD]
+    if after == "rebuild":
+        body = copy.deepcopy(body)
+        body["metadata"]["generation"] += 1
+        body["spec"]["intervalSeconds"] = 10
+    else:
+        runtime, _ = runtime_over(mesh)
+        body = {**body, "status": status_of(failed[-1], None)}
+    third = runtime.cycle("edge/p", body)
+    assert third.outcome == Outcome.FALLBACK, third.reason
+    assert "3 failed intervals in a row" in third.reason
 
 
 def test_the_stored_status_drops_what_the_last_cycle_no_longer_says():
@@ -1935,6 +1959,7 @@ class SlowController:
         self.key, self.generation = key, generation
         self.mesh = None
         self.spec = parse_policy_spec(example_policy_body()["spec"])
+        self.failures = FailureCounter(self.spec.safety)
         inventory = runtime.inventory  # built from the objects as they are
         self.built_from = fingerprint(
             self.spec, inventory.edge_nodes(), inventory.edge_services("edge", self.spec.services)

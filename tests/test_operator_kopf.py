@@ -691,6 +691,35 @@ def test_metrics_outage_holds_falls_back_and_recovers(cluster: Any) -> None:
     asyncio.run(scenario())
 
 
+def test_a_restarted_operator_counts_on_the_failed_intervals_of_an_outage(cluster: Any) -> None:
+    """The status carries how many intervals failed in a row, and the daemon hands it to the
+    first build after a restart: the outage is not forgotten with the process."""
+    fake = example_mesh()
+    body = policy_body(safety={"failureThreshold": 50, "fallback": "local"})
+
+    async def failing(url: str) -> int | None:
+        count = (await policy_status(url)).get("consecutiveFailures") or 0
+        return count if count >= 2 else None
+
+    async def scenario() -> None:
+        url = cluster.url
+        first, _ = new_runtime(cluster.kubeconfig, fake)
+        async with operating(url, first):
+            await create_resources(url, body)
+            await eventually(lambda: phase_is(url, "Active"), what="phase Active")
+            fake.down = True
+            await eventually(lambda: failing(url), what="failed intervals in the status")
+        before = (await policy_status(url))["consecutiveFailures"]
+
+        restarted, _ = new_runtime(cluster.kubeconfig, fake)
+        async with operating(url, restarted):
+            report = await eventually(latest(restarted), what="the first cycle after restart")
+        assert report.outcome == Outcome.HELD, report.reason
+        assert report.failures == before + 1
+
+    asyncio.run(scenario())
+
+
 def test_routes_leave_an_edge_node_whose_kubernetes_node_is_not_ready(cluster: Any) -> None:
     """The Node's Ready condition, read from the API server, takes the edge node out of every
     route within a cycle of the inventory's next read, and the status names it."""

@@ -156,13 +156,17 @@ def register(
         while not stopped:
             started = loop.time()
             # The status's services name the mesh objects written before: a rebuild gives
-            # back those no longer written, even when this process never ran the policy.
+            # back those no longer written, even when this process never ran the policy; its
+            # failures in a row go on counting.
             services = copy.deepcopy(list(body.status.get("services") or ()))
             generation = body.metadata.get("generation")
             snapshot = {
                 "metadata": dict(body.metadata),
                 "spec": dict(body.spec),
-                "status": {"services": services},
+                "status": {
+                    "services": services,
+                    "consecutiveFailures": body.status.get("consecutiveFailures"),
+                },
             }
             owners = governors(index, namespace)
             running = loop.run_in_executor(worker, runtime.cycle, key, snapshot, owners, term)

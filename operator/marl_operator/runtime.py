@@ -124,6 +124,17 @@ def written_before(
     return status_objects(body)
 
 
+def failures_before(controller: PolicyController | None, body: Mapping[str, Any]) -> int:
+    """How many intervals in a row had failed before a build: its controller's count, where
+    this process still has it, or else what the status says (after a restart or a
+    stand-down). An outage goes on through an edit of the spec or a restart, and counting
+    again from zero would put off the fallback by ``failureThreshold`` intervals."""
+    if controller is not None:
+        return controller.failures.count
+    count = (body.get("status") or {}).get("consecutiveFailures")
+    return count if type(count) is int and count > 0 else 0  # anyone may patch the status
+
+
 def _every(restores: Iterable[Callable[[], list[str]]]) -> list[str]:
     """Run every restore, even past one that could not give everything back; what was done,
     or RestoreIncomplete with what was done and every failure."""
@@ -505,6 +516,7 @@ class Runtime:
                 with self._lock:  # kept only within the term, or a retirement closes it
                     if self._retirements[key] != term:
                         return None
+                    rebuilt.failures.count = failures_before(controller, body)
                     controller = self.controllers[key] = rebuilt
         except SpecError as error:
             if controller is not None and _governs(controller, name, governed_by):
