@@ -47,6 +47,7 @@ from marl_operator.kube import (
     READ_KINDS,
     Forbidden,
 )
+from prometheus_client.metrics import MetricWrapperBase
 
 ROOT = Path(__file__).resolve().parents[1]
 CHART = ROOT / "charts" / "marl-operator"
@@ -197,6 +198,7 @@ _MONITOR_ENDPOINT = {
         "path": {"type": "string"},
         "interval": {"type": "string", "pattern": "^([0-9]+(ms|s|m|h|d|w|y))+$"},
         "scrapeTimeout": {"type": "string"},
+        "honorLabels": {"type": "boolean"},
         "relabelings": {"type": "array", "items": {"type": "object"}},
         "metricRelabelings": {"type": "array", "items": {"type": "object"}},
     },
@@ -954,6 +956,46 @@ def test_a_shorter_scrape_interval_is_not_longer_than_its_timeout(kind):
     assert endpoints[0]["scrapeTimeout"] == "4s"
 
 
+PROMETHEUS_OPERATOR_TARGET_LABELS = {
+    "ServiceMonitor": {"namespace", "service", "pod", "container", "endpoint", "job", "instance"},
+    "PodMonitor": {"namespace", "pod", "container", "endpoint", "job", "instance"},
+}
+"""The labels the Prometheus Operator gives every target of a ServiceMonitor or PodMonitor
+(its pkg/prometheus/promcfg.go: ``__meta_kubernetes_service_name`` -> ``service``, and so on).
+A scraped series with a label of the same name keeps its own value only under honorLabels;
+otherwise Prometheus renames the series' label ``exported_<name>`` and sets the target's."""
+
+
+def exported_labels() -> set[str]:
+    """Every label name of the operator's own metrics."""
+    instruments = Instruments()
+    return {
+        name
+        for metric in vars(instruments).values()
+        if isinstance(metric, MetricWrapperBase)
+        for name in metric._labelnames
+    }
+
+
+@pytest.mark.parametrize("kind", ["ServiceMonitor", "PodMonitor"])
+def test_the_monitors_keep_the_operators_own_labels(kind):
+    """marl_operator_weight, _observed_p95_* and _predicted_p95_* carry ``service`` (the edge
+    service), which the Prometheus Operator also sets on a ServiceMonitor's targets (the
+    operator's own Service). Without honorLabels the stored series say service="marl-operator"
+    and exported_service="fn": the dashboard's $service variable and legends, and any alert
+    selecting a service, see the operator's Service instead of the edge services."""
+    key = kind[0].lower() + kind[1:]
+    extra = ("--set", "scrapeAnnotations=false") if kind == "PodMonitor" else ()
+    (monitor,) = of_kind(render("--set", f"{key}.enabled=true", *extra), kind)
+    (endpoint,) = monitor["spec"][
+        "endpoints" if kind == "ServiceMonitor" else "podMetricsEndpoints"
+    ]
+    clashes = exported_labels() & PROMETHEUS_OPERATOR_TARGET_LABELS[kind]
+    assert not clashes or endpoint.get("honorLabels") is True, (
+        f"the operator's labels {sorted(clashes)} are renamed exported_* by the {kind}"
+    )
+
+
 def exported_series() -> set[str]:
     names = set()
     for family in Instruments().registry.collect():
@@ -979,8 +1021,8 @@ def test_grafana_dashboard_queries_the_operator_metrics():
     )
     for wanted in (
         "marl_operator_weight",
-        "marl_operator_observed_p95_milliseconds",
-        "marl_operator_predicted_p95_milliseconds",
+        "marl_operator_observed_p95_seconds",
+        "marl_operator_predicted_p95_seconds",
         "marl_operator_cycles_total",
         "marl_operator_decision_seconds_bucket",
         "marl_operator_fallback",
@@ -1067,6 +1109,21 @@ def test_notes_point_at_the_examples_this_install_can_serve():
     plain = run_helm("install", RELEASE, str(CHART), "--namespace", NAMESPACE, "--dry-run=client")
     notes = plain.stdout.split("NOTES:", 1)[1]
     assert "-f examples/edgeservice.yaml" in notes and "watchNamespaces" not in notes
+
+
+def test_notes_reach_the_acting_replica_when_replicas_peer():
+    """With peering, a standby replica stays Ready, so `kubectl port-forward service/...`
+    (which picks one pod of the Service) reaches the standby about half the time, and its
+    /api/v1/policies answers [] as if nothing had been decided. The notes must say how to
+    tell (/api/v1/replica) and how to reach the replica that acts, as the README does."""
+    done = run_helm(
+        "install", RELEASE, str(CHART), "--namespace", NAMESPACE, "--dry-run=client",
+        "--set", "replicaCount=2",
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    notes = done.stdout.split("NOTES:", 1)[1]
+    assert "/api/v1/replica" in notes
+    assert "port-forward pod/" in notes
 
 
 def test_notes_say_the_uninstall_drains_when_the_crds_go():
