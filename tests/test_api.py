@@ -9,6 +9,7 @@ import dataclasses
 import datetime
 import json
 import math
+import re
 import signal
 import socket
 import sys
@@ -232,8 +233,8 @@ def test_metrics_content_type_and_names(client, store, instruments) -> None:
         "marl_operator_weight",
         "marl_operator_fallback",
         "marl_operator_model_nmae",
-        "marl_operator_observed_p95_milliseconds",
-        "marl_operator_predicted_p95_milliseconds",
+        "marl_operator_observed_p95_seconds",
+        "marl_operator_predicted_p95_seconds",
         "marl_operator_last_cycle_timestamp_seconds",
     }
 
@@ -261,9 +262,9 @@ def test_metric_values_equal_the_report(client, store, instruments) -> None:
 
     for service, ms in report.observed_p95_ms.items():
         key = labels(policy=POLICY, service=service)
-        assert metrics["marl_operator_observed_p95_milliseconds", key] == ms
-        predicted = report.predicted_p95_ms[service]
-        assert metrics["marl_operator_predicted_p95_milliseconds", key] == predicted
+        assert metrics["marl_operator_observed_p95_seconds", key] == pytest.approx(ms / 1000)
+        predicted = report.predicted_p95_ms[service] / 1000
+        assert metrics["marl_operator_predicted_p95_seconds", key] == pytest.approx(predicted)
     for target, nmae in MODEL["nmae"].items():
         assert metrics["marl_operator_model_nmae", labels(policy=POLICY, target=target)] == nmae
 
@@ -316,8 +317,9 @@ def test_fallback_gauge_and_cycles_without_decision(client, store, instruments) 
     publish(store, instruments, make_report(outcome=Outcome.SUSPENDED, decision_ms=0.0))
     metrics = scrape(client)
     assert metrics["marl_operator_fallback", labels(policy=POLICY)] == 0
-    # Suspended cycles decide nothing: the decision histogram keeps its two observations.
-    assert metrics["marl_operator_decision_seconds_count", labels(policy=POLICY)] == 2
+    # Neither the fallback (no proposal) nor the suspended cycle decided anything: the
+    # decision histogram keeps the applied cycle's observation alone.
+    assert metrics["marl_operator_decision_seconds_count", labels(policy=POLICY)] == 1
 
 
 def test_series_of_disappeared_routes_and_services_are_removed(client, store, instruments) -> None:
@@ -345,9 +347,9 @@ def test_series_of_disappeared_routes_and_services_are_removed(client, store, in
         assert value == without_c[lab["service"]][lab["source"]][lab["destination"]]
     assert len(weights) == sum(len(d) for s in without_c.values() for d in s.values())
 
-    observed = [k for k in metrics if k[0] == "marl_operator_observed_p95_milliseconds"]
+    observed = [k for k in metrics if k[0] == "marl_operator_observed_p95_seconds"]
     assert observed == [
-        ("marl_operator_observed_p95_milliseconds", labels(policy=POLICY, service="resize"))
+        ("marl_operator_observed_p95_seconds", labels(policy=POLICY, service="resize"))
     ]
     assert not [k for k in metrics if k[0] == "marl_operator_model_nmae"]
 
@@ -379,11 +381,89 @@ def test_forget_removes_only_that_policys_series(client, store, instruments) -> 
     assert metrics["marl_operator_cycles_total", applied] == 0
 
 
+def test_durations_are_exposed_in_seconds(client, store, instruments) -> None:
+    """Prometheus's naming convention: time in its base unit, seconds (as
+    marl_operator_decision_seconds is), so that a latency compares with any other without
+    knowing each metric's scale."""
+    publish(store, instruments, make_report())
+    families = {f.name for f in text_string_to_metric_families(client.get("/metrics").text)}
+    scaled = sorted(n for n in families if re.search(r"_(milli|micro|nano)seconds$|_ms$", n))
+    assert scaled == [], f"durations not in seconds: {scaled}"
+
+
+def test_a_scrape_while_a_cycle_is_recorded_sees_one_cycle_or_the_other(
+    instruments: Instruments, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A scrape arriving while record() replaces a policy's series must see the routes of
+    the previous report or of the new one, never the old routes half removed: each source's
+    weights then no longer add up to 100 in Prometheus."""
+    before = make_report()
+    after = make_report(
+        weights={
+            "resize": {"edge-a": {"edge-a": 100}, "edge-b": {"edge-b": 100}},
+            "classify": {"edge-a": {"edge-a": 100}, "edge-b": {"edge-b": 100}},
+        }
+    )
+    instruments.record(before)
+
+    def weights(text: str) -> dict[tuple[str, str, str], float]:
+        return {
+            (s.labels["service"], s.labels["source"], s.labels["destination"]): s.value
+            for family in text_string_to_metric_families(text)
+            for s in family.samples
+            if s.name == "marl_operator_weight"
+        }
+
+    def table(report: CycleReport) -> dict[tuple[str, str, str], float]:
+        return {
+            (service, source, destination): float(weight)
+            for service, sources in report.weights.items()
+            for source, destinations in sources.items()
+            for destination, weight in destinations.items()
+        }
+
+    scraped: list[str] = []
+    scraper: list[threading.Thread] = []
+    labels_of = instruments.weight.labels
+
+    def labels_then_scrape(*values: str):
+        if not scraper:  # Prometheus scrapes now, from the API's thread
+            scraper.append(
+                threading.Thread(
+                    target=lambda: scraped.append(instruments.exposition()[0].decode())
+                )
+            )
+            scraper[0].start()
+            scraper[0].join(timeout=0.5)
+        return labels_of(*values)
+
+    monkeypatch.setattr(instruments.weight, "labels", labels_then_scrape)
+    instruments.record(after)
+    scraper[0].join(timeout=10)
+    (text,) = scraped
+    assert weights(text) in (table(before), table(after))
+
+
+def test_metrics_include_the_process_own(client) -> None:
+    """The operator's registry is its own, so prometheus_client's default process metrics are
+    not in it unless registered: without process_start_time_seconds a restart loop, and
+    without process_resident_memory_bytes and process_open_fds the memory the chart's limit
+    is sized from (values.yaml) and leaked sockets, cannot be watched from the operator's
+    own /metrics."""
+    families = {f.name for f in text_string_to_metric_families(client.get("/metrics").text)}
+    for name in (
+        "process_start_time_seconds",
+        "process_resident_memory_bytes",
+        "process_open_fds",
+    ):
+        assert name in families, name
+
+
 def test_instruments_do_not_share_a_registry() -> None:
     first, second = Instruments(), Instruments()
     first.record(make_report())
     names = {m.name for m in second.registry.collect() for s in m.samples}
-    assert not names
+    assert not {name for name in names if name.startswith("marl_operator_")}
     assert first.registry is not second.registry
 
 

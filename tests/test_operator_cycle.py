@@ -472,6 +472,29 @@ def test_metrics_outage_holds_then_falls_back_then_recovers():
     assert runtime.controllers["edge/p"].failures.count == 0
 
 
+def test_the_decision_histogram_counts_only_cycles_that_decided():
+    """marl_operator_decision_seconds is the time a cycle spent deciding. Cycles held, then
+    fallen back, because Prometheus is down never decide (no proposal, 0 ms): observed as 0 s
+    each, they drag the histogram's quantiles (the dashboard's decision-time panel) to zero
+    for as long as the outage lasts, and count decisions that were never made."""
+    mesh = example_mesh()
+    runtime, _ = runtime_over(mesh)
+    body = example_policy_body(safety={"failureThreshold": 3, "fallback": "local"})
+    decided = runtime.cycle("edge/p", body)
+    assert decided.outcome == Outcome.APPLIED and decided.proposed is not None
+    mesh.down = True
+    undecided = [runtime.cycle("edge/p", body) for _ in range(3)]
+    assert [r.outcome for r in undecided] == [Outcome.HELD, Outcome.HELD, Outcome.FALLBACK]
+    assert all(r.proposed is None and r.decision_ms == 0.0 for r in undecided)
+    sample = runtime.instruments.registry.get_sample_value
+    policy = {"policy": "edge/p"}
+    assert sample("marl_operator_cycles_total", {**policy, "outcome": "Held"}) == 2
+    assert sample("marl_operator_decision_seconds_count", policy) == 1
+    assert sample("marl_operator_decision_seconds_sum", policy) == pytest.approx(
+        decided.decision_ms / 1000
+    )
+
+
 @pytest.mark.parametrize(
     ("age_s", "stale_sources", "why"),
     [

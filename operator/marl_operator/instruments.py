@@ -18,7 +18,7 @@ import threading
 from collections import defaultdict
 from collections.abc import Mapping
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.metrics import MetricWrapperBase
 
@@ -30,7 +30,9 @@ DECISION_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0
 """Seconds; a decision takes milliseconds with a heuristic and up to seconds with rollout."""
 
 NO_DECISION = frozenset({Outcome.SUSPENDED, Outcome.INVALID})
-"""Outcomes of cycles that never attempted a decision: their time would skew the histogram."""
+"""Outcomes of cycles that never attempted a decision: their time would skew the histogram.
+A cycle held or fallen back without deciding (metrics missing, every node down, a failure)
+is told by its report having no proposal."""
 
 Labels = tuple[str, ...]
 
@@ -41,6 +43,10 @@ class Instruments:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
         reg = self.registry
+        # process_* (start time, resident memory, CPU, open fds): the default registry has them,
+        # this one only if asked; without them restarts and the memory the chart's limit is
+        # sized from cannot be watched from the operator's own metrics.
+        ProcessCollector(registry=reg)
         self.cycles = Counter(
             PREFIX + "cycles",
             "Control cycles run, by how they ended.",
@@ -74,14 +80,14 @@ class Instruments:
             registry=reg,
         )
         self.observed_p95 = Gauge(
-            PREFIX + "observed_p95_milliseconds",
-            "95th-percentile latency observed over the last interval.",
+            PREFIX + "observed_p95_seconds",
+            "95th-percentile latency observed over the last interval, in seconds.",
             ["policy", "service"],
             registry=reg,
         )
         self.predicted_p95 = Gauge(
-            PREFIX + "predicted_p95_milliseconds",
-            "95th-percentile latency the model predicts for the chosen weights.",
+            PREFIX + "predicted_p95_seconds",
+            "95th-percentile latency the model predicts for the chosen weights, in seconds.",
             ["policy", "service"],
             registry=reg,
         )
@@ -118,7 +124,7 @@ class Instruments:
                     series[self.cycles].add((policy, outcome.value))
             self.cycles.labels(policy, report.outcome.value).inc()
 
-            if report.outcome not in NO_DECISION:
+            if report.outcome not in NO_DECISION and report.proposed is not None:
                 self.decision_seconds.labels(policy).observe(report.decision_ms / 1000.0)
                 series[self.decision_seconds].add((policy,))
 
@@ -141,8 +147,8 @@ class Instruments:
                 policy,
                 {(policy, target): _number(value) for target, value in nmae.items()},
             )
-            self._replace(self.observed_p95, policy, _per_service(policy, report.observed_p95_ms))
-            self._replace(self.predicted_p95, policy, _per_service(policy, report.predicted_p95_ms))
+            self._replace(self.observed_p95, policy, _seconds(policy, report.observed_p95_ms))
+            self._replace(self.predicted_p95, policy, _seconds(policy, report.predicted_p95_ms))
 
     def skipped(self, policy: str) -> None:
         """Count a cycle that was not run: the policy's previous one still ran."""
@@ -159,9 +165,11 @@ class Instruments:
 
     def exposition(self, accept: str | None = None) -> tuple[bytes, str]:
         """The registry in the format the scraper's Accept header asks for (Prometheus text by
-        default, OpenMetrics on request), with its content type."""
+        default, OpenMetrics on request), with its content type. Taken under the lock, so
+        that a scrape sees a policy's series as one report left them, never half replaced."""
         encode, content_type = choose_encoder(accept or "")
-        return encode(self.registry), content_type
+        with self._lock:
+            return encode(self.registry), content_type
 
     def _replace(self, gauge: Gauge, policy: str, values: Mapping[Labels, float]) -> None:
         """Make the policy's series of ``gauge`` exactly ``values``; called under the lock."""
@@ -174,8 +182,12 @@ class Instruments:
         known.update(values.keys())
 
 
-def _per_service(policy: str, values: Mapping[str, float | None]) -> dict[Labels, float]:
-    return {(policy, service): _number(value) for service, value in values.items()}
+def _seconds(policy: str, values_ms: Mapping[str, float | None]) -> dict[Labels, float]:
+    """Milliseconds, as the report keeps them, in seconds, Prometheus's base unit of time."""
+    return {
+        (policy, service): _number(None if ms is None else ms / 1000.0)
+        for service, ms in values_ms.items()
+    }
 
 
 def _number(value: float | None) -> float:
