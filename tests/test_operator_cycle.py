@@ -1774,7 +1774,7 @@ def test_a_refused_rebuild_keeps_the_weights_last_reported():
 
 def test_a_deleted_policy_leaves_nothing_behind_in_the_runtime():
     """Policies come and go for the life of the process: a deleted one must not leave its
-    controller, reports, skip count or lock behind."""
+    controller, reports, skip count, lock or term behind."""
     runtime, _ = runtime_over(example_mesh())
     body = example_policy_body()
     runtime.cycle("edge/p", body)
@@ -1782,6 +1782,7 @@ def test_a_deleted_policy_leaves_nothing_behind_in_the_runtime():
     runtime.delete("edge/p", body)
     assert "edge/p" not in runtime.controllers and runtime.store.latest("edge/p") is None
     assert "edge/p" not in runtime.skipped and "edge/p" not in runtime._running
+    assert "edge/p" not in runtime._terms
 
 
 def test_a_cycle_that_fails_after_its_policys_deletion_reports_nothing(monkeypatch):

@@ -27,7 +27,7 @@ from marl_operator.mesh.ownership import (
     SERVICE_ANNOTATION,
 )
 from marl_operator.report import CycleReport, Outcome
-from marl_operator.runtime import DELETE_WAIT_S, Runtime
+from marl_operator.runtime import DELETE_WAIT_S, Runtime, Term
 from marl_operator.status import status_of
 
 GROUP, VERSION, PLURAL = "marl.dev", "v1alpha1", "routingpolicies"
@@ -138,7 +138,7 @@ def register(
         namespace: str,
         stopped: kopf.DaemonStopped,
         index: kopf.Index,
-        term: int,
+        term: Term,
     ) -> None:
         previous: CycleReport | None = None
         loop = asyncio.get_running_loop()

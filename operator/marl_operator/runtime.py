@@ -176,6 +176,14 @@ def _governs(controller: PolicyController, name: str, governed_by: Mapping[str, 
     return all(governed_by.get(s.name, name) == name for s in controller.problem.services)
 
 
+class Term:
+    """A policy's time in this process's hands, from its first cycle to its deletion or its
+    stand-down: a cycle asked for in one term does nothing in the next. Told apart by
+    identity, so that an ended term leaves nothing behind."""
+
+    __slots__ = ()
+
+
 class Runtime:
     """Controllers, checkpoints, store and instruments of one operator process."""
 
@@ -226,9 +234,9 @@ class Runtime:
         self._edge_node_status: dict[str, tuple[str, str, list[dict[str, Any]]]] = {}
         self._edge_node_lock = threading.Lock()
         self._running: dict[str, threading.Lock] = {}  # policy -> held while a cycle runs
-        # policy -> deletions and stand-downs so far (its term, see `term`): a cycle asked for
-        # in an earlier term, or that outlasted its term, builds, stores and publishes nothing
-        self._retirements: Counter[str] = Counter()
+        # policy -> its current term (see `term`): a cycle asked for in an earlier term, or
+        # that outlasted its term, builds, stores and publishes nothing
+        self._terms: dict[str, Term] = {}
         self._lock = threading.Lock()
 
     # -- building --------------------------------------------------------------------------
@@ -428,18 +436,23 @@ class Runtime:
 
     # -- running -----------------------------------------------------------------------------
 
-    def term(self, key: str) -> int:
-        """The policy ``key``'s term: how many times it was deleted or left to a peer so far.
-        A daemon takes it when it starts and asks for every cycle in it (see :meth:`cycle`)."""
+    def term(self, key: str) -> Term:
+        """The policy ``key``'s term, which its deletion or stand-down ends. A daemon takes
+        it when it starts and asks for every cycle in it (see :meth:`cycle`)."""
         with self._lock:
-            return self._retirements[key]
+            return self._terms.setdefault(key, Term())
+
+    def _ended(self, key: str, term: Term) -> bool:
+        """Whether the policy's ``term`` is over (it was deleted or left to a peer since)."""
+        with self._lock:
+            return self._terms.get(key) is not term
 
     def cycle(
         self,
         key: str,
         body: Mapping[str, Any],
         governed_by: Mapping[str, str] | None = None,
-        term: int | None = None,
+        term: Term | None = None,
     ) -> CycleReport | None:
         """One interval of the policy ``key`` (``namespace/name``) as ``body`` now reads; None
         when the policy's previous cycle is still running: this one is skipped (counted in
@@ -452,8 +465,8 @@ class Runtime:
         is running then writes, keeps and publishes nothing more; without it, the term is the
         one the cycle starts in."""
         with self._lock:
-            current = self._retirements[key]
-            if term is not None and term != current:
+            current = self._terms.setdefault(key, Term())
+            if term is not None and term is not current:
                 log.info(
                     "cycle %s dropped: the policy was deleted or left to a peer since it was "
                     "asked for",
@@ -475,7 +488,7 @@ class Runtime:
         try:
             return self._cycle(key, body, governed_by or {}, current)
         except Exception as error:
-            if self.term(key) != current:  # retired meanwhile: only the log is left
+            if self._ended(key, current):  # retired meanwhile: only the log is left
                 log.exception("cycle %s of a retired policy failed", key)
                 return None
             # The API server or the mesh failing in a way no handler expects (unreachable
@@ -494,7 +507,7 @@ class Runtime:
             running.release()
 
     def _cycle(
-        self, key: str, body: Mapping[str, Any], governed_by: Mapping[str, str], term: int
+        self, key: str, body: Mapping[str, Any], governed_by: Mapping[str, str], term: Term
     ) -> CycleReport | None:
         generation = int(body.get("metadata", {}).get("generation", 0))
         controller = self.controllers.get(key)
@@ -510,11 +523,11 @@ class Runtime:
                 or self._inventory_changed(key, controller)
             ):
                 rebuilt = self.build(key, body)
-                if self.term(key) != term:
+                if self._ended(key, term):
                     return None  # retired while building: nothing given back, kept or written
                 self._release(key, written_before(controller, body), rebuilt, governed_by)
                 with self._lock:  # kept only within the term, or a retirement closes it
-                    if self._retirements[key] != term:
+                    if self._terms.get(key) is not term:
                         return None
                     rebuilt.failures.count = failures_before(controller, body)
                     controller = self.controllers[key] = rebuilt
@@ -701,7 +714,7 @@ class Runtime:
         """Stop everything this process does for ``key`` and begin its next term; returns its
         controller, if any."""
         with self._lock:
-            self._retirements[key] += 1
+            self._terms.pop(key, None)
             controller = self.controllers.pop(key, None)
             if controller is not None and isinstance(controller.mesh, RefusalRecorder):
                 controller.mesh.closed = True  # a cycle still running writes nothing more
@@ -751,11 +764,11 @@ class Runtime:
             if service not in others
         )
 
-    def _publish(self, report: CycleReport, term: int) -> CycleReport | None:
+    def _publish(self, report: CycleReport, term: Term) -> CycleReport | None:
         """Serve and record ``report``, if its policy's ``term`` still lasts (None otherwise:
         nobody is left to tell, and a report kept would stand beside a new leader's)."""
         with self._lock:
-            if self._retirements[report.policy] != term:
+            if self._terms.get(report.policy) is not term:
                 return None
             self.store.put(report)
             self.instruments.record(report)
