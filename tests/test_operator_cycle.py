@@ -1872,6 +1872,7 @@ def test_a_deletion_waits_for_a_running_cycle_only_as_long_as_it_is_told():
     assert report is None
     assert still_running, "the deletion waited for the cycle past what it was told"
     assert "edge/p" not in runtime.controllers and runtime.store.latest("edge/p") is None
+    assert "edge/p" not in runtime._running  # the late cycle let go of its lock, and of it
 
 
 def test_a_cycle_asked_for_before_the_deletion_and_run_after_it_does_nothing():

@@ -504,7 +504,11 @@ class Runtime:
             )
             return self._publish(self._held(key, generation, reason), current)
         finally:
-            running.release()
+            with self._lock:
+                running.release()
+                # A cycle that outlasted its policy's deletion is the last to hold the lock.
+                if key not in self._terms and self._running.get(key) is running:
+                    del self._running[key]
 
     def _cycle(
         self, key: str, body: Mapping[str, Any], governed_by: Mapping[str, str], term: Term
