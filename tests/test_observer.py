@@ -196,3 +196,19 @@ def test_a_workload_maps_to_the_node_of_its_longest_label_suffix_in_any_order():
 def test_a_service_without_a_rate_is_named():
     with pytest.raises(InsufficientData, match="no request rate reported for service fn"):
         Observer(problem()).telemetry({"fn": ServiceReadings("fn", {}, {}, {}, {}, {})})
+
+
+def test_requests_from_clients_on_no_edge_node_count_in_what_a_node_served():
+    """An ingress gateway is a client on no edge node (the catch-all rule routes it): each
+    node serves its requests and spends CPU on them. Left out of the requests served but not
+    out of the CPU, they made every node's capacity look half of what it is here (the share
+    of edge clients), and a request cost twice its CPU."""
+    pairs = {(f"loadgen-edge-{i}", f"fn-edge-{i}"): (30.0, 1.0, 20.0) for i in range(3)}
+    pairs |= {("istio-ingressgateway", f"fn-edge-{i}"): (30.0, 1.0, 20.0) for i in range(3)}
+    # 60 requests a second served, each node's CPU what its hint says that takes
+    cpu = {f"fn-edge-{i}": 60.0 / HINTS[i] * CORES[i] for i in range(3)}
+    observer = Observer(problem(), capacity_alpha=1.0)
+    tel = observer.telemetry(readings(pairs, cpu))
+    np.testing.assert_allclose(tel.capacity, HINTS)
+    # 300m at 150 requests a second: 2 ms of CPU a request
+    assert observer.inputs["fn"]["edge-0"].cpu_ms_per_request == pytest.approx(2.0)

@@ -78,10 +78,16 @@ class PairMatrices:
     mean_ms: np.ndarray
     p95_ms: np.ndarray
     cpu_cores: np.ndarray  # (N,) by destination node, NaN where not reported
+    # (N,) by destination node: requests/s from clients on no edge node (an ingress gateway,
+    # which the catch-all rule routes), and how many of them were served
+    external: np.ndarray
+    external_served: np.ndarray
 
 
 def pair_matrices(readings: ServiceReadings, labels: Mapping[str, int], n: int) -> PairMatrices:
-    out = PairMatrices(*(np.full((n, n), np.nan) for _ in range(4)), np.full(n, np.nan))
+    out = PairMatrices(
+        *(np.full((n, n), np.nan) for _ in range(4)), np.full(n, np.nan), np.zeros(n), np.zeros(n)
+    )
     nodes: dict[str, int | None] = {}  # each workload recurs in every pair and metric
 
     def node_of_workload(workload: str) -> int | None:
@@ -93,6 +99,12 @@ def pair_matrices(readings: ServiceReadings, labels: Mapping[str, int], n: int) 
         i, j = node_of_workload(src), node_of_workload(dst)
         if i is not None and j is not None:  # several workloads per node add up
             out.rate[i, j] = np.nan_to_num(out.rate[i, j]) + value
+        elif j is not None:
+            # A client on no edge node: not one of the policy's agents, but the node serves
+            # its requests and spends CPU on them, which the CPU below counts.
+            ok = readings.success.get((src, dst), 1.0)
+            out.external[j] += value
+            out.external_served[j] += value * min(max(ok, 0.0), 1.0)
     # Their ratios and latencies are averaged by their requests: a node's two client
     # workloads (a load generator and a frontend, say) each see their own.
     for name, source in (
@@ -210,7 +222,10 @@ class Observer:
         agent_ms = _weighted(client_ms, rate, axis=1)  # what each source's clients saw
         self.unmeasured = self._named((incoming > 0) & ~np.isfinite(server_mean) & ~down[:, None])
 
-        served_requests = np.maximum(incoming - rejected, 0.0)  # (N, S) per second
+        # What each node served, for its CPU: its clients on no edge node included
+        external = np.stack([m.external for m in mats], axis=-1)  # (N, S)
+        external_served = np.stack([m.external_served for m in mats], axis=-1)
+        served_requests = np.maximum(incoming - rejected, 0.0) + external_served
         cpu_by_service = np.stack([m.cpu_cores for m in mats], axis=-1)  # NaN unless reported
         work = self._update_work(cpu_by_service, served_requests)
         served = served_requests @ work  # (N,) work/s completed
@@ -226,7 +241,7 @@ class Observer:
         a = self.capacity_alpha
         self.capacity = np.where(measured, a * estimate + (1 - a) * self.capacity, self.capacity)
         capacity = np.where(down, 0.0, self.capacity)
-        load = incoming @ work
+        load = (incoming + external) @ work
         # Busy is busy, whatever it was spent on: the model's utilisation reads it too.
         utilisation = np.where(cpu_read, np.clip(busy, 0.0, 1.0), load / self.capacity)
         utilisation = np.where(down, 0.0, utilisation)
