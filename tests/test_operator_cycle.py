@@ -2101,3 +2101,32 @@ def test_a_service_that_cannot_be_given_back_does_not_keep_the_others_from_it():
         runtime.delete("edge/p", body)
     assert incomplete.value.done == ["deleted DestinationRule/fn", "deleted VirtualService/fn2"]
     assert incomplete.value.failed == ["VirtualService/fn: bad"]
+
+
+def test_a_node_whose_capacity_is_given_in_cpu_alone_is_not_a_node_of_no_capacity():
+    """An EdgeNode may give capacity.requestsPerSecond, capacity.cpu or both. edge-1 gives
+    its 200m alone, beside nodes that serve 500 requests a second per core: taken as 0.2
+    requests a second, the static fallback sent it nothing, not even its own clients', and
+    the observer saw a node of almost no capacity until its CPU was measured (never, while it
+    serves under a request a second)."""
+    mixed = copy.deepcopy(NODES)
+    del mixed[1]["spec"]["capacity"]["requestsPerSecond"]
+    parsed = parse_policy_spec(example_policy_body()["spec"])
+    p = build_problem(parsed, mixed, {"fn": SERVICES[0]}, 3)
+    static = fallback_table("static", p, 0)["fn"]
+    assert static["edge-1"]["edge-1"] >= 20 and static["edge-0"]["edge-1"] >= 20, static
+    idle = {
+        "fn": ServiceReadings(
+            "fn",
+            rate={("loadgen-edge-0", "fn-edge-0"): 60.0, ("loadgen-edge-1", "fn-edge-1"): 0.5},
+            mean_ms={("loadgen-edge-0", "fn-edge-0"): 20.0, ("loadgen-edge-1", "fn-edge-1"): 5.0},
+        )
+    }
+    tel = Observer(p).telemetry(idle)
+    assert tel.capacity[1] >= 20, tel.capacity
+    # Nodes in requests per second beside one in cores, and none giving both: no conversion.
+    apart = copy.deepcopy(mixed)
+    for node in (apart[0], apart[2]):
+        del node["spec"]["capacity"]["cpu"]
+    with pytest.raises(SpecError, match=r"^EdgeNode edge-1 spec\.capacity\.requestsPerSecond"):
+        build_problem(parsed, apart, {"fn": SERVICES[0]}, 3)

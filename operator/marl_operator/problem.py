@@ -144,6 +144,30 @@ def mesh_objects(
     return objects
 
 
+def _hints_in_one_unit(
+    names: Sequence[str], capacity: list[float], cores: list[float], in_rps: list[bool]
+) -> list[float]:
+    """The capacity hints in one unit. A node that gives only ``capacity.cpu`` beside nodes
+    that give requests per second is given the requests per second per core of those that
+    give both: taken as its cores alone (0.2 for 200m), it read as a node of almost no
+    capacity, which the static fallback and the policy sent nothing."""
+    if all(in_rps) or not any(in_rps):
+        return capacity
+    both = [i for i, given in enumerate(in_rps) if given and np.isfinite(cores[i])]
+    if not both:
+        name = names[in_rps.index(False)]
+        raise SpecError(
+            f"EdgeNode {name} spec.capacity.requestsPerSecond",
+            "is needed: other EdgeNodes give their capacity in requests per second, and none "
+            "gives its cpu as well, so this node's cpu alone cannot be compared with them",
+        )
+    per_core = sum(capacity[i] for i in both) / sum(cores[i] for i in both)
+    return [
+        c if given else cores[i] * per_core
+        for i, (c, given) in enumerate(zip(capacity, in_rps, strict=True))
+    ]
+
+
 def build_problem(
     spec: PolicySpec,
     edge_nodes: Sequence[Mapping[str, Any]],
@@ -161,7 +185,7 @@ def build_problem(
     governed = set(names)
     neighbours: dict[str, list[str]] = {}
     links: dict[frozenset[str], float] = {}
-    capacity, cores = [], []
+    capacity, cores, in_rps = [], [], []
     for obj in chosen:
         name = obj["metadata"]["name"]
         body = obj.get("spec") or {}
@@ -180,8 +204,12 @@ def build_problem(
         cpu = cap.get("cpu")
         cores.append(cpu_quantity(cpu, f"EdgeNode {name} spec.capacity.cpu") if cpu else np.nan)
         rps = cap.get("requestsPerSecond")
-        # Without a request rate, cores give the relative capacity until measurements take over.
+        # Without a request rate, cores give the relative capacity until measurements take
+        # over (converted below where other nodes give requests per second).
         capacity.append(float(rps) if rps else (cores[-1] if cpu else 1.0))
+        in_rps.append(bool(rps))
+
+    capacity = _hints_in_one_unit(names, capacity, cores, in_rps)
 
     for name, listed in neighbours.items():
         for other in listed:
