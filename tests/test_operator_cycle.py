@@ -2130,3 +2130,38 @@ def test_a_node_whose_capacity_is_given_in_cpu_alone_is_not_a_node_of_no_capacit
         del node["spec"]["capacity"]["cpu"]
     with pytest.raises(SpecError, match=r"^EdgeNode edge-1 spec\.capacity\.requestsPerSecond"):
         build_problem(parsed, apart, {"fn": SERVICES[0]}, 3)
+
+
+def test_requests_served_by_a_workload_named_for_no_edge_node_are_named_in_the_status():
+    """edge-2's server Deployment renamed off the convention (fn-edge-2-v2): its pods still
+    carry the node label, so the routes still send it requests, but no edge node is found in
+    its name. Its requests, latency and CPU were dropped without a word: edge-2 read as idle
+    (incoming 0, no latency), and MetricsAvailable said every service's metrics were read."""
+    mesh = example_mesh()
+
+    def moved(values):
+        return {(s, "fn-edge-2-v2" if d == "fn-edge-2" else d): v for (s, d), v in values.items()}
+
+    class RenamingReader(Reader):
+        def read(self, **kwargs) -> ServiceReadings:
+            got = super().read(**kwargs)
+            return dataclasses.replace(
+                got,
+                rate=moved(got.rate),
+                success=moved(got.success),
+                mean_ms=moved(got.mean_ms),
+                p95_ms=moved(got.p95_ms),
+                age_s=moved(got.age_s),
+                cpu_cores={
+                    "fn-edge-2-v2" if w == "fn-edge-2" else w: c for w, c in got.cpu_cores.items()
+                },
+            )
+
+    runtime = Runtime(
+        FakeKube(NODES, SERVICES), mesh=mesh, reader_for=lambda url: RenamingReader(mesh)
+    )
+    report = runtime.cycle("edge/p", example_policy_body())
+    assert mesh.node_latency_ms("fn")["edge-2"][0] > 20  # requests/s edge-2 does serve
+    assert report.inputs["fn"]["edge-2"].incoming_rps == 0.0  # what the operator saw
+    metrics = condition(report, "MetricsAvailable")
+    assert "fn-edge-2-v2" in metrics["message"], metrics["message"]

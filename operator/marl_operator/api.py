@@ -176,6 +176,12 @@ class ReportModel(BaseModel):
         description="service -> node -> requests/s its clients sent that found no ready "
         "endpoint (503, flag UH): a route's subset without ready pods",
     )
+    unplaced: dict[str, dict[str, float]] = Field(
+        default_factory=dict,
+        description="service -> server workload -> requests/s it served in the cycle whose "
+        "name ends in no edge node's pod-label value: left out of every node's load, latency "
+        "and CPU (name per-node Deployments <name>-<label>)",
+    )
     catch_all: dict[str, dict[str, int]] | None = Field(
         default=None,
         description="service -> weights of the rule for clients on no edge node, as the "

@@ -583,6 +583,7 @@ class PolicyController:
             silent=dict(self.observer.silent),
             unmeasured=dict(self.observer.unmeasured),
             no_upstream=dict(self.observer.no_upstream),
+            unplaced=dict(self.observer.unplaced),
             catch_all=dict(self._catch_all),
             failures=self.failures.count,
             down=self._down_for_report(),

@@ -174,6 +174,9 @@ class Observer:
         # service -> node -> requests/s its clients sent that found no endpoint: a subset
         # without ready pods, on a node that may well be up (the status says so)
         self.no_upstream: dict[str, dict[str, float]] = {}
+        # service -> server workload -> requests/s it served that no edge node's label ends
+        # its name: requests, latency and CPU left out, so a node may read idle while busy
+        self.unplaced: dict[str, dict[str, float]] = {}
 
     def telemetry(
         self, readings: Mapping[str, ServiceReadings], down: np.ndarray | None = None
@@ -201,6 +204,7 @@ class Observer:
         quiet = np.stack([~np.isfinite(m.rate).any(axis=1) for m in mats], -1)
         self.silent = self._named(quiet & ~down[:, None])
         self.no_upstream = self._no_upstream(readings)
+        self.unplaced = self._unplaced(readings)
         rate = np.stack([np.nan_to_num(m.rate) for m in mats], axis=-1)  # (N, N, S)
         overall = _weighted(np.stack([m.p95_ms for m in mats], -1), rate, axis=(0, 1))
         self.observed_p95_ms = {
@@ -317,6 +321,16 @@ class Observer:
                 if dst == NO_UPSTREAM and i is not None and rps > 0:
                     row = out.setdefault(service, {})
                     row[names[i]] = row.get(names[i], 0.0) + float(rps)
+        return out
+
+    def _unplaced(self, readings: Mapping[str, ServiceReadings]) -> dict[str, dict[str, float]]:
+        """``service -> workload -> requests/s`` served by workloads on no edge node."""
+        out: dict[str, dict[str, float]] = {}
+        for service in self.problem.topology.services:
+            for (_, dst), rps in readings[service].rate.items():
+                if dst != NO_UPSTREAM and rps > 0 and node_of(dst, self.labels) is None:
+                    row = out.setdefault(service, {})
+                    row[dst] = row.get(dst, 0.0) + float(rps)
         return out
 
     def _update_work(self, cpu: np.ndarray, served: np.ndarray) -> np.ndarray:

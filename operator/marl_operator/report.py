@@ -83,6 +83,8 @@ class CycleReport:
     # that served requests no latency was reported for
     no_upstream: dict[str, dict[str, float]] = field(default_factory=dict)  # service ->
     # node -> requests/s its clients sent that found no ready endpoint (503 UH)
+    unplaced: dict[str, dict[str, float]] = field(default_factory=dict)  # service ->
+    # server workload -> requests/s it served that no edge node's label ends its name
     catch_all: dict[str, dict[str, int]] | None = None  # service -> the weights of its
     # rule for clients on no edge node, as the mesh carries them; None: the mesh was not read
     failures: int | None = None  # cycles in a row without a usable decision (None: unknown)

@@ -261,7 +261,7 @@ def status_of(report: CycleReport, previous: Mapping[str, Any] | None) -> dict[s
 def _metrics_read(report: CycleReport) -> str:
     """What the cycle read, naming the nodes whose clients reported no request and those
     whose requests came without a latency."""
-    if not report.silent and not report.unmeasured and not report.no_upstream:
+    if not (report.silent or report.unmeasured or report.no_upstream or report.unplaced):
         return "the last cycle read every service's metrics"
     gaps = []
     if report.silent:
@@ -282,6 +282,16 @@ def _metrics_read(report: CycleReport) -> str:
         gaps.append(
             f"clients got 503 with no upstream ({rates}): a route's subset had no ready pod "
             "(routed around from the next cycle: see PodsReady)"
+        )
+    if report.unplaced:
+        rates = "; ".join(
+            f"{service}: " + ", ".join(f"{w} {rps:.1f}/s" for w, rps in sorted(row.items()))
+            for service, row in sorted(report.unplaced.items())
+        )
+        gaps.append(
+            f"requests were served by workloads whose names end in no edge node's pod label "
+            f"({rates}): left out of every node's load, latency and CPU (name each node's "
+            "Deployment <name>-<label>)"
         )
     return f"the last cycle read the metrics, but {'; and '.join(gaps)}"
 
