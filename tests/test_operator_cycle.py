@@ -504,8 +504,10 @@ def test_the_decision_histogram_counts_only_cycles_that_decided():
          "loadgen-edge-2): no sample is current"),
         (0.0, {"edge-0"}, "stale for 3 of 9 client/server pairs (loadgen-edge-0): the newest "
          "sample is 3600 s old"),
+        (-600.0, set(), "stale for 9 of 9 client/server pairs (loadgen-edge-0, loadgen-edge-1, "
+         "loadgen-edge-2): the newest sample is 600 s ahead of Prometheus's clock"),
     ],
-    ids=["behind", "marked-stale", "one-client"],
+    ids=["behind", "marked-stale", "one-client", "ahead"],
 )  # fmt: skip
 def test_stale_metrics_hold_the_weights_and_say_why(age_s, stale_sources, why):
     """A rate over the window still answers after its scrapes stopped: samples older than

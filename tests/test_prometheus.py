@@ -588,3 +588,18 @@ def test_importing_the_reader_does_not_import_pandas_or_matplotlib():
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
     )
     assert out.stdout.strip() == "[]"
+
+
+def test_a_sample_a_little_ahead_of_prometheus_s_clock_is_current():
+    """Federated (honor_timestamps) or remote-written samples carry the clock of the
+    Prometheus that scraped them: an edge site's clock a second ahead of the one queried
+    gives an age below zero. Dropped as a template's sign mistake, the pair counted as one
+    whose targets stopped answering scrapes, and every cycle held on it."""
+    answers = full_answers()
+    answers["sampleAge"] = [pair("a", "fn-edge-0", -1.5), pair("a", "fn-edge-1", 14.5)]
+    readings = read(FakePrometheus(answers))
+    assert readings.fresh(120).rate == readings.rate
+    assert readings.fresh(10).rate == {("a", "fn-edge-0"): 10.0}
+    # A clock an hour ahead is no more current than one an hour behind.
+    ahead = ServiceReadings("fn", rate={("a", "fn-edge-0"): 1.0}, age_s={("a", "fn-edge-0"): -3600})
+    assert ahead.fresh(120).empty

@@ -364,8 +364,13 @@ class PolicyController:
                 # would follow a load that is not there. Held instead, until it is fresh
                 # again or gone from the window altogether.
                 ages = [readings.age_s[pair] for pair in stale if pair in readings.age_s]
+                old = [age for age in ages if age > 0]
                 why = (
-                    f"the newest sample is {min(ages):.0f} s old"
+                    f"the newest sample is {min(old):.0f} s old"
+                    if old
+                    else f"the newest sample is {-max(ages):.0f} s ahead of Prometheus's clock "
+                    "(the clock of the Prometheus that scraped it is ahead, or "
+                    "spec.prometheus.queries.sampleAge has the wrong sign)"
                     if ages
                     else "no sample is current (their targets stopped answering scrapes)"
                 )

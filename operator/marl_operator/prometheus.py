@@ -32,7 +32,9 @@ What an override must return
     other four do). Series without those labels are
     dropped, as are NaN and infinite values: NaN is what Prometheus answers for 0/0 when a pair
     saw no traffic, so it means "no data", never zero. Negative values are dropped too (none of
-    the six can be negative; a warning names the template).
+    the six can be negative; a warning names the template), but for ``sampleAge``: a sample
+    scraped by a Prometheus whose clock is ahead of the one asked (federated with
+    ``honor_timestamps``, or remote-written) is younger than zero, and current.
 """
 
 from __future__ import annotations
@@ -331,9 +333,10 @@ class ServiceReadings:
         """These readings without the pairs whose newest sample is older than
         ``stale_after_s``, or has no age: a rate over the window still answers for them, but
         of a past. A pair without an age had its series marked stale (its target stopped
-        answering scrapes, so the instant selector of ``sampleAge`` finds nothing)."""
+        answering scrapes, so the instant selector of ``sampleAge`` finds nothing). An age
+        below zero (a clock ahead of Prometheus's) is current within ``stale_after_s`` too."""
         pairs = set(self.rate) | set(self.success) | set(self.mean_ms) | set(self.p95_ms)
-        stale = {pair for pair in pairs if not self.age_s.get(pair, math.inf) <= stale_after_s}
+        stale = {pair for pair in pairs if not abs(self.age_s.get(pair, math.inf)) <= stale_after_s}
         if not stale:
             return self
 
@@ -569,7 +572,8 @@ def _parse_series(name: str, result: Any, labels: tuple[str, ...]) -> dict[tuple
             continue
         if value < 0:  # rates, ratios, latencies, CPU and ages never are: a template's mistake
             negative += 1
-            continue
+            if name != "sampleAge":  # but an age is, by a clock ahead of Prometheus's
+                continue
         if key in values:
             if name in _ADDITIVE:
                 value += values[key]
@@ -585,7 +589,14 @@ def _parse_series(name: str, result: Any, labels: tuple[str, ...]) -> dict[tuple
             unlabelled,
             ", ".join(labels),
         )
-    if negative:
+    if negative and name == "sampleAge":
+        logger.warning(
+            "%s returned %d ages below zero: samples newer than Prometheus's clock (the clock "
+            "of the Prometheus that scraped them is ahead, or the template's sign is wrong)",
+            _field(name),
+            negative,
+        )
+    elif negative:
         logger.warning(
             "%s returned %d negative values; they are ignored (check the template's sign)",
             _field(name),
