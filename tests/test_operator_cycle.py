@@ -2167,3 +2167,30 @@ def test_requests_served_by_a_workload_named_for_no_edge_node_are_named_in_the_s
     assert report.inputs["fn"]["edge-2"].incoming_rps == 0.0  # what the operator saw
     metrics = condition(report, "MetricsAvailable")
     assert "fn-edge-2-v2" in metrics["message"], metrics["message"]
+
+
+def test_a_service_no_client_has_called_yet_does_not_stop_the_decisions_of_the_others():
+    """Istio has no series for a pair until its first request: a second service of the
+    policy that no client has called since its proxies started read as "no request rate
+    reported", which held every service's weights and, after failureThreshold, wrote the
+    fallback over the busy service's routes, while a node whose clients report nothing is
+    counted as offering none and decisions go on."""
+    mesh = example_mesh()
+
+    class OneIdle(Reader):
+        def read(self, **kwargs) -> ServiceReadings:
+            if kwargs["service"] == "heavy":
+                return ServiceReadings("heavy")
+            return super().read(**kwargs)
+
+    kube = FakeKube(NODES, [*SERVICES, renamed("heavy")])
+    runtime = Runtime(kube, mesh=mesh, reader_for=lambda url: OneIdle(mesh))
+    body = example_policy_body(
+        services=["fn", "heavy"], safety={"failureThreshold": 2, "fallback": "local"}
+    )
+    reports = [runtime.cycle("edge/p", body) for _ in range(3)]
+    decided = (Outcome.APPLIED, Outcome.UNCHANGED)
+    assert all(r.outcome in decided for r in reports), [(r.outcome, r.reason) for r in reports]
+    assert mesh.routes["fn"].by_source["edge-0"] != {"edge-0": 100}
+    metrics = condition(reports[-1], "MetricsAvailable")
+    assert "heavy: edge-0, edge-1, edge-2" in metrics["message"], metrics["message"]

@@ -187,11 +187,16 @@ class Observer:
         topo = problem.topology
         n, _s = topo.num_nodes, topo.num_services
         down = np.zeros(n, dtype=bool) if down is None else np.asarray(down, dtype=bool)
-        mats = []
+        mats, uncalled = [], []
         for service in topo.services:
             got = readings.get(service)
             if got is None or got.empty:
-                raise InsufficientData(f"no request rate reported for service {service}")
+                # Istio has no series of a pair before its first request: a service no client
+                # has called yet offers nothing from every node (named in the status as such),
+                # unless no service of the policy has a series at all.
+                uncalled.append(service)
+                mats.append(pair_matrices(ServiceReadings(service), self.labels, n))
+                continue
             m = pair_matrices(got, self.labels, n)
             if not np.isfinite(m.rate).any():
                 raise InsufficientData(
@@ -199,6 +204,8 @@ class Observer:
                     f"(expected names ending in -{'/-'.join(self.labels)})"
                 )
             mats.append(m)
+        if len(uncalled) == len(topo.services):
+            raise InsufficientData(f"no request rate reported for service {', '.join(uncalled)}")
 
         # (a node that is down is expected to be silent: NodesReady says why)
         quiet = np.stack([~np.isfinite(m.rate).any(axis=1) for m in mats], -1)
@@ -316,7 +323,7 @@ class Observer:
         names = [node.name for node in self.problem.nodes]
         out: dict[str, dict[str, float]] = {}
         for service in self.problem.topology.services:
-            for (src, dst), rps in readings[service].rate.items():
+            for (src, dst), rps in readings.get(service, ServiceReadings(service)).rate.items():
                 i = node_of(src, self.labels)
                 if dst == NO_UPSTREAM and i is not None and rps > 0:
                     row = out.setdefault(service, {})
@@ -327,7 +334,7 @@ class Observer:
         """``service -> workload -> requests/s`` served by workloads on no edge node."""
         out: dict[str, dict[str, float]] = {}
         for service in self.problem.topology.services:
-            for (_, dst), rps in readings[service].rate.items():
+            for (_, dst), rps in readings.get(service, ServiceReadings(service)).rate.items():
                 if dst != NO_UPSTREAM and rps > 0 and node_of(dst, self.labels) is None:
                     row = out.setdefault(service, {})
                     row[dst] = row.get(dst, 0.0) + float(rps)
