@@ -2194,3 +2194,24 @@ def test_a_service_no_client_has_called_yet_does_not_stop_the_decisions_of_the_o
     assert mesh.routes["fn"].by_source["edge-0"] != {"edge-0": 100}
     metrics = condition(reports[-1], "MetricsAvailable")
     assert "heavy: edge-0, edge-1, edge-2" in metrics["message"], metrics["message"]
+
+
+def test_a_cycle_held_before_it_read_any_metrics_does_not_say_it_read_them():
+    """Every edge node down: the cycle holds before it asks Prometheus. MetricsAvailable
+    said True, "the last cycle read every service's metrics", and the report carried the
+    last read's silent, unmeasured and no-upstream nodes as this cycle's."""
+    mesh = example_mesh()
+    runtime, kube, now = refreshing_runtime(mesh)
+    body = example_policy_body()
+    assert runtime.cycle("edge/p", body).outcome == Outcome.APPLIED
+    for name in ("kind-worker", "kind-worker2", "kind-worker3"):
+        node_not_ready(kube, name)
+    now[0] += 10
+    held = runtime.cycle("edge/p", body)
+    assert held.outcome == Outcome.HELD and "no edge node of the policy is up" in held.reason
+    metrics = condition(held, "MetricsAvailable")
+    assert metrics["status"] == "Unknown", metrics
+    assert (
+        metrics["reason"] == "NotRead" and "no edge node of the policy is up" in metrics["message"]
+    )
+    assert not held.metrics_read and held.silent == {}

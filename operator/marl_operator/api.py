@@ -176,6 +176,12 @@ class ReportModel(BaseModel):
         description="service -> node -> requests/s its clients sent that found no ready "
         "endpoint (503, flag UH): a route's subset without ready pods",
     )
+    metrics_read: bool = Field(
+        default=True,
+        description="whether the cycle asked for the metrics (false: it ended before, held "
+        "with every node down, say, or suspended); silent, unmeasured, no_upstream and "
+        "unplaced are empty unless it read them",
+    )
     unplaced: dict[str, dict[str, float]] = Field(
         default_factory=dict,
         description="service -> server workload -> requests/s it served in the cycle whose "

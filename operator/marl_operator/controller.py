@@ -187,6 +187,8 @@ class PolicyController:
         self.failures = FailureCounter(spec.safety)
         self.last: CycleReport | None = None
         self._written: set[str] = set()  # services whose objects the running cycle changed
+        self._asked = False  # whether the running cycle asked for the metrics
+        self._observed = False  # and made the interval's telemetry of them
         self._unread: dict[str, str] = {}  # services whose live routes the cycle could not read
         self._catch_all: dict[str, dict[str, int]] = {}  # service -> its catch-all rule, as
         # the mesh carries it (read, then written)
@@ -204,6 +206,7 @@ class PolicyController:
         trouble: those become the report's outcome)."""
         self._written = set()
         self._alive = None
+        self._asked = self._observed = False
         if self.spec.suspend:
             return self._report(Outcome.SUSPENDED, "spec.suspend is true", self._live())
         live = self._live()
@@ -223,11 +226,13 @@ class PolicyController:
                 "route could serve it (see PodsReady)",
                 live,
             )
+        self._asked = True
         try:
             readings = self._read()
             telemetry = self.observer.telemetry(readings, np.isin(nodes, list(down)))
         except (MetricsUnavailable, InsufficientData) as error:
             return self._failed(f"metrics: {error}", live)
+        self._observed = True
         self.adapter.observe(telemetry)
         # What the mesh carries but for the routes that fail: where the decision starts
         # from, and what the guard steps from.
@@ -287,6 +292,7 @@ class PolicyController:
         the controller instead left a node that fails meanwhile with its share of the
         traffic until someone fixed an unrelated edit."""
         self._written = set()
+        self._asked = self._observed = False
         live = self._live()
         kept = f"{reason}; its last valid spec holds the weights"
         if self.spec.suspend or not move:
@@ -585,10 +591,12 @@ class PolicyController:
             mesh_objects=self.mesh_objects,
             written=tuple(sorted(self._written)),
             dry_run=self.spec.dry_run,
-            silent=dict(self.observer.silent),
-            unmeasured=dict(self.observer.unmeasured),
-            no_upstream=dict(self.observer.no_upstream),
-            unplaced=dict(self.observer.unplaced),
+            # what this cycle's metrics said, not what the last read's did
+            silent=dict(self.observer.silent) if self._observed else {},
+            unmeasured=dict(self.observer.unmeasured) if self._observed else {},
+            no_upstream=dict(self.observer.no_upstream) if self._observed else {},
+            unplaced=dict(self.observer.unplaced) if self._observed else {},
+            metrics_read=self._asked,
             catch_all=dict(self._catch_all),
             failures=self.failures.count,
             down=self._down_for_report(),

@@ -43,7 +43,8 @@ def conditions_of(report: CycleReport) -> list[dict[str, Any]]:
     """The seven conditions a report implies (without times). A call the API server refused
     (403) makes WeightsApplied False with reason Forbidden, whatever the outcome: the message
     names the RBAC rule to grant. A cycle held because a read the policy is built from was
-    refused read no metrics either: MetricsAvailable is Unknown (NotRead) then, not missing;
+    refused read no metrics either: MetricsAvailable is Unknown (NotRead) then, not missing,
+    as it is for a cycle held before it asked for them (every edge node down, say);
     after a cycle that failed unexpectedly it is Unknown too (CycleFailed), and so it is for
     a suspended or invalid policy, which reads nothing (Suspended, Invalid)."""
     o = report.outcome
@@ -58,7 +59,7 @@ def conditions_of(report: CycleReport) -> list[dict[str, Any]]:
         "CycleFailed"
         if failed
         else "NotRead"
-        if unread
+        if unread or (o == Outcome.HELD and not report.metrics_read)
         else o.value
         if o in (Outcome.SUSPENDED, Outcome.INVALID)
         else None
