@@ -212,3 +212,15 @@ def test_requests_from_clients_on_no_edge_node_count_in_what_a_node_served():
     np.testing.assert_allclose(tel.capacity, HINTS)
     # 300m at 150 requests a second: 2 ms of CPU a request
     assert observer.inputs["fn"]["edge-0"].cpu_ms_per_request == pytest.approx(2.0)
+
+
+def test_a_link_declared_slower_than_what_clients_see_gives_no_negative_latency():
+    """The serving node's latency is the client's less the link's declared one-way latency.
+    edge-0's clients see 8 ms from edge-2 over a link declared at 12 ms (its round trip, say):
+    edge-2 then served in -4 ms, which the status showed and the system model learnt from,
+    and nothing named EdgeNode edge-0's spec.neighbours latencyMs."""
+    observer = Observer(problem())
+    tel = observer.telemetry(readings({("loadgen-edge-0", "fn-edge-2"): (20.0, 1.0, 8.0)}))
+    assert tel.mean_ms[2, 0] >= 0.0, tel.mean_ms[2, 0]
+    assert observer.inputs["fn"]["edge-2"].mean_ms >= 0.0
+    assert observer.links_over == {"edge-0/edge-2": 8.0}

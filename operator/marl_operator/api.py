@@ -176,6 +176,12 @@ class ReportModel(BaseModel):
         description="service -> node -> requests/s its clients sent that found no ready "
         "endpoint (503, flag UH): a route's subset without ready pods",
     )
+    links_over: dict[str, float] = Field(
+        default_factory=dict,
+        description='"source/server" edge nodes -> the mean latency in ms the source\'s '
+        "clients saw from the server in the cycle, below the one-way latency the EdgeNodes "
+        "declare for their link (no latency below zero is taken for the server)",
+    )
     metrics_read: bool = Field(
         default=True,
         description="whether the cycle asked for the metrics (false: it ended before, held "

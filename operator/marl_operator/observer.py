@@ -177,6 +177,8 @@ class Observer:
         # service -> server workload -> requests/s it served that no edge node's label ends
         # its name: requests, latency and CPU left out, so a node may read idle while busy
         self.unplaced: dict[str, dict[str, float]] = {}
+        # "source/server" -> the mean ms its clients saw, below the link's declared latency
+        self.links_over: dict[str, float] = {}
 
     def telemetry(
         self, readings: Mapping[str, ServiceReadings], down: np.ndarray | None = None
@@ -228,8 +230,16 @@ class Observer:
         incoming = rate.sum(axis=0)  # by destination
         failed_pairs = rate * (1.0 - np.clip(success, 0.0, 1.0))
         rejected = failed_pairs.sum(axis=0)
-        server_mean = _weighted(client_ms - link, rate, axis=0)  # (N, S)
-        server_p95 = _weighted(client_p95 - link, rate, axis=0)
+        # A link declared slower than what its clients see (a round trip declared, say)
+        # would give a negative latency to the node: none is taken off below zero, and the
+        # status names the link.
+        over = (rate > 0) & (client_ms < link)
+        self.links_over = {
+            f"{topo.nodes[i]}/{topo.nodes[j]}": float(np.nanmin(client_ms[i, j][over[i, j]]))
+            for i, j in zip(*np.nonzero(over.any(axis=-1)), strict=True)
+        }
+        server_mean = _weighted(np.maximum(client_ms - link, 0.0), rate, axis=0)  # (N, S)
+        server_p95 = _weighted(np.maximum(client_p95 - link, 0.0), rate, axis=0)
         agent_ms = _weighted(client_ms, rate, axis=1)  # what each source's clients saw
         self.unmeasured = self._named((incoming > 0) & ~np.isfinite(server_mean) & ~down[:, None])
 

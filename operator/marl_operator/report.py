@@ -83,6 +83,8 @@ class CycleReport:
     # that served requests no latency was reported for
     no_upstream: dict[str, dict[str, float]] = field(default_factory=dict)  # service ->
     # node -> requests/s its clients sent that found no ready endpoint (503 UH)
+    links_over: dict[str, float] = field(default_factory=dict)  # "source/server" node ->
+    # the mean ms the source's clients saw, below the link's declared one-way latency
     metrics_read: bool = True  # False: the cycle ended before it asked for the metrics
     unplaced: dict[str, dict[str, float]] = field(default_factory=dict)  # service ->
     # server workload -> requests/s it served that no edge node's label ends its name

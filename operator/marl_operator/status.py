@@ -262,7 +262,13 @@ def status_of(report: CycleReport, previous: Mapping[str, Any] | None) -> dict[s
 def _metrics_read(report: CycleReport) -> str:
     """What the cycle read, naming the nodes whose clients reported no request and those
     whose requests came without a latency."""
-    if not (report.silent or report.unmeasured or report.no_upstream or report.unplaced):
+    if not (
+        report.silent
+        or report.unmeasured
+        or report.no_upstream
+        or report.unplaced
+        or report.links_over
+    ):
         return "the last cycle read every service's metrics"
     gaps = []
     if report.silent:
@@ -293,6 +299,15 @@ def _metrics_read(report: CycleReport) -> str:
             f"requests were served by workloads whose names end in no edge node's pod label "
             f"({rates}): left out of every node's load, latency and CPU (name each node's "
             "Deployment <name>-<label>)"
+        )
+    if report.links_over:
+        links = ", ".join(
+            f"{pair.replace('/', ' to ')} {ms:.1f} ms"
+            for pair, ms in sorted(report.links_over.items())
+        )
+        gaps.append(
+            f"clients saw less latency than their link's declared one-way latency ({links}): "
+            "check the EdgeNodes' spec.neighbours[].latencyMs (one way, not the round trip)"
         )
     return f"the last cycle read the metrics, but {'; and '.join(gaps)}"
 
