@@ -466,9 +466,9 @@ def test_deleting_the_policy_restores_the_users_routes(cluster: Any) -> None:
 
 def test_a_spec_that_cannot_be_given_back_does_not_hold_the_deletion(cluster: Any) -> None:
     """The user's spec, kept in an annotation, became unreadable (an edit by hand): kopf
-    retried the deletion for ever and the policy stayed Terminating. Now what can be given
-    back is (the DestinationRule is deleted), a Warning event names what could not and what
-    to do, and the policy goes."""
+    retried the deletion for ever and the policy stayed Terminating. Now a Warning event
+    names what could not be given back and what to do, and the policy goes. The
+    DestinationRule stays: the VirtualService left as it is still routes to its subsets."""
     runtime, _ = new_runtime(cluster.kubeconfig, example_mesh())
 
     async def scenario() -> None:
@@ -487,9 +487,12 @@ def test_a_spec_that_cannot_be_given_back_does_not_hold_the_deletion(cluster: An
             )
         assert warning["type"] == "Warning"
         assert "VirtualService/fn" in warning["message"] and "by hand" in warning["message"]
-        (restored,) = await events(url, "RoutesRestored")
-        assert restored["message"] == "deleted DestinationRule/fn"
-        assert await get(url, f"{DESTINATION_RULES}/{SERVICE}") is None
+        assert (
+            "DestinationRule/fn: kept, since VirtualService/fn still routes to"
+            in (warning["message"])
+        )
+        assert await events(url, "RoutesRestored") == []
+        assert await get(url, f"{DESTINATION_RULES}/{SERVICE}") is not None
 
     asyncio.run(scenario())
 
@@ -837,10 +840,10 @@ class SubsetWatchingKube(Kube):
         vs = self.get(NAMESPACE, "VirtualService", SERVICE) or {"spec": {}}
         dr = self.get(NAMESPACE, "DestinationRule", SERVICE) or {"spec": {}}
         routed = {
-            route["destination"]["subset"]
+            route["destination"].get("subset")
             for rule in vs["spec"].get("http") or []
             for route in rule.get("route") or []
-        }
+        } - {None}  # a route to the whole service needs no subset
         if missing := routed - {s["name"] for s in dr["spec"].get("subsets") or []}:
             self.dangling.append(missing)
 
@@ -1181,8 +1184,9 @@ def test_a_restore_the_api_refuses_for_good_is_reported_and_the_rest_given_back(
     cluster: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """An admission webhook denying the restored VirtualService (400/422) failed the whole
-    restore, and kopf retried the deletion for ever; now the DestinationRule goes all the
-    same and the refusal is named. A conflict is retried as before."""
+    restore, and kopf retried the deletion for ever; now the refusal is named and the
+    restore ends (the DestinationRule stays while the VirtualService routes to its
+    subsets). A conflict is retried as before."""
     cluster_kube = Kube(client.ApiClient(client_configuration(cluster.kubeconfig)))
     mesh = KubeMesh(cluster_kube)
     cluster_kube.create(copy.deepcopy(USER_VIRTUAL_SERVICE))
@@ -1198,13 +1202,43 @@ def test_a_restore_the_api_refuses_for_good_is_reported_and_the_rest_given_back(
     monkeypatch.setattr(cluster_kube, "patch", refusing)
     with pytest.raises(RestoreIncomplete) as incomplete:
         mesh.restore(MESH_SERVICE, MESH_NODES)
-    assert incomplete.value.done == ["deleted DestinationRule/fn"]
+    assert incomplete.value.done == []
     assert incomplete.value.failed == [
-        "VirtualService/fn: the API server refused it: denied by a webhook"
+        "VirtualService/fn: the API server refused it: denied by a webhook",
+        "DestinationRule/fn: kept, since VirtualService/fn still routes to node-edge-0, "
+        "node-edge-1, node-edge-2: give it back after them",
     ]
     answer["status"] = 409  # the object changed meanwhile: worth another attempt
     with pytest.raises(ApiException):
         mesh.restore(MESH_SERVICE, MESH_NODES)
+
+
+def test_routes_that_could_not_be_given_back_keep_the_subsets_they_name(
+    cluster: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The API server refusing the restored VirtualService for good (a webhook's 422) left
+    it carrying the operator's routes to node-<name>, and the DestinationRule defining those
+    subsets was deleted all the same: every request to the service met a subset that no
+    longer exists (503 NC) until someone restored the VirtualService by hand."""
+    watching = SubsetWatchingKube(client.ApiClient(client_configuration(cluster.kubeconfig)))
+    mesh = KubeMesh(watching)
+    watching.create(copy.deepcopy(USER_VIRTUAL_SERVICE))
+    assert mesh.write(MESH_SERVICE, build_routes({n: {n: 100} for n in NODE_NAMES}, MESH_NODES))
+    patch = watching.patch
+
+    def refusing(namespace, kind, name, body, **options):
+        if kind == "VirtualService":
+            raise ApiException(status=422, reason="denied by a webhook")
+        return patch(namespace, kind, name, body, **options)
+
+    monkeypatch.setattr(watching, "patch", refusing)
+    with pytest.raises(RestoreIncomplete) as incomplete:
+        mesh.restore(MESH_SERVICE, MESH_NODES)
+
+    assert watching.dangling == []
+    assert watching.get(NAMESPACE, "DestinationRule", SERVICE) is not None
+    assert "VirtualService/fn: the API server refused it" in incomplete.value.failed[0]
+    assert any("DestinationRule/fn" in failed for failed in incomplete.value.failed)
 
 
 def test_an_object_carrying_another_edge_services_routes_is_not_written(cluster: Any) -> None:

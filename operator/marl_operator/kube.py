@@ -30,6 +30,7 @@ from marl_operator.mesh.factory import (
     managed_objects,
     writer_for,
 )
+from marl_operator.mesh.istio import routed_subsets, subsets_given_up
 from marl_operator.mesh.model import (
     Manifest,
     MeshError,
@@ -524,6 +525,20 @@ def _check_owner(manifest: Manifest, live: Mapping[str, Any] | None, service: Me
         )
 
 
+def _held(
+    live: Mapping[str, Any], patch: Mapping[str, Any] | None, in_place: Mapping[str, set[str]]
+) -> str:
+    """What keeps the DestinationRule ``live`` from being given back (``patch``, or deleted
+    for None): the routes left in place that name a subset the give-back removes (a
+    sidecar would meet a route to a subset that no longer exists: 503); "" if none do."""
+    gone = subsets_given_up(live, patch)
+    return "; ".join(
+        f"{where} still routes to {', '.join(sorted(subsets & gone))}"
+        for where, subsets in in_place.items()
+        if subsets & gone
+    )
+
+
 class KubeMesh:
     """:class:`marl_operator.controller.MeshClient` over the Kubernetes API."""
 
@@ -639,6 +654,8 @@ class KubeMesh:
         (``namespace/name``), routes first; objects the operator does not manage for it are
         left alone."""
         done, failed = [], []
+        # Routes left as they are (not given back): the subsets they name stay defined.
+        in_place: dict[str, set[str]] = {}
         for kind, name in sorted(objects, key=lambda obj: GIVE_BACK_ORDER.index(obj[0])):
             live = self.kube.get(namespace, kind, name)
             if live is None or not is_managed(live):
@@ -650,6 +667,10 @@ class KubeMesh:
                 patch = restore_patch(live, OWNED_FIELDS.get(kind, ()))
             except MeshError as error:  # the others are given back all the same
                 failed.append(f"{kind}/{name}: {error}")
+                in_place[f"{kind}/{name}"] = routed_subsets(live)
+                continue
+            if kind == "DestinationRule" and (held := _held(live, patch, in_place)):
+                failed.append(f"{kind}/{name}: kept, since {held}: give it back after them")
                 continue
             try:
                 if patch is None:
@@ -662,6 +683,7 @@ class KubeMesh:
                 if error.status not in REFUSED_FOR_GOOD:
                     raise  # unreachable, conflicting, forbidden: the next attempt may pass
                 failed.append(f"{kind}/{name}: the API server refused it: {error.reason}")
+                in_place[f"{kind}/{name}"] = routed_subsets(live)
         if failed:
             raise RestoreIncomplete(done, failed)
         return done

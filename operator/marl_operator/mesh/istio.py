@@ -24,6 +24,7 @@ from typing import Any, ClassVar
 from marl_operator.mesh import naming
 from marl_operator.mesh.model import Manifest, MeshError, MeshNode, MeshRoutes, MeshService
 from marl_operator.mesh.ownership import is_managed, managed_metadata, owners_spec
+from marl_operator.mesh.patching import apply_merge_patch
 
 API_VERSION = "networking.istio.io/v1"
 
@@ -171,7 +172,7 @@ def keep_destination_rule(
     return out
 
 
-def _routed_subsets(virtual_service: Mapping[str, Any] | None) -> set[str]:
+def routed_subsets(virtual_service: Mapping[str, Any] | None) -> set[str]:
     """The subsets some rule of ``virtual_service`` sends traffic to, the owner's included."""
     rules = ((virtual_service or {}).get("spec") or {}).get("http") or []
     return {
@@ -189,7 +190,7 @@ def make_before_break(
     off it leaves sidecars a moment with routes to a subset that is gone (503 NR, whichever
     object lands first); kept, it goes with the first write after the routes left it."""
     live = {obj["kind"]: obj for obj in lives if obj is not None}
-    routed = _routed_subsets(live.get("VirtualService"))
+    routed = routed_subsets(live.get("VirtualService"))
     out = []
     for manifest in desired:
         if manifest["kind"] == "DestinationRule" and "DestinationRule" in live:
@@ -206,6 +207,20 @@ def make_before_break(
                 manifest["spec"]["subsets"] += leaving
         out.append(manifest)
     return out
+
+
+def subsets_given_up(live: Mapping[str, Any], patch: Mapping[str, Any] | None) -> set[str]:
+    """The subsets of the DestinationRule ``live`` that giving it back removes: ``patch``
+    (see :func:`~marl_operator.mesh.patching.restore_patch`), or deleting it for None. A
+    host given back to another one takes every subset away from this one."""
+    spec = live.get("spec") or {}
+    before = {subset.get("name") for subset in spec.get("subsets") or []} - {None}
+    if patch is None:
+        return before
+    after = apply_merge_patch(spec, patch.get("spec") or {})
+    if after.get("host") != spec.get("host"):
+        return before
+    return before - {subset.get("name") for subset in after.get("subsets") or []}
 
 
 def _rule_weights(
