@@ -805,3 +805,62 @@ def test_edge_service_examples_map_to_writer_settings():
     assert GATEWAY_SERVICE.source_header == "x-marl-source-node"
     assert GATEWAY_SERVICE.service_prefix == "fn-gw"
     assert [n.name for n in TRIANGLE] == ["edge-0", "edge-1", "edge-2"]
+
+
+def test_a_new_node_label_replaces_the_operators_own_rules_and_subsets(upstream):
+    """The EdgeService's nodeLabel changed (marl.dev/node to a zone label): the rules and
+    subsets the operator had written on the old label no longer looked like its own, and
+    were kept as an owner's. The old rules stayed ahead of the new ones with their last
+    weights for good (clients still carrying the old label never got another decision,
+    and the read skipped them), and the DestinationRule held every node-<name> subset
+    twice, which Istio's webhook refuses ("duplicate subset names"): no write passed."""
+    writer, routes = IstioWriter(), triangle_routes()
+    created = [_server_copy(o) for o in writer.desired(ISTIO_SERVICE, routes)]
+    relabelled = dataclasses.replace(ISTIO_SERVICE, node_label="topology.kubernetes.io/zone")
+
+    dr, vs = [
+        _take_over(writer, relabelled, desired, live)
+        for desired, live in zip(writer.desired(relabelled, routes), created, strict=True)
+    ]
+
+    names = _subset_names(dr)
+    assert len(names) == len(set(names)), names
+    assert upstream["DestinationRule"].errors(dr) == []
+    labels = {key for rule in vs["spec"]["http"] for m in rule.get("match") or []
+              for key in m.get("sourceLabels") or {}}  # fmt: skip
+    assert labels == {"topology.kubernetes.io/zone"}
+    assert vs["spec"] == writer.desired(relabelled, routes)[1]["spec"]
+
+
+def test_a_new_node_label_or_source_header_leaves_nothing_of_the_old_in_a_taken_over_object():
+    """As above, in objects taken over from their owner: the owner's rules and subsets stay,
+    the operator's on the old label or header go."""
+    writer, routes = IstioWriter(), triangle_routes()
+    user = _owners_virtual_service()
+    adopted = _take_over(writer, ISTIO_SERVICE, virtual_service(ISTIO_SERVICE, routes), user)
+    relabelled = dataclasses.replace(ISTIO_SERVICE, node_label="topology.kubernetes.io/zone")
+    vs = _take_over(writer, relabelled, virtual_service(relabelled, routes), adopted)
+    names = [r["name"] for r in vs["spec"]["http"]]
+    assert names == ["canary", *[r["name"] for r in virtual_service(relabelled, routes)["spec"]
+                                 ["http"]], "legacy"]  # fmt: skip
+    assert writer.read(relabelled, routes.nodes, [vs]) == routes
+
+    gateway, route = GatewayAPIWriter(), http_route(GATEWAY_SERVICE, routes)
+    owners = {"matches": [{"path": {"type": "PathPrefix", "value": "/", },
+                           "headers": [{"type": "Exact", "name": "x-canary", "value": "1"}]}],
+              "backendRefs": [{"group": "", "kind": "Service", "name": "fn-v2", "port": 8080,
+                               "weight": 1}]}  # fmt: skip
+    user = {
+        **route,
+        "metadata": {"name": route["metadata"]["name"], "namespace": "edge",
+                     "annotations": {ADOPT_ANNOTATION: "true"}},
+        "spec": {"parentRefs": route["spec"]["parentRefs"], "rules": [owners]},
+    }  # fmt: skip
+    for live in (_server_copy(route), _take_over(gateway, GATEWAY_SERVICE, route, user)):
+        moved = dataclasses.replace(GATEWAY_SERVICE, source_header="x-edge-site")
+        desired = http_route(moved, routes)
+        taken = _take_over(gateway, moved, desired, live)
+        headers = {h["name"] for r in taken["spec"]["rules"] for m in r["matches"]
+                   for h in m.get("headers") or []}  # fmt: skip
+        assert "x-marl-source-node" not in headers
+        assert taken["spec"]["rules"][-len(desired["spec"]["rules"]) :] == desired["spec"]["rules"]

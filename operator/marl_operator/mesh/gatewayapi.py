@@ -29,7 +29,12 @@ from marl_operator.mesh.model import (
     MeshService,
     RouteLimitError,
 )
-from marl_operator.mesh.ownership import is_managed, managed_metadata, owners_spec
+from marl_operator.mesh.ownership import (
+    created_by_operator,
+    is_managed,
+    managed_metadata,
+    owners_spec,
+)
 
 API_VERSION = "gateway.networking.k8s.io/v1"
 MAX_RULES = 16
@@ -137,8 +142,32 @@ def _operator_match(service: MeshService, rule: Mapping[str, Any]) -> dict[str, 
     return dict(headers[0])
 
 
-def _keep_rules(service: MeshService, ours: list[dict], live: Sequence[Mapping]) -> list[dict]:
-    theirs = [copy.deepcopy(r) for r in live if _operator_match(service, r) is None]
+def _was_ours(service: MeshService, rule: Mapping[str, Any], saved: Sequence[Mapping]) -> bool:
+    """Whether a live rule of a taken-over HTTPRoute is one the operator wrote: on its
+    source header or its catch-all (:func:`_operator_match`), or, not among the owner's
+    rules saved at takeover, one on another single Exact header with every backend a
+    per-node Service (written under an earlier ``sourceHeader``)."""
+    if _operator_match(service, rule) is not None:
+        return True
+    if rule in saved:
+        return False
+    matches, refs = rule.get("matches") or [], rule.get("backendRefs") or []
+    if len(matches) != 1 or set(matches[0]) != {"path", "headers"}:
+        return False
+    headers = matches[0]["headers"] or []
+    return (
+        matches[0]["path"] == _match_all()["path"]
+        and len(headers) == 1
+        and headers[0].get("type", "Exact") == "Exact"
+        and bool(refs)
+        and all(str(r.get("name", "")).startswith(f"{service.service_prefix}-") for r in refs)
+    )
+
+
+def _keep_rules(
+    service: MeshService, ours: list[dict], live: Sequence[Mapping], saved: Sequence[Mapping]
+) -> list[dict]:
+    theirs = [copy.deepcopy(r) for r in live if not _was_ours(service, r, saved)]
     catch_all = next((r for r in live if _operator_match(service, r) == {}), {})
     options = {k: copy.deepcopy(v) for k, v in catch_all.items() if k in ROUTE_OPTIONS}
     filters = [f for f in options.pop("filters", []) if f.get("type") != "RequestRedirect"]
@@ -158,16 +187,18 @@ def keep_http_route(
     service: MeshService, desired: Manifest, live: Mapping[str, Any] | None
 ) -> Manifest:
     """``desired`` with what a live HTTPRoute carries besides the operator's routes."""
-    if live is None:
-        return desired
+    if live is None or created_by_operator(live):
+        return desired  # nothing in it is an owner's: every rule is written as desired
     out = copy.deepcopy(desired)
-    parents = [copy.deepcopy(ref) for ref in owners_spec(live).get("parentRefs") or []]
+    owners = owners_spec(live)
+    parents = [copy.deepcopy(ref) for ref in owners.get("parentRefs") or []]
     named = {_parent(ref, service.namespace) for ref in parents}
     out["spec"]["parentRefs"] = parents + [
         ref for ref in out["spec"]["parentRefs"] if _parent(ref, service.namespace) not in named
     ]
     rules = (live.get("spec") or {}).get("rules") or []
-    out["spec"]["rules"] = _keep_rules(service, out["spec"]["rules"], rules)
+    saved = owners.get("rules") or []
+    out["spec"]["rules"] = _keep_rules(service, out["spec"]["rules"], rules, saved)
     return out
 
 

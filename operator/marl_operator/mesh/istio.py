@@ -23,7 +23,12 @@ from typing import Any, ClassVar
 
 from marl_operator.mesh import naming
 from marl_operator.mesh.model import Manifest, MeshError, MeshNode, MeshRoutes, MeshService
-from marl_operator.mesh.ownership import is_managed, managed_metadata, owners_spec
+from marl_operator.mesh.ownership import (
+    created_by_operator,
+    is_managed,
+    managed_metadata,
+    owners_spec,
+)
 from marl_operator.mesh.patching import apply_merge_patch
 
 API_VERSION = "networking.istio.io/v1"
@@ -121,14 +126,38 @@ def _matches_everything(rule: Mapping[str, Any]) -> bool:
     return False
 
 
-def _keep_rules(service: MeshService, ours: list[dict], live: Sequence[Mapping]) -> list[dict]:
+def _was_ours(service: MeshService, rule: Mapping[str, Any], saved: Sequence[Mapping]) -> bool:
+    """Whether a live rule of a taken-over VirtualService is one the operator wrote: a
+    source node's (:func:`_is_source_rule`), or, not among the owner's rules saved at
+    takeover, one of that shape on another single pod label with routes to node subsets
+    only (written under an earlier ``nodeLabel``)."""
+    if _is_source_rule(service, rule):
+        return True
+    if rule in saved:
+        return False
+    match, routes = rule.get("match") or [], rule.get("route") or []
+    return (
+        len(match) == 1
+        and set(match[0]) == {"sourceLabels"}
+        and len(match[0]["sourceLabels"] or {}) == 1
+        and bool(routes)
+        and all(
+            str((r.get("destination") or {}).get("subset", "")).startswith(naming.SUBSET_PREFIX)
+            for r in routes
+        )
+    )
+
+
+def _keep_rules(
+    service: MeshService, ours: list[dict], live: Sequence[Mapping], saved: Sequence[Mapping]
+) -> list[dict]:
     """``ours`` among the live rules the operator does not own, as :mod:`this module
-    <marl_operator.mesh.istio>` says."""
+    <marl_operator.mesh.istio>` says (``saved``: the owner's, as taken over)."""
     cut = next((i for i, rule in enumerate(live) if _matches_everything(rule)), len(live))
     catch_all = live[cut] if cut < len(live) else {}
     options = {k: copy.deepcopy(v) for k, v in catch_all.items() if k in ROUTE_OPTIONS}
     theirs = [
-        [copy.deepcopy(r) for r in part if not _is_source_rule(service, r)]
+        [copy.deepcopy(r) for r in part if not _was_ours(service, r, saved)]
         for part in (live[:cut], live[cut + 1 :])
     ]
     behind = [r for r in theirs[1] if not _matches_everything(r)]
@@ -139,13 +168,14 @@ def keep_virtual_service(
     service: MeshService, desired: Manifest, live: Mapping[str, Any] | None
 ) -> Manifest:
     """``desired`` with what a live VirtualService carries besides the operator's routes."""
-    if live is None:
-        return desired
-    hosts = list(owners_spec(live).get("hosts") or [])
+    if live is None or created_by_operator(live):
+        return desired  # nothing in it is an owner's: every rule is written as desired
+    owners = owners_spec(live)
+    hosts = list(owners.get("hosts") or [])
     out = copy.deepcopy(desired)
     out["spec"]["hosts"] = hosts if service.host in hosts else [*hosts, service.host]
     rules = (live.get("spec") or {}).get("http") or []
-    out["spec"]["http"] = _keep_rules(service, out["spec"]["http"], rules)
+    out["spec"]["http"] = _keep_rules(service, out["spec"]["http"], rules, owners.get("http") or [])
     return out
 
 
@@ -156,16 +186,29 @@ def _is_node_subset(service: MeshService, subset: Mapping[str, Any]) -> bool:
     return name.startswith(naming.SUBSET_PREFIX) and set(labels) == {service.node_label}
 
 
+def _was_node_subset(
+    service: MeshService, subset: Mapping[str, Any], saved: Sequence[Mapping]
+) -> bool:
+    """Whether a live subset of a taken-over DestinationRule is one the operator wrote:
+    :func:`_is_node_subset`, or, not among the owner's saved at takeover, ``node-<name>``
+    on another single label (written under an earlier ``nodeLabel``)."""
+    if _is_node_subset(service, subset):
+        return True
+    name, labels = str(subset.get("name", "")), subset.get("labels") or {}
+    return subset not in saved and name.startswith(naming.SUBSET_PREFIX) and len(labels) == 1
+
+
 def keep_destination_rule(
     service: MeshService, desired: Manifest, live: Mapping[str, Any] | None
 ) -> Manifest:
     """``desired`` with a live DestinationRule's subsets that are not the operator's, first."""
-    if live is None:
+    if live is None or created_by_operator(live):
         return desired
+    saved = owners_spec(live).get("subsets") or []
     theirs = [
         copy.deepcopy(subset)
         for subset in (live.get("spec") or {}).get("subsets") or []
-        if not _is_node_subset(service, subset)
+        if not _was_node_subset(service, subset, saved)
     ]
     out = copy.deepcopy(desired)
     out["spec"]["subsets"] = theirs + out["spec"]["subsets"]

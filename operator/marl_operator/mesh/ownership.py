@@ -47,6 +47,13 @@ def is_managed(obj: Mapping[str, Any]) -> bool:
     return labels.get(MANAGED_BY_LABEL) == MANAGER
 
 
+def created_by_operator(live: Mapping[str, Any]) -> bool:
+    """Whether marl-operator created ``live`` (it manages it and kept no owner's spec):
+    nothing in it is an owner's, whatever its shape."""
+    annotations = live.get("metadata", {}).get("annotations") or {}
+    return is_managed(live) and ORIGINAL_SPEC_ANNOTATION not in annotations
+
+
 def check_adoptable(live: Mapping[str, Any]) -> None:
     """MeshError unless ``live``, an object marl-operator does not manage, may be taken over:
     its owner opted in with :data:`ADOPT_ANNOTATION` (whatever else it carries, such as an
