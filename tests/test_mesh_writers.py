@@ -864,3 +864,23 @@ def test_a_new_node_label_or_source_header_leaves_nothing_of_the_old_in_a_taken_
                    for h in m.get("headers") or []}  # fmt: skip
         assert "x-marl-source-node" not in headers
         assert taken["spec"]["rules"][-len(desired["spec"]["rules"]) :] == desired["spec"]["rules"]
+
+
+def test_a_delegate_virtual_service_is_not_taken_over():
+    """A delegate VirtualService (no hosts: a root VirtualService's ``delegate`` names it,
+    e.g. an ingress route for /fn) was taken over with the EdgeService's host added: Istio
+    takes a VirtualService with hosts for a root, not a delegate, so the root's delegated
+    route lost its rules (404 at the gateway) for as long as the policy ran."""
+    user = _user_virtual_service()
+    user["metadata"]["name"] = "fn-delegate"
+    del user["spec"]["hosts"], user["spec"]["gateways"]  # Istio wants neither on a delegate
+    user["spec"]["http"] = [
+        {"match": [{"uri": {"prefix": "/fn/v2"}}], "route": [
+            {"destination": {"host": ISTIO_SERVICE.host, "subset": "v2"}}]},
+        {"route": [{"destination": {"host": ISTIO_SERVICE.host, "subset": "v1"}}]},
+    ]  # fmt: skip
+    service = dataclasses.replace(ISTIO_SERVICE, virtual_service="fn-delegate")
+    desired = virtual_service(service, triangle_routes())
+    with pytest.raises(MeshError, match="delegate"):
+        taken = _take_over(IstioWriter(), service, desired, user)
+        assert not taken["spec"].get("hosts"), taken["spec"]["hosts"]

@@ -172,6 +172,14 @@ def keep_virtual_service(
         return desired  # nothing in it is an owner's: every rule is written as desired
     owners = owners_spec(live)
     hosts = list(owners.get("hosts") or [])
+    if owners and not hosts:
+        raise MeshError(
+            f"VirtualService {service.namespace}/{desired['metadata']['name']} has no hosts: "
+            "it is a delegate, whose rules apply only through the root VirtualService that "
+            "delegates to it, and given a host it would be one no more (the root's delegated "
+            "route would lose its rules): name a VirtualService with hosts, or a new one, in "
+            "the EdgeService's spec.mesh.virtualService"
+        )
     out = copy.deepcopy(desired)
     out["spec"]["hosts"] = hosts if service.host in hosts else [*hosts, service.host]
     rules = (live.get("spec") or {}).get("http") or []
