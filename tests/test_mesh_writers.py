@@ -884,3 +884,43 @@ def test_a_delegate_virtual_service_is_not_taken_over():
     with pytest.raises(MeshError, match="delegate"):
         taken = _take_over(IstioWriter(), service, desired, user)
         assert not taken["spec"].get("hosts"), taken["spec"]["hosts"]
+
+
+def test_routes_are_exported_no_wider_than_the_subsets_they_name(upstream):
+    """A team's DestinationRule taken over with exportTo ["."] (its subsets seen only in its
+    namespace) beside the VirtualService the operator created, exported to every namespace:
+    a client in any other namespace got the routes to node-<name> subsets it could not see,
+    and every request of it failed (503 NC, no cluster for the subset)."""
+    writer, routes = IstioWriter(), triangle_routes()
+    desired = writer.desired(ISTIO_SERVICE, routes)
+    user = {
+        **desired[0],
+        "metadata": {"name": desired[0]["metadata"]["name"], "namespace": "edge",
+                     "annotations": {ADOPT_ANNOTATION: "true"}},
+        "spec": {"host": ISTIO_SERVICE.host, "exportTo": ["."],
+                 "subsets": [{"name": "v1", "labels": {"version": "v1"}}]},
+    }  # fmt: skip
+    dr, vs = writer.make_before_break(ISTIO_SERVICE, desired, [user, None])
+    dr, vs = writer.keep(ISTIO_SERVICE, dr, user), writer.keep(ISTIO_SERVICE, vs, None)
+    assert upstream["VirtualService"].errors(vs) == []
+    assert vs["spec"].get("exportTo", ["*"]) == ["."]
+
+    # Once the DestinationRule is seen everywhere again, so are the routes.
+    live = [_take_over(writer, ISTIO_SERVICE, dr, user), _server_copy(vs)]
+    live[0]["spec"].pop("exportTo")
+    dr, vs = writer.make_before_break(ISTIO_SERVICE, desired, live)
+    written = apply_merge_patch(
+        live[1], reconcile_patch(live[1], writer.keep(ISTIO_SERVICE, vs, live[1]))
+    )
+    assert "exportTo" not in written["spec"]
+    assert (
+        reconcile_patch(
+            written,
+            writer.keep(
+                ISTIO_SERVICE,
+                writer.make_before_break(ISTIO_SERVICE, desired, [live[0], written])[1],
+                written,
+            ),
+        )
+        == {}
+    )

@@ -244,6 +244,8 @@ def make_before_break(
     routed = routed_subsets(live.get("VirtualService"))
     out = []
     for manifest in desired:
+        if manifest["kind"] == "VirtualService":
+            manifest = _exported_as_subsets(manifest, live)
         if manifest["kind"] == "DestinationRule" and "DestinationRule" in live:
             wanted = {subset["name"] for subset in manifest["spec"]["subsets"]}
             leaving = [
@@ -272,6 +274,22 @@ def subsets_given_up(live: Mapping[str, Any], patch: Mapping[str, Any] | None) -
     if after.get("host") != spec.get("host"):
         return before
     return before - {subset.get("name") for subset in after.get("subsets") or []}
+
+
+def _exported_as_subsets(manifest: Manifest, live: Mapping[str, Manifest]) -> Manifest:
+    """The VirtualService ``manifest``, when the operator creates it, exported where the
+    live DestinationRule is: a client seeing routes to subsets it cannot see fails every
+    request (503 NC). A taken-over VirtualService keeps its owner's ``exportTo``."""
+    routes = live.get("VirtualService")
+    if routes is not None and not created_by_operator(routes):
+        return manifest
+    export = ((live.get("DestinationRule") or {}).get("spec") or {}).get("exportTo")
+    manifest = copy.deepcopy(manifest)
+    if export:
+        manifest["spec"]["exportTo"] = list(export)
+    elif "exportTo" in ((routes or {}).get("spec") or {}):
+        manifest["spec"]["exportTo"] = None  # seen everywhere again: the merge patch drops it
+    return manifest
 
 
 def _rule_weights(
