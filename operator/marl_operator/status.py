@@ -282,23 +282,15 @@ def _metrics_read(report: CycleReport) -> str:
             f"({_by_service(report.unmeasured)}): left out of the system model's data"
         )
     if report.no_upstream:
-        rates = "; ".join(
-            f"{service}: " + ", ".join(f"{node} {rps:.1f}/s" for node, rps in sorted(row.items()))
-            for service, row in sorted(report.no_upstream.items())
-        )
         gaps.append(
-            f"clients got 503 with no upstream ({rates}): a route's subset had no ready pod "
-            "(routed around from the next cycle: see PodsReady)"
+            f"clients got 503 with no upstream ({_rates(report.no_upstream)}): a route's "
+            "subset had no ready pod (routed around from the next cycle: see PodsReady)"
         )
     if report.unplaced:
-        rates = "; ".join(
-            f"{service}: " + ", ".join(f"{w} {rps:.1f}/s" for w, rps in sorted(row.items()))
-            for service, row in sorted(report.unplaced.items())
-        )
         gaps.append(
             f"requests were served by workloads whose names end in no edge node's pod label "
-            f"({rates}): left out of every node's load, latency and CPU (name each node's "
-            "Deployment <name>-<label>)"
+            f"({_rates(report.unplaced)}): left out of every node's load, latency and CPU "
+            "(name each node's Deployment <name>-<label>)"
         )
     if report.links_over:
         links = ", ".join(
@@ -314,6 +306,15 @@ def _metrics_read(report: CycleReport) -> str:
 
 def _by_service(nodes: Mapping[str, Sequence[str]]) -> str:
     return "; ".join(f"{service}: {', '.join(names)}" for service, names in nodes.items())
+
+
+def _rates(by_service: Mapping[str, Mapping[str, float]]) -> str:
+    """``service: name 1.0/s, ...; ...`` of requests per second by service and node or
+    workload."""
+    return "; ".join(
+        f"{service}: " + ", ".join(f"{name} {rps:.1f}/s" for name, rps in sorted(row.items()))
+        for service, row in sorted(by_service.items())
+    )
 
 
 def _action(report: CycleReport) -> str:
