@@ -18,6 +18,8 @@ The output directory receives the checkpoint (``policy.pt`` + ``policy.json``, l
 ``simulator.evaluate --policy DIR`` and by the operator), ``train_state.pt`` for
 ``--resume``, ``progress.csv`` (written at every periodic evaluation), TensorBoard logs
 under ``tb/`` and ``learning_curve.png``. Ctrl-C saves a checkpoint before exiting.
+``--resume`` needs the settings the run was started with (its ``--config``/``--set``,
+``--seed``); one that differs is refused by name.
 ``--env-steps`` counts environment steps (each steps every agent once) over all processes.
 """
 
@@ -181,10 +183,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def resume_mismatch(out: Path, scenario: str, mode: str, algo: str) -> str | None:
+RESUME_FREE = ("eval_every", "eval_episodes")
+"""Hyperparameters a resumed run may change: they say when and how much to evaluate, and no
+update depends on them."""
+
+
+def resume_mismatch(
+    out: Path,
+    scenario: str,
+    mode: str,
+    algo: str,
+    config: PPOConfig | None = None,
+    seed: int | None = None,
+) -> str | None:
     """What of this run differs from the one saved in ``out`` (its checkpoint's meta), named
     by option, or None: resumed on another scenario, a run would go on silently and relabel
-    its checkpoint as the new one's."""
+    its checkpoint as the new one's; resumed with other hyperparameters or another seed (the
+    first run's --set or --config not repeated), it would train on with them, record them as
+    the whole run's, and count its budget in updates of another size."""
     try:
         meta = checkpoint.read_meta(out)
     except CheckpointError:
@@ -196,14 +212,29 @@ def resume_mismatch(out: Path, scenario: str, mode: str, algo: str) -> str | Non
     }
     asked = {"--scenario": scenario, "--action-mode": mode, "--algo": algo}
     differs = [k for k, v in saved.items() if v is not None and v != asked[k]]
-    if not differs:
+    was = [f"{k} {saved[k]}" for k in differs]
+    now = [f"{k} {asked[k]}" for k in differs]
+    hyper = meta.get("hyperparameters")
+    if config is not None and isinstance(hyper, dict):
+        for key, value in vars(config).items():
+            if key in (*RESUME_FREE, "algo") or key not in hyper or hyper[key] == value:
+                continue
+            was.append(f"--set {key}={_flag_value(hyper[key])}")
+            now.append(f"--set {key}={_flag_value(value)}")
+    if seed is not None and meta.get("seed") is not None and meta["seed"] != seed:
+        was.append(f"--seed {meta['seed']}")
+        now.append(f"--seed {seed}")
+    if not was:
         return None
-    was = " ".join(f"{k} {saved[k]}" for k in differs)
-    now = " ".join(f"{k} {asked[k]}" for k in differs)
     return (
-        f"{out} was trained with {was}, and this run asks for {now}: resume with {was}, or "
-        "train into a new --out"
+        f"{out} was trained with {' '.join(was)}, and this run asks for {' '.join(now)}: "
+        f"resume with {' '.join(was)}, or train into a new --out"
     )
+
+
+def _flag_value(value) -> str:
+    """``value`` as ``--set`` reads it back (YAML): an empty string must be quoted."""
+    return '""' if value == "" else str(value)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -237,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.resume and not resumed and rank == 0:
         print(f"--resume: no saved state in {out}; starting a new run", file=sys.stderr)
     if resumed:
-        mismatch = resume_mismatch(out, scenario.name, mode, cfg.algo)
+        mismatch = resume_mismatch(out, scenario.name, mode, cfg.algo, cfg, args.seed)
         if mismatch:
             print(f"error: --resume: {mismatch}", file=sys.stderr)
             return 2

@@ -218,3 +218,24 @@ def test_ippo_trains_with_local_critics(tmp_path):
     assert meta["network"]["critic"] == "ippo" and meta["algo"] == "ippo"
     model = checkpoint.load_module(out)
     assert model.critic[0].in_features == model.obs_dim  # local observation only
+
+
+def test_resuming_with_other_hyperparameters_is_refused_naming_them(tmp_path, capsys):
+    """--resume took whatever this invocation said (the defaults, when the --set or --config
+    of the first run was not repeated, as in the --help's own resume example), went on with
+    them, rewrote policy.json's hyperparameters and seed as if the whole run had used them,
+    and counted the budget in updates of the new size: here it stopped at half of it."""
+    out = tmp_path / "run"
+    first = ["--set", "learning_rate=3e-4", "--set", "gamma=0.9", "--seed", "3"]
+    assert train(out, 1536, *TINY, *first) == 0
+    capsys.readouterr()
+    assert train(out, 3072, "--eval-episodes", "2", "--resume") == 2
+    err = capsys.readouterr().err
+    assert "error: --resume:" in err and "Traceback" not in err, err
+    for words in ("--set learning_rate=0.0003", "--set gamma=0.9", "--set num_envs=8", "--seed 3"):
+        assert words in err, err
+    meta = json.loads((out / "policy.json").read_text())
+    assert meta["hyperparameters"]["learning_rate"] == 3e-4 and meta["seed"] == 3
+    # The same settings resume, and train to the budget asked for.
+    assert train(out, 3072, *TINY, *first, "--resume") == 0
+    assert json.loads((out / "policy.json").read_text())["trained_env_steps"] == 3072
