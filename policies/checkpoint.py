@@ -179,6 +179,15 @@ def resolve(path: str | Path) -> Path:
             f"checkpoint {p}: no such file or directory (a checkpoint is a directory with "
             f"{WEIGHTS_FILE} and {META_FILE}, as written by simulator.train)"
         )
+    if not p.is_dir() and p.name not in (WEIGHTS_FILE, META_FILE):
+        # Its directory's policy.pt is not this file: a snapshot kept beside it (say
+        # policy-100k.pt) would be swapped silently for the latest policy.
+        raise CheckpointError(
+            f"checkpoint {p}: a checkpoint is a directory with {WEIGHTS_FILE} and {META_FILE} "
+            f"(as written by simulator.train), named by the directory or one of those two "
+            f"files; to use this file, copy it as {WEIGHTS_FILE} with its {META_FILE} into "
+            "a directory of its own"
+        )
     directory = p if p.is_dir() else p.parent
     for name in (WEIGHTS_FILE, META_FILE):
         if not (directory / name).is_file():

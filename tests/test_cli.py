@@ -544,3 +544,26 @@ def test_a_plot_that_is_no_png_is_refused_before_the_run(argv, words, tmp_path):
     assert p.returncode == 2 and "--plot" in p.stderr and words in p.stderr, p.stderr
     p = run(*argv, "--plot", str(tmp_path))
     assert p.returncode == 2 and "is a folder; name the PNG file to write" in p.stderr
+
+
+def test_a_policy_file_that_is_not_the_checkpoints_own_is_refused(tmp_path):
+    """A snapshot kept beside the checkpoint (cp policy.pt policy-100k.pt) and evaluated by
+    its path was silently swapped for the directory's policy.pt: the numbers reported were
+    another policy's. Only policy.pt and policy.json stand for their directory."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(ROOT / "policies" / "checkpoints" / "dfaas-paise25", run_dir)
+    shutil.copy(run_dir / "policy.pt", run_dir / "policy-100k.pt")
+    (run_dir / "train_state.pt").write_bytes(b"")
+    for name in ("policy-100k.pt", "train_state.pt"):
+        p = run(
+            "simulator.evaluate", "--scenario", "dfaas-2", "--policy", str(run_dir / name),
+            "--episodes", "1",
+        )  # fmt: skip
+        assert p.returncode == 2 and "Traceback" not in p.stderr, (name, p.stdout, p.stderr)
+        assert f"{run_dir / name}" in p.stderr and "policy.pt" in p.stderr, p.stderr
+    for name in ("policy.pt", "policy.json"):  # these still name their directory
+        p = run(
+            "simulator.evaluate", "--scenario", "dfaas-2", "--policy", str(run_dir / name),
+            "--episodes", "1",
+        )  # fmt: skip
+        assert p.returncode == 0, p.stderr
