@@ -317,6 +317,12 @@ def main(argv: list[str] | None = None) -> int:
         **checkpoint.spec_for(mode, env.topology.max_degree),
         "algo": cfg.algo,
         "scenario": scenario.name,
+        # What the operator acts by (runtime.py): the time unit the observations count in,
+        # and the price of a lost request in latency targets.
+        "environment": {
+            "step_seconds": float(scenario.step_seconds),
+            "reject_penalty": float(scenario.reject_penalty),
+        },
         "hyperparameters": vars(cfg),
         "seed": args.seed,
         "processes": world,

@@ -255,3 +255,18 @@ def test_the_summary_compares_with_the_baselines_on_the_final_evaluations_episod
         same = summarise(run_episodes(scenario, name, 2, 30_000 + 1, num_envs=2))
         for key in ("return_per_agent", "processed_pct"):
             assert summary[f"baseline/{name}/{key}"] == same[key], (name, key)
+
+
+def test_the_checkpoint_records_the_time_step_and_reject_price_the_operator_reads(tmp_path):
+    """The operator reads a policy's time unit and the price of a lost request from the
+    checkpoint's ``environment`` section (runtime.py: step_seconds 1 and reject_penalty 4
+    where it is absent), and simulator.train never wrote one: a policy trained on 5-second
+    steps would see its backlog feature five times too large, and rollout price rejects at
+    another scenario's penalty."""
+    scenario = tmp_path / "mesh-5s.yaml"
+    scenario.write_text("extends: mesh-10x3\nstep_seconds: 5\nreject_penalty: 8\n")
+    out = tmp_path / "run"
+    args = ["--scenario", str(scenario), "--env-steps", "256", "--out", str(out), "--json"]
+    assert train_main([*args, *TINY, "--set", "rollout_steps=32"]) == 0
+    meta = checkpoint.load(out).meta
+    assert meta["environment"] == {"step_seconds": 5.0, "reject_penalty": 8.0}
