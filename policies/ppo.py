@@ -57,7 +57,9 @@ class PPOConfig:
     not rejected or lost. The reference reward stops counting a reject as a mistake once any
     forward was refused, so PPO on it alone learns to reject: on dfaas-paise25 (1.296 M steps,
     50 evaluation episodes) bonus 0 gave return 274.7 and 73.4% processed; 0.5: 273.7, 74.1%;
-    3: 265.8, 76.5%; 5: 262.0, 76.5%. Evaluation always reports the reference reward."""
+    3: 265.8, 76.5%; 5: 262.0, 76.5%. Evaluation always reports the reference reward. Added
+    to the DFaaS reward only: the latency reward prices a lost request at the scenario's
+    reject_penalty already."""
     imitate: str = ""
     """A heuristic to clone before PPO (``policies.imitation``; empty: start from a random
     actor). Its data counts towards the environment-step budget."""

@@ -113,3 +113,29 @@ def test_the_accepted_share_is_never_negative():
 
     info = {"arrivals": np.array([[[10, 0, 4]]]), "lost": np.array([[[13, 2, 1]]])}
     assert _accepted_share(info, 1).tolist() == [[0.0, 1.0, 0.75]]
+
+
+@pytest.mark.parametrize(("scenario", "bonus"), [("mesh-10x3", False), ("dfaas-2", True)])
+def test_the_acceptance_bonus_is_added_to_the_dfaas_reward_only(scenario, bonus):
+    """The bonus makes up for the DFaaS reward's blind spot (a reject stops counting once a
+    forward was refused). The latency reward already prices every lost request at the
+    scenario's reject_penalty; 3 more per lost share on top trained mesh-10x3 at a price of
+    4 + 3 x 400 / target: 10 latency targets for an auth request, 7 for resize, 6 for infer,
+    where its costs and the oracle's count 4."""
+    from policies.mappo import Trainer
+    from simulator.env import EdgeEnv
+    from simulator.scenario import load_scenario
+
+    torch.manual_seed(0)
+    env = EdgeEnv(load_scenario(scenario), num_envs=2, seed=0)
+    seen, step = [], env.step
+
+    def recording(actions):
+        out = step(actions)
+        seen.append(out[1])
+        return out
+
+    env.step = recording
+    batch = Trainer(env, PPOConfig(num_envs=2, rollout_steps=3), total_updates=1).collect()
+    same = np.allclose(batch.rewards.numpy(), np.stack(seen), rtol=1e-6, atol=1e-6)
+    assert same != bonus
