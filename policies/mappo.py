@@ -92,7 +92,6 @@ class Trainer:
                 self._record_episode()
                 next_obs = env.reset()
             self.obs = torch.as_tensor(next_obs, dtype=torch.float32)
-        self.env_steps += t_len * b
         return Rollout(obs, masks, actions, logp, values, rewards, dones, self.obs.clone())
 
     def _record_episode(self) -> None:
@@ -181,6 +180,9 @@ class Trainer:
 
         self._update_obs_norm(batch.obs)
         self.updates += 1
+        # Counted once learned from: a rollout cut short by Ctrl-C before its update is not
+        # in the model the checkpoint saves.
+        self.env_steps += t_len * b
         explained = 1.0 - float(torch.var(returns - values) / (torch.var(returns) + 1e-8))
         out = {f"loss/{k}": float(np.mean(v)) for k, v in stats.items()}
         out.update(

@@ -425,6 +425,9 @@ def main(argv: list[str] | None = None) -> int:
         if not interrupted:
             final = evaluate_model(trainer, scenario, args.eval_episodes, FINAL_SEED + args.seed)
             final["eval_episodes"] = args.eval_episodes
+        elif evals:  # the saved model's last figures: those of its last periodic evaluation
+            last = dict(evals[-1])
+            final = {"evaluated_at_env_steps": last.pop("env_steps"), **last}
         final["wall_seconds"] = time.perf_counter() - started
         final["trained_env_steps"] = trainer.env_steps * world
         final["env_steps_per_s"] = final["trained_env_steps"] / max(final["wall_seconds"], 1e-9)

@@ -270,3 +270,25 @@ def test_the_checkpoint_records_the_time_step_and_reject_price_the_operator_read
     assert train_main([*args, *TINY, "--set", "rollout_steps=32"]) == 0
     meta = checkpoint.load(out).meta
     assert meta["environment"] == {"step_seconds": 5.0, "reject_penalty": 8.0}
+
+
+def test_ctrl_c_keeps_the_last_evaluations_metrics_in_the_checkpoint(tmp_path, monkeypatch):
+    """After Ctrl-C, the checkpoint is the last update's and policy.json said so by its last
+    periodic evaluation's metrics, until the save on the way out replaced them with timings
+    alone: the interrupted run's checkpoint then carried no figure of how well it routes."""
+    out, updates = tmp_path / "run", 0
+    update = train_module.Trainer.update
+
+    def interrupted_on_the_third(self, batch):
+        nonlocal updates
+        updates += 1
+        if updates == 3:
+            raise KeyboardInterrupt
+        return update(self, batch)
+
+    monkeypatch.setattr(train_module.Trainer, "update", interrupted_on_the_third)
+    assert train(out, 3000, *TINY, "--set", "eval_every=1") == 130
+    metrics = json.loads((out / "policy.json").read_text())["metrics"]
+    assert metrics["trained_env_steps"] == 2 * 8 * 96
+    for key in ("return_per_agent", "processed_pct"):
+        assert key in metrics, sorted(metrics)
