@@ -42,9 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--scenario", default="dfaas-paise25", help="bundled name or YAML path")
     parser.add_argument(
         "--algo",
-        default="mappo",
         choices=("mappo", "ippo"),
-        help="centralised or independent critics",
+        help="centralised or independent critics (default: mappo, or the --set algo=...)",
     )
     parser.add_argument(
         "--seeds",
@@ -87,10 +86,12 @@ def main(argv: list[str] | None = None) -> int:
         for i, seed in enumerate(args.seeds):
             cmd = [
                 sys.executable, "-m", "simulator.train", "--scenario", args.scenario,
-                "--algo", args.algo, "--env-steps", str(args.env_steps), "--seed", str(seed),
+                "--env-steps", str(args.env_steps), "--seed", str(seed),
                 "--eval-episodes", str(args.eval_episodes), "--out", str(root / f"seed{seed}"),
                 "--json",
             ]  # fmt: skip
+            if args.algo:  # given, it wins over a --set algo=, as simulator.train's does
+                cmd += ["--algo", args.algo]
             if args.action_mode:
                 cmd += ["--action-mode", args.action_mode]
             for item in args.set:
@@ -104,13 +105,14 @@ def main(argv: list[str] | None = None) -> int:
             result = json.loads(done.stdout.strip().splitlines()[-1])
             result["process_seconds"] = time.perf_counter() - started
             runs.append({"seed": seed, **{k: result[k] for k in KEYS if k in result}})
+            algo = json.loads((Path(result["out"]) / "policy.json").read_text())["algo"]
             print(f"seed {seed}: done in {result['process_seconds']:.0f} s", file=sys.stderr)
     mean = {k: sum(r[k] for r in runs) / len(runs) for k in KEYS if k in runs[0]}
     print(
         json_line(
             {
                 "scenario": args.scenario,
-                "algo": args.algo,
+                "algo": algo,  # what the runs trained, however it was asked for
                 "action_mode": args.action_mode or "default",
                 "env_steps": args.env_steps,
                 "eval_episodes": args.eval_episodes,

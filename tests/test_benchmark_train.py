@@ -25,3 +25,18 @@ def test_a_tiny_run_reports_every_seed_and_trains_the_requested_action_head(tmp_
     for seed in (0, 1):
         meta = json.loads((tmp_path / f"seed{seed}" / "policy.json").read_text())
         assert meta["action"]["mode"] == "neighbours"
+
+
+def test_an_algo_set_as_a_hyperparameter_is_the_one_trained_and_reported(tmp_path):
+    """--algo defaulted to mappo and was always passed on, so it overrode --set algo=ippo
+    (as simulator.train's --algo does its --set): every run trained mappo, silently, and the
+    report's overrides said ippo."""
+    argv = [
+        "--scenario", "dfaas-2", "--seeds", "0", "--env-steps", "256", "--eval-episodes", "1",
+        "--set", "num_envs=4", "--set", "rollout_steps=32", "--set", "algo=ippo",
+        "--out", str(tmp_path),
+    ]  # fmt: skip
+    report = run_benchmark("train", *argv)
+    meta = json.loads((tmp_path / "seed0" / "policy.json").read_text())
+    assert meta["algo"] == "ippo"
+    assert report["algo"] == "ippo"
