@@ -116,6 +116,11 @@ class Trainer:
                 dist.broadcast(tensor, src=0)
         return error
 
+    def restart(self, seed: list[int]) -> None:
+        """Start new episodes with the environment reseeded by ``seed`` (a resumed run goes
+        on from there rather than from the episodes its seed began with)."""
+        self.obs = torch.as_tensor(self.env.reset(seed=seed), dtype=torch.float32)
+
     # ------------------------------------------------------------------------------------
     def update(self, batch: Rollout) -> dict[str, float]:
         cfg = self.cfg

@@ -284,6 +284,13 @@ def main(argv: list[str] | None = None) -> int:
                 file=sys.stderr,
             )
             return 2
+        # Go on to new episodes and new sampling noise, fixed by the seed and how far the run
+        # is: rebuilt from --seed alone, the resumed run would train again on the arrivals
+        # (and the noise) its first updates had. (Not the same numbers as a run never
+        # stopped: the episode under way and its queues are not saved.)
+        resume_seed = [args.seed + 1000 * rank, trainer.updates]
+        torch.manual_seed(int(np.random.SeedSequence(resume_seed).generate_state(1)[0]))
+        trainer.restart(resume_seed)
     elif cfg.imitate:
         try:
             teacher = build_policy(cfg.imitate, env, args.seed)

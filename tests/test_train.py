@@ -292,3 +292,25 @@ def test_ctrl_c_keeps_the_last_evaluations_metrics_in_the_checkpoint(tmp_path, m
     assert metrics["trained_env_steps"] == 2 * 8 * 96
     for key in ("return_per_agent", "processed_pct"):
         assert key in metrics, sorted(metrics)
+
+
+def test_a_resumed_run_goes_on_to_new_workloads_not_the_first_ones_again(tmp_path, monkeypatch):
+    """--resume rebuilt the environments and the sampling from --seed alone: a resumed run
+    trained again on the very arrivals (and the same sampling noise) its first updates had,
+    instead of going on to new ones as the run it continues would have."""
+    seen: list[np.ndarray] = []
+    step = EdgeEnv.step
+
+    def recording(self, actions):
+        if self.num_envs == 8:  # the training environments (TINY), not the evaluations'
+            seen.append(self.arrivals[:, self.t].copy())
+        return step(self, actions)
+
+    monkeypatch.setattr(EdgeEnv, "step", recording)
+    out = tmp_path / "run"
+    assert train(out, 1536, *TINY) == 0  # 2 updates of 96 steps: within the first episode
+    first, seen[:] = list(seen), []
+    assert train(out, 3072, *TINY, "--resume") == 0
+    assert len(first) == len(seen) == 192
+    replayed = sum(np.array_equal(a, b) for a, b in zip(first, seen, strict=True))
+    assert replayed == 0, f"{replayed} of 192 steps replayed the first run's arrivals"
