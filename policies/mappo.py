@@ -13,6 +13,7 @@ data. The running normalisers are averaged too, so every replica holds identical
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -116,7 +117,7 @@ class Trainer:
                 dist.broadcast(tensor, src=0)
         return error
 
-    def restart(self, seed: list[int]) -> None:
+    def restart(self, seed: Sequence[int]) -> None:
         """Start new episodes with the environment reseeded by ``seed`` (a resumed run goes
         on from there rather than from the episodes its seed began with)."""
         self.obs = torch.as_tensor(self.env.reset(seed=seed), dtype=torch.float32)

@@ -15,6 +15,7 @@ Episodes have a fixed length, so all environments finish together: ``step`` retu
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -228,7 +229,7 @@ class EdgeEnv:
         self.totals = EpisodeTotals(num_envs, self.topology.num_nodes, self.num_agents)
         self._failing = np.zeros(self.topology.num_nodes, bool)  # set_node_down, not yet dropped
 
-    def _seed_rng(self, seed: int | None) -> None:
+    def _seed_rng(self, seed: int | Sequence[int] | None) -> None:
         self.rng = np.random.default_rng(seed)
         if hasattr(self, "model"):
             self.model.reseed(self.rng)
@@ -242,7 +243,7 @@ class EdgeEnv:
             self.topology, self.timeline.active[min(self.t, self.steps - 1)]
         )
 
-    def reset(self, seed: int | None = None) -> np.ndarray:
+    def reset(self, seed: int | Sequence[int] | None = None) -> np.ndarray:
         """Start new episodes in every environment; returns ``(B, A, obs_dim)`` observations."""
         if seed is not None:
             self._seed_rng(seed)

@@ -46,7 +46,13 @@ from policies.baselines import PolicyError
 from policies.checkpoint import CheckpointError, LoadedPolicy
 from policies.mappo import Trainer
 from policies.ppo import ALGOS, PPOConfig
-from simulator.cli import json_line, non_negative_int, parser_from_doc, positive_int
+from simulator.cli import (
+    json_line,
+    make_folder,
+    non_negative_int,
+    parser_from_doc,
+    positive_int,
+)
 from simulator.env import EdgeEnv, default_action_mode
 from simulator.episodes import build_policy, run_episodes, summarise
 from simulator.scenario import Scenario, ScenarioError, load_scenario
@@ -79,7 +85,13 @@ def load_config(path: str | None, overrides: list[str]) -> PPOConfig:
     """Defaults, then the config file (YAML or JSON mapping), then ``--set key=value``."""
     cfg = PPOConfig()
     if path:
-        data = _yaml(Path(path).read_text(), f"config {path}") or {}
+        try:
+            text = Path(path).read_text()
+        except OSError as error:
+            raise ValueError(
+                f"--config {path}: cannot read it ({error.strerror or error})"
+            ) from None
+        data = _yaml(text, f"config {path}") or {}
         if not isinstance(data, dict):
             raise ValueError(f"config {path}: expected a mapping of hyperparameters")
         cfg = cfg.replace(**data)
@@ -258,6 +270,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     out = Path(args.out or f"runs/{scenario.name}__{cfg.algo}__{args.seed}")
+    problem = make_folder(out, "--out") if rank == 0 else None
+    if problem:  # before any work, not a traceback once the run is set up
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
     seed_everything(args.seed + 1000 * rank)
     env = EdgeEnv(scenario, num_envs=cfg.num_envs, action_mode=mode, seed=args.seed + 1000 * rank)
     per_update = cfg.num_envs * cfg.rollout_steps * world

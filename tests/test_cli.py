@@ -567,3 +567,21 @@ def test_a_policy_file_that_is_not_the_checkpoints_own_is_refused(tmp_path):
             "--episodes", "1",
         )  # fmt: skip
         assert p.returncode == 0, p.stderr
+
+
+def test_train_refuses_an_out_or_config_it_cannot_use_naming_the_option(tmp_path, capsys):
+    """--out naming a file (or a folder under one) ended in a FileExistsError or
+    NotADirectoryError traceback, and a missing --config in "[Errno 2] No such file or
+    directory" without a word of the option."""
+    from simulator.train import main as train_main
+
+    a_file = tmp_path / "a-file"
+    a_file.write_text("")
+    tiny = ["--scenario", "dfaas-2", "--env-steps", "100", "--eval-episodes", "1"]
+    for out in (a_file, a_file / "run"):
+        assert train_main([*tiny, "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert "--out" in err and str(out) in err, err
+    assert train_main([*tiny, "--out", str(tmp_path / "run"), "--config", "nope.yaml"]) == 2
+    err = capsys.readouterr().err
+    assert "--config" in err and "nope.yaml" in err, err
