@@ -1281,6 +1281,69 @@ def test_objects_a_rebuilt_policy_no_longer_writes_are_given_back():
     assert restored == []
 
 
+def test_routes_moved_to_other_objects_are_written_there_before_the_old_ones_go():
+    """An EdgeService's ``mesh.destinationRule`` renamed: the old DestinationRule was given
+    back (deleted) as the policy was built again, before the new one was written, and the
+    VirtualService went on routing to subsets that were gone: 503 for every client until
+    a cycle wrote again, for good while metrics were missing. The old objects now go once
+    the new ones are written, and the status names them till then (a restart finds them)."""
+    mesh = example_mesh()
+    events: list[tuple[str, ...]] = []
+    write = mesh.write
+
+    def recording_write(service, routes):
+        events.append(("write", service.name, service.destination_rule_name))
+        return write(service, routes)
+
+    def restore_objects(namespace, ref, objects):
+        events.append(("restore", ref, *sorted(f"{kind}/{name}" for kind, name in objects)))
+        return [f"restored {kind}/{name}" for kind, name in objects]
+
+    mesh.write, mesh.restore_objects = recording_write, restore_objects
+    mesh.restore = lambda service, nodes: [events.append(("restore", service.name))]
+    kube = FakeKube(NODES, SERVICES)
+    status: dict[str, Any] = {}
+
+    def cycle(runtime: Runtime) -> CycleReport:
+        nonlocal status
+        body = example_policy_body()
+        body["status"] = copy.deepcopy(status)
+        report = runtime.cycle("edge/p", body)
+        status = apply_merge_patch(status, status_of(report, status))
+        return report
+
+    def new_runtime() -> Runtime:
+        return Runtime(kube, mesh=mesh, reader_for=lambda url: Reader(mesh))
+
+    runtime = new_runtime()
+    assert cycle(runtime).outcome == Outcome.APPLIED
+    kube.services["fn"] = renamed("fn", destinationRule="fn-subsets")
+    mesh.down = True  # no metrics: the rebuilt policy holds, and writes nothing
+    events.clear()
+    held = new_runtime()  # a restart, too
+    assert cycle(held).outcome == Outcome.HELD
+    assert not [e for e in events if e[0] == "restore"], events
+    objects = status["services"][0]["meshObjects"]
+    assert "DestinationRule/fn" in objects and "DestinationRule/fn-subsets" in objects, objects
+    # Deleted meanwhile, by this process or after a restart: the old one goes too.
+    for deleting in (held, new_runtime()):
+        events.clear()
+        deleting.delete("edge/p", {**example_policy_body(), "status": status})
+        assert ("restore", "edge/fn", "DestinationRule/fn") in events, events
+        assert ("restore", "fn") in events, events
+
+    runtime = new_runtime()  # and again: the status still names the old one
+    mesh.down = False
+    events.clear()
+    assert cycle(runtime).outcome in (Outcome.APPLIED, Outcome.UNCHANGED)
+    assert events[0] == ("write", "fn", "fn-subsets"), events
+    assert events[-1] == ("restore", "edge/fn", "DestinationRule/fn"), events
+    assert "DestinationRule/fn" not in status["services"][0]["meshObjects"]
+    events.clear()
+    cycle(runtime)
+    assert not [e for e in events if e[0] == "restore"], events
+
+
 def test_a_node_joining_the_policy_moves_its_clients_by_at_most_max_weight_change():
     """Clients on a node the policy did not govern follow the catch-all rule; their first
     rule of their own was written as decided, however far from the catch-all, where every
@@ -1985,6 +2048,7 @@ class SlowController:
     def __init__(self, runtime: Runtime, key: str, generation: int):
         self.key, self.generation = key, generation
         self.mesh = None
+        self.releasing: dict[str, list[tuple[str, str]]] = {}  # nothing moved away from
         self.spec = parse_policy_spec(example_policy_body()["spec"])
         self.failures = FailureCounter(self.spec.safety)
         inventory = runtime.inventory  # built from the objects as they are

@@ -150,12 +150,11 @@ class PolicyController:
         self.checkpoint = dict(checkpoint) if checkpoint is not None else None
         self.namespace = key.split("/", 1)[0]
         self.problem, self.reader, self.mesh, self.clock = problem, reader, mesh, clock
-        # What each service's routes live in, as Kind/name: the status keeps it, so that the
-        # policy's deletion finds them even when the policy can no longer be built.
-        self.mesh_objects = {
-            service: tuple(f"{kind}/{name}" for kind, name in objects)
-            for service, objects in problem.mesh_objects.items()
-        }
+        # Service -> objects an earlier build wrote its routes to and this one does not (an
+        # EdgeService's mesh names changed): the runtime gives them back once this build has
+        # written the service's own (:attr:`synced`), so routes never name what is gone.
+        self.releasing: dict[str, list[tuple[str, str]]] = {}
+        self.synced: set[str] = set()  # services whose objects the running cycle wrote
         meta = meta or {}
         step = float(meta.get("step_seconds", 1.0))
         env = ModelEnv(
@@ -199,12 +198,24 @@ class PolicyController:
         # (service, node) -> when the node, up, was last known to have no ready pod of it
         self._unserved_seen: dict[tuple[str, str], float] = {}
 
+    @property
+    def mesh_objects(self) -> dict[str, tuple[str, ...]]:
+        """What each service's routes live in, as Kind/name, those still to be given back
+        included: the status keeps it, so that the policy's deletion, or its next build after
+        a restart, finds them even when the policy can no longer be built."""
+        return {
+            service: tuple(
+                f"{kind}/{name}" for kind, name in (*objects, *self.releasing.get(service, ()))
+            )
+            for service, objects in self.problem.mesh_objects.items()
+        }
+
     # -- the cycle --------------------------------------------------------------------------
 
     def cycle(self) -> CycleReport:
         """Run one interval and return what happened (never raises for metrics or mesh
         trouble: those become the report's outcome)."""
-        self._written = set()
+        self._written, self.synced = set(), set()
         self._alive = None
         self._asked = self._observed = False
         if self.spec.suspend:
@@ -291,7 +302,7 @@ class PolicyController:
         Services in ``gone_services`` (their EdgeService deleted) are not written. Dropping
         the controller instead left a node that fails meanwhile with its share of the
         traffic until someone fixed an unrelated edit."""
-        self._written = set()
+        self._written, self.synced = set(), set()
         self._asked = self._observed = False
         live = self._live()
         kept = f"{reason}; its last valid spec holds the weights"
@@ -544,6 +555,7 @@ class PolicyController:
             if self.mesh.write(service, routes):
                 changed = True
                 self._written.add(service.name)
+            self.synced.add(service.name)
             self._catch_all[service.name] = dict(routes.default)  # once written, not before
             live[service.name] = table[service.name]
         return changed

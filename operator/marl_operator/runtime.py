@@ -120,7 +120,10 @@ def written_before(
     this process still has it, or else what its status names (after a restart, an invalid
     spec or a stand-down, the controller is gone but the status still lists them)."""
     if controller is not None:
-        return {s: list(objects) for s, objects in controller.problem.mesh_objects.items()}
+        return {
+            s: [*objects, *controller.releasing.get(s, ())]
+            for s, objects in controller.problem.mesh_objects.items()
+        }
     return status_objects(body)
 
 
@@ -557,7 +560,9 @@ class Runtime:
         return self._publish(self._act(controller, controller.cycle), term)
 
     def _act(self, controller: PolicyController, act: Callable[[], CycleReport]) -> CycleReport:
-        """``act``'s report, naming the first write the API server refused (403) in it."""
+        """``act``'s report, naming the first write the API server refused (403) in it; what
+        the services it wrote were moved away from is given back after it (unless the policy
+        was retired meanwhile: its mesh is closed)."""
         recorder = controller.mesh if isinstance(controller.mesh, RefusalRecorder) else None
         if recorder is not None:
             recorder.refused.clear()
@@ -568,6 +573,9 @@ class Runtime:
             log.warning(
                 "cycle %s: %s", report.policy, refusal, extra={"fields": {"policy": report.policy}}
             )
+        if controller.releasing and not getattr(controller.mesh, "closed", False):
+            self._give_back_moved(controller)
+            report = dataclasses.replace(report, mesh_objects=controller.mesh_objects)
         return report
 
     def _hold_invalid(
@@ -598,46 +606,72 @@ class Runtime:
         governed_by: Mapping[str, str],
     ) -> None:
         """Give back the mesh objects the policy wrote ``before`` this build (service ->
-        objects, :func:`written_before`) that ``new`` will not write: those of a service
-        taken out of ``spec.services``, or left behind when an EdgeService's routes moved to
-        other objects. Before ``new`` takes over, so that a failure here fails the cycle and
-        the rebuild, release included, is tried again next interval (the status keeps
-        listing the objects meanwhile). What the API server refuses for good
-        (:class:`RestoreIncomplete`: a webhook's denial, a saved spec that no longer reads)
-        is logged to be given back by hand, and ``new`` takes over: trying again would hold
-        the policy on its old build for ever. A service another policy governs is that
-        one's."""
+        objects, :func:`written_before`) that ``new`` will not write. Those of a service
+        taken out of ``spec.services`` go now, before ``new`` takes over, so that a failure
+        here fails the cycle and the rebuild, release included, is tried again next interval
+        (the status keeps listing the objects meanwhile). Those an EdgeService's routes
+        moved away from are ``new``'s to give back once it has written the new ones
+        (:meth:`_give_back_moved`): a DestinationRule deleted first leaves the routes naming
+        subsets that are gone. A service another policy governs is that one's."""
         if not hasattr(self.mesh, "restore_objects"):
             return
-        namespace, name = key.split("/", 1)
+        name = key.split("/", 1)[1]
         keep = new.problem.mesh_objects
         for service, objects in before.items():
             if governed_by.get(service, name) != name:
                 continue
             kept = set(keep.get(service, ()))
             released = [o for o in objects if o not in kept]
-            if released:
-                try:
-                    done = self.mesh.restore_objects(namespace, f"{namespace}/{service}", released)
-                except RestoreIncomplete as error:
-                    log.warning(
-                        "policy %s no longer writes %s/%s and could not give all of it back "
-                        "(restore it by hand): %s",
-                        key,
-                        namespace,
-                        service,
-                        error,
-                        extra={"fields": {"policy": key, "service": service}},
-                    )
-                    continue
-                log.info(
-                    "policy %s no longer writes %s/%s: %s",
-                    key,
-                    namespace,
+            if released and service in keep:
+                new.releasing[service] = released
+            elif released:
+                self._give_back(key, service, released)
+
+    def _give_back_moved(self, controller: PolicyController) -> None:
+        """Give back what ``controller``'s services were moved away from, for each service
+        its running cycle wrote. What fails is tried again after the next write (the status
+        keeps naming it), but for what the API server refuses for good."""
+        for service in sorted(controller.synced & set(controller.releasing)):
+            try:
+                self._give_back(controller.key, service, controller.releasing[service])
+            except Exception as error:  # the API server unreachable, a 403: next time
+                log.warning(
+                    "policy %s could not give back what %s moved away from yet: %s",
+                    controller.key,
                     service,
-                    "; ".join(done) or "nothing of it was managed",
-                    extra={"fields": {"policy": key, "service": service}},
+                    _said(error),
+                    extra={"fields": {"policy": controller.key, "service": service}},
                 )
+                continue
+            del controller.releasing[service]
+
+    def _give_back(self, key: str, service: str, objects: list[tuple[str, str]]) -> None:
+        """Restore (or delete) ``objects`` of ``service`` that the policy ``key`` no longer
+        writes. What the API server refuses for good (:class:`RestoreIncomplete`: a
+        webhook's denial, a saved spec that no longer reads) is logged to be given back by
+        hand, and counts as done: trying again would hold the policy for ever."""
+        namespace = key.split("/", 1)[0]
+        try:
+            done = self.mesh.restore_objects(namespace, f"{namespace}/{service}", objects)
+        except RestoreIncomplete as error:
+            log.warning(
+                "policy %s no longer writes %s/%s and could not give all of it back "
+                "(restore it by hand): %s",
+                key,
+                namespace,
+                service,
+                error,
+                extra={"fields": {"policy": key, "service": service}},
+            )
+            return
+        log.info(
+            "policy %s no longer writes %s/%s: %s",
+            key,
+            namespace,
+            service,
+            "; ".join(done) or "nothing of it was managed",
+            extra={"fields": {"policy": key, "service": service}},
+        )
 
     def _refused(self, key: str, generation: int, error: Forbidden) -> CycleReport:
         """The report of a cycle whose policy could not be built: the API server refused a
@@ -728,8 +762,11 @@ class Runtime:
         return controller
 
     def _delete(self, key: str, body: Mapping[str, Any], others: set[str]) -> list[str]:
-        """The deletion proper; ``others``: services another policy governs."""
+        """The deletion proper; ``others``: services another policy governs. What a service
+        was moved away from and not given back yet goes too: its controller's list, or what
+        the status names beyond the policy's build."""
         controller = self._retire(key)
+        before = written_before(controller, body)
         if controller is None:
             try:
                 controller = self.build(key, body)
@@ -742,31 +779,42 @@ class Runtime:
                 )
                 controller = None
         if controller is not None and hasattr(self.mesh, "restore"):
-            nodes = controller.problem.nodes
+            nodes, built = controller.problem.nodes, controller.problem.mesh_objects
+            moved_from = {
+                service: [o for o in objects if o not in built[service]]
+                for service, objects in before.items()
+                if service in built
+            }
             return _every(
-                lambda service=service: self.mesh.restore(service, nodes)
-                for service in controller.problem.services
-                if service.name not in others
+                [
+                    *(
+                        lambda service=service: self.mesh.restore(service, nodes)
+                        for service in controller.problem.services
+                        if service.name not in others
+                    ),
+                    *self._restores(key, moved_from, others),
+                ]
             )
-        if hasattr(self.mesh, "restore_objects"):
-            return self._restore_from_status(key, body, others)
-        return []
+        # One that can no longer be built (its EdgeService or checkpoint deleted first,
+        # after a restart): what its status says its services live in.
+        return _every(self._restores(key, status_objects(body), others))
 
-    def _restore_from_status(
-        self, key: str, body: Mapping[str, Any], others: set[str]
-    ) -> list[str]:
-        """Restore what the status says the policy's services live in: for a policy that can
-        no longer be built (its EdgeService or checkpoint deleted first, after a restart).
-        Only objects the operator manages for that EdgeService are touched, whatever the
-        status claims."""
+    def _restores(
+        self, key: str, listed: Mapping[str, Sequence[tuple[str, str]]], others: set[str]
+    ) -> list[Callable[[], list[str]]]:
+        """The restores of the ``listed`` objects of each service of the policy ``key`` but
+        ``others``. Only objects the operator manages for that EdgeService are touched,
+        whatever the list (a status, which anyone may edit) claims."""
+        if not hasattr(self.mesh, "restore_objects"):
+            return []
         namespace = key.split("/", 1)[0]
-        return _every(
+        return [
             lambda service=service, objects=objects: self.mesh.restore_objects(
-                namespace, f"{namespace}/{service}", objects
+                namespace, f"{namespace}/{service}", list(objects)
             )
-            for service, objects in status_objects(body).items()
-            if service not in others
-        )
+            for service, objects in listed.items()
+            if objects and service not in others
+        ]
 
     def _publish(self, report: CycleReport, term: Term) -> CycleReport | None:
         """Serve and record ``report``, if its policy's ``term`` still lasts (None otherwise:
