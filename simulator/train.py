@@ -348,6 +348,9 @@ def main(argv: list[str] | None = None) -> int:
         },
         "hyperparameters": vars(cfg),
         "seed": args.seed,
+        # Part of what the seed reproduces: torch's CPU kernels sum in another order on
+        # another number of threads, and the weights drift apart from the first update.
+        "torch_threads": torch.get_num_threads(),
         "processes": world,
         "git_revision": git_revision(),
     }

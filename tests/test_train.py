@@ -314,3 +314,10 @@ def test_a_resumed_run_goes_on_to_new_workloads_not_the_first_ones_again(tmp_pat
     assert len(first) == len(seen) == 192
     replayed = sum(np.array_equal(a, b) for a, b in zip(first, seen, strict=True))
     assert replayed == 0, f"{replayed} of 192 steps replayed the first run's arrivals"
+
+
+def test_the_checkpoint_records_the_torch_threads_its_seed_reproduces_on(tmp_path):
+    """The same seed gives the same weights on the same number of torch threads only (CPU
+    kernels sum in another order on another count): policy.json says how many it had."""
+    assert train(tmp_path / "run", 1536, *TINY, "--threads", "1") == 0
+    assert json.loads((tmp_path / "run" / "policy.json").read_text())["torch_threads"] == 1
