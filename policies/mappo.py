@@ -76,7 +76,6 @@ class Trainer:
         values = torch.zeros((t_len, b, a))
         rewards = torch.zeros((t_len, b, a))
         dones = torch.zeros((t_len, b, a))
-        bonus = cfg.accept_bonus if _rejects_go_unpriced(env) else 0.0
         for t in range(t_len):
             mask = torch.as_tensor(env.action_mask())
             dist_ = self.model.distribution(self.obs, mask)
@@ -85,8 +84,8 @@ class Trainer:
             logp[t] = dist_.log_prob(action)
             values[t] = self.model.value(self.obs)
             next_obs, reward, done, info = env.step(action.numpy())
-            if bonus:
-                reward = reward + bonus * _accepted_share(info, b)
+            if cfg.accept_bonus:
+                reward = reward + cfg.accept_bonus * _accepted_share(info, b)
             rewards[t] = torch.as_tensor(reward, dtype=torch.float32)
             if done:
                 dones[t] = 1.0
@@ -233,15 +232,6 @@ class Trainer:
         self.value_norm.load_state_dict(state["value_norm"])
         self.updates = int(state["updates"])
         self.env_steps = int(state["env_steps"])
-
-
-def _rejects_go_unpriced(env) -> bool:
-    """Whether ``env``'s reward is the DFaaS one, which stops counting a reject as a mistake
-    once a forward was refused (what ``PPOConfig.accept_bonus`` makes up for). The latency
-    reward prices every lost request already, at the scenario's reject_penalty: a bonus on
-    top would train for another price than the one its costs are measured by."""
-    scenario = getattr(env, "scenario", None)
-    return getattr(scenario, "reward", "dfaas") == "dfaas"
 
 
 def _accepted_share(info: dict, num_envs: int) -> np.ndarray:
