@@ -29,8 +29,8 @@ from marl_operator.mesh.factory import (
     OWNED_FIELDS,
     managed_objects,
     writer_for,
+    writer_of_kind,
 )
-from marl_operator.mesh.istio import routed_subsets, subsets_given_up
 from marl_operator.mesh.model import (
     Manifest,
     MeshError,
@@ -528,10 +528,10 @@ def _check_owner(manifest: Manifest, live: Mapping[str, Any] | None, service: Me
 def _held(
     live: Mapping[str, Any], patch: Mapping[str, Any] | None, in_place: Mapping[str, set[str]]
 ) -> str:
-    """What keeps the DestinationRule ``live`` from being given back (``patch``, or deleted
-    for None): the routes left in place that name a subset the give-back removes (a
-    sidecar would meet a route to a subset that no longer exists: 503); "" if none do."""
-    gone = subsets_given_up(live, patch)
+    """What keeps ``live`` from being given back (``patch``, or deleted for None): the
+    routes left in place that name a target the give-back removes (an Istio sidecar would
+    meet a route to a subset that no longer exists: 503); "" if none do."""
+    gone = writer_of_kind(live["kind"]).targets_given_up(live, patch)
     return "; ".join(
         f"{where} still routes to {', '.join(sorted(subsets & gone))}"
         for where, subsets in in_place.items()
@@ -667,9 +667,9 @@ class KubeMesh:
                 patch = restore_patch(live, OWNED_FIELDS.get(kind, ()))
             except MeshError as error:  # the others are given back all the same
                 failed.append(f"{kind}/{name}: {error}")
-                in_place[f"{kind}/{name}"] = routed_subsets(live)
+                in_place[f"{kind}/{name}"] = writer_of_kind(kind).routed_targets(live)
                 continue
-            if kind == "DestinationRule" and (held := _held(live, patch, in_place)):
+            if held := _held(live, patch, in_place):
                 failed.append(f"{kind}/{name}: kept, since {held}: give it back after them")
                 continue
             try:
@@ -683,7 +683,7 @@ class KubeMesh:
                 if error.status not in REFUSED_FOR_GOOD:
                     raise  # unreachable, conflicting, forbidden: the next attempt may pass
                 failed.append(f"{kind}/{name}: the API server refused it: {error.reason}")
-                in_place[f"{kind}/{name}"] = routed_subsets(live)
+                in_place[f"{kind}/{name}"] = writer_of_kind(kind).routed_targets(live)
         if failed:
             raise RestoreIncomplete(done, failed)
         return done

@@ -31,6 +31,11 @@ GIVE_BACK_ORDER: tuple[str, ...] = tuple(
 order they are written in, so that routes leave before what they route to."""
 
 
+def writer_of_kind(kind: str) -> MeshWriter:
+    """The writer that owns objects of ``kind`` (a kind of :data:`OWNED_FIELDS`)."""
+    return next(writer() for writer in _WRITERS.values() if kind in writer.owned)
+
+
 def writer_for(provider: str) -> MeshWriter:
     """The writer for ``provider`` (``istio`` or ``gateway-api``)."""
     try:

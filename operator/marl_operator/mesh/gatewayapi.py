@@ -275,3 +275,9 @@ class GatewayAPIWriter:
             if obj.get("kind") == "HTTPRoute":
                 return read_http_route(service, nodes, obj)
         raise MeshError(f"no HTTPRoute among the objects of {service.ref}")
+
+    def routed_targets(self, live: Manifest) -> set[str]:
+        return set()  # the backends are the user's per-node Services, never given back
+
+    def targets_given_up(self, live: Manifest, patch: Mapping[str, Any] | None) -> set[str]:
+        return set()

@@ -367,3 +367,9 @@ class IstioWriter:
             if obj.get("kind") == "VirtualService":
                 return read_virtual_service(service, nodes, obj)
         raise MeshError(f"no VirtualService among the objects of {service.ref}")
+
+    def routed_targets(self, live: Manifest) -> set[str]:
+        return routed_subsets(live) if live.get("kind") == "VirtualService" else set()
+
+    def targets_given_up(self, live: Manifest, patch: Mapping[str, Any] | None) -> set[str]:
+        return subsets_given_up(live, patch) if live.get("kind") == "DestinationRule" else set()

@@ -7,7 +7,7 @@ A writer only builds and reads objects; the reconcile loop gets live objects, di
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Protocol
+from typing import Any, Protocol
 
 from marl_operator.mesh.model import Manifest, MeshNode, MeshRoutes, MeshService
 
@@ -52,4 +52,17 @@ class MeshWriter(Protocol):
         longer governs: what they carried has left them). Raises
         :class:`~marl_operator.mesh.model.MeshError` when an object is not in the shape this
         writer generates."""
+        ...
+
+    def routed_targets(self, live: Manifest) -> set[str]:
+        """What the routes of ``live``, one of the kinds this writer owns, send traffic to
+        that another object of its own defines (Istio: a VirtualService's subsets; empty for
+        a kind whose routes need none): given back, such an object must not take away what
+        routes left in place still name."""
+        ...
+
+    def targets_given_up(self, live: Manifest, patch: Mapping[str, Any] | None) -> set[str]:
+        """The targets (as :meth:`routed_targets` names them) that giving ``live`` back
+        takes away: by ``patch`` (see :func:`~marl_operator.mesh.patching.restore_patch`),
+        or by deleting it for None."""
         ...
