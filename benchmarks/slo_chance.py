@@ -4,6 +4,7 @@ each controller misses a latency target over many seeds, as JSON.
     python benchmarks/slo_chance.py                                  # four change scenarios
     python benchmarks/slo_chance.py --scenarios mesh-10x3-surge --seeds 16 --plot slo.png
     python benchmarks/slo_chance.py --arms oracle oracle-per-interval   # no rollout: faster
+    python benchmarks/slo_chance.py --policy runs/mesh-10x3__mappo__0   # rollout on another
 
 ``simulator.adapt`` counts, in one run, rollout's SLO violations from the third cycle after
 each change in the intervals where the oracle had none. Near saturation, whether a 5-second
@@ -33,6 +34,8 @@ import argparse
 import numpy as np
 from tqdm import tqdm
 
+from policies.baselines import PolicyError
+from policies.checkpoint import CheckpointError
 from simulator.adapt import (
     CHANGE_SCENARIOS,
     Cycle,
@@ -67,9 +70,13 @@ def missed(cycles: list[Cycle], at: list[int]) -> np.ndarray:
     return np.array([bool(cycles[i].slo_violations) for i in at])
 
 
-def slo_chance(name: str, seeds: list[int], arms: list[str], interval: int) -> dict:
-    """Every arm of ``arms`` on scenario ``name`` for each seed; miss rates per interval."""
-    args = adapt_parser().parse_args(["--scenario", name, "--interval", str(interval)])
+def slo_chance(
+    name: str, seeds: list[int], arms: list[str], interval: int, policy: str = "default"
+) -> dict:
+    """Every arm of ``arms`` on scenario ``name`` for each seed, ``policy`` the base policy
+    rollout improves on; miss rates per interval."""
+    argv = ["--scenario", name, "--interval", str(interval), "--policy", policy]
+    args = adapt_parser().parse_args(argv)
     scenario, _ = load(args)
     per_interval = None
     if "oracle-per-interval" in arms:  # solved once: it depends on the scenario, not the seed
@@ -179,6 +186,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--interval", type=positive_int, default=5, help="simulator steps per interval"
     )
     parser.add_argument(
+        "--policy",
+        default="default",
+        help="the base policy: a checkpoint, a heuristic's name, or the bundled default",
+    )
+    parser.add_argument(
         "--plot", metavar="PNG", type=png_path, help="miss rates per interval, per scenario"
     )
     return parser
@@ -188,11 +200,22 @@ def main(argv: list[str] | None = None) -> None:
     parser = build_parser()
     args = parser.parse_args(argv)
     refuse_unfit_scenarios(parser, args.scenarios, args.interval, needs_changes=True)
+    for name in args.scenarios:  # before hours of runs, as simulator.adapt checks it
+        try:
+            load(adapt_parser().parse_args(["--scenario", name, "--policy", args.policy]))
+        except (CheckpointError, PolicyError) as error:
+            parser.error(f"--policy: {error}")
     seeds = list(range(args.seeds))
-    results = [slo_chance(name, seeds, args.arms, args.interval) for name in args.scenarios]
+    results = [
+        slo_chance(name, seeds, args.arms, args.interval, args.policy) for name in args.scenarios
+    ]
     if args.plot:
         plot(results, args.plot)
-    print(json_line({"seeds": args.seeds, "interval": args.interval, "runs": results}))
+    print(
+        json_line(
+            {"seeds": args.seeds, "interval": args.interval, "policy": args.policy, "runs": results}
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -74,7 +74,10 @@ def test_a_tiny_run_counts_what_simulator_adapt_counts_seed_by_seed(tmp_path, ca
     path = tmp_path / "tiny-surge.yaml"
     path.write_text(SURGE)
     argv = ["--scenarios", str(path), "--seeds", "2", "--plot", str(tmp_path / "slo.png")]
-    report = run_benchmark("slo_chance", *argv, "--arms", "oracle-per-interval", "rollout")
+    report = run_benchmark(
+        "slo_chance", *argv, "--arms", "oracle-per-interval", "rollout", "--policy", "default"
+    )
+    assert report["policy"] == "default"
     assert (tmp_path / "slo.png").stat().st_size > 10_000
     (result,) = report["runs"]
     assert result["change_cycles"] == [4] and result["after_3_cycles"] == [7, 8, 9, 10, 11]
@@ -99,6 +102,8 @@ def test_a_tiny_run_counts_what_simulator_adapt_counts_seed_by_seed(tmp_path, ca
         (["--seeds", "1"], "--seeds: must be at least 2"),
         # No interval would follow a change: it printed null rates.
         (["--scenarios", "mesh-6x3"], "'mesh-6x3' has no events"),
+        # Checked before any run, not after hours of the first scenario's.
+        (["--policy", "no-such-run"], "--policy: "),
     ],
 )
 def test_what_measures_nothing_is_refused_naming_the_flag(argv, message):
