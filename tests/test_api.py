@@ -182,7 +182,7 @@ def test_replica_says_whether_this_replica_acts(store, instruments) -> None:
         "peering": None,
         "priority": None,
         "acting": True,
-        "outrankedBy": [],
+        "outranked_by": [],
         "error": None,
     }
     role = ReplicaRole("marl-operator", 7, None, error="reading the peering object: 403 x")

@@ -67,7 +67,7 @@ def test_only_the_highest_priority_replica_acts_and_the_other_takes_over(tmp_pat
         assert get_json(f"{active}/api/v1/replica")["acting"] is True
         role = get_json(f"{standby}/api/v1/replica")
         assert role["acting"] is False and role["priority"] == 100
-        assert len(role["outrankedBy"]) == 1 and role["peering"] == "marl-operator"
+        assert len(role["outranked_by"]) == 1 and role["peering"] == "marl-operator"
 
         stack.stop("active")  # a clean exit leaves the peering object at once
         wait_for(lambda: has_decision(standby), 90, "the standby replica to take over")

@@ -79,15 +79,13 @@ class ModelAccuracy(BaseModel):
 class Replica(BaseModel):
     """This replica among the operator's: whether it acts, by kopf's peering rule."""
 
-    model_config = ConfigDict(populate_by_name=True)
-
     peering: str | None = Field(description="the kopf peering object; null when standalone")
     priority: int | None
     acting: bool | None = Field(
         description="false: a live peer of higher priority acts and this replica stands by, "
         "with nothing to report; null: the peering object could not be read"
     )
-    outranked_by: list[str] = Field(alias="outrankedBy")
+    outranked_by: list[str] = Field(description="the live peers of higher priority")
     error: str | None
 
 
@@ -152,7 +150,9 @@ class ReportModel(BaseModel):
     )
     mesh_objects: dict[str, list[str]] = Field(
         default_factory=dict,
-        description="service -> the mesh objects (Kind/name) its routes are written to",
+        description="service -> the mesh objects (Kind/name) its routes are written to, and "
+        "those they were moved away from (an EdgeService's mesh names changed) until the first "
+        "write to the new ones gives them back",
     )
     written: list[str] = Field(
         default_factory=list, description="services whose mesh objects the cycle changed"
@@ -299,9 +299,7 @@ def create_app(
         body, content_type = instruments.exposition(request.headers.get("accept"))
         return Response(content=body, media_type=content_type)
 
-    @app.get(
-        "/api/v1/replica", response_model=Replica, response_model_by_alias=True, tags=["replica"]
-    )
+    @app.get("/api/v1/replica", response_model=Replica, tags=["replica"])
     def get_replica() -> Replica:
         return Replica.model_validate(replica(), from_attributes=True)
 
