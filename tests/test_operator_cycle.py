@@ -1281,6 +1281,29 @@ def test_objects_a_rebuilt_policy_no_longer_writes_are_given_back():
     assert restored == []
 
 
+class KeptStatus:
+    """Runtimes (one per restart) over one cluster, the policy's status kept between their
+    cycles as the API server keeps it."""
+
+    def __init__(self, kube: FakeKube, mesh: QueueingMesh):
+        self.kube, self.mesh = kube, mesh
+        self.status: dict[str, Any] = {}
+
+    def runtime(self) -> Runtime:
+        return Runtime(self.kube, mesh=self.mesh, reader_for=lambda url: Reader(self.mesh))
+
+    def body(self, generation: int = 1, **spec) -> dict[str, Any]:
+        body = example_policy_body(**spec)
+        body["metadata"]["generation"] = generation
+        body["status"] = copy.deepcopy(self.status)
+        return body
+
+    def cycle(self, runtime: Runtime, generation: int = 1, **spec) -> CycleReport:
+        report = runtime.cycle("edge/p", self.body(generation, **spec))
+        self.status = apply_merge_patch(self.status, status_of(report, self.status))
+        return report
+
+
 def test_routes_moved_to_other_objects_are_written_there_before_the_old_ones_go():
     """An EdgeService's ``mesh.destinationRule`` renamed: the old DestinationRule was given
     back (deleted) as the policy was built again, before the new one was written, and the
@@ -1302,45 +1325,33 @@ def test_routes_moved_to_other_objects_are_written_there_before_the_old_ones_go(
     mesh.write, mesh.restore_objects = recording_write, restore_objects
     mesh.restore = lambda service, nodes: [events.append(("restore", service.name))]
     kube = FakeKube(NODES, SERVICES)
-    status: dict[str, Any] = {}
+    kept = KeptStatus(kube, mesh)
 
-    def cycle(runtime: Runtime) -> CycleReport:
-        nonlocal status
-        body = example_policy_body()
-        body["status"] = copy.deepcopy(status)
-        report = runtime.cycle("edge/p", body)
-        status = apply_merge_patch(status, status_of(report, status))
-        return report
-
-    def new_runtime() -> Runtime:
-        return Runtime(kube, mesh=mesh, reader_for=lambda url: Reader(mesh))
-
-    runtime = new_runtime()
-    assert cycle(runtime).outcome == Outcome.APPLIED
+    assert kept.cycle(kept.runtime()).outcome == Outcome.APPLIED
     kube.services["fn"] = renamed("fn", destinationRule="fn-subsets")
     mesh.down = True  # no metrics: the rebuilt policy holds, and writes nothing
     events.clear()
-    held = new_runtime()  # a restart, too
-    assert cycle(held).outcome == Outcome.HELD
+    held = kept.runtime()  # a restart, too
+    assert kept.cycle(held).outcome == Outcome.HELD
     assert not [e for e in events if e[0] == "restore"], events
-    objects = status["services"][0]["meshObjects"]
+    objects = kept.status["services"][0]["meshObjects"]
     assert "DestinationRule/fn" in objects and "DestinationRule/fn-subsets" in objects, objects
     # Deleted meanwhile, by this process or after a restart: the old one goes too.
-    for deleting in (held, new_runtime()):
+    for deleting in (held, kept.runtime()):
         events.clear()
-        deleting.delete("edge/p", {**example_policy_body(), "status": status})
+        deleting.delete("edge/p", kept.body())
         assert ("restore", "edge/fn", "DestinationRule/fn") in events, events
         assert ("restore", "fn") in events, events
 
-    runtime = new_runtime()  # and again: the status still names the old one
+    runtime = kept.runtime()  # and again: the status still names the old one
     mesh.down = False
     events.clear()
-    assert cycle(runtime).outcome in (Outcome.APPLIED, Outcome.UNCHANGED)
+    assert kept.cycle(runtime).outcome in (Outcome.APPLIED, Outcome.UNCHANGED)
     assert events[0] == ("write", "fn", "fn-subsets"), events
     assert events[-1] == ("restore", "edge/fn", "DestinationRule/fn"), events
-    assert "DestinationRule/fn" not in status["services"][0]["meshObjects"]
+    assert "DestinationRule/fn" not in kept.status["services"][0]["meshObjects"]
     events.clear()
-    cycle(runtime)
+    kept.cycle(runtime)
     assert not [e for e in events if e[0] == "restore"], events
 
 
@@ -1438,21 +1449,12 @@ def test_a_service_dropped_while_this_process_had_no_controller_is_given_back():
         return [f"restored {kind}/{name}" for kind, name in objects]
 
     mesh.restore_objects = restore_objects
-    kube = FakeKube(NODES, [*SERVICES, renamed("fn2")])
-    status: dict[str, Any] = {}
+    kept = KeptStatus(FakeKube(NODES, [*SERVICES, renamed("fn2")]), mesh)
 
     def cycle(runtime: Runtime, generation: int, services: list[str], **spec) -> CycleReport:
-        nonlocal status
-        body = example_policy_body(services=services, **spec)
-        body["metadata"]["generation"] = generation
-        body["status"] = copy.deepcopy(status)
-        report = runtime.cycle("edge/p", body)
-        status = apply_merge_patch(status, status_of(report, status))
-        return report
+        return kept.cycle(runtime, generation, services=services, **spec)
 
-    def new_runtime() -> Runtime:
-        return Runtime(kube, mesh=mesh, reader_for=lambda url: Reader(mesh))
-
+    new_runtime = kept.runtime
     fn2 = ("edge/fn2", [("DestinationRule", "fn2"), ("VirtualService", "fn2")])
     # Dropped across a restart.
     assert cycle(new_runtime(), 1, ["fn", "fn2"]).outcome == Outcome.APPLIED
