@@ -95,18 +95,23 @@ def test_resume_continues_from_the_saved_state(trained, tmp_path):
     assert before < after == int(np.ceil(60000 / (16 * 96)))
 
 
-def test_progress_rows_are_on_disk_at_every_evaluation(tmp_path, monkeypatch, capsys):
-    out, updates = tmp_path / "run", 0
-    update = train_module.Trainer.update
+def raising_on_the_third_update(monkeypatch, error: BaseException) -> None:
+    """Training stopped by ``error`` as its third update begins (a kill, a Ctrl-C)."""
+    updates, update = 0, train_module.Trainer.update
 
-    def dies_on_the_third(self, batch):
+    def update_until_the_third(self, batch):
         nonlocal updates
         updates += 1
         if updates == 3:
-            raise RuntimeError("killed")
+            raise error
         return update(self, batch)
 
-    monkeypatch.setattr(train_module.Trainer, "update", dies_on_the_third)
+    monkeypatch.setattr(train_module.Trainer, "update", update_until_the_third)
+
+
+def test_progress_rows_are_on_disk_at_every_evaluation(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "run"
+    raising_on_the_third_update(monkeypatch, RuntimeError("killed"))
     with pytest.raises(RuntimeError, match="killed"):
         train(out, 3000, *TINY, "--set", "eval_every=1")
     assert _progress_updates(out) == [1, 2]
@@ -276,17 +281,8 @@ def test_ctrl_c_keeps_the_last_evaluations_metrics_in_the_checkpoint(tmp_path, m
     """After Ctrl-C, the checkpoint is the last update's and policy.json said so by its last
     periodic evaluation's metrics, until the save on the way out replaced them with timings
     alone: the interrupted run's checkpoint then carried no figure of how well it routes."""
-    out, updates = tmp_path / "run", 0
-    update = train_module.Trainer.update
-
-    def interrupted_on_the_third(self, batch):
-        nonlocal updates
-        updates += 1
-        if updates == 3:
-            raise KeyboardInterrupt
-        return update(self, batch)
-
-    monkeypatch.setattr(train_module.Trainer, "update", interrupted_on_the_third)
+    out = tmp_path / "run"
+    raising_on_the_third_update(monkeypatch, KeyboardInterrupt())
     assert train(out, 3000, *TINY, "--set", "eval_every=1") == 130
     metrics = json.loads((out / "policy.json").read_text())["metrics"]
     assert metrics["trained_env_steps"] == 2 * 8 * 96
