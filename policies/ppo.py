@@ -62,10 +62,12 @@ class PPOConfig:
     Added to the latency reward too, where a lost request is priced at the scenario's
     reject_penalty already: there it trains for a dearer loss than costs are counted at,
     which buys headroom. Trained without it (mesh-10x3, 300,000 steps, seed 0), the policy
-    alone cost less (0.98 of the oracle's cost against 1.07 on mesh-10x3, 1.25 against 6.4
-    on mesh-6x3), but rollout on it missed latency targets more often after the changes
-    (``benchmarks/slo_chance.py``, 8 seeds: in 25 intervals where the oracle met them,
-    against 19), and meeting them is what the operator is for."""
+    alone cost less (0.98 of the oracle's cost against 1.07-1.08 on mesh-10x3, 1.25 against
+    6.4-6.6 on mesh-6x3), but rollout on it missed latency targets more often after the
+    changes (``benchmarks/slo_chance.py --policy RUN``, 8 seeds per change scenario: in 25
+    intervals where the oracle met them, against 19 and 13 for two runs with it, whose
+    weights differ by the code and thread count they were trained on), and meeting them is
+    what the operator is for."""
     imitate: str = ""
     """A heuristic to clone before PPO (``policies.imitation``; empty: start from a random
     actor). Its data counts towards the environment-step budget."""
