@@ -35,7 +35,6 @@ class Rollout:
     rewards: torch.Tensor  # (T, B, A)
     dones: torch.Tensor  # (T, B, A)
     next_obs: torch.Tensor  # (B, A, D)
-    final_values: torch.Tensor  # (T, B, A) normalised scale: of an episode's last observation
 
 
 def _distributed() -> bool:
@@ -77,7 +76,6 @@ class Trainer:
         values = torch.zeros((t_len, b, a))
         rewards = torch.zeros((t_len, b, a))
         dones = torch.zeros((t_len, b, a))
-        finals = torch.zeros((t_len, b, a))
         for t in range(t_len):
             mask = torch.as_tensor(env.action_mask())
             dist_ = self.model.distribution(self.obs, mask)
@@ -89,13 +87,12 @@ class Trainer:
             if cfg.accept_bonus:
                 reward = reward + cfg.accept_bonus * _accepted_share(info, b)
             rewards[t] = torch.as_tensor(reward, dtype=torch.float32)
-            if done:  # by the episode's length: its last observation's value is bootstrapped
+            if done:
                 dones[t] = 1.0
-                finals[t] = self.model.value(torch.as_tensor(next_obs, dtype=torch.float32))
                 self._record_episode()
                 next_obs = env.reset()
             self.obs = torch.as_tensor(next_obs, dtype=torch.float32)
-        return Rollout(obs, masks, actions, logp, values, rewards, dones, self.obs.clone(), finals)
+        return Rollout(obs, masks, actions, logp, values, rewards, dones, self.obs.clone())
 
     def _record_episode(self) -> None:
         m = self.env.episode_metrics()
@@ -138,13 +135,7 @@ class Trainer:
             values = self.value_norm.denormalise(batch.values)
             next_value = self.value_norm.denormalise(self.model.value(batch.next_obs))
             adv, returns = gae(
-                batch.rewards,
-                values,
-                next_value,
-                batch.dones,
-                cfg.gamma,
-                cfg.gae_lambda,
-                final_values=self.value_norm.denormalise(batch.final_values),
+                batch.rewards, values, next_value, batch.dones, cfg.gamma, cfg.gae_lambda
             )
             self._update_value_norm(returns)
             targets = self.value_norm.normalise(returns)

@@ -144,26 +144,18 @@ def gae(
     dones: torch.Tensor,
     gamma: float,
     lam: float,
-    final_values: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Generalised advantage estimation over a ``(T, ...)`` rollout.
 
-    ``dones[t]`` is 1 when the episode ended *after* step ``t``: the next observation belongs
-    to a new episode, so the advantage does not run on past it. ``final_values[t]`` is then
-    the value of the episode's last observation, bootstrapped as if it went on: an episode cut
-    by its length (every episode here: the scenario's steps) is a time limit, not a state
-    without a future, and counting it as one would teach the critic that the last steps are
-    worth nothing more. Without ``final_values`` an ended episode is worth nothing after it.
-    Returns advantages and returns (advantages + values)."""
+    ``dones[t]`` is 1 when the episode ended *after* step ``t``: the value after it is not
+    bootstrapped (the next observation belongs to a new episode). Returns advantages and
+    returns (advantages + values)."""
     advantages = torch.zeros_like(rewards)
     last = torch.zeros_like(next_value)
     for t in reversed(range(rewards.shape[0])):
         following = next_value if t == rewards.shape[0] - 1 else values[t + 1]
         alive = 1.0 - dones[t]
-        after = following * alive
-        if final_values is not None:
-            after = after + final_values[t] * dones[t]
-        delta = rewards[t] + gamma * after - values[t]
+        delta = rewards[t] + gamma * following * alive - values[t]
         last = delta + gamma * lam * alive * last
         advantages[t] = last
     return advantages, advantages + values

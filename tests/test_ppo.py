@@ -36,52 +36,6 @@ def test_gae_bootstraps_when_the_episode_goes_on():
     assert adv[0, 0] == pytest.approx(1.0)
 
 
-def test_gae_bootstraps_the_last_observation_of_an_episode_cut_by_its_length():
-    """An episode ends by its length, a time limit: after its last step comes that step's
-    observation's value, not nothing, and the advantage still does not run on into the next
-    episode."""
-    rewards = torch.tensor([[1.0], [2.0]])
-    values = torch.tensor([[0.5], [1.0]])
-    dones = torch.tensor([[0.0], [1.0]])
-    next_value = torch.tensor([9.0])  # the next episode's first observation: ignored
-    final_values = torch.tensor([[0.0], [4.0]])  # the ended episode's last observation
-    gamma, lam = 0.9, 0.5
-    adv, _ = gae(rewards, values, next_value, dones, gamma, lam, final_values=final_values)
-    delta1 = 2.0 + gamma * 4.0 - 1.0
-    delta0 = 1.0 + gamma * 1.0 - 0.5
-    assert adv[1, 0] == pytest.approx(delta1)
-    assert adv[0, 0] == pytest.approx(delta0 + gamma * lam * delta1)
-
-
-def test_the_trainer_bootstraps_the_value_of_each_episodes_last_observation():
-    """The rollout keeps, at each step that ended an episode, the critic's value of the
-    observation the step returned (before the reset), and nothing elsewhere."""
-    from policies.mappo import Trainer
-    from simulator.env import EdgeEnv
-    from simulator.scenario import load_scenario
-
-    torch.manual_seed(0)
-    env = EdgeEnv(load_scenario("dfaas-2"), num_envs=2, seed=0)
-    last, step = [], env.step
-
-    def recording(actions):
-        out = step(actions)
-        if out[2]:
-            last.append(torch.as_tensor(out[0], dtype=torch.float32))
-        return out
-
-    env.step = recording
-    trainer = Trainer(env, PPOConfig(num_envs=2, rollout_steps=env.steps + 2), total_updates=1)
-    batch = trainer.collect()
-    ended = batch.dones[:, 0, 0].nonzero().flatten().tolist()
-    assert ended == [env.steps - 1] and len(last) == 1
-    expected = trainer.model.value(last[0])
-    assert torch.allclose(batch.final_values[ended[0]], expected)
-    others = torch.ones(batch.dones.shape[0], dtype=torch.bool)
-    others[ended[0]] = False
-    assert torch.count_nonzero(batch.final_values[others]) == 0
-
-
 def test_policy_loss_clips_the_ratio():
     old = torch.zeros(2)
     new = torch.log(torch.tensor([1.5, 0.5]))  # ratios 1.5 and 0.5
