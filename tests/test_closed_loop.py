@@ -16,6 +16,7 @@ import urllib.error
 import pytest
 import yaml
 
+from demo.__main__ import share_to
 from demo.stack import DEFAULT_LOAD, EXAMPLES, NodeChange, running_stack, static_truths
 
 pytestmark = pytest.mark.integration
@@ -35,14 +36,11 @@ def wait_for(probe, timeout: float, what: str, every: float = 1.0):
     raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
 
 
-def weight_to(node: str, virtual_service: dict) -> int:
-    """Total weight all source rules send to ``node``'s subset."""
-    return sum(
-        route.get("weight", 0)
-        for rule in virtual_service["spec"]["http"]
-        for route in rule["route"]
-        if route["destination"].get("subset") == f"node-{node}"
-    )
+def share_to_node(stack, node: str) -> float:
+    """Mean share (percent) of the edge nodes' ``fn`` traffic the data plane sends to
+    ``node``: the routes it obeys, the VirtualService's rules for its clients (its catch-all
+    rule, for clients on no edge node, carries none of this stack's traffic)."""
+    return share_to(stack.truth()["routes"]["fn"]["by_source"], node)
 
 
 def test_closed_loop_cuts_p95_after_a_capacity_drop(tmp_path):
@@ -55,11 +53,8 @@ def test_closed_loop_cuts_p95_after_a_capacity_drop(tmp_path):
             return ready and ready[0]["status"] == "True"
 
         wait_for(applied, 90, "the first weights to be applied")
-        virtual_service = yaml.safe_load(
-            stack.kubectl("get", "virtualservice", "fn", "-n", "edge", "-o", "yaml")
-        )
-        before = weight_to(DEGRADED_NODE, virtual_service)
         time.sleep(INTERVAL_S)  # one more interval of healthy operation
+        before = share_to_node(stack, DEGRADED_NODE)
 
         halved = NodeChange(DEGRADED_NODE, 0.5)
         stack.change(halved)
@@ -69,14 +64,14 @@ def test_closed_loop_cuts_p95_after_a_capacity_drop(tmp_path):
         operated = truth["services"]["fn"]["p95_ms"]
         ((baseline, _),) = static_truths([truth["seconds"]], degrade_at, halved)
 
-        virtual_service = yaml.safe_load(
-            stack.kubectl("get", "virtualservice", "fn", "-n", "edge", "-o", "yaml")
-        )
-        after = weight_to(DEGRADED_NODE, virtual_service)
+        after = share_to_node(stack, DEGRADED_NODE)
         policy = stack.policy()
         decisions = stack.decisions()
 
     print(f"closed loop: p95 {operated:.0f} ms with the operator, {baseline:.0f} ms static")
+    print(
+        f"closed loop: {before:.1f}% of the traffic to {DEGRADED_NODE} before, {after:.1f}% after"
+    )
     assert operated <= 0.7 * baseline, (operated, baseline, decisions["reason"])
     # The base policy alone moves little traffic (about half the static p95 at this point);
     # rollout on the queueing prior is what brings p95 back near the target.
