@@ -32,7 +32,7 @@ simulator reports. The translation:
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -331,23 +331,32 @@ class Observer:
     def _no_upstream(self, readings: Mapping[str, ServiceReadings]) -> dict[str, dict[str, float]]:
         """``service -> node -> requests/s`` of the node's clients answered with no upstream."""
         names = [node.name for node in self.problem.nodes]
-        out: dict[str, dict[str, float]] = {}
-        for service in self.problem.topology.services:
-            for (src, dst), rps in readings.get(service, ServiceReadings(service)).rate.items():
-                i = node_of(src, self.labels)
-                if dst == NO_UPSTREAM and i is not None and rps > 0:
-                    row = out.setdefault(service, {})
-                    row[names[i]] = row.get(names[i], 0.0) + float(rps)
-        return out
+
+        def client_node(src: str, dst: str) -> str | None:
+            i = node_of(src, self.labels)
+            return names[i] if dst == NO_UPSTREAM and i is not None else None
+
+        return self._rates_by(readings, client_node)
 
     def _unplaced(self, readings: Mapping[str, ServiceReadings]) -> dict[str, dict[str, float]]:
         """``service -> workload -> requests/s`` served by workloads on no edge node."""
+
+        def unplaced_server(_: str, dst: str) -> str | None:
+            return dst if dst != NO_UPSTREAM and node_of(dst, self.labels) is None else None
+
+        return self._rates_by(readings, unplaced_server)
+
+    def _rates_by(
+        self, readings: Mapping[str, ServiceReadings], key: Callable[[str, str], str | None]
+    ) -> dict[str, dict[str, float]]:
+        """``service -> key -> requests/s`` summed over the (client, server) workload pairs
+        with traffic that ``key`` names (None: left out)."""
         out: dict[str, dict[str, float]] = {}
         for service in self.problem.topology.services:
-            for (_, dst), rps in readings.get(service, ServiceReadings(service)).rate.items():
-                if dst != NO_UPSTREAM and rps > 0 and node_of(dst, self.labels) is None:
+            for (src, dst), rps in readings.get(service, ServiceReadings(service)).rate.items():
+                if rps > 0 and (name := key(src, dst)) is not None:
                     row = out.setdefault(service, {})
-                    row[dst] = row.get(dst, 0.0) + float(rps)
+                    row[name] = row.get(name, 0.0) + float(rps)
         return out
 
     def _update_work(self, cpu: np.ndarray, served: np.ndarray) -> np.ndarray:
