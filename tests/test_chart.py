@@ -326,6 +326,17 @@ def test_the_validation_catches_a_typo():
         (("--set", "peering.priority=7"), "set peering.enabled=true"),
         (("--set", "crds.install=false", "--set", "crds.keep=false"), "crds.keep=true first"),
         (("--set", "extraEnv[0].name=TMPDIR", "--set", "extraEnv[0].value=/x"), "extraEnv"),
+        (
+            ("--set", "serviceMonitor.enabled=true", "--set", "serviceMonitor.scrapeTimeout=1m"),
+            "serviceMonitor.scrapeTimeout (1m) is longer than serviceMonitor.interval (15s)",
+        ),
+        (
+            (
+                *("--set", "podMonitor.enabled=true", "--set", "podMonitor.interval=1m"),
+                *("--set", "podMonitor.scrapeTimeout=1m500ms"),
+            ),
+            "podMonitor.scrapeTimeout (1m500ms) is longer than podMonitor.interval (1m)",
+        ),
     ],
 )
 def test_bad_values_are_refused(values, message):
@@ -950,10 +961,16 @@ def test_a_shorter_scrape_interval_is_not_longer_than_its_timeout(kind):
         "endpoints" if kind == "serviceMonitor" else "podMetricsEndpoints"
     ]
     assert endpoint["interval"] == "5s" and "scrapeTimeout" not in endpoint
-    docs = render("--set", f"{kind}.enabled=true", "--set", f"{kind}.scrapeTimeout=4s")
-    (monitor,) = of_kind(docs, kind[0].upper() + kind[1:])
-    endpoints = monitor["spec"]["endpoints" if kind == "serviceMonitor" else "podMetricsEndpoints"]
-    assert endpoints[0]["scrapeTimeout"] == "4s"
+    for interval, timeout in (("15s", "4s"), ("2m", "1m59s"), ("1h", "60m")):
+        docs = render(
+            *("--set", f"{kind}.enabled=true", "--set", f"{kind}.interval={interval}"),
+            *("--set", f"{kind}.scrapeTimeout={timeout}"),
+        )
+        (monitor,) = of_kind(docs, kind[0].upper() + kind[1:])
+        endpoints = monitor["spec"][
+            "endpoints" if kind == "serviceMonitor" else "podMetricsEndpoints"
+        ]
+        assert endpoints[0]["scrapeTimeout"] == timeout
 
 
 PROMETHEUS_OPERATOR_TARGET_LABELS = {

@@ -82,3 +82,25 @@ app.kubernetes.io/part-of: marl-operator
 {{- define "marl-operator.gatewayApi" -}}
 {{- if has .Values.meshProvider (list "gateway-api" "all") }}true{{ end }}
 {{- end }}
+
+{{/* A Prometheus duration ("1m30s", units ms, s, m, h as the schema allows) in milliseconds. */}}
+{{- define "marl-operator.milliseconds" -}}
+{{- $units := dict "ms" 1 "s" 1000 "m" 60000 "h" 3600000 }}
+{{- $total := 0 }}
+{{- range regexFindAll "[0-9]+(ms|s|m|h)" . -1 }}
+{{- $total = add $total (mul (regexFind "^[0-9]+" . | atoi) (get $units (regexFind "[a-z]+$" .))) }}
+{{- end }}
+{{- $total -}}
+{{- end }}
+
+{{/* Fails when a monitor's scrapeTimeout is longer than its interval, which the Prometheus
+Operator refuses (the operator would go unscraped). Takes (list "serviceMonitor" .Values.serviceMonitor). */}}
+{{- define "marl-operator.checkScrapeTimeout" -}}
+{{- $name := index . 0 }}
+{{- $monitor := index . 1 }}
+{{- with $monitor.scrapeTimeout }}
+{{- if gt (include "marl-operator.milliseconds" . | int) (include "marl-operator.milliseconds" $monitor.interval | int) }}
+{{- fail (printf "%s.scrapeTimeout (%s) is longer than %s.interval (%s), which Prometheus refuses: shorten the timeout or lengthen the interval" $name . $name $monitor.interval) }}
+{{- end }}
+{{- end }}
+{{- end }}
