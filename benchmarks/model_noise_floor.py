@@ -25,10 +25,10 @@ is told, and the quadratic may miss some of how latency bends near saturation.
 
 Reported per scenario, each as normalised MAE (mean absolute error over the mean target, the
 figure the system model is judged by), all on the same rows (those of groups with at least 8
-rows whose fit leaves them a residual): ``floor``, that error; ``spread``, the error of each
-group's median (what is left knowing nothing of the replica's own state); ``pooled``, the
-error of one gradient-boosted model of the system model's inputs fitted on the
-replicas' own rows, scored on a fifth of the intervals it did not see (five contiguous
+rows whose fit leaves them a residual): ``floor``, that error; ``spread``, the same
+estimate around each group's mean alone (what is left knowing nothing of the replica's own
+state); ``pooled``, the error of one gradient-boosted model of the system model's inputs
+fitted on the replicas' own rows, scored on a fifth of the intervals it did not see (five contiguous
 blocks in turn): what a model of these inputs reaches with five times the system model's
 data, from the same routings; and ``model``, the error of the system model fitted on
 ``--train`` intervals of commissioning data (with ``--routing rollout``, as the live run left
@@ -89,6 +89,21 @@ def chance_errors(utilisation: np.ndarray, backlog: np.ndarray, y: np.ndarray) -
     pass through (leverage 1, say the only one with a backlog) has no residual to tell: NaN.
     """
     basis = np.stack([np.ones_like(utilisation), utilisation, utilisation**2, backlog], axis=1)
+    return scaled_residuals(basis, y)
+
+
+def spread_errors(y: np.ndarray) -> np.ndarray:
+    """``|y - E[y]|`` per row of one group, estimated the way ``chance_errors`` estimates
+    its chance but around the group's mean alone: what is left knowing nothing of a
+    replica's own state. Both scale their residuals alike, so where the state explains
+    nothing the two estimate the same noise, and the floor falls below the spread by
+    what the state does explain."""
+    return scaled_residuals(np.ones((len(y), 1)), y)
+
+
+def scaled_residuals(basis: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Least-squares residuals of ``y`` on ``basis``, each over sqrt(1 - its leverage); NaN
+    where the fit must pass through the row."""
     hat = basis @ np.linalg.pinv(basis)
     free = 1.0 - np.diag(hat)
     residual = np.abs(y - hat @ y) / np.sqrt(np.maximum(free, 1e-12))
@@ -174,8 +189,8 @@ def replica_rows(
 
 
 def group_errors(x: np.ndarray, y: np.ndarray, group: np.ndarray) -> tuple[np.ndarray, ...]:
-    """Per row and latency ``(R, 2)``: the chance error and the distance to the group's
-    median; NaN for rows of groups under 8 rows (too few for a four-term fit) and rows the
+    """Per row and latency ``(R, 2)``: the chance error and the spread around the group's
+    mean; NaN for rows of groups under 8 rows (too few for a four-term fit) and rows the
     fit passes through."""
     floor = np.full((len(y), len(LATENCIES)), np.nan)
     spread = floor.copy()
@@ -185,7 +200,7 @@ def group_errors(x: np.ndarray, y: np.ndarray, group: np.ndarray) -> tuple[np.nd
         for k, column in enumerate(LATENCIES.values()):
             target = y[rows, column]
             floor[rows, k] = chance_errors(x[rows, UTILISATION], x[rows, BACKLOG], target)
-            spread[rows, k] = np.abs(target - np.median(target))
+            spread[rows, k] = spread_errors(target)
     return floor, spread
 
 
