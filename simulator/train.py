@@ -246,7 +246,7 @@ def resume_mismatch(
     )
 
 
-def _flag_value(value) -> str:
+def _flag_value(value: object) -> str:
     """``value`` as ``--set`` reads it back (YAML): an empty string must be quoted."""
     return '""' if value == "" else str(value)
 
