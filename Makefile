@@ -42,9 +42,10 @@ bench: install
 
 # The bundled default policies (kilobytes): retrain them with exactly these commands.
 checkpoints: install
-	$(PYTHON) -m simulator.train --scenario dfaas-paise25 --seed 0 --out runs/bundled-dfaas
-	$(PYTHON) -m simulator.train --scenario mesh-10x3 --seed 0 --out runs/bundled-mesh \
-		--env-steps 300000 --eval-episodes 20
+	$(PYTHON) -m simulator.train --scenario dfaas-paise25 --seed 0 --threads 1 \
+		--out runs/bundled-dfaas
+	$(PYTHON) -m simulator.train --scenario mesh-10x3 --seed 0 --threads 1 \
+		--out runs/bundled-mesh --env-steps 300000 --eval-episodes 20
 	for f in policy.pt policy.json; do \
 		cp runs/bundled-dfaas/$$f policies/checkpoints/dfaas-paise25/$$f; \
 		cp runs/bundled-mesh/$$f policies/checkpoints/mesh-10x3/$$f; done

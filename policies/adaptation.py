@@ -155,8 +155,8 @@ class Adapter:
             (:func:`policies.queueing.with_prior`). The operator turns it on, because a
             node that just slowed down cannot wait for a window of data, and so does
             ``simulator.adapt`` unless told ``--no-prior`` (to measure the learned model
-            alone: after the bundled changes it then keeps the base action for 19-32 of 60
-            intervals and costs 0.9-3.9 times the oracle, against 0.4-0.9 with the prior).
+            alone: after the bundled changes it then keeps the base action for 30-47 of 60
+            intervals and costs 1.0-4.4 times the oracle, against 0.4-0.9 with the prior).
         reuse_tolerance: keep the previous decision while its predicted gain over the base
             policy's routing on the current state (1 - the ratio of their costs) stays within
             this distance of the gain it had when decided, the base policy's routing moves
