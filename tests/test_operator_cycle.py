@@ -1642,16 +1642,18 @@ def test_writes_that_keep_failing_count_towards_the_fallback():
     assert "(1 more before the fallback)" in runtime.cycle("edge/p", body).reason
 
 
-def test_a_write_that_fails_part_way_reports_what_the_mesh_carries():
-    """Of two services, the first is written and the second refused (a 500, a webhook): the
-    report, and so the status, carries the first one's new weights and the second's old."""
+def two_services_refusing(
+    refusing: set[str],
+) -> tuple[Runtime, QueueingMesh, FakeKube, list[float]]:
+    """A runtime over the example mesh with a second service, ``fn2``, beside ``fn``, whose
+    writes of the services named in ``refusing`` fail (a 500, a webhook); its inventory reads
+    the cluster again once ``now[0]`` has moved 10 s."""
     mesh = example_mesh()
     second = copy.deepcopy(SERVICES[0])
     second["metadata"]["name"] = "fn2"
     second["spec"]["host"] = "fn2.edge.svc.cluster.local"
     second["spec"]["mesh"].update(virtualService="fn2", destinationRule="fn2")
     kube = FakeKube(NODES, [SERVICES[0], second])
-    refusing: set[str] = set()
 
     class PartlyRefusing:
         def read(self, service, nodes):
@@ -1662,24 +1664,58 @@ def test_a_write_that_fails_part_way_reports_what_the_mesh_carries():
                 raise MeshError(f"VirtualService edge/{service.name}: 500 Internal Server Error")
             return mesh.write(service, routes)
 
+    now = [0.0]
     clock = iter(range(1_000, 10_000, 10))
     runtime = Runtime(
-        kube, mesh=PartlyRefusing(), reader_for=lambda url: Reader(mesh), clock=lambda: next(clock)
+        kube,
+        mesh=PartlyRefusing(),
+        reader_for=lambda url: Reader(mesh),
+        clock=lambda: next(clock),
+        inventory=Inventory(kube, refresh_s=10, clock=lambda: now[0]),
     )
+    return runtime, mesh, kube, now
+
+
+@pytest.mark.parametrize(("refused", "written"), [("fn2", "fn"), ("fn", "fn2")])
+def test_a_write_that_fails_part_way_reports_what_the_mesh_carries(refused, written):
+    """Of two services, one is refused (a 500, a webhook), whichever comes first: the other
+    is written all the same, and the report, and so the status, carries its new weights and
+    the refused one's old."""
+    refusing: set[str] = set()
+    runtime, mesh, _, _ = two_services_refusing(refusing)
     body = example_policy_body(services=["fn", "fn2"])
     first = runtime.cycle("edge/p", body)
     assert first.outcome == Outcome.APPLIED
     stored = status_of(first, None)
     before = {name: mesh.routes[name].by_source for name in ("fn", "fn2")}
     mesh.offered["edge-0"] *= 2.5  # a new decision for both services
-    refusing.add("fn2")
+    refusing.add(refused)
     report = runtime.cycle("edge/p", body)
     assert report.outcome == Outcome.HELD and "500" in report.reason
-    assert mesh.routes["fn"].by_source != before["fn"]  # written before the refusal
-    assert report.weights["fn"] == mesh.routes["fn"].by_source
-    assert report.weights["fn2"] == before["fn2"] == mesh.routes["fn2"].by_source
+    assert f"written all the same: {written}" in report.reason
+    assert mesh.routes[written].by_source != before[written]
+    assert report.weights[written] == mesh.routes[written].by_source
+    assert report.weights[refused] == before[refused] == mesh.routes[refused].by_source
     applied = {s["name"]: s["lastAppliedTime"] for s in status_of(report, stored)["services"]}
-    assert applied == {"fn": timestamp(report.time), "fn2": timestamp(first.time)}
+    assert applied == {written: timestamp(report.time), refused: timestamp(first.time)}
+
+
+def test_a_service_that_cannot_be_written_keeps_no_other_on_a_node_that_is_down():
+    """The first service's objects are refused for good (not adopted, say) when edge-1's node
+    goes down: the second service's routes still leave it at once, in every interval."""
+    refusing: set[str] = set()
+    runtime, mesh, kube, now = two_services_refusing(refusing)
+    body = example_policy_body(services=["fn", "fn2"], safety={"failureThreshold": 2})
+    runtime.cycle("edge/p", body)
+    assert any(row.get("edge-1", 0) > 0 for row in mesh.routes["fn2"].by_source.values())
+    refusing.add("fn")
+    node_not_ready(kube)
+    for _ in range(3):  # held, then the fallback
+        now[0] += 11
+        report = runtime.cycle("edge/p", body)
+        assert "fn: VirtualService edge/fn: 500" in report.reason
+        assert all(row.get("edge-1", 0) == 0 for row in mesh.routes["fn2"].by_source.values())
+        assert all(row.get("edge-1", 0) == 0 for row in report.weights["fn2"].values())
 
 
 def test_a_forbidden_read_is_reported_even_without_a_write():

@@ -121,6 +121,21 @@ def even_table(problem: MeshProblem) -> RouteTable:
     }
 
 
+class UnwrittenServices(MeshError):
+    """The services whose write failed (``failed``: service -> error) in a write that went on
+    to the others (``written``); the message names both."""
+
+    def __init__(self, failed: Mapping[str, MeshError], written: Collection[str]):
+        by_message: dict[str, list[str]] = {}
+        for service, error in failed.items():
+            by_message.setdefault(str(error), []).append(service)
+        text = "; ".join(f"{', '.join(names)}: {message}" for message, names in by_message.items())
+        if written:
+            text += f" (written all the same: {', '.join(written)})"
+        super().__init__(text)
+        self.failed, self.written = dict(failed), tuple(written)
+
+
 class PolicyController:
     """The live state of one RoutingPolicy: its model, its failure count, its last report."""
 
@@ -420,11 +435,12 @@ class PolicyController:
             try:
                 self._write(table, live)
             except MeshError as error:
-                # The weights in place hold (but for services written before the failure),
-                # and the report says so.
+                # The weights in place hold where it failed (the error names the services
+                # written all the same), and the report says so.
                 return self._report(
                     Outcome.HELD,
-                    f"{reason}; writing the {kind} fallback failed, weights held: {error}",
+                    f"{reason}; writing the {kind} fallback failed ({error}): weights held "
+                    "where it failed",
                     live,
                 )
         unwritten = " (spec.dryRun: not written)" if self.spec.dry_run else ""
@@ -543,21 +559,30 @@ class PolicyController:
         self, table: RouteTable, live: RouteTable, only: Collection[str] | None = None
     ) -> bool:
         """Write ``table`` service by service (those named in ``only``, if given), keeping
-        ``live`` what the mesh carries and ``_written`` which services' objects changed: when
-        a write fails part-way, the services written before it are reported as written.
-        Clients on no edge node are not sent to nodes that are down either."""
-        changed = False
+        ``live`` what the mesh carries and ``_written`` which services' objects changed.
+        A service whose write fails does not stop the others (one EdgeService's broken
+        object must not keep another's traffic on a node that is down): they are written,
+        and then :class:`UnwrittenServices` names what failed. Clients on no edge node are not
+        sent to nodes that are down either."""
+        changed, failed, written = False, {}, []
         for service in self.problem.services:
             if only is not None and service.name not in only:
                 continue
             down = self._liveness_now.cannot_serve(service.name)
             routes = build_routes(table[service.name], self.problem.nodes, down=down)
-            if self.mesh.write(service, routes):
-                changed = True
-                self._written.add(service.name)
+            try:
+                if self.mesh.write(service, routes):
+                    changed = True
+                    self._written.add(service.name)
+            except MeshError as error:
+                failed[service.name] = error
+                continue
+            written.append(service.name)
             self.synced.add(service.name)
             self._catch_all[service.name] = dict(routes.default)  # once written, not before
             live[service.name] = table[service.name]
+        if failed:
+            raise UnwrittenServices(failed, written)
         return changed
 
     # -- reporting ----------------------------------------------------------------------------
