@@ -109,6 +109,8 @@ PROM_P95 = "spec.prometheus.queries.latencyP95"
         ({"dryRun": "yes"}, "spec.dryRun"),
         ({"prometheus": {"url": "prom:9090"}}, "spec.prometheus.url"),
         ({"prometheus": {"url": "http://u:a/b@prom:9090"}}, "spec.prometheus.url"),
+        # A window that is no duration would fail every query, as an outage would.
+        ({"prometheus": {"window": "5 minutes"}}, "spec.prometheus.window"),
     ],
 )
 def test_bad_spec_names_the_field(change, field):
@@ -457,6 +459,8 @@ def test_metrics_outage_holds_then_falls_back_then_recovers():
     held = [runtime.cycle("edge/p", body) for _ in range(2)]
     assert [r.outcome for r in held] == [Outcome.HELD, Outcome.HELD]
     assert "unreachable" in held[0].reason and mesh.routes["fn"].by_source == applied
+    # No reading is reported as this cycle's: the last one's would be stamped with its time.
+    assert first.inputs and not any(r.inputs for r in held)
     fallback = runtime.cycle("edge/p", body)
     assert fallback.outcome == Outcome.FALLBACK and fallback.fallback == "local"
     assert mesh.routes["fn"].by_source["edge-0"] == {"edge-0": 100}

@@ -137,7 +137,9 @@ class ReportModel(BaseModel):
     observed_p95_ms: dict[str, float]
     model: ModelAccuracy | None
     decision_ms: float
-    inputs: dict[str, dict[str, NodeInputsModel]] = Field(description="service -> node")
+    inputs: dict[str, dict[str, NodeInputsModel]] = Field(
+        description="service -> node: what this cycle read (empty when it read no metrics)"
+    )
     forbidden: str | None = Field(
         description="a call the API server refused (403 Forbidden) in the cycle, on a mesh "
         "object or on a resource the policy is built from, naming the verb, resource and "

@@ -623,12 +623,12 @@ class PolicyController:
             reason=reason,
             weights=weights,
             model=accuracy.as_dict() if accuracy is not None else None,
-            inputs=dict(self.observer.inputs),
+            # what this cycle's metrics said, not what the last read's did
+            inputs=dict(self.observer.inputs) if self._observed else {},
             checkpoint=self.checkpoint,
             mesh_objects=self.mesh_objects,
             written=tuple(sorted(self._written)),
             dry_run=self.spec.dry_run,
-            # what this cycle's metrics said, not what the last read's did
             silent=dict(self.observer.silent) if self._observed else {},
             unmeasured=dict(self.observer.unmeasured) if self._observed else {},
             no_upstream=dict(self.observer.no_upstream) if self._observed else {},

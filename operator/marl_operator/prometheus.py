@@ -269,10 +269,7 @@ def render(
     The values are checked too, because they are pasted into PromQL string literals and a
     range selector: a quote or backslash would change the query rather than select a series.
     """
-    if not _DURATION.match(window):
-        raise ValueError(
-            f"spec.prometheus.window: {window!r} is not a PromQL duration such as 30s or 1m"
-        )
+    check_window(window)
     values = {
         "namespace": namespace,
         "service": service,
@@ -399,6 +396,15 @@ def error_answer(text: str) -> str:
         kind = answer.get("errorType")
         return f"HTTP {code}: {f'{kind}: ' if isinstance(kind, str) else ''}{answer['error']}"[:500]
     return f"HTTP {code} (not Prometheus's error format; body withheld)"
+
+
+def check_window(window: str) -> None:
+    """Refuse a rate window that is not a PromQL duration: it is pasted into every range
+    selector, where anything else fails every query as an outage would."""
+    if not _DURATION.match(window):
+        raise ValueError(
+            f"spec.prometheus.window: {window!r} is not a PromQL duration such as 30s or 1m"
+        )
 
 
 def check_url(url: str) -> None:

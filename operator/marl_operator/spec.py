@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from marl_operator.prometheus import QueryError, check_templates, check_url
+from marl_operator.prometheus import QueryError, check_templates, check_url, check_window
 
 FALLBACKS = ("hold", "static", "local")
 
@@ -131,6 +131,12 @@ def parse_policy_spec(spec: Mapping[str, Any] | None) -> PolicySpec:
         except QueryError as error:
             where = f"spec.prometheus.queries.{name}"
             raise SpecError(where, str(error).removeprefix(f"{where}: ")) from None
+    window = prom.get("window", str, "1m")
+    try:
+        check_window(window)
+    except ValueError as error:
+        where = "spec.prometheus.window"
+        raise SpecError(where, str(error).removeprefix(f"{where}: ")) from None
     url = prom.get("url", str, "") or None
     if url is not None:
         try:
@@ -161,9 +167,7 @@ def parse_policy_spec(spec: Mapping[str, Any] | None) -> PolicySpec:
         node_names=tuple(names) if names is not None else None,
         node_selector=selector,
         interval_s=root.get("intervalSeconds", int, 30, 5, 3600),
-        prometheus=PrometheusSpec(
-            url=url, window=prom.get("window", str, "1m"), queries=dict(queries)
-        ),
+        prometheus=PrometheusSpec(url=url, window=window, queries=dict(queries)),
         rollout=RolloutSpec(
             enabled=rollout.get("enabled", bool, True),
             horizon=rollout.get("horizon", int, 5, 1, 50),
