@@ -268,8 +268,9 @@ class Rollout:
         mask = self.env.action_mask(state)
         pair = np.stack([weights, base])
         cost, base_cost = self._score(state, pair, mask, table, None, horizon=0)
-        gain = 1.0 - cost / max(base_cost, 1e-12)
-        return float(gain) if np.isfinite(gain) else float("nan")
+        if not (np.isfinite(cost) and np.isfinite(base_cost)):
+            return float("nan")  # not 1.0: a base that cannot be priced is no gain of 100%
+        return float(1.0 - cost / max(base_cost, 1e-12))
 
     def leaves_data(self, state: MeshState, table: LatencyTable, weights: np.ndarray) -> bool:
         """Whether routing by ``weights`` leads outside the model's data in the next interval

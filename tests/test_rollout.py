@@ -774,3 +774,17 @@ def test_the_arrival_forecast_forgets_a_down_node_and_starts_afresh_when_it_retu
     stalled.mesh.active[:] = True  # no capacity left, but up: its clients still send
     adapter.observe(stalled)
     assert adapter.forecast[1] == 40.0
+
+
+def test_the_predicted_gain_is_unknown_where_either_routing_leaves_the_data():
+    """a's 170 requests/s kept local load it past the table's 1.6; split with b, neither
+    node leaves it. A gain against a base that cannot be priced is no gain of 100%."""
+    _, env, table, state = pair(arrivals=(170.0, 0.0))
+    rollout = Rollout(env, always_local, RolloutSettings(horizon=0))
+    local = np.array([[1.0, 0.0, 0.0], [1.0, 0.0, 0.0]])
+    split = np.array([[0.5, 0.5, 0.0], [1.0, 0.0, 0.0]])
+    assert rollout.leaves_data(state, table, local)
+    assert not rollout.leaves_data(state, table, split)
+    assert np.isnan(rollout.predicted_gain(state, split, local, table))
+    assert np.isnan(rollout.predicted_gain(state, local, split, table))
+    assert 0 < rollout.predicted_gain(state, split, split * 0.5 + local * 0.5, table) < 1
