@@ -273,7 +273,9 @@ class Adapter:
         if not self.model.ready:
             return f"the system model has too little data ({self.model.rows} rows)"
         accuracy = self.model.accuracy()
-        if accuracy is not None and accuracy.worst_nmae > self.max_nmae:
+        if accuracy is None:  # fitted on the very rows it would be judged by
+            return "the system model has no held-out score yet"
+        if accuracy.worst_nmae > self.max_nmae:
             return (
                 f"the system model's held-out error {accuracy.worst_nmae:.2f} exceeds "
                 f"{self.max_nmae:.2f}"

@@ -788,3 +788,28 @@ def test_the_predicted_gain_is_unknown_where_either_routing_leaves_the_data():
     assert np.isnan(rollout.predicted_gain(state, split, local, table))
     assert np.isnan(rollout.predicted_gain(state, local, split, table))
     assert 0 < rollout.predicted_gain(state, split, split * 0.5 + local * 0.5, table) < 1
+
+
+@pytest.mark.parametrize("prior", [False, True])
+def test_a_model_not_yet_scored_on_rows_it_did_not_learn_is_not_trusted(prior):
+    """A cold model (the operator's) is first fitted on the rows of the interval it then
+    decides in: its held-out error is unknown until the next interval's rows score it, and
+    until then the decision is the prior's, or the base action."""
+    topo, env, _, _ = pair(capacity=(700.0, 1000.0))
+    cap, load = np.array([700.0, 1000.0]), np.array([60.0, 0.0])
+    model = SystemModel(min_rows=6)
+    adapter = Adapter(env, always_local, model, RolloutSettings(horizon=1), prior=prior)
+    while not model.fits:
+        adapter.observe(_interval(topo, load, cap))
+    first = adapter.decide()
+    assert model.accuracy() is None
+    if prior:
+        assert first.fallback is None and adapter.model_source.startswith("queueing prior")
+        assert "no held-out score" in adapter.model_source
+    else:
+        assert "no held-out score" in first.fallback
+    adapter.observe(_interval(topo, load, cap))
+    assert model.accuracy() is not None
+    second = adapter.decide()
+    assert "held-out" not in (second.fallback or "")
+    assert adapter.model_source.startswith("learned")
