@@ -2275,6 +2275,33 @@ def test_requests_served_by_a_workload_named_for_no_edge_node_are_named_in_the_s
     assert "fn-edge-2-v2" in metrics["message"], metrics["message"]
 
 
+def test_a_service_only_clients_on_no_edge_node_call_is_served_work_not_missing_metrics():
+    """An ingress gateway is on no edge node: a service only it calls has no requests between
+    edge nodes, which read as metrics missing for the whole policy. No agent routes those
+    requests, but its nodes serve them and spend CPU on them, as when edge clients send them;
+    series whose servers are on no edge node either still name the misconfiguration."""
+    p = two_services()
+    names = ("edge-0", "edge-1", "edge-2")
+    pairs = [("istio-ingressgateway", f"heavy-{n}") for n in names]
+    gateway = ServiceReadings(
+        "heavy",
+        rate=dict.fromkeys(pairs, 10.0),
+        success=dict.fromkeys(pairs, 1.0),
+        mean_ms=dict.fromkeys(pairs, 20.0),
+        cpu_cores={f"heavy-{n}": 10.0 * 100.0 / 1000.0 for n in names},
+    )
+    fn = local_readings("fn", (40.0, 30.0, 20.0), 20.0)
+    tel = Observer(p, capacity_alpha=1.0).telemetry({"fn": fn, "heavy": gateway})
+    np.testing.assert_allclose(tel.offered[:, 1], 0.0)
+    edge_clients = {"fn": fn, "heavy": local_readings("heavy", (10.0, 10.0, 10.0), 100.0)}
+    called = Observer(p, capacity_alpha=1.0).telemetry(edge_clients)
+    np.testing.assert_allclose(tel.capacity, called.capacity)
+    np.testing.assert_allclose(tel.work, called.work)
+    nowhere = ServiceReadings("heavy", rate={("istio-ingressgateway", "heavy-cloud"): 5.0})
+    with pytest.raises(InsufficientData, match="no series of service heavy names an edge"):
+        Observer(p).telemetry({"fn": fn, "heavy": nowhere})
+
+
 def test_a_service_no_client_has_called_yet_does_not_stop_the_decisions_of_the_others():
     """Istio has no series for a pair until its first request: a second service of the
     policy that no client has called since its proxies started read as "no request rate

@@ -200,7 +200,9 @@ class Observer:
                 mats.append(pair_matrices(ServiceReadings(service), self.labels, n))
                 continue
             m = pair_matrices(got, self.labels, n)
-            if not np.isfinite(m.rate).any():
+            # Clients on no edge node alone (an ingress gateway): no agent routes the service,
+            # but its nodes serve it and spend CPU on it, which the work below counts.
+            if not np.isfinite(m.rate).any() and not (m.external > 0).any():
                 raise InsufficientData(
                     f"no series of service {service} names an edge node's workload "
                     f"(expected names ending in -{'/-'.join(self.labels)})"
