@@ -2275,6 +2275,36 @@ def test_requests_served_by_a_workload_named_for_no_edge_node_are_named_in_the_s
     assert "fn-edge-2-v2" in metrics["message"], metrics["message"]
 
 
+def test_series_a_template_had_ignored_are_named_where_their_values_are_missed():
+    """A sampleAge override that does not aggregate by pair leaves every pair without an age:
+    the hold blamed scrapes and staleAfterSeconds, where the template is what to fix; a
+    requestRate override that drops the pair labels reads as no request rate at all."""
+    mesh = example_mesh()
+    problems = {
+        "sampleAge": "spec.prometheus.queries.sampleAge returned several series for 3 keys; "
+        "they are ignored (aggregate by source_workload, destination_workload)",
+        "requestRate": "spec.prometheus.queries.requestRate returned 3 series without the "
+        "labels source_workload, destination_workload; they are ignored (keep those labels "
+        "in the template)",
+    }
+
+    class Ignoring(Reader):
+        def __init__(self, mesh, name: str):
+            super().__init__(mesh)
+            self.name = name
+
+        def read(self, **kwargs) -> ServiceReadings:
+            got = super().read(**kwargs)
+            lost = {"age_s": {}} if self.name == "sampleAge" else {"rate": {}}
+            return dataclasses.replace(got, problems={self.name: problems[self.name]}, **lost)
+
+    for name in problems:
+        kube = FakeKube(NODES, SERVICES)
+        runtime = Runtime(kube, mesh=mesh, reader_for=lambda url, n=name: Ignoring(mesh, n))
+        report = runtime.cycle("edge/p", example_policy_body())
+        assert report.outcome == Outcome.HELD and problems[name] in report.reason, report.reason
+
+
 def test_a_service_only_clients_on_no_edge_node_call_is_served_work_not_missing_metrics():
     """An ingress gateway is on no edge node: a service only it calls has no requests between
     edge nodes, which read as metrics missing for the whole policy. No agent routes those

@@ -233,7 +233,7 @@ def test_read_runs_six_queries_and_keys_them_by_workload():
     assert readings.p95_ms == {("a", "fn-edge-0"): 175.0, ("a", "fn-edge-1"): 24.0}
     assert readings.cpu_cores == {"fn-edge-0": 0.25, "fn-edge-1": 0.6}
     assert readings.age_s == {("a", "fn-edge-0"): 3.0, ("a", "fn-edge-1"): 14.5}
-    assert not readings.empty
+    assert not readings.empty and readings.problems == {}
 
 
 def test_fresh_readings_leave_out_the_pairs_whose_samples_stopped():
@@ -294,6 +294,11 @@ def test_series_without_the_grouping_labels_are_dropped():
     readings = read(FakePrometheus(answers))
     assert readings.rate == {("a", "fn-edge-0"): 10.0}
     assert readings.cpu_cores == {}
+    # A template none of whose series is usable is named, with the fix, for the cycle to say.
+    assert readings.problems == {
+        "cpuUsage": "spec.prometheus.queries.cpuUsage returned 1 series without the labels "
+        "destination_workload; they are ignored (keep those labels in the template)"
+    }
 
 
 def test_unaggregated_rates_add_up_and_ambiguous_latencies_are_dropped():
@@ -305,6 +310,10 @@ def test_unaggregated_rates_add_up_and_ambiguous_latencies_are_dropped():
     assert readings.rate == {("a", "fn-edge-0"): 10.0}
     assert readings.mean_ms == {}
     assert readings.cpu_cores == {"fn-edge-0": 0.75}
+    assert readings.problems == {
+        "latencyMean": "spec.prometheus.queries.latencyMean returned several series for 1 "
+        "keys; they are ignored (aggregate by source_workload, destination_workload)"
+    }
 
 
 def test_a_blank_override_is_the_built_in_template():

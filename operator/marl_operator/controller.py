@@ -404,7 +404,9 @@ class PolicyController:
                     "(the clock of the Prometheus that scraped it is ahead, or "
                     "spec.prometheus.queries.sampleAge has the wrong sign)"
                     if ages
-                    else "no sample is current (their targets stopped answering scrapes)"
+                    # a template's mistake, when there is one, before a scrape's
+                    else readings.problems.get("sampleAge")
+                    or "no sample is current (their targets stopped answering scrapes)"
                 )
                 clients = ", ".join(sorted({source for source, _ in stale})[:3])
                 raise MetricsUnavailable(

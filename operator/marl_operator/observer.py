@@ -209,7 +209,15 @@ class Observer:
                 )
             mats.append(m)
         if len(uncalled) == len(topo.services):
-            raise InsufficientData(f"no request rate reported for service {', '.join(uncalled)}")
+            why = [
+                readings[service].problems["requestRate"]
+                for service in uncalled
+                if service in readings and "requestRate" in readings[service].problems
+            ]
+            raise InsufficientData(
+                f"no request rate reported for service {', '.join(uncalled)}"
+                + "".join(f": {problem}" for problem in why[:1])
+            )
 
         # (a node that is down is expected to be silent: NodesReady says why)
         quiet = np.stack([~np.isfinite(m.rate).any(axis=1) for m in mats], -1)

@@ -319,6 +319,8 @@ class ServiceReadings:
     p95_ms: dict[tuple[str, str], float] = field(default_factory=dict)
     cpu_cores: dict[str, float] = field(default_factory=dict)
     age_s: dict[tuple[str, str], float] = field(default_factory=dict)
+    problems: dict[str, str] = field(default_factory=dict)
+    """Template name -> why some of its series were ignored (its field and the fix)."""
 
     @property
     def empty(self) -> bool:
@@ -553,8 +555,12 @@ class BoundedSession(requests.Session):
         return response
 
 
-def _parse_series(name: str, result: Any, labels: tuple[str, ...]) -> dict[tuple[str, ...], float]:
-    """Key each usable series by its label values; drop the rest (see the module docstring)."""
+def _parse_series(
+    name: str, result: Any, labels: tuple[str, ...]
+) -> tuple[dict[tuple[str, ...], float], str | None]:
+    """Key each usable series by its label values; drop the rest (see the module docstring).
+    Also returns what a template did wrong to have series dropped, naming the field and the
+    fix (logged too), or None: the cycle that then lacks those values says why."""
     values: dict[tuple[str, ...], float] = {}
     ambiguous: set[tuple[str, ...]] = set()
     unlabelled = negative = 0
@@ -588,12 +594,11 @@ def _parse_series(name: str, result: Any, labels: tuple[str, ...]) -> dict[tuple
         values[key] = value
     for key in ambiguous:
         del values[key]
+    problems = []
     if unlabelled and not values and not ambiguous:
-        logger.warning(
-            "%s returned %d series without the labels %s; they are ignored",
-            _field(name),
-            unlabelled,
-            ", ".join(labels),
+        problems.append(
+            f"{_field(name)} returned {unlabelled} series without the labels "
+            f"{', '.join(labels)}; they are ignored (keep those labels in the template)"
         )
     if negative and name == "sampleAge":
         logger.warning(
@@ -603,19 +608,18 @@ def _parse_series(name: str, result: Any, labels: tuple[str, ...]) -> dict[tuple
             negative,
         )
     elif negative:
-        logger.warning(
-            "%s returned %d negative values; they are ignored (check the template's sign)",
-            _field(name),
-            negative,
+        problems.append(
+            f"{_field(name)} returned {negative} negative values; they are ignored (check "
+            "the template's sign)"
         )
     if ambiguous:
-        logger.warning(
-            "%s returned several series for %d keys; aggregate by %s",
-            _field(name),
-            len(ambiguous),
-            ", ".join(labels),
+        problems.append(
+            f"{_field(name)} returned several series for {len(ambiguous)} keys; they are "
+            f"ignored (aggregate by {', '.join(labels)})"
         )
-    return values
+    for problem in problems:
+        logger.warning("%s", problem)
+    return values, "; ".join(problems) or None
 
 
 def _causes(error: requests.RequestException) -> list[Any]:
@@ -830,10 +834,11 @@ class PrometheusReader:
             if not _query_refused(error.__cause__):
                 raise  # unreachable, overloaded, unreadable: asking six times would not help
             answers = {name: self._run(name, promql) for name, promql in queries.items()}
-        parsed = {
-            name: _parse_series(name, answers.get(name, []), _KEY_LABELS[name])
-            for name in TEMPLATE_NAMES
-        }
+        parsed, problems = {}, {}
+        for name in TEMPLATE_NAMES:
+            parsed[name], problem = _parse_series(name, answers.get(name, []), _KEY_LABELS[name])
+            if problem is not None:
+                problems[name] = problem
         pairs = {
             name: {(key[0], key[1]): value for key, value in parsed[name].items()}
             for name in TEMPLATE_NAMES
@@ -847,4 +852,5 @@ class PrometheusReader:
             p95_ms=pairs["latencyP95"],
             cpu_cores={key[0]: value for key, value in parsed["cpuUsage"].items()},
             age_s=pairs["sampleAge"],
+            problems=problems,
         )
