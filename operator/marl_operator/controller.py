@@ -133,7 +133,6 @@ class UnwrittenServices(MeshError):
         if written:
             text += f" (written all the same: {', '.join(written)})"
         super().__init__(text)
-        self.failed, self.written = dict(failed), tuple(written)
 
 
 class PolicyController:
