@@ -8,7 +8,9 @@ just lost half its capacity, needs decisions *now*. The prior answers the same q
 outputs :data:`~policies.system_model.TARGETS`) with two textbook approximations:
 
 - the queue is a fluid over the interval: queued work grows by ``(utilisation - 1)`` seconds
-  per second while the node is overloaded and drains at the same rate otherwise;
+  per second while the node is overloaded and drains at the same rate otherwise, and the
+  interval's requests, arriving evenly, wait for its time average (its 95th percentile for
+  the p95);
 - on top of that, requests see the M/M/1 sojourn time of the load they arrive in, with
   utilisation capped at 0.95 so an overloaded node's term stays finite (the fluid queue
   carries the overload), and the exponential tail's p95 of three means.
@@ -37,15 +39,36 @@ def queueing_prior(interval_s: float) -> Callable[[np.ndarray], np.ndarray]:
         util, service_ms, backlog = x[:, 0], x[:, 1], np.maximum(x[:, 2], 0.0)
         after = np.maximum(backlog + (util - 1.0) * interval_s, 0.0)
         sojourn_ms = service_ms / (1.0 - np.minimum(util, MAX_STABLE_UTILISATION))
-        waited_ms = 1000.0 * (backlog + after) / 2.0
+        waited_ms = 1000.0 * fluid_mean_backlog(util, backlog, after, interval_s)
         out = np.empty((len(x), len(TARGETS)))
         out[:, 0] = waited_ms + sojourn_ms
-        out[:, 1] = 1000.0 * np.maximum(backlog, after) + P95_OVER_MEAN * sojourn_ms
+        out[:, 1] = (
+            1000.0 * fluid_p95_backlog(util, backlog, interval_s) + P95_OVER_MEAN * sojourn_ms
+        )
         out[:, 2] = 1.0
         out[:, 3] = after
         return out
 
     return predict
+
+
+def fluid_mean_backlog(
+    util: np.ndarray, backlog: np.ndarray, after: np.ndarray, interval_s: float
+) -> np.ndarray:
+    """The fluid queue's time average over the interval (what a request arriving at a random
+    moment waits for): the mean of its start and end while it lasts, and where it empties
+    before the interval ends, the triangle it drains in spread over the whole interval."""
+    drain = np.maximum(1.0 - util, 0.0)  # seconds of work per second
+    emptied = backlog < drain * interval_s
+    emptied_after = backlog / np.where(emptied, drain, 1.0)  # where it empties, else unused
+    return np.where(emptied, backlog * emptied_after / (2.0 * interval_s), (backlog + after) / 2)
+
+
+def fluid_p95_backlog(util: np.ndarray, backlog: np.ndarray, interval_s: float) -> np.ndarray:
+    """The fluid queue 95% of the interval's arrivals find no longer: at 5% of the way
+    through while it drains (its first arrivals wait the longest), at 95% while it grows."""
+    moment = np.where(util < 1.0, 0.05, 0.95) * interval_s
+    return np.maximum(backlog + (util - 1.0) * moment, 0.0)
 
 
 def prior_table(

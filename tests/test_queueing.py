@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from policies.queueing import prior_table, queueing_prior, with_prior
 from policies.system_model import (
@@ -27,6 +28,26 @@ def test_prior_latency_grows_with_load_and_overload_queues_up():
     assert np.all(out[:, SUCCESS] == 1.0)
     draining = predict(feature_rows(0.5, 20.0, 8.0))[0]
     assert draining[BACKLOG_S] == 3.0  # 8 s of work drains at 0.5 s per second
+
+
+def test_a_queue_that_empties_within_the_interval_is_waited_on_only_until_then():
+    """0.26 s of work at half load drains in 0.52 s of a 5 s interval: requests wait that
+    backlog's time average, 0.26 x 0.52 / 2 / 5 s, not half of it as if it lasted the whole
+    interval; a queue still there at the end is waited on half its start and end. The p95
+    likewise: not the start's backlog, which only the first arrivals find."""
+    predict = queueing_prior(interval_s=5.0)
+    sojourn_ms = 10.0 / (1.0 - 0.5)
+    emptied = predict(feature_rows(0.5, 10.0, 0.26))[0]
+    assert emptied[MEAN_MS] == pytest.approx(1000.0 * 0.26 * 0.52 / 2 / 5 + sojourn_ms)
+    assert emptied[BACKLOG_S] == 0.0
+    lasting = predict(feature_rows(0.5, 10.0, 4.0))[0]
+    assert lasting[MEAN_MS] == pytest.approx(1000.0 * (4.0 + 1.5) / 2 + sojourn_ms)
+    growing = predict(feature_rows(1.5, 10.0, 1.0))[0]
+    assert growing[MEAN_MS] == pytest.approx(1000.0 * (1.0 + 3.5) / 2 + 10.0 / 0.05)
+    # The p95: the wait 5% of the way through a draining interval, 95% through a growing one.
+    assert emptied[P95_MS] == pytest.approx(1000.0 * (0.26 - 0.5 * 0.25) + 3 * sojourn_ms)
+    assert lasting[P95_MS] == pytest.approx(1000.0 * (4.0 - 0.5 * 0.25) + 3 * sojourn_ms)
+    assert growing[P95_MS] == pytest.approx(1000.0 * (1.0 + 0.5 * 4.75) + 3 * 10.0 / 0.05)
 
 
 def test_the_learned_table_answers_inside_its_data_and_the_prior_elsewhere():
