@@ -1308,6 +1308,26 @@ class KeptStatus:
         return report
 
 
+def test_a_service_dropped_while_no_process_ran_the_policy_is_given_back_on_deletion():
+    """The policy wrote fn and fn2; fn2 left spec.services while the operator restarted, and
+    the policy was deleted before a cycle ran (kopf starts none for an object being deleted,
+    so none would release fn2): fn2's objects, which the status names, are given back too,
+    unless another policy governs fn2 by then."""
+    mesh = example_mesh()
+    restored: list[tuple[str, list[tuple[str, str]]]] = []
+    mesh.restore_objects = lambda namespace, ref, objects: restored.append((ref, objects)) or []
+    # As KubeMesh has it: the give-back of what a service lives in now, alone.
+    mesh.restore = lambda service, nodes: restored.append((service.ref, [])) or []
+    kept = KeptStatus(FakeKube(NODES, [*SERVICES, renamed("fn2")]), mesh)
+    kept.cycle(kept.runtime(), services=["fn", "fn2"])
+    kept.runtime().delete("edge/p", kept.body(2, services=["fn"]), {"fn": "p"})
+    assert [ref for ref, _ in restored] == ["edge/fn", "edge/fn2"]
+    assert sorted(restored[1][1]) == [("DestinationRule", "fn2"), ("VirtualService", "fn2")]
+    restored.clear()
+    kept.runtime().delete("edge/p", kept.body(2, services=["fn"]), {"fn": "p", "fn2": "q"})
+    assert [ref for ref, _ in restored] == ["edge/fn"]
+
+
 def test_routes_moved_to_other_objects_are_written_there_before_the_old_ones_go():
     """An EdgeService's ``mesh.destinationRule`` renamed: the old DestinationRule was given
     back (deleted) as the policy was built again, before the new one was written, and the
@@ -1327,6 +1347,7 @@ def test_routes_moved_to_other_objects_are_written_there_before_the_old_ones_go(
         return [f"restored {kind}/{name}" for kind, name in objects]
 
     mesh.write, mesh.restore_objects = recording_write, restore_objects
+    # As KubeMesh has it: the give-back of what a service lives in now, alone.
     mesh.restore = lambda service, nodes: [events.append(("restore", service.name))]
     kube = FakeKube(NODES, SERVICES)
     kept = KeptStatus(kube, mesh)
@@ -1340,12 +1361,13 @@ def test_routes_moved_to_other_objects_are_written_there_before_the_old_ones_go(
     assert not [e for e in events if e[0] == "restore"], events
     objects = kept.status["services"][0]["meshObjects"]
     assert "DestinationRule/fn" in objects and "DestinationRule/fn-subsets" in objects, objects
-    # Deleted meanwhile, by this process or after a restart: the old one goes too.
+    # Deleted meanwhile, by this process or after a restart: the old one goes too, in the
+    # same give-back as the new ones, which takes routes away before the subsets they name.
     for deleting in (held, kept.runtime()):
         events.clear()
         deleting.delete("edge/p", kept.body())
-        assert ("restore", "edge/fn", "DestinationRule/fn") in events, events
-        assert ("restore", "fn") in events, events
+        every = ("DestinationRule/fn", "DestinationRule/fn-subsets", "VirtualService/fn")
+        assert events == [("restore", "edge/fn", *every)], events
 
     runtime = kept.runtime()  # and again: the status still names the old one
     mesh.down = False
@@ -2192,12 +2214,12 @@ def test_a_service_that_cannot_be_given_back_does_not_keep_the_others_from_it():
     is given back all the same, and the failure carries both what was done and what not."""
     mesh = example_mesh()
 
-    def restore(service, nodes):
-        if service.name == "fn":
+    def restore_objects(namespace, ref, objects):
+        if ref == "edge/fn":
             raise RestoreIncomplete(["deleted DestinationRule/fn"], ["VirtualService/fn: bad"])
-        return [f"deleted VirtualService/{service.name}"]
+        return [f"deleted VirtualService/{ref.split('/')[1]}"]
 
-    mesh.restore = restore
+    mesh.restore_objects = restore_objects
     runtime = Runtime(
         FakeKube(NODES, [*SERVICES, renamed("fn2")]),
         mesh=mesh,

@@ -205,7 +205,9 @@ def register(
         body: kopf.Body, name: str, namespace: str, service_claims: kopf.Index, **_: Any
     ) -> None:
         key = f"{namespace}/{name}"
-        owners = governors(service_claims, namespace, body.spec.get("services") or ())
+        # Every service claimed here, not only those of its spec: the status may name one an
+        # edit dropped, which another policy may govern by now.
+        owners = governors(service_claims, namespace)
         # The status too: it names the mesh objects of a policy that can no longer be built.
         snapshot = {
             "metadata": dict(body.metadata),

@@ -762,11 +762,14 @@ class Runtime:
         return controller
 
     def _delete(self, key: str, body: Mapping[str, Any], others: set[str]) -> list[str]:
-        """The deletion proper; ``others``: services another policy governs. What a service
-        was moved away from and not given back yet goes too: its controller's list, or what
-        the status names beyond the policy's build."""
+        """The deletion proper; ``others``: services another policy governs. Each service's
+        objects go in one give-back, routes before the subsets they name: those it lives in
+        now and those written before the build (its controller's, or what the status names:
+        objects a renamed EdgeService moved away from, and the services of an edit that dropped
+        them while no process ran the policy)."""
         controller = self._retire(key)
         before = written_before(controller, body)
+        built: Mapping[str, Sequence[tuple[str, str]]] = {}
         if controller is None:
             try:
                 controller = self.build(key, body)
@@ -778,26 +781,13 @@ class Runtime:
                     extra={"fields": {"policy": key}},
                 )
                 controller = None
-        if controller is not None and hasattr(self.mesh, "restore"):
-            nodes, built = controller.problem.nodes, controller.problem.mesh_objects
-            moved_from = {
-                service: [o for o in objects if o not in built[service]]
-                for service, objects in before.items()
-                if service in built
-            }
-            return _every(
-                [
-                    *(
-                        lambda service=service: self.mesh.restore(service, nodes)
-                        for service in controller.problem.services
-                        if service.name not in others
-                    ),
-                    *self._restores(key, moved_from, others),
-                ]
-            )
-        # One that can no longer be built (its EdgeService or checkpoint deleted first,
-        # after a restart): what its status says its services live in.
-        return _every(self._restores(key, status_objects(body), others))
+        if controller is not None:
+            built = controller.problem.mesh_objects
+        listed = {
+            service: list(dict.fromkeys([*built.get(service, ()), *before.get(service, ())]))
+            for service in dict.fromkeys([*built, *before])
+        }
+        return _every(self._restores(key, listed, others))
 
     def _restores(
         self, key: str, listed: Mapping[str, Sequence[tuple[str, str]]], others: set[str]
