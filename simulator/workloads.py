@@ -267,7 +267,7 @@ def _azure(rng: np.random.Generator, b: int, t: int, p: Azure) -> np.ndarray:
         p.path, p.trigger, p.bins, p.scale_max, tuple(p.mean_range), tuple(p.std_range)
     )
     chosen = funcs[rng.integers(0, len(funcs), size=b)]
-    return np.resize(chosen, (b, t)) if chosen.shape[1] != t else chosen
+    return chosen[:, np.arange(t) % chosen.shape[1]]  # each its own, from its start, wrapped
 
 
 def _sum(rng: np.random.Generator, b: int, t: int, p: Sum) -> np.ndarray:

@@ -76,6 +76,10 @@ def test_replay_and_azure_formats(tmp_path):
     assert kept.shape == (1, 288) and kept.max() == 150 and kept.min() == 0
     x = draw("azure", b=3, t=288, path=str(azure))
     assert (x == kept[0]).all()
+    # Episodes shorter or longer than a day replay their function from its start (wrapped).
+    for t in (100, 300):
+        x = draw("azure", b=3, t=t, path=str(azure))
+        assert (x == kept[0][np.arange(t) % 288]).all()
 
 
 def test_azure_rejects_other_formats(tmp_path):
