@@ -463,8 +463,16 @@ def parse_scenario(data: Any, name: str = "<inline>", base_dir: Path | None = No
         max_arrivals=r.positive("max_arrivals", int, 150),
     )
     r.done()
-    if scenario.reward == "latency" and not scenario.models_latency:
-        r.fail("reward 'latency' needs latency_target_ms on every service", "reward")
+    if scenario.reward == "latency":
+        if not scenario.models_latency:
+            r.fail("reward 'latency' needs latency_target_ms on every service", "reward")
+        for i, service in enumerate(scenario.services):
+            if service.latency_target_ms is None:
+                r.fail(
+                    "reward 'latency' needs latency_target_ms on every service: give "
+                    f"{service.name!r} one",
+                    f"services[{i}].latency_target_ms",
+                )
     _check_draws(scenario, where, name)
     return scenario
 
@@ -484,6 +492,7 @@ def _check_draws(scenario: Scenario, where: Mapping[tuple[str, str], str], name:
             draw = workloads.generate(spec, rng, 1, min(scenario.steps, 10_000), clip_to=None)
         except (ValueError, KeyError, OSError) as error:
             raise ScenarioError(f"scenario {name!r}: field '{field}': {error}") from None
+        draw = np.maximum(draw, 0)  # what arrives: the simulator floors a negative draw at 0
         total = float(np.sum(draw))
         cut = (total - float(np.sum(np.minimum(draw, limit)))) / max(total, 1.0)
         if cut > MAX_CLIPPED:

@@ -83,6 +83,17 @@ def test_arrival_order_defaults_to_the_reference():
         ),
         (with_changes(steps=0), "steps", "> 0"),
         (with_changes(reward="latency"), "reward", "latency_target_ms"),
+        (  # one service with a target is not every one: the others' rewards were NaN
+            with_changes(
+                reward="latency",
+                services=[
+                    {**BASE["services"][0], "latency_target_ms": 100},
+                    {**BASE["services"][0], "name": "g"},
+                ],
+            ),
+            "services[1].latency_target_ms",
+            "reward 'latency' needs",
+        ),
         (
             with_changes(events=[{"at": 5, "kind": "fail", "node": "z"}]),
             "events[0].node",
@@ -166,6 +177,21 @@ def test_bad_scenarios_name_the_field(data, field, hint):
 def test_unknown_bundled_name_lists_the_choices():
     with pytest.raises(ScenarioError, match=r"bundled: .*dfaas-paise25"):
         load_scenario("no-such-scenario")
+
+
+def test_the_clip_check_counts_the_arrivals_the_simulator_keeps_after_its_zero_floor():
+    """A sine that dips below zero draws negative counts, which the simulator floors at 0:
+    counted as they were drawn, they shrank the total, so a clip of 3% of what arrives read
+    as 10% and the file was refused (and a mostly negative one read as a cut of 22500%)."""
+    low = with_changes(
+        workload={"default": {"kind": "sinusoidal", "average": 10, "amplitude": 150}}
+    )
+    assert parse_scenario(low, "tiny").max_arrivals == 150
+    deep = with_changes(
+        workload={"default": {"kind": "sinusoidal", "average": -16, "amplitude": 300}}
+    )
+    with pytest.raises(ScenarioError, match=r"draws \d+ requests a step .* would cut \d\d?%"):
+        parse_scenario(deep, "tiny")
 
 
 def test_a_workload_the_arrival_clip_would_cut_is_refused_naming_max_arrivals():
