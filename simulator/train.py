@@ -62,9 +62,12 @@ FINAL_SEED = 30_000
 """Offset of the final evaluation's seed (and of the baselines' the summary compares with)."""
 
 
-def reference_baselines(action_mode: str) -> list[str]:
-    """The heuristics drawn beside the learning curve: the naive and the strongest one."""
-    return ["apl", "fill-local-then-forward" if action_mode == "split3" else "least-request"]
+def reference_baselines(action_mode: str, max_degree: int) -> list[str]:
+    """The heuristics drawn beside the learning curve: the naive and the strongest one (on a
+    mesh, one that chooses among neighbours, which nodes without any do not have)."""
+    if action_mode == "split3":
+        return ["apl", "fill-local-then-forward"]
+    return ["apl", "least-request"] if max_degree > 0 else ["apl"]
 
 
 def git_revision() -> str:
@@ -325,7 +328,7 @@ def main(argv: list[str] | None = None) -> int:
         # On the final evaluation's episodes (its seed and count, all in one batch as
         # evaluate_model runs them): the summary sets the two side by side, and a gap
         # measured on other episodes would carry their sampling noise, about as large.
-        for name in reference_baselines(mode):
+        for name in reference_baselines(mode, scenario.max_degree):
             baselines[name] = summarise(
                 run_episodes(
                     scenario,

@@ -277,6 +277,27 @@ def test_the_checkpoint_records_the_time_step_and_reject_price_the_operator_read
     assert meta["environment"] == {"step_seconds": 5.0, "reject_penalty": 8.0}
 
 
+def test_a_mesh_whose_nodes_have_no_neighbours_trains_beside_the_baselines_it_can_run(
+    tmp_path, capsys
+):
+    """least-request, the mesh's strongest baseline, chooses among neighbours: on nodes
+    without any it raised, and training ended in its traceback before the first update."""
+    scenario = tmp_path / "single.yaml"
+    scenario.write_text(
+        "name: single\nnodes: [{name: a}]\nreward: latency\nsteps: 50\nstep_seconds: 1\n"
+        "services:\n  - name: f\n    latency_target_ms: 500\n    request_classes:\n"
+        "      - cpu: {min: 1, mean: 5, max: 10, std: 2}\n"
+        "        ram: {min: 1, mean: 10, max: 20, std: 2}\n"
+        "workload: {default: {kind: poisson, rate: 20}}\n"
+    )
+    out = tmp_path / "run"
+    args = ["--scenario", str(scenario), "--env-steps", "256", "--out", str(out), "--json"]
+    assert train_main([*args, *TINY, "--set", "rollout_steps=32"]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert "baseline/apl/return_per_agent" in summary
+    assert not any(key.startswith("baseline/least-request") for key in summary)
+
+
 def test_ctrl_c_keeps_the_last_evaluations_metrics_in_the_checkpoint(tmp_path, monkeypatch):
     """After Ctrl-C, the checkpoint is the last update's and policy.json said so by its last
     periodic evaluation's metrics, until the save on the way out replaced them with timings
