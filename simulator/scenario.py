@@ -483,24 +483,30 @@ def _check_draws(scenario: Scenario, where: Mapping[tuple[str, str], str], name:
     ``max_arrivals`` would cut by more than ``MAX_CLIPPED`` of its requests (traffic other
     than the one written, silently)."""
     from simulator import workloads
+    from simulator.env import Timeline
 
     limit = scenario.max_arrivals
+    steps = min(scenario.steps, 10_000)
+    surge = Timeline.of(scenario).surge[:steps]  # (T, N): the events' factors, as arrivals get
     for (node, svc), spec in scenario.workloads.items():
         field = where[(node, svc)]
         rng = np.random.default_rng(0)
         try:
-            draw = workloads.generate(spec, rng, 1, min(scenario.steps, 10_000), clip_to=None)
+            draw = workloads.generate(spec, rng, 1, steps, clip_to=None)
         except (ValueError, KeyError, OSError) as error:
             raise ScenarioError(f"scenario {name!r}: field '{field}': {error}") from None
-        draw = np.maximum(draw, 0)  # what arrives: the simulator floors a negative draw at 0
+        # What arrives: whole, surged, whole again and floored at 0, as the simulator has
+        # it before its clip.
+        surged = np.trunc(draw) * surge[:, scenario.node_names.index(node)]
+        draw = np.maximum(np.trunc(surged), 0)
         total = float(np.sum(draw))
         cut = (total - float(np.sum(np.minimum(draw, limit)))) / max(total, 1.0)
         if cut > MAX_CLIPPED:
             raise ScenarioError(
                 f"scenario {name!r}: field '{field}': node {node!r}, service {svc!r} draws "
                 f"{float(np.mean(draw)):.0f} "
-                f"requests a step on average, and max_arrivals ({limit}) would cut {cut:.0%} of "
-                "them: raise max_arrivals or lower the workload"
+                f"requests a step on average (surges included), and max_arrivals ({limit}) "
+                f"would cut {cut:.0%} of them: raise max_arrivals or lower the workload"
             )
 
 

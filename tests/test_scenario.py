@@ -194,6 +194,17 @@ def test_the_clip_check_counts_the_arrivals_the_simulator_keeps_after_its_zero_f
         parse_scenario(deep, "tiny")
 
 
+def test_the_clip_check_counts_a_surge_as_the_simulator_applies_it(tmp_path):
+    """A surge multiplies a node's arrivals before the clip: doubling dfaas-2's node_0 cut a
+    third of its surged requests, where the file without the event passes."""
+    surged, calm = tmp_path / "surged.yaml", tmp_path / "calm.yaml"
+    surged.write_text("extends: dfaas-2\nevents: [{at: 0, kind: surge, node: node_0, factor: 2}]\n")
+    calm.write_text("extends: dfaas-2\n")
+    with pytest.raises(ScenarioError, match=r"surges included.*would cut 3\d%"):
+        load_scenario(str(surged))
+    assert load_scenario(str(calm)).events == ()
+
+
 def test_a_workload_the_arrival_clip_would_cut_is_refused_naming_max_arrivals():
     """A rate above ``max_arrivals`` would be flattened to it, silently: the file's traffic
     would not be the one simulated. The reference's own clip (under 1% cut) stays."""
