@@ -101,14 +101,20 @@ def sample_arrivals(
     """``(B, T, N, S)`` request counts per step: each (node, service) workload, times the
     surges, clipped to ``max_arrivals``, zero while a node is down."""
     b, t = num_envs, scenario.steps
-    arrivals = np.zeros((b, t, len(scenario.nodes), len(scenario.services)), np.int64)
+    drawn = np.zeros((b, t, len(scenario.nodes), len(scenario.services)))
     for j, node in enumerate(scenario.node_names):
         for i, svc in enumerate(scenario.service_names):
             spec = scenario.workloads[(node, svc)]
-            arrivals[:, :, j, i] = workloads.generate(spec, rng, b, t, clip_to=None)
-    arrivals = arrivals * timeline.surge[None, :, :, None]
-    arrivals = np.clip(np.trunc(arrivals), 0, scenario.max_arrivals).astype(np.int64)
+            drawn[:, :, j, i] = workloads.generate(spec, rng, b, t, clip_to=None)
+    arrivals = surged_arrivals(drawn, timeline.surge[None, :, :, None])
+    arrivals = np.minimum(arrivals, scenario.max_arrivals).astype(np.int64)
     return np.where(timeline.active[None, :, :, None], arrivals, 0)
+
+
+def surged_arrivals(drawn: np.ndarray, surge: np.ndarray) -> np.ndarray:
+    """Whole requests from a workload's draws times the surge factors in effect, before the
+    clip to ``max_arrivals``: whole, surged, whole again, and never below zero."""
+    return np.maximum(np.trunc(np.trunc(drawn) * surge), 0)
 
 
 @dataclass

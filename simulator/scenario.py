@@ -483,7 +483,7 @@ def _check_draws(scenario: Scenario, where: Mapping[tuple[str, str], str], name:
     ``max_arrivals`` would cut by more than ``MAX_CLIPPED`` of its requests (traffic other
     than the one written, silently)."""
     from simulator import workloads
-    from simulator.env import Timeline
+    from simulator.env import Timeline, surged_arrivals
 
     limit = scenario.max_arrivals
     steps = min(scenario.steps, 10_000)
@@ -495,10 +495,7 @@ def _check_draws(scenario: Scenario, where: Mapping[tuple[str, str], str], name:
             draw = workloads.generate(spec, rng, 1, steps, clip_to=None)
         except (ValueError, KeyError, OSError) as error:
             raise ScenarioError(f"scenario {name!r}: field '{field}': {error}") from None
-        # What arrives: whole, surged, whole again and floored at 0, as the simulator has
-        # it before its clip.
-        surged = np.trunc(draw) * surge[:, scenario.node_names.index(node)]
-        draw = np.maximum(np.trunc(surged), 0)
+        draw = surged_arrivals(draw, surge[:, scenario.node_names.index(node)])  # what arrives
         total = float(np.sum(draw))
         cut = (total - float(np.sum(np.minimum(draw, limit)))) / max(total, 1.0)
         if cut > MAX_CLIPPED:
