@@ -434,6 +434,12 @@ class NodeModel:
         agent = self.q_agent[queued].astype(np.int64)
         return np.bincount(env * self.A + agent, minlength=self.B * self.A).reshape(self.B, -1)
 
+    def restart_clock(self, steps: int) -> None:
+        """Step numbers restart from 0 ``steps`` after the last start: a queued request's
+        birth step moves back by as much, so its wait stays the time it has queued."""
+        if self.needs_metadata:
+            self._queue[self.fields.index("born")] -= steps
+
     def drop_queues(self, nodes: np.ndarray) -> np.ndarray:
         """Empty the queues of failed nodes (bool ``(N,)``); returns requests lost ``(B, N)``."""
         lost = np.where(nodes[None, :], self.q_len, 0)

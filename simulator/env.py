@@ -274,8 +274,17 @@ class EdgeEnv:
         timeline from its first step, zeroed totals, but the queues kept. A run longer than
         one episode (a live demo stepping in real time) goes on this way without the jump
         that emptying every queue in :meth:`reset` would be. Resources set with
-        :meth:`set_node_cpu` belong to the episode that set them: set them again."""
+        :meth:`set_node_cpu` belong to the episode that set them: set them again.
+
+        The clock restarts at step 0, so the queued requests' birth steps are counted back
+        from it (or they would wait a negative time), and a node up at the old episode's end
+        but down at the new one's start fails there, its queue lost as at any failure."""
+        played = self.t
+        up_at_end = self.timeline.active[played - 1] if played > 0 else None
         self._new_episode()
+        self.model.restart_clock(played)
+        if up_at_end is not None:
+            self._failing |= up_at_end & ~self.timeline.active[0]
 
     def _new_episode(self) -> None:
         """The scenario's own timeline (dropping what :meth:`set_node_cpu` changed), fresh

@@ -1,10 +1,12 @@
+import dataclasses
+
 import numpy as np
 import pytest
 from pettingzoo.test import parallel_api_test, parallel_seed_test
 
 from simulator.env import EdgeEnv, Timeline
 from simulator.pettingzoo_env import EdgeParallelEnv
-from simulator.scenario import load_scenario
+from simulator.scenario import Event, load_scenario
 
 
 def rollout(scenario, seed, num_envs=4):
@@ -200,3 +202,45 @@ def test_a_failing_node_s_queue_is_lost_in_the_reference_layout_too(tmp_path):
     _, _, _, info = env.step(keep)
     assert env.totals.lost_on_failure[0] == queued
     assert info["lost"][0, 1].sum() - info["reject"][0, 1].sum() >= queued
+
+
+def all_local(env: EdgeEnv) -> np.ndarray:
+    keep = np.zeros((env.num_envs, env.num_agents, env.action_dim))
+    keep[..., 0] = 1.0  # everything local: the slower nodes' queues fill
+    return keep
+
+
+def test_a_continued_episode_times_queued_requests_from_their_arrival(mesh):
+    """The clock restarts at 0 and the queues stay: their requests' birth steps used to stay
+    the old episode's, so their waits came out negative (minus an hour's worth in the live
+    demo, which continues every 3,600 steps) and the latency reward turned positive."""
+    env = EdgeEnv(dataclasses.replace(mesh, steps=20), num_envs=1, seed=0)
+    env.reset()
+    for _ in range(20):
+        env.step(all_local(env))
+    assert env.model.q_len.sum() > 0
+    env.continue_episode()
+    _, reward, _, _ = env.step(all_local(env))
+    out = env.last_outcome
+    assert out.latency_count.sum() > 0
+    assert out.latency_sum_ms.min() >= 0.0
+    assert reward.max() <= 0.0  # a latency cost, never a gain
+
+
+def test_a_node_absent_when_an_episode_continues_loses_its_queue(mesh):
+    """Up at the old episode's end, down at the new one's start (a node added part-way):
+    failures were detected only from step 1, so its queue sat there unserved and uncounted
+    until the node joined again."""
+    scenario = dataclasses.replace(
+        mesh, steps=20, events=(Event(at=10, kind="add", node="edge-3"),)
+    )
+    env = EdgeEnv(scenario, num_envs=1, seed=0)
+    env.reset()
+    for _ in range(20):
+        env.step(all_local(env))
+    queued = int(env.model.q_len[0, 3])
+    assert queued > 0
+    env.continue_episode()
+    env.step(all_local(env))
+    assert env.model.q_len[0, 3] == 0
+    assert env.totals.lost_on_failure[0] == queued
