@@ -176,6 +176,68 @@ def test_readyz_follows_the_ready_callable_on_every_request(store, instruments) 
     assert response.json()["status"] == "ready"
 
 
+def test_probes_answer_while_every_worker_thread_is_busy(store, instruments) -> None:
+    """Sync endpoints and dependencies run in a pool of threads. The readiness probe's
+    dependency was sync, so replica reads waiting on the API server (up to its timeout)
+    could take every thread, and the kubelet then saw a healthy operator as not ready."""
+    release = threading.Event()
+
+    def blocked_replica() -> ReplicaRole:
+        release.wait(10)  # a peering read waiting on the API server
+        return ReplicaRole("marl-operator", 1, True)
+
+    app = create_app(store, instruments, ready=lambda: True, replica=blocked_replica)
+
+    async def main() -> dict[str, int]:
+        import anyio.to_thread
+
+        anyio.to_thread.current_default_thread_limiter().total_tokens = 1  # the pool is full
+        server = ApiServer(app, "127.0.0.1", 0)
+        await server.start()
+        try:
+            async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{server.port}") as http:
+                replica = asyncio.create_task(http.get("/api/v1/replica", timeout=15))
+                await asyncio.sleep(0.3)  # the replica request holds the one thread
+                codes = {}
+                for probe in ("/healthz", "/readyz"):
+                    codes[probe] = (await http.get(probe, timeout=2)).status_code
+                release.set()
+                codes["/api/v1/replica"] = (await replica).status_code
+                return codes
+        finally:
+            release.set()
+            await server.stop()
+
+    assert asyncio.run(main()) == {"/healthz": 200, "/readyz": 200, "/api/v1/replica": 200}
+
+
+def test_a_malformed_peering_status_is_said_not_served_as_500(store, instruments) -> None:
+    """``outranking_peers`` raised ValueError on a peer's unparseable lastseen or priority,
+    which the view did not catch: the replica endpoint answered 500 instead of saying it
+    cannot tell."""
+    from marl_operator.peering import PeeringView
+
+    class Kube:
+        def __init__(self, peer):
+            self.peer = peer
+
+        def peering_statuses(self, name, namespaces):
+            return [{"other": self.peer}]
+
+    for peer in (
+        {"lastseen": "garbage", "priority": 10},
+        {"lastseen": "2026-01-01T11:59:30+00:00", "priority": "high"},
+        {"lastseen": "2026-01-01T11:59:30+00:00", "priority": 10, "lifetime": None},
+    ):
+        view = PeeringView(Kube(peer), "marl-operator", ["edge"], priority=5)
+        client = TestClient(create_app(store, instruments, ready=lambda: True, replica=view))
+        response = client.get("/api/v1/replica")
+        assert response.status_code == 200, peer
+        body = response.json()
+        assert body["acting"] is None, peer
+        assert "other" in body["error"] and "peering" in body["error"], body
+
+
 def test_replica_says_whether_this_replica_acts(store, instruments) -> None:
     standalone = TestClient(create_app(store, instruments, ready=lambda: True))
     assert standalone.get("/api/v1/replica").json() == {

@@ -250,7 +250,8 @@ def get_instruments(request: Request) -> Instruments:
     return request.app.state.instruments
 
 
-def get_ready(request: Request) -> Callable[[], bool]:
+async def get_ready(request: Request) -> Callable[[], bool]:
+    # Async, as the probes are: a sync dependency would wait for a thread of the pool.
     return request.app.state.ready
 
 

@@ -34,15 +34,23 @@ class ReplicaRole:
 
 
 def outranking_peers(status: Mapping[str, Any], priority: int, now: datetime.datetime) -> list[str]:
-    """The peers of a peering object's status that pause a replica of ``priority``."""
+    """The peers of a peering object's status that pause a replica of ``priority``. A peer
+    whose priority, lifetime or lastseen cannot be read raises ValueError naming it: whether
+    it outranks this replica is then unknown, not no."""
     found = []
     for peer, seen in status.items():
-        if not isinstance(seen, Mapping) or int(seen.get("priority", 0)) <= priority:
+        if not isinstance(seen, Mapping):
             continue
-        lastseen = datetime.datetime.fromisoformat(str(seen.get("lastseen", "")))
+        try:
+            if int(seen.get("priority", 0)) <= priority:
+                continue
+            lastseen = datetime.datetime.fromisoformat(str(seen.get("lastseen", "")))
+            lifetime = datetime.timedelta(seconds=int(seen.get("lifetime", 60)))
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"peer {peer!r} has an unreadable status: {error}") from None
         if lastseen.tzinfo is None:
             lastseen = lastseen.replace(tzinfo=datetime.UTC)
-        if lastseen + datetime.timedelta(seconds=int(seen.get("lifetime", 60))) > now:
+        if lastseen + lifetime > now:
             found.append(peer)
     return sorted(found)
 
@@ -80,7 +88,11 @@ class PeeringView:
             problem = f"reading the peering object: {type(error).__name__}"
             return ReplicaRole(self.name, self.priority, None, error=problem)
         now = datetime.datetime.now(datetime.UTC)
-        peers = sorted({p for s in statuses for p in outranking_peers(s, self.priority, now)})
+        try:
+            peers = sorted({p for s in statuses for p in outranking_peers(s, self.priority, now)})
+        except ValueError as error:
+            problem = f"reading the peering object: {error}"
+            return ReplicaRole(self.name, self.priority, None, error=problem)
         return ReplicaRole(self.name, self.priority, not peers, tuple(peers))
 
 
