@@ -236,8 +236,11 @@ def read_meta(directory: Path) -> dict:
     sections readers use besides (see ``_check_sections``)."""
     try:
         meta = json.loads((directory / META_FILE).read_text())
-    except json.JSONDecodeError as exc:
-        raise CheckpointError(f"checkpoint {directory}: {META_FILE} is not JSON: {exc}") from exc
+    except OSError as exc:
+        message = f"checkpoint {directory}: {META_FILE} cannot be read: {exc}"
+        raise CheckpointError(message) from None
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+        raise CheckpointError(f"checkpoint {directory}: {META_FILE} is not JSON: {exc}") from None
     if not isinstance(meta, dict) or meta.get("format_version") != FORMAT_VERSION:
         version = meta.get("format_version") if isinstance(meta, dict) else None
         raise CheckpointError(
@@ -262,12 +265,25 @@ def read_meta(directory: Path) -> dict:
                 f"checkpoint {directory}: field 'network.{key}' is {value!r}, expected {want}"
             )
     _check_sections(meta, directory)
+    for name, key in (("observation", "obs_dim"), ("action", "action_dim")):
+        dim = meta.get(name, {}).get("dim")
+        if dim is not None and dim != net[key]:
+            raise CheckpointError(
+                f"checkpoint {directory}: field 'network.{key}' is {net[key]}, but "
+                f"'{name}.dim' says the policy {name.replace('observation', 'observe')}s "
+                f"{dim} numbers: the network was not trained for this {name}"
+            )
     return meta
 
 
 def check_state(state: dict[str, np.ndarray], network: dict, where: str) -> None:
     """Raise naming the first weight that is missing, unexpected, misshapen or not floating
     point (the strictness of torch's ``load_state_dict``)."""
+    if network["layers"] > len(state):  # each layer has weights: no layout of millions
+        raise CheckpointError(
+            f"{where}: field 'network.layers' is {network['layers']}, but the weights hold "
+            f"only {len(state)} tensors"
+        )
     layout = state_layout(
         network["obs_dim"],
         network["action_dim"],

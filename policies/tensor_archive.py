@@ -77,7 +77,10 @@ def _rebuild_tensor_v2(
     backward_hooks: Any = None,
     metadata: Any = None,
 ) -> np.ndarray:
-    """numpy stand-in for ``torch._utils._rebuild_tensor_v2``: a contiguous view, copied."""
+    """numpy stand-in for ``torch._utils._rebuild_tensor_v2``: a contiguous view of its
+    storage, not a copy. Tensors share a storage as torch's do, so a pickle that rebuilds
+    one storage a thousand times costs a thousand small views, not a thousand times its
+    memory."""
     if not isinstance(storage, _Storage):
         raise ArchiveError("a tensor refers to something that is not a storage")
     if not (
@@ -106,7 +109,7 @@ def _rebuild_tensor_v2(
             f"{storage.array.size} elements"
         )
     flat = storage.array[storage_offset : storage_offset + numel]
-    return flat.reshape(size).copy()
+    return flat.reshape(size)
 
 
 def _contiguous(size: tuple[int, ...]) -> tuple[int, ...]:

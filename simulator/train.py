@@ -29,6 +29,7 @@ import argparse
 import csv
 import math
 import os
+import pickle
 import random
 import subprocess
 import sys
@@ -295,7 +296,16 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         try:
             trainer.load_state_dict(torch.load(out / STATE_FILE, weights_only=True))
-        except (RuntimeError, KeyError, ValueError, OSError) as exc:
+        except pickle.UnpicklingError:
+            # torch's own message suggests weights_only=False: never for a file from elsewhere.
+            print(
+                f"error: --resume: {out / STATE_FILE} holds objects other than tensors and "
+                "numbers, so it was not loaded: it is not a training state simulator.train "
+                "wrote; train into a new --out",
+                file=sys.stderr,
+            )
+            return 2
+        except (RuntimeError, KeyError, ValueError, TypeError, EOFError, OSError) as exc:
             print(
                 f"error: --resume: {out / STATE_FILE} does not fit this run ({exc}); it was "
                 "saved with other settings (--algo, --action-mode, --set) or is damaged: "

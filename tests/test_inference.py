@@ -304,6 +304,25 @@ def test_a_memo_index_past_the_pickle_is_refused_before_unpickling(tmp_path):
         load_state_dict(tmp_path / "far.pt")
 
 
+def test_a_storage_rebuilt_over_and_over_costs_its_memory_once(tmp_path):
+    """Each rebuilt tensor used to be a copy: a file of 1 MB whose pickle rebuilt its one
+    storage 400 times asked for 400 MB, against the reader's promise that nothing it reads
+    is larger than the file. torch itself writes such a file for views of one tensor."""
+    import tracemalloc  # numpy reports its allocations to it
+
+    base = torch.zeros(2**18)  # 1 MiB
+    torch.save({f"w{i}": base.view(-1) for i in range(400)}, tmp_path / "views.pt")
+    assert (tmp_path / "views.pt").stat().st_size < 2**21
+    tracemalloc.start()
+    try:
+        state = load_state_dict(tmp_path / "views.pt")
+        peak_mb = tracemalloc.get_traced_memory()[1] / 2**20
+    finally:
+        tracemalloc.stop()
+    assert len(state) == 400 and all(v.shape == (2**18,) for v in state.values())
+    assert peak_mb < 20, f"reading a 1 MB file took {peak_mb:.0f} MB"
+
+
 # -- checkpoint errors name the field ------------------------------------------------------
 
 
@@ -363,6 +382,11 @@ def test_a_missing_network_field_is_named(saved):
         (lambda m: m.update(environment="oops"), r"'environment' is 'oops'"),
         (lambda m: m.update(environment={"step_seconds": "1"}), r"'environment\.step_seconds'"),
         (lambda m: m.update(environment={"reject_penalty": -4}), r"environment\.reject_penalty"),
+        # A network relabelled for another observation failed every decision, unnamed.
+        (lambda m: m["network"].update(obs_dim=6), r"'network\.obs_dim' is 6, but 'observat"),
+        (lambda m: m["action"].update(dim=3), r"'network\.action_dim' is \d+, but 'action"),
+        # The layout of two million layers took 1.3 GB before any weight was compared.
+        (lambda m: m["network"].update(layers=2_000_000), r"'network\.layers' is 2000000, bu"),
     ],
 )
 def test_a_meta_section_off_its_type_is_named(tmp_path, edit, named):
@@ -374,6 +398,20 @@ def test_a_meta_section_off_its_type_is_named(tmp_path, edit, named):
     edit(meta)
     (directory / "policy.json").write_text(json.dumps(meta))
     with pytest.raises(checkpoint.CheckpointError, match=named):
+        checkpoint.load(directory)
+
+
+@pytest.mark.parametrize(
+    "content", [b"\xff\xfe not text", b"[" * 200_000], ids=["not-utf8", "nested-deep"]
+)
+def test_a_policy_json_that_is_not_json_text_is_named(tmp_path, content):
+    """Bytes that are not UTF-8, or JSON nested past the parser's recursion limit, escaped
+    as UnicodeDecodeError and RecursionError: tracebacks, and an operator cycle failing
+    instead of a condition naming the checkpoint."""
+    directory = tmp_path / "ckpt"
+    shutil.copytree(checkpoint.BUNDLED / "mesh-10x3", directory)
+    (directory / "policy.json").write_bytes(content)
+    with pytest.raises(checkpoint.CheckpointError, match=r"policy\.json is not JSON"):
         checkpoint.load(directory)
 
 

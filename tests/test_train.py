@@ -139,6 +139,39 @@ def test_a_state_that_does_not_fit_is_refused_by_resume_and_saves_are_whole(tmp_
     assert "error: --resume:" in err and "train into a new --out" in err
 
 
+class NotATensor:
+    """Anything torch's weights-only loader refuses to build."""
+
+
+@pytest.mark.parametrize(
+    ("saved", "said"),
+    [
+        (lambda: {"x": NotATensor()}, "holds objects other than tensors"),
+        (lambda: [1, 2], "does not fit this run"),
+        (None, "does not fit this run"),  # no policy.json beside the state
+    ],
+    ids=["foreign-object", "a-list", "no-policy-json"],
+)
+def test_a_foreign_training_state_is_refused_by_resume_without_a_traceback(
+    tmp_path, capsys, saved, said
+):
+    """A state of other objects, or of another shape, escaped as UnpicklingError (whose own
+    text suggests weights_only=False) or TypeError tracebacks; a state without its
+    policy.json, as FileNotFoundError."""
+    out = tmp_path / "run"
+    assert train(out, 3000, *TINY) == 0
+    if saved is None:
+        (out / "policy.json").unlink()
+        (out / train_module.STATE_FILE).write_bytes(b"")  # and the state damaged
+    else:
+        torch.save(saved(), out / train_module.STATE_FILE)
+    capsys.readouterr()
+    assert train(out, 6000, *TINY, "--resume") == 2
+    err = capsys.readouterr().err
+    assert "error: --resume:" in err and said in err and "train into a new --out" in err
+    assert "weights_only=False" not in err
+
+
 def test_resuming_on_another_scenario_is_refused_naming_the_option(tmp_path, capsys):
     """It used to go on silently and relabel the checkpoint as the other scenario's (the
     --help's resume example names no --scenario, so it falls back to the default)."""
