@@ -11,6 +11,7 @@ from pathlib import Path
 import jsonschema
 import pytest
 from kube_schema import CRDValidator, cel_program, load_documents, to_json_schema
+from marl_operator.problem import cpu_quantity
 
 ROOT = Path(__file__).resolve().parents[1]
 CRD_DIR = ROOT / "crds"
@@ -328,7 +329,29 @@ INVALID = [
      "spec.neighbours[0].latencyMs", "less than the minimum of 0"),
     ("bad-cpu-quantity", "EdgeNode", "edge-1", _set("spec.capacity.cpu", "lots"),
      "spec.capacity.cpu", "does not match"),
+    # Kubernetes quantities the operator does not read: refused at apply, not later as
+    # every policy across the node going Invalid.
+    ("cpu-negative", "EdgeNode", "edge-1", _set("spec.capacity.cpu", "-300m"),
+     "spec.capacity.cpu", "does not match"),
+    ("cpu-zero", "EdgeNode", "edge-1", _set("spec.capacity.cpu", "0"),
+     "spec.capacity.cpu", "does not match"),
+    ("cpu-zero-millicores", "EdgeNode", "edge-1", _set("spec.capacity.cpu", "0.0m"),
+     "spec.capacity.cpu", "does not match"),
+    ("cpu-zero-integer", "EdgeNode", "edge-1", _set("spec.capacity.cpu", 0),
+     "spec.capacity.cpu", "less than or equal to the minimum"),
+    ("cpu-exponent", "EdgeNode", "edge-1", _set("spec.capacity.cpu", "1e3"),
+     "spec.capacity.cpu", "does not match"),
+    ("cpu-binary-suffix", "EdgeNode", "edge-1", _set("spec.capacity.cpu", "1Ki"),
+     "spec.capacity.cpu", "does not match"),
 ]  # fmt: skip
+
+
+@pytest.mark.parametrize("cpu", ["4", "2.5", ".5", "0.25", "3500m", "10", 2])
+def test_cpu_quantities_the_operator_reads_are_accepted(validators, cpu):
+    obj = example("EdgeNode", "edge-1")
+    obj["spec"]["capacity"]["cpu"] = cpu
+    assert validators["EdgeNode"].errors(obj) == []
+    assert cpu_quantity(cpu, "spec.capacity.cpu") > 0
 
 
 @pytest.mark.parametrize(

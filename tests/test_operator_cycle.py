@@ -155,6 +155,12 @@ def test_problem_errors_name_what_to_fix():
     assert cpu_quantity("3500m", "x") == 3.5 and cpu_quantity(2, "x") == 2.0
     with pytest.raises(SpecError, match="CPU quantity"):
         cpu_quantity("lots", "EdgeNode e spec.capacity.cpu")
+    # A CPU of 0 (an EdgeNode applied before its CRD refused it) was read as no CPU given,
+    # and the node's capacity silently became one core's worth.
+    zero = copy.deepcopy(NODES)
+    zero[2]["spec"]["capacity"]["cpu"] = 0
+    with pytest.raises(SpecError, match=r"EdgeNode edge-2 spec\.capacity\.cpu: must be a posi"):
+        build_problem(parsed, zero, {"fn": SERVICES[0]}, 3)
 
 
 def test_edge_services_routed_through_one_object_are_refused():

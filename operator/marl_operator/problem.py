@@ -201,12 +201,13 @@ def build_problem(
         for nb in listed:
             links.setdefault(frozenset((name, nb["name"])), float(nb.get("latencyMs", 0.0)))
         cap = body.get("capacity") or {}
-        cpu = cap.get("cpu")
-        cores.append(cpu_quantity(cpu, f"EdgeNode {name} spec.capacity.cpu") if cpu else np.nan)
+        cpu = cap.get("cpu")  # 0 is given, and refused: not absent
+        given = cpu is not None
+        cores.append(cpu_quantity(cpu, f"EdgeNode {name} spec.capacity.cpu") if given else np.nan)
         rps = cap.get("requestsPerSecond")
         # Without a request rate, cores give the relative capacity until measurements take
         # over (converted below where other nodes give requests per second).
-        capacity.append(float(rps) if rps else (cores[-1] if cpu else 1.0))
+        capacity.append(float(rps) if rps else (cores[-1] if given else 1.0))
         in_rps.append(bool(rps))
 
     capacity = _hints_in_one_unit(names, capacity, cores, in_rps)
