@@ -19,12 +19,14 @@ Examples:
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 import time
 from pathlib import Path
 
 from tqdm import tqdm
 
+from demo.prometheus import PrometheusError
 from demo.stack import EXAMPLES, NodeChange, StackError, example, running_stack, static_truths
 from simulator.cli import (
     json_line,
@@ -192,8 +194,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def stop_on_sigterm(signum: int, _frame: object) -> None:
+    """SIGTERM (``timeout``, a CI job cancelled, ``kill``) ends the run as Ctrl-C does: the
+    stack's ``with`` blocks stop every process and remove Prometheus's data. Python's own
+    default ended at once and left them running."""
+    raise SystemExit(128 + signum)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    signal.signal(signal.SIGTERM, stop_on_sigterm)
     samples: list[dict] = []
     change = change_of(args)
     degraded_at = None  # the data plane's second of the change
@@ -216,8 +226,13 @@ def main(argv: list[str] | None = None) -> int:
                         f"{s['outcome']}: {s['reason']}"
                     )
                     bar.update(round(time.monotonic() - start - bar.n))
-                    time.sleep(args.every)
-    except StackError as error:
+                    # Wake for the change when it falls between two samples: waiting for the
+                    # next sample made it late, or skipped it if that sample was past the end.
+                    wake = time.monotonic() + args.every
+                    if degraded_at is None:
+                        wake = min(wake, start + args.degrade_at)
+                    time.sleep(max(wake - time.monotonic(), 0.0))
+    except (StackError, PrometheusError) as error:
         print(f"demo: {error}", file=sys.stderr)
         return 1
     # The same data plane without the operator, degraded at the same second: the contrast.

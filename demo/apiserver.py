@@ -764,7 +764,8 @@ async def serve(
         try:
             site = aiohttp.web.TCPSite(runner, host, port)
             await site.start()
-            yield f"http://{host}:{runner.addresses[0][1]}"
+            shown = f"[{host}]" if ":" in host else host  # an IPv6 address, bracketed
+            yield f"http://{shown}:{runner.addresses[0][1]}"
         finally:
             await runner.cleanup()
 

@@ -27,7 +27,11 @@ from pathlib import Path
 DEBIAN_BINARY = "/usr/bin/prometheus"
 
 
-class PrometheusMissing(RuntimeError):
+class PrometheusError(RuntimeError):
+    """Prometheus could not be run: missing, or it failed to start."""
+
+
+class PrometheusMissing(PrometheusError):
     """No Prometheus binary: the live tests cannot run and must say how to get one."""
 
 
@@ -104,12 +108,12 @@ class PrometheusServer:
         deadline = time.monotonic() + self.ready_timeout_s
         while not _ready(self.url, self.ca_file):
             if self.process.poll() is not None:
-                raise RuntimeError(
+                raise PrometheusError(
                     f"Prometheus exited with code {self.process.returncode} before it was "
                     f"ready:\n{_log_tail(self.log)}"
                 )
             if time.monotonic() > deadline:
-                raise RuntimeError(
+                raise PrometheusError(
                     f"Prometheus was not ready within {self.ready_timeout_s:g} s:\n"
                     f"{_log_tail(self.log)}"
                 )

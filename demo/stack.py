@@ -30,7 +30,7 @@ from demo.cluster import (
     kubernetes_pod,
     workload_pods,
 )
-from demo.prometheus import PrometheusServer, free_port, prometheus
+from demo.prometheus import PrometheusServer, find_binary, free_port, prometheus
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"
@@ -300,6 +300,7 @@ def running_stack(
     ``services`` besides (the data plane serves the services it finds when it starts, each
     request of one costing ``work[service]``, default 1); the RoutingPolicy is left to the
     caller (``stack.apply(EXAMPLES / "policy.yaml")``), as a user would apply it."""
+    find_binary()  # before anything starts: nothing to stop if Prometheus is missing
     with contextlib.ExitStack() as cleanup:
         if directory is None:
             directory = Path(cleanup.enter_context(tempfile.TemporaryDirectory(prefix="marl-")))

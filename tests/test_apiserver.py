@@ -432,6 +432,26 @@ def test_generate_name_and_unknown_resources() -> None:
     asyncio.run(scenario())
 
 
+def test_an_ipv6_address_is_served_at_a_bracketed_url() -> None:
+    """``--host ::1`` printed and wrote http://::1:PORT, which no client parses as a host
+    and a port: kubectl failed against the kubeconfig."""
+    import socket
+
+    try:
+        with socket.socket(socket.AF_INET6) as probe:
+            probe.bind(("::1", 0))
+    except OSError:
+        pytest.skip("this machine has no IPv6 loopback")
+
+    async def scenario() -> None:
+        async with serve(host="::1") as url:
+            assert url.startswith("http://[::1]:"), url
+            namespace = await kube(url, "POST", "/api/v1/namespaces", {"metadata": {"name": "x"}})
+            assert namespace["metadata"]["name"] == "x"
+
+    asyncio.run(scenario())
+
+
 # --- as a process -------------------------------------------------------------------------------
 
 

@@ -3,14 +3,23 @@ stack, degrades a node part-way, and ends with a JSON summary and a plot."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 
+import demo.__main__ as demo_main
 from demo.__main__ import main, share_to
 
 pytestmark = pytest.mark.integration
+REPO = Path(__file__).resolve().parents[1]
 
 
 def test_share_to_averages_each_sources_percentage():
@@ -80,6 +89,113 @@ def test_options_that_would_fail_minutes_in_are_refused_at_once(argv, message, c
         main(argv)
     assert exit_.value.code == 2
     assert message in capsys.readouterr().err
+
+
+class ClockStack:
+    """A stack that answers at once and records when each change was made."""
+
+    operator_url, kubeconfig = "http://127.0.0.1:1", "kubeconfig"
+
+    def __init__(self):
+        self.start, self.changes = time.monotonic(), []
+
+    def apply(self, *files):
+        pass
+
+    def truth(self, seconds=10):
+        services = {"fn": {"p95_ms": 10.0, "lost_fraction": 0.0}}
+        return {"seconds": int(time.monotonic() - self.start), "services": services, "routes": {}}
+
+    def decisions(self):
+        raise OSError("no operator here")
+
+    def change(self, change):
+        self.changes.append((time.monotonic() - self.start, str(change)))
+
+
+def test_the_change_happens_on_time_between_two_samples(tmp_path, monkeypatch):
+    """The change waited for the next sample: up to --every late, and never made when that
+    sample fell past --duration, though the options were accepted for promising it."""
+    stack = ClockStack()
+    monkeypatch.setattr(demo_main, "running_stack", lambda **_: contextlib.nullcontext(stack))
+    argv = ["--duration", "4", "--degrade-at", "3", "--every", "2", "--json"]
+    assert main([*argv, "--plot", str(tmp_path / "p.png"), "--logs", str(tmp_path)]) == 0
+    assert [c for _, c in stack.changes] == ["edge-2 loses 50% capacity"]
+    assert 3.0 <= stack.changes[0][0] < 3.5, stack.changes
+
+
+def test_a_missing_prometheus_is_said_before_anything_starts(tmp_path, monkeypatch, capsys):
+    """It was looked for after the API server and the data plane had started, and ended the
+    run in a traceback."""
+    import demo.stack
+    from demo.prometheus import PrometheusMissing
+
+    def missing():
+        raise PrometheusMissing("the Prometheus server binary is not installed (...)")
+
+    def spawn(*_args, **_kwargs):
+        raise AssertionError("a component was started")
+
+    monkeypatch.setattr(demo.stack, "find_binary", missing)
+    monkeypatch.setattr(demo.stack.Stack, "spawn", spawn)
+    assert main(["--plot", str(tmp_path / "p.png"), "--logs", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("demo: the Prometheus server binary is not installed"), err
+
+
+def _children(pid: int) -> list[int]:
+    """Processes whose parent is ``pid``."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # gone meanwhile
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="reads processes from /proc")
+def test_sigterm_stops_every_component_and_removes_prometheus_data(tmp_path):
+    """Python's default SIGTERM ended the demo at once: the API server, the data plane,
+    Prometheus and the operator ran on as orphans, and Prometheus's data stayed in /tmp."""
+    argv = ["--duration", "300", "--plot", str(tmp_path / "p.png"), "--logs", str(tmp_path)]
+    demo = subprocess.Popen(
+        [sys.executable, "-m", "demo", *argv],
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "operator"), str(REPO)])},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    try:
+        assert demo.stdout is not None
+        for line in demo.stdout:  # printed once every component runs
+            if line.startswith("operator API:"):
+                break
+        children = _children(demo.pid)
+        commands = [Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0") for pid in children]
+        data = [a[len(b"--storage.tsdb.path=") :] for c in commands for a in c]
+        data = [Path(os.fsdecode(d)) for d in data if d and b"prometheus-test-" in d]
+        assert len(children) == 4 and len(data) == 1, (children, commands)
+        assert data[0].is_dir()
+        demo.send_signal(signal.SIGTERM)
+        assert demo.wait(timeout=60) == 128 + signal.SIGTERM
+    finally:
+        if demo.poll() is None:
+            demo.kill()
+            demo.wait()
+    assert [pid for pid in children if _alive(pid)] == []
+    assert not data[0].parent.exists()
 
 
 @pytest.mark.parametrize("option", ["--plot", "--logs"])
