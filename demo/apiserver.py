@@ -702,6 +702,16 @@ class ApiServer(kmock.KubernetesEmulator):
             if resource == request.resource and not obj.deleted and self._selected(request, obj)
         ]
 
+    def _deleted_since(self, request: kmock.Request, revision: int) -> list[dict[str, Any]]:
+        """The last state of each selected object deleted after ``revision`` (its deletion
+        is recorded with the revision it took)."""
+        last = [
+            obj.last.raw
+            for (resource, _, _), obj in self._objects.items()
+            if resource == request.resource and obj.deleted and not obj.empty
+        ]
+        return [o for o in last if _revision_of(o) > revision and self._selected(request, o)]
+
     async def _serve_list(self, request: kmock.Request) -> dict[str, Any]:
         assert request.resource is not None  # for type checkers
         info = self._info(request.resource)
@@ -730,14 +740,20 @@ class ApiServer(kmock.KubernetesEmulator):
         bus = self._buses[request.resource]
         async with self._lock:  # no write can slip between the snapshot and the mark
             replay = [
-                obj
+                {"type": "ADDED", "object": obj}
                 for obj in self._current(request)
                 if not since_revision or _revision_of(obj) > since_revision
             ]
+            if since_revision:  # and what was deleted since: a lister must forget it
+                replay += [
+                    {"type": "DELETED", "object": last}
+                    for last in self._deleted_since(request, since_revision)
+                ]
+            replay.sort(key=lambda event: _revision_of(event["object"]))
             mark = await bus.mark()
         try:
-            for obj in replay:
-                yield {"type": "ADDED", "object": obj}
+            for event in replay:
+                yield event
             async for event in bus.stream(since=mark):
                 if self._selected(request, event["object"]):
                     yield event

@@ -412,6 +412,33 @@ def test_watch_from_a_resource_version_sends_only_newer_changes() -> None:
     asyncio.run(scenario())
 
 
+def test_a_watch_from_a_list_s_version_sends_the_deletions_since() -> None:
+    """kopf lists, then watches from the list's version. An object deleted in between was
+    never sent as DELETED, so the watcher kept it as a ghost."""
+
+    async def scenario() -> None:
+        async with serve() as url:
+            await kube(url, "POST", RP, example_policy())
+            second = copy.deepcopy(example_policy())
+            second["metadata"]["name"] = "second"
+            await kube(url, "POST", RP, second)
+            since = (await kube(url, "GET", RP))["metadata"]["resourceVersion"]
+            await kube(url, "DELETE", f"{RP}/edge-routing")
+            await kube(url, "PATCH", f"{RP}/second", {"spec": {"suspend": True}})
+            async with (
+                aiohttp.ClientSession() as session,
+                session.get(f"{url}{RP}?watch=true&resourceVersion={since}") as response,
+            ):
+                events = [
+                    json.loads(await asyncio.wait_for(response.content.readline(), 5))
+                    for _ in range(2)
+                ]
+            seen = [(e["type"], e["object"]["metadata"]["name"]) for e in events]
+            assert seen == [("DELETED", "edge-routing"), ("ADDED", "second")]
+
+    asyncio.run(scenario())
+
+
 def test_generate_name_and_unknown_resources() -> None:
     async def scenario() -> None:
         async with serve() as url:
