@@ -80,10 +80,13 @@ def make_folder(folder: Path, option: str) -> str | None:
     return None
 
 
-def at_least(low: float, kind: type[int] | type[float] = int) -> Callable[[str], Any]:
-    """An argparse type for numbers that must be at least ``low``: below it a count would
-    divide by nothing or end a finished run in a traceback, and a negative noise or warm-up
-    fail deep inside numpy with no word of the option."""
+def at_least(
+    low: float, kind: type[int] | type[float] = int, inclusive: bool = True
+) -> Callable[[str], Any]:
+    """An argparse type for numbers that must be at least ``low`` (more than it, if not
+    ``inclusive``): below it a count would divide by nothing or end a finished run in a
+    traceback, a negative noise or warm-up fail deep inside numpy with no word of the
+    option, and a period of 0 spin."""
 
     def parse(value: str) -> int | float:
         try:
@@ -93,17 +96,19 @@ def at_least(low: float, kind: type[int] | type[float] = int) -> Callable[[str],
             raise argparse.ArgumentTypeError(f"expected {what}, got {value!r}") from None
         if not math.isfinite(number):
             raise argparse.ArgumentTypeError(f"expected a finite number, got {value!r}")
-        if number < low:
-            raise argparse.ArgumentTypeError(f"must be at least {low}, got {number}")
+        if number < low or (number == low and not inclusive):
+            bound = "at least" if inclusive else "more than"
+            raise argparse.ArgumentTypeError(f"must be {bound} {low}, got {number}")
         return number
 
-    parse.__name__ = f"{kind.__name__} >= {low}"
+    parse.__name__ = f"{kind.__name__} {'>=' if inclusive else '>'} {low}"
     return parse
 
 
 positive_int = at_least(1)
 non_negative_int = at_least(0)
 non_negative_float = at_least(0, float)
+positive_float = at_least(0, float, inclusive=False)
 
 
 def json_line(obj: object) -> str:

@@ -677,6 +677,27 @@ def test_runner_serves_and_stops(capsys):
     assert not runner.is_alive()
 
 
+@pytest.mark.parametrize(
+    ("option", "value", "said"),
+    [
+        ("--poll-seconds", "0", "must be more than 0"),  # polled the API server in a spin
+        ("--poll-seconds", "-1", "must be more than 0"),
+        ("--queue-seconds", "0", "must be more than 0"),
+        ("--speed", "0", "must be more than 0"),
+        ("--speed", "nan", "expected a finite number"),
+        ("--startup-timeout", "-5", "must be at least 0"),
+        ("--log-every", "0", "must be at least 1"),
+    ],
+)
+def test_settings_that_would_spin_or_stand_still_are_refused(option, value, said, capsys):
+    argv = ["--kubeconfig", "unused", "--load", "edge-0=40", option, value]
+    with pytest.raises(SystemExit) as exit_:
+        dataplane.main(argv, api_factory=lambda path: FakeApi())
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument {option}: {said}" in err, err
+
+
 def test_main_stops_cleanly_on_sigterm(capsys):
     api = FakeApi()
     done = threading.Event()

@@ -36,7 +36,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
-import math
 import signal
 import sys
 import threading
@@ -52,7 +51,13 @@ from demo.dataplane.follower import CustomObjects, RouteFollower
 from demo.dataplane.plane import DataPlane
 from demo.dataplane.scenario import parse_load, parse_work
 from demo.dataplane.server import start_http_server
-from simulator.cli import DocHelpFormatter, non_negative_int
+from simulator.cli import (
+    DocHelpFormatter,
+    non_negative_float,
+    non_negative_int,
+    positive_float,
+    positive_int,
+)
 
 logger = logging.getLogger("demo.dataplane")
 
@@ -100,17 +105,29 @@ def build_parser() -> argparse.ArgumentParser:
         help="work of one request of a service, SERVICE=UNITS,... (default 1: one request of "
         "an EdgeNode's requestsPerSecond); the CPU metric follows it",
     )
-    parser.add_argument("--speed", type=float, default=1.0, help="simulated seconds per second")
+    parser.add_argument(
+        "--speed", type=positive_float, default=1.0, help="simulated seconds per second"
+    )
     parser.add_argument(
         "--seed", type=non_negative_int, default=0, help="seed of every random draw"
     )
-    parser.add_argument("--poll-seconds", type=float, default=2.0, help="route poll period")
-    parser.add_argument("--queue-seconds", type=float, default=10.0, help="queue, in seconds")
     parser.add_argument(
-        "--startup-timeout", type=float, default=60.0, help="wait this long for the resources"
+        "--poll-seconds", type=positive_float, default=2.0, help="route poll period"
     )
     parser.add_argument(
-        "--log-every", type=int, default=10, help="log the truth every N simulated seconds"
+        "--queue-seconds", type=positive_float, default=10.0, help="queue, in seconds"
+    )
+    parser.add_argument(
+        "--startup-timeout",
+        type=non_negative_float,
+        default=60.0,
+        help="wait this long for the resources",
+    )
+    parser.add_argument(
+        "--log-every",
+        type=positive_int,
+        default=10,
+        help="log the truth every N simulated seconds",
     )
     return parser
 
@@ -142,8 +159,6 @@ def read_resources(
 def run(args: argparse.Namespace, api: CustomObjects, stop: threading.Event) -> int:
     """Build the data plane from the API server's resources, serve it and step it in real
     time until ``stop`` is set."""
-    if not (math.isfinite(args.speed) and args.speed > 0):
-        raise ValueError(f"--speed must be > 0, got {args.speed}")
     nodes, services = read_resources(api, args.namespace, args.startup_timeout, stop)
     dp = DataPlane(
         nodes,
