@@ -367,6 +367,9 @@ class EdgeEnv:
         fwd_rejects = np.einsum("bnks->bns", out.forward_rejects)
         arrivals = self.arrivals[:, t]
         rejected = reject + out.local_rejects + fwd_rejects
+        # Every request that arrived and was not served, whatever lost it: the floor split's
+        # remainder too, which cost nothing and so paid better than serving it.
+        lost = rejected + dropped + failed_queues
 
         if self.scenario.reward == "dfaas":
             rewards = dfaas_reward(
@@ -379,7 +382,7 @@ class EdgeEnv:
             )
         else:
             # Cost per arriving request in units of the mean latency target, negated.
-            cost_s = self._latency_cost_s(out, rejected + failed_queues)
+            cost_s = self._latency_cost_s(out, lost)
             self.totals.cost_s += cost_s.sum(axis=1)
             per_request = cost_s / np.maximum(arrivals.reshape(self.num_envs, -1), 1)
             rewards = -per_request / (np.mean(self.target_ms) / 1000.0)
@@ -415,7 +418,7 @@ class EdgeEnv:
             "forward": fwd_total,
             "local_rejects": out.local_rejects,
             "forward_rejects": fwd_rejects,
-            "rejected": (rejected + failed_queues).astype(float),  # as info["lost"] counts
+            "rejected": lost.astype(float),  # as info["lost"] counts
             "latency_ms": served_ms,
             "utilisation": out.cpu_used / np.maximum(tl.cpu[t], 1e-9),
             "arrived": arrivals,
@@ -430,7 +433,7 @@ class EdgeEnv:
             "forward": forward,
             "reject": reject,
             # (B, N, S) by the agent that routed them, all causes
-            "lost": rejected + dropped + failed_queues,
+            "lost": lost,
             "lost_on_failure": failed_queues,  # of those, queued on a node that failed
             "processed": out.processed,
             "queue_length": out.queue_length,
