@@ -82,9 +82,12 @@ def mesh_observation(topo: Topology, tel: MeshTelemetry) -> np.ndarray:
     node_util = np.clip(tel.utilisation, 0.0, 1.0)
     backlog = np.clip(tel.backlog, 0.0, LATENCY_RATIO_CAP)
 
+    # A node up with no CPU (a capacity event of factor 0) put 1e10 here: capped as the
+    # other ratios are, so it reads as overloaded without swamping the network's inputs.
+    offered_share = tel.offered / np.maximum(tel.capacity, 1e-9)[None, :, None]
     local = np.stack(
         [
-            tel.offered / np.maximum(tel.capacity, 1e-9)[None, :, None],
+            np.clip(offered_share, 0.0, LATENCY_RATIO_CAP),
             np.broadcast_to(node_util[..., None], (b, n, s)),
             latency_ratio,
             tel.rejected / np.maximum(tel.arrived_prev, 1.0),

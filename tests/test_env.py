@@ -244,3 +244,58 @@ def test_a_node_absent_when_an_episode_continues_loses_its_queue(mesh):
     env.step(all_local(env))
     assert env.model.q_len[0, 3] == 0
     assert env.totals.lost_on_failure[0] == queued
+
+
+def test_a_request_the_floor_split_drops_costs_what_a_rejected_one_does():
+    """With the reference's floor split, one request forwarded to two neighbours is lost.
+    Under the latency reward it cost nothing: forwarding it scored better than serving it
+    (0 against -0.1) and far better than rejecting it (-4), a gap a learner exploits."""
+    from simulator.scenario import parse_scenario
+
+    size = {"min": 10, "mean": 10, "max": 10, "std": 0}
+    scenario = parse_scenario(
+        {
+            "name": "split",
+            "steps": 5,
+            "reward": "latency",
+            "nodes": [
+                {"name": "a", "neighbours": ["b", "c"]},
+                {"name": "b", "neighbours": ["a"]},
+                {"name": "c", "neighbours": ["a"]},
+            ],
+            "services": [
+                {
+                    "name": "s",
+                    "latency_target_ms": 100.0,
+                    "request_classes": [{"weight": 1, "cpu": size, "ram": size}],
+                }
+            ],
+            "workload": {"default": {"kind": "step", "levels": [[0, 1]], "poisson": False}},
+        }
+    )
+    env = EdgeEnv(scenario, num_envs=1, seed=0, action_mode="split3")
+    env.reset()
+    rewards = {}
+    for name, share in (("forward", [0, 1, 0]), ("reject", [0, 0, 1])):
+        action = np.zeros((1, 3, 3))
+        action[0, :] = [1, 0, 0]
+        action[0, 0] = share
+        _, reward, _, info = env.step(action)
+        assert info["lost"][0, 0, 0] == 1, name
+        rewards[name] = reward[0, 0]
+    assert env.totals.split_dropped[0] == 1
+    assert rewards["forward"] == pytest.approx(rewards["reject"])
+
+
+def test_a_node_up_without_cpu_is_observed_as_overloaded_not_as_1e10(mesh):
+    """A capacity event of factor 0 is allowed; the offered load over that capacity divided
+    by 1e-9 and put about 1e10 into the observations of every agent of the node."""
+    event = Event(at=3, kind="capacity", node="edge-5", factor=0.0)
+    env = EdgeEnv(dataclasses.replace(mesh, steps=10, events=(event,)), num_envs=1, seed=0)
+    obs = env.reset()
+    for _ in range(6):
+        obs, _, _, _ = env.step(all_local(env))
+    assert env.timeline.active[5, 5] and env.timeline.cpu[5, 5] == 0
+    assert np.isfinite(obs).all() and np.abs(obs).max() <= 10.0
+    node5 = obs[0, 5 * env.topology.num_services : 6 * env.topology.num_services]
+    assert node5[:, 0].max() == 10.0  # its offered share, at the cap: overloaded
