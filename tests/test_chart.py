@@ -326,6 +326,16 @@ def test_the_validation_catches_a_typo():
         (("--set", "peering.priority=7"), "set peering.enabled=true"),
         (("--set", "crds.install=false", "--set", "crds.keep=false"), "crds.keep=true first"),
         (("--set", "extraEnv[0].name=TMPDIR", "--set", "extraEnv[0].value=/x"), "extraEnv"),
+        # A pod labelled otherwise than its selector: the Deployment would not match it.
+        (
+            ("--set", "podLabels.app\\.kubernetes\\.io/instance=x"),
+            "podLabels sets app.kubernetes.io/instance, a label the chart sets",
+        ),
+        (("--set", "podLabels.helm\\.sh/chart=x"), "podLabels sets helm.sh/chart"),
+        # Annotations are strings: a number rendered, and the API server refused the object.
+        (("--set", "service.annotations.a=1"), "/service/annotations/a"),
+        (("--set", "serviceAccount.annotations.a=true"), "/serviceAccount/annotations/a"),
+        (("--set", "grafanaDashboard.annotations.a=2"), "/grafanaDashboard/annotations/a"),
         (
             ("--set", "serviceMonitor.enabled=true", "--set", "serviceMonitor.scrapeTimeout=1m"),
             "serviceMonitor.scrapeTimeout (1m) is longer than serviceMonitor.interval (15s)",
@@ -379,6 +389,28 @@ def test_crds_install_false_renders_no_marl_crds():
     names = {crd["metadata"]["name"] for crd in of_kind(docs, "CustomResourceDefinition")}
     assert names == {"clusterkopfpeerings.kopf.dev", "kopfpeerings.kopf.dev"}  # crds/ dir
     assert not of_kind(render("--set", "crds.install=false"), "CustomResourceDefinition")
+
+
+def test_the_uninstall_job_is_scheduled_and_admitted_as_the_operator_is():
+    """It took nodeSelector and tolerations but not affinity, priorityClassName or the pods'
+    labels and annotations: where affinity pins the image's architecture or admission wants
+    a label, the drain failed and the uninstall with it."""
+    affinity = "affinity.nodeAffinity.requiredDuringSchedulingIgnoredDuringExecution"
+    docs = render(
+        *("--set", "crds.keep=false", "--set", "priorityClassName=edge-critical"),
+        *("--set", f"{affinity}.nodeSelectorTerms[0].matchExpressions[0].key=arch"),
+        *("--set", f"{affinity}.nodeSelectorTerms[0].matchExpressions[0].operator=Exists"),
+        *("--set", "podLabels.team=edge", "--set", "podAnnotations.owner=platform"),
+        *("--set-string", "podAnnotations.sidecar\\.istio\\.io/inject=true"),
+    )
+    pod = uninstall_job(docs)["spec"]["template"]
+    operator_pod = deployment(docs)["spec"]["template"]
+    assert pod["spec"]["affinity"] == operator_pod["spec"]["affinity"]
+    assert pod["spec"]["priorityClassName"] == "edge-critical"
+    assert pod["metadata"]["labels"]["team"] == "edge"
+    assert pod["metadata"]["labels"]["app.kubernetes.io/component"] == "uninstall"
+    assert pod["metadata"]["annotations"]["owner"] == "platform"
+    assert pod["metadata"]["annotations"]["sidecar.istio.io/inject"] == "false"  # its own
 
 
 def test_crds_keep_false_drops_the_keep_annotation():
