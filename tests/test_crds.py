@@ -329,6 +329,20 @@ INVALID = [
      "spec.neighbours[0].latencyMs", "less than the minimum of 0"),
     ("bad-cpu-quantity", "EdgeNode", "edge-1", _set("spec.capacity.cpu", "lots"),
      "spec.capacity.cpu", "does not match"),
+    # Specs that passed and could never run: a checkpoint that is not bundled, or one a
+    # mesh cannot carry, and selectors the operator then found to select nothing.
+    ("bundled-unknown", "RoutingPolicy", None, _set("spec.checkpoint", {"bundled": "nope"}),
+     "spec.checkpoint.bundled", "is not one of"),
+    ("bundled-not-a-mesh-policy", "RoutingPolicy", None,
+     _set("spec.checkpoint", {"bundled": "dfaas-paise25"}),
+     "spec.checkpoint.bundled", "is not one of"),
+    ("in-without-values", "RoutingPolicy", None,
+     _set("spec.nodes", {"selector": {"matchExpressions": [{"key": "zone", "operator": "In"}]}}),
+     "spec.nodes.selector.matchExpressions[0]", "In and NotIn need values"),
+    ("exists-with-values", "EdgeNode", "edge-1",
+     _set("spec.nodeSelector", {"matchExpressions": [
+         {"key": "zone", "operator": "Exists", "values": ["a"]}]}),
+     "spec.nodeSelector.matchExpressions[0]", "Exists and DoesNotExist take none"),
     # Kubernetes quantities the operator does not read: refused at apply, not later as
     # every policy across the node going Invalid.
     ("cpu-negative", "EdgeNode", "edge-1", _set("spec.capacity.cpu", "-300m"),
@@ -457,3 +471,20 @@ def test_rollout_defaults_are_the_ones_the_simulator_measured():
         measured.steps,
         measured.margin,
     )
+
+
+def test_the_bundled_names_the_crd_accepts_are_the_mesh_checkpoints_shipped():
+    """The CRD lists the bundled checkpoints a RoutingPolicy can use; a checkpoint bundled
+    or dropped without updating it would be refused, or accepted and fail at build."""
+    from policies import checkpoint
+
+    (crd,) = load_documents(CRD_DIR / "routingpolicies.marl.dev.yaml")
+    spec = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
+    listed = spec["properties"]["checkpoint"]["properties"]["bundled"]["enum"]
+    shipped = [
+        d.name
+        for d in sorted(checkpoint.BUNDLED.iterdir())
+        if (d / checkpoint.META_FILE).is_file()
+        and checkpoint.read_meta(d)["action"]["mode"] == "neighbours"
+    ]
+    assert listed == shipped
