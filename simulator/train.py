@@ -26,14 +26,18 @@ under ``tb/`` and ``learning_curve.png``. Ctrl-C saves a checkpoint before exiti
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import math
 import os
 import pickle
 import random
+import signal
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -59,6 +63,27 @@ from simulator.episodes import build_policy, run_episodes, summarise
 from simulator.scenario import Scenario, ScenarioError, load_scenario
 
 STATE_FILE = "train_state.pt"
+
+
+@contextlib.contextmanager
+def interrupts_deferred() -> Iterator[None]:
+    """Ctrl-C within the block takes effect at its end. An update interrupted part-way left
+    the weights and the optimiser some minibatches into it and the normalisers counting its
+    rollout, while its number was not counted: the state saved on the way out was one no
+    run passes through, and a resumed run repeated that update on top of it."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, _frame: received.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if received:
+        raise KeyboardInterrupt
+
+
 FINAL_SEED = 30_000
 """Offset of the final evaluation's seed (and of the baselines' the summary compares with)."""
 
@@ -413,7 +438,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         while trainer.updates < total_updates:
             batch = trainer.collect()
-            stats = trainer.update(batch)
+            with interrupts_deferred():
+                stats = trainer.update(batch)
             bar.update(per_update)
             recent = trainer.finished[-4:]
             row = {
