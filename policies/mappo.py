@@ -153,17 +153,18 @@ class Trainer:
             "adv": adv.reshape(n, -1),
             "targets": targets.reshape(n, -1),
         }
-        size = max(n // cfg.num_minibatches, 1)
         stats: dict[str, list[float]] = {k: [] for k in ("pg", "vf", "ent", "kl", "clip")}
         for _ in range(cfg.update_epochs):
-            order = torch.randperm(n)
-            for start in range(0, n, size):
-                idx = order[start : start + size]
+            # num_minibatches of them, one row longer where the rows do not divide evenly:
+            # slices of n // num_minibatches rows left a last, tiny minibatch a whole step.
+            for idx in torch.tensor_split(torch.randperm(n), min(cfg.num_minibatches, n)):
                 mb = {k: v[idx] for k, v in flat.items()}
                 dist_ = self.model.distribution(mb["obs"], mb["mask"])
                 new_logp = dist_.log_prob(mb["actions"])
                 entropy = dist_.entropy().mean()
-                adv_mb = (mb["adv"] - mb["adv"].mean()) / (mb["adv"].std() + 1e-8)
+                adv_mb = mb["adv"] - mb["adv"].mean()
+                if adv_mb.numel() > 1:  # one advantage has no spread: its std is NaN
+                    adv_mb = adv_mb / (mb["adv"].std() + 1e-8)
                 pg, kl, clip = policy_loss(new_logp, mb["logp"], adv_mb, cfg.clip_coef)
                 vf = value_loss(
                     self.model.value(mb["obs"]),

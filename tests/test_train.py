@@ -109,6 +109,56 @@ def raising_on_the_third_update(monkeypatch, error: BaseException) -> None:
     monkeypatch.setattr(train_module.Trainer, "update", update_until_the_third)
 
 
+def test_ctrl_c_during_an_update_saves_the_update_whole(tmp_path, monkeypatch):
+    """Ctrl-C arriving some minibatches into an update: the checkpoint used to hold weights
+    and an optimiser part-way through it, and normalisers that had counted its rollout,
+    under the number of the update before."""
+    import os
+    import signal
+
+    steps = {"n": 0}
+    clip = torch.nn.utils.clip_grad_norm_
+
+    def ctrl_c_in_the_third_update(*args, **kwargs):
+        steps["n"] += 1
+        if steps["n"] == 2 * per_update + 3:  # the 3rd minibatch step of the third update
+            os.kill(os.getpid(), signal.SIGINT)
+        return clip(*args, **kwargs)
+
+    config = train_module.PPOConfig()
+    per_update = config.update_epochs * config.num_minibatches  # optimiser steps
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", ctrl_c_in_the_third_update)
+    out = tmp_path / "run"
+    assert train(out, 20_000, *TINY) == 130  # interrupted
+    state = torch.load(out / train_module.STATE_FILE, weights_only=True)
+    assert state["updates"] == 3
+    (step,) = {float(v["step"]) for v in state["optimiser"]["state"].values()}
+    assert step == 3 * per_update
+    # Both normalisers have counted the same three rollouts (not four, one of them half-used).
+    counts = float(state["value_norm"]["count"]), float(state["model"]["obs_norm.count"])
+    assert counts[0] == pytest.approx(counts[1])
+
+
+def test_minibatches_are_as_many_as_asked_and_one_row_trains_without_nan(tmp_path):
+    """One agent, one environment, three steps per rollout, two minibatches: slices of
+    3 // 2 rows made three minibatches, and each one's single advantage had a NaN std, so
+    the weights went NaN and the run ended in a traceback with no policy saved."""
+    scenario = tmp_path / "one-node.yaml"
+    scenario.write_text("extends: dfaas-2\nname: one-node\nnodes:\n  - {name: node_0}\n")
+    out = tmp_path / "run"
+    settings = ["num_envs=1", "rollout_steps=3", "num_minibatches=2", "update_epochs=2"]
+    argv = ["--scenario", str(scenario), "--env-steps", "6", "--out", str(out), "--json"]
+    assert (
+        train_main([*argv, "--eval-episodes", "1", *(a for s in settings for a in ("--set", s))])
+        == 0
+    )
+    state = torch.load(out / train_module.STATE_FILE, weights_only=True)
+    (step,) = {float(v["step"]) for v in state["optimiser"]["state"].values()}
+    assert step == state["updates"] * 2 * 2  # updates x epochs x minibatches
+    weights = torch.load(out / "policy.pt", weights_only=True)
+    assert all(torch.isfinite(w).all() for w in weights.values())
+
+
 def test_progress_rows_are_on_disk_at_every_evaluation(tmp_path, monkeypatch, capsys):
     out = tmp_path / "run"
     raising_on_the_third_update(monkeypatch, RuntimeError("killed"))
