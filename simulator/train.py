@@ -19,7 +19,9 @@ The output directory receives the checkpoint (``policy.pt`` + ``policy.json``, l
 ``--resume``, ``progress.csv`` (written at every periodic evaluation), TensorBoard logs
 under ``tb/`` and ``learning_curve.png``. Ctrl-C saves a checkpoint before exiting.
 ``--resume`` needs the settings the run was started with (its ``--config``/``--set``,
-``--seed``); one that differs is refused by name.
+``--seed``); one that differs is refused by name. A larger ``--env-steps`` extends the run:
+the learning rate and the entropy bonus anneal over the new budget from where it puts them,
+so they step back up when resumed.
 ``--env-steps`` counts environment steps (each steps every agent once) over all processes.
 """
 
