@@ -351,9 +351,9 @@ class NodeModel:
         can then never bind in a queue (``None``: always keep it). The new requests of a
         step are then checked against the node's whole RAM, not what the queue left of it,
         so a queue and new requests together can use up to twice a node's RAM in one step.
-        That never happens in the reference (CPU binds long before: 64.5 requests a step of
-        at most 75 MB in 8,000 MB), and checking it exactly would draw every request's RAM
-        and so change the reference's random streams. ``track_servers`` adds
+        In the reference, as measured, RAM never binds (CPU does, at 64.5 requests a step,
+        against 8,000 MB of RAM for requests of at most 75 MB), and checking it exactly would
+        draw every request's RAM and so change the reference's random streams. ``track_servers`` adds
         per-node latency histograms (:class:`ServerLatency`): cheap for a few environments,
         too much for training batches, hence optional. ``interleaved`` mixes the stream's
         segments evenly (:class:`_Interleaved`) instead of the reference's segment order.
