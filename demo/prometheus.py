@@ -176,6 +176,8 @@ def prometheus(
             web = root / "web.yml"
             web.write_text(tls.web_config())
             command.append(f"--web.config.file={web}")
+        if log is not None:
+            log.write_bytes(b"")  # this run's log alone (a restart of the server appends)
         server = PrometheusServer(
             url=f"{'https' if tls else 'http'}://127.0.0.1:{port}",
             command=command,

@@ -15,12 +15,13 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from demo.cluster import (
     KIND_CONFIG,
@@ -81,19 +82,24 @@ class Stack:
         log = self.directory / f"{name}.log"
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         env.pop("KUBECONFIG", None)  # every component gets the stack's kubeconfig explicitly
-        process = subprocess.Popen(
-            [sys.executable, "-m", *args],
-            stdout=subprocess.PIPE if first_line else log.open("wb"),
-            stderr=log.open("ab") if first_line else subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            env=env,
-        )
+        log.write_bytes(b"")  # this run's log alone
+        # Appending: the component and the drain of its stdout below both write to it.
+        with log.open("ab") as log_file:  # the child keeps its own copy
+            process = subprocess.Popen(
+                [sys.executable, "-m", *args],
+                stdout=subprocess.PIPE if first_line else log_file,
+                stderr=log_file if first_line else subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=env,
+            )
         self.processes[name] = process
-        if not first_line:
+        if not first_line or process.stdout is None:
             return ""
-        line = process.stdout.readline().decode().strip() if process.stdout else ""
+        line = process.stdout.readline().decode().strip()
         if not line:
             raise StackError(f"{name} exited before printing its address:\n{_tail(log)}")
+        # What it prints later goes to its log: a pipe nobody reads fills and blocks it.
+        threading.Thread(target=_drain, args=(process.stdout, log), daemon=True).start()
         return line
 
     def wait_http(self, name: str, url: str, timeout: float = 60.0) -> None:
@@ -182,6 +188,12 @@ class Stack:
     def stop_all(self) -> None:
         for name in reversed(list(self.processes)):
             self.stop(name)
+
+
+def _drain(stream: IO[bytes], log: Path) -> None:
+    """Append what ``stream`` yields to ``log`` until it closes, then close it."""
+    with stream, log.open("ab") as out:
+        shutil.copyfileobj(stream, out, 4096)
 
 
 def start_operator(

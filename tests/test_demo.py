@@ -198,6 +198,34 @@ def test_sigterm_stops_every_component_and_removes_prometheus_data(tmp_path):
     assert not data[0].parent.exists()
 
 
+def test_a_component_s_log_is_its_own_run_s_and_its_later_output_is_kept(tmp_path, monkeypatch):
+    """A component spawned for its first line (its address) appended to the log of an
+    earlier run in the same folder, and its stdout pipe was never read again: one that
+    went on printing filled it and blocked."""
+    from demo.stack import Stack
+
+    (tmp_path / "chatty.py").write_text(
+        "import sys\nprint('http://127.0.0.1:1')\n"
+        "for i in range(4000): print('x' * 60)\n"  # 240 kB: well past a pipe's buffer
+        "print('done', file=sys.stderr)\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(tmp_path), *sys.path]))
+    (tmp_path / "chatty.log").write_text("a line of the run before\n")
+    stack = Stack(directory=tmp_path, kubeconfig=tmp_path / "kubeconfig")
+    assert stack.spawn("chatty", ["chatty"], first_line=True) == "http://127.0.0.1:1"
+    assert stack.processes["chatty"].wait(timeout=30) == 0  # not blocked on a full pipe
+
+    def printed() -> str:  # stderr's line may fall between two chunks of drained stdout
+        return (tmp_path / "chatty.log").read_text().replace("done\n", "", 1)
+
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and printed().count("x" * 60) < 4000:
+        time.sleep(0.05)
+    log = (tmp_path / "chatty.log").read_text()
+    assert "run before" not in log and "done" in log and printed().count("x" * 60) == 4000
+
+
 @pytest.mark.parametrize("option", ["--plot", "--logs"])
 def test_output_folders_that_cannot_be_made_are_refused_at_once(option, tmp_path, capsys):
     """An unusable --plot used to end the run in a traceback after its whole duration,
