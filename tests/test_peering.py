@@ -98,3 +98,35 @@ def test_a_replica_paused_for_a_higher_priority_peer_stops_serving_its_reports(t
 def metrics(url: str) -> str:
     with urllib.request.urlopen(f"{url}/metrics", timeout=10) as response:
         return response.read().decode()
+
+
+def readiness(url: str) -> int | None:
+    """The readiness probe's status, None when nothing answers."""
+    try:
+        with urllib.request.urlopen(f"{url}/readyz", timeout=2) as response:
+            return response.status
+    except urllib.error.HTTPError as error:
+        return error.code
+    except OSError:
+        return None
+
+
+def test_a_replica_told_to_stop_is_not_ready_while_it_shuts_down(tmp_path):
+    """Readiness followed kopf's ready flag alone, which nothing clears: a replica answered
+    ready until its API server stopped, after kopf had left the peering and stopped its
+    policies."""
+    with running_stack(directory=tmp_path / "stack", operator=False) as stack:
+        with_peering(stack, tmp_path)
+        url = start_peer(stack, "leaving", 100)
+        assert readiness(url) == 200
+        process = stack.processes["leaving"]
+        process.terminate()
+        seen = []
+        while process.poll() is None and len(seen) < 10_000:
+            seen.append(readiness(url))
+        assert process.wait(timeout=30) == 0
+        log = (tmp_path / "stack" / "leaving.log").read_text()
+        assert '"signal": "SIGTERM"' in log and '"message": "stopping"' in log
+        answered = [status for status in seen if status is not None]
+        assert 200 not in answered[1:], seen[:20]  # the first may precede the signal
+        assert 503 in answered, seen[:20]

@@ -13,6 +13,7 @@ import asyncio
 import logging
 import os
 import secrets
+import signal
 import threading
 
 import kopf
@@ -181,6 +182,48 @@ def standby_priority() -> int:
     return secrets.randbelow(2**31 - 1) + 1
 
 
+class ProcessReadiness:
+    """Whether the process is ready, for the readiness probe: once kopf is, until a signal
+    tells it to stop.
+
+    kopf's own signal handlers only stop it, and its ready flag is never cleared, so the
+    probe answered ready all through a shutdown. Once kopf is ready, this replaces those
+    handlers (kopf installs its own as it starts, over any found) with one that marks the
+    process as draining, then stops kopf through ``stop`` (its ``stop_flag``). The probe
+    says ready only after that: a signal is never left to kopf's handlers once it has."""
+
+    def __init__(self) -> None:
+        self.kopf_ready = threading.Event()  # kopf's ready_flag
+        self.stop = asyncio.Event()  # kopf's stop_flag
+        self._installed = threading.Event()
+        self._draining = threading.Event()
+        self._task: asyncio.Task | None = None
+
+    def __call__(self) -> bool:
+        return self._installed.is_set() and not self._draining.is_set()
+
+    def watch_signals(self) -> None:
+        """Take over SIGTERM and SIGINT once kopf is ready (from the running event loop)."""
+        if threading.current_thread() is threading.main_thread():
+            self._task = asyncio.get_running_loop().create_task(self._install())
+        else:  # signals reach only the main thread's loop: kopf's readiness alone
+            self._installed = self.kopf_ready
+
+    async def _install(self) -> None:
+        while not self.kopf_ready.is_set():  # polled: a waiting thread could outlive the loop
+            await asyncio.sleep(0.05)
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, self._drain, signum)
+        self._installed.set()
+
+    def _drain(self, signum: int) -> None:
+        if not self._draining.is_set():
+            log.info("stopping", extra={"fields": {"signal": signal.Signals(signum).name}})
+        self._draining.set()
+        self.stop.set()
+
+
 async def run(args: argparse.Namespace, configuration: client.Configuration) -> None:
     kube = Kube(TimedApiClient(configuration))
     runtime = Runtime(
@@ -191,14 +234,15 @@ async def run(args: argparse.Namespace, configuration: client.Configuration) -> 
     )
     registry = kopf.OperatorRegistry()
     register(registry, runtime, login=lambda: connection_info(configuration))
-    ready = threading.Event()
+    ready = ProcessReadiness()
     priority = args.priority if args.priority is not None else standby_priority()
     replica = (
         standalone if args.standalone else PeeringView(kube, args.peering, args.namespace, priority)
     )
-    app = create_app(runtime.store, runtime.instruments, ready.is_set, replica)
+    app = create_app(runtime.store, runtime.instruments, ready, replica)
     api = ApiServer(app, args.api_host, args.api_port)
     await api.start()  # before kopf starts: it cancels tasks created after it at shutdown
+    ready.watch_signals()
     try:
         await kopf.operator(
             registry=registry,
@@ -208,7 +252,8 @@ async def run(args: argparse.Namespace, configuration: client.Configuration) -> 
             # Naming a peering makes it mandatory in kopf, even next to standalone=True.
             peering_name=None if args.standalone else args.peering,
             priority=priority,
-            ready_flag=ready,
+            ready_flag=ready.kopf_ready,
+            stop_flag=ready.stop,
         )
     finally:
         await api.stop()
