@@ -403,6 +403,60 @@ def test_an_owners_rule_on_the_whole_path_is_its_catch_all_and_is_replaced(upstr
     assert not any("redirect" in r for r in taken["spec"]["http"])
 
 
+@pytest.mark.parametrize(
+    "match",
+    [
+        [{"gateways": ["mesh"]}],  # an object serving an ingress gateway and the mesh alike
+        [{"gateways": ["mesh", "istio-system/ingress"], "uri": {"prefix": "/"}}],
+        [{"uri": {"regex": ".*"}}],
+        [{"uri": {"prefix": ""}}],
+        [{"port": ISTIO_SERVICE.port}],
+        [{"uri": {"prefix": "/api"}}, {"name": "rest", "gateways": ["mesh"]}],
+    ],
+)
+def test_an_owners_rule_every_mesh_request_passes_is_its_catch_all(upstream, match):
+    """Only a rule without a match or on prefix / was taken for the catch-all: one on the
+    mesh gateway, any path or the service's port stayed ahead of the operator's rules and
+    took every request, while their weights read back as applied."""
+    writer, routes = IstioWriter(), triangle_routes()
+    user = _user_virtual_service()
+    main = {"name": "main", "match": match,
+            "route": [{"destination": {"host": ISTIO_SERVICE.host, "subset": "v1"}}]}  # fmt: skip
+    user["spec"]["http"] = [main]
+    taken = _take_over(writer, ISTIO_SERVICE, virtual_service(ISTIO_SERVICE, routes), user)
+    assert upstream["VirtualService"].errors(taken) == []
+    assert "main" not in [r["name"] for r in taken["spec"]["http"]]
+    assert writer.read(ISTIO_SERVICE, routes.nodes, [taken]) == routes
+
+
+@pytest.mark.parametrize(
+    "match",
+    [
+        [{"gateways": ["istio-system/ingress"]}],  # the ingress gateway's, not the mesh's
+        [{"port": ISTIO_SERVICE.port + 1}],
+        [{"uri": {"prefix": "/api"}}],
+    ],
+)
+def test_an_owners_rule_some_mesh_requests_miss_stays_ahead(match):
+    writer, routes = IstioWriter(), triangle_routes()
+    user = _user_virtual_service()
+    owned = {"name": "owned", "match": match,
+             "route": [{"destination": {"host": ISTIO_SERVICE.host, "subset": "v1"}}]}  # fmt: skip
+    user["spec"]["http"] = [owned, *user["spec"]["http"]]
+    taken = _take_over(writer, ISTIO_SERVICE, virtual_service(ISTIO_SERVICE, routes), user)
+    assert taken["spec"]["http"][0] == owned
+
+
+def test_a_virtual_service_for_gateways_only_is_not_taken_over():
+    """Its spec.gateways left out mesh: the sidecars never used it, and its ingress traffic
+    went through the operator's catch-all."""
+    writer, routes = IstioWriter(), triangle_routes()
+    user = _user_virtual_service()
+    user["spec"]["gateways"] = ["istio-system/ingress"]
+    with pytest.raises(MeshError, match=r"spec\.gateways lacks 'mesh'.*add 'mesh'"):
+        writer.keep(ISTIO_SERVICE, virtual_service(ISTIO_SERVICE, routes), user)
+
+
 def test_owners_rules_and_subsets_are_told_from_the_operator_s_by_shape_not_name():
     """An owner's rule named from-frontend (on its own label) or default (on a header), and a
     subset node-pool, were taken for the operator's and dropped: requests the owner routed to

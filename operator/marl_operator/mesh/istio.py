@@ -10,9 +10,10 @@ A VirtualService or DestinationRule taken over from its owner keeps what the ope
 route: the hosts it had, its own rules (those ahead of its catch-all stay ahead of the
 operator's rules, those behind it stay behind), the options of its catch-all rule (retries,
 timeout, headers...: :data:`ROUTE_OPTIONS`) on every rule the operator writes, and its
-subsets. Its catch-all is the first rule that matches every request (no match, or the whole
-path), and is replaced; the rules matching only the node label are the operator's, and so
-are the subsets ``node-<name>`` that select only by it.
+subsets. Its catch-all is the first rule that every request of the mesh passes (no match,
+or one on the whole path, the ``mesh`` gateway or the service's port), and is replaced;
+the rules matching only the node label are the operator's, and so are the subsets
+``node-<name>`` that select only by it.
 """
 
 from __future__ import annotations
@@ -113,17 +114,30 @@ def _is_source_rule(service: MeshService, rule: Mapping[str, Any]) -> bool:
     return set(match[0]["sourceLabels"] or {}) == {service.node_label}
 
 
-def _matches_everything(rule: Mapping[str, Any]) -> bool:
-    """Whether every request passes ``rule`` (no match, or one on nothing but the whole
-    path): the first such rule is the catch-all, and rules after it are never reached."""
+WHOLE_PATH = ({"prefix": "/"}, {"prefix": ""}, {"regex": ".*"}, {"regex": "/.*"})
+"""URI matches every path passes."""
+
+
+def _matches_everything(service: MeshService, rule: Mapping[str, Any]) -> bool:
+    """Whether every request of the mesh's clients passes ``rule``: no match, or one whose
+    every condition they all meet (the whole path, the ``mesh`` gateway, the service's
+    port). The first such rule is the catch-all, and rules after it are never reached: left
+    ahead of the operator's, one matching on ``gateways: [mesh]`` hid them all while their
+    weights read back as applied."""
     matches = rule.get("match")
     if not matches:
         return True
-    for match in matches:
-        rest = {k: v for k, v in match.items() if k not in ("name", "ignoreUriCase")}
-        if not rest or rest == {"uri": {"prefix": "/"}}:
-            return True
-    return False
+    passed = {
+        "name": lambda _: True,
+        "ignoreUriCase": lambda _: True,
+        "uri": lambda uri: uri in WHOLE_PATH,
+        "gateways": lambda gateways: "mesh" in (gateways or []),
+        "port": lambda port: port == service.port,
+    }
+    return any(
+        all(key in passed and passed[key](value) for key, value in match.items())
+        for match in matches
+    )
 
 
 def _was_ours(service: MeshService, rule: Mapping[str, Any], saved: Sequence[Mapping]) -> bool:
@@ -153,14 +167,14 @@ def _keep_rules(
 ) -> list[dict]:
     """``ours`` among the live rules the operator does not own, as :mod:`this module
     <marl_operator.mesh.istio>` says (``saved``: the owner's, as taken over)."""
-    cut = next((i for i, rule in enumerate(live) if _matches_everything(rule)), len(live))
+    cut = next((i for i, rule in enumerate(live) if _matches_everything(service, rule)), len(live))
     catch_all = live[cut] if cut < len(live) else {}
     options = {k: copy.deepcopy(v) for k, v in catch_all.items() if k in ROUTE_OPTIONS}
     theirs = [
         [copy.deepcopy(r) for r in part if not _was_ours(service, r, saved)]
         for part in (live[:cut], live[cut + 1 :])
     ]
-    behind = [r for r in theirs[1] if not _matches_everything(r)]
+    behind = [r for r in theirs[1] if not _matches_everything(service, r)]
     return theirs[0] + [{**rule, **copy.deepcopy(options)} for rule in ours] + behind
 
 
@@ -179,6 +193,15 @@ def keep_virtual_service(
             "delegates to it, and given a host it would be one no more (the root's delegated "
             "route would lose its rules): name a VirtualService with hosts, or a new one, in "
             "the EdgeService's spec.mesh.virtualService"
+        )
+    gateways = owners.get("gateways")
+    if gateways and "mesh" not in gateways:
+        raise MeshError(
+            f"VirtualService {service.namespace}/{desired['metadata']['name']} applies to "
+            f"gateways {', '.join(gateways)} only (spec.gateways lacks 'mesh'): the sidecars "
+            "of the edge nodes' clients would never use its routes; add 'mesh' to its "
+            "spec.gateways, or name another VirtualService in the EdgeService's "
+            "spec.mesh.virtualService"
         )
     out = copy.deepcopy(desired)
     out["spec"]["hosts"] = hosts if service.host in hosts else [*hosts, service.host]
@@ -324,7 +347,7 @@ def read_virtual_service(
     managed = is_managed(obj)
     for i, rule in enumerate(obj.get("spec", {}).get("http") or []):
         where = f"VirtualService {obj['metadata']['name']!r} http[{i}]"
-        if _matches_everything(rule):
+        if _matches_everything(service, rule):
             default = _rule_weights(rule, names, where, managed)
             break  # first match wins: later rules are unreachable
         if not _is_source_rule(service, rule):
