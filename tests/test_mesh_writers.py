@@ -920,6 +920,37 @@ def test_a_new_node_label_or_source_header_leaves_nothing_of_the_old_in_a_taken_
         assert taken["spec"]["rules"][-len(desired["spec"]["rules"]) :] == desired["spec"]["rules"]
 
 
+def test_an_owners_rule_added_after_takeover_is_kept_whatever_its_shape():
+    """Rules not saved at takeover were taken for the operator's, written under an earlier
+    label or header, when of their shape: an owner's header canary to fn-v2 (the per-node
+    Services' prefix) or a rule on its own pod label to a node-* subset, added or edited
+    after takeover, went at the next cycle, and deleting the policy did not bring it back.
+    The object now says which key its rules were written on; only that key's are ours."""
+    gateway, route = GatewayAPIWriter(), http_route(GATEWAY_SERVICE, triangle_routes())
+    canary = {"matches": [{"path": {"type": "PathPrefix", "value": "/"},
+                           "headers": [{"type": "Exact", "name": "x-user", "value": "beta"}]}],
+              "backendRefs": [{"group": "", "kind": "Service", "port": 8080, "weight": 1,
+                               "name": f"{GATEWAY_SERVICE.service_prefix}-v2"}]}  # fmt: skip
+    user = {
+        **route,
+        "metadata": {"name": route["metadata"]["name"], "namespace": "edge",
+                     "annotations": {ADOPT_ANNOTATION: "true"}},
+        "spec": {"parentRefs": route["spec"]["parentRefs"], "rules": [
+            {"backendRefs": [{"group": "", "kind": "Service", "name": "fn", "port": 8080}]}]},
+    }  # fmt: skip
+    live = _take_over(gateway, GATEWAY_SERVICE, route, user)
+    live["spec"]["rules"].insert(0, canary)  # kubectl edit, after takeover
+    assert canary in _take_over(gateway, GATEWAY_SERVICE, route, live)["spec"]["rules"]
+
+    writer, routes = IstioWriter(), triangle_routes()
+    desired = virtual_service(ISTIO_SERVICE, routes)
+    live = _take_over(writer, ISTIO_SERVICE, desired, _owners_virtual_service())
+    to_node = [{"destination": {"host": ISTIO_SERVICE.host, "subset": "node-a"}}]
+    pinned = {"name": "pinned", "match": [{"sourceLabels": {"version": "v1"}}], "route": to_node}
+    live["spec"]["http"].insert(0, pinned)
+    assert pinned in _take_over(writer, ISTIO_SERVICE, desired, live)["spec"]["http"]
+
+
 def test_a_delegate_virtual_service_is_not_taken_over():
     """A delegate VirtualService (no hosts: a root VirtualService's ``delegate`` names it,
     e.g. an ingress route for /fn) was taken over with the EdgeService's host added: Istio

@@ -34,6 +34,7 @@ from marl_operator.mesh.ownership import (
     is_managed,
     managed_metadata,
     owners_spec,
+    written_source_key,
 )
 
 API_VERSION = "gateway.networking.k8s.io/v1"
@@ -115,7 +116,7 @@ def http_route(service: MeshService, routes: MeshRoutes) -> Manifest:
         "metadata": {
             "name": service.http_route_name,
             "namespace": service.namespace,
-            **managed_metadata(service),
+            **managed_metadata(service, service.source_header),
         },
         "spec": {"parentRefs": parent_refs(service), "rules": rules},
     }
@@ -142,15 +143,29 @@ def _operator_match(service: MeshService, rule: Mapping[str, Any]) -> dict[str, 
     return dict(headers[0])
 
 
-def _was_ours(service: MeshService, rule: Mapping[str, Any], saved: Sequence[Mapping]) -> bool:
+def _was_ours(
+    service: MeshService,
+    rule: Mapping[str, Any],
+    saved: Sequence[Mapping],
+    written_on: str | None,
+) -> bool:
     """Whether a live rule of a taken-over HTTPRoute is one the operator wrote: on its
-    source header or its catch-all (:func:`_operator_match`), or, not among the owner's
-    rules saved at takeover, one on another single Exact header with every backend a
-    per-node Service (written under an earlier ``sourceHeader``)."""
+    source header or its catch-all (:func:`_operator_match`), or one of that shape on the
+    header the object says its rules were last written on (``written_on``, before a change
+    of ``sourceHeader``). Where that is not recorded, any single Exact header will do for a
+    rule not among the owner's saved at takeover, as long as every backend is a per-node
+    Service."""
     if _operator_match(service, rule) is not None:
         return True
-    if rule in saved:
-        return False
+    if written_on is not None:
+        changed = written_on.lower() != service.source_header.lower()
+        return changed and _source_rule_shape(service, rule, written_on)
+    return rule not in saved and _source_rule_shape(service, rule, None)
+
+
+def _source_rule_shape(service: MeshService, rule: Mapping[str, Any], header: str | None) -> bool:
+    """A match on the whole path and one Exact header (``header``, or any), and per-node
+    Services as backends only."""
     matches, refs = rule.get("matches") or [], rule.get("backendRefs") or []
     if len(matches) != 1 or set(matches[0]) != {"path", "headers"}:
         return False
@@ -159,15 +174,20 @@ def _was_ours(service: MeshService, rule: Mapping[str, Any], saved: Sequence[Map
         matches[0]["path"] == _match_all()["path"]
         and len(headers) == 1
         and headers[0].get("type", "Exact") == "Exact"
+        and (header is None or headers[0].get("name", "").lower() == header.lower())
         and bool(refs)
         and all(str(r.get("name", "")).startswith(f"{service.service_prefix}-") for r in refs)
     )
 
 
 def _keep_rules(
-    service: MeshService, ours: list[dict], live: Sequence[Mapping], saved: Sequence[Mapping]
+    service: MeshService,
+    ours: list[dict],
+    live: Sequence[Mapping],
+    saved: Sequence[Mapping],
+    written_on: str | None,
 ) -> list[dict]:
-    theirs = [copy.deepcopy(r) for r in live if not _was_ours(service, r, saved)]
+    theirs = [copy.deepcopy(r) for r in live if not _was_ours(service, r, saved, written_on)]
     catch_all = next((r for r in live if _operator_match(service, r) == {}), {})
     options = {k: copy.deepcopy(v) for k, v in catch_all.items() if k in ROUTE_OPTIONS}
     filters = [f for f in options.pop("filters", []) if f.get("type") != "RequestRedirect"]
@@ -198,7 +218,9 @@ def keep_http_route(
     ]
     rules = (live.get("spec") or {}).get("rules") or []
     saved = owners.get("rules") or []
-    out["spec"]["rules"] = _keep_rules(service, out["spec"]["rules"], rules, saved)
+    out["spec"]["rules"] = _keep_rules(
+        service, out["spec"]["rules"], rules, saved, written_source_key(live)
+    )
     return out
 
 

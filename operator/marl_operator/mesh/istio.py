@@ -29,14 +29,15 @@ from marl_operator.mesh.ownership import (
     is_managed,
     managed_metadata,
     owners_spec,
+    written_source_key,
 )
 from marl_operator.mesh.patching import apply_merge_patch
 
 API_VERSION = "networking.istio.io/v1"
 
 
-def _metadata(service: MeshService, name: str) -> dict[str, Any]:
-    return {"name": name, "namespace": service.namespace, **managed_metadata(service)}
+def _metadata(service: MeshService, name: str, source_key: str | None = None) -> dict[str, Any]:
+    return {"name": name, "namespace": service.namespace, **managed_metadata(service, source_key)}
 
 
 def _route(service: MeshService, weights: Mapping[str, int], where: str) -> list[dict[str, Any]]:
@@ -71,7 +72,7 @@ def virtual_service(service: MeshService, routes: MeshRoutes) -> Manifest:
     return {
         "apiVersion": API_VERSION,
         "kind": "VirtualService",
-        "metadata": _metadata(service, service.virtual_service_name),
+        "metadata": _metadata(service, service.virtual_service_name, service.node_label),
         "spec": {"hosts": [service.host], "http": http},
     }
 
@@ -140,20 +141,32 @@ def _matches_everything(service: MeshService, rule: Mapping[str, Any]) -> bool:
     )
 
 
-def _was_ours(service: MeshService, rule: Mapping[str, Any], saved: Sequence[Mapping]) -> bool:
+def _was_ours(
+    service: MeshService,
+    rule: Mapping[str, Any],
+    saved: Sequence[Mapping],
+    written_on: str | None,
+) -> bool:
     """Whether a live rule of a taken-over VirtualService is one the operator wrote: a
-    source node's (:func:`_is_source_rule`), or, not among the owner's rules saved at
-    takeover, one of that shape on another single pod label with routes to node subsets
-    only (written under an earlier ``nodeLabel``)."""
+    source node's (:func:`_is_source_rule`), or one of that shape on the pod label the
+    object says its rules were last written on (``written_on``, before a change of
+    ``nodeLabel``). Where that is not recorded, any single pod label will do for a rule not
+    among the owner's saved at takeover, as long as it routes to node subsets only."""
     if _is_source_rule(service, rule):
         return True
-    if rule in saved:
-        return False
+    if written_on is not None:
+        return written_on != service.node_label and _source_rule_shape(rule, written_on)
+    return rule not in saved and _source_rule_shape(rule, None)
+
+
+def _source_rule_shape(rule: Mapping[str, Any], label: str | None) -> bool:
+    """A match on one pod label (``label``, or any) and routes to node subsets only."""
     match, routes = rule.get("match") or [], rule.get("route") or []
+    if len(match) != 1 or set(match[0]) != {"sourceLabels"}:
+        return False
+    labels = set(match[0]["sourceLabels"] or {})
     return (
-        len(match) == 1
-        and set(match[0]) == {"sourceLabels"}
-        and len(match[0]["sourceLabels"] or {}) == 1
+        (labels == {label} if label is not None else len(labels) == 1)
         and bool(routes)
         and all(
             str((r.get("destination") or {}).get("subset", "")).startswith(naming.SUBSET_PREFIX)
@@ -163,15 +176,20 @@ def _was_ours(service: MeshService, rule: Mapping[str, Any], saved: Sequence[Map
 
 
 def _keep_rules(
-    service: MeshService, ours: list[dict], live: Sequence[Mapping], saved: Sequence[Mapping]
+    service: MeshService,
+    ours: list[dict],
+    live: Sequence[Mapping],
+    saved: Sequence[Mapping],
+    written_on: str | None,
 ) -> list[dict]:
     """``ours`` among the live rules the operator does not own, as :mod:`this module
-    <marl_operator.mesh.istio>` says (``saved``: the owner's, as taken over)."""
+    <marl_operator.mesh.istio>` says (``saved``: the owner's, as taken over; ``written_on``:
+    the pod label the live rules were last written on, if recorded)."""
     cut = next((i for i, rule in enumerate(live) if _matches_everything(service, rule)), len(live))
     catch_all = live[cut] if cut < len(live) else {}
     options = {k: copy.deepcopy(v) for k, v in catch_all.items() if k in ROUTE_OPTIONS}
     theirs = [
-        [copy.deepcopy(r) for r in part if not _was_ours(service, r, saved)]
+        [copy.deepcopy(r) for r in part if not _was_ours(service, r, saved, written_on)]
         for part in (live[:cut], live[cut + 1 :])
     ]
     behind = [r for r in theirs[1] if not _matches_everything(service, r)]
@@ -206,7 +224,10 @@ def keep_virtual_service(
     out = copy.deepcopy(desired)
     out["spec"]["hosts"] = hosts if service.host in hosts else [*hosts, service.host]
     rules = (live.get("spec") or {}).get("http") or []
-    out["spec"]["http"] = _keep_rules(service, out["spec"]["http"], rules, owners.get("http") or [])
+    saved = owners.get("http") or []
+    out["spec"]["http"] = _keep_rules(
+        service, out["spec"]["http"], rules, saved, written_source_key(live)
+    )
     return out
 
 

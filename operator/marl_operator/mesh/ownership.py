@@ -34,12 +34,26 @@ ANNOTATIONS_LIMIT = 256 * 1024
 """The API server refuses objects whose annotations total more bytes than this."""
 
 
-def managed_metadata(service: MeshService) -> dict[str, dict[str, str]]:
-    """Labels and annotations every generated object carries."""
-    return {
-        "labels": {MANAGED_BY_LABEL: MANAGER},
-        "annotations": {SERVICE_ANNOTATION: service.ref},
-    }
+SOURCE_KEY_ANNOTATION = "marl.dev/source-key"
+"""On a route object: the pod label (Istio) or header (Gateway API) its source rules match
+on, as last written. Only those rules are the operator's in an object it took over: after
+the key changes, the rules on the former one; an owner's rule of the same shape on any
+other key is the owner's."""
+
+
+def managed_metadata(service: MeshService, source_key: str | None = None) -> dict[str, dict]:
+    """Labels and annotations every generated object carries (and a route object, the key
+    its source rules match on)."""
+    annotations = {SERVICE_ANNOTATION: service.ref}
+    if source_key is not None:
+        annotations[SOURCE_KEY_ANNOTATION] = source_key
+    return {"labels": {MANAGED_BY_LABEL: MANAGER}, "annotations": annotations}
+
+
+def written_source_key(live: Mapping[str, Any]) -> str | None:
+    """The key a route object's source rules were last written on (None: not recorded, as
+    by a version before the annotation)."""
+    return (live.get("metadata", {}).get("annotations") or {}).get(SOURCE_KEY_ANNOTATION)
 
 
 def is_managed(obj: Mapping[str, Any]) -> bool:

@@ -16,6 +16,7 @@ from marl_operator.mesh.ownership import (
     MANAGED_BY_LABEL,
     ORIGINAL_SPEC_ANNOTATION,
     SERVICE_ANNOTATION,
+    SOURCE_KEY_ANNOTATION,
     check_adoptable,
     is_managed,
     original_spec,
@@ -98,7 +99,11 @@ def restore_patch(live: Mapping[str, Any], owned: Iterable[str]) -> dict[str, An
     patch: dict[str, Any] = {
         "metadata": {
             "labels": {MANAGED_BY_LABEL: None},
-            "annotations": {SERVICE_ANNOTATION: None, ORIGINAL_SPEC_ANNOTATION: None},
+            "annotations": {
+                SERVICE_ANNOTATION: None,
+                ORIGINAL_SPEC_ANNOTATION: None,
+                SOURCE_KEY_ANNOTATION: None,
+            },
         }
     }
     if spec:
