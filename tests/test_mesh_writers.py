@@ -554,6 +554,24 @@ def test_a_taken_over_destination_rule_keeps_its_other_subsets(upstream):
     assert restored["spec"] == user["spec"]
 
 
+def test_an_owners_subset_named_as_an_edge_node_s_is_refused_not_doubled():
+    """An owner's subset node-edge-0 selecting more than the node label was kept beside the
+    operator's node-edge-0: two subsets of one name, which Istio's webhook refuses, so every
+    write of the service failed."""
+    writer, routes = IstioWriter(), triangle_routes()
+    desired = destination_rule(ISTIO_SERVICE, routes.nodes)
+    mine = desired["spec"]["subsets"][0]
+    user = {
+        **desired,
+        "metadata": {"name": desired["metadata"]["name"], "namespace": "edge",
+                     "annotations": {ADOPT_ANNOTATION: "true"}},
+        "spec": {"host": ISTIO_SERVICE.host, "subsets": [
+            {"name": mine["name"], "labels": {**mine["labels"], "version": "v1"}}]},
+    }  # fmt: skip
+    with pytest.raises(MeshError, match=rf"subsets of its own named {mine['name']}.*rename"):
+        writer.keep(ISTIO_SERVICE, desired, user)
+
+
 def test_a_taken_over_httproute_keeps_its_parents_rules_and_options(upstream):
     writer, routes = GatewayAPIWriter(), triangle_routes()
     desired = http_route(GATEWAY_SERVICE, routes)

@@ -263,6 +263,16 @@ def keep_destination_rule(
         if not _was_node_subset(service, subset, saved)
     ]
     out = copy.deepcopy(desired)
+    theirs = [t for t in theirs if t not in out["spec"]["subsets"]]  # kept already
+    clash = sorted({t["name"] for t in theirs} & {o["name"] for o in out["spec"]["subsets"]})
+    if clash:  # Istio refuses two subsets of one name, and every write with them
+        raise MeshError(
+            f"DestinationRule {service.namespace}/{desired['metadata']['name']} has subsets "
+            f"of its own named {', '.join(clash)}, as the operator names an edge node's "
+            f"subset ({naming.SUBSET_PREFIX}<edge node>, selecting by {service.node_label} "
+            "alone): rename them, or name another DestinationRule in the EdgeService's "
+            "spec.mesh.destinationRule"
+        )
     out["spec"]["subsets"] = theirs + out["spec"]["subsets"]
     return out
 
