@@ -310,6 +310,10 @@ INVALID = [
      "spec.prometheus.window", "does not match"),
     ("provider-unknown", "EdgeService", "fn", _set("spec.mesh.provider", "linkerd"),
      "spec.mesh.provider", "is not one of"),
+    # With the default group "", the Service's, the route attached to no Gateway, unsaid.
+    ("gateway-parent-core-group", "EdgeService", "fn-gw",
+     _set("spec.mesh.parentRefs", [{"kind": "Gateway", "name": "edge-gw"}]),
+     "spec.mesh.parentRefs[0]", "a Gateway parent needs group gateway.networking.k8s.io"),
     ("istio-with-httproute", "EdgeService", "fn", _set("spec.mesh.httpRoute", "fn"),
      "spec.mesh", "apply only to provider gateway-api"),
     ("gateway-with-virtualservice", "EdgeService", "fn-gw", _set("spec.mesh.virtualService", "x"),
