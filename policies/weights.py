@@ -14,7 +14,13 @@ def largest_remainder(fractions: np.ndarray, total: np.ndarray | int) -> np.ndar
     puts everything in the first entry so a total is never lost.
     """
     f = np.clip(np.asarray(fractions, dtype=np.float64), 0.0, None)
-    s = f.sum(axis=-1, keepdims=True)
+    with np.errstate(over="ignore"):
+        s = f.sum(axis=-1, keepdims=True)
+    if not np.isfinite(s).all():  # shares too large to add up: only their proportions count
+        top = f.max(axis=-1, keepdims=True)
+        finite_top = np.where(np.isfinite(top) & (top > 0), top, 1.0)
+        f = np.where(np.isinf(top), np.isinf(f), f / finite_top)
+        s = f.sum(axis=-1, keepdims=True)
     first = np.zeros_like(f)
     first[..., 0] = 1.0
     f = np.where(s > 0, f / np.where(s > 0, s, 1.0), first)

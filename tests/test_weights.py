@@ -57,3 +57,15 @@ def test_mesh_weights_never_all_zero():
 )
 def test_reference_counts_give_all_leftovers_to_one_share(fractions, n, expected):
     assert reference_counts(np.array(fractions), np.array(n)).tolist() == expected
+
+
+@pytest.mark.parametrize(
+    ("fractions", "expected"),
+    [([1e308, 1e308], [50, 50]), ([1e308, 3e307, 0.0], [77, 23, 0]), ([np.inf, 1.0], [100, 0])],
+)
+def test_shares_too_large_to_add_up_still_make_100(fractions, expected):
+    """Their sum overflowed to inf, every share became 0 and the leftover went one unit per
+    entry: 1 and 1 out of 100 (a static fallback from huge requestsPerSecond hints was then
+    refused), and an infinite share gave a weight of -2**63."""
+    weights = mesh_weights(np.array(fractions))
+    assert weights.tolist() == expected and weights.sum() == 100
