@@ -12,5 +12,5 @@ def test_a_tiny_run_times_decisions_and_prints_one_json_object():
         assert result["fallbacks_not_timed"] < 3  # something was timed
         assert 0 < result["decision_ms_p50"] <= result["decision_ms_p95"]
         assert result["decision_ms_p95"] <= result["decision_ms_max"]
-        assert result["agents_changed_mean"] >= 0
+        assert 0 <= result["agents_changed_mean"] <= result["agents"]
     assert report["peak_rss_mb"] > 0

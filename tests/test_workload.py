@@ -92,20 +92,25 @@ def test_exponential_service_time_has_the_configured_mean():
     assert cpu == pytest.approx((cpu + wait) * 0.1)
 
 
+def fastest_of_three(client) -> tuple[object, float]:
+    """The quickest of three requests: a busy machine only ever adds time to one."""
+    return min((timed_get(client) for _ in range(3)), key=lambda answer: answer[1])
+
+
 def test_slow_mode_slows_and_recovers_at_run_time():
     with TestClient(edgefn.create_app(settings())) as client:
         client.get("/")
-        _, normal = timed_get(client)
+        _, normal = fastest_of_three(client)
         state = client.put("/admin/slowdown", params={"factor": 4}).json()
         assert state["slowdown"] == 4.0
         assert state["capacity_rps"] == pytest.approx(4 * 1000 / 200)
-        response, slow = timed_get(client)
+        response, slow = fastest_of_three(client)
         assert response.json()["slowdown"] == 4.0
         assert slow >= 4 * 50 * 0.9
         assert slow > 2.5 * normal
         assert client.put("/admin/slowdown", params={"factor": 0.5}).status_code == 422
         assert client.delete("/admin/slowdown").json()["slowdown"] == 1.0
-        _, back = timed_get(client)
+        _, back = fastest_of_three(client)
         assert back < slow / 2
 
 
