@@ -1,8 +1,10 @@
 """Safety between a decision and the mesh: bounded steps, and what to write when deciding fails.
 
 A learned policy and a learned model can both be wrong; the guard keeps their mistakes small
-and visible. Every written route moves at most ``maxWeightChange`` points per interval, so a
-bad decision is corrected before it has moved much traffic, and a route whose weights would
+and visible. Every decided route moves at most ``maxWeightChange`` points per interval, so a
+bad decision is corrected before it has moved much traffic (the catch-all rule, the mean of
+the source nodes' rows, follows them and so may differ from that by a point of rounding; a
+fallback, written when deciding has failed for intervals, is written as it is), and a route whose weights would
 all move by less than ``minWeightChange`` points stays as it is: such a move is rounding and
 measurement noise, and every write is a configuration push to every sidecar of the mesh. When
 no decision can be made (metrics missing or stale, inputs inconsistent), the weights in place
