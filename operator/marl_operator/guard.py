@@ -4,13 +4,13 @@ A learned policy and a learned model can both be wrong; the guard keeps their mi
 and visible. Every decided route moves at most ``maxWeightChange`` points per interval, so a
 bad decision is corrected before it has moved much traffic (the catch-all rule, the mean of
 the source nodes' rows, follows them and so may differ from that by a point of rounding; a
-fallback, written when deciding has failed for intervals, is written as it is), and a route whose weights would
-all move by less than ``minWeightChange`` points stays as it is: such a move is rounding and
-measurement noise, and every write is a configuration push to every sidecar of the mesh. When
-no decision can be made (metrics missing or stale, inputs inconsistent), the weights in place
-are held; after ``failureThreshold`` such intervals in a row the configured fallback is
-written, because a routing chosen for conditions that no longer hold gets worse the longer it
-stays.
+fallback, written when deciding has failed for intervals, is written as it is), and a route
+whose weights would all move by less than ``minWeightChange`` points stays as it is: such a
+move is rounding and measurement noise, and every write is a configuration push to every
+sidecar of the mesh. When no decision can be made (metrics missing or stale, inputs
+inconsistent), the weights in place are held; after ``failureThreshold`` such intervals in a
+row the configured fallback is written, because a routing chosen for conditions that no
+longer hold gets worse the longer it stays.
 
 A node that is down (:mod:`marl_operator.liveness`) is the exception to the bounded step: every
 request routed to it fails or waits, so its share leaves at once, whatever else happens to the
