@@ -309,7 +309,10 @@ class EdgeEnv:
         """Take ``node`` down from the current step to the end of the episode, as a failure
         event does: no resources (its queue is dropped at this step, its requests lost) and
         no arrivals from its clients, who were on it. Like :meth:`set_node_cpu`, a change
-        decided while the episode runs; the next episode starts from the scenario again."""
+        decided while the episode runs; the next episode starts from the scenario again.
+        Where queued requests carry no sender (the reference's layout: one service, no
+        latency model, no failure among the scenario's events), those lost count in
+        ``totals.lost_on_failure`` but in no agent's ``info["lost"]``."""
         j = self.scenario.node_names.index(node)
         rest, tl = slice(self.t, None), self.timeline
         self._failing[j] = True  # its queue goes at the next step, an episode's first too
