@@ -654,6 +654,40 @@ def test_failed_intervals_count_on_across_a_rebuild_and_a_restart(after):
     assert "3 failed intervals in a row" in third.reason
 
 
+def test_a_restart_whose_first_build_fails_keeps_the_failure_count():
+    """A held cycle without a controller (the first build after a restart refused by an API
+    server's blip) reported no count, and the merge patch then deleted the stored one: the
+    next build counted from zero, and the fallback came failureThreshold intervals late."""
+    mesh = example_mesh()
+    runtime, _ = runtime_over(mesh)
+    body = example_policy_body(safety={"failureThreshold": 3, "fallback": "local"})
+    stored: dict = {}
+
+    def cycle(runtime) -> CycleReport:
+        nonlocal stored
+        report = runtime.cycle("edge/p", {**body, "status": stored})
+        stored = apply_merge_patch(stored, status_of(report, stored))
+        return report
+
+    cycle(runtime)
+    mesh.down = True
+    assert [cycle(runtime).outcome for _ in range(2)] == [Outcome.HELD, Outcome.HELD]
+    assert stored["consecutiveFailures"] == 2
+
+    restarted, kube = runtime_over(mesh)
+    edge_nodes = kube.edge_nodes
+
+    def blip():
+        kube.edge_nodes = edge_nodes  # once
+        raise ApiException(status=500, reason="Internal Server Error")
+
+    kube.edge_nodes = blip
+    assert cycle(restarted).outcome == Outcome.HELD  # no controller: the build failed
+    assert stored["consecutiveFailures"] == 2  # unknown to it, so left as it was
+    third = cycle(restarted)
+    assert third.outcome == Outcome.FALLBACK, third.reason
+
+
 def test_the_stored_status_drops_what_the_last_cycle_no_longer_says():
     """The status goes out as a merge patch, applied to what the API server holds: figures a
     held cycle has none of must go (not stand beside its message), and a service's

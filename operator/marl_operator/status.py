@@ -245,10 +245,9 @@ def status_of(report: CycleReport, previous: Mapping[str, Any] | None) -> dict[s
         ),
         "modelAccuracy": min(1.0, min(r2)) if r2 else None,
     }
-    return {
+    out = {
         "phase": PHASES[report.outcome],
         "observedGeneration": report.generation,
-        "consecutiveFailures": report.failures,
         # None (no policy was ever built, or the spec is invalid) removes a stale one: merge patch
         "checkpoint": report.checkpoint,
         "services": services,
@@ -257,6 +256,9 @@ def status_of(report: CycleReport, previous: Mapping[str, Any] | None) -> dict[s
             previous.get("conditions") or [], conditions_of(report), when, report.generation
         ),
     }
+    if report.failures is not None:  # unknown (no controller counted): the stored count holds
+        out["consecutiveFailures"] = report.failures
+    return out
 
 
 def _metrics_read(report: CycleReport) -> str:
