@@ -1258,6 +1258,34 @@ def test_an_object_carrying_another_edge_services_routes_is_not_written(cluster:
     assert [cluster_kube.get(NAMESPACE, kind, SERVICE) for kind in kinds] == before
 
 
+def test_another_service_s_object_created_during_a_write_is_not_taken_over(cluster: Any) -> None:
+    """The same race as above: the other policy creates the objects between this write's
+    read and its create. The create's conflict was retried on a fresh read without the
+    owner's check, so the second service's routes replaced the first's."""
+    cluster_kube = Kube(client.ApiClient(client_configuration(cluster.kubeconfig)))
+    first = KubeMesh(cluster_kube)
+    even = {n: {m: w for m, w in zip(NODE_NAMES, (34, 33, 33), strict=True)} for n in NODE_NAMES}
+
+    class Racing(Kube):
+        raced = False
+
+        def create(self, manifest, *, dry_run=False):
+            if not dry_run and not Racing.raced:
+                Racing.raced = True
+                assert first.write(MESH_SERVICE, build_routes(even, MESH_NODES))
+            return super().create(manifest, dry_run=dry_run)
+
+    second = KubeMesh(Racing(client.ApiClient(client_configuration(cluster.kubeconfig))))
+    copied = dataclasses.replace(MESH_SERVICE, name="fn2", host=f"fn2.{NAMESPACE}.svc")
+    local = {n: {n: 100} for n in NODE_NAMES}
+    with pytest.raises(MeshError, match=f"carries the routes of EdgeService {MESH_SERVICE.ref}"):
+        second.write(copied, build_routes(local, MESH_NODES))
+    assert Racing.raced
+    written = cluster_kube.get(NAMESPACE, "VirtualService", SERVICE)
+    assert written["metadata"]["annotations"][SERVICE_ANNOTATION] == MESH_SERVICE.ref
+    assert first.write(MESH_SERVICE, build_routes(even, MESH_NODES)) is False  # as it wrote
+
+
 async def forbidden_message(url: str) -> str:
     """The message of the policy's WeightsApplied condition, once it is False for the reason
     Forbidden."""

@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import base64
 import contextlib
-import functools
 import logging
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from importlib.metadata import PackageNotFoundError
@@ -571,11 +570,15 @@ class KubeMesh:
         VirtualService. One change alone needs no rehearsal."""
         writer = writer_for(service.provider)
         manifests = writer.desired(service, routes)
-        keep = functools.partial(writer.keep, service)
+
+        def keep(manifest: Manifest, live: Mapping[str, Any] | None) -> Manifest:
+            # Checked on every live copy a change is made from, re-read ones too: another
+            # policy's object created between a read and a retry must not be taken over.
+            _check_owner(manifest, live, service)
+            return writer.keep(service, manifest, live)
+
         lives = [self._read(manifest) for manifest in manifests]
         manifests = writer.make_before_break(service, manifests, lives)
-        for manifest, live in zip(manifests, lives, strict=True):
-            _check_owner(manifest, live, service)
         pending = sum(
             self._pending(keep(m, live), live) for m, live in zip(manifests, lives, strict=True)
         )
