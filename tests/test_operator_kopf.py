@@ -1241,6 +1241,31 @@ def test_routes_that_could_not_be_given_back_keep_the_subsets_they_name(
     assert any("DestinationRule/fn" in failed for failed in incomplete.value.failed)
 
 
+def test_a_give_back_forbidden_is_said_and_keeps_the_subsets_routed_to(
+    cluster: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A 403 on a give-back (an admission webhook's denial, or a rule missing) escaped as
+    Forbidden: kopf retried the deletion every minute for good, the policy stayed
+    Terminating and no event said why. It is now one of the objects not given back."""
+    watching = SubsetWatchingKube(client.ApiClient(client_configuration(cluster.kubeconfig)))
+    mesh = KubeMesh(watching)
+    watching.create(copy.deepcopy(USER_VIRTUAL_SERVICE))
+    assert mesh.write(MESH_SERVICE, build_routes({n: {n: 100} for n in NODE_NAMES}, MESH_NODES))
+    patch = watching.patch
+
+    def forbidding(namespace, kind, name, body, **options):
+        if kind == "VirtualService":
+            raise Forbidden("patch", kind, namespace, name, "denied by a policy webhook")
+        return patch(namespace, kind, name, body, **options)
+
+    monkeypatch.setattr(watching, "patch", forbidding)
+    with pytest.raises(RestoreIncomplete) as incomplete:
+        mesh.restore(MESH_SERVICE, MESH_NODES)
+    assert watching.dangling == []
+    assert "VirtualService/fn: " in incomplete.value.failed[0]
+    assert "patch virtualservices.networking.istio.io" in incomplete.value.failed[0]
+
+
 def test_an_object_carrying_another_edge_services_routes_is_not_written(cluster: Any) -> None:
     """Two policies' EdgeServices named the same VirtualService (one policy cannot: its
     problem refuses that): the second write is refused naming the owner, and the first

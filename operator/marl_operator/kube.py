@@ -682,9 +682,14 @@ class KubeMesh:
                 else:
                     self.kube.patch(namespace, kind, name, patch)
                     done.append(f"restored {kind}/{name}")
+            except Forbidden as error:
+                # Not retried: a webhook's denial stays one, and a missing rule would hold
+                # the policy's deletion, silently, until someone granted it.
+                failed.append(f"{kind}/{name}: {error}")
+                in_place[f"{kind}/{name}"] = writer_of_kind(kind).routed_targets(live)
             except ApiException as error:
                 if error.status not in REFUSED_FOR_GOOD:
-                    raise  # unreachable, conflicting, forbidden: the next attempt may pass
+                    raise  # unreachable or conflicting: the next attempt may pass
                 failed.append(f"{kind}/{name}: the API server refused it: {error.reason}")
                 in_place[f"{kind}/{name}"] = writer_of_kind(kind).routed_targets(live)
         if failed:
