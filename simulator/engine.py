@@ -346,19 +346,20 @@ class NodeModel:
         interleaved: bool = False,
         track_origins: bool = False,
     ):
-        """``ram_floor``, the least RAM any active node will have, lets the model drop queued
-        requests' RAM altogether when a full queue of the largest requests fits in it: RAM
-        can then never bind in a queue (``None``: always keep it). The new requests of a
-        step are then checked against the node's whole RAM, not what the queue left of it,
-        so a queue and new requests together can use up to twice a node's RAM in one step.
-        In the reference, as measured, RAM never binds (CPU does, at 64.5 requests a step,
-        against 8,000 MB of RAM for requests of at most 75 MB), and checking it exactly would
-        draw every request's RAM and so change the reference's random streams. ``track_servers`` adds
-        per-node latency histograms (:class:`ServerLatency`): cheap for a few environments,
-        too much for training batches, hence optional. ``interleaved`` mixes the stream's
-        segments evenly (:class:`_Interleaved`) instead of the reference's segment order.
-        ``track_origins`` keeps each queued request's sender even without a latency model,
-        so that a failing node's queue is charged to the agents that filled it."""
+        """``ram_floor``, the least RAM any active node will have, lets the model drop
+        queued requests' RAM altogether when a full queue of the largest requests fits in
+        it: RAM can then never bind in a queue (``None``: always keep it). The new requests
+        of a step are then checked against the node's whole RAM, not what the queue left of
+        it, so a queue and new requests together can use up to twice a node's RAM in one
+        step. In the reference, as measured, RAM never binds (CPU does, at 64.5 requests a
+        step, against 8,000 MB of RAM for requests of at most 75 MB), and checking it
+        exactly would draw every request's RAM and so change the reference's random streams.
+        ``track_servers`` adds per-node latency histograms (:class:`ServerLatency`): cheap
+        for a few environments, too much for training batches, hence optional.
+        ``interleaved`` mixes the stream's segments evenly (:class:`_Interleaved`) instead
+        of the reference's segment order. ``track_origins`` keeps each queued request's
+        sender even without a latency model, so that a failing node's queue is charged to
+        the agents that filled it."""
         self.topo = topology
         self.tables = tables
         self.B, self.N, self.S, self.K = (
