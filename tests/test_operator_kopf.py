@@ -22,6 +22,7 @@ import dataclasses
 import logging
 import socket
 import threading
+import time
 from collections.abc import AsyncIterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -1531,6 +1532,41 @@ def test_a_daemon_skips_cycles_while_an_earlier_cycle_of_its_policy_runs(cluster
         assert overlap["most"] == 1
 
     asyncio.run(scenario())
+
+
+def test_standing_down_at_exit_leaves_the_event_loop_free(cluster: Any) -> None:
+    """Each daemon stood down on the event loop, waiting for the lock that the EdgeNode
+    statuses hold across API calls (30 s each at worst): kopf's keep-alives, watches and
+    shutdown froze meanwhile, one daemon after another."""
+    runtime, _ = new_runtime(cluster.kubeconfig, example_mesh())
+    stand_down = runtime.stand_down
+
+    def slow_stand_down(key: str) -> None:
+        time.sleep(1.5)  # as while a slow API call holds the lock
+        stand_down(key)
+
+    runtime.stand_down = slow_stand_down  # type: ignore[method-assign]
+
+    async def scenario() -> list[float]:
+        loop, gaps = asyncio.get_running_loop(), []
+
+        async def ticker() -> None:
+            last = loop.time()
+            while True:
+                await asyncio.sleep(0.05)
+                gaps.append(loop.time() - last)
+                last = loop.time()
+
+        await create_resources(cluster.url, policy_body())
+        async with operating(cluster.url, runtime):
+            await eventually(outcome_is(runtime, Outcome.APPLIED), what="a first cycle")
+            ticking = asyncio.create_task(ticker())
+        ticking.cancel()
+        return gaps
+
+    gaps = asyncio.run(scenario())
+    assert runtime.store.latest(KEY) is None  # it did stand down
+    assert max(gaps) < 1.0, max(gaps)
 
 
 def test_a_cycle_in_flight_when_the_operator_exits_writes_nothing(cluster: Any) -> None:

@@ -127,9 +127,13 @@ def register(
         try:
             await run_cycles(key, body, name, namespace, stopped, service_claims, term)
         finally:
-            # kopf cancels a stopped daemon at once, so this runs in the cancellation too.
+            # kopf cancels a stopped daemon at once, so this runs in the cancellation too. In
+            # a thread: it waits for a lock the EdgeNode statuses' API calls hold, and kopf's
+            # own work on this loop (keep-alives, shutdown) must not wait for them. Shielded:
+            # cancelled again before a thread took it, it would never run.
             if stopped.reason and stopped.reason & LEAVING:
-                runtime.stand_down(key)
+                loop = asyncio.get_running_loop()
+                await asyncio.shield(loop.run_in_executor(None, runtime.stand_down, key))
 
     async def run_cycles(
         key: str,
