@@ -19,6 +19,7 @@ import base64
 import contextlib
 import copy
 import dataclasses
+import json
 import logging
 import socket
 import threading
@@ -1205,7 +1206,7 @@ def test_a_restore_the_api_refuses_for_good_is_reported_and_the_rest_given_back(
         mesh.restore(MESH_SERVICE, MESH_NODES)
     assert incomplete.value.done == []
     assert incomplete.value.failed == [
-        "VirtualService/fn: the API server refused it: denied by a webhook",
+        "VirtualService/fn: the API server refused it: 422 denied by a webhook",
         "DestinationRule/fn: kept, since VirtualService/fn still routes to node-edge-0, "
         "node-edge-1, node-edge-2: give it back after them",
     ]
@@ -1240,6 +1241,28 @@ def test_routes_that_could_not_be_given_back_keep_the_subsets_they_name(
     assert watching.get(NAMESPACE, "DestinationRule", SERVICE) is not None
     assert "VirtualService/fn: the API server refused it" in incomplete.value.failed[0]
     assert any("DestinationRule/fn" in failed for failed in incomplete.value.failed)
+
+
+def test_a_refused_write_carries_what_the_api_server_said(
+    cluster: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A write a webhook refused was reported as "422 Unprocessable Entity", without the
+    webhook's message, the one thing that says what to fix."""
+    cluster_kube = Kube(client.ApiClient(client_configuration(cluster.kubeconfig)))
+    mesh = KubeMesh(cluster_kube)
+
+    def refusing(manifest, **options):
+        error = ApiException(status=422, reason="Unprocessable Entity")
+        error.body = json.dumps(
+            {"kind": "Status", "message": 'admission webhook "validation.istio.io" denied the '
+             "request: configuration is invalid: weight 101 exceeds 100"}
+        )  # fmt: skip
+        raise error
+
+    monkeypatch.setattr(cluster_kube, "create", refusing)
+    routes = build_routes({n: {n: 100} for n in NODE_NAMES}, MESH_NODES)
+    with pytest.raises(MeshError, match=r"422 Unprocessable Entity: admission webhook .* 101"):
+        mesh.write(MESH_SERVICE, routes)
 
 
 def test_a_give_back_forbidden_is_said_and_keeps_the_subsets_routed_to(

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import base64
 import contextlib
+import json
 import logging
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from importlib.metadata import PackageNotFoundError
@@ -506,8 +507,20 @@ REFUSED_FOR_GOOD = (400, 422)
 admission webhook's denial)."""
 
 
+def refusal_text(error: ApiException) -> str:
+    """``status reason``, and what the API server said of it: a webhook's or a validator's
+    message is what the user must fix (the Status body's ``message``, which carries no
+    credentials; cut short)."""
+    try:
+        message = json.loads(error.body or "{}").get("message")
+    except (ValueError, AttributeError):
+        message = None
+    said = f"{error.status} {error.reason}"
+    return f"{said}: {str(message)[:300]}" if message else said
+
+
 def _failure(manifest: Manifest, error: ApiException) -> MeshError:
-    return MeshError(f"{_where(manifest)}: {error.status} {error.reason}")
+    return MeshError(f"{_where(manifest)}: {refusal_text(error)}")
 
 
 def _check_owner(manifest: Manifest, live: Mapping[str, Any] | None, service: MeshService) -> None:
@@ -690,7 +703,7 @@ class KubeMesh:
             except ApiException as error:
                 if error.status not in REFUSED_FOR_GOOD:
                     raise  # unreachable or conflicting: the next attempt may pass
-                failed.append(f"{kind}/{name}: the API server refused it: {error.reason}")
+                failed.append(f"{kind}/{name}: the API server refused it: {refusal_text(error)}")
                 in_place[f"{kind}/{name}"] = writer_of_kind(kind).routed_targets(live)
         if failed:
             raise RestoreIncomplete(done, failed)
