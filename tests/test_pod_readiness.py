@@ -391,3 +391,21 @@ def test_behind_an_httproute_each_node_s_own_service_tells_whether_it_serves():
             "given)) behind the Service fn-gw-edge-1"
         }
     }
+
+
+def test_the_kubernetes_nodes_are_read_as_the_api_s_json(apiserver):
+    """Read as JSON (the client's models cost seconds of CPU for thousands of nodes): names,
+    labels and the Ready condition, as liveness reads them."""
+    api = config.new_client_from_config(config_file=str(apiserver.kubeconfig))
+    kube = Kube(api)
+    try:
+        nodes = {n["metadata"]["name"]: n for n in kube.kubernetes_nodes()}
+        assert {"kind-worker", "kind-worker2", "kind-worker3"} <= set(nodes)
+        ready = [c for c in nodes["kind-worker"]["status"]["conditions"] if c["type"] == "Ready"]
+        assert ready and ready[0]["status"] == "True"
+        assert "marl.dev/edge-node" in nodes["kind-worker"]["metadata"]["labels"]
+        apiserver.api.deny("list", "nodes")
+        with pytest.raises(Forbidden, match="may not list nodes"):
+            kube.kubernetes_nodes()
+    finally:
+        api.close()
