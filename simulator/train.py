@@ -492,6 +492,9 @@ def main(argv: list[str] | None = None) -> int:
         if not interrupted:
             final = evaluate_model(trainer, scenario, args.eval_episodes, FINAL_SEED + args.seed)
             final["eval_episodes"] = args.eval_episodes
+            # The figures the summary and policy.json report, on episodes of their own.
+            for key in ("return_per_agent", "processed_pct"):
+                writer.add_scalar(f"final/{key}", final[key], trainer.env_steps * world)
         elif evals:  # the saved model's last figures: those of its last periodic evaluation
             last = dict(evals[-1])
             final = {"evaluated_at_env_steps": last.pop("env_steps"), **last}

@@ -287,6 +287,44 @@ def test_a_request_the_floor_split_drops_costs_what_a_rejected_one_does():
     assert rewards["forward"] == pytest.approx(rewards["reject"])
 
 
+@pytest.mark.parametrize(
+    ("split", "per_neighbour", "dropped"), [("floor", [2, 2], 1), ("exact", [3, 2], 0)]
+)
+def test_forward_split_floor_drops_the_remainder_and_exact_deals_it_out(
+    split, per_neighbour, dropped
+):
+    """Five requests forwarded to two neighbours: the reference's floor division sends two to
+    each and loses one; ``forward_split: exact`` gives the remainder to the first slots."""
+    from simulator.scenario import parse_scenario
+
+    size = {"min": 10, "mean": 10, "max": 10, "std": 0}
+    scenario = parse_scenario(
+        {
+            "name": "split",
+            "steps": 2,
+            "forward_split": split,
+            "nodes": [
+                {"name": "a", "neighbours": ["b", "c"]},
+                {"name": "b", "neighbours": ["a"]},
+                {"name": "c", "neighbours": ["a"]},
+            ],
+            "services": [
+                {"name": "s", "request_classes": [{"weight": 1, "cpu": size, "ram": size}]}
+            ],
+            "workload": {"default": {"kind": "step", "levels": [[0, 5]], "poisson": False}},
+        }
+    )
+    env = EdgeEnv(scenario, num_envs=1, seed=0, action_mode="split3")
+    env.reset()
+    action = np.zeros((1, 3, 3))
+    action[0, :] = [1, 0, 0]
+    action[0, 0] = [0, 1, 0]  # node a forwards everything
+    local, forward, reject, lost = env.counts(action)
+    assert forward[0, 0, :2, 0].tolist() == per_neighbour
+    assert lost[0, 0, 0] == dropped
+    assert local[0, 0, 0] + forward[0, 0, :, 0].sum() + reject[0, 0, 0] + lost[0, 0, 0] == 5
+
+
 def test_a_node_up_without_cpu_is_observed_as_overloaded_not_as_1e10(mesh):
     """A capacity event of factor 0 is allowed; the offered load over that capacity divided
     by 1e-9 and put about 1e10 into the observations of every agent of the node."""

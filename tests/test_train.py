@@ -68,6 +68,27 @@ def test_checkpoint_files_and_safe_round_trip(trained):
     assert (trained / "progress.csv").read_text().startswith("update,env_steps")
 
 
+def test_tensorboard_logs_hold_the_progress_rows_and_the_evaluations(trained):
+    """``tb/`` carries what progress.csv and policy.json say, at the same env steps (a
+    row's return only once an episode has ended; the final evaluation at the end)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    logs = EventAccumulator(str(trained / "tb"))
+    logs.Reload()
+    with (trained / "progress.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    rows = [r for r in rows if r["return_per_agent"]]  # empty until an episode has ended
+    assert len(rows) > 2
+    returns = logs.Scalars("train/return_per_agent")
+    assert [e.step for e in returns] == [int(r["env_steps"]) for r in rows]
+    assert [e.value for e in returns] == pytest.approx([float(r["return_per_agent"]) for r in rows])
+    meta = json.loads((trained / "policy.json").read_text())
+    for key in ("return_per_agent", "processed_pct"):
+        (final,) = logs.Scalars(f"final/{key}")
+        assert final.step == meta["trained_env_steps"]
+        assert final.value == pytest.approx(meta["metrics"][key])
+
+
 def test_spec_mismatch_names_the_field(trained):
     """A per-node (split3) checkpoint in a per-neighbour environment: the field that differs,
     and the option that evaluates it as it was trained."""
