@@ -216,6 +216,30 @@ def test_rollout_decides_under_the_utilisation_cap_unless_it_is_off(tmp_path, mo
     ]
 
 
+def test_the_rollout_and_model_options_reach_what_decides(tmp_path, monkeypatch, capsys):
+    """Each knob of the command line is what the adapter and its model run with; one out of
+    range is refused naming its option, before anything runs."""
+    built = []
+    real = adapt.Adapter
+
+    def recording(env, policy, model, settings, **kwargs):
+        built.append((model, settings, kwargs))
+        return real(env, policy, model, settings, **kwargs)
+
+    monkeypatch.setattr(adapt, "Adapter", recording)
+    options = ["--rounds", "2", "--margin", "0.07", "--samples", "3", "--steps", "0.2", "0.4"]
+    options += ["--screen-horizon", "2", "--regressor", "boosting", "--max-nmae", "0.25"]
+    assert adapt.main([*short_surge(tmp_path), *options]) == 0
+    ((model, settings, kwargs),) = built
+    assert (settings.rounds, settings.margin, settings.samples) == (2, 0.07, 3)
+    assert (settings.steps, settings.screen_horizon, settings.horizon) == ((0.2, 0.4), 2, 1)
+    assert model.regressor == "boosting" and kwargs["max_nmae"] == 0.25
+    capsys.readouterr()
+    assert adapt.main([*short_surge(tmp_path), "--rounds", "0"]) == 2
+    assert "--rounds: rollout rounds must be >= 1" in capsys.readouterr().err
+    assert len(built) == 1
+
+
 def test_rollout_routes_without_rejecting_unless_allowed(tmp_path, monkeypatch, capsys):
     arms: dict[str, list] = {}
     run_arm = adapt.run_arm

@@ -326,6 +326,7 @@ def test_the_validation_catches_a_typo():
         (("--set", "peering.priority=7"), "set peering.enabled=true"),
         (("--set", "crds.install=false", "--set", "crds.keep=false"), "crds.keep=true first"),
         (("--set", "extraEnv[0].name=TMPDIR", "--set", "extraEnv[0].value=/x"), "extraEnv"),
+        (("--set", "crds.drainTimeoutSeconds=0"), "/crds/drainTimeoutSeconds"),
         # A pod labelled otherwise than its selector: the Deployment would not match it.
         (
             ("--set", "podLabels.app\\.kubernetes\\.io/instance=x"),
@@ -411,6 +412,17 @@ def test_the_uninstall_job_is_scheduled_and_admitted_as_the_operator_is():
     assert pod["metadata"]["labels"]["app.kubernetes.io/component"] == "uninstall"
     assert pod["metadata"]["annotations"]["owner"] == "platform"
     assert pod["metadata"]["annotations"]["sidecar.istio.io/inject"] == "false"  # its own
+
+
+def test_the_uninstall_waits_as_long_as_drain_timeout_seconds_says_and_its_job_a_little_longer():
+    """The drain's own timeout is the setting; the Job's deadline leaves it time to start
+    and to report the policies left, so the drain, not Kubernetes, says why it stopped."""
+    from marl_operator.drain import build_parser
+
+    job = uninstall_job(render("--set", "crds.keep=false", "--set", "crds.drainTimeoutSeconds=60"))
+    (drain,) = job["spec"]["template"]["spec"]["containers"]
+    assert build_parser().parse_args(drain["args"]).timeout == 60
+    assert job["spec"]["activeDeadlineSeconds"] == 180
 
 
 def test_crds_keep_false_drops_the_keep_annotation():
