@@ -575,6 +575,40 @@ def test_the_status_counts_failures_and_shows_the_catch_all_rule():
     assert fallback["message"] == "no fallback written: the last cycle ended Invalid"
 
 
+def test_a_fallback_in_the_mesh_stays_a_true_condition_through_cycles_that_write_nothing():
+    """After the fallback is written, a suspended or invalid policy changes no route: the
+    mesh still carries the fallback, and the condition says so until a decision replaces it."""
+    mesh = example_mesh()
+    runtime, _ = runtime_over(mesh)
+    body = example_policy_body(safety={"failureThreshold": 1, "fallback": "local"})
+    stored: dict = {}
+
+    def fallback_after(spec: dict, at: float) -> dict:
+        nonlocal stored
+        report = dataclasses.replace(runtime.cycle("edge/p", spec), time=at)
+        stored = apply_merge_patch(stored, status_of(report, stored))
+        return next(c for c in stored["conditions"] if c["type"] == "Fallback")
+
+    mesh.down = True
+    fell = fallback_after(body, 1000.0)
+    assert fell["status"] == "True" and fell["reason"] == "FailureThreshold"
+    writes = mesh.writes
+    suspended = example_policy_body(
+        suspend=True, safety={"failureThreshold": 1, "fallback": "local"}
+    )
+    suspended["metadata"]["generation"] = 2
+    for at in (2000.0, 3000.0):
+        kept = fallback_after(suspended, at)
+        assert kept["status"] == "True" and kept["reason"] == "FallbackKept", kept
+        assert "the last cycle ended Suspended" in kept["message"]
+        assert kept["lastTransitionTime"] == fell["lastTransitionTime"]
+    assert mesh.writes == writes
+    mesh.down = False
+    body["metadata"]["generation"] = 3
+    decided = fallback_after(body, 5000.0)
+    assert decided["status"] == "False" and decided["message"] == "decisions are being made"
+
+
 def test_the_status_shows_the_catch_all_rule_the_mesh_carries_not_one_it_refused():
     """A refused write leaves the rule in place: the status says that one. A cycle that read
     no rule (the object deleted) shows none; one that read nothing keeps the last."""

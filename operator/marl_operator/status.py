@@ -39,8 +39,12 @@ def _condition(kind: str, ok: bool | None, reason: str, message: str) -> dict[st
     }
 
 
-def conditions_of(report: CycleReport) -> list[dict[str, Any]]:
-    """The seven conditions a report implies (without times). A call the API server refused
+def conditions_of(
+    report: CycleReport, previous: Sequence[Mapping[str, Any]] = ()
+) -> list[dict[str, Any]]:
+    """The seven conditions a report implies (without times), given the ``previous`` ones
+    (a fallback written before stays True through cycles that write nothing: the mesh still
+    carries it). A call the API server refused
     (403) makes WeightsApplied False with reason Forbidden, whatever the outcome: the message
     names the RBAC rule to grant. A cycle held because a read the policy is built from was
     refused read no metrics either: MetricsAvailable is Unknown (NotRead) then, not missing,
@@ -92,16 +96,7 @@ def conditions_of(report: CycleReport) -> list[dict[str, Any]]:
                 report.reason,
             )
         ),
-        _condition(
-            "Fallback",
-            o == Outcome.FALLBACK,
-            "FailureThreshold" if o == Outcome.FALLBACK else "NotNeeded",
-            report.reason
-            if o == Outcome.FALLBACK
-            else "decisions are being made"
-            if decided
-            else f"no fallback written: the last cycle ended {o.value}",
-        ),
+        _fallback(report, decided, previous),
         _condition(
             "Suspended",
             o == Outcome.SUSPENDED,
@@ -111,6 +106,30 @@ def conditions_of(report: CycleReport) -> list[dict[str, Any]]:
         _nodes_ready(report),
         _pods_ready(report),
     ]
+
+
+def _fallback(
+    report: CycleReport, decided: bool, previous: Sequence[Mapping[str, Any]]
+) -> dict[str, Any]:
+    """Fallback: whether the mesh carries the safety fallback. A cycle that neither decided
+    nor fell back (held, suspended, invalid) wrote no decision over a fallback in place."""
+    o = report.outcome
+    if o == Outcome.FALLBACK:
+        return _condition("Fallback", True, "FailureThreshold", report.reason)
+    if decided:
+        return _condition("Fallback", False, "NotNeeded", "decisions are being made")
+    fell = any(c.get("type") == "Fallback" and c.get("status") == "True" for c in previous)
+    if fell:
+        return _condition(
+            "Fallback",
+            True,
+            "FallbackKept",
+            f"the fallback written before is still in the mesh: the last cycle ended {o.value} "
+            "and decided nothing",
+        )
+    return _condition(
+        "Fallback", False, "NotNeeded", f"no fallback written: the last cycle ended {o.value}"
+    )
 
 
 def _nodes_ready(report: CycleReport) -> dict[str, Any]:
@@ -253,7 +272,10 @@ def status_of(report: CycleReport, previous: Mapping[str, Any] | None) -> dict[s
         "services": services,
         "lastDecision": decision,
         "conditions": merge_conditions(
-            previous.get("conditions") or [], conditions_of(report), when, report.generation
+            previous.get("conditions") or [],
+            conditions_of(report, previous.get("conditions") or ()),
+            when,
+            report.generation,
         ),
     }
     if report.failures is not None:  # unknown (no controller counted): the stored count holds
