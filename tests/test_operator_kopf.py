@@ -1260,11 +1260,14 @@ def test_a_refused_write_carries_what_the_api_server_said(
     cluster: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A write a webhook refused was reported as "422 Unprocessable Entity", without the
-    webhook's message, the one thing that says what to fix."""
+    webhook's message, the one thing that says what to fix. It is not sent again: a
+    refusal of the object itself stays one (a 409 conflict is retried on a fresh read)."""
     cluster_kube = Kube(client.ApiClient(client_configuration(cluster.kubeconfig)))
     mesh = KubeMesh(cluster_kube)
+    sent = []
 
     def refusing(manifest, **options):
+        sent.append(manifest["kind"])
         error = ApiException(status=422, reason="Unprocessable Entity")
         error.body = json.dumps(
             {"kind": "Status", "message": 'admission webhook "validation.istio.io" denied the '
@@ -1276,6 +1279,7 @@ def test_a_refused_write_carries_what_the_api_server_said(
     routes = build_routes({n: {n: 100} for n in NODE_NAMES}, MESH_NODES)
     with pytest.raises(MeshError, match=r"422 Unprocessable Entity: admission webhook .* 101"):
         mesh.write(MESH_SERVICE, routes)
+    assert len(sent) == 1
 
 
 def test_an_object_carrying_another_edge_services_routes_is_not_written(cluster: Any) -> None:

@@ -104,6 +104,8 @@ KOPF_NAMESPACED_PEERING_CALLS: tuple[tuple[str, str, str], ...] = tuple(
 )
 
 CONFLICT_RETRIES = 3
+"""Attempts after a 409 (the object changed since it was read): each on a fresh read. Other
+refusals are not retried within a cycle: a 422 or 400 is the object itself refused."""
 
 READ_KINDS: dict[str, tuple[str, str, bool]] = {
     # kind -> (group, plural, namespaced) of what the operator reads to build a policy, and
@@ -647,7 +649,7 @@ class KubeMesh:
                 try:
                     self._send(manifest, live, keep, dry_run=True)
                 except ApiException as error:
-                    if error.status not in (409, 422) or attempt == CONFLICT_RETRIES:
+                    if error.status != 409 or attempt == CONFLICT_RETRIES:
                         raise _failure(manifest, error) from error
                     break
             else:
@@ -663,7 +665,7 @@ class KubeMesh:
             try:
                 return self._send(manifest, live, keep, dry_run=False)
             except ApiException as error:
-                if error.status not in (409, 422) or attempt == CONFLICT_RETRIES:
+                if error.status != 409 or attempt == CONFLICT_RETRIES:
                     raise _failure(manifest, error) from error
                 log.info("conflict on %s, retrying", _where(manifest))
         return False  # unreachable: the loop returns or raises
