@@ -40,6 +40,14 @@ replicas does no better (0.25 and 0.23). Those replicas play commissioning's rou
 overload some nodes; under the routings rollout decides once running (``--routing rollout``),
 chance alone still errs by 0.12 on both meshes.
 More rows do not help either: a forest on 360 intervals is as accurate as boosting on 3,000.
+Nor did three other ways of using what a mesh can measure (commissioning's held-out rows,
+mesh-10x3 and mesh-6x3, seeds 0-2; mean latency, this model 0.16-0.28): a per-(node, service)
+correction learned from each row's recent errors (removing each row's median error over
+the held-out intervals, in hindsight, gains at most 0.006: the error is not a fixed bias of
+some rows); the queueing prior as a fourth input, or the forest fitted to its residual or
+ratio (0.16-0.24: the prior is 1.6-2.5 times the simulator's latencies, whose arrivals are
+spread evenly over a step); and the interval's peak one-second load (0.16-0.25, 0.01-0.03
+lower, but a decision would have to guess it).
 
 Accuracy is measured the honest way for a stream: each new interval's rows are predicted
 before they are learned from, so every score is on held-out, recent samples.
