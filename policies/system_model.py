@@ -45,7 +45,7 @@ mesh-10x3 and mesh-6x3, seeds 0-2; mean latency, this model 0.16-0.28): a per-(n
 correction learned from each row's recent errors (removing each row's median error over
 the held-out intervals, in hindsight, gains at most 0.006: the error is not a fixed bias of
 some rows); the queueing prior as a fourth input, or the forest fitted to its residual or
-ratio (0.16-0.24: the prior is 1.6-2.5 times the simulator's latencies, whose arrivals are
+ratio (0.16-0.26: the prior is 1.6-2.5 times the simulator's latencies, whose arrivals are
 spread evenly over a step); and the interval's peak one-second load (0.16-0.25, 0.01-0.03
 lower, but a decision would have to guess it).
 
