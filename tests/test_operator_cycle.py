@@ -575,6 +575,22 @@ def test_the_status_counts_failures_and_shows_the_catch_all_rule():
     assert fallback["message"] == "no fallback written: the last cycle ended Invalid"
 
 
+def test_rollout_disabled_applies_the_base_policy_alone_every_cycle():
+    """spec.rollout.enabled: false runs the trained policy without the learned model or the
+    lookahead, and says so; the same mesh with rollout on decides by rollout."""
+    for enabled in (False, True):
+        mesh = example_mesh()
+        runtime, _ = runtime_over(mesh)
+        body = example_policy_body(rollout={"enabled": enabled})
+        reports = [runtime.cycle("edge/p", body) for _ in range(4)]
+        assert all(r.outcome in (Outcome.APPLIED, Outcome.UNCHANGED) for r in reports)
+        disabled = [r.fallback == "rollout disabled" for r in reports]
+        assert disabled == [not enabled] * 4, [r.reason for r in reports]
+        if not enabled:
+            assert {r.reason for r in reports} == {"base policy applied (rollout disabled)"}
+            assert not any(r.changed_agents for r in reports)
+
+
 def test_a_fallback_in_the_mesh_stays_a_true_condition_through_cycles_that_write_nothing():
     """After the fallback is written, a suspended or invalid policy changes no route: the
     mesh still carries the fallback, and the condition says so until a decision replaces it."""
