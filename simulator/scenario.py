@@ -220,7 +220,10 @@ class _Reader:
             return default
         value = self.data[key]
         if kind is float and isinstance(value, int) and not isinstance(value, bool):
-            value = float(value)
+            try:
+                value = float(value)
+            except OverflowError:
+                self.fail(f"is too large a number: {str(value)[:20]}...", key)
         if not isinstance(value, kind) or (isinstance(value, bool) and kind in (int, float)):
             names = (
                 kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
@@ -477,34 +480,64 @@ def parse_scenario(data: Any, name: str = "<inline>", base_dir: Path | None = No
     return scenario
 
 
+CHECKED_DRAWS = 20_000
+"""Steps of arrivals drawn per workload to check a scenario: episodes enough that the clip's
+expected cut shows (rare bursts, one function of a trace among many, random phases), and
+always one whole episode, up to ``MAX_STEPS``."""
+
+
 def _check_draws(scenario: Scenario, where: Mapping[tuple[str, str], str], name: str) -> None:
-    """Draw one episode of every workload now: a trace file that is missing or lacks its
-    column is refused naming the field, not found mid-run; so is a workload the clip to
-    ``max_arrivals`` would cut by more than ``MAX_CLIPPED`` of its requests (traffic other
-    than the one written, silently)."""
+    """Draw every workload's episodes now: a trace file that is missing or lacks its column is
+    refused naming the field, not found mid-run; so is a workload that draws numbers too
+    large to be counts, or that the clip to ``max_arrivals`` would cut, on average over
+    episodes, by more than ``MAX_CLIPPED`` of its requests (traffic other than the one
+    written, silently). So are capacity events whose factors together take a node's CPU past
+    float32's range."""
     from simulator import workloads
     from simulator.env import Timeline, surged_arrivals
 
     limit = scenario.max_arrivals
-    steps = min(scenario.steps, 10_000)
-    surge = Timeline.of(scenario).surge[:steps]  # (T, N): the events' factors, as arrivals get
+    steps = scenario.steps
+    envs = int(np.clip(CHECKED_DRAWS // steps, 1, 256))
+    with np.errstate(over="ignore"):  # refused below, by name
+        timeline = Timeline.of(scenario)
+    for j, node in enumerate(scenario.node_names):
+        peak = max(float(timeline.cpu[:, j].max()), float(timeline.ram[:, j].max()))
+        if not peak <= FLOAT32_MAX:
+            raise ScenarioError(
+                f"scenario {name!r}: field 'events': the capacity events of node {node!r} "
+                f"multiply its cpu or ram past float32's range ({FLOAT32_MAX:.3g}), which the "
+                "simulator computes in: use smaller factors"
+            )
     for (node, svc), spec in scenario.workloads.items():
         field = where[(node, svc)]
         rng = np.random.default_rng(0)
         try:
-            draw = workloads.generate(spec, rng, 1, steps, clip_to=None)
-        except (ValueError, KeyError, OSError) as error:
+            with np.errstate(over="ignore", invalid="ignore"):
+                draw = workloads.generate(spec, rng, envs, steps, clip_to=None)
+                # what arrives: (B, T) surged by the node's events
+                draw = surged_arrivals(draw, timeline.surge[:, scenario.node_names.index(node)])
+        except (ValueError, KeyError, OSError, OverflowError) as error:
             raise ScenarioError(f"scenario {name!r}: field '{field}': {error}") from None
-        draw = surged_arrivals(draw, surge[:, scenario.node_names.index(node)])  # what arrives
+        if not np.isfinite(draw).all():
+            raise ScenarioError(
+                f"scenario {name!r}: field '{field}': node {node!r}, service {svc!r} draws "
+                "arrivals that are not finite (its numbers overflow): lower the workload"
+            )
         total = float(np.sum(draw))
         cut = (total - float(np.sum(np.minimum(draw, limit)))) / max(total, 1.0)
         if cut > MAX_CLIPPED:
             raise ScenarioError(
                 f"scenario {name!r}: field '{field}': node {node!r}, service {svc!r} draws "
-                f"{float(np.mean(draw)):.0f} "
+                f"{_count(float(np.mean(draw)))} "
                 f"requests a step on average (surges included), and max_arrivals ({limit}) "
                 f"would cut {cut:.0%} of them: raise max_arrivals or lower the workload"
             )
+
+
+def _count(x: float) -> str:
+    """A count for a message: whole, unless it would take more digits than anyone reads."""
+    return f"{x:.0f}" if x < 1e9 else f"{x:.3g}"
 
 
 def _resolve_paths(spec: WorkloadSpec, base_dir: Path) -> WorkloadSpec:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import math
+import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from functools import cache
@@ -197,8 +198,19 @@ def _step(rng: np.random.Generator, b: int, t: int, p: Step) -> np.ndarray:
     return rng.poisson(rates).astype(np.float64) if p.poisson else np.floor(rates).copy()
 
 
-@cache
+def _file_state(path: str) -> tuple[int, int]:
+    """What a cached trace is keyed by besides its path: a file edited since it was read is
+    read again (OSError, as opening it would, when it is missing)."""
+    stat = os.stat(path)
+    return stat.st_mtime_ns, stat.st_size
+
+
 def _read_column(path: str, column: str) -> np.ndarray:
+    return _read_column_of(path, column, _file_state(path))
+
+
+@cache
+def _read_column_of(path: str, column: str, _state: tuple[int, int]) -> np.ndarray:
     with open(path, newline="") as fh:
         reader = csv.DictReader(fh)
         if column not in (reader.fieldnames or []):
@@ -227,7 +239,6 @@ def _replay(rng: np.random.Generator, b: int, t: int, p: Replay) -> np.ndarray:
     return np.floor(series[idx])
 
 
-@cache
 def azure_functions(
     path: str,
     trigger: str,
@@ -237,19 +248,44 @@ def azure_functions(
     std_range: tuple[float, float],
 ) -> np.ndarray:
     """The reference preprocessing of one Azure day file: returns ``(functions, bins)``."""
+    state = _file_state(path)
+    return _azure_functions_of(path, trigger, bins, scale_max, mean_range, std_range, state)
+
+
+AZURE_COLUMNS = ["HashOwner", "HashApp", "HashFunction", "Trigger"]
+
+
+@cache
+def _azure_functions_of(
+    path: str,
+    trigger: str,
+    bins: int,
+    scale_max: float,
+    mean_range: tuple[float, float],
+    std_range: tuple[float, float],
+    _state: tuple[int, int],
+) -> np.ndarray:
     with open(path, newline="") as fh:
         reader = csv.reader(fh)
-        header = next(reader)
-        expected = ["HashOwner", "HashApp", "HashFunction", "Trigger"]
-        if header[:4] != expected or len(header) != 4 + 1440:
+        header = next(reader, None)
+        if header is None:
+            raise ValueError(f"{path}: an empty file, not the Azure Functions 2019 format")
+        if header[:4] != AZURE_COLUMNS or len(header) != 4 + 1440:
             raise ValueError(
                 f"{path}: not the Azure Functions 2019 per-minute format "
-                f"(expected columns {expected} + '1'..'1440')"
+                f"(expected columns {AZURE_COLUMNS} + '1'..'1440')"
             )
-        rows = [r for r in reader if r[3] == trigger]
+        rows = []
+        for line, row in enumerate(reader, start=2):
+            if len(row) != len(header):
+                raise ValueError(
+                    f"{path}, line {line}: {len(row)} columns, where the header has {len(header)}"
+                )
+            if row[3] == trigger:
+                rows.append(_minutes(path, line, row))
     if not rows:
         raise ValueError(f"{path}: no function with trigger {trigger!r}")
-    minutes = np.array([[float(v) for v in r[4:]] for r in rows])
+    minutes = np.array(rows)
     binned = minutes.reshape(len(rows), bins, 1440 // bins).sum(axis=2)
     lo, hi = binned.min(axis=1, keepdims=True), binned.max(axis=1, keepdims=True)
     span = np.where(hi > lo, hi - lo, 1.0)
@@ -260,6 +296,20 @@ def azure_functions(
     if not keep.any():
         raise ValueError(f"{path}: no {trigger} function passes the mean/std filters")
     return scaled[keep]
+
+
+def _minutes(path: str, line: int, row: list[str]) -> list[float]:
+    """A row's 1,440 per-minute counts, each a finite number >= 0."""
+    out = []
+    for minute, text in enumerate(row[4:], start=1):
+        try:
+            value = float(text)
+        except ValueError:
+            value = math.nan
+        if not (math.isfinite(value) and value >= 0):
+            raise ValueError(f"{path}, line {line}: minute {minute} holds {text!r}, not a count")
+        out.append(value)
+    return out
 
 
 def _azure(rng: np.random.Generator, b: int, t: int, p: Azure) -> np.ndarray:

@@ -238,3 +238,59 @@ def test_a_trace_that_cannot_be_read_is_refused_naming_its_field(tmp_path):
     data["workload"]["default"]["column"] = "rpz"
     with pytest.raises(ScenarioError, match=r"field 'workload\.default': .*rpz"):
         parse_scenario(data, "tiny", base_dir=tmp_path)
+
+
+def test_the_clip_check_sees_traffic_late_in_a_long_episode():
+    """The check drew the first 10,000 steps only: a jump at step 10,000 that the clip cuts
+    to a trickle loaded silently."""
+    late = with_changes(
+        steps=30_000, workload={"default": {"kind": "step", "levels": [[0, 10], [10_000, 5000]]}}
+    )
+    with pytest.raises(ScenarioError, match=r"field 'workload\.default': .*would cut 9\d%"):
+        parse_scenario(late, "tiny")
+
+
+def test_the_clip_check_judges_the_expected_cut_not_one_episode_s_luck():
+    """Rare bursts the clip cuts by a quarter of all requests on average: one seeded episode
+    of 20 steps happened to have none, and the file loaded."""
+    bursty = with_changes(
+        steps=20,
+        workload={
+            "default": {
+                "kind": "bursty",
+                "calm_rate": 10,
+                "burst_rate": 1000,
+                "p_burst": 0.002,
+                "p_calm": 0.5,
+            }
+        },
+    )
+    with pytest.raises(ScenarioError, match=r"field 'workload\.default': .*would cut"):
+        parse_scenario(bursty, "tiny")
+
+
+@pytest.mark.parametrize(
+    "workload",
+    [
+        {"kind": "normal", "mean": 1.0e308, "std": 1.0e308},
+        {"kind": "sinusoidal", "amplitude": 1.0e308, "noise_ratio": 10.0},
+    ],
+)
+def test_a_workload_that_overflows_is_refused_not_clipped_silently(workload):
+    """Draws past float64's range made the cut inf / inf = NaN, which no limit exceeds: every
+    step then arrived clipped to max_arrivals."""
+    with pytest.raises(ScenarioError, match=r"field 'workload\.default': .*not finite"):
+        parse_scenario(with_changes(workload={"default": workload}), "tiny")
+
+
+def test_capacity_events_that_multiply_past_float32_are_refused():
+    """Each factor is in range, their product is not: the node's CPU became infinite and an
+    episode processed 539% of its requests."""
+    events = [{"at": 1, "kind": "capacity", "node": "a", "factor": 1.0e30}] * 3
+    with pytest.raises(ScenarioError, match=r"field 'events': .*node 'a'.*float32"):
+        parse_scenario(with_changes(steps=20, events=events), "tiny")
+
+
+def test_a_number_too_large_for_a_float_is_refused_by_name():
+    with pytest.raises(ScenarioError, match=r"field 'defaults\.cpu': .*too large"):
+        parse_scenario(with_changes(defaults={"cpu": 10**400}), "tiny")

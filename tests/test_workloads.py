@@ -89,6 +89,39 @@ def test_azure_rejects_other_formats(tmp_path):
         draw("azure", b=1, t=288, path=str(bad))
 
 
+AZURE_HEADER = ",".join(
+    ["HashOwner", "HashApp", "HashFunction", "Trigger"] + [str(m) for m in range(1, 1441)]
+)
+AZURE_ROW = ",".join(["o", "a", "f", "http"] + ["1"] * 1440)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("", "empty file"),
+        (f"{AZURE_HEADER}\n{AZURE_ROW}\n\n{AZURE_ROW}\n", "line 3: 0 columns"),
+        (f"{AZURE_HEADER}\n{AZURE_ROW}\no,a,f,http,1\n", "line 3: 5 columns"),
+        (f"{AZURE_HEADER}\n{AZURE_ROW[:-1]}x\n", "line 2: minute 1440 holds 'x'"),
+    ],
+    ids=["empty", "blank line", "short row", "not a number"],
+)
+def test_a_damaged_azure_file_is_refused_naming_the_line(tmp_path, text, message):
+    damaged = tmp_path / "damaged.csv"
+    damaged.write_text(text)
+    with pytest.raises(ValueError, match=message):
+        draw("azure", b=1, t=288, path=str(damaged))
+
+
+def test_a_trace_edited_after_it_was_read_is_read_again(tmp_path):
+    """Traces were cached by path for the life of the process: a long session replayed the
+    file as it first was."""
+    series = tmp_path / "series.csv"
+    series.write_text("rate\n5\n")
+    assert draw("replay", b=1, t=2, path=str(series), column="rate").tolist() == [[5, 5]]
+    series.write_text("rate\n99\n")
+    assert draw("replay", b=1, t=2, path=str(series), column="rate").tolist() == [[99, 99]]
+
+
 @pytest.mark.parametrize(
     ("kind", "params", "message"),
     [
