@@ -13,13 +13,13 @@ The tests run in file order and build on each other.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
 import re
 import statistics
 import subprocess
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -144,18 +144,20 @@ DIAGNOSTICS = (
 )
 
 
-def dump_diagnostics(c: Cluster, why: str) -> None:
-    """What a failed run needs to be understood, written past pytest's capture (a fixture's
-    printed output is dropped when its teardown passes). Each command on its own: one that
-    fails or hangs must not hide the others, nor keep the cluster from being deleted."""
-    out = sys.__stderr__
-    print(f"\n==== e2e diagnostics ({why}) ====", file=out, flush=True)
-    for cmd in DIAGNOSTICS:
-        print(f"---- kubectl {' '.join(cmd)}", file=out, flush=True)
-        try:
-            print(c.kubectl(*cmd, check=False, timeout=60), file=out, flush=True)
-        except (subprocess.SubprocessError, OSError) as error:
-            print(f"(failed: {error})", file=out, flush=True)
+def dump_diagnostics(c: Cluster, why: str, config: pytest.Config) -> None:
+    """What a failed run needs to be understood, written with pytest's capture off (a
+    fixture's printed output is dropped when its teardown passes, and a setup's failure is
+    not counted yet when its ``finally`` runs). Each command on its own: one that fails or
+    hangs must not hide the others, nor keep the cluster from being deleted."""
+    capture = config.pluginmanager.getplugin("capturemanager")
+    with capture.global_and_fixture_disabled() if capture else contextlib.nullcontext():
+        print(f"\n==== e2e diagnostics ({why}) ====", flush=True)
+        for cmd in DIAGNOSTICS:
+            print(f"---- kubectl {' '.join(cmd)}", flush=True)
+            try:
+                print(c.kubectl(*cmd, check=False, timeout=60), flush=True)
+            except (subprocess.SubprocessError, OSError) as error:
+                print(f"(failed: {error})", flush=True)
 
 
 def load_image(c: Cluster, image: str, directory: Path) -> None:
@@ -234,11 +236,11 @@ def cluster(e2e_allowed, request, tmp_path_factory) -> Cluster:
             )  # fmt: skip
         except BaseException as error:
             if kubeconfig.exists():  # a cluster to look at
-                dump_diagnostics(c, f"setup failed: {type(error).__name__}")
+                dump_diagnostics(c, f"setup failed: {type(error).__name__}", request.config)
             raise
         yield c
         if request.session.testsfailed > failed_before:
-            dump_diagnostics(c, "a test failed")
+            dump_diagnostics(c, "a test failed", request.config)
     finally:
         if created and os.environ.get("MARL_E2E_KEEP") != "1":
             c.run("kind", "delete", "cluster", "--name", CLUSTER, check=False, timeout=300)
