@@ -228,6 +228,8 @@ class _Reader:
             names = (
                 kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
             )
+            if kind in (int, float) and isinstance(value, str) and _number_text(value):
+                fix = fix or "YAML reads a number such as 1e3 as text: write 1000 or 1.0e+3"
             self.fail(f"expected {names}, got {value!r}{'; ' + fix if fix else ''}", key)
         if isinstance(value, float) and not math.isfinite(value):
             self.fail(f"expected a finite number, got {value!r}", key)
@@ -352,6 +354,8 @@ def parse_scenario(data: Any, name: str = "<inline>", base_dir: Path | None = No
     if not nodes:
         r.fail("needs at least one node", "nodes")
     names = [n.name for n in nodes]
+    if "" in names:
+        r.fail("a node needs a name that is not empty", f"nodes[{names.index('')}].name")
     if len(set(names)) != len(names):
         r.fail(f"node names must be unique, got {names}", "nodes")
     for i, node in enumerate(nodes):
@@ -383,6 +387,8 @@ def parse_scenario(data: Any, name: str = "<inline>", base_dir: Path | None = No
             lr.fail(f"must name two known nodes, got {between}; known: {names}", "between")
         if between[1] not in nodes[names.index(between[0])].neighbours:
             lr.fail(f"{between[0]!r} and {between[1]!r} are not neighbours", "between")
+        if frozenset(between) in links:
+            lr.fail(f"a second link between {between[0]!r} and {between[1]!r}", "between")
         links[frozenset(between)] = lr.positive("latency_ms", float, allow_zero=True)
         lr.done()
 
@@ -403,6 +409,9 @@ def parse_scenario(data: Any, name: str = "<inline>", base_dir: Path | None = No
         svc = o.get("service", str, svc_names[0])
         if svc not in svc_names:
             o.fail(f"unknown service {svc!r}; known services: {svc_names}", "service")
+        if (node, svc) in overrides:
+            o.fail(f"a second override for node {node!r}, service {svc!r}; the first is at "
+                   f"{where[(node, svc)].removesuffix('.workload')}")  # fmt: skip
         overrides[(node, svc)] = _read_workload(o.data.get("workload"), f"{path}.workload", name)
         where[(node, svc)] = f"{path}.workload"
         o.used.add("workload")
@@ -446,6 +455,8 @@ def parse_scenario(data: Any, name: str = "<inline>", base_dir: Path | None = No
             e.fail(f"must be > at ({ev.at}), got {ev.until}", "until")
         if ev.kind == "add" and ev.until is not None:
             e.fail("an add lasts: a node leaves with a fail event at that step", "until")
+        if ev.kind in ("fail", "add") and "factor" in e.data:
+            e.fail(f"a {ev.kind} event has no factor: remove it", "factor")
         e.done()
         events.append(ev)
 
@@ -535,6 +546,14 @@ def _check_draws(scenario: Scenario, where: Mapping[tuple[str, str], str], name:
             )
 
 
+def _number_text(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
 def _count(x: float) -> str:
     """A count for a message: whole, unless it would take more digits than anyone reads."""
     return f"{x:.0f}" if x < 1e9 else f"{x:.3g}"
@@ -572,9 +591,25 @@ def load_scenario(name_or_path: str | Path) -> Scenario:
     return parse_scenario(_resolve_extends(data, str(name_or_path)), name=path.stem, base_dir=base)
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """Safe YAML in which a key written twice in one mapping is an error: PyYAML keeps the
+    last one silently, so the first ``steps:`` of a file would not be the one simulated."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if isinstance(key, str | int | float | bool) and key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} appears twice in one mapping", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
 def _parse_yaml(text: str, origin: str) -> Any:
     try:
-        return yaml.safe_load(text)
+        return yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader: no arbitrary objects
     except yaml.YAMLError as exc:
         raise ScenarioError(f"scenario {origin!r} is not valid YAML: {exc}") from exc
 

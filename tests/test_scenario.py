@@ -294,3 +294,49 @@ def test_capacity_events_that_multiply_past_float32_are_refused():
 def test_a_number_too_large_for_a_float_is_refused_by_name():
     with pytest.raises(ScenarioError, match=r"field 'defaults\.cpu': .*too large"):
         parse_scenario(with_changes(defaults={"cpu": 10**400}), "tiny")
+
+
+@pytest.mark.parametrize(
+    ("change", "field", "hint"),
+    [
+        (
+            {"workload": {"default": {"kind": "poisson", "rate": 5}, "overrides": [
+                {"node": "a", "workload": {"kind": "poisson", "rate": 1}},
+                {"node": "a", "workload": {"kind": "poisson", "rate": 9}},
+            ]}},
+            "workload.overrides[1]",
+            "the first is at workload.overrides[0]",
+        ),
+        (
+            {"links": [{"between": ["a", "b"], "latency_ms": 1},
+                       {"between": ["b", "a"], "latency_ms": 50}]},
+            "links[1].between",
+            "a second link",
+        ),
+        (
+            {"steps": 20, "events": [{"at": 2, "kind": "fail", "node": "a", "factor": 0.5}]},
+            "events[0].factor",
+            "no factor",
+        ),
+        (
+            {"nodes": [{"name": "", "neighbours": []}]},
+            "nodes[0].name",
+            "not empty",
+        ),
+        ({"defaults": {"cpu": "1e3"}}, "defaults.cpu", "write 1000 or 1.0e+3"),
+    ],
+    ids=["override twice", "link twice", "factor on a fail", "empty name", "1e3 as text"],
+)  # fmt: skip
+def test_what_would_be_silently_ignored_is_refused_by_name(change, field, hint):
+    """The last of two overrides or links won, a fail event's factor did nothing, and YAML's
+    1e3 (text to PyYAML) was refused without saying why."""
+    with pytest.raises(ScenarioError) as err:
+        parse_scenario(with_changes(**change), "tiny")
+    assert f"field '{field}'" in str(err.value) and hint in str(err.value)
+
+
+def test_a_key_written_twice_in_a_scenario_file_is_refused(tmp_path):
+    path = tmp_path / "twice.yaml"
+    path.write_text("extends: dfaas-2\nsteps: 100\nsteps: 50\n")
+    with pytest.raises(ScenarioError, match=r"not valid YAML: key 'steps' appears twice"):
+        load_scenario(str(path))
