@@ -21,7 +21,9 @@ under this load would measure Prometheus.
 After ``--warmup`` seconds the operator's CPU time and resident memory are read from /proc
 every second for ``--duration`` seconds. Cycles are counted from the operator's own
 ``marl_operator_cycles_total`` (read at both ends of the window), decision times, decision
-paths and the time between two cycles of a policy from its per-cycle JSON log lines.
+paths and the time between two cycles of a policy from its per-cycle JSON log lines: the
+headline ``decision_ms_*`` are of the cycles that decided anew (a cycle that keeps its last
+decision, or holds, decides nothing), ``decision_ms_by_path`` splits them all by path.
 ``meets_target`` says whether the mean CPU and the peak RSS are under the target and whether
 the policies kept pace (at least 90 % of ``policies / interval`` cycles per second);
 ``machine_cpu_busy_cores_mean`` shows whether other work shared the machine. Progress goes to
@@ -433,7 +435,13 @@ class LoggedCycle:
     policy: str
     outcome: str
     decision_ms: float
-    path: str  # how it decided: rollout_prior, rollout_learned, base_policy or other
+    path: str  # how it decided: one of DECIDED, kept or other
+
+
+DECIDED = ("rollout_prior", "rollout_learned", "base_policy")
+"""The paths of a cycle that made a decision anew. A kept decision (``kept``) costs one
+scoring of two routings, a held one (``other``) none: pooled with them, the percentiles of a
+decision's time are mostly the cost of not deciding."""
 
 
 def decision_path(reason: str) -> str:
@@ -444,7 +452,32 @@ def decision_path(reason: str) -> str:
         return "rollout_learned"
     if reason.startswith("base policy applied"):
         return "base_policy"
+    if reason.startswith("previous rollout decision kept"):
+        return "kept"
     return "other"
+
+
+def decision_times(cycles: list[LoggedCycle]) -> dict[str, Any]:
+    """Percentiles of the time cycles spent deciding: of the new decisions (the headline
+    ``decision_ms_*``), and per path."""
+    paths = sorted({c.path for c in cycles})
+    by_path = {p: [c.decision_ms for c in cycles if c.path == p] for p in paths}
+    decided = [c.decision_ms for c in cycles if c.path in DECIDED]
+    return {
+        "decision_ms_p50": percentile(decided, 50),
+        "decision_ms_p95": percentile(decided, 95),
+        "decision_ms_max": round(max(decided), 1) if decided else None,
+        "decisions": len(decided),
+        "decision_ms_by_path": {
+            p: {
+                "cycles": len(ms),
+                "p50": percentile(ms, 50),
+                "p95": percentile(ms, 95),
+                "max": round(max(ms), 1),
+            }
+            for p, ms in by_path.items()
+        },
+    }
 
 
 def cycle_log(path: Path) -> list[LoggedCycle]:
@@ -589,7 +622,6 @@ def measure(args: argparse.Namespace, directory: Path) -> dict[str, Any]:
     counts = [per_policy.get(p, 0.0) for p in expected_policies]
     everything = cycle_log(directory / "operator.log")
     logged = [c for c in everything if t0 <= c.time < t1]
-    decision = [c.decision_ms for c in logged if c.outcome not in ("Invalid", "Suspended")]
     first_seen: dict[str, float] = {}
     previous: dict[str, float] = {}
     periods = []  # seconds from one cycle of a policy to its next, ideally the interval
@@ -624,10 +656,7 @@ def measure(args: argparse.Namespace, directory: Path) -> dict[str, Any]:
         "policies_cycled": sum(c > 0 for c in counts),
         "cycles_per_policy_min": int(min(counts)),
         "cycles_per_policy_max": int(max(counts)),
-        "decision_ms_p50": percentile(decision, 50),
-        "decision_ms_p95": percentile(decision, 95),
-        "decision_ms_max": round(max(decision), 1) if decision else None,
-        "decision_paths": dict(sorted(Counter(c.path for c in logged).items())),
+        **decision_times(logged),
         "cycle_period_s_p50": percentile(periods, 50),
         "cycle_period_s_p95": percentile(periods, 95),
         "cpu_ms_per_cycle": round(1000.0 * cores * wall / cycles, 1) if cycles else None,

@@ -51,6 +51,21 @@ def test_mesh_fits_the_checkpoint_and_the_stub_answers_every_template(bench):
     assert np.all(telemetry.offered > 0) and np.all(np.isfinite(telemetry.mean_ms))
 
 
+def test_decision_times_are_those_of_new_decisions_and_split_by_path(bench):
+    """Cycles that kept their last decision (a one-step check) or held were pooled with the
+    decisions, so the percentiles were mostly of not deciding."""
+    cycle = bench.LoggedCycle
+    kept = [cycle(0.0, "p", "Unchanged", 5.0, "kept")] * 8
+    new = [cycle(0.0, "p", "Applied", ms, path) for ms, path in
+           ((40.0, "rollout_learned"), (60.0, "rollout_prior"))]  # fmt: skip
+    out = bench.decision_times([*kept, *new, cycle(0.0, "p", "Held", 0.0, "other")])
+    assert out["decisions"] == 2 and out["decision_ms_p50"] == 50.0
+    assert out["decision_ms_by_path"]["kept"] == {"cycles": 8, "p50": 5.0, "p95": 5.0, "max": 5.0}
+    assert set(out["decision_ms_by_path"]) == {"kept", "other", "rollout_learned", "rollout_prior"}
+    reason = "previous rollout decision kept for 2 intervals: its predicted gain and ..."
+    assert bench.decision_path(reason) == "kept"
+
+
 @pytest.mark.integration
 def test_tiny_run_prints_the_json_contract():
     args = ["--policies", "2", "--nodes", "3", "--interval", "5", "--duration", "6"]
@@ -58,6 +73,7 @@ def test_tiny_run_prints_the_json_contract():
     for key in ("cpu_cores_mean", "rss_mb_peak", "cycles_per_s", "expected_cycles_per_s"):
         assert isinstance(out[key], float), key
     assert out["policies_cycled"] == 2 and out["cycles"] >= 2
+    assert sum(p["cycles"] for p in out["decision_ms_by_path"].values()) >= out["decisions"]
     assert set(out["meets_target"]) == {"cpu", "memory", "cycles"}
     # the cycles measured decided and wrote (a held cycle skips most of the work)
     assert out["outcomes"] and set(out["outcomes"]) <= {"Applied", "Unchanged"}, out["outcomes"]
