@@ -4,11 +4,15 @@
     python benchmarks/decision.py --agents 30 --horizon 5 --trials 50
 
 Each trial draws new arrivals on a ring-with-chords mesh (maximum degree 3, one service per
-node, so agent instances = nodes), and times one full decision: every agent visited, every
-candidate scored by one step plus ``horizon`` base-policy steps on the model, decided as the
-operator decides (routes only, under the utilisation cap, the routing in place offered as a
-second start: here the last trial's decision). The latency table comes from a system model
-fitted on synthetic rows once (refits happen between decisions, not inside them).
+node, so agent instances = nodes), and times one full decision as the operator's adapter
+makes it (``policies.adaptation.Adapter.decide``): the latency table of the nodes' service
+times, from the system model with the queueing prior outside its data; the base action; and
+the search. Every agent's candidate moves are screened in one batch on one interval of the
+model, then the promising moves, joined agent by agent, are scored by one interval plus
+``horizon`` base-policy intervals. Decided as the operator decides: routes only, under the
+utilisation cap, the routing in place offered as a second start (here the last trial's
+decision). The system model is fitted on synthetic rows once (refits happen between
+decisions, not inside them).
 """
 
 from __future__ import annotations
@@ -23,10 +27,13 @@ from threadpoolctl import threadpool_limits
 from policies import checkpoint
 from policies.model_env import RAMP_FROM_UTILISATION, SAFE_UTILISATION, MeshState, ModelEnv
 from policies.observation import MeshTelemetry
+from policies.queueing import prior_table, with_prior
 from policies.rollout import Rollout, RolloutSettings
 from policies.system_model import SystemModel
 from policies.topology import Topology
 from simulator.cli import at_least, json_line, non_negative_int, parser_from_doc, positive_int
+
+INTERVAL_S = 10.0  # the example policy's intervalSeconds: what the queueing prior spans
 
 
 def ring_with_chords(n: int, rng: np.random.Generator) -> Topology:
@@ -98,9 +105,12 @@ def measure(agents: int, horizon: int, trials: int, seed: int) -> dict:
             target_ms=np.array([200.0]),
         )
         state = MeshState(arrivals, cap, np.zeros(n), tel)
-        table = model.table(env.service_ms(cap))
         start = time.perf_counter()
-        decision = rollout.decide(state, table, incumbent=in_place)
+        service_ms = env.service_ms(cap)
+        prior = prior_table(INTERVAL_S, service_ms, state.backlog)
+        table = with_prior(model.table(service_ms), prior)
+        base = rollout.base_action(state)
+        decision = rollout.decide(state, table, base=base, incumbent=in_place)
         elapsed = 1000.0 * (time.perf_counter() - start)
         in_place = decision.weights
         if not trial:  # the first call warms caches
@@ -114,6 +124,7 @@ def measure(agents: int, horizon: int, trials: int, seed: int) -> dict:
         "agents": agents,
         "horizon": horizon,
         "trials": trials,
+        "timed": len(times),
         "decision_ms_p50": float(np.percentile(times, 50)),
         "decision_ms_p95": float(np.percentile(times, 95)),
         "decision_ms_max": float(np.max(times)),

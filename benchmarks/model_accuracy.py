@@ -26,11 +26,12 @@ import dataclasses
 import numpy as np
 from tqdm import tqdm
 
-from policies.system_model import TARGETS, SystemModel, score
+from policies.system_model import TARGETS, WINDOW, SystemModel, score
 from simulator.adapt import build_parser as adapt_parser
 from simulator.adapt import commissioning_rows, run_arm, warm_model, warm_start
 from simulator.cli import (
     add_scenarios_option,
+    at_least,
     json_line,
     non_negative_int,
     parser_from_doc,
@@ -116,7 +117,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=[0, 1, 2],
         help="one run per scenario and seed",
     )
-    parser.add_argument("--train", type=positive_int, default=360, help="intervals learned from")
+    parser.add_argument(
+        "--train",
+        type=at_least(1, at_most=WINDOW),
+        default=WINDOW,
+        help=f"intervals learned from (at most the model's window, {WINDOW})",
+    )
     parser.add_argument("--test", type=positive_int, default=60, help="held-out intervals scored")
     parser.add_argument(
         "--interval", type=positive_int, default=5, help="simulator steps per interval"

@@ -48,7 +48,7 @@ from tqdm import tqdm
 
 from policies.adaptation import model_rows
 from policies.rollout import Policy
-from policies.system_model import BACKLOG, MEAN_MS, P95_MS, UTILISATION, SystemModel
+from policies.system_model import BACKLOG, MEAN_MS, P95_MS, UTILISATION, WINDOW, SystemModel
 from simulator.adapt import (
     IntervalRecorder,
     commissioning_routing,
@@ -318,7 +318,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--interval", type=positive_int, default=5, help="simulator steps per interval"
     )
     parser.add_argument(
-        "--train", type=positive_int, default=360, help="intervals the model learns"
+        "--train",
+        type=at_least(1, at_most=WINDOW),
+        default=WINDOW,
+        help=f"intervals the model learns (at most its window, {WINDOW})",
     )
     parser.add_argument(
         "--noise", type=non_negative_float, default=0.05, help="relative telemetry noise"

@@ -80,6 +80,9 @@ of that chance averages out, and what is left is the model's own error."""
 
 GATED = ("mean_ms", "p95_ms", "success")
 
+WINDOW = 360
+"""Intervals the model keeps by default: 30 minutes of 5-second telemetry."""
+
 
 @dataclass(frozen=True)
 class Accuracy:
@@ -259,7 +262,7 @@ class SystemModel:
 
     def __init__(
         self,
-        window: int = 360,
+        window: int = WINDOW,
         regressor: Regressor = "forest",
         refit_share: float = 0.1,
         drift_outside: float = 0.1,

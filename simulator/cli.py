@@ -81,12 +81,15 @@ def make_folder(folder: Path, option: str) -> str | None:
 
 
 def at_least(
-    low: float, kind: type[int] | type[float] = int, inclusive: bool = True
+    low: float,
+    kind: type[int] | type[float] = int,
+    inclusive: bool = True,
+    at_most: float | None = None,
 ) -> Callable[[str], Any]:
     """An argparse type for numbers that must be at least ``low`` (more than it, if not
-    ``inclusive``): below it a count would divide by nothing or end a finished run in a
-    traceback, a negative noise or warm-up fail deep inside numpy with no word of the
-    option, and a period of 0 spin."""
+    ``inclusive``), and no more than ``at_most`` if given: below it a count would divide by
+    nothing or end a finished run in a traceback, a negative noise or warm-up fail deep
+    inside numpy with no word of the option, and a period of 0 spin."""
 
     def parse(value: str) -> int | float:
         try:
@@ -99,6 +102,8 @@ def at_least(
         if number < low or (number == low and not inclusive):
             bound = "at least" if inclusive else "more than"
             raise argparse.ArgumentTypeError(f"must be {bound} {low}, got {number}")
+        if at_most is not None and number > at_most:
+            raise argparse.ArgumentTypeError(f"must be at most {at_most}, got {number}")
         return number
 
     parse.__name__ = f"{kind.__name__} {'>=' if inclusive else '>'} {low}"

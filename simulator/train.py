@@ -486,6 +486,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         interrupted = True
     bar.close()
+    trained_s = time.perf_counter() - started  # the loop's: not the final evaluation's too
 
     final = {}
     if lead:
@@ -498,7 +499,7 @@ def main(argv: list[str] | None = None) -> int:
         elif evals:  # the saved model's last figures: those of its last periodic evaluation
             last = dict(evals[-1])
             final = {"evaluated_at_env_steps": last.pop("env_steps"), **last}
-        final["wall_seconds"] = time.perf_counter() - started
+        final["wall_seconds"] = trained_s
         final["trained_env_steps"] = trainer.env_steps * world
         final["env_steps_per_s"] = final["trained_env_steps"] / max(final["wall_seconds"], 1e-9)
         save_all(final)

@@ -10,6 +10,7 @@ def test_a_tiny_run_times_decisions_and_prints_one_json_object():
     for result in report["results"]:
         assert result["horizon"] == 2 and result["trials"] == 3
         assert result["fallbacks_not_timed"] < 3  # something was timed
+        assert result["timed"] + result["fallbacks_not_timed"] == 3
         assert 0 < result["decision_ms_p50"] <= result["decision_ms_p95"]
         assert result["decision_ms_p95"] <= result["decision_ms_max"]
         assert 0 <= result["agents_changed_mean"] <= result["agents"]

@@ -1,7 +1,8 @@
 """The model accuracy benchmark: a tiny run prints the JSON it promises, scored on rows the
 model never learned from, and the same seed gives the same numbers."""
 
-from benchmark_runner import run_benchmark
+import pytest
+from benchmark_runner import refusal, run_benchmark
 
 
 def run(*extra: str) -> dict:
@@ -35,3 +36,9 @@ def test_a_live_run_scores_each_interval_before_learning_from_it():
     assert result["train_rows"] == 60 * 18 + result["rows"]
     assert 0 < result["nmae"]["mesh_mean_ms"] < 1 and 0 < result["nmae"]["mean_ms"] < 1
     assert run("--routing", "rollout") == report
+
+
+@pytest.mark.parametrize("name", ["model_accuracy", "model_noise_floor"])
+def test_more_training_intervals_than_the_model_keeps_are_refused(name):
+    """--train 480 reported 480 training intervals while the model's window kept 360."""
+    assert "--train: must be at most 360, got 480" in refusal(name, "--train", "480")

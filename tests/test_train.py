@@ -6,6 +6,7 @@ import json
 import shutil
 import subprocess
 import sys
+import types
 
 import numpy as np
 import pytest
@@ -446,3 +447,22 @@ def test_the_checkpoint_records_the_torch_threads_its_seed_reproduces_on(tmp_pat
     kernels sum in another order on another count): policy.json says how many it had."""
     assert train(tmp_path / "run", 1536, *TINY, "--threads", "1") == 0
     assert json.loads((tmp_path / "run" / "policy.json").read_text())["torch_threads"] == 1
+
+
+def test_the_training_time_leaves_out_the_final_evaluation(tmp_path, monkeypatch, capsys):
+    """wall_seconds and env_steps_per_s are the training loop's: they counted the final
+    evaluation (and its episodes) as training time."""
+    clock = [0.0]
+    monkeypatch.setattr(train_module, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
+    real = train_module.evaluate_model
+
+    def slow_final(trainer, scenario, episodes, seed):
+        if seed == train_module.FINAL_SEED:
+            clock[0] += 1000.0  # the final evaluation takes "1000 s"
+        return real(trainer, scenario, episodes, seed)
+
+    monkeypatch.setattr(train_module, "evaluate_model", slow_final)
+    clock[0] = 5.0
+    assert train(tmp_path / "run", 3000, *TINY) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["wall_seconds"] < 1000.0
