@@ -33,10 +33,10 @@ service is a few dozen requests, and its mean and p95 latency vary a lot with th
 arrivals and request sizes even when the features are known exactly. Replicas of the mesh
 under one routing estimate that chance (``benchmarks/model_noise_floor.py``): even knowing
 each interval's routing, time and node besides its utilisation and backlog, a prediction of
-the mean latency errs by about 0.14 (mesh-10x3) and 0.16 (mesh-6x3) of it with 5%
-measurement noise, 0.11 and 0.12 with none. This model errs by 0.21 and 0.22 on the same
+the mean latency errs by about 0.13 (mesh-10x3) and 0.15 (mesh-6x3) of it with 5%
+measurement noise, 0.10 and 0.12 with none. This model errs by 0.19 and 0.25 on the same
 rows, and a boosted model of the same inputs fitted on five times the data from those
-replicas does no better (0.25 and 0.23). Those replicas play commissioning's routings, which
+replicas does no better (0.24 and 0.27). Those replicas play commissioning's routings, which
 overload some nodes; under the routings rollout decides once running (``--routing rollout``),
 chance alone still errs by 0.12 on both meshes.
 More rows do not help either: a forest on 360 intervals is as accurate as boosting on 3,000.
