@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import functools
 import math
 import os
 from collections.abc import Callable, Mapping
@@ -198,19 +199,25 @@ def _step(rng: np.random.Generator, b: int, t: int, p: Step) -> np.ndarray:
     return rng.poisson(rates).astype(np.float64) if p.poisson else np.floor(rates).copy()
 
 
-def _file_state(path: str) -> tuple[int, int]:
-    """What a cached trace is keyed by besides its path: a file edited since it was read is
-    read again (OSError, as opening it would, when it is missing)."""
-    stat = os.stat(path)
-    return stat.st_mtime_ns, stat.st_size
+def cached_by_file(read: Callable[..., np.ndarray]) -> Callable[..., np.ndarray]:
+    """``read(path, *args)`` cached by its arguments and by the file's modification time and
+    size: a trace edited during a session is read again, not replayed as it first was (an
+    OSError, as opening it would, when it is missing)."""
+
+    @cache
+    def cached(path: str, _state: tuple[int, int], *args: Any) -> np.ndarray:
+        return read(path, *args)
+
+    @functools.wraps(read)
+    def wrapper(path: str, *args: Any) -> np.ndarray:
+        stat = os.stat(path)
+        return cached(path, (stat.st_mtime_ns, stat.st_size), *args)
+
+    return wrapper
 
 
+@cached_by_file
 def _read_column(path: str, column: str) -> np.ndarray:
-    return _read_column_of(path, column, _file_state(path))
-
-
-@cache
-def _read_column_of(path: str, column: str, _state: tuple[int, int]) -> np.ndarray:
     with open(path, newline="") as fh:
         reader = csv.DictReader(fh)
         if column not in (reader.fieldnames or []):
@@ -239,6 +246,10 @@ def _replay(rng: np.random.Generator, b: int, t: int, p: Replay) -> np.ndarray:
     return np.floor(series[idx])
 
 
+AZURE_COLUMNS = ["HashOwner", "HashApp", "HashFunction", "Trigger"]
+
+
+@cached_by_file
 def azure_functions(
     path: str,
     trigger: str,
@@ -248,23 +259,6 @@ def azure_functions(
     std_range: tuple[float, float],
 ) -> np.ndarray:
     """The reference preprocessing of one Azure day file: returns ``(functions, bins)``."""
-    state = _file_state(path)
-    return _azure_functions_of(path, trigger, bins, scale_max, mean_range, std_range, state)
-
-
-AZURE_COLUMNS = ["HashOwner", "HashApp", "HashFunction", "Trigger"]
-
-
-@cache
-def _azure_functions_of(
-    path: str,
-    trigger: str,
-    bins: int,
-    scale_max: float,
-    mean_range: tuple[float, float],
-    std_range: tuple[float, float],
-    _state: tuple[int, int],
-) -> np.ndarray:
     with open(path, newline="") as fh:
         reader = csv.reader(fh)
         header = next(reader, None)
