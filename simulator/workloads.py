@@ -222,21 +222,10 @@ def _read_column(path: str, column: str) -> np.ndarray:
         reader = csv.DictReader(fh)
         if column not in (reader.fieldnames or []):
             raise ValueError(f"column {column!r} not in {path} (columns: {reader.fieldnames})")
-        values = []
-        for line, row in enumerate(reader, start=2):
-            try:
-                value = float(row[column])
-            except (TypeError, ValueError):
-                value = math.nan
-            if not (math.isfinite(value) and value >= 0):
-                raise ValueError(
-                    f"{path}, line {line}: column {column!r} holds {row[column]!r}, not a rate "
-                    "(a finite number >= 0)"
-                )
-            values.append(value)
-    if not values:
+        texts = [row[column] for row in reader]
+    if not texts:
         raise ValueError(f"{path}: column {column!r} has no rows to replay")
-    return np.array(values)
+    return _non_negative(texts, lambda i: f"{path}, line {i + 2}: column {column!r}", "a rate")
 
 
 def _replay(rng: np.random.Generator, b: int, t: int, p: Replay) -> np.ndarray:
@@ -292,18 +281,27 @@ def azure_functions(
     return scaled[keep]
 
 
-def _minutes(path: str, line: int, row: list[str]) -> list[float]:
-    """A row's 1,440 per-minute counts, each a finite number >= 0."""
-    out = []
-    for minute, text in enumerate(row[4:], start=1):
-        try:
-            value = float(text)
-        except ValueError:
-            value = math.nan
-        if not (math.isfinite(value) and value >= 0):
-            raise ValueError(f"{path}, line {line}: minute {minute} holds {text!r}, not a count")
-        out.append(value)
-    return out
+def _minutes(path: str, line: int, row: list[str]) -> np.ndarray:
+    """A row's 1,440 per-minute counts."""
+    return _non_negative(row[4:], lambda i: f"{path}, line {line}: minute {i + 1}", "a count")
+
+
+def _non_negative(texts: list[str | None], where: Callable[[int], str], what: str) -> np.ndarray:
+    """A trace's cells as finite numbers >= 0, or a ValueError saying, by ``where(index)``,
+    which cell is not."""
+    values = np.array([_float_or_nan(text) for text in texts])
+    bad = np.flatnonzero(~(np.isfinite(values) & (values >= 0)))
+    if bad.size:
+        i = int(bad[0])
+        raise ValueError(f"{where(i)} holds {texts[i]!r}, not {what} (a finite number >= 0)")
+    return values
+
+
+def _float_or_nan(text: str | None) -> float:
+    try:
+        return float(text)
+    except (TypeError, ValueError):
+        return math.nan
 
 
 def _azure(rng: np.random.Generator, b: int, t: int, p: Azure) -> np.ndarray:
