@@ -247,8 +247,9 @@ class _Reader:
             self.fail(f"must be {'>= 0' if allow_zero else '> 0'}, got {value!r}", key)
         return value
 
-    def queue_capacity(self, default: int, allow_zero: bool = False) -> int:
-        value = self.positive("queue_capacity", int, default, allow_zero=allow_zero)
+    def queue_capacity(self, default: int) -> int:
+        """Zero is a node without a queue: what a step cannot serve at once is rejected."""
+        value = self.positive("queue_capacity", int, default, allow_zero=True)
         if value > MAX_QUEUE_CAPACITY:
             self.fail(
                 f"at most {MAX_QUEUE_CAPACITY} requests, got {value}: the simulator keeps a "
@@ -345,7 +346,7 @@ def parse_scenario(data: Any, name: str = "<inline>", base_dir: Path | None = No
                 name=n.get("name", str),
                 cpu=n.positive("cpu", float, default_cpu),
                 ram=n.positive("ram", float, default_ram),
-                queue_capacity=n.queue_capacity(default_queue, allow_zero=True),
+                queue_capacity=n.queue_capacity(default_queue),
                 neighbours=tuple(n.get("neighbours", list, [])),
                 active=n.get("active", bool, True),
             )
@@ -520,6 +521,12 @@ def _check_draws(scenario: Scenario, where: Mapping[tuple[str, str], str], name:
                 f"multiply its cpu or ram past float32's range ({FLOAT32_MAX:.3g}), which the "
                 "simulator computes in: use smaller factors"
             )
+    if not timeline.active.any():
+        raise ScenarioError(
+            f"scenario {name!r}: field 'nodes': no node is ever active, so no request "
+            "arrives and every episode is empty: set 'active: true' on a node or add one "
+            "with an add event"
+        )
     for (node, svc), spec in scenario.workloads.items():
         field = where[(node, svc)]
         rng = np.random.default_rng(0)

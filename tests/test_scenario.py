@@ -157,6 +157,12 @@ def test_arrival_order_defaults_to_the_reference():
             "a slot per queued request",
         ),
         ({k: v for k, v in BASE.items() if k != "services"}, "services", "required"),
+        # Loaded, it trained on empty episodes: no node took a request, every reward was 1.
+        (
+            with_changes(nodes=[{**n, "active": False} for n in BASE["nodes"]]),
+            "nodes",
+            "no node is ever active",
+        ),
         # Each ran out of memory (tens of GiB) or overflowed float32 to inf mid-episode.
         (with_changes(steps=10**8), "steps", "at most 1000000"),
         (with_changes(defaults={"cpu": 1e39}), "defaults.cpu", "float32"),
@@ -172,6 +178,20 @@ def test_bad_scenarios_name_the_field(data, field, hint):
     with pytest.raises(ScenarioError) as err:
         parse_scenario(data, "tiny")
     assert f"field '{field}'" in str(err.value) and hint in str(err.value)
+
+
+def test_a_node_may_have_no_queue_by_default_or_by_name():
+    """Zero was accepted on a node and refused under defaults, for the same meaning."""
+    by_default = parse_scenario(with_changes(defaults={"queue_capacity": 0}), "tiny")
+    assert [n.queue_capacity for n in by_default.nodes] == [0, 0]
+
+
+def test_nodes_inactive_at_the_start_are_fine_when_one_is_added():
+    data = with_changes(
+        nodes=[{**n, "active": False} for n in BASE["nodes"]],
+        events=[{"at": 3, "kind": "add", "node": "b"}],
+    )
+    assert not any(n.active for n in parse_scenario(data, "tiny").nodes)
 
 
 def test_unknown_bundled_name_lists_the_choices():
