@@ -804,7 +804,13 @@ def _free_port() -> int:
         return probe.getsockname()[1]
 
 
-def test_the_default_address_answers_on_ipv4_and_ipv6(store, instruments) -> None:
+def test_the_command_line_serves_its_unauthenticated_api_on_loopback_alone() -> None:
+    """Every address by default put every policy's decisions on the local network of
+    whoever ran the operator from a workstation (the chart asks for every address)."""
+    assert parse_args(["--prometheus-url", "http://prometheus:9090"]).api_host == "127.0.0.1"
+
+
+def test_the_charts_address_answers_on_ipv4_and_ipv6(store, instruments) -> None:
     """0.0.0.0 listened on IPv4 alone: on an IPv6-only cluster the kubelet's probes found
     nothing and the pod restarted for ever ("::" is IPv6 alone in asyncio)."""
     try:
@@ -812,7 +818,7 @@ def test_the_default_address_answers_on_ipv4_and_ipv6(store, instruments) -> Non
             probe.bind(("::1", 0))
     except OSError:
         pytest.skip("this machine has no IPv6 loopback")
-    host = parse_args(["--prometheus-url", "http://prometheus:9090"]).api_host
+    host = parse_args(["--prometheus-url", "http://prometheus:9090", "--api-host="]).api_host
     app = create_app(store, instruments, ready=lambda: True)
 
     async def main() -> None:

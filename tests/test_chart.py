@@ -920,8 +920,13 @@ def test_pod_runs_non_root_on_a_read_only_filesystem():
 
 
 def test_probes_and_service_reach_the_api():
+    from marl_operator.__main__ import build_parser
+
     docs = render("--set", "api.port=9000")
     spec = container(docs)
+    # The kubelet and the Service reach the pod's IP: loopback, the command line's
+    # default, would fail every probe.
+    assert build_parser().parse_args(spec["args"]).api_host == ""
     (port,) = spec["ports"]
     assert port == {"name": "http", "containerPort": 9000, "protocol": "TCP"}
     assert spec["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "http"}

@@ -112,8 +112,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--api-host",
-        default="",
-        help="address of the HTTP API (default: every address, IPv4 and IPv6)",
+        default="127.0.0.1",
+        help="address of the HTTP API, which has no login: loopback unless asked ('' for "
+        "every address, IPv4 and IPv6, as the Helm chart runs it in its pod; default: "
+        "%(default)s)",
     )
     parser.add_argument(
         "--api-port", type=port, default=8080, help="port of the HTTP API (default: %(default)s)"
