@@ -539,6 +539,14 @@ def test_a_closed_port_is_metrics_unavailable_through_the_real_client():
     assert "query=" not in str(info.value)  # the request's URL holds the whole query
 
 
+def test_a_password_is_removed_from_an_error_text_and_the_user_name_left_alone():
+    """The user name ``u`` was replaced too, wherever it occurred: "***nreachable"."""
+    url = "http://u:S3cret%2Fpw@127.0.0.1:1"
+    text = _redact_text("unreachable: refused for u:S3cret%2Fpw, or S3cret/pw", url)
+    assert text == "unreachable: refused for ***, or ***"
+    assert _redact_text("token t0k3n refused", "http://t0k3n@prom:9090") == "token *** refused"
+
+
 def test_credentials_of_any_url_in_an_error_text_are_removed():
     text = _redact_text("redirected to http://bob:pw@other:9090/ by a proxy", "http://prom:9090")
     assert "pw" not in text and "bob" not in text and "other:9090" in text

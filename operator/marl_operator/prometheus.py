@@ -52,7 +52,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 import requests
 import urllib3
@@ -365,12 +365,16 @@ def redact_url(url: str) -> str:
 
 
 def _redact_text(text: str, url: str) -> str:
-    """Exception texts may quote the URL or its credentials; remove both forms."""
+    """Exception texts may quote the URL or its credentials; remove both forms. The secret
+    is the password, or a userinfo without one (a token), as written and percent-decoded;
+    a user name is not secret, and replacing it (``u``) wherever it occurred garbled the
+    message ("***nreachable")."""
     userinfo = url.partition("://")[2].rpartition("@")[0]
     text = _USERINFO.sub("", text)
-    for secret in (userinfo, *userinfo.split(":", 1)):
-        if secret:
-            text = text.replace(secret, "***")
+    secret = userinfo.partition(":")[2] if ":" in userinfo else userinfo
+    for form in (userinfo, secret, unquote(secret)):
+        if form:
+            text = text.replace(form, "***")
     return text
 
 
