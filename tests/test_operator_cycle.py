@@ -2352,6 +2352,24 @@ def test_a_node_whose_capacity_is_given_in_cpu_alone_is_not_a_node_of_no_capacit
         build_problem(parsed, apart, {"fn": SERVICES[0]}, 3)
 
 
+def test_a_node_without_capacity_beside_nodes_that_give_theirs_is_refused_by_name():
+    """The CRD leaves spec.capacity optional. Beside nodes in requests per second such a node's
+    hint was NaN, and every cycle failed on it (the static fallback too); beside nodes in cpu
+    it counted as one whole core among millicores. Nodes that all leave it out are equal."""
+    parsed = parse_policy_spec(example_policy_body()["spec"])
+    for kept in ("requestsPerSecond", "cpu"):
+        nodes = copy.deepcopy(NODES)
+        for node in nodes:
+            node["spec"]["capacity"] = {kept: node["spec"]["capacity"][kept]}
+        del nodes[2]["spec"]["capacity"]
+        with pytest.raises(SpecError, match=r"^EdgeNode edge-2 spec\.capacity: is needed"):
+            build_problem(parsed, nodes, {"fn": SERVICES[0]}, 3)
+    for node in nodes:
+        node["spec"].pop("capacity", None)
+    p = build_problem(parsed, nodes, {"fn": SERVICES[0]}, 3)
+    assert list(p.capacity_rps) == [1.0, 1.0, 1.0]
+
+
 def test_requests_served_by_a_workload_named_for_no_edge_node_are_named_in_the_status():
     """edge-2's server Deployment renamed off the convention (fn-edge-2-v2): its pods still
     carry the node label, so the routes still send it requests, but no edge node is found in

@@ -185,7 +185,7 @@ def build_problem(
     governed = set(names)
     neighbours: dict[str, list[str]] = {}
     links: dict[frozenset[str], float] = {}
-    capacity, cores, in_rps = [], [], []
+    capacity, cores, in_rps, undeclared = [], [], [], []
     for obj in chosen:
         name = obj["metadata"]["name"]
         body = obj.get("spec") or {}
@@ -201,6 +201,8 @@ def build_problem(
         for nb in listed:
             links.setdefault(frozenset((name, nb["name"])), float(nb.get("latencyMs", 0.0)))
         cap = body.get("capacity") or {}
+        if not cap:
+            undeclared.append(name)
         cpu = cap.get("cpu")  # 0 is given, and refused: not absent
         given = cpu is not None
         cores.append(cpu_quantity(cpu, f"EdgeNode {name} spec.capacity.cpu") if given else np.nan)
@@ -210,6 +212,14 @@ def build_problem(
         capacity.append(float(rps) if rps else (cores[-1] if given else 1.0))
         in_rps.append(bool(rps))
 
+    if undeclared and len(undeclared) < len(names):
+        # Nodes that all leave it out are taken as equal; one beside nodes that give it was
+        # NaN in the hints (every cycle failed) or a whole core among millicores.
+        raise SpecError(
+            f"EdgeNode {undeclared[0]} spec.capacity",
+            "is needed: other EdgeNodes of this policy give their capacity, and this node's "
+            "cannot be compared with them; give requestsPerSecond, cpu or both",
+        )
     capacity = _hints_in_one_unit(names, capacity, cores, in_rps)
 
     for name, listed in neighbours.items():
