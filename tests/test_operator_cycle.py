@@ -770,22 +770,24 @@ def test_the_stored_status_drops_what_the_last_cycle_no_longer_says():
 def test_relative_weights_read_from_the_mesh_are_reported_in_percent():
     """Gateway API weights are relative: a user's HTTPRoute may split 500/500. Held or
     suspended, a policy reports what the mesh carries; in percent, or its status (weights of
-    at most 100) would be refused at every cycle."""
-    mesh = example_mesh()
-    runtime, _ = runtime_over(mesh)
-    body = example_policy_body(suspend=True)
-    nodes = tuple(MeshNode(n) for n in ("edge-0", "edge-1", "edge-2"))
-    mesh.routes["fn"] = MeshRoutes(
-        nodes=nodes,
-        by_source={"edge-0": {"edge-0": 500, "edge-1": 500}, "edge-1": {"edge-1": 3}},
-        default={"edge-0": 1},
-    )
-    report = runtime.cycle("edge/p", body)
-    assert report.weights["fn"]["edge-0"] == {"edge-0": 50, "edge-1": 50}
-    assert report.weights["fn"]["edge-1"] == {"edge-1": 100}
-    stored = apply_merge_patch({}, status_of(report, {}))
+    at most 100) would be refused at every cycle. The catch-all rule too: a dry run's status
+    was refused for its 900/100."""
     (crd,) = load_documents(ROOT / "crds" / "routingpolicies.marl.dev.yaml")
-    assert CRDValidator(crd).errors({**body, "status": stored}) == []
+    nodes = tuple(MeshNode(n) for n in ("edge-0", "edge-1", "edge-2"))
+    for body in (example_policy_body(suspend=True), example_policy_body(dryRun=True)):
+        mesh = example_mesh()
+        runtime, _ = runtime_over(mesh)
+        mesh.routes["fn"] = MeshRoutes(
+            nodes=nodes,
+            by_source={"edge-0": {"edge-0": 500, "edge-1": 500}, "edge-1": {"edge-1": 3}},
+            default={"edge-0": 900, "edge-1": 100},
+        )
+        report = runtime.cycle("edge/p", body)
+        assert report.weights["fn"]["edge-0"] == {"edge-0": 50, "edge-1": 50}
+        assert report.weights["fn"]["edge-1"] == {"edge-1": 100}
+        assert report.catch_all["fn"] == {"edge-0": 90, "edge-1": 10}
+        stored = apply_merge_patch({}, status_of(report, {}))
+        assert CRDValidator(crd).errors({**body, "status": stored}) == []
 
 
 def test_a_cycle_reads_the_requests_under_the_services_istio_reports_them_for():

@@ -204,7 +204,7 @@ class PolicyController:
         self._observed = False  # and made the interval's telemetry of them
         self._unread: dict[str, str] = {}  # services whose live routes the cycle could not read
         self._catch_all: dict[str, dict[str, int]] = {}  # service -> its catch-all rule, as
-        # the mesh carries it (read, then written)
+        # the mesh carries it (read, then written), in percent
         self._alive: Liveness | None = None  # the running cycle's, once read
         self._known_down: dict[str, str] = {}  # as the liveness source last said
         self._known_unserved: dict[str, dict[str, str]] = {}  # likewise, per service
@@ -553,7 +553,7 @@ class PolicyController:
                     else dict(followed or even)
                     for src, even in table[service.name].items()
                 }
-                self._catch_all[service.name] = dict(routes.default)
+                self._catch_all[service.name] = followed or {}
         return table
 
     def _write(
