@@ -12,6 +12,7 @@ import jsonschema
 import pytest
 from kube_schema import CRDValidator, cel_program, load_documents, to_json_schema
 from marl_operator.problem import cpu_quantity
+from marl_operator.prometheus import check_window
 
 ROOT = Path(__file__).resolve().parents[1]
 CRD_DIR = ROOT / "crds"
@@ -308,6 +309,10 @@ INVALID = [
      "spec", "'intervalSecond' was unexpected"),
     ("window-not-duration", "RoutingPolicy", None, _set("spec.prometheus.window", "1 minute"),
      "spec.prometheus.window", "does not match"),
+    ("window-out-of-order", "RoutingPolicy", None, _set("spec.prometheus.window", "30m1h"),
+     "spec.prometheus.window", "does not match"),
+    ("window-zero", "RoutingPolicy", None, _set("spec.prometheus.window", "0s"),
+     "spec.prometheus.window", "longer than zero"),
     ("provider-unknown", "EdgeService", "fn", _set("spec.mesh.provider", "linkerd"),
      "spec.mesh.provider", "is not one of"),
     # With the default group "", the Service's, the route attached to no Gateway, unsaid.
@@ -370,6 +375,14 @@ def test_cpu_quantities_the_operator_reads_are_accepted(validators, cpu):
     obj["spec"]["capacity"]["cpu"] = cpu
     assert validators["EdgeNode"].errors(obj) == []
     assert cpu_quantity(cpu, "spec.capacity.cpu") > 0
+
+
+@pytest.mark.parametrize("window", ["1m", "90s", "500ms", "1h30m", "1d2h3m4s5ms", "0m30s"])
+def test_windows_prometheus_reads_are_accepted(validators, window):
+    obj = example("RoutingPolicy")
+    obj["spec"].setdefault("prometheus", {})["window"] = window
+    assert validators["RoutingPolicy"].errors(obj) == []
+    check_window(window)
 
 
 @pytest.mark.parametrize(

@@ -179,6 +179,12 @@ def test_render_refuses_bad_placeholders_naming_the_field(template, words):
         ("host", "a\\b"),
         ("host", "fn edge"),
         ("window", "1m] or vector(1"),
+        # Prometheus refuses these (zero, units out of order or twice): every query failed,
+        # as in an outage, and the fallback moved traffic.
+        ("window", "0s"),
+        ("window", "00s"),
+        ("window", "30m1h"),
+        ("window", "1s1s"),
     ],
 )
 def test_render_refuses_values_that_would_change_the_query(key, value):

@@ -201,7 +201,8 @@ _PLACEHOLDER = re.compile(
     r"|\{(?P<braced>[A-Za-z_][A-Za-z0-9_]*)\}"
     r"|(?P<invalid>))"
 )
-_DURATION = re.compile(r"^([0-9]+(ms|s|m|h|d|w|y))+$")
+# Prometheus's own duration: units from the largest down, each at most once.
+_DURATION = re.compile(r"^([0-9]+y)?([0-9]+w)?([0-9]+d)?([0-9]+h)?([0-9]+m)?([0-9]+s)?([0-9]+ms)?$")
 # Values land inside PromQL string literals; these characters would end or escape them.
 _UNSAFE_VALUE = re.compile(r"[\"'`\\\s]")
 # Up to the last '@' of the URL, not the first '/': a password may hold an unencoded '/'
@@ -407,10 +408,13 @@ def error_answer(text: str) -> str:
 def check_window(window: str) -> None:
     """Refuse a rate window that is not a PromQL duration: it is pasted into every range
     selector, where anything else fails every query as an outage would."""
-    if not _DURATION.match(window):
+    if not window or not _DURATION.match(window):
         raise ValueError(
-            f"spec.prometheus.window: {window!r} is not a PromQL duration such as 30s or 1m"
+            f"spec.prometheus.window: {window!r} is not a PromQL duration such as 30s or 1m "
+            "(units from the largest down, each once: 1h30m, not 30m1h)"
         )
+    if not re.search("[1-9]", window):
+        raise ValueError(f"spec.prometheus.window: {window!r} must be longer than zero")
 
 
 def check_url(url: str) -> None:
