@@ -58,7 +58,7 @@ def synthetic_model(seed: int) -> SystemModel:
     """A forest fitted on rows of a queue-like latency curve with noise, covering overload
     and queues of a few seconds (so that decisions are timed, not fallbacks)."""
     rng = np.random.default_rng(seed)
-    model = SystemModel(seed=seed)
+    model = SystemModel(interval_s=INTERVAL_S, seed=seed)
     for _ in range(360):
         rho = rng.uniform(0.0, 2.0, 10)
         svc = rng.uniform(5.0, 40.0, 10)

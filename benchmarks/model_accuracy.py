@@ -58,7 +58,7 @@ def held_out(
     args = adapt_parser().parse_args(argv)
     if routing == "commissioning":
         rows = list(commissioning_rows(scenario, policy, train + test, interval, seed, args.noise))
-        model = SystemModel(seed=seed)
+        model = SystemModel(interval_s=interval * scenario.step_seconds, seed=seed)
         warm_start(model, rows[:train])
         x = np.concatenate([r.features for r in rows[train:]])
         y = np.concatenate([r.targets for r in rows[train:]])

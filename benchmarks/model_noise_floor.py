@@ -236,7 +236,7 @@ def noise_floor(
     )
     if routing == "commissioning":
         play = commissioning(policy, np.random.default_rng(routing_seed))
-        model = SystemModel(seed=seed)
+        model = SystemModel(interval_s=interval * scenario.step_seconds, seed=seed)
         warm_start(model, commissioning_rows(scenario, policy, train, interval, seed, noise))
     else:  # one live run as long as the replicas' (its episode is stretched to fit)
         scenario = dataclasses.replace(scenario, steps=max(scenario.steps, intervals * interval))

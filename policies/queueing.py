@@ -7,10 +7,10 @@ just lost half its capacity, needs decisions *now*. The prior answers the same q
 :class:`policies.system_model.SystemModel` (inputs :data:`~policies.system_model.FEATURES`,
 outputs :data:`~policies.system_model.TARGETS`) with two textbook approximations:
 
-- the queue is a fluid over the interval: queued work grows by ``(utilisation - 1)`` seconds
-  per second while the node is overloaded and drains at the same rate otherwise, and the
-  interval's requests, arriving evenly, wait for its time average (its 95th percentile for
-  the p95);
+- the queue is a fluid over the interval (:mod:`policies.fluid_queue`): queued work grows
+  by ``(utilisation - 1)`` seconds per second while the node is overloaded and drains at the
+  same rate otherwise, and the interval's requests, arriving evenly, wait for its time
+  average (its 95th percentile for the p95);
 - on top of that, requests see the M/M/1 sojourn time of the load they arrive in, with
   utilisation capped at 0.95 so an overloaded node's term stays finite (the fluid queue
   carries the overload), and the exponential tail's p95 of three means.
@@ -25,7 +25,19 @@ from collections.abc import Callable
 
 import numpy as np
 
-from policies.system_model import FEATURES, TARGETS, LatencyTable
+from policies.fluid_queue import fluid_wait
+from policies.system_model import (
+    BACKLOG,
+    BACKLOG_S,
+    FEATURES,
+    MEAN_MS,
+    P95_MS,
+    SERVICE_MS,
+    SUCCESS,
+    TARGETS,
+    UTILISATION,
+    LatencyTable,
+)
 
 MAX_STABLE_UTILISATION = 0.95
 P95_OVER_MEAN = 3.0  # exponential sojourn: -ln(0.05) ~= 3.0
@@ -36,39 +48,17 @@ def queueing_prior(interval_s: float) -> Callable[[np.ndarray], np.ndarray]:
 
     def predict(features: np.ndarray) -> np.ndarray:
         x = np.asarray(features, dtype=float).reshape(-1, len(FEATURES))
-        util, service_ms, backlog = x[:, 0], x[:, 1], np.maximum(x[:, 2], 0.0)
-        after = np.maximum(backlog + (util - 1.0) * interval_s, 0.0)
+        util, service_ms = x[:, UTILISATION], x[:, SERVICE_MS]
+        mean_s, p95_s, after = fluid_wait(util, x[:, BACKLOG], interval_s)
         sojourn_ms = service_ms / (1.0 - np.minimum(util, MAX_STABLE_UTILISATION))
-        waited_ms = 1000.0 * fluid_mean_backlog(util, backlog, after, interval_s)
         out = np.empty((len(x), len(TARGETS)))
-        out[:, 0] = waited_ms + sojourn_ms
-        out[:, 1] = (
-            1000.0 * fluid_p95_backlog(util, backlog, interval_s) + P95_OVER_MEAN * sojourn_ms
-        )
-        out[:, 2] = 1.0
-        out[:, 3] = after
+        out[:, MEAN_MS] = 1000.0 * mean_s + sojourn_ms
+        out[:, P95_MS] = 1000.0 * p95_s + P95_OVER_MEAN * sojourn_ms
+        out[:, SUCCESS] = 1.0
+        out[:, BACKLOG_S] = after
         return out
 
     return predict
-
-
-def fluid_mean_backlog(
-    util: np.ndarray, backlog: np.ndarray, after: np.ndarray, interval_s: float
-) -> np.ndarray:
-    """The fluid queue's time average over the interval (what a request arriving at a random
-    moment waits for): the mean of its start and end while it lasts, and where it empties
-    before the interval ends, the triangle it drains in spread over the whole interval."""
-    drain = np.maximum(1.0 - util, 0.0)  # seconds of work per second
-    emptied = backlog < drain * interval_s
-    emptied_after = backlog / np.where(emptied, drain, 1.0)  # where it empties, else unused
-    return np.where(emptied, backlog * emptied_after / (2.0 * interval_s), (backlog + after) / 2)
-
-
-def fluid_p95_backlog(util: np.ndarray, backlog: np.ndarray, interval_s: float) -> np.ndarray:
-    """The fluid queue 95% of the interval's arrivals find no longer: at 5% of the way
-    through while it drains (its first arrivals wait the longest), at 95% while it grows."""
-    moment = np.where(util < 1.0, 0.05, 0.95) * interval_s
-    return np.maximum(backlog + (util - 1.0) * moment, 0.0)
 
 
 def prior_table(

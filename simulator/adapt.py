@@ -658,7 +658,12 @@ def load(args) -> tuple[Scenario, Policy]:
 def warm_model(scenario: Scenario, policy: Policy, args, scored_intervals: int = 12) -> SystemModel:
     """The system model rollout starts from: fitted on ``args.warmup`` commissioning
     intervals of the scenario without its changes."""
-    model = SystemModel(regressor=args.regressor, seed=args.seed, scored_intervals=scored_intervals)
+    model = SystemModel(
+        regressor=args.regressor,
+        interval_s=args.interval * scenario.step_seconds,
+        seed=args.seed,
+        scored_intervals=scored_intervals,
+    )
     warm_start(
         model,
         commissioning_rows(

@@ -2372,6 +2372,15 @@ def test_a_node_without_capacity_beside_nodes_that_give_theirs_is_refused_by_nam
     assert list(p.capacity_rps) == [1.0, 1.0, 1.0]
 
 
+def test_the_learned_models_queue_grows_over_the_policys_interval():
+    """The model learns around a fluid queue that grows or drains over one interval: over
+    the default 5 s, a policy deciding every 30 s would learn its long queues as surprises."""
+    mesh = example_mesh()
+    runtime, _ = runtime_over(mesh)
+    runtime.cycle("edge/p", example_policy_body(intervalSeconds=30))
+    assert runtime.controllers["edge/p"].adapter.model.interval_s == 30
+
+
 def test_requests_served_by_a_workload_named_for_no_edge_node_are_named_in_the_status():
     """edge-2's server Deployment renamed off the convention (fn-edge-2-v2): its pods still
     carry the node label, so the routes still send it requests, but no edge node is found in

@@ -190,7 +190,7 @@ class PolicyController:
         self.adapter = Adapter(
             env,
             policy,
-            SystemModel(seed=seed),
+            SystemModel(interval_s=spec.interval_s, seed=seed),
             settings,
             interval_seconds=spec.interval_s,
             prior=True,
