@@ -69,21 +69,47 @@ STATE_FILE = "train_state.pt"
 
 @contextlib.contextmanager
 def interrupts_deferred() -> Iterator[None]:
-    """Ctrl-C within the block takes effect at its end. An update interrupted part-way left
-    the weights and the optimiser some minibatches into it and the normalisers counting its
-    rollout, while its number was not counted: the state saved on the way out was one no
-    run passes through, and a resumed run repeated that update on top of it."""
+    """Ctrl-C (or SIGTERM) within the block takes effect at its end. An update interrupted
+    part-way left the weights and the optimiser some minibatches into it and the normalisers
+    counting its rollout, while its number was not counted: the state saved on the way out
+    was one no run passes through, and a resumed run repeated that update on top of it."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
     received: list[int] = []
-    previous = signal.signal(signal.SIGINT, lambda signum, _frame: received.append(signum))
+    previous = {
+        sig: signal.signal(sig, lambda signum, _frame: received.append(signum))
+        for sig in STOP_SIGNALS
+    }
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     if received:
         raise KeyboardInterrupt
+
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+@contextlib.contextmanager
+def terminate_as_interrupt() -> Iterator[None]:
+    """SIGTERM (``timeout``, a batch scheduler, a pod's deletion) stops a run as Ctrl-C does,
+    saving before it exits: by default it killed the run with nothing saved since the last
+    periodic evaluation, and no summary."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(_signum, _frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 FINAL_SEED = 30_000
@@ -301,9 +327,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     out = Path(args.out or f"runs/{scenario.name}__{cfg.algo}__{args.seed}")
-    problem = make_folder(out, "--out") if rank == 0 else None
+    # Every process checks (the folder is shared): one that went on alone waited for the
+    # others' first exchange and ended in a traceback under the message.
+    problem = make_folder(out, "--out") or (None if args.resume else _holds_a_run(out))
     if problem:  # before any work, not a traceback once the run is set up
-        print(f"error: {problem}", file=sys.stderr)
+        if rank == 0:
+            print(f"error: {problem}", file=sys.stderr)
         return 2
     seed_everything(args.seed + 1000 * rank)
     env = EdgeEnv(scenario, num_envs=cfg.num_envs, action_mode=mode, seed=args.seed + 1000 * rank)
@@ -358,10 +387,15 @@ def main(argv: list[str] | None = None) -> int:
             print(f"cloned {cfg.imitate}: Hellinger distance of the weights {error:.4f}")
 
     baselines = {}
+    rows: list[dict] = []
+    evals: list[dict] = []
     if lead:
         out.mkdir(parents=True, exist_ok=True)
-        if not resumed:  # a new run's curve starts a new file; a resumed one appends
-            (out / "progress.csv").unlink(missing_ok=True)
+        if resumed:  # the curve so far, for the plot and the clock: the files are appended to
+            rows, evals = _read_csv(out / PROGRESS_FILE), _read_csv(out / EVALUATIONS_FILE)
+        else:  # a new run's curve starts new files
+            for name in (PROGRESS_FILE, EVALUATIONS_FILE):
+                (out / name).unlink(missing_ok=True)
         # On the final evaluation's episodes (its seed and count, all in one batch as
         # evaluate_model runs them): the summary sets the two side by side, and a gap
         # measured on other episodes would carry their sampling noise, about as large.
@@ -393,32 +427,33 @@ def main(argv: list[str] | None = None) -> int:
         "torch_threads": torch.get_num_threads(),
         "processes": world,
         "git_revision": git_revision(),
+        "env_steps_budget": args.env_steps,
     }
 
-    rows: list[dict] = []
-    evals: list[dict] = []
     writer = None
     if lead:
         from torch.utils.tensorboard import SummaryWriter
 
         writer = SummaryWriter(str(out / "tb"))
 
-    written = 0  # rows already in progress.csv
+    written = [len(rows), len(evals)]  # rows already in progress.csv, evaluations.csv
 
-    def save_all(final_metrics: dict | None = None) -> None:
+    def save_all(final_metrics: dict | None = None, finished: bool = False) -> None:
         """Checkpoint, training state and the progress rows so far: what a crash or a kill
-        leaves behind is the last evaluation's state, with its curve up to there."""
-        nonlocal written
+        leaves behind is the last evaluation's state, with its curve up to there, and a
+        policy.json that says the run did not finish."""
         if not lead:
             return
-        _write_csv(out / "progress.csv", rows[written:])
-        written = len(rows)
+        _write_csv(out / PROGRESS_FILE, rows[written[0] :])
+        _write_csv(out / EVALUATIONS_FILE, evals[written[1] :])
+        written[:] = [len(rows), len(evals)]
         checkpoint.save(
             out,
             trainer.model,
             {
                 **meta,
                 "trained_env_steps": trainer.env_steps * world,
+                "finished": finished,
                 "metrics": final_metrics or (evals[-1] if evals else {}),
             },
         )
@@ -426,7 +461,9 @@ def main(argv: list[str] | None = None) -> int:
         torch.save(trainer.state_dict(), out / (STATE_FILE + ".tmp"))
         (out / (STATE_FILE + ".tmp")).replace(out / STATE_FILE)
 
-    started = time.perf_counter()
+    # A resumed run's clock goes on from where it stopped: its steps per second are the
+    # whole run's steps over the whole run's time.
+    started = time.perf_counter() - (rows[-1]["seconds"] if rows else 0.0)
     bar = tqdm(
         total=total_updates * per_update,
         initial=trainer.updates * per_update,
@@ -437,6 +474,8 @@ def main(argv: list[str] | None = None) -> int:
     # Without a terminal (a pipe to tee, a CI log) a bar draws nothing: a line per evaluation.
     log_lines = lead and not args.json and bar.disable
     interrupted = False
+    stack = contextlib.ExitStack()
+    stack.enter_context(terminate_as_interrupt())
     try:
         while trainer.updates < total_updates:
             batch = trainer.collect()
@@ -491,7 +530,13 @@ def main(argv: list[str] | None = None) -> int:
     final = {}
     if lead:
         if not interrupted:
-            final = evaluate_model(trainer, scenario, args.eval_episodes, FINAL_SEED + args.seed)
+            try:  # minutes of a large evaluation: Ctrl-C there still saves the updates
+                final = evaluate_model(
+                    trainer, scenario, args.eval_episodes, FINAL_SEED + args.seed
+                )
+            except KeyboardInterrupt:
+                interrupted = True
+        if final:
             final["eval_episodes"] = args.eval_episodes
             # The figures the summary and policy.json report, on episodes of their own.
             for key in ("return_per_agent", "processed_pct"):
@@ -502,7 +547,7 @@ def main(argv: list[str] | None = None) -> int:
         final["wall_seconds"] = trained_s
         final["trained_env_steps"] = trainer.env_steps * world
         final["env_steps_per_s"] = final["trained_env_steps"] / max(final["wall_seconds"], 1e-9)
-        save_all(final)
+        save_all(final, finished=not interrupted)
         plot_curve(
             rows, evals, baselines, out / "learning_curve.png", f"{scenario.name} {cfg.algo}"
         )
@@ -516,9 +561,41 @@ def main(argv: list[str] | None = None) -> int:
             }
         )
         print(json_line(summary) if args.json else _readable(summary))
+    stack.close()
     if world > 1:
         dist.destroy_process_group()
     return 130 if interrupted else 0
+
+
+PROGRESS_FILE = "progress.csv"
+EVALUATIONS_FILE = "evaluations.csv"
+
+
+def _holds_a_run(out: Path) -> str | None:
+    """Why a new run must not train into ``out``: a run's checkpoint is there, which the new
+    run's first save would replace (and a crash before it would leave beside its logs)."""
+    held = [name for name in ("policy.json", STATE_FILE) if (out / name).exists()]
+    if not held:
+        return None
+    return (
+        f"--out: {str(out)!r} holds a run already ({', '.join(held)}): --resume continues "
+        "it; to train anew, choose another --out or delete that folder"
+    )
+
+
+def _read_csv(path: Path) -> list[dict]:
+    """Rows ``_write_csv`` wrote, numbers as numbers (counts as whole ones) and empty cells
+    as None."""
+
+    def number(key: str, text: str | None) -> float | int | None:
+        if text in ("", None):
+            return None
+        return int(float(text)) if key in ("update", "env_steps", "episodes") else float(text)
+
+    if not path.exists():
+        return []
+    with path.open(newline="") as f:
+        return [{k: number(k, v) for k, v in row.items()} for row in csv.DictReader(f)]
 
 
 def _write_csv(path: Path, rows: list[dict]) -> None:
@@ -535,6 +612,12 @@ def _write_csv(path: Path, rows: list[dict]) -> None:
 
 def _readable(summary: dict) -> str:
     lines = [f"checkpoint: {summary['out']}/policy.pt"]
+    if summary["interrupted"]:
+        at = summary.get("evaluated_at_env_steps")
+        lines.append(
+            f"  interrupted after {summary['trained_env_steps']:,} env steps: "
+            + (f"the figures are its evaluation at {at:,.0f}" if at else "not yet evaluated")
+        )
     for key, value in summary.items():
         if isinstance(value, float):
             lines.append(f"  {key:<44} {value:>12.3f}")

@@ -192,7 +192,13 @@ def test_progress_rows_are_on_disk_at_every_evaluation(tmp_path, monkeypatch, ca
         train(out, 3000, *TINY, "--set", "eval_every=1")
     assert _progress_updates(out) == [1, 2]
     monkeypatch.undo()
-    assert train(out, 3000, *TINY) == 0  # a new run into the directory: a new curve
+    # A new run into a run's folder would replace its checkpoint at the first save: refused.
+    capsys.readouterr()
+    assert train(out, 3000, *TINY) == 2
+    assert "holds a run already (policy.json, train_state.pt): --resume" in capsys.readouterr().err
+    for name in ("policy.json", train_module.STATE_FILE):
+        (out / name).unlink()
+    assert train(out, 3000, *TINY) == 0  # a new run into the folder: a new curve
     assert _progress_updates(out) == [1, 2, 3, 4]
     # --resume with nothing to resume from starts afresh, so its curve starts afresh too,
     # and says so: a mistyped --out would otherwise throw hours of training away unseen.
@@ -466,3 +472,79 @@ def test_the_training_time_leaves_out_the_final_evaluation(tmp_path, monkeypatch
     assert train(tmp_path / "run", 3000, *TINY) == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["wall_seconds"] < 1000.0
+
+
+def test_sigterm_stops_a_run_as_ctrl_c_does_and_the_checkpoint_says_it_is_unfinished(
+    tmp_path, monkeypatch, capsys
+):
+    """SIGTERM (timeout, a scheduler) killed the run: nothing saved since the last periodic
+    evaluation, no summary, and the checkpoint left looked like a finished run's."""
+    import os
+    import signal
+
+    calls, step = {"n": 0}, EdgeEnv.step
+
+    def terminated_while_collecting(self, actions):
+        calls["n"] += self.num_envs == 8  # the training environments (TINY)
+        if calls["n"] == 150:  # in the second rollout of 96 steps
+            os.kill(os.getpid(), signal.SIGTERM)
+        return step(self, actions)
+
+    monkeypatch.setattr(EdgeEnv, "step", terminated_while_collecting)
+    out = tmp_path / "run"
+    before = signal.getsignal(signal.SIGTERM)
+    args = ["--scenario", "dfaas-2", "--env-steps", "20000", "--out", str(out), *TINY]
+    assert train_main(args) == 130
+    assert signal.getsignal(signal.SIGTERM) is before
+    meta = json.loads((out / "policy.json").read_text())
+    assert meta["finished"] is False and meta["env_steps_budget"] == 20_000
+    assert meta["trained_env_steps"] == 8 * 96
+    assert "interrupted after 768 env steps" in capsys.readouterr().out
+
+
+def test_ctrl_c_in_the_final_evaluation_still_saves_every_update(tmp_path, monkeypatch):
+    """The final evaluation ran outside the interrupt's handling: Ctrl-C there ended in a
+    traceback and the checkpoint missed every update since the last periodic one."""
+    evaluate = train_module.evaluate_model
+
+    def interrupted_at_the_end(trainer, scenario, episodes, seed):
+        if seed >= train_module.FINAL_SEED:
+            raise KeyboardInterrupt
+        return evaluate(trainer, scenario, episodes, seed)
+
+    monkeypatch.setattr(train_module, "evaluate_model", interrupted_at_the_end)
+    out = tmp_path / "run"
+    try:
+        code = train(out, 3072, *TINY, "--set", "eval_every=3")
+    except KeyboardInterrupt:  # not pytest's to catch: it would end the whole session
+        pytest.fail("Ctrl-C in the final evaluation escaped simulator.train")
+    assert code == 130
+    meta = json.loads((out / "policy.json").read_text())
+    assert meta["trained_env_steps"] == 4 * 8 * 96 and meta["finished"] is False
+    assert meta["metrics"]["evaluated_at_env_steps"] == 3 * 8 * 96
+    state = torch.load(out / train_module.STATE_FILE, weights_only=True)
+    assert state["updates"] == 4
+
+
+def test_a_resumed_run_keeps_its_curve_and_its_clock(tmp_path, monkeypatch, capsys):
+    """A resumed run drew its learning curve from the resumed part alone (resuming a finished
+    run drew an empty one), and counted its steps per second over the whole run's steps but
+    this session's seconds (16 million steps a second)."""
+    drawn: list[tuple[list, list]] = []
+    monkeypatch.setattr(
+        train_module, "plot_curve", lambda rows, evals, *_: drawn.append((rows, evals))
+    )
+    out = tmp_path / "run"
+    assert train(out, 1536, *TINY, "--set", "eval_every=1") == 0
+    first = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert json.loads((out / "policy.json").read_text())["finished"] is True
+    assert train(out, 3072, *TINY, "--set", "eval_every=1", "--resume") == 0
+    second = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    rows, evals = drawn[-1]
+    assert [r["update"] for r in rows] == [1, 2, 3, 4]
+    assert [e["env_steps"] for e in evals] == [768, 1536, 2304, 3072]
+    with (out / "evaluations.csv").open() as f:
+        assert [int(row["env_steps"]) for row in csv.DictReader(f)] == [768, 1536, 2304, 3072]
+    seconds = [r["seconds"] for r in rows]
+    assert seconds == sorted(seconds) and second["wall_seconds"] > first["wall_seconds"]
+    assert second["env_steps_per_s"] < 2 * first["env_steps_per_s"]
