@@ -570,7 +570,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=non_negative_float,
         default=RAMP_FROM_UTILISATION,
         help="below the cap, price work past this share of a node's capacity at a share of "
-        "the reject price rising to all of it at the cap (equal to the cap: a step)",
+        "the reject price rising to all of it at the cap (at or above the cap: a step at it)",
     )
     parser.add_argument(
         "--screen-horizon",
@@ -701,8 +701,6 @@ def main(argv: list[str] | None = None) -> int:
     summary = summarise(scenario, results, args.interval)
     accuracy = model.accuracy()
     summary["model_accuracy"] = accuracy.as_dict() if accuracy else None
-    if args.plot:
-        plot(scenario, results, args.interval, args.plot)
     records = cycle_report(scenario, results, args.interval)
     if args.json:
         for record in records:
@@ -712,6 +710,9 @@ def main(argv: list[str] | None = None) -> int:
         print(cycle_table(records))
         for key, value in summary.items():
             print(f"{key:45s} {value}")
+    if args.plot:  # after the results: a plot that cannot be saved must not lose them
+        sys.stdout.flush()
+        plot(scenario, results, args.interval, args.plot)
     return 0
 
 

@@ -145,14 +145,15 @@ def _compare(scenario: Scenario, args) -> int:
         mode,
         progress=not args.json and sys.stderr.isatty(),
     )
-    if args.plot:
-        plot(rows, args.plot, f"{scenario.name}: {args.episodes} episodes, seed {args.seed}")
     if args.json:
         run = {"scenario": scenario.name, "seed": args.seed, "envs": args.envs}
         print(json_line({**run, "policies": rows}))
     else:
         print(f"{scenario.name}  episodes={args.episodes}  seed={args.seed}  envs={args.envs}")
         print(format_table(rows))
+    if args.plot:  # after the results: a plot that cannot be saved must not lose them
+        sys.stdout.flush()
+        plot(rows, args.plot, f"{scenario.name}: {args.episodes} episodes, seed {args.seed}")
     return 0
 
 

@@ -7,6 +7,7 @@ import dataclasses
 import json
 
 import numpy as np
+import pytest
 
 from policies.adaptation import IntervalTelemetry, model_rows
 from policies.model_env import RAMP_FROM_UTILISATION, SAFE_UTILISATION
@@ -458,3 +459,16 @@ def test_requests_lost_with_a_failing_node_s_queue_cost_a_rejection_each(tmp_pat
     assert env.prev["rejected"][0].sum() == info["lost"][0].sum()
     penalty_s = env.scenario.reject_penalty * np.tile(env.target_ms, 10) / 1000.0
     assert env.totals.cost_s[0] - cost_before >= float(penalty_s @ queued)
+
+
+def test_the_results_are_printed_before_a_plot_that_cannot_be_saved(tmp_path, monkeypatch, capsys):
+    """As ``simulator.evaluate``'s: a plot that failed to save lost the run's results."""
+
+    def failing(*_args, **_kwargs):
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(adapt, "plot", failing)
+    argv = [*short_surge(tmp_path), "--warmup", "2", "--plot", str(tmp_path / "adapt.png")]
+    with pytest.raises(OSError, match="No space"):
+        adapt.main(argv)
+    assert "rollout_cost_over_oracle_after_3_cycles" in capsys.readouterr().out.splitlines()[-1]

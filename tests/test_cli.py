@@ -221,6 +221,21 @@ def test_help_names_defaults_the_text_does_not():
     assert "(default: 0.1 0.3)" in " ".join(text.split())  # --steps, as it would be typed
 
 
+def test_the_results_are_printed_before_a_plot_that_cannot_be_saved(monkeypatch, capsys, tmp_path):
+    """The plot was saved first: a disk full, or a folder the checks at the start passed
+    (root may write anywhere), lost the whole comparison's table and JSON to a traceback."""
+    from simulator import evaluate
+
+    def failing(*_args, **_kwargs):
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(evaluate, "plot", failing)
+    argv = ["--scenario", "dfaas-2", "--compare", "--episodes", "1", "--json"]
+    with pytest.raises(OSError, match="No space"):
+        evaluate.main([*argv, "--plot", str(tmp_path / "compare.png")])
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["policies"]
+
+
 @pytest.mark.parametrize(
     "command",
     [
