@@ -20,6 +20,7 @@ import sys
 
 from simulator.cli import non_negative_int, parser_from_doc, positive_int
 from simulator.pettingzoo_env import EdgeParallelEnv
+from simulator.scenario import ScenarioError, load_scenario
 
 ENV_NAME = "marl-edge-routing"
 
@@ -63,6 +64,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    try:  # here, not inside Ray's workers, where a bad file ended in 75 lines of traceback
+        load_scenario(args.scenario)
+    except ScenarioError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     try:
         import ray
     except ImportError:

@@ -24,3 +24,13 @@ def test_rllib_trains_a_shared_policy_on_the_pettingzoo_env_reproducibly():
     # The reference reward lies in [0, 1]: an episode of dfaas-2 returns at most 2 x 288.
     assert all(0 < h["episode_return_mean"] <= 2 * 288 for h in history), history
     assert train(0) == history
+
+
+def test_an_unknown_scenario_is_refused_before_ray_starts(capsys):
+    """Checked inside Ray's workers, it ended in 75 lines of traceback, the last about
+    something else."""
+    from simulator.rllib_train import main
+
+    assert main(["--scenario", "no-such-scenario"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "no-such-scenario" in err and len(err.splitlines()) == 1
