@@ -29,7 +29,7 @@ demo: install
 	$(PYTHON) -m demo --plot runs/demo/closed-loop.png --logs runs/demo/logs
 
 train: install
-	$(PYTHON) -m simulator.train --scenario dfaas-paise25 --seed 0 --out runs/train
+	$(PYTHON) -m simulator.train --scenario dfaas-paise25 --seed 0 --out runs/train --overwrite
 	$(PYTHON) -m simulator.evaluate --scenario dfaas-paise25 --compare --policy runs/train \
 		--episodes 50 --plot runs/train/compare.png
 
@@ -47,9 +47,9 @@ bench: install
 # The bundled default policies (kilobytes): retrain them with exactly these commands.
 checkpoints: install
 	$(PYTHON) -m simulator.train --scenario dfaas-paise25 --seed 0 --threads 1 \
-		--out runs/bundled-dfaas
+		--out runs/bundled-dfaas --overwrite
 	$(PYTHON) -m simulator.train --scenario mesh-10x3 --seed 0 --threads 1 \
-		--out runs/bundled-mesh --env-steps 300000 --eval-episodes 20
+		--out runs/bundled-mesh --env-steps 300000 --eval-episodes 20 --overwrite
 	for f in policy.pt policy.json; do \
 		cp runs/bundled-dfaas/$$f policies/checkpoints/dfaas-paise25/$$f; \
 		cp runs/bundled-mesh/$$f policies/checkpoints/mesh-10x3/$$f; done

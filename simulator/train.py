@@ -15,11 +15,13 @@ Examples::
         --out runs/ddp
 
 The output directory receives the checkpoint (``policy.pt`` + ``policy.json``, loadable by
-``simulator.evaluate --policy DIR`` and by the operator), ``train_state.pt`` for
-``--resume``, ``progress.csv`` (written at every periodic evaluation), TensorBoard logs
-under ``tb/`` and ``learning_curve.png``. Ctrl-C saves a checkpoint before exiting.
-``--resume`` needs the settings the run was started with (its ``--config``/``--set``,
-``--seed``); one that differs is refused by name. A larger ``--env-steps`` extends the run:
+``simulator.evaluate --policy DIR`` and by the operator; ``finished`` in it says whether the
+run reached its ``--env-steps``), ``train_state.pt`` for ``--resume``, ``progress.csv`` and
+``evaluations.csv`` (written at every periodic evaluation), TensorBoard logs under ``tb/``
+and ``learning_curve.png``. Ctrl-C or SIGTERM saves a checkpoint before exiting. A folder
+that holds a run is not trained into anew unless ``--overwrite`` says so. ``--resume`` needs
+the settings the run was started with (its ``--config``/``--set``, ``--seed``); one that
+differs is refused by name. A larger ``--env-steps`` extends the run:
 the learning rate and the entropy bonus anneal over the new budget from where it puts them,
 so they step back up when resumed.
 ``--env-steps`` counts environment steps (each steps every agent once) over all processes.
@@ -34,6 +36,7 @@ import math
 import os
 import pickle
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -124,18 +127,22 @@ def reference_baselines(action_mode: str, max_degree: int) -> list[str]:
     return ["apl", "least-request"] if max_degree > 0 else ["apl"]
 
 
-def git_revision() -> str:
+def git_revision(where: Path | None = None) -> str:
+    """The commit the code (``where``: this package's) was trained at, with ``-dirty`` when
+    tracked files differ from it: retraining at that commit alone would not give these
+    weights."""
+    where = where or Path(__file__).resolve().parent
+
+    def git(*args: str) -> str:
+        done = subprocess.run(["git", *args], cwd=where, capture_output=True, text=True, timeout=5)
+        return done.stdout.strip() if done.returncode == 0 else ""
+
     try:
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"],
-            cwd=Path(__file__).resolve().parent,
-            capture_output=True,
-            text=True,
-            timeout=5,
-        )
-        return out.stdout.strip() or "unknown"
+        revision = git("rev-parse", "HEAD")
+        edited = revision and git("status", "--porcelain", "--untracked-files=no")
     except (OSError, subprocess.SubprocessError):
         return "unknown"
+    return f"{revision}-dirty" if edited else revision or "unknown"
 
 
 def load_config(path: str | None, overrides: list[str]) -> PPOConfig:
@@ -246,7 +253,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--eval-episodes", type=positive_int, default=50, help="episodes of the final evaluation"
     )
-    parser.add_argument("--resume", action="store_true", help="continue from OUT/train_state.pt")
+    again = parser.add_mutually_exclusive_group()
+    again.add_argument("--resume", action="store_true", help="continue from OUT/train_state.pt")
+    again.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="train anew into an OUT that holds a run, replacing its files (a new run is "
+        "refused there otherwise)",
+    )
     parser.add_argument(
         "--threads", type=non_negative_int, default=0, help="torch threads (0: default)"
     )
@@ -329,7 +343,9 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out or f"runs/{scenario.name}__{cfg.algo}__{args.seed}")
     # Every process checks (the folder is shared): one that went on alone waited for the
     # others' first exchange and ended in a traceback under the message.
-    problem = make_folder(out, "--out") or (None if args.resume else _holds_a_run(out))
+    problem = make_folder(out, "--out")
+    if not problem and not args.resume:
+        problem = _replace_run(out) if args.overwrite else _holds_a_run(out)
     if problem:  # before any work, not a traceback once the run is set up
         if rank == 0:
             print(f"error: {problem}", file=sys.stderr)
@@ -579,8 +595,24 @@ def _holds_a_run(out: Path) -> str | None:
         return None
     return (
         f"--out: {str(out)!r} holds a run already ({', '.join(held)}): --resume continues "
-        "it; to train anew, choose another --out or delete that folder"
+        "it, --overwrite replaces it; or choose another --out"
     )
+
+
+RUN_FILES = ("policy.pt", "policy.json", STATE_FILE, PROGRESS_FILE, EVALUATIONS_FILE)
+
+
+def _replace_run(out: Path) -> str | None:
+    """Remove the files of the run in ``out`` (``--overwrite``), its TensorBoard logs among
+    them: left, they mixed two runs' curves in one folder. None, or why they could not be."""
+    try:
+        for name in RUN_FILES:
+            (out / name).unlink(missing_ok=True)
+        if (out / "tb").exists():
+            shutil.rmtree(out / "tb")
+    except OSError as error:
+        return f"--overwrite: cannot remove the run in {str(out)!r} ({error})"
+    return None
 
 
 def _read_csv(path: Path) -> list[dict]:

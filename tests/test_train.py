@@ -196,10 +196,9 @@ def test_progress_rows_are_on_disk_at_every_evaluation(tmp_path, monkeypatch, ca
     capsys.readouterr()
     assert train(out, 3000, *TINY) == 2
     assert "holds a run already (policy.json, train_state.pt): --resume" in capsys.readouterr().err
-    for name in ("policy.json", train_module.STATE_FILE):
-        (out / name).unlink()
-    assert train(out, 3000, *TINY) == 0  # a new run into the folder: a new curve
+    assert train(out, 3000, *TINY, "--overwrite") == 0  # asked for: a new run, a new curve
     assert _progress_updates(out) == [1, 2, 3, 4]
+    assert len(list((out / "tb").iterdir())) == 1  # one run's TensorBoard log, not two
     # --resume with nothing to resume from starts afresh, so its curve starts afresh too,
     # and says so: a mistyped --out would otherwise throw hours of training away unseen.
     (out / train_module.STATE_FILE).unlink()
@@ -548,3 +547,26 @@ def test_a_resumed_run_keeps_its_curve_and_its_clock(tmp_path, monkeypatch, caps
     seconds = [r["seconds"] for r in rows]
     assert seconds == sorted(seconds) and second["wall_seconds"] > first["wall_seconds"]
     assert second["env_steps_per_s"] < 2 * first["env_steps_per_s"]
+
+
+def test_the_recorded_revision_says_when_the_code_differed_from_it(tmp_path):
+    """A tree with local edits recorded the clean commit, whose retraining does not give
+    the weights the README promises."""
+
+    def git(*args: str) -> str:
+        done = subprocess.run(
+            ["git", "-c", "user.name=t", "-c", "user.email=t@example.com", *args],
+            cwd=tmp_path, capture_output=True, text=True, check=True,
+        )  # fmt: skip
+        return done.stdout.strip()
+
+    git("init", "-q")
+    (tmp_path / "ppo.py").write_text("lr = 1\n")
+    git("add", "ppo.py")
+    git("commit", "-qm", "first")
+    head = git("rev-parse", "HEAD")
+    assert train_module.git_revision(tmp_path) == head
+    (tmp_path / "notes.txt").write_text("untracked files do not train\n")
+    assert train_module.git_revision(tmp_path) == head
+    (tmp_path / "ppo.py").write_text("lr = 2\n")
+    assert train_module.git_revision(tmp_path) == f"{head}-dirty"
