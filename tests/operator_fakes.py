@@ -38,13 +38,15 @@ def example_policy_body(**spec_changes) -> dict:
 
 
 def renamed(name: str, **mesh: str) -> dict[str, Any]:
-    """The example EdgeService as ``name``, its routes in objects of that name (or ``mesh``'s)."""
+    """The example EdgeService as ``name``, its routes in objects of that name (or ``mesh``'s),
+    for a host of that name (two services of one host are refused)."""
     fn = example("edgeservice.yaml")[0]
     own = {"virtualService": name, "destinationRule": name, **mesh}
+    host = f"{name}.edge.svc.cluster.local"
     return {
         **fn,
         "metadata": {**fn["metadata"], "name": name},
-        "spec": {**fn["spec"], "mesh": {**fn["spec"]["mesh"], **own}},
+        "spec": {**fn["spec"], "host": host, "mesh": {**fn["spec"]["mesh"], **own}},
     }
 
 

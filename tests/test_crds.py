@@ -366,6 +366,9 @@ INVALID = [
      "spec.capacity.cpu", "does not match"),
     ("cpu-binary-suffix", "EdgeNode", "edge-1", _set("spec.capacity.cpu", "1Ki"),
      "spec.capacity.cpu", "does not match"),
+    # No workload's name ends in it, and a node's metrics are found by that ending.
+    ("label-no-workload-ends-in", "EdgeNode", "edge-1", _set("spec.podLabelValue", "Site_2"),
+     "spec.podLabelValue", "does not match"),
 ]  # fmt: skip
 
 

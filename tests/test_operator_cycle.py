@@ -2372,6 +2372,32 @@ def test_a_node_without_capacity_beside_nodes_that_give_theirs_is_refused_by_nam
     assert list(p.capacity_rps) == [1.0, 1.0, 1.0]
 
 
+def test_routes_no_cycle_could_write_or_measure_make_the_policy_invalid_at_once():
+    """Each was Applied, or failed every cycle with the fallback tried: a pod label value no
+    workload's name ends in (the node read as idle however busy), two services of one host
+    (one's weights did nothing), and a Gateway API policy over 16 nodes (an HTTPRoute holds
+    16 rules: one per node's clients and the catch-all)."""
+    parsed = parse_policy_spec(example_policy_body()["spec"])
+    labelled = copy.deepcopy(NODES)
+    labelled[2]["spec"]["podLabelValue"] = "Site_2"
+    with pytest.raises(SpecError, match=r"^EdgeNode edge-2 spec\.podLabelValue: 'Site_2' cannot"):
+        build_problem(parsed, labelled, {"fn": SERVICES[0]}, 3)
+    twin = {
+        **renamed("fn2"),
+        "spec": {**renamed("fn2")["spec"], "host": SERVICES[0]["spec"]["host"]},
+    }
+    two = parse_policy_spec(example_policy_body(services=["fn", "fn2"])["spec"])
+    with pytest.raises(SpecError, match=r"^spec\.services: EdgeServices 'fn' and 'fn2' both route"):
+        build_problem(two, NODES, {"fn": SERVICES[0], "fn2": twin}, 3)
+    assert build_problem(two, NODES, {"fn": SERVICES[0], "fn2": renamed("fn2")}, 3)
+    gateway = example("edgeservice-httproute.yaml")[0]
+    many = [{"metadata": {"name": f"e{i}"}, "spec": {"nodeNames": [f"k{i}"]}} for i in range(16)]
+    wide = parse_policy_spec(example_policy_body(services=["fn-gw"], nodes={})["spec"])
+    with pytest.raises(SpecError, match="16 source edge nodes need 17 HTTPRoute rules"):
+        build_problem(wide, many, {"fn-gw": gateway}, 3)
+    assert build_problem(wide, many[:15], {"fn-gw": gateway}, 3)
+
+
 def test_the_learned_models_queue_grows_over_the_policys_interval():
     """The model learns around a fluid queue that grows or drains over one interval: over
     the default 5 s, a policy deciding every 30 s would learn its long queues as surprises."""

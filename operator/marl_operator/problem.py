@@ -43,6 +43,10 @@ class MeshProblem:
         return self.topology.neighbours[self.topology.nodes.index(node)]
 
 
+_WORKLOAD_SUFFIX = re.compile(r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
+"""What can end a Deployment's name (a DNS subdomain's characters), where the metrics name a
+node's workload ``<service>-<pod label value>``."""
+
 _QUANTITY = re.compile(r"^([0-9]+(?:\.[0-9]*)?|\.[0-9]+)(m?)$")
 
 
@@ -118,11 +122,27 @@ def mesh_objects(
     routes would overwrite each other in one object."""
     by_label: dict[str, str] = {}
     for node in nodes:
+        if not _WORKLOAD_SUFFIX.match(node.label):
+            raise SpecError(
+                f"EdgeNode {node.name} spec.podLabelValue",
+                f"{node.label!r} cannot end a workload's name (lowercase letters, digits, "
+                "'-' and '.'), and the node's metrics are found by that ending: the node "
+                "would read as idle however busy; use such a value",
+            )
         if (first := by_label.setdefault(node.label, node.name)) != node.name:
             raise SpecError(
                 f"EdgeNode {node.name} spec.podLabelValue",
                 f"{node.label!r} is EdgeNode {first}'s pod label value too: the mesh tells "
                 "nodes apart by it, so give each node its own",
+            )
+    by_host: dict[str, str] = {}
+    for service in services:
+        if (first := by_host.setdefault(service.host, service.name)) != service.name:
+            raise SpecError(
+                "spec.services",
+                f"EdgeServices {first!r} and {service.name!r} both route host "
+                f"{service.host!r}: the mesh applies one set of routes to a host, so one "
+                "service's weights would do nothing, and both read its requests; keep one",
             )
     objects: dict[str, tuple[tuple[str, str], ...]] = {}
     owner: dict[tuple[str, str], str] = {}

@@ -9,7 +9,7 @@ from __future__ import annotations
 from marl_operator.mesh.gatewayapi import GatewayAPIWriter
 from marl_operator.mesh.istio import IstioWriter
 from marl_operator.mesh.model import MeshError, MeshNode, MeshService
-from marl_operator.mesh.routing import build_routes
+from marl_operator.mesh.routing import TOTAL, build_routes
 from marl_operator.mesh.writer import MeshWriter
 
 _WRITERS: dict[str, type[MeshWriter]] = {
@@ -48,9 +48,11 @@ def writer_for(provider: str) -> MeshWriter:
 
 def managed_objects(service: MeshService, nodes: tuple[MeshNode, ...]) -> list[tuple[str, str]]:
     """(kind, name) of every object the service's writer manages: what a cycle reads and
-    writes, and what the policy's deletion gives back."""
-    even = build_routes({}, nodes)
+    writes, and what the policy's deletion gives back. Built with a rule for every node's
+    clients, as cycles write them, so that a provider's limit (an HTTPRoute's 16 rules)
+    refuses the policy now, not every cycle's write."""
+    every_source = build_routes({n.name: {n.name: TOTAL} for n in nodes}, nodes)
     return [
         (m["kind"], m["metadata"]["name"])
-        for m in writer_for(service.provider).desired(service, even)
+        for m in writer_for(service.provider).desired(service, every_source)
     ]
