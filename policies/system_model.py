@@ -48,7 +48,7 @@ arrivals and request sizes even when the features are known exactly. Replicas of
 under one routing estimate that chance (``benchmarks/model_noise_floor.py``): even knowing
 each interval's routing, time and node besides its utilisation and backlog, a prediction of
 the mean latency errs by about 0.13 (mesh-10x3) and 0.15 (mesh-6x3) of it with 5%
-measurement noise, 0.10 and 0.12 with none. This model errs by 0.19 and 0.25 on the same
+measurement noise, 0.10 and 0.12 with none. This model errs by 0.17 and 0.19 on the same
 rows, and a boosted model of the same inputs fitted on five times the data from those
 replicas does no better (0.24 and 0.27). Those replicas play commissioning's routings, which
 overload some nodes; under the routings rollout decides once running (``--routing rollout``),
