@@ -112,6 +112,8 @@ VALUE_SETS: dict[str, tuple[str, ...]] = {
         "--set",
         "prometheus.allowedUrls={https://metrics.example.com/prometheus,https://prom.mon:9091}",
         "--set",
+        "prometheus.allowQueryOverrides=true",
+        "--set",
         "prometheus.bearerToken.secret.name=prom-token,prometheus.caConfigMap.name=prom-ca",
         "--set",
         "prometheus.url=https://prometheus.monitoring.svc:9091",
@@ -864,6 +866,8 @@ def test_operator_command_line_parses(name):
     url = _set_value(values, "prometheus.url") or "http://prometheus.istio-system.svc:9090"
     assert args.prometheus_url == url
     assert args.allow_prometheus_url == _set_list(values, "prometheus.allowedUrls")
+    # Off unless asked: a policy's own PromQL runs with the operator's credentials.
+    assert args.allow_query_overrides == (name == "extras")
     # What the operator checks of its Prometheus flags at start, bar reading the files.
     access = PrometheusAccess(args.prometheus_bearer_token_file, args.prometheus_ca_file)
     access.check_urls([url, *args.allow_prometheus_url], args.prometheus_token_over_http)

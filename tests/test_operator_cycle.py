@@ -839,6 +839,28 @@ def test_nodes_whose_clients_report_nothing_are_named_in_the_status():
     assert runtime.store.latest("edge/p").silent == {"fn": ("edge-2",)}
 
 
+def test_a_query_whose_answer_was_ignored_is_named_in_the_status():
+    """A successRate override that dropped the pair labels had every request counted as
+    served, while MetricsAvailable said every service's metrics were read (the problem went
+    to the log alone)."""
+    mesh = example_mesh()
+    said = "spec.prometheus.queries.successRate returned 3 series without the labels"
+
+    class BrokenSuccessReader(Reader):
+        def read(self, **kwargs) -> ServiceReadings:
+            got = super().read(**kwargs)
+            return dataclasses.replace(got, success={}, problems={"successRate": said})
+
+    runtime = Runtime(
+        FakeKube(NODES, SERVICES), mesh=mesh, reader_for=lambda url: BrokenSuccessReader(mesh)
+    )
+    report = runtime.cycle("edge/p", example_policy_body())
+    metrics = condition(report, "MetricsAvailable")
+    assert metrics["status"] == "True"
+    assert f"series ignored (fn: {said})" in metrics["message"]
+    assert report.query_problems == {"fn": {"successRate": said}}
+
+
 def test_nodes_serving_requests_without_a_latency_are_named_in_the_status():
     """Requests reach a node but no latency is reported for them (a histogram not scraped,
     a query override that matches nothing): decisions go on from the prior and the other
@@ -2396,6 +2418,19 @@ def test_routes_no_cycle_could_write_or_measure_make_the_policy_invalid_at_once(
     with pytest.raises(SpecError, match="16 source edge nodes need 17 HTTPRoute rules"):
         build_problem(wide, many, {"fn-gw": gateway}, 3)
     assert build_problem(wide, many[:15], {"fn-gw": gateway}, 3)
+
+
+def test_a_policys_own_queries_run_only_where_the_operator_allows_them():
+    """A policy's PromQL runs with the operator's Prometheus credentials: it read another
+    team's metrics, which MetricsAvailable then quoted, by whoever may create a policy."""
+    body = example_policy_body(prometheus={"queries": {"successRate": "my_success{}"}})
+    runtime, _ = runtime_over(example_mesh())
+    report = runtime.cycle("edge/p", body)
+    assert report.outcome == Outcome.INVALID
+    assert report.reason.startswith("spec.prometheus.queries.successRate: this operator runs no")
+    assert "--allow-query-overrides" in report.reason
+    runtime.allow_query_overrides = True
+    assert runtime.cycle("edge/p", body).outcome != Outcome.INVALID
 
 
 def test_the_learned_models_queue_grows_over_the_policys_interval():

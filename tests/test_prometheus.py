@@ -288,6 +288,17 @@ def test_negative_values_are_no_data_and_named_in_a_warning(caplog):
     assert "spec.prometheus.queries.cpuUsage returned 1 negative values" in warned
 
 
+def test_a_success_rate_in_percent_is_no_data_and_said_so():
+    """A success rate is a share of the requests: 50 (percent) read as 50 times every
+    request served, and one above 1 in any form is a template's mistake."""
+    answers = full_answers()
+    answers["successRate"] = [pair("a", "fn-edge-0", 50), pair("a", "fn-edge-1", 0.9)]
+    readings = read(FakePrometheus(answers))
+    assert readings.success == {("a", "fn-edge-1"): 0.9}
+    problem = readings.problems["successRate"]
+    assert problem.startswith("spec.prometheus.queries.successRate returned 1 values above 1")
+
+
 def test_series_without_the_grouping_labels_are_dropped():
     answers = full_answers()
     answers["requestRate"] = [

@@ -91,6 +91,13 @@ def build_parser() -> argparse.ArgumentParser:
         "cannot make the operator fetch arbitrary URLs from inside the cluster",
     )
     parser.add_argument(
+        "--allow-query-overrides",
+        action="store_true",
+        help="run the PromQL a policy's spec.prometheus.queries gives (refused otherwise: it "
+        "runs with the operator's Prometheus credentials, so whoever may create a "
+        "RoutingPolicy could read any namespace's metrics through its status)",
+    )
+    parser.add_argument(
         "--prometheus-bearer-token-file",
         metavar="PATH",
         help="send the token in this file as 'Authorization: Bearer' to Prometheus (every URL "
@@ -233,6 +240,7 @@ async def run(args: argparse.Namespace, configuration: client.Configuration) -> 
         prometheus_url=args.prometheus_url,
         allowed_prometheus_urls=tuple(args.allow_prometheus_url),
         prometheus_access=args.prometheus_access,
+        allow_query_overrides=args.allow_query_overrides,
     )
     registry = kopf.OperatorRegistry()
     register(registry, runtime, login=lambda: connection_info(configuration))

@@ -196,6 +196,12 @@ class ReportModel(BaseModel):
         "name ends in no edge node's pod-label value: left out of every node's load, latency "
         "and CPU (name per-node Deployments <name>-<label>)",
     )
+    query_problems: dict[str, dict[str, str]] = Field(
+        default_factory=dict,
+        description="service -> query -> what its answer in the cycle did wrong, so that its "
+        "series were ignored (labels dropped, negative values, percent for a share, several "
+        "series for one key): fix the template in spec.prometheus.queries",
+    )
     catch_all: dict[str, dict[str, int]] | None = Field(
         default=None,
         description="service -> weights of the rule for clients on no edge node, as the "

@@ -634,6 +634,7 @@ class PolicyController:
             unmeasured=dict(self.observer.unmeasured) if self._observed else {},
             no_upstream=dict(self.observer.no_upstream) if self._observed else {},
             unplaced=dict(self.observer.unplaced) if self._observed else {},
+            query_problems=dict(self.observer.query_problems) if self._observed else {},
             links_over=dict(self.observer.links_over) if self._observed else {},
             metrics_read=self._asked,
             catch_all=dict(self._catch_all),

@@ -179,6 +179,9 @@ class Observer:
         self.unplaced: dict[str, dict[str, float]] = {}
         # "source/server" -> the mean ms its clients saw, below the link's declared latency
         self.links_over: dict[str, float] = {}
+        # service -> query -> what its answer did wrong, so that series were ignored (a
+        # success rate without its labels counted every request as served)
+        self.query_problems: dict[str, dict[str, str]] = {}
 
     def telemetry(
         self, readings: Mapping[str, ServiceReadings], down: np.ndarray | None = None
@@ -224,6 +227,7 @@ class Observer:
         self.silent = self._named(quiet & ~down[:, None])
         self.no_upstream = self._no_upstream(readings)
         self.unplaced = self._unplaced(readings)
+        self.query_problems = {s: dict(r.problems) for s, r in readings.items() if r.problems}
         rate = np.stack([np.nan_to_num(m.rate) for m in mats], axis=-1)  # (N, N, S)
         overall = _weighted(np.stack([m.p95_ms for m in mats], -1), rate, axis=(0, 1))
         self.observed_p95_ms = {

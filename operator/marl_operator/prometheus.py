@@ -571,7 +571,7 @@ def _parse_series(
     fix (logged too), or None: the cycle that then lacks those values says why."""
     values: dict[tuple[str, ...], float] = {}
     ambiguous: set[tuple[str, ...]] = set()
-    unlabelled = negative = 0
+    unlabelled = negative = over_one = 0
     items = result if isinstance(result, list) else []
     for item in items:
         if not isinstance(item, Mapping):
@@ -594,6 +594,9 @@ def _parse_series(
             negative += 1
             if name != "sampleAge":  # but an age is, by a clock ahead of Prometheus's
                 continue
+        if name == "successRate" and value > 1.0 + 1e-9:  # a share: percent, or not divided
+            over_one += 1
+            continue
         if key in values:
             if name in _ADDITIVE:
                 value += values[key]
@@ -619,6 +622,11 @@ def _parse_series(
         problems.append(
             f"{_field(name)} returned {negative} negative values; they are ignored (check "
             "the template's sign)"
+        )
+    if over_one:
+        problems.append(
+            f"{_field(name)} returned {over_one} values above 1; they are ignored (a success "
+            "rate is the share of requests served: not in percent, divided by the request rate)"
         )
     if ambiguous:
         problems.append(

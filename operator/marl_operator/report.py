@@ -88,6 +88,8 @@ class CycleReport:
     metrics_read: bool = True  # False: the cycle ended before it asked for the metrics
     unplaced: dict[str, dict[str, float]] = field(default_factory=dict)  # service ->
     # server workload -> requests/s it served that no edge node's label ends its name
+    query_problems: dict[str, dict[str, str]] = field(default_factory=dict)  # service ->
+    # query -> what its answer did wrong, so that its series were ignored
     catch_all: dict[str, dict[str, int]] | None = None  # service -> the weights of its
     # rule for clients on no edge node, as the mesh carries them; None: the mesh was not read
     failures: int | None = None  # cycles in a row without a usable decision (None: unknown)

@@ -202,6 +202,7 @@ class Runtime:
         inventory: Inventory | None = None,
         allowed_prometheus_urls: tuple[str, ...] = (),
         prometheus_access: PrometheusAccess | None = None,
+        allow_query_overrides: bool = False,
     ):
         self.kube = kube
         self.mesh = mesh or KubeMesh(kube)
@@ -224,6 +225,9 @@ class Runtime:
         self.allowed_prometheus_urls = {
             url.rstrip("/") for url in (prometheus_url, *allowed_prometheus_urls)
         }
+        # A policy's own PromQL runs with the operator's credentials and reads whatever that
+        # Prometheus holds, any namespace's metrics among it, which the status then quotes.
+        self.allow_query_overrides = allow_query_overrides
         self.controllers: dict[str, PolicyController] = {}
         self.skipped: Counter[str] = Counter()  # policy -> cycles skipped (previous one ran)
         # sha256 of a checkpoint's two files -> its policy, while a controller still runs it:
@@ -309,6 +313,14 @@ class Runtime:
                 "query: it queries its --prometheus-url and those --allow-prometheus-url "
                 "names (the chart's prometheus.url and prometheus.allowedUrls); unset it, or "
                 "ask the operator's admin to allow it",
+            )
+        if spec.prometheus.queries and not self.allow_query_overrides:
+            raise SpecError(
+                f"spec.prometheus.queries.{min(spec.prometheus.queries)}",
+                "this operator runs no policy's own queries (each would run with its "
+                "Prometheus credentials and could read any namespace's metrics): remove "
+                "spec.prometheus.queries, or ask the operator's admin to allow them "
+                "(--allow-query-overrides, the chart's prometheus.allowQueryOverrides)",
             )
         policy, digest = self.checkpoint(spec.checkpoint, namespace)
         max_degree = int(policy.meta["observation"]["max_degree"])

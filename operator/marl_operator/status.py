@@ -292,9 +292,20 @@ def _metrics_read(report: CycleReport) -> str:
         or report.no_upstream
         or report.unplaced
         or report.links_over
+        or report.query_problems
     ):
         return "the last cycle read every service's metrics"
     gaps = []
+    if report.query_problems:
+        gaps.append(
+            "queries were answered in a way that had their series ignored ("
+            + "; ".join(
+                f"{service}: {problem}"
+                for service, problems in sorted(report.query_problems.items())
+                for problem in problems.values()
+            )
+            + ")"
+        )
     if report.silent:
         gaps.append(
             f"no request was reported from the clients of ({_by_service(report.silent)}): "
