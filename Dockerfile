@@ -12,7 +12,8 @@
 # dependencies, from their lock requirements/operator.txt (the versions the tests run on;
 # `make lock` writes both), and the package's wheel, built by the locked setuptools instead of
 # whatever a build-isolation environment would fetch. The runtime stage copies /opt/venv
-# alone onto a clean slim Python, so no installer or build tool ships, and runs it as a
+# alone onto a clean slim Python, whose own pip and setuptools it removes (image scanners
+# flag them, and nothing runs them), so no installer or build tool ships, and runs it as a
 # non-root user. Training, the simulator's tools and the demo are extras of the package
 # ([train], [demo]) and stay out, torch with them: the operator reads the checkpoints without
 # it (policies/tensor_archive.py) and acts in numpy (policies/actor.py).
@@ -54,7 +55,9 @@ FROM ${PYTHON_IMAGE}
 LABEL org.opencontainers.image.title="marl-operator" \
       org.opencontainers.image.description="Multi-agent RL routing policies for edge service meshes, run as a Kubernetes operator" \
       org.opencontainers.image.licenses="Apache-2.0"
-RUN groupadd --system --gid 10001 marl \
+RUN python -m pip uninstall --yes --quiet --root-user-action=ignore pip setuptools wheel \
+    && python -c "import importlib.util as u; left = [m for m in ('pip', 'setuptools', 'wheel') if u.find_spec(m)]; assert not left, left" \
+    && groupadd --system --gid 10001 marl \
     && useradd --system --uid 10001 --gid marl --no-create-home --home-dir /tmp \
         --shell /usr/sbin/nologin marl
 COPY --from=build /opt/venv /opt/venv

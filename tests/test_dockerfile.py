@@ -275,6 +275,21 @@ def test_runtime_stage_is_non_root_and_read_only_friendly(dockerfile):
     assert copy_from.startswith(f"--from={stages[0].name} ")
 
 
+def test_the_runtime_stage_removes_the_base_images_installer(dockerfile):
+    """The slim Python image ships pip and setuptools in /usr/local, on PATH: the comment
+    said no installer shipped while they did, and scanners flag that setuptools. (The stage
+    cannot be replayed here: its RUN works on the base image's own system.)"""
+    _, stages = dockerfile
+    commands = [" ".join(c.split()) for run in stages[-1].all("RUN") for c in run.split("&&")]
+    (uninstall,) = [c for c in commands if "pip uninstall" in c]
+    assert uninstall.startswith("python -m pip uninstall --yes") and {"pip", "setuptools"} <= set(
+        uninstall.split()
+    )
+    (check,) = [c for c in commands if "find_spec" in c]
+    assert commands.index(check) == commands.index(uninstall) + 1
+    assert "'pip', 'setuptools'" in check and "assert not left" in check
+
+
 def test_healthcheck_port_and_entrypoint(dockerfile):
     _, stages = dockerfile
     runtime = stages[-1]
