@@ -866,6 +866,8 @@ def test_operator_command_line_parses(name):
     url = _set_value(values, "prometheus.url") or "http://prometheus.istio-system.svc:9090"
     assert args.prometheus_url == url
     assert args.allow_prometheus_url == _set_list(values, "prometheus.allowedUrls")
+    # spec.checkpoint.path reads the checkpoints' mount alone.
+    assert str(args.checkpoint_root) == "/checkpoints"
     # Off unless asked: a policy's own PromQL runs with the operator's credentials.
     assert args.allow_query_overrides == (name == "extras")
     # What the operator checks of its Prometheus flags at start, bar reading the files.

@@ -935,6 +935,27 @@ def test_invalid_policy_reports_the_field_and_never_writes():
     assert mesh.writes == 0
 
 
+def test_a_checkpoint_path_outside_the_operators_mount_is_invalid(tmp_path):
+    """Any absolute path was copied from: a tenant learned which files exist (the error said
+    "Not a directory" or "No such file") and could load a checkpoint mounted for another."""
+    mounted = tmp_path / "checkpoints"
+    shutil.copytree(checkpoint.BUNDLED / "mesh-10x3", mounted / "run")
+    (tmp_path / "other-team").mkdir()
+    shutil.copytree(mounted / "run", tmp_path / "other-team" / "run")
+    runtime, _ = runtime_over(example_mesh())
+    runtime.checkpoint_root = mounted
+    for outside in (
+        "/etc/passwd",
+        str(tmp_path / "other-team" / "run"),
+        f"{mounted}/../other-team/run",
+    ):
+        report = runtime.cycle("edge/p", example_policy_body(checkpoint={"path": outside}))
+        assert report.outcome == Outcome.INVALID, outside
+        assert report.reason.startswith(f"spec.checkpoint.path: {outside!r} is not under")
+    report = runtime.cycle("edge/p", example_policy_body(checkpoint={"path": f"{mounted}/run"}))
+    assert report.outcome != Outcome.INVALID, report.reason
+
+
 def test_an_inventory_no_route_can_be_written_for_is_invalid_not_a_failing_cycle():
     """EdgeNodes edited to share a pod label value: the policy fails naming the field and
     writes nothing, instead of every cycle failing on the mesh's error (held, never the

@@ -15,6 +15,7 @@ import os
 import secrets
 import signal
 import threading
+from pathlib import Path
 
 import kopf
 from kubernetes import client
@@ -89,6 +90,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="a further Prometheus a policy's spec.prometheus.url may name (repeatable); "
         "a policy naming any other is Invalid, so that whoever may create a RoutingPolicy "
         "cannot make the operator fetch arbitrary URLs from inside the cluster",
+    )
+    parser.add_argument(
+        "--checkpoint-root",
+        type=Path,
+        metavar="DIR",
+        help="a policy's spec.checkpoint.path must lie under this directory (the chart passes "
+        "its checkpoints.mountPath); by default any absolute path",
     )
     parser.add_argument(
         "--allow-query-overrides",
@@ -241,6 +249,7 @@ async def run(args: argparse.Namespace, configuration: client.Configuration) -> 
         allowed_prometheus_urls=tuple(args.allow_prometheus_url),
         prometheus_access=args.prometheus_access,
         allow_query_overrides=args.allow_query_overrides,
+        checkpoint_root=args.checkpoint_root,
     )
     registry = kopf.OperatorRegistry()
     register(registry, runtime, login=lambda: connection_info(configuration))

@@ -203,6 +203,7 @@ class Runtime:
         allowed_prometheus_urls: tuple[str, ...] = (),
         prometheus_access: PrometheusAccess | None = None,
         allow_query_overrides: bool = False,
+        checkpoint_root: Path | None = None,
     ):
         self.kube = kube
         self.mesh = mesh or KubeMesh(kube)
@@ -228,6 +229,10 @@ class Runtime:
         # A policy's own PromQL runs with the operator's credentials and reads whatever that
         # Prometheus holds, any namespace's metrics among it, which the status then quotes.
         self.allow_query_overrides = allow_query_overrides
+        # Where a policy's spec.checkpoint.path may point (None: anywhere): the chart's mount
+        # of checkpoints, not the operator's whole filesystem, whose files' existence the
+        # status would tell and whose other tenants' checkpoints a policy could load.
+        self.checkpoint_root = checkpoint_root
         self.controllers: dict[str, PolicyController] = {}
         self.skipped: Counter[str] = Counter()  # policy -> cycles skipped (previous one ran)
         # sha256 of a checkpoint's two files -> its policy, while a controller still runs it:
@@ -314,6 +319,16 @@ class Runtime:
                 "names (the chart's prometheus.url and prometheus.allowedUrls); unset it, or "
                 "ask the operator's admin to allow it",
             )
+        if spec.checkpoint.kind == "path" and self.checkpoint_root is not None:
+            root = self.checkpoint_root.resolve()
+            if not Path(spec.checkpoint.value).resolve().is_relative_to(root):
+                raise SpecError(
+                    "spec.checkpoint.path",
+                    f"{spec.checkpoint.value!r} is not under {str(self.checkpoint_root)!r}, "
+                    "where this operator's checkpoints are mounted (the chart's "
+                    "checkpoints.mountPath): name a run directory there, or use "
+                    "spec.checkpoint.configMap or bundled",
+                )
         if spec.prometheus.queries and not self.allow_query_overrides:
             raise SpecError(
                 f"spec.prometheus.queries.{min(spec.prometheus.queries)}",
