@@ -2441,6 +2441,23 @@ def test_routes_no_cycle_could_write_or_measure_make_the_policy_invalid_at_once(
     assert build_problem(wide, many[:15], {"fn-gw": gateway}, 3)
 
 
+def test_a_link_declared_with_two_latencies_is_refused_naming_both():
+    """edge-0 said 5 ms to edge-1 and edge-1 said 80 ms back: the one first by name won,
+    without a word, and the other declaration did nothing."""
+    nodes = copy.deepcopy(NODES)
+    for nb in nodes[0]["spec"]["neighbours"]:
+        nb["latencyMs"] = 5
+    for nb in nodes[1]["spec"]["neighbours"]:
+        nb["latencyMs"] = 80 if nb["name"] == "edge-0" else nb.get("latencyMs", 0)
+    parsed = parse_policy_spec(example_policy_body()["spec"])
+    with pytest.raises(
+        SpecError,
+        match=r"^EdgeNode edge-1 spec\.neighbours: gives the link to edge-0 latencyMs 80, "
+        "and edge-0 gives it 5",
+    ):
+        build_problem(parsed, nodes, {"fn": SERVICES[0]}, 3)
+
+
 def test_a_policys_own_queries_run_only_where_the_operator_allows_them():
     """A policy's PromQL runs with the operator's Prometheus credentials: it read another
     team's metrics, which MetricsAvailable then quoted, by whoever may create a policy."""

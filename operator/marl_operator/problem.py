@@ -219,7 +219,15 @@ def build_problem(
             )
         neighbours[name] = [nb["name"] for nb in listed]
         for nb in listed:
-            links.setdefault(frozenset((name, nb["name"])), float(nb.get("latencyMs", 0.0)))
+            latency = float(nb.get("latencyMs", 0.0))
+            declared = links.setdefault(frozenset((name, nb["name"])), latency)
+            if declared != latency:  # the first node by name won, silently
+                raise SpecError(
+                    f"EdgeNode {name} spec.neighbours",
+                    f"gives the link to {nb['name']} latencyMs {latency:g}, and "
+                    f"{nb['name']} gives it {declared:g}: a link has one latency both ways "
+                    "here; declare the same on both nodes",
+                )
         cap = body.get("capacity") or {}
         if not cap:
             undeclared.append(name)
