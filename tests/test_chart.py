@@ -87,6 +87,7 @@ VALUE_SETS: dict[str, tuple[str, ...]] = {
     ),
     "podmonitor": ("--set", "podMonitor.enabled=true", "--set", "scrapeAnnotations=false"),
     "gateway-api": ("--set", "meshProvider=gateway-api"),
+    "no-configmaps": ("--set", "checkpoints.fromConfigMaps=false"),
     "all-meshes": ("--set", "meshProvider=all"),
     "checkpoints": (
         "--set",
@@ -678,6 +679,8 @@ def required_calls(values: tuple[str, ...]) -> set[Call]:
             )
         if mesh is None or provider in (mesh, "all"):
             calls.add((group, resource, verb))
+    if _set_value(values, "checkpoints.fromConfigMaps") == "false":
+        calls.discard(("", "configmaps", "get"))  # and with it spec.checkpoint.configMap
     if namespaced:
         calls |= set(KOPF_NAMESPACED_MODE_CALLS)
     if peers:
@@ -807,6 +810,10 @@ def test_refusal_hints_say_where_the_chart_grants_each_read():
         hint = str(Forbidden(verb, kind, "edge" if namespaced else "", "x"))
         assert "rbac.create=true grants it" in hint, kind
         assert (group, resource, verb) in cluster_wide[0], kind
+        if kind == "ConfigMap":  # the one read a value drops
+            assert "with checkpoints.fromConfigMaps=true" in hint
+            dropped = grants(render(*VALUE_SETS["no-configmaps"]), (NAMESPACE, RELEASE))
+            assert (group, resource, verb) not in dropped[0]
         if namespaced:
             assert "with watchNamespaces set, in a Role of each watched namespace" in hint
             assert (group, resource, verb) not in watched[0], kind

@@ -178,6 +178,7 @@ class Forbidden(MeshError):
                 ", e.g. through the Helm chart: rbac.create=true grants it in every namespace (a "
                 "ClusterRole) or, with watchNamespaces set, in a Role of each watched namespace "
                 f"({self.namespace} must be among them)"
+                + (", with checkpoints.fromConfigMaps=true" if self.kind == "ConfigMap" else "")
             )
         return (
             f" in a ClusterRole ({self.resource} are cluster-scoped), e.g. through the Helm "
