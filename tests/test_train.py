@@ -297,36 +297,38 @@ def test_two_processes_train_one_policy_with_torchrun(tmp_path):
     # same interpreter (and installed project) as the tests.
     torchrun = [sys.executable, "-m", "torch.distributed.run"]
     out = tmp_path / "ddp"
-    p = subprocess.run(
-        [
-            *torchrun,
-            "--standalone",
-            "--nproc-per-node",
-            "2",
-            "-m",
-            "simulator.train",
-            "--scenario",
-            "dfaas-2",
-            "--env-steps",
-            "6000",
-            "--out",
-            str(out),
-            "--json",
-            "--eval-episodes",
-            "2",
-            "--set",
-            "num_envs=8",
-            "--threads",
-            "1",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    command = [
+        *torchrun,
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+        "-m",
+        "simulator.train",
+        "--scenario",
+        "dfaas-2",
+        "--env-steps",
+        "6000",
+        "--out",
+        str(out),
+        "--json",
+        "--eval-episodes",
+        "2",
+        "--set",
+        "num_envs=8",
+        "--threads",
+        "1",
+    ]
+    p = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-2000:]
     meta = json.loads((out / "policy.json").read_text())
     assert meta["processes"] == 2
     assert meta["trained_env_steps"] >= 6000
+    # Again into the same folder: refused by every process, said once. Only the first
+    # checked, and the second went on into the first exchange and died there in a traceback.
+    p = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert p.returncode != 0
+    assert p.stderr.count("holds a run already") == 1, p.stderr[-2000:]
+    assert "[rank1]" not in p.stderr and "RuntimeError" not in p.stderr, p.stderr[-2000:]
 
 
 def test_ippo_trains_with_local_critics(tmp_path):
