@@ -29,7 +29,7 @@ import argparse
 import dataclasses
 import json
 import sys
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -303,10 +303,11 @@ def run_arm(
     args,
     model: SystemModel | None = None,
     schedule: OracleSchedule | None = None,
+    progress: Callable[[int], object] | None = None,
 ) -> list[Cycle]:
     """One controller through the whole scenario; returns its cycles. ``schedule`` is the
     routing an ``oracle`` arm plays (default: re-solved at each change); callers that run
-    many seeds solve it once."""
+    many seeds solve it once. ``progress(1)`` is called after each cycle (a bar's update)."""
     env = EdgeEnv(
         scenario, num_envs=1, action_mode="neighbours", seed=args.seed, track_servers=True
     )
@@ -360,6 +361,8 @@ def run_arm(
             cycle.decision_ms = decision.decision_ms
             cycle.fallback = decision.fallback
         cycles.append(cycle)
+        if progress is not None:
+            progress(1)
     return cycles
 
 
@@ -696,8 +699,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     model = warm_model(scenario, policy, args)
     results = {}
-    for arm in tqdm(ARMS, desc=scenario.name, disable=args.json):
-        results[arm] = run_arm(arm, scenario, policy, args, model if arm == "rollout" else None)
+    cycles = -(-scenario.steps // args.interval)
+    with tqdm(total=len(ARMS) * cycles, desc=scenario.name, unit="cycle", disable=args.json) as bar:
+        for arm in ARMS:
+            bar.set_postfix_str(arm)
+            model_of_arm = model if arm == "rollout" else None
+            results[arm] = run_arm(arm, scenario, policy, args, model_of_arm, progress=bar.update)
     summary = summarise(scenario, results, args.interval)
     accuracy = model.accuracy()
     summary["model_accuracy"] = accuracy.as_dict() if accuracy else None

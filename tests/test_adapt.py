@@ -472,3 +472,12 @@ def test_the_results_are_printed_before_a_plot_that_cannot_be_saved(tmp_path, mo
     with pytest.raises(OSError, match="No space"):
         adapt.main(argv)
     assert "rollout_cost_over_oracle_after_3_cycles" in capsys.readouterr().out.splitlines()[-1]
+
+
+def test_the_progress_bar_moves_once_per_cycle_of_each_controller(tmp_path):
+    """It moved once per controller: a minute or more without a tick in the rollout arm."""
+    args = adapt.build_parser().parse_args([*short_surge(tmp_path), "--warmup", "2"])
+    scenario, policy = adapt.load(args)
+    ticks: list[int] = []
+    cycles = adapt.run_arm("base", scenario, policy, args, progress=ticks.append)
+    assert ticks == [1] * len(cycles) and len(cycles) == -(-scenario.steps // args.interval)
