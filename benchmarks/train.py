@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
                 sys.executable, "-m", "simulator.train", "--scenario", args.scenario,
                 "--env-steps", str(args.env_steps), "--seed", str(seed),
                 "--eval-episodes", str(args.eval_episodes), "--out", str(root / f"seed{seed}"),
-                "--json",
+                "--json", "--overwrite",  # each run of the benchmark trains anew
             ]  # fmt: skip
             if args.algo:  # given, it wins over a --set algo=, as simulator.train's does
                 cmd += ["--algo", args.algo]

@@ -40,3 +40,6 @@ def test_an_algo_set_as_a_hyperparameter_is_the_one_trained_and_reported(tmp_pat
     meta = json.loads((tmp_path / "seed0" / "policy.json").read_text())
     assert meta["algo"] == "ippo"
     assert report["algo"] == "ippo"
+    # Run again into the same folder: a benchmark trains anew (a run's folder is otherwise
+    # refused to a new run).
+    assert run_benchmark("train", *argv)["algo"] == "ippo"
