@@ -295,6 +295,7 @@ def test_cpu_is_split_among_services_by_their_work(heavy):
     CPU is ``heavy / 3`` of fn's, and the operator reads that back as its work per request."""
     second = copy.deepcopy(EDGE_SERVICES[0])
     second["metadata"]["name"] = "fn2"
+    second["spec"]["host"] = "fn2.edge.svc.cluster.local"  # one host is one service
     second["spec"]["mesh"].update(virtualService="fn2", destinationRule="fn2")
     load = {"fn": dict.fromkeys(NODES, 30.0), "fn2": dict.fromkeys(NODES, 10.0)}
     dp = DataPlane(EDGE_NODES, [EDGE_SERVICES[0], second], load, seed=5, work={"fn2": heavy})
@@ -393,6 +394,7 @@ def test_pods_out_of_the_endpoints_refuse_their_service_alone():
     fn2's are served there as before, and edge-1's clients of both go on sending."""
     second = copy.deepcopy(EDGE_SERVICES[0])
     second["metadata"]["name"] = "fn2"
+    second["spec"]["host"] = "fn2.edge.svc.cluster.local"  # one host is one service
     second["spec"]["mesh"].update(virtualService="fn2", destinationRule="fn2")
     load = {"fn": dict.fromkeys(NODES, 30.0), "fn2": dict.fromkeys(NODES, 10.0)}
     dp = DataPlane(EDGE_NODES, [EDGE_SERVICES[0], second], load, seed=3)
