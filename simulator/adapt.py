@@ -29,8 +29,9 @@ import argparse
 import dataclasses
 import json
 import sys
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 from tqdm import tqdm
@@ -364,6 +365,27 @@ def run_arm(
         if progress is not None:
             progress(1)
     return cycles
+
+
+def summary_lines(summary: Mapping[str, Any], prefix: str = "") -> str:
+    """The totals for a terminal: nested figures under dotted names, numbers rounded to what
+    can be read, an absent figure as "-" (``--json`` keeps every digit)."""
+    lines = []
+    for key, value in summary.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            lines.append(summary_lines(value, f"{name}."))
+            continue
+        if value is None:
+            shown = "-"
+        elif isinstance(value, float):
+            shown = f"{value:.4g}"
+        elif isinstance(value, list):
+            shown = ", ".join(str(v) for v in value) or "-"
+        else:
+            shown = str(value)
+        lines.append(f"{name:45s} {shown}")
+    return "\n".join(lines)
 
 
 def change_cycles(scenario: Scenario, interval: int) -> list[int]:
@@ -715,8 +737,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json_line(summary))
     else:
         print(cycle_table(records))
-        for key, value in summary.items():
-            print(f"{key:45s} {value}")
+        print(summary_lines(summary))
     if args.plot:  # after the results: a plot that cannot be saved must not lose them
         sys.stdout.flush()
         plot(scenario, results, args.interval, args.plot)

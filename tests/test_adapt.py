@@ -307,6 +307,16 @@ def test_each_cycle_is_reported_before_the_totals(tmp_path, capsys):
     assert adapt.main(argv) == 0
     table = capsys.readouterr().out.splitlines()
     assert table[0].split()[:4] == ["cycle", "base", "cost", "ms"]
+    # The totals below it: dotted names for nested figures, not Python's dicts and None.
+    totals = dict(line.split(maxsplit=1) for line in table if line.startswith(("model_", "slo_")))
+    assert not any("{" in value or "None" in value for value in totals.values())
+    assert float(totals["model_accuracy.nmae.mean_ms"]) == pytest.approx(
+        summary["model_accuracy"]["nmae"]["mean_ms"], rel=1e-3
+    )
+    assert totals["model_accuracy.r2.success"] in (
+        "-",
+        f"{summary['model_accuracy']['r2']['success']:.4g}",
+    )
     assert table[3].startswith("*") and table[6].startswith(" +") and table[8].startswith(" +")
     assert f"{1000 * rollout[7]['cost']:.1f}" in table[8]
 
