@@ -59,24 +59,28 @@ def test_closed_loop_cuts_p95_after_a_capacity_drop(tmp_path):
         halved = NodeChange(DEGRADED_NODE, 0.5)
         stack.change(halved)
         degrade_at = stack.truth()["seconds"]
-        time.sleep(INTERVALS * INTERVAL_S)
+        shares = []  # after each interval: a loop may hand some back once the queue drains
+        for _ in range(INTERVALS):
+            time.sleep(INTERVAL_S)
+            shares.append(share_to_node(stack, DEGRADED_NODE))
         truth = stack.truth(10)
         operated = truth["services"]["fn"]["p95_ms"]
         ((baseline, _),) = static_truths([truth["seconds"]], degrade_at, halved)
 
-        after = share_to_node(stack, DEGRADED_NODE)
+        after = min(shares)
         policy = stack.policy()
         decisions = stack.decisions()
 
     print(f"closed loop: p95 {operated:.0f} ms with the operator, {baseline:.0f} ms static")
     print(
-        f"closed loop: {before:.1f}% of the traffic to {DEGRADED_NODE} before, {after:.1f}% after"
+        f"closed loop: {before:.1f}% of the traffic to {DEGRADED_NODE} before, after each "
+        f"interval {', '.join(f'{share:.1f}%' for share in shares)}"
     )
     assert operated <= 0.7 * baseline, (operated, baseline, decisions["reason"])
     # The base policy alone moves little traffic (about half the static p95 at this point);
     # rollout on the queueing prior is what brings p95 back near the target.
     assert operated <= 0.1 * baseline, (operated, baseline, decisions["reason"])
-    assert after < before, (before, after)  # traffic moved off the degraded node
+    assert after < before, (before, shares)  # traffic moved off the degraded node
     assert policy["status"]["phase"] == "Active"
     assert decisions["observed_p95_ms"]["fn"] > 0
 
