@@ -53,7 +53,7 @@ from marl_operator.mesh.naming import destination_names, destination_namespace
 from marl_operator.problem import build_problem
 from marl_operator.prometheus import PrometheusAccess, PrometheusReader, Silence, redact_url
 from marl_operator.report import BUILD_FORBIDDEN, CYCLE_FAILED, CycleReport, Outcome
-from marl_operator.spec import CheckpointSource, SpecError, parse_policy_spec
+from marl_operator.spec import CheckpointSource, PolicySpec, SpecError, parse_policy_spec
 from marl_operator.status import merge_conditions, timestamp
 from marl_operator.store import ReportStore
 from policies import checkpoint
@@ -306,9 +306,10 @@ class Runtime:
         for name in (checkpoint.WEIGHTS_FILE, checkpoint.META_FILE):
             shutil.copyfile(directory / name, into / name)
 
-    def build(self, key: str, body: Mapping[str, Any]) -> PolicyController:
-        namespace = key.split("/", 1)[0]
-        spec = parse_policy_spec(body.get("spec"))
+    def _check_admitted(self, spec: PolicySpec) -> None:
+        """SpecError for what a policy asks the operator to do that its admin has not allowed:
+        whoever may create a RoutingPolicy must not reach, through the operator's identity,
+        other Prometheus servers, files or metrics than those allowed."""
         if spec.prometheus.url and spec.prometheus.url.rstrip("/") not in (
             self.allowed_prometheus_urls
         ):
@@ -337,6 +338,11 @@ class Runtime:
                 "spec.prometheus.queries, or ask the operator's admin to allow them "
                 "(--allow-query-overrides, the chart's prometheus.allowQueryOverrides)",
             )
+
+    def build(self, key: str, body: Mapping[str, Any]) -> PolicyController:
+        namespace = key.split("/", 1)[0]
+        spec = parse_policy_spec(body.get("spec"))
+        self._check_admitted(spec)
         policy, digest = self.checkpoint(spec.checkpoint, namespace)
         max_degree = int(policy.meta["observation"]["max_degree"])
         # Read now: a build follows the user's change, which may have come with new objects.
