@@ -344,8 +344,10 @@ def main(argv: list[str] | None = None) -> int:
     # Every process checks (the folder is shared): one that went on alone waited for the
     # others' first exchange and ended in a traceback under the message.
     problem = make_folder(out, "--out")
-    if not problem and not args.resume:
-        problem = _replace_run(out) if args.overwrite else _holds_a_run(out)
+    if not problem and not args.resume and not args.overwrite:
+        problem = _holds_a_run(out)
+    if not problem and args.overwrite and rank == 0:  # one process removes the old run
+        problem = _replace_run(out)
     if problem:  # before any work, not a traceback once the run is set up
         if rank == 0:
             print(f"error: {problem}", file=sys.stderr)
@@ -490,56 +492,57 @@ def main(argv: list[str] | None = None) -> int:
     # Without a terminal (a pipe to tee, a CI log) a bar draws nothing: a line per evaluation.
     log_lines = lead and not args.json and bar.disable
     interrupted = False
-    stack = contextlib.ExitStack()
-    stack.enter_context(terminate_as_interrupt())
-    try:
-        while trainer.updates < total_updates:
-            batch = trainer.collect()
-            with interrupts_deferred():
-                stats = trainer.update(batch)
-            bar.update(per_update)
-            recent = trainer.finished[-4:]
-            row = {
-                "update": trainer.updates,
-                "env_steps": trainer.env_steps * world,
-                "seconds": time.perf_counter() - started,
-                "return_per_agent": np.mean([e["return_per_agent"] for e in recent])
-                if recent
-                else None,
-                "processed_pct": np.mean([e["processed_pct"] for e in recent]) if recent else None,
-                **stats,
-            }
-            row["env_steps_per_s"] = row["env_steps"] / max(row["seconds"], 1e-9)
-            rows.append(row)
-            if recent:
-                bar.set_postfix(
-                    ret=f"{row['return_per_agent']:.1f}", proc=f"{row['processed_pct']:.1f}%"
-                )
-            if lead:
-                for key, value in row.items():
-                    if value is not None and key != "update":
-                        writer.add_scalar(
-                            key if "/" in key else f"train/{key}", value, row["env_steps"]
-                        )
-                if trainer.updates % cfg.eval_every == 0:
-                    result = evaluate_model(
-                        trainer, scenario, cfg.eval_episodes, 20_000 + args.seed
+    with terminate_as_interrupt():
+        try:
+            while trainer.updates < total_updates:
+                batch = trainer.collect()
+                with interrupts_deferred():
+                    stats = trainer.update(batch)
+                bar.update(per_update)
+                recent = trainer.finished[-4:]
+                row = {
+                    "update": trainer.updates,
+                    "env_steps": trainer.env_steps * world,
+                    "seconds": time.perf_counter() - started,
+                    "return_per_agent": np.mean([e["return_per_agent"] for e in recent])
+                    if recent
+                    else None,
+                    "processed_pct": np.mean([e["processed_pct"] for e in recent])
+                    if recent
+                    else None,
+                    **stats,
+                }
+                row["env_steps_per_s"] = row["env_steps"] / max(row["seconds"], 1e-9)
+                rows.append(row)
+                if recent:
+                    bar.set_postfix(
+                        ret=f"{row['return_per_agent']:.1f}", proc=f"{row['processed_pct']:.1f}%"
                     )
-                    evals.append({"env_steps": row["env_steps"], **result})
-                    for key in ("return_per_agent", "processed_pct"):
-                        writer.add_scalar(f"eval/{key}", result[key], row["env_steps"])
-                    save_all()
-                    if log_lines:
-                        print(
-                            f"{scenario.name} {cfg.algo}: {row['env_steps']:,} of "
-                            f"{total_updates * per_update:,} env steps, evaluated return per "
-                            f"agent {result['return_per_agent']:.1f}, processed "
-                            f"{result['processed_pct']:.1f}%",
-                            file=sys.stderr,
-                            flush=True,
+                if lead:
+                    for key, value in row.items():
+                        if value is not None and key != "update":
+                            writer.add_scalar(
+                                key if "/" in key else f"train/{key}", value, row["env_steps"]
+                            )
+                    if trainer.updates % cfg.eval_every == 0:
+                        result = evaluate_model(
+                            trainer, scenario, cfg.eval_episodes, 20_000 + args.seed
                         )
-    except KeyboardInterrupt:
-        interrupted = True
+                        evals.append({"env_steps": row["env_steps"], **result})
+                        for key in ("return_per_agent", "processed_pct"):
+                            writer.add_scalar(f"eval/{key}", result[key], row["env_steps"])
+                        save_all()
+                        if log_lines:
+                            print(
+                                f"{scenario.name} {cfg.algo}: {row['env_steps']:,} of "
+                                f"{total_updates * per_update:,} env steps, evaluated return per "
+                                f"agent {result['return_per_agent']:.1f}, processed "
+                                f"{result['processed_pct']:.1f}%",
+                                file=sys.stderr,
+                                flush=True,
+                            )
+        except KeyboardInterrupt:
+            interrupted = True
     bar.close()
     trained_s = time.perf_counter() - started  # the loop's: not the final evaluation's too
 
@@ -547,9 +550,10 @@ def main(argv: list[str] | None = None) -> int:
     if lead:
         if not interrupted:
             try:  # minutes of a large evaluation: Ctrl-C there still saves the updates
-                final = evaluate_model(
-                    trainer, scenario, args.eval_episodes, FINAL_SEED + args.seed
-                )
+                with terminate_as_interrupt():
+                    final = evaluate_model(
+                        trainer, scenario, args.eval_episodes, FINAL_SEED + args.seed
+                    )
             except KeyboardInterrupt:
                 interrupted = True
         if final:
@@ -577,7 +581,6 @@ def main(argv: list[str] | None = None) -> int:
             }
         )
         print(json_line(summary) if args.json else _readable(summary))
-    stack.close()
     if world > 1:
         dist.destroy_process_group()
     return 130 if interrupted else 0
