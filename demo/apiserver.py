@@ -24,12 +24,16 @@ that, so :class:`ApiServer` adds, where the operator depends on it:
 - ``dryRun=All`` on creates, patches, PUTs and deletes: every check runs and the answer is the
   object as it would be stored, but nothing is stored and no watch event is sent;
 - RBAC refusals, for tests: :meth:`ApiServer.deny` makes a verb on a resource (in one namespace
-  or all) answer 403 Forbidden with a real server's message, until :meth:`ApiServer.allow`.
+  or all) answer 403 Forbidden with a real server's message, until :meth:`ApiServer.allow`;
+- TokenReviews and SubjectAccessReviews, what the operator's HTTP API asks of its callers: a
+  token is known once :meth:`ApiServer.add_token` names its user, and a review allows what
+  :meth:`ApiServer.permit` granted that user or one of its groups, nothing else.
 
 Not emulated: schema validation, defaulting and CEL rules, admission, namespace existence,
 field managers, ``deletecollection``, pagination, watch bookmarks and ``410 Gone``, DELETED
 events for objects that stop matching a watch's selector, garbage collection of owned objects,
-authentication (every request is one user's, allowed everything not denied) and TLS. Several
+authentication of the emulator's own callers (every request is one user's, allowed everything
+not denied) and TLS. Several
 API versions of one resource are separate stores (so only one version of HTTPRoute is
 served).
 """
@@ -92,6 +96,11 @@ SYSTEM_METADATA = (
 )
 # Go's omitempty: a real server stores an empty list or map here as an absent field.
 OMITEMPTY_METADATA = ("finalizers", "labels", "annotations", "ownerReferences")
+
+REVIEWS = {
+    ("authentication.k8s.io", "tokenreviews"): "TokenReview",
+    ("authorization.k8s.io", "subjectaccessreviews"): "SubjectAccessReview",
+}
 
 NAMESPACES = kmock.resource("", "v1", "namespaces")
 # kmock parses /api/v1/namespaces/NAME as the prefix of a namespaced path (and fails on the bare
@@ -185,6 +194,8 @@ class ApiServer(kmock.KubernetesEmulator):
     crd_dir: Path | None = REPO_CRD_DIR
     _revision: int = attrs.field(default=0, init=False)
     _denied: set[tuple[str, str, str | None]] = attrs.field(factory=set, init=False)
+    _tokens: dict[str, tuple[str, tuple[str, ...]]] = attrs.field(factory=dict, init=False)
+    _granted: set[tuple[str, str, str, str | None]] = attrs.field(factory=set, init=False)
 
     def __attrs_post_init__(self) -> None:
         super().__attrs_post_init__()
@@ -306,6 +317,50 @@ class ApiServer(kmock.KubernetesEmulator):
         """Undo :meth:`deny` (the rule was granted)."""
         self._denied.discard((verb, resource, namespace))
 
+    def add_token(self, token: str, user: str, groups: tuple[str, ...] = ()) -> None:
+        """Make TokenReviews of ``token`` answer that it is ``user``'s, of ``groups``."""
+        self._tokens[token] = (user, ("system:authenticated", *groups))
+
+    def permit(self, subject: str, verb: str, what: str, namespace: str | None = None) -> None:
+        """Make SubjectAccessReviews allow ``subject`` (a user or a group) to ``verb``
+        ``what`` (``plural.group``, ``plural`` for the core group, or a non-resource URL such
+        as ``/metrics``) in ``namespace`` (every namespace by default). What RBAC would
+        grant the users of :meth:`add_token`; the emulator's own callers are not held to it."""
+        self._granted.add((subject, verb, what, namespace))
+
+    def _review(self, request: kmock.Request) -> dict[str, Any]:
+        assert request.resource is not None  # checked by the caller; for type checkers
+        kind = REVIEWS[request.resource.group, request.resource.plural]
+        data = request.data if isinstance(request.data, Mapping) else {}
+        spec = data.get("spec") or {}
+        if kind == "TokenReview":
+            found = self._tokens.get(str(spec.get("token") or ""))
+            status: dict[str, Any] = {"authenticated": found is not None}
+            if found is not None:
+                status["user"] = {"username": found[0], "uid": found[0], "groups": list(found[1])}
+        else:
+            subjects = {spec.get("user"), *(spec.get("groups") or ())}
+            if "nonResourceAttributes" in spec:
+                asked = spec["nonResourceAttributes"]
+                what, namespace = asked.get("path"), None
+            else:
+                asked = spec.get("resourceAttributes") or {}
+                group, plural = asked.get("group", ""), asked.get("resource", "")
+                what, namespace = f"{plural}.{group}" if group else plural, asked.get("namespace")
+            status = {
+                "allowed": any(
+                    (subject, asked.get("verb"), what, scope) in self._granted
+                    for subject in subjects
+                    for scope in {None, namespace}
+                )
+            }
+        return {
+            "apiVersion": _api_version(request.resource),
+            "kind": kind,
+            "spec": spec,
+            "status": status,
+        }
+
     @staticmethod
     def _verb(request: kmock.Request) -> str:
         if request.method == kmock.method.PUT:
@@ -369,6 +424,13 @@ class ApiServer(kmock.KubernetesEmulator):
             # kmock's reactions match the logged requests by identity: log the mapped one.
             self._requests[self._requests.index(request)] = namespaces_request
             request = namespaces_request
+        resource = request.resource
+        if resource is not None and (resource.group, resource.plural) in REVIEWS:
+            self._trim_logs()
+            if request.method != kmock.method.POST:
+                raise api_error(405, "MethodNotAllowed", "reviews can only be created")
+            self._authorize(request)  # the operator's own rights to ask
+            return aiohttp.web.json_response(self._review(request), status=201)
         if request.resource is not None and request.resource.plural is not None:
             self._authorize(request)
             dry_run = bool(request.params.get("dryRun"))
