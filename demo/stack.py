@@ -214,6 +214,10 @@ def start_operator(
             "127.0.0.1",
             "--api-port",
             str(port),
+            # Loopback alone, on this machine: the emulated API server knows no users whose
+            # tokens the operator could check (tests/test_chart.py checks the login).
+            "--api-auth",
+            "none",
             *(options or ["--standalone"]),
         ],
     )

@@ -804,10 +804,18 @@ def _free_port() -> int:
         return probe.getsockname()[1]
 
 
-def test_the_command_line_serves_its_unauthenticated_api_on_loopback_alone() -> None:
+def test_the_command_line_serves_its_api_on_loopback_alone_and_with_a_login() -> None:
     """Every address by default put every policy's decisions on the local network of
     whoever ran the operator from a workstation (the chart asks for every address)."""
-    assert parse_args(["--prometheus-url", "http://prometheus:9090"]).api_host == "127.0.0.1"
+    args = parse_args(["--prometheus-url", "http://prometheus:9090"])
+    assert args.api_host == "127.0.0.1" and args.api_auth == "kubernetes"
+    assert not args.api_auth_metrics
+
+
+def test_metrics_behind_a_login_need_the_login(capsys) -> None:
+    with pytest.raises(SystemExit):
+        parse_args(["--api-auth", "none", "--api-auth-metrics"])
+    assert "--api-auth-metrics" in capsys.readouterr().err
 
 
 def test_the_charts_address_answers_on_ipv4_and_ipv6(store, instruments) -> None:

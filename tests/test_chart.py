@@ -26,6 +26,7 @@ import shutil
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -63,6 +64,8 @@ CLUSTER_SCOPED = {
     ("", "namespaces"),
     ("apiextensions.k8s.io", "customresourcedefinitions"),
     ("kopf.dev", "clusterkopfpeerings"),
+    ("authentication.k8s.io", "tokenreviews"),
+    ("authorization.k8s.io", "subjectaccessreviews"),
 }
 """Resources without a namespace: only a ClusterRole can grant them."""
 
@@ -88,6 +91,13 @@ VALUE_SETS: dict[str, tuple[str, ...]] = {
     "podmonitor": ("--set", "podMonitor.enabled=true", "--set", "scrapeAnnotations=false"),
     "gateway-api": ("--set", "meshProvider=gateway-api"),
     "no-configmaps": ("--set", "checkpoints.fromConfigMaps=false"),
+    "no-api-auth": ("--set", "api.auth=none"),
+    "metrics-auth": (
+        *("--set", "api.authMetrics=true", "--set", "scrapeAnnotations=false"),
+        *("--set", "serviceMonitor.enabled=true"),
+        *("--set", "serviceMonitor.authorization.credentials.name=prom-scraper"),
+        *("--set", "serviceMonitor.authorization.credentials.key=token"),
+    ),
     "all-meshes": ("--set", "meshProvider=all"),
     "checkpoints": (
         "--set",
@@ -130,6 +140,8 @@ VALUE_SETS: dict[str, tuple[str, ...]] = {
         "watchNamespaces={edge,edge-b}",
         "--set",
         "crds.install=false",
+        "--set",
+        "api.auth=none",
     ),
 }
 
@@ -204,6 +216,23 @@ _MONITOR_ENDPOINT = {
         "honorLabels": {"type": "boolean"},
         "relabelings": {"type": "array", "items": {"type": "object"}},
         "metricRelabelings": {"type": "array", "items": {"type": "object"}},
+        "authorization": {  # SafeAuthorization: a Secret's key; the type defaults to Bearer
+            "type": "object",
+            "additionalProperties": False,
+            "properties": {
+                "type": {"type": "string"},
+                "credentials": {
+                    "type": "object",
+                    "additionalProperties": False,
+                    "required": ["key"],
+                    "properties": {
+                        "name": {"type": "string"},
+                        "key": {"type": "string"},
+                        "optional": {"type": "boolean"},
+                    },
+                },
+            },
+        },
     },
 }
 
@@ -351,6 +380,21 @@ def test_the_validation_catches_a_typo():
             ),
             "podMonitor.scrapeTimeout (1m500ms) is longer than podMonitor.interval (1m)",
         ),
+        # /metrics behind a login: nothing may scrape it without a token.
+        (("--set", "api.authMetrics=true"), "set scrapeAnnotations=false"),
+        (
+            ("--set", "api.authMetrics=true", "--set", "api.auth=none"),
+            "api.authMetrics checks callers with the API server: it needs api.auth=kubernetes",
+        ),
+        (
+            (
+                *("--set", "api.authMetrics=true", "--set", "scrapeAnnotations=false"),
+                *("--set", "podMonitor.enabled=true"),
+            ),
+            "podMonitor: api.authMetrics refuses scrapes without a token; set "
+            "podMonitor.authorization",
+        ),
+        (("--set", "api.auth=open"), "/api/auth': value must be one of 'kubernetes', 'none'"),
     ],
 )
 def test_bad_values_are_refused(values, message):
@@ -681,6 +725,8 @@ def required_calls(values: tuple[str, ...]) -> set[Call]:
             calls.add((group, resource, verb))
     if _set_value(values, "checkpoints.fromConfigMaps") == "false":
         calls.discard(("", "configmaps", "get"))  # and with it spec.checkpoint.configMap
+    if _set_value(values, "api.auth") == "none":  # nobody's token is reviewed
+        calls -= {(g, r, v) for g, r, v in API_CALLS if r.endswith("reviews")}
     if namespaced:
         calls |= set(KOPF_NAMESPACED_MODE_CALLS)
     if peers:
@@ -1013,6 +1059,25 @@ def test_service_monitor_selects_the_service():
     assert pod_monitor["spec"]["podMetricsEndpoints"][0]["port"] == "http"
 
 
+def test_the_api_has_a_login_unless_turned_off_and_metrics_behind_it_on_request():
+    """By default the decisions API asks the API server who calls and what RBAC lets them
+    read; /metrics stays open for scrapers that send no token, unless api.authMetrics, and
+    then the monitor sends the credentials it is given."""
+    from marl_operator.__main__ import parse_args
+
+    args = parse_args(container(render())["args"])
+    assert args.api_auth == "kubernetes" and not args.api_auth_metrics
+    assert parse_args(container(render(*VALUE_SETS["no-api-auth"]))["args"]).api_auth == "none"
+    docs = render(*VALUE_SETS["metrics-auth"])
+    assert parse_args(container(docs)["args"]).api_auth_metrics
+    (monitor,) = of_kind(docs, "ServiceMonitor")
+    (endpoint,) = monitor["spec"]["endpoints"]
+    assert endpoint["authorization"] == {"credentials": {"name": "prom-scraper", "key": "token"}}
+    assert "prometheus.io/scrape" not in (
+        deployment(docs)["spec"]["template"]["metadata"].get("annotations") or {}
+    )
+
+
 @pytest.mark.parametrize("kind", ["serviceMonitor", "podMonitor"])
 def test_a_shorter_scrape_interval_is_not_longer_than_its_timeout(kind):
     """Prometheus refuses a scrape timeout longer than the interval: with the timeout's own
@@ -1171,6 +1236,12 @@ def test_notes_render():
     # every sentence ends, and each paragraph stands apart
     assert "The CRDs are not the chart's (crds.install=false)" in notes
     assert "/api/v1/policies\n\nBefore `helm uninstall`" in notes
+    assert "create token" not in notes  # api.auth=none: nothing to send
+    notes = run_helm(
+        "install", RELEASE, str(CHART), "--namespace", NAMESPACE, "--dry-run=client"
+    ).stdout.split("NOTES:", 1)[1]
+    assert 'curl -H "Authorization: Bearer $TOKEN" localhost:8080/api/v1/policies' in notes
+    assert "kubectl apply -f examples/api-reader.yaml" in notes
 
 
 def test_notes_point_at_the_examples_this_install_can_serve():
@@ -1313,6 +1384,9 @@ def test_rbac_covers_what_a_running_operator_calls(name, tmp_path):
             assert done.returncode == 0, done.stderr
             return done.stdout
 
+        # A reader of the policy's report, as examples/api-reader.yaml makes one.
+        api.add_token("tok-reader", "system:serviceaccount:edge:marl-reader")
+        api.permit("system:serviceaccount:edge:marl-reader", "get", "routingpolicies.marl.dev")
         namespace_doc = tmp_path / "namespace.yaml"
         namespace_doc.write_text("apiVersion: v1\nkind: Namespace\nmetadata:\n  name: edge\n")
         peering = [d for d in docs if d["kind"] in ("ClusterKopfPeering", "KopfPeering")]
@@ -1337,21 +1411,27 @@ def test_rbac_covers_what_a_running_operator_calls(name, tmp_path):
             env=env,
         )
         try:
+            report = f"http://127.0.0.1:{port}/api/v1/policies/edge/edge-routing"
 
-            def decided() -> bool:
+            def status(headers: dict[str, str]) -> int | None:
                 try:
-                    with urllib.request.urlopen(
-                        f"http://127.0.0.1:{port}/api/v1/policies/edge/edge-routing", timeout=2
-                    ):
-                        return True
-                except OSError:
-                    return False
+                    request = urllib.request.Request(report, headers=headers)
+                    with urllib.request.urlopen(request, timeout=2) as answer:
+                        return answer.status
+                except urllib.error.HTTPError as error:  # 404 before the first cycle
+                    return error.code
+                except OSError:  # not listening yet
+                    return None
 
             deadline = time.monotonic() + 90
-            while not decided():
+            reader = {"Authorization": "Bearer tok-reader"}
+            while status(reader) != 200:
                 assert operator.poll() is None, (tmp_path / "operator.log").read_text()
                 assert time.monotonic() < deadline, (tmp_path / "operator.log").read_text()
                 time.sleep(0.5)
+            # The report is the reader's alone (the chart's default: api.auth=kubernetes).
+            if _set_value(values, "api.auth") != "none":
+                assert status({}) == status({"Authorization": "Bearer forged"}) == 401
             kubectl("delete", "-f", str(ROOT / "examples" / "policy.yaml"), "--wait=false")
             deadline = time.monotonic() + 60
             while "edge-routing" in kubectl("get", "routingpolicies", "-n", "edge", "-o", "name"):

@@ -40,7 +40,9 @@ def validators(crds) -> dict[str, CRDValidator]:
 
 
 def example_objects() -> list[dict]:
-    return [doc for path in sorted(EXAMPLES.glob("*.yaml")) for doc in load_documents(path)]
+    """The examples' objects of the operator's kinds (not the API reader's RBAC)."""
+    docs = (doc for path in sorted(EXAMPLES.glob("*.yaml")) for doc in load_documents(path))
+    return [doc for doc in docs if doc["apiVersion"].startswith("marl.dev/")]
 
 
 def example(kind: str, name: str | None = None) -> dict:

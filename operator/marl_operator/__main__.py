@@ -3,6 +3,7 @@
 Examples:
   python -m marl_operator                          # in a cluster: in-cluster config, peering
   python -m marl_operator --kubeconfig ~/.kube/config --standalone --api-port 8080
+  python -m marl_operator --kubeconfig ~/.kube/config --standalone --api-auth none  # no login
   python -m marl_operator --namespace edge --namespace edge-2 --log-format text
 """
 
@@ -22,6 +23,7 @@ from kubernetes import client
 from threadpoolctl import threadpool_limits
 
 from marl_operator import logs
+from marl_operator.access import Access
 from marl_operator.api import ApiServer, ApiUnavailable, create_app
 from marl_operator.handlers import register
 from marl_operator.kube import (
@@ -128,9 +130,24 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--api-host",
         default="127.0.0.1",
-        help="address of the HTTP API, which has no login: loopback unless asked ('' for "
-        "every address, IPv4 and IPv6, as the Helm chart runs it in its pod; default: "
-        "%(default)s)",
+        help="address of the HTTP API: loopback unless asked ('' for every address, IPv4 and "
+        "IPv6, as the Helm chart runs it in its pod; default: %(default)s)",
+    )
+    parser.add_argument(
+        "--api-auth",
+        choices=("kubernetes", "none"),
+        default="kubernetes",
+        help="who may read the decisions API (/api/v1/...): kubernetes, a caller whose bearer "
+        "token the Kubernetes API server accepts, a policy's report only to one RBAC lets get "
+        "the RoutingPolicy (asked by TokenReview and SubjectAccessReview, answers kept a "
+        "minute); none, whoever reaches the port (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--api-auth-metrics",
+        action="store_true",
+        help="with --api-auth=kubernetes, serve /metrics too only to a caller allowed to get "
+        "the non-resource URL /metrics (as kube-prometheus-stack's Prometheus is); open "
+        "otherwise, for a Prometheus that finds the pod by its annotations and sends no token",
     )
     parser.add_argument(
         "--api-port", type=port, default=8080, help="port of the HTTP API (default: %(default)s)"
@@ -161,6 +178,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     now: a mistake there would otherwise show only as every policy's metrics missing."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.api_auth_metrics and args.api_auth != "kubernetes":
+        parser.error(
+            "--api-auth-metrics checks callers with the API server: it needs --api-auth=kubernetes"
+        )
     args.prometheus_access = PrometheusAccess(
         bearer_token_file=args.prometheus_bearer_token_file, ca_file=args.prometheus_ca_file
     )
@@ -258,7 +279,15 @@ async def run(args: argparse.Namespace, configuration: client.Configuration) -> 
     replica = (
         standalone if args.standalone else PeeringView(kube, args.peering, args.namespace, priority)
     )
-    app = create_app(runtime.store, runtime.instruments, ready, replica)
+    access = Access(kube) if args.api_auth == "kubernetes" else None
+    app = create_app(
+        runtime.store,
+        runtime.instruments,
+        ready,
+        replica,
+        access=access,
+        protect_metrics=args.api_auth_metrics,
+    )
     api = ApiServer(app, args.api_host, args.api_port)
     await api.start()  # before kopf starts: it cancels tasks created after it at shutdown
     ready.watch_signals()

@@ -3,7 +3,8 @@
 Everything it serves comes from the cycle reports (:mod:`marl_operator.report`) the store and
 the instruments were given, so the API can never tell a different story from the resource
 status, the events or the metrics. It has no mutating endpoint: the resources are the only way
-to change what the operator does.
+to change what the operator does. Who may read a report is the cluster's RBAC to say
+(:mod:`marl_operator.access`): the report tells what the RoutingPolicy's status tells.
 
 The store, the instruments and the readiness check reach the handlers through FastAPI
 dependencies (held in ``app.state``), not module globals, so tests and several apps in one
@@ -13,7 +14,7 @@ process stay apart, and a test can swap any of them with ``app.dependency_overri
 signal handlers (kopf owns SIGINT and SIGTERM). Start it before ``kopf.operator()``: kopf
 cancels, at shutdown, the tasks created after it started::
 
-    server = ApiServer(create_app(store, instruments, ready), "0.0.0.0", 8080)
+    server = ApiServer(create_app(store, instruments, ready, access=Access(kube)), "", 8080)
     await server.start()
     try:
         await kopf.operator(...)
@@ -32,6 +33,7 @@ import uvicorn
 from fastapi import Depends, FastAPI, HTTPException, Request, Response
 from pydantic import BaseModel, ConfigDict, Field
 
+from marl_operator.access import Access, AccessUnavailable, Caller, Permission
 from marl_operator.instruments import Instruments
 from marl_operator.peering import ReplicaRole, standalone
 from marl_operator.report import CycleReport, Outcome, RouteTable
@@ -261,9 +263,87 @@ async def get_ready(request: Request) -> Callable[[], bool]:
     return request.app.state.ready
 
 
+NO_TOKEN = (
+    "send a bearer token of a user or service account the Kubernetes API server knows: "
+    "Authorization: Bearer $(kubectl create token NAME -n NAMESPACE)"
+)
+REFUSED_TOKEN = (
+    "the Kubernetes API server does not accept this token (expired, revoked, or not one of "
+    "its own); get a new one with kubectl create token NAME -n NAMESPACE"
+)
+CHALLENGE = {"WWW-Authenticate": 'Bearer realm="marl-operator"'}
+
+
+def unavailable(error: AccessUnavailable) -> HTTPException:
+    return HTTPException(
+        status_code=503,
+        detail=f"the caller cannot be checked now, so nothing is served: {error}",
+        headers={"Retry-After": "10"},
+    )
+
+
+def get_caller(request: Request) -> Caller | None:
+    """Who sent the request, as the API server says (None: the API is open, see
+    :func:`create_app`); 401 without a token it accepts. Sync, as the review may wait on
+    the API server: FastAPI runs it in its thread pool, never on the event loop."""
+    access: Access | None = request.app.state.access
+    if access is None:
+        return None
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    token = token.strip()
+    if scheme.lower() != "bearer" or not token:
+        raise HTTPException(status_code=401, detail=NO_TOKEN, headers=CHALLENGE)
+    try:
+        caller = access.caller(token)
+    except AccessUnavailable as error:
+        raise unavailable(error) from None
+    if caller is None:
+        raise HTTPException(status_code=401, detail=REFUSED_TOKEN, headers=CHALLENGE)
+    return caller
+
+
+def allowed(request: Request, caller: Caller | None, permission: Permission) -> bool:
+    """Whether ``caller`` may do ``permission`` (always, on an open API)."""
+    if caller is None:
+        return True
+    try:
+        return request.app.state.access.allows(caller, permission)
+    except AccessUnavailable as error:
+        raise unavailable(error) from None
+
+
+def require(request: Request, caller: Caller | None, permission: Permission) -> None:
+    """403, naming the user and what RBAC must grant, unless ``caller`` may ``permission``."""
+    if not allowed(request, caller, permission):
+        assert caller is not None  # an open API allows everything; for type checkers
+        raise HTTPException(
+            status_code=403,
+            detail=f'user "{caller.user}" may not {permission}: RBAC must grant it '
+            "(a Role, or a ClusterRole for every namespace, bound to that user)",
+        )
+
+
+def read_policy(namespace: str, name: str = "") -> Permission:
+    """What reading a policy's report amounts to: reading the RoutingPolicy (``list`` in the
+    namespace for every policy of it)."""
+    verb = "get" if name else "list"
+    return Permission(verb, "marl.dev", "routingpolicies", namespace, name)
+
+
+GUARDED: dict[int | str, dict[str, Any]] = {
+    401: {"description": "no bearer token, or one the Kubernetes API server does not accept"},
+    503: {"description": "the Kubernetes API server could not be asked who the caller is"},
+}
+"""The answers every ``/api/v1`` endpoint adds where the API has a login."""
+
+READ_METRICS = Permission("get", path="/metrics")
+"""What a scrape amounts to where /metrics is protected: the non-resource URL, which the
+ClusterRole of kube-prometheus-stack's Prometheus grants."""
+
 StoreDep = Annotated[ReportStore, Depends(get_store)]
 InstrumentsDep = Annotated[Instruments, Depends(get_instruments)]
 ReadyDep = Annotated[Callable[[], bool], Depends(get_ready)]
+CallerDep = Annotated[Caller | None, Depends(get_caller)]
 
 NOT_READY = "the operator has not finished starting, or is shutting down"
 
@@ -273,9 +353,17 @@ def create_app(
     instruments: Instruments,
     ready: Callable[[], bool],
     replica: Callable[[], ReplicaRole] = standalone,
+    access: Access | None = None,
+    protect_metrics: bool = False,
 ) -> FastAPI:
     """The API over ``store`` and ``instruments``; ``ready()`` answers the readiness probe,
-    ``replica()`` says whether this replica acts."""
+    ``replica()`` says whether this replica acts.
+
+    With ``access``, every ``/api/v1`` request needs a bearer token the API server accepts,
+    and a policy's report is served only to a caller RBAC lets read the RoutingPolicy; with
+    ``protect_metrics`` too, ``/metrics`` only to one allowed :data:`READ_METRICS`. Without
+    it the API is open to whoever reaches its port. The probes and ``/openapi.json`` are
+    always open."""
     app = FastAPI(
         title="marl-operator",
         summary="What the operator's routing policies decided, its probes and its metrics.",
@@ -285,6 +373,7 @@ def create_app(
     app.state.store = store
     app.state.instruments = instruments
     app.state.ready = ready
+    app.state.access = access
 
     # Probes are async: they must answer even when the thread pool is busy.
     @app.get("/healthz", response_model=Health, tags=["probes"])
@@ -305,16 +394,27 @@ def create_app(
 
     @app.get("/metrics", response_class=Response, tags=["metrics"])
     def metrics(instruments: InstrumentsDep, request: Request) -> Response:
+        if protect_metrics:
+            require(request, get_caller(request), READ_METRICS)
         body, content_type = instruments.exposition(request.headers.get("accept"))
         return Response(content=body, media_type=content_type)
 
-    @app.get("/api/v1/replica", response_model=Replica, tags=["replica"])
-    def get_replica() -> Replica:
+    @app.get("/api/v1/replica", response_model=Replica, responses=GUARDED, tags=["replica"])
+    def get_replica(_: CallerDep) -> Replica:
         return Replica.model_validate(replica(), from_attributes=True)
 
-    @app.get("/api/v1/policies", response_model=list[PolicySummary], tags=["policies"])
-    def list_policies(store: StoreDep) -> list[PolicySummary]:
-        latest = (store.latest(policy) for policy in store.policies())
+    @app.get(
+        "/api/v1/policies",
+        response_model=list[PolicySummary],
+        responses=GUARDED,
+        tags=["policies"],
+    )
+    def list_policies(store: StoreDep, caller: CallerDep, request: Request) -> list[PolicySummary]:
+        """The policies of the namespaces whose RoutingPolicies the caller may list."""
+        policies = store.policies()
+        namespaces = {policy.split("/", 1)[0] for policy in policies}
+        readable = {ns for ns in namespaces if allowed(request, caller, read_policy(ns))}
+        latest = (store.latest(p) for p in policies if p.split("/", 1)[0] in readable)
         return [
             PolicySummary.model_validate(report, from_attributes=True)
             for report in latest
@@ -324,10 +424,18 @@ def create_app(
     @app.get(
         "/api/v1/policies/{namespace}/{name}",
         response_model=PolicyDetail,
-        responses={404: {"description": "no cycle report for this policy"}},
+        responses={
+            **GUARDED,
+            403: {"description": "RBAC does not let the caller get this RoutingPolicy"},
+            404: {"description": "no cycle report for this policy"},
+        },
         tags=["policies"],
     )
-    def get_policy(namespace: str, name: str, store: StoreDep) -> PolicyDetail:
+    def get_policy(
+        namespace: str, name: str, store: StoreDep, caller: CallerDep, request: Request
+    ) -> PolicyDetail:
+        # Checked before the store: a refusal must not tell whether the policy exists.
+        require(request, caller, read_policy(namespace, name))
         policy = f"{namespace}/{name}"
         kept = store.history(policy)
         if not kept:

@@ -20,10 +20,12 @@ from importlib.metadata import version as package_version
 from pathlib import Path
 from typing import Any
 
+import urllib3
 import yaml
 from kubernetes import client, config
 from kubernetes.client.rest import ApiException
 
+from marl_operator.access import AccessUnavailable, Caller, Permission
 from marl_operator.mesh.factory import (
     GIVE_BACK_ORDER,
     OWNED_FIELDS,
@@ -61,6 +63,9 @@ API_CALLS: tuple[tuple[str, str, str], ...] = (
     ("marl.dev", "edgeservices", "get"),
     ("marl.dev", "routingpolicies/status", "patch"),
     ("", "configmaps", "get"),
+    # the HTTP API asks who a caller is and what it may read (marl_operator.access)
+    ("authentication.k8s.io", "tokenreviews", "create"),
+    ("authorization.k8s.io", "subjectaccessreviews", "create"),
     *(
         (group, plural, verb)
         for group, _, plural in KINDS.values()
@@ -305,6 +310,44 @@ class Kube:
     def __init__(self, api: client.ApiClient):
         self.custom = client.CustomObjectsApi(api)
         self.core = client.CoreV1Api(api)
+        self.authentication = client.AuthenticationV1Api(api)
+        self.authorization = client.AuthorizationV1Api(api)
+
+    # -- the HTTP API's callers (a marl_operator.access.Reviewer) --------------------------
+
+    def review_token(self, token: str) -> Caller | None:
+        """Whose ``token`` is (a TokenReview); None where the API server does not accept it."""
+        body = {"apiVersion": "authentication.k8s.io/v1", "kind": "TokenReview"}
+        status = _review(self.authentication.create_token_review, body | {"spec": {"token": token}})
+        user = status.get("user") or {}
+        if not status.get("authenticated") or not user.get("username"):
+            return None
+        extra = tuple(sorted((k, tuple(v)) for k, v in (user.get("extra") or {}).items()))
+        groups = tuple(user.get("groups") or ())
+        return Caller(user["username"], groups, user.get("uid") or "", extra)
+
+    def review_access(self, caller: Caller, permission: Permission) -> bool:
+        """Whether ``caller`` may do ``permission`` (a SubjectAccessReview)."""
+        spec: dict[str, Any] = {
+            "user": caller.user,
+            "groups": list(caller.groups),
+            "uid": caller.uid,
+            "extra": {key: list(values) for key, values in caller.extra},
+        }
+        if permission.path:
+            spec["nonResourceAttributes"] = {"path": permission.path, "verb": permission.verb}
+        else:
+            attributes = {
+                "verb": permission.verb,
+                "group": permission.group,
+                "resource": permission.resource,
+                "namespace": permission.namespace,
+                "name": permission.name,
+            }
+            spec["resourceAttributes"] = {k: v for k, v in attributes.items() if v}
+        body = {"apiVersion": "authorization.k8s.io/v1", "kind": "SubjectAccessReview"}
+        status = _review(self.authorization.create_subject_access_review, body | {"spec": spec})
+        return bool(status.get("allowed"))
 
     # -- marl.dev resources --------------------------------------------------------------
 
@@ -510,6 +553,28 @@ def _where(manifest: Manifest) -> str:
 REFUSED_FOR_GOOD = (400, 422)
 """API answers no retry changes: the request itself is refused (an invalid object, an
 admission webhook's denial)."""
+
+
+def _review(create: Callable[..., Any], body: dict[str, Any]) -> dict[str, Any]:
+    """The ``status`` of a review created with ``create``; :class:`AccessUnavailable` when
+    the API server cannot be asked, or refuses the operator the question."""
+    kind = body["kind"]
+    try:
+        response = create(body, _preload_content=False)
+    except ApiException as error:
+        hint = (
+            f": the operator's service account needs create on {kind.lower()}s (the chart "
+            "grants it with api.auth=kubernetes)"
+            if error.status == 403
+            else ""
+        )
+        raise AccessUnavailable(f"the {kind} was refused: {refusal_text(error)}{hint}") from None
+    except (urllib3.exceptions.HTTPError, OSError) as error:  # unreachable, timed out
+        raise AccessUnavailable(f"the {kind} could not be sent: {type(error).__name__}") from None
+    try:
+        return json.loads(response.data).get("status") or {}
+    finally:
+        response.release_conn()
 
 
 def _items(response: Any) -> list[dict[str, Any]]:

@@ -40,6 +40,7 @@ WORKLOAD_IMAGE = "marl-edge-fn:0.1.0"  # workload/k8s/
 CLUSTER = os.environ.get("MARL_E2E_CLUSTER", "marl-e2e")
 RELEASE, OPERATOR_NS, EDGE_NS = "marl-operator", "marl-system", "edge"
 POLICY = "edge-routing"
+READER = "marl-reader"  # examples/api-reader.yaml: may read the policies of EDGE_NS
 DEGRADED, SLOWDOWN = "edge-2", 8
 LATENCY_TARGET_MS = 200.0  # examples/edgeservice.yaml
 NODES = ("edge-0", "edge-1", "edge-2")  # examples/edgenodes.yaml
@@ -53,10 +54,18 @@ class Cluster:
         self.helm = helm()
         self.kubectl_bin = tool("kubectl")  # the one conftest found usable, not PATH's
 
-    def run(self, *cmd: str, timeout: float = 600, check: bool = True) -> str:
+    def run(
+        self, *cmd: str, timeout: float = 600, check: bool = True, input: str | None = None
+    ) -> str:
         print("$", " ".join(cmd), flush=True)
         done = subprocess.run(
-            cmd, env=self.env, capture_output=True, text=True, timeout=timeout, cwd=ROOT
+            cmd,
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            cwd=ROOT,
+            input=input,
         )
         if check and done.returncode != 0:
             raise AssertionError(f"{' '.join(cmd)} failed ({done.returncode}):\n{done.stderr}")
@@ -69,9 +78,18 @@ class Cluster:
         return json.loads(self.kubectl(*args, "-o", "json"))
 
     def operator_api(self, path: str) -> Any:
-        """The operator's HTTP API through the API server's service proxy."""
-        raw = f"/api/v1/namespaces/{OPERATOR_NS}/services/{RELEASE}:http/proxy{path}"
-        return json.loads(self.kubectl("get", "--raw", raw))
+        """The operator's HTTP API as the reader of examples/api-reader.yaml sees it, asked
+        from inside the operator's pod (the API server's service proxy drops the caller's
+        token); the token goes in on stdin, not on a command line."""
+        token = self.kubectl("-n", EDGE_NS, "create", "token", READER)
+        fetch = (
+            "import sys, urllib.request as u; "
+            "r = u.Request('http://127.0.0.1:8080' + sys.argv[1], "
+            "headers={'Authorization': 'Bearer ' + sys.stdin.read().strip()}); "
+            "print(u.urlopen(r, timeout=30).read().decode())"
+        )
+        exec_ = ("-n", OPERATOR_NS, "exec", "-i", f"deploy/{RELEASE}", "--")
+        return json.loads(self.kubectl(*exec_, "python", "-c", fetch, path, input=token))
 
     def move_off(self, node: str, namespaces: tuple[str, ...]) -> None:
         """Restart the Deployments of ``namespaces`` with a pod on ``node`` (cordoned first),
@@ -234,6 +252,7 @@ def cluster(e2e_allowed, request, tmp_path_factory) -> Cluster:
                 c.helm, "upgrade", "--install", RELEASE, str(CHART), "--namespace", OPERATOR_NS,
                 "--create-namespace", "--wait", "--timeout", "10m", timeout=900,
             )  # fmt: skip
+            c.kubectl("apply", "-f", "examples/api-reader.yaml")
         except BaseException as error:
             if kubeconfig.exists():  # a cluster to look at
                 dump_diagnostics(c, f"setup failed: {type(error).__name__}", request.config)
