@@ -10,7 +10,8 @@ Examples::
 Each seed is one ``python -m simulator.train ... --json`` run in a fresh process.
 ``wall_seconds`` and ``env_steps_per_s`` are what the run measures of its training loop;
 ``process_seconds`` is the whole process, start-up and the baselines' evaluation included, as
-a user waits for it. A line per seed on stderr says how far it is. Prints one JSON object:
+a user waits for it. A line per seed on stderr says how far it is, and on a terminal each
+run's own progress bar. Prints one JSON object:
 the per-seed results and their mean.
 """
 
@@ -98,9 +99,9 @@ def main(argv: list[str] | None = None) -> int:
                 cmd += ["--set", item]
             print(f"seed {seed}: training ({i + 1} of {len(args.seeds)})", file=sys.stderr)
             started = time.perf_counter()
-            done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+            # stderr passes through: the run's progress bar, or its error.
+            done = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, check=False)
             if done.returncode != 0:
-                print(done.stderr, file=sys.stderr)
                 return done.returncode
             result = json.loads(done.stdout.strip().splitlines()[-1])
             result["process_seconds"] = time.perf_counter() - started

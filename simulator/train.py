@@ -340,10 +340,14 @@ def main(argv: list[str] | None = None) -> int:
     except (ScenarioError, PolicyError, ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    seed_everything(args.seed + 1000 * rank)
+    env = EdgeEnv(scenario, num_envs=cfg.num_envs, action_mode=mode, seed=args.seed + 1000 * rank)
     out = Path(args.out or f"runs/{scenario.name}__{cfg.algo}__{args.seed}")
     # Every process checks (the folder is shared): one that went on alone waited for the
-    # others' first exchange and ended in a traceback under the message.
-    problem = make_folder(out, "--out")
+    # others' first exchange and ended in a traceback under the message. A teacher that
+    # cannot be built is refused first: it left an empty --out, or none of the old run.
+    problem = _teacher_problem(cfg.imitate, env, args.seed) if cfg.imitate else None
+    problem = problem or make_folder(out, "--out")
     if not problem and not args.resume and not args.overwrite:
         problem = _holds_a_run(out)
     if not problem and args.overwrite and rank == 0:  # one process removes the old run
@@ -352,8 +356,6 @@ def main(argv: list[str] | None = None) -> int:
         if rank == 0:
             print(f"error: {problem}", file=sys.stderr)
         return 2
-    seed_everything(args.seed + 1000 * rank)
-    env = EdgeEnv(scenario, num_envs=cfg.num_envs, action_mode=mode, seed=args.seed + 1000 * rank)
     per_update = cfg.num_envs * cfg.rollout_steps * world
     # The teacher's steps count towards the budget (every process imitates on its own envs).
     imitation = cfg.imitate_steps * cfg.num_envs * world if cfg.imitate else 0
@@ -395,11 +397,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.manual_seed(int(np.random.SeedSequence(resume_seed).generate_state(1)[0]))
         trainer.restart(resume_seed)
     elif cfg.imitate:
-        try:
-            teacher = build_policy(cfg.imitate, env, args.seed)
-        except PolicyError as exc:
-            print(f"error: imitate: {exc}", file=sys.stderr)
-            return 2
+        teacher = build_policy(cfg.imitate, env, args.seed)  # it was built once already
         error = trainer.imitate(teacher, args.seed + 1000 * rank)
         if rank == 0 and not args.json:
             print(f"cloned {cfg.imitate}: Hellinger distance of the weights {error:.4f}")
@@ -486,7 +484,8 @@ def main(argv: list[str] | None = None) -> int:
         total=total_updates * per_update,
         initial=trainer.updates * per_update,
         unit="step",
-        disable=not lead or args.json or not sys.stderr.isatty(),
+        # Drawn on stderr, so with --json too: stdout keeps the one JSON line.
+        disable=not lead or not sys.stderr.isatty(),
         desc=f"{scenario.name} {cfg.algo}",
     )
     # Without a terminal (a pipe to tee, a CI log) a bar draws nothing: a line per evaluation.
@@ -584,6 +583,21 @@ def main(argv: list[str] | None = None) -> int:
     if world > 1:
         dist.destroy_process_group()
     return 130 if interrupted else 0
+
+
+def _teacher_problem(name: str, env: EdgeEnv, seed: int) -> str | None:
+    """Why the policy ``imitate`` names cannot be built for ``env``, if it cannot. Every
+    random state is left as it was (a checkpoint's network draws its initial weights), so
+    the run's numbers are those of a run that never asked."""
+    numpy_state = np.random.get_state()  # noqa: NPY002 - what seed_everything seeded
+    try:
+        with torch.random.fork_rng():
+            build_policy(name, env, seed)
+    except PolicyError as exc:
+        return f"imitate: {exc}"
+    finally:
+        np.random.set_state(numpy_state)  # noqa: NPY002
+    return None
 
 
 PROGRESS_FILE = "progress.csv"

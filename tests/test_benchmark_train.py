@@ -43,3 +43,23 @@ def test_an_algo_set_as_a_hyperparameter_is_the_one_trained_and_reported(tmp_pat
     # Run again into the same folder: a benchmark trains anew (a run's folder is otherwise
     # refused to a new run).
     assert run_benchmark("train", *argv)["algo"] == "ippo"
+
+
+def test_a_failing_run_says_why_and_the_benchmark_fails_with_it(tmp_path):
+    """The runs' stderr passes through (their progress, or their error), so a run that
+    fails is not a silent wait followed by an exit code."""
+    import subprocess
+    import sys
+
+    from benchmark_runner import BENCHMARKS
+
+    argv = ["--scenario", "dfaas-2", "--seeds", "0", "--set", "imitate=bogus"]
+    done = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "train.py"), *argv, "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 2
+    assert "seed 0: training (1 of 1)" in done.stderr and "imitate: " in done.stderr
+    assert done.stdout == ""

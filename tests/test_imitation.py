@@ -103,18 +103,16 @@ def test_the_teachers_steps_count_towards_the_budget(tmp_path):
     assert meta["trained_env_steps"] == 64  # 16 x 4 of the teacher's, no PPO update on top
 
 
-def test_an_unknown_teacher_is_refused_by_name(tmp_path, capsys):
-    code = train_main(
-        [
-            "--scenario",
-            "dfaas-2",
-            "--env-steps",
-            "100",
-            "--out",
-            str(tmp_path / "x"),
-            "--set",
-            "imitate=fastest-node",
-        ]
-    )
-    assert code == 2
+def test_an_unknown_teacher_is_refused_by_name_before_the_output_is_touched(tmp_path, capsys):
+    """The refusal came once the run was set up: it left an empty --out behind, and under
+    --overwrite the old run was already gone."""
+    args = ["--scenario", "dfaas-2", "--env-steps", "100", "--set", "imitate=fastest-node"]
+    assert train_main([*args, "--out", str(tmp_path / "x")]) == 2
     assert "imitate" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+    old = tmp_path / "old"
+    keep = ["--scenario", "dfaas-2", "--env-steps", "64", "--eval-episodes", "1", "--json"]
+    assert train_main([*keep, "--set", "num_envs=4", "--out", str(old)]) == 0
+    before = (old / "policy.pt").read_bytes()
+    assert train_main([*args, "--out", str(old), "--overwrite"]) == 2
+    assert (old / "policy.pt").read_bytes() == before
