@@ -155,20 +155,47 @@ BUNDLED = Path(__file__).resolve().parent / "checkpoints"
 
 
 def bundled_for(action_mode: str, max_degree: int) -> Path:
-    """The bundled checkpoint whose layout fits an environment, or an error listing them."""
-    want = spec_for(action_mode, max_degree)
-    found = []
-    for meta_file in sorted(BUNDLED.glob(f"*/{META_FILE}")):
-        meta = json.loads(meta_file.read_text())
-        found.append(
-            f"{meta_file.parent.name} ({meta['action']['mode']}, obs {meta['observation']['dim']})"
-        )
-        if meta.get("observation") == want["observation"] and meta.get("action") == want["action"]:
-            return meta_file.parent
+    """The bundled checkpoint whose layout fits an environment; routing per neighbour, the
+    one of the smallest degree above, if none has this one (the environment then gives each
+    node as many neighbour slots, the extra ones masked, as the operator does); or an error
+    listing them."""
+    bundled = [
+        (path, json.loads(path.read_text())) for path in sorted(BUNDLED.glob(f"*/{META_FILE}"))
+    ]
+    degrees = sorted(
+        m["observation"]["max_degree"]
+        for _, m in bundled
+        if m["action"]["mode"] == "neighbours" and m["observation"]["max_degree"] >= max_degree
+    )
+    fitting = [max_degree, *degrees[:1]] if action_mode == "neighbours" else [max_degree]
+    for degree in fitting:
+        want = spec_for(action_mode, degree)
+        for meta_file, meta in bundled:
+            if (meta.get("observation"), meta.get("action")) == (
+                want["observation"],
+                want["action"],
+            ):
+                return meta_file.parent
+    found = [
+        f"{f.parent.name} ({meta['action']['mode']}, obs {meta['observation']['dim']})"
+        for f, meta in bundled
+    ]
     raise CheckpointError(
         f"no bundled checkpoint fits action mode {action_mode!r} with max degree {max_degree}; "
         f"bundled: {found or 'none'}; train one with python -m simulator.train"
     )
+
+
+def neighbour_slots(path: str | Path) -> int | None:
+    """How many neighbour slots the checkpoint at ``path`` routes over (None where it routes
+    per node, or cannot be read: loading it says why)."""
+    try:
+        meta = read_meta(resolve(path))
+    except CheckpointError:
+        return None
+    if (meta.get("action") or {}).get("mode") != "neighbours":
+        return None
+    return int(meta["observation"]["max_degree"])
 
 
 def resolve(path: str | Path) -> Path:

@@ -11,11 +11,12 @@ Every control interval (``--interval`` simulator steps) the controller reads noi
 refits its system model when due, decides the next routing and applies it for the next
 interval (the steps after the last full interval make a shorter last cycle). Three
 controllers see the same arrivals: the base policy alone (``--policy``, default the bundled
-checkpoint), rollout on top of it, and the oracle (the fluid-model optimum, recomputed at
-each change with perfect knowledge). Rollout routes as the operator
-must, without a reject route (the base policy's reject share spread over its routes), unless
-``--allow-reject``. The system model starts from
-``--warmup`` intervals of simulator data of the scenario before its changes.
+checkpoint; on a mesh of smaller degree than it was trained on, with the extra neighbour
+slots masked, as the operator runs it), rollout on top of it, and the oracle (the
+fluid-model optimum, recomputed at each change with perfect knowledge). Rollout routes as
+the operator must, without a reject route (the base policy's reject share spread over its
+routes), unless ``--allow-reject``. The system model starts from ``--warmup`` intervals of
+simulator data of the scenario before its changes.
 
 Each cycle is reported as it happened for every controller (a table, or with ``--json`` one
 JSON object per line), then the totals (with ``--json``, the last line is one object).
@@ -58,7 +59,7 @@ from simulator.cli import (
 )
 from simulator.engine import hist_quantile
 from simulator.env import EdgeEnv, Timeline, clearing_time
-from simulator.episodes import build_policy
+from simulator.episodes import build_policy, fitted_scenario
 from simulator.fluid import OracleSchedule, oracle_schedule, segments
 from simulator.scenario import Scenario, ScenarioError, load_scenario
 
@@ -674,7 +675,7 @@ def check_scenario(scenario: Scenario, interval: int, needs_changes: bool = Fals
 def load(args) -> tuple[Scenario, Policy]:
     """The scenario and the base policy ``args`` name (ScenarioError, PolicyError or
     CheckpointError saying what is wrong)."""
-    scenario = load_scenario(args.scenario)
+    scenario = fitted_scenario(load_scenario(args.scenario), args.policy, "neighbours")
     check_scenario(scenario, args.interval)
     env = EdgeEnv(scenario, num_envs=1, action_mode="neighbours")
     return scenario, build_policy(args.policy, env, args.seed)

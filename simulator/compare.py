@@ -19,7 +19,7 @@ import numpy as np
 from policies.baselines import HEURISTICS
 from policies.oracle import fluid_cost
 from simulator.env import ActionMode, EdgeEnv
-from simulator.episodes import BOUNDS, build_policy, run_episodes, summarise
+from simulator.episodes import BOUNDS, build_policy, fitted_scenario, run_episodes, summarise
 from simulator.fluid import OracleSchedule, oracle_schedule
 from simulator.scenario import Scenario
 
@@ -44,7 +44,8 @@ def static_weights(
 ) -> np.ndarray:
     """``(P, A, K+2)`` a policy's mean routing fractions over each piece of the scenario
     (pieces as in :func:`simulator.fluid.segments`): its behaviour as static weights."""
-    env = EdgeEnv(scenario, num_envs=num_envs, action_mode="neighbours", seed=seed)
+    seen = fitted_scenario(scenario, policy, "neighbours")
+    env = EdgeEnv(seen, num_envs=num_envs, action_mode="neighbours", seed=seed)
     act = build_policy(policy, env, seed)
     total = np.zeros((len(pieces), env.num_agents, env.action_dim))
     obs, done = env.reset(), False
@@ -54,7 +55,9 @@ def static_weights(
         total[piece] += actions.mean(axis=0)
         obs, _, done, _ = env.step(actions)
     steps = np.array([e - s for s, e in pieces], dtype=float)
-    return total / steps[:, None, None]
+    # Slots past the mesh's degree are masked, so they carry nothing: the mesh's own layout.
+    own = [*range(scenario.max_degree + 1), env.action_dim - 1]
+    return total[..., own] / steps[:, None, None]
 
 
 def fluid_cost_over_oracle(

@@ -48,6 +48,7 @@ def topology_of(scenario: Scenario) -> Topology:
         services=scenario.service_names,
         neighbours={n.name: n.neighbours for n in scenario.nodes},
         link_ms=scenario.links_ms,
+        max_degree=scenario.neighbour_slots or None,
     )
 
 

@@ -11,7 +11,7 @@ from tqdm import tqdm
 
 from policies import checkpoint
 from policies.baselines import Policy, PolicyContext, PolicyError, make_heuristic
-from simulator.env import ActionMode, EdgeEnv
+from simulator.env import ActionMode, EdgeEnv, default_action_mode
 from simulator.fluid import oracle_schedule
 from simulator.scenario import Scenario
 
@@ -38,6 +38,29 @@ def is_checkpoint(policy: str) -> bool:
     name has a '/'), a weights or meta file, or a directory. A path that does not exist is
     one too, so that it is reported as the missing checkpoint it is."""
     return "/" in policy or policy.endswith((".pt", ".json")) or Path(policy).is_dir()
+
+
+def fitted_scenario(
+    scenario: Scenario, policy: str | Policy, action_mode: ActionMode | None = None
+) -> Scenario:
+    """``scenario`` as ``policy`` sees it: a checkpoint (the bundled default among them)
+    trained on a mesh of higher degree routes this one with its extra neighbour slots
+    masked, as the operator runs it on a smaller mesh. Anything else sees it as it is; so
+    does a checkpoint that cannot be read (building the policy says why)."""
+    if (
+        not isinstance(policy, str)
+        or (action_mode or default_action_mode(scenario)) != "neighbours"
+    ):
+        return scenario
+    if policy == "default":
+        try:
+            policy = str(checkpoint.bundled_for("neighbours", scenario.max_degree))
+        except checkpoint.CheckpointError:
+            return scenario
+    elif not is_checkpoint(policy):
+        return scenario
+    slots = checkpoint.neighbour_slots(policy)
+    return scenario.with_slots(slots) if slots and slots > scenario.max_degree else scenario
 
 
 def build_policy(policy: str | Policy, env: EdgeEnv, seed: int) -> Policy:
@@ -94,6 +117,7 @@ def run_episodes(
     """Per-episode metrics of ``policy`` over ``episodes`` episodes (arrays of length episodes)."""
     if policy == "global-node":
         scenario, policy = scenario.pooled(), "apl"
+    scenario = fitted_scenario(scenario, policy, action_mode)
     batch = episode_batch(num_envs, episodes)
     env = EdgeEnv(scenario, num_envs=batch, action_mode=action_mode, seed=seed)
     act = build_policy(policy, env, seed)

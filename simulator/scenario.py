@@ -129,6 +129,10 @@ class Scenario:
     reject_penalty: float = 4.0
     description: str = ""
     max_arrivals: int = 150
+    neighbour_slots: int = 0
+    """Neighbour slots a node's policy sees (0: the mesh's own degree). More than the degree,
+    the extra slots are masked: how a policy trained on a mesh of higher degree sees this
+    one, as the operator pads a smaller mesh (see :meth:`with_slots`)."""
 
     @property
     def node_names(self) -> list[str]:
@@ -145,6 +149,16 @@ class Scenario:
     @property
     def models_latency(self) -> bool:
         return any(s.latency_target_ms is not None for s in self.services)
+
+    def with_slots(self, slots: int) -> Scenario:
+        """The same mesh, each node's policy given ``slots`` neighbour slots (at least the
+        mesh's degree), the extra ones masked."""
+        if slots < self.max_degree:
+            raise ScenarioError(
+                f"{self.name}: {slots} neighbour slots cannot hold its nodes' "
+                f"{self.max_degree} neighbours"
+            )
+        return dataclasses.replace(self, neighbour_slots=slots)
 
     def with_workload(self, spec: WorkloadSpec) -> Scenario:
         """The same system fed by another workload on every (node, service)."""
