@@ -97,6 +97,9 @@ SYSTEM_METADATA = (
 # Go's omitempty: a real server stores an empty list or map here as an absent field.
 OMITEMPTY_METADATA = ("finalizers", "labels", "annotations", "ownerReferences")
 
+API_SERVER_AUDIENCE = "https://kubernetes.default.svc.cluster.local"
+"""The audience of the tokens the emulated API server takes for itself."""
+
 REVIEWS = {
     ("authentication.k8s.io", "tokenreviews"): "TokenReview",
     ("authorization.k8s.io", "subjectaccessreviews"): "SubjectAccessReview",
@@ -194,8 +197,12 @@ class ApiServer(kmock.KubernetesEmulator):
     crd_dir: Path | None = REPO_CRD_DIR
     _revision: int = attrs.field(default=0, init=False)
     _denied: set[tuple[str, str, str | None]] = attrs.field(factory=set, init=False)
-    _tokens: dict[str, tuple[str, tuple[str, ...]]] = attrs.field(factory=dict, init=False)
-    _granted: set[tuple[str, str, str, str | None]] = attrs.field(factory=set, init=False)
+    _tokens: dict[str, tuple[str, tuple[str, ...], tuple[str, ...]]] = attrs.field(
+        factory=dict, init=False
+    )
+    _granted: set[tuple[str, str, str, str | None, str | None]] = attrs.field(
+        factory=set, init=False
+    )
 
     def __attrs_post_init__(self) -> None:
         super().__attrs_post_init__()
@@ -317,16 +324,32 @@ class ApiServer(kmock.KubernetesEmulator):
         """Undo :meth:`deny` (the rule was granted)."""
         self._denied.discard((verb, resource, namespace))
 
-    def add_token(self, token: str, user: str, groups: tuple[str, ...] = ()) -> None:
-        """Make TokenReviews of ``token`` answer that it is ``user``'s, of ``groups``."""
-        self._tokens[token] = (user, ("system:authenticated", *groups))
+    def add_token(
+        self,
+        token: str,
+        user: str,
+        groups: tuple[str, ...] = (),
+        audiences: tuple[str, ...] = (API_SERVER_AUDIENCE,),
+    ) -> None:
+        """Make TokenReviews of ``token`` answer that it is ``user``'s, of ``groups``, when
+        they ask for one of ``audiences`` (by default the API server's own, what a review
+        that names none asks for)."""
+        self._tokens[token] = (user, ("system:authenticated", *groups), audiences)
 
-    def permit(self, subject: str, verb: str, what: str, namespace: str | None = None) -> None:
+    def permit(
+        self,
+        subject: str,
+        verb: str,
+        what: str,
+        namespace: str | None = None,
+        name: str | None = None,
+    ) -> None:
         """Make SubjectAccessReviews allow ``subject`` (a user or a group) to ``verb``
         ``what`` (``plural.group``, ``plural`` for the core group, or a non-resource URL such
-        as ``/metrics``) in ``namespace`` (every namespace by default). What RBAC would
-        grant the users of :meth:`add_token`; the emulator's own callers are not held to it."""
-        self._granted.add((subject, verb, what, namespace))
+        as ``/metrics``) in ``namespace`` (every namespace by default), of the object
+        ``name`` (every one by default). What RBAC would grant the users of
+        :meth:`add_token`; the emulator's own callers are not held to it."""
+        self._granted.add((subject, verb, what, namespace, name))
 
     def _review(self, request: kmock.Request) -> dict[str, Any]:
         assert request.resource is not None  # checked by the caller; for type checkers
@@ -335,9 +358,15 @@ class ApiServer(kmock.KubernetesEmulator):
         spec = data.get("spec") or {}
         if kind == "TokenReview":
             found = self._tokens.get(str(spec.get("token") or ""))
-            status: dict[str, Any] = {"authenticated": found is not None}
-            if found is not None:
+            asked = spec.get("audiences") or [API_SERVER_AUDIENCE]
+            audiences = [a for a in asked if found is not None and a in found[2]]
+            status: dict[str, Any] = {"authenticated": bool(audiences)}
+            if audiences:
+                assert found is not None  # for type checkers
                 status["user"] = {"username": found[0], "uid": found[0], "groups": list(found[1])}
+                status["audiences"] = audiences
+            else:
+                status["error"] = "invalid bearer token"
         else:
             subjects = {spec.get("user"), *(spec.get("groups") or ())}
             if "nonResourceAttributes" in spec:
@@ -347,11 +376,13 @@ class ApiServer(kmock.KubernetesEmulator):
                 asked = spec.get("resourceAttributes") or {}
                 group, plural = asked.get("group", ""), asked.get("resource", "")
                 what, namespace = f"{plural}.{group}" if group else plural, asked.get("namespace")
+            names = {None, asked.get("name") or None}
             status = {
                 "allowed": any(
-                    (subject, asked.get("verb"), what, scope) in self._granted
+                    (subject, asked.get("verb"), what, scope, name) in self._granted
                     for subject in subjects
-                    for scope in {None, namespace}
+                    for scope in {None, namespace or None}
+                    for name in names
                 )
             }
         return {

@@ -26,7 +26,8 @@ class CountingReviewer:
         self.asked: list[object] = []
         self.down = False
 
-    def review_token(self, token: str) -> Caller | None:
+    def review_token(self, token: str, audience: str) -> Caller | None:
+        assert audience == "marl-operator"  # the default
         self.asked.append(token)
         if self.down:
             raise AccessUnavailable("the TokenReview could not be sent: MaxRetryError")
@@ -93,18 +94,76 @@ def test_each_permission_is_its_own_question(reviewer) -> None:
 
 
 def test_tokens_are_kept_only_as_digests_and_the_cache_is_bounded(reviewer) -> None:
+    reviewer.tokens |= {"second": Caller("bob"), "third": Caller("carol")}
     access = Access(reviewer, max_entries=2)
     for token in ("tok-alice", "second", "third"):
         access.caller(token)
     kept = repr(access._callers._entries)
     assert "tok-alice" not in kept and "third" not in kept
-    assert len(access._callers._entries) == 2
+    assert len(access._callers) == 2
     access.caller("tok-alice")  # the oldest went first: asked again
     assert reviewer.asked.count("tok-alice") == 2
 
 
+def test_junk_tokens_neither_push_out_known_callers_nor_stay_long(reviewer) -> None:
+    clock = Clock()
+    access = Access(reviewer, max_entries=8, clock=clock)
+    access.caller("tok-alice")
+    for i in range(100):
+        assert access.caller(f"junk-{i}") is None
+    assert access.caller("tok-alice") == ALICE and reviewer.asked.count("tok-alice") == 1
+    assert len(access._refused) == 2  # a quarter of the known callers' room
+    clock.now += 11.0  # a refusal is kept ten seconds: an authenticator may have failed
+    access.caller("junk-99")
+    assert reviewer.asked.count("junk-99") == 2
+
+
+def test_a_token_is_not_trusted_past_its_own_expiry(reviewer) -> None:
+    import base64
+    import json
+
+    def jwt(exp: float) -> str:
+        payload = base64.urlsafe_b64encode(json.dumps({"exp": exp}).encode()).rstrip(b"=")
+        return f"eyJhbGciOiJSUzI1NiJ9.{payload.decode()}.c2ln"
+
+    clock, wall = Clock(), 1_800_000_000.0
+    soon, later = jwt(wall + 5), jwt(wall + 3600)
+    reviewer.tokens |= {soon: ALICE, later: ALICE}
+    access = Access(reviewer, clock=clock, wall_clock=lambda: wall)
+    access.caller(soon), access.caller(later)
+    clock.now += 6.0
+    access.caller(soon), access.caller(later)
+    assert reviewer.asked.count(soon) == 2 and reviewer.asked.count(later) == 1
+
+
+def test_questions_beyond_the_limit_in_flight_are_turned_away_not_queued(reviewer) -> None:
+    import threading
+
+    gate, waiting = threading.Event(), threading.Semaphore(0)
+
+    class Slow(CountingReviewer):
+        def review_token(self, token: str, audience: str) -> Caller | None:
+            waiting.release()
+            gate.wait(10)
+            return super().review_token(token, audience)
+
+    access = Access(Slow({"tok-alice": ALICE}, set()), max_in_flight=2)
+    threads = [threading.Thread(target=access.caller, args=(f"t{i}",)) for i in range(2)]
+    for thread in threads:
+        thread.start()
+    assert waiting.acquire(timeout=10) and waiting.acquire(timeout=10)
+    with pytest.raises(AccessUnavailable, match="too many questions"):
+        access.caller("tok-alice")
+    gate.set()
+    for thread in threads:
+        thread.join(10)
+    assert access.caller("tok-alice") == ALICE  # room again
+
+
 def test_permissions_read_as_rbac_says_them() -> None:
     assert str(GET_EDGE) == 'get routingpolicies.marl.dev "balanced" in the namespace "edge"'
+    every = Permission("list", "marl.dev", "routingpolicies")
+    assert str(every) == "list routingpolicies.marl.dev in every namespace"
     assert str(Permission("get", path="/metrics")) == "get the URL /metrics"
 
 
@@ -117,12 +176,12 @@ def kube(apiserver) -> Kube:
 
 
 def test_the_reviews_ask_the_api_server(apiserver, kube) -> None:
-    apiserver.api.add_token("tok-alice", "alice", ("team-edge",))
+    apiserver.api.add_token("tok-alice", "alice", ("team-edge",), audiences=("marl-operator",))
     apiserver.api.permit("team-edge", "get", "routingpolicies.marl.dev", "edge")
     apiserver.api.permit("alice", "get", "/metrics")
-    caller = kube.review_token("tok-alice")
+    caller = kube.review_token("tok-alice", "marl-operator")
     assert caller is not None and caller.user == "alice" and "team-edge" in caller.groups
-    assert kube.review_token("tok-mallory") is None
+    assert kube.review_token("tok-mallory", "marl-operator") is None
     assert kube.review_access(caller, GET_EDGE)
     assert not kube.review_access(caller, Permission("get", "marl.dev", "routingpolicies", "x"))
     assert not kube.review_access(caller, Permission("list", "marl.dev", "routingpolicies", "edge"))
@@ -130,10 +189,53 @@ def test_the_reviews_ask_the_api_server(apiserver, kube) -> None:
     assert not kube.review_access(Caller("bob"), Permission("get", path="/metrics"))
 
 
+def test_a_token_for_another_audience_is_not_one_for_this_api(apiserver, kube) -> None:
+    """A token the API server takes for itself, overheard on its way to this API (plain
+    HTTP), would open the cluster to whoever heard it: only the API's own are taken."""
+    apiserver.api.add_token("tok-kube", "alice")  # the API server's audience
+    apiserver.api.add_token("tok-both", "bob", audiences=("marl-operator", "vault"))
+    assert kube.review_token("tok-kube", "marl-operator") is None
+    assert kube.review_token("tok-kube", "") == Caller("alice", ("system:authenticated",), "alice")
+    assert kube.review_token("tok-both", "marl-operator").user == "bob"
+
+
+def test_a_grant_of_one_object_is_asked_for_by_name(apiserver, kube) -> None:
+    apiserver.api.permit("alice", "get", "routingpolicies.marl.dev", "edge", name="balanced")
+    alice = Caller("alice")
+    assert kube.review_access(alice, GET_EDGE)
+    other = Permission("get", "marl.dev", "routingpolicies", "edge", "other")
+    assert not kube.review_access(alice, other)
+    every = Permission("list", "marl.dev", "routingpolicies")
+    assert not kube.review_access(alice, every)
+    apiserver.api.permit("alice", "list", "routingpolicies.marl.dev")
+    assert kube.review_access(alice, every)
+
+
+def test_an_authorizer_that_failed_is_no_refusal(kube, monkeypatch) -> None:
+    """A SubjectAccessReview that could not be evaluated (a webhook authorizer down) would
+    otherwise be kept a minute as a refusal; an answer that is no review, a 500."""
+    from types import SimpleNamespace
+
+    def answer(data: bytes):
+        def create(body, **_):
+            return SimpleNamespace(data=data, release_conn=lambda: None)
+
+        return create
+
+    failed = b'{"status": {"allowed": false, "evaluationError": "webhook: timeout"}}'
+    monkeypatch.setattr(kube.authorization, "create_subject_access_review", answer(failed))
+    with pytest.raises(AccessUnavailable, match="could not be decided: webhook: timeout"):
+        kube.review_access(ALICE, GET_EDGE)
+    for garbage in (b"<html>", b'{"status": "yes"}'):
+        monkeypatch.setattr(kube.authentication, "create_token_review", answer(garbage))
+        with pytest.raises(AccessUnavailable, match="not a review"):
+            kube.review_token("tok-alice", "marl-operator")
+
+
 def test_an_operator_that_may_not_ask_is_told_what_to_grant(apiserver, kube) -> None:
     apiserver.api.deny("create", "tokenreviews.authentication.k8s.io")
     with pytest.raises(AccessUnavailable, match=r"needs create on tokenreviews.*api.auth"):
-        kube.review_token("tok-alice")
+        kube.review_token("tok-alice", "marl-operator")
 
 
 def test_an_unreachable_api_server_is_unavailable_not_a_refusal(tmp_path) -> None:
@@ -143,7 +245,7 @@ def test_an_unreachable_api_server_is_unavailable_not_a_refusal(tmp_path) -> Non
     kube = Kube(TimedApiClient(config, timeout=(1.0, 1.0)))
     config.retries = 0
     with pytest.raises(AccessUnavailable, match="TokenReview could not be sent"):
-        kube.review_token("tok-alice")
+        kube.review_token("tok-alice", "marl-operator")
 
 
 # --- the HTTP API with a login ------------------------------------------------------------
@@ -167,7 +269,10 @@ def test_without_a_token_the_api_says_how_to_get_one(reviewer) -> None:
         answer = client.get(path)
         assert answer.status_code == 401, path
         assert answer.headers["www-authenticate"].startswith("Bearer")
-        assert "kubectl create token" in answer.json()["detail"]
+        assert (
+            "kubectl create token NAME -n NAMESPACE --audience marl-operator"
+            in (answer.json()["detail"])
+        )
     answer = client.get("/api/v1/policies", headers={"Authorization": "Basic YWxpY2U6eA=="})
     assert answer.status_code == 401
     answer = client.get("/api/v1/policies", headers=bearer("tok-mallory"))
@@ -194,6 +299,13 @@ def test_the_list_holds_only_namespaces_the_caller_may_list(reviewer) -> None:
     answer = client.get("/api/v1/policies", headers=bearer("tok-alice"))
     assert answer.status_code == 200
     assert [p["policy"] for p in answer.json()] == ["other/balanced"]
+    # One who may list them everywhere is asked that once, not once per namespace.
+    reviewer.granted.add(("alice", Permission("list", "marl.dev", "routingpolicies")))
+    client, _, _ = guarded(reviewer)
+    reviewer.asked.clear()
+    answer = client.get("/api/v1/policies", headers=bearer("tok-alice"))
+    assert sorted(p["policy"] for p in answer.json()) == ["edge/balanced", "other/balanced"]
+    assert len(reviewer.asked) == 2  # the token, then the one question
 
 
 def test_probes_and_the_schema_stay_open_and_metrics_too_unless_protected(reviewer) -> None:
@@ -207,6 +319,11 @@ def test_probes_and_the_schema_stay_open_and_metrics_too_unless_protected(review
     client, _, _ = guarded(reviewer, protect_metrics=True)
     scraped = client.get("/metrics", headers=bearer("tok-alice"))
     assert scraped.status_code == 200 and "marl_operator_cycles_total" in scraped.text
+
+
+def test_metrics_cannot_be_protected_without_a_login() -> None:
+    with pytest.raises(ValueError, match="needs access"):
+        create_app(ReportStore(), Instruments(), ready=lambda: True, protect_metrics=True)
 
 
 def test_when_the_api_server_cannot_be_asked_nothing_is_served(reviewer) -> None:

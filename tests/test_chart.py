@@ -1241,6 +1241,7 @@ def test_notes_render():
         "install", RELEASE, str(CHART), "--namespace", NAMESPACE, "--dry-run=client"
     ).stdout.split("NOTES:", 1)[1]
     assert 'curl -H "Authorization: Bearer $TOKEN" localhost:8080/api/v1/policies' in notes
+    assert "create token marl-reader --audience marl-operator" in notes
     assert "kubectl apply -f examples/api-reader.yaml" in notes
 
 
@@ -1385,7 +1386,9 @@ def test_rbac_covers_what_a_running_operator_calls(name, tmp_path):
             return done.stdout
 
         # A reader of the policy's report, as examples/api-reader.yaml makes one.
-        api.add_token("tok-reader", "system:serviceaccount:edge:marl-reader")
+        reader = "system:serviceaccount:edge:marl-reader"
+        api.add_token("tok-reader", reader, audiences=("marl-operator",))
+        api.add_token("tok-for-kube", reader)  # the API server's own audience: refused
         api.permit("system:serviceaccount:edge:marl-reader", "get", "routingpolicies.marl.dev")
         namespace_doc = tmp_path / "namespace.yaml"
         namespace_doc.write_text("apiVersion: v1\nkind: Namespace\nmetadata:\n  name: edge\n")
@@ -1431,7 +1434,12 @@ def test_rbac_covers_what_a_running_operator_calls(name, tmp_path):
                 time.sleep(0.5)
             # The report is the reader's alone (the chart's default: api.auth=kubernetes).
             if _set_value(values, "api.auth") != "none":
-                assert status({}) == status({"Authorization": "Bearer forged"}) == 401
+                refused = (
+                    {},
+                    {"Authorization": "Bearer forged"},
+                    {"Authorization": "Bearer tok-for-kube"},
+                )
+                assert [status(headers) for headers in refused] == [401, 401, 401]
             kubectl("delete", "-f", str(ROOT / "examples" / "policy.yaml"), "--wait=false")
             deadline = time.monotonic() + 60
             while "edge-routing" in kubectl("get", "routingpolicies", "-n", "edge", "-o", "name"):

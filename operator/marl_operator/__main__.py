@@ -23,7 +23,7 @@ from kubernetes import client
 from threadpoolctl import threadpool_limits
 
 from marl_operator import logs
-from marl_operator.access import Access
+from marl_operator.access import DEFAULT_AUDIENCE, Access
 from marl_operator.api import ApiServer, ApiUnavailable, create_app
 from marl_operator.handlers import register
 from marl_operator.kube import (
@@ -141,6 +141,15 @@ def build_parser() -> argparse.ArgumentParser:
         "token the Kubernetes API server accepts, a policy's report only to one RBAC lets get "
         "the RoutingPolicy (asked by TokenReview and SubjectAccessReview, answers kept a "
         "minute); none, whoever reaches the port (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--api-token-audience",
+        default=DEFAULT_AUDIENCE,
+        metavar="AUDIENCE",
+        help="with --api-auth=kubernetes, accept only tokens made for this audience (kubectl "
+        "create token NAME --audience AUDIENCE): one overheard on the way to the API, which "
+        "speaks plain HTTP, is useless against the API server; '' accepts the API server's own "
+        "tokens (default: %(default)s)",
     )
     parser.add_argument(
         "--api-auth-metrics",
@@ -279,7 +288,7 @@ async def run(args: argparse.Namespace, configuration: client.Configuration) -> 
     replica = (
         standalone if args.standalone else PeeringView(kube, args.peering, args.namespace, priority)
     )
-    access = Access(kube) if args.api_auth == "kubernetes" else None
+    access = Access(kube, args.api_token_audience) if args.api_auth == "kubernetes" else None
     app = create_app(
         runtime.store,
         runtime.instruments,

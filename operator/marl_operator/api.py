@@ -263,14 +263,12 @@ async def get_ready(request: Request) -> Callable[[], bool]:
     return request.app.state.ready
 
 
-NO_TOKEN = (
-    "send a bearer token of a user or service account the Kubernetes API server knows: "
-    "Authorization: Bearer $(kubectl create token NAME -n NAMESPACE)"
-)
-REFUSED_TOKEN = (
-    "the Kubernetes API server does not accept this token (expired, revoked, or not one of "
-    "its own); get a new one with kubectl create token NAME -n NAMESPACE"
-)
+def token_hint(audience: str) -> str:
+    """How to get a token this API takes."""
+    made_for = f" --audience {audience}" if audience else ""
+    return f"Authorization: Bearer $(kubectl create token NAME -n NAMESPACE{made_for})"
+
+
 CHALLENGE = {"WWW-Authenticate": 'Bearer realm="marl-operator"'}
 
 
@@ -292,13 +290,22 @@ def get_caller(request: Request) -> Caller | None:
     scheme, _, token = request.headers.get("authorization", "").partition(" ")
     token = token.strip()
     if scheme.lower() != "bearer" or not token:
-        raise HTTPException(status_code=401, detail=NO_TOKEN, headers=CHALLENGE)
+        detail = (
+            "send a bearer token of a user or service account the Kubernetes API server "
+            f"knows: {token_hint(access.audience)}"
+        )
+        raise HTTPException(status_code=401, detail=detail, headers=CHALLENGE)
     try:
         caller = access.caller(token)
     except AccessUnavailable as error:
         raise unavailable(error) from None
     if caller is None:
-        raise HTTPException(status_code=401, detail=REFUSED_TOKEN, headers=CHALLENGE)
+        made_for = f"made for the audience {access.audience}, " if access.audience else ""
+        detail = (
+            f"the Kubernetes API server does not accept this token {made_for}(expired, "
+            f"revoked, or for another audience); send a new one: {token_hint(access.audience)}"
+        )
+        raise HTTPException(status_code=401, detail=detail, headers=CHALLENGE)
     return caller
 
 
@@ -325,7 +332,7 @@ def require(request: Request, caller: Caller | None, permission: Permission) -> 
 
 def read_policy(namespace: str, name: str = "") -> Permission:
     """What reading a policy's report amounts to: reading the RoutingPolicy (``list`` in the
-    namespace for every policy of it)."""
+    namespace for every policy of it, in every namespace if it is empty)."""
     verb = "get" if name else "list"
     return Permission(verb, "marl.dev", "routingpolicies", namespace, name)
 
@@ -363,7 +370,10 @@ def create_app(
     and a policy's report is served only to a caller RBAC lets read the RoutingPolicy; with
     ``protect_metrics`` too, ``/metrics`` only to one allowed :data:`READ_METRICS`. Without
     it the API is open to whoever reaches its port. The probes and ``/openapi.json`` are
-    always open."""
+    always open. ``/api/v1/replica`` answers any caller the cluster knows: which replica
+    acts is no secret, and RBAC has no object it could be read from."""
+    if protect_metrics and access is None:
+        raise ValueError("protect_metrics checks callers: it needs access")
     app = FastAPI(
         title="marl-operator",
         summary="What the operator's routing policies decided, its probes and its metrics.",
@@ -410,11 +420,13 @@ def create_app(
         tags=["policies"],
     )
     def list_policies(store: StoreDep, caller: CallerDep, request: Request) -> list[PolicySummary]:
-        """The policies of the namespaces whose RoutingPolicies the caller may list."""
+        """The policies of the namespaces whose RoutingPolicies the caller may list: every
+        one, asked once, or those of each namespace it may list them in."""
         policies = store.policies()
         namespaces = {policy.split("/", 1)[0] for policy in policies}
-        readable = {ns for ns in namespaces if allowed(request, caller, read_policy(ns))}
-        latest = (store.latest(p) for p in policies if p.split("/", 1)[0] in readable)
+        if not allowed(request, caller, read_policy("")):
+            namespaces = {ns for ns in namespaces if allowed(request, caller, read_policy(ns))}
+        latest = (store.latest(p) for p in policies if p.split("/", 1)[0] in namespaces)
         return [
             PolicySummary.model_validate(report, from_attributes=True)
             for report in latest

@@ -204,6 +204,10 @@ def _refusal(verb: str, kind: str, namespace: str, name: str) -> Iterator[None]:
         raise
 
 
+REVIEW_TIMEOUT_S = (2.0, 5.0)
+"""Seconds to connect and to wait for a review's answer: a caller of the HTTP API waits on
+it, and so does one of the API's worker threads."""
+
 API_TIMEOUT_S = (5.0, 30.0)
 """Seconds to connect to the API server and to wait for its answer, for every call that sets
 no timeout of its own. The client waits for ever by default: one connection the server
@@ -315,12 +319,20 @@ class Kube:
 
     # -- the HTTP API's callers (a marl_operator.access.Reviewer) --------------------------
 
-    def review_token(self, token: str) -> Caller | None:
-        """Whose ``token`` is (a TokenReview); None where the API server does not accept it."""
-        body = {"apiVersion": "authentication.k8s.io/v1", "kind": "TokenReview"}
-        status = _review(self.authentication.create_token_review, body | {"spec": {"token": token}})
+    def review_token(self, token: str, audience: str) -> Caller | None:
+        """Whose ``token`` is (a TokenReview); None where the API server does not accept it
+        for ``audience`` (empty: for the API server itself)."""
+        spec: dict[str, Any] = {"token": token}
+        if audience:
+            spec["audiences"] = [audience]
+        body = {"apiVersion": "authentication.k8s.io/v1", "kind": "TokenReview", "spec": spec}
+        status = _review(self.authentication.create_token_review, body)
         user = status.get("user") or {}
         if not status.get("authenticated") or not user.get("username"):
+            return None
+        # An authenticator blind to audiences answers none: the token is one for the API
+        # server itself, which a caller of this API was not to send.
+        if audience and audience not in (status.get("audiences") or ()):
             return None
         extra = tuple(sorted((k, tuple(v)) for k, v in (user.get("extra") or {}).items()))
         groups = tuple(user.get("groups") or ())
@@ -347,6 +359,10 @@ class Kube:
             spec["resourceAttributes"] = {k: v for k, v in attributes.items() if v}
         body = {"apiVersion": "authorization.k8s.io/v1", "kind": "SubjectAccessReview"}
         status = _review(self.authorization.create_subject_access_review, body | {"spec": spec})
+        if not status.get("allowed") and status.get("evaluationError"):
+            # An authorizer failed: not a refusal to keep for a minute.
+            error = str(status["evaluationError"])[:200]
+            raise AccessUnavailable(f"the SubjectAccessReview could not be decided: {error}")
         return bool(status.get("allowed"))
 
     # -- marl.dev resources --------------------------------------------------------------
@@ -560,7 +576,7 @@ def _review(create: Callable[..., Any], body: dict[str, Any]) -> dict[str, Any]:
     the API server cannot be asked, or refuses the operator the question."""
     kind = body["kind"]
     try:
-        response = create(body, _preload_content=False)
+        response = create(body, _preload_content=False, _request_timeout=REVIEW_TIMEOUT_S)
     except ApiException as error:
         hint = (
             f": the operator's service account needs create on {kind.lower()}s (the chart "
@@ -572,9 +588,14 @@ def _review(create: Callable[..., Any], body: dict[str, Any]) -> dict[str, Any]:
     except (urllib3.exceptions.HTTPError, OSError) as error:  # unreachable, timed out
         raise AccessUnavailable(f"the {kind} could not be sent: {type(error).__name__}") from None
     try:
-        return json.loads(response.data).get("status") or {}
+        status = json.loads(response.data).get("status") or {}
+    except (ValueError, AttributeError):
+        raise AccessUnavailable(f"the {kind}'s answer is not a review: unreadable") from None
     finally:
         response.release_conn()
+    if not isinstance(status, dict):
+        raise AccessUnavailable(f"the {kind}'s answer is not a review: no status object")
+    return status
 
 
 def _items(response: Any) -> list[dict[str, Any]]:

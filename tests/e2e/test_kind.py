@@ -41,6 +41,7 @@ CLUSTER = os.environ.get("MARL_E2E_CLUSTER", "marl-e2e")
 RELEASE, OPERATOR_NS, EDGE_NS = "marl-operator", "marl-system", "edge"
 POLICY = "edge-routing"
 READER = "marl-reader"  # examples/api-reader.yaml: may read the policies of EDGE_NS
+AUDIENCE = "marl-operator"  # the chart's api.tokenAudience
 DEGRADED, SLOWDOWN = "edge-2", 8
 LATENCY_TARGET_MS = 200.0  # examples/edgeservice.yaml
 NODES = ("edge-0", "edge-1", "edge-2")  # examples/edgenodes.yaml
@@ -81,7 +82,7 @@ class Cluster:
         """The operator's HTTP API as the reader of examples/api-reader.yaml sees it, asked
         from inside the operator's pod (the API server's service proxy drops the caller's
         token); the token goes in on stdin, not on a command line."""
-        token = self.kubectl("-n", EDGE_NS, "create", "token", READER)
+        token = self.kubectl("-n", EDGE_NS, "create", "token", READER, "--audience", AUDIENCE)
         fetch = (
             "import sys, urllib.request as u; "
             "r = u.Request('http://127.0.0.1:8080' + sys.argv[1], "
