@@ -829,6 +829,49 @@ def test_rbac_grants_exactly_the_calls_made(name):
     assert rbac_problems(render(*values), values, required_calls(values)) == []
 
 
+def test_the_default_user_roles_read_and_write_the_namespaced_kinds():
+    """view may read RoutingPolicies (and so their reports in the decisions API: what it
+    asks RBAC is get and list routingpolicies), edit and admin write them; no binding names
+    these roles, and EdgeNodes stay the cluster admin's."""
+    from marl_operator.api import read_policy
+
+    docs = render()
+    roles = {
+        r["metadata"]["name"].removeprefix(f"{RELEASE}-{NAMESPACE}-"): r
+        for r in of_kind(docs, "ClusterRole")
+        if "aggregate-to-admin" in str(r["metadata"]["labels"])
+    }
+    assert sorted(roles) == ["edit", "view"]
+    label = "rbac.authorization.k8s.io/aggregate-to-{}"
+    assert roles["view"]["metadata"]["labels"][label.format("view")] == "true"
+    assert label.format("view") not in roles["edit"]["metadata"]["labels"]
+    granted = {
+        name: {
+            (g, r, v)
+            for rule in role["rules"]
+            for g in rule["apiGroups"]
+            for r in rule["resources"]
+            for v in rule["verbs"]
+        }
+        for name, role in roles.items()
+    }
+    for permission in (read_policy("edge", "edge-routing"), read_policy("edge")):
+        assert (permission.group, permission.resource, permission.verb) in granted["view"]
+    assert ("marl.dev", "routingpolicies", "create") in granted["edit"]
+    assert not any(r == "edgenodes" for calls in granted.values() for _, r, _ in calls)
+    bound = {
+        b["roleRef"]["name"]
+        for b in [*of_kind(docs, "ClusterRoleBinding"), *of_kind(docs, "RoleBinding")]
+    }
+    assert not bound & {r["metadata"]["name"] for r in roles.values()}
+    for values in (("--set", "rbac.aggregateToDefaultRoles=false"), VALUE_SETS["no-rbac"]):
+        assert not [
+            r
+            for r in of_kind(render(*values), "ClusterRole")
+            if r["metadata"]["name"].endswith(("-view", "-edit"))
+        ]
+
+
 def test_rbac_check_fails_for_a_call_without_a_rule():
     """What happens when someone adds an API call to marl_operator.kube without a rule."""
     values = VALUE_SETS["default"]
