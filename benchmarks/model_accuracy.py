@@ -40,7 +40,7 @@ from simulator.cli import (
     refuse_unfit_scenarios,
 )
 from simulator.env import EdgeEnv
-from simulator.episodes import build_policy
+from simulator.episodes import build_policy, fitted_scenario
 from simulator.scenario import load_scenario
 
 
@@ -50,7 +50,8 @@ def held_out(
     """Fit on ``train`` intervals, score on ``test`` intervals it never learned from: the
     commissioning intervals that follow, or those of a live run. Returns the scores, and the
     held-out targets and predictions for the plot."""
-    scenario = dataclasses.replace(load_scenario(scenario_name), events=())
+    calm = dataclasses.replace(load_scenario(scenario_name), events=())
+    scenario = fitted_scenario(calm, "default", "neighbours")
     env = EdgeEnv(scenario, num_envs=1, action_mode="neighbours")
     policy = build_policy("default", env, seed)
     # simulator.adapt's settings, its telemetry noise among them, for both routings.

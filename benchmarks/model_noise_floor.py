@@ -72,7 +72,7 @@ from simulator.cli import (
     refuse_unfit_scenarios,
 )
 from simulator.env import EdgeEnv
-from simulator.episodes import build_policy
+from simulator.episodes import build_policy, fitted_scenario
 from simulator.scenario import Scenario, load_scenario
 
 LATENCIES = {"mean_ms": MEAN_MS, "p95_ms": P95_MS}
@@ -227,7 +227,8 @@ def noise_floor(
     noise: float,
     routing: str = "commissioning",
 ) -> dict:
-    scenario = dataclasses.replace(load_scenario(scenario_name), events=())
+    calm = dataclasses.replace(load_scenario(scenario_name), events=())
+    scenario = fitted_scenario(calm, "default", "neighbours")
     policy = build_policy("default", EdgeEnv(scenario, num_envs=1, action_mode="neighbours"), seed)
     # The replicas' seeds are spawned apart from the ones commissioning and the live loop
     # use, so none of them replays the system model's training data.

@@ -154,11 +154,11 @@ BUNDLED = Path(__file__).resolve().parent / "checkpoints"
 ``checkpoints`` target of the Makefile for the commands that reproduce them)."""
 
 
-def bundled_for(action_mode: str, max_degree: int) -> Path:
-    """The bundled checkpoint whose layout fits an environment; routing per neighbour, the
-    one of the smallest degree above, if none has this one (the environment then gives each
-    node as many neighbour slots, the extra ones masked, as the operator does); or an error
-    listing them."""
+def bundled_for(action_mode: str, max_degree: int, larger: bool = False) -> Path:
+    """The bundled checkpoint whose layout fits an environment; with ``larger``, routing per
+    neighbour, the one of the smallest degree above if none has this one (a mesh then gives
+    each node as many neighbour slots, the extra ones masked, as the operator does); or an
+    error listing them."""
     bundled = [
         (path, json.loads(path.read_text())) for path in sorted(BUNDLED.glob(f"*/{META_FILE}"))
     ]
@@ -167,7 +167,7 @@ def bundled_for(action_mode: str, max_degree: int) -> Path:
         for _, m in bundled
         if m["action"]["mode"] == "neighbours" and m["observation"]["max_degree"] >= max_degree
     )
-    fitting = [max_degree, *degrees[:1]] if action_mode == "neighbours" else [max_degree]
+    fitting = [max_degree, *degrees[:1]] if larger and action_mode == "neighbours" else [max_degree]
     for degree in fitting:
         want = spec_for(action_mode, degree)
         for meta_file, meta in bundled:

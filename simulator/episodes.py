@@ -54,7 +54,7 @@ def fitted_scenario(
         return scenario
     if policy == "default":
         try:
-            policy = str(checkpoint.bundled_for("neighbours", scenario.max_degree))
+            policy = str(checkpoint.bundled_for("neighbours", scenario.max_degree, larger=True))
         except checkpoint.CheckpointError:
             return scenario
     elif not is_checkpoint(policy):

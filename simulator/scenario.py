@@ -201,6 +201,7 @@ class Scenario:
             links_ms={},
             events=(),
             max_arrivals=self.max_arrivals * len(self.nodes),
+            neighbour_slots=0,
         )
 
 

@@ -345,8 +345,10 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out or f"runs/{scenario.name}__{cfg.algo}__{args.seed}")
     # Every process checks (the folder is shared): one that went on alone waited for the
     # others' first exchange and ended in a traceback under the message. A teacher that
-    # cannot be built is refused first: it left an empty --out, or none of the old run.
-    problem = _teacher_problem(cfg.imitate, env, args.seed) if cfg.imitate else None
+    # cannot be built is refused first: it left an empty --out, or none of the old run. (A
+    # resumed run imitates no more: its teacher may be gone.)
+    teaches = bool(cfg.imitate) and not (args.resume and (out / STATE_FILE).is_file())
+    problem = _teacher_problem(cfg.imitate, env, args.seed) if teaches else None
     problem = problem or make_folder(out, "--out")
     if not problem and not args.resume and not args.overwrite:
         problem = _holds_a_run(out)
@@ -586,16 +588,19 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _teacher_problem(name: str, env: EdgeEnv, seed: int) -> str | None:
-    """Why the policy ``imitate`` names cannot be built for ``env``, if it cannot. Every
-    random state is left as it was (a checkpoint's network draws its initial weights), so
-    the run's numbers are those of a run that never asked."""
+    """Why the policy ``imitate`` names cannot be built for ``env``, if it cannot. The
+    random states :func:`seed_everything` seeded are left as they were, whatever building
+    it draws, so the run's numbers are those of a run that never asked (it is built again
+    when it teaches)."""
+    python_state = random.getstate()
     numpy_state = np.random.get_state()  # noqa: NPY002 - what seed_everything seeded
     try:
-        with torch.random.fork_rng():
+        with torch.random.fork_rng(devices=[]):
             build_policy(name, env, seed)
     except PolicyError as exc:
         return f"imitate: {exc}"
     finally:
+        random.setstate(python_state)
         np.random.set_state(numpy_state)  # noqa: NPY002
     return None
 

@@ -116,3 +116,22 @@ def test_an_unknown_teacher_is_refused_by_name_before_the_output_is_touched(tmp_
     before = (old / "policy.pt").read_bytes()
     assert train_main([*args, "--out", str(old), "--overwrite"]) == 2
     assert (old / "policy.pt").read_bytes() == before
+
+
+def test_a_resumed_run_does_not_need_its_teacher_any_more(tmp_path, capsys):
+    """A resumed run imitates no more, so a teacher checkpoint moved away since must not
+    stop it (the teacher's check before --out refused it)."""
+    import shutil
+
+    from policies.checkpoint import BUNDLED
+
+    teacher = tmp_path / "teacher"
+    shutil.copytree(BUNDLED / "dfaas-paise25", teacher)
+    out = tmp_path / "run"
+    args = ["--scenario", "dfaas-2", "--out", str(out), "--eval-episodes", "1", "--json"]
+    args += ["--set", f"imitate={teacher}", "--set", "imitate_steps=8", "--set", "num_envs=4"]
+    args += ["--set", "rollout_steps=16"]
+    assert train_main([*args, "--env-steps", "96"]) == 0
+    shutil.rmtree(teacher)
+    assert train_main([*args, "--env-steps", "160", "--resume"]) == 0, capsys.readouterr().err
+    assert json.loads((out / "policy.json").read_text())["trained_env_steps"] >= 160
