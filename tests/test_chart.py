@@ -829,18 +829,49 @@ def test_rbac_grants_exactly_the_calls_made(name):
     assert rbac_problems(render(*values), values, required_calls(values)) == []
 
 
+def test_the_network_policy_restricts_egress_only_when_given_rules_and_lets_monitors_in():
+    (open_out,) = of_kind(render("--set", "networkPolicy.enabled=true"), "NetworkPolicy")
+    assert open_out["spec"]["policyTypes"] == ["Ingress"] and "egress" not in open_out["spec"]
+    dns = ("--set", "networkPolicy.egress[0].ports[0].port=53")
+    (closed,) = of_kind(render("--set", "networkPolicy.enabled=true", *dns), "NetworkPolicy")
+    assert closed["spec"]["policyTypes"] == ["Ingress", "Egress"]
+    assert closed["spec"]["egress"] == [{"ports": [{"port": 53}]}]
+    done = run_helm(
+        "template", RELEASE, str(CHART),
+        "--set", "networkPolicy.enabled=true", "--set", "podMonitor.enabled=true",
+        "--set", "scrapeAnnotations=false",
+    )  # fmt: skip
+    assert done.returncode != 0 and "admits nobody to /metrics" in done.stderr
+
+
+def test_notes_warn_of_an_open_api_outside_the_cluster():
+    done = run_helm(
+        "install", RELEASE, str(CHART), "--namespace", NAMESPACE, "--dry-run=client",
+        "--set", "api.auth=none", "--set", "service.type=LoadBalancer",
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "api.auth is none and the Service is a LoadBalancer" in done.stdout
+    plain = run_helm("install", RELEASE, str(CHART), "--namespace", NAMESPACE, "--dry-run=client")
+    assert "api.auth is none" not in plain.stdout
+
+
 def test_the_default_user_roles_read_and_write_the_namespaced_kinds():
     """view may read RoutingPolicies (and so their reports in the decisions API: what it
     asks RBAC is get and list routingpolicies), edit and admin write them; no binding names
     these roles, and EdgeNodes stay the cluster admin's."""
     from marl_operator.api import read_policy
 
-    docs = render()
-    roles = {
-        r["metadata"]["name"].removeprefix(f"{RELEASE}-{NAMESPACE}-"): r
-        for r in of_kind(docs, "ClusterRole")
-        if "aggregate-to-admin" in str(r["metadata"]["labels"])
-    }
+    def aggregated(docs):
+        return {
+            r["metadata"]["name"].removeprefix(f"{RELEASE}-{NAMESPACE}-"): r
+            for r in of_kind(docs, "ClusterRole")
+            if "aggregate-to-admin" in str(r["metadata"]["labels"])
+        }
+
+    # Writing is off by default: it has the operator write mesh objects editors may not.
+    assert sorted(aggregated(render())) == ["view"]
+    docs = render("--set", "rbac.aggregateToDefaultRoles.edit=true")
+    roles = aggregated(docs)
     assert sorted(roles) == ["edit", "view"]
     label = "rbac.authorization.k8s.io/aggregate-to-{}"
     assert roles["view"]["metadata"]["labels"][label.format("view")] == "true"
@@ -864,7 +895,11 @@ def test_the_default_user_roles_read_and_write_the_namespaced_kinds():
         for b in [*of_kind(docs, "ClusterRoleBinding"), *of_kind(docs, "RoleBinding")]
     }
     assert not bound & {r["metadata"]["name"] for r in roles.values()}
-    for values in (("--set", "rbac.aggregateToDefaultRoles=false"), VALUE_SETS["no-rbac"]):
+    off = ("--set", "rbac.aggregateToDefaultRoles.view=false")
+    for values in (
+        off,
+        ("--set", "rbac.create=false", "--set", "rbac.aggregateToDefaultRoles.edit=true"),
+    ):
         assert not [
             r
             for r in of_kind(render(*values), "ClusterRole")
