@@ -521,6 +521,13 @@ def test_an_uninstall_that_deletes_the_crds_first_drains_the_policies(name):
     assert pod["metadata"]["annotations"]["sidecar.istio.io/inject"] == "false"
     (drain,) = pod["spec"]["containers"]
     assert drain["command"] == ["python", "-m", "marl_operator.drain"]
+    assert drain["resources"] == {
+        "requests": {"cpu": "10m", "memory": "64Mi"},
+        "limits": {"memory": "256Mi"},
+    }
+    limited = render(*values, "--set", "crds.drainResources.limits.cpu=100m")
+    (limited_drain,) = uninstall_job(limited)["spec"]["template"]["spec"]["containers"]
+    assert limited_drain["resources"]["limits"] == {"cpu": "100m", "memory": "256Mi"}
     args = build_parser().parse_args(drain["args"])
     assert args.namespace == _namespaces(values) and args.timeout == 240
     assert pod["spec"]["securityContext"]["runAsNonRoot"] is True
