@@ -380,6 +380,12 @@ def test_the_validation_catches_a_typo():
             ),
             "podMonitor.scrapeTimeout (1m500ms) is longer than podMonitor.interval (1m)",
         ),
+        # A budget that allows no disruption blocks every node drain.
+        (("--set", "podDisruptionBudget.maxUnavailable=0"), "/podDisruptionBudget/maxUnavailable"),
+        (
+            ("--set-string", "podDisruptionBudget.maxUnavailable=0%"),
+            "/podDisruptionBudget/maxUnavailable",
+        ),
         # /metrics behind a login: nothing may scrape it without a token.
         (("--set", "api.authMetrics=true"), "set scrapeAnnotations=false"),
         (
