@@ -171,10 +171,7 @@ def bundled_for(action_mode: str, max_degree: int, larger: bool = False) -> Path
     for degree in fitting:
         want = spec_for(action_mode, degree)
         for meta_file, meta in bundled:
-            if (meta.get("observation"), meta.get("action")) == (
-                want["observation"],
-                want["action"],
-            ):
+            if all(meta.get(key) == want[key] for key in ("observation", "action")):
                 return meta_file.parent
     found = [
         f"{f.parent.name} ({meta['action']['mode']}, obs {meta['observation']['dim']})"
