@@ -15,18 +15,22 @@ latency part of a decision's cost). With ``--routing rollout`` the held-out inte
 instead ``--test`` intervals of ``simulator.adapt``'s live loop on the calm scenario, each
 scored before the model learns from it: the loads rollout keeps, not commissioning's random
 routings, some of which overload a node. The last line is one JSON object. How low the
-per-row error could go at all is ``benchmarks/model_noise_floor.py``'s question.
+per-row error could go at all is ``benchmarks/model_noise_floor.py``'s question; where the
+per-row error of the mean latency comes from, each commissioning run says by the rows'
+utilisation and by their requests (``by_utilisation``, ``by_requests``: each bin's rows, its
+own normalised MAE, and its share of the run's absolute error).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 
 import numpy as np
 from tqdm import tqdm
 
-from policies.system_model import TARGETS, WINDOW, SystemModel, score
+from policies.system_model import MEAN_MS, TARGETS, UTILISATION, WINDOW, SystemModel, score
 from simulator.adapt import build_parser as adapt_parser
 from simulator.adapt import commissioning_rows, run_arm, warm_model, warm_start
 from simulator.cli import (
@@ -42,6 +46,30 @@ from simulator.cli import (
 from simulator.env import EdgeEnv
 from simulator.episodes import build_policy, fitted_scenario
 from simulator.scenario import load_scenario
+
+UTILISATION_BINS = (0.0, 0.4, 0.6, 0.75, 0.85, 1.0, None)
+REQUEST_BINS = (0.0, 20.0, 50.0, 100.0, None)
+
+
+def error_by_bin(values: np.ndarray, edges: tuple, y: np.ndarray, p: np.ndarray) -> list[dict]:
+    """The mean latency's error over rows binned by ``values`` (``edges``, None: open
+    above): rows, normalised MAE and share of all rows' absolute error, per bin."""
+    error = np.abs(y - p)
+    total = max(float(error.sum()), 1e-12)
+    bins = []
+    for low, high in itertools.pairwise(edges):
+        rows = (values >= low) & (values < (np.inf if high is None else high))
+        target = float(np.abs(y[rows]).sum())
+        bins.append(
+            {
+                "from": low,
+                "to": high,
+                "rows": int(rows.sum()),
+                "nmae": float(error[rows].sum()) / target if target > 0 else None,
+                "error_share": float(error[rows].sum()) / total,
+            }
+        )
+    return bins
 
 
 def held_out(
@@ -68,11 +96,17 @@ def held_out(
         keep = np.isfinite(x).all(axis=1) & np.isfinite(y).all(axis=1)
         y, requests, index = y[keep], requests[keep], index[keep]
         predicted = model.predict(x[keep])
+        mean, guess = y[:, MEAN_MS], predicted[:, MEAN_MS]
+        bins = {
+            "by_utilisation": error_by_bin(x[keep][:, UTILISATION], UTILISATION_BINS, mean, guess),
+            "by_requests": error_by_bin(requests, REQUEST_BINS, mean, guess),
+        }
     else:  # the model scores each live interval before it learns from it
         live = dataclasses.replace(scenario, steps=test * interval)
         model = warm_model(live, policy, args, scored_intervals=test)
         run_arm("rollout", live, policy, args, model)
         y, predicted, requests, index = model.held_out()
+        bins = {}  # the live rows' features are not kept
     accuracy = score(y, predicted, requests, index)
     result = {
         "scenario": scenario_name,
@@ -80,6 +114,7 @@ def held_out(
         "train_rows": model.rows,
         **accuracy.as_dict(),
         "worst_nmae": accuracy.worst_nmae,
+        **bins,
     }
     return result, y, predicted
 

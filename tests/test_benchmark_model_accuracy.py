@@ -23,6 +23,13 @@ def test_a_tiny_run_scores_held_out_rows_and_is_reproducible(tmp_path):
     # The mesh's mean latency per held-out interval, where the rows' chance averages out.
     assert 0 < result["nmae"]["mesh_mean_ms"] < result["nmae"]["mean_ms"]
     assert report["mean_nmae"]["mesh_mean_ms"] == result["nmae"]["mesh_mean_ms"]
+    # Where the error comes from: every row in one bin of each kind, the shares adding up.
+    for kind in ("by_utilisation", "by_requests"):
+        bins = result[kind]
+        assert sum(b["rows"] for b in bins) == result["rows"], kind
+        assert sum(b["error_share"] for b in bins) == pytest.approx(1.0), kind
+        assert bins[-1]["to"] is None and bins[0]["from"] == 0.0
+        assert all(b["nmae"] is not None and b["nmae"] >= 0 for b in bins if b["rows"]), kind
     assert run() == report
 
 
