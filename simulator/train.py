@@ -52,7 +52,7 @@ import yaml
 from tqdm import tqdm
 
 from policies import checkpoint
-from policies.baselines import PolicyError
+from policies.baselines import Policy, PolicyError
 from policies.checkpoint import CheckpointError, LoadedPolicy
 from policies.mappo import Trainer
 from policies.ppo import ALGOS, PPOConfig
@@ -348,7 +348,7 @@ def main(argv: list[str] | None = None) -> int:
     # cannot be built is refused first: it left an empty --out, or none of the old run. (A
     # resumed run imitates no more: its teacher may be gone.)
     teaches = bool(cfg.imitate) and not (args.resume and (out / STATE_FILE).is_file())
-    problem = _teacher_problem(cfg.imitate, env, args.seed) if teaches else None
+    teacher, problem = _build_teacher(cfg.imitate, env, args.seed) if teaches else (None, None)
     problem = problem or make_folder(out, "--out")
     if not problem and not args.resume and not args.overwrite:
         problem = _holds_a_run(out)
@@ -398,8 +398,7 @@ def main(argv: list[str] | None = None) -> int:
         resume_seed = [args.seed + 1000 * rank, trainer.updates]
         torch.manual_seed(int(np.random.SeedSequence(resume_seed).generate_state(1)[0]))
         trainer.restart(resume_seed)
-    elif cfg.imitate:
-        teacher = build_policy(cfg.imitate, env, args.seed)  # it was built once already
+    elif teacher is not None:
         error = trainer.imitate(teacher, args.seed + 1000 * rank)
         if rank == 0 and not args.json:
             print(f"cloned {cfg.imitate}: Hellinger distance of the weights {error:.4f}")
@@ -587,22 +586,21 @@ def main(argv: list[str] | None = None) -> int:
     return 130 if interrupted else 0
 
 
-def _teacher_problem(name: str, env: EdgeEnv, seed: int) -> str | None:
-    """Why the policy ``imitate`` names cannot be built for ``env``, if it cannot. The
-    random states :func:`seed_everything` seeded are left as they were, whatever building
-    it draws, so the run's numbers are those of a run that never asked (it is built again
-    when it teaches)."""
+def _build_teacher(name: str, env: EdgeEnv, seed: int) -> tuple[Policy | None, str | None]:
+    """The policy ``imitate`` names, built for ``env`` before the run touches its folder, or
+    why it cannot be. The random states :func:`seed_everything` seeded are left as they
+    were, whatever building it draws, so the run's numbers do not depend on when it was
+    built."""
     python_state = random.getstate()
     numpy_state = np.random.get_state()  # noqa: NPY002 - what seed_everything seeded
     try:
         with torch.random.fork_rng(devices=[]):
-            build_policy(name, env, seed)
+            return build_policy(name, env, seed), None
     except PolicyError as exc:
-        return f"imitate: {exc}"
+        return None, f"imitate: {exc}"
     finally:
         random.setstate(python_state)
         np.random.set_state(numpy_state)  # noqa: NPY002
-    return None
 
 
 PROGRESS_FILE = "progress.csv"
