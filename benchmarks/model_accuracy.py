@@ -94,11 +94,11 @@ def held_out(
         requests = np.concatenate([r.requests for r in rows[train:]])
         index = np.repeat(np.arange(test), [len(r.features) for r in rows[train:]])
         keep = np.isfinite(x).all(axis=1) & np.isfinite(y).all(axis=1)
-        y, requests, index = y[keep], requests[keep], index[keep]
-        predicted = model.predict(x[keep])
+        x, y, requests, index = x[keep], y[keep], requests[keep], index[keep]
+        predicted = model.predict(x)
         mean, guess = y[:, MEAN_MS], predicted[:, MEAN_MS]
         bins = {
-            "by_utilisation": error_by_bin(x[keep][:, UTILISATION], UTILISATION_BINS, mean, guess),
+            "by_utilisation": error_by_bin(x[:, UTILISATION], UTILISATION_BINS, mean, guess),
             "by_requests": error_by_bin(requests, REQUEST_BINS, mean, guess),
         }
     else:  # the model scores each live interval before it learns from it
