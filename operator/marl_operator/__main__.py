@@ -4,6 +4,7 @@ Examples:
   python -m marl_operator                          # in a cluster: in-cluster config, peering
   python -m marl_operator --kubeconfig ~/.kube/config --standalone --api-port 8080
   python -m marl_operator --kubeconfig ~/.kube/config --standalone --api-auth none  # no login
+  python -m marl_operator --api-tls-cert /tls/tls.crt --api-tls-key /tls/tls.key  # HTTPS
   python -m marl_operator --namespace edge --namespace edge-2 --log-format text
 """
 
@@ -36,6 +37,7 @@ from marl_operator.kube import (
 from marl_operator.peering import PeeringView, standalone
 from marl_operator.prometheus import PrometheusAccess, check_url
 from marl_operator.runtime import DEFAULT_PROMETHEUS_URL, Runtime
+from marl_operator.tls import CertificateError, ServingCertificate
 
 log = logging.getLogger("marl_operator")
 
@@ -147,8 +149,8 @@ def build_parser() -> argparse.ArgumentParser:
         default=DEFAULT_AUDIENCE,
         metavar="AUDIENCE",
         help="with --api-auth=kubernetes, accept only tokens made for this audience (kubectl "
-        "create token NAME --audience AUDIENCE): one overheard on the way to the API, which "
-        "speaks plain HTTP, is useless against the API server; '' accepts the API server's own "
+        "create token NAME --audience AUDIENCE): one overheard on the way to the API, over "
+        "plain HTTP, is useless against the API server; '' accepts the API server's own "
         "tokens (default: %(default)s)",
     )
     parser.add_argument(
@@ -160,6 +162,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--api-port", type=port, default=8080, help="port of the HTTP API (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--api-tls-cert",
+        metavar="PATH",
+        help="serve the HTTP API over HTTPS (TLS 1.2 or later) with this PEM certificate (then "
+        "any intermediates), re-read within 30 s of a change, as when cert-manager renews the "
+        "Secret it is mounted from; needs --api-tls-key",
+    )
+    parser.add_argument(
+        "--api-tls-key", metavar="PATH", help="the PEM private key of --api-tls-cert"
     )
     parser.add_argument(
         "--log-format",
@@ -191,6 +203,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(
             "--api-auth-metrics checks callers with the API server: it needs --api-auth=kubernetes"
         )
+    args.api_tls = None
+    if bool(args.api_tls_cert) != bool(args.api_tls_key):
+        parser.error("--api-tls-cert and --api-tls-key go together: give both, or neither")
+    if args.api_tls_cert:
+        try:
+            args.api_tls = ServingCertificate(args.api_tls_cert, args.api_tls_key)
+        except CertificateError as error:
+            parser.error(f"--api-tls-cert/--api-tls-key: {error}")
     args.prometheus_access = PrometheusAccess(
         bearer_token_file=args.prometheus_bearer_token_file, ca_file=args.prometheus_ca_file
     )
@@ -297,7 +317,7 @@ async def run(args: argparse.Namespace, configuration: client.Configuration) -> 
         access=access,
         protect_metrics=args.api_auth_metrics,
     )
-    api = ApiServer(app, args.api_host, args.api_port)
+    api = ApiServer(app, args.api_host, args.api_port, tls=args.api_tls)
     await api.start()  # before kopf starts: it cancels tasks created after it at shutdown
     ready.watch_signals()
     try:

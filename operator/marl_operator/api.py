@@ -38,6 +38,7 @@ from marl_operator.instruments import Instruments
 from marl_operator.peering import ReplicaRole, standalone
 from marl_operator.report import CycleReport, Outcome, RouteTable
 from marl_operator.store import ReportStore
+from marl_operator.tls import ServingCertificate
 
 # --- response models -----------------------------------------------------------------------
 # They mirror report.py field for field and are only ever built from a CycleReport, which stays
@@ -478,14 +479,32 @@ class ApiUnavailable(RuntimeError):
 
 
 class ApiServer:
-    """uvicorn serving an app as a task on the running event loop (the one kopf runs on)."""
+    """uvicorn serving an app as a task on the running event loop (the one kopf runs on), over
+    TLS with ``tls`` (its certificate reloaded as it is renewed)."""
 
-    def __init__(self, app: FastAPI, host: str, port: int, *, access_log: bool = False) -> None:
+    def __init__(
+        self,
+        app: FastAPI,
+        host: str,
+        port: int,
+        *,
+        tls: ServingCertificate | None = None,
+        access_log: bool = False,
+    ) -> None:
         # log_config=None keeps the operator's logging setup; probes make access logs noise.
-        config = uvicorn.Config(app, host=host, port=port, log_config=None, access_log=access_log)
+        config = uvicorn.Config(
+            app,
+            host=host,
+            port=port,
+            log_config=None,
+            access_log=access_log,
+            ssl_context_factory=(lambda _config, _default: tls.context) if tls else None,
+        )
         self._server = _QuietServer(config)
         self._address = f"{host or '*'}:{port}"
+        self._tls = tls
         self._task: asyncio.Task[None] | None = None
+        self._renewals: asyncio.Task[None] | None = None
 
     async def start(self, timeout: float = 10.0) -> asyncio.Task[None]:
         """Start serving and return once the socket listens; raise if it cannot."""
@@ -498,6 +517,10 @@ class ApiServer:
                     self._task.result()  # raises why it stopped
                     raise RuntimeError(f"the HTTP API on {self._address} stopped while starting")
                 await asyncio.sleep(0.01)
+        if self._tls is not None:
+            self._renewals = asyncio.create_task(
+                self._tls.watch(), name="marl-operator-http-api-certificate"
+            )
         return self._task
 
     @property
@@ -511,6 +534,8 @@ class ApiServer:
         """Stop accepting, let open requests finish for up to ``timeout``, then close them."""
         if self._task is None:
             return
+        if self._renewals is not None:
+            self._renewals.cancel()
         self._server.should_exit = True
         try:
             await asyncio.wait_for(asyncio.shield(self._task), timeout)
