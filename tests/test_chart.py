@@ -23,6 +23,7 @@ import json
 import os
 import re
 import shutil
+import ssl
 import subprocess
 import sys
 import time
@@ -97,6 +98,17 @@ VALUE_SETS: dict[str, tuple[str, ...]] = {
         *("--set", "serviceMonitor.enabled=true"),
         *("--set", "serviceMonitor.authorization.credentials.name=prom-scraper"),
         *("--set", "serviceMonitor.authorization.credentials.key=token"),
+    ),
+    "tls-cert-manager": (
+        *("--set", "api.tls.enabled=true", "--set", "scrapeAnnotations=false"),
+        *("--set", "api.tls.certManager.issuerRef.name=cluster-ca"),
+        *("--set", "api.tls.certManager.issuerRef.kind=ClusterIssuer"),
+        *("--set", "serviceMonitor.enabled=true", "--set", "networkPolicy.enabled=true"),
+        *("--set", "networkPolicy.apiFrom[0].podSelector.matchLabels.app=prometheus"),
+    ),
+    "tls-secret": (
+        *("--set", "api.tls.enabled=true", "--set", "api.tls.secretName=marl-api-tls"),
+        *("--set", "scrapeAnnotations=false", "--set", "podMonitor.enabled=true"),
     ),
     "all-meshes": ("--set", "meshProvider=all"),
     "checkpoints": (
@@ -204,6 +216,17 @@ PEERING_CRDS = {
     for crd in load_documents(CHART / "crds" / "kopf-peering.yaml")
 }
 
+_KEY_SELECTOR = {
+    "type": "object",
+    "additionalProperties": False,
+    "required": ["key"],
+    "properties": {
+        "name": {"type": "string"},
+        "key": {"type": "string"},
+        "optional": {"type": "boolean"},
+    },
+}
+
 _MONITOR_ENDPOINT = {
     "type": "object",
     "additionalProperties": False,
@@ -214,6 +237,23 @@ _MONITOR_ENDPOINT = {
         "interval": {"type": "string", "pattern": "^([0-9]+(ms|s|m|h|d|w|y))+$"},
         "scrapeTimeout": {"type": "string"},
         "honorLabels": {"type": "boolean"},
+        "scheme": {"enum": ["http", "https"]},
+        "tlsConfig": {  # SafeTLSConfig: the CA from a Secret or ConfigMap key
+            "type": "object",
+            "additionalProperties": False,
+            "properties": {
+                "ca": {
+                    "type": "object",
+                    "additionalProperties": False,
+                    "properties": {
+                        "secret": {"$ref": "#/definitions/keySelector"},
+                        "configMap": {"$ref": "#/definitions/keySelector"},
+                    },
+                },
+                "serverName": {"type": "string"},
+                "insecureSkipVerify": {"type": "boolean"},
+            },
+        },
         "relabelings": {"type": "array", "items": {"type": "object"}},
         "metricRelabelings": {"type": "array", "items": {"type": "object"}},
         "authorization": {  # SafeAuthorization: a Secret's key; the type defaults to Bearer
@@ -221,16 +261,7 @@ _MONITOR_ENDPOINT = {
             "additionalProperties": False,
             "properties": {
                 "type": {"type": "string"},
-                "credentials": {
-                    "type": "object",
-                    "additionalProperties": False,
-                    "required": ["key"],
-                    "properties": {
-                        "name": {"type": "string"},
-                        "key": {"type": "string"},
-                        "optional": {"type": "boolean"},
-                    },
-                },
+                "credentials": {"$ref": "#/definitions/keySelector"},
             },
         },
     },
@@ -270,12 +301,62 @@ def _monitor_schema(endpoints_field: str) -> dict:
                 },
             },
         },
+        "definitions": {"keySelector": _KEY_SELECTOR},
     }
 
 
-MONITOR_SCHEMAS = {
+CERTIFICATE_SCHEMA = {
+    "type": "object",
+    "required": ["apiVersion", "kind", "metadata", "spec"],
+    "properties": {
+        "apiVersion": {"const": "cert-manager.io/v1"},
+        "metadata": {"type": "object", "required": ["name", "namespace"]},
+        "spec": {
+            "type": "object",
+            "additionalProperties": False,
+            "required": ["secretName", "issuerRef"],
+            "properties": {
+                "secretName": {"type": "string"},
+                "secretTemplate": {
+                    "type": "object",
+                    "additionalProperties": False,
+                    "properties": {"labels": {"type": "object"}, "annotations": {"type": "object"}},
+                },
+                "dnsNames": {"type": "array", "items": {"type": "string"}},
+                "duration": {"type": "string"},
+                "renewBefore": {"type": "string"},
+                "privateKey": {
+                    "type": "object",
+                    "additionalProperties": False,
+                    "properties": {
+                        "algorithm": {"enum": ["RSA", "ECDSA", "Ed25519"]},
+                        "size": {"type": "integer"},
+                        "encoding": {"enum": ["PKCS1", "PKCS8"]},
+                        "rotationPolicy": {"enum": ["Never", "Always"]},
+                    },
+                },
+                "usages": {"type": "array", "items": {"type": "string"}},
+                "issuerRef": {
+                    "type": "object",
+                    "additionalProperties": False,
+                    "required": ["name"],
+                    "properties": {
+                        "name": {"type": "string"},
+                        "kind": {"type": "string"},
+                        "group": {"type": "string"},
+                    },
+                },
+            },
+        },
+    },
+}
+"""The part of cert-manager's Certificate (cert-manager.io v1) schema the chart uses, with
+unknown fields refused (cert-manager's CRDs are not bundled: these are its field names)."""
+
+CUSTOM_SCHEMAS = {
     "ServiceMonitor": _monitor_schema("endpoints"),
     "PodMonitor": _monitor_schema("podMetricsEndpoints"),
+    "Certificate": CERTIFICATE_SCHEMA,
 }
 
 
@@ -284,10 +365,10 @@ def schema_errors(doc: dict, kube_version: str) -> list[str]:
     kind = doc["kind"]
     if kind in PEERING_CRDS:
         return CRDValidator(PEERING_CRDS[kind]).errors(doc)
-    if kind in MONITOR_SCHEMAS:
+    if kind in CUSTOM_SCHEMAS:
         import jsonschema
 
-        validator = jsonschema.Draft7Validator(MONITOR_SCHEMAS[kind])
+        validator = jsonschema.Draft7Validator(CUSTOM_SCHEMAS[kind])
         return [f"{list(e.absolute_path)}: {e.message}" for e in validator.iter_errors(doc)]
     try:
         kubernetes_validate.validate(doc, kube_version, strict=True)
@@ -401,6 +482,28 @@ def test_the_validation_catches_a_typo():
             "podMonitor.authorization",
         ),
         (("--set", "api.auth=open"), "/api/auth': value must be one of 'kubernetes', 'none'"),
+        # HTTPS needs a certificate, one source of it, and scrapers that can verify it.
+        (("--set", "api.tls.enabled=true"), "api.tls.enabled needs the certificate's source"),
+        (
+            ("--set", "api.tls.enabled=true,api.tls.secretName=a"),
+            "api.tls: a Prometheus that finds pods by annotations cannot verify",
+        ),
+        (
+            (
+                *("--set", "api.tls.enabled=true,api.tls.secretName=a"),
+                *("--set", "api.tls.certManager.issuerRef.name=ca"),
+            ),
+            "api.tls: set secretName or certManager.issuerRef, not both",
+        ),
+        (
+            (
+                *("--set", "api.tls.enabled=true,api.tls.secretName=a,scrapeAnnotations=false"),
+                *("--set", "serviceMonitor.enabled=true,serviceMonitor.namespace=monitoring"),
+            ),
+            "which a monitor of namespace monitoring cannot read; set serviceMonitor.tlsConfig",
+        ),
+        (("--set", "api.tls.certManager.issuerRef.kind=Issuer"), "missing property 'name'"),
+        (("--set", "api.tls.certManager.duration=90d"), "/api/tls/certManager/duration"),
     ],
 )
 def test_bad_values_are_refused(values, message):
@@ -619,8 +722,10 @@ def mounted_file(spec: dict, pod: dict, path: str) -> tuple[str, str]:
         assert source["path"] == name
         return "serviceAccountToken", source["audience"]
     kind = next(k for k in ("secret", "configMap") if k in volume)
-    (item,) = [i for i in volume[kind]["items"] if i["path"] == name]
     source = volume[kind].get("secretName") or volume[kind].get("name")
+    if "items" not in volume[kind]:  # mounted whole: each key a file of its own name
+        return f"{kind}/{source}", name
+    (item,) = [i for i in volume[kind]["items"] if i["path"] == name]
     return f"{kind}/{source}", item["key"]
 
 
@@ -1091,6 +1196,68 @@ def test_probes_and_service_reach_the_api():
     assert annotations["prometheus.io/port"] == "9000"
 
 
+@pytest.mark.parametrize("source", ["tls-cert-manager", "tls-secret"])
+def test_the_api_serves_https_from_the_secret_it_mounts_and_is_reached_by_its_name(source):
+    """The operator reads its certificate from the Secret cert-manager (or the user) keeps,
+    mounted whole so that a renewal reaches it; everything that reaches the API speaks HTTPS
+    to the port named https, and the monitor verifies the certificate for a name it has."""
+    from marl_operator.__main__ import build_parser
+
+    docs = render(*VALUE_SETS[source])
+    pod, spec = deployment(docs)["spec"]["template"]["spec"], container(docs)
+    args = build_parser().parse_args(spec["args"])
+    (service,) = of_kind(docs, "Service")
+    fullname = service["metadata"]["name"]
+    secret = "marl-api-tls" if source == "tls-secret" else f"{fullname}-api-tls"
+    assert mounted_file(spec, pod, args.api_tls_cert) == (f"secret/{secret}", "tls.crt")
+    assert mounted_file(spec, pod, args.api_tls_key) == (f"secret/{secret}", "tls.key")
+    (volume,) = [v for v in pod["volumes"] if v.get("secret", {}).get("secretName") == secret]
+    assert volume["secret"]["defaultMode"] == 0o440
+    assert pod["securityContext"]["fsGroup"]  # ...so that the non-root operator reads it
+    (port,) = spec["ports"]
+    assert port["name"] == "https"
+    for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
+        assert spec[probe]["httpGet"]["port"] == "https", probe
+        assert spec[probe]["httpGet"]["scheme"] == "HTTPS", probe
+    assert [(p["name"], p["targetPort"]) for p in service["spec"]["ports"]] == [("https", "https")]
+    host = f"{fullname}.{NAMESPACE}.svc"
+    kind, field = (
+        ("ServiceMonitor", "endpoints")
+        if source == "tls-cert-manager"
+        else ("PodMonitor", "podMetricsEndpoints")
+    )
+    (monitor,) = of_kind(docs, kind)
+    (endpoint,) = monitor["spec"][field]
+    assert endpoint["port"] == "https" and endpoint["scheme"] == "https"
+    assert endpoint["tlsConfig"] == {
+        "ca": {"secret": {"name": secret, "key": "ca.crt"}},
+        "serverName": host,
+    }
+    certificates = of_kind(docs, "Certificate")
+    if source == "tls-secret":
+        assert not certificates  # the user's Secret: nothing to issue
+        return
+    (certificate,) = certificates
+    assert certificate["spec"]["secretName"] == secret
+    assert host in certificate["spec"]["dnsNames"]
+    assert certificate["spec"]["issuerRef"] == {"name": "cluster-ca", "kind": "ClusterIssuer"}
+    (policy,) = of_kind(docs, "NetworkPolicy")
+    assert policy["spec"]["ingress"][0]["ports"] == [{"port": "https", "protocol": "TCP"}]
+    # An own tlsConfig replaces the chart's, for a monitor of another namespace.
+    own = ("--set", "serviceMonitor.namespace=monitoring")
+    own += ("--set", "serviceMonitor.tlsConfig.ca.configMap.name=marl-ca")
+    own += ("--set", "serviceMonitor.tlsConfig.ca.configMap.key=ca.crt")
+    (monitor,) = of_kind(render(*VALUE_SETS[source], *own), "ServiceMonitor")
+    assert monitor["spec"]["endpoints"][0]["tlsConfig"] == {
+        "ca": {"configMap": {"name": "marl-ca", "key": "ca.crt"}}
+    }
+    # Without api.tls nothing of it renders.
+    docs = render()
+    assert "--api-tls-cert" not in " ".join(container(docs)["args"])
+    assert not of_kind(docs, "Certificate")
+    assert "scheme" not in container(docs)["livenessProbe"]["httpGet"]
+
+
 def test_scheduling_and_resources_pass_through():
     docs = render(
         "--set",
@@ -1334,6 +1501,16 @@ def test_notes_render():
     assert 'curl -H "Authorization: Bearer $TOKEN" localhost:8080/api/v1/policies' in notes
     assert "create token marl-reader --audience marl-operator" in notes
     assert "kubectl apply -f examples/api-reader.yaml" in notes
+    notes = run_helm(
+        *("install", RELEASE, str(CHART), "--namespace", NAMESPACE, "--dry-run=client"),
+        *VALUE_SETS["tls-secret"],
+    ).stdout.split("NOTES:", 1)[1]
+    host = f"{of_kind(render(), 'Service')[0]['metadata']['name']}.{NAMESPACE}.svc"
+    assert "get secret marl-api-tls -o jsonpath='{.data.ca\\.crt}'" in notes
+    assert (
+        f'curl -H "Authorization: Bearer $TOKEN" --cacert marl-api-ca.crt '
+        f"--resolve {host}:8080:127.0.0.1 https://{host}:8080/api/v1/policies"
+    ) in notes
 
 
 def test_notes_point_at_the_examples_this_install_can_serve():
@@ -1429,6 +1606,7 @@ AUDITED = {
     "default": (),  # cluster-wide, standalone
     "replicas": VALUE_SETS["replicas"],  # cluster-wide, peering
     "replicas-namespaces": VALUE_SETS["replicas-namespaces"],  # one namespace, peering
+    "tls-secret": VALUE_SETS["tls-secret"],  # HTTPS: the pod's certificate files stood in for
 }
 
 
@@ -1441,6 +1619,9 @@ def test_rbac_covers_what_a_running_operator_calls(name, tmp_path):
     only read: the writes are covered by API_CALLS above."""
     if shutil.which("kubectl") is None:
         pytest.skip("kubectl is not installed (the examples are applied with it)")
+    import trustme
+    from marl_operator.__main__ import build_parser
+
     from demo.apiserver import ApiServer, serve_in_thread, write_kubeconfig
     from demo.cluster import kind_nodes
     from demo.prometheus import free_port
@@ -1497,6 +1678,16 @@ def test_rbac_covers_what_a_running_operator_calls(name, tmp_path):
         env.pop("KUBECONFIG", None)
         overrides = ["--prometheus-url=http://127.0.0.1:9", "--api-host=127.0.0.1"]
         overrides += [f"--api-port={port}", "--log-format=text", f"--kubeconfig={kubeconfig}"]
+        scheme, verify = "http", None
+        if build_parser().parse_args(args).api_tls_cert:  # its files are the pod's: stand-ins
+            ca = trustme.CA()
+            issued = ca.issue_cert("127.0.0.1")
+            issued.cert_chain_pems[0].write_to_path(tmp_path / "tls.crt")
+            issued.private_key_pem.write_to_path(tmp_path / "tls.key")
+            overrides += [f"--api-tls-cert={tmp_path / 'tls.crt'}"]
+            overrides += [f"--api-tls-key={tmp_path / 'tls.key'}"]
+            scheme, verify = "https", ssl.create_default_context()
+            ca.configure_trust(verify)
         operator = subprocess.Popen(
             [sys.executable, "-m", "marl_operator", *args, *overrides],
             stdout=log,
@@ -1505,12 +1696,12 @@ def test_rbac_covers_what_a_running_operator_calls(name, tmp_path):
             env=env,
         )
         try:
-            report = f"http://127.0.0.1:{port}/api/v1/policies/edge/edge-routing"
+            report = f"{scheme}://127.0.0.1:{port}/api/v1/policies/edge/edge-routing"
 
             def status(headers: dict[str, str]) -> int | None:
                 try:
                     request = urllib.request.Request(report, headers=headers)
-                    with urllib.request.urlopen(request, timeout=2) as answer:
+                    with urllib.request.urlopen(request, timeout=2, context=verify) as answer:
                         return answer.status
                 except urllib.error.HTTPError as error:  # 404 before the first cycle
                     return error.code

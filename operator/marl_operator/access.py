@@ -8,9 +8,10 @@ what the request amounts to. Granting a team ``get`` on its RoutingPolicies thus
 their reports, and nothing else needs managing.
 
 Tokens are asked for an audience of the API's own (``marl-operator`` by default: ``kubectl
-create token NAME --audience marl-operator``). The API speaks plain HTTP inside the
-cluster, and a token made for it alone is worth nothing to whoever overhears it: the API
-server refuses it for anything else.
+create token NAME --audience marl-operator``). Unless it serves HTTPS
+(:mod:`marl_operator.tls`) the API speaks plain HTTP inside the cluster, and a token made for
+it alone is worth nothing to whoever overhears it: the API server refuses it for anything
+else.
 
 Answers are kept for ``ttl_s`` (a minute; never past a token's own expiry), so a dashboard
 polling every few seconds costs the API server nothing; a revoked grant or token therefore

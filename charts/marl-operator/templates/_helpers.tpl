@@ -104,3 +104,52 @@ Operator refuses (the operator would go unscraped). Takes (list "serviceMonitor"
 {{- end }}
 {{- end }}
 {{- end }}
+
+{{/* The Secret the API's certificate is served from when api.tls.enabled ("" otherwise);
+fails when no source of it is named. */}}
+{{- define "marl-operator.apiTlsSecret" -}}
+{{- with .Values.api.tls }}
+{{- if .enabled }}
+{{- if and .secretName .certManager.issuerRef }}
+{{- fail "api.tls: set secretName or certManager.issuerRef, not both" }}
+{{- else if .secretName }}{{ .secretName }}
+{{- else if .certManager.issuerRef }}{{ include "marl-operator.fullname" $ }}-api-tls
+{{- else }}
+{{- fail "api.tls.enabled needs the certificate's source: api.tls.secretName (a kubernetes.io/tls Secret of the release namespace) or api.tls.certManager.issuerRef (e.g. {name: ISSUER, kind: ClusterIssuer}, for cert-manager to issue it)" }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/* The name of the API's port: https with api.tls (a mesh reading names as protocols must
+not parse it as HTTP), else http. */}}
+{{- define "marl-operator.apiPortName" -}}
+{{- if .Values.api.tls.enabled }}https{{ else }}http{{ end }}
+{{- end }}
+
+{{/* The scheme and tlsConfig of a monitor's endpoint with api.tls: Prometheus verifies the
+operator's certificate for the Service's name against the CA the Secret carries, unless the
+monitor's tlsConfig says otherwise. Takes (list $ "serviceMonitor" .Values.serviceMonitor). */}}
+{{- define "marl-operator.monitorTls" -}}
+{{- $ := index . 0 }}
+{{- $name := index . 1 }}
+{{- $monitor := index . 2 }}
+{{- $secret := include "marl-operator.apiTlsSecret" $ }}
+{{- if $secret -}}
+scheme: https
+{{- if $monitor.tlsConfig }}
+tlsConfig:
+  {{- toYaml $monitor.tlsConfig | nindent 2 }}
+{{- else }}
+{{- if ne ($monitor.namespace | default $.Release.Namespace) $.Release.Namespace }}
+{{- fail (printf "%s: the CA of the operator's certificate is in Secret %s of namespace %s, which a monitor of namespace %s cannot read; set %s.tlsConfig (e.g. {ca: {secret: {name: SECRET, key: ca.crt}}, serverName: ...}, SECRET in the monitor's namespace)" $name $secret $.Release.Namespace $monitor.namespace $name) }}
+{{- end }}
+tlsConfig:
+  ca:
+    secret:
+      name: {{ $secret }}
+      key: ca.crt
+  serverName: {{ include "marl-operator.fullname" $ }}.{{ $.Release.Namespace }}.svc
+{{- end }}
+{{- end }}
+{{- end }}
