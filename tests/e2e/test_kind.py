@@ -1,8 +1,9 @@
 """End to end on a kind cluster: the image, the chart, Istio, Prometheus, the demo workload and
 the examples, as the README's "Quick start on kind" does them; then a node degrades and the
 operator must move traffic away from it until latency recovers; then a node's kubelet stops
-and the operator must route nothing to it until it is back; then deleting the policy and
-uninstalling the chart must give the mesh its routes back.
+and the operator must route nothing to it until it is back; then deleting the policy must
+give the mesh its routes back; then the API must serve HTTPS from a Secret, and a renewed
+Secret without a restart; and uninstalling the chart must leave the routes as they were.
 
 Needs a Docker engine, kind, kubectl, helm and istioctl (see conftest.py for when it runs).
 Settings: ``MARL_E2E_CLUSTER`` (cluster name, default marl-e2e; it must not exist yet unless
@@ -45,6 +46,8 @@ AUDIENCE = "marl-operator"  # the chart's api.tokenAudience
 DEGRADED, SLOWDOWN = "edge-2", 8
 LATENCY_TARGET_MS = 200.0  # examples/edgeservice.yaml
 NODES = ("edge-0", "edge-1", "edge-2")  # examples/edgenodes.yaml
+API_TLS_SECRET = "marl-api-tls"
+API_TLS_DIR = "/etc/marl-operator/api-tls"  # where the chart mounts api.tls's Secret
 
 
 class Cluster:
@@ -83,11 +86,14 @@ class Cluster:
         from inside the operator's pod (the API server's service proxy drops the caller's
         token); the token goes in on stdin, not on a command line."""
         token = self.kubectl("-n", EDGE_NS, "create", "token", READER, "--audience", AUDIENCE)
+        # Over HTTPS, verified against the mounted Secret's CA, once the chart serves it.
         fetch = (
-            "import sys, urllib.request as u; "
-            "r = u.Request('http://127.0.0.1:8080' + sys.argv[1], "
+            "import os, ssl, sys, urllib.request as u; "
+            f"ca = {API_TLS_DIR + '/ca.crt'!r}; tls = os.path.exists(ca); "
+            "c = ssl.create_default_context(cafile=ca) if tls else None; "
+            "r = u.Request(('https' if tls else 'http') + '://127.0.0.1:8080' + sys.argv[1], "
             "headers={'Authorization': 'Bearer ' + sys.stdin.read().strip()}); "
-            "print(u.urlopen(r, timeout=30).read().decode())"
+            "print(u.urlopen(r, timeout=30, context=c).read().decode())"
         )
         exec_ = ("-n", OPERATOR_NS, "exec", "-i", f"deploy/{RELEASE}", "--")
         return json.loads(self.kubectl(*exec_, "python", "-c", fetch, path, input=token))
@@ -435,6 +441,69 @@ def test_deleting_the_policy_restores_the_routes(cluster, state):
         lambda: cluster.routes() == state["routes_before"],
         timeout=120,
     )
+
+
+def api_tls_secret(host: str) -> tuple[str, str]:
+    """A kubernetes.io/tls Secret for the operator's API, from a CA of its own (ca.crt too,
+    as cert-manager's CA issuer writes it), as YAML for kubectl's stdin; and its certificate."""
+    import trustme
+
+    ca = trustme.CA()
+    issued = ca.issue_cert(host, f"{host}.{OPERATOR_NS}.svc", "127.0.0.1")
+    files = {
+        "tls.crt": b"".join(blob.bytes() for blob in issued.cert_chain_pems),
+        "tls.key": issued.private_key_pem.bytes(),
+        "ca.crt": ca.cert_pem.bytes(),
+    }
+    secret = {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "type": "kubernetes.io/tls",
+        "metadata": {"name": API_TLS_SECRET, "namespace": OPERATOR_NS},
+        "stringData": {name: data.decode() for name, data in files.items()},
+    }
+    return yaml.safe_dump(secret), issued.cert_chain_pems[0].bytes().decode()
+
+
+def test_the_api_serves_https_and_a_renewed_certificate_without_a_restart(cluster, state):
+    """api.tls from a Secret: the probes and a reader's request over HTTPS; then the Secret is
+    renewed (another CA, as a new issuer would) and the same pod serves the new certificate."""
+    secret, _ = api_tls_secret(RELEASE)
+    cluster.kubectl("apply", "-f", "-", input=secret)
+    cluster.run(
+        cluster.helm, "upgrade", RELEASE, str(CHART), "--namespace", OPERATOR_NS,
+        "--reuse-values", "--set", f"api.tls.enabled=true,api.tls.secretName={API_TLS_SECRET}",
+        "--set", "scrapeAnnotations=false", "--wait", "--timeout", "5m", timeout=600,
+    )  # fmt: skip
+    assert cluster.operator_api("/readyz")["status"] == "ready"  # over HTTPS, verified
+    assert "acting" in cluster.operator_api("/api/v1/replica")  # the reader's token, too
+    pod = operator_pod(cluster)
+    secret, renewed = api_tls_secret(RELEASE)
+    cluster.kubectl("apply", "-f", "-", input=secret)
+    # The kubelet swaps the files within about a minute, the operator re-reads them within 30 s.
+    wait_for("the renewed certificate served", lambda: served(cluster) == pem(renewed), 300)
+    assert cluster.operator_api("/readyz")["status"] == "ready"  # against the new ca.crt
+    same = operator_pod(cluster)
+    assert same["metadata"]["uid"] == pod["metadata"]["uid"]
+    restarts = [p["status"]["containerStatuses"][0]["restartCount"] for p in (pod, same)]
+    assert restarts[0] == restarts[1], "the operator restarted to serve the renewed certificate"
+
+
+def served(cluster: Cluster) -> str:
+    """The certificate the operator's API presents, as its own pod connects to it."""
+    show = "import ssl; print(ssl.get_server_certificate(('127.0.0.1', 8080)))"
+    exec_ = ("-n", OPERATOR_NS, "exec", f"deploy/{RELEASE}", "--")
+    return pem(cluster.kubectl(*exec_, "python", "-c", show))
+
+
+def pem(text: str) -> str:
+    return "".join(text.split())
+
+
+def operator_pod(cluster: Cluster) -> dict:
+    selector = f"app.kubernetes.io/name=marl-operator,app.kubernetes.io/instance={RELEASE}"
+    (pod,) = cluster.json("get", "pods", "-n", OPERATOR_NS, "-l", selector)["items"]
+    return pod
 
 
 def test_uninstall_removes_the_operator_and_keeps_the_crds(cluster, state):
