@@ -305,6 +305,15 @@ def _monitor_schema(endpoints_field: str) -> dict:
     }
 
 
+CERT_MANAGER_USAGES = [
+    *("signing", "digital signature", "content commitment", "key encipherment"),
+    *("key agreement", "data encipherment", "cert sign", "crl sign", "encipher only"),
+    *("decipher only", "any", "server auth", "client auth", "code signing", "email protection"),
+    *("s/mime", "ipsec end system", "ipsec tunnel", "ipsec user", "timestamping"),
+    *("ocsp signing", "microsoft sgc", "netscape sgc"),
+]
+"""cert-manager's KeyUsage values (cert-manager.io/v1)."""
+
 CERTIFICATE_SCHEMA = {
     "type": "object",
     "required": ["apiVersion", "kind", "metadata", "spec"],
@@ -335,7 +344,7 @@ CERTIFICATE_SCHEMA = {
                         "rotationPolicy": {"enum": ["Never", "Always"]},
                     },
                 },
-                "usages": {"type": "array", "items": {"type": "string"}},
+                "usages": {"type": "array", "items": {"enum": CERT_MANAGER_USAGES}},
                 "issuerRef": {
                     "type": "object",
                     "additionalProperties": False,
@@ -504,6 +513,13 @@ def test_the_validation_catches_a_typo():
         ),
         (("--set", "api.tls.certManager.issuerRef.kind=Issuer"), "missing property 'name'"),
         (("--set", "api.tls.certManager.duration=90d"), "/api/tls/certManager/duration"),
+        (
+            (
+                *("--set", "api.tls.enabled=true,api.tls.secretName=a,scrapeAnnotations=false"),
+                *("--set", "podSecurityContext.fsGroup=null"),
+            ),
+            "podSecurityContext.fsGroup is unset",
+        ),
     ],
 )
 def test_bad_values_are_refused(values, message):
@@ -1251,6 +1267,10 @@ def test_the_api_serves_https_from_the_secret_it_mounts_and_is_reached_by_its_na
     assert monitor["spec"]["endpoints"][0]["tlsConfig"] == {
         "ca": {"configMap": {"name": "marl-ca", "key": "ca.crt"}}
     }
+    # A Secret named like a number stays a string where the monitor names it.
+    numeric = (*VALUE_SETS["tls-secret"], "--set-string", "api.tls.secretName=2024")
+    (monitor,) = of_kind(render(*numeric), "PodMonitor")
+    assert monitor["spec"]["podMetricsEndpoints"][0]["tlsConfig"]["ca"]["secret"]["name"] == "2024"
     # Without api.tls nothing of it renders.
     docs = render()
     assert "--api-tls-cert" not in " ".join(container(docs)["args"])

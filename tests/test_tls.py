@@ -67,6 +67,24 @@ def test_a_key_that_is_not_the_certificates_is_refused_naming_both_files(tmp_pat
         server_context(cert, tmp_path / "missing.key")
 
 
+def test_an_encrypted_key_is_refused_without_asking_for_its_passphrase(tmp_path) -> None:
+    """OpenSSL asks a terminal for an encrypted key's passphrase: on the event loop, that
+    froze the operator (and the certificate watch died of the error it raised)."""
+    from cryptography.hazmat.primitives import serialization
+
+    cert, key = write_pair(trustme.CA(), tmp_path)
+    private = serialization.load_pem_private_key(key.read_bytes(), password=None)
+    key.write_bytes(
+        private.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.BestAvailableEncryption(b"secret"),
+        )
+    )
+    with pytest.raises(CertificateError, match="unencrypted private key"):
+        server_context(cert, key)
+
+
 def test_the_command_line_checks_the_pair_before_anything_starts(tmp_path, capsys) -> None:
     cert, key = write_pair(trustme.CA(), tmp_path / "a")
     _, other_key = write_pair(trustme.CA(), tmp_path / "b")
@@ -113,6 +131,8 @@ def test_a_renewed_certificate_is_served_from_the_next_handshake(tmp_path, app, 
     is logged once and not served (every handshake would fail), then served once whole."""
     old_ca, new_ca = trustme.CA(), trustme.CA()
     tls = ServingCertificate(*write_pair(old_ca, tmp_path / "live"))
+    metrics = Instruments()
+    metrics.track_certificate(lambda: tls.refused is not None)
 
     async def main() -> None:
         server = ApiServer(app, "127.0.0.1", 0, tls=tls)
@@ -127,30 +147,56 @@ def test_a_renewed_certificate_is_served_from_the_next_handshake(tmp_path, app, 
             refusals = [r for r in caplog.records if "previous certificate" in r.getMessage()]
             assert len(refusals) == 1, refusals
             assert await served_by(server.port, old_ca)
+            assert tls.refused and str(tls.key_file) in tls.refused
+            assert "api_certificate_refused 1.0" in metrics.exposition()[0].decode()
 
             os.replace(renewed_key, tls.key_file)
             assert tls.reload_if_changed()
             assert await served_by(server.port, new_ca)
             assert not await served_by(server.port, old_ca)
+            assert tls.refused is None
+            assert "api_certificate_refused 0.0" in metrics.exposition()[0].decode()
         finally:
             await server.stop()
 
     asyncio.run(main())
 
 
-def test_the_server_rereads_the_files_by_itself(tmp_path, app) -> None:
+def test_the_server_rereads_the_files_by_itself_through_errors_and_stops_with_it(
+    tmp_path, app, monkeypatch
+) -> None:
+    """An unforeseen error in one check must not end the checks: the renewal after it would
+    never be served, and the pod would stay Ready until its certificate expired."""
     old_ca, new_ca = trustme.CA(), trustme.CA()
-    tls = ServingCertificate(*write_pair(old_ca, tmp_path), check_every_s=0.05)
+    tls = ServingCertificate(*write_pair(old_ca, tmp_path), check_every_s=0.02)
+    reload_if_changed, failures = tls.reload_if_changed, []
+
+    def failing_once() -> bool:
+        if not failures:
+            failures.append(True)
+            raise RuntimeError("an unforeseen error")
+        return reload_if_changed()
+
+    monkeypatch.setattr(tls, "reload_if_changed", failing_once)
+
+    def watching() -> list[asyncio.Task]:
+        return [t for t in asyncio.all_tasks() if "certificate" in t.get_name() and not t.done()]
 
     async def main() -> None:
         server = ApiServer(app, "127.0.0.1", 0, tls=tls)
         await server.start()
         try:
+            assert watching()
+            async with asyncio.timeout(5):
+                while not failures:
+                    await asyncio.sleep(0.02)
             write_pair(new_ca, tmp_path)
             async with asyncio.timeout(10):
                 while not await served_by(server.port, new_ca):
                     await asyncio.sleep(0.05)
         finally:
             await server.stop()
+        await asyncio.sleep(0)
+        assert not watching()
 
     asyncio.run(main())

@@ -167,11 +167,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--api-tls-cert",
         metavar="PATH",
         help="serve the HTTP API over HTTPS (TLS 1.2 or later) with this PEM certificate (then "
-        "any intermediates), re-read within 30 s of a change, as when cert-manager renews the "
-        "Secret it is mounted from; needs --api-tls-key",
+        "any intermediates), re-read every 30 s and served from the next connection once it "
+        "changed, as when cert-manager renews the Secret it is mounted from; needs "
+        "--api-tls-key",
     )
     parser.add_argument(
-        "--api-tls-key", metavar="PATH", help="the PEM private key of --api-tls-cert"
+        "--api-tls-key", metavar="PATH", help="the unencrypted PEM private key of --api-tls-cert"
     )
     parser.add_argument(
         "--log-format",
@@ -317,6 +318,8 @@ async def run(args: argparse.Namespace, configuration: client.Configuration) -> 
         access=access,
         protect_metrics=args.api_auth_metrics,
     )
+    if args.api_tls is not None:
+        runtime.instruments.track_certificate(lambda: args.api_tls.refused is not None)
     api = ApiServer(app, args.api_host, args.api_port, tls=args.api_tls)
     await api.start()  # before kopf starts: it cancels tasks created after it at shutdown
     ready.watch_signals()

@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 import threading
 from collections import defaultdict
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
 from prometheus_client.exposition import choose_encoder
@@ -149,6 +149,17 @@ class Instruments:
             )
             self._replace(self.observed_p95, policy, _seconds(policy, report.observed_p95_ms))
             self._replace(self.predicted_p95, policy, _seconds(policy, report.predicted_p95_ms))
+
+    def track_certificate(self, refused: Callable[[], bool]) -> None:
+        """Expose whether the HTTP API's certificate files hold a pair it cannot serve
+        (``refused``, asked at each scrape): the previous certificate is served meanwhile,
+        and without an alert on this it would expire unnoticed (probes do not verify it)."""
+        Gauge(
+            PREFIX + "api_certificate_refused",
+            "1 while the HTTP API's certificate files hold a pair it cannot serve (it serves "
+            "the previous certificate meanwhile), else 0.",
+            registry=self.registry,
+        ).set_function(lambda: float(refused()))
 
     def skipped(self, policy: str) -> None:
         """Count a cycle that was not run: the policy's previous one still ran."""

@@ -39,14 +39,19 @@ def server_context(cert_file: Path, key_file: Path) -> ssl.SSLContext:
         _read(path)
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.set_alpn_protocols(["http/1.1"])  # what uvicorn speaks
     try:
-        context.load_cert_chain(cert_file, key_file)
+        # An empty password: OpenSSL would otherwise ask for an encrypted key's passphrase on
+        # the terminal, blocking the event loop; this way such a key is refused.
+        context.load_cert_chain(cert_file, key_file, password=b"")
     except ssl.SSLError as error:
         reason = error.reason or str(error)
         raise CertificateError(
-            f"{cert_file} and {key_file} are not a PEM certificate and its private key "
-            f"({reason}): a kubernetes.io/tls Secret's tls.crt and tls.key are"
+            f"{cert_file} and {key_file} are not a PEM certificate and its unencrypted private "
+            f"key ({reason}): a kubernetes.io/tls Secret's tls.crt and tls.key are"
         ) from None
+    except OSError as error:  # a file gone since it was read
+        raise CertificateError(f"cannot read {cert_file} or {key_file}: {error}") from None
     return context
 
 
@@ -88,7 +93,8 @@ class ServingCertificate:
         True if it now does. A pair that does not load is logged once and tried again."""
         try:
             fingerprint = self._fingerprint()
-            if fingerprint == self._served:
+            if fingerprint == self._served:  # as served (again, after a refused pair)
+                self._refused = None
                 return False
             context = server_context(self.cert_file, self.key_file)
         except CertificateError as error:
@@ -108,8 +114,18 @@ class ServingCertificate:
         )
         return True
 
+    @property
+    def refused(self) -> str | None:
+        """Why the files' pair is not served, while they hold one that cannot be (the
+        previous certificate is served meanwhile); None while the files' pair is served."""
+        return self._refused
+
     async def watch(self) -> None:
-        """Check the files every ``check_every_s`` until cancelled."""
+        """Check the files every ``check_every_s`` until cancelled; an unforeseen error is
+        logged and the checks go on, so that a renewal is never missed for good."""
         while True:
             await asyncio.sleep(self.check_every_s)
-            self.reload_if_changed()
+            try:
+                self.reload_if_changed()
+            except Exception:
+                log.exception("the HTTP API's certificate could not be checked for renewal")

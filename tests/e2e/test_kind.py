@@ -57,6 +57,7 @@ class Cluster:
         self.env = {**os.environ, "KUBECONFIG": str(kubeconfig)}
         self.helm = helm()
         self.kubectl_bin = tool("kubectl")  # the one conftest found usable, not PATH's
+        self.api_tls = False  # whether the operator's API serves HTTPS (api.tls)
 
     def run(
         self, *cmd: str, timeout: float = 600, check: bool = True, input: str | None = None
@@ -86,12 +87,12 @@ class Cluster:
         from inside the operator's pod (the API server's service proxy drops the caller's
         token); the token goes in on stdin, not on a command line."""
         token = self.kubectl("-n", EDGE_NS, "create", "token", READER, "--audience", AUDIENCE)
-        # Over HTTPS, verified against the mounted Secret's CA, once the chart serves it.
+        # Over HTTPS once the chart serves it, verified against the mounted Secret's CA.
+        ca = f"{API_TLS_DIR}/ca.crt" if self.api_tls else None
         fetch = (
-            "import os, ssl, sys, urllib.request as u; "
-            f"ca = {API_TLS_DIR + '/ca.crt'!r}; tls = os.path.exists(ca); "
-            "c = ssl.create_default_context(cafile=ca) if tls else None; "
-            "r = u.Request(('https' if tls else 'http') + '://127.0.0.1:8080' + sys.argv[1], "
+            "import ssl, sys, urllib.request as u; "
+            f"ca = {ca!r}; c = ssl.create_default_context(cafile=ca) if ca else None; "
+            f"r = u.Request({'https' if ca else 'http'!r} + '://127.0.0.1:8080' + sys.argv[1], "
             "headers={'Authorization': 'Bearer ' + sys.stdin.read().strip()}); "
             "print(u.urlopen(r, timeout=30, context=c).read().decode())"
         )
@@ -475,6 +476,7 @@ def test_the_api_serves_https_and_a_renewed_certificate_without_a_restart(cluste
         "--reuse-values", "--set", f"api.tls.enabled=true,api.tls.secretName={API_TLS_SECRET}",
         "--set", "scrapeAnnotations=false", "--wait", "--timeout", "5m", timeout=600,
     )  # fmt: skip
+    cluster.api_tls = True
     assert cluster.operator_api("/readyz")["status"] == "ready"  # over HTTPS, verified
     assert "acting" in cluster.operator_api("/api/v1/replica")  # the reader's token, too
     pod = operator_pod(cluster)

@@ -147,7 +147,7 @@ tlsConfig:
 tlsConfig:
   ca:
     secret:
-      name: {{ $secret }}
+      name: {{ $secret | quote }}
       key: ca.crt
   serverName: {{ include "marl-operator.fullname" $ }}.{{ $.Release.Namespace }}.svc
 {{- end }}
