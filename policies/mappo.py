@@ -35,6 +35,8 @@ class Rollout:
     rewards: torch.Tensor  # (T, B, A)
     dones: torch.Tensor  # (T, B, A)
     next_obs: torch.Tensor  # (B, A, D)
+    final_values: torch.Tensor  # (T, B, A) normalised scale: of the observation an episode
+    # ended on, where dones says one did (0 elsewhere)
 
 
 def _distributed() -> bool:
@@ -76,6 +78,7 @@ class Trainer:
         values = torch.zeros((t_len, b, a))
         rewards = torch.zeros((t_len, b, a))
         dones = torch.zeros((t_len, b, a))
+        final_values = torch.zeros((t_len, b, a))
         for t in range(t_len):
             mask = torch.as_tensor(env.action_mask())
             dist_ = self.model.distribution(self.obs, mask)
@@ -89,10 +92,14 @@ class Trainer:
             rewards[t] = torch.as_tensor(reward, dtype=torch.float32)
             if done:
                 dones[t] = 1.0
+                final = torch.as_tensor(next_obs, dtype=torch.float32)
+                final_values[t] = self.model.value(final)
                 self._record_episode()
                 next_obs = env.reset()
             self.obs = torch.as_tensor(next_obs, dtype=torch.float32)
-        return Rollout(obs, masks, actions, logp, values, rewards, dones, self.obs.clone())
+        return Rollout(
+            obs, masks, actions, logp, values, rewards, dones, self.obs.clone(), final_values
+        )
 
     def _record_episode(self) -> None:
         m = self.env.episode_metrics()
@@ -134,8 +141,11 @@ class Trainer:
         with torch.no_grad():
             values = self.value_norm.denormalise(batch.values)
             next_value = self.value_norm.denormalise(self.model.value(batch.next_obs))
+            final = None
+            if cfg.bootstrap_time_limit:
+                final = self.value_norm.denormalise(batch.final_values)
             adv, returns = gae(
-                batch.rewards, values, next_value, batch.dones, cfg.gamma, cfg.gae_lambda
+                batch.rewards, values, next_value, batch.dones, cfg.gamma, cfg.gae_lambda, final
             )
             self._update_value_norm(returns)
             targets = self.value_norm.normalise(returns)

@@ -75,6 +75,9 @@ class PPOConfig:
     critic_warmup: int = 5  # first updates train the critic only (when imitating)
     gamma: float = 0.7
     gae_lambda: float = 0.3
+    bootstrap_time_limit: bool = True
+    """Value an episode's end, a time limit, by the critic's value of its final observation
+    (see :func:`gae`); false values it at nothing, as a true terminal."""
     learning_rate: float = 1e-3
     anneal_lr: bool = True
     update_epochs: int = 5
@@ -144,22 +147,29 @@ def gae(
     dones: torch.Tensor,
     gamma: float,
     lam: float,
+    final_values: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Generalised advantage estimation over a ``(T, ...)`` rollout.
 
-    ``dones[t]`` is 1 when the episode ended *after* step ``t``: the value after it is not
-    bootstrapped (the next observation belongs to a new episode). Episodes here end by their
-    length, a time limit, where bootstrapping the last observation's value is the textbook
-    estimator; one mesh-10x3 run trained with it kept a fifth of the traffic on a node that
-    lost half its capacity in the closed-loop test, where two runs without it moved it to
-    11%, so it stays out until more runs of each say otherwise. Returns advantages and
-    returns (advantages + values)."""
+    ``dones[t]`` is 1 when the episode ended *after* step ``t``; the trace is cut there (the
+    next observation belongs to a new episode). ``final_values[t]`` is then the value of the
+    observation the episode ended on, bootstrapped as the future the time limit cut off;
+    without it an ended episode is worth nothing after its end (a true terminal).
+
+    Episodes here end by their length alone, which no observation shows: valued at nothing
+    after it, the last step's target was a single reward where the critic predicts about
+    ``1 / (1 - gamma)`` of them, so its advantage was several standard deviations negative
+    whatever the action, and normalising the advantages with it shrank every other one of
+    the update. Returns advantages and returns (advantages + values)."""
     advantages = torch.zeros_like(rewards)
     last = torch.zeros_like(next_value)
     for t in reversed(range(rewards.shape[0])):
         following = next_value if t == rewards.shape[0] - 1 else values[t + 1]
         alive = 1.0 - dones[t]
-        delta = rewards[t] + gamma * following * alive - values[t]
+        after = following * alive
+        if final_values is not None:
+            after = after + final_values[t] * dones[t]
+        delta = rewards[t] + gamma * after - values[t]
         last = delta + gamma * lam * alive * last
         advantages[t] = last
     return advantages, advantages + values

@@ -450,7 +450,11 @@ class EdgeEnv:
     def _observe(self) -> np.ndarray:
         b = self.num_envs
         t = min(self.t, self.steps - 1)
-        now = self.arrivals[:, t] if self.t < self.steps else np.zeros_like(self.arrivals[:, 0])
+        # After the last step there are no arrivals to come in this episode, but the final
+        # observation is what a trainer bootstraps the cut-off future from: its arrivals are
+        # the last step's (what follows most likely looks like what came last), not none, a
+        # state no agent ever meets and the critic never learned the value of.
+        now = self.arrivals[:, t]
         queue = self.model.q_len
         if self.action_mode == "split3":
             feats = [

@@ -53,8 +53,10 @@ class EdgeParallelEnv(ParallelEnv):
         result = (
             self._by_agent(obs[0]),
             {a: float(r) for a, r in zip(self.possible_agents, rewards[0], strict=True)},
-            {a: done for a in self.possible_agents},
+            # Episodes end by their length alone: a truncation, which a trainer bootstraps
+            # past, never a termination, whose future would be worth nothing.
             {a: False for a in self.possible_agents},
+            {a: done for a in self.possible_agents},
             {a: {} for a in self.possible_agents},
         )
         if done:

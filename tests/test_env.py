@@ -66,6 +66,33 @@ def test_pettingzoo_api_and_seed_tests():
     parallel_api_test(EdgeParallelEnv("mesh-10x3"), num_cycles=20)
 
 
+@pytest.mark.parametrize("name", ["dfaas-2", "mesh-10x3"])
+def test_an_episode_ends_by_a_time_limit_on_a_state_an_agent_could_meet(name):
+    """The final observation is what a trainer values the cut-off future by: it shows the
+    last step's arrivals (none arrived in no step of a busy scenario), and PettingZoo says
+    truncation, which RLlib bootstraps past, not termination, which it values at nothing."""
+    scenario = dataclasses.replace(load_scenario(name), steps=4)
+    env = EdgeEnv(scenario, num_envs=1, seed=0)
+    env.reset()
+    keep = np.zeros((1, env.num_agents, env.action_dim))
+    keep[..., 0] = 1.0
+    for _ in range(scenario.steps):
+        final, _, done, _ = env.step(keep)
+    assert done and env.arrivals[:, -1].sum() > 0
+    env.t = scenario.steps - 1  # the same queues and readings, the last step's arrivals
+    np.testing.assert_array_equal(final, env._observe())
+
+    view = EdgeParallelEnv(scenario, seed=0)
+    view.reset(seed=0)
+    ends = []
+    for _ in range(scenario.steps):
+        _, _, terminations, truncations, _ = view.step(
+            {a: np.eye(view.action_space(a).shape[0])[0] for a in view.possible_agents}
+        )
+        ends.append((any(terminations.values()), all(truncations.values())))
+    assert ends == [(False, False)] * (scenario.steps - 1) + [(False, True)]
+
+
 def test_actions_that_are_not_shares_are_scaled_or_refused(paise):
     """A Box action space lets a learner emit ``[1, 1, 1]``: routed as is, it would send
     more requests than arrived. It is routed as the shares it stands for; NaN or a negative

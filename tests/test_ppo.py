@@ -1,12 +1,17 @@
 """PPO's loss pieces on cases small enough to compute by hand, and the action head."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
 
 from policies.distributions import MaskedDirichlet
+from policies.mappo import Trainer
 from policies.network import RunningNorm
 from policies.ppo import PPOConfig, ValueNormaliser, gae, policy_loss, value_loss
+from simulator.env import EdgeEnv
+from simulator.scenario import load_scenario
 
 
 def test_gae_by_hand():
@@ -22,6 +27,24 @@ def test_gae_by_hand():
     assert adv[1, 0] == pytest.approx(delta1)
     assert adv[0, 0] == pytest.approx(delta0 + gamma * lam * delta1)
     assert ret[:, 0].tolist() == pytest.approx((adv[:, 0] + values[:, 0]).tolist())
+
+
+def test_gae_bootstraps_a_time_limit_from_the_final_observations_value_and_cuts_the_trace():
+    """Three steps, the episode cut by its length after step 1: step 1's future is the final
+    observation's value, not nothing, and step 2 (the next episode) is not in step 1's trace."""
+    rewards = torch.tensor([[1.0], [2.0], [3.0]])
+    values = torch.tensor([[0.5], [1.0], [4.0]])
+    dones = torch.tensor([[0.0], [1.0], [0.0]])
+    final_values = torch.tensor([[0.0], [6.0], [0.0]])
+    next_value = torch.tensor([5.0])
+    gamma, lam = 0.9, 0.5
+    adv, _ = gae(rewards, values, next_value, dones, gamma, lam, final_values)
+    delta2 = 3.0 + gamma * 5.0 - 4.0
+    delta1 = 2.0 + gamma * 6.0 - 1.0
+    delta0 = 1.0 + gamma * 1.0 - 0.5
+    assert adv[:, 0].tolist() == pytest.approx([delta0 + gamma * lam * delta1, delta1, delta2])
+    terminal, _ = gae(rewards, values, next_value, dones, gamma, lam)
+    assert terminal[1, 0] == pytest.approx(2.0 - 1.0)
 
 
 def test_gae_bootstraps_when_the_episode_goes_on():
@@ -141,3 +164,24 @@ def test_the_acceptance_bonus_is_what_the_trainer_adds_to_either_reward(scenario
     added = batch.rewards.numpy() - np.stack(seen)
     assert np.all(added >= -1e-5) and np.all(added <= bonus + 1e-5)
     assert np.any(added > 1e-3) == (bonus > 0)
+
+
+def test_a_rollout_values_the_observation_each_episode_ended_on():
+    """What gae bootstraps a time limit from: the critic's value of the observation the
+    episode ended on (before the reset), and nothing where no episode ended."""
+    env = EdgeEnv(dataclasses.replace(load_scenario("dfaas-2"), steps=3), num_envs=2, seed=0)
+    step, finals = env.step, []
+
+    def recording(actions):
+        obs, rewards, done, info = step(actions)
+        if done:
+            finals.append(torch.as_tensor(obs, dtype=torch.float32))
+        return obs, rewards, done, info
+
+    env.step = recording
+    trainer = Trainer(env, PPOConfig(rollout_steps=7), total_updates=1)
+    batch = trainer.collect()
+    assert batch.dones[:, 0, 0].nonzero().flatten().tolist() == [2, 5]
+    assert not batch.final_values[batch.dones == 0].any()
+    for t, final in zip((2, 5), finals, strict=True):
+        assert torch.equal(batch.final_values[t], trainer.model.value(final))
