@@ -5,7 +5,7 @@ products; torch would add about 190 MB to every operator process and per-call ov
 inputs this small. The arithmetic mirrors :class:`policies.network.ActorCritic` step by step
 in float32, as torch runs it, so both agree to float32 rounding (tests/test_inference.py):
 
-* ``obs_norm``: ``clip((obs - mean) / sqrt(var + NORM_EPS), -OBS_CLIP, OBS_CLIP)``;
+* ``obs_norm``: ``clip((obs - mean) / norm_scale(var), -OBS_CLIP, OBS_CLIP)``;
 * ``actor``: ``Linear`` + ``tanh`` layers, then a ``Linear`` head;
 * ``alpha = softplus(h) + 1``, action = ``where(mask, alpha, 0) / sum(where(mask, alpha, 0))``
   (:attr:`policies.distributions.MaskedDirichlet.mean`).
@@ -22,6 +22,19 @@ OBS_CLIP = 10.0
 """Normalised observations are clipped to +-OBS_CLIP (``RunningNorm``'s clip)."""
 NORM_EPS = 1e-8
 """Added to the running variance before its square root (``RunningNorm.forward``)."""
+CONSTANT_VAR = 1e-8
+"""A feature whose running variance is below this never varied in training (the statistics'
+prior, a variance of 1 weighted 1e-4 samples, thins to it after 10^4 constant ones), and is
+centred but not scaled. Scaled by its vanishing spread, a value it never took in training
+reached the clip, +-OBS_CLIP, through weights that never learned from it: on mesh-10x3 a
+neighbour slot that is always present, until a neighbour fails or a smaller mesh pads it."""
+
+
+def norm_scale(var: np.ndarray) -> np.ndarray:
+    """What observations are divided by after centring: ``sqrt(var + NORM_EPS)``, and 1 for
+    a feature whose variance is below :data:`CONSTANT_VAR`."""
+    var = np.asarray(var)
+    return np.where(var < CONSTANT_VAR, var.dtype.type(1), np.sqrt(var + var.dtype.type(NORM_EPS)))
 
 
 def state_layout(
@@ -62,7 +75,7 @@ class NumpyActor:
         var = np.asarray(state["obs_norm.var"]).astype(f32)
         return cls(
             mean=np.asarray(state["obs_norm.mean"]).astype(f32),
-            scale=np.sqrt(var + f32(NORM_EPS)),
+            scale=norm_scale(var),
             weights=tuple(
                 np.ascontiguousarray(np.asarray(state[f"actor.{2 * i}.weight"]).T, dtype=f32)
                 for i in range(layers + 1)

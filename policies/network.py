@@ -21,7 +21,7 @@ import math
 import torch
 from torch import nn
 
-from policies.actor import NORM_EPS, OBS_CLIP
+from policies.actor import CONSTANT_VAR, NORM_EPS, OBS_CLIP
 from policies.distributions import MaskedDirichlet
 
 
@@ -52,8 +52,9 @@ class RunningNorm(nn.Module):
         self.count.copy_(total)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        z = (x - self.mean.to(x.dtype)) / torch.sqrt(self.var.to(x.dtype) + NORM_EPS)
-        return z.clamp(-self.clip, self.clip)
+        var = self.var.to(x.dtype)
+        scale = torch.where(var < CONSTANT_VAR, 1.0, torch.sqrt(var + NORM_EPS))
+        return ((x - self.mean.to(x.dtype)) / scale).clamp(-self.clip, self.clip)
 
 
 def mlp(inputs: int, hidden: int, layers: int, outputs: int, out_gain: float) -> nn.Sequential:

@@ -121,6 +121,23 @@ def test_extremes_match_torch_huge_logits_and_a_fully_masked_row():
     assert np.isnan(ours[2]).all() and np.isnan(theirs[2]).all()  # no distribution: NaN
 
 
+def test_a_feature_constant_in_training_is_centred_not_scaled():
+    """A neighbour slot that was always present in training has a running variance of
+    about 1e-11: scaled by it, the slot's absence (a neighbour failed) hit the clip, -10,
+    through weights that never learned from the feature. Centred alone, it moves by 1."""
+    model = randomised(6, 3, 8, 1, "ippo", seed=0)
+    with torch.no_grad():
+        model.obs_norm.var[2] = 2e-11
+    obs = observations(model, (4,), np.random.default_rng(0))
+    obs[:, 2] = float(model.obs_norm.mean[2]) - 1.0
+    z = model.obs_norm(torch.as_tensor(obs, dtype=torch.float32))
+    assert z[:, 2].tolist() == pytest.approx([-1.0] * 4)
+    assert (z[:, [0, 1]].abs() > 1.5).any()  # the others are scaled, as before
+    mask = np.ones((4, 3), dtype=bool)
+    ours = checkpoint.LoadedPolicy.from_module(model)(obs, mask)
+    np.testing.assert_allclose(ours, torch_act(model, obs, mask), rtol=0, atol=1e-6)
+
+
 # -- the weights reader --------------------------------------------------------------------
 
 
