@@ -121,6 +121,12 @@ fails when no source of it is named. */}}
 {{- end }}
 {{- end }}
 
+{{/* The Service's name in the cluster's DNS: what the API's certificate names, what the
+monitors verify it for and what the notes reach it by. */}}
+{{- define "marl-operator.apiHost" -}}
+{{ include "marl-operator.fullname" . }}.{{ .Release.Namespace }}.svc
+{{- end }}
+
 {{/* The name of the API's port: https with api.tls (a mesh reading names as protocols must
 not parse it as HTTP), else http. */}}
 {{- define "marl-operator.apiPortName" -}}
@@ -149,7 +155,7 @@ tlsConfig:
     secret:
       name: {{ $secret | quote }}
       key: ca.crt
-  serverName: {{ include "marl-operator.fullname" $ }}.{{ $.Release.Namespace }}.svc
+  serverName: {{ include "marl-operator.apiHost" $ }}
 {{- end }}
 {{- end }}
 {{- end }}
